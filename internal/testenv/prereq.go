@@ -1,0 +1,31 @@
+// Package testenv gives tests the real things they run against: a Consul
+// dev agent on free loopback ports, fresh network namespaces, and checks for
+// prerequisites. Under CI=true a missing prerequisite fails the test;
+// elsewhere it skips with a message that says how to get it.
+package testenv
+
+import (
+	"os"
+	"testing"
+)
+
+// InCI reports whether the tests run in CI (CI=true), where nothing may skip.
+func InCI() bool { return os.Getenv("CI") == "true" }
+
+// Missing fails the test under CI and skips it elsewhere. how tells the
+// reader how to provide the prerequisite.
+func Missing(t testing.TB, what, how string) {
+	t.Helper()
+	if InCI() {
+		t.Fatalf("prerequisite missing: %s (%s); CI=true forbids skipping", what, how)
+	}
+	t.Skipf("prerequisite missing: %s (%s)", what, how)
+}
+
+// RequireRoot stops the test unless it runs as root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		Missing(t, "root", "run the tests as root: sudo make test")
+	}
+}

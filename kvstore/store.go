@@ -1,0 +1,93 @@
+package kvstore
+
+import (
+	"context"
+	"errors"
+)
+
+// Sentinel errors callers branch on with errors.Is.
+var (
+	// ErrNotFound: the key does not exist.
+	ErrNotFound = errors.New("key not found")
+	// ErrConflict: a create-only write found the key present, a
+	// compare-and-set or delete-if-unchanged found a different modify index,
+	// or a transaction's check failed.
+	ErrConflict = errors.New("key modified concurrently")
+	// ErrUnavailable: the store could not be reached or answered with a
+	// server error. Wrapped errors name the address. Never confused with
+	// ErrNotFound.
+	ErrUnavailable = errors.New("store unavailable")
+)
+
+// Pair is one key and its value. Key is relative to the store's prefix.
+// ModifyIndex changes on every write of the key; it is what CAS and
+// DeleteCAS compare against.
+type Pair struct {
+	Key         string
+	Value       []byte
+	ModifyIndex uint64
+}
+
+// OpVerb is what a transaction operation does.
+type OpVerb int
+
+const (
+	// OpSet writes Value unconditionally.
+	OpSet OpVerb = iota + 1
+	// OpCreate writes Value only if Key does not exist.
+	OpCreate
+	// OpCAS writes Value only if Key's ModifyIndex equals Index.
+	OpCAS
+	// OpDelete deletes Key; a missing key is not an error.
+	OpDelete
+	// OpDeleteCAS deletes Key only if its ModifyIndex equals Index.
+	OpDeleteCAS
+	// OpCheckIndex fails the transaction unless Key's ModifyIndex equals Index.
+	OpCheckIndex
+	// OpCheckNotExists fails the transaction if Key exists.
+	OpCheckNotExists
+)
+
+// Op is one operation of an atomic transaction.
+type Op struct {
+	Verb  OpVerb
+	Key   string
+	Value []byte
+	Index uint64
+}
+
+// MaxTxnOps is the most operations one Txn call accepts (Consul's limit
+// since 1.14 is 128; we stay at 64 so older servers work too).
+const MaxTxnOps = 64
+
+// Store is the plugin's view of a key-value store. All keys are relative to
+// a prefix fixed at construction. Every method that does I/O takes a
+// context and returns within its deadline.
+type Store interface {
+	// Get returns the pair at key, or ErrNotFound.
+	Get(ctx context.Context, key string) (*Pair, error)
+	// List returns every pair whose key starts with prefix, sorted by key.
+	// An empty result is not an error.
+	List(ctx context.Context, prefix string) ([]*Pair, error)
+	// Put writes value unconditionally.
+	Put(ctx context.Context, key string, value []byte) error
+	// Create writes value only if key does not exist, else ErrConflict.
+	Create(ctx context.Context, key string, value []byte) error
+	// CAS writes value only if key's ModifyIndex equals index, else
+	// ErrConflict. Index 0 means "only if absent", like Create.
+	CAS(ctx context.Context, key string, value []byte, index uint64) error
+	// Delete removes key; a missing key is success.
+	Delete(ctx context.Context, key string) error
+	// DeleteCAS removes key only if its ModifyIndex equals index, else
+	// ErrConflict. A missing key is ErrNotFound.
+	DeleteCAS(ctx context.Context, key string, index uint64) error
+	// Txn applies ops atomically: all or none. A failed condition is
+	// ErrConflict. At most MaxTxnOps operations.
+	Txn(ctx context.Context, ops []Op) error
+	// Watch delivers the full, current list of pairs under prefix: once at
+	// start and again after every change. It keeps retrying through store
+	// outages and ends (closing the channel) only when ctx is done.
+	Watch(ctx context.Context, prefix string) (<-chan []*Pair, error)
+	// Close releases the store's resources.
+	Close() error
+}
