@@ -1,0 +1,473 @@
+package kvstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+)
+
+// Watch tuning. A blocking query waits at most watchWait on the server
+// (plus Consul's jitter of up to watchWait/16); after a failure the watch
+// retries with a backoff doubling from watchBackoffMin to watchBackoffMax.
+const (
+	watchWait       = 30 * time.Second
+	watchBackoffMin = 50 * time.Millisecond
+	watchBackoffMax = 2 * time.Second
+)
+
+var _ Store = (*Consul)(nil)
+
+// Consul is the Store on Consul KV. It is safe for concurrent use.
+type Consul struct {
+	client    *api.Client
+	kv        *api.KV
+	transport *http.Transport
+	addr      string // host:port, named in errors
+	prefix    string
+	timeout   time.Duration
+
+	// ctx is cancelled by Close; it ends every Watch, and wg waits for them.
+	// mu orders wg.Add in Watch before Close's wg.Wait.
+	ctx    context.Context
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	closed bool // guarded by mu
+	wg     sync.WaitGroup
+}
+
+// NewConsul builds a Consul store. It does not contact the agent: an
+// unreachable agent shows up as ErrUnavailable on the first call.
+func NewConsul(cfg ConsulConfig) (*Consul, error) {
+	cfg, err := cfg.normalize()
+	if err != nil {
+		return nil, fmt.Errorf("new consul store: %w", err)
+	}
+	tlsCfg, err := api.SetupTLSConfig(&api.TLSConfig{
+		Address:  cfg.TLSServerName,
+		CAFile:   cfg.CAFile,
+		CertFile: cfg.CertFile,
+		KeyFile:  cfg.KeyFile,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("new consul store for %s: tls: %w", cfg.Address, err)
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.DialContext = (&net.Dialer{Timeout: cfg.Timeout, KeepAlive: 30 * time.Second}).DialContext
+	tr.TLSClientConfig = tlsCfg
+	tr.TLSHandshakeTimeout = cfg.Timeout
+	tr.MaxIdleConnsPerHost = 16
+	// The HTTP client and scheme are set here, so the library's
+	// environment defaults apply only to what is left empty (the token).
+	client, err := api.NewClient(&api.Config{
+		Address:    cfg.Address,
+		Scheme:     cfg.Scheme,
+		Token:      cfg.Token,
+		HttpClient: &http.Client{Transport: statusTransport{tr}},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("new consul store for %s: %w", cfg.Address, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Consul{
+		client:    client,
+		kv:        client.KV(),
+		transport: tr,
+		addr:      cfg.Address,
+		prefix:    cfg.Prefix,
+		timeout:   cfg.Timeout,
+		ctx:       ctx,
+		cancel:    cancel,
+	}, nil
+}
+
+// Client returns the underlying Consul API client, for packages that need
+// more than KV (service registration). Pass a context with a deadline to
+// every call: the client itself has no overall timeout, because blocking
+// queries must be able to wait.
+func (c *Consul) Client() *api.Client { return c.client }
+
+// Address returns the agent's host:port.
+func (c *Consul) Address() string { return c.addr }
+
+// Prefix returns the normalised key prefix.
+func (c *Consul) Prefix() string { return c.prefix }
+
+// NodeName returns the local agent's node name, a natural default for the
+// plugin's host name.
+func (c *Consul) NodeName(ctx context.Context) (string, error) {
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	var self struct{ Config struct{ NodeName string } }
+	if _, err := c.client.Raw().Query("/v1/agent/self", &self, (&api.QueryOptions{}).WithContext(rctx)); err != nil {
+		return "", c.fail(ctx, st, "agent self", "", err)
+	}
+	if self.Config.NodeName == "" {
+		return "", fmt.Errorf("consul agent self at %s: empty node name", c.addr)
+	}
+	return self.Config.NodeName, nil
+}
+
+// Get returns the pair at key, or ErrNotFound. It reads in Consul's default
+// consistency mode (see the package documentation).
+func (c *Consul) Get(ctx context.Context, key string) (*Pair, error) {
+	if err := checkKey(key); err != nil {
+		return nil, err
+	}
+	full := c.prefix + key
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	kvp, _, err := c.kv.Get(full, (&api.QueryOptions{}).WithContext(rctx))
+	if err != nil {
+		return nil, c.fail(ctx, st, "kv get", full, err)
+	}
+	if kvp == nil {
+		return nil, fmt.Errorf("consul kv get %q: %w", full, ErrNotFound)
+	}
+	return c.pair(kvp), nil
+}
+
+// List returns the pairs under prefix, sorted by key, in Consul's default
+// consistency mode.
+func (c *Consul) List(ctx context.Context, prefix string) ([]*Pair, error) {
+	if err := checkListPrefix(prefix); err != nil {
+		return nil, err
+	}
+	full := c.prefix + prefix
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	kvps, _, err := c.kv.List(full, (&api.QueryOptions{}).WithContext(rctx))
+	if err != nil {
+		return nil, c.fail(ctx, st, "kv list", full, err)
+	}
+	return c.pairs(kvps), nil
+}
+
+// Put writes value unconditionally.
+func (c *Consul) Put(ctx context.Context, key string, value []byte) error {
+	if err := checkKey(key); err != nil {
+		return err
+	}
+	full := c.prefix + key
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	if _, err := c.kv.Put(&api.KVPair{Key: full, Value: value}, (&api.WriteOptions{}).WithContext(rctx)); err != nil {
+		return c.fail(ctx, st, "kv put", full, err)
+	}
+	return nil
+}
+
+// Create writes value only if key does not exist (CAS with index 0).
+func (c *Consul) Create(ctx context.Context, key string, value []byte) error {
+	return c.cas(ctx, "kv create", key, value, 0)
+}
+
+// CAS writes value only if key's ModifyIndex equals index; index 0 means
+// "only if absent".
+func (c *Consul) CAS(ctx context.Context, key string, value []byte, index uint64) error {
+	return c.cas(ctx, "kv cas", key, value, index)
+}
+
+func (c *Consul) cas(ctx context.Context, op, key string, value []byte, index uint64) error {
+	if err := checkKey(key); err != nil {
+		return err
+	}
+	full := c.prefix + key
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	ok, _, err := c.kv.CAS(&api.KVPair{Key: full, Value: value, ModifyIndex: index}, (&api.WriteOptions{}).WithContext(rctx))
+	if err != nil {
+		return c.fail(ctx, st, op, full, err)
+	}
+	if !ok {
+		return fmt.Errorf("consul %s %q (index %d): %w", op, full, index, ErrConflict)
+	}
+	return nil
+}
+
+// Delete removes key; a missing key is success.
+func (c *Consul) Delete(ctx context.Context, key string) error {
+	if err := checkKey(key); err != nil {
+		return err
+	}
+	full := c.prefix + key
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	if _, err := c.kv.Delete(full, (&api.WriteOptions{}).WithContext(rctx)); err != nil {
+		return c.fail(ctx, st, "kv delete", full, err)
+	}
+	return nil
+}
+
+// DeleteCAS removes key only if its ModifyIndex equals index. Consul's own
+// ?cas delete reports success for a missing key, so this is a transaction
+// of check-index and delete, whose failure message tells a missing key
+// (ErrNotFound) from a changed one (ErrConflict).
+func (c *Consul) DeleteCAS(ctx context.Context, key string, index uint64) error {
+	if err := checkKey(key); err != nil {
+		return err
+	}
+	full := c.prefix + key
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	ops := api.KVTxnOps{
+		{Verb: api.KVCheckIndex, Key: full, Index: index},
+		{Verb: api.KVDelete, Key: full},
+	}
+	ok, resp, _, err := c.kv.Txn(ops, (&api.QueryOptions{}).WithContext(rctx))
+	if err != nil {
+		return c.fail(ctx, st, "kv delete-cas", full, err)
+	}
+	if ok {
+		return nil
+	}
+	what := txnErrors(resp)
+	if deniedByACL(what) {
+		return fmt.Errorf("consul kv delete-cas %q at %s: %s", full, c.addr, what)
+	}
+	if strings.Contains(what, "doesn't exist") {
+		return fmt.Errorf("consul kv delete-cas %q (index %d): %w", full, index, ErrNotFound)
+	}
+	return fmt.Errorf("consul kv delete-cas %q (index %d): %w: %s", full, index, ErrConflict, what)
+}
+
+// Txn applies ops atomically in one Consul transaction. OpDeleteCAS becomes
+// check-index plus delete, so that, as in DeleteCAS, a missing key fails the
+// condition instead of counting as deleted; a full transaction of
+// MaxTxnOps such operations is 128 Consul operations, the server limit
+// since Consul 1.14.
+func (c *Consul) Txn(ctx context.Context, ops []Op) error {
+	if err := checkOps(ops); err != nil {
+		return err
+	}
+	if len(ops) == 0 {
+		return nil
+	}
+	tops := make(api.KVTxnOps, 0, len(ops)+2)
+	for _, op := range ops {
+		full := c.prefix + op.Key
+		switch op.Verb {
+		case OpSet:
+			tops = append(tops, &api.KVTxnOp{Verb: api.KVSet, Key: full, Value: op.Value})
+		case OpCreate:
+			tops = append(tops, &api.KVTxnOp{Verb: api.KVCAS, Key: full, Value: op.Value, Index: 0})
+		case OpCAS:
+			tops = append(tops, &api.KVTxnOp{Verb: api.KVCAS, Key: full, Value: op.Value, Index: op.Index})
+		case OpDelete:
+			tops = append(tops, &api.KVTxnOp{Verb: api.KVDelete, Key: full})
+		case OpDeleteCAS:
+			tops = append(tops,
+				&api.KVTxnOp{Verb: api.KVCheckIndex, Key: full, Index: op.Index},
+				&api.KVTxnOp{Verb: api.KVDelete, Key: full})
+		case OpCheckIndex:
+			tops = append(tops, &api.KVTxnOp{Verb: api.KVCheckIndex, Key: full, Index: op.Index})
+		case OpCheckNotExists:
+			tops = append(tops, &api.KVTxnOp{Verb: api.KVCheckNotExists, Key: full})
+		}
+	}
+	name := fmt.Sprintf("%d ops, first %q", len(ops), c.prefix+ops[0].Key)
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	ok, resp, _, err := c.kv.Txn(tops, (&api.QueryOptions{}).WithContext(rctx))
+	if err != nil {
+		return c.fail(ctx, st, "txn", name, err)
+	}
+	if ok {
+		return nil
+	}
+	what := txnErrors(resp)
+	if deniedByACL(what) {
+		return fmt.Errorf("consul txn (%s) at %s: %s", name, c.addr, what)
+	}
+	return fmt.Errorf("consul txn (%s): %w: %s", name, ErrConflict, what)
+}
+
+func txnErrors(resp *api.KVTxnResponse) string {
+	if resp == nil || len(resp.Errors) == 0 {
+		return "rolled back"
+	}
+	msgs := make([]string, len(resp.Errors))
+	for i, e := range resp.Errors {
+		msgs[i] = fmt.Sprintf("op %d: %s", e.OpIndex, e.What)
+	}
+	return strings.Join(msgs, "; ")
+}
+
+// deniedByACL tells an ACL refusal inside a rolled-back transaction, which
+// retrying cannot fix, from a failed condition.
+func deniedByACL(what string) bool {
+	w := strings.ToLower(what)
+	return strings.Contains(w, "permission denied") || strings.Contains(w, "acl not found")
+}
+
+// Watch runs blocking List queries on prefix and delivers a snapshot at
+// start and whenever the content changed (Consul also returns on unrelated
+// index moves and on wait timeouts). Through an outage it retries with a
+// bounded backoff; it ends, closing the channel, when ctx is done or the
+// store is closed, cancelling its in-flight request.
+func (c *Consul) Watch(ctx context.Context, prefix string) (<-chan []*Pair, error) {
+	if err := checkListPrefix(prefix); err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, fmt.Errorf("consul watch %q at %s: store closed", c.prefix+prefix, c.addr)
+	}
+	out := make(chan []*Pair)
+	wctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(c.ctx, cancel)
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer close(out)
+		defer cancel()
+		defer stop()
+		c.watch(wctx, c.prefix+prefix, out)
+	}()
+	return out, nil
+}
+
+func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
+	var (
+		index     uint64
+		last      []*Pair
+		delivered bool
+		backoff   = watchBackoffMin
+	)
+	for {
+		rctx, cancel, _ := c.request(ctx, watchWait+watchWait/16+c.timeout)
+		q := &api.QueryOptions{WaitIndex: index, WaitTime: watchWait}
+		kvps, meta, err := c.kv.List(full, q.WithContext(rctx))
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			// The agent may come back as a new server whose index is
+			// smaller than ours; blocking on the old index would stall
+			// for a whole wait time, so start over with a plain read.
+			index = 0
+			if !sleepCtx(ctx, backoff) {
+				return
+			}
+			backoff = min(2*backoff, watchBackoffMax)
+			continue
+		}
+		backoff = watchBackoffMin
+		// Consul's index is at least 1; 0 would make the next query
+		// return at once, forever. A smaller index than before means a
+		// new server: taking it is the reset.
+		index = max(meta.LastIndex, 1)
+		snap := c.pairs(kvps)
+		if delivered && equalPairs(snap, last) {
+			continue
+		}
+		select {
+		case out <- clonePairs(snap):
+			last, delivered = snap, true
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// Close ends every Watch, waits for their goroutines and drops idle
+// connections. The store must not be used afterwards.
+func (c *Consul) Close() error {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	c.cancel()
+	c.wg.Wait()
+	c.transport.CloseIdleConnections()
+	return nil
+}
+
+func (c *Consul) pair(kvp *api.KVPair) *Pair {
+	p := &Pair{Key: strings.TrimPrefix(kvp.Key, c.prefix), ModifyIndex: kvp.ModifyIndex}
+	if len(kvp.Value) > 0 {
+		p.Value = kvp.Value
+	}
+	return p
+}
+
+func (c *Consul) pairs(kvps api.KVPairs) []*Pair {
+	out := make([]*Pair, 0, len(kvps))
+	for _, kvp := range kvps {
+		// The prefix itself is never a key of ours (keys are non-empty).
+		if !strings.HasPrefix(kvp.Key, c.prefix) || kvp.Key == c.prefix {
+			continue
+		}
+		out = append(out, c.pair(kvp))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
+	return out
+}
+
+// httpStatus records the status code of the response to one request, so
+// that errors can be classified even where the API library folds the code
+// into a message (its txn call does).
+type httpStatus struct{ code atomic.Int32 }
+
+type statusKey struct{}
+
+type statusTransport struct{ base http.RoundTripper }
+
+func (s statusTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := s.base.RoundTrip(req)
+	if resp != nil {
+		if st, ok := req.Context().Value(statusKey{}).(*httpStatus); ok {
+			st.code.Store(int32(resp.StatusCode))
+		}
+	}
+	return resp, err
+}
+
+// request derives the context of one HTTP request: bounded by d and
+// carrying the status recorder.
+func (c *Consul) request(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc, *httpStatus) {
+	st := &httpStatus{}
+	rctx, cancel := context.WithTimeout(context.WithValue(ctx, statusKey{}, st), d)
+	return rctx, cancel, st
+}
+
+// fail wraps a failed request's error. No answer (connection refused,
+// timeout, reset), a 5xx or 429 answer, or an unreadable 2xx answer is
+// ErrUnavailable; other 4xx answers (ACL denied, value too large) are the
+// caller's problem and stay plain. A caller's own cancellation is reported
+// as such, not as an outage.
+func (c *Consul) fail(ctx context.Context, st *httpStatus, op, key string, err error) error {
+	what := "consul " + op
+	if key != "" {
+		what += fmt.Sprintf(" %q", key)
+	}
+	what += " at " + c.addr
+	if errors.Is(ctx.Err(), context.Canceled) {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	code := st.code.Load()
+	if code >= 400 && code < 500 && code != http.StatusTooManyRequests {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	return fmt.Errorf("%s: %w: %w", what, ErrUnavailable, err)
+}
