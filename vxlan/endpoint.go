@@ -1,0 +1,228 @@
+package vxlan
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/vishvananda/netlink"
+)
+
+// Steps of the endpoint create path, in order, for fault injection.
+var endpointSteps = []string{"veth", "veth-alias", "veth-master", "veth-up"}
+
+func (m *Manager) checkEndpoint(ep Endpoint) error {
+	if err := validEndpointID(ep.ID); err != nil {
+		return err
+	}
+	if err := validVNI(ep.VNI); err != nil {
+		return fmt.Errorf("endpoint %s: %w", endpointKey(ep.ID), err)
+	}
+	if err := validUnicastMAC(ep.MAC); err != nil {
+		return fmt.Errorf("endpoint %s: %w", endpointKey(ep.ID), err)
+	}
+	return nil
+}
+
+// EnsureEndpoint makes the endpoint's veth pair exist: the host end on the
+// network's bridge and up, the container end in this namespace with the
+// endpoint's MAC, both with the network's MTU. Docker moves the container
+// end into the container and renames it. An existing pair is kept and
+// fixed in place, also when its container end is already in a container.
+// The network must have been ensured (ErrNotFound otherwise). If a step
+// fails, a pair this call created is removed again.
+func (m *Manager) EnsureEndpoint(ctx context.Context, ep Endpoint) (EndpointInfo, error) {
+	if err := m.checkEndpoint(ep); err != nil {
+		return EndpointInfo{}, fmt.Errorf("ensure endpoint: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var ch Changes
+	info, err := m.ensureEndpoint(ep, &ch)
+	if err != nil {
+		return EndpointInfo{}, err
+	}
+	if ch.Total() > 0 {
+		m.log.Info("endpoint ensured", "endpoint", endpointKey(ep.ID), "vni", ep.VNI, "link", info.ContainerIf, "mtu", info.MTU, "changes", ch.Total())
+	}
+	return info, nil
+}
+
+// ensureEndpoint is EnsureEndpoint with m.mu held, counting into ch.
+//
+// Equivalent to: `ip link add vxh-0123456789 mtu 1450 type veth peer name
+// vxc-0123456789 mtu 1450 address 02:42:0a:0a:00:02 && ip link set
+// vxh-0123456789 alias consul-overlay master vxbr-0a1b up && ip link set
+// vxc-0123456789 alias consul-overlay`.
+func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, retErr error) {
+	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
+	op := fmt.Sprintf("ensure endpoint %s (vni %d)", endpointKey(ep.ID), ep.VNI)
+	br, err := m.linkByName(BridgeName(ep.VNI))
+	if err != nil {
+		return info, fmt.Errorf("%s: %w", op, err)
+	}
+	if br == nil {
+		return info, fmt.Errorf("%s: bridge %q: %w", op, BridgeName(ep.VNI), ErrNotFound)
+	}
+	mtu := br.Attrs().MTU
+	info = EndpointInfo{HostIf: hostName, ContainerIf: contName, MTU: mtu}
+
+	var undo []func() error
+	defer func() {
+		if retErr == nil {
+			return
+		}
+		for i := len(undo) - 1; i >= 0; i-- {
+			if err := undo[i](); err != nil {
+				retErr = errors.Join(retErr, fmt.Errorf("undo: %w", err))
+			}
+		}
+		retErr = fmt.Errorf("%s: %w", op, retErr)
+	}()
+
+	host, err := m.linkByName(hostName)
+	if err != nil {
+		return info, err
+	}
+	if host != nil && host.Type() != "veth" {
+		m.log.Warn("replacing link that is not a veth", "link", hostName, "type", host.Type(), "endpoint", endpointKey(ep.ID))
+		if err := m.deleteLink(host); err != nil {
+			return info, err
+		}
+		ch.Links++
+		host = nil
+	}
+	cont, err := m.linkByName(contName)
+	if err != nil {
+		return info, err
+	}
+	if host == nil {
+		if cont != nil {
+			// A container end without its host end is not a pair of ours.
+			m.log.Warn("removing unpaired link", "link", contName, "type", cont.Type(), "endpoint", endpointKey(ep.ID))
+			if err := m.deleteLink(cont); err != nil {
+				return info, err
+			}
+			ch.Links++
+		}
+		if err := m.step("veth"); err != nil {
+			return info, err
+		}
+		veth := &netlink.Veth{
+			LinkAttrs:        netlink.LinkAttrs{Name: hostName, MTU: mtu},
+			PeerName:         contName,
+			PeerMTU:          uint32(mtu),
+			PeerHardwareAddr: ep.MAC,
+		}
+		if err := m.nl.LinkAdd(veth); err != nil {
+			return info, fmt.Errorf("create veth %q/%q: %w", hostName, contName, err)
+		}
+		ch.Links++
+		m.log.Debug("veth created", "link", hostName, "peer", contName, "endpoint", endpointKey(ep.ID), "mac", ep.MAC)
+		host, err = m.linkByName(hostName)
+		if err == nil && host == nil {
+			err = fmt.Errorf("veth %q gone after creation", hostName)
+		}
+		if err != nil {
+			// The pair may exist under the name even if the lookup failed.
+			undo = append(undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
+			return info, err
+		}
+		undo = append(undo, func() error { return m.deleteLink(host) })
+		if cont, err = m.linkByName(contName); err != nil {
+			return info, err
+		}
+	}
+
+	// Container end: only while it is still in this namespace.
+	if cont != nil {
+		if cont.Attrs().Alias != OwnerAlias {
+			if err := m.step("veth-alias"); err != nil {
+				return info, err
+			}
+			if err := m.setAlias(cont); err != nil {
+				return info, err
+			}
+			ch.LinkAttrs++
+		}
+		if cont.Attrs().MTU != mtu {
+			if err := m.setMTU(cont, mtu); err != nil {
+				return info, err
+			}
+			ch.LinkAttrs++
+		}
+		if cont.Attrs().HardwareAddr.String() != ep.MAC.String() {
+			if err := m.nl.LinkSetHardwareAddr(cont, ep.MAC); err != nil {
+				return info, fmt.Errorf("set mac of %q to %s: %w", contName, ep.MAC, err)
+			}
+			m.log.Debug("link mac set", "link", contName, "mac", ep.MAC)
+			ch.LinkAttrs++
+		}
+	}
+
+	if host.Attrs().Alias != OwnerAlias {
+		if err := m.step("veth-alias"); err != nil {
+			return info, err
+		}
+		if err := m.setAlias(host); err != nil {
+			return info, err
+		}
+		ch.LinkAttrs++
+	}
+	if host.Attrs().MTU != mtu {
+		if err := m.setMTU(host, mtu); err != nil {
+			return info, err
+		}
+		ch.LinkAttrs++
+	}
+	if host.Attrs().MasterIndex != br.Attrs().Index {
+		if err := m.step("veth-master"); err != nil {
+			return info, err
+		}
+		if err := m.setMaster(host, br); err != nil {
+			return info, err
+		}
+		ch.LinkAttrs++
+	}
+	if !isUp(host) {
+		if err := m.step("veth-up"); err != nil {
+			return info, err
+		}
+		if err := m.setUp(host); err != nil {
+			return info, err
+		}
+		ch.LinkAttrs++
+	}
+	return info, nil
+}
+
+// DeleteEndpoint removes an endpoint's veth pair, also when Docker has
+// already moved the container end into a container (deleting the host end
+// deletes both). It is idempotent: an endpoint without links is success.
+//
+// Equivalent to: `ip link del vxh-0123456789`.
+func (m *Manager) DeleteEndpoint(ctx context.Context, id string) error {
+	if err := validEndpointID(id); err != nil {
+		return fmt.Errorf("delete endpoint: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var errs []error
+	deleted := 0
+	for _, name := range []string{HostIfName(id), ContainerIfName(id)} {
+		ok, err := m.deleteLinkByName(name)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if ok {
+			deleted++
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("delete endpoint %s: %w", endpointKey(id), err)
+	}
+	if deleted > 0 {
+		m.log.Info("endpoint deleted", "endpoint", endpointKey(id))
+	}
+	return nil
+}

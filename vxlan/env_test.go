@@ -1,0 +1,236 @@
+package vxlan
+
+import (
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"consul-overlay/internal/testenv"
+)
+
+// testHost is a simulated host with a Manager programming its namespace.
+type testHost struct {
+	*testenv.Host
+	m *Manager
+}
+
+// requireKernel stops the test unless it can build namespaces and run the
+// commands the kernel tests use.
+func requireKernel(t *testing.T) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	for _, c := range []string{"nsenter", "ping", "ip", "iptables", "ip6tables"} {
+		if _, err := exec.LookPath(c); err != nil {
+			testenv.Missing(t, c, "apt-get install -y util-linux iputils-ping iproute2 iptables")
+		}
+	}
+}
+
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// nsWrapper writes a script that runs cmd inside ns: the Manager runs
+// iptables in its own namespace, so the test points it at the host's.
+func nsWrapper(t *testing.T, ns *testenv.NetNS, cmd string) string {
+	t.Helper()
+	bin, err := exec.LookPath(cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), cmd)
+	script := fmt.Sprintf("#!/bin/sh\nexec nsenter --net=%s %s \"$@\"\n", ns.Path, bin)
+	if err := os.WriteFile(path, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// newHosts builds an underlay of n hosts, each with a Manager whose
+// iptables commands run in the host's namespace.
+func newHosts(t *testing.T, n int, opts testenv.UnderlayOptions) []*testHost {
+	t.Helper()
+	requireKernel(t)
+	var hosts []*testHost
+	for _, h := range testenv.NewUnderlay(t, n, opts) {
+		cfg := Config{
+			VTEP:      h.Addr,
+			IPTables:  nsWrapper(t, h.NS, "iptables"),
+			IP6Tables: nsWrapper(t, h.NS, "ip6tables"),
+			Sysctl:    "-",
+			Logger:    testLogger(t).With("host", h.Addr),
+		}
+		m, err := NewWithHandle(cfg, h.NS.Handle())
+		if err != nil {
+			t.Fatal(err)
+		}
+		hosts = append(hosts, &testHost{Host: h, m: m})
+	}
+	return hosts
+}
+
+// container is an endpoint moved into its own namespace, as Docker does.
+type container struct {
+	ns    *testenv.NetNS
+	id    string
+	vni   uint32
+	mac   net.HardwareAddr
+	addrs []netip.Prefix
+	host  *testHost
+}
+
+var epSeq atomic.Uint32
+
+// run creates an endpoint on h and moves its container end into a fresh
+// namespace with addrs (and default routes via gws).
+func (h *testHost) run(t *testing.T, vni uint32, addrs []netip.Prefix, gws ...netip.Addr) *container {
+	t.Helper()
+	id := fmt.Sprintf("%04x%06x%054x", epSeq.Add(1), vni, 0)
+	c := &container{id: id, vni: vni, mac: MACFromIP(addrs[0].Addr()), addrs: addrs, host: h}
+	info, err := h.m.EnsureEndpoint(t.Context(), Endpoint{ID: id, VNI: vni, MAC: c.mac})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.ns = testenv.NewNetNS(t)
+	if err := testenv.MoveAndConfigure(h.NS, c.ns, info.ContainerIf, "eth0", addrs, gws...); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// peers are the Peers other hosts program for c.
+func (c *container) peers() []Peer {
+	var ps []Peer
+	for _, a := range c.addrs {
+		ps = append(ps, Peer{VNI: c.vni, IP: a.Addr(), MAC: c.mac, VTEP: c.host.Addr})
+	}
+	return ps
+}
+
+// announce programs c's addresses as peers on the given hosts.
+func (c *container) announce(t *testing.T, hosts ...*testHost) {
+	t.Helper()
+	for _, h := range hosts {
+		for _, p := range c.peers() {
+			if err := h.m.AddPeer(t.Context(), p); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// ping sends count pings from ns to dst with extra arguments.
+func ping(t *testing.T, ns *testenv.NetNS, dst netip.Addr, count int, extra ...string) (string, error) {
+	t.Helper()
+	args := append([]string{"ping", "-n", "-q", "-c", fmt.Sprint(count), "-i", "0.2", "-W", "1"}, extra...)
+	return ns.Run(t, append(args, dst.String())...)
+}
+
+func mustPing(t *testing.T, ns *testenv.NetNS, dst netip.Addr) {
+	t.Helper()
+	if out, err := ping(t, ns, dst, 2); err != nil {
+		t.Fatalf("ping %s from %s: %v\n%s", dst, ns.Name, err, out)
+	}
+}
+
+func mustNotPing(t *testing.T, ns *testenv.NetNS, dst netip.Addr) {
+	t.Helper()
+	if out, err := ping(t, ns, dst, 2); err == nil {
+		t.Fatalf("ping %s from %s succeeded, want it blocked\n%s", dst, ns.Name, out)
+	}
+}
+
+// linkNames lists the links of h's namespace other than lo and the
+// underlay.
+func linkNames(t *testing.T, h *testHost) []string {
+	t.Helper()
+	ls, err := h.NS.Handle().LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, l := range ls {
+		if n := l.Attrs().Name; n != "lo" && n != h.Link {
+			names = append(names, n)
+		}
+	}
+	slices.Sort(names)
+	return names
+}
+
+func link(t *testing.T, h *testHost, name string) netlink.Link {
+	t.Helper()
+	l, err := h.NS.Handle().LinkByName(name)
+	if err != nil {
+		t.Fatalf("link %s: %v", name, err)
+	}
+	return l
+}
+
+// kernelEntries is what a VXLAN device holds: neighbour entries "ip mac"
+// and FDB entries "mac dst".
+type kernelEntries struct {
+	neigh []string
+	fdb   []string
+}
+
+func entries(t *testing.T, h *testHost, vni uint32) kernelEntries {
+	t.Helper()
+	hh := h.NS.Handle()
+	vx := link(t, h, VXLANName(vni))
+	var k kernelEntries
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		ns, err := hh.NeighList(vx.Attrs().Index, fam)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range ns {
+			if n.State == netlink.NUD_PERMANENT {
+				k.neigh = append(k.neigh, n.IP.String()+" "+n.HardwareAddr.String())
+			}
+		}
+	}
+	fdb, err := hh.NeighList(vx.Attrs().Index, unix.AF_BRIDGE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range fdb {
+		if n.Flags&netlink.NTF_SELF != 0 {
+			k.fdb = append(k.fdb, n.HardwareAddr.String()+" "+n.IP.String())
+		}
+	}
+	slices.Sort(k.neigh)
+	slices.Sort(k.fdb)
+	return k
+}
+
+// fwRules lists the rules of our chain in h's namespace, for cmd
+// (iptables or ip6tables); nil if the chain does not exist.
+func fwRules(t *testing.T, h *testHost, cmd string) []string {
+	t.Helper()
+	out, err := h.NS.Run(t, cmd, "-w", "-S", FirewallChain)
+	if err != nil {
+		return nil
+	}
+	var rules []string
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "-A ") {
+			rules = append(rules, l)
+		}
+	}
+	return rules
+}
+
+func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+func addr(s string) netip.Addr  { return netip.MustParseAddr(s) }

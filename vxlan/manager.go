@@ -1,0 +1,245 @@
+package vxlan
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+)
+
+// ErrNotFound reports that an object a call depends on does not exist, for
+// example EnsureEndpoint on a network that was never ensured.
+var ErrNotFound = errors.New("not found")
+
+// DefaultPort is the IANA VXLAN UDP port.
+const DefaultPort = 4789
+
+// Config configures a Manager. Zero values take the documented defaults.
+type Config struct {
+	// VTEP is this host's underlay address, the source of every VXLAN
+	// packet (required). Peers' VTEPs must be of the same family.
+	VTEP netip.Addr
+	// Port is the VXLAN UDP destination port (0: 4789).
+	Port int
+	// UnderlayMTU is the MTU of the underlay (0: the MTU of the link that
+	// holds VTEP, read once by New).
+	UnderlayMTU int
+	// IPTables and IP6Tables are the iptables and ip6tables commands that
+	// install the per-bridge firewall rules ("": looked up in PATH; "-":
+	// disabled). A command that cannot be found is logged and skipped.
+	IPTables, IP6Tables string
+	// Sysctl is the root of the sysctl tree in which New raises the
+	// neighbour table limits (gc_thresh1/2/3) ("": /proc/sys; "-": leave
+	// them alone).
+	Sysctl string
+	// Logger receives debug lines for each kernel write and info lines
+	// for lifecycle events (nil: discard).
+	Logger *slog.Logger
+}
+
+// Network is the desired state of one overlay network on this host.
+type Network struct {
+	// VNI is the VXLAN network identifier, 1..2^24-1; it names the links.
+	VNI uint32
+	// MTU of the network's links (0: underlay MTU minus the VXLAN overhead,
+	// 50 bytes on an IPv4 underlay and 70 on an IPv6 one).
+	MTU int
+	// Gateways are addresses put on the bridge (for example 10.10.0.1/24
+	// and fd00::1/64), so the host can reach its own endpoints. Other
+	// global addresses on the bridge are removed.
+	Gateways []netip.Prefix
+}
+
+// NetworkInfo describes the links of an ensured network.
+type NetworkInfo struct {
+	Bridge string // vxbr-<vni %06x>
+	VXLAN  string // vx-<vni %06x>
+	MTU    int
+}
+
+// Endpoint is the desired state of one local endpoint.
+type Endpoint struct {
+	// ID is the endpoint's identifier (Docker's 64-hex endpoint ID). Its
+	// first 10 characters, letters or digits, name the veth ends.
+	ID string
+	// VNI is the network the endpoint belongs to; the network must exist.
+	VNI uint32
+	// MAC is the address of the container end (6 bytes, unicast).
+	MAC net.HardwareAddr
+}
+
+// EndpointInfo describes an ensured endpoint's veth pair.
+type EndpointInfo struct {
+	HostIf      string // vxh-<id[:10]>, on the network's bridge
+	ContainerIf string // vxc-<id[:10]>, in the host namespace until Docker moves it
+	MTU         int
+}
+
+// Peer is one remote endpoint address reachable through a remote VTEP.
+// A dual-stack endpoint is two Peers with the same MAC.
+type Peer struct {
+	VNI  uint32
+	IP   netip.Addr
+	MAC  net.HardwareAddr
+	VTEP netip.Addr
+}
+
+// State is a full description of what the kernel should hold.
+type State struct {
+	Networks  []Network
+	Endpoints []Endpoint
+	Peers     []Peer
+}
+
+// Changes counts the kernel writes one call made. The zero value means the
+// kernel already matched.
+type Changes struct {
+	Links      int // links created, replaced or removed
+	LinkAttrs  int // link attributes changed in place: MTU, MAC, master, alias, up
+	Addrs      int // bridge addresses added or removed
+	Neighbours int // neighbour (IP to MAC) entries written or removed
+	FDB        int // FDB entries (MAC to VTEP, and all-zeros flood entries) written or removed
+	Rules      int // iptables and ip6tables chains and rules added or removed
+}
+
+// Total is the number of kernel writes.
+func (c Changes) Total() int {
+	return c.Links + c.LinkAttrs + c.Addrs + c.Neighbours + c.FDB + c.Rules
+}
+
+// Manager programs overlay networks into the kernel of one network
+// namespace. It is safe for concurrent use: mu serialises every call.
+type Manager struct {
+	cfg       Config
+	log       *slog.Logger
+	nl        *netlink.Handle
+	ownHandle bool
+	fw        *firewall
+	mtu       int // underlay MTU
+
+	// mu serialises all kernel programming and guards peers.
+	mu sync.Mutex
+	// peers holds the desired remote peers per VNI, including those of
+	// networks not ensured yet (programmed when the network is).
+	peers map[uint32]*peerSet
+
+	// failAt, when set by tests, is called before each kernel write of a
+	// create path with the step's name; an error fails that step.
+	failAt func(step string) error
+}
+
+// New returns a Manager that programs the caller's network namespace. Call
+// Close to release its netlink sockets.
+func New(cfg Config) (*Manager, error) {
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return nil, fmt.Errorf("open netlink handle: %w", err)
+	}
+	m, err := NewWithHandle(cfg, h)
+	if err != nil {
+		h.Close()
+		return nil, err
+	}
+	m.ownHandle = true
+	return m, nil
+}
+
+// NewWithHandle returns a Manager that programs the namespace h is bound
+// to (netlink.NewHandleAt), so a test can drive a namespace without
+// switching the thread of a long-lived goroutine. The caller keeps
+// ownership of h. iptables commands run in the caller's namespace unless
+// Config points them at a wrapper.
+func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
+	if !cfg.VTEP.IsValid() {
+		return nil, errors.New("vxlan: VTEP address is required")
+	}
+	cfg.VTEP = cfg.VTEP.Unmap()
+	if cfg.Port == 0 {
+		cfg.Port = DefaultPort
+	}
+	if cfg.Port < 1 || cfg.Port > 65535 {
+		return nil, fmt.Errorf("vxlan: port %d out of range", cfg.Port)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	m := &Manager{
+		cfg:   cfg,
+		log:   cfg.Logger,
+		nl:    h,
+		peers: map[uint32]*peerSet{},
+	}
+	m.mtu = cfg.UnderlayMTU
+	if m.mtu == 0 {
+		mtu, link, err := m.underlayMTU()
+		if err != nil {
+			return nil, err
+		}
+		m.mtu = mtu
+		m.log.Info("underlay detected", "link", link, "vtep", cfg.VTEP, "mtu", mtu)
+	}
+	if OverlayMTU(m.mtu, cfg.VTEP.Is6(), 0) < minMTU {
+		return nil, fmt.Errorf("vxlan: underlay MTU %d leaves no room for VXLAN", m.mtu)
+	}
+	m.fw = newFirewall(m.log, cfg.IPTables, cfg.IP6Tables)
+	if cfg.Sysctl != "-" {
+		root := cfg.Sysctl
+		if root == "" {
+			root = "/proc/sys"
+		}
+		raiseGCThresh(root, m.log)
+	}
+	return m, nil
+}
+
+// Close releases the netlink handle if New opened it.
+func (m *Manager) Close() error {
+	if m.ownHandle {
+		m.nl.Close()
+	}
+	return nil
+}
+
+// underlayMTU finds the link that holds the VTEP address.
+func (m *Manager) underlayMTU() (int, string, error) {
+	family := netlink.FAMILY_V4
+	if m.cfg.VTEP.Is6() {
+		family = netlink.FAMILY_V6
+	}
+	addrs, err := retryDump(func() ([]netlink.Addr, error) { return m.nl.AddrList(nil, family) })
+	if err != nil {
+		return 0, "", fmt.Errorf("vxlan: list addresses: %w", err)
+	}
+	for _, a := range addrs {
+		ip, ok := netip.AddrFromSlice(a.IP)
+		if !ok || ip.Unmap() != m.cfg.VTEP {
+			continue
+		}
+		l, err := m.nl.LinkByIndex(a.LinkIndex)
+		if err != nil {
+			return 0, "", fmt.Errorf("vxlan: link %d holding vtep %s: %w", a.LinkIndex, m.cfg.VTEP, err)
+		}
+		return l.Attrs().MTU, l.Attrs().Name, nil
+	}
+	return 0, "", fmt.Errorf("vxlan: vtep %s is not an address of any link (set Config.UnderlayMTU or fix the VTEP): %w", m.cfg.VTEP, ErrNotFound)
+}
+
+// step runs the fault-injection hook.
+func (m *Manager) step(name string) error {
+	if m.failAt == nil {
+		return nil
+	}
+	if err := m.failAt(name); err != nil {
+		return fmt.Errorf("step %s: %w", name, err)
+	}
+	return nil
+}
+
+// networkMTU is the MTU a network's links get.
+func (m *Manager) networkMTU(n Network) int {
+	return OverlayMTU(m.mtu, m.cfg.VTEP.Is6(), n.MTU)
+}

@@ -1,0 +1,129 @@
+package vxlan
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"net"
+	"net/netip"
+	"regexp"
+	"strconv"
+)
+
+// Ownership marks. A link is ours only if its name matches one of the exact
+// patterns below; Reconcile removes a stray link only if it also carries
+// OwnerAlias. Docker's own br-<12 hex> bridges and veth<7 hex> links never
+// match.
+const (
+	// OwnerAlias is the link alias (ifalias) set on every link we create.
+	OwnerAlias = "consul-overlay"
+
+	vxlanPrefix  = "vx-"
+	bridgePrefix = "vxbr-"
+	hostPrefix   = "vxh-"
+	contPrefix   = "vxc-"
+
+	// endpointNameLen is how many characters of an endpoint ID go into
+	// its link names: "vxh-" + 10 = 14, within IFNAMSIZ-1 = 15.
+	endpointNameLen = 10
+
+	// MaxVNI is the largest VXLAN network identifier (24 bits).
+	MaxVNI = 1<<24 - 1
+)
+
+var (
+	vxlanNameRE  = regexp.MustCompile(`^vx-([0-9a-f]{6})$`)
+	bridgeNameRE = regexp.MustCompile(`^vxbr-([0-9a-f]{6})$`)
+	hostNameRE   = regexp.MustCompile(`^vxh-([0-9A-Za-z]{10})$`)
+	contNameRE   = regexp.MustCompile(`^vxc-([0-9A-Za-z]{10})$`)
+	endpointIDRE = regexp.MustCompile(`^[0-9A-Za-z]{10}`)
+)
+
+// VXLANName is the name of the VXLAN device of a network: vx-<vni %06x>.
+func VXLANName(vni uint32) string { return fmt.Sprintf("%s%06x", vxlanPrefix, vni) }
+
+// BridgeName is the name of the bridge of a network: vxbr-<vni %06x>.
+func BridgeName(vni uint32) string { return fmt.Sprintf("%s%06x", bridgePrefix, vni) }
+
+// HostIfName is the name of an endpoint's host-side veth end, the one on
+// the network's bridge: vxh-<first 10 characters of the endpoint ID>.
+func HostIfName(endpointID string) string { return hostPrefix + endpointKey(endpointID) }
+
+// ContainerIfName is the name of the veth end handed to Docker, which moves
+// it into the container and renames it: vxc-<first 10 characters of the ID>.
+func ContainerIfName(endpointID string) string { return contPrefix + endpointKey(endpointID) }
+
+// endpointKey is the part of an endpoint ID that names its links. Two IDs
+// sharing their first 10 characters would share links; Docker's 64-hex IDs
+// make that a 1 in 2^40 event per pair on one host.
+func endpointKey(id string) string {
+	if len(id) < endpointNameLen {
+		return id
+	}
+	return id[:endpointNameLen]
+}
+
+// vniFromName parses the VNI out of one of our network link names.
+func vniFromName(re *regexp.Regexp, name string) (uint32, bool) {
+	m := re.FindStringSubmatch(name)
+	if m == nil {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(m[1], 16, 32)
+	if err != nil {
+		return 0, false
+	}
+	return uint32(v), true
+}
+
+func validVNI(vni uint32) error {
+	if vni == 0 || vni > MaxVNI {
+		return fmt.Errorf("vni %d out of range 1..%d", vni, MaxVNI)
+	}
+	return nil
+}
+
+func validEndpointID(id string) error {
+	if !endpointIDRE.MatchString(id) {
+		return fmt.Errorf("endpoint id %q: need at least %d leading letters or digits", id, endpointNameLen)
+	}
+	return nil
+}
+
+// MACFromIP derives an endpoint MAC address from its IP, as Docker does:
+// 02:42 followed by the four bytes of an IPv4 address. For an IPv6 address
+// (IPv6-only endpoints) it is 06:42 followed by the first four bytes of the
+// SHA-256 of the address: stable, locally administered, unicast, and never
+// equal to an IPv4-derived MAC. It returns nil for an invalid address.
+func MACFromIP(ip netip.Addr) net.HardwareAddr {
+	ip = ip.Unmap()
+	switch {
+	case ip.Is4():
+		b := ip.As4()
+		return net.HardwareAddr{0x02, 0x42, b[0], b[1], b[2], b[3]}
+	case ip.Is6():
+		b := ip.As16()
+		sum := sha256.Sum256(b[:])
+		return net.HardwareAddr{0x06, 0x42, sum[0], sum[1], sum[2], sum[3]}
+	}
+	return nil
+}
+
+// VXLAN encapsulation overhead: inner Ethernet 14 + VXLAN 8 + UDP 8 + outer
+// IP header (IPv4 20, IPv6 40).
+const (
+	overheadIPv4 = 50
+	overheadIPv6 = 70
+	minMTU       = 68
+)
+
+// OverlayMTU is the MTU of a network's links: override when positive,
+// otherwise the underlay MTU minus the VXLAN overhead of its address family.
+func OverlayMTU(underlayMTU int, ipv6Underlay bool, override int) int {
+	if override > 0 {
+		return override
+	}
+	if ipv6Underlay {
+		return underlayMTU - overheadIPv6
+	}
+	return underlayMTU - overheadIPv4
+}

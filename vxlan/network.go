@@ -1,0 +1,409 @@
+package vxlan
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Steps of the network create path, in order, for fault injection.
+var networkSteps = []string{
+	"bridge", "bridge-alias", "bridge-addr", "bridge-up",
+	"vxlan", "vxlan-alias", "vxlan-master", "vxlan-up",
+	"firewall", "peers",
+}
+
+// EnsureNetwork makes the network's bridge and VXLAN device exist, match n
+// and be up, installs its firewall rules and programs the peers already
+// known for its VNI. A device that already matches is kept as it is, so
+// calling it again never disturbs traffic. If a step fails, whatever this
+// call created is removed again.
+func (m *Manager) EnsureNetwork(ctx context.Context, n Network) (NetworkInfo, error) {
+	if err := validVNI(n.VNI); err != nil {
+		return NetworkInfo{}, fmt.Errorf("ensure network: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var ch Changes
+	info, err := m.ensureNetwork(ctx, n, &ch)
+	if err != nil {
+		return NetworkInfo{}, err
+	}
+	if ch.Total() > 0 {
+		m.log.Info("network ensured", "vni", n.VNI, "link", info.VXLAN, "bridge", info.Bridge, "mtu", info.MTU, "changes", ch.Total())
+	}
+	return info, nil
+}
+
+// ensureNetwork is EnsureNetwork with m.mu held, counting into ch.
+func (m *Manager) ensureNetwork(ctx context.Context, n Network, ch *Changes) (info NetworkInfo, retErr error) {
+	mtu := m.networkMTU(n)
+	if mtu < minMTU {
+		return info, fmt.Errorf("ensure network (vni %d): mtu %d below %d", n.VNI, mtu, minMTU)
+	}
+	info = NetworkInfo{Bridge: BridgeName(n.VNI), VXLAN: VXLANName(n.VNI), MTU: mtu}
+
+	var undo []func() error
+	defer func() {
+		if retErr == nil {
+			return
+		}
+		for i := len(undo) - 1; i >= 0; i-- {
+			if err := undo[i](); err != nil {
+				retErr = errors.Join(retErr, fmt.Errorf("undo: %w", err))
+			}
+		}
+	}()
+
+	br, created, err := m.ensureBridge(n, mtu, ch)
+	if created {
+		undo = append(undo, func() error { return m.deleteLink(br) })
+	}
+	if err != nil {
+		return info, err
+	}
+	vx, vxCreated, err := m.ensureVXLAN(n.VNI, mtu, br, ch)
+	if vxCreated {
+		undo = append(undo, func() error { return m.deleteLink(vx) })
+	}
+	if err != nil {
+		return info, err
+	}
+	if m.fw.enabled() {
+		if err := m.step("firewall"); err != nil {
+			return info, err
+		}
+		// Rules are undone only for a bridge this call created: on an
+		// existing network they protect running containers.
+		if created {
+			undo = append(undo, func() error {
+				_, err := m.fw.removeBridge(context.WithoutCancel(ctx), info.Bridge)
+				return err
+			})
+		}
+		k, err := m.fw.ensureBridge(ctx, info.Bridge)
+		ch.Rules += k
+		if err != nil {
+			return info, err
+		}
+	}
+	if err := m.syncPeers(vx, n.VNI, ch); err != nil {
+		return info, err
+	}
+	return info, nil
+}
+
+// ensureBridge makes the network's bridge exist with our alias, the MTU,
+// exactly the gateway addresses, and up. created reports whether this call
+// created it (br is then set even on error, for the undo).
+//
+// Equivalent to: `ip link add vxbr-0a1b type bridge && ip link set vxbr-0a1b
+// alias consul-overlay && ip addr replace 10.10.0.1/24 dev vxbr-0a1b && ip
+// link set vxbr-0a1b up`.
+func (m *Manager) ensureBridge(n Network, mtu int, ch *Changes) (br netlink.Link, created bool, err error) {
+	name := BridgeName(n.VNI)
+	br, err = m.linkByName(name)
+	if err != nil {
+		return nil, false, err
+	}
+	if br != nil && br.Type() != "bridge" {
+		m.log.Warn("replacing link that is not a bridge", "link", name, "type", br.Type(), "vni", n.VNI)
+		if err := m.deleteLink(br); err != nil {
+			return nil, false, err
+		}
+		ch.Links++
+		br = nil
+	}
+	if br == nil {
+		if err := m.step("bridge"); err != nil {
+			return nil, false, err
+		}
+		// A fixed MAC: otherwise the bridge takes the lowest port MAC and
+		// changes it as endpoints come and go, staling ARP caches.
+		la := netlink.LinkAttrs{Name: name, MTU: mtu, HardwareAddr: randomMAC()}
+		if err := m.nl.LinkAdd(&netlink.Bridge{LinkAttrs: la}); err != nil {
+			return nil, false, fmt.Errorf("create bridge %q (vni %d): %w", name, n.VNI, err)
+		}
+		ch.Links++
+		m.log.Debug("bridge created", "link", name, "vni", n.VNI)
+		if br, err = m.linkByName(name); err != nil || br == nil {
+			return nil, false, fmt.Errorf("create bridge %q (vni %d): gone after creation: %w", name, n.VNI, err)
+		}
+		created = true
+	}
+	if br.Attrs().Alias != OwnerAlias {
+		if err := m.step("bridge-alias"); err != nil {
+			return br, created, err
+		}
+		if err := m.setAlias(br); err != nil {
+			return br, created, err
+		}
+		ch.LinkAttrs++
+	}
+	if br.Attrs().MTU != mtu {
+		if err := m.setMTU(br, mtu); err != nil {
+			return br, created, err
+		}
+		ch.LinkAttrs++
+	}
+	if err := m.syncBridgeAddrs(br, n.Gateways, ch); err != nil {
+		return br, created, err
+	}
+	if !isUp(br) {
+		if err := m.step("bridge-up"); err != nil {
+			return br, created, err
+		}
+		if err := m.setUp(br); err != nil {
+			return br, created, err
+		}
+		ch.LinkAttrs++
+	}
+	return br, created, nil
+}
+
+// syncBridgeAddrs makes the bridge's global addresses exactly want.
+// IPv6 addresses skip duplicate address detection: the bridge is the only
+// holder of its gateway address.
+//
+// Equivalent to: `ip addr replace <gw> dev vxbr-0a1b nodad` and `ip addr
+// del <other> dev vxbr-0a1b`.
+func (m *Manager) syncBridgeAddrs(br netlink.Link, want []netip.Prefix, ch *Changes) error {
+	name := br.Attrs().Name
+	have, err := retryDump(func() ([]netlink.Addr, error) { return m.nl.AddrList(br, netlink.FAMILY_ALL) })
+	if err != nil {
+		return fmt.Errorf("list addresses of %q: %w", name, err)
+	}
+	present := map[netip.Prefix]bool{}
+	for _, a := range have {
+		p, ok := prefixOf(a.IPNet)
+		if !ok || p.Addr().IsLinkLocalUnicast() {
+			continue
+		}
+		if slices.Contains(want, p) {
+			present[p] = true
+			continue
+		}
+		if err := m.nl.AddrDel(br, &a); err != nil && !isNotFound(err) && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			return fmt.Errorf("remove address %s from %q: %w", p, name, err)
+		}
+		ch.Addrs++
+		m.log.Debug("bridge address removed", "link", name, "addr", p)
+	}
+	for _, p := range want {
+		if present[p] {
+			continue
+		}
+		if err := m.step("bridge-addr"); err != nil {
+			return err
+		}
+		a := &netlink.Addr{IPNet: &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
+		if p.Addr().Is6() {
+			a.Flags = unix.IFA_F_NODAD
+		}
+		if err := m.nl.AddrReplace(br, a); err != nil {
+			return fmt.Errorf("add address %s to %q: %w", p, name, err)
+		}
+		present[p] = true
+		ch.Addrs++
+		m.log.Debug("bridge address added", "link", name, "addr", p)
+	}
+	return nil
+}
+
+func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	ip, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(ip.Unmap(), ones), true
+}
+
+// vxlanMismatch says how an existing VXLAN device differs from what we
+// want, or "" if it matches.
+func (m *Manager) vxlanMismatch(l netlink.Link, vni uint32) string {
+	vx, ok := l.(*netlink.Vxlan)
+	if !ok {
+		return fmt.Sprintf("type %s, want vxlan", l.Type())
+	}
+	src, _ := netip.AddrFromSlice(vx.SrcAddr)
+	switch {
+	case vx.VxlanId != int(vni):
+		return fmt.Sprintf("vni %d, want %d", vx.VxlanId, vni)
+	case vx.Port != m.cfg.Port:
+		return fmt.Sprintf("port %d, want %d", vx.Port, m.cfg.Port)
+	case src.Unmap() != m.cfg.VTEP:
+		return fmt.Sprintf("local %v, want %s", vx.SrcAddr, m.cfg.VTEP)
+	case vx.Learning:
+		return "learning on, want off"
+	case !vx.Proxy:
+		return "proxy off, want on"
+	case vx.VtepDevIndex != 0:
+		return fmt.Sprintf("bound to link %d, want unbound", vx.VtepDevIndex)
+	}
+	return ""
+}
+
+// ensureVXLAN makes the network's VXLAN device exist with the right VNI,
+// port and source, learning off and ARP/ND proxy on, enslaved to br and
+// up. A device with the wrong identity is replaced; MTU, master and up are
+// fixed in place. created reports whether this call created it.
+//
+// Equivalent to: `ip link add vx-0a1b type vxlan id 2587 local 192.0.2.11
+// dstport 4789 nolearning proxy && ip link set vx-0a1b alias consul-overlay
+// master vxbr-0a1b up`.
+func (m *Manager) ensureVXLAN(vni uint32, mtu int, br netlink.Link, ch *Changes) (vx netlink.Link, created bool, err error) {
+	name := VXLANName(vni)
+	vx, err = m.linkByName(name)
+	if err != nil {
+		return nil, false, err
+	}
+	if vx != nil {
+		if diff := m.vxlanMismatch(vx, vni); diff != "" {
+			m.log.Warn("replacing vxlan device", "link", name, "vni", vni, "difference", diff)
+			if err := m.deleteLink(vx); err != nil {
+				return nil, false, err
+			}
+			ch.Links++
+			vx = nil
+		}
+	}
+	if vx == nil {
+		if err := m.step("vxlan"); err != nil {
+			return nil, false, err
+		}
+		want := &netlink.Vxlan{
+			LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu},
+			VxlanId:   int(vni),
+			SrcAddr:   m.cfg.VTEP.AsSlice(),
+			Port:      m.cfg.Port,
+			Learning:  false,
+			Proxy:     true,
+		}
+		if m.cfg.VTEP.Is6() {
+			// Older kernels take the device's family from the group;
+			// "::" is no group and makes it IPv6 so v6 VTEPs are accepted.
+			want.Group = net.IPv6zero
+		}
+		if err := m.nl.LinkAdd(want); err != nil {
+			if errors.Is(err, unix.EEXIST) {
+				err = fmt.Errorf("%w (another vxlan device may hold vni %d on port %d)", err, vni, m.cfg.Port)
+			}
+			return nil, false, fmt.Errorf("create vxlan %q (vni %d): %w", name, vni, err)
+		}
+		ch.Links++
+		m.log.Debug("vxlan created", "link", name, "vni", vni, "vtep", m.cfg.VTEP, "port", m.cfg.Port)
+		if vx, err = m.linkByName(name); err != nil || vx == nil {
+			return nil, false, fmt.Errorf("create vxlan %q (vni %d): gone after creation: %w", name, vni, err)
+		}
+		created = true
+	}
+	if vx.Attrs().Alias != OwnerAlias {
+		if err := m.step("vxlan-alias"); err != nil {
+			return vx, created, err
+		}
+		if err := m.setAlias(vx); err != nil {
+			return vx, created, err
+		}
+		ch.LinkAttrs++
+	}
+	if vx.Attrs().MTU != mtu {
+		if err := m.setMTU(vx, mtu); err != nil {
+			return vx, created, err
+		}
+		ch.LinkAttrs++
+	}
+	if vx.Attrs().MasterIndex != br.Attrs().Index {
+		if err := m.step("vxlan-master"); err != nil {
+			return vx, created, err
+		}
+		if err := m.setMaster(vx, br); err != nil {
+			return vx, created, err
+		}
+		ch.LinkAttrs++
+	}
+	if !isUp(vx) {
+		if err := m.step("vxlan-up"); err != nil {
+			return vx, created, err
+		}
+		if err := m.setUp(vx); err != nil {
+			return vx, created, err
+		}
+		ch.LinkAttrs++
+	}
+	return vx, created, nil
+}
+
+// DeleteNetwork removes a network's endpoints' veth pairs, its VXLAN
+// device, its bridge and its firewall rules, and forgets its peers. It is
+// idempotent: a network that does not exist is success.
+func (m *Manager) DeleteNetwork(ctx context.Context, vni uint32) error {
+	if err := validVNI(vni); err != nil {
+		return fmt.Errorf("delete network: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var ch Changes
+	err := m.deleteNetwork(ctx, vni, &ch)
+	delete(m.peers, vni)
+	if ch.Total() > 0 {
+		m.log.Info("network deleted", "vni", vni, "changes", ch.Total())
+	}
+	return err
+}
+
+// deleteNetwork is DeleteNetwork with m.mu held. It carries on past
+// failures and joins them.
+//
+// Equivalent to: `ip link del vxh-… ; ip link del vx-0a1b ; ip link del
+// vxbr-0a1b` plus the iptables deletes.
+func (m *Manager) deleteNetwork(ctx context.Context, vni uint32, ch *Changes) error {
+	var errs []error
+	brName := BridgeName(vni)
+	br, err := m.linkByName(brName)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if br != nil {
+		links, err := m.linkList()
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, l := range links {
+			if l.Attrs().MasterIndex == br.Attrs().Index && hostNameRE.MatchString(l.Attrs().Name) {
+				if err := m.deleteLink(l); err != nil {
+					errs = append(errs, err)
+					continue
+				}
+				ch.Links++
+			}
+		}
+	}
+	for _, name := range []string{VXLANName(vni), brName} {
+		deleted, err := m.deleteLinkByName(name)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if deleted {
+			ch.Links++
+		}
+	}
+	k, err := m.fw.removeBridge(ctx, brName)
+	ch.Rules += k
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("delete network (vni %d): %w", vni, err)
+	}
+	return nil
+}

@@ -1,0 +1,163 @@
+package vxlan
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+)
+
+// Reconcile makes the kernel match desired, a full description of this
+// host's networks, endpoints and remote peers:
+//   - links with our exact names and our alias that desired does not
+//     mention are removed (endpoints first, then networks);
+//   - each desired network and endpoint is ensured; anything that already
+//     matches is left alone, so a running container loses no packet;
+//   - each network's neighbour and FDB entries become exactly those of its
+//     peers, and the peer set replaces the one AddPeer/DeletePeer built;
+//   - firewall rules of bridges that are not desired are removed, and the
+//     FORWARD jump is put back at the top.
+//
+// It carries on past failures, joins them into the error, and returns the
+// writes it made: a second call on an unchanged kernel returns zero
+// Changes.
+func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error) {
+	var errs []error
+	nets := map[uint32]Network{}
+	for _, n := range desired.Networks {
+		if err := validVNI(n.VNI); err != nil {
+			errs = append(errs, fmt.Errorf("network: %w", err))
+			continue
+		}
+		if _, dup := nets[n.VNI]; dup {
+			errs = append(errs, fmt.Errorf("network vni %d listed twice", n.VNI))
+			continue
+		}
+		nets[n.VNI] = n
+	}
+	eps := map[string]Endpoint{} // by endpointKey
+	for _, ep := range desired.Endpoints {
+		if err := m.checkEndpoint(ep); err != nil {
+			errs = append(errs, fmt.Errorf("endpoint: %w", err))
+			continue
+		}
+		if _, ok := nets[ep.VNI]; !ok {
+			errs = append(errs, fmt.Errorf("endpoint %s: network vni %d is not desired: %w", endpointKey(ep.ID), ep.VNI, ErrNotFound))
+			continue
+		}
+		eps[endpointKey(ep.ID)] = ep
+	}
+	peers := map[uint32]*peerSet{}
+	for _, p := range desired.Peers {
+		k, err := m.checkPeer(p)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("peer: %w", err))
+			continue
+		}
+		if peers[p.VNI] == nil {
+			peers[p.VNI] = newPeerSet()
+		}
+		peers[p.VNI].add(k)
+	}
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.peers = peers
+	var ch Changes
+
+	// Strays first: a stray device may hold a VNI or a name we need.
+	links, err := m.linkList()
+	if err != nil {
+		return ch, errors.Join(append(errs, err)...)
+	}
+	errs = append(errs, m.removeStrays(links, nets, eps, &ch)...)
+
+	if m.fw.enabled() {
+		k, err := m.fw.ensureBase(ctx)
+		ch.Rules += k
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	vnis := make([]uint32, 0, len(nets))
+	for vni := range nets {
+		vnis = append(vnis, vni)
+	}
+	slices.Sort(vnis)
+	for _, vni := range vnis {
+		if _, err := m.ensureNetwork(ctx, nets[vni], &ch); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, ep := range eps {
+		if _, err := m.ensureEndpoint(ep, &ch); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if m.fw.enabled() {
+		keep := map[string]bool{}
+		for vni := range nets {
+			keep[BridgeName(vni)] = true
+		}
+		k, err := m.fw.removeStale(ctx, keep)
+		ch.Rules += k
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if ch.Total() > 0 {
+		m.log.Info("kernel reconciled", "networks", len(nets), "endpoints", len(eps), "changes", fmt.Sprintf("%+v", ch))
+	}
+	return ch, errors.Join(errs...)
+}
+
+// removeStrays deletes links that carry both of our ownership marks (an
+// exact name and our alias) but belong to no desired network or endpoint.
+// A container end that Docker moved away is not in this namespace; it goes
+// with its host end.
+func (m *Manager) removeStrays(links []netlink.Link, nets map[uint32]Network, eps map[string]Endpoint, ch *Changes) []error {
+	var errs []error
+	del := func(l netlink.Link, why string) {
+		m.log.Info("removing stray link", "link", l.Attrs().Name, "reason", why)
+		if err := m.deleteLink(l); err != nil {
+			errs = append(errs, err)
+			return
+		}
+		ch.Links++
+	}
+	// Endpoints before networks, so no veth outlives its bridge.
+	for _, l := range links {
+		a := l.Attrs()
+		if a.Alias != OwnerAlias {
+			continue
+		}
+		for _, re := range []*regexp.Regexp{hostNameRE, contNameRE} {
+			mm := re.FindStringSubmatch(a.Name)
+			if mm == nil {
+				continue
+			}
+			if _, ok := eps[mm[1]]; !ok {
+				del(l, "endpoint not desired")
+			}
+		}
+	}
+	for _, l := range links {
+		a := l.Attrs()
+		if a.Alias != OwnerAlias {
+			continue
+		}
+		for _, re := range []*regexp.Regexp{vxlanNameRE, bridgeNameRE} {
+			vni, ok := vniFromName(re, a.Name)
+			if !ok {
+				continue
+			}
+			if _, want := nets[vni]; !want {
+				del(l, "network not desired")
+			}
+		}
+	}
+	return errs
+}

@@ -1,0 +1,252 @@
+package vxlan
+
+import (
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestOverlayMTU(t *testing.T) {
+	tests := []struct {
+		name     string
+		underlay int
+		v6       bool
+		override int
+		want     int
+	}{
+		{"ipv4 underlay", 1500, false, 0, 1450},
+		{"ipv6 underlay", 1500, true, 0, 1430},
+		{"ipv4 jumbo", 9000, false, 0, 8950},
+		{"ipv6 jumbo", 9000, true, 0, 8930},
+		{"cloud 1460", 1460, false, 0, 1410},
+		{"override honoured", 1500, false, 1400, 1400},
+		{"override above derived", 9000, true, 1500, 1500},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := OverlayMTU(tt.underlay, tt.v6, tt.override); got != tt.want {
+				t.Errorf("OverlayMTU(%d, v6=%v, %d) = %d, want %d", tt.underlay, tt.v6, tt.override, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestMACFromIP(t *testing.T) {
+	tests := []struct {
+		ip   string
+		want string
+	}{
+		{"10.10.0.2", "02:42:0a:0a:00:02"},
+		{"192.168.255.1", "02:42:c0:a8:ff:01"},
+		{"::ffff:10.0.0.1", "02:42:0a:00:00:01"},
+	}
+	for _, tt := range tests {
+		if got := MACFromIP(netip.MustParseAddr(tt.ip)).String(); got != tt.want {
+			t.Errorf("MACFromIP(%s) = %s, want %s", tt.ip, got, tt.want)
+		}
+	}
+	a := MACFromIP(netip.MustParseAddr("fd00::2"))
+	b := MACFromIP(netip.MustParseAddr("fd00::2"))
+	c := MACFromIP(netip.MustParseAddr("fd00::3"))
+	if a.String() != b.String() {
+		t.Errorf("IPv6 MAC not stable: %s, %s", a, b)
+	}
+	if a.String() == c.String() {
+		t.Errorf("fd00::2 and fd00::3 share MAC %s", a)
+	}
+	if err := validUnicastMAC(a); err != nil {
+		t.Errorf("IPv6 MAC %s: %v", a, err)
+	}
+	if a[0]&2 == 0 || strings.HasPrefix(a.String(), "02:42") {
+		t.Errorf("IPv6 MAC %s: want locally administered and outside 02:42", a)
+	}
+	if MACFromIP(netip.Addr{}) != nil {
+		t.Error("MACFromIP(invalid) != nil")
+	}
+}
+
+func TestNames(t *testing.T) {
+	id := "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	tests := []struct{ got, want string }{
+		{VXLANName(0xabc), "vx-000abc"},
+		{BridgeName(MaxVNI), "vxbr-ffffff"},
+		{HostIfName(id), "vxh-0123456789"},
+		{ContainerIfName(id), "vxc-0123456789"},
+	}
+	for _, tt := range tests {
+		if tt.got != tt.want {
+			t.Errorf("name %q, want %q", tt.got, tt.want)
+		}
+		if len(tt.got) > 15 {
+			t.Errorf("name %q longer than 15", tt.got)
+		}
+	}
+	// Our patterns never match Docker's links or near misses.
+	for _, name := range []string{"br-0123456789ab", "veth1234567", "vx-000abc-12345", "vx-00ABC1", "vxbr-0001", "docker0", "vxh-012345678", "vxc-0123456789a"} {
+		for _, re := range []interface{ MatchString(string) bool }{vxlanNameRE, bridgeNameRE, hostNameRE, contNameRE} {
+			if re.MatchString(name) {
+				t.Errorf("%q matches one of our patterns", name)
+			}
+		}
+	}
+	if v, ok := vniFromName(bridgeNameRE, "vxbr-00beef"); !ok || v != 0xbeef {
+		t.Errorf("vniFromName = %d, %v", v, ok)
+	}
+	for _, bad := range []string{"", "short", "0123/56789ab", "01234 6789ab"} {
+		if validEndpointID(bad) == nil {
+			t.Errorf("endpoint id %q accepted", bad)
+		}
+	}
+	for _, bad := range []uint32{0, MaxVNI + 1} {
+		if validVNI(bad) == nil {
+			t.Errorf("vni %d accepted", bad)
+		}
+	}
+}
+
+// unitManager is a Manager for checks that never reach the kernel.
+func unitManager(t *testing.T, vtep string) *Manager {
+	t.Helper()
+	m, err := NewWithHandle(Config{VTEP: netip.MustParseAddr(vtep), UnderlayMTU: 1500, IPTables: "-", IP6Tables: "-", Sysctl: "-"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func TestPeerValidation(t *testing.T) {
+	m := unitManager(t, "192.0.2.1")
+	mac := net.HardwareAddr{2, 0x42, 10, 0, 0, 2}
+	good := Peer{VNI: 7, IP: netip.MustParseAddr("10.0.0.2"), MAC: mac, VTEP: netip.MustParseAddr("192.0.2.2")}
+	if _, err := m.checkPeer(good); err != nil {
+		t.Fatalf("good peer: %v", err)
+	}
+	tests := []struct {
+		name string
+		mod  func(p *Peer)
+	}{
+		{"no vni", func(p *Peer) { p.VNI = 0 }},
+		{"no ip", func(p *Peer) { p.IP = netip.Addr{} }},
+		{"short mac", func(p *Peer) { p.MAC = mac[:4] }},
+		{"multicast mac", func(p *Peer) { p.MAC = net.HardwareAddr{1, 0, 0x5e, 0, 0, 1} }},
+		{"zero mac", func(p *Peer) { p.MAC = make(net.HardwareAddr, 6) }},
+		{"no vtep", func(p *Peer) { p.VTEP = netip.Addr{} }},
+		{"ipv6 vtep on ipv4 underlay", func(p *Peer) { p.VTEP = netip.MustParseAddr("2001:db8::2") }},
+		{"own vtep", func(p *Peer) { p.VTEP = netip.MustParseAddr("192.0.2.1") }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := good
+			tt.mod(&p)
+			if _, err := m.checkPeer(p); err == nil {
+				t.Fatalf("peer %+v accepted", p)
+			}
+			if err := m.AddPeer(t.Context(), p); err == nil {
+				t.Fatalf("AddPeer(%+v) succeeded", p)
+			}
+		})
+	}
+}
+
+func TestPeerSet(t *testing.T) {
+	ip := netip.MustParseAddr("10.0.0.4")
+	v1, v2 := netip.MustParseAddr("192.0.2.2"), netip.MustParseAddr("192.0.2.3")
+	m1, m2 := [6]byte{2, 0, 0, 0, 0, 1}, [6]byte{2, 0, 0, 0, 0, 2}
+	s := newPeerSet()
+	a := peerKey{ip: ip, mac: m1, vtep: v1}
+	b := peerKey{ip: ip, mac: m2, vtep: v2}
+	if !s.add(a) || s.add(a) {
+		t.Fatal("add: first true, second false expected")
+	}
+	s.add(b)
+	if mac, _ := s.neighFor(ip); mac != m2 {
+		t.Errorf("duplicate IP: latest peer should win, got %x", mac)
+	}
+	s.remove(b)
+	if mac, _ := s.neighFor(ip); mac != m1 {
+		t.Errorf("after removing the latest, the earlier peer should take over, got %x", mac)
+	}
+	if !s.hasVTEP(v1) || s.hasVTEP(v2) {
+		t.Error("vtep refcount wrong")
+	}
+	s.remove(a)
+	if len(s.peers)+len(s.byIP)+len(s.byMAC)+len(s.vteps) != 0 {
+		t.Errorf("set not empty after removing all: %+v", s)
+	}
+	if s.remove(a) {
+		t.Error("second remove reported true")
+	}
+}
+
+func TestRaiseGCThresh(t *testing.T) {
+	root := t.TempDir()
+	write := func(key, val string) {
+		p := filepath.Join(root, key)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(val+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("net/ipv4/neigh/default/gc_thresh1", "128")
+	write("net/ipv4/neigh/default/gc_thresh2", "512")
+	write("net/ipv4/neigh/default/gc_thresh3", "100000") // higher than ours: kept
+	// ipv6 files absent: skipped.
+	raiseGCThresh(root, slog.New(slog.DiscardHandler))
+	want := map[string]string{
+		"net/ipv4/neigh/default/gc_thresh1": "8192",
+		"net/ipv4/neigh/default/gc_thresh2": "49152",
+		"net/ipv4/neigh/default/gc_thresh3": "100000",
+	}
+	for k, v := range want {
+		b, err := os.ReadFile(filepath.Join(root, k))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.TrimSpace(string(b)); got != v {
+			t.Errorf("%s = %s, want %s", k, got, v)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, "net/ipv6/neigh/default/gc_thresh3")); err == nil {
+		t.Error("created a sysctl that did not exist")
+	}
+}
+
+func TestFirewallCommands(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	script := func(name, body string) string {
+		p := filepath.Join(t.TempDir(), name)
+		if err := os.WriteFile(p, []byte("#!/bin/sh\n"+body+"\n"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	works, broken := script("iptables", "exit 0"), script("ip6tables", "echo cannot initialize >&2; exit 3")
+	tests := []struct {
+		name      string
+		ipt, ip6t string
+		want      []string
+	}{
+		{"both disabled", "-", "-", nil},
+		{"missing command", "/nonexistent/iptables", "-", nil},
+		{"configured path", works, "-", []string{works}},
+		{"unusable command skipped", works, broken, []string{works}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFirewall(log, tt.ipt, tt.ip6t)
+			if !slices.Equal(f.bins, tt.want) {
+				t.Errorf("commands %v, want %v", f.bins, tt.want)
+			}
+			if f.enabled() != (len(tt.want) > 0) {
+				t.Errorf("enabled %v", f.enabled())
+			}
+		})
+	}
+}
