@@ -243,3 +243,10 @@ func (m *Manager) step(name string) error {
 func (m *Manager) networkMTU(n Network) int {
 	return OverlayMTU(m.mtu, m.cfg.VTEP.Is6(), n.MTU)
 }
+
+// MaxMTU is the largest overlay MTU the underlay carries without
+// fragmenting: the underlay's MTU minus the VXLAN overhead. It is also the
+// MTU of a network that does not override it.
+func (m *Manager) MaxMTU() int {
+	return OverlayMTU(m.mtu, m.cfg.VTEP.Is6(), 0)
+}

@@ -1,0 +1,152 @@
+package driver
+
+import (
+	"fmt"
+	"net/netip"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/docker/go-plugins-helpers/network"
+)
+
+// Option keys Docker puts in CreateNetwork's Options map.
+const (
+	optGeneric    = "com.docker.network.generic"
+	optEnableIPv6 = "com.docker.network.enable_ipv6"
+	optInternal   = "com.docker.network.internal"
+	optDockerMTU  = "com.docker.network.driver.mtu"
+)
+
+// The -o options consul-overlay takes.
+const (
+	optName = "name"
+	optVNI  = "vni"
+	optMTU  = "mtu"
+)
+
+// Limits for user-supplied values.
+const (
+	maxVNI = 1<<24 - 1
+	// minMTU is the smallest overlay MTU accepted: IPv6 needs 1280; for an
+	// IPv4-only network 576 is the classic minimum datagram size.
+	minMTUv4 = 576
+	minMTUv6 = 1280
+)
+
+// networkOptions is CreateNetwork's request, validated.
+type networkOptions struct {
+	name     string
+	vni      uint32 // 0: allocate
+	mtu      int    // 0: derive from the underlay
+	internal bool
+	ipv6     bool
+	generic  map[string]string
+	subnets  []netip.Prefix // IPv4 first, as Docker sends them
+	gateways []netip.Prefix
+	spaces   []string // IPAM address spaces, one per subnet
+}
+
+// parseNetworkOptions validates CreateNetwork's options and IPAM data. Any
+// unknown -o option is an error: a typo must not be silently ignored.
+func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, error) {
+	o := &networkOptions{generic: map[string]string{}}
+	if v, ok := req.Options[optGeneric]; ok && v != nil {
+		m, ok := v.(map[string]interface{})
+		if !ok {
+			return nil, fmt.Errorf("option %s: want an object of strings, got %T", optGeneric, v)
+		}
+		for k, val := range m {
+			s, ok := val.(string)
+			if !ok {
+				return nil, fmt.Errorf("option %q: want a string value, got %T", k, val)
+			}
+			o.generic[k] = s
+		}
+	}
+	o.internal = boolOption(req.Options[optInternal])
+	o.ipv6 = boolOption(req.Options[optEnableIPv6])
+
+	var unknown []string
+	for k, v := range o.generic {
+		switch k {
+		case optName:
+			o.name = v
+		case optVNI:
+			n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 32)
+			if err != nil || n < 1 || n > maxVNI {
+				return nil, fmt.Errorf("option vni=%q: want a number from 1 to %d", v, maxVNI)
+			}
+			o.vni = uint32(n)
+		case optMTU, optDockerMTU:
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil || n <= 0 {
+				return nil, fmt.Errorf("option %s=%q: want a positive number of bytes", k, v)
+			}
+			if o.mtu != 0 && o.mtu != n {
+				return nil, fmt.Errorf("options mtu and %s disagree (%d and %d): give one", optDockerMTU, o.mtu, n)
+			}
+			o.mtu = n
+		default:
+			unknown = append(unknown, k)
+		}
+	}
+	if len(unknown) > 0 {
+		sort.Strings(unknown)
+		return nil, fmt.Errorf("unknown option %s: consul-overlay takes -o name=, vni=, mtu= (or %s)", strings.Join(unknown, ", "), optDockerMTU)
+	}
+
+	for _, list := range [][]*network.IPAMData{req.IPv4Data, req.IPv6Data} {
+		for _, d := range list {
+			if d == nil || d.Pool == "" {
+				continue
+			}
+			p, err := netip.ParsePrefix(d.Pool)
+			if err != nil {
+				return nil, fmt.Errorf("ipam pool %q: %v", d.Pool, err)
+			}
+			o.subnets = append(o.subnets, p.Masked())
+			o.spaces = append(o.spaces, d.AddressSpace)
+			if d.Gateway != "" {
+				g, err := netip.ParsePrefix(d.Gateway)
+				if err != nil {
+					return nil, fmt.Errorf("ipam gateway %q of pool %s: %v", d.Gateway, d.Pool, err)
+				}
+				o.gateways = append(o.gateways, g)
+			}
+		}
+	}
+	if o.mtu != 0 {
+		min := minMTUv4
+		for _, s := range o.subnets {
+			if s.Addr().Is6() {
+				min = minMTUv6
+			}
+		}
+		if o.mtu < min {
+			return nil, fmt.Errorf("option mtu=%d: below the minimum of %d for this network", o.mtu, min)
+		}
+	}
+	return o, nil
+}
+
+// boolOption reads a boolean Docker option, which arrives as a JSON bool or
+// sometimes as a string. Absent is false.
+func boolOption(v interface{}) bool {
+	switch b := v.(type) {
+	case bool:
+		return b
+	case string:
+		r, _ := strconv.ParseBool(b)
+		return r
+	}
+	return false
+}
+
+func prefixStrings(ps []netip.Prefix) []string {
+	out := make([]string, len(ps))
+	for i, p := range ps {
+		out[i] = p.String()
+	}
+	return out
+}

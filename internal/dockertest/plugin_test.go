@@ -1,0 +1,333 @@
+package dockertest
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"consul-overlay/internal/testenv"
+)
+
+// TestDockerManagedPlugin packages consul-overlay with `make plugin`,
+// enables it in the real engine (embedded store: no Consul), creates a
+// network with it as network and IPAM driver, runs two busybox containers
+// on it and checks that they reach each other, the network's gateway, the
+// outside world and that -p works; then it removes everything and checks
+// that no consul-overlay link or iptables rule is left on the host.
+func TestDockerManagedPlugin(t *testing.T) {
+	Require(t)
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+
+	requireBusybox(t)
+	if err := BuildBusybox(ctx, root); err != nil {
+		t.Fatalf("make busybox-image: %v", err)
+	}
+
+	before, err := HostLinks(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A plugin of our own, so an installed consul-overlay:latest is left
+	// alone, with its own data directory (the embedded store is locked by
+	// whichever plugin opened it).
+	ref := UniqueName("consul-overlay-dockertest:t")
+	buildDir, dataDir := t.TempDir(), t.TempDir()
+	start := time.Now()
+	if err := BuildPlugin(ctx, root, ref, buildDir); err != nil {
+		t.Fatalf("make plugin: %v", err)
+	}
+	t.Logf("make plugin %s: %s", ref, time.Since(start).Round(time.Millisecond))
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		Docker(ctx, "plugin", "disable", "-f", ref)
+		Docker(ctx, "plugin", "rm", "-f", ref)
+	})
+	id, err := Docker(ctx, "plugin", "inspect", "-f", "{{.Id}}", ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	netName := UniqueName("codt-")
+	c1, c2 := netName+"-c1", netName+"-c2"
+	// Runs before the removals registered above (cleanups run last first),
+	// so the plugin can still be inspected.
+	t.Cleanup(func() {
+		if t.Failed() {
+			dump(t, ref, id, netName, c1, c2)
+		}
+	})
+
+	if _, err := Docker(ctx, "plugin", "set", ref, "data.source="+dataDir, "LOG_LEVEL=debug"); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	if _, err := Docker(ctx, "plugin", "enable", "--timeout", "30", ref); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("docker plugin enable: %s", time.Since(start).Round(time.Millisecond))
+
+	// A managed plugin's driver names carry the tag: -d NAME:TAG.
+	third := 1 + rand.IntN(254)
+	subnet := netip.MustParsePrefix(fmt.Sprintf("10.123.%d.0/24", third))
+	gateway := netip.AddrFrom4([4]byte{10, 123, byte(third), 1})
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		Docker(ctx, "rm", "-f", c1, c2)
+		Docker(ctx, "network", "rm", netName)
+	})
+	if _, err := Docker(ctx, "network", "create", "-d", ref, "--ipam-driver", ref,
+		"--subnet", subnet.String(), netName); err != nil {
+		t.Fatal(err)
+	}
+
+	port := freePort(t)
+	if _, err := Docker(ctx, "run", "-d", "--name", c1, "--network", netName,
+		"-p", fmt.Sprintf("127.0.0.1:%d:80", port),
+		BusyboxImage, "httpd", "-f", "-p", "80", "-h", "/www"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Docker(ctx, "run", "-d", "--name", c2, "--network", netName,
+		BusyboxImage, "sleep", "3600"); err != nil {
+		t.Fatal(err)
+	}
+	ip1, ip2 := containerIP(t, c1, netName), containerIP(t, c2, netName)
+	for _, ip := range []netip.Addr{ip1, ip2} {
+		if !subnet.Contains(ip) || ip == gateway {
+			t.Fatalf("container address %s: want one from %s other than the gateway %s", ip, subnet, gateway)
+		}
+	}
+	if ip1 == ip2 {
+		t.Fatalf("both containers got %s", ip1)
+	}
+
+	up, err := HostLinks(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ours []string
+	for l := range up {
+		if !before[l] {
+			ours = append(ours, l)
+		}
+	}
+	slices.Sort(ours)
+	t.Logf("host links the plugin created: %v", ours)
+	if len(ours) == 0 {
+		t.Errorf("no new host link named %v while the network has two containers", LinkPrefixes)
+	}
+	// The plugin's FORWARD rules name its bridge; seeing them here shows
+	// that the rootfs's iptables works and that the check after teardown
+	// looks at the right thing.
+	if rules, err := RulesMentioning(ctx, ours); err != nil {
+		t.Error(err)
+	} else if len(rules) == 0 {
+		t.Errorf("no iptables rule names one of %v while the network is up", ours)
+	}
+
+	pings := []struct {
+		name, from, to string
+	}{
+		{"c1 to c2 by address", c1, ip2.String()},
+		{"c2 to c1 by address", c2, ip1.String()},
+		{"c2 to c1 by name", c2, c1},
+		{"c1 to the gateway", c1, gateway.String()},
+		{"c2 to the gateway", c2, gateway.String()},
+	}
+	for _, p := range pings {
+		t.Run(p.name, func(t *testing.T) {
+			if err := ping(ctx, p.from, p.to); err != nil {
+				t.Errorf("ping %s from %s within 15 s: %v", p.to, p.from, err)
+			}
+		})
+	}
+	t.Run("outbound", func(t *testing.T) {
+		out, err := run(ctx, "", nil, "ip", "-4", "route", "show", "default")
+		f := strings.Fields(out)
+		if err != nil || len(f) < 3 || f[1] != "via" {
+			t.Fatalf("the host has no IPv4 default gateway to ping: %q %v", out, err)
+		}
+		if _, err := run(ctx, "", nil, "ping", "-c", "1", "-W", "2", f[2]); err != nil {
+			testenv.Missing(t, "a default gateway the host can ping", fmt.Sprintf("ping %s: %v", f[2], err))
+		}
+		if err := ping(ctx, c2, f[2]); err != nil {
+			t.Errorf("ping the host's default gateway %s from %s within 15 s: %v", f[2], c2, err)
+		}
+	})
+	t.Run("published port", func(t *testing.T) {
+		url := fmt.Sprintf("http://127.0.0.1:%d/", port)
+		err := Eventually(ctx, 15*time.Second, func(ctx context.Context) error {
+			body, err := get(ctx, url)
+			if err != nil {
+				return err
+			}
+			if got, want := strings.TrimSpace(body), "consul-overlay-test"; got != want {
+				return fmt.Errorf("GET %s: body %q, want %q", url, got, want)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Errorf("-p 127.0.0.1:%d:80 to %s within 15 s: %v", port, c1, err)
+		}
+	})
+
+	// Teardown, checked: containers and network first, then the plugin.
+	if _, err := Docker(ctx, "rm", "-f", c1, c2); err != nil {
+		t.Error(err)
+	}
+	if _, err := Docker(ctx, "network", "rm", netName); err != nil {
+		t.Error(err)
+	}
+	assertGone(t, "after docker network rm", before, ours)
+	if _, err := Docker(ctx, "plugin", "disable", ref); err != nil {
+		t.Error(err)
+	}
+	if _, err := Docker(ctx, "plugin", "rm", ref); err != nil {
+		t.Error(err)
+	}
+	assertGone(t, "after docker plugin disable and rm", before, ours)
+	if out, err := Docker(ctx, "plugin", "ls", "--format", "{{.Name}}"); err != nil || slices.Contains(strings.Fields(out), ref) {
+		t.Errorf("plugin %s still listed after rm: %q %v", ref, out, err)
+	}
+}
+
+// assertGone checks that none of the links is left, nor any other link with
+// a consul-overlay prefix that was not there before the test, nor an
+// iptables rule that names one of them.
+func assertGone(t *testing.T, when string, before map[string]bool, ours []string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	now, err := HostLinks(ctx)
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	var left []string
+	for l := range now {
+		if !before[l] || slices.Contains(ours, l) {
+			left = append(left, l)
+		}
+	}
+	slices.Sort(left)
+	if len(left) > 0 {
+		t.Errorf("%s: host links left: %v", when, left)
+	}
+	rules, err := RulesMentioning(ctx, slices.Concat(ours, left))
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	if len(rules) > 0 {
+		t.Errorf("%s: iptables rules left that name removed links:\n%s", when, strings.Join(rules, "\n"))
+	}
+}
+
+// ping pings to from inside container from, retrying for 15 s (the first
+// packets may race the ARP exchange).
+func ping(ctx context.Context, from, to string) error {
+	return Eventually(ctx, 15*time.Second, func(ctx context.Context) error {
+		_, err := Docker(ctx, "exec", from, "ping", "-c", "1", "-W", "2", to)
+		return err
+	})
+}
+
+// get fetches url with a 5 s limit and returns the body.
+func get(ctx context.Context, url string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return string(b), nil
+}
+
+// containerIP is the container's IPv4 address on network.
+func containerIP(t *testing.T, container, network string) netip.Addr {
+	t.Helper()
+	out, err := Docker(t.Context(), "inspect", "-f",
+		fmt.Sprintf(`{{(index .NetworkSettings.Networks %q).IPAddress}}`, network), container)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip, err := netip.ParseAddr(out)
+	if err != nil {
+		t.Fatalf("address of %s on %s: %q: %v", container, network, out, err)
+	}
+	return ip
+}
+
+// freePort is a TCP port on 127.0.0.1 that nothing listens on now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// requireBusybox stops the test unless Debian's busybox is installed
+// (make busybox-image checks that it is the static one).
+func requireBusybox(t *testing.T) {
+	t.Helper()
+	for _, p := range []string{"/bin/busybox", "/usr/bin/busybox"} {
+		if _, err := exec.LookPath(p); err == nil {
+			return
+		}
+	}
+	testenv.Missing(t, "busybox (static)", "apt-get install busybox-static")
+}
+
+// dump logs what helps to understand a failure: the plugin's settings and
+// output, the network, the containers and the host's links and rules.
+func dump(t *testing.T, ref, id, netName string, containers ...string) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	show := func(name string, args ...string) {
+		out, err := run(ctx, "", nil, name, args...)
+		if err != nil {
+			out += "\n" + err.Error()
+		}
+		t.Logf("--- %s %s\n%s", name, strings.Join(args, " "), out)
+	}
+	show("docker", "plugin", "inspect", ref)
+	t.Logf("--- plugin output\n%s", PluginLog(id))
+	show("docker", "network", "inspect", netName)
+	for _, c := range containers {
+		show("docker", "inspect", "-f", "{{.State.Status}} {{.State.Error}} {{json .NetworkSettings.Networks}}", c)
+		show("docker", "logs", "--tail", "20", c)
+	}
+	show("ip", "-o", "link", "show")
+	show("ip", "-4", "-o", "addr", "show")
+	show("iptables-save")
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# plugin-rootfs.sh BINARY DIR
+#
+# Assembles the root filesystem of the consul-overlay managed plugin in DIR
+# (the build context of the Dockerfile, which copies it into a FROM scratch
+# image): the static plugin binary as /consul-overlay, plus a working
+# iptables/ip6tables taken from this host, because the data plane execs them
+# to program FORWARD rules in the host namespace.
+#
+# iptables is the nf_tables variant (xtables-nft-multi), as on Debian 12
+# where the host's iptables and dockerd use it too; it is copied with the
+# shared libraries ldd names and the whole xtables extension directory.
+# The nft variant takes no lock file (-w is accepted and ignored), so the
+# plugin needs no /run/xtables.lock from the host.
+set -euo pipefail
+
+if (($# != 2)); then
+	echo "usage: $0 PLUGIN_BINARY OUTPUT_DIR" >&2
+	exit 2
+fi
+bin=$1
+out=$2
+
+die() { echo "plugin-rootfs: $*" >&2; exit 1; }
+
+[[ -x $bin ]] || die "plugin binary $bin missing: run make build"
+if ldd "$bin" >/dev/null 2>&1; then
+	die "$bin is dynamically linked: build it with CGO_ENABLED=0"
+fi
+
+multi=/usr/sbin/xtables-nft-multi
+[[ -x $multi ]] || die "$multi missing: apt-get install iptables"
+# The extension dir compiled into Debian's iptables (XTABLES_LIBDIR); the
+# same path in the rootfs, since /lib and /usr/lib are not merged there.
+multiarch=$(basename "$(dirname "$(ldd "$multi" | awk '/libxtables/ {print $3}')")")
+xtdir=/usr/lib/$multiarch/xtables
+[[ -d $xtdir ]] || die "xtables extension directory $xtdir not found"
+
+rm -rf "$out"
+mkdir -p "$out"
+cd "$out"
+
+# Directories the plugin runtime needs: the socket dir (Docker mounts its
+# per-plugin dir there), DATA_DIR's mount target, /tmp, and the mount points
+# of the bind mounts in config.json.
+mkdir -p run/docker/plugins var/lib/consul-overlay tmp etc usr/sbin \
+	var/run/docker/netns proc sys dev
+chmod 1777 tmp
+
+install -m 0755 "$bin" consul-overlay
+
+# copy_libs FILE...: copies every shared library ldd resolves for each file
+# to the same path under $out (symlinks followed, so the rootfs does not
+# depend on the host's /lib -> /usr/lib merge).
+copy_libs() {
+	local f lib
+	for f in "$@"; do
+		while read -r lib; do
+			[[ -e .$lib ]] || cp -L --parents "$lib" .
+		done < <(ldd "$f" 2>/dev/null | grep -oE '/[^ ]+' | sort -u)
+	done
+}
+
+cp -L --parents "$multi" .
+# The whole extension dir, symlinks kept (libxt_NOTRACK.so -> libxt_CT.so).
+mkdir -p ".$xtdir"
+cp -a "$xtdir"/. ".$xtdir"/
+copy_libs "$multi" "$xtdir"/*.so
+
+for name in iptables ip6tables iptables-save ip6tables-save iptables-restore ip6tables-restore; do
+	ln -sf xtables-nft-multi "usr/sbin/$name"
+done
+# Protocol names for -p and for printing rules.
+[[ -f /etc/protocols ]] && cp /etc/protocols etc/protocols
+
+echo "plugin-rootfs: assembled $(du -sh . | cut -f1) in $out"
