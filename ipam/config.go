@@ -1,0 +1,154 @@
+package ipam
+
+import (
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+)
+
+// Names of the two address spaces this driver serves. They are stable:
+// they are part of every PoolID, and PoolIDs are persisted by Docker.
+const (
+	LocalAddressSpace  = "ConsulOverlayLocal"
+	GlobalAddressSpace = "ConsulOverlayGlobal"
+)
+
+// Option keys Docker sends in RequestAddress options.
+const (
+	// RequestAddressTypeOption marks the gateway request
+	// (ipamapi.RequestAddressType in libnetwork).
+	RequestAddressTypeOption = "RequestAddressType"
+	// GatewayAddressType is the value of RequestAddressTypeOption for the
+	// network's gateway.
+	GatewayAddressType = "com.docker.network.gateway"
+	// EndpointNameOption carries the endpoint's name (Docker v29 and later).
+	EndpointNameOption = "com.docker.network.endpoint.name"
+	// MACAddressOption carries the endpoint's MAC when the driver reports
+	// RequiresMACAddress.
+	MACAddressOption = "com.docker.network.endpoint.macaddress"
+)
+
+// Limits on pool sizes.
+const (
+	// MinPrefixLenV4 is the shortest IPv4 prefix accepted: /8. Larger pools
+	// are refused; nothing here needs more, and a /8 is already 16M
+	// addresses.
+	MinPrefixLenV4 = 8
+	// MaxPrefixLenV4 is the longest IPv4 prefix accepted: a /30 has two
+	// usable addresses (a /31 or /32 has none once the network and
+	// broadcast addresses are excluded).
+	MaxPrefixLenV4 = 30
+	// MinPrefixLenV6 is the shortest IPv6 prefix accepted: /32.
+	MinPrefixLenV6 = 32
+	// MaxPrefixLenV6 is the longest IPv6 prefix accepted: a /127 has one
+	// usable address (the subnet-router anycast address is excluded).
+	MaxPrefixLenV6 = 127
+)
+
+// Defaults for the zero values of Config.
+var (
+	DefaultPoolV4 = netip.MustParsePrefix("10.200.0.0/16")
+	DefaultPoolV6 = netip.MustParsePrefix("fd69:6f76:6572::/48")
+)
+
+const (
+	DefaultPoolV4Size = 24
+	DefaultPoolV6Size = 64
+	DefaultTimeout    = 5 * time.Second
+)
+
+// Config configures a Driver. Each zero value means the default named.
+type Config struct {
+	// Node is this host's identity in the store (required): it is recorded
+	// as the holder of pools and addresses. Use the Consul node name.
+	Node string
+	// DefaultPoolV4 is the range automatic IPv4 pools are cut from.
+	// Zero: 10.200.0.0/16.
+	DefaultPoolV4 netip.Prefix
+	// DefaultPoolV4Size is the prefix length of automatic IPv4 pools.
+	// Zero: 24.
+	DefaultPoolV4Size int
+	// DefaultPoolV6 is the range automatic IPv6 pools are cut from.
+	// Zero: fd69:6f76:6572::/48 (ULA).
+	DefaultPoolV6 netip.Prefix
+	// DefaultPoolV6Size is the prefix length of automatic IPv6 pools.
+	// Zero: 64.
+	DefaultPoolV6Size int
+	// Timeout bounds each plugin call (RequestPool, RequestAddress...), which
+	// carry no context of their own. Zero: 5s.
+	Timeout time.Duration
+	// NoMACAddress, when false (the zero value), makes GetCapabilities
+	// report RequiresMACAddress: Docker then sends every endpoint's MAC with
+	// its address request. Engines older than v29 send nothing else that
+	// tells a container's --ip request apart from an --aux-address request,
+	// and the two need different rules (an aux address is shared by every
+	// host of the network, a container's address is exclusive). Docker
+	// generates a random MAC when the user gave none, so the network driver
+	// then receives Interface.MacAddress set and must not return one. Set
+	// NoMACAddress to leave MACs to the network driver; an explicit address
+	// without endpoint name or MAC is then treated as a shared reservation.
+	NoMACAddress bool
+	// Logger receives debug lines for each store write. Zero: slog.Default().
+	Logger *slog.Logger
+}
+
+func (c Config) withDefaults() (Config, error) {
+	if c.Node == "" {
+		return c, fmt.Errorf("ipam config: node name is required: %w", ErrInvalidRequest)
+	}
+	if !c.DefaultPoolV4.IsValid() {
+		c.DefaultPoolV4 = DefaultPoolV4
+	}
+	if c.DefaultPoolV4Size == 0 {
+		c.DefaultPoolV4Size = DefaultPoolV4Size
+	}
+	if !c.DefaultPoolV6.IsValid() {
+		c.DefaultPoolV6 = DefaultPoolV6
+	}
+	if c.DefaultPoolV6Size == 0 {
+		c.DefaultPoolV6Size = DefaultPoolV6Size
+	}
+	if c.Timeout == 0 {
+		c.Timeout = DefaultTimeout
+	}
+	if c.Timeout < 0 {
+		return c, fmt.Errorf("ipam config: negative timeout %s: %w", c.Timeout, ErrInvalidRequest)
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	c.DefaultPoolV4 = c.DefaultPoolV4.Masked()
+	c.DefaultPoolV6 = c.DefaultPoolV6.Masked()
+	if err := checkDefaultRange(c.DefaultPoolV4, c.DefaultPoolV4Size, false); err != nil {
+		return c, err
+	}
+	if err := checkDefaultRange(c.DefaultPoolV6, c.DefaultPoolV6Size, true); err != nil {
+		return c, err
+	}
+	return c, nil
+}
+
+func checkDefaultRange(r netip.Prefix, size int, v6 bool) error {
+	fam := ipFamily(v6)
+	if r.Addr().Is6() != v6 || r.Addr().Is4In6() {
+		return fmt.Errorf("ipam config: default %s range %s has the wrong address family: %w", fam, r, ErrInvalidRequest)
+	}
+	lo, hi := prefixLimits(v6)
+	if size < lo || size > hi {
+		return fmt.Errorf("ipam config: default %s pool size /%d outside /%d../%d: %w", fam, size, lo, hi, ErrInvalidRequest)
+	}
+	if size < r.Bits() {
+		return fmt.Errorf("ipam config: default %s pool size /%d larger than its range %s: %w", fam, size, r, ErrInvalidRequest)
+	}
+	return nil
+}
+
+// prefixLimits returns the shortest and longest prefix length accepted for a
+// pool of the family.
+func prefixLimits(v6 bool) (minLen, maxLen int) {
+	if v6 {
+		return MinPrefixLenV6, MaxPrefixLenV6
+	}
+	return MinPrefixLenV4, MaxPrefixLenV4
+}
