@@ -1,0 +1,241 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+)
+
+// Config is the daemon's validated configuration. Every field comes from an
+// environment variable of the same name (the managed plugin's settings).
+type Config struct {
+	Socket    string // SOCKET: where to listen
+	DataDir   string // DATA_DIR: embedded store and the persisted node name
+	Node      string // NODE_NAME: "" means the Consul agent's node name, else the hostname
+	VTEP      netip.Addr
+	VTEPIface string // VTEP_INTERFACE: take VTEP from this link
+	VXLANPort int    // VXLAN_PORT
+	KVPrefix  string // KV_PREFIX
+	LogLevel  slog.Level
+	LogFormat string // LOG_FORMAT: text or json
+	// SysctlRoot is where the host's /proc/sys is (SYSCTL_ROOT; the managed
+	// plugin's own /proc/sys is read-only). "" means /proc/sys.
+	SysctlRoot string
+
+	// IPAM defaults for networks created without --subnet.
+	PoolV4, PoolV6         netip.Prefix
+	PoolV4Size, PoolV6Size int
+}
+
+// Defaults for settings left empty.
+const (
+	defaultSocket  = "/run/docker/plugins/consul-overlay.sock"
+	defaultDataDir = "/var/lib/consul-overlay"
+	defaultPort    = 4789
+)
+
+// loadConfig reads the settings. A bad value is an error naming the setting.
+func loadConfig(getenv func(string) string) (Config, error) {
+	c := Config{
+		Socket:     getenv("SOCKET"),
+		DataDir:    getenv("DATA_DIR"),
+		Node:       strings.TrimSpace(getenv("NODE_NAME")),
+		VTEPIface:  strings.TrimSpace(getenv("VTEP_INTERFACE")),
+		KVPrefix:   getenv("KV_PREFIX"),
+		SysctlRoot: strings.TrimSpace(getenv("SYSCTL_ROOT")),
+		VXLANPort:  defaultPort,
+		LogFormat:  "text",
+	}
+	if c.Socket == "" {
+		c.Socket = defaultSocket
+	}
+	if !filepath.IsAbs(c.Socket) {
+		return c, fmt.Errorf("SOCKET=%q: want an absolute path", c.Socket)
+	}
+	if c.DataDir == "" {
+		c.DataDir = defaultDataDir
+	}
+	if !filepath.IsAbs(c.DataDir) {
+		return c, fmt.Errorf("DATA_DIR=%q: want an absolute path", c.DataDir)
+	}
+	if v := strings.TrimSpace(getenv("VTEP_ADDR")); v != "" {
+		a, err := netip.ParseAddr(v)
+		if err != nil || a.IsUnspecified() || a.IsMulticast() {
+			return c, fmt.Errorf("VTEP_ADDR=%q: want this host's unicast underlay IP address", v)
+		}
+		c.VTEP = a.Unmap()
+		if c.VTEPIface != "" {
+			return c, errors.New("VTEP_ADDR and VTEP_INTERFACE are both set: set one")
+		}
+	}
+	if v := strings.TrimSpace(getenv("VXLAN_PORT")); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 65535 {
+			return c, fmt.Errorf("VXLAN_PORT=%q: want a UDP port from 1 to 65535", v)
+		}
+		c.VXLANPort = n
+	}
+	switch v := strings.ToLower(strings.TrimSpace(getenv("LOG_LEVEL"))); v {
+	case "", "info":
+		c.LogLevel = slog.LevelInfo
+	case "debug":
+		c.LogLevel = slog.LevelDebug
+	case "warn", "warning":
+		c.LogLevel = slog.LevelWarn
+	case "error":
+		c.LogLevel = slog.LevelError
+	default:
+		return c, fmt.Errorf("LOG_LEVEL=%q: want debug, info, warn or error", v)
+	}
+	switch v := strings.ToLower(strings.TrimSpace(getenv("LOG_FORMAT"))); v {
+	case "", "text":
+	case "json":
+		c.LogFormat = "json"
+	default:
+		return c, fmt.Errorf("LOG_FORMAT=%q: want text or json", v)
+	}
+	var err error
+	if c.PoolV4, c.PoolV4Size, err = poolSetting(getenv, "IPAM_DEFAULT_POOL", false); err != nil {
+		return c, err
+	}
+	if c.PoolV6, c.PoolV6Size, err = poolSetting(getenv, "IPAM_DEFAULT_POOL_V6", true); err != nil {
+		return c, err
+	}
+	return c, nil
+}
+
+// poolSetting reads NAME (a CIDR) and NAME_SIZE (a prefix length).
+func poolSetting(getenv func(string) string, name string, v6 bool) (netip.Prefix, int, error) {
+	var p netip.Prefix
+	if v := strings.TrimSpace(getenv(name)); v != "" {
+		var err error
+		if p, err = netip.ParsePrefix(v); err != nil || p.Addr().Is6() != v6 {
+			fam := "IPv4"
+			if v6 {
+				fam = "IPv6"
+			}
+			return p, 0, fmt.Errorf("%s=%q: want an %s CIDR", name, v, fam)
+		}
+		p = p.Masked()
+	}
+	size := 0
+	if v := strings.TrimSpace(getenv(name + "_SIZE")); v != "" {
+		n, err := strconv.Atoi(v)
+		max := 32
+		if v6 {
+			max = 128
+		}
+		if err != nil || n < 1 || n > max || (p.IsValid() && n < p.Bits()) {
+			return p, 0, fmt.Errorf("%s_SIZE=%q: want a prefix length from the pool's (%d) to %d", name, v, p.Bits(), max)
+		}
+		size = n
+	}
+	return p, size, nil
+}
+
+// resolveVTEP returns the underlay address: VTEP_ADDR, else the first
+// global address of VTEP_INTERFACE, else the address the host uses for its
+// default route.
+func resolveVTEP(c Config) (netip.Addr, error) {
+	if c.VTEP.IsValid() {
+		return c.VTEP, nil
+	}
+	if c.VTEPIface != "" {
+		link, err := netlink.LinkByName(c.VTEPIface)
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("VTEP_INTERFACE=%q: %w", c.VTEPIface, err)
+		}
+		a, err := firstGlobalAddr(link)
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("VTEP_INTERFACE=%q: %w", c.VTEPIface, err)
+		}
+		return a, nil
+	}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: 254}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			continue
+		}
+		for _, r := range routes {
+			if r.Dst != nil && !isDefault(r) {
+				continue
+			}
+			if a, ok := netip.AddrFromSlice(r.Src); ok && r.Src != nil {
+				return a.Unmap(), nil
+			}
+			link, err := netlink.LinkByIndex(r.LinkIndex)
+			if err != nil {
+				continue
+			}
+			if a, err := firstGlobalAddr(link); err == nil {
+				return a, nil
+			}
+		}
+	}
+	return netip.Addr{}, errors.New("no default route to take the VTEP address from: set VTEP_ADDR or VTEP_INTERFACE")
+}
+
+func isDefault(r netlink.Route) bool {
+	ones, _ := r.Dst.Mask.Size()
+	return ones == 0
+}
+
+// firstGlobalAddr is a link's first global unicast address, IPv4 first.
+func firstGlobalAddr(link netlink.Link) (netip.Addr, error) {
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		addrs, err := netlink.AddrList(link, family)
+		if err != nil {
+			return netip.Addr{}, err
+		}
+		for _, a := range addrs {
+			ip, ok := netip.AddrFromSlice(a.IP)
+			if ok && ip.Unmap().IsGlobalUnicast() {
+				return ip.Unmap(), nil
+			}
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("link %q has no global unicast address", link.Attrs().Name)
+}
+
+// nodeName decides this host's node name: NODE_NAME, else the name
+// persisted at the first start (so a host keeps its identity even when
+// Consul is down at a restart), else the local Consul agent's node name,
+// else the hostname. The choice is persisted in DATA_DIR.
+func nodeName(c Config, agentName func() (string, error)) (string, error) {
+	if c.Node != "" {
+		return c.Node, nil
+	}
+	path := filepath.Join(c.DataDir, "node-name")
+	if b, err := os.ReadFile(path); err == nil {
+		if n := strings.TrimSpace(string(b)); n != "" {
+			return n, nil
+		}
+	}
+	var name string
+	if agentName != nil {
+		if n, err := agentName(); err == nil && n != "" {
+			name = n
+		}
+	}
+	if name == "" {
+		h, err := os.Hostname()
+		if err != nil || h == "" {
+			return "", fmt.Errorf("no NODE_NAME, no Consul agent and no hostname: set NODE_NAME")
+		}
+		name = h
+	}
+	if err := os.MkdirAll(c.DataDir, 0o755); err != nil {
+		return "", fmt.Errorf("DATA_DIR=%q: %w", c.DataDir, err)
+	}
+	if err := os.WriteFile(path, []byte(name+"\n"), 0o644); err != nil {
+		return "", fmt.Errorf("persist node name in %q: %w", path, err)
+	}
+	return name, nil
+}

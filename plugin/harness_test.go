@@ -1,0 +1,475 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"consul-overlay/internal/testenv"
+)
+
+// This file plays dockerd's part for the protocol-level tests: it speaks
+// the plugin protocol over each plugin's socket exactly as the engine does
+// and does libnetwork's work on the container side (move the interface into
+// the container namespace, rename it, set its addresses).
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// pluginBinary builds the plugin once per test run.
+func pluginBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "consul-overlay-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "consul-overlay")
+		cmd := exec.Command("go", "build", "-o", binPath, ".")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// pluginProc is one plugin daemon on one test host.
+type pluginProc struct {
+	t      *testing.T
+	name   string
+	host   *testenv.Host
+	env    []string
+	socket string
+	logf   string
+	cmd    *exec.Cmd
+	done   chan struct{}
+	client *http.Client
+}
+
+// startPlugin runs the plugin in a test host's network namespace.
+func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, prefix string) *pluginProc {
+	t.Helper()
+	dir := t.TempDir()
+	p := &pluginProc{
+		t: t, name: name, host: host,
+		socket: filepath.Join(dir, "plugin.sock"),
+		logf:   filepath.Join(dir, "plugin.log"),
+	}
+	p.env = []string{
+		"SOCKET=" + p.socket,
+		"DATA_DIR=" + filepath.Join(dir, "data"),
+		"NODE_NAME=" + name,
+		"VTEP_ADDR=" + host.Addr.String(),
+		"LOG_LEVEL=debug",
+	}
+	if consulAddr != "" {
+		p.env = append(p.env, "CONSUL_HTTP_ADDR="+consulAddr, "KV_PREFIX="+prefix)
+	}
+	p.client = &http.Client{
+		Timeout: 30 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", p.socket)
+		}},
+	}
+	p.start()
+	t.Cleanup(func() {
+		p.stop(syscall.SIGTERM)
+		if t.Failed() {
+			b, _ := os.ReadFile(p.logf)
+			t.Logf("plugin %s log (tail):\n%s", name, tail(string(b), 60))
+		}
+	})
+	return p
+}
+
+func (p *pluginProc) start() {
+	p.t.Helper()
+	f, err := os.OpenFile(p.logf, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	cmd := exec.Command("nsenter", "--net="+p.host.NS.Path, pluginBinary(p.t))
+	cmd.Env = append(os.Environ(), p.env...)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		p.t.Fatalf("start plugin %s: %v", p.name, err)
+	}
+	p.cmd = cmd
+	p.done = make(chan struct{})
+	go func() { cmd.Wait(); f.Close(); close(p.done) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		var caps map[string]any
+		if err := p.call("/NetworkDriver.GetCapabilities", nil, &caps); err == nil {
+			return
+		}
+		select {
+		case <-p.done:
+			b, _ := os.ReadFile(p.logf)
+			p.t.Fatalf("plugin %s exited at start:\n%s", p.name, tail(string(b), 40))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	p.t.Fatalf("plugin %s did not answer on %s within 10s", p.name, p.socket)
+}
+
+// stop signals the plugin and waits for it.
+func (p *pluginProc) stop(sig syscall.Signal) {
+	if p.cmd == nil || p.cmd.Process == nil {
+		return
+	}
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	_ = p.cmd.Process.Signal(sig)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+// call speaks the plugin protocol: POST with a JSON body (none for nil),
+// the engine's Accept header, and {"Err"}/{"Error"} errors.
+func (p *pluginProc) call(method string, req, resp any) error {
+	var body io.Reader = http.NoBody
+	if req != nil {
+		b, err := json.Marshal(req)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	hreq, err := http.NewRequest(http.MethodPost, "http://plugin.moby.localhost"+method, body)
+	if err != nil {
+		return err
+	}
+	hreq.Header.Set("Accept", "application/vnd.docker.plugins.v1.2+json")
+	hres, err := p.client.Do(hreq)
+	if err != nil {
+		return err
+	}
+	defer hres.Body.Close()
+	raw, _ := io.ReadAll(hres.Body)
+	var e struct{ Err, Error string }
+	_ = json.Unmarshal(raw, &e)
+	if hres.StatusCode != http.StatusOK || e.Err != "" || e.Error != "" {
+		msg := e.Err + e.Error
+		if msg == "" {
+			msg = string(raw)
+		}
+		return fmt.Errorf("%s: %s", method, msg)
+	}
+	if resp != nil {
+		return json.Unmarshal(raw, resp)
+	}
+	return nil
+}
+
+func (p *pluginProc) must(method string, req, resp any) {
+	p.t.Helper()
+	if err := p.call(method, req, resp); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+func randomID() string {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// dockerNet is one Docker network on one host, as dockerd would hold it.
+type dockerNet struct {
+	p            *pluginProc
+	id           string
+	space        string
+	pool4, pool6 string // pool IDs
+	subnet4, gw4 string
+	subnet6, gw6 string
+}
+
+type netSpec struct {
+	subnet4, subnet6 string
+	opts             map[string]string
+	space            string // "" = the plugin's local default space
+	// foreign: the addresses come from another IPAM driver (Docker's
+	// default), so only CreateNetwork reaches the plugin.
+	foreign bool
+}
+
+// createNetwork runs `docker network create` against one plugin: IPAM
+// pool and gateway, then CreateNetwork; on failure it releases what it took.
+func (p *pluginProc) createNetwork(spec netSpec) (*dockerNet, error) {
+	var spaces struct{ LocalDefaultAddressSpace, GlobalDefaultAddressSpace string }
+	if err := p.call("/IpamDriver.GetDefaultAddressSpaces", nil, &spaces); err != nil {
+		return nil, err
+	}
+	n := &dockerNet{p: p, id: randomID(), space: spec.space}
+	if n.space == "" {
+		n.space = spaces.LocalDefaultAddressSpace
+	}
+	var undo []func()
+	fail := func(err error) (*dockerNet, error) {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+		return nil, err
+	}
+	reqPool := func(subnet string, v6 bool) (id, pool, gw string, err error) {
+		var pr struct {
+			PoolID, Pool string
+			Data         map[string]string
+		}
+		if err = p.call("/IpamDriver.RequestPool", map[string]any{"AddressSpace": n.space, "Pool": subnet, "V6": v6}, &pr); err != nil {
+			return
+		}
+		undo = append(undo, func() { _ = p.call("/IpamDriver.ReleasePool", map[string]any{"PoolID": pr.PoolID}, nil) })
+		var ar struct{ Address string }
+		if err = p.call("/IpamDriver.RequestAddress", map[string]any{"PoolID": pr.PoolID, "Options": map[string]string{"RequestAddressType": "com.docker.network.gateway"}}, &ar); err != nil {
+			return
+		}
+		gwip, _, _ := strings.Cut(ar.Address, "/")
+		undo = append(undo, func() {
+			_ = p.call("/IpamDriver.ReleaseAddress", map[string]any{"PoolID": pr.PoolID, "Address": gwip}, nil)
+		})
+		return pr.PoolID, pr.Pool, ar.Address, nil
+	}
+	var err error
+	if spec.foreign {
+		n.subnet4 = spec.subnet4
+		n.gw4 = strings.TrimSuffix(spec.subnet4, "0/24") + "1/24"
+	} else if n.pool4, n.subnet4, n.gw4, err = reqPool(spec.subnet4, false); err != nil {
+		return fail(err)
+	}
+	v4data := []map[string]any{{"AddressSpace": n.space, "Pool": n.subnet4, "Gateway": n.gw4}}
+	var v6data []map[string]any
+	if spec.subnet6 != "" {
+		if n.pool6, n.subnet6, n.gw6, err = reqPool(spec.subnet6, true); err != nil {
+			return fail(err)
+		}
+		v6data = []map[string]any{{"AddressSpace": n.space, "Pool": n.subnet6, "Gateway": n.gw6}}
+	}
+	generic := map[string]string{}
+	for k, v := range spec.opts {
+		generic[k] = v
+	}
+	req := map[string]any{
+		"NetworkID": n.id,
+		"Options": map[string]any{
+			"com.docker.network.generic":     generic,
+			"com.docker.network.enable_ipv6": spec.subnet6 != "",
+			"com.docker.network.enable_ipv4": true,
+		},
+		"IPv4Data": v4data,
+		"IPv6Data": v6data,
+	}
+	if err := p.call("/NetworkDriver.CreateNetwork", req, nil); err != nil {
+		return fail(err)
+	}
+	return n, nil
+}
+
+// remove runs `docker network rm`.
+func (n *dockerNet) remove() error {
+	p := n.p
+	if err := p.call("/NetworkDriver.DeleteNetwork", map[string]any{"NetworkID": n.id}, nil); err != nil {
+		return err
+	}
+	for _, x := range [][2]string{{n.pool4, n.gw4}, {n.pool6, n.gw6}} {
+		if x[0] == "" {
+			continue
+		}
+		ip, _, _ := strings.Cut(x[1], "/")
+		if err := p.call("/IpamDriver.ReleaseAddress", map[string]any{"PoolID": x[0], "Address": ip}, nil); err != nil {
+			return err
+		}
+		if err := p.call("/IpamDriver.ReleasePool", map[string]any{"PoolID": x[0]}, nil); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// container is one container's endpoint on a network.
+type container struct {
+	n     *dockerNet
+	ns    *testenv.NetNS
+	eid   string
+	src   string // the interface name the plugin returned
+	addr4 netip.Prefix
+	addr6 netip.Prefix
+	mac   string
+}
+
+// run starts a container on the network: addresses from IPAM, then
+// CreateEndpoint and Join, then libnetwork's part in the namespace.
+func (n *dockerNet) run(t *testing.T) *container {
+	t.Helper()
+	c, err := n.tryRun(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func (n *dockerNet) tryRun(t *testing.T) (*container, error) {
+	p := n.p
+	c := &container{n: n, eid: randomID(), ns: testenv.NewNetNS(t)}
+	var ar struct{ Address string }
+	if err := p.call("/IpamDriver.RequestAddress", map[string]any{"PoolID": n.pool4}, &ar); err != nil {
+		return nil, err
+	}
+	c.addr4 = netip.MustParsePrefix(ar.Address)
+	iface := map[string]string{"Address": ar.Address}
+	if n.pool6 != "" {
+		var ar6 struct{ Address string }
+		if err := p.call("/IpamDriver.RequestAddress", map[string]any{"PoolID": n.pool6}, &ar6); err != nil {
+			return nil, err
+		}
+		c.addr6 = netip.MustParsePrefix(ar6.Address)
+		iface["AddressIPv6"] = ar6.Address
+	}
+	var cr struct{ Interface *struct{ MacAddress string } }
+	if err := p.call("/NetworkDriver.CreateEndpoint", map[string]any{"NetworkID": n.id, "EndpointID": c.eid, "Interface": iface, "Options": map[string]any{}}, &cr); err != nil {
+		return nil, err
+	}
+	if cr.Interface != nil {
+		c.mac = cr.Interface.MacAddress
+	}
+	var jr struct {
+		InterfaceName struct{ SrcName, DstPrefix string }
+		Gateway       string
+	}
+	if err := p.call("/NetworkDriver.Join", map[string]any{"NetworkID": n.id, "EndpointID": c.eid, "SandboxKey": c.ns.Path, "Options": map[string]any{}}, &jr); err != nil {
+		return nil, err
+	}
+	c.src = jr.InterfaceName.SrcName
+	addrs := []netip.Prefix{c.addr4}
+	if c.addr6.IsValid() {
+		addrs = append(addrs, c.addr6)
+	}
+	if err := testenv.MoveAndConfigure(n.p.host.NS, c.ns, c.src, jr.InterfaceName.DstPrefix+"0", addrs); err != nil {
+		return nil, fmt.Errorf("configure container interface %s: %w", c.src, err)
+	}
+	return c, nil
+}
+
+// remove stops the container: Leave, the interface back to the host under
+// its source name, DeleteEndpoint, then the addresses back to IPAM.
+func (c *container) remove(t *testing.T) {
+	t.Helper()
+	p := c.n.p
+	p.must("/NetworkDriver.Leave", map[string]any{"NetworkID": c.n.id, "EndpointID": c.eid}, nil)
+	if err := testenv.MoveBack(c.ns, c.n.p.host.NS, "eth0", c.src); err != nil {
+		t.Logf("move %s back: %v", c.src, err)
+	}
+	p.must("/NetworkDriver.DeleteEndpoint", map[string]any{"NetworkID": c.n.id, "EndpointID": c.eid}, nil)
+	p.must("/IpamDriver.ReleaseAddress", map[string]any{"PoolID": c.n.pool4, "Address": c.addr4.Addr().String()}, nil)
+	if c.addr6.IsValid() {
+		p.must("/IpamDriver.ReleaseAddress", map[string]any{"PoolID": c.n.pool6, "Address": c.addr6.Addr().String()}, nil)
+	}
+}
+
+// ping sends count pings from the container and reports whether all came back.
+func (c *container) ping(t *testing.T, dst netip.Addr, count int) error {
+	t.Helper()
+	args := []string{"ping", "-n", "-q", "-c", fmt.Sprint(count), "-i", "0.2", "-W", "2"}
+	if dst.Is6() {
+		args = append(args, "-6")
+	}
+	args = append(args, dst.String())
+	out, err := c.ns.Run(t, args...)
+	if err != nil {
+		return fmt.Errorf("ping %s from %s: %v\n%s", dst, c.addr4.Addr(), err, out)
+	}
+	return nil
+}
+
+// eventually retries fn until it succeeds or the timeout passes.
+func eventually(t *testing.T, timeout time.Duration, fn func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var err error
+	for {
+		if err = fn(); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// kvKeys lists every key under a prefix, straight from Consul.
+func kvKeys(t *testing.T, agent *testenv.ConsulAgent, prefix string) []string {
+	t.Helper()
+	c, err := api.NewClient(&api.Config{Address: agent.Addr, Transport: &http.Transport{DialContext: agent.DialContext}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, _, err := c.KV().Keys(prefix, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return keys
+}
+
+// ourLinks lists the links consul-overlay owns in a host's namespace.
+func ourLinks(t *testing.T, h *testenv.Host) []string {
+	t.Helper()
+	out, err := h.NS.Run(t, "ip", "-o", "link", "show")
+	if err != nil {
+		t.Fatalf("ip link: %v", err)
+	}
+	var links []string
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
+		if strings.HasPrefix(name, "vx") {
+			links = append(links, name)
+		}
+	}
+	return links
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

@@ -1,0 +1,290 @@
+package main
+
+import (
+	"fmt"
+	"os/exec"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"consul-overlay/internal/testenv"
+)
+
+// cluster is a set of test hosts sharing one Consul, each running the
+// plugin in its own network namespace.
+type cluster struct {
+	hosts   []*testenv.Host
+	plugins []*pluginProc
+	consul  *testenv.ConsulAgent
+	prefix  string
+}
+
+func newCluster(t *testing.T, n int) *cluster {
+	t.Helper()
+	testenv.RequireRoot(t)
+	if _, err := exec.LookPath("nsenter"); err != nil {
+		testenv.Missing(t, "nsenter", "apt-get install util-linux")
+	}
+	c := &cluster{prefix: "co-test-" + randomID()[:8] + "/"}
+	c.hosts = testenv.NewUnderlay(t, n, testenv.UnderlayOptions{})
+	// One Consul for the cluster, reachable over the underlay.
+	c.consul = testenv.StartConsul(t, testenv.WithNetNS(c.hosts[0].NS.Path), testenv.WithBindAddr(c.hosts[0].Addr.String()))
+	for i, h := range c.hosts {
+		c.plugins = append(c.plugins, startPlugin(t, fmt.Sprintf("host%d", i), h, c.consul.Addr, c.prefix))
+	}
+	return c
+}
+
+// snapshot is what "changes nothing" compares: KV keys and our links.
+func (c *cluster) snapshot(t *testing.T) string {
+	t.Helper()
+	var b strings.Builder
+	keys := kvKeys(t, c.consul, c.prefix)
+	slices.Sort(keys)
+	fmt.Fprintf(&b, "kv: %v\n", keys)
+	for i, h := range c.hosts {
+		fmt.Fprintf(&b, "host%d links: %v\n", i, ourLinks(t, h))
+	}
+	return b.String()
+}
+
+func TestProtocolMultiHost(t *testing.T) {
+	c := newCluster(t, 3)
+	a, b, x := c.plugins[0], c.plugins[1], c.plugins[2]
+
+	spec := netSpec{subnet4: "10.10.0.0/24", subnet6: "fd00:10::/64", opts: map[string]string{"name": "app"}}
+	nets := make([]*dockerNet, 3)
+	for i, p := range c.plugins {
+		n, err := p.createNetwork(spec)
+		if err != nil {
+			t.Fatalf("host%d: create network app: %v", i, err)
+		}
+		nets[i] = n
+	}
+
+	// Two containers per host, all on one segment.
+	var ctrs []*container
+	for _, n := range nets {
+		ctrs = append(ctrs, n.run(t), n.run(t))
+	}
+
+	t.Run("unique addresses", func(t *testing.T) {
+		seen := map[string]bool{}
+		for _, ct := range ctrs {
+			for _, a := range []string{ct.addr4.Addr().String(), ct.addr6.Addr().String()} {
+				if seen[a] {
+					t.Fatalf("address %s handed out twice", a)
+				}
+				seen[a] = true
+			}
+			if ct.addr4.Addr().String() == strings.Split(nets[0].gw4, "/")[0] {
+				t.Fatalf("container got the gateway address %s", ct.addr4)
+			}
+		}
+		for i := 1; i < len(nets); i++ {
+			if nets[i].gw4 != nets[0].gw4 || nets[i].pool4 != nets[0].pool4 {
+				t.Fatalf("host%d got pool %s gateway %s; host0 got %s %s", i, nets[i].pool4, nets[i].gw4, nets[0].pool4, nets[0].gw4)
+			}
+		}
+	})
+
+	t.Run("cross-host ping IPv4 and IPv6", func(t *testing.T) {
+		src := ctrs[0]
+		for _, dst := range ctrs[1:] {
+			eventually(t, 10*time.Second, func() error { return src.ping(t, dst.addr4.Addr(), 1) })
+			eventually(t, 10*time.Second, func() error { return src.ping(t, dst.addr6.Addr(), 1) })
+		}
+		// And back from the third host.
+		if err := ctrs[5].ping(t, ctrs[0].addr4.Addr(), 3); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("host reaches its endpoints through the gateway", func(t *testing.T) {
+		out, err := c.hosts[1].NS.Run(t, "ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "2", ctrs[2].addr4.Addr().String())
+		if err != nil {
+			t.Fatalf("host1 ping its container: %v\n%s", err, out)
+		}
+	})
+
+	t.Run("isolation between networks", func(t *testing.T) {
+		other, err := a.createNetwork(netSpec{subnet4: "10.11.0.0/24", opts: map[string]string{"name": "other"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		otherB, err := b.createNetwork(netSpec{subnet4: "10.11.0.0/24", opts: map[string]string{"name": "other"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		intruder := other.run(t)
+		peer := otherB.run(t)
+		eventually(t, 10*time.Second, func() error { return intruder.ping(t, peer.addr4.Addr(), 1) })
+		// Give the intruder an address in app's subnet: still no path.
+		if out, err := intruder.ns.Run(t, "ip", "addr", "add", "10.10.0.250/24", "dev", "eth0"); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		for _, dst := range []*container{ctrs[0], ctrs[2]} {
+			if err := intruder.ping(t, dst.addr4.Addr(), 2); err == nil {
+				t.Fatalf("container on network other reached %s on network app", dst.addr4)
+			}
+		}
+		intruder.remove(t)
+		peer.remove(t)
+		if err := other.remove(); err != nil {
+			t.Fatal(err)
+		}
+		if err := otherB.remove(); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("misuse is refused and changes nothing", func(t *testing.T) {
+		solo, err := a.createNetwork(netSpec{subnet4: "10.50.0.0/24", opts: map[string]string{"name": "solo"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			if err := solo.remove(); err != nil {
+				t.Error(err)
+			}
+		}()
+		before := c.snapshot(t)
+		cases := []struct {
+			name string
+			p    *pluginProc
+			spec netSpec
+			want string
+		}{
+			{"same name, other subnet", b, netSpec{subnet4: "10.20.0.0/24", opts: map[string]string{"name": "solo"}}, "already exists with subnet 10.50.0.0/24"},
+			{"same network twice on one host", x, netSpec{subnet4: "10.10.0.0/24", subnet6: "fd00:10::/64", opts: map[string]string{"name": "app"}}, "already has logical network"},
+			{"subnet of another network", x, netSpec{subnet4: "10.10.0.0/24", opts: map[string]string{"name": "clash"}}, "10.10.0.0/24"},
+			{"overlapping subnet", x, netSpec{subnet4: "10.10.0.0/16", opts: map[string]string{"name": "wide"}}, "10.10.0.0/24"},
+			{"vni out of range", x, netSpec{subnet4: "10.30.0.0/24", opts: map[string]string{"name": "v", "vni": "16777216"}}, "vni"},
+			{"vni taken", x, netSpec{subnet4: "10.31.0.0/24", opts: map[string]string{"name": "v2", "vni": fmt.Sprint(c.appVNI(t))}}, "taken"},
+			{"mtu out of range", x, netSpec{subnet4: "10.32.0.0/24", opts: map[string]string{"name": "m", "mtu": "100"}}, "mtu"},
+			{"mtu above the underlay", x, netSpec{subnet4: "10.33.0.0/24", opts: map[string]string{"name": "m2", "mtu": "9000"}}, "mtu"},
+			{"unknown option", x, netSpec{subnet4: "10.34.0.0/24", opts: map[string]string{"name": "u", "colour": "blue"}}, "unknown option colour"},
+			{"foreign IPAM", x, netSpec{subnet4: "10.35.0.0/24", opts: map[string]string{"name": "f"}, space: "LocalDefault", foreign: true}, "--ipam-driver consul-overlay"},
+		}
+		for _, tc := range cases {
+			_, err := tc.p.createNetwork(tc.spec)
+			if err == nil {
+				t.Errorf("%s: network created, want an error containing %q", tc.name, tc.want)
+				continue
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("%s: error %q does not mention %q", tc.name, err, tc.want)
+			}
+			t.Logf("%s: %v", tc.name, err)
+		}
+		if after := c.snapshot(t); after != before {
+			t.Fatalf("refused requests changed state:\nbefore:\n%s\nafter:\n%s", before, after)
+		}
+	})
+
+	t.Run("replayed and unknown calls are idempotent", func(t *testing.T) {
+		ct := ctrs[1]
+		// A second CreateEndpoint for the same endpoint is success.
+		a.must("/NetworkDriver.CreateEndpoint", map[string]any{"NetworkID": ct.n.id, "EndpointID": ct.eid, "Interface": map[string]string{"Address": ct.addr4.String(), "AddressIPv6": ct.addr6.String(), "MacAddress": ct.mac}}, nil)
+		for _, m := range []string{"/NetworkDriver.Leave", "/NetworkDriver.DeleteEndpoint"} {
+			a.must(m, map[string]any{"NetworkID": ct.n.id, "EndpointID": randomID()}, nil)
+		}
+		a.must("/NetworkDriver.DeleteNetwork", map[string]any{"NetworkID": randomID()}, nil)
+	})
+
+	t.Run("teardown leaves nothing", func(t *testing.T) {
+		for _, ct := range ctrs {
+			ct.remove(t)
+		}
+		for i, n := range nets {
+			if err := n.remove(); err != nil {
+				t.Fatalf("host%d: %v", i, err)
+			}
+		}
+		for i, h := range c.hosts {
+			if l := ourLinks(t, h); len(l) > 0 {
+				t.Errorf("host%d: links left: %v", i, l)
+			}
+		}
+		if keys := kvKeys(t, c.consul, c.prefix); len(keys) > 0 {
+			t.Errorf("keys left in Consul: %v", keys)
+		}
+	})
+}
+
+// appVNI reads the VNI the cluster allocated to network "app".
+func (c *cluster) appVNI(t *testing.T) uint32 {
+	t.Helper()
+	var info struct{ Value map[string]string }
+	for _, k := range kvKeys(t, c.consul, c.prefix+"vnis/") {
+		var v uint32
+		if _, err := fmt.Sscanf(strings.TrimPrefix(k, c.prefix+"vnis/"), "%d", &v); err == nil {
+			return v
+		}
+	}
+	_ = info
+	t.Fatal("no vni reserved")
+	return 0
+}
+
+func TestProtocolRestart(t *testing.T) {
+	c := newCluster(t, 2)
+	a, b := c.plugins[0], c.plugins[1]
+	spec := netSpec{subnet4: "10.40.0.0/24", opts: map[string]string{"name": "restart"}}
+	na, err := a.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nb, err := b.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, cb := na.run(t), nb.run(t)
+	eventually(t, 10*time.Second, func() error { return ca.ping(t, cb.addr4.Addr(), 1) })
+
+	// A continuous ping across hosts while host b's plugin is killed and
+	// restarted: the kernel state must carry every packet.
+	type result struct {
+		out string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, err := ca.ns.Run(t, "ping", "-n", "-q", "-c", "150", "-i", "0.02", "-W", "1", cb.addr4.Addr().String())
+		done <- result{out, err}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	b.stop(syscall.SIGKILL)
+	time.Sleep(300 * time.Millisecond)
+	b.start()
+	r := <-done
+	if r.err != nil || !strings.Contains(r.out, " 0% packet loss") {
+		t.Fatalf("ping across the plugin restart lost packets: %v\n%s", r.err, r.out)
+	}
+	t.Logf("ping during kill -9 and restart: %s", strings.TrimSpace(tail(r.out, 2)))
+
+	// The restarted plugin knows its old endpoint and network...
+	c2 := nb.run(t)
+	eventually(t, 10*time.Second, func() error { return c2.ping(t, ca.addr4.Addr(), 1) })
+	eventually(t, 10*time.Second, func() error { return c2.ping(t, cb.addr4.Addr(), 1) })
+	// ...and accepts Leave/DeleteEndpoint for endpoints created before the crash.
+	cb.remove(t)
+	c2.remove(t)
+	ca.remove(t)
+	if err := nb.remove(); err != nil {
+		t.Fatal(err)
+	}
+	if err := na.remove(); err != nil {
+		t.Fatal(err)
+	}
+	for i, h := range c.hosts {
+		if l := ourLinks(t, h); len(l) > 0 {
+			t.Errorf("host%d: links left: %v", i, l)
+		}
+	}
+	if keys := kvKeys(t, c.consul, c.prefix); len(keys) > 0 {
+		t.Errorf("keys left in Consul: %v", keys)
+	}
+}

@@ -1,0 +1,213 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/docker/go-plugins-helpers/ipam"
+	"github.com/docker/go-plugins-helpers/network"
+)
+
+// contentType is what Docker's plugin clients expect; the engine does not
+// check it, but other tooling does.
+const contentType = "application/vnd.docker.plugins.v1.2+json"
+
+// maxBody bounds a request body; Docker's largest requests are a few KiB.
+const maxBody = 1 << 20
+
+// route decodes one request body and calls the driver.
+type route func(body []byte) (any, error)
+
+// server serves the network driver and the IPAM driver on one socket.
+// go-plugins-helpers gives each driver its own mux and its own
+// /Plugin.Activate manifest, so a combined plugin needs this mux.
+type server struct {
+	log    *slog.Logger
+	routes map[string]route
+}
+
+// ipamCapabilities is the IPAM GetCapabilities answer. go-plugins-helpers'
+// type lacks RequiresRequestReplay, which Docker reads.
+type ipamCapabilities struct {
+	RequiresMACAddress    bool
+	RequiresRequestReplay bool
+}
+
+func newServer(log *slog.Logger, nd network.Driver, id ipam.Ipam) *server {
+	s := &server{log: log, routes: map[string]route{}}
+	s.routes["/Plugin.Activate"] = func([]byte) (any, error) {
+		return map[string][]string{"Implements": {"NetworkDriver", "IpamDriver"}}, nil
+	}
+
+	// Network driver.
+	s.routes["/NetworkDriver.GetCapabilities"] = func([]byte) (any, error) { return nd.GetCapabilities() }
+	s.routes["/NetworkDriver.CreateNetwork"] = call(func(r *network.CreateNetworkRequest) (any, error) {
+		return struct{}{}, nd.CreateNetwork(r)
+	})
+	s.routes["/NetworkDriver.DeleteNetwork"] = call(func(r *network.DeleteNetworkRequest) (any, error) {
+		return struct{}{}, nd.DeleteNetwork(r)
+	})
+	s.routes["/NetworkDriver.AllocateNetwork"] = call(func(r *network.AllocateNetworkRequest) (any, error) {
+		return nd.AllocateNetwork(r)
+	})
+	s.routes["/NetworkDriver.FreeNetwork"] = call(func(r *network.FreeNetworkRequest) (any, error) {
+		return struct{}{}, nd.FreeNetwork(r)
+	})
+	s.routes["/NetworkDriver.CreateEndpoint"] = call(func(r *network.CreateEndpointRequest) (any, error) {
+		return nd.CreateEndpoint(r)
+	})
+	s.routes["/NetworkDriver.DeleteEndpoint"] = call(func(r *network.DeleteEndpointRequest) (any, error) {
+		return struct{}{}, nd.DeleteEndpoint(r)
+	})
+	s.routes["/NetworkDriver.EndpointOperInfo"] = call(func(r *network.InfoRequest) (any, error) {
+		return nd.EndpointInfo(r)
+	})
+	s.routes["/NetworkDriver.Join"] = call(func(r *network.JoinRequest) (any, error) { return nd.Join(r) })
+	s.routes["/NetworkDriver.Leave"] = call(func(r *network.LeaveRequest) (any, error) {
+		return struct{}{}, nd.Leave(r)
+	})
+	s.routes["/NetworkDriver.DiscoverNew"] = call(func(r *network.DiscoveryNotification) (any, error) {
+		return struct{}{}, nd.DiscoverNew(r)
+	})
+	s.routes["/NetworkDriver.DiscoverDelete"] = call(func(r *network.DiscoveryNotification) (any, error) {
+		return struct{}{}, nd.DiscoverDelete(r)
+	})
+	s.routes["/NetworkDriver.ProgramExternalConnectivity"] = call(func(r *network.ProgramExternalConnectivityRequest) (any, error) {
+		return struct{}{}, nd.ProgramExternalConnectivity(r)
+	})
+	s.routes["/NetworkDriver.RevokeExternalConnectivity"] = call(func(r *network.RevokeExternalConnectivityRequest) (any, error) {
+		return struct{}{}, nd.RevokeExternalConnectivity(r)
+	})
+
+	// IPAM driver.
+	s.routes["/IpamDriver.GetCapabilities"] = func([]byte) (any, error) {
+		c, err := id.GetCapabilities()
+		if err != nil {
+			return nil, err
+		}
+		return ipamCapabilities{RequiresMACAddress: c.RequiresMACAddress}, nil
+	}
+	s.routes["/IpamDriver.GetDefaultAddressSpaces"] = func([]byte) (any, error) { return id.GetDefaultAddressSpaces() }
+	s.routes["/IpamDriver.RequestPool"] = call(func(r *ipam.RequestPoolRequest) (any, error) { return id.RequestPool(r) })
+	s.routes["/IpamDriver.ReleasePool"] = call(func(r *ipam.ReleasePoolRequest) (any, error) {
+		return struct{}{}, id.ReleasePool(r)
+	})
+	s.routes["/IpamDriver.RequestAddress"] = call(func(r *ipam.RequestAddressRequest) (any, error) {
+		return id.RequestAddress(r)
+	})
+	s.routes["/IpamDriver.ReleaseAddress"] = call(func(r *ipam.ReleaseAddressRequest) (any, error) {
+		return struct{}{}, id.ReleaseAddress(r)
+	})
+	return s
+}
+
+// errDecode marks a request body that is not the JSON the method takes.
+var errDecode = errors.New("malformed request")
+
+// call adapts a typed driver method to a route. An empty body decodes to
+// the zero request (Docker sends no body for argument-less calls).
+func call[Req any](fn func(*Req) (any, error)) route {
+	return func(body []byte) (any, error) {
+		req := new(Req)
+		if len(bytes.TrimSpace(body)) > 0 {
+			if err := json.Unmarshal(body, req); err != nil {
+				return nil, fmt.Errorf("%w: %v", errDecode, err)
+			}
+		}
+		return fn(req)
+	}
+}
+
+func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	method := r.URL.Path
+	rt, ok := s.routes[method]
+	if !ok {
+		// 404 lets Docker tell "not implemented" from a failure.
+		writeJSON(w, http.StatusNotFound, map[string]string{"Err": fmt.Sprintf("%s: not implemented by consul-overlay", method)})
+		return
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody))
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"Err": fmt.Sprintf("%s: read request: %v", method, err)})
+		return
+	}
+	start := time.Now()
+	resp, err := s.invoke(method, rt, body)
+	if err != nil {
+		status := http.StatusInternalServerError
+		if errors.Is(err, errDecode) {
+			status = http.StatusBadRequest
+		}
+		s.log.Error("request failed", "method", method, "error", err, "duration", time.Since(start), "request", string(body))
+		// Docker reads {"Err": ...} from any non-200 answer, for both the
+		// network and the IPAM subsystem.
+		writeJSON(w, status, map[string]string{"Err": err.Error()})
+		return
+	}
+	s.log.Debug("request", "method", method, "duration", time.Since(start))
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// invoke runs a route and turns a panic into an error: a driver bug must
+// never take the daemon's plugin down.
+func (s *server) invoke(method string, rt route, body []byte) (resp any, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("%s: internal error: %v", method, p)
+		}
+	}()
+	return rt(body)
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", contentType)
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// listenUnix opens the plugin socket, replacing a stale one. The directory
+// is created if missing (Docker looks in /run/docker/plugins).
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("create socket directory %q: %w", filepath.Dir(path), err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale socket %q: %w", path, err)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %q: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("chmod socket %q: %w", path, err)
+	}
+	return l, nil
+}
+
+// serve runs the HTTP server until ctx is done, then shuts it down.
+func serve(ctx context.Context, l net.Listener, h http.Handler) error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(l) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+		<-errc
+		return nil
+	}
+}
