@@ -345,15 +345,29 @@ func (n *dockerNet) run(t *testing.T) *container {
 func (n *dockerNet) tryRun(t *testing.T) (*container, error) {
 	p := n.p
 	c := &container{n: n, eid: randomID(), ns: testenv.NewNetNS(t)}
+	// Like Docker: an IPAM that requires a MAC gets a random one with each
+	// endpoint address request, and the driver gets it in CreateEndpoint.
+	var caps struct{ RequiresMACAddress bool }
+	if err := p.call("/IpamDriver.GetCapabilities", nil, &caps); err != nil {
+		return nil, err
+	}
+	opts := map[string]string{}
+	if caps.RequiresMACAddress {
+		mac := make([]byte, 6)
+		_, _ = rand.Read(mac)
+		mac[0] = mac[0]&0xfe | 0x02
+		c.mac = net.HardwareAddr(mac).String()
+		opts["com.docker.network.endpoint.macaddress"] = c.mac
+	}
 	var ar struct{ Address string }
-	if err := p.call("/IpamDriver.RequestAddress", map[string]any{"PoolID": n.pool4}, &ar); err != nil {
+	if err := p.call("/IpamDriver.RequestAddress", map[string]any{"PoolID": n.pool4, "Options": opts}, &ar); err != nil {
 		return nil, err
 	}
 	c.addr4 = netip.MustParsePrefix(ar.Address)
-	iface := map[string]string{"Address": ar.Address}
+	iface := map[string]string{"Address": ar.Address, "MacAddress": c.mac}
 	if n.pool6 != "" {
 		var ar6 struct{ Address string }
-		if err := p.call("/IpamDriver.RequestAddress", map[string]any{"PoolID": n.pool6}, &ar6); err != nil {
+		if err := p.call("/IpamDriver.RequestAddress", map[string]any{"PoolID": n.pool6, "Options": opts}, &ar6); err != nil {
 			return nil, err
 		}
 		c.addr6 = netip.MustParsePrefix(ar6.Address)
@@ -364,6 +378,9 @@ func (n *dockerNet) tryRun(t *testing.T) (*container, error) {
 		return nil, err
 	}
 	if cr.Interface != nil {
+		if c.mac != "" {
+			return nil, fmt.Errorf("CreateEndpoint answered MAC %s though Docker gave %s (Docker refuses that)", cr.Interface.MacAddress, c.mac)
+		}
 		c.mac = cr.Interface.MacAddress
 	}
 	var jr struct {
