@@ -333,9 +333,9 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 		return nil, err
 	}
 	defer cancel()
-	n := d.network(req.NetworkID)
-	if n == nil {
-		return nil, fmt.Errorf("%s: network %s is not a consul-overlay network on this host", op, short(req.NetworkID))
+	n, err := d.knownNetwork(op, req.NetworkID)
+	if err != nil {
+		return nil, err
 	}
 	if req.EndpointID == "" || strings.ContainsAny(req.EndpointID, "/ ") {
 		return nil, fmt.Errorf("%s: invalid endpoint ID %q", op, req.EndpointID)
@@ -469,9 +469,9 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 		return nil, err
 	}
 	defer cancel()
-	n := d.network(req.NetworkID)
-	if n == nil {
-		return nil, fmt.Errorf("%s: network %s is not a consul-overlay network on this host", op, short(req.NetworkID))
+	n, err := d.knownNetwork(op, req.NetworkID)
+	if err != nil {
+		return nil, err
 	}
 	d.mu.Lock()
 	ep := d.endpoints[req.EndpointID]
@@ -545,6 +545,14 @@ func (d *Driver) ProgramExternalConnectivity(*network.ProgramExternalConnectivit
 // RevokeExternalConnectivity: see ProgramExternalConnectivity.
 func (d *Driver) RevokeExternalConnectivity(*network.RevokeExternalConnectivityRequest) error {
 	return nil
+}
+
+// knownNetwork is the joined network id, or an error for op naming it.
+func (d *Driver) knownNetwork(op, id string) (*localNetwork, error) {
+	if n := d.network(id); n != nil {
+		return n, nil
+	}
+	return nil, fmt.Errorf("%s: network %s is not a consul-overlay network on this host", op, short(id))
 }
 
 func (d *Driver) network(id string) *localNetwork {

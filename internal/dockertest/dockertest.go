@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -73,24 +72,8 @@ func run(ctx context.Context, dir string, env []string, name string, args ...str
 	return strings.TrimSpace(stdout.String()), nil
 }
 
-// RepoRoot is the directory of the module's go.mod, found from the working
-// directory upwards (go test runs in the package directory).
-func RepoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("go.mod not found above the working directory")
-		}
-		dir = parent
-	}
-}
+// RepoRoot is the directory of the module's go.mod.
+func RepoRoot() (string, error) { return testenv.ModuleRoot() }
 
 // BuildPlugin runs `make plugin` in root for ref (NAME:TAG): it builds
 // bin/consul-overlay and creates the plugin, disabled, replacing one of the

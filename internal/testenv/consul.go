@@ -376,7 +376,7 @@ func consulBinary() (string, error) {
 		}
 		return p, nil
 	}
-	if root, err := moduleRoot(); err == nil {
+	if root, err := ModuleRoot(); err == nil {
 		p := filepath.Join(root, "bin", "consul")
 		if isExecutable(p) == nil {
 			return p, nil
@@ -396,9 +396,9 @@ func isExecutable(p string) error {
 	return nil
 }
 
-// moduleRoot walks up from the working directory (a test runs in its
+// ModuleRoot walks up from the working directory (a test runs in its
 // package's directory) to the directory holding go.mod.
-func moduleRoot() (string, error) {
+func ModuleRoot() (string, error) {
 	dir, err := os.Getwd()
 	if err != nil {
 		return "", err

@@ -189,12 +189,12 @@ func TestConsulBinary(t *testing.T) {
 
 	t.Run("module root bin", func(t *testing.T) {
 		t.Setenv("CONSUL_BIN", "")
-		root, err := moduleRoot()
+		root, err := ModuleRoot()
 		if err != nil {
 			t.Fatal(err)
 		}
 		if _, err := os.Stat(filepath.Join(root, "go.mod")); err != nil {
-			t.Fatalf("moduleRoot() = %s without go.mod: %v", root, err)
+			t.Fatalf("ModuleRoot() = %s without go.mod: %v", root, err)
 		}
 		want := filepath.Join(root, "bin", "consul")
 		if isExecutable(want) != nil {
