@@ -257,6 +257,15 @@ func TestProtocolRestart(t *testing.T) {
 	}()
 	time.Sleep(500 * time.Millisecond)
 	b.stop(syscall.SIGKILL)
+	// While it is down, leave devices of a network that no longer exists.
+	for _, args := range [][]string{
+		{"ip", "link", "add", "vxbr-00abcd", "type", "bridge"},
+		{"ip", "link", "set", "vxbr-00abcd", "alias", "consul-overlay"},
+	} {
+		if out, err := c.hosts[1].NS.Run(t, args...); err != nil {
+			t.Fatalf("%v: %v %s", args, err, out)
+		}
+	}
 	time.Sleep(300 * time.Millisecond)
 	b.start()
 	r := <-done
@@ -265,10 +274,34 @@ func TestProtocolRestart(t *testing.T) {
 	}
 	t.Logf("ping during kill -9 and restart: %s", strings.TrimSpace(tail(r.out, 2)))
 
+	eventually(t, 10*time.Second, func() error {
+		if l := ourLinks(t, c.hosts[1]); slices.Contains(l, "vxbr-00abcd") {
+			return fmt.Errorf("leftover bridge of a removed network still there after restart: %v", l)
+		}
+		return nil
+	})
+
 	// The restarted plugin knows its old endpoint and network...
 	c2 := nb.run(t)
 	eventually(t, 10*time.Second, func() error { return c2.ping(t, ca.addr4.Addr(), 1) })
 	eventually(t, 10*time.Second, func() error { return c2.ping(t, cb.addr4.Addr(), 1) })
+
+	// Consul down: running containers keep their connectivity, and calls
+	// that need Consul fail with a clear error within seconds, never hang.
+	c.consul.Stop()
+	if err := ca.ping(t, cb.addr4.Addr(), 5); err != nil {
+		t.Fatalf("connectivity lost while Consul is down: %v", err)
+	}
+	start := time.Now()
+	_, err = b.createNetwork(netSpec{subnet4: "10.41.0.0/24", opts: map[string]string{"name": "down"}})
+	if err == nil || !strings.Contains(err.Error(), "unavailable") {
+		t.Fatalf("create network with Consul down: %v, want a store-unavailable error", err)
+	}
+	t.Logf("with Consul down, network create failed after %s: %v", time.Since(start).Round(time.Millisecond), err)
+	var caps map[string]any
+	b.must("/NetworkDriver.GetCapabilities", nil, &caps)
+	c.consul.Start()
+
 	// ...and accepts Leave/DeleteEndpoint for endpoints created before the crash.
 	cb.remove(t)
 	c2.remove(t)
