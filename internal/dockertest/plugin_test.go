@@ -157,16 +157,62 @@ func TestDockerManagedPlugin(t *testing.T) {
 		})
 	}
 	t.Run("outbound", func(t *testing.T) {
-		out, err := run(ctx, "", nil, "ip", "-4", "route", "show", "default")
-		f := strings.Fields(out)
-		if err != nil || len(f) < 3 || f[1] != "via" {
-			t.Fatalf("the host has no IPv4 default gateway to ping: %q %v", out, err)
+		// "Outside" is a namespace of our own, routed from the host: the
+		// container reaches it through docker_gwbridge and its NAT, as it
+		// would reach the world. No packet leaves this machine.
+		outside := testenv.NewNetNS(t)
+		hostIf, nsIf := "cooutv"+fmt.Sprint(third), "eth0"
+		hostAddr, nsAddr := fmt.Sprintf("198.18.%d.1", third), fmt.Sprintf("198.18.%d.2", third)
+		t.Cleanup(func() { run(context.Background(), "", nil, "ip", "link", "del", hostIf) })
+		for _, args := range [][]string{
+			{"ip", "link", "add", hostIf, "type", "veth", "peer", "name", "cooutp" + fmt.Sprint(third)},
+			{"ip", "link", "set", "cooutp" + fmt.Sprint(third), "netns", outside.Path},
+			{"ip", "addr", "add", hostAddr + "/30", "dev", hostIf},
+			{"ip", "link", "set", hostIf, "up"},
+		} {
+			if out, err := run(ctx, "", nil, args[0], args[1:]...); err != nil {
+				t.Fatalf("%v: %v %s", args, err, out)
+			}
 		}
-		if _, err := run(ctx, "", nil, "ping", "-c", "1", "-W", "2", f[2]); err != nil {
-			testenv.Missing(t, "a default gateway the host can ping", fmt.Sprintf("ping %s: %v", f[2], err))
+		for _, args := range [][]string{
+			{"ip", "link", "set", "cooutp" + fmt.Sprint(third), "name", nsIf},
+			{"ip", "addr", "add", nsAddr + "/30", "dev", nsIf},
+			{"ip", "link", "set", nsIf, "up"},
+			{"ip", "route", "add", "default", "via", hostAddr},
+		} {
+			if out, err := outside.Run(t, args...); err != nil {
+				t.Fatalf("%v: %v %s", args, err, out)
+			}
 		}
-		if err := ping(ctx, c2, f[2]); err != nil {
-			t.Errorf("ping the host's default gateway %s from %s within 15 s: %v", f[2], c2, err)
+		if err := ping(ctx, c2, nsAddr); err != nil {
+			t.Errorf("ping %s (outside the overlay, through docker_gwbridge) from %s within 15 s: %v", nsAddr, c2, err)
+		}
+
+		// An --internal network reaches nothing outside.
+		inet, ic := netName+"-int", netName+"-ic"
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			Docker(ctx, "rm", "-f", ic)
+			Docker(ctx, "network", "rm", inet)
+		})
+		if _, err := Docker(ctx, "network", "create", "--internal", "-d", ref, "--ipam-driver", ref,
+			"--subnet", fmt.Sprintf("10.124.%d.0/24", third), inet); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Docker(ctx, "run", "-d", "--name", ic, "--network", inet, BusyboxImage, "sleep", "3600"); err != nil {
+			t.Fatal(err)
+		}
+		for _, dst := range []string{nsAddr, ip1.String()} {
+			if out, err := Docker(ctx, "exec", ic, "ping", "-c", "2", "-W", "1", dst); err == nil {
+				t.Errorf("container on --internal network reached %s:\n%s", dst, out)
+			}
+		}
+		if _, err := Docker(ctx, "rm", "-f", ic); err != nil {
+			t.Error(err)
+		}
+		if _, err := Docker(ctx, "network", "rm", inet); err != nil {
+			t.Error(err)
 		}
 	})
 	t.Run("published port", func(t *testing.T) {
