@@ -13,6 +13,7 @@ import (
 
 	"github.com/docker/go-plugins-helpers/network"
 
+	"consul-overlay/discovery"
 	"consul-overlay/kvstore"
 	"consul-overlay/vxlan"
 )
@@ -32,6 +33,15 @@ type Dataplane interface {
 }
 
 var _ Dataplane = (*vxlan.Manager)(nil)
+
+// Registrar registers joined endpoints as Consul services; it must not
+// block (*discovery.Registrar queues the work).
+type Registrar interface {
+	Register(ep discovery.Endpoint)
+	Deregister(endpointID string)
+}
+
+var _ Registrar = (*discovery.Registrar)(nil)
 
 // Config configures a Driver. Zero values take the documented defaults.
 type Config struct {
@@ -54,6 +64,11 @@ type Config struct {
 	// ResyncInterval re-applies a network's peers after a failed kernel
 	// write (default 10s).
 	ResyncInterval time.Duration
+	// Registrar registers joined endpoints as services (nil: none).
+	Registrar Registrar
+	// ReleaseAddress gives an address of a reclaimed stale endpoint back to
+	// the IPAM address space it came from (nil: addresses are kept).
+	ReleaseAddress func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr) error
 	Logger         *slog.Logger
 }
 
@@ -347,6 +362,14 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 	rec := endpointRecord{
 		ID: req.EndpointID, NetworkKey: n.rec.Key, NetworkID: n.id,
 		Node: d.cfg.Node, VTEP: d.cfg.VTEP.String(), Created: time.Now().UTC(),
+		Options: endpointOptions(req.Options),
+	}
+	if ports, err := discovery.ParseExposedPorts(req.Options[discovery.ExposedPortsOption]); err != nil {
+		// Networking first: a port list we cannot read only costs the
+		// service its port.
+		d.log.Warn("ignore unreadable exposed ports", "endpoint", short(req.EndpointID), "error", err)
+	} else {
+		rec.Ports = ports
 	}
 	var v4, v6 netip.Prefix
 	if iface.Address != "" {
@@ -445,6 +468,9 @@ func (d *Driver) DeleteEndpoint(req *network.DeleteEndpointRequest) error {
 
 // deleteEndpoint removes a local endpoint from the kernel and the store.
 func (d *Driver) deleteEndpoint(ctx context.Context, ep *endpointRecord) error {
+	if d.cfg.Registrar != nil {
+		d.cfg.Registrar.Deregister(ep.ID)
+	}
 	if err := d.dp.DeleteEndpoint(ctx, ep.ID); err != nil {
 		return err
 	}
@@ -488,6 +514,7 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	d.log.Debug("endpoint joined", "network", short(n.id), "endpoint", short(ep.ID), "link", info.ContainerIf)
+	d.joined(ctx, n, ep, req)
 	return &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: info.ContainerIf, DstPrefix: "eth"}}, nil
 }
 
@@ -500,6 +527,14 @@ func (d *Driver) Leave(req *network.LeaveRequest) error {
 		return err
 	}
 	cancel()
+	d.mu.Lock()
+	if ep := d.endpoints[req.EndpointID]; ep != nil {
+		ep.left = true
+	}
+	d.mu.Unlock()
+	if d.cfg.Registrar != nil {
+		d.cfg.Registrar.Deregister(req.EndpointID)
+	}
 	return nil
 }
 

@@ -104,7 +104,7 @@ func checkCompatible(rec *networkRecord, o *networkOptions, node string) error {
 func (d *Driver) createLogical(ctx context.Context, key string, o *networkOptions, member hostMember) (networkRecord, error) {
 	rec := networkRecord{
 		Key: key, Name: o.name, MTU: o.mtu, Internal: o.internal,
-		Subnets: prefixStrings(o.subnets), Options: o.generic,
+		Subnets: prefixStrings(o.subnets), Spaces: o.spaces, Options: o.generic,
 		Hosts: map[string]hostMember{d.cfg.Node: member}, Created: time.Now().UTC(),
 	}
 	for _, g := range o.gateways {

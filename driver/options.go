@@ -20,9 +20,11 @@ const (
 
 // The -o options consul-overlay takes.
 const (
-	optName = "name"
-	optVNI  = "vni"
-	optMTU  = "mtu"
+	optName          = "name"
+	optVNI           = "vni"
+	optMTU           = "mtu"
+	optRegister      = "register"
+	optServicePrefix = "service_prefix"
 )
 
 // Limits for user-supplied values.
@@ -78,6 +80,14 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 				return nil, fmt.Errorf("option vni=%q: want a number from 1 to %d", v, maxVNI)
 			}
 			o.vni = uint32(n)
+		case optRegister:
+			if _, err := strconv.ParseBool(v); err != nil {
+				return nil, fmt.Errorf("option register=%q: want true or false", v)
+			}
+		case optServicePrefix:
+			if strings.ContainsAny(v, " /") {
+				return nil, fmt.Errorf("option service_prefix=%q: no spaces or slashes in a service name", v)
+			}
 		case optMTU, optDockerMTU:
 			n, err := strconv.Atoi(strings.TrimSpace(v))
 			if err != nil || n <= 0 {
@@ -93,7 +103,7 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return nil, fmt.Errorf("unknown option %s: consul-overlay takes -o name=, vni=, mtu= (or %s)", strings.Join(unknown, ", "), optDockerMTU)
+		return nil, fmt.Errorf("unknown option %s: consul-overlay takes -o name=, vni=, mtu= (or %s), register=, service_prefix=", strings.Join(unknown, ", "), optDockerMTU)
 	}
 
 	for _, list := range [][]*network.IPAMData{req.IPv4Data, req.IPv6Data} {

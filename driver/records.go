@@ -2,6 +2,8 @@ package driver
 
 import (
 	"fmt"
+
+	"consul-overlay/discovery"
 	"net/netip"
 	"regexp"
 	"sort"
@@ -18,6 +20,7 @@ type networkRecord struct {
 	// underlay.
 	MTU      int                   `json:"mtu,omitempty"`
 	Subnets  []string              `json:"subnets"`            // pools, IPv4 first
+	Spaces   []string              `json:"spaces,omitempty"`   // IPAM address space of each subnet
 	Gateways []string              `json:"gateways,omitempty"` // CIDR, one per subnet that has one
 	Internal bool                  `json:"internal,omitempty"`
 	Options  map[string]string     `json:"options,omitempty"` // the -o options of the first host
@@ -34,16 +37,26 @@ type hostMember struct {
 
 // endpointRecord is one endpoint, stored at networks/<key>/endpoints/<id>.
 type endpointRecord struct {
-	ID         string    `json:"id"`
-	NetworkKey string    `json:"network_key"`
-	NetworkID  string    `json:"network_id"` // local Docker NetworkID on Node
-	Node       string    `json:"node"`
-	VTEP       string    `json:"vtep"`
-	IPv4       string    `json:"ipv4,omitempty"` // CIDR as Docker gave it
-	IPv6       string    `json:"ipv6,omitempty"`
-	MAC        string    `json:"mac"`
-	Options    any       `json:"options,omitempty"`
-	Created    time.Time `json:"created"`
+	ID         string `json:"id"`
+	NetworkKey string `json:"network_key"`
+	NetworkID  string `json:"network_id"` // local Docker NetworkID on Node
+	Node       string `json:"node"`
+	VTEP       string `json:"vtep"`
+	IPv4       string `json:"ipv4,omitempty"` // CIDR as Docker gave it
+	IPv6       string `json:"ipv6,omitempty"`
+	MAC        string `json:"mac"`
+	// Options are the endpoint's own driver options (string values, not
+	// Docker's com.docker.* keys): SERVICE_* settings for registration.
+	Options map[string]string `json:"options,omitempty"`
+	// Ports are the container's exposed ports.
+	Ports []discovery.Port `json:"ports,omitempty"`
+	// ContainerID is known from Join's SandboxKey (a prefix of the ID).
+	ContainerID string    `json:"container_id,omitempty"`
+	Created     time.Time `json:"created"`
+
+	// left is set by Leave: the endpoint is no longer a service. Local to
+	// this process; guarded by Driver.mu.
+	left bool
 }
 
 // vniRecord reserves a VNI for one logical network at vnis/<vni>.

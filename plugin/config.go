@@ -9,8 +9,11 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/vishvananda/netlink"
+
+	"consul-overlay/internal/dockerapi"
 )
 
 // Config is the daemon's validated configuration. Every field comes from an
@@ -28,6 +31,14 @@ type Config struct {
 	// SysctlRoot is where the host's /proc/sys is (SYSCTL_ROOT; the managed
 	// plugin's own /proc/sys is read-only). "" means /proc/sys.
 	SysctlRoot string
+	// DockerSocket is the engine's API socket for container metadata
+	// (DOCKER_HOST=unix://…, default /var/run/docker.sock, or
+	// /run/docker.sock in the managed plugin); DOCKER_HOST=none turns the
+	// Docker API off.
+	DockerSocket string
+	// AntiEntropy is how often registrations are compared with what this
+	// host holds (ANTI_ENTROPY_INTERVAL, default 30s).
+	AntiEntropy time.Duration
 
 	// IPAM defaults for networks created without --subnet.
 	PoolV4, PoolV6         netip.Prefix
@@ -100,6 +111,21 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		c.LogFormat = "json"
 	default:
 		return c, fmt.Errorf("LOG_FORMAT=%q: want text or json", v)
+	}
+	if v := strings.TrimSpace(getenv("DOCKER_HOST")); v != "none" {
+		p, err := dockerapi.SocketPath(getenv)
+		if err != nil {
+			return c, err
+		}
+		c.DockerSocket = p
+	}
+	c.AntiEntropy = 30 * time.Second
+	if v := strings.TrimSpace(getenv("ANTI_ENTROPY_INTERVAL")); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < time.Second {
+			return c, fmt.Errorf("ANTI_ENTROPY_INTERVAL=%q: want a duration of at least 1s, like 30s", v)
+		}
+		c.AntiEntropy = d
 	}
 	var err error
 	if c.PoolV4, c.PoolV4Size, err = poolSetting(getenv, "IPAM_DEFAULT_POOL", false); err != nil {

@@ -86,6 +86,8 @@ func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, pref
 		"NODE_NAME=" + name,
 		"VTEP_ADDR=" + host.Addr.String(),
 		"LOG_LEVEL=debug",
+		// No engine here: container metadata comes from driver options.
+		"DOCKER_HOST=none",
 	}
 	if consulAddr != "" {
 		p.env = append(p.env, "CONSUL_HTTP_ADDR="+consulAddr, "KV_PREFIX="+prefix)

@@ -9,13 +9,18 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"syscall"
 	"time"
 
+	"github.com/hashicorp/consul/api"
+
+	"consul-overlay/discovery"
 	"consul-overlay/driver"
+	"consul-overlay/internal/dockerapi"
 	"consul-overlay/ipam"
 	"consul-overlay/kvstore"
 	"consul-overlay/vxlan"
@@ -129,18 +134,64 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("ipam: %w", err)
 	}
-	drv, err := driver.New(driver.Config{
+	// Registration needs the local Consul agent; the driver and the
+	// registrar refer to each other (Held and OnStale call the driver).
+	var drv *driver.Driver
+	var reg *discovery.Registrar
+	if c, ok := store.(*kvstore.Consul); ok {
+		reg, err = newRegistrar(cfg, log, node, c.Client(),
+			func(ctx context.Context) ([]discovery.Endpoint, error) { return drv.HeldEndpoints(ctx) },
+			func(ctx context.Context, id string) { drv.ReclaimEndpoint(ctx, id) })
+		if err != nil {
+			return err
+		}
+	}
+	dcfg := driver.Config{
 		Node: node, VTEP: vtep, Shared: shared,
 		OwnsAddressSpace: ip.Owns,
-		Logger:           log,
-	}, store, dp)
+		ReleaseAddress: func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr) error {
+			return ip.FreeAddress(ctx, ipam.PoolID(space, subnet, netip.Prefix{}), a)
+		},
+		Logger: log,
+	}
+	if reg != nil {
+		dcfg.Registrar = reg
+	}
+	drv, err = driver.New(dcfg, store, dp)
 	if err != nil {
 		return err
 	}
 	drv.Start()
 	defer drv.Close()
+	if reg != nil {
+		rctx, rcancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); reg.Run(rctx) }()
+		defer func() { rcancel(); <-done }()
+	}
 	log.Info("consul-overlay started", "node", node, "vtep", vtep, "vxlan_port", cfg.VXLANPort, "shared_store", shared)
 	return serve(ctx, l, newServer(log, drv, ip))
+}
+
+// newRegistrar builds the service registrar. The Docker API (container
+// names, labels and environment) is optional: without it services are
+// named from what the driver knows, and nothing is found stale.
+func newRegistrar(cfg Config, log *slog.Logger, node string, agent *api.Client,
+	held func(context.Context) ([]discovery.Endpoint, error), onStale func(context.Context, string)) (*discovery.Registrar, error) {
+	var docker *dockerapi.Client
+	if cfg.DockerSocket != "" {
+		docker = dockerapi.New(cfg.DockerSocket)
+	}
+	reg, err := discovery.New(discovery.Config{
+		Node: node, Agent: agent, Docker: docker,
+		Interval: cfg.AntiEntropy,
+		Held:     held, OnStale: onStale,
+		Logger: log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("service registration: %w", err)
+	}
+	return reg, nil
 }
 
 // openStore opens Consul when CONSUL_HTTP_ADDR is set, else the embedded

@@ -1,0 +1,161 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+
+	"github.com/docker/go-plugins-helpers/network"
+
+	"consul-overlay/discovery"
+	"consul-overlay/kvstore"
+)
+
+// endpointOptions keeps the endpoint's own driver options (docker run
+// --network name=app,driver-opt=SERVICE_NAME=web): string values that are
+// not Docker's com.docker.* keys.
+func endpointOptions(opts map[string]interface{}) map[string]string {
+	var out map[string]string
+	for k, v := range opts {
+		s, ok := v.(string)
+		if !ok || strings.HasPrefix(k, "com.docker.") {
+			continue
+		}
+		if out == nil {
+			out = map[string]string{}
+		}
+		out[k] = s
+	}
+	return out
+}
+
+// joined records what Join learned (the container, its exposed ports) and
+// hands the endpoint to the registrar. Networking comes first: a store
+// failure here is logged, never returned, and the registrar retries on
+// its own.
+func (d *Driver) joined(ctx context.Context, n *localNetwork, ep *endpointRecord, req *network.JoinRequest) {
+	d.mu.Lock()
+	ep.left = false
+	if cid := discovery.ContainerIDFromSandboxKey(req.SandboxKey); cid != "" {
+		ep.ContainerID = cid
+	}
+	if len(ep.Ports) == 0 {
+		if ports, err := discovery.ParseExposedPorts(req.Options[discovery.ExposedPortsOption]); err == nil {
+			ep.Ports = ports
+		}
+	}
+	rec := *ep
+	d.mu.Unlock()
+	if val, err := kvstore.Encode(rec); err == nil {
+		if err := d.store.Put(ctx, endpointKey(rec.NetworkKey, rec.ID), val); err != nil {
+			d.log.Warn("record the container of an endpoint", "endpoint", short(rec.ID), "error", err)
+		}
+	}
+	if d.cfg.Registrar != nil {
+		d.cfg.Registrar.Register(serviceEndpoint(n.rec, &rec))
+	}
+}
+
+// serviceEndpoint describes a joined endpoint to the registrar.
+func serviceEndpoint(net networkRecord, ep *endpointRecord) discovery.Endpoint {
+	e := discovery.Endpoint{
+		ID:            ep.ID,
+		Network:       net.Name,
+		NetworkID:     ep.NetworkID,
+		Ports:         ep.Ports,
+		ContainerID:   ep.ContainerID,
+		Options:       ep.Options,
+		Register:      true,
+		ServicePrefix: net.Options[optServicePrefix],
+	}
+	if e.Network == "" {
+		e.Network = net.Key
+	}
+	if v, ok := net.Options[optRegister]; ok {
+		e.Register, _ = strconv.ParseBool(v)
+	}
+	if p, err := netip.ParsePrefix(ep.IPv4); err == nil {
+		e.IPv4 = p.Addr()
+	}
+	if p, err := netip.ParsePrefix(ep.IPv6); err == nil {
+		e.IPv6 = p.Addr()
+	}
+	return e
+}
+
+// HeldEndpoints lists this node's joined endpoints, for the registrar's
+// anti-entropy. It fails until the state is restored, so the registrar
+// never takes an empty list for the truth.
+func (d *Driver) HeldEndpoints(ctx context.Context) ([]discovery.Endpoint, error) {
+	select {
+	case <-d.ready:
+	default:
+		return nil, errors.New("driver state not restored yet")
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []discovery.Endpoint
+	for _, ep := range d.endpoints {
+		n := d.networks[ep.NetworkID]
+		if n == nil || ep.left || ep.ContainerID == "" {
+			continue
+		}
+		out = append(out, serviceEndpoint(n.rec, ep))
+	}
+	return out, nil
+}
+
+// ReclaimEndpoint removes an endpoint whose container Docker no longer has
+// (Docker's DeleteEndpoint never came, for example because the plugin was
+// down): its veth, its record, and its addresses in IPAM.
+func (d *Driver) ReclaimEndpoint(ctx context.Context, id string) {
+	d.mu.Lock()
+	ep := d.endpoints[id]
+	var n *localNetwork
+	if ep != nil {
+		n = d.networks[ep.NetworkID]
+	}
+	d.mu.Unlock()
+	if ep == nil {
+		return
+	}
+	if err := d.deleteEndpoint(ctx, ep); err != nil {
+		d.log.Warn("reclaim stale endpoint", "endpoint", short(id), "error", err)
+		return
+	}
+	if n != nil && d.cfg.ReleaseAddress != nil {
+		for _, a := range []string{ep.IPv4, ep.IPv6} {
+			if err := d.releaseAddress(ctx, n.rec, a); err != nil {
+				d.log.Warn("release address of stale endpoint", "endpoint", short(id), "address", a, "error", err)
+			}
+		}
+	}
+	d.log.Info("stale endpoint reclaimed", "endpoint", short(id), "container", ep.ContainerID, "ipv4", ep.IPv4, "ipv6", ep.IPv6)
+}
+
+// releaseAddress returns one endpoint address (CIDR, may be empty) to the
+// IPAM address space of the subnet that holds it.
+func (d *Driver) releaseAddress(ctx context.Context, rec networkRecord, cidr string) error {
+	if cidr == "" {
+		return nil
+	}
+	p, err := netip.ParsePrefix(cidr)
+	if err != nil {
+		return err
+	}
+	for i, s := range rec.Subnets {
+		subnet, err := netip.ParsePrefix(s)
+		if err != nil || !subnet.Contains(p.Addr()) || i >= len(rec.Spaces) {
+			continue
+		}
+		space := rec.Spaces[i]
+		if d.cfg.OwnsAddressSpace != nil && !d.cfg.OwnsAddressSpace(space) {
+			return nil // another IPAM's address: Docker releases it there
+		}
+		return d.cfg.ReleaseAddress(ctx, space, subnet, p.Addr())
+	}
+	return fmt.Errorf("no subnet of network %s holds %s", rec.label(), p.Addr())
+}
