@@ -1,0 +1,140 @@
+package discovery
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"consul-overlay/internal/testenv"
+	"consul-overlay/kvstore"
+)
+
+// agentClient builds the agent client the way the plugin does, through
+// kvstore.
+func agentClient(t *testing.T, a *testenv.ConsulAgent) *api.Client {
+	t.Helper()
+	store, err := kvstore.NewConsul(kvstore.ConsulConfig{Address: a.Addr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	return store.Client()
+}
+
+func testLogger(t *testing.T) *slog.Logger {
+	if testing.Verbose() || os.Getenv("DISCOVERY_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("test", t.Name())
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// startRegistrar builds a registrar and runs it until the test ends, then
+// checks that Run returned.
+func startRegistrar(t *testing.T, cfg Config) *Registrar {
+	t.Helper()
+	if cfg.Logger == nil {
+		cfg.Logger = testLogger(t)
+	}
+	r, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run returned %v", err)
+			}
+		case <-time.After(15 * time.Second):
+			t.Error("Run did not return within 15s of cancel")
+		}
+	})
+	return r
+}
+
+// ourServices lists the agent's services carrying the marker.
+func ourServices(ctx context.Context, c *api.Client) (map[string]*api.AgentService, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	return c.Agent().ServicesWithFilterOpts(fmt.Sprintf("Meta[%q] == %q", MetaManagedBy, ManagedByValue),
+		(&api.QueryOptions{}).WithContext(ctx))
+}
+
+// eventually retries f every 20ms until it succeeds or within passes.
+func eventually(t *testing.T, within time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not within %s: %v", within, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func endpointID(n int) string { return fmt.Sprintf("%064x", n+0xe0000) }
+
+func loopback(n int) netip.Addr { return netip.AddrFrom4([4]byte{127, 0, 0, byte(n)}) }
+
+func sortedKeys[V any](m map[string]V) []string {
+	var ks []string
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
+}
+
+// heldList is a Held callback over a mutable list.
+type heldList struct {
+	mu  sync.Mutex
+	eps []Endpoint
+}
+
+func (h *heldList) set(eps ...Endpoint) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.eps = append([]Endpoint(nil), eps...)
+}
+
+func (h *heldList) held(context.Context) ([]Endpoint, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]Endpoint(nil), h.eps...), nil
+}
+
+// staleLog records OnStale calls.
+type staleLog struct {
+	mu  sync.Mutex
+	ids []string
+}
+
+func (s *staleLog) onStale(_ context.Context, id string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ids = append(s.ids, id)
+}
+
+func (s *staleLog) get() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := append([]string(nil), s.ids...)
+	sort.Strings(out)
+	return out
+}

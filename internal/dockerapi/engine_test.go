@@ -1,0 +1,148 @@
+package dockerapi
+
+import (
+	"context"
+	"errors"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"consul-overlay/internal/dockertest"
+)
+
+// realEngine returns a client of the machine's engine, built as the
+// plugin builds it, and makes sure the test image exists.
+func realEngine(t *testing.T) *Client {
+	t.Helper()
+	dockertest.Require(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	root, err := dockertest.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dockertest.BuildBusybox(ctx, root); err != nil {
+		t.Fatalf("build test image: %v", err)
+	}
+	sock, err := SocketPath(os.Getenv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := New(sock)
+	t.Cleanup(c.Close)
+	return c
+}
+
+// createContainer creates (not starts) a container from the test image and
+// removes it when the test ends.
+func createContainer(t *testing.T, args ...string) (id, name string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	name = dockertest.UniqueName("dockerapi-test-")
+	args = append(append([]string{"create", "--name", name}, args...), dockertest.BusyboxImage, "sleep", "300")
+	id, err := dockertest.Docker(ctx, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if _, err := dockertest.Docker(ctx, "rm", "-f", id); err != nil {
+			t.Logf("cleanup: %v", err)
+		}
+	})
+	return id, name
+}
+
+func TestEngineInspectList(t *testing.T) {
+	c := realEngine(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	v, err := c.Negotiate(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("negotiated API version %s", v)
+
+	id, name := createContainer(t, "-l", "SERVICE_NAME=web", "-l", "com.docker.compose.service=front", "-e", "SERVICE_TAGS=a,b")
+	for _, ref := range []string{id, id[:12], name} {
+		got, err := c.Inspect(ctx, ref)
+		if err != nil {
+			t.Fatalf("Inspect(%s): %v", ref, err)
+		}
+		if got.ID != id || got.Name != name || got.Labels["SERVICE_NAME"] != "web" ||
+			got.Labels["com.docker.compose.service"] != "front" || !slices.Contains(got.Env, "SERVICE_TAGS=a,b") || got.Running {
+			t.Fatalf("Inspect(%s) = %+v", ref, got)
+		}
+	}
+	if _, err := c.Inspect(ctx, strings.Repeat("f", 64)); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Inspect(absent) = %v, want ErrNotFound", err)
+	}
+
+	list, err := c.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := slices.IndexFunc(list, func(s Summary) bool { return s.ID == id })
+	if i < 0 {
+		t.Fatalf("List does not hold created container %s (all=true)", id)
+	}
+	if s := list[i]; !slices.Contains(s.Names, name) || s.State != "created" || s.Labels["SERVICE_NAME"] != "web" {
+		t.Errorf("List entry = %+v", s)
+	}
+}
+
+func TestEngineEvents(t *testing.T) {
+	c := realEngine(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	id, _ := createContainer(t)
+
+	filters := map[string][]string{"type": {"container"}, "event": {"start", "die", "destroy"}, "container": {id}}
+	sctx, stop := context.WithCancel(ctx)
+	evs, errc, err := c.Events(sctx, time.Time{}, filters)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := time.Now()
+	if _, err := dockertest.Docker(ctx, "start", id); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-evs:
+		if ev.Type != "container" || ev.Action != "start" || ev.ActorID != id {
+			t.Fatalf("first event = %+v, want start of %s", ev, id)
+		}
+		t.Logf("start event %s after docker start began", time.Since(before))
+	case err := <-errc:
+		t.Fatalf("stream ended: %v", err)
+	case <-ctx.Done():
+		t.Fatal("no start event")
+	}
+	stop()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Errorf("stream error after cancel = %v", err)
+	}
+
+	// since replays what the engine still holds.
+	evs, errc, err = c.Events(ctx, before.Add(-time.Second), filters)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-evs:
+		if ev.Action != "start" || ev.ActorID != id {
+			t.Fatalf("replayed event = %+v, want start of %s", ev, id)
+		}
+	case err := <-errc:
+		t.Fatalf("stream ended: %v", err)
+	case <-ctx.Done():
+		t.Fatal("start event not replayed with since")
+	}
+	cancel()
+	<-errc
+}
