@@ -345,7 +345,25 @@ func (n *dockerNet) run(t *testing.T) *container {
 }
 
 func (n *dockerNet) tryRun(t *testing.T) (*container, error) {
+	return n.tryRunWith(t, nil)
+}
+
+// runWith starts a container whose endpoint carries options, as Docker
+// passes driver options and exposed ports in CreateEndpoint and Join.
+func (n *dockerNet) runWith(t *testing.T, epOpts map[string]any) *container {
+	t.Helper()
+	c, err := n.tryRunWith(t, epOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func (n *dockerNet) tryRunWith(t *testing.T, epOpts map[string]any) (*container, error) {
 	p := n.p
+	if epOpts == nil {
+		epOpts = map[string]any{}
+	}
 	c := &container{n: n, eid: randomID(), ns: testenv.NewNetNS(t)}
 	// Like Docker: an IPAM that requires a MAC gets a random one with each
 	// endpoint address request, and the driver gets it in CreateEndpoint.
@@ -376,7 +394,7 @@ func (n *dockerNet) tryRun(t *testing.T) (*container, error) {
 		iface["AddressIPv6"] = ar6.Address
 	}
 	var cr struct{ Interface *struct{ MacAddress string } }
-	if err := p.call("/NetworkDriver.CreateEndpoint", map[string]any{"NetworkID": n.id, "EndpointID": c.eid, "Interface": iface, "Options": map[string]any{}}, &cr); err != nil {
+	if err := p.call("/NetworkDriver.CreateEndpoint", map[string]any{"NetworkID": n.id, "EndpointID": c.eid, "Interface": iface, "Options": epOpts}, &cr); err != nil {
 		return nil, err
 	}
 	if cr.Interface != nil {
@@ -389,7 +407,7 @@ func (n *dockerNet) tryRun(t *testing.T) (*container, error) {
 		InterfaceName struct{ SrcName, DstPrefix string }
 		Gateway       string
 	}
-	if err := p.call("/NetworkDriver.Join", map[string]any{"NetworkID": n.id, "EndpointID": c.eid, "SandboxKey": c.ns.Path, "Options": map[string]any{}}, &jr); err != nil {
+	if err := p.call("/NetworkDriver.Join", map[string]any{"NetworkID": n.id, "EndpointID": c.eid, "SandboxKey": c.ns.Path, "Options": epOpts}, &jr); err != nil {
 		return nil, err
 	}
 	c.src = jr.InterfaceName.SrcName
