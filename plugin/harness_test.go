@@ -218,6 +218,8 @@ type dockerNet struct {
 	pool4, pool6 string // pool IDs
 	subnet4, gw4 string
 	subnet6, gw6 string
+	// beforeJoin, if set, runs between CreateEndpoint and Join.
+	beforeJoin func()
 }
 
 type netSpec struct {
@@ -402,6 +404,9 @@ func (n *dockerNet) tryRunWith(t *testing.T, epOpts map[string]any) (*container,
 			return nil, fmt.Errorf("CreateEndpoint answered MAC %s though Docker gave %s (Docker refuses that)", cr.Interface.MacAddress, c.mac)
 		}
 		c.mac = cr.Interface.MacAddress
+	}
+	if n.beforeJoin != nil {
+		n.beforeJoin()
 	}
 	var jr struct {
 		InterfaceName struct{ SrcName, DstPrefix string }

@@ -161,3 +161,66 @@ func consulClient(t *testing.T, agent *testenv.ConsulAgent) *api.Client {
 	}
 	return c
 }
+
+// TestProtocolRegistrationAgentRestart: the host's agent goes down between
+// CreateEndpoint and Join (containers starting while Consul restarts).
+// Join still succeeds, and once the agent is back every endpoint is
+// registered exactly once.
+func TestProtocolRegistrationAgentRestart(t *testing.T) {
+	testenv.RequireRoot(t)
+	hosts := testenv.NewUnderlay(t, 2, testenv.UnderlayOptions{})
+	server := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()))
+	client := testenv.StartConsul(t, testenv.WithNetNS(hosts[1].NS.Path), testenv.WithBindAddr(hosts[1].Addr.String()),
+		testenv.WithRetryJoin(server.SerfLANAddr),
+		testenv.WithArgs("-server=false", "-data-dir", filepath.Join(t.TempDir(), "consul")))
+	prefix := "co-regr-" + randomID()[:8] + "/"
+	pb := startPlugin(t, "host1", hosts[1], client.Addr, prefix)
+	nb, err := pb.createNetwork(netSpec{subnet4: "10.61.0.0/24", opts: map[string]string{"name": "svc2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := map[string]any{"SERVICE_NAME": "api", "com.docker.network.endpoint.exposedports": []map[string]int{{"Proto": 6, "Port": 8080}}}
+
+	// Each endpoint is created while the agent is up; the agent stops
+	// before the container joins. Join must still succeed. The agent comes
+	// back after the last one.
+	var ctrs []*container
+	for i := 0; i < 4; i++ {
+		client.Start()
+		nb.beforeJoin = client.Stop
+		c, err := nb.tryRunWith(t, opts)
+		nb.beforeJoin = nil
+		if err != nil {
+			t.Fatalf("container %d, agent down at Join: %v", i, err)
+		}
+		ctrs = append(ctrs, c)
+	}
+	client.Start()
+
+	agent := consulClient(t, client)
+	eventually(t, 20*time.Second, func() error {
+		svcs, err := agent.Agent().ServicesWithFilter(`Service == "api"`)
+		if err != nil {
+			return err
+		}
+		byEndpoint := map[string]int{}
+		for _, s := range svcs {
+			byEndpoint[s.Meta["endpoint-id"]]++
+		}
+		for _, c := range ctrs {
+			if byEndpoint[c.eid] != 1 {
+				return fmt.Errorf("endpoint %s has %d services, want exactly 1 (all: %d)", c.eid[:12], byEndpoint[c.eid], len(svcs))
+			}
+		}
+		if len(svcs) != len(ctrs) {
+			return fmt.Errorf("%d services for %d endpoints", len(svcs), len(ctrs))
+		}
+		return nil
+	})
+	for _, c := range ctrs {
+		c.remove(t)
+	}
+	if err := nb.remove(); err != nil {
+		t.Fatal(err)
+	}
+}
