@@ -150,9 +150,12 @@ func comparePorts(a, b Port) int {
 	return protoOrder[a.Proto] - protoOrder[b.Proto]
 }
 
-// ContainerIDFromSandboxKey returns the container ID prefix in a Join
-// request's SandboxKey, which Docker builds as <exec-root>/netns/<first 12
-// hex digits of the container ID>. Anything else (for example the host's
+// ContainerIDFromSandboxKey returns the 12-hex-digit ID a Join request's
+// SandboxKey ends in (<exec-root>/netns/<id>). Docker names the file after
+// the container's network sandbox, not the container (checked on 20.10:
+// SandboxKey /var/run/docker/netns/f0d97946764d is the sandbox f0d97946…
+// of container d34d99cc…), so this is no container ID: the registrar finds
+// containers by their endpoint IDs. Anything else (for example the host's
 // "default" namespace) gives "".
 func ContainerIDFromSandboxKey(key string) string {
 	if key == "" || strings.HasSuffix(key, "/") {

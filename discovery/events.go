@@ -3,6 +3,7 @@ package discovery
 import (
 	"context"
 	"errors"
+	"slices"
 	"time"
 
 	"consul-overlay/internal/dockerapi"
@@ -87,8 +88,11 @@ func (r *Registrar) handleEvent(ev dockerapi.Event) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	// The event names the container, not its endpoints. An endpoint whose
+	// container the driver could not name (Docker's SandboxKey names the
+	// sandbox, not the container) may be this one's: inspect to find out.
 	for _, e := range r.eps {
-		if e.info == nil && idMatches(cid, e.ep.ContainerID) {
+		if e.info == nil && (e.ep.ContainerID == "" || idMatches(cid, e.ep.ContainerID)) {
 			r.queueInspectLocked(cid)
 			return
 		}
@@ -162,7 +166,7 @@ func (r *Registrar) setMetaLocked(c *dockerapi.Container) int {
 	r.meta[c.ID[:12]] = c
 	n := 0
 	for id, e := range r.eps {
-		if e.info == nil && idMatches(c.ID, e.ep.ContainerID) {
+		if e.info == nil && belongs(c.ID, c.EndpointIDs, e.ep) {
 			e.info = c
 			r.dirty[id] = true
 			n++
@@ -171,14 +175,18 @@ func (r *Registrar) setMetaLocked(c *dockerapi.Container) int {
 	return n
 }
 
-// metaLocked returns the cached metadata of the container with this ID
-// prefix, or nil. Caller holds mu.
-func (r *Registrar) metaLocked(prefix string) *dockerapi.Container {
-	if len(prefix) < 12 {
-		return nil
+// metaLocked returns the cached metadata of the endpoint's container, or
+// nil. Caller holds mu.
+func (r *Registrar) metaLocked(ep Endpoint) *dockerapi.Container {
+	if p := ep.ContainerID; len(p) >= 12 {
+		if c := r.meta[p[:12]]; c != nil && idMatches(c.ID, p) {
+			return c
+		}
 	}
-	if c := r.meta[prefix[:12]]; c != nil && idMatches(c.ID, prefix) {
-		return c
+	for _, c := range r.meta {
+		if slices.Contains(c.EndpointIDs, ep.ID) {
+			return c
+		}
 	}
 	return nil
 }

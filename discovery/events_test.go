@@ -67,7 +67,7 @@ func TestHandleEvent(t *testing.T) {
 	r.handleEvent(dockerapi.Event{Type: "container", Action: "destroy", ActorID: known})
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.metaLocked(known[:12]) != nil {
+	if r.metaLocked(Endpoint{ID: "e-destroyed", ContainerID: known[:12]}) != nil {
 		t.Error("metadata kept after destroy")
 	}
 	if r.eps["e2"].info == nil {

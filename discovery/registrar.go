@@ -91,10 +91,24 @@ type Registrar struct {
 
 // entry is one endpoint; fields are guarded by Registrar.mu.
 type entry struct {
-	ep   Endpoint
-	seq  uint64               // Registrar.seq when it was last set
-	info *dockerapi.Container // nil until known
-	ids  []string             // service IDs written to the agent for it
+	ep    Endpoint
+	seq   uint64               // Registrar.seq when it was last set
+	info  *dockerapi.Container // nil until known
+	ids   []string             // service IDs written to the agent for it
+	since time.Time            // when the endpoint was first set
+}
+
+// staleGrace is how long an endpoint known only by its ID must be held
+// before a container list that lacks it counts as proof that its container
+// is gone: Docker records the endpoint in the container's state only after
+// Join has returned.
+const staleGrace = 5 * time.Second
+
+// belongs reports whether a container (its ID and endpoint IDs) is the one
+// of an endpoint: Docker lists the endpoint among the container's, or the
+// container ID matches the one the driver knew.
+func belongs(id string, endpointIDs []string, ep Endpoint) bool {
+	return slices.Contains(endpointIDs, ep.ID) || (ep.ContainerID != "" && idMatches(id, ep.ContainerID))
 }
 
 // New checks cfg and returns a registrar. It does no I/O.
@@ -156,13 +170,13 @@ func (r *Registrar) Register(ep Endpoint) {
 func (r *Registrar) setLocked(ep Endpoint) {
 	e := r.eps[ep.ID]
 	if e == nil {
-		e = &entry{}
+		e = &entry{since: time.Now()}
 		r.eps[ep.ID] = e
 	}
 	r.seq++
 	e.ep, e.seq = ep, r.seq
-	if e.info == nil || !idMatches(e.info.ID, ep.ContainerID) {
-		e.info = r.metaLocked(ep.ContainerID)
+	if e.info == nil || !belongs(e.info.ID, e.info.EndpointIDs, ep) {
+		e.info = r.metaLocked(ep)
 	}
 	r.dirty[ep.ID] = true
 }
@@ -472,6 +486,7 @@ func (r *Registrar) Sync(ctx context.Context) error {
 			// Never conclude anything from an engine that did not answer.
 			r.log.Debug("docker unavailable, skipping stale check", "err", err)
 		} else {
+			r.queueListedMeta(containers)
 			for _, id := range r.dropStale(containers, start) {
 				r.log.Info("endpoint's container is gone, dropping it", "endpoint", id)
 				if r.cfg.OnStale != nil {
@@ -536,6 +551,24 @@ func (r *Registrar) mergeHeld(held []Endpoint, start uint64) {
 	r.queueMissingMetaLocked()
 }
 
+// queueListedMeta queues an inspection of the containers that hold
+// endpoints still without metadata.
+func (r *Registrar) queueListedMeta(containers []dockerapi.Summary) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, e := range r.eps {
+		if e.info != nil {
+			continue
+		}
+		for _, c := range containers {
+			if belongs(c.ID, c.EndpointIDs, e.ep) {
+				r.queueInspectLocked(c.ID)
+				break
+			}
+		}
+	}
+}
+
 // dropStale removes the entries (known before the pass started) whose
 // container is not among containers, forgets metadata of containers that
 // are gone, and returns the dropped endpoint IDs.
@@ -547,7 +580,10 @@ func (r *Registrar) dropStale(containers []dockerapi.Summary, start uint64) []st
 	}
 	var stale []string
 	for id, e := range r.eps {
-		if e.ep.ContainerID != "" && e.seq <= start && !exists(e.ep.ContainerID) {
+		if e.seq > start || (e.ep.ContainerID == "" && time.Since(e.since) < staleGrace) {
+			continue
+		}
+		if !slices.ContainsFunc(containers, func(c dockerapi.Summary) bool { return belongs(c.ID, c.EndpointIDs, e.ep) }) {
 			stale = append(stale, id)
 		}
 	}

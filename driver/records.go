@@ -50,9 +50,10 @@ type endpointRecord struct {
 	Options map[string]string `json:"options,omitempty"`
 	// Ports are the container's exposed ports.
 	Ports []discovery.Port `json:"ports,omitempty"`
-	// ContainerID is known from Join's SandboxKey (a prefix of the ID).
-	ContainerID string    `json:"container_id,omitempty"`
-	Created     time.Time `json:"created"`
+	// Sandbox is the ID Join's SandboxKey ends in (Docker's sandbox, not
+	// the container): set once the endpoint has joined.
+	Sandbox string    `json:"sandbox,omitempty"`
+	Created time.Time `json:"created"`
 
 	// left is set by Leave: the endpoint is no longer a service. Local to
 	// this process; guarded by Driver.mu.

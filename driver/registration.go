@@ -39,8 +39,9 @@ func endpointOptions(opts map[string]interface{}) map[string]string {
 func (d *Driver) joined(ctx context.Context, n *localNetwork, ep *endpointRecord, req *network.JoinRequest) {
 	d.mu.Lock()
 	ep.left = false
-	if cid := discovery.ContainerIDFromSandboxKey(req.SandboxKey); cid != "" {
-		ep.ContainerID = cid
+	ep.Sandbox = discovery.ContainerIDFromSandboxKey(req.SandboxKey)
+	if ep.Sandbox == "" {
+		ep.Sandbox = "joined" // a SandboxKey of another form: still joined
 	}
 	if len(ep.Ports) == 0 {
 		if ports, err := discovery.ParseExposedPorts(req.Options[discovery.ExposedPortsOption]); err == nil {
@@ -62,11 +63,12 @@ func (d *Driver) joined(ctx context.Context, n *localNetwork, ep *endpointRecord
 // serviceEndpoint describes a joined endpoint to the registrar.
 func serviceEndpoint(net networkRecord, ep *endpointRecord) discovery.Endpoint {
 	e := discovery.Endpoint{
-		ID:            ep.ID,
-		Network:       net.Name,
-		NetworkID:     ep.NetworkID,
-		Ports:         ep.Ports,
-		ContainerID:   ep.ContainerID,
+		ID:        ep.ID,
+		Network:   net.Name,
+		NetworkID: ep.NetworkID,
+		Ports:     ep.Ports,
+		// The registrar finds the container by its endpoint ID: Docker's
+		// SandboxKey names the sandbox, not the container.
 		Options:       ep.Options,
 		Register:      true,
 		ServicePrefix: net.Options[optServicePrefix],
@@ -100,7 +102,7 @@ func (d *Driver) HeldEndpoints(ctx context.Context) ([]discovery.Endpoint, error
 	var out []discovery.Endpoint
 	for _, ep := range d.endpoints {
 		n := d.networks[ep.NetworkID]
-		if n == nil || ep.left || ep.ContainerID == "" {
+		if n == nil || ep.left || ep.Sandbox == "" {
 			continue
 		}
 		out = append(out, serviceEndpoint(n.rec, ep))
@@ -133,7 +135,7 @@ func (d *Driver) ReclaimEndpoint(ctx context.Context, id string) {
 			}
 		}
 	}
-	d.log.Info("stale endpoint reclaimed", "endpoint", short(id), "container", ep.ContainerID, "ipv4", ep.IPv4, "ipv6", ep.IPv6)
+	d.log.Info("stale endpoint reclaimed", "endpoint", short(id), "ipv4", ep.IPv4, "ipv6", ep.IPv6)
 }
 
 // releaseAddress returns one endpoint address (CIDR, may be empty) to the

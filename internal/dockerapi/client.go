@@ -51,6 +51,9 @@ type Container struct {
 	Labels map[string]string
 	// Running is State.Running.
 	Running bool
+	// EndpointIDs are the container's network endpoints (the IDs network
+	// drivers get in CreateEndpoint and Join).
+	EndpointIDs []string
 }
 
 // Summary is one entry of List.
@@ -62,6 +65,8 @@ type Summary struct {
 	Labels map[string]string
 	// State is "created", "running", "exited", ...
 	State string
+	// EndpointIDs are the container's network endpoints.
+	EndpointIDs []string
 }
 
 // Event is one message of the event stream.
@@ -218,7 +223,8 @@ func (c *Client) Inspect(ctx context.Context, id string) (Container, error) {
 			Env    []string
 			Labels map[string]string
 		}
-		State struct{ Running bool }
+		State           struct{ Running bool }
+		NetworkSettings networkSettings
 	}
 	if err := c.call(ctx, http.MethodGet, "/containers/"+url.PathEscape(id)+"/json", &raw); err != nil {
 		if se := (*StatusError)(nil); errors.As(err, &se) && se.Code == http.StatusNotFound {
@@ -232,23 +238,42 @@ func (c *Client) Inspect(ctx context.Context, id string) (Container, error) {
 		Env:     raw.Config.Env,
 		Labels:  raw.Config.Labels,
 		Running: raw.State.Running,
+
+		EndpointIDs: raw.NetworkSettings.endpointIDs(),
 	}, nil
+}
+
+// networkSettings is the part of NetworkSettings that names the
+// container's endpoints, in both inspect and list answers.
+type networkSettings struct {
+	Networks map[string]struct{ EndpointID string }
+}
+
+func (n networkSettings) endpointIDs() []string {
+	var ids []string
+	for _, nw := range n.Networks {
+		if nw.EndpointID != "" {
+			ids = append(ids, nw.EndpointID)
+		}
+	}
+	return ids
 }
 
 // List returns all containers the engine has, running or not (all=true).
 func (c *Client) List(ctx context.Context) ([]Summary, error) {
 	var raw []struct {
-		ID     string `json:"Id"`
-		Names  []string
-		Labels map[string]string
-		State  string
+		ID              string `json:"Id"`
+		Names           []string
+		Labels          map[string]string
+		State           string
+		NetworkSettings networkSettings
 	}
 	if err := c.call(ctx, http.MethodGet, "/containers/json?all=true", &raw); err != nil {
 		return nil, fmt.Errorf("docker list containers: %w", err)
 	}
 	out := make([]Summary, 0, len(raw))
 	for _, r := range raw {
-		s := Summary{ID: r.ID, Labels: r.Labels, State: r.State}
+		s := Summary{ID: r.ID, Labels: r.Labels, State: r.State, EndpointIDs: r.NetworkSettings.endpointIDs()}
 		for _, n := range r.Names {
 			s.Names = append(s.Names, strings.TrimPrefix(n, "/"))
 		}
