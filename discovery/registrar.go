@@ -279,17 +279,23 @@ func (r *Registrar) work(ctx context.Context) {
 	}
 }
 
+// antiEntropy runs Sync at start and every Interval. A failed pass (the
+// driver still restoring its state, the agent down) is
+// retried after a short backoff rather than a whole Interval: after a
+// restart the first pass is the one that removes what went stale.
 func (r *Registrar) antiEntropy(ctx context.Context) {
-	t := time.NewTicker(r.cfg.Interval)
-	defer t.Stop()
+	retry := 500 * time.Millisecond
 	for {
+		wait := r.cfg.Interval
 		if err := r.Sync(ctx); err != nil && ctx.Err() == nil {
-			r.log.Warn("service anti-entropy pass failed", "err", err)
+			r.log.Warn("service anti-entropy pass failed; retrying", "err", err, "retry_in", retry)
+			wait = min(retry, r.cfg.Interval)
+			retry = min(retry*2, r.cfg.RetryMax)
+		} else {
+			retry = 500 * time.Millisecond
 		}
-		select {
-		case <-ctx.Done():
+		if !sleep(ctx, wait) {
 			return
-		case <-t.C:
 		}
 	}
 }
