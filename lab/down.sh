@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# down.sh [--owner NAME]: tears the lab down and removes everything it made:
+# on host A's engine the containers and networks labelled consul-overlay-lab
+# and the lab's plugin; host B's engine with its containers, plugin,
+# containerd and mounts; the Consul agents and server, the registries, the
+# namespaces and links, LAB_STATE and LAB_DATA. Idempotent, and it goes on
+# after a failed step, so it also cleans up after a crashed run.
+#
+# --owner NAME: only if the lab was brought up with that owner (or is half
+# up with none); the e2e suite uses it so as not to tear down a demo.
+set -uo pipefail
+source "$(dirname "$0")/lib.sh"
+
+owner=
+while (($#)); do
+	case $1 in
+	--owner) owner=$2; shift 2 ;;
+	*) die "usage: $0 [--owner NAME]" ;;
+	esac
+done
+(($(id -u) == 0)) || die "run as root"
+if [[ -n $owner && -s $LAB_STATE/owner && $(<"$LAB_STATE/owner") != "$owner" ]]; then
+	log "the lab belongs to $(<"$LAB_STATE/owner"), not $owner: left up"
+	exit 0
+fi
+
+# Host A: only what carries the lab's label, then the lab's plugin.
+down_host_a() {
+	local ids
+	ids=$(docker ps -aq --filter "label=$LAB_LABEL" 2>/dev/null)
+	[[ -n $ids ]] && docker rm -f $ids >/dev/null
+	ids=$(docker network ls -q --filter "label=$LAB_LABEL" 2>/dev/null)
+	[[ -n $ids ]] && docker network rm $ids >/dev/null
+	if docker plugin inspect "$LAB_PLUGIN" >/dev/null 2>&1; then
+		docker plugin disable -f "$LAB_PLUGIN" >/dev/null 2>&1
+		# Back to the defaults (no Consul) in case it stays installed.
+		docker plugin rm -f "$LAB_PLUGIN" >/dev/null
+	fi
+	docker plugin rm -f "$LAB_REMOTE" >/dev/null 2>&1
+	return 0
+}
+
+# Host B: everything, gracefully while its engine answers.
+down_engine_b() {
+	if pid_alive dockerd-b && docker_b info >/dev/null 2>&1; then
+		local ids
+		ids=$(docker_b ps -aq)
+		[[ -n $ids ]] && docker_b rm -f $ids >/dev/null
+		ids=$(docker_b network ls -q --filter type=custom)
+		[[ -n $ids ]] && docker_b network rm $ids >/dev/null
+		docker_b plugin disable -f "$LAB_PLUGIN" >/dev/null 2>&1
+		docker_b plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1
+	fi
+	stop_daemon dockerd-b 30
+	# After a crash: containers and plugins that outlived their engine
+	# (runc state under B's exec-root), then whatever still runs in B's
+	# namespace (its containerd and shims).
+	local root id
+	for root in "$LAB_STATE"/b/exec/runtime-runc/*; do
+		[[ -d $root ]] || continue
+		for id in $(runc --root "$root" list -q 2>/dev/null); do
+			log "host B: removing leftover runc container $id"
+			runc --root "$root" delete -f "$id" >/dev/null 2>&1
+		done
+	done
+}
+
+# kill_ns_procs NS: kills the processes whose network namespace is NS.
+kill_ns_procs() {
+	local ns=$1 ino pid left
+	ns_exists "$ns" || return 0
+	ino=$(stat -L -c %i "/run/netns/$ns" 2>/dev/null) || return 0
+	for sig in TERM KILL; do
+		left=0
+		for pid in /proc/[0-9]*; do
+			pid=${pid#/proc/}
+			[[ $(stat -L -c %i "/proc/$pid/ns/net" 2>/dev/null) == "$ino" ]] && running "$pid" || continue
+			log "netns $ns: SIG$sig to $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-80))"
+			kill "-$sig" "$pid" 2>/dev/null
+			left=1
+		done
+		((left)) || return 0
+		sleep 2
+	done
+}
+
+# unmount_under DIR: lazily unmounts every mount at or below DIR, deepest
+# first (overlay2 layers, netns bind mounts, plugin rootfs of engine B).
+unmount_under() {
+	local dir=$1 mnt
+	awk -v d="$dir" '$5 == d || index($5, d "/") == 1 {print $5}' /proc/self/mountinfo |
+		sort -r | while read -r mnt; do
+		umount -l "$mnt" 2>/dev/null || log "umount $mnt failed"
+	done
+}
+
+[[ -d $LAB_STATE || -d $LAB_DATA ]] || ns_exists "$LAB_NS_B" || ip link show "$LAB_LINK_A" >/dev/null 2>&1 || {
+	log "lab is down"
+	exit 0
+}
+start=$SECONDS
+down_host_a
+down_engine_b
+for d in registry-a registry-b "consul-$LAB_NODE_A" "consul-$LAB_NODE_B" consul-lab-consul; do
+	stop_daemon "$d" 10
+done
+# Whatever still runs in the lab's namespaces (after a crash: engine B's
+# containerd and shims).
+for ns in "$LAB_NS_B" "$LAB_NS_CONSUL" "$LAB_NS_SWITCH"; do
+	kill_ns_procs "$ns"
+done
+for ns in "$LAB_NS_B" "$LAB_NS_CONSUL" "$LAB_NS_SWITCH"; do
+	ns_exists "$ns" && ip netns delete "$ns"
+done
+# Its peer was in the switch namespace, so it is normally gone already.
+ip link del "$LAB_LINK_A" 2>/dev/null
+unmount_under "$LAB_STATE"
+unmount_under "$LAB_DATA"
+rm -rf "$LAB_STATE" "$LAB_DATA"
+log "lab down in $((SECONDS - start))s"

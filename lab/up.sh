@@ -1,0 +1,294 @@
+#!/usr/bin/env bash
+# up.sh [--owner NAME]: brings the two-host lab up (see lab/lib.sh for its
+# layout) and leaves consul-overlay enabled on both engines. Idempotent: what
+# already runs is kept, what is missing is made. Needs root, the packages
+# lab/prereqs.sh installs, and the builds `make consul compose plugin
+# busybox-image` (run here for whatever is missing).
+#
+# The plugin takes the real install path: host A's engine has it from
+# `make plugin` (docker plugin create); it is pushed to a registry on
+# 127.0.0.1 and host B's engine installs it from there with
+#   docker plugin install --grant-all-permissions --alias consul-overlay:latest \
+#     127.0.0.1:15000/consul-overlay:latest KEY=VALUE...
+# exactly as a user would. Host B's 127.0.0.1 is its own loopback, so the
+# registry has a front end in each namespace, both serving one storage
+# directory; Docker pulls over plain HTTP from 127.0.0.0/8 without any
+# --insecure-registry setting.
+#
+# --owner records who brought the lab up (demo, e2e), so that the e2e suite
+# does not tear down a demo someone is looking at.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+owner=manual
+while (($#)); do
+	case $1 in
+	--owner) owner=$2; shift 2 ;;
+	*) die "usage: $0 [--owner NAME]" ;;
+	esac
+done
+
+(($(id -u) == 0)) || die "run as root"
+for cmd in ip nsenter setsid dockerd docker docker-registry busybox; do
+	command -v "$cmd" >/dev/null || die "$cmd not found: run lab/prereqs.sh"
+done
+docker info >/dev/null 2>&1 || die "host A's Docker engine does not answer (docker info): start dockerd"
+
+mkdir -p "$LAB_STATE" "$LAB_DATA"
+if [[ -s $LAB_STATE/owner && $(<"$LAB_STATE/owner") != "$owner" ]]; then
+	die "the lab is up, brought up by $(<"$LAB_STATE/owner"): lab/down.sh first"
+fi
+echo "$owner" >"$LAB_STATE/owner"
+
+# Builds that are missing. `make demo` and `make e2e` run them before.
+missing=()
+[[ -x $LAB_CONSUL_BIN ]] || missing+=(consul)
+docker image inspect "$LAB_BUSYBOX" >/dev/null 2>&1 || missing+=(busybox-image)
+[[ -s $LAB_ROOT/build/plugin/config.json ]] || missing+=(plugin)
+if ((${#missing[@]})); then
+	log "building: make ${missing[*]}"
+	make --no-print-directory -C "$LAB_ROOT" "${missing[@]}" >&2
+fi
+
+# docker compose: the CLI plugin that `make compose` built (bin/docker-compose)
+# unless the docker CLI already has one.
+if ! docker compose version >/dev/null 2>&1; then
+	[[ -x $LAB_ROOT/bin/docker-compose ]] || make --no-print-directory -C "$LAB_ROOT" compose >&2
+	install -D -m 0755 "$LAB_ROOT/bin/docker-compose" /usr/local/lib/docker/cli-plugins/docker-compose
+	log "installed /usr/local/lib/docker/cli-plugins/docker-compose ($(docker compose version --short))"
+fi
+
+# --- underlay ----------------------------------------------------------------
+
+ensure_ns() {
+	ns_exists "$1" && return 0
+	ip netns add "$1"
+	ip -n "$1" link set lo up
+}
+
+# plug NS LINK PORT ADDR: a veth LINK in NS (the host namespace when NS is
+# "") carrying ADDR/24, its peer PORT in the switch's bridge.
+plug() {
+	local ns=$1 link=$2 port=$3 addr=$4
+	local -a ipns=()
+	[[ -n $ns ]] && ipns=(-n "$ns")
+	if ! ip "${ipns[@]}" link show "$link" >/dev/null 2>&1; then
+		ip "${ipns[@]}" link add "$link" type veth peer name "$port" netns "$LAB_NS_SWITCH"
+	fi
+	ip -n "$LAB_NS_SWITCH" link set "$port" master sw0 up
+	ip "${ipns[@]}" addr replace "$addr/24" dev "$link"
+	ip "${ipns[@]}" link set "$link" up
+}
+
+up_underlay() {
+	ensure_ns "$LAB_NS_SWITCH"
+	ip -n "$LAB_NS_SWITCH" link show sw0 >/dev/null 2>&1 ||
+		ip -n "$LAB_NS_SWITCH" link add sw0 type bridge
+	ip -n "$LAB_NS_SWITCH" link set sw0 up
+	ensure_ns "$LAB_NS_B"
+	ensure_ns "$LAB_NS_CONSUL"
+	plug "" "$LAB_LINK_A" pa "$LAB_ADDR_A"
+	plug "$LAB_NS_B" ul0 pb "$LAB_ADDR_B"
+	plug "$LAB_NS_CONSUL" ul0 pc "$LAB_ADDR_CONSUL"
+	wait_for 10 "the underlay (ping $LAB_ADDR_B)" ping -c 1 -W 1 "$LAB_ADDR_B"
+	wait_for 10 "the underlay (ping $LAB_ADDR_CONSUL)" ping -c 1 -W 1 "$LAB_ADDR_CONSUL"
+}
+
+# --- Consul ------------------------------------------------------------------
+
+# consul_config NAME BIND CLIENT_ADDRS DNS_ADDR SERVER(true|false): the
+# agent's HCL configuration on stdout.
+consul_config() {
+	local name=$1 bind=$2 clients=$3 dns=$4 server=$5
+	cat <<EOF
+node_name      = "$name"
+datacenter     = "lab"
+data_dir       = "$LAB_DATA/consul/$name"
+bind_addr      = "$bind"
+advertise_addr = "$bind"
+client_addr    = "$clients"
+log_level      = "info"
+disable_update_check = true
+ports {
+  http     = $LAB_HTTP_PORT
+  https    = -1
+  grpc     = -1
+  grpc_tls = -1
+  serf_lan = $LAB_SERF_LAN_PORT
+  serf_wan = $LAB_SERF_WAN_PORT
+  server   = $LAB_SERVER_PORT
+  dns      = $LAB_DNS_PORT
+}
+addresses {
+  dns = "$dns"
+}
+EOF
+	if [[ $server == true ]]; then
+		cat <<EOF
+server           = true
+bootstrap_expect = 1
+# The only server: leaving would wait for a quorum that never comes.
+leave_on_terminate = false
+performance { raft_multiplier = 1 }
+ui_config { enabled = false }
+EOF
+	else
+		cat <<EOF
+retry_join         = ["$LAB_ADDR_CONSUL:$LAB_SERF_LAN_PORT"]
+retry_interval     = "1s"
+leave_on_terminate = true
+EOF
+	fi
+}
+
+# start_consul NAME NS BIND CLIENTS DNS SERVER
+start_consul() {
+	local name=$1 ns=$2
+	pid_alive "consul-$name" && return 0
+	mkdir -p "$LAB_DATA/consul/$name"
+	consul_config "$name" "$3" "$4" "$5" "$6" >"$LAB_STATE/consul-$name.hcl"
+	start_daemon "consul-$name" "$ns" "$LAB_CONSUL_BIN" agent -config-file "$LAB_STATE/consul-$name.hcl"
+}
+
+# member_alive NS NODE: the agent in NS sees NODE as an alive member.
+member_alive() {
+	consul_get "$1" /v1/agent/members | grep -q "\"Name\":\"$2\",\"Addr\":\"[^\"]*\",\"Port\":[0-9]*,\"Tags\":{[^}]*},\"Status\":1"
+}
+
+up_consul() {
+	start_consul lab-consul "$LAB_NS_CONSUL" "$LAB_ADDR_CONSUL" "127.0.0.1 $LAB_ADDR_CONSUL" "$LAB_ADDR_CONSUL" true
+	start_consul "$LAB_NODE_A" "" "$LAB_ADDR_A" 127.0.0.1 "$LAB_ADDR_A" false
+	start_consul "$LAB_NODE_B" "$LAB_NS_B" "$LAB_ADDR_B" 127.0.0.1 "$LAB_ADDR_B" false
+	wait_for 60 "a Consul leader" leader_known
+	wait_for 60 "Consul agent $LAB_NODE_A to join" member_alive "" "$LAB_NODE_A"
+	wait_for 60 "Consul agent $LAB_NODE_B to join" member_alive "$LAB_NS_B" "$LAB_NODE_B"
+	wait_for 30 "Consul agent $LAB_NODE_B to see $LAB_NODE_A" member_alive "$LAB_NS_B" "$LAB_NODE_A"
+	# Consistent reads through each agent work once it knows the leader.
+	wait_for 30 "the catalog through $LAB_NODE_A" consul_get "" /v1/catalog/nodes
+	wait_for 30 "the catalog through $LAB_NODE_B" consul_get "$LAB_NS_B" /v1/catalog/nodes
+}
+
+leader_known() { consul_get "$LAB_NS_CONSUL" /v1/status/leader | grep -q :; }
+
+# --- engine B ----------------------------------------------------------------
+
+up_engine_b() {
+	engine_b_start
+	if ! docker_b image inspect "$LAB_BUSYBOX" >/dev/null 2>&1; then
+		log "copying $LAB_BUSYBOX to host B"
+		docker save "$LAB_BUSYBOX" | docker_b load -q >/dev/null
+	fi
+}
+
+# --- registry ----------------------------------------------------------------
+
+# Two registry processes, one on 127.0.0.1 of host A (docker plugin push)
+# and one on 127.0.0.1 of host B (docker plugin install), over one storage
+# directory. The filesystem driver is safe for that, and no cache is
+# configured, so the second sees what the first wrote.
+registry_config() {
+	cat <<EOF
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $LAB_DATA/registry
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$LAB_REGISTRY_PORT
+EOF
+}
+
+up_registry() {
+	mkdir -p "$LAB_DATA/registry"
+	registry_config >"$LAB_STATE/registry.yml"
+	pid_alive registry-a || start_daemon registry-a "" docker-registry serve "$LAB_STATE/registry.yml"
+	pid_alive registry-b || start_daemon registry-b "$LAB_NS_B" docker-registry serve "$LAB_STATE/registry.yml"
+	wait_for 20 "the registry on host A" http_get "http://127.0.0.1:$LAB_REGISTRY_PORT/v2/"
+	wait_for 20 "the registry on host B" in_ns "$LAB_NS_B" timeout 5 busybox wget -q -O - "http://127.0.0.1:$LAB_REGISTRY_PORT/v2/"
+}
+
+# --- plugin ------------------------------------------------------------------
+
+plugin_enabled() { [[ $("$@" plugin inspect -f '{{.Enabled}}' "$LAB_PLUGIN" 2>/dev/null) == true ]]; }
+
+# push_plugin: pushes the plugin `make plugin` built (build/plugin) to the
+# lab's registry as $LAB_REMOTE. Docker refuses to create a second plugin
+# from the same rootfs while the first exists ("content sha256:...: already
+# exists"), so the plugin `make plugin` created on host A is removed first:
+# host A installs it back from the registry like host B.
+push_plugin() {
+	[[ -s $LAB_ROOT/build/plugin/config.json ]] || make --no-print-directory -C "$LAB_ROOT" plugin >&2
+	docker plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1 || true
+	docker plugin rm -f "$LAB_REMOTE" >/dev/null 2>&1 || true
+	docker plugin create "$LAB_REMOTE" "$LAB_ROOT/build/plugin" >/dev/null
+	log "pushing $LAB_REMOTE"
+	docker plugin push "$LAB_REMOTE" >/dev/null
+	docker plugin rm -f "$LAB_REMOTE" >/dev/null
+}
+
+# install_plugin HOST DOCKER...: installs $LAB_REMOTE as $LAB_PLUGIN with
+# DOCKER (docker or docker_b), the settings given at install time.
+install_plugin() {
+	local host=$1
+	shift
+	local -a settings
+	if [[ $host == A ]]; then
+		mkdir -p "$LAB_DATA/a/plugin-data"
+		settings=("VTEP_ADDR=$LAB_ADDR_A" "NODE_NAME=$LAB_NODE_A" "data.source=$LAB_DATA/a/plugin-data")
+	else
+		settings=("VTEP_ADDR=$LAB_ADDR_B" "NODE_NAME=$LAB_NODE_B" "data.source=$LAB_DATA/b/plugin-data"
+			"docker-sock.source=$LAB_STATE/b/docker.sock" "docker-netns.source=$LAB_STATE/b/exec")
+	fi
+	"$@" plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1 || true
+	log "host $host: docker plugin install --alias $LAB_PLUGIN $LAB_REMOTE"
+	"$@" plugin install --grant-all-permissions --alias "$LAB_PLUGIN" "$LAB_REMOTE" \
+		"CONSUL_HTTP_ADDR=127.0.0.1:$LAB_HTTP_PORT" LOG_LEVEL=debug "${settings[@]}" >/dev/null
+	plugin_enabled "$@" || die "host $host: $LAB_PLUGIN installed but not enabled"
+	log "host $host: $LAB_PLUGIN enabled"
+}
+
+up_plugins() {
+	local have
+	have=$(http_get "http://127.0.0.1:$LAB_REGISTRY_PORT/v2/${LAB_PLUGIN%%:*}/tags/list" 2>/dev/null || true)
+	# Pushing removes host A's plugin (see push_plugin): reinstall it then.
+	if ! plugin_enabled docker || [[ $have != *'"'"${LAB_PLUGIN##*:}"'"'* ]]; then
+		push_plugin
+		install_plugin A docker
+	fi
+	plugin_enabled docker_b || install_plugin B docker_b
+}
+
+# --- main --------------------------------------------------------------------
+
+start=$SECONDS
+up_underlay
+log "underlay up: A $LAB_ADDR_A, B $LAB_ADDR_B (netns $LAB_NS_B), Consul $LAB_ADDR_CONSUL (netns $LAB_NS_CONSUL)"
+up_consul
+log "Consul up: server lab-consul, agents $LAB_NODE_A and $LAB_NODE_B"
+up_engine_b
+log "host B's engine up: $LAB_DOCKER_B"
+up_registry
+up_plugins
+
+# What other tools read: lab/docker-b, the e2e suite.
+cat >"$LAB_STATE/env" <<EOF
+LAB_STATE=$LAB_STATE
+LAB_DATA=$LAB_DATA
+LAB_NS_B=$LAB_NS_B
+LAB_NS_CONSUL=$LAB_NS_CONSUL
+LAB_ADDR_A=$LAB_ADDR_A
+LAB_ADDR_B=$LAB_ADDR_B
+LAB_ADDR_CONSUL=$LAB_ADDR_CONSUL
+LAB_NODE_A=$LAB_NODE_A
+LAB_NODE_B=$LAB_NODE_B
+LAB_HTTP_PORT=$LAB_HTTP_PORT
+LAB_DNS_PORT=$LAB_DNS_PORT
+LAB_DOCKER_B=$LAB_DOCKER_B
+LAB_PLUGIN=$LAB_PLUGIN
+LAB_LABEL=$LAB_LABEL
+LAB_BUSYBOX=$LAB_BUSYBOX
+EOF
+log "lab up in $((SECONDS - start))s (lab/down.sh tears it down)"
