@@ -119,7 +119,8 @@ type Manager struct {
 	nl        *netlink.Handle
 	ownHandle bool
 	fw        *firewall
-	mtu       int // underlay MTU
+	mtu       int        // underlay MTU
+	announce  *announcer // nil: no gratuitous ARPs (a Manager on a foreign handle)
 
 	// mu serialises all kernel programming and guards peers.
 	mu sync.Mutex
@@ -145,6 +146,11 @@ func New(cfg Config) (*Manager, error) {
 		return nil, err
 	}
 	m.ownHandle = true
+	// The packet socket belongs to the caller's namespace, as the handle
+	// does; NewWithHandle cannot know the handle's namespace and sends none.
+	if m.announce, err = newAnnouncer(); err != nil {
+		m.log.Warn("remote endpoints will not be announced", "error", err)
+	}
 	return m, nil
 }
 
@@ -198,6 +204,7 @@ func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
 
 // Close releases the netlink handle if New opened it.
 func (m *Manager) Close() error {
+	m.announce.close()
 	if m.ownHandle {
 		m.nl.Close()
 	}

@@ -263,6 +263,13 @@ func (m *Manager) setNeigh(vx netlink.Link, ip netip.Addr, mac [6]byte, ch *Chan
 	}
 	ch.Neighbours++
 	m.log.Debug("neighbour set", "link", vx.Attrs().Name, "peer", ip, "mac", n.HardwareAddr)
+	// Tell the local containers, which may hold an old MAC for this
+	// address, through the bridge the VXLAN device is enslaved to.
+	if br := vx.Attrs().MasterIndex; br > 0 {
+		if err := m.announce.garp(br, ip, n.HardwareAddr); err != nil {
+			m.log.Warn("announce peer", "link", vx.Attrs().Name, "peer", ip, "error", err)
+		}
+	}
 	return nil
 }
 
