@@ -91,3 +91,13 @@ E2E_RUN ?= .
 e2e: lab-prereqs consul compose busybox-image plugin
 	@trap '[ -n "$$E2E_KEEP_LAB" ] || lab/down.sh --owner e2e' EXIT; \
 	$(GO) test -tags e2e -count=1 -v -timeout 30m -run '$(E2E_RUN)' ./internal/e2e/
+
+# --- Benchmarks (bench/, results in BENCHMARKS.md) ---------------------------
+# As root: consul-overlay side by side with its baselines (underlay, a
+# hand-built kernel VXLAN, a bridge network, raw Consul writes), each figure
+# with its ratio, recorded in BENCHMARKS.md (newest run first). About 12 min
+# on 2 cores; BENCH_QUICK=1 runs a smaller version in under 3. BENCH_ONLY=a,b
+# runs some: dataplane, jumbo, attach, docker, ipam, scale, swarm.
+bench: consul build
+	BENCH_QUICK='$(BENCH_QUICK)' BENCH_ONLY='$(BENCH_ONLY)' \
+		$(GO) run ./bench/cmd/overlaybench -plugin $(BIN)/consul-overlay -out BENCHMARKS.md

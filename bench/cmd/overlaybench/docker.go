@@ -1,0 +1,203 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"consul-overlay/bench/harness"
+	"consul-overlay/internal/testenv"
+)
+
+const (
+	benchImage  = "consul-overlay-test/busybox:latest"
+	benchPlugin = "consul-overlay-bench:latest"
+	labStateDir = "/run/consul-overlay-lab"
+)
+
+func docker(ctx context.Context, args ...string) (string, error) {
+	out, err := exec.CommandContext(ctx, "docker", args...).CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("docker %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(lastLines(string(out), 3)))
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
+// labEnv reads the lab's env file (lab/up.sh writes it) if the lab is up.
+func labEnv() map[string]string {
+	b, err := os.ReadFile(filepath.Join(labStateDir, "env"))
+	if err != nil {
+		return nil
+	}
+	env := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, "="); ok {
+			env[k] = v
+		}
+	}
+	return env
+}
+
+// ownedLinks lists links in the machine's namespace that carry
+// consul-overlay's alias: another instance of the plugin runs there.
+func ownedLinks() []string {
+	out, err := exec.Command("ip", "-o", "link", "show").Output()
+	if err != nil {
+		return nil
+	}
+	var names []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, "alias consul-overlay") {
+			f := strings.Fields(l)
+			if len(f) > 1 {
+				names = append(names, strings.TrimSuffix(f[1], ":"))
+			}
+		}
+	}
+	return names
+}
+
+// benchDocker times `docker run --rm` of a trivial container on a
+// consul-overlay network against the same on a user-defined bridge
+// network, on the machine's own engine. With the lab up it uses the lab's
+// plugin on host A (the machine's engine, Consul through the lab's agent);
+// otherwise it installs the plugin as consul-overlay-bench:latest on its
+// embedded store and removes it afterwards. It refuses to run a second
+// plugin instance next to another one in the machine's namespace: at
+// start a plugin reconciles away devices and firewall rules of ours it
+// does not know.
+func benchDocker(t *runner, cfg *config, rep *report) {
+	ctx := t.Context()
+	if _, err := exec.LookPath("docker"); err != nil {
+		testenv.Missing(t, "docker CLI", "apt-get install docker.io")
+	}
+	if _, err := docker(ctx, "info", "--format", "{{.ServerVersion}}"); err != nil {
+		testenv.Missing(t, "a Docker engine", err.Error())
+	}
+	if _, err := docker(ctx, "image", "inspect", benchImage); err != nil {
+		if out, err := exec.CommandContext(ctx, "make", "busybox-image").CombinedOutput(); err != nil {
+			testenv.Missing(t, benchImage, fmt.Sprintf("make busybox-image: %v: %s", err, lastLines(string(out), 3)))
+		}
+	}
+	driver, how := "", ""
+	suffix := harness.RandomID()[:6]
+	var labels []string
+	if env := labEnv(); env != nil && env["LAB_PLUGIN"] != "" {
+		if en, _ := docker(ctx, "plugin", "inspect", "-f", "{{.Enabled}}", env["LAB_PLUGIN"]); en == "true" {
+			driver = env["LAB_PLUGIN"]
+			how = "the lab's plugin on host A (lab/up.sh: Consul through the local client agent)"
+			labels = []string{"--label", env["LAB_LABEL"]}
+		}
+	}
+	if driver == "" {
+		if l := ownedLinks(); len(l) > 0 {
+			t.Skipf("another consul-overlay instance owns devices in the machine's namespace (%s) and the lab is not up: "+
+				"a second instance would reconcile them away", strings.Join(l, " "))
+		}
+		if out, err := docker(ctx, "plugin", "ls", "--format", "{{.Name}} {{.Enabled}}"); err == nil && strings.Contains(out, "consul-overlay") && strings.Contains(out, "true") {
+			t.Skipf("a consul-overlay plugin is enabled on the engine (%s): not running a second instance next to it", out)
+		}
+		// The plugin leaves its (then empty) chain and FORWARD jump behind;
+		// remove them if this run made them.
+		for _, bin := range []string{"iptables", "ip6tables"} {
+			if exec.Command(bin, "-w", "-S", "CONSUL-OVERLAY").Run() == nil {
+				continue
+			}
+			t.Cleanup(func() {
+				out, err := exec.Command(bin, "-w", "-S", "CONSUL-OVERLAY").Output()
+				if err != nil || strings.Count(string(out), "\n") > 1 {
+					return
+				}
+				_ = exec.Command(bin, "-w", "-D", "FORWARD", "-j", "CONSUL-OVERLAY").Run()
+				_ = exec.Command(bin, "-w", "-X", "CONSUL-OVERLAY").Run()
+			})
+		}
+		driver = benchPlugin
+		how = "the managed plugin built from bin/consul-overlay as " + benchPlugin + " (embedded store, VXLAN port 4799), removed afterwards"
+		buildDir := t.TempDir()
+		cmd := exec.CommandContext(ctx, "scripts/plugin.sh", cfg.binOrDefault(), benchPlugin)
+		cmd.Env = append(os.Environ(), "BUILD_DIR="+buildDir)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("scripts/plugin.sh: %v\n%s", err, out)
+		}
+		t.Cleanup(func() {
+			_, _ = docker(context.Background(), "plugin", "disable", "-f", benchPlugin)
+			_, _ = docker(context.Background(), "plugin", "rm", "-f", benchPlugin)
+		})
+		data := "/var/lib/consul-overlay-bench"
+		if err := os.MkdirAll(data, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = os.RemoveAll(data) })
+		if _, err := docker(ctx, "plugin", "set", benchPlugin, "data.source="+data, "VXLAN_PORT=4799", "LOG_LEVEL=info", "NODE_NAME=bench"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := docker(ctx, "plugin", "enable", "--timeout", "60", benchPlugin); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	ovName, brName := "cobench-ov-"+suffix, "cobench-br-"+suffix
+	create := func(name string, fourth int, args ...string) {
+		var lastErr error
+		for _, third := range []int{236, 237, 238, 239, 240, 241, 242, 243} {
+			a := append([]string{"network", "create", "--subnet", fmt.Sprintf("10.%d.%d.0/24", third, fourth)}, labels...)
+			a = append(append(a, args...), name)
+			if _, lastErr = docker(ctx, a...); lastErr == nil {
+				t.Cleanup(func() { _, _ = docker(context.Background(), "network", "rm", name) })
+				return
+			}
+		}
+		t.Fatalf("create network %s: %v", name, lastErr)
+	}
+	create(ovName, 0, "-d", driver, "--ipam-driver", driver, "-o", "name="+ovName)
+	create(brName, 1)
+
+	runOnce := func(network string) (time.Duration, error) {
+		start := time.Now()
+		_, err := docker(ctx, "run", "--rm", "--network", network, benchImage, "true")
+		return time.Since(start), err
+	}
+	for _, n := range []string{ovName, brName, ovName, brName} { // warm-up
+		if _, err := runOnce(n); err != nil {
+			t.Fatalf("docker run on %s: %v", n, err)
+		}
+	}
+	var ov, br []time.Duration
+	for range cfg.dockerRuns {
+		for _, n := range []string{ovName, brName} {
+			d, err := runOnce(n)
+			if err != nil {
+				t.Fatalf("docker run on %s: %v", n, err)
+			}
+			if n == ovName {
+				ov = append(ov, d)
+			} else {
+				br = append(br, d)
+			}
+		}
+	}
+	od, bd := summarize(durationsMS(ov)), summarize(durationsMS(br))
+	sec := rep.section("docker run --rm (machine's engine)")
+	fmt.Fprintf(sec, "`docker run --rm --network N %s true`, %d runs per network after 2 warm-ups, networks alternating. "+
+		"consul-overlay: %s. Baseline: a user-defined bridge network on the same engine.\n\n", benchImage, cfg.dockerRuns, how)
+	fmt.Fprintln(sec, "| Network | p50 ms | mean ms | max ms |")
+	fmt.Fprintln(sec, "|---|---:|---:|---:|")
+	fmt.Fprintf(sec, "| consul-overlay (%s) | %s | %s | %s |\n", driver, f(od.p50), f(od.mean), f(od.mx))
+	fmt.Fprintf(sec, "| bridge | %s | %s | %s |\n", f(bd.p50), f(bd.mean), f(bd.mx))
+	fmt.Fprintf(sec, "\nRatio consul-overlay ÷ bridge: p50 %s, mean %s. Docker also connects a container of a network without "+
+		"a gateway (consul-overlay, like Docker's overlay) to docker_gwbridge, a second endpoint per run.\n",
+		fr(ratio(od.p50, bd.p50)), fr(ratio(od.mean, bd.mean)))
+	rep.check("docker run --rm, consul-overlay ÷ bridge (p50)", fr(ratio(od.p50, bd.p50)), "≤ 1.1", ratio(od.p50, bd.p50) <= 1.1)
+}
+
+func (c *config) binOrDefault() string {
+	if c.bin != "" {
+		return c.bin
+	}
+	return "bin/consul-overlay"
+}

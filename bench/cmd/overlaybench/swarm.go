@@ -1,0 +1,197 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"consul-overlay/bench/harness"
+	"consul-overlay/internal/testenv"
+)
+
+// benchSwarm compares consul-overlay with Docker's own overlay driver on
+// the lab (lab/up.sh): host A is the machine's engine in its own
+// namespace, host B a second engine in a namespace, one underlay. Docker's
+// overlay needs Swarm, so the section makes the two engines a two-node
+// Swarm for its duration (data path port 4790, so that Docker's VXLAN
+// sockets are not shared with consul-overlay's on 4789) and leaves it
+// afterwards. It uses the lab when it is up and owned by nobody else
+// ("bench" or "manual"); when the lab is down it brings it up (owner
+// "bench") and down again, except in quick mode.
+func benchSwarm(t *runner, cfg *config, rep *report) {
+	ctx := t.Context()
+	env := labEnv()
+	if env == nil {
+		if cfg.quick {
+			t.Skip("the lab (lab/up.sh) is not up, and quick mode does not bring it up")
+		}
+		if _, err := os.Stat("lab/up.sh"); err != nil {
+			testenv.Missing(t, "lab/up.sh", "the two-engine lab")
+		}
+		t.Logf("bringing the lab up (lab/up.sh --owner bench)")
+		up := exec.CommandContext(ctx, "lab/up.sh", "--owner", "bench")
+		if out, err := up.CombinedOutput(); err != nil {
+			_ = exec.Command("lab/down.sh", "--owner", "bench").Run()
+			testenv.Missing(t, "the lab", fmt.Sprintf("lab/up.sh --owner bench: %v: %s", err, lastLines(string(out), 5)))
+		}
+		t.Cleanup(func() {
+			if out, err := exec.Command("lab/down.sh", "--owner", "bench").CombinedOutput(); err != nil {
+				t.Logf("lab/down.sh: %v: %s", err, lastLines(string(out), 5))
+			}
+		})
+		if env = labEnv(); env == nil {
+			t.Fatal("lab/up.sh succeeded but wrote no env file")
+		}
+	} else {
+		owner, _ := os.ReadFile(labStateDir + "/owner")
+		if o := strings.TrimSpace(string(owner)); o != "bench" && o != "manual" && o != "" {
+			t.Skipf("the lab is up and in use by %q: not switching its engines into Swarm mode under it", o)
+		}
+	}
+	dockA := func(args ...string) (string, error) { return docker(ctx, args...) }
+	dockB := func(args ...string) (string, error) {
+		return docker(ctx, append([]string{"-H", env["LAB_DOCKER_B"]}, args...)...)
+	}
+	must := func(out string, err error) string {
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	for name, d := range map[string]func(...string) (string, error){"A": dockA, "B": dockB} {
+		if st := must(d("info", "--format", "{{.Swarm.LocalNodeState}}")); st != "inactive" {
+			t.Skipf("host %s's engine is already in Swarm state %q: not touching it", name, st)
+		}
+	}
+	a, b := env["LAB_ADDR_A"], env["LAB_ADDR_B"]
+	label, image, plugin := env["LAB_LABEL"], env["LAB_BUSYBOX"], env["LAB_PLUGIN"]
+
+	must(dockA("swarm", "init", "--advertise-addr", a, "--listen-addr", a+":2377", "--data-path-port", "4790",
+		"--default-addr-pool", "10.213.0.0/16", "--default-addr-pool-mask-length", "24"))
+	t.Cleanup(func() { _, _ = docker(context.Background(), "swarm", "leave", "--force") })
+	token := must(dockA("swarm", "join-token", "-q", "worker"))
+	must(dockB("swarm", "join", "--token", token, "--advertise-addr", b, "--listen-addr", b+":2377", a+":2377"))
+	t.Cleanup(func() { _, _ = docker(context.Background(), "-H", env["LAB_DOCKER_B"], "swarm", "leave", "--force") })
+	// Removing the ingress network before leaving: otherwise Docker 20.10
+	// keeps listing it, with its sandbox, until the engine restarts.
+	t.Cleanup(func() {
+		rm := exec.Command("docker", "network", "rm", "ingress")
+		rm.Stdin = strings.NewReader("y\n")
+		_ = rm.Run()
+		time.Sleep(time.Second)
+	})
+	if err := eventually(ctx, 60*time.Second, func() error {
+		out, err := dockA("node", "ls", "--format", "{{.Status}}")
+		if err == nil && strings.Count(out, "Ready") != 2 {
+			err = fmt.Errorf("swarm nodes: %q", out)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	suffix := harness.RandomID()[:6]
+	swarmNet, coNet := "cobench-swarm-"+suffix, "cobench-co-"+suffix
+	must(dockA("network", "create", "-d", "overlay", "--attachable", "--subnet", "10.213.200.0/24", "--label", label, swarmNet))
+	t.Cleanup(func() { _, _ = docker(context.Background(), "network", "rm", swarmNet) })
+	for _, d := range []struct {
+		f    func(...string) (string, error)
+		host string
+	}{{dockA, ""}, {dockB, env["LAB_DOCKER_B"]}} {
+		must(d.f("network", "create", "-d", plugin, "--ipam-driver", plugin, "--subnet", "10.214.0.0/24", "-o", "name="+coNet, "--label", label, coNet))
+		host := d.host
+		t.Cleanup(func() { _, _ = docker(context.Background(), hostArgs(host, "network", "rm", coNet)...) })
+	}
+
+	// One container per engine per network; iperf3 and ping run in their
+	// network namespaces from the machine's binaries.
+	type ctr struct {
+		ns *testenv.NetNS
+		ip netip.Addr
+	}
+	start := func(host, network, name string) ctr {
+		must(docker(ctx, hostArgs(host, "run", "-d", "--label", label, "--network", network, "--name", name, image, "sleep", "3600")...))
+		t.Cleanup(func() { _, _ = docker(context.Background(), hostArgs(host, "rm", "-f", name)...) })
+		pid, err := strconv.Atoi(must(docker(ctx, hostArgs(host, "inspect", "-f", "{{.State.Pid}}", name)...)))
+		if err != nil {
+			t.Fatalf("pid of %s: %v", name, err)
+		}
+		ip, err := netip.ParseAddr(must(docker(ctx, hostArgs(host, "inspect", "-f", fmt.Sprintf(`{{(index .NetworkSettings.Networks %q).IPAddress}}`, network), name)...)))
+		if err != nil {
+			t.Fatalf("address of %s: %v", name, err)
+		}
+		return ctr{&testenv.NetNS{Name: "container " + name, Path: fmt.Sprintf("/proc/%d/ns/net", pid)}, ip}
+	}
+	sa, sb := start("", swarmNet, swarmNet+"-a"), start(env["LAB_DOCKER_B"], swarmNet, swarmNet+"-b")
+	ca, cb := start("", coNet, coNet+"-a"), start(env["LAB_DOCKER_B"], coNet, coNet+"-b")
+	for i, p := range [][2]ctr{{ca, cb}, {sa, sb}} {
+		if err := eventually(ctx, 60*time.Second, func() error {
+			_, err := nsRun(ctx, p[0].ns, "ping", "-n", "-c", "1", "-W", "1", p[1].ip.String())
+			return err
+		}); err != nil {
+			if i == 0 {
+				t.Fatalf("consul-overlay carries no traffic between the lab's hosts: %v", err)
+			}
+			// The baseline failing is no fault of ours: say so and stop.
+			t.Skipf("Docker's overlay carried no traffic between the lab's hosts within 60 s: %v", err)
+		}
+	}
+	hostA := &testenv.NetNS{Name: "host A", Path: "/proc/self/ns/net"}
+	hostB := &testenv.NetNS{Name: "host B", Path: "/run/netns/" + env["LAB_NS_B"]}
+	ulMTU, _ := mtuOf(ctx, hostA, netip.MustParseAddr(a))
+	swMTU, _ := mtuOf(ctx, sa.ns, sa.ip)
+	coMTU, _ := mtuOf(ctx, ca.ns, ca.ip)
+	paths := []*dataPath{
+		{name: "lab underlay (host A to host B)", mtu: ulMTU, client: hostA, server: hostB, dst: netip.MustParseAddr(b)},
+		{name: "Docker overlay (Swarm)", mtu: swMTU, client: sa.ns, server: sb.ns, dst: sb.ip},
+		{name: "consul-overlay (lab)", mtu: coMTU, client: ca.ns, server: cb.ns, dst: cb.ip},
+	}
+	measurePaths(t, cfg, paths)
+	sec := rep.section("Data plane on the lab: consul-overlay against Docker's overlay")
+	fmt.Fprintf(sec, "The lab (lab/up.sh): host A is this machine's engine and namespace, host B a second engine in a namespace, "+
+		"joined by veths to a bridge in a switch namespace; Consul server and agents as in production. Docker's overlay: "+
+		"a two-node Swarm of the two engines made for this run (`docker swarm init --data-path-port 4790`), an attachable "+
+		"overlay network; consul-overlay: the lab's plugin on both engines. One busybox container per engine per network; "+
+		"iperf3 and ping run in their namespaces. %s\n\n", method(cfg))
+	rows := pathTable(sec, paths, paths[2], paths[1], paths[0])
+	co, sw := rows[2], rows[1]
+	rep.check("consul-overlay TCP, 4 streams, ÷ Docker overlay (lab)", r3(ratio(co.p4, sw.p4)), "≥ 1 (not below)", ratio(co.p4, sw.p4) >= 1)
+	rep.check("consul-overlay TCP, 1 stream, ÷ Docker overlay (lab)", r3(ratio(co.p1, sw.p1)), "≥ 1 (not below)", ratio(co.p1, sw.p1) >= 1)
+	rep.info("consul-overlay RTT avg − Docker overlay (lab)", fmt.Sprintf("%+.1f µs", co.avg-sw.avg))
+}
+
+func hostArgs(host string, args ...string) []string {
+	if host == "" {
+		return args
+	}
+	return append([]string{"-H", host}, args...)
+}
+
+var mtuRE = regexp.MustCompile(`\bmtu (\d+)`)
+
+// mtuOf returns the MTU of the interface that holds ip in ns.
+func mtuOf(ctx context.Context, ns *testenv.NetNS, ip netip.Addr) (int, error) {
+	out, err := nsRun(ctx, ns, "ip", "-o", "addr", "show")
+	if err != nil {
+		return 0, err
+	}
+	for _, l := range strings.Split(out, "\n") {
+		f := strings.Fields(l)
+		if len(f) > 3 && strings.HasPrefix(f[3], ip.String()+"/") {
+			link, err := nsRun(ctx, ns, "ip", "-o", "link", "show", f[1])
+			if err != nil {
+				return 0, err
+			}
+			if m := mtuRE.FindStringSubmatch(link); m != nil {
+				return strconv.Atoi(m[1])
+			}
+		}
+	}
+	return 0, fmt.Errorf("no interface holds %s in %s", ip, ns.Name)
+}
