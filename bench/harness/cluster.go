@@ -6,11 +6,9 @@ import (
 	"net"
 	"net/http"
 	"os/exec"
-	"runtime"
 	"testing"
 
 	"github.com/hashicorp/consul/api"
-	"golang.org/x/sys/unix"
 
 	"consul-overlay/internal/testenv"
 )
@@ -82,38 +80,10 @@ func (c *Cluster) KV(i int) (*api.Client, error) {
 	path := c.Hosts[i].NS.Path
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return DialIn(ctx, path, network, addr)
+			return testenv.DialIn(ctx, path, network, addr)
 		},
 		MaxIdleConnsPerHost: 16,
 	}
 	return api.NewClient(&api.Config{Address: c.Consul.Addr, Transport: tr})
 }
 
-// DialIn dials from the network namespace at nsPath: the socket is made on
-// a locked thread switched into the namespace and stays there. The thread
-// is never unlocked, so the runtime discards it afterwards.
-func DialIn(ctx context.Context, nsPath, network, addr string) (net.Conn, error) {
-	type result struct {
-		conn net.Conn
-		err  error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		fd, err := unix.Open(nsPath, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			ch <- result{err: fmt.Errorf("open netns %s: %w", nsPath, err)}
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			ch <- result{err: fmt.Errorf("setns %s: %w", nsPath, err)}
-			return
-		}
-		var d net.Dialer
-		conn, err := d.DialContext(ctx, network, addr)
-		ch <- result{conn, err}
-	}()
-	r := <-ch
-	return r.conn, r.err
-}

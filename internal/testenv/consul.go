@@ -198,7 +198,7 @@ func (a *ConsulAgent) DialContext(ctx context.Context, network, addr string) (ne
 		var d net.Dialer
 		return d.DialContext(ctx, network, addr)
 	}
-	return dialInNetNS(ctx, a.netns, network, addr)
+	return DialIn(ctx, a.netns, network, addr)
 }
 
 type consulPorts struct {
@@ -471,11 +471,11 @@ func portFree(bind string, port int) bool {
 	return true
 }
 
-// dialInNetNS creates the socket on a locked OS thread switched into the
-// namespace at nsPath; a socket stays in the namespace it was created in.
-// The thread is never unlocked, so the runtime discards it when the
+// DialIn dials from the network namespace at nsPath. It creates the socket
+// on a locked OS thread switched into the namespace; a socket stays in the
+// namespace it was created in. The thread is never unlocked, so the runtime discards it when the
 // goroutine ends instead of reusing a thread in a foreign namespace.
-func dialInNetNS(ctx context.Context, nsPath, network, addr string) (net.Conn, error) {
+func DialIn(ctx context.Context, nsPath, network, addr string) (net.Conn, error) {
 	type result struct {
 		conn net.Conn
 		err  error
@@ -503,7 +503,7 @@ func dialInNetNS(ctx context.Context, nsPath, network, addr string) (net.Conn, e
 
 // The kernel sends Pdeathsig when the *thread* that forked the child exits,
 // and Go discards threads whose goroutine ends while locked to them (as
-// dialInNetNS and namespace helpers do). Agents are therefore forked from
+// DialIn and namespace helpers do). Agents are therefore forked from
 // one thread that stays locked, and alive, for the life of the process.
 var spawner struct {
 	once sync.Once
