@@ -86,4 +86,3 @@ func (c *Cluster) KV(i int) (*api.Client, error) {
 	}
 	return api.NewClient(&api.Config{Address: c.Consul.Addr, Transport: tr})
 }
-
