@@ -79,6 +79,7 @@ func TestE2E(t *testing.T) {
 	s.run(t, "compose-up-again", []string{"compose-up"}, s.composeUpAgain)
 	s.run(t, "cross-host-ip", []string{"compose-up"}, s.crossHostIP)
 	s.run(t, "dns-by-name", []string{"compose-up"}, s.dnsByName)
+	s.run(t, "service-health", nil, s.serviceHealth)
 	s.run(t, "published-port", []string{"compose-up"}, s.publishedPort)
 	s.run(t, "outbound", []string{"compose-up"}, s.outbound)
 	s.run(t, "plugin-restart", []string{"compose-up"}, s.pluginRestart)
@@ -1339,5 +1340,97 @@ func (s *suite) labDown(t *testing.T) {
 		t.Error(err)
 	} else if len(rules) > 0 {
 		t.Errorf("%s: iptables rules left:\n%s", l.A, strings.Join(rules, "\n"))
+	}
+}
+
+// serviceHealth: `docker run -l SERVICE_NAME=… -e SERVICE_CHECK_HTTP=/` on
+// both engines gives two healthy instances at their overlay addresses,
+// each checked over HTTP by its own host's agent; `docker stop` on one
+// removes it within a second.
+func (s *suite) serviceHealth(t *testing.T) {
+	ctx := t.Context()
+	l := s.lab
+	name := dockertest.UniqueName("colab-svc-")
+	svc := "health" + name[len(name)-6:]
+	const subnet = "10.212.0.0/24"
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		for _, h := range l.Hosts() {
+			h.Docker(ctx, "rm", "-f", name+"-web")
+			h.Docker(ctx, "network", "rm", name)
+		}
+	})
+	want := map[string]bool{}
+	for _, h := range l.Hosts() {
+		if _, err := h.Docker(ctx, "network", "create", "-d", l.Plugin, "--ipam-driver", l.Plugin,
+			"--subnet", subnet, "-o", "name="+name, "--label", l.Label, name); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := h.Docker(ctx, "run", "-d", "--name", name+"-web", "--label", l.Label, "--network", name,
+			"--expose", "80", "-l", "SERVICE_NAME="+svc, "-e", "SERVICE_CHECK_HTTP=/", "-e", "SERVICE_CHECK_INTERVAL=1s",
+			l.Image, "httpd", "-f", "-p", "80", "-h", "/www"); err != nil {
+			t.Fatal(err)
+		}
+		ip, _, err := h.ContainerAddr(ctx, name+"-web", name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[ip.String()] = true
+	}
+	type entry struct {
+		Node    struct{ Node string }
+		Service struct {
+			Address string
+			Port    int
+		}
+		Checks []struct{ Status, Type string }
+	}
+	err := eventually(t, 30*time.Second, func(ctx context.Context) error {
+		var passing []entry
+		if err := l.consulGet(ctx, "/v1/health/service/"+svc+"?passing=true", &passing); err != nil {
+			return err
+		}
+		nodes, got := map[string]bool{}, map[string]bool{}
+		for _, e := range passing {
+			nodes[e.Node.Node] = true
+			got[e.Service.Address] = e.Service.Port == 80
+			http := false
+			for _, c := range e.Checks {
+				http = http || c.Type == "http"
+			}
+			if !http {
+				return fmt.Errorf("instance at %s has no HTTP check: %+v", e.Service.Address, e.Checks)
+			}
+		}
+		if len(passing) != 2 || len(nodes) != 2 || !maps.Equal(got, want) {
+			return fmt.Errorf("passing %s instances %v on nodes %v, want the overlay addresses %v on two nodes, port 80", svc, got, nodes, want)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.B.Docker(ctx, "stop", "-t", "1", name+"-web"); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	err = eventually(t, 10*time.Second, func(ctx context.Context) error {
+		var all []entry
+		if err := l.consulGet(ctx, "/v1/health/service/"+svc, &all); err != nil {
+			return err
+		}
+		if len(all) != 1 {
+			return fmt.Errorf("%d instances of %s after docker stop on %s, want 1", len(all), svc, l.B)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone := time.Since(stopped)
+	s.notes["service-health"] = fmt.Sprintf("instance gone %s after docker stop", gone.Round(time.Millisecond))
+	if gone > time.Second {
+		t.Errorf("the stopped container's instance was still in Consul %s after docker stop returned, want within 1s", gone)
 	}
 }
