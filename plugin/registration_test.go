@@ -20,12 +20,7 @@ import (
 // to its own agent. Join registers the endpoint with its overlay address,
 // Leave deregisters it, and Consul's DNS answers with overlay addresses.
 func TestProtocolRegistration(t *testing.T) {
-	testenv.RequireRoot(t)
-	hosts := testenv.NewUnderlay(t, 2, testenv.UnderlayOptions{})
-	server := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()))
-	client := testenv.StartConsul(t, testenv.WithNetNS(hosts[1].NS.Path), testenv.WithBindAddr(hosts[1].Addr.String()),
-		testenv.WithRetryJoin(server.SerfLANAddr),
-		testenv.WithArgs("-server=false", "-data-dir", filepath.Join(t.TempDir(), "consul")))
+	hosts, server, client := agentPerHost(t)
 	prefix := "co-reg-" + randomID()[:8] + "/"
 	pa := startPlugin(t, "host0", hosts[0], server.Addr, prefix)
 	pb := startPlugin(t, "host1", hosts[1], client.Addr, prefix)
@@ -153,6 +148,19 @@ func TestProtocolRegistration(t *testing.T) {
 	}
 }
 
+// agentPerHost builds two test hosts with a Consul agent each: a server on
+// host0 and a client on host1 joined to it, as Consul recommends.
+func agentPerHost(t *testing.T) (hosts []*testenv.Host, server, client *testenv.ConsulAgent) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	hosts = testenv.NewUnderlay(t, 2, testenv.UnderlayOptions{})
+	server = testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()))
+	client = testenv.StartConsul(t, testenv.WithNetNS(hosts[1].NS.Path), testenv.WithBindAddr(hosts[1].Addr.String()),
+		testenv.WithRetryJoin(server.SerfLANAddr),
+		testenv.WithArgs("-server=false", "-data-dir", filepath.Join(t.TempDir(), "consul")))
+	return hosts, server, client
+}
+
 func consulClient(t *testing.T, agent *testenv.ConsulAgent) *api.Client {
 	t.Helper()
 	c, err := api.NewClient(&api.Config{Address: agent.Addr, Transport: &http.Transport{DialContext: agent.DialContext}})
@@ -167,12 +175,7 @@ func consulClient(t *testing.T, agent *testenv.ConsulAgent) *api.Client {
 // Join still succeeds, and once the agent is back every endpoint is
 // registered exactly once.
 func TestProtocolRegistrationAgentRestart(t *testing.T) {
-	testenv.RequireRoot(t)
-	hosts := testenv.NewUnderlay(t, 2, testenv.UnderlayOptions{})
-	server := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()))
-	client := testenv.StartConsul(t, testenv.WithNetNS(hosts[1].NS.Path), testenv.WithBindAddr(hosts[1].Addr.String()),
-		testenv.WithRetryJoin(server.SerfLANAddr),
-		testenv.WithArgs("-server=false", "-data-dir", filepath.Join(t.TempDir(), "consul")))
+	hosts, _, client := agentPerHost(t)
 	prefix := "co-regr-" + randomID()[:8] + "/"
 	pb := startPlugin(t, "host1", hosts[1], client.Addr, prefix)
 	nb, err := pb.createNetwork(netSpec{subnet4: "10.61.0.0/24", opts: map[string]string{"name": "svc2"}})
