@@ -46,23 +46,7 @@ func realDocker(t *testing.T) *dockerapi.Client {
 // createContainer creates (not starts) a container without networking
 // and removes it when the test ends.
 func createContainer(t *testing.T, args ...string) (id, name string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	name = dockertest.UniqueName("discovery-test-")
-	args = append(append([]string{"create", "--name", name, "--network", "none"}, args...), dockertest.BusyboxImage, "sleep", "300")
-	id, err := dockertest.Docker(ctx, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		if _, err := dockertest.Docker(ctx, "rm", "-f", id); err != nil {
-			t.Logf("cleanup: %v", err)
-		}
-	})
-	return id, name
+	return dockertest.CreateContainer(t, "discovery-test-", append([]string{"--network", "none"}, args...)...)
 }
 
 // TestMetadataCompletion registers an endpoint before its container

@@ -38,23 +38,7 @@ func realEngine(t *testing.T) *Client {
 // createContainer creates (not starts) a container from the test image and
 // removes it when the test ends.
 func createContainer(t *testing.T, args ...string) (id, name string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	name = dockertest.UniqueName("dockerapi-test-")
-	args = append(append([]string{"create", "--name", name}, args...), dockertest.BusyboxImage, "sleep", "300")
-	id, err := dockertest.Docker(ctx, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		if _, err := dockertest.Docker(ctx, "rm", "-f", id); err != nil {
-			t.Logf("cleanup: %v", err)
-		}
-	})
-	return id, name
+	return dockertest.CreateContainer(t, "dockerapi-test-", args...)
 }
 
 func TestEngineInspectList(t *testing.T) {

@@ -95,6 +95,29 @@ func BuildBusybox(ctx context.Context, root string) error {
 	return err
 }
 
+// CreateContainer creates (does not start) a container of BusyboxImage
+// running sleep, named prefix plus a unique suffix, with extra `docker
+// create` arguments, and removes it when the test ends.
+func CreateContainer(t testing.TB, prefix string, args ...string) (id, name string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	name = UniqueName(prefix)
+	args = append(append([]string{"create", "--name", name}, args...), BusyboxImage, "sleep", "300")
+	id, err := Docker(ctx, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if _, err := Docker(ctx, "rm", "-f", id); err != nil {
+			t.Logf("cleanup: %v", err)
+		}
+	})
+	return id, name
+}
+
 // UniqueName is prefix followed by 8 random hex digits.
 func UniqueName(prefix string) string {
 	b := make([]byte, 4)
