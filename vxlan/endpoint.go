@@ -52,8 +52,9 @@ func (m *Manager) EnsureEndpoint(ctx context.Context, ep Endpoint) (EndpointInfo
 //
 // Equivalent to: `ip link add vxh-0123456789 mtu 1450 type veth peer name
 // vxc-0123456789 mtu 1450 address 02:42:0a:0a:00:02 && ip link set
-// vxh-0123456789 alias consul-overlay master vxbr-0a1b up && ip link set
-// vxc-0123456789 alias consul-overlay`.
+// vxh-0123456789 alias consul-overlay-<owner> master vxbr-0a1b up && ip link
+// set vxc-0123456789 alias consul-overlay-<owner>`. Either end carrying
+// another owner's mark fails with *ForeignLinkError and is left alone.
 func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, retErr error) {
 	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
 	op := fmt.Sprintf("ensure endpoint %s (vni %d)", endpointKey(ep.ID), ep.VNI)
@@ -84,6 +85,11 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 	if err != nil {
 		return info, err
 	}
+	if host != nil {
+		if err := m.foreign(host); err != nil {
+			return info, err
+		}
+	}
 	if host != nil && host.Type() != "veth" {
 		m.log.Warn("replacing link that is not a veth", "link", hostName, "type", host.Type(), "endpoint", endpointKey(ep.ID))
 		if err := m.deleteLink(host); err != nil {
@@ -95,6 +101,11 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 	cont, err := m.linkByName(contName)
 	if err != nil {
 		return info, err
+	}
+	if cont != nil {
+		if err := m.foreign(cont); err != nil {
+			return info, err
+		}
 	}
 	if host == nil {
 		if cont != nil {
@@ -136,7 +147,7 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 
 	// Container end: only while it is still in this namespace.
 	if cont != nil {
-		if cont.Attrs().Alias != OwnerAlias {
+		if !m.owns(cont) {
 			if err := m.step("veth-alias"); err != nil {
 				return info, err
 			}
@@ -160,7 +171,7 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		}
 	}
 
-	if host.Attrs().Alias != OwnerAlias {
+	if !m.owns(host) {
 		if err := m.step("veth-alias"); err != nil {
 			return info, err
 		}
@@ -199,6 +210,7 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 // DeleteEndpoint removes an endpoint's veth pair, also when Docker has
 // already moved the container end into a container (deleting the host end
 // deletes both). It is idempotent: an endpoint without links is success.
+// Links that carry another owner's mark are left alone (logged).
 //
 // Equivalent to: `ip link del vxh-0123456789`.
 func (m *Manager) DeleteEndpoint(ctx context.Context, id string) error {
@@ -225,4 +237,49 @@ func (m *Manager) DeleteEndpoint(ctx context.Context, id string) error {
 		m.log.Info("endpoint deleted", "endpoint", endpointKey(id))
 	}
 	return nil
+}
+
+// EndpointInUse reports whether the endpoint's veth pair is in use by a
+// container: its host end exists in this namespace and the other end is
+// no longer here (Docker moved it into a container's namespace). While it
+// is, the endpoint must not be reclaimed, whatever the store says. A pair
+// whose container end is still in this namespace (not joined yet, or left)
+// or that does not exist is not in use. The owner of the links does not
+// matter: a container uses them either way.
+//
+// Equivalent to: `ip -d link show vxh-0123456789` printing "link-netns" or
+// "link-netnsid" (the peer is in another namespace), or `ip link show
+// vxc-0123456789` failing while the host end exists.
+func (m *Manager) EndpointInUse(id string) (bool, error) {
+	if err := validEndpointID(id); err != nil {
+		return false, fmt.Errorf("endpoint in use: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	host, err := m.linkByName(HostIfName(id))
+	if err != nil {
+		return false, fmt.Errorf("endpoint in use %s: %w", endpointKey(id), err)
+	}
+	if host == nil || host.Type() != "veth" {
+		return false, nil
+	}
+	// IFLA_LINK_NETNSID: the kernel reports the peer's namespace only when
+	// it is not ours.
+	if host.Attrs().NetNsID >= 0 {
+		return true, nil
+	}
+	// No namespace id (an older kernel, or no id assigned): the peer is
+	// away if no link of this namespace has its index.
+	peer := host.Attrs().ParentIndex
+	if peer == 0 {
+		return false, nil
+	}
+	l, err := retryDump(func() (netlink.Link, error) { return m.nl.LinkByIndex(peer) })
+	if isNotFound(err) {
+		return true, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("endpoint in use %s: get peer link %d: %w", endpointKey(id), peer, err)
+	}
+	return l.Attrs().Name != ContainerIfName(id), nil
 }

@@ -21,23 +21,38 @@ const FirewallChain = "CONSUL-OVERLAY"
 //
 // Why: the bridges live in the host namespace, where dockerd sets the
 // FORWARD policy to DROP and br_netfilter passes bridged frames through
-// iptables. Per bridge, in both iptables and ip6tables:
+// iptables. Per bridge, in both iptables and ip6tables (<mark> is the
+// owner mark, OwnerMark(Config.Owner)):
 //
-//	-A CONSUL-OVERLAY -i vxbr-0a1b -o vxbr-0a1b -j ACCEPT   (within the network)
-//	-A CONSUL-OVERLAY -o vxbr-0a1b -j DROP                  (nothing routed in)
-//	-A CONSUL-OVERLAY -i vxbr-0a1b -j DROP                  (nothing routed out)
+//	-A CONSUL-OVERLAY -i vxbr-0a1b -o vxbr-0a1b -m comment --comment <mark> -j ACCEPT   (within the network)
+//	-A CONSUL-OVERLAY -o vxbr-0a1b -m comment --comment <mark> -j DROP                  (nothing routed in)
+//	-A CONSUL-OVERLAY -i vxbr-0a1b -m comment --comment <mark> -j DROP                  (nothing routed out)
+//
+// The chain and the FORWARD jump are shared by every instance (owner) in
+// the namespace and never removed: an empty chain costs nothing, and
+// removing it would race with another instance adding to it. Each instance
+// removes only rules that carry its own mark; the default owner also
+// removes the uncommented rules of plugins from before owners existed
+// (once its own commented copy of such a rule is in place, or when the
+// bridge is gone).
 //
 // The host's own traffic to its endpoints (INPUT/OUTPUT) is not affected.
-// Calls hold Manager.mu, which serialises the commands.
+// Calls hold Manager.mu, which serialises the commands of one instance;
+// iptables' -w lock serialises them between instances.
 type firewall struct {
 	log  *slog.Logger
 	bins []string // the enabled commands: iptables and/or ip6tables
+	mark string   // comment of our rules: OwnerMark(owner)
 }
+
+// legacyOwner reports whether uncommented rules in our chain are ours: the
+// default owner's, from before rules carried comments.
+func (f *firewall) legacyOwner() bool { return f.mark == OwnerAlias }
 
 // newFirewall resolves the commands; "" looks the default name up in
 // PATH, "-" disables one. A missing command is logged and skipped.
 func newFirewall(log *slog.Logger, ipt, ip6t string) *firewall {
-	f := &firewall{log: log}
+	f := &firewall{log: log, mark: OwnerAlias}
 	for _, c := range []struct{ cfg, def string }{{ipt, "iptables"}, {ip6t, "ip6tables"}} {
 		if c.cfg == "-" {
 			continue
@@ -164,24 +179,30 @@ func (f *firewall) ensureBase(ctx context.Context) (int, error) {
 	return changes, nil
 }
 
-// bridgeRules are the rules of one bridge; the ACCEPT must precede the
+// bridgeRules are the rules of one bridge, commented with mark, in the
+// order `iptables -S` prints their fields; the ACCEPT must precede the
 // DROPs, so it is inserted at the top and the DROPs appended.
-func bridgeRules(br string) (accept []string, drops [][]string) {
-	return []string{"-i", br, "-o", br, "-j", "ACCEPT"},
-		[][]string{{"-o", br, "-j", "DROP"}, {"-i", br, "-j", "DROP"}}
+func bridgeRules(br, mark string) (accept []string, drops [][]string) {
+	c := []string{"-m", "comment", "--comment", mark}
+	rule := func(pre []string, target string) []string {
+		return slices.Concat(pre, c, []string{"-j", target})
+	}
+	return rule([]string{"-i", br, "-o", br}, "ACCEPT"),
+		[][]string{rule([]string{"-o", br}, "DROP"), rule([]string{"-i", br}, "DROP")}
 }
 
 // ensureBridge installs a bridge's rules where they are missing.
 //
-// Equivalent to: `iptables -C CONSUL-OVERLAY -i vxbr-0a1b -o vxbr-0a1b -j
-// ACCEPT || iptables -I CONSUL-OVERLAY 1 -i vxbr-0a1b -o vxbr-0a1b -j
-// ACCEPT`, then the same with -A for the two DROP rules.
+// Equivalent to: `iptables -C CONSUL-OVERLAY -i vxbr-0a1b -o vxbr-0a1b -m
+// comment --comment <mark> -j ACCEPT || iptables -I CONSUL-OVERLAY 1 -i
+// vxbr-0a1b -o vxbr-0a1b -m comment --comment <mark> -j ACCEPT`, then the
+// same with -A for the two DROP rules.
 func (f *firewall) ensureBridge(ctx context.Context, br string) (int, error) {
 	changes, err := f.ensureBase(ctx)
 	if err != nil {
 		return changes, err
 	}
-	accept, drops := bridgeRules(br)
+	accept, drops := bridgeRules(br, f.mark)
 	for _, bin := range f.bins {
 		ok, err := f.exists(ctx, bin, FirewallChain, accept)
 		if err != nil {
@@ -212,51 +233,102 @@ func (f *firewall) ensureBridge(ctx context.Context, br string) (int, error) {
 	return changes, nil
 }
 
-// removeBridge deletes every rule of our chain that names the bridge.
-//
-// Equivalent to: `iptables -D CONSUL-OVERLAY -i vxbr-0a1b -o vxbr-0a1b -j
-// ACCEPT` and so on for each rule `iptables -S CONSUL-OVERLAY` lists.
-func (f *firewall) removeBridge(ctx context.Context, br string) (int, error) {
-	return f.remove(ctx, func(ifaces []string) bool { return slices.Contains(ifaces, br) })
+// chainRule is one rule of our chain as `iptables -S` lists it.
+type chainRule struct {
+	fields  []string // after "-A CHAIN", as -D takes them
+	ifaces  []string // the -i and -o interfaces
+	comment string   // the --comment value, unquoted; "" if none
+	marked  bool     // it has a comment match
 }
 
-// removeStale deletes the rules of our chain that name an overlay bridge
-// not in keep.
+func parseRule(line string) chainRule {
+	r := chainRule{fields: strings.Fields(line)[2:]} // drop "-A CHAIN"
+	for i := 0; i+1 < len(r.fields); i++ {
+		switch r.fields[i] {
+		case "-i", "-o":
+			r.ifaces = append(r.ifaces, r.fields[i+1])
+		case "--comment":
+			r.marked = true
+			r.comment = strings.Trim(r.fields[i+1], `"`)
+		}
+	}
+	return r
+}
+
+// withoutComment is the rule's text without its comment match, to pair a
+// legacy rule with its commented copy.
+func (r chainRule) withoutComment() string {
+	var out []string
+	for i := 0; i < len(r.fields); i++ {
+		if r.fields[i] == "-m" && i+1 < len(r.fields) && r.fields[i+1] == "comment" {
+			i++
+			continue
+		}
+		if r.fields[i] == "--comment" {
+			i++
+			continue
+		}
+		out = append(out, r.fields[i])
+	}
+	return strings.Join(out, " ")
+}
+
+// removeBridge deletes every rule of ours in our chain that names the
+// bridge; other owners' rules stay.
+//
+// Equivalent to: `iptables -D CONSUL-OVERLAY -i vxbr-0a1b -o vxbr-0a1b -m
+// comment --comment <mark> -j ACCEPT` and so on for each such rule
+// `iptables -S CONSUL-OVERLAY` lists.
+func (f *firewall) removeBridge(ctx context.Context, br string) (int, error) {
+	return f.remove(ctx, func(r chainRule, _ map[string]bool) bool { return slices.Contains(r.ifaces, br) })
+}
+
+// removeStale deletes the rules of ours that name an overlay bridge not in
+// keep, and legacy uncommented rules (default owner only) whose commented
+// copy is in place.
 func (f *firewall) removeStale(ctx context.Context, keep map[string]bool) (int, error) {
-	return f.remove(ctx, func(ifaces []string) bool {
-		for _, i := range ifaces {
+	return f.remove(ctx, func(r chainRule, commented map[string]bool) bool {
+		for _, i := range r.ifaces {
 			if bridgeNameRE.MatchString(i) && !keep[i] {
 				return true
 			}
 		}
-		return false
+		return !r.marked && commented[r.withoutComment()]
 	})
 }
 
-// remove deletes the rules of our chain whose -i/-o interfaces match.
-func (f *firewall) remove(ctx context.Context, match func(ifaces []string) bool) (int, error) {
+// remove deletes the rules of our chain that are ours (they carry our
+// mark, or no comment when we are the default owner) and match. match
+// also gets the set of our commented rules, by withoutComment.
+func (f *firewall) remove(ctx context.Context, match func(r chainRule, commented map[string]bool) bool) (int, error) {
 	changes := 0
 	for _, bin := range f.bins {
 		lines, _, err := f.rules(ctx, bin, FirewallChain)
 		if err != nil {
 			return changes, err
 		}
+		var ours []chainRule
+		commented := map[string]bool{}
 		for _, l := range lines {
-			fields := strings.Fields(l)[2:] // drop "-A CHAIN"
-			var ifaces []string
-			for i := 0; i+1 < len(fields); i++ {
-				if fields[i] == "-i" || fields[i] == "-o" {
-					ifaces = append(ifaces, fields[i+1])
-				}
+			r := parseRule(l)
+			switch {
+			case r.marked && r.comment == f.mark:
+				commented[r.withoutComment()] = true
+			case !r.marked && f.legacyOwner():
+			default:
+				continue // another owner's
 			}
-			if !match(ifaces) {
+			ours = append(ours, r)
+		}
+		for _, r := range ours {
+			if !match(r, commented) {
 				continue
 			}
-			if _, err := f.run(ctx, bin, append([]string{"-D", FirewallChain}, fields...)...); err != nil {
+			if _, err := f.run(ctx, bin, append([]string{"-D", FirewallChain}, r.fields...)...); err != nil {
 				return changes, err
 			}
 			changes++
-			f.log.Debug("firewall rule removed", "command", filepath.Base(bin), "rule", strings.Join(fields, " "))
+			f.log.Debug("firewall rule removed", "command", filepath.Base(bin), "rule", strings.Join(r.fields, " "))
 		}
 	}
 	return changes, nil

@@ -181,9 +181,9 @@ func TestFirewall(t *testing.T) {
 			t.Errorf("%s: first FORWARD rule %q, want our jump", cmd, first)
 		}
 		want := []string{
-			"-A CONSUL-OVERLAY -i vxbr-000010 -o vxbr-000010 -j ACCEPT",
-			"-A CONSUL-OVERLAY -o vxbr-000010 -j DROP",
-			"-A CONSUL-OVERLAY -i vxbr-000010 -j DROP",
+			"-A CONSUL-OVERLAY -i vxbr-000010 -o vxbr-000010 -m comment --comment consul-overlay -j ACCEPT",
+			"-A CONSUL-OVERLAY -o vxbr-000010 -m comment --comment consul-overlay -j DROP",
+			"-A CONSUL-OVERLAY -i vxbr-000010 -m comment --comment consul-overlay -j DROP",
 		}
 		if got := fwRules(t, h0, cmd); !slices.Equal(got, want) {
 			t.Errorf("%s rules:\n%s\nwant:\n%s", cmd, strings.Join(got, "\n"), strings.Join(want, "\n"))
@@ -194,7 +194,7 @@ func TestFirewall(t *testing.T) {
 	mustPing(t, a1.ns, addr("fd00:10::3"))
 	// The bridged frames went through FORWARD and our ACCEPT let them.
 	for _, cmd := range []string{"iptables", "ip6tables"} {
-		if n := ruleCounter(t, h0, cmd, "-A CONSUL-OVERLAY -i vxbr-000010 -o vxbr-000010 -j ACCEPT"); n == 0 {
+		if n := ruleCounter(t, h0, cmd, "-A CONSUL-OVERLAY -i vxbr-000010 -o vxbr-000010 -m comment --comment consul-overlay -j ACCEPT"); n == 0 {
 			t.Errorf("%s: our ACCEPT rule saw no packets; the test does not exercise br_netfilter", cmd)
 		}
 	}
@@ -207,8 +207,8 @@ func TestFirewall(t *testing.T) {
 	b1 := h0.run(t, vniB, []netip.Prefix{pfx("10.20.0.2/24")}, addr("10.20.0.1"))
 	mustPing(t, b1.ns, addr("10.20.0.1")) // the host itself is reachable
 	mustNotPing(t, b1.ns, addr("10.10.0.2"))
-	routedIn := ruleCounter(t, h0, "iptables", "-A CONSUL-OVERLAY -o vxbr-000010 -j DROP")
-	routedOut := ruleCounter(t, h0, "iptables", "-A CONSUL-OVERLAY -i vxbr-000020 -j DROP")
+	routedIn := ruleCounter(t, h0, "iptables", "-A CONSUL-OVERLAY -o vxbr-000010 -m comment --comment consul-overlay -j DROP")
+	routedOut := ruleCounter(t, h0, "iptables", "-A CONSUL-OVERLAY -i vxbr-000020 -m comment --comment consul-overlay -j DROP")
 	if routedIn+routedOut == 0 {
 		t.Error("packets routed from network B into network A were not dropped by our rules")
 	}

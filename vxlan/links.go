@@ -62,11 +62,12 @@ func (m *Manager) deleteLink(l netlink.Link) error {
 	return nil
 }
 
-// deleteLinkByName deletes a link by name; not-found is success. It
-// reports whether a link was deleted.
+// deleteLinkByName deletes a link by name; not-found is success, and so is
+// a link of another owner, which is left alone. It reports whether a link
+// was deleted.
 func (m *Manager) deleteLinkByName(name string) (bool, error) {
 	l, err := m.linkByName(name)
-	if err != nil || l == nil {
+	if err != nil || l == nil || !m.deletable(l) {
 		return false, err
 	}
 	return true, m.deleteLink(l)
@@ -74,13 +75,42 @@ func (m *Manager) deleteLinkByName(name string) (bool, error) {
 
 // setAlias marks a link as ours.
 //
-// Equivalent to: `ip link set <name> alias consul-overlay`.
+// Equivalent to: `ip link set <name> alias consul-overlay-<owner>` (alias
+// consul-overlay for the default owner).
 func (m *Manager) setAlias(l netlink.Link) error {
-	if err := m.nl.LinkSetAlias(l, OwnerAlias); err != nil {
+	if err := m.nl.LinkSetAlias(l, m.mark); err != nil {
 		return fmt.Errorf("set alias of %q: %w", l.Attrs().Name, err)
 	}
 	m.log.Debug("link alias set", "link", l.Attrs().Name)
 	return nil
+}
+
+// owns reports whether a link carries this Manager's owner mark.
+func (m *Manager) owns(l netlink.Link) bool { return l.Attrs().Alias == m.mark }
+
+// foreign returns a *ForeignLinkError if l carries another owner's mark,
+// nil if it is ours or carries no consul-overlay mark at all (a link we
+// may adopt: for example one whose creator crashed before marking it).
+func (m *Manager) foreign(l netlink.Link) error {
+	a := l.Attrs().Alias
+	if a == m.mark {
+		return nil
+	}
+	if owner, ok := ownerOfMark(a); ok {
+		return &ForeignLinkError{Link: l.Attrs().Name, Owner: owner}
+	}
+	return nil
+}
+
+// deletable is deleteLink's guard for the delete paths: a link of another
+// owner is skipped with a warning (from this owner's view it is already
+// gone, and failing would block Docker's idempotent cleanup forever).
+func (m *Manager) deletable(l netlink.Link) bool {
+	if err := m.foreign(l); err != nil {
+		m.log.Warn("not deleting a link of another instance", "link", l.Attrs().Name, "error", err)
+		return false
+	}
+	return true
 }
 
 // setMTU sets a link's MTU.

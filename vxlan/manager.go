@@ -36,6 +36,14 @@ type Config struct {
 	// neighbour table limits (gc_thresh1/2/3) ("": /proc/sys; "-": leave
 	// them alone).
 	Sysctl string
+	// Owner tags this instance's kernel objects, so several instances
+	// (for example with different KV prefixes) can share one network
+	// namespace without touching each other's links and rules: every link
+	// gets the alias OwnerMark(Owner) and every firewall rule the comment
+	// OwnerMark(Owner). At most 64 letters, digits, '-' or '_' ("": the
+	// default owner, whose mark "consul-overlay" is the one every instance
+	// used before owners existed).
+	Owner string
 	// Logger receives debug lines for each kernel write and info lines
 	// for lifecycle events (nil: discard).
 	Logger *slog.Logger
@@ -88,11 +96,17 @@ type Peer struct {
 	VTEP netip.Addr
 }
 
-// State is a full description of what the kernel should hold.
+// State is a full description of what the kernel should hold for this
+// Manager's owner.
 type State struct {
 	Networks  []Network
 	Endpoints []Endpoint
 	Peers     []Peer
+	// KeepStrays makes Reconcile ensure what is listed and remove nothing
+	// else: no unlisted link, neighbour or FDB entry, or firewall rule.
+	// Set it when the caller cannot prove that its list is complete (for
+	// example the store shows none of the networks OwnedNetworks reports).
+	KeepStrays bool
 }
 
 // Changes counts the kernel writes one call made. The zero value means the
@@ -115,6 +129,7 @@ func (c Changes) Total() int {
 // namespace. It is safe for concurrent use: mu serialises every call.
 type Manager struct {
 	cfg       Config
+	mark      string // OwnerMark(cfg.Owner): our links' alias, our rules' comment
 	log       *slog.Logger
 	nl        *netlink.Handle
 	ownHandle bool
@@ -170,11 +185,15 @@ func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
 	if cfg.Port < 1 || cfg.Port > 65535 {
 		return nil, fmt.Errorf("vxlan: port %d out of range", cfg.Port)
 	}
+	if err := validOwner(cfg.Owner); err != nil {
+		return nil, fmt.Errorf("vxlan: %w", err)
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	m := &Manager{
 		cfg:   cfg,
+		mark:  OwnerMark(cfg.Owner),
 		log:   cfg.Logger,
 		nl:    h,
 		peers: map[uint32]*peerSet{},
@@ -192,6 +211,7 @@ func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
 		return nil, fmt.Errorf("vxlan: underlay MTU %d leaves no room for VXLAN", m.mtu)
 	}
 	m.fw = newFirewall(m.log, cfg.IPTables, cfg.IP6Tables)
+	m.fw.mark = m.mark
 	if cfg.Sysctl != "-" {
 		root := cfg.Sysctl
 		if root == "" {

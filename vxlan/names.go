@@ -2,20 +2,29 @@ package vxlan
 
 import (
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"regexp"
 	"strconv"
+	"strings"
 )
 
 // Ownership marks. A link is ours only if its name matches one of the exact
 // patterns below; Reconcile removes a stray link only if it also carries
-// OwnerAlias. Docker's own br-<12 hex> bridges and veth<7 hex> links never
-// match.
+// this Manager's owner mark (OwnerMark) as its alias. Docker's own
+// br-<12 hex> bridges and veth<7 hex> links never match.
 const (
-	// OwnerAlias is the link alias (ifalias) set on every link we create.
+	// OwnerAlias is the owner mark of the default (empty) owner: the link
+	// alias (ifalias) and firewall comment of a Manager whose Config.Owner
+	// is "". Before owners existed every instance used it, so links that
+	// carry it belong to the default owner.
 	OwnerAlias = "consul-overlay"
+
+	// maxOwnerLen bounds Config.Owner, so the firewall rule comment stays
+	// well within iptables' 256 bytes and link aliases stay short.
+	maxOwnerLen = 64
 
 	vxlanPrefix  = "vx-"
 	bridgePrefix = "vxbr-"
@@ -36,7 +45,61 @@ var (
 	hostNameRE   = regexp.MustCompile(`^vxh-([0-9A-Za-z]{10})$`)
 	contNameRE   = regexp.MustCompile(`^vxc-([0-9A-Za-z]{10})$`)
 	endpointIDRE = regexp.MustCompile(`^[0-9A-Za-z]{10}`)
+	// ownerRE keeps the owner mark free of characters that iptables -S
+	// would quote, so rules read back exactly as they were written.
+	ownerRE = regexp.MustCompile(`^[0-9A-Za-z_-]*$`)
 )
+
+// OwnerMark is the link alias and firewall rule comment of an owner's
+// objects: "consul-overlay" for the default owner "", otherwise
+// "consul-overlay-<owner>".
+func OwnerMark(owner string) string {
+	if owner == "" {
+		return OwnerAlias
+	}
+	return OwnerAlias + "-" + owner
+}
+
+// ownerOfMark returns the owner an alias or rule comment names; ok is false
+// if it is no consul-overlay mark at all (no alias, or someone else's).
+func ownerOfMark(mark string) (owner string, ok bool) {
+	if mark == OwnerAlias {
+		return "", true
+	}
+	if rest, found := strings.CutPrefix(mark, OwnerAlias+"-"); found && rest != "" {
+		return rest, true
+	}
+	return "", false
+}
+
+func validOwner(owner string) error {
+	if len(owner) > maxOwnerLen || !ownerRE.MatchString(owner) {
+		return fmt.Errorf("owner %q: want at most %d letters, digits, '-' or '_'", owner, maxOwnerLen)
+	}
+	return nil
+}
+
+// ErrForeign reports that an object with one of our names belongs to
+// another consul-overlay instance (another owner) in this namespace. The
+// error is a *ForeignLinkError, which names the other owner.
+var ErrForeign = errors.New("belongs to another consul-overlay instance")
+
+// ForeignLinkError is returned when a link that a call would modify
+// carries another owner's mark. The link is left as it is.
+type ForeignLinkError struct {
+	Link  string // the link's name, for example "vx-001000"
+	Owner string // the other owner; "" is the default owner
+}
+
+func (e *ForeignLinkError) Error() string {
+	if e.Owner == "" {
+		return fmt.Sprintf("%s belongs to the default consul-overlay instance (alias %q)", e.Link, OwnerAlias)
+	}
+	return fmt.Sprintf("%s belongs to consul-overlay instance %s", e.Link, e.Owner)
+}
+
+// Is makes errors.Is(err, ErrForeign) true.
+func (e *ForeignLinkError) Is(target error) bool { return target == ErrForeign }
 
 // VXLANName is the name of the VXLAN device of a network: vx-<vni %06x>.
 func VXLANName(vni uint32) string { return fmt.Sprintf("%s%06x", vxlanPrefix, vni) }

@@ -31,7 +31,7 @@ func (m *Manager) EnsureNetwork(ctx context.Context, n Network) (NetworkInfo, er
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var ch Changes
-	info, err := m.ensureNetwork(ctx, n, &ch)
+	info, err := m.ensureNetwork(ctx, n, false, &ch)
 	if err != nil {
 		return NetworkInfo{}, err
 	}
@@ -41,8 +41,10 @@ func (m *Manager) EnsureNetwork(ctx context.Context, n Network) (NetworkInfo, er
 	return info, nil
 }
 
-// ensureNetwork is EnsureNetwork with m.mu held, counting into ch.
-func (m *Manager) ensureNetwork(ctx context.Context, n Network, ch *Changes) (info NetworkInfo, retErr error) {
+// ensureNetwork is EnsureNetwork with m.mu held, counting into ch. With
+// keepEntries it adds the missing neighbour and FDB entries of the peers
+// but removes none (Reconcile with KeepStrays).
+func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool, ch *Changes) (info NetworkInfo, retErr error) {
 	mtu := m.networkMTU(n)
 	if mtu < minMTU {
 		return info, fmt.Errorf("ensure network (vni %d): mtu %d below %d", n.VNI, mtu, minMTU)
@@ -93,7 +95,7 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, ch *Changes) (in
 			return info, err
 		}
 	}
-	if err := m.syncPeers(vx, n.VNI, ch); err != nil {
+	if err := m.syncPeerEntries(vx, n.VNI, keepEntries, ch); err != nil {
 		return info, err
 	}
 	return info, nil
@@ -101,16 +103,22 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, ch *Changes) (in
 
 // ensureBridge makes the network's bridge exist with our alias, the MTU,
 // exactly the gateway addresses, and up. created reports whether this call
-// created it (br is then set even on error, for the undo).
+// created it (br is then set even on error, for the undo). A link of the
+// name that carries another owner's mark is left alone: *ForeignLinkError.
 //
 // Equivalent to: `ip link add vxbr-0a1b type bridge && ip link set vxbr-0a1b
-// alias consul-overlay && ip addr replace 10.10.0.1/24 dev vxbr-0a1b && ip
+// alias consul-overlay-<owner> && ip addr replace 10.10.0.1/24 dev vxbr-0a1b && ip
 // link set vxbr-0a1b up`.
 func (m *Manager) ensureBridge(n Network, mtu int, ch *Changes) (br netlink.Link, created bool, err error) {
 	name := BridgeName(n.VNI)
 	br, err = m.linkByName(name)
 	if err != nil {
 		return nil, false, err
+	}
+	if br != nil {
+		if err := m.foreign(br); err != nil {
+			return nil, false, fmt.Errorf("ensure bridge (vni %d): %w", n.VNI, err)
+		}
 	}
 	if br != nil && br.Type() != "bridge" {
 		m.log.Warn("replacing link that is not a bridge", "link", name, "type", br.Type(), "vni", n.VNI)
@@ -137,7 +145,7 @@ func (m *Manager) ensureBridge(n Network, mtu int, ch *Changes) (br netlink.Link
 		}
 		created = true
 	}
-	if br.Attrs().Alias != OwnerAlias {
+	if !m.owns(br) {
 		if err := m.step("bridge-alias"); err != nil {
 			return br, created, err
 		}
@@ -256,11 +264,12 @@ func (m *Manager) vxlanMismatch(l netlink.Link, vni uint32) string {
 // ensureVXLAN makes the network's VXLAN device exist with the right VNI,
 // port and source, learning off and ARP/ND proxy on, enslaved to br and
 // up. A device with the wrong identity is replaced; MTU, master and up are
-// fixed in place. created reports whether this call created it.
+// fixed in place. created reports whether this call created it. A device
+// of another owner is never touched: *ForeignLinkError.
 //
 // Equivalent to: `ip link add vx-0a1b type vxlan id 2587 local 192.0.2.11
-// dstport 4789 nolearning proxy && ip link set vx-0a1b alias consul-overlay
-// master vxbr-0a1b up`.
+// dstport 4789 nolearning proxy && ip link set vx-0a1b alias
+// consul-overlay-<owner> master vxbr-0a1b up`.
 func (m *Manager) ensureVXLAN(vni uint32, mtu int, br netlink.Link, ch *Changes) (vx netlink.Link, created bool, err error) {
 	name := VXLANName(vni)
 	vx, err = m.linkByName(name)
@@ -268,6 +277,9 @@ func (m *Manager) ensureVXLAN(vni uint32, mtu int, br netlink.Link, ch *Changes)
 		return nil, false, err
 	}
 	if vx != nil {
+		if err := m.foreign(vx); err != nil {
+			return nil, false, fmt.Errorf("ensure vxlan (vni %d): %w", vni, err)
+		}
 		if diff := m.vxlanMismatch(vx, vni); diff != "" {
 			m.log.Warn("replacing vxlan device", "link", name, "vni", vni, "difference", diff)
 			if err := m.deleteLink(vx); err != nil {
@@ -307,7 +319,7 @@ func (m *Manager) ensureVXLAN(vni uint32, mtu int, br netlink.Link, ch *Changes)
 		}
 		created = true
 	}
-	if vx.Attrs().Alias != OwnerAlias {
+	if !m.owns(vx) {
 		if err := m.step("vxlan-alias"); err != nil {
 			return vx, created, err
 		}
@@ -345,7 +357,9 @@ func (m *Manager) ensureVXLAN(vni uint32, mtu int, br netlink.Link, ch *Changes)
 
 // DeleteNetwork removes a network's endpoints' veth pairs, its VXLAN
 // device, its bridge and its firewall rules, and forgets its peers. It is
-// idempotent: a network that does not exist is success.
+// idempotent: a network that does not exist is success. Links that carry
+// another owner's mark and that owner's rules are left alone (logged): for
+// this owner the network is gone.
 func (m *Manager) DeleteNetwork(ctx context.Context, vni uint32) error {
 	if err := validVNI(vni); err != nil {
 		return fmt.Errorf("delete network: %w", err)
@@ -373,13 +387,16 @@ func (m *Manager) deleteNetwork(ctx context.Context, vni uint32, ch *Changes) er
 	if err != nil {
 		errs = append(errs, err)
 	}
+	if br != nil && !m.deletable(br) {
+		br = nil // another owner's bridge: its ports are not ours either
+	}
 	if br != nil {
 		links, err := m.linkList()
 		if err != nil {
 			errs = append(errs, err)
 		}
 		for _, l := range links {
-			if l.Attrs().MasterIndex == br.Attrs().Index && hostNameRE.MatchString(l.Attrs().Name) {
+			if l.Attrs().MasterIndex == br.Attrs().Index && hostNameRE.MatchString(l.Attrs().Name) && m.deletable(l) {
 				if err := m.deleteLink(l); err != nil {
 					errs = append(errs, err)
 					continue

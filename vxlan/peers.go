@@ -147,8 +147,9 @@ func (m *Manager) checkPeer(p Peer) (peerKey, error) {
 
 // AddPeer programs a remote endpoint address: its neighbour entry, its
 // FDB entry and the all-zeros FDB destination of its VTEP. Adding a peer
-// twice is harmless. A peer of a network that is not ensured yet is kept
-// and programmed when the network is.
+// twice is harmless. A peer of a network that is not ensured yet (or whose
+// VXLAN device belongs to another owner) is kept and programmed when the
+// network is ensured.
 func (m *Manager) AddPeer(ctx context.Context, p Peer) error {
 	k, err := m.checkPeer(p)
 	if err != nil {
@@ -162,7 +163,7 @@ func (m *Manager) AddPeer(ctx context.Context, p Peer) error {
 		m.peers[p.VNI] = set
 	}
 	set.add(k)
-	vx, err := m.linkByName(VXLANName(p.VNI))
+	vx, err := m.ownVXLAN(p.VNI)
 	if err != nil {
 		return fmt.Errorf("add peer %s (vni %d): %w", p.IP, p.VNI, err)
 	}
@@ -196,7 +197,7 @@ func (m *Manager) DeletePeer(ctx context.Context, p Peer) error {
 	if len(set.peers) == 0 {
 		delete(m.peers, p.VNI)
 	}
-	vx, err := m.linkByName(VXLANName(p.VNI))
+	vx, err := m.ownVXLAN(p.VNI)
 	if err != nil {
 		return fmt.Errorf("delete peer %s (vni %d): %w", p.IP, p.VNI, err)
 	}
@@ -208,6 +209,22 @@ func (m *Manager) DeletePeer(ctx context.Context, p Peer) error {
 		return fmt.Errorf("delete peer %s (vni %d, vtep %s): %w", p.IP, p.VNI, k.vtep, err)
 	}
 	return nil
+}
+
+// ownVXLAN returns the VXLAN device of vni, or nil if there is none or it
+// belongs to another owner: peers of a network we do not hold are kept
+// and programmed when we ensure it, never written into another instance's
+// device.
+func (m *Manager) ownVXLAN(vni uint32) (netlink.Link, error) {
+	vx, err := m.linkByName(VXLANName(vni))
+	if err != nil || vx == nil {
+		return nil, err
+	}
+	if err := m.foreign(vx); err != nil {
+		m.log.Debug("peer not programmed", "vni", vni, "reason", err)
+		return nil, nil
+	}
+	return vx, nil
 }
 
 // applyPeer brings the three kernel entries that peer k touches in line
@@ -357,6 +374,12 @@ func fdbEntry(idx int, mac [6]byte, vtep netip.Addr) *netlink.Neigh {
 // del`, `bridge fdb del`, `bridge fdb append`, `bridge fdb replace` and
 // `ip neigh replace` commands above for the differences.
 func (m *Manager) syncPeers(vx netlink.Link, vni uint32, ch *Changes) error {
+	return m.syncPeerEntries(vx, vni, false, ch)
+}
+
+// syncPeerEntries is syncPeers; with keepAll it only adds and replaces
+// entries and removes none.
+func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll bool, ch *Changes) error {
 	set := m.peers[vni]
 	if set == nil {
 		set = newPeerSet()
@@ -408,7 +431,7 @@ func (m *Manager) syncPeers(vx netlink.Link, vni uint32, ch *Changes) error {
 
 	// Remove what is not wanted: neighbours first.
 	for ip := range haveNeigh {
-		if _, ok := set.byIP[ip]; ok {
+		if _, ok := set.byIP[ip]; ok || keepAll {
 			continue
 		}
 		if err := m.delNeigh(vx, ip, ch); err != nil {
@@ -425,7 +448,7 @@ func (m *Manager) syncPeers(vx netlink.Link, vni uint32, ch *Changes) error {
 				want, ok := set.fdbFor(mac)
 				keep = ok && want == v && len(vteps) == 1
 			}
-			if keep {
+			if keep || keepAll {
 				continue
 			}
 			if err := m.delFDB(vx, mac, v, ch); err != nil {

@@ -11,15 +11,24 @@ import (
 )
 
 // Reconcile makes the kernel match desired, a full description of this
-// host's networks, endpoints and remote peers:
-//   - links with our exact names and our alias that desired does not
+// owner's networks, endpoints and remote peers on this host:
+//   - links with our exact names and our owner mark that desired does not
 //     mention are removed (endpoints first, then networks);
 //   - each desired network and endpoint is ensured; anything that already
 //     matches is left alone, so a running container loses no packet;
 //   - each network's neighbour and FDB entries become exactly those of its
 //     peers, and the peer set replaces the one AddPeer/DeletePeer built;
-//   - firewall rules of bridges that are not desired are removed, and the
-//     FORWARD jump is put back at the top.
+//   - our firewall rules of bridges that are not desired are removed, and
+//     the FORWARD jump is put back at the top.
+//
+// Links, entries and rules of other owners are never touched; a desired
+// network or endpoint whose link name another owner holds fails with a
+// *ForeignLinkError.
+//
+// With desired.KeepStrays, desired is not taken as complete: the listed
+// networks, endpoints and peers are ensured (the peers are added to the
+// known ones) and nothing is removed: no link, no neighbour or FDB entry,
+// no rule. Use it when the caller cannot prove its view is complete.
 //
 // It carries on past failures, joins them into the error, and returns the
 // writes it made: a second call on an unchanged kernel returns zero
@@ -50,30 +59,42 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 		}
 		eps[endpointKey(ep.ID)] = ep
 	}
-	peers := map[uint32]*peerSet{}
+	type vniPeer struct {
+		vni uint32
+		k   peerKey
+	}
+	var listed []vniPeer
 	for _, p := range desired.Peers {
 		k, err := m.checkPeer(p)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("peer: %w", err))
 			continue
 		}
-		if peers[p.VNI] == nil {
-			peers[p.VNI] = newPeerSet()
-		}
-		peers[p.VNI].add(k)
+		listed = append(listed, vniPeer{p.VNI, k})
 	}
+	keep := desired.KeepStrays
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.peers = peers
+	if !keep {
+		m.peers = map[uint32]*peerSet{}
+	}
+	for _, p := range listed {
+		if m.peers[p.vni] == nil {
+			m.peers[p.vni] = newPeerSet()
+		}
+		m.peers[p.vni].add(p.k)
+	}
 	var ch Changes
 
 	// Strays first: a stray device may hold a VNI or a name we need.
-	links, err := m.linkList()
-	if err != nil {
-		return ch, errors.Join(append(errs, err)...)
+	if !keep {
+		links, err := m.linkList()
+		if err != nil {
+			return ch, errors.Join(append(errs, err)...)
+		}
+		errs = append(errs, m.removeStrays(links, nets, eps, &ch)...)
 	}
-	errs = append(errs, m.removeStrays(links, nets, eps, &ch)...)
 
 	if m.fw.enabled() {
 		k, err := m.fw.ensureBase(ctx)
@@ -88,7 +109,7 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 	}
 	slices.Sort(vnis)
 	for _, vni := range vnis {
-		if _, err := m.ensureNetwork(ctx, nets[vni], &ch); err != nil {
+		if _, err := m.ensureNetwork(ctx, nets[vni], keep, &ch); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -97,25 +118,26 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 			errs = append(errs, err)
 		}
 	}
-	if m.fw.enabled() {
-		keep := map[string]bool{}
+	if m.fw.enabled() && !keep {
+		bridges := map[string]bool{}
 		for vni := range nets {
-			keep[BridgeName(vni)] = true
+			bridges[BridgeName(vni)] = true
 		}
-		k, err := m.fw.removeStale(ctx, keep)
+		k, err := m.fw.removeStale(ctx, bridges)
 		ch.Rules += k
 		if err != nil {
 			errs = append(errs, err)
 		}
 	}
 	if ch.Total() > 0 {
-		m.log.Info("kernel reconciled", "networks", len(nets), "endpoints", len(eps), "changes", fmt.Sprintf("%+v", ch))
+		m.log.Info("kernel reconciled", "networks", len(nets), "endpoints", len(eps), "keep_strays", keep, "changes", fmt.Sprintf("%+v", ch))
 	}
 	return ch, errors.Join(errs...)
 }
 
 // removeStrays deletes links that carry both of our ownership marks (an
-// exact name and our alias) but belong to no desired network or endpoint.
+// exact name and our owner's alias) but belong to no desired network or
+// endpoint. Links of other owners, and links without a mark, stay.
 // A container end that Docker moved away is not in this namespace; it goes
 // with its host end.
 func (m *Manager) removeStrays(links []netlink.Link, nets map[uint32]Network, eps map[string]Endpoint, ch *Changes) []error {
@@ -131,7 +153,7 @@ func (m *Manager) removeStrays(links []netlink.Link, nets map[uint32]Network, ep
 	// Endpoints before networks, so no veth outlives its bridge.
 	for _, l := range links {
 		a := l.Attrs()
-		if a.Alias != OwnerAlias {
+		if a.Alias != m.mark {
 			continue
 		}
 		for _, re := range []*regexp.Regexp{hostNameRE, contNameRE} {
@@ -146,7 +168,7 @@ func (m *Manager) removeStrays(links []netlink.Link, nets map[uint32]Network, ep
 	}
 	for _, l := range links {
 		a := l.Attrs()
-		if a.Alias != OwnerAlias {
+		if a.Alias != m.mark {
 			continue
 		}
 		for _, re := range []*regexp.Regexp{vxlanNameRE, bridgeNameRE} {
@@ -160,4 +182,33 @@ func (m *Manager) removeStrays(links []netlink.Link, nets map[uint32]Network, ep
 		}
 	}
 	return errs
+}
+
+// OwnedNetworks lists, sorted, the VNIs of the overlays of this owner that
+// the kernel holds: every VNI with a VXLAN device or bridge named after it
+// that carries this owner's mark. A caller compares it with its store to
+// see overlays the store does not list (before reconciling them away).
+//
+// Equivalent to: `ip -d link show` filtered on the names vx-<6 hex> and
+// vxbr-<6 hex> with alias consul-overlay-<owner>.
+func (m *Manager) OwnedNetworks() ([]uint32, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	links, err := m.linkList()
+	if err != nil {
+		return nil, fmt.Errorf("owned networks: %w", err)
+	}
+	var vnis []uint32
+	for _, l := range links {
+		if !m.owns(l) {
+			continue
+		}
+		for _, re := range []*regexp.Regexp{vxlanNameRE, bridgeNameRE} {
+			if vni, ok := vniFromName(re, l.Attrs().Name); ok && !slices.Contains(vnis, vni) {
+				vnis = append(vnis, vni)
+			}
+		}
+	}
+	slices.Sort(vnis)
+	return vnis, nil
 }
