@@ -52,14 +52,41 @@
 //
 // Every link we create has a deterministic name of at most 15 characters
 // (vx-%06x, vxbr-%06x, vxh- and vxc- plus the first 10 characters of the
-// endpoint ID) and the alias "consul-overlay". Reconcile removes only links
-// that match one of those exact names and carry the alias, and that the
-// desired state does not mention; Docker's br-<hex> bridges and veth<hex>
-// links never match. Ensure calls keep a device that already matches and
-// fix attributes (MTU, master, up, MAC, addresses) in place, so a plugin
-// restart followed by Reconcile does not drop a packet; Reconcile returns
-// the writes it made, zero when the kernel already matched. Every create
-// path undoes what it created when a later step fails.
+// endpoint ID) and, as its alias, the owner mark of the Manager:
+// OwnerMark(Config.Owner), "consul-overlay-<owner>", or "consul-overlay"
+// for the default owner "". Several instances (owners, for example one per
+// KV prefix) can share one namespace:
+//   - Reconcile removes only links that match one of the exact names, carry
+//     this owner's mark, and that the desired state does not mention.
+//     Docker's br-<hex> bridges and veth<hex> links never match, nor do
+//     other owners' links;
+//   - a link of one of our names that carries another owner's mark is never
+//     modified: Ensure calls fail with a *ForeignLinkError ("vx-001000
+//     belongs to consul-overlay instance <owner>", errors.Is ErrForeign);
+//     DeleteNetwork and DeleteEndpoint skip it and log a warning (for this
+//     owner it is already gone, and Docker's cleanup must not fail); AddPeer
+//     and DeletePeer keep the peer without programming another owner's
+//     VXLAN device;
+//   - a link without any consul-overlay mark (for example one whose creator
+//     crashed between creating and marking it) is adopted by Ensure and
+//     deleted by Delete calls, but not removed by Reconcile;
+//   - links with the plain alias "consul-overlay", which every instance set
+//     before owners existed, belong to the default owner, so an upgraded
+//     plugin with Owner "" keeps reconciling its devices in place.
+//
+// Ensure calls keep a device that already matches and fix attributes (MTU,
+// master, up, MAC, addresses) in place, so a plugin restart followed by
+// Reconcile does not drop a packet; Reconcile returns the writes it made,
+// zero when the kernel already matched. Every create path undoes what it
+// created when a later step fails.
+//
+// A caller that cannot prove its desired state is complete (the store view
+// may be empty or foreign) sets State.KeepStrays: Reconcile then ensures
+// what is listed and removes nothing, not even neighbour and FDB entries of
+// a listed network. OwnedNetworks lists the VNIs of this owner's overlays in
+// the kernel, so the caller can see overlays its store does not list.
+// EndpointInUse reports an endpoint whose container end is in another
+// namespace (a container's): it must never be reclaimed.
 //
 // # Firewall
 //
@@ -69,8 +96,14 @@
 // bridge in iptables and ip6tables: bridged traffic within the network is
 // accepted; anything routed into or out of the bridge is dropped, which
 // keeps overlays isolated from each other and from docker_gwbridge even
-// though the bridge may carry a gateway address. The commands are
-// configurable; without them the package logs a warning and carries on.
+// though the bridge may carry a gateway address. Every rule carries the
+// owner mark as a comment (-m comment --comment consul-overlay-<owner>),
+// and an instance removes only rules with its own mark; the default owner
+// also replaces the uncommented rules of plugins from before owners
+// existed. The chain and the FORWARD jump are shared by all owners and
+// never removed (an empty chain costs nothing; removing it would race with
+// another instance). The commands are configurable; without them the
+// package logs a warning and carries on.
 //
 // # Kernel tweaks
 //

@@ -64,20 +64,30 @@ func newHosts(t *testing.T, n int, opts testenv.UnderlayOptions) []*testHost {
 	requireKernel(t)
 	var hosts []*testHost
 	for _, h := range testenv.NewUnderlay(t, n, opts) {
-		cfg := Config{
-			VTEP:      h.Addr,
-			IPTables:  nsWrapper(t, h.NS, "iptables"),
-			IP6Tables: nsWrapper(t, h.NS, "ip6tables"),
-			Sysctl:    "-",
-			Logger:    testLogger(t).With("host", h.Addr),
-		}
-		m, err := NewWithHandle(cfg, h.NS.Handle())
-		if err != nil {
-			t.Fatal(err)
-		}
-		hosts = append(hosts, &testHost{Host: h, m: m})
+		th := &testHost{Host: h}
+		th.m = th.manager(t, "")
+		hosts = append(hosts, th)
 	}
 	return hosts
+}
+
+// manager returns a new Manager with the given owner that programs h's
+// namespace, as another plugin instance (or a restarted one) would.
+func (h *testHost) manager(t *testing.T, owner string) *Manager {
+	t.Helper()
+	cfg := Config{
+		VTEP:      h.Addr,
+		IPTables:  nsWrapper(t, h.NS, "iptables"),
+		IP6Tables: nsWrapper(t, h.NS, "ip6tables"),
+		Sysctl:    "-",
+		Owner:     owner,
+		Logger:    testLogger(t).With("host", h.Addr, "owner", owner),
+	}
+	m, err := NewWithHandle(cfg, h.NS.Handle())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }
 
 // container is an endpoint moved into its own namespace, as Docker does.
@@ -96,9 +106,16 @@ var epSeq atomic.Uint32
 // namespace with addrs (and default routes via gws).
 func (h *testHost) run(t *testing.T, vni uint32, addrs []netip.Prefix, gws ...netip.Addr) *container {
 	t.Helper()
+	return h.runWith(t, h.m, vni, addrs, gws...)
+}
+
+// runWith is run with the endpoint created by m (an instance of another
+// owner on h).
+func (h *testHost) runWith(t *testing.T, m *Manager, vni uint32, addrs []netip.Prefix, gws ...netip.Addr) *container {
+	t.Helper()
 	id := fmt.Sprintf("%04x%06x%054x", epSeq.Add(1), vni, 0)
 	c := &container{id: id, vni: vni, mac: MACFromIP(addrs[0].Addr()), addrs: addrs, host: h}
-	info, err := h.m.EnsureEndpoint(t.Context(), Endpoint{ID: id, VNI: vni, MAC: c.mac})
+	info, err := m.EnsureEndpoint(t.Context(), Endpoint{ID: id, VNI: vni, MAC: c.mac})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,10 +139,16 @@ func (c *container) peers() []Peer {
 func (c *container) announce(t *testing.T, hosts ...*testHost) {
 	t.Helper()
 	for _, h := range hosts {
-		for _, p := range c.peers() {
-			if err := h.m.AddPeer(t.Context(), p); err != nil {
-				t.Fatal(err)
-			}
+		c.announceTo(t, h.m)
+	}
+}
+
+// announceTo programs c's addresses as peers through m.
+func (c *container) announceTo(t *testing.T, m *Manager) {
+	t.Helper()
+	for _, p := range c.peers() {
+		if err := m.AddPeer(t.Context(), p); err != nil {
+			t.Fatal(err)
 		}
 	}
 }
@@ -234,3 +257,42 @@ func fwRules(t *testing.T, h *testHost, cmd string) []string {
 
 func pfx(s string) netip.Prefix { return netip.MustParsePrefix(s) }
 func addr(s string) netip.Addr  { return netip.MustParseAddr(s) }
+
+// ownerState is everything of one owner in a host's namespace: its links
+// with their identity and attributes, the entries of its VXLAN devices,
+// and its firewall rules. Two snapshots are equal only if nothing of the
+// owner was touched (a replaced link gets a new index).
+type ownerState struct {
+	Links   []string
+	Entries map[string]kernelEntries
+	Rules   []string
+}
+
+func snapshot(t *testing.T, h *testHost, owner string) ownerState {
+	t.Helper()
+	mark := OwnerMark(owner)
+	ls, err := h.NS.Handle().LinkList()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := ownerState{Entries: map[string]kernelEntries{}}
+	for _, l := range ls {
+		a := l.Attrs()
+		if a.Alias != mark {
+			continue
+		}
+		s.Links = append(s.Links, fmt.Sprintf("%s idx=%d master=%d mtu=%d mac=%s flags=%v", a.Name, a.Index, a.MasterIndex, a.MTU, a.HardwareAddr, a.Flags))
+		if vni, ok := vniFromName(vxlanNameRE, a.Name); ok {
+			s.Entries[a.Name] = entries(t, h, vni)
+		}
+	}
+	slices.Sort(s.Links)
+	for _, cmd := range []string{"iptables", "ip6tables"} {
+		for _, r := range fwRules(t, h, cmd) {
+			if strings.Contains(r, " --comment "+mark+" ") {
+				s.Rules = append(s.Rules, cmd+" "+r)
+			}
+		}
+	}
+	return s
+}

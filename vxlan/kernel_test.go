@@ -511,13 +511,63 @@ func TestReconcileKeepsTraffic(t *testing.T) {
 }
 
 // A failure at any step of creating a network or an endpoint leaves
-// nothing behind: no links, no FDB entries, no firewall rules.
+// nothing behind: no links, no FDB entries, no firewall rules. With an
+// owner and another owner's network next to it, the rollback removes its
+// own objects and leaves the other's intact.
 func TestRollback(t *testing.T) {
 	t.Parallel()
-	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	for _, tt := range []struct{ name, owner, neighbour string }{
+		{"default owner", "", ""},
+		{"owner beside another", "r1", "r2"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			testRollback(t, tt.owner, tt.neighbour)
+		})
+	}
+}
+
+func testRollback(t *testing.T, owner, neighbour string) {
+	th := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	h := &testHost{Host: th.Host, m: th.manager(t, owner)}
 	ctx := t.Context()
 	const vni = 0x55
 	n := Network{VNI: vni, Gateways: []netip.Prefix{pfx("10.50.0.1/24"), pfx("fd00:50::1/64")}}
+	if neighbour != "" {
+		other := h.manager(t, neighbour)
+		const ovni = 0x56
+		if _, err := other.EnsureNetwork(ctx, Network{VNI: ovni, Gateways: []netip.Prefix{pfx("10.51.0.1/24")}}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := other.EnsureEndpoint(ctx, Endpoint{ID: strings.Repeat("56", 32), VNI: ovni, MAC: MACFromIP(addr("10.51.0.2"))}); err != nil {
+			t.Fatal(err)
+		}
+		if err := other.AddPeer(ctx, Peer{VNI: ovni, IP: addr("10.51.0.9"), MAC: MACFromIP(addr("10.51.0.9")), VTEP: addr("192.0.2.2")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fdbDsts := func() []string {
+		var out []string
+		for _, l := range strings.Split(h.NS.MustRun(t, "bridge", "fdb", "show"), "\n") {
+			if strings.Contains(l, "dst") {
+				out = append(out, l)
+			}
+		}
+		return out
+	}
+	baseLinks, baseFDB := linkNames(t, h), fdbDsts()
+	baseRules := map[string][]string{}
+	for _, cmd := range []string{"iptables", "ip6tables"} {
+		baseRules[cmd] = fwRules(t, h, cmd)
+	}
+	var baseOther ownerState
+	if neighbour != "" {
+		baseOther = snapshot(t, h, neighbour)
+		if len(baseOther.Links) != 4 || len(baseFDB) == 0 || len(baseRules["iptables"]) != 3 {
+			t.Fatalf("neighbour's network not set up: %+v", baseOther)
+		}
+	}
+
 	// A peer known before the network, so the create path programs it.
 	if err := h.m.AddPeer(ctx, Peer{VNI: vni, IP: addr("10.50.0.9"), MAC: MACFromIP(addr("10.50.0.9")), VTEP: addr("192.0.2.2")}); err != nil {
 		t.Fatal(err)
@@ -534,16 +584,19 @@ func TestRollback(t *testing.T) {
 	}
 	clean := func(step string) {
 		t.Helper()
-		if names := linkNames(t, h); len(names) != 0 {
-			t.Errorf("step %s: links left: %v", step, names)
+		if names := linkNames(t, h); !slices.Equal(names, baseLinks) {
+			t.Errorf("step %s: links %v, want %v", step, names, baseLinks)
 		}
-		if out := h.NS.MustRun(t, "bridge", "fdb", "show"); strings.Contains(out, "dst") {
-			t.Errorf("step %s: fdb entries left:\n%s", step, out)
+		if got := fdbDsts(); !slices.Equal(got, baseFDB) {
+			t.Errorf("step %s: fdb entries\n%s\nwant\n%s", step, strings.Join(got, "\n"), strings.Join(baseFDB, "\n"))
 		}
 		for _, cmd := range []string{"iptables", "ip6tables"} {
-			if rules := fwRules(t, h, cmd); len(rules) != 0 {
-				t.Errorf("step %s: %s rules left: %v", step, cmd, rules)
+			if rules := fwRules(t, h, cmd); !slices.Equal(rules, baseRules[cmd]) {
+				t.Errorf("step %s: %s rules %v, want %v", step, cmd, rules, baseRules[cmd])
 			}
+		}
+		if neighbour != "" {
+			sameState(t, "step "+step+": neighbour", snapshot(t, h, neighbour), baseOther)
 		}
 	}
 	for _, step := range networkSteps {

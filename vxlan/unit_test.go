@@ -1,6 +1,8 @@
 package vxlan
 
 import (
+	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -248,5 +250,83 @@ func TestFirewallCommands(t *testing.T) {
 				t.Errorf("enabled %v", f.enabled())
 			}
 		})
+	}
+}
+
+func TestOwnerMarks(t *testing.T) {
+	for _, tt := range []struct {
+		owner, mark string
+	}{
+		{"", "consul-overlay"},
+		{"a", "consul-overlay-a"},
+		{"3f9a0c12", "consul-overlay-3f9a0c12"},
+		{"x-y_z", "consul-overlay-x-y_z"},
+	} {
+		if got := OwnerMark(tt.owner); got != tt.mark {
+			t.Errorf("OwnerMark(%q) = %q, want %q", tt.owner, got, tt.mark)
+		}
+		if got, ok := ownerOfMark(tt.mark); !ok || got != tt.owner {
+			t.Errorf("ownerOfMark(%q) = %q, %v; want %q", tt.mark, got, ok, tt.owner)
+		}
+		if err := validOwner(tt.owner); err != nil {
+			t.Errorf("validOwner(%q): %v", tt.owner, err)
+		}
+	}
+	for _, mark := range []string{"", "consul", "consul-overlay-", "consul-overlayx", "docker"} {
+		if owner, ok := ownerOfMark(mark); ok {
+			t.Errorf("ownerOfMark(%q) = %q, true; want no owner", mark, owner)
+		}
+	}
+	for _, owner := range []string{"a b", "a/b", `a"b`, "a:b", strings.Repeat("a", 65)} {
+		if err := validOwner(owner); err == nil {
+			t.Errorf("validOwner(%q) accepted", owner)
+		}
+		if _, err := NewWithHandle(Config{VTEP: netip.MustParseAddr("192.0.2.1"), Owner: owner}, nil); err == nil {
+			t.Errorf("NewWithHandle with owner %q accepted", owner)
+		}
+	}
+}
+
+func TestForeignLinkError(t *testing.T) {
+	var err error = fmt.Errorf("ensure vxlan (vni 4096): %w", &ForeignLinkError{Link: "vx-001000", Owner: "3f9a"})
+	if !errors.Is(err, ErrForeign) {
+		t.Error("errors.Is(ErrForeign) false")
+	}
+	if want := "ensure vxlan (vni 4096): vx-001000 belongs to consul-overlay instance 3f9a"; err.Error() != want {
+		t.Errorf("message %q, want %q", err, want)
+	}
+	def := &ForeignLinkError{Link: "vxbr-001000"}
+	if !strings.Contains(def.Error(), "vxbr-001000 belongs to the default consul-overlay instance") {
+		t.Errorf("default owner's message %q", def)
+	}
+}
+
+func TestParseRule(t *testing.T) {
+	for _, tt := range []struct {
+		line, comment, bare string
+		marked              bool
+		ifaces              []string
+	}{
+		{"-A CONSUL-OVERLAY -i vxbr-000010 -o vxbr-000010 -m comment --comment consul-overlay-a -j ACCEPT",
+			"consul-overlay-a", "-i vxbr-000010 -o vxbr-000010 -j ACCEPT", true, []string{"vxbr-000010", "vxbr-000010"}},
+		{"-A CONSUL-OVERLAY -o vxbr-000010 -j DROP", "", "-o vxbr-000010 -j DROP", false, []string{"vxbr-000010"}},
+		{`-A CONSUL-OVERLAY -i br0 -m comment --comment "quoted" -j DROP`, "quoted", "-i br0 -j DROP", true, []string{"br0"}},
+	} {
+		r := parseRule(tt.line)
+		if r.comment != tt.comment || r.marked != tt.marked || !slices.Equal(r.ifaces, tt.ifaces) {
+			t.Errorf("parseRule(%q) = %+v", tt.line, r)
+		}
+		if got := r.withoutComment(); got != tt.bare {
+			t.Errorf("withoutComment(%q) = %q, want %q", tt.line, got, tt.bare)
+		}
+	}
+	// Our rules are written as -S prints them, so -D of the listed fields
+	// and -C of bridgeRules name the same rule.
+	accept, drops := bridgeRules("vxbr-000010", "consul-overlay-a")
+	if got := strings.Join(accept, " "); got != "-i vxbr-000010 -o vxbr-000010 -m comment --comment consul-overlay-a -j ACCEPT" {
+		t.Errorf("accept rule %q", got)
+	}
+	if len(drops) != 2 || strings.Join(drops[0], " ") != "-o vxbr-000010 -m comment --comment consul-overlay-a -j DROP" {
+		t.Errorf("drop rules %q", drops)
 	}
 }
