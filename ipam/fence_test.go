@@ -2,6 +2,7 @@ package ipam
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"sync"
 	"testing"
@@ -406,6 +407,56 @@ func scenarioSweepPools(t *testing.T, c *cluster) {
 	c.empty()
 }
 
+// scenarioReclaimRace: the plugin's reclaim of X, Docker's release of X
+// and a new container Y pinned to X's address run at once, on separate
+// clients, many times. Whatever the order, Y ends up holding the address
+// (live, with its MAC), and nothing else holds it.
+func scenarioReclaimRace(t *testing.T, c *cluster) {
+	a := c.host("a")
+	docker, y := c.host("a"), c.host("a") // the same host, other clients
+	p := mustPool(t, a, "10.47.0.0/24", "", false).PoolID
+	rounds := 40
+	if testing.Short() {
+		rounds = 10
+	}
+	for i := range rounds {
+		addr := netip.AddrFrom4([4]byte{10, 47, 0, byte(10 + i)})
+		macX := fmt.Sprintf("02:00:00:00:47:%02x", i)
+		macY := fmt.Sprintf("02:00:00:01:47:%02x", i)
+		mustAddr(t, a, p, addr.String(), mac(macX))
+		var yErr error
+		together(3, func(g int) {
+			switch g {
+			case 0:
+				if err := a.ReclaimAddress(t.Context(), p, addr, Holder{MAC: macX}); err != nil {
+					t.Errorf("reclaim: %v", err)
+				}
+			case 1:
+				if err := docker.FreeAddress(t.Context(), p, addr); err != nil {
+					t.Errorf("release: %v", err)
+				}
+			case 2:
+				for range 200 {
+					_, yErr = y.RequestAddress(&ipam.RequestAddressRequest{PoolID: p, Address: addr.String(), Options: mac(macY)})
+					if !errors.Is(yErr, ErrAddressInUse) {
+						return
+					}
+					time.Sleep(time.Millisecond)
+				}
+			}
+		})
+		if yErr != nil {
+			t.Fatalf("round %d: Y never got %s: %v (record %+v)", i, addr, yErr, c.addrRecord(p, addr.String()))
+		}
+		if r := c.addrRecord(p, addr.String()); r.MAC != macY || r.tombstone() {
+			t.Fatalf("round %d: %s held as %+v, want Y's", i, addr, r)
+		}
+		mustRelease(t, y, p, addr.String())
+	}
+	mustReleasePool(t, a, p)
+	c.empty()
+}
+
 func addrKeyOf(t *testing.T, poolID, a string) string {
 	t.Helper()
 	ref, err := parsePoolID(poolID)
@@ -423,5 +474,6 @@ func init() {
 		scenario{"Sweep", scenarioSweep},
 		scenario{"SweepOldRecords", scenarioSweepOldRecords},
 		scenario{"SweepPools", scenarioSweepPools},
+		scenario{"ReclaimRace", scenarioReclaimRace},
 	)
 }
