@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"consul-overlay/internal/fault"
 	"consul-overlay/kvstore"
 )
 
@@ -241,7 +242,7 @@ func (d *Driver) allocGateway(ctx context.Context, op string, ref poolRef, st po
 		akey := addrKey(ref.space, ref.subnet, target)
 		var addrOp kvstore.Op
 		if rec == nil {
-			rec = &addrRecord{Kind: kindGateway, Holders: map[string]int{d.cfg.Node: 1}}
+			rec = &addrRecord{Kind: kindGateway, Holders: map[string]int{d.cfg.Node: 1}, At: d.now()}
 			addrOp = kvstore.Op{Verb: kvstore.OpCreate, Key: akey, Value: encode(rec)}
 		} else {
 			if rec.Holders == nil {
@@ -250,6 +251,7 @@ func (d *Driver) allocGateway(ctx context.Context, op string, ref poolRef, st po
 			rec.Holders[d.cfg.Node]++
 			addrOp = kvstore.Op{Verb: kvstore.OpCAS, Key: akey, Value: encode(rec), Index: pair.ModifyIndex}
 		}
+		fault.Point("requestaddress/gateway-before-commit")
 		err = d.store.Txn(ctx, []kvstore.Op{metaOp, addrOp})
 		if errors.Is(err, kvstore.ErrConflict) {
 			continue
@@ -257,6 +259,10 @@ func (d *Driver) allocGateway(ctx context.Context, op string, ref poolRef, st po
 		if err != nil {
 			return netip.Addr{}, storeErr(op, err)
 		}
+		// A crash here leaves a hold Docker never learnt of; Docker's retry
+		// adds another. The gateway is shared and freed with its pool, so
+		// the extra hold lasts no longer than the pool (see doc.go).
+		fault.Point("requestaddress/gateway-after-commit")
 		d.log.Debug("gateway held", "pool", ref.id(), "address", target, "holders", rec.Holders)
 		return target, nil
 	}
@@ -283,15 +289,15 @@ func (d *Driver) allocStatic(ctx context.Context, op string, ref poolRef, st poo
 		switch {
 		case errors.Is(err, kvstore.ErrNotFound):
 			if id.present() {
-				rec = &addrRecord{Kind: kindEndpoint, Node: d.cfg.Node, Endpoint: id.endpoint, MAC: id.mac}
+				rec = &addrRecord{Kind: kindEndpoint, Node: d.cfg.Node, Endpoint: id.endpoint, MAC: id.mac, At: d.now()}
 			} else {
-				rec = &addrRecord{Kind: kindReserved, Holders: map[string]int{d.cfg.Node: 1}}
+				rec = &addrRecord{Kind: kindReserved, Holders: map[string]int{d.cfg.Node: 1}, At: d.now()}
 			}
 			ops = []kvstore.Op{fence, {Verb: kvstore.OpCreate, Key: key, Value: encode(rec)}}
 		case err != nil:
 			return netip.Addr{}, storeErr(op, err)
 		case id.present():
-			if rec.Kind == kindEndpoint && rec.Node == d.cfg.Node && id.matches(rec) {
+			if rec.Kind == kindEndpoint && rec.Node == d.cfg.Node && id.matches(rec) && !rec.tombstone() {
 				return a, nil // the same endpoint asking again
 			}
 			return netip.Addr{}, fmt.Errorf("%s: held by %s: %w", op, rec.holderNames(), ErrAddressInUse)
@@ -304,6 +310,7 @@ func (d *Driver) allocStatic(ctx context.Context, op string, ref poolRef, st poo
 		default:
 			return netip.Addr{}, fmt.Errorf("%s: held by %s as %s: %w", op, rec.holderNames(), rec.Kind, ErrAddressInUse)
 		}
+		fault.Point("requestaddress/static-before-commit")
 		err = d.store.Txn(ctx, ops)
 		if errors.Is(err, kvstore.ErrConflict) {
 			continue
@@ -311,6 +318,10 @@ func (d *Driver) allocStatic(ctx context.Context, op string, ref poolRef, st poo
 		if err != nil {
 			return netip.Addr{}, storeErr(op, err)
 		}
+		// A crash here leaves an address Docker never got. Docker's retry
+		// with the same endpoint name gets it again (v29+); otherwise
+		// Sweep reclaims it as an orphan.
+		fault.Point("requestaddress/static-after-commit")
 		d.log.Debug("address held", "pool", ref.id(), "address", a, "kind", rec.Kind, "endpoint", id.endpoint)
 		return a, nil
 	}
@@ -329,7 +340,7 @@ func (d *Driver) allocNext(ctx context.Context, op string, ref poolRef, st poolS
 		return netip.Addr{}, fmt.Errorf("%s: no usable address: %w", op, ErrPoolExhausted)
 	}
 	mkey, nkey := metaKey(ref.space, ref.subnet), nextKey(ref.space, ref.subnet)
-	rec := addrRecord{Kind: kindEndpoint, Node: d.cfg.Node, Endpoint: id.endpoint, MAC: id.mac}
+	rec := addrRecord{Kind: kindEndpoint, Node: d.cfg.Node, Endpoint: id.endpoint, MAC: id.mac, At: d.now()}
 	val := encode(rec)
 	cand := sp.next(st.cursor)
 	var taken map[netip.Addr]bool // from the last listing, plus claims lost since
@@ -357,8 +368,12 @@ func (d *Driver) allocNext(ctx context.Context, op string, ref poolRef, st poolS
 			{Verb: kvstore.OpCreate, Key: addrKey(ref.space, ref.subnet, cand), Value: val},
 			{Verb: kvstore.OpSet, Key: nkey, Value: []byte(cand.String())},
 		}
+		fault.Point("requestaddress/before-commit")
 		err := d.store.Txn(ctx, ops)
 		if err == nil {
+			// A crash here leaves an address Docker never got: its retry
+			// gets another, and Sweep reclaims this one as an orphan.
+			fault.Point("requestaddress/after-commit")
 			d.log.Debug("address allocated", "pool", ref.id(), "address", cand, "endpoint", id.endpoint)
 			st.cursor = cand
 			d.remember(ref.id(), st)
@@ -457,8 +472,13 @@ func (d *Driver) firstFree(ctx context.Context, op string, ref poolRef, sp span,
 	return a, nil
 }
 
-// FreeAddress releases this host's hold on an address. Releasing an address
-// that is free, or held by another host, changes nothing and succeeds.
+// FreeAddress releases this host's hold on an address: Docker's
+// ReleaseAddress, which names nothing but the pool and the address.
+// Releasing an address that is free, or held by another host, changes
+// nothing and succeeds. An endpoint address reclaimed by this host (a
+// tombstone) is freed: this is the release it was waiting for. An endpoint
+// address that Config.InUse reports in use is kept: the release is a stale
+// one for an earlier holder.
 func (d *Driver) FreeAddress(ctx context.Context, poolID string, a netip.Addr) error {
 	ref, err := parsePoolID(poolID)
 	if err != nil {
@@ -481,6 +501,11 @@ func (d *Driver) FreeAddress(ctx context.Context, poolID string, a netip.Addr) e
 		if !rec.shared() {
 			if rec.Node != d.cfg.Node {
 				d.log.Warn("release of an address held by another host ignored", "pool", ref.id(), "address", a, "holder", rec.Node)
+				return nil
+			}
+			if !rec.tombstone() && d.cfg.InUse != nil && d.cfg.InUse(poolID, a) {
+				d.log.Warn("release of an address an endpoint of this host still uses ignored (a stale release for an earlier holder)",
+					"pool", ref.id(), "address", a, "endpoint", rec.Endpoint, "mac", rec.MAC)
 				return nil
 			}
 			ops = []kvstore.Op{{Verb: kvstore.OpDeleteCAS, Key: key, Index: pair.ModifyIndex}}
@@ -510,6 +535,10 @@ func (d *Driver) FreeAddress(ctx context.Context, poolID string, a netip.Addr) e
 				}
 			}
 		}
+		// Docker does not retry a failed release (it only logs it): after a
+		// crash before the commit, Sweep reclaims an endpoint address, and
+		// a shared hold goes with its pool.
+		fault.Point("releaseaddress/before-commit")
 		err = d.store.Txn(ctx, ops)
 		if errors.Is(err, kvstore.ErrConflict) {
 			continue
@@ -517,7 +546,8 @@ func (d *Driver) FreeAddress(ctx context.Context, poolID string, a netip.Addr) e
 		if err != nil {
 			return storeErr(op, err)
 		}
-		d.log.Debug("address released", "pool", ref.id(), "address", a, "kind", rec.Kind)
+		fault.Point("releaseaddress/after-commit")
+		d.log.Debug("address released", "pool", ref.id(), "address", a, "kind", rec.Kind, "tombstone", rec.tombstone())
 		return nil
 	}
 	return fmt.Errorf("%s: gave up after %d concurrent updates: %w", op, maxAttempts, kvstore.ErrConflict)

@@ -56,12 +56,19 @@ const (
 	DefaultPoolV4Size = 24
 	DefaultPoolV6Size = 64
 	DefaultTimeout    = 5 * time.Second
+	// DefaultGrace is the zero value of Config.Grace.
+	DefaultGrace = time.Hour
 )
 
 // Config configures a Driver. Each zero value means the default named.
 type Config struct {
 	// Node is this host's identity in the store (required): it is recorded
-	// as the holder of pools and addresses. Use the Consul node name.
+	// as the holder of pools and addresses, and every release, reclaim and
+	// sweep acts only on what Node holds. It must be unique in the cluster
+	// and stable across restarts: pass the host ID that start-up persists
+	// in DATA_DIR, not a node name (two hosts on one shared Consul agent
+	// have the same agent node name, and would then release each other's
+	// addresses and pool holds).
 	Node string
 	// DefaultPoolV4 is the range automatic IPv4 pools are cut from.
 	// Zero: 10.200.0.0/16.
@@ -89,6 +96,25 @@ type Config struct {
 	// NoMACAddress to leave MACs to the network driver; an explicit address
 	// without endpoint name or MAC is then treated as a shared reservation.
 	NoMACAddress bool
+	// Grace is how long a reclaimed address (a tombstone, see
+	// ReclaimAddress) waits for Docker's own ReleaseAddress before Sweep
+	// frees it, and how old an address record of this host must be before
+	// Sweep may take it for an orphan. It must be longer than Docker may
+	// take to send the release of a removed container (dockerd releases
+	// leftover endpoints at its next start) and than any RequestAddress to
+	// CreateEndpoint gap. Zero: DefaultGrace (1h).
+	Grace time.Duration
+	// InUse, if set, reports whether an endpoint of this host's network
+	// driver uses address a of pool poolID right now (created and not yet
+	// deleted). Docker releases an endpoint's address only after its
+	// DeleteEndpoint, so ReleaseAddress ignores the release of an address
+	// that InUse reports in use: it is a stale release meant for an earlier
+	// holder (a container reclaimed longer ago than Grace), and the current
+	// holder keeps its address. InUse must return false when it does not
+	// know (the release then frees the address, as without InUse), must not
+	// do I/O and must not call back into the Driver. poolID is as Docker
+	// sent it; ParsePoolID splits it. Zero: every release is honoured.
+	InUse func(poolID string, a netip.Addr) bool
 	// Logger receives debug lines for each store write. Zero: slog.Default().
 	Logger *slog.Logger
 }
@@ -114,6 +140,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.Timeout < 0 {
 		return c, fmt.Errorf("ipam config: negative timeout %s: %w", c.Timeout, ErrInvalidRequest)
+	}
+	if c.Grace == 0 {
+		c.Grace = DefaultGrace
+	}
+	if c.Grace < 0 {
+		return c, fmt.Errorf("ipam config: negative grace period %s: %w", c.Grace, ErrInvalidRequest)
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

@@ -3,7 +3,14 @@
 // the embedded bbolt store on a single host). It implements
 // go-plugins-helpers' ipam.Ipam and offers the same operations with a
 // context (AllocatePool, FreePool, AllocateAddress, FreeAddress, PoolInfo)
-// for the network driver.
+// for the network driver, plus ReclaimAddress, Sweep and SweepPools (see
+// "Reclaim, tombstones and sweeps").
+//
+// Config.Node is the host's identity in the store: every hold names it, and
+// a host releases, reclaims and sweeps only what names it. It must be
+// unique in the cluster and stable across restarts, so it is the host ID
+// persisted in DATA_DIR, never a node name (hosts sharing one Consul agent
+// share its node name).
 //
 // # Address spaces and pool IDs
 //
@@ -79,9 +86,18 @@
 //     round-robin only approximately. A pool with no free address is
 //     ErrPoolExhausted naming the pool.
 //   - Every address record names its holder: the node and, if given, the
-//     endpoint name and MAC; shared records count holds per node.
+//     endpoint name and MAC; shared records count holds per node. Endpoint
+//     records carry their allocation time.
 //   - ReleaseAddress and ReleasePool are idempotent: releasing what is free,
 //     unknown, or held by another host changes nothing and succeeds.
+//   - ReleaseAddress of an address this host reclaimed (a tombstone) frees
+//     it. ReleaseAddress of an endpoint address that Config.InUse reports
+//     in use by an endpoint of this host is ignored: Docker releases an
+//     address only after DeleteEndpoint, so that release is a stale one
+//     for an earlier holder.
+//   - A tombstone is never handed out: not by the cursor, not as an
+//     explicit address (ErrAddressInUse, naming it reclaimed), not even to
+//     the endpoint it was reclaimed from.
 //
 // Errors wrap the sentinels ErrPoolExhausted, ErrPoolOverlap,
 // ErrAddressInUse, ErrAddressOutOfRange, ErrUnknownPool and
@@ -98,11 +114,14 @@
 //	ipam/<space>/index/v4             the pool index of the space and family:
 //	ipam/<space>/index/v6             {"pools":[{subnet, subPool, node, auto}]}
 //	ipam/<space>/pool/<net>_<bits>/meta  the pool record: subnet, ip-range,
-//	                                     holders {node: count}, gateway
+//	                                     holders {node: count}, heldAt
+//	                                     {node: time of its last hold},
+//	                                     gateway
 //	ipam/<space>/pool/<net>_<bits>/next  the cursor: the last address handed out
 //	ipam/<space>/addr/<net>_<bits>/<ip>  one record per allocated address:
-//	                                     {kind, node, endpoint, mac} or
-//	                                     {kind, holders} for gateway and aux
+//	                                     {kind, node, endpoint, mac, at,
+//	                                     reclaimed} or {kind, holders, at}
+//	                                     for gateway and aux
 //
 // For example ipam/ConsulOverlayLocal/addr/10.1.0.0_24/10.1.0.7. The record
 // and the cursor share a directory, so one List reads both; the address
@@ -165,11 +184,93 @@
 //  6. ErrPoolExhausted is reported only after one listing of the address
 //     records shows no free address in the range; lost claims and store
 //     errors never turn into it.
+//  7. Reclaims, sweeps and tombstone releases are compare-and-sets (or
+//     deletes-if-unchanged) of the one record read, so a record that
+//     changed meanwhile (released, taken again, reclaimed) is left alone
+//     and looked at again on the next call or sweep.
 //
 // The tests check this against the in-memory fake, the embedded store and
 // a real Consul agent: eight hosts, each with its own client, exhausting a
 // /24 concurrently get exactly 253 distinct addresses plus the shared
 // gateway; two hosts racing with overlapping subnets get exactly one pool.
+//
+// # Reclaim, tombstones and sweeps
+//
+// Docker's ReleaseAddress names only the pool and the address. When the
+// network driver reclaims an endpoint whose container Docker no longer has
+// (its DeleteEndpoint never came), Docker may still send that release
+// later (dockerd cleans up leftover endpoints at its start). Had the
+// reclaim freed the address, and a new container got it meanwhile, that
+// late release would free the new container's address and it would be
+// handed out twice. So the reclaim is fenced and leaves a tombstone:
+//
+//   - ReclaimAddress(pool, address, Holder{MAC, Created}) acts only if the
+//     record is this host's endpoint record with that MAC (Docker sends
+//     the MAC with RequestAddress because GetCapabilities reports
+//     RequiresMACAddress, and gives the driver the same one) and, if
+//     Created is given, allocated before the endpoint was created.
+//     Otherwise (another endpoint holds the address now, or it is free,
+//     shared or another host's) it is a no-op. A record without MAC is
+//     left to the sweep.
+//   - The record is not deleted but marked reclaimed (a tombstone). It
+//     keeps the address out of allocation until Docker's ReleaseAddress
+//     for it arrives, which frees it, or until Sweep frees it once it is
+//     older than Config.Grace (default 1h).
+//   - A release that comes later still, after the tombstone expired and
+//     the address went to a new endpoint, is ignored if Config.InUse
+//     reports the address in use (see Rules). Without InUse such a very
+//     late release would free it.
+//
+// Sweep(ctx, bound), run every few minutes by the plugin, frees this
+// host's tombstones older than the grace period, and turns into tombstones
+// this host's endpoint records older than the grace period that bound
+// reports unused: orphans of a RequestAddress whose answer never reached
+// Docker, or of a ReleaseAddress that was lost (Docker does not retry a
+// failed release). bound must answer true unless it knows the address is
+// unused (another driver's network using this IPAM, a network being
+// created). Gateways and aux addresses are never swept: they go with their
+// pool. Records written before allocation times existed are aged from the
+// driver's start. Sweep also removes pools released by their last holder
+// whose removal a crash cut short.
+//
+// SweepPools(ctx, uses) drops this host's pool holds beyond the number of
+// this host's Docker networks that use the pool (uses, from Docker's
+// network list), once the host's last hold on the pool is older than the
+// grace period: a RequestPool answered into a crash (Docker's retry took
+// another hold) or a lost ReleasePool. A pool left without holders is
+// removed.
+//
+// # Crash windows
+//
+// Each step boundary of RequestPool, RequestAddress, ReleaseAddress and
+// ReleasePool has a fault point (internal/fault), and TestCrashPoints
+// kills a process there with SIGKILL, restarts, replays Docker and checks
+// that the retry succeeds, nothing is handed out twice and nothing is left
+// after the sweeps and Docker's removals. After a crash:
+//
+//   - requestpool/before-commit, requestpool/join-before-commit: nothing
+//     was written; the retry creates or joins the pool.
+//   - requestpool/after-commit, requestpool/join-after-commit: the hold
+//     was taken but Docker never learnt of it; the retry takes another.
+//     SweepPools drops the extra one after the grace period.
+//   - requestaddress/{gateway-,static-,}before-commit: nothing written.
+//   - requestaddress/gateway-after-commit: an extra gateway hold of this
+//     host; the gateway is shared and is removed with its pool.
+//   - requestaddress/after-commit: an address Docker never got; its retry
+//     gets another one, Sweep reclaims the orphan.
+//   - requestaddress/static-after-commit: the explicit address is held
+//     for the endpoint. Docker v29+ names the endpoint, so its retry gets
+//     the address again. An older engine identifies the endpoint only by
+//     its MAC, which is random and new on the retry: the address is then
+//     in use until Sweep frees the orphan (two grace periods).
+//   - releaseaddress/before-commit: Docker does not retry; Sweep frees the
+//     endpoint address (a shared hold goes with its pool).
+//   - releaseaddress/after-commit: done; a repeated release is a no-op.
+//   - releasepool/before-commit: Docker does not retry; SweepPools drops
+//     the hold once Docker's network list no longer uses the pool.
+//   - releasepool/after-commit, releasepool/after-addresses: the pool is
+//     marked released; Sweep, the next ReleasePool or the next colliding
+//     request removes it (rule 5 above).
 //
 // # RequiresRequestReplay: not wanted
 //

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"time"
 
 	"consul-overlay/kvstore"
 
@@ -26,6 +27,12 @@ type Driver struct {
 	cfg   Config
 	store kvstore.Store
 	log   *slog.Logger
+	// now is the clock of allocation and reclaim times (tests set it).
+	now func() time.Time
+	// started is when the Driver was made: the age of an address record
+	// without allocation time (written by an earlier version) counts from
+	// here.
+	started time.Time
 
 	mu    sync.Mutex            // guards cache
 	cache map[string]cachedPool // by pool ID
@@ -41,7 +48,7 @@ func New(cfg Config, store kvstore.Store) (*Driver, error) {
 	if store == nil {
 		return nil, fmt.Errorf("ipam: nil store: %w", ErrInvalidRequest)
 	}
-	return &Driver{cfg: cfg, store: store, log: cfg.Logger.With("host", cfg.Node)}, nil
+	return &Driver{cfg: cfg, store: store, log: cfg.Logger.With("host", cfg.Node), now: time.Now, started: time.Now()}, nil
 }
 
 // AddressSpaces returns the names of the local and global address spaces.

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"consul-overlay/kvstore"
 
@@ -27,6 +28,7 @@ func TestNewConfig(t *testing.T) {
 		{"size too small", Config{Node: "a", DefaultPoolV4Size: 31}, false},
 		{"v6 size too large", Config{Node: "a", DefaultPoolV6Size: 16}, false},
 		{"negative timeout", Config{Node: "a", Timeout: -1}, false},
+		{"negative grace", Config{Node: "a", Grace: -time.Second}, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -41,6 +43,9 @@ func TestNewConfig(t *testing.T) {
 	}
 	if _, err := New(Config{Node: "a"}, nil); err == nil {
 		t.Error("New with a nil store succeeded")
+	}
+	if d, _ := New(Config{Node: "a"}, newMemStore()); d.Grace() != DefaultGrace {
+		t.Errorf("default grace %s, want %s", d.Grace(), DefaultGrace)
 	}
 }
 
@@ -591,6 +596,17 @@ func TestStoreOutage(t *testing.T) {
 		"release address": func() error { return a.ReleaseAddress(&ipam.ReleaseAddressRequest{PoolID: p, Address: "10.11.0.1"}) },
 		"release pool":    func() error { return a.ReleasePool(&ipam.ReleasePoolRequest{PoolID: p}) },
 		"pool info":       func() error { _, err := a.PoolInfo(t.Context(), p); return err },
+		"reclaim address": func() error {
+			return a.ReclaimAddress(t.Context(), p, netip.MustParseAddr("10.11.0.2"), Holder{MAC: "02:00:00:00:00:01"})
+		},
+		"sweep": func() error {
+			_, err := a.Sweep(t.Context(), func(string, netip.Addr) bool { return false })
+			return err
+		},
+		"sweep pools": func() error {
+			_, err := a.SweepPools(t.Context(), func(string) (int, bool) { return 0, true })
+			return err
+		},
 	}
 	for name, f := range calls {
 		err := f()

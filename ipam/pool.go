@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"consul-overlay/internal/fault"
 	"consul-overlay/kvstore"
 )
 
@@ -174,6 +175,8 @@ func (d *Driver) joinPool(ctx context.Context, op string, ref poolRef) (Pool, bo
 		rec.Holders = map[string]int{}
 	}
 	rec.Holders[d.cfg.Node]++
+	rec.touch(d.cfg.Node, d.now())
+	fault.Point("requestpool/join-before-commit")
 	err = d.store.CAS(ctx, key, encode(rec), pair.ModifyIndex)
 	if errors.Is(err, kvstore.ErrConflict) {
 		return Pool{}, false, nil
@@ -181,6 +184,7 @@ func (d *Driver) joinPool(ctx context.Context, op string, ref poolRef) (Pool, bo
 	if err != nil {
 		return Pool{}, false, storeErr(op, err)
 	}
+	fault.Point("requestpool/join-after-commit")
 	d.log.Debug("joined pool", "pool", ref.id(), "holders", rec.Holders)
 	return rec.pool(ref.space), true, nil
 }
@@ -188,15 +192,18 @@ func (d *Driver) joinPool(ctx context.Context, op string, ref poolRef) (Pool, bo
 // createPool writes a new pool: its index entry and its record, atomically.
 func (d *Driver) createPool(ctx context.Context, ref poolRef, idx poolIndex, imod uint64, auto bool) (Pool, error) {
 	rec := poolRecord{Subnet: ref.subnet, SubPool: ref.subPool, Auto: auto, Holders: map[string]int{d.cfg.Node: 1}}
+	rec.touch(d.cfg.Node, d.now())
 	idx.Pools = append(slices.Clone(idx.Pools), indexEntry{Subnet: ref.subnet, SubPool: ref.subPool, Node: d.cfg.Node, Auto: auto})
 	idx.sort()
 	ops := []kvstore.Op{
 		indexWriteOp(indexKey(ref.space, ref.v6()), idx, imod),
 		{Verb: kvstore.OpCreate, Key: metaKey(ref.space, ref.subnet), Value: encode(rec)},
 	}
+	fault.Point("requestpool/before-commit")
 	if err := d.store.Txn(ctx, ops); err != nil {
 		return Pool{}, err
 	}
+	fault.Point("requestpool/after-commit")
 	d.log.Info("created pool", "pool", ref.id(), "auto", auto)
 	return rec.pool(ref.space), nil
 }
@@ -276,9 +283,11 @@ func (d *Driver) FreePool(ctx context.Context, poolID string) error {
 		}
 		if n == 1 {
 			delete(rec.Holders, d.cfg.Node)
+			delete(rec.HeldAt, d.cfg.Node)
 		} else {
 			rec.Holders[d.cfg.Node] = n - 1
 		}
+		fault.Point("releasepool/before-commit")
 		err = d.store.CAS(ctx, key, encode(rec), pair.ModifyIndex)
 		if errors.Is(err, kvstore.ErrConflict) {
 			continue
@@ -286,6 +295,9 @@ func (d *Driver) FreePool(ctx context.Context, poolID string) error {
 		if err != nil {
 			return storeErr(op, err)
 		}
+		// A crash here leaves the pool released but not removed (doc.go,
+		// step 5): Sweep or the next colliding request removes it.
+		fault.Point("releasepool/after-commit")
 		d.log.Debug("released pool", "pool", poolID, "holders", rec.Holders)
 		if len(rec.Holders) == 0 {
 			d.finishRelease(ctx, ref)
@@ -364,6 +376,7 @@ func (d *Driver) reap(ctx context.Context, ref poolRef) (bool, error) {
 		if conflict {
 			continue
 		}
+		fault.Point("releasepool/after-addresses")
 		ikey := indexKey(ref.space, ref.v6())
 		idx, imod, err := d.readIndex(ctx, ikey)
 		if err != nil {

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Key layout (relative to the store's prefix; see doc.go):
@@ -73,6 +74,20 @@ type poolRecord struct {
 	// Gateway is the network's gateway while some host holds it, so that
 	// every host asking for "the gateway" gets the same address.
 	Gateway netip.Addr `json:"gateway,omitzero"`
+	// HeldAt is, per node, when its last hold was taken. SweepPools drops
+	// a node's surplus holds only when this is older than the grace
+	// period, so a pool requested for a network being created is never
+	// taken for a leak. Records written before this field existed have
+	// none; their holds count from the driver's start.
+	HeldAt map[string]time.Time `json:"heldAt,omitempty"`
+}
+
+// touch records that node took a hold at t.
+func (r *poolRecord) touch(node string, t time.Time) {
+	if r.HeldAt == nil {
+		r.HeldAt = map[string]time.Time{}
+	}
+	r.HeldAt[node] = t
 }
 
 // Kinds of address records.
@@ -95,9 +110,23 @@ type addrRecord struct {
 	MAC      string `json:"mac,omitempty"`
 	// Holders counts holds per node of a shared (gateway, reserved) address.
 	Holders map[string]int `json:"holders,omitempty"`
+	// At is when the record was created (the allocation). Records written
+	// before this field existed have none; Sweep then counts their age
+	// from the driver's start.
+	At time.Time `json:"at,omitzero"`
+	// Reclaimed, set on an endpoint record, makes it a tombstone: the
+	// address was reclaimed by this host (ReclaimAddress, or Sweep for an
+	// orphan) and waits for Docker's own ReleaseAddress, which consumes it.
+	// A tombstone keeps the address out of allocation; Sweep frees it once
+	// it is older than Config.Grace.
+	Reclaimed time.Time `json:"reclaimed,omitzero"`
 }
 
 func (r *addrRecord) shared() bool { return r.Kind == kindGateway || r.Kind == kindReserved }
+
+// tombstone reports whether r is a reclaimed endpoint address awaiting
+// Docker's release.
+func (r *addrRecord) tombstone() bool { return !r.shared() && !r.Reclaimed.IsZero() }
 
 // holderNames returns the holders of r for messages.
 func (r *addrRecord) holderNames() string {
@@ -105,6 +134,9 @@ func (r *addrRecord) holderNames() string {
 		s := "host " + strconv.Quote(r.Node)
 		if r.Endpoint != "" {
 			s += " endpoint " + strconv.Quote(r.Endpoint)
+		}
+		if r.tombstone() {
+			s += " (reclaimed at " + r.Reclaimed.UTC().Format(time.RFC3339) + ", awaiting Docker's release)"
 		}
 		return s
 	}
@@ -146,6 +178,16 @@ func PoolID(space string, subnet, sub netip.Prefix) string {
 		id += "/" + sub.String()
 	}
 	return id
+}
+
+// ParsePoolID splits a pool ID made by PoolID into its address space,
+// subnet and sub-range (zero if none). A malformed ID is ErrInvalidRequest.
+func ParsePoolID(id string) (space string, subnet, subPool netip.Prefix, err error) {
+	ref, err := parsePoolID(id)
+	if err != nil {
+		return "", netip.Prefix{}, netip.Prefix{}, err
+	}
+	return ref.space, ref.subnet, ref.subPool, nil
 }
 
 type poolRef struct {
