@@ -16,6 +16,8 @@ import (
 
 	"github.com/docker/go-plugins-helpers/ipam"
 	"github.com/docker/go-plugins-helpers/network"
+
+	"consul-overlay/internal/hostid"
 )
 
 // contentType is what Docker's plugin clients expect; the engine does not
@@ -175,11 +177,16 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-// listenUnix opens the plugin socket, replacing a stale one. The directory
-// is created if missing (Docker looks in /run/docker/plugins).
+// listenUnix opens the plugin socket, replacing a stale one. A socket that
+// a live process answers on is another instance's: it is left alone and
+// the error names that process. The directory is created if missing
+// (Docker looks in /run/docker/plugins).
 func listenUnix(path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("create socket directory %q: %w", filepath.Dir(path), err)
+	}
+	if pid, _, err := hostid.Peer(path); err == nil {
+		return nil, fmt.Errorf("socket %q is %w (pid %d): stop it, or set another SOCKET", path, hostid.ErrInUse, pid)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("remove stale socket %q: %w", path, err)
