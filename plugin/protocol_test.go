@@ -208,7 +208,7 @@ func TestProtocolMultiHost(t *testing.T) {
 				t.Errorf("host%d: links left: %v", i, l)
 			}
 		}
-		if keys := kvKeys(t, c.consul, c.prefix); len(keys) > 0 {
+		if keys := stateKeys(t, c.consul, c.prefix); len(keys) > 0 {
 			t.Errorf("keys left in Consul: %v", keys)
 		}
 	})
@@ -317,7 +317,7 @@ func TestProtocolRestart(t *testing.T) {
 			t.Errorf("host%d: links left: %v", i, l)
 		}
 	}
-	if keys := kvKeys(t, c.consul, c.prefix); len(keys) > 0 {
+	if keys := stateKeys(t, c.consul, c.prefix); len(keys) > 0 {
 		t.Errorf("keys left in Consul: %v", keys)
 	}
 }
