@@ -83,6 +83,15 @@ func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, pref
 // name, replacing) the defaults, as "NAME=value".
 func startPluginEnv(t *testing.T, name string, host *testenv.Host, consulAddr, prefix string, env ...string) *pluginProc {
 	t.Helper()
+	p := newPluginProc(t, name, host, consulAddr, prefix, env...)
+	p.start()
+	return p
+}
+
+// newPluginProc prepares a plugin like startPluginEnv without starting it;
+// it is stopped when the test ends.
+func newPluginProc(t *testing.T, name string, host *testenv.Host, consulAddr, prefix string, env ...string) *pluginProc {
+	t.Helper()
 	dir := t.TempDir()
 	p := &pluginProc{
 		t: t, name: name, host: host,
@@ -119,7 +128,6 @@ func startPluginEnv(t *testing.T, name string, host *testenv.Host, consulAddr, p
 			return d.DialContext(ctx, "unix", p.socket)
 		}},
 	}
-	p.start()
 	t.Cleanup(func() {
 		p.stop(syscall.SIGTERM)
 		if t.Failed() {
@@ -132,19 +140,7 @@ func startPluginEnv(t *testing.T, name string, host *testenv.Host, consulAddr, p
 
 func (p *pluginProc) start() {
 	p.t.Helper()
-	f, err := os.OpenFile(p.logf, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	cmd := exec.Command("nsenter", "--net="+p.host.NS.Path, pluginBinary(p.t))
-	cmd.Env = append(os.Environ(), p.env...)
-	cmd.Stdout, cmd.Stderr = f, f
-	if err := cmd.Start(); err != nil {
-		p.t.Fatalf("start plugin %s: %v", p.name, err)
-	}
-	p.cmd, p.started = cmd, time.Now()
-	p.done = make(chan struct{})
-	go func() { cmd.Wait(); f.Close(); close(p.done) }()
+	p.launch()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		var caps map[string]any
@@ -159,6 +155,24 @@ func (p *pluginProc) start() {
 		}
 	}
 	p.t.Fatalf("plugin %s did not answer on %s within 10s", p.name, p.socket)
+}
+
+// launch starts the process without waiting for it to answer.
+func (p *pluginProc) launch() {
+	p.t.Helper()
+	f, err := os.OpenFile(p.logf, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	cmd := exec.Command("nsenter", "--net="+p.host.NS.Path, pluginBinary(p.t))
+	cmd.Env = append(os.Environ(), p.env...)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		p.t.Fatalf("start plugin %s: %v", p.name, err)
+	}
+	p.cmd, p.started = cmd, time.Now()
+	p.done = make(chan struct{})
+	go func() { cmd.Wait(); f.Close(); close(p.done) }()
 }
 
 // stop signals the plugin and waits for it.

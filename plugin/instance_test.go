@@ -322,3 +322,22 @@ func TestStartWithoutReadPermission(t *testing.T) {
 		t.Fatalf("containers lost connectivity after a refused start: %v", err)
 	}
 }
+
+// TestSIGTERMDuringStart: a plugin stuck at start (its Consul address
+// answers nothing) ends promptly on SIGTERM.
+func TestSIGTERMDuringStart(t *testing.T) {
+	requireNsenter(t)
+	hosts := testenv.NewUnderlay(t, 1, testenv.UnderlayOptions{})
+	// 192.0.2.200 is on the underlay's subnet but nobody has it: connects
+	// hang until the store's timeout.
+	p := newPluginProc(t, "host0", hosts[0], "192.0.2.200:8500", "co-term/")
+	p.launch()
+	time.Sleep(1500 * time.Millisecond)
+	select {
+	case <-p.done:
+		b, _ := os.ReadFile(p.logf)
+		t.Fatalf("plugin exited before the signal:\n%s", tail(string(b), 20))
+	default:
+	}
+	p.stopWithin(t, 3*time.Second)
+}

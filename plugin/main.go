@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -48,8 +49,25 @@ func main() {
 	log := newLogger(cfg)
 	if err != nil {
 		err = fmt.Errorf("bad setting: %w", err)
-	} else {
-		err = run(ctx, cfg, log)
+		if cfg.Socket == "" || !filepath.IsAbs(cfg.Socket) {
+			cfg.Socket = defaultSocket
+		}
+	}
+	// The socket opens before anything slow: Docker gives a managed plugin
+	// about 9.5 s to listen and never retries a failed enable. Until the
+	// drivers are wired it answers with why it is not ready yet.
+	l, lerr := listenUnix(cfg.Socket)
+	if lerr != nil {
+		log.Error("consul-overlay cannot start", "error", errors.Join(err, lerr))
+		os.Exit(1)
+	}
+	log.Info("listening", "socket", cfg.Socket)
+	st := &startStatus{}
+	h := newSwitchHandler(limitedServer(log, func() error { return fmt.Errorf("%w: %s", errStarting, st.get()) }))
+	served := make(chan error, 1)
+	go func() { served <- serve(ctx, l, h) }()
+	if err == nil {
+		err = run(ctx, cfg, log, h, st, served)
 	}
 	if err != nil {
 		if ctx.Err() != nil {
@@ -57,7 +75,8 @@ func main() {
 			os.Exit(1)
 		}
 		log.Error("consul-overlay cannot start", "error", err)
-		if serr := serveFailure(ctx, cfg, log, err); serr != nil {
+		serveFailure(log, h, err)
+		if serr := <-served; serr != nil {
 			log.Error("consul-overlay stopped", "error", serr)
 		}
 		os.Exit(1)
@@ -74,26 +93,25 @@ func newLogger(cfg Config) *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stdout, opts))
 }
 
-// errStartup marks requests answered by a plugin that could not start.
-var errStartup = errors.New("consul-overlay could not start")
+// errStartup marks requests answered by a plugin that could not start,
+// errStarting those answered before it is ready.
+var (
+	errStartup  = errors.New("consul-overlay could not start")
+	errStarting = errors.New("consul-overlay is starting")
+)
 
-// serveFailure keeps the socket open after a failed start and answers
+// serveFailure makes the socket, kept open after a failed start, answer
 // every driver call with the reason, so the user reads it at `docker
 // network create` instead of a bare "socket not found" from a plugin that
-// exited before Docker's first dial. Activation and capabilities still
-// succeed, or Docker would never show the message.
-func serveFailure(ctx context.Context, cfg Config, log *slog.Logger, cause error) error {
-	socket := cfg.Socket
-	if socket == "" {
-		socket = defaultSocket
-	}
-	l, err := listenUnix(socket)
-	if err != nil {
-		return err
-	}
-	defer l.Close()
+// exited before Docker's first dial.
+func serveFailure(log *slog.Logger, h *switchHandler, cause error) {
 	msg := fmt.Errorf("%w: %v (fix it with `docker plugin set` and enable the plugin again)", errStartup, cause)
-	fail := func([]byte) (any, error) { return nil, msg }
+	h.setFinal(limitedServer(log, func() error { return msg }))
+}
+
+// limitedServer answers activation and capabilities, which must succeed
+// or Docker would never show the message, and every other call with fail().
+func limitedServer(log *slog.Logger, fail func() error) *server {
 	s := newServer(log, nil, nil)
 	for path := range s.routes {
 		switch path {
@@ -107,33 +125,51 @@ func serveFailure(ctx context.Context, cfg Config, log *slog.Logger, cause error
 				return map[string]string{"LocalDefaultAddressSpace": ipam.LocalAddressSpace, "GlobalDefaultAddressSpace": ipam.GlobalAddressSpace}, nil
 			}
 		default:
-			s.routes[path] = fail
+			s.routes[path] = func([]byte) (any, error) { return nil, fail() }
 		}
 	}
-	return serve(ctx, l, s)
+	return s
 }
 
-// run opens the socket before anything slow (Docker gives a managed plugin
-// about 9.5 s to listen and never retries a failed enable), makes sure it
-// is the only instance on its state, wires the drivers and serves until
-// ctx ends. Start-up order:
-//
-//  1. the plugin socket (refused if a live instance serves it);
-//  2. the DATA_DIR lock: a second instance on the same DATA_DIR fails here,
-//     naming the first one's pid, before it touches the store;
-//  3. the instance socket of (KV prefix, store) in this network namespace:
-//     a second instance that would manage the same overlays here fails;
-//  4. the store, the host identity (DATA_DIR/host-id), node name and VTEP;
-//  5. the host record hosts/<ID>, claimed with a Consul session and read
-//     back by a get and a list, before the driver reconciles anything.
-func run(ctx context.Context, cfg Config, log *slog.Logger) error {
-	l, err := listenUnix(cfg.Socket)
-	if err != nil {
-		return err
-	}
-	defer l.Close()
-	log.Info("listening", "socket", cfg.Socket)
+// startStatus is what a call made during start-up is told.
+type startStatus struct {
+	mu  sync.Mutex
+	msg string
+}
 
+func (s *startStatus) set(msg string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.msg = msg
+}
+
+func (s *startStatus) get() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.msg == "" {
+		return "try again in a moment"
+	}
+	return s.msg
+}
+
+// claimRetryMax bounds the wait between attempts to claim the host record
+// while the store is unreachable at start.
+const claimRetryMax = 5 * time.Second
+
+// run makes sure this is the only instance on its state, wires the
+// drivers, switches h to them and serves until ctx ends and the server
+// has stopped (served). Start-up order:
+//
+//  1. the DATA_DIR lock: a second instance on the same DATA_DIR fails here,
+//     naming the first one's pid, before it touches the store;
+//  2. the instance socket of (KV prefix, store) in this network namespace:
+//     a second instance that would manage the same overlays here fails;
+//  3. the store, the host identity (DATA_DIR/host-id), node name and VTEP;
+//  4. the host record hosts/<ID>, claimed with a Consul session and read
+//     back by a get and a list, before the driver reconciles anything.
+//     While the store is unreachable this step is retried (calls are told
+//     so); every other failure ends the start.
+func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st *startStatus, served <-chan error) error {
 	lock, err := hostid.Lock(cfg.DataDir)
 	if err != nil {
 		return err
@@ -173,16 +209,26 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	hc, err := claimHost(ctx, store, hostRecord{
+	rec := hostRecord{
 		ID: hostID, Node: node, VTEP: vtep,
 		PID: os.Getpid(), Started: time.Now().UTC().Truncate(time.Second), Version: buildVersion(),
 		BootID: hostid.BootID(), LockFile: lock.File(),
-	}, cfg.DataDir, log)
-	if err != nil {
-		return err
+	}
+	var hc *hostClaim
+	for wait := 100 * time.Millisecond; ; wait = min(2*wait, claimRetryMax) {
+		if hc, err = claimHost(ctx, store, rec, cfg.DataDir, log); err == nil {
+			break
+		}
+		if !errors.Is(err, kvstore.ErrUnavailable) || ctx.Err() != nil {
+			return err
+		}
+		st.set(fmt.Sprintf("waiting for the state store: %v", err))
+		log.Warn("state store unreachable at start; retrying", "error", err, "retry_in", wait)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (while waiting for the store: %v)", ctx.Err(), err)
+		case <-time.After(wait):
+		}
 	}
 	defer func() {
 		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -271,8 +317,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}()
 		defer func() { wcancel(); <-done }()
 	}
+	h.setFinal(newServer(log, drv, ip))
 	log.Info("consul-overlay started", "node", node, "host_id", hostID, "vtep", vtep, "vxlan_port", cfg.VXLANPort, "shared_store", shared)
-	return serve(ctx, l, newServer(log, drv, ip))
+	// The server stops first (in-flight calls finish), then the deferred
+	// clean-ups run.
+	return <-served
 }
 
 // newRegistrar builds the service registrar. The Docker API (container
