@@ -81,7 +81,7 @@ type hostClaim struct {
 // With Consul the record is claimed with a session: a live session of
 // another instance holding it (a copied DATA_DIR, a cloned VM) refuses the
 // start and changes nothing in the store. Then the record is read back by
-// a get and by a list of hosts/: a token that cannot read the prefix would
+// a get and by a list of the prefix: a token that cannot read the prefix would
 // otherwise see an empty store and the start-up reconcile would wipe the
 // host's overlays.
 func claimHost(ctx context.Context, store kvstore.Store, rec hostRecord, dataDir string, log *slog.Logger) (_ *hostClaim, retErr error) {
@@ -169,7 +169,7 @@ func claimError(prefix, key string, rec hostRecord, dataDir string, err error) e
 }
 
 // proveReadable reads back the record just written, by a get and by a
-// list of hosts/. prefix is the Consul KV prefix ("" for the embedded
+// list of the whole prefix. prefix is the Consul KV prefix ("" for the embedded
 // store) for the messages.
 func proveReadable(ctx context.Context, store kvstore.Store, prefix, key string, value []byte) error {
 	perm := fmt.Sprintf("the Consul token needs key_prefix %q { policy = \"write\" } (read and write of the prefix)", prefix)
@@ -184,20 +184,22 @@ func proveReadable(ctx context.Context, store kvstore.Store, prefix, key string,
 	case !bytes.Equal(p.Value, value):
 		return fmt.Errorf("read back host record %s%s: another value than the one written (another instance with this identity?)", prefix, key)
 	}
-	ps, err := store.List(ctx, hostsPrefix)
+	// The whole prefix, as the driver will read it: Consul answers a list
+	// the token may not read with nothing, not with an error.
+	ps, err := store.List(ctx, "")
 	if errors.Is(err, kvstore.ErrPermissionDenied) {
-		return fmt.Errorf("list %s%s: %w: %s", prefix, hostsPrefix, err, perm)
+		return fmt.Errorf("list %s: %w: %s", prefix, err, perm)
 	}
 	if err != nil {
-		return fmt.Errorf("list %s%s: %w", prefix, hostsPrefix, err)
+		return fmt.Errorf("list %s: %w", prefix, err)
 	}
 	for _, q := range ps {
 		if q.Key == key && bytes.Equal(q.Value, value) {
 			return nil
 		}
 	}
-	return fmt.Errorf("list %s%s: %d records, none of them this host's %s: the token cannot list the prefix, and would see an empty store; %s (and \"list\" where acl_enable_key_list_policy is on)",
-		prefix, hostsPrefix, len(ps), key, perm)
+	return fmt.Errorf("list %s: %d keys, without this host's record %s just written: the token cannot list the prefix, and would see an empty store; %s (and \"list\" where acl_enable_key_list_policy is on)",
+		prefix, len(ps), key, perm)
 }
 
 // Record returns the current host record.

@@ -16,6 +16,7 @@ import (
 
 	"consul-overlay/internal/hostid"
 	"consul-overlay/internal/testenv"
+	"consul-overlay/ipam"
 	"consul-overlay/kvstore"
 )
 
@@ -132,7 +133,7 @@ func TestInstanceSameNamespace(t *testing.T) {
 	c := startPlugin(t, "host0-c", hosts[0], agent.Addr, "co-inst-other-"+randomID()[:8]+"/")
 	c.mustWork(t)
 	var pool struct{ PoolID string }
-	c.must("/IpamDriver.RequestPool", map[string]any{"AddressSpace": "consul-overlay-local", "Pool": "10.72.0.0/24"}, &pool)
+	c.must("/IpamDriver.RequestPool", map[string]any{"AddressSpace": ipam.LocalAddressSpace, "Pool": "10.72.0.0/24"}, &pool)
 	c.must("/IpamDriver.ReleasePool", map[string]any{"PoolID": pool.PoolID}, nil)
 	a.mustWork(t)
 }
