@@ -342,3 +342,35 @@ func TestSIGTERMDuringStart(t *testing.T) {
 	}
 	p.stopWithin(t, 3*time.Second)
 }
+
+// TestVTEPChangeRepublished: without VTEP_ADDR the plugin follows the
+// default route's source address; a change is in its host record within a
+// second.
+func TestVTEPChangeRepublished(t *testing.T) {
+	requireNsenter(t)
+	hosts := testenv.NewUnderlay(t, 1, testenv.UnderlayOptions{})
+	h := hosts[0]
+	h.NS.MustRun(t, "ip", "addr", "add", "192.0.2.101/24", "dev", h.Link)
+	h.NS.MustRun(t, "ip", "route", "add", "default", "via", "192.0.2.254", "dev", h.Link, "src", h.Addr.String())
+	agent := testenv.StartConsul(t, testenv.WithNetNS(h.NS.Path), testenv.WithBindAddr(h.Addr.String()))
+	prefix := "co-vtep-" + randomID()[:8] + "/"
+	p := startPluginEnv(t, "host0", h, agent.Addr, prefix, "VTEP_ADDR=")
+	p.mustWork(t)
+	id := readHostID(t, p.data)
+	if rec, _ := hostRecordOf(t, agent, prefix, id); rec.VTEP != h.Addr {
+		t.Fatalf("host record vtep %s, want the default route's source %s", rec.VTEP, h.Addr)
+	}
+	start := time.Now()
+	h.NS.MustRun(t, "ip", "route", "replace", "default", "via", "192.0.2.254", "dev", h.Link, "src", "192.0.2.101")
+	eventually(t, 5*time.Second, func() error {
+		if rec, _ := hostRecordOf(t, agent, prefix, id); rec.VTEP.String() != "192.0.2.101" {
+			return fmt.Errorf("host record vtep %s, want 192.0.2.101", rec.VTEP)
+		}
+		return nil
+	})
+	took := time.Since(start)
+	t.Logf("new underlay address in the host record after %s", took.Round(time.Millisecond))
+	if took > time.Second {
+		t.Fatalf("host record updated %s after the change, want within 1s", took)
+	}
+}
