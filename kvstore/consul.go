@@ -231,7 +231,7 @@ func (c *Consul) DeleteCAS(ctx context.Context, key string, index uint64) error 
 	}
 	what := txnErrors(resp)
 	if deniedByACL(what) {
-		return fmt.Errorf("consul kv delete-cas %q at %s: %s", full, c.addr, what)
+		return fmt.Errorf("consul kv delete-cas %q at %s: %w: %s", full, c.addr, ErrPermissionDenied, what)
 	}
 	if strings.Contains(what, "doesn't exist") {
 		return fmt.Errorf("consul kv delete-cas %q (index %d): %w", full, index, ErrNotFound)
@@ -285,7 +285,7 @@ func (c *Consul) Txn(ctx context.Context, ops []Op) error {
 	}
 	what := txnErrors(resp)
 	if deniedByACL(what) {
-		return fmt.Errorf("consul txn (%s) at %s: %s", name, c.addr, what)
+		return fmt.Errorf("consul txn (%s) at %s: %w: %s", name, c.addr, ErrPermissionDenied, what)
 	}
 	return fmt.Errorf("consul txn (%s): %w: %s", name, ErrConflict, what)
 }
@@ -404,7 +404,7 @@ func (c *Consul) Close() error {
 }
 
 func (c *Consul) pair(kvp *api.KVPair) *Pair {
-	p := &Pair{Key: strings.TrimPrefix(kvp.Key, c.prefix), ModifyIndex: kvp.ModifyIndex}
+	p := &Pair{Key: strings.TrimPrefix(kvp.Key, c.prefix), ModifyIndex: kvp.ModifyIndex, Session: kvp.Session}
 	if len(kvp.Value) > 0 {
 		p.Value = kvp.Value
 	}
@@ -466,6 +466,9 @@ func (c *Consul) fail(ctx context.Context, st *httpStatus, op, key string, err e
 		return fmt.Errorf("%s: %w", what, err)
 	}
 	code := st.code.Load()
+	if code == http.StatusForbidden {
+		return fmt.Errorf("%s: %w: %w", what, ErrPermissionDenied, err)
+	}
 	if code >= 400 && code < 500 && code != http.StatusTooManyRequests {
 		return fmt.Errorf("%s: %w", what, err)
 	}

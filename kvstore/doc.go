@@ -18,11 +18,41 @@
 // prefixes never see each other's keys. A key is non-empty, valid UTF-8
 // and does not start with "/".
 //
-// Errors: ErrNotFound, ErrConflict and ErrUnavailable are sentinels to test
-// with errors.Is. The Consul store bounds every request with a timeout and
-// reports transport failures, timeouts and 5xx/429 answers as
-// ErrUnavailable, naming the key and the agent's address; an outage is
-// never reported as ErrNotFound.
+// Errors: ErrNotFound, ErrConflict, ErrUnavailable, ErrPermissionDenied and
+// ErrHeld are sentinels to test with errors.Is. The Consul store bounds
+// every request with a timeout and reports transport failures, timeouts and
+// 5xx/429 answers as ErrUnavailable, naming the key and the agent's
+// address; an outage is never reported as ErrNotFound. A 403 answer (the
+// ACL token lacks a permission), and an ACL refusal inside a transaction,
+// is ErrPermissionDenied. Beware that Consul answers a List the token may
+// not read with the keys it may read, possibly none, and no error: a caller
+// that must not act on an empty view proves it can read first (the plugin
+// writes its host record and reads it back through Get and List at start).
+//
+// Claims (Consul only): Consul.Claim holds a key with a session of its
+// own: TTL-based (DefaultSessionTTL, 10 s; no health checks), behavior
+// release, lock-delay 1 ms, renewed every TTL/3 by a goroutine that also
+// checks the key is still held by it and, if the session or the key was
+// lost, creates a new session and acquires the key again. Claim refuses a
+// key held by another live session with a *HeldError (ErrHeld) carrying
+// the holder's value, without changing anything, unless the caller's
+// Takeover approves destroying that session. Release releases the key,
+// keeping its value with no session, and destroys the session. Pair.Session
+// shows the holding session to every reader: a key with a session belongs
+// to a live holder; without one, its holder stopped or died (Consul
+// invalidates a session at the latest 2×TTL after its last renewal).
+//
+// Key layout used through claims (the rest of the schema belongs to the
+// packages that write it):
+//
+//	<prefix>hosts/<host ID>   one per host: Encode'd record of the host
+//	                          (id, node, vtep, pid, started, version,
+//	                          boot_id, lock_file, session_ttl), held by
+//	                          the host's session while its plugin runs.
+//
+// The host ID is the random identity in DATA_DIR/host-id (see
+// internal/hostid). The embedded store has no sessions: the plugin writes
+// the same record with Put, and its DATA_DIR lock is the only guard.
 //
 // Watch delivers full snapshots (the sorted list of pairs under a prefix):
 // one at start and one after every change, coalescing bursts, so a slow

@@ -99,7 +99,7 @@ func equalPairs(a, b []*Pair) bool {
 		return false
 	}
 	for i := range a {
-		if a[i].Key != b[i].Key || a[i].ModifyIndex != b[i].ModifyIndex || !bytes.Equal(a[i].Value, b[i].Value) {
+		if a[i].Key != b[i].Key || a[i].ModifyIndex != b[i].ModifyIndex || a[i].Session != b[i].Session || !bytes.Equal(a[i].Value, b[i].Value) {
 			return false
 		}
 	}
@@ -111,7 +111,7 @@ func equalPairs(a, b []*Pair) bool {
 func clonePairs(ps []*Pair) []*Pair {
 	out := make([]*Pair, len(ps))
 	for i, p := range ps {
-		out[i] = &Pair{Key: p.Key, Value: bytes.Clone(p.Value), ModifyIndex: p.ModifyIndex}
+		out[i] = &Pair{Key: p.Key, Value: bytes.Clone(p.Value), ModifyIndex: p.ModifyIndex, Session: p.Session}
 	}
 	return out
 }

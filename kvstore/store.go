@@ -17,15 +17,22 @@ var (
 	// server error. Wrapped errors name the address. Never confused with
 	// ErrNotFound.
 	ErrUnavailable = errors.New("store unavailable")
+	// ErrPermissionDenied: the store refused the request for lack of
+	// permission (Consul answered 403, or an ACL refused an operation of a
+	// transaction). Retrying does not help: the token's policy must change.
+	ErrPermissionDenied = errors.New("permission denied")
 )
 
 // Pair is one key and its value. Key is relative to the store's prefix.
 // ModifyIndex changes on every write of the key; it is what CAS and
-// DeleteCAS compare against.
+// DeleteCAS compare against. Session is the Consul session holding the
+// key (see Consul.Claim), "" when none does and always in the embedded
+// store.
 type Pair struct {
 	Key         string
 	Value       []byte
 	ModifyIndex uint64
+	Session     string
 }
 
 // OpVerb is what a transaction operation does.

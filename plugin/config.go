@@ -19,9 +19,12 @@ import (
 // Config is the daemon's validated configuration. Every field comes from an
 // environment variable of the same name (the managed plugin's settings).
 type Config struct {
-	Socket    string // SOCKET: where to listen
-	DataDir   string // DATA_DIR: embedded store and the persisted node name
-	Node      string // NODE_NAME: "" means the Consul agent's node name, else the hostname
+	Socket  string // SOCKET: where to listen
+	DataDir string // DATA_DIR: embedded store, host identity, lock, persisted node name
+	// Node is NODE_NAME, the human-readable name for logs and Consul ("":
+	// the Consul agent's node name, else the hostname). The host's identity
+	// is not the name but DATA_DIR/host-id (see internal/hostid).
+	Node      string
 	VTEP      netip.Addr
 	VTEPIface string // VTEP_INTERFACE: take VTEP from this link
 	VXLANPort int    // VXLAN_PORT
@@ -168,24 +171,30 @@ func poolSetting(getenv func(string) string, name string, v6 bool) (netip.Prefix
 
 // resolveVTEP returns the underlay address: VTEP_ADDR, else the first
 // global address of VTEP_INTERFACE, else the address the host uses for its
-// default route.
+// default route. It looks in the process's network namespace.
 func resolveVTEP(c Config) (netip.Addr, error) {
+	return resolveVTEPWith(&netlink.Handle{}, c)
+}
+
+// resolveVTEPWith is resolveVTEP through a netlink handle (bound to a
+// namespace in tests; the zero Handle is the current namespace).
+func resolveVTEPWith(h *netlink.Handle, c Config) (netip.Addr, error) {
 	if c.VTEP.IsValid() {
 		return c.VTEP, nil
 	}
 	if c.VTEPIface != "" {
-		link, err := netlink.LinkByName(c.VTEPIface)
+		link, err := h.LinkByName(c.VTEPIface)
 		if err != nil {
 			return netip.Addr{}, fmt.Errorf("VTEP_INTERFACE=%q: %w", c.VTEPIface, err)
 		}
-		a, err := firstGlobalAddr(link)
+		a, err := firstGlobalAddr(h, link)
 		if err != nil {
 			return netip.Addr{}, fmt.Errorf("VTEP_INTERFACE=%q: %w", c.VTEPIface, err)
 		}
 		return a, nil
 	}
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		routes, err := netlink.RouteListFiltered(family, &netlink.Route{Table: 254}, netlink.RT_FILTER_TABLE)
+		routes, err := h.RouteListFiltered(family, &netlink.Route{Table: 254}, netlink.RT_FILTER_TABLE)
 		if err != nil {
 			continue
 		}
@@ -196,11 +205,11 @@ func resolveVTEP(c Config) (netip.Addr, error) {
 			if a, ok := netip.AddrFromSlice(r.Src); ok && r.Src != nil {
 				return a.Unmap(), nil
 			}
-			link, err := netlink.LinkByIndex(r.LinkIndex)
+			link, err := h.LinkByIndex(r.LinkIndex)
 			if err != nil {
 				continue
 			}
-			if a, err := firstGlobalAddr(link); err == nil {
+			if a, err := firstGlobalAddr(h, link); err == nil {
 				return a, nil
 			}
 		}
@@ -214,9 +223,9 @@ func isDefault(r netlink.Route) bool {
 }
 
 // firstGlobalAddr is a link's first global unicast address, IPv4 first.
-func firstGlobalAddr(link netlink.Link) (netip.Addr, error) {
+func firstGlobalAddr(h *netlink.Handle, link netlink.Link) (netip.Addr, error) {
 	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		addrs, err := netlink.AddrList(link, family)
+		addrs, err := h.AddrList(link, family)
 		if err != nil {
 			return netip.Addr{}, err
 		}

@@ -60,29 +60,48 @@ func pluginBinary(t *testing.T) string {
 
 // pluginProc is one plugin daemon on one test host.
 type pluginProc struct {
-	t      *testing.T
-	name   string
-	host   *testenv.Host
-	env    []string
-	socket string
-	logf   string
-	cmd    *exec.Cmd
-	done   chan struct{}
-	client *http.Client
+	t       *testing.T
+	name    string
+	host    *testenv.Host
+	env     []string
+	socket  string
+	data    string // DATA_DIR
+	logf    string
+	cmd     *exec.Cmd
+	started time.Time
+	done    chan struct{}
+	client  *http.Client
 }
 
 // startPlugin runs the plugin in a test host's network namespace.
 func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, prefix string) *pluginProc {
 	t.Helper()
+	return startPluginEnv(t, name, host, consulAddr, prefix)
+}
+
+// startPluginEnv is startPlugin with settings added to (or, with the same
+// name, replacing) the defaults, as "NAME=value".
+func startPluginEnv(t *testing.T, name string, host *testenv.Host, consulAddr, prefix string, env ...string) *pluginProc {
+	t.Helper()
+	p := newPluginProc(t, name, host, consulAddr, prefix, env...)
+	p.start()
+	return p
+}
+
+// newPluginProc prepares a plugin like startPluginEnv without starting it;
+// it is stopped when the test ends.
+func newPluginProc(t *testing.T, name string, host *testenv.Host, consulAddr, prefix string, env ...string) *pluginProc {
+	t.Helper()
 	dir := t.TempDir()
 	p := &pluginProc{
 		t: t, name: name, host: host,
 		socket: filepath.Join(dir, "plugin.sock"),
+		data:   filepath.Join(dir, "data"),
 		logf:   filepath.Join(dir, "plugin.log"),
 	}
 	p.env = []string{
 		"SOCKET=" + p.socket,
-		"DATA_DIR=" + filepath.Join(dir, "data"),
+		"DATA_DIR=" + p.data,
 		"NODE_NAME=" + name,
 		"VTEP_ADDR=" + host.Addr.String(),
 		"LOG_LEVEL=debug",
@@ -92,6 +111,16 @@ func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, pref
 	if consulAddr != "" {
 		p.env = append(p.env, "CONSUL_HTTP_ADDR="+consulAddr, "KV_PREFIX="+prefix)
 	}
+	// exec uses the last value of a repeated name.
+	p.env = append(p.env, env...)
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, "SOCKET="); ok {
+			p.socket = v
+		}
+		if v, ok := strings.CutPrefix(kv, "DATA_DIR="); ok {
+			p.data = v
+		}
+	}
 	p.client = &http.Client{
 		Timeout: 30 * time.Second,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -99,7 +128,6 @@ func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, pref
 			return d.DialContext(ctx, "unix", p.socket)
 		}},
 	}
-	p.start()
 	t.Cleanup(func() {
 		p.stop(syscall.SIGTERM)
 		if t.Failed() {
@@ -112,19 +140,7 @@ func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, pref
 
 func (p *pluginProc) start() {
 	p.t.Helper()
-	f, err := os.OpenFile(p.logf, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	cmd := exec.Command("nsenter", "--net="+p.host.NS.Path, pluginBinary(p.t))
-	cmd.Env = append(os.Environ(), p.env...)
-	cmd.Stdout, cmd.Stderr = f, f
-	if err := cmd.Start(); err != nil {
-		p.t.Fatalf("start plugin %s: %v", p.name, err)
-	}
-	p.cmd = cmd
-	p.done = make(chan struct{})
-	go func() { cmd.Wait(); f.Close(); close(p.done) }()
+	p.launch()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		var caps map[string]any
@@ -139,6 +155,24 @@ func (p *pluginProc) start() {
 		}
 	}
 	p.t.Fatalf("plugin %s did not answer on %s within 10s", p.name, p.socket)
+}
+
+// launch starts the process without waiting for it to answer.
+func (p *pluginProc) launch() {
+	p.t.Helper()
+	f, err := os.OpenFile(p.logf, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	cmd := exec.Command("nsenter", "--net="+p.host.NS.Path, pluginBinary(p.t))
+	cmd.Env = append(os.Environ(), p.env...)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		p.t.Fatalf("start plugin %s: %v", p.name, err)
+	}
+	p.cmd, p.started = cmd, time.Now()
+	p.done = make(chan struct{})
+	go func() { cmd.Wait(); f.Close(); close(p.done) }()
 }
 
 // stop signals the plugin and waits for it.
@@ -485,6 +519,19 @@ func kvKeys(t *testing.T, agent *testenv.ConsulAgent, prefix string) []string {
 		t.Fatal(err)
 	}
 	return keys
+}
+
+// stateKeys is kvKeys without the host records (hosts/<id>), which stay
+// while their plugins run: what must be gone once every network is.
+func stateKeys(t *testing.T, agent *testenv.ConsulAgent, prefix string) []string {
+	t.Helper()
+	var out []string
+	for _, k := range kvKeys(t, agent, prefix) {
+		if !strings.HasPrefix(k, prefix+hostsPrefix) {
+			out = append(out, k)
+		}
+	}
+	return out
 }
 
 // ourLinks lists the links consul-overlay owns in a host's namespace.

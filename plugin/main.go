@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -21,24 +22,61 @@ import (
 	"consul-overlay/discovery"
 	"consul-overlay/driver"
 	"consul-overlay/internal/dockerapi"
+	"consul-overlay/internal/hostid"
 	"consul-overlay/ipam"
 	"consul-overlay/kvstore"
 	"consul-overlay/vxlan"
 )
 
+// shutdownGrace bounds the shutdown after a signal: past it the process
+// exits anyway (a second signal ends it at once).
+const shutdownGrace = 15 * time.Second
+
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// Whatever start-up or shutdown is doing when the signal comes, the
+	// process ends: a second signal gets the default action (stop restores
+	// it), and a shutdown stuck past the grace period exits.
+	context.AfterFunc(ctx, func() {
+		stop()
+		time.AfterFunc(shutdownGrace, func() {
+			fmt.Fprintf(os.Stdout, "consul-overlay: shutdown took longer than %s, exiting\n", shutdownGrace)
+			os.Exit(1)
+		})
+	})
 	cfg, err := loadConfig(os.Getenv)
 	log := newLogger(cfg)
 	if err != nil {
 		err = fmt.Errorf("bad setting: %w", err)
-	} else {
-		err = run(ctx, cfg, log)
+		if cfg.Socket == "" || !filepath.IsAbs(cfg.Socket) {
+			cfg.Socket = defaultSocket
+		}
+	}
+	// The socket opens before anything slow: Docker gives a managed plugin
+	// about 9.5 s to listen and never retries a failed enable. Until the
+	// drivers are wired it answers with why it is not ready yet.
+	l, lerr := listenUnix(cfg.Socket)
+	if lerr != nil {
+		log.Error("consul-overlay cannot start", "error", errors.Join(err, lerr))
+		os.Exit(1)
+	}
+	log.Info("listening", "socket", cfg.Socket)
+	st := &startStatus{}
+	h := newSwitchHandler(limitedServer(log, func() error { return fmt.Errorf("%w: %s", errStarting, st.get()) }))
+	served := make(chan error, 1)
+	go func() { served <- serve(ctx, l, h) }()
+	if err == nil {
+		err = run(ctx, cfg, log, h, st, served)
 	}
 	if err != nil {
+		if ctx.Err() != nil {
+			log.Info("consul-overlay stopped during start", "error", err)
+			os.Exit(1)
+		}
 		log.Error("consul-overlay cannot start", "error", err)
-		if serr := serveFailure(ctx, cfg, log, err); serr != nil {
+		serveFailure(log, h, err)
+		if serr := <-served; serr != nil {
 			log.Error("consul-overlay stopped", "error", serr)
 		}
 		os.Exit(1)
@@ -55,26 +93,25 @@ func newLogger(cfg Config) *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stdout, opts))
 }
 
-// errStartup marks requests answered by a plugin that could not start.
-var errStartup = errors.New("consul-overlay could not start")
+// errStartup marks requests answered by a plugin that could not start,
+// errStarting those answered before it is ready.
+var (
+	errStartup  = errors.New("consul-overlay could not start")
+	errStarting = errors.New("consul-overlay is starting")
+)
 
-// serveFailure keeps the socket open after a failed start and answers
+// serveFailure makes the socket, kept open after a failed start, answer
 // every driver call with the reason, so the user reads it at `docker
 // network create` instead of a bare "socket not found" from a plugin that
-// exited before Docker's first dial. Activation and capabilities still
-// succeed, or Docker would never show the message.
-func serveFailure(ctx context.Context, cfg Config, log *slog.Logger, cause error) error {
-	socket := cfg.Socket
-	if socket == "" {
-		socket = defaultSocket
-	}
-	l, err := listenUnix(socket)
-	if err != nil {
-		return err
-	}
-	defer l.Close()
+// exited before Docker's first dial.
+func serveFailure(log *slog.Logger, h *switchHandler, cause error) {
 	msg := fmt.Errorf("%w: %v (fix it with `docker plugin set` and enable the plugin again)", errStartup, cause)
-	fail := func([]byte) (any, error) { return nil, msg }
+	h.setFinal(limitedServer(log, func() error { return msg }))
+}
+
+// limitedServer answers activation and capabilities, which must succeed
+// or Docker would never show the message, and every other call with fail().
+func limitedServer(log *slog.Logger, fail func() error) *server {
 	s := newServer(log, nil, nil)
 	for path := range s.routes {
 		switch path {
@@ -88,29 +125,82 @@ func serveFailure(ctx context.Context, cfg Config, log *slog.Logger, cause error
 				return map[string]string{"LocalDefaultAddressSpace": ipam.LocalAddressSpace, "GlobalDefaultAddressSpace": ipam.GlobalAddressSpace}, nil
 			}
 		default:
-			s.routes[path] = fail
+			s.routes[path] = func([]byte) (any, error) { return nil, fail() }
 		}
 	}
-	return serve(ctx, l, s)
+	return s
 }
 
-// run opens the socket before anything slow (Docker gives a managed plugin
-// about 9.5 s to listen and never retries a failed enable), wires the
-// drivers and serves until ctx ends.
-func run(ctx context.Context, cfg Config, log *slog.Logger) error {
-	l, err := listenUnix(cfg.Socket)
+// startStatus is what a call made during start-up is told.
+type startStatus struct {
+	mu  sync.Mutex
+	msg string
+}
+
+func (s *startStatus) set(msg string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.msg = msg
+}
+
+func (s *startStatus) get() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.msg == "" {
+		return "try again in a moment"
+	}
+	return s.msg
+}
+
+// claimRetryMax bounds the wait between attempts to claim the host record
+// while the store is unreachable at start.
+const claimRetryMax = 5 * time.Second
+
+// run makes sure this is the only instance on its state, wires the
+// drivers, switches h to them and serves until ctx ends and the server
+// has stopped (served). Start-up order:
+//
+//  1. the DATA_DIR lock: a second instance on the same DATA_DIR fails here,
+//     naming the first one's pid, before it touches the store;
+//  2. the instance socket of (KV prefix, store) in this network namespace:
+//     a second instance that would manage the same overlays here fails;
+//  3. the store, the host identity (DATA_DIR/host-id), node name and VTEP;
+//  4. the host record hosts/<ID>, claimed with a Consul session and read
+//     back by a get and a list, before the driver reconciles anything.
+//     While the store is unreachable this step is retried (calls are told
+//     so); every other failure ends the start.
+func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st *startStatus, served <-chan error) error {
+	lock, err := hostid.Lock(cfg.DataDir)
 	if err != nil {
 		return err
 	}
-	defer l.Close()
-	log.Info("listening", "socket", cfg.Socket)
+	defer lock.Close()
 
-	store, shared, agentName, err := openStore(cfg, log)
+	ccfg, useConsul, err := kvstore.ConsulConfigFromEnv(os.Getenv)
+	if err != nil {
+		return err
+	}
+	storeName := "embedded"
+	if useConsul {
+		storeName = ccfg.Address
+	}
+	inst, err := hostid.ListenInstance(ccfg.Prefix, storeName,
+		fmt.Sprintf("DATA_DIR %s, socket %s", cfg.DataDir, cfg.Socket))
+	if err != nil {
+		return err
+	}
+	defer inst.Close()
+
+	store, shared, agentName, err := openStore(ctx, cfg, ccfg, useConsul, log)
 	if err != nil {
 		return err
 	}
 	defer store.Close()
 
+	hostID, err := hostid.Load(cfg.DataDir)
+	if err != nil {
+		return err
+	}
 	node, err := nodeName(cfg, agentName)
 	if err != nil {
 		return err
@@ -119,10 +209,42 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	rec := hostRecord{
+		ID: hostID, Node: node, VTEP: vtep,
+		PID: os.Getpid(), Started: time.Now().UTC().Truncate(time.Second), Version: buildVersion(),
+		BootID: hostid.BootID(), LockFile: lock.File(),
+	}
+	var hc *hostClaim
+	for wait := 100 * time.Millisecond; ; wait = min(2*wait, claimRetryMax) {
+		if hc, err = claimHost(ctx, store, rec, cfg.DataDir, log); err == nil {
+			break
+		}
+		if !errors.Is(err, kvstore.ErrUnavailable) || ctx.Err() != nil {
+			return err
+		}
+		st.set(fmt.Sprintf("waiting for the state store: %v", err))
+		log.Warn("state store unreachable at start; retrying", "error", err, "retry_in", wait)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (while waiting for the store: %v)", ctx.Err(), err)
+		case <-time.After(wait):
+		}
+	}
+	defer func() {
+		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := hc.Release(rctx); err != nil {
+			log.Warn("release host record", "host_id", hostID, "error", err)
+		}
+	}()
+
 	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Logger: log})
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
 	}
+	// WIRING (lead): ipam's Node is the owner recorded on allocations;
+	// it should become hostID (not the human node name) with the ipam
+	// rewrite of issue 11.
 	ip, err := ipam.New(ipam.Config{
 		Node:              node,
 		DefaultPoolV4:     cfg.PoolV4,
@@ -146,6 +268,8 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return err
 		}
 	}
+	// WIRING (lead): pass HostID: hostID once driver.Config has it; Node
+	// stays the human-readable name.
 	dcfg := driver.Config{
 		Node: node, VTEP: vtep, Shared: shared,
 		OwnsAddressSpace: ip.Owns,
@@ -169,8 +293,35 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		go func() { defer close(done); reg.Run(rctx) }()
 		defer func() { rcancel(); <-done }()
 	}
-	log.Info("consul-overlay started", "node", node, "vtep", vtep, "vxlan_port", cfg.VXLANPort, "shared_store", shared)
-	return serve(ctx, l, newServer(log, drv, ip))
+	// The VTEP is watched unless VTEP_ADDR fixes it: a new underlay
+	// address is handed to the driver (which moves its overlays and
+	// republishes the address to its peers) and to the host record.
+	if !cfg.VTEP.IsValid() {
+		setVTEP := func(ctx context.Context, a netip.Addr) error {
+			// WIRING (lead): driver.(*Driver).SetVTEP, asserted at run
+			// time so this builds before the driver has it.
+			if s, ok := any(drv).(vtepSetter); ok {
+				if err := s.SetVTEP(ctx, a); err != nil {
+					return err
+				}
+			} else {
+				log.Warn("this driver cannot move to a new underlay address; peers keep the old one until a restart", "vtep", a)
+			}
+			return hc.SetVTEP(ctx, a)
+		}
+		wctx, wcancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			watchVTEP(wctx, vtep, vtepPollInterval, func() (netip.Addr, error) { return resolveVTEP(cfg) }, setVTEP, log)
+		}()
+		defer func() { wcancel(); <-done }()
+	}
+	h.setFinal(newServer(log, drv, ip))
+	log.Info("consul-overlay started", "node", node, "host_id", hostID, "vtep", vtep, "vxlan_port", cfg.VXLANPort, "shared_store", shared)
+	// The server stops first (in-flight calls finish), then the deferred
+	// clean-ups run.
+	return <-served
 }
 
 // newRegistrar builds the service registrar. The Docker API (container
@@ -194,27 +345,25 @@ func newRegistrar(cfg Config, log *slog.Logger, node string, agent *api.Client,
 	return reg, nil
 }
 
-// openStore opens Consul when CONSUL_HTTP_ADDR is set, else the embedded
-// store in DATA_DIR. agentName asks the local Consul agent for its node
-// name (nil without Consul).
-func openStore(cfg Config, log *slog.Logger) (kvstore.Store, bool, func() (string, error), error) {
-	ccfg, set, err := kvstore.ConsulConfigFromEnv(os.Getenv)
-	if err != nil {
-		return nil, false, nil, err
-	}
-	if set {
+// openStore opens Consul when CONSUL_HTTP_ADDR is set (useConsul), else
+// the embedded store in DATA_DIR. agentName asks the local Consul agent
+// for its node name (nil without Consul).
+func openStore(ctx context.Context, cfg Config, ccfg kvstore.ConsulConfig, useConsul bool, log *slog.Logger) (kvstore.Store, bool, func() (string, error), error) {
+	if useConsul {
 		c, err := kvstore.NewConsul(ccfg)
 		if err != nil {
 			return nil, false, nil, fmt.Errorf("consul store: %w", err)
 		}
 		log.Info("state store: consul", "address", c.Address(), "prefix", ccfg.Prefix)
 		agentName := func() (string, error) {
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 			defer cancel()
 			return c.NodeName(ctx)
 		}
 		return c, true, agentName, nil
 	}
+	// The DATA_DIR lock is held, so nothing else of ours has the file
+	// open; the open timeout only bounds a foreign process holding it.
 	path := filepath.Join(cfg.DataDir, "state.db")
 	e, err := kvstore.NewEmbedded(kvstore.EmbeddedConfig{Path: path, Prefix: ccfg.Prefix})
 	if err != nil {

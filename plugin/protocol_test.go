@@ -208,7 +208,7 @@ func TestProtocolMultiHost(t *testing.T) {
 				t.Errorf("host%d: links left: %v", i, l)
 			}
 		}
-		if keys := kvKeys(t, c.consul, c.prefix); len(keys) > 0 {
+		if keys := stateKeys(t, c.consul, c.prefix); len(keys) > 0 {
 			t.Errorf("keys left in Consul: %v", keys)
 		}
 	})
@@ -301,6 +301,16 @@ func TestProtocolRestart(t *testing.T) {
 	var caps map[string]any
 	b.must("/NetworkDriver.GetCapabilities", nil, &caps)
 	c.consul.Start()
+	// The dev agent came back empty: each plugin claims its host record
+	// again with a new session.
+	start = time.Now()
+	eventually(t, 15*time.Second, func() error {
+		if keys := kvKeys(t, c.consul, c.prefix+hostsPrefix); len(keys) != len(c.plugins) {
+			return fmt.Errorf("host records after Consul lost its state: %v, want %d", keys, len(c.plugins))
+		}
+		return nil
+	})
+	t.Logf("host records claimed again %s after Consul came back", time.Since(start).Round(time.Millisecond))
 
 	// ...and accepts Leave/DeleteEndpoint for endpoints created before the crash.
 	cb.remove(t)
@@ -317,7 +327,7 @@ func TestProtocolRestart(t *testing.T) {
 			t.Errorf("host%d: links left: %v", i, l)
 		}
 	}
-	if keys := kvKeys(t, c.consul, c.prefix); len(keys) > 0 {
+	if keys := stateKeys(t, c.consul, c.prefix); len(keys) > 0 {
 		t.Errorf("keys left in Consul: %v", keys)
 	}
 }

@@ -143,7 +143,7 @@ func TestProtocolRegistration(t *testing.T) {
 			return nil
 		})
 	}
-	if keys := kvKeys(t, server, prefix); len(keys) > 0 {
+	if keys := stateKeys(t, server, prefix); len(keys) > 0 {
 		t.Errorf("keys left in Consul: %v", keys)
 	}
 }

@@ -12,10 +12,14 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/docker/go-plugins-helpers/ipam"
 	"github.com/docker/go-plugins-helpers/network"
+
+	"consul-overlay/internal/hostid"
 )
 
 // contentType is what Docker's plugin clients expect; the engine does not
@@ -175,11 +179,16 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-// listenUnix opens the plugin socket, replacing a stale one. The directory
-// is created if missing (Docker looks in /run/docker/plugins).
+// listenUnix opens the plugin socket, replacing a stale one. A socket that
+// a live process answers on is another instance's: it is left alone and
+// the error names that process. The directory is created if missing
+// (Docker looks in /run/docker/plugins).
 func listenUnix(path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("create socket directory %q: %w", filepath.Dir(path), err)
+	}
+	if pid, _, err := hostid.Peer(path); err == nil {
+		return nil, fmt.Errorf("socket %q is %w (pid %d): stop it, or set another SOCKET", path, hostid.ErrInUse, pid)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("remove stale socket %q: %w", path, err)
@@ -193,6 +202,47 @@ func listenUnix(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("chmod socket %q: %w", path, err)
 	}
 	return l, nil
+}
+
+// startWait is how long a driver call made during start-up waits for the
+// drivers (or the failure) before it is told the plugin is still starting.
+const startWait = 5 * time.Second
+
+// switchHandler serves with whichever handler was set last: the start-up
+// answers, then the drivers or the failure (final). Until final, a call
+// other than the handshake waits up to startWait, so a call that arrives
+// during a normal start gets the drivers' answer.
+type switchHandler struct {
+	h     atomic.Pointer[http.Handler]
+	once  sync.Once
+	final chan struct{}
+}
+
+func newSwitchHandler(starting http.Handler) *switchHandler {
+	s := &switchHandler{final: make(chan struct{})}
+	s.h.Store(&starting)
+	return s
+}
+
+// setFinal switches to h for good.
+func (s *switchHandler) setFinal(h http.Handler) {
+	s.h.Store(&h)
+	s.once.Do(func() { close(s.final) })
+}
+
+func (s *switchHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	switch r.URL.Path {
+	case "/Plugin.Activate", "/NetworkDriver.GetCapabilities", "/IpamDriver.GetDefaultAddressSpaces":
+	default:
+		t := time.NewTimer(startWait)
+		select {
+		case <-s.final:
+		case <-t.C:
+		case <-r.Context().Done():
+		}
+		t.Stop()
+	}
+	(*s.h.Load()).ServeHTTP(w, r)
 }
 
 // serve runs the HTTP server until ctx is done, then shuts it down.

@@ -1,0 +1,195 @@
+// Package hostid gives a plugin instance its identity and keeps a second
+// instance from running on the same state.
+//
+//   - Load: the host's identity, a random 128-bit hex string created once
+//     in DATA_DIR/host-id (mode 0600) and never derived from a shared Consul
+//     agent or a hostname, so hosts that share an agent or a name stay
+//     distinct. A copied DATA_DIR copies the identity; the store's claim on
+//     hosts/<id> (see kvstore.Consul.Claim) refuses the copy while the
+//     original is live.
+//   - Lock: an exclusive, non-blocking flock on DATA_DIR/lock holding the
+//     owner's pid, so a second instance on the same DATA_DIR fails at once
+//     naming the first, instead of waiting on the embedded store's lock.
+//   - ListenInstance: an abstract unix socket named after the KV prefix and
+//     the store address. Abstract sockets belong to a network namespace, so
+//     two instances that would program the same namespace from the same
+//     state collide on it, and the second learns the first's pid
+//     (SO_PEERCRED) and what it serves.
+package hostid
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// IDFile and LockFile are the names of the identity and the lock in
+// DATA_DIR.
+const (
+	IDFile   = "host-id"
+	LockFile = "lock"
+)
+
+// ErrInUse: another instance holds the DATA_DIR lock or the instance
+// socket.
+var ErrInUse = errors.New("in use by another consul-overlay instance")
+
+// Load returns the identity in dir/host-id, creating it (32 lower-case hex
+// digits, mode 0600, written atomically) if the file does not exist. A
+// file that is not such an identity is an error: replacing it would make
+// this host a new host behind the user's back.
+func Load(dir string) (string, error) {
+	path := filepath.Join(dir, IDFile)
+	b, err := os.ReadFile(path)
+	switch {
+	case err == nil:
+		id := strings.TrimSpace(string(b))
+		if !Valid(id) {
+			return "", fmt.Errorf("host identity %s holds %q, not 32 hex digits: restore it from a backup, or remove it to make this a new host", path, tail(id))
+		}
+		return id, nil
+	case !errors.Is(err, os.ErrNotExist):
+		return "", fmt.Errorf("read host identity %s: %w", path, err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("create DATA_DIR %s: %w", dir, err)
+	}
+	raw := make([]byte, 16)
+	if _, err := rand.Read(raw); err != nil {
+		return "", fmt.Errorf("new host identity: %w", err)
+	}
+	id := hex.EncodeToString(raw)
+	tmp, err := os.CreateTemp(dir, IDFile+".tmp-*")
+	if err != nil {
+		return "", fmt.Errorf("write host identity %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name())
+	if err := tmp.Chmod(0o600); err != nil {
+		tmp.Close()
+		return "", fmt.Errorf("write host identity %s: %w", path, err)
+	}
+	if _, err := tmp.WriteString(id + "\n"); err != nil {
+		tmp.Close()
+		return "", fmt.Errorf("write host identity %s: %w", path, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return "", fmt.Errorf("write host identity %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return "", fmt.Errorf("write host identity %s: %w", path, err)
+	}
+	// Link, not rename: if another process created the file meanwhile,
+	// its identity wins and we read it back.
+	if err := os.Link(tmp.Name(), path); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return Load(dir)
+		}
+		return "", fmt.Errorf("write host identity %s: %w", path, err)
+	}
+	if d, err := os.Open(dir); err == nil {
+		_ = d.Sync()
+		d.Close()
+	}
+	return id, nil
+}
+
+// Valid reports whether s has the form of an identity Load creates.
+func Valid(s string) bool {
+	if len(s) != 32 {
+		return false
+	}
+	for _, r := range s {
+		if !('0' <= r && r <= '9' || 'a' <= r && r <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+func tail(s string) string {
+	if len(s) > 40 {
+		return s[:40] + "…"
+	}
+	return s
+}
+
+// DirLock is the exclusive lock on DATA_DIR/lock, held until Close (or
+// the process's death: the kernel drops a flock with its last descriptor).
+type DirLock struct {
+	f    *os.File
+	path string
+	file string // "<dev>:<inode>" of the lock file
+}
+
+// Lock takes the DATA_DIR lock without waiting and writes this process's
+// pid into it. If another process holds it, the error (errors.Is ErrInUse)
+// names that process's pid.
+func Lock(dir string) (*DirLock, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create DATA_DIR %s: %w", dir, err)
+	}
+	path := filepath.Join(dir, LockFile)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open lock %s: %w", path, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			who := "pid unknown"
+			if b, rerr := os.ReadFile(path); rerr == nil {
+				if pid, perr := strconv.Atoi(strings.TrimSpace(string(b))); perr == nil && pid > 0 {
+					who = fmt.Sprintf("pid %d", pid)
+				}
+			}
+			return nil, fmt.Errorf("DATA_DIR %s is %w (%s, holding %s): stop that instance, or give this one its own DATA_DIR", dir, ErrInUse, who, path)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("stat lock %s: %w", path, err)
+	}
+	if err := f.Truncate(0); err == nil {
+		_, err = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("write pid into lock %s: %w", path, err)
+		}
+	}
+	return &DirLock{f: f, path: path, file: fmt.Sprintf("%d:%d", st.Dev, st.Ino)}, nil
+}
+
+// File names the lock file by device and inode: the same DATA_DIR seen
+// through another mount has the same name, a copy of it does not.
+func (l *DirLock) File() string { return l.file }
+
+// Close releases the lock. The pid stays in the file; only the flock
+// tells whether it is held.
+func (l *DirLock) Close() error { return l.f.Close() }
+
+// BootID is the kernel's boot ID: it tells a restart of this very host
+// (same boot) from another machine.
+func BootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// socketName is the abstract socket of (KV prefix, store address).
+func socketName(prefix, store string) string {
+	sum := sha256.Sum256([]byte(prefix + "\x00" + store))
+	return "@consul-overlay/" + hex.EncodeToString(sum[:12])
+}

@@ -1,0 +1,97 @@
+package hostid
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestLoad(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	id, err := Load(dir)
+	if err != nil || !Valid(id) {
+		t.Fatalf("Load() = %q, %v; want a new identity", id, err)
+	}
+	st, err := os.Stat(filepath.Join(dir, IDFile))
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("host-id: %v, mode %v; want 0600", err, st.Mode().Perm())
+	}
+	again, err := Load(dir)
+	if err != nil || again != id {
+		t.Fatalf("second Load() = %q, %v; want the persisted %q", again, err, id)
+	}
+	other, err := Load(t.TempDir())
+	if err != nil || other == id {
+		t.Fatalf("Load of another dir = %q, %v; want a different identity from %q", other, err, id)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Fatalf("DATA_DIR holds %d files after Load, want only host-id", len(ents))
+	}
+
+	for _, bad := range []string{"", "xyz", strings.Repeat("A", 32), strings.Repeat("0", 31)} {
+		d := t.TempDir()
+		if err := os.WriteFile(filepath.Join(d, IDFile), []byte(bad), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if id, err := Load(d); err == nil {
+			t.Errorf("Load with host-id %q = %q, want an error", bad, id)
+		}
+	}
+}
+
+func TestLock(t *testing.T) {
+	dir := t.TempDir()
+	l, err := Lock(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(filepath.Join(dir, LockFile))
+	if strings.TrimSpace(string(b)) != fmt.Sprint(os.Getpid()) {
+		t.Fatalf("lock file holds %q, want our pid %d", b, os.Getpid())
+	}
+	_, err = Lock(dir)
+	if !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), fmt.Sprintf("pid %d", os.Getpid())) {
+		t.Fatalf("second Lock = %v, want ErrInUse naming pid %d", err, os.Getpid())
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	l2, err := Lock(dir)
+	if err != nil {
+		t.Fatalf("Lock after Close: %v", err)
+	}
+	if l2.File() != l.File() || l.File() == "" {
+		t.Fatalf("File() = %q then %q, want the same device:inode", l.File(), l2.File())
+	}
+	l2.Close()
+}
+
+func TestListenInstance(t *testing.T) {
+	prefix := "hostid-test-" + fmt.Sprint(os.Getpid()) + "/"
+	in, err := ListenInstance(prefix, "127.0.0.1:8500", "node a, DATA_DIR /x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = ListenInstance(prefix, "127.0.0.1:8500", "node b")
+	if !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), fmt.Sprintf("pid %d", os.Getpid())) || !strings.Contains(err.Error(), "node a, DATA_DIR /x") {
+		t.Fatalf("second ListenInstance = %v, want ErrInUse naming pid %d and node a", err, os.Getpid())
+	}
+	for _, o := range [][2]string{{prefix + "other/", "127.0.0.1:8500"}, {prefix, "127.0.0.1:8501"}} {
+		other, err := ListenInstance(o[0], o[1], "")
+		if err != nil {
+			t.Fatalf("ListenInstance(%q, %q) beside (%q, 127.0.0.1:8500): %v", o[0], o[1], prefix, err)
+		}
+		other.Close()
+	}
+	if err := in.Close(); err != nil {
+		t.Fatal(err)
+	}
+	again, err := ListenInstance(prefix, "127.0.0.1:8500", "")
+	if err != nil {
+		t.Fatalf("ListenInstance after Close: %v", err)
+	}
+	again.Close()
+}

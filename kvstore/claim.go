@@ -1,0 +1,352 @@
+package kvstore
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+)
+
+// Defaults of ClaimConfig.
+const (
+	// DefaultSessionTTL is the claim session's TTL, Consul's minimum. A
+	// holder that stops renewing loses the key within 2×TTL (Consul may
+	// take up to twice the TTL to invalidate a session).
+	DefaultSessionTTL = 10 * time.Second
+	// claimLockDelay is the session's lock-delay. Zero would be Consul's
+	// default of 15 s, during which a restarted host could not take its
+	// own key back; 1 ms is as good as none.
+	claimLockDelay = time.Millisecond
+	// claimRetryMax bounds the backoff of re-acquiring a lost claim.
+	claimRetryMax = 2 * time.Second
+)
+
+// ErrHeld: Claim found the key held by another live session. The error is
+// a *HeldError carrying the holder's value.
+var ErrHeld = errors.New("held by another live session")
+
+// HeldError is Claim's refusal: Key is held by Session, whose value is
+// Value (what the holder wrote, so the caller can name it).
+type HeldError struct {
+	Key     string // full key, prefix included
+	Session string
+	Value   []byte
+}
+
+func (e *HeldError) Error() string {
+	return fmt.Sprintf("consul claim %q: %v (session %s)", e.Key, ErrHeld, e.Session)
+}
+
+// Unwrap makes errors.Is(err, ErrHeld) true.
+func (e *HeldError) Unwrap() error { return ErrHeld }
+
+// ClaimConfig tunes Claim. Zero values are the defaults named on each field.
+type ClaimConfig struct {
+	// Name of the Consul session, shown by `consul operator` and the UI.
+	// Zero: "consul-overlay".
+	Name string
+	// TTL of the session, at least 10s (Consul's minimum). The session is
+	// renewed every TTL/3. Zero: DefaultSessionTTL.
+	TTL time.Duration
+	// Takeover is asked, with the holder's value, when the key is held by
+	// another session: true destroys that session and takes the key (the
+	// caller has proved the holder is a dead incarnation of itself). Nil:
+	// never take over.
+	Takeover func(holder []byte) bool
+	// OnLost is called (from the claim's goroutine) when the session was
+	// invalidated or the key is no longer held by it; the claim then
+	// re-acquires the key until it succeeds or is released. OnRegained is
+	// called when it holds the key again, OnRenewError when a renewal
+	// failed without the session being known lost (an outage). Nil: not
+	// called.
+	OnLost       func(err error)
+	OnRegained   func(session string)
+	OnRenewError func(err error)
+}
+
+// Claim is a key held by a Consul session that a goroutine renews for the
+// life of the claim. When the session is lost (TTL expired during an
+// outage, destroyed, the servers lost their state) it creates a new one and
+// acquires the key again. Behavior is release: when the holder dies, the
+// key stays with its last value and no session, which is how other hosts
+// tell a live holder from a dead one.
+type Claim struct {
+	c    *Consul
+	key  string // full key
+	cfg  ClaimConfig
+	stop context.CancelFunc
+	done chan struct{}
+
+	mu      sync.Mutex // guards session and value
+	session string     // "" while lost
+	value   []byte
+}
+
+// Claim creates a TTL session (no health checks: liveness is the TTL
+// alone) and acquires key with value. If another live session holds the
+// key and cfg.Takeover does not allow taking it, Claim fails with a
+// *HeldError (errors.Is ErrHeld) and changes nothing in KV. A token without
+// session or key write permission fails with ErrPermissionDenied.
+func (c *Consul) Claim(ctx context.Context, key string, value []byte, cfg ClaimConfig) (*Claim, error) {
+	if err := checkKey(key); err != nil {
+		return nil, err
+	}
+	if cfg.Name == "" {
+		cfg.Name = "consul-overlay"
+	}
+	if cfg.TTL == 0 {
+		cfg.TTL = DefaultSessionTTL
+	}
+	if cfg.TTL < 10*time.Second {
+		return nil, fmt.Errorf("consul claim %q: session ttl %s: want at least 10s", c.prefix+key, cfg.TTL)
+	}
+	cl := &Claim{c: c, key: c.prefix + key, cfg: cfg, value: bytes.Clone(value), done: make(chan struct{})}
+	id, err := cl.acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	cl.session = id
+	rctx, cancel := context.WithCancel(c.ctx)
+	cl.stop = cancel
+	go cl.run(rctx)
+	return cl, nil
+}
+
+// Session returns the ID of the session holding the key, "" while it is
+// lost.
+func (cl *Claim) Session() string {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return cl.session
+}
+
+// Update rewrites the claimed key's value through the holding session (it
+// is also the value any re-acquire writes).
+func (cl *Claim) Update(ctx context.Context, value []byte) error {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	cl.value = bytes.Clone(value)
+	if cl.session == "" {
+		return nil // the re-acquire writes it
+	}
+	ok, err := cl.c.acquireKey(ctx, cl.key, cl.value, cl.session)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("consul claim update %q: session %s no longer holds it", cl.key, cl.session)
+	}
+	return nil
+}
+
+// Release stops renewing, releases the key (keeping its value, with no
+// session) and destroys the session. Calling it twice is harmless.
+func (cl *Claim) Release(ctx context.Context) error {
+	cl.stop()
+	<-cl.done
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	id := cl.session
+	cl.session = ""
+	if id == "" {
+		return nil
+	}
+	var errs []error
+	rctx, cancel, st := cl.c.request(ctx, cl.c.timeout)
+	defer cancel()
+	if _, _, err := cl.c.kv.Release(&api.KVPair{Key: cl.key, Value: cl.value, Session: id}, (&api.WriteOptions{}).WithContext(rctx)); err != nil {
+		errs = append(errs, cl.c.fail(ctx, st, "kv release", cl.key, err))
+	}
+	if err := cl.c.destroySession(ctx, id); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// acquire creates a session and acquires the key with it; on failure the
+// session is destroyed.
+func (cl *Claim) acquire(ctx context.Context) (_ string, retErr error) {
+	c := cl.c
+	id, err := c.createSession(ctx, cl.cfg.Name, cl.cfg.TTL)
+	if err != nil {
+		return "", err
+	}
+	defer func() {
+		if retErr != nil {
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.timeout)
+			defer cancel()
+			if err := c.destroySession(dctx, id); err != nil {
+				retErr = errors.Join(retErr, err)
+			}
+		}
+	}()
+	cl.mu.Lock()
+	value := cl.value
+	cl.mu.Unlock()
+	// A few rounds: a key whose holder just released it can still be in
+	// its lock-delay, and a taken-over session needs one more try.
+	for try := 0; ; try++ {
+		ok, err := c.acquireKey(ctx, cl.key, value, id)
+		if err != nil {
+			return "", err
+		}
+		if ok {
+			return id, nil
+		}
+		holder, err := c.holder(ctx, cl.key)
+		if err != nil {
+			return "", err
+		}
+		if holder != nil && holder.Session != "" && holder.Session != id {
+			if cl.cfg.Takeover == nil || !cl.cfg.Takeover(holder.Value) {
+				return "", &HeldError{Key: cl.key, Session: holder.Session, Value: holder.Value}
+			}
+			if err := c.destroySession(ctx, holder.Session); err != nil {
+				return "", fmt.Errorf("consul claim %q: take over from stale session %s: %w", cl.key, holder.Session, err)
+			}
+		}
+		if try >= 10 {
+			return "", fmt.Errorf("consul claim %q: acquire refused %d times (lock-delay of a previous holder?)", cl.key, try+1)
+		}
+		if !sleepCtx(ctx, 100*time.Millisecond) {
+			return "", fmt.Errorf("consul claim %q: %w", cl.key, ctx.Err())
+		}
+	}
+}
+
+// run renews the session every TTL/3 and checks that it still holds the
+// key; when either fails for good it re-acquires.
+func (cl *Claim) run(ctx context.Context) {
+	defer close(cl.done)
+	every := cl.cfg.TTL / 3
+	backoff := watchBackoffMin
+	for {
+		id := cl.Session()
+		wait := every
+		if id == "" {
+			wait = backoff
+		}
+		if !sleepCtx(ctx, wait) {
+			return
+		}
+		if id == "" {
+			nid, err := cl.acquire(ctx)
+			if ctx.Err() != nil {
+				return
+			}
+			if err != nil {
+				backoff = min(2*backoff, claimRetryMax)
+				if cl.cfg.OnRenewError != nil {
+					cl.cfg.OnRenewError(err)
+				}
+				continue
+			}
+			backoff = watchBackoffMin
+			cl.mu.Lock()
+			cl.session = nid
+			cl.mu.Unlock()
+			if cl.cfg.OnRegained != nil {
+				cl.cfg.OnRegained(nid)
+			}
+			continue
+		}
+		lost, err := cl.check(ctx, id)
+		if ctx.Err() != nil {
+			return
+		}
+		switch {
+		case lost != nil:
+			cl.mu.Lock()
+			if cl.session == id {
+				cl.session = ""
+			}
+			cl.mu.Unlock()
+			// Best effort: a session that still exists but no longer
+			// holds the key is of no use.
+			_ = cl.c.destroySession(ctx, id)
+			if cl.cfg.OnLost != nil {
+				cl.cfg.OnLost(lost)
+			}
+		case err != nil:
+			if cl.cfg.OnRenewError != nil {
+				cl.cfg.OnRenewError(err)
+			}
+		}
+	}
+}
+
+// check renews session id and reads the key: lost is non-nil when the
+// session is gone or no longer holds the key; err is an outage.
+func (cl *Claim) check(ctx context.Context, id string) (lost, err error) {
+	c := cl.c
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	entry, _, err := c.client.Session().Renew(id, (&api.WriteOptions{}).WithContext(rctx))
+	cancel()
+	if err != nil {
+		return nil, c.fail(ctx, st, "session renew", id, err)
+	}
+	if entry == nil {
+		return fmt.Errorf("consul claim %q: session %s invalidated", cl.key, id), nil
+	}
+	p, err := c.holder(ctx, cl.key)
+	if err != nil {
+		return nil, err
+	}
+	if p == nil || p.Session != id {
+		holder := ""
+		if p != nil {
+			holder = p.Session
+		}
+		return fmt.Errorf("consul claim %q: no longer held by session %s (holder %q)", cl.key, id, holder), nil
+	}
+	return nil, nil
+}
+
+// holder reads key with its session; nil when the key does not exist.
+func (c *Consul) holder(ctx context.Context, full string) (*api.KVPair, error) {
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	p, _, err := c.kv.Get(full, (&api.QueryOptions{}).WithContext(rctx))
+	if err != nil {
+		return nil, c.fail(ctx, st, "kv get", full, err)
+	}
+	return p, nil
+}
+
+func (c *Consul) acquireKey(ctx context.Context, full string, value []byte, session string) (bool, error) {
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	ok, _, err := c.kv.Acquire(&api.KVPair{Key: full, Value: value, Session: session}, (&api.WriteOptions{}).WithContext(rctx))
+	if err != nil {
+		return false, c.fail(ctx, st, "kv acquire", full, err)
+	}
+	return ok, nil
+}
+
+func (c *Consul) createSession(ctx context.Context, name string, ttl time.Duration) (string, error) {
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	id, _, err := c.client.Session().CreateNoChecks(&api.SessionEntry{
+		Name:      name,
+		TTL:       ttl.String(),
+		Behavior:  api.SessionBehaviorRelease,
+		LockDelay: claimLockDelay,
+	}, (&api.WriteOptions{}).WithContext(rctx))
+	if err != nil {
+		return "", c.fail(ctx, st, "session create", name, err)
+	}
+	return id, nil
+}
+
+func (c *Consul) destroySession(ctx context.Context, id string) error {
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	if _, err := c.client.Session().Destroy(id, (&api.WriteOptions{}).WithContext(rctx)); err != nil {
+		return c.fail(ctx, st, "session destroy", id, err)
+	}
+	return nil
+}

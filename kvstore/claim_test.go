@@ -1,0 +1,211 @@
+package kvstore
+
+import (
+	"errors"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"consul-overlay/internal/testenv"
+)
+
+func rawClient(t *testing.T, agent *testenv.ConsulAgent, token string) *api.Client {
+	t.Helper()
+	c, err := api.NewClient(&api.Config{Address: agent.Addr, Token: token, Transport: &http.Transport{DialContext: agent.DialContext}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestConsulClaim(t *testing.T) {
+	agent := testenv.StartConsul(t)
+	raw := rawClient(t, agent, "")
+
+	t.Run("HeldByLiveSessionIsRefused", func(t *testing.T) {
+		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
+		first, err := s.Claim(bg(t), "hosts/a", []byte("first"), ClaimConfig{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer first.Release(bg(t))
+		p, err := s.Get(bg(t), "hosts/a")
+		if err != nil || string(p.Value) != "first" || p.Session != first.Session() || p.Session == "" {
+			t.Fatalf("Get after Claim = %+v, %v; want value first held by %s", p, err, first.Session())
+		}
+		sessionsBefore, _, err := raw.Session().List(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = s.Claim(bg(t), "hosts/a", []byte("second"), ClaimConfig{})
+		var held *HeldError
+		if !errors.As(err, &held) || !errors.Is(err, ErrHeld) || string(held.Value) != "first" || held.Session != first.Session() {
+			t.Fatalf("second Claim = %v, want a HeldError naming value first and session %s", err, first.Session())
+		}
+		after, err := s.Get(bg(t), "hosts/a")
+		if err != nil || after.ModifyIndex != p.ModifyIndex || string(after.Value) != "first" {
+			t.Fatalf("refused Claim changed the key: %+v, %v (before %+v)", after, err, p)
+		}
+		sessionsAfter, _, err := raw.Session().List(nil)
+		if err != nil || len(sessionsAfter) != len(sessionsBefore) {
+			t.Fatalf("refused Claim left a session behind: %d sessions before, %d after (%v)", len(sessionsBefore), len(sessionsAfter), err)
+		}
+	})
+
+	t.Run("TakeoverOfAStaleSelf", func(t *testing.T) {
+		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
+		old, err := s.Claim(bg(t), "hosts/a", []byte("incarnation-1"), ClaimConfig{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		oldID := old.Session()
+		old.stop() // the process died: nobody renews, nobody releases
+		<-old.done
+		var asked string
+		cl, err := s.Claim(bg(t), "hosts/a", []byte("incarnation-2"), ClaimConfig{Takeover: func(h []byte) bool { asked = string(h); return true }})
+		if err != nil {
+			t.Fatalf("Claim with Takeover: %v", err)
+		}
+		defer cl.Release(bg(t))
+		if asked != "incarnation-1" {
+			t.Fatalf("Takeover asked with %q, want the holder's value", asked)
+		}
+		if info, _, err := raw.Session().Info(oldID, nil); err != nil || info != nil {
+			t.Fatalf("stale session %s still exists after takeover: %+v, %v", oldID, info, err)
+		}
+		p, _ := s.Get(bg(t), "hosts/a")
+		if p == nil || p.Session != cl.Session() || string(p.Value) != "incarnation-2" {
+			t.Fatalf("after takeover the key is %+v, want incarnation-2 held by %s", p, cl.Session())
+		}
+	})
+
+	t.Run("ReleaseKeepsTheRecordWithoutSession", func(t *testing.T) {
+		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
+		cl, err := s.Claim(bg(t), "hosts/a", []byte("v1"), ClaimConfig{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cl.Update(bg(t), []byte("v2")); err != nil {
+			t.Fatal(err)
+		}
+		id := cl.Session()
+		if err := cl.Release(bg(t)); err != nil {
+			t.Fatal(err)
+		}
+		if err := cl.Release(bg(t)); err != nil {
+			t.Fatalf("second Release: %v", err)
+		}
+		p, err := s.Get(bg(t), "hosts/a")
+		if err != nil || p.Session != "" || string(p.Value) != "v2" {
+			t.Fatalf("after Release: %+v, %v; want value v2 and no session", p, err)
+		}
+		if info, _, err := raw.Session().Info(id, nil); err != nil || info != nil {
+			t.Fatalf("session %s not destroyed by Release: %+v, %v", id, info, err)
+		}
+		// A released key is free for the next holder at once.
+		cl2, err := s.Claim(bg(t), "hosts/a", []byte("v3"), ClaimConfig{})
+		if err != nil {
+			t.Fatalf("Claim after Release: %v", err)
+		}
+		cl2.Release(bg(t))
+	})
+
+	t.Run("LostSessionIsReacquired", func(t *testing.T) {
+		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
+		var lost, regained atomic.Int32
+		regainedc := make(chan string, 4)
+		cl, err := s.Claim(bg(t), "hosts/a", []byte("v"), ClaimConfig{
+			TTL:        10 * time.Second, // renewed (and checked) every 3.3 s
+			OnLost:     func(error) { lost.Add(1) },
+			OnRegained: func(id string) { regained.Add(1); regainedc <- id },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Release(bg(t))
+		first := cl.Session()
+		start := time.Now()
+		if _, err := raw.Session().Destroy(first, nil); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case id := <-regainedc:
+			if id == first || id == "" {
+				t.Fatalf("regained with session %q, want a new one", id)
+			}
+			t.Logf("claim re-acquired %s after its session was destroyed", time.Since(start).Round(time.Millisecond))
+		case <-time.After(10 * time.Second):
+			t.Fatal("claim not re-acquired within 10s of its session being destroyed")
+		}
+		p, err := s.Get(bg(t), "hosts/a")
+		if err != nil || p.Session != cl.Session() || lost.Load() != 1 {
+			t.Fatalf("after re-acquire: %+v, %v, lost called %d times", p, err, lost.Load())
+		}
+		// The key deleted under a live session: re-acquired as well.
+		if err := s.Delete(bg(t), "hosts/a"); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-regainedc:
+		case <-time.After(10 * time.Second):
+			t.Fatal("claim not re-acquired within 10s of its key being deleted")
+		}
+		if p, err := s.Get(bg(t), "hosts/a"); err != nil || p.Session != cl.Session() || string(p.Value) != "v" {
+			t.Fatalf("after the key was deleted: %+v, %v", p, err)
+		}
+	})
+
+	t.Run("BadTTL", func(t *testing.T) {
+		s := newConsul(t, ConsulConfig{Address: agent.Addr})
+		if _, err := s.Claim(bg(t), "hosts/a", nil, ClaimConfig{TTL: 5 * time.Second}); err == nil {
+			t.Fatal("Claim with a 5s TTL succeeded; Consul's minimum is 10s")
+		}
+	})
+}
+
+// TestConsulPermissionDenied runs an agent with ACLs: a token whose policy
+// denies the prefix gets ErrPermissionDenied from every call, never an
+// empty answer or an outage.
+func TestConsulPermissionDenied(t *testing.T) {
+	const root = "11111111-2222-3333-4444-555555555555"
+	agent := testenv.StartConsul(t, testenv.WithArgs("-hcl",
+		`acl { enabled = true  default_policy = "allow"  tokens { initial_management = "`+root+`" } }`))
+	admin := rawClient(t, agent, root)
+	prefix := "denied-" + randomHex(t) + "/"
+	pol, _, err := admin.ACL().PolicyCreate(&api.ACLPolicy{
+		Name:  "deny-" + randomHex(t),
+		Rules: `key_prefix "` + prefix + `" { policy = "deny" }  session_prefix "" { policy = "deny" }`,
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _, err := admin.ACL().TokenCreate(&api.ACLToken{Policies: []*api.ACLTokenPolicyLink{{ID: pol.ID}}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: prefix, Token: tok.SecretID})
+	for name, call := range storeCalls(s) {
+		if name == "List" {
+			continue // Consul filters a list by read permission: see below
+		}
+		if err := call(bg(t)); !errors.Is(err, ErrPermissionDenied) || errors.Is(err, ErrUnavailable) || errors.Is(err, ErrNotFound) {
+			t.Errorf("%s with a denied token = %v, want ErrPermissionDenied only", name, err)
+		}
+	}
+	// What makes a token that cannot read dangerous: a list is an empty
+	// answer, not an error. Callers must prove they can read.
+	if _, err := admin.KV().Put(&api.KVPair{Key: prefix + "k", Value: []byte("v")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if ps, err := s.List(bg(t), ""); err != nil || len(ps) != 0 {
+		t.Fatalf("List with a denied token = %d pairs, %v; Consul was expected to filter silently", len(ps), err)
+	}
+	_, err = s.Claim(bg(t), "hosts/a", []byte("v"), ClaimConfig{})
+	if !errors.Is(err, ErrPermissionDenied) || !strings.Contains(err.Error(), "session create") {
+		t.Fatalf("Claim with a token without session write = %v, want ErrPermissionDenied at session create", err)
+	}
+}
