@@ -72,7 +72,9 @@ type pluginProc struct {
 }
 
 // startPlugin runs the plugin in a test host's network namespace.
-func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, prefix string) *pluginProc {
+// opts change the plugin's environment before its first start (for
+// example withoutEnv("NODE_NAME")).
+func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, prefix string, opts ...func(*pluginProc)) *pluginProc {
 	t.Helper()
 	dir := t.TempDir()
 	p := &pluginProc{
@@ -99,6 +101,9 @@ func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, pref
 			return d.DialContext(ctx, "unix", p.socket)
 		}},
 	}
+	for _, o := range opts {
+		o(p)
+	}
 	p.start()
 	t.Cleanup(func() {
 		p.stop(syscall.SIGTERM)
@@ -108,6 +113,26 @@ func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, pref
 		}
 	})
 	return p
+}
+
+// withoutEnv drops a setting from the plugin's environment.
+func withoutEnv(name string) func(*pluginProc) {
+	return func(p *pluginProc) { p.setEnv(name, "") }
+}
+
+// setEnv sets (value != "") or drops (value == "") one setting for the
+// next start.
+func (p *pluginProc) setEnv(name, value string) {
+	env := p.env[:0]
+	for _, kv := range p.env {
+		if !strings.HasPrefix(kv, name+"=") {
+			env = append(env, kv)
+		}
+	}
+	if value != "" {
+		env = append(env, name+"="+value)
+	}
+	p.env = env
 }
 
 func (p *pluginProc) start() {
