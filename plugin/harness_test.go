@@ -74,9 +74,16 @@ type pluginProc struct {
 }
 
 // startPlugin runs the plugin in a test host's network namespace.
-func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, prefix string) *pluginProc {
+// opts change the plugin's environment before its first start (for
+// example withoutEnv("NODE_NAME")).
+func startPlugin(t *testing.T, name string, host *testenv.Host, consulAddr, prefix string, opts ...func(*pluginProc)) *pluginProc {
 	t.Helper()
-	return startPluginEnv(t, name, host, consulAddr, prefix)
+	p := newPluginProc(t, name, host, consulAddr, prefix)
+	for _, o := range opts {
+		o(p)
+	}
+	p.start()
+	return p
 }
 
 // startPluginEnv is startPlugin with settings added to (or, with the same
@@ -136,6 +143,26 @@ func newPluginProc(t *testing.T, name string, host *testenv.Host, consulAddr, pr
 		}
 	})
 	return p
+}
+
+// withoutEnv drops a setting from the plugin's environment.
+func withoutEnv(name string) func(*pluginProc) {
+	return func(p *pluginProc) { p.setEnv(name, "") }
+}
+
+// setEnv sets (value != "") or drops (value == "") one setting for the
+// next start.
+func (p *pluginProc) setEnv(name, value string) {
+	env := p.env[:0]
+	for _, kv := range p.env {
+		if !strings.HasPrefix(kv, name+"=") {
+			env = append(env, kv)
+		}
+	}
+	if value != "" {
+		env = append(env, name+"="+value)
+	}
+	p.env = env
 }
 
 func (p *pluginProc) start() {

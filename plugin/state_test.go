@@ -1,0 +1,140 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"consul-overlay/internal/testenv"
+)
+
+// Issue 11's acceptance at the protocol level: cluster state that survives
+// shared agents and a foreign view of the store.
+
+// TestProtocolSharedAgent points two hosts at one Consul agent with no
+// NODE_NAME, so both take the agent's node name. They must still be two
+// hosts: peers are programmed between them, and removing the network on
+// one leaves the other's containers and records alone.
+func TestProtocolSharedAgent(t *testing.T) {
+	testenv.RequireRoot(t)
+	if _, err := exec.LookPath("nsenter"); err != nil {
+		testenv.Missing(t, "nsenter", "apt-get install util-linux")
+	}
+	hosts := testenv.NewUnderlay(t, 2, testenv.UnderlayOptions{})
+	agent := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()))
+	prefix := "co-test-" + randomID()[:8] + "/"
+	a := startPlugin(t, "hostA", hosts[0], agent.Addr, prefix, withoutEnv("NODE_NAME"))
+	b := startPlugin(t, "hostB", hosts[1], agent.Addr, prefix, withoutEnv("NODE_NAME"))
+
+	spec := netSpec{subnet4: "10.41.0.0/24", opts: map[string]string{"name": "shared"}}
+	na, err := a.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nb, err := b.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca1, ca2 := na.run(t), na.run(t)
+	cb := nb.run(t)
+	if ca1.addr4 == cb.addr4 || ca2.addr4 == cb.addr4 || ca1.addr4 == ca2.addr4 {
+		t.Fatalf("addresses handed out twice: %s %s %s", ca1.addr4, ca2.addr4, cb.addr4)
+	}
+	eventually(t, 10*time.Second, func() error { return ca1.ping(t, cb.addr4.Addr(), 1) })
+	eventually(t, 10*time.Second, func() error { return cb.ping(t, ca2.addr4.Addr(), 1) })
+
+	before := kvKeys(t, agent, prefix+"networks/")
+	// docker rm and docker network rm on B.
+	cb.remove(t)
+	if err := nb.remove(); err != nil {
+		t.Fatalf("network rm on B: %v", err)
+	}
+	after := kvKeys(t, agent, prefix+"networks/")
+	for _, c := range []*container{ca1, ca2} {
+		if !slices.ContainsFunc(after, func(k string) bool { return strings.HasSuffix(k, "/endpoints/"+c.eid) }) {
+			t.Errorf("B's network rm removed A's endpoint record %s\nbefore: %v\nafter: %v", c.eid[:12], before, after)
+		}
+	}
+	if !slices.ContainsFunc(kvKeys(t, agent, prefix), func(k string) bool { return strings.HasPrefix(k, prefix+"vnis/") }) {
+		t.Errorf("the VNI reservation went while A still uses the network: %v", kvKeys(t, agent, prefix))
+	}
+	// A's containers keep running, and a new one joins them.
+	if err := ca1.ping(t, ca2.addr4.Addr(), 3); err != nil {
+		t.Fatalf("A's containers lost each other after B's network rm: %v", err)
+	}
+	ca3 := na.run(t)
+	if err := ca3.ping(t, ca1.addr4.Addr(), 2); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []*container{ca1, ca2, ca3} {
+		c.remove(t)
+	}
+	if err := na.remove(); err != nil {
+		t.Fatal(err)
+	}
+	if keys := kvKeys(t, agent, prefix+"networks/"); len(keys) != 0 {
+		t.Errorf("keys left after the last host removed the network: %v", keys)
+	}
+}
+
+// TestProtocolForeignView restarts a host's plugin on a view of the store
+// that shows none of its networks (a changed KV_PREFIX; a token that
+// cannot read the prefix or a lost state.db look the same). Its running
+// containers must keep their traffic, and the log must say what is wrong;
+// back on the right prefix, it carries on.
+func TestProtocolForeignView(t *testing.T) {
+	c := newCluster(t, 2)
+	a, b := c.plugins[0], c.plugins[1]
+	spec := netSpec{subnet4: "10.42.0.0/24", opts: map[string]string{"name": "fv"}}
+	na, err := a.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nb, err := b.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca1, ca2, cb := na.run(t), na.run(t), nb.run(t)
+	eventually(t, 10*time.Second, func() error { return ca1.ping(t, cb.addr4.Addr(), 1) })
+	linksBefore := ourLinks(t, a.host)
+
+	a.stop(syscall.SIGKILL)
+	a.setEnv("KV_PREFIX", "co-other-"+randomID()[:8]+"/")
+	a.start()
+	// Give the plugin time to restore (and, if it were wrong, to wipe).
+	time.Sleep(3 * time.Second)
+	if got := ourLinks(t, a.host); !slices.Equal(got, linksBefore) {
+		t.Fatalf("a plugin on an empty view changed the kernel\nbefore: %v\nafter:  %v", linksBefore, got)
+	}
+	if err := ca1.ping(t, ca2.addr4.Addr(), 3); err != nil {
+		t.Fatalf("local traffic lost on an empty view: %v", err)
+	}
+	if err := ca1.ping(t, cb.addr4.Addr(), 3); err != nil {
+		t.Fatalf("cross-host traffic lost on an empty view: %v", err)
+	}
+	log, _ := os.ReadFile(a.logf)
+	if !strings.Contains(strings.ToLower(string(log)), "kv_prefix") {
+		t.Errorf("the log does not say what to check (KV_PREFIX):\n%s", tail(string(log), 20))
+	}
+
+	// Back on the right prefix: everything is as before and usable.
+	a.stop(syscall.SIGTERM)
+	a.setEnv("KV_PREFIX", c.prefix)
+	a.start()
+	ca3 := na.run(t)
+	eventually(t, 10*time.Second, func() error { return ca3.ping(t, cb.addr4.Addr(), 1) })
+	for _, x := range []*container{ca1, ca2, ca3} {
+		x.remove(t)
+	}
+	cb.remove(t)
+	for _, n := range []*dockerNet{na, nb} {
+		if err := n.remove(); err != nil {
+			t.Fatal(fmt.Errorf("network rm: %w", err))
+		}
+	}
+}
