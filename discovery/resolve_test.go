@@ -197,19 +197,24 @@ func TestBuildServicesNamesTagsIDs(t *testing.T) {
 			want: []svc{{testEP + ":80", "prod-x-80", 80, nil}, {testEP + ":443", "prod-tls", 443, nil}},
 		},
 		{
-			name: "SERVICE_ID with one port is used as is",
+			name: "SERVICE_ID with one port is used in the plugin's namespace",
 			ep:   func(e *Endpoint) { e.Ports = tcp80 },
 			c:    container("x", nil, "SERVICE_ID=custom"),
-			want: []svc{{"custom", "x", 80, nil}},
+			want: []svc{{"consul-overlay:custom", "x", 80, nil}},
 		},
 		{
-			name: "generic SERVICE_ID with several ports gets the port appended; per-port as is",
+			name: "SERVICE_ID from the driver options is prefixed too",
+			ep:   func(e *Endpoint) { e.Options = map[string]string{"SERVICE_ID": "opt-id"} },
+			want: []svc{{"consul-overlay:opt-id", "app-net", 0, nil}},
+		},
+		{
+			name: "generic SERVICE_ID with several ports gets the port appended; per-port as is; both prefixed",
 			ep:   func(e *Endpoint) { e.Ports = []Port{{"tcp", 80}, {"udp", 81}, {"tcp", 443}} },
 			c:    container("x", nil, "SERVICE_ID=custom", "SERVICE_443_ID=tls-id"),
 			want: []svc{
-				{"custom:80", "x-80", 80, nil},
-				{"custom:81:udp", "x-81", 81, []string{"udp"}},
-				{"tls-id", "x-443", 443, nil},
+				{"consul-overlay:custom:80", "x-80", 80, nil},
+				{"consul-overlay:custom:81:udp", "x-81", 81, []string{"udp"}},
+				{"consul-overlay:tls-id", "x-443", 443, nil},
 			},
 		},
 	}
@@ -234,7 +239,7 @@ func TestBuildServicesAddressesAndMeta(t *testing.T) {
 	c := container("/web-1", map[string]string{"SERVICE_REGION": "eu", "SERVICE_8080_REGION": "eu-8080",
 		"SERVICE_9090_OTHER": "not-mine", "SERVICE_CHECK_HTTP": "/health", "SERVICE_BAD.KEY": "x",
 		"SERVICE_CONSUL-X": "reserved", "SERVICE_NODE": "ours-win"}, "SERVICE_ZONE=a")
-	regs := buildServices(owner{node: "node1"}, ep, c)
+	regs := buildServices(owner{node: "node1", hostID: "h-1"}, ep, c)
 	if len(regs) != 1 {
 		t.Fatalf("got %d services", len(regs))
 	}
@@ -250,7 +255,7 @@ func TestBuildServicesAddressesAndMeta(t *testing.T) {
 		t.Errorf("TaggedAddresses = %+v, want %+v", r.TaggedAddresses, wantTA)
 	}
 	wantMeta := map[string]string{
-		MetaManagedBy: ManagedByValue, MetaNode: "node1", MetaNetwork: "app_net", MetaNetworkID: "net123",
+		MetaManagedBy: ManagedByValue, MetaNode: "node1", MetaHostID: "h-1", MetaNetwork: "app_net", MetaNetworkID: "net123",
 		MetaEndpointID: testEP, MetaContainerID: c.ID, MetaContainerName: "web-1",
 		"region": "eu-8080", "zone": "a",
 	}
