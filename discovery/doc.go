@@ -175,5 +175,5 @@
 // Register, Deregister and Sync are safe for concurrent use. Run owns a
 // writer, the anti-entropy loop and (with Docker) an event watcher and an
 // inspector; all stop before Run returns. Lock order: syncMu, opMu, mu;
-// mu is never held across I/O.
+// mu is never held across I/O. The engine pin is guarded by syncMu.
 package discovery

@@ -3,10 +3,12 @@ package discovery
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -354,4 +356,112 @@ func TestHeldFollowsDriver(t *testing.T) {
 	// endpoint (Leave happens before the driver forgets it).
 	r.Deregister(ep(3).ID)
 	check(ep(2).ID, otherNode.ID, "foreign")
+}
+
+// stuckListener returns the port of a loopback TCP listener whose accept
+// queue is full and never drained: a connection to it hangs until the
+// dialer's timeout (SYNs are dropped).
+func stuckListener(t *testing.T) int {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := sa.(*syscall.SockaddrInet4).Port
+	for range 3 { // fill the queue; later ones just hang
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 200*time.Millisecond)
+		if err == nil {
+			t.Cleanup(func() { c.Close() })
+		}
+	}
+	return port
+}
+
+// TestSlowStartRealEngine holds a real container in a slow start: its
+// fluentd log driver dials a listener that never accepts, which the
+// engine does after connecting the container's networks and before the
+// start is over (about 3 s, the driver's dial timeout, then the start
+// fails). Meanwhile the engine lists it "created" without endpoints. A
+// held endpoint on its network is not reclaimed during the start
+// (inspecting the container blocks on its lock), while one on a network
+// it is not attached to is, after the grace period. Once the start is
+// over the first one is judged too (it was never really the container's).
+func TestSlowStartRealEngine(t *testing.T) {
+	docker := realDocker(t)
+	agent := testenv.StartConsul(t)
+	client := agentClient(t, agent)
+	ctx := context.Background()
+	netID := func(name string) string {
+		id, err := dockertest.Docker(ctx, "network", "inspect", "-f", "{{.Id}}", name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	port := stuckListener(t)
+	id, _ := createContainer(t, "--log-driver", "fluentd", "--log-opt", fmt.Sprintf("fluentd-address=tcp://127.0.0.1:%d", port))
+	onIts := Endpoint{ID: endpointID(800), Network: "none", NetworkID: netID("none"), IPv4: loopback(80), Register: true}
+	elsewhere := Endpoint{ID: endpointID(801), Network: "host", NetworkID: netID("host"), IPv4: loopback(81), Register: true}
+	drv := &fakeDriver{}
+	drv.set(onIts, elsewhere)
+	const grace = 300 * time.Millisecond
+	r, err := New(Config{Node: "host-ss", Agent: client, Docker: docker, Endpoints: drv, StaleGrace: grace,
+		Timeout: 500 * time.Millisecond, EngineIDFile: filepath.Join(t.TempDir(), "engine-id"), Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Sync(ctx); err != nil { // takes the endpoints in
+		t.Fatal(err)
+	}
+
+	started := time.Now()
+	done := make(chan error, 1)
+	go func() {
+		_, err := dockertest.Docker(ctx, "start", id)
+		done <- err
+	}()
+	// The start lasts at least the log driver's 3 s dial timeout; passes
+	// (each up to Timeout) run until 2.2 s into it, so all of them end
+	// before the start does.
+	time.Sleep(200 * time.Millisecond)
+	passesDuring := 0
+	for time.Since(started) < 2200*time.Millisecond {
+		if err := r.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+		passesDuring++
+		time.Sleep(100 * time.Millisecond)
+	}
+	observed := time.Since(started)
+	during := drv.got()
+	select {
+	case err := <-done:
+		t.Fatalf("docker start returned within %s (%v): the container was not held in a slow start", observed, err)
+	default:
+	}
+	if !slices.Equal(during, []string{elsewhere.ID}) {
+		t.Fatalf("during the first %s of the start (%d passes): reclaimed %v, want only %s", observed.Round(time.Millisecond), passesDuring, during, elsewhere.ID)
+	}
+	err = <-done
+	t.Logf("docker start returned after %s: %v", time.Since(started).Round(time.Millisecond), err)
+	eventually(t, 10*time.Second, func() error {
+		if err := r.Sync(ctx); err != nil {
+			return err
+		}
+		if got := drv.got(); !slices.Equal(got, []string{onIts.ID, elsewhere.ID}) {
+			return fmt.Errorf("after the start: reclaimed %v", got)
+		}
+		return nil
+	})
 }

@@ -52,6 +52,9 @@ type Container struct {
 	Labels map[string]string
 	// Running is State.Running.
 	Running bool
+	// Status is State.Status: "created", "running", "restarting",
+	// "exited", ...
+	Status string
 	// EndpointIDs are the container's network endpoints (the IDs network
 	// drivers get in CreateEndpoint and Join).
 	EndpointIDs []string
@@ -257,7 +260,10 @@ func (c *Client) Inspect(ctx context.Context, id string) (Container, error) {
 			Env    []string
 			Labels map[string]string
 		}
-		State           struct{ Running bool }
+		State struct {
+			Running bool
+			Status  string
+		}
 		NetworkSettings networkSettings
 	}
 	if err := c.call(ctx, http.MethodGet, "/containers/"+url.PathEscape(id)+"/json", &raw); err != nil {
@@ -272,6 +278,7 @@ func (c *Client) Inspect(ctx context.Context, id string) (Container, error) {
 		Env:     raw.Config.Env,
 		Labels:  raw.Config.Labels,
 		Running: raw.State.Running,
+		Status:  raw.State.Status,
 
 		EndpointIDs: raw.NetworkSettings.endpointIDs(),
 		Networks:    raw.NetworkSettings.attachments(),
