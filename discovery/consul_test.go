@@ -109,7 +109,7 @@ func TestRegisterDeregister(t *testing.T) {
 	// anti-entropy would rewrite every service on every pass.
 	r.mu.Lock()
 	for _, id := range []string{httpEP.ID, tcpEP.ID} {
-		for _, reg := range buildServices("host-a", r.eps[id].ep, r.eps[id].info) {
+		for _, reg := range buildServices(owner{node: "host-a"}, r.eps[id].ep, r.eps[id].info) {
 			if !sameService(services[reg.ID], reg) {
 				t.Errorf("sameService(agent's %+v, ours %+v) = false", services[reg.ID], reg)
 			}

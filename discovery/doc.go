@@ -17,7 +17,9 @@
 //   - ID: <endpoint ID>:<port> plus ":udp" or ":sctp" for those protocols;
 //     <endpoint ID> alone when the container exposes no port. Stable for
 //     the endpoint's life, unique per agent, and independent of the name,
-//     so re-registration after metadata arrives replaces in place.
+//     so re-registration after metadata arrives replaces in place. An ID
+//     given by the container (SERVICE_ID, below) is put in the plugin's
+//     namespace: "consul-overlay:<value>".
 //   - Address: the endpoint's overlay IPv4; its IPv6 on an IPv6-only
 //     network. TaggedAddresses carry lan_ipv4 and, on dual-stack networks,
 //     lan_ipv6 (with the same port). No wan_* addresses of our own (an
@@ -35,8 +37,10 @@
 //   - Tags: SERVICE_TAGS (comma-separated, "\," for a literal comma), plus
 //     "udp" (or "sctp") for such ports, as Registrator does.
 //   - Meta: managed-by=consul-overlay (the marker anti-entropy looks for;
-//     keys starting "consul-" are reserved by Consul), node, network,
-//     network-id, endpoint-id, container-id, container-name; and, as
+//     keys starting "consul-" are reserved by Consul), node (the
+//     human-readable name), host-id (Config.HostID, the host's unique
+//     identity, when set), network, network-id, endpoint-id, container-id,
+//     container-name; and, as
 //     Registrator does, every other SERVICE_<key> as <key> (lower-cased)
 //     when Consul accepts the pair. Our keys win over such attributes.
 //   - Check: the first of SERVICE_CHECK_HTTP (a path), SERVICE_CHECK_HTTPS,
@@ -68,6 +72,24 @@
 // 0, no or off skips the endpoint (or the port). SERVICE_ID (not
 // recommended, as in Registrator) replaces the ID; with several ports a
 // generic one gets ":<port>[:udp]" appended so the services stay distinct.
+// Unlike Registrator, which uses it verbatim, the value is prefixed with
+// CustomIDPrefix ("consul-overlay:"): a container, or an image's
+// environment, could otherwise name any service of the agent, overwrite
+// it, and deregister it when it stops. The prefix keeps the value readable
+// and the IDs of one container stable.
+//
+// # Whose services are whose
+//
+// A service in the agent is this host's when it carries the marker, this
+// host's node name and this host's host-id (none when Config.HostID is
+// empty). Hosts sharing one agent share its node name; the host-id keeps
+// them apart. The registrar writes a service ID it has not written in
+// this run only after looking it up: absent, this host's, or written for
+// the same endpoint by a version without host-id are taken over; anything
+// else (an operator's service, another host's) is left alone, logged once
+// as a warning, and the endpoint goes without that service. Every
+// deregistration looks the service up first and removes it only if it is
+// this host's; anti-entropy removes only this host's services.
 //
 // # Container metadata without slowing Docker
 //
@@ -95,20 +117,53 @@
 // without its state: dev mode, lost data dir).
 //
 // Sync, run at start and every Config.Interval, makes three things agree:
-// the endpoints the driver holds (Config.Held), the containers the engine
-// still has, and this node's services in the agent (marker meta plus
-// node). It registers what is missing or different (name, address, port,
-// tags, meta, tagged addresses; checks are not compared), removes what
-// nobody wants, and for held endpoints whose container the engine no
-// longer has it removes their services and calls Config.OnStale, so the
-// driver can release their addresses and devices. "No longer has" is only
-// concluded from an answer of the engine listing all containers, never
-// from an engine that does not answer, and only for endpoints known before
-// the pass started.
+// the endpoints the driver holds (Config.Endpoints.HeldEndpoints), the
+// containers the engine still has, and this host's services in the agent.
+// It registers what is missing or different (name, address, port, tags,
+// meta, tagged addresses; checks are not compared), removes what nobody
+// wants, and hands held endpoints whose container is gone back to the
+// driver (Config.Endpoints.ReclaimEndpoint), after removing their
+// services, so the driver can release their addresses and devices.
 //
-// Held must list every endpoint the driver passed to Register and has not
-// yet passed to Deregister; the registrar tracks endpoints with Register
-// false too, so that stale detection covers them. OnStale runs on the
+// # When an endpoint is reclaimed
+//
+// Reclaiming frees a live container's address if it is wrong, so it needs
+// proof from the right engine:
+//
+//   - The engine is the pinned one. Its ID (GET /info) is written to
+//     Config.EngineIDFile at the first contact and compared at every pass;
+//     while the engine answering on the socket has another ID (DOCKER_HOST
+//     pointing at another engine), nothing is reclaimed and an error
+//     naming both IDs is logged once per change. If the host's engine was
+//     really replaced, deleting the file pins the new one.
+//   - Only a complete listing (all=true) that answered counts, and the
+//     endpoint's container must have been missing from listings in passes
+//     at least Config.StaleGrace apart. Docker records a container's
+//     endpoints in what it lists only when the whole start is over (the
+//     listing shows the previous state, "created" or "exited", meanwhile);
+//     before this fix an endpoint was judged on one listing, 5 seconds
+//     after it was first seen, so a start slower than that lost its
+//     endpoint.
+//   - The engine knows the endpoint's network (GET /networks/<id>). An
+//     endpoint without a network ID is never reclaimed.
+//   - No container that could be starting with it owns it. Containers
+//     attached to the endpoint's network without an endpoint on it (by
+//     network ID, or by name while the engine lists none) are inspected:
+//     inspect reads the live state, where Docker records the endpoint
+//     before Join, and waits for the container's lock, which a start holds
+//     throughout. An inspect that does not answer, that shows the
+//     endpoint, or that says "restarting" keeps the endpoint.
+//
+// A connect of a running container is not seen this way (the listing
+// shows the network only when the connect is over); the grace period
+// covers it, as Docker records the endpoint right after Join. Nothing is
+// ever concluded from an engine that does not answer, and only endpoints
+// known before the pass started are judged.
+//
+// HeldEndpoints must list every endpoint the driver passed to Register and
+// has not yet passed to Deregister, and fail rather than return an
+// incomplete list; the registrar tracks endpoints with Register false
+// too, so that stale detection covers them. ReclaimEndpoint runs on the
 // anti-entropy goroutine and must not call Sync; calling Deregister is
 // fine.
 //
@@ -120,5 +175,5 @@
 // Register, Deregister and Sync are safe for concurrent use. Run owns a
 // writer, the anti-entropy loop and (with Docker) an event watcher and an
 // inspector; all stop before Run returns. Lock order: syncMu, opMu, mu;
-// mu is never held across I/O.
+// mu is never held across I/O. The engine pin is guarded by syncMu.
 package discovery

@@ -4,12 +4,11 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -160,48 +159,65 @@ func TestMetadataCompletion(t *testing.T) {
 }
 
 // TestStaleRealEngine: held endpoints whose containers the engine no
-// longer has are reported and lose their services; the others stay.
+// longer has are reclaimed and lose their services after passes spanning
+// the grace period; the others stay, among them one whose network the
+// engine does not know. A created container on the endpoints' network is
+// inspected (it could be starting) and found not to own them.
 func TestStaleRealEngine(t *testing.T) {
 	docker := realDocker(t)
 	agent := testenv.StartConsul(t)
 	client := agentClient(t, agent)
 	ctx := context.Background()
 
+	none, err := dockertest.Docker(ctx, "network", "inspect", "-f", "{{.Id}}", "none")
+	if err != nil {
+		t.Fatal(err)
+	}
 	alive, _ := createContainer(t)
 	removed, _ := createContainer(t)
 	if _, err := dockertest.Docker(ctx, "rm", "-f", removed); err != nil {
 		t.Fatal(err)
 	}
 	eps := []Endpoint{
-		{ID: endpointID(300), Network: "n", IPv4: loopback(30), ContainerID: alive[:12], Register: true},
-		{ID: endpointID(301), Network: "n", IPv4: loopback(31), ContainerID: removed[:12], Register: true},
-		{ID: endpointID(302), Network: "n", IPv4: loopback(32), ContainerID: strings.Repeat("0", 12), Register: false},
-		{ID: endpointID(303), Network: "n", IPv4: loopback(33), Register: true}, // container unknown: never stale
+		{ID: endpointID(300), Network: "n", NetworkID: none, IPv4: loopback(30), ContainerID: alive[:12], Register: true},
+		{ID: endpointID(301), Network: "n", NetworkID: none, IPv4: loopback(31), ContainerID: removed[:12], Register: true},
+		{ID: endpointID(302), Network: "n", NetworkID: none, IPv4: loopback(32), ContainerID: strings.Repeat("0", 12), Register: false},
+		// A network this engine does not have: never reclaimed.
+		{ID: endpointID(303), Network: "n", NetworkID: strings.Repeat("e", 64), IPv4: loopback(33), Register: true},
+		// No container known, none lists it: reclaimed.
+		{ID: endpointID(304), Network: "n", NetworkID: none, IPv4: loopback(34), Register: true},
 	}
-	held := &heldList{}
-	held.set(eps...)
-	stale := &staleLog{}
-	r, err := New(Config{Node: "host-s", Agent: client, Docker: docker, Held: held.held, OnStale: stale.onStale, Logger: testLogger(t)})
+	drv := &fakeDriver{}
+	drv.set(eps...)
+	r, err := New(Config{Node: "host-s", Agent: client, Docker: docker, Endpoints: drv, StaleGrace: 50 * time.Millisecond,
+		EngineIDFile: filepath.Join(t.TempDir(), "engine-id"), Logger: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// No Run: Sync alone does a whole pass, including the writes.
-	if err := r.Sync(ctx); err != nil {
-		t.Fatal(err)
+	// No Run: Sync alone does a whole pass, including the writes. The
+	// first pass takes the endpoints in, the second sees them missing,
+	// the third (after the grace period) judges them.
+	for i := range 2 {
+		if err := r.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if got := drv.got(); len(got) > 0 {
+			t.Fatalf("pass %d reclaimed %v before the grace period", i+1, got)
+		}
 	}
 	services, err := ourServices(ctx, client)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The first pass takes the endpoints in; the next judges them.
-	if got, want := sortedKeys(services), []string{eps[0].ID, eps[1].ID, eps[3].ID}; !slices.Equal(got, want) {
-		t.Fatalf("after the first pass: services %v, want %v", got, want)
+	if got, want := sortedKeys(services), []string{eps[0].ID, eps[1].ID, eps[3].ID, eps[4].ID}; !slices.Equal(got, want) {
+		t.Fatalf("before the grace period: services %v, want %v", got, want)
 	}
+	time.Sleep(60 * time.Millisecond)
 	if err := r.Sync(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if got, want := stale.get(), []string{eps[1].ID, eps[2].ID}; !slices.Equal(got, want) {
-		t.Errorf("OnStale called for %v, want %v", got, want)
+	if got, want := drv.got(), []string{eps[1].ID, eps[2].ID, eps[4].ID}; !slices.Equal(got, want) {
+		t.Errorf("reclaimed %v, want %v", got, want)
 	}
 	services, err = ourServices(ctx, client)
 	if err != nil {
@@ -212,82 +228,65 @@ func TestStaleRealEngine(t *testing.T) {
 	}
 }
 
-// fakeDocker serves an engine that answers /version and either lists the
-// given containers or fails.
-func fakeDocker(t *testing.T, list func(w http.ResponseWriter)) *dockerapi.Client {
-	t.Helper()
-	sock := filepath.Join(t.TempDir(), "docker.sock")
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch {
-		case r.URL.Path == "/version":
-			fmt.Fprint(w, `{"ApiVersion":"1.41"}`)
-		case strings.HasSuffix(r.URL.Path, "/containers/json"):
-			list(w)
-		case strings.HasSuffix(r.URL.Path, "/events"):
-			w.WriteHeader(http.StatusServiceUnavailable)
-		default:
-			http.NotFound(w, r)
-		}
-	}))
-	srv.Listener = l
-	srv.Start()
-	t.Cleanup(srv.Close)
-	c := dockerapi.New(sock)
-	t.Cleanup(c.Close)
-	return c
-}
-
-// TestStaleNeverFromUnavailableEngine: an engine that fails, or is not
-// there at all, never makes an endpoint stale; one that answers does.
-func TestStaleNeverFromUnavailableEngine(t *testing.T) {
+// TestStaleRealEngineOtherID: the registrar pinned another engine's ID
+// (DOCKER_HOST pointing at the wrong engine after a restart): nothing is
+// reclaimed, however long. Deleting the file, the remedy the error names,
+// pins this engine and reclaiming resumes.
+func TestStaleRealEngineOtherID(t *testing.T) {
+	docker := realDocker(t)
 	agent := testenv.StartConsul(t)
 	client := agentClient(t, agent)
 	ctx := context.Background()
-	ep := Endpoint{ID: endpointID(400), Network: "n", IPv4: loopback(40), ContainerID: "abcabcabcabc", Register: true}
-
-	failing := fakeDocker(t, func(w http.ResponseWriter) { http.Error(w, `{"message":"daemon busy"}`, 500) })
-	emptyList := fakeDocker(t, func(w http.ResponseWriter) { fmt.Fprint(w, `[]`) })
-	listed := fakeDocker(t, func(w http.ResponseWriter) { fmt.Fprint(w, `[{"Id":"abcabcabcabc`+strings.Repeat("1", 52)+`"}]`) })
-	absent := dockerapi.New(filepath.Join(t.TempDir(), "no.sock"))
-
-	for _, tt := range []struct {
-		name      string
-		docker    *dockerapi.Client
-		wantStale bool
-	}{
-		{"no docker client", nil, false},
-		{"socket absent", absent, false},
-		{"engine fails", failing, false},
-		{"engine lists the container", listed, false},
-		{"engine answers without it", emptyList, true},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			held := &heldList{}
-			held.set(ep)
-			stale := &staleLog{}
-			r, err := New(Config{Node: "host-u", Agent: client, Docker: tt.docker, Held: held.held, OnStale: stale.onStale, Logger: testLogger(t)})
-			if err != nil {
-				t.Fatal(err)
-			}
-			r.Register(ep)
-			for range 2 {
-				if err := r.Sync(ctx); err != nil {
-					t.Fatal(err)
-				}
-			}
-			services, err := ourServices(ctx, client)
-			if err != nil {
-				t.Fatal(err)
-			}
-			_, registered := services[ep.ID]
-			if gotStale := len(stale.get()) > 0; gotStale != tt.wantStale || registered == tt.wantStale {
-				t.Errorf("stale reported %v (want %v), service registered %v", stale.get(), tt.wantStale, registered)
-			}
-		})
+	none, err := dockertest.Docker(ctx, "network", "inspect", "-f", "{{.Id}}", "none")
+	if err != nil {
+		t.Fatal(err)
+	}
+	idFile := filepath.Join(t.TempDir(), "engine-id")
+	if err := os.WriteFile(idFile, []byte("OTHR:ENGI:NE00:0000\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ep := Endpoint{ID: endpointID(310), Network: "n", NetworkID: none, IPv4: loopback(41), Register: true}
+	drv := &fakeDriver{}
+	drv.set(ep)
+	r, err := New(Config{Node: "host-o", Agent: client, Docker: docker, Endpoints: drv, StaleGrace: time.Millisecond,
+		EngineIDFile: idFile, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 4 {
+		time.Sleep(2 * time.Millisecond)
+		if err := r.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := drv.got(); len(got) > 0 {
+		t.Fatalf("reclaimed %v through an engine with another ID", got)
+	}
+	if services, err := ourServices(ctx, client); err != nil || services[ep.ID] == nil {
+		t.Fatalf("service of the endpoint gone (%v): %v", err, services)
+	}
+	if err := os.Remove(idFile); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		time.Sleep(2 * time.Millisecond)
+		if err := r.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := drv.got(); !slices.Equal(got, []string{ep.ID}) {
+		t.Errorf("after re-pinning: reclaimed %v, want %s", got, ep.ID)
+	}
+	b, err := os.ReadFile(idFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := docker.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.TrimSpace(string(b)) != info.ID {
+		t.Errorf("engine ID file holds %q, want %q", b, info.ID)
 	}
 }
 
@@ -302,13 +301,13 @@ func TestHeldFollowsDriver(t *testing.T) {
 	ep := func(n int) Endpoint {
 		return Endpoint{ID: endpointID(500 + n), Network: "n", IPv4: loopback(50 + n), Register: true}
 	}
-	held := &heldList{}
+	held := &fakeDriver{}
 	held.set(ep(1), ep(2))
 
 	// Left over from an earlier run of this node, of another node sharing
 	// the agent, and somebody else's service.
-	otherNode := buildServices("host-other", ep(8), nil)[0]
-	for _, reg := range append(buildServices("host-h", ep(9), nil), otherNode) {
+	otherNode := buildServices(owner{node: "host-other"}, ep(8), nil)[0]
+	for _, reg := range append(buildServices(owner{node: "host-h"}, ep(9), nil), otherNode) {
 		if err := client.Agent().ServiceRegister(reg); err != nil {
 			t.Fatal(err)
 		}
@@ -317,7 +316,7 @@ func TestHeldFollowsDriver(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	r, err := New(Config{Node: "host-h", Agent: client, Held: held.held, Logger: testLogger(t)})
+	r, err := New(Config{Node: "host-h", Agent: client, Endpoints: held, Logger: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -341,7 +340,7 @@ func TestHeldFollowsDriver(t *testing.T) {
 	check(ep(2).ID, ep(3).ID, otherNode.ID, "foreign")
 
 	// Changed behind our back: anti-entropy puts it back.
-	changed := buildServices("host-h", ep(2), nil)[0]
+	changed := buildServices(owner{node: "host-h"}, ep(2), nil)[0]
 	changed.Tags = []string{"tampered"}
 	changed.Port = 1
 	if err := client.Agent().ServiceRegister(changed); err != nil {
@@ -357,4 +356,112 @@ func TestHeldFollowsDriver(t *testing.T) {
 	// endpoint (Leave happens before the driver forgets it).
 	r.Deregister(ep(3).ID)
 	check(ep(2).ID, otherNode.ID, "foreign")
+}
+
+// stuckListener returns the port of a loopback TCP listener whose accept
+// queue is full and never drained: a connection to it hangs until the
+// dialer's timeout (SYNs are dropped).
+func stuckListener(t *testing.T) int {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := sa.(*syscall.SockaddrInet4).Port
+	for range 3 { // fill the queue; later ones just hang
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), 200*time.Millisecond)
+		if err == nil {
+			t.Cleanup(func() { c.Close() })
+		}
+	}
+	return port
+}
+
+// TestSlowStartRealEngine holds a real container in a slow start: its
+// fluentd log driver dials a listener that never accepts, which the
+// engine does after connecting the container's networks and before the
+// start is over (about 3 s, the driver's dial timeout, then the start
+// fails). Meanwhile the engine lists it "created" without endpoints. A
+// held endpoint on its network is not reclaimed during the start
+// (inspecting the container blocks on its lock), while one on a network
+// it is not attached to is, after the grace period. Once the start is
+// over the first one is judged too (it was never really the container's).
+func TestSlowStartRealEngine(t *testing.T) {
+	docker := realDocker(t)
+	agent := testenv.StartConsul(t)
+	client := agentClient(t, agent)
+	ctx := context.Background()
+	netID := func(name string) string {
+		id, err := dockertest.Docker(ctx, "network", "inspect", "-f", "{{.Id}}", name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	port := stuckListener(t)
+	id, _ := createContainer(t, "--log-driver", "fluentd", "--log-opt", fmt.Sprintf("fluentd-address=tcp://127.0.0.1:%d", port))
+	onIts := Endpoint{ID: endpointID(800), Network: "none", NetworkID: netID("none"), IPv4: loopback(80), Register: true}
+	elsewhere := Endpoint{ID: endpointID(801), Network: "host", NetworkID: netID("host"), IPv4: loopback(81), Register: true}
+	drv := &fakeDriver{}
+	drv.set(onIts, elsewhere)
+	const grace = 300 * time.Millisecond
+	r, err := New(Config{Node: "host-ss", Agent: client, Docker: docker, Endpoints: drv, StaleGrace: grace,
+		Timeout: 500 * time.Millisecond, EngineIDFile: filepath.Join(t.TempDir(), "engine-id"), Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Sync(ctx); err != nil { // takes the endpoints in
+		t.Fatal(err)
+	}
+
+	started := time.Now()
+	done := make(chan error, 1)
+	go func() {
+		_, err := dockertest.Docker(ctx, "start", id)
+		done <- err
+	}()
+	// The start lasts at least the log driver's 3 s dial timeout; passes
+	// (each up to Timeout) run until 2.2 s into it, so all of them end
+	// before the start does.
+	time.Sleep(200 * time.Millisecond)
+	passesDuring := 0
+	for time.Since(started) < 2200*time.Millisecond {
+		if err := r.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+		passesDuring++
+		time.Sleep(100 * time.Millisecond)
+	}
+	observed := time.Since(started)
+	during := drv.got()
+	select {
+	case err := <-done:
+		t.Fatalf("docker start returned within %s (%v): the container was not held in a slow start", observed, err)
+	default:
+	}
+	if !slices.Equal(during, []string{elsewhere.ID}) {
+		t.Fatalf("during the first %s of the start (%d passes): reclaimed %v, want only %s", observed.Round(time.Millisecond), passesDuring, during, elsewhere.ID)
+	}
+	err = <-done
+	t.Logf("docker start returned after %s: %v", time.Since(started).Round(time.Millisecond), err)
+	eventually(t, 10*time.Second, func() error {
+		if err := r.Sync(ctx); err != nil {
+			return err
+		}
+		if got := drv.got(); !slices.Equal(got, []string{onIts.ID, elsewhere.ID}) {
+			return fmt.Errorf("after the start: reclaimed %v", got)
+		}
+		return nil
+	})
 }

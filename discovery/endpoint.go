@@ -24,7 +24,9 @@ type Endpoint struct {
 	// ID is Docker's endpoint ID; service IDs derive from it.
 	ID string
 	// Network is the network's name as users know it; NetworkID is
-	// Docker's network ID. Both go into the service's Meta.
+	// Docker's network ID. Both go into the service's Meta. An endpoint
+	// without NetworkID is never reclaimed (the engine must confirm it
+	// knows the network first).
 	Network   string
 	NetworkID string
 	// IPv4 and IPv6 are the endpoint's overlay addresses; either may be
@@ -33,8 +35,8 @@ type Endpoint struct {
 	// Ports are the container's exposed ports (ParseExposedPorts).
 	Ports []Port
 	// ContainerID is the container's ID or a prefix of it of at least 12
-	// hex digits (ContainerIDFromSandboxKey). Empty: unknown; such an
-	// endpoint never gets container metadata and is never found stale.
+	// hex digits. Empty: unknown; the container is then found by the
+	// endpoint ID it lists.
 	ContainerID string
 	// Options are the endpoint's driver options (CreateEndpoint Options
 	// with string values). Keys starting with SERVICE_ take part in name,

@@ -101,40 +101,38 @@ func sortedKeys[V any](m map[string]V) []string {
 	return ks
 }
 
-// heldList is a Held callback over a mutable list.
-type heldList struct {
-	mu  sync.Mutex
-	eps []Endpoint
+// fakeDriver is the Endpoints of a test: a mutable held list, and a log
+// of reclaimed endpoint IDs.
+type fakeDriver struct {
+	mu        sync.Mutex
+	eps       []Endpoint
+	reclaimed []string
 }
 
-func (h *heldList) set(eps ...Endpoint) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.eps = append([]Endpoint(nil), eps...)
+var _ Endpoints = (*fakeDriver)(nil)
+
+func (d *fakeDriver) set(eps ...Endpoint) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.eps = append([]Endpoint(nil), eps...)
 }
 
-func (h *heldList) held(context.Context) ([]Endpoint, error) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return append([]Endpoint(nil), h.eps...), nil
+func (d *fakeDriver) HeldEndpoints(context.Context) ([]Endpoint, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]Endpoint(nil), d.eps...), nil
 }
 
-// staleLog records OnStale calls.
-type staleLog struct {
-	mu  sync.Mutex
-	ids []string
+func (d *fakeDriver) ReclaimEndpoint(_ context.Context, id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.reclaimed = append(d.reclaimed, id)
 }
 
-func (s *staleLog) onStale(_ context.Context, id string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.ids = append(s.ids, id)
-}
-
-func (s *staleLog) get() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	out := append([]string(nil), s.ids...)
+func (d *fakeDriver) got() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := append([]string(nil), d.reclaimed...)
 	sort.Strings(out)
 	return out
 }

@@ -20,9 +20,10 @@ import (
 
 // Defaults of Config.
 const (
-	DefaultInterval = 30 * time.Second
-	DefaultRetryMax = 10 * time.Second
-	DefaultTimeout  = 5 * time.Second
+	DefaultInterval   = 30 * time.Second
+	DefaultRetryMax   = 10 * time.Second
+	DefaultTimeout    = 5 * time.Second
+	DefaultStaleGrace = 30 * time.Second
 )
 
 const (
@@ -31,32 +32,62 @@ const (
 	inspectQueue = 256
 )
 
+// Endpoints is the driver's side of anti-entropy. *driver.Driver
+// implements it.
+type Endpoints interface {
+	// HeldEndpoints returns the endpoints this host holds (joined and not
+	// yet left). It must fail rather than return an incomplete list (for
+	// example while the driver restores its state).
+	HeldEndpoints(ctx context.Context) ([]Endpoint, error)
+	// ReclaimEndpoint releases an endpoint whose container the engine no
+	// longer has (its addresses and devices). Its services are already
+	// gone by then. It runs on the anti-entropy goroutine and must not
+	// call Sync; calling Deregister is fine.
+	ReclaimEndpoint(ctx context.Context, endpointID string)
+}
+
 // Config configures a Registrar. Zero values mean what each field says.
 type Config struct {
-	// Node names this host in every service's Meta and limits
-	// anti-entropy to this host's services. Zero: os.Hostname().
+	// Node names this host in every service's Meta (key "node"): the
+	// human-readable name, also the Consul node's. Zero: os.Hostname().
 	Node string
+	// HostID is this host's identity, unique in the cluster, in every
+	// service's Meta (key "host-id"). A service is this host's only when
+	// both its node and host-id match, so hosts that share one agent (and
+	// so one node name) never touch each other's services. Zero: services
+	// carry no host-id and are recognised by node name alone, which is
+	// only safe when every host has its own agent.
+	HostID string
 	// Agent is the client of the local Consul agent, carrying the
 	// daemon's address, ACL token and TLS settings. Required.
 	Agent *api.Client
 	// Docker is the engine's API. Nil: no container metadata (names fall
 	// back, see doc.go) and no stale detection.
 	Docker *dockerapi.Client
+	// EngineIDFile is where the ID of the Docker engine this host's
+	// endpoints belong to is pinned (a file in DATA_DIR). Written at the
+	// first successful contact with the engine, compared at every
+	// anti-entropy pass after: while the engine answering on the socket
+	// has another ID, nothing is reclaimed. Zero: the ID is pinned in
+	// memory at first contact, so an engine swapped while the plugin runs
+	// is caught but a wrong engine at start is not.
+	EngineIDFile string
 	// Interval is the anti-entropy period. Zero: DefaultInterval.
 	Interval time.Duration
+	// StaleGrace is how long a held endpoint must have been missing from
+	// the engine's complete container listings (in passes at least this
+	// far apart) before it may be reclaimed. Zero: DefaultStaleGrace.
+	StaleGrace time.Duration
 	// RetryMax caps the backoff between attempts to reach the agent.
 	// Zero: DefaultRetryMax.
 	RetryMax time.Duration
 	// Timeout bounds each Consul and Docker call. Zero: DefaultTimeout.
 	Timeout time.Duration
-	// Held returns the endpoints this node holds (joined and not yet
-	// left). Anti-entropy registers what it holds and drops what it does
-	// not. Nil: the endpoints given to Register are the truth.
-	Held func(ctx context.Context) ([]Endpoint, error)
-	// OnStale is called by anti-entropy for a held endpoint whose
-	// container the engine no longer has (only when the engine answered).
-	// Its services are already gone by then. Nil: not called.
-	OnStale func(ctx context.Context, endpointID string)
+	// Endpoints is the driver: anti-entropy registers what it holds,
+	// drops what it does not, and hands back endpoints whose container is
+	// gone (see doc.go for when). Nil: the endpoints given to Register are
+	// the truth and nothing is reclaimed.
+	Endpoints Endpoints
 	// Logger receives lifecycle and retry messages. Nil: discarded.
 	Logger *slog.Logger
 }
@@ -87,22 +118,23 @@ type Registrar struct {
 	meta      map[string]*dockerapi.Container // container metadata by the first 12 hex digits of its ID
 	inspectOn map[string]bool                 // container IDs queued for inspection
 	agentDown bool                            // a write failed; re-assert everything after the next success
+	refused   map[string]bool                 // service IDs held by someone else, already logged
+
+	// Engine pinning; guarded by syncMu (only Sync uses them).
+	enginePinned   string // the pinned engine ID when EngineIDFile is empty
+	engineMismatch string // the foreign engine ID last logged, "" while the engine matches
 }
 
 // entry is one endpoint; fields are guarded by Registrar.mu.
 type entry struct {
-	ep    Endpoint
-	seq   uint64               // Registrar.seq when it was last set
-	info  *dockerapi.Container // nil until known
-	ids   []string             // service IDs written to the agent for it
-	since time.Time            // when the endpoint was first set
+	ep   Endpoint
+	seq  uint64               // Registrar.seq when it was last set
+	info *dockerapi.Container // nil until known
+	ids  []string             // service IDs written to the agent for it
+	// missingSince is when a trusted, complete container listing first
+	// lacked the endpoint's container; zero while it is listed.
+	missingSince time.Time
 }
-
-// staleGrace is how long an endpoint known only by its ID must be held
-// before a container list that lacks it counts as proof that its container
-// is gone: Docker records the endpoint in the container's state only after
-// Join has returned.
-const staleGrace = 5 * time.Second
 
 // belongs reports whether a container (its ID and endpoint IDs) is the one
 // of an endpoint: Docker lists the endpoint among the container's, or the
@@ -132,6 +164,9 @@ func New(cfg Config) (*Registrar, error) {
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = DefaultTimeout
 	}
+	if cfg.StaleGrace <= 0 {
+		cfg.StaleGrace = DefaultStaleGrace
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -148,6 +183,7 @@ func New(cfg Config) (*Registrar, error) {
 		orphans:   map[string]bool{},
 		meta:      map[string]*dockerapi.Container{},
 		inspectOn: map[string]bool{},
+		refused:   map[string]bool{},
 	}, nil
 }
 
@@ -170,7 +206,7 @@ func (r *Registrar) Register(ep Endpoint) {
 func (r *Registrar) setLocked(ep Endpoint) {
 	e := r.eps[ep.ID]
 	if e == nil {
-		e = &entry{since: time.Now()}
+		e = &entry{}
 		r.eps[ep.ID] = e
 	}
 	r.seq++
@@ -223,7 +259,7 @@ func (r *Registrar) Run(ctx context.Context) error {
 	if !r.running.CompareAndSwap(false, true) {
 		return errors.New("registrar: Run called twice")
 	}
-	r.log.Info("service registration started", "node", r.cfg.Node, "docker", r.cfg.Docker != nil, "interval", r.cfg.Interval)
+	r.log.Info("service registration started", "node", r.cfg.Node, "host", r.cfg.HostID, "docker", r.cfg.Docker != nil, "interval", r.cfg.Interval)
 	var wg sync.WaitGroup
 	wg.Go(func() { r.work(ctx) })
 	wg.Go(func() { r.antiEntropy(ctx) })
@@ -315,9 +351,10 @@ func (r *Registrar) apply(ctx context.Context) error {
 				r.mu.Unlock()
 				continue
 			}
-			regs := buildServices(r.cfg.Node, e.ep, e.info)
+			regs := buildServices(r.owner(), e.ep, e.info)
+			written := slices.Clone(e.ids)
 			r.mu.Unlock()
-			if err := r.write(ctx, id, e, regs); err != nil {
+			if err := r.write(ctx, id, e, regs, written); err != nil {
 				return err
 			}
 			continue
@@ -344,11 +381,23 @@ func (r *Registrar) apply(ctx context.Context) error {
 }
 
 // write registers regs for entry e (endpoint id) and removes services it
-// had before that it no longer has. Caller holds opMu, not mu.
-func (r *Registrar) write(ctx context.Context, id string, e *entry, regs []*api.AgentServiceRegistration) error {
+// had before that it no longer has. A service ID not among written (the
+// IDs this run wrote for e) is first looked up in the agent: one held by
+// somebody else is left alone. Caller holds opMu, not mu.
+func (r *Registrar) write(ctx context.Context, id string, e *entry, regs []*api.AgentServiceRegistration, written []string) error {
 	var done []string
 	var failed error
 	for _, reg := range regs {
+		if !slices.Contains(written, reg.ID) {
+			ok, err := r.mayRegister(ctx, id, reg)
+			if err != nil {
+				failed = err
+				break
+			}
+			if !ok {
+				continue
+			}
+		}
 		err := r.register(ctx, reg)
 		var se api.StatusError
 		if err != nil && errors.As(err, &se) && se.Code == http.StatusBadRequest {
@@ -399,6 +448,51 @@ func (r *Registrar) claimedLocked(sid string) bool {
 	return false
 }
 
+// owner is this host's identity in service Meta.
+func (r *Registrar) owner() owner { return owner{node: r.cfg.Node, hostID: r.cfg.HostID} }
+
+// lookup returns the agent's service with ID sid, nil if it has none.
+func (r *Registrar) lookup(ctx context.Context, sid string) (*api.AgentService, error) {
+	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
+	defer cancel()
+	svc, _, err := r.agent.Service(sid, (&api.QueryOptions{}).WithContext(cctx))
+	var se api.StatusError
+	if errors.As(err, &se) && se.Code == http.StatusNotFound {
+		return nil, nil
+	}
+	r.noteAgent(err)
+	if err != nil {
+		return nil, fmt.Errorf("look up service %s in consul agent: %w", sid, err)
+	}
+	return svc, nil
+}
+
+// mayRegister reports whether reg may be written for endpoint endpointID:
+// the agent has no service of that ID, or one this host may replace.
+// Refusals are logged once per service ID.
+func (r *Registrar) mayRegister(ctx context.Context, endpointID string, reg *api.AgentServiceRegistration) (bool, error) {
+	svc, err := r.lookup(ctx, reg.ID)
+	if err != nil {
+		return false, err
+	}
+	if svc == nil || r.owner().mayReplace(svc, endpointID) {
+		r.mu.Lock()
+		delete(r.refused, reg.ID)
+		r.mu.Unlock()
+		return true, nil
+	}
+	r.mu.Lock()
+	logged := r.refused[reg.ID]
+	r.refused[reg.ID] = true
+	r.mu.Unlock()
+	if !logged {
+		r.log.Warn("service ID is held by a service this host did not register; leaving it alone",
+			"endpoint", endpointID, "service_id", reg.ID, "holder_service", svc.Service,
+			"holder_managed_by", svc.Meta[MetaManagedBy], "holder_node", svc.Meta[MetaNode], "holder_host", svc.Meta[MetaHostID])
+	}
+	return false, nil
+}
+
 func (r *Registrar) register(ctx context.Context, reg *api.AgentServiceRegistration) error {
 	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
 	defer cancel()
@@ -412,10 +506,25 @@ func (r *Registrar) register(ctx context.Context, reg *api.AgentServiceRegistrat
 	return nil
 }
 
+// deregister removes service sid from the agent if it is this host's
+// (marker, node and host identity); anything else under that ID is left
+// alone.
 func (r *Registrar) deregister(ctx context.Context, sid string) error {
+	svc, err := r.lookup(ctx, sid)
+	if err != nil {
+		return err
+	}
+	if svc == nil {
+		return nil
+	}
+	if !r.owner().owns(svc) {
+		r.log.Debug("not deregistering a service this host does not own", "service_id", sid, "service", svc.Service,
+			"holder_node", svc.Meta[MetaNode], "holder_host", svc.Meta[MetaHostID])
+		return nil
+	}
 	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
 	defer cancel()
-	err := r.agent.ServiceDeregisterOpts(sid, (&api.QueryOptions{}).WithContext(cctx))
+	err = r.agent.ServiceDeregisterOpts(sid, (&api.QueryOptions{}).WithContext(cctx))
 	var se api.StatusError
 	if errors.As(err, &se) && se.Code == http.StatusNotFound {
 		err = nil // already gone
@@ -450,14 +559,14 @@ func (r *Registrar) noteAgent(err error) {
 	}
 }
 
-// Sync is one anti-entropy pass: it takes the endpoints Held returns as
-// the truth (adding missing ones, dropping ones it no longer holds), asks
-// the engine which containers still exist and reports held endpoints
-// whose container is gone to OnStale (removing their services), compares
-// the agent's services of this node with what should be registered, and
-// writes the difference. It returns the first error that kept it from
-// finishing; endpoints changed by Register or Deregister during the pass
-// are left to the worker.
+// Sync is one anti-entropy pass: it takes the endpoints the driver holds
+// as the truth (adding missing ones, dropping ones it no longer holds),
+// asks the engine which containers still exist and hands held endpoints
+// whose container is proven gone back to the driver (removing their
+// services; see reclaimStale), compares the agent's services of this host
+// with what should be registered, and writes the difference. It returns
+// the first error that kept it from finishing; endpoints changed by
+// Register or Deregister during the pass are left to the worker.
 func (r *Registrar) Sync(ctx context.Context) error {
 	r.syncMu.Lock()
 	defer r.syncMu.Unlock()
@@ -473,10 +582,10 @@ func (r *Registrar) Sync(ctx context.Context) error {
 
 	// Held first, then the container list: a container of an endpoint
 	// held before the list was taken existed before it, so missing from
-	// the list means removed.
-	if r.cfg.Held != nil {
+	// the list means removed (or not yet recorded: see reclaimStale).
+	if r.cfg.Endpoints != nil {
 		cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
-		held, err := r.cfg.Held(cctx)
+		held, err := r.cfg.Endpoints.HeldEndpoints(cctx)
 		cancel()
 		if err != nil {
 			return fmt.Errorf("sync services: held endpoints: %w", err)
@@ -485,21 +594,7 @@ func (r *Registrar) Sync(ctx context.Context) error {
 	}
 
 	if r.cfg.Docker != nil {
-		cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
-		containers, err := r.cfg.Docker.List(cctx)
-		cancel()
-		if err != nil {
-			// Never conclude anything from an engine that did not answer.
-			r.log.Debug("docker unavailable, skipping stale check", "err", err)
-		} else {
-			r.queueListedMeta(containers)
-			for _, id := range r.dropStale(containers, start) {
-				r.log.Info("endpoint's container is gone, dropping it", "endpoint", id)
-				if r.cfg.OnStale != nil {
-					r.cfg.OnStale(ctx, id)
-				}
-			}
-		}
+		r.reclaimStale(ctx, start)
 	}
 
 	cctx, cancel := context.WithTimeout(ctx, r.cfg.Timeout)
@@ -575,37 +670,6 @@ func (r *Registrar) queueListedMeta(containers []dockerapi.Summary) {
 	}
 }
 
-// dropStale removes the entries (known before the pass started) whose
-// container is not among containers, forgets metadata of containers that
-// are gone, and returns the dropped endpoint IDs.
-func (r *Registrar) dropStale(containers []dockerapi.Summary, start uint64) []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	exists := func(prefix string) bool {
-		return slices.ContainsFunc(containers, func(c dockerapi.Summary) bool { return idMatches(c.ID, prefix) })
-	}
-	var stale []string
-	for id, e := range r.eps {
-		if e.seq > start || (e.ep.ContainerID == "" && time.Since(e.since) < staleGrace) {
-			continue
-		}
-		if !slices.ContainsFunc(containers, func(c dockerapi.Summary) bool { return belongs(c.ID, c.EndpointIDs, e.ep) }) {
-			stale = append(stale, id)
-		}
-	}
-	slices.Sort(stale)
-	for _, id := range stale {
-		r.dropLocked(id)
-	}
-	for k := range r.meta {
-		if !exists(k) {
-			delete(r.meta, k)
-		}
-	}
-	r.queueMissingMetaLocked()
-	return stale
-}
-
 // compare marks dirty the entries whose services the agent lacks or holds
 // differently, and queues for removal this node's services no entry
 // wants.
@@ -615,7 +679,7 @@ func (r *Registrar) compare(services map[string]*api.AgentService) {
 	want := map[string]*api.AgentServiceRegistration{}
 	owner := map[string]string{}
 	for id, e := range r.eps {
-		for _, reg := range buildServices(r.cfg.Node, e.ep, e.info) {
+		for _, reg := range buildServices(r.owner(), e.ep, e.info) {
 			want[reg.ID] = reg
 			owner[reg.ID] = id
 		}
@@ -633,8 +697,8 @@ func (r *Registrar) compare(services map[string]*api.AgentService) {
 		}
 	}
 	for sid, svc := range services {
-		if svc.Meta[MetaNode] != r.cfg.Node {
-			continue // another node's, sharing this agent
+		if !r.owner().owns(svc) {
+			continue // another host's, sharing this agent
 		}
 		if _, ok := want[sid]; !ok {
 			extra++

@@ -21,12 +21,44 @@ const (
 	MetaManagedBy     = "managed-by"
 	ManagedByValue    = "consul-overlay"
 	MetaNode          = "node"
+	MetaHostID        = "host-id"
 	MetaNetwork       = "network"
 	MetaNetworkID     = "network-id"
 	MetaEndpointID    = "endpoint-id"
 	MetaContainerID   = "container-id"
 	MetaContainerName = "container-name"
 )
+
+// CustomIDPrefix is put before every service ID that comes from a
+// container or its endpoint's options (SERVICE_ID, SERVICE_<port>_ID), so
+// that no container can name, and so overwrite or deregister, a service
+// the plugin did not register.
+const CustomIDPrefix = "consul-overlay:"
+
+// owner identifies this host's services in the agent: the marker, the
+// node name and the host identity (empty: services carry none).
+type owner struct{ node, hostID string }
+
+// owns reports whether a service in the agent is this host's: it carries
+// the marker, this host's node name and this host's identity (or no
+// identity when the host has none). Only such services are replaced or
+// removed without a reason tied to one endpoint.
+func (o owner) owns(svc *api.AgentService) bool {
+	return svc != nil && svc.Meta[MetaManagedBy] == ManagedByValue &&
+		svc.Meta[MetaNode] == o.node && svc.Meta[MetaHostID] == o.hostID
+}
+
+// mayReplace reports whether a service in the agent may be overwritten by
+// a registration for endpoint endpointID: this host's, or written by a
+// version without host identity for this very endpoint (endpoint IDs are
+// unique, so it can only be this host's).
+func (o owner) mayReplace(svc *api.AgentService, endpointID string) bool {
+	if o.owns(svc) {
+		return true
+	}
+	return svc != nil && svc.Meta[MetaManagedBy] == ManagedByValue && svc.Meta[MetaNode] == o.node &&
+		svc.Meta[MetaHostID] == "" && svc.Meta[MetaEndpointID] == endpointID
+}
 
 // ComposeServiceLabel is the label Docker Compose puts on a service's
 // containers.
@@ -162,7 +194,7 @@ func portKey(k string) bool {
 // when registration is off or ignored, else one per exposed port (one
 // without a port when it exposes none). c is the container's metadata,
 // nil while unknown. The result is deterministic.
-func buildServices(node string, ep Endpoint, c *dockerapi.Container) []*api.AgentServiceRegistration {
+func buildServices(o owner, ep Endpoint, c *dockerapi.Container) []*api.AgentServiceRegistration {
 	if !ep.Register {
 		return nil
 	}
@@ -186,12 +218,12 @@ func buildServices(node string, ep Endpoint, c *dockerapi.Container) []*api.Agen
 		if truthy(s.value("ignore")) {
 			continue
 		}
-		regs = append(regs, buildService(node, ep, c, s, p, group))
+		regs = append(regs, buildService(o, ep, c, s, p, group))
 	}
 	return regs
 }
 
-func buildService(node string, ep Endpoint, c *dockerapi.Container, s settings, p Port, group bool) *api.AgentServiceRegistration {
+func buildService(o owner, ep Endpoint, c *dockerapi.Container, s settings, p Port, group bool) *api.AgentServiceRegistration {
 	suffix := ""
 	if p.Proto == "udp" || p.Proto == "sctp" {
 		suffix = ":" + p.Proto
@@ -212,8 +244,9 @@ func buildService(node string, ep Endpoint, c *dockerapi.Container, s settings, 
 	id = strings.TrimSpace(id)
 	switch {
 	case ok && id != "" && (perPort || !group):
+		id = CustomIDPrefix + id
 	case ok && id != "":
-		id += ":" + strconv.Itoa(p.Port) + suffix
+		id = CustomIDPrefix + id + ":" + strconv.Itoa(p.Port) + suffix
 	case p.Port > 0:
 		id = ep.ID + ":" + strconv.Itoa(p.Port) + suffix
 	default:
@@ -239,7 +272,7 @@ func buildService(node string, ep Endpoint, c *dockerapi.Container, s settings, 
 		Name: ep.ServicePrefix + name,
 		Tags: tags,
 		Port: p.Port,
-		Meta: meta(node, ep, c, s),
+		Meta: meta(o, ep, c, s),
 	}
 	if addr.IsValid() {
 		reg.Address = addr.String()
@@ -313,7 +346,7 @@ func splitTags(v string) []string {
 	return tags
 }
 
-func meta(node string, ep Endpoint, c *dockerapi.Container, s settings) map[string]string {
+func meta(o owner, ep Endpoint, c *dockerapi.Container, s settings) map[string]string {
 	m := map[string]string{}
 	// Registrator's attributes first, so that ours overwrite them.
 	attrs := s.attrs()
@@ -334,7 +367,8 @@ func meta(node string, ep Endpoint, c *dockerapi.Container, s settings) map[stri
 		}
 	}
 	m[MetaManagedBy] = ManagedByValue
-	set(MetaNode, node)
+	set(MetaNode, o.node)
+	set(MetaHostID, o.hostID)
 	set(MetaNetwork, ep.Network)
 	set(MetaNetworkID, ep.NetworkID)
 	set(MetaEndpointID, ep.ID)

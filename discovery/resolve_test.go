@@ -197,19 +197,24 @@ func TestBuildServicesNamesTagsIDs(t *testing.T) {
 			want: []svc{{testEP + ":80", "prod-x-80", 80, nil}, {testEP + ":443", "prod-tls", 443, nil}},
 		},
 		{
-			name: "SERVICE_ID with one port is used as is",
+			name: "SERVICE_ID with one port is used in the plugin's namespace",
 			ep:   func(e *Endpoint) { e.Ports = tcp80 },
 			c:    container("x", nil, "SERVICE_ID=custom"),
-			want: []svc{{"custom", "x", 80, nil}},
+			want: []svc{{"consul-overlay:custom", "x", 80, nil}},
 		},
 		{
-			name: "generic SERVICE_ID with several ports gets the port appended; per-port as is",
+			name: "SERVICE_ID from the driver options is prefixed too",
+			ep:   func(e *Endpoint) { e.Options = map[string]string{"SERVICE_ID": "opt-id"} },
+			want: []svc{{"consul-overlay:opt-id", "app-net", 0, nil}},
+		},
+		{
+			name: "generic SERVICE_ID with several ports gets the port appended; per-port as is; both prefixed",
 			ep:   func(e *Endpoint) { e.Ports = []Port{{"tcp", 80}, {"udp", 81}, {"tcp", 443}} },
 			c:    container("x", nil, "SERVICE_ID=custom", "SERVICE_443_ID=tls-id"),
 			want: []svc{
-				{"custom:80", "x-80", 80, nil},
-				{"custom:81:udp", "x-81", 81, []string{"udp"}},
-				{"tls-id", "x-443", 443, nil},
+				{"consul-overlay:custom:80", "x-80", 80, nil},
+				{"consul-overlay:custom:81:udp", "x-81", 81, []string{"udp"}},
+				{"consul-overlay:tls-id", "x-443", 443, nil},
 			},
 		},
 	}
@@ -219,7 +224,7 @@ func TestBuildServicesNamesTagsIDs(t *testing.T) {
 			if tt.ep != nil {
 				tt.ep(&ep)
 			}
-			got := summarize(buildServices("node1", ep, tt.c))
+			got := summarize(buildServices(owner{node: "node1"}, ep, tt.c))
 			if !reflect.DeepEqual(got, tt.want) {
 				t.Fatalf("services:\n got %+v\nwant %+v", got, tt.want)
 			}
@@ -234,7 +239,7 @@ func TestBuildServicesAddressesAndMeta(t *testing.T) {
 	c := container("/web-1", map[string]string{"SERVICE_REGION": "eu", "SERVICE_8080_REGION": "eu-8080",
 		"SERVICE_9090_OTHER": "not-mine", "SERVICE_CHECK_HTTP": "/health", "SERVICE_BAD.KEY": "x",
 		"SERVICE_CONSUL-X": "reserved", "SERVICE_NODE": "ours-win"}, "SERVICE_ZONE=a")
-	regs := buildServices("node1", ep, c)
+	regs := buildServices(owner{node: "node1", hostID: "h-1"}, ep, c)
 	if len(regs) != 1 {
 		t.Fatalf("got %d services", len(regs))
 	}
@@ -250,7 +255,7 @@ func TestBuildServicesAddressesAndMeta(t *testing.T) {
 		t.Errorf("TaggedAddresses = %+v, want %+v", r.TaggedAddresses, wantTA)
 	}
 	wantMeta := map[string]string{
-		MetaManagedBy: ManagedByValue, MetaNode: "node1", MetaNetwork: "app_net", MetaNetworkID: "net123",
+		MetaManagedBy: ManagedByValue, MetaNode: "node1", MetaHostID: "h-1", MetaNetwork: "app_net", MetaNetworkID: "net123",
 		MetaEndpointID: testEP, MetaContainerID: c.ID, MetaContainerName: "web-1",
 		"region": "eu-8080", "zone": "a",
 	}
@@ -268,7 +273,7 @@ func TestBuildServicesAddressesAndMeta(t *testing.T) {
 
 	// IPv6-only: Address is the IPv6 one, the check brackets it.
 	ep.IPv4 = netip.Addr{}
-	r = buildServices("node1", ep, container("x", nil, "SERVICE_CHECK_TCP=true"))[0]
+	r = buildServices(owner{node: "node1"}, ep, container("x", nil, "SERVICE_CHECK_TCP=true"))[0]
 	if r.Address != "fd00::3" || r.Check == nil || r.Check.TCP != "[fd00::3]:8080" {
 		t.Errorf("IPv6-only: Address %q, Check %+v", r.Address, r.Check)
 	}
@@ -278,7 +283,7 @@ func TestBuildServicesAddressesAndMeta(t *testing.T) {
 
 	// Before metadata: container ID prefix in Meta, no name.
 	ep = baseEndpoint()
-	r = buildServices("node1", ep, nil)[0]
+	r = buildServices(owner{node: "node1"}, ep, nil)[0]
 	if r.Meta[MetaContainerID] != "abcdef012345" || r.Meta[MetaContainerName] != "" {
 		t.Errorf("Meta without metadata = %v", r.Meta)
 	}
@@ -291,7 +296,7 @@ func TestBuildServicesMetaLimit(t *testing.T) {
 	}
 	labels["SERVICE_LONG"] = strings.Repeat("v", 513)
 	labels["SERVICE_"+strings.Repeat("K", 129)] = "v"
-	r := buildServices("n", baseEndpoint(), container("x", labels))[0]
+	r := buildServices(owner{node: "n"}, baseEndpoint(), container("x", labels))[0]
 	if len(r.Meta) > metaMaxPairs {
 		t.Fatalf("%d meta pairs, Consul allows %d", len(r.Meta), metaMaxPairs)
 	}
@@ -337,7 +342,7 @@ func TestBuildCheck(t *testing.T) {
 			if tt.port > 0 {
 				ep.Ports = []Port{{"tcp", tt.port}}
 			}
-			regs := buildServices("n", ep, container("x", nil, tt.env...))
+			regs := buildServices(owner{node: "n"}, ep, container("x", nil, tt.env...))
 			if got := regs[0].Check; !reflect.DeepEqual(got, tt.want) {
 				t.Fatalf("check = %+v, want %+v", got, tt.want)
 			}
@@ -434,7 +439,7 @@ func FuzzParseExposedPorts(f *testing.F) {
 		ep := baseEndpoint()
 		ep.Ports = got
 		ids := map[string]bool{}
-		for _, r := range buildServices("n", ep, nil) {
+		for _, r := range buildServices(owner{node: "n"}, ep, nil) {
 			if ids[r.ID] {
 				t.Fatalf("duplicate service ID %s for ports %v", r.ID, got)
 			}

@@ -257,13 +257,13 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return fmt.Errorf("ipam: %w", err)
 	}
 	// Registration needs the local Consul agent; the driver and the
-	// registrar refer to each other (Held and OnStale call the driver).
+	// registrar refer to each other (the registrar's Endpoints is the driver).
 	var drv *driver.Driver
 	var reg *discovery.Registrar
 	if c, ok := store.(*kvstore.Consul); ok {
-		reg, err = newRegistrar(cfg, log, node, c.Client(),
-			func(ctx context.Context) ([]discovery.Endpoint, error) { return drv.HeldEndpoints(ctx) },
-			func(ctx context.Context, id string) { drv.ReclaimEndpoint(ctx, id) })
+		// Minimal edit by the discovery branch (Config.Endpoints replaced
+		// Held/OnStale); HostID and EngineIDFile are still to be wired.
+		reg, err = newRegistrar(cfg, log, node, c.Client(), lateEndpoints{&drv})
 		if err != nil {
 			return err
 		}
@@ -327,22 +327,33 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 // newRegistrar builds the service registrar. The Docker API (container
 // names, labels and environment) is optional: without it services are
 // named from what the driver knows, and nothing is found stale.
-func newRegistrar(cfg Config, log *slog.Logger, node string, agent *api.Client,
-	held func(context.Context) ([]discovery.Endpoint, error), onStale func(context.Context, string)) (*discovery.Registrar, error) {
+func newRegistrar(cfg Config, log *slog.Logger, node string, agent *api.Client, eps discovery.Endpoints) (*discovery.Registrar, error) {
 	var docker *dockerapi.Client
 	if cfg.DockerSocket != "" {
 		docker = dockerapi.New(cfg.DockerSocket)
 	}
 	reg, err := discovery.New(discovery.Config{
 		Node: node, Agent: agent, Docker: docker,
-		Interval: cfg.AntiEntropy,
-		Held:     held, OnStale: onStale,
-		Logger: log,
+		Interval:  cfg.AntiEntropy,
+		Endpoints: eps,
+		Logger:    log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("service registration: %w", err)
 	}
 	return reg, nil
+}
+
+// lateEndpoints hands the registrar the driver, which is built after it.
+// Minimal edit by the discovery branch, for the lead to rewire.
+type lateEndpoints struct{ d **driver.Driver }
+
+func (l lateEndpoints) HeldEndpoints(ctx context.Context) ([]discovery.Endpoint, error) {
+	return (*l.d).HeldEndpoints(ctx)
+}
+
+func (l lateEndpoints) ReclaimEndpoint(ctx context.Context, id string) {
+	(*l.d).ReclaimEndpoint(ctx, id)
 }
 
 // openStore opens Consul when CONSUL_HTTP_ADDR is set (useConsul), else

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,9 +32,9 @@ const (
 	maxInspectBytes = 16 << 20
 )
 
-// ErrNotFound is returned by Inspect for a container the engine does not
-// have.
-var ErrNotFound = errors.New("no such container")
+// ErrNotFound is returned by Inspect for a container, and by
+// InspectNetwork for a network, that the engine does not have.
+var ErrNotFound = errors.New("not found")
 
 // ErrStreamClosed is the error an event stream reports when the engine
 // closed it cleanly (for example on shutdown).
@@ -51,9 +52,41 @@ type Container struct {
 	Labels map[string]string
 	// Running is State.Running.
 	Running bool
+	// Status is State.Status: "created", "running", "restarting",
+	// "exited", ...
+	Status string
 	// EndpointIDs are the container's network endpoints (the IDs network
 	// drivers get in CreateEndpoint and Join).
 	EndpointIDs []string
+	// Networks are the container's attachments (NetworkSettings.Networks).
+	Networks []Attachment
+}
+
+// Attachment is one network a container is attached to. EndpointID is
+// empty while the container has no endpoint on it (created, stopped, or
+// starting and not yet recorded). NetworkID may be empty too for a
+// container that was never connected (Docker 20.10 lists a created
+// container's networks by name only): match on Name as well.
+type Attachment struct {
+	Name       string
+	NetworkID  string
+	EndpointID string
+}
+
+// Info is the part of GET /info that identifies the engine.
+type Info struct {
+	// ID is the engine's unique ID (stable across restarts of the same
+	// engine, different on another engine).
+	ID string
+	// Name is the engine host's name.
+	Name string
+}
+
+// Network is what InspectNetwork returns.
+type Network struct {
+	ID     string
+	Name   string
+	Driver string
 }
 
 // Summary is one entry of List.
@@ -67,6 +100,10 @@ type Summary struct {
 	State string
 	// EndpointIDs are the container's network endpoints.
 	EndpointIDs []string
+	// Networks are the container's attachments. The list is the engine's
+	// view as of the container's last committed change: while a start is
+	// in progress a container shows its previous state and no endpoint.
+	Networks []Attachment
 }
 
 // Event is one message of the event stream.
@@ -223,7 +260,10 @@ func (c *Client) Inspect(ctx context.Context, id string) (Container, error) {
 			Env    []string
 			Labels map[string]string
 		}
-		State           struct{ Running bool }
+		State struct {
+			Running bool
+			Status  string
+		}
 		NetworkSettings networkSettings
 	}
 	if err := c.call(ctx, http.MethodGet, "/containers/"+url.PathEscape(id)+"/json", &raw); err != nil {
@@ -238,15 +278,27 @@ func (c *Client) Inspect(ctx context.Context, id string) (Container, error) {
 		Env:     raw.Config.Env,
 		Labels:  raw.Config.Labels,
 		Running: raw.State.Running,
+		Status:  raw.State.Status,
 
 		EndpointIDs: raw.NetworkSettings.endpointIDs(),
+		Networks:    raw.NetworkSettings.attachments(),
 	}, nil
 }
 
 // networkSettings is the part of NetworkSettings that names the
 // container's endpoints, in both inspect and list answers.
 type networkSettings struct {
-	Networks map[string]struct{ EndpointID string }
+	Networks map[string]struct{ NetworkID, EndpointID string }
+}
+
+// attachments lists the networks sorted by name.
+func (n networkSettings) attachments() []Attachment {
+	var out []Attachment
+	for name, nw := range n.Networks {
+		out = append(out, Attachment{Name: name, NetworkID: nw.NetworkID, EndpointID: nw.EndpointID})
+	}
+	slices.SortFunc(out, func(a, b Attachment) int { return strings.Compare(a.Name, b.Name) })
+	return out
 }
 
 func (n networkSettings) endpointIDs() []string {
@@ -273,13 +325,49 @@ func (c *Client) List(ctx context.Context) ([]Summary, error) {
 	}
 	out := make([]Summary, 0, len(raw))
 	for _, r := range raw {
-		s := Summary{ID: r.ID, Labels: r.Labels, State: r.State, EndpointIDs: r.NetworkSettings.endpointIDs()}
+		s := Summary{ID: r.ID, Labels: r.Labels, State: r.State,
+			EndpointIDs: r.NetworkSettings.endpointIDs(), Networks: r.NetworkSettings.attachments()}
 		for _, n := range r.Names {
 			s.Names = append(s.Names, strings.TrimPrefix(n, "/"))
 		}
 		out = append(out, s)
 	}
 	return out, nil
+}
+
+// Info returns the engine's identity (GET /info).
+func (c *Client) Info(ctx context.Context) (Info, error) {
+	var raw struct {
+		ID   string
+		Name string
+	}
+	if err := c.call(ctx, http.MethodGet, "/info", &raw); err != nil {
+		return Info{}, fmt.Errorf("docker info: %w", err)
+	}
+	if raw.ID == "" {
+		return Info{}, errors.New("docker info: the engine answered without an ID")
+	}
+	return Info{ID: raw.ID, Name: raw.Name}, nil
+}
+
+// InspectNetwork returns the network with this ID (full or a unique
+// prefix) or name. A network the engine does not know is ErrNotFound.
+func (c *Client) InspectNetwork(ctx context.Context, id string) (Network, error) {
+	if id == "" || strings.ContainsAny(id, "/?#") {
+		return Network{}, fmt.Errorf("docker inspect network %q: invalid id", id)
+	}
+	var raw struct {
+		ID     string `json:"Id"`
+		Name   string
+		Driver string
+	}
+	if err := c.call(ctx, http.MethodGet, "/networks/"+url.PathEscape(id), &raw); err != nil {
+		if se := (*StatusError)(nil); errors.As(err, &se) && se.Code == http.StatusNotFound {
+			return Network{}, fmt.Errorf("docker inspect network %q: %w", id, ErrNotFound)
+		}
+		return Network{}, fmt.Errorf("docker inspect network %q: %w", id, err)
+	}
+	return Network{ID: raw.ID, Name: raw.Name, Driver: raw.Driver}, nil
 }
 
 // Events subscribes to the engine's event stream. since, when not zero,

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -294,4 +295,68 @@ func TestFakeEvents(t *testing.T) {
 		}
 		close(release)
 	})
+}
+
+// TestFakeInfoNetworks: Info reads the engine's ID, InspectNetwork tells a
+// known network from an unknown one (ErrNotFound) and from a failure, and
+// List reads each container's attachments.
+func TestFakeInfoNetworks(t *testing.T) {
+	sock := fakeEngine(t, versionHandler("1.41", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case strings.HasSuffix(r.URL.Path, "/info"):
+			fmt.Fprint(w, `{"ID":"AAAA:BBBB","Name":"host1","Containers":3}`)
+		case strings.HasSuffix(r.URL.Path, "/networks/n1"):
+			fmt.Fprint(w, `{"Id":"n1full","Name":"app","Driver":"consul-overlay"}`)
+		case strings.HasSuffix(r.URL.Path, "/networks/boom"):
+			http.Error(w, `{"message":"broke"}`, 500)
+		case strings.HasSuffix(r.URL.Path, "/containers/json"):
+			fmt.Fprint(w, `[{"Id":"c1","State":"created","NetworkSettings":{"Networks":{
+				"b":{"NetworkID":"nb","EndpointID":""},"a":{"NetworkID":"na","EndpointID":"ea"}}}}]`)
+		default:
+			w.WriteHeader(http.StatusNotFound)
+			fmt.Fprint(w, `{"message":"not found"}`)
+		}
+	})))
+	c := New(sock)
+	defer c.Close()
+	ctx := context.Background()
+
+	info, err := c.Info(ctx)
+	if err != nil || info.ID != "AAAA:BBBB" || info.Name != "host1" {
+		t.Errorf("Info = %+v, %v; want ID AAAA:BBBB name host1", info, err)
+	}
+	n, err := c.InspectNetwork(ctx, "n1")
+	if err != nil || n.ID != "n1full" || n.Name != "app" || n.Driver != "consul-overlay" {
+		t.Errorf("InspectNetwork(n1) = %+v, %v", n, err)
+	}
+	if _, err := c.InspectNetwork(ctx, "gone"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("InspectNetwork(gone) = %v, want ErrNotFound", err)
+	}
+	if _, err := c.InspectNetwork(ctx, "boom"); err == nil || errors.Is(err, ErrNotFound) {
+		t.Errorf("InspectNetwork(boom) = %v, want an error that is not ErrNotFound", err)
+	}
+	if _, err := c.InspectNetwork(ctx, "a/b"); err == nil {
+		t.Error("InspectNetwork(a/b) succeeded, want an invalid id error")
+	}
+	list, err := c.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Attachment{{Name: "a", NetworkID: "na", EndpointID: "ea"}, {Name: "b", NetworkID: "nb"}}
+	if len(list) != 1 || !slices.Equal(list[0].Networks, want) || !slices.Equal(list[0].EndpointIDs, []string{"ea"}) {
+		t.Errorf("List = %+v, want attachments %+v", list, want)
+	}
+}
+
+// TestFakeInfoWithoutID: an answer without an ID is an error, never an
+// empty identity.
+func TestFakeInfoWithoutID(t *testing.T) {
+	sock := fakeEngine(t, versionHandler("1.41", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, `{"Name":"x"}`)
+	})))
+	c := New(sock)
+	defer c.Close()
+	if info, err := c.Info(context.Background()); err == nil {
+		t.Errorf("Info = %+v, want an error", info)
+	}
 }

@@ -130,3 +130,36 @@ func TestEngineEvents(t *testing.T) {
 	cancel()
 	<-errc
 }
+
+// TestEngineInfoNetworks: the engine has an ID, knows its "none" network
+// and not an absent one, and a created container lists its attachment
+// by name without an endpoint (endpoints exist only while it runs); the
+// engine (20.10) fills in NetworkID only once it is connected.
+func TestEngineInfoNetworks(t *testing.T) {
+	c := realEngine(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	info, err := c.Info(ctx)
+	if err != nil || info.ID == "" {
+		t.Fatalf("Info = %+v, %v", info, err)
+	}
+	n, err := c.InspectNetwork(ctx, "none")
+	if err != nil || n.ID == "" || n.Name != "none" {
+		t.Fatalf("InspectNetwork(none) = %+v, %v", n, err)
+	}
+	if _, err := c.InspectNetwork(ctx, strings.Repeat("e", 64)); !errors.Is(err, ErrNotFound) {
+		t.Errorf("InspectNetwork(absent) = %v, want ErrNotFound", err)
+	}
+	id, _ := createContainer(t, "--network", "none")
+	list, err := c.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := slices.IndexFunc(list, func(s Summary) bool { return s.ID == id })
+	if i < 0 {
+		t.Fatalf("List lacks %s", id)
+	}
+	if a := list[i].Networks; len(a) != 1 || a[0].Name != "none" || a[0].EndpointID != "" || (a[0].NetworkID != "" && a[0].NetworkID != n.ID) {
+		t.Errorf("created container's attachments %+v, want none (ID %s or empty) without an endpoint", a, n.ID)
+	}
+}
