@@ -176,6 +176,7 @@ func (c *Cluster) Join(ctx context.Context, key, networkID string, spec NetworkS
 		if err != nil {
 			return Network{}, err
 		}
+		c.at("join/before-cas")
 		err = c.store.CAS(ctx, configKey(key), val, pair.ModifyIndex)
 		if errors.Is(err, kvstore.ErrConflict) {
 			continue // changed, or removed by the last host leaving it
@@ -437,6 +438,12 @@ func (c *Cluster) Leave(ctx context.Context, key, networkID string) error {
 			}
 			return nil
 		}
+		// While this incarnation's config exists no other incarnation can
+		// be created, so records of another one are stale (a crash left
+		// them): remove them now, as nobody could tell later.
+		if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.Incarnation != rec.Incarnation }); err != nil {
+			c.log.Warn("remove endpoint records of an earlier incarnation", "logical", key, "error", err)
+		}
 		ops := []kvstore.Op{{Verb: kvstore.OpDeleteCAS, Key: configKey(key), Index: pair.ModifyIndex}}
 		resKeys := []string{vniKey(rec.VNI)}
 		for _, s := range rec.Subnets {
@@ -464,7 +471,7 @@ func (c *Cluster) Leave(ctx context.Context, key, networkID string) error {
 		// No member is left: the records of this incarnation are stale. A
 		// host re-creating the network meanwhile writes records of a new
 		// incarnation, which stay.
-		if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.Incarnation == rec.Incarnation || ep.Incarnation == "" }); err != nil {
+		if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.Incarnation == rec.Incarnation }); err != nil {
 			c.log.Warn("remove endpoint records of a removed network", "logical", key, "error", err)
 		}
 		c.log.Info("logical network removed", "logical", key, "vni", rec.VNI, "incarnation", rec.Incarnation)

@@ -157,7 +157,7 @@ func (r *Network) hostNames() string {
 }
 
 // Label names a logical network for messages: its -o name or its key.
-func (r *Network) Label() string {
+func (r Network) Label() string {
 	if r.Name != "" {
 		return fmt.Sprintf("%q", r.Name)
 	}
@@ -165,7 +165,7 @@ func (r *Network) Label() string {
 }
 
 // Member returns hostID's membership.
-func (r *Network) Member(hostID string) (Member, bool) {
+func (r Network) Member(hostID string) (Member, bool) {
 	m, ok := r.Hosts[hostID]
 	return m, ok
 }
