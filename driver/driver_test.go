@@ -54,6 +54,16 @@ func (f *fakeDataplane) DeleteNetwork(_ context.Context, vni uint32) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	delete(f.networks, vni)
+	for id, ep := range f.endpoints {
+		if ep.VNI == vni {
+			delete(f.endpoints, id)
+		}
+	}
+	for id, p := range f.peers {
+		if p.VNI == vni {
+			delete(f.peers, id)
+		}
+	}
 	return nil
 }
 func (f *fakeDataplane) EnsureEndpoint(_ context.Context, ep vxlan.Endpoint) (vxlan.EndpointInfo, error) {
@@ -97,6 +107,10 @@ func (f *fakeDataplane) Reconcile(_ context.Context, s vxlan.State) (vxlan.Chang
 		if !want[vni] {
 			delete(f.networks, vni)
 		}
+	}
+	f.endpoints = map[string]vxlan.Endpoint{}
+	for _, ep := range s.Endpoints {
+		f.endpoints[ep.ID] = ep
 	}
 	f.peers = map[string]vxlan.Peer{}
 	for _, p := range s.Peers {
