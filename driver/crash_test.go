@@ -307,7 +307,9 @@ func TestSameNodeNameTwoHosts(t *testing.T) {
 	if _, err := h2.CreateEndpoint(epReq("n2", "ep2", "10.1.0.3/24")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, func() bool { return slices.Equal(dp1.peerIPs(), []string{"10.1.0.3"}) && slices.Equal(dp2.peerIPs(), []string{"10.1.0.2"}) })
+	waitFor(t, func() bool {
+		return slices.Equal(dp1.peerIPs(), []string{"10.1.0.3"}) && slices.Equal(dp2.peerIPs(), []string{"10.1.0.2"})
+	})
 	if err := h2.DeleteEndpoint(&network.DeleteEndpointRequest{NetworkID: "n2", EndpointID: "ep2"}); err != nil {
 		t.Fatal(err)
 	}
