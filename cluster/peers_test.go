@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"encoding/json"
 	"net/netip"
 	"testing"
 )
@@ -53,5 +54,33 @@ func TestKey(t *testing.T) {
 	}
 	if _, err := Key("", nil); err == nil {
 		t.Error("Key without name or subnet accepted")
+	}
+}
+
+// Records written before host IDs and incarnations still read: the node
+// name stands for the host ID, the single NetworkID for the list.
+func TestLegacyRecords(t *testing.T) {
+	var n Network
+	if err := json.Unmarshal([]byte(`{"key":"name-app","vni":4096,"subnets":["10.0.0.0/24"],"hosts":{"a":{"network_id":"n1","vtep":"192.0.2.1"}}}`), &n); err != nil {
+		t.Fatal(err)
+	}
+	if m, ok := n.Member("a"); !ok || len(m.NetworkIDs) != 1 || m.NetworkIDs[0] != "n1" {
+		t.Fatalf("legacy membership %+v", n.Hosts)
+	}
+	var ep Endpoint
+	if err := json.Unmarshal([]byte(`{"id":"e1","node":"a","vtep":"192.0.2.1","ipv4":"10.0.0.2/24","mac":"02:42:0a:00:00:02"}`), &ep); err != nil {
+		t.Fatal(err)
+	}
+	if ep.HostID != "a" {
+		t.Fatalf("legacy endpoint host %q", ep.HostID)
+	}
+	if p := DesiredPeers("b", n, []Endpoint{ep}); len(p) != 1 {
+		t.Fatalf("legacy endpoint not a peer: %+v", p)
+	}
+	// Round trip of a current record keeps the list.
+	b, _ := json.Marshal(Member{NetworkIDs: []string{"x", "y"}})
+	var m Member
+	if err := json.Unmarshal(b, &m); err != nil || len(m.NetworkIDs) != 2 {
+		t.Fatalf("round trip %+v, %v", m, err)
 	}
 }

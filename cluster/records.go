@@ -3,6 +3,7 @@ package cluster
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"regexp"
@@ -205,4 +206,38 @@ func prefixStrings(ps []netip.Prefix) []string {
 		out[i] = p.String()
 	}
 	return out
+}
+
+// UnmarshalJSON reads a membership, including one written before host IDs
+// and several NetworkIDs (a single "network_id").
+func (m *Member) UnmarshalJSON(b []byte) error {
+	type plain Member
+	var v struct {
+		plain
+		NetworkID string `json:"network_id"`
+	}
+	if err := json.Unmarshal(b, &v); err != nil {
+		return err
+	}
+	*m = Member(v.plain)
+	if len(m.NetworkIDs) == 0 && v.NetworkID != "" {
+		m.NetworkIDs = []string{v.NetworkID}
+	}
+	return nil
+}
+
+// UnmarshalJSON reads an endpoint record, including one written before
+// host IDs: its node name stands for its host ID (as hosts were keyed by
+// node name then).
+func (e *Endpoint) UnmarshalJSON(b []byte) error {
+	type plain Endpoint
+	var v plain
+	if err := json.Unmarshal(b, &v); err != nil {
+		return err
+	}
+	*e = Endpoint(v)
+	if e.HostID == "" {
+		e.HostID = e.Node
+	}
+	return nil
 }
