@@ -351,3 +351,29 @@ func TestSetVTEP(t *testing.T) {
 		t.Fatalf("endpoint info %v", info.Value)
 	}
 }
+
+// TestRestartOnNewVTEP: a host restarted on another underlay address
+// republishes it; the other host's peers follow.
+func TestRestartOnNewVTEP(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.db")
+	dpA, dpB := newFake(), newFake()
+	storeA := openStore(t, path)
+	a := newTestDriver(t, storeA, "a", "192.0.2.1", dpA)
+	b := newTestDriver(t, openStore(t, path), "b", "192.0.2.2", dpB)
+	mustCreate(t, a, "na", "10.1.0.0/24")
+	mustCreate(t, b, "nb", "10.1.0.0/24")
+	if _, err := a.CreateEndpoint(epReq("na", "ep", "10.1.0.2/24")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return slices.Equal(dpB.peerVTEPs(), []string{"192.0.2.1"}) })
+	a.Close()
+	a = newTestDriver(t, storeA, "a", "192.0.2.21", dpA)
+	waitFor(t, func() bool { return slices.Equal(dpB.peerVTEPs(), []string{"192.0.2.21"}) })
+	rec, err := a.cl.Network(context.Background(), "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := rec.Member("a"); m.VTEP != "192.0.2.21" {
+		t.Fatalf("membership vtep %s", m.VTEP)
+	}
+}

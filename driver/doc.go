@@ -23,7 +23,9 @@
 // empty view: when the store shows nothing of this host (no host record,
 // no membership) while the kernel holds overlays, it keeps them, logs an
 // error naming what to check, and retries; only a proven view reconciles
-// the kernel and removes overlays the store does not list.
+// the kernel and removes overlays the store does not list. A host started
+// on another underlay address than it published republishes it, as
+// SetVTEP does at run time.
 //
 // Each step boundary of CreateNetwork, CreateEndpoint, Join, Leave,
 // DeleteEndpoint and DeleteNetwork is a fault point (internal/fault) that

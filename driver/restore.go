@@ -100,6 +100,16 @@ func (d *Driver) restore(ctx context.Context) error {
 			return err
 		}
 	}
+	// Started on a new underlay address (a reboot with a new lease):
+	// republish it, or the other hosts keep sending to the old one.
+	if stale := staleVTEP(d.cfg.HostID, d.cfg.VTEP.String(), v); stale {
+		if err := d.cl.SetVTEP(ctx, d.cfg.VTEP); err != nil {
+			return fmt.Errorf("republish this host's vtep %s: %w", d.cfg.VTEP, err)
+		}
+		if v, err = d.cl.View(ctx); err != nil {
+			return err
+		}
+	}
 	var state vxlan.State
 	for _, n := range v.Networks {
 		state.Networks = append(state.Networks, kernelNetwork(n))
@@ -133,4 +143,20 @@ func (d *Driver) restore(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// staleVTEP reports whether the view publishes another VTEP for this host
+// than vtep.
+func staleVTEP(hostID, vtep string, v cluster.View) bool {
+	for _, n := range v.Networks {
+		if m, ok := n.Member(hostID); ok && m.VTEP != vtep {
+			return true
+		}
+	}
+	for _, ep := range v.Endpoints {
+		if ep.VTEP != vtep {
+			return true
+		}
+	}
+	return false
 }
