@@ -5,20 +5,32 @@
 //
 // Docker 23+ has no cluster store, so the driver reports Scope "local":
 // each host's engine owns its own NetworkID, and the driver ties those
-// local IDs to one logical network through the store. State layout, all
-// keys under the store's prefix:
+// local IDs to one logical network through the cluster state. The driver
+// is a thin adapter: package cluster owns the store's schema, the
+// compare-and-set writes, the memberships (keyed by the host's HostID,
+// never its node name) and the watch; the data plane (package vxlan)
+// programs the kernel. For each logical network this host is a member of,
+// one goroutine takes the cluster's desired peers and hands them whole to
+// the data plane (SetPeers); the driver keeps no peer table of its own.
+// See package cluster for the key layout and the fencing rules.
 //
-//	networks/<key>/config          the logical network: VNI, subnets,
-//	                               gateways, MTU, and the hosts that joined
-//	                               it (node -> local NetworkID and VTEP)
-//	networks/<key>/endpoints/<id>  one endpoint: node, VTEP, addresses, MAC
-//	vnis/<vni>                     the VNI reservation, unique cluster-wide
+// Several Docker networks of this host may be bound to one logical network
+// (after a crash made Docker retry CreateNetwork under a new ID); they
+// share one bridge and VNI, which go with the last of them. PruneNetworks
+// unbinds the IDs Docker no longer has.
 //
-// Every write is a compare-and-set or a transaction, so two hosts racing to
-// create the same network, or two networks racing for one VNI, resolve to
-// one winner. Each host watches networks/<key>/ for the networks it has
-// joined and programs the remote endpoints into the kernel (neighbour and
-// FDB entries) through the data plane; nothing is learned by flooding.
+// At start the driver restores its view from the store. It never trusts an
+// empty view: when the store shows nothing of this host (no host record,
+// no membership) while the kernel holds overlays, it keeps them, logs an
+// error naming what to check, and retries; only a proven view reconciles
+// the kernel and removes overlays the store does not list. A host started
+// on another underlay address than it published republishes it, as
+// SetVTEP does at run time.
+//
+// Each step boundary of CreateNetwork, CreateEndpoint, Join, Leave,
+// DeleteEndpoint and DeleteNetwork is a fault point (internal/fault) that
+// the crash-injection tests kill the process at; each call's retry after
+// such a crash succeeds and leaks nothing.
 //
 // Handlers never call the Docker API and never block beyond their timeout:
 // a store outage fails calls that need the store with a clear error while

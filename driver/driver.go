@@ -13,7 +13,9 @@ import (
 
 	"github.com/docker/go-plugins-helpers/network"
 
+	"consul-overlay/cluster"
 	"consul-overlay/discovery"
+	"consul-overlay/internal/fault"
 	"consul-overlay/kvstore"
 	"consul-overlay/vxlan"
 )
@@ -25,9 +27,15 @@ type Dataplane interface {
 	DeleteNetwork(ctx context.Context, vni uint32) error
 	EnsureEndpoint(ctx context.Context, ep vxlan.Endpoint) (vxlan.EndpointInfo, error)
 	DeleteEndpoint(ctx context.Context, id string) error
-	AddPeer(ctx context.Context, p vxlan.Peer) error
-	DeletePeer(ctx context.Context, p vxlan.Peer) error
+	// SetPeers makes the remote peers of a network exactly peers.
+	SetPeers(ctx context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error)
+	// Reconcile makes the kernel match a full description, removing
+	// strays.
 	Reconcile(ctx context.Context, desired vxlan.State) (vxlan.Changes, error)
+	// Networks lists the VNIs of the overlays in the kernel.
+	Networks(ctx context.Context) ([]uint32, error)
+	// SetVTEP moves the local VXLAN devices of nets to a new source.
+	SetVTEP(ctx context.Context, vtep netip.Addr, nets []vxlan.Network) (vxlan.Changes, error)
 	// MaxMTU is the largest overlay MTU the underlay carries.
 	MaxMTU() int
 }
@@ -45,7 +53,12 @@ var _ Registrar = (*discovery.Registrar)(nil)
 
 // Config configures a Driver. Zero values take the documented defaults.
 type Config struct {
-	// Node is this host's name in the store (required).
+	// HostID is this host's identity in the cluster (required): unique,
+	// opaque and stable across restarts. Memberships and endpoint records
+	// are keyed by it.
+	HostID string
+	// Node is this host's human-readable name, for logs and messages
+	// (zero: HostID).
 	Node string
 	// VTEP is this host's underlay address, published to peers (required).
 	VTEP netip.Addr
@@ -64,6 +77,10 @@ type Config struct {
 	// ResyncInterval re-applies a network's peers after a failed kernel
 	// write (default 10s).
 	ResyncInterval time.Duration
+	// PruneGrace is how long PruneNetworks leaves a Docker network this
+	// process bound alone, as Docker stores a network only after
+	// CreateNetwork returns (default 1m).
+	PruneGrace time.Duration
 	// Registrar registers joined endpoints as services (nil: none).
 	Registrar Registrar
 	// ReleaseAddress gives an address of a reclaimed stale endpoint back to
@@ -72,49 +89,70 @@ type Config struct {
 	Logger         *slog.Logger
 }
 
-// Driver is consul-overlay's network driver.
+// Driver is consul-overlay's network driver: a thin adapter from Docker's
+// calls to the cluster state (package cluster) and the data plane.
 type Driver struct {
-	cfg   Config
-	log   *slog.Logger
-	store kvstore.Store
-	dp    Dataplane
+	cfg Config
+	log *slog.Logger
+	cl  *cluster.Cluster
+	dp  Dataplane
 
 	ctx    context.Context // lives as long as the driver; parent of watches
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // watches and recovery
 	ready  chan struct{}  // closed once the state is restored from the store
 
-	// opMu serialises network create and delete on this host, so a network
-	// is never built and torn down at once. Never held across a watch.
+	// opMu serialises network create, delete, prune and VTEP changes on
+	// this host, so a network is never built and torn down at once. Never
+	// held across a watch. Lock order: opMu before mu.
 	opMu sync.Mutex
 
-	// mu guards networks and endpoints. Never held across store or netlink
-	// I/O.
-	mu        sync.Mutex
-	networks  map[string]*localNetwork // by Docker NetworkID
-	endpoints map[string]*endpointRecord
+	// mu guards networks, logicals, endpoints, restoreErr and the ids of
+	// each logical. Never held across store or netlink I/O.
+	mu         sync.Mutex
+	networks   map[string]*logical // by Docker NetworkID
+	logicals   map[string]*logical // by logical key
+	endpoints  map[string]*localEndpoint
+	restoreErr error // why the last restore failed, for callers
+
+	// crashAt, when set by tests, is asked at each fault point; true
+	// makes the call stop there as a crash would (a panic that skips the
+	// undo steps).
+	crashAt func(point string) bool
 }
 
-// localNetwork is a logical network this host has joined.
-type localNetwork struct {
-	id  string // Docker NetworkID
-	rec networkRecord
+// logical is a logical network this host is a member of. Several Docker
+// networks of this host may be bound to it; they share its bridge.
+type logical struct {
+	rec cluster.Network // read-only once set
+	// ids are the bound Docker NetworkIDs, with the time this process
+	// bound them (zero: restored). Guarded by Driver.mu.
+	ids map[string]time.Time
 
 	cancel context.CancelFunc // stops the peer watch
 	done   chan struct{}      // closed when the peer watch has stopped
+}
 
-	// mu guards peers. Lock order: Driver.mu is never taken while mu is held.
-	mu    sync.Mutex
-	peers map[string]vxlan.Peer // programmed remote endpoints, by peerID
+// localEndpoint is one endpoint of this host.
+type localEndpoint struct {
+	rec cluster.Endpoint
+	// left is set by Leave: the endpoint is no longer a service.
+	left bool
 }
 
 var _ network.Driver = (*Driver)(nil)
 
+// errCrash is what a test-simulated crash panics with.
+var errCrash = errors.New("simulated crash")
+
 // New returns a driver; Start restores its state and must be called before
 // it serves requests.
 func New(cfg Config, store kvstore.Store, dp Dataplane) (*Driver, error) {
+	if cfg.HostID == "" {
+		return nil, errors.New("driver: host ID is required")
+	}
 	if cfg.Node == "" {
-		return nil, errors.New("driver: node name is required")
+		cfg.Node = cfg.HostID
 	}
 	if !cfg.VTEP.IsValid() {
 		return nil, errors.New("driver: VTEP address is required")
@@ -122,33 +160,40 @@ func New(cfg Config, store kvstore.Store, dp Dataplane) (*Driver, error) {
 	if cfg.CallTimeout <= 0 {
 		cfg.CallTimeout = 10 * time.Second
 	}
-	if cfg.VNIStart == 0 {
-		cfg.VNIStart = 4096
-	}
 	if cfg.ResyncInterval <= 0 {
 		cfg.ResyncInterval = 10 * time.Second
 	}
+	if cfg.PruneGrace <= 0 {
+		cfg.PruneGrace = time.Minute
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	cl, err := cluster.New(cluster.Config{HostID: cfg.HostID, Node: cfg.Node, VTEP: cfg.VTEP, VNIStart: cfg.VNIStart, Logger: cfg.Logger}, store)
+	if err != nil {
+		return nil, fmt.Errorf("driver: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Driver{
 		cfg:       cfg,
 		log:       cfg.Logger,
-		store:     store,
+		cl:        cl,
 		dp:        dp,
 		ctx:       ctx,
 		cancel:    cancel,
 		ready:     make(chan struct{}),
-		networks:  map[string]*localNetwork{},
-		endpoints: map[string]*endpointRecord{},
+		networks:  map[string]*logical{},
+		logicals:  map[string]*logical{},
+		endpoints: map[string]*localEndpoint{},
 	}, nil
 }
 
 // Start restores the driver's state from the store in the background:
 // the networks this host has joined, its endpoints, and the kernel state
 // (reconciled without disturbing running containers). Requests wait for it
-// up to their timeout. It retries while the store is unreachable.
+// up to their timeout. It retries while the store is unreachable, and
+// while the store shows nothing of this host but the kernel holds
+// overlays (see restore).
 func (d *Driver) Start() {
 	d.wg.Add(1)
 	go func() {
@@ -157,10 +202,18 @@ func (d *Driver) Start() {
 		for {
 			err := d.restore(d.ctx)
 			if err == nil {
+				d.mu.Lock()
+				d.restoreErr = nil
+				d.mu.Unlock()
 				close(d.ready)
 				return
 			}
-			d.log.Warn("restore state from the store failed; retrying", "error", err, "retry_in", backoff)
+			d.mu.Lock()
+			d.restoreErr = err
+			d.mu.Unlock()
+			if !errors.Is(err, errUnproven) {
+				d.log.Warn("restore state from the store failed; retrying", "error", err, "retry_in", backoff)
+			}
 			select {
 			case <-d.ctx.Done():
 				return
@@ -189,7 +242,22 @@ func (d *Driver) callCtx(op string) (context.Context, context.CancelFunc, error)
 		return ctx, cancel, nil
 	case <-ctx.Done():
 		cancel()
+		d.mu.Lock()
+		why := d.restoreErr
+		d.mu.Unlock()
+		if why != nil {
+			return nil, nil, fmt.Errorf("%s: consul-overlay is still restoring its state from the store: %v; try again", op, why)
+		}
 		return nil, nil, fmt.Errorf("%s: consul-overlay is still restoring its state from the store (is Consul reachable?); try again", op)
+	}
+}
+
+// point marks a step boundary: the crash-injection tests kill the process
+// here (fault.Point), unit tests stop the call here.
+func (d *Driver) point(name string) {
+	fault.Point(name)
+	if d.crashAt != nil && d.crashAt(name) {
+		panic(errCrash)
 	}
 }
 
@@ -199,8 +267,11 @@ func (d *Driver) GetCapabilities() (*network.CapabilitiesResponse, error) {
 	return &network.CapabilitiesResponse{Scope: network.LocalScope, ConnectivityScope: network.GlobalScope}, nil
 }
 
-// CreateNetwork joins this host to a logical network (creating it in the
-// store if it is the first host) and builds the overlay in the kernel.
+// CreateNetwork binds Docker network NetworkID of this host to a logical
+// network (creating it in the store if it is the first host) and builds
+// the overlay in the kernel. A second Docker network of this host with
+// the same logical network (Docker's retry with a new ID after a crash)
+// shares its overlay.
 func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error) {
 	op := fmt.Sprintf("create network %s", short(req.NetworkID))
 	ctx, cancel, err := d.callCtx(op)
@@ -225,54 +296,50 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 			}
 		}
 	}
-	key, err := logicalKey(opts.name, opts.subnets)
+	key, err := cluster.Key(opts.name, opts.subnets)
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
-	}
-	if max := d.dp.MaxMTU(); opts.mtu > max {
-		return fmt.Errorf("%s: option mtu=%d: the underlay carries at most %d bytes of overlay payload (its MTU minus the VXLAN overhead)", op, opts.mtu, max)
 	}
 
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	d.mu.Lock()
-	if n, ok := d.networks[req.NetworkID]; ok {
-		d.mu.Unlock()
-		if n.rec.Key == key {
+	if max := d.dp.MaxMTU(); opts.mtu > max {
+		return fmt.Errorf("%s: option mtu=%d: the underlay carries at most %d bytes of overlay payload (its MTU minus the VXLAN overhead)", op, opts.mtu, max)
+	}
+	if l := d.network(req.NetworkID); l != nil {
+		if l.rec.Key == key {
 			return nil // replayed request
 		}
-		return fmt.Errorf("%s: already exists as logical network %s", op, n.rec.label())
+		return fmt.Errorf("%s: already exists as logical network %s", op, l.rec.Label())
 	}
-	for _, n := range d.networks {
-		if n.rec.Key == key {
-			d.mu.Unlock()
-			return fmt.Errorf("%s: this host already has logical network %s as Docker network %s; remove that network first", op, n.rec.label(), short(n.id))
-		}
-	}
-	d.mu.Unlock()
 
-	rec, err := d.joinLogical(ctx, req.NetworkID, key, opts)
+	rec, err := d.cl.Join(ctx, key, req.NetworkID, cluster.NetworkSpec{
+		Name: opts.name, VNI: opts.vni, MTU: opts.mtu, Internal: opts.internal,
+		Subnets: opts.subnets, Gateways: opts.gateways, Spaces: opts.spaces, Options: opts.generic,
+	})
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
 	defer func() {
 		if retErr != nil {
-			if err := d.leaveLogical(context.WithoutCancel(ctx), rec.Key, req.NetworkID); err != nil {
+			if err := d.cl.Leave(context.WithoutCancel(ctx), rec.Key, req.NetworkID); err != nil {
 				retErr = errors.Join(retErr, fmt.Errorf("undo: %w", err))
 			}
 		}
 	}()
+	d.point("createnetwork/after-membership")
 
 	if _, err := d.dp.EnsureNetwork(ctx, kernelNetwork(rec)); err != nil {
-		return fmt.Errorf("%s: build overlay for logical network %s (vni %d): %w", op, rec.label(), rec.VNI, err)
+		return fmt.Errorf("%s: build overlay for logical network %s (vni %d): %w", op, rec.Label(), rec.VNI, err)
 	}
-	d.addLocalNetwork(req.NetworkID, rec, nil)
+	d.point("createnetwork/after-kernel")
+	d.bind(req.NetworkID, rec, time.Now())
 	d.log.Info("network created", "network", short(req.NetworkID), "logical", rec.Key, "vni", rec.VNI, "subnets", rec.Subnets)
 	return nil
 }
 
 // kernelNetwork is the data-plane description of a logical network.
-func kernelNetwork(rec networkRecord) vxlan.Network {
+func kernelNetwork(rec cluster.Network) vxlan.Network {
 	n := vxlan.Network{VNI: rec.VNI, MTU: rec.MTU}
 	for _, g := range rec.Gateways {
 		if p, err := netip.ParsePrefix(g); err == nil {
@@ -282,27 +349,31 @@ func kernelNetwork(rec networkRecord) vxlan.Network {
 	return n
 }
 
-// addLocalNetwork records a joined network and starts its peer watch.
-// peers are the remote endpoints already in the kernel (nil for none).
-func (d *Driver) addLocalNetwork(id string, rec networkRecord, peers map[string]vxlan.Peer) {
-	if peers == nil {
-		peers = map[string]vxlan.Peer{}
-	}
-	ctx, cancel := context.WithCancel(d.ctx)
-	n := &localNetwork{id: id, rec: rec, cancel: cancel, done: make(chan struct{}), peers: peers}
+// bind records Docker network id as bound to logical network rec and
+// starts the network's peer watch if it is the first.
+func (d *Driver) bind(id string, rec cluster.Network, at time.Time) {
 	d.mu.Lock()
-	d.networks[id] = n
-	d.mu.Unlock()
-	d.wg.Add(1)
-	go func() {
-		defer d.wg.Done()
-		defer close(n.done)
-		d.watchPeers(ctx, n)
-	}()
+	defer d.mu.Unlock()
+	l := d.logicals[rec.Key]
+	if l == nil {
+		ctx, cancel := context.WithCancel(d.ctx)
+		l = &logical{rec: rec, ids: map[string]time.Time{}, cancel: cancel, done: make(chan struct{})}
+		d.logicals[rec.Key] = l
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			defer close(l.done)
+			d.watchPeers(ctx, l)
+		}()
+	}
+	l.ids[id] = at
+	d.networks[id] = l
 }
 
-// DeleteNetwork removes this host from the logical network; the network's
-// record and VNI go when the last host leaves. Unknown IDs are success.
+// DeleteNetwork unbinds the Docker network from its logical network; the
+// overlay goes from the kernel with the last Docker network of this host
+// bound to it, and the network's record and VNI go from the store with the
+// last host. Unknown IDs are success.
 func (d *Driver) DeleteNetwork(req *network.DeleteNetworkRequest) error {
 	op := fmt.Sprintf("delete network %s", short(req.NetworkID))
 	ctx, cancel, err := d.callCtx(op)
@@ -312,31 +383,96 @@ func (d *Driver) DeleteNetwork(req *network.DeleteNetworkRequest) error {
 	defer cancel()
 	d.opMu.Lock()
 	defer d.opMu.Unlock()
-	n := d.network(req.NetworkID)
-	if n == nil {
+	if err := d.deleteNetwork(ctx, req.NetworkID); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	return nil
+}
+
+// deleteNetwork is DeleteNetwork with d.opMu held.
+func (d *Driver) deleteNetwork(ctx context.Context, id string) error {
+	l := d.network(id)
+	if l == nil {
 		return nil
 	}
 	// Docker deletes endpoints first; remove what a crash may have left.
-	for _, ep := range d.localEndpoints(req.NetworkID) {
+	for _, ep := range d.localEndpoints(id) {
 		if err := d.deleteEndpoint(ctx, ep); err != nil {
-			return fmt.Errorf("%s: %w", op, err)
+			return err
 		}
 	}
-	if err := d.leaveLogical(ctx, n.rec.Key, req.NetworkID); err != nil {
-		return fmt.Errorf("%s: %w", op, err)
+	d.point("deletenetwork/after-endpoints")
+	if err := d.cl.Leave(ctx, l.rec.Key, id); err != nil {
+		return err
 	}
-	n.cancel()
-	<-n.done
+	d.point("deletenetwork/after-leave")
 	d.mu.Lock()
-	delete(d.networks, req.NetworkID)
-	d.mu.Unlock()
-	if err := d.dp.DeleteNetwork(ctx, n.rec.VNI); err != nil {
-		// The store no longer lists the network; the next reconcile
-		// removes what is left in the kernel.
-		d.log.Warn("remove overlay from the kernel", "network", short(req.NetworkID), "vni", n.rec.VNI, "error", err)
+	delete(l.ids, id)
+	delete(d.networks, id)
+	last := len(l.ids) == 0
+	if last {
+		delete(d.logicals, l.rec.Key)
 	}
-	d.log.Info("network deleted", "network", short(req.NetworkID), "logical", n.rec.Key, "vni", n.rec.VNI)
+	d.mu.Unlock()
+	if last {
+		l.cancel()
+		<-l.done
+		if err := d.dp.DeleteNetwork(ctx, l.rec.VNI); err != nil {
+			// The store no longer lists the network; the next reconcile
+			// removes what is left in the kernel.
+			d.log.Warn("remove overlay from the kernel", "network", short(id), "vni", l.rec.VNI, "error", err)
+		}
+		d.point("deletenetwork/after-kernel")
+	}
+	d.log.Info("network deleted", "network", short(id), "logical", l.rec.Key, "vni", l.rec.VNI)
 	return nil
+}
+
+// PruneNetworks unbinds this host's Docker networks that Docker no longer
+// has (exists reports false), as DeleteNetwork would: a crash between the
+// membership write and Docker's answer leaves such a network, and Docker
+// retries CreateNetwork under a new ID. Networks bound by this process less
+// than PruneGrace ago are left alone (Docker stores a network only after
+// CreateNetwork returns). Call it outside Docker's calls: exists asks
+// Docker.
+func (d *Driver) PruneNetworks(ctx context.Context, exists func(ctx context.Context, networkID string) (bool, error)) error {
+	select {
+	case <-d.ready:
+	default:
+		return errors.New("prune networks: driver state not restored yet")
+	}
+	type cand struct {
+		id  string
+		key string
+	}
+	var cands []cand
+	d.mu.Lock()
+	for id, l := range d.networks {
+		if at := l.ids[id]; !at.IsZero() && time.Since(at) < d.cfg.PruneGrace {
+			continue
+		}
+		cands = append(cands, cand{id, l.rec.Key})
+	}
+	d.mu.Unlock()
+	var errs []error
+	for _, c := range cands {
+		ok, err := exists(ctx, c.id)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("prune network %s: %w", short(c.id), err))
+			continue
+		}
+		if ok {
+			continue
+		}
+		d.log.Info("removing a network Docker does not have", "network", short(c.id), "logical", c.key)
+		d.opMu.Lock()
+		err = d.deleteNetwork(ctx, c.id)
+		d.opMu.Unlock()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("prune network %s: %w", short(c.id), err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // CreateEndpoint records the endpoint, which publishes it to the other
@@ -348,7 +484,7 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 		return nil, err
 	}
 	defer cancel()
-	n, err := d.knownNetwork(op, req.NetworkID)
+	l, err := d.knownNetwork(op, req.NetworkID)
 	if err != nil {
 		return nil, err
 	}
@@ -359,9 +495,8 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 	if iface == nil {
 		iface = &network.EndpointInterface{}
 	}
-	rec := endpointRecord{
-		ID: req.EndpointID, NetworkKey: n.rec.Key, NetworkID: n.id,
-		Node: d.cfg.Node, VTEP: d.cfg.VTEP.String(), Created: time.Now().UTC(),
+	rec := cluster.Endpoint{
+		ID: req.EndpointID, NetworkKey: l.rec.Key, NetworkID: req.NetworkID,
 		Options: endpointOptions(req.Options),
 	}
 	if ports, err := discovery.ParseExposedPorts(req.Options[discovery.ExposedPortsOption]); err != nil {
@@ -404,41 +539,22 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 		resp.Interface = &network.EndpointInterface{MacAddress: rec.MAC}
 	}
 
-	val, err := kvstore.Encode(rec)
+	// Docker may replay CreateEndpoint (also after a crash that left the
+	// record): the same endpoint is success.
+	rec, err = d.cl.CreateEndpoint(ctx, rec)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
-	if err := d.store.Create(ctx, endpointKey(n.rec.Key, rec.ID), val); err != nil {
-		if !errors.Is(err, kvstore.ErrConflict) {
-			return nil, fmt.Errorf("%s: record endpoint: %w", op, err)
-		}
-		// Docker may replay CreateEndpoint; the same endpoint is success.
-		old, gerr := d.getEndpoint(ctx, n.rec.Key, rec.ID)
-		if gerr != nil {
-			return nil, fmt.Errorf("%s: record endpoint: %w", op, gerr)
-		}
-		if old.Node != rec.Node || old.IPv4 != rec.IPv4 || old.IPv6 != rec.IPv6 {
-			return nil, fmt.Errorf("%s: endpoint already exists on host %q with addresses %s %s", op, old.Node, old.IPv4, old.IPv6)
-		}
-		rec = *old
-	}
+	d.point("createendpoint/after-record")
 	d.mu.Lock()
-	d.endpoints[rec.ID] = &rec
+	if old := d.endpoints[rec.ID]; old != nil {
+		old.rec = rec
+	} else {
+		d.endpoints[rec.ID] = &localEndpoint{rec: rec}
+	}
 	d.mu.Unlock()
-	d.log.Debug("endpoint created", "network", short(n.id), "endpoint", short(rec.ID), "ipv4", rec.IPv4, "ipv6", rec.IPv6, "mac", rec.MAC)
+	d.log.Debug("endpoint created", "network", short(req.NetworkID), "endpoint", short(rec.ID), "ipv4", rec.IPv4, "ipv6", rec.IPv6, "mac", rec.MAC)
 	return resp, nil
-}
-
-func (d *Driver) getEndpoint(ctx context.Context, key, id string) (*endpointRecord, error) {
-	p, err := d.store.Get(ctx, endpointKey(key, id))
-	if err != nil {
-		return nil, err
-	}
-	var rec endpointRecord
-	if err := kvstore.Decode(p.Value, &rec); err != nil {
-		return nil, fmt.Errorf("endpoint %s: %w", short(id), err)
-	}
-	return &rec, nil
 }
 
 // DeleteEndpoint removes the endpoint's veth and its record. Unknown IDs
@@ -466,21 +582,26 @@ func (d *Driver) DeleteEndpoint(req *network.DeleteEndpointRequest) error {
 	return nil
 }
 
-// deleteEndpoint removes a local endpoint from the kernel and the store.
-func (d *Driver) deleteEndpoint(ctx context.Context, ep *endpointRecord) error {
+// deleteEndpoint removes a local endpoint from the registrar, the kernel
+// and the store, in that order; each step is idempotent.
+func (d *Driver) deleteEndpoint(ctx context.Context, ep *localEndpoint) error {
+	id := ep.rec.ID
 	if d.cfg.Registrar != nil {
-		d.cfg.Registrar.Deregister(ep.ID)
+		d.cfg.Registrar.Deregister(id)
 	}
-	if err := d.dp.DeleteEndpoint(ctx, ep.ID); err != nil {
+	d.point("deleteendpoint/after-deregister")
+	if err := d.dp.DeleteEndpoint(ctx, id); err != nil {
 		return err
 	}
-	if err := d.store.Delete(ctx, endpointKey(ep.NetworkKey, ep.ID)); err != nil {
-		return fmt.Errorf("remove endpoint record: %w", err)
+	d.point("deleteendpoint/after-veth")
+	if err := d.cl.DeleteEndpoint(ctx, ep.rec.NetworkKey, id); err != nil {
+		return err
 	}
+	d.point("deleteendpoint/after-record")
 	d.mu.Lock()
-	delete(d.endpoints, ep.ID)
+	delete(d.endpoints, id)
 	d.mu.Unlock()
-	d.log.Debug("endpoint deleted", "endpoint", short(ep.ID))
+	d.log.Debug("endpoint deleted", "endpoint", short(id))
 	return nil
 }
 
@@ -495,26 +616,31 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 		return nil, err
 	}
 	defer cancel()
-	n, err := d.knownNetwork(op, req.NetworkID)
+	l, err := d.knownNetwork(op, req.NetworkID)
 	if err != nil {
 		return nil, err
 	}
 	d.mu.Lock()
 	ep := d.endpoints[req.EndpointID]
+	var mac string
+	if ep != nil {
+		mac = ep.rec.MAC
+	}
 	d.mu.Unlock()
 	if ep == nil {
 		return nil, fmt.Errorf("%s: unknown endpoint (CreateEndpoint was not called or failed)", op)
 	}
-	mac, err := net.ParseMAC(ep.MAC)
+	hw, err := net.ParseMAC(mac)
 	if err != nil {
-		return nil, fmt.Errorf("%s: stored MAC %q: %w", op, ep.MAC, err)
+		return nil, fmt.Errorf("%s: stored MAC %q: %w", op, mac, err)
 	}
-	info, err := d.dp.EnsureEndpoint(ctx, vxlan.Endpoint{ID: ep.ID, VNI: n.rec.VNI, MAC: mac})
+	info, err := d.dp.EnsureEndpoint(ctx, vxlan.Endpoint{ID: req.EndpointID, VNI: l.rec.VNI, MAC: hw})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
-	d.log.Debug("endpoint joined", "network", short(n.id), "endpoint", short(ep.ID), "link", info.ContainerIf)
-	d.joined(ctx, n, ep, req)
+	d.point("join/after-veth")
+	d.log.Debug("endpoint joined", "network", short(req.NetworkID), "endpoint", short(req.EndpointID), "link", info.ContainerIf)
+	d.joined(ctx, l, ep, req)
 	return &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: info.ContainerIf, DstPrefix: "eth"}}, nil
 }
 
@@ -535,25 +661,62 @@ func (d *Driver) Leave(req *network.LeaveRequest) error {
 	if d.cfg.Registrar != nil {
 		d.cfg.Registrar.Deregister(req.EndpointID)
 	}
+	d.point("leave/after-deregister")
 	return nil
 }
 
-// EndpointInfo reports the endpoint's VNI, MAC, VTEP and node.
+// EndpointInfo reports the endpoint's VNI, MAC, VTEP, node and host.
 func (d *Driver) EndpointInfo(req *network.InfoRequest) (*network.InfoResponse, error) {
 	resp := &network.InfoResponse{Value: map[string]string{}}
 	d.mu.Lock()
+	defer d.mu.Unlock()
 	ep := d.endpoints[req.EndpointID]
-	n := d.networks[req.NetworkID]
-	d.mu.Unlock()
-	if ep == nil || n == nil {
+	l := d.networks[req.NetworkID]
+	if ep == nil || l == nil {
 		return resp, nil // Docker ignores errors here; keep it cheap.
 	}
-	resp.Value["vni"] = fmt.Sprint(n.rec.VNI)
-	resp.Value["mac"] = ep.MAC
-	resp.Value["vtep"] = ep.VTEP
-	resp.Value["node"] = ep.Node
-	resp.Value["network"] = n.rec.Key
+	resp.Value["vni"] = fmt.Sprint(l.rec.VNI)
+	resp.Value["mac"] = ep.rec.MAC
+	resp.Value["vtep"] = ep.rec.VTEP
+	resp.Value["node"] = ep.rec.Node
+	resp.Value["host"] = ep.rec.HostID
+	resp.Value["network"] = l.rec.Key
 	return resp, nil
+}
+
+// SetVTEP moves this host to a new underlay address: the local VXLAN
+// devices send from it, and this host's memberships and endpoint records
+// are republished with it (compare-and-set), so the other hosts' watches
+// reprogram their peers. Calling it again retries what failed.
+func (d *Driver) SetVTEP(ctx context.Context, addr netip.Addr) error {
+	select {
+	case <-d.ready:
+	default:
+		return errors.New("set vtep: driver state not restored yet")
+	}
+	addr = addr.Unmap()
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	d.mu.Lock()
+	nets := make([]vxlan.Network, 0, len(d.logicals))
+	for _, l := range d.logicals {
+		nets = append(nets, kernelNetwork(l.rec))
+	}
+	d.mu.Unlock()
+	var errs []error
+	if _, err := d.dp.SetVTEP(ctx, addr, nets); err != nil {
+		errs = append(errs, fmt.Errorf("set vtep %s in the kernel: %w", addr, err))
+	}
+	if err := d.cl.SetVTEP(ctx, addr); err != nil {
+		errs = append(errs, err)
+	}
+	d.mu.Lock()
+	d.cfg.VTEP = addr
+	for _, ep := range d.endpoints {
+		ep.rec.VTEP = addr.String()
+	}
+	d.mu.Unlock()
+	return errors.Join(errs...)
 }
 
 // AllocateNetwork is Swarm-only and Swarm calls it only for global-scope
@@ -583,26 +746,26 @@ func (d *Driver) RevokeExternalConnectivity(*network.RevokeExternalConnectivityR
 }
 
 // knownNetwork is the joined network id, or an error for op naming it.
-func (d *Driver) knownNetwork(op, id string) (*localNetwork, error) {
-	if n := d.network(id); n != nil {
-		return n, nil
+func (d *Driver) knownNetwork(op, id string) (*logical, error) {
+	if l := d.network(id); l != nil {
+		return l, nil
 	}
 	return nil, fmt.Errorf("%s: network %s is not a consul-overlay network on this host", op, short(id))
 }
 
-func (d *Driver) network(id string) *localNetwork {
+func (d *Driver) network(id string) *logical {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.networks[id]
 }
 
 // localEndpoints lists this host's endpoints on a Docker network.
-func (d *Driver) localEndpoints(networkID string) []*endpointRecord {
+func (d *Driver) localEndpoints(networkID string) []*localEndpoint {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var out []*endpointRecord
+	var out []*localEndpoint
 	for _, ep := range d.endpoints {
-		if ep.NetworkID == networkID {
+		if ep.rec.NetworkID == networkID {
 			out = append(out, ep)
 		}
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/docker/go-plugins-helpers/network"
 
+	"consul-overlay/cluster"
 	"consul-overlay/kvstore"
 	"consul-overlay/vxlan"
 )
@@ -28,6 +29,12 @@ type fakeDataplane struct {
 	reconcile []vxlan.State
 	failNet   error
 	maxMTU    int
+	vtep      netip.Addr
+}
+
+// peerID identifies one programmed neighbour in the fake.
+func peerID(p vxlan.Peer) string {
+	return fmt.Sprintf("%d/%s/%s/%s", p.VNI, p.IP, p.MAC, p.VTEP)
 }
 
 func newFake() *fakeDataplane {
@@ -47,6 +54,16 @@ func (f *fakeDataplane) DeleteNetwork(_ context.Context, vni uint32) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	delete(f.networks, vni)
+	for id, ep := range f.endpoints {
+		if ep.VNI == vni {
+			delete(f.endpoints, id)
+		}
+	}
+	for id, p := range f.peers {
+		if p.VNI == vni {
+			delete(f.peers, id)
+		}
+	}
 	return nil
 }
 func (f *fakeDataplane) EnsureEndpoint(_ context.Context, ep vxlan.Endpoint) (vxlan.EndpointInfo, error) {
@@ -64,28 +81,56 @@ func (f *fakeDataplane) DeleteEndpoint(_ context.Context, id string) error {
 	delete(f.endpoints, id)
 	return nil
 }
-func (f *fakeDataplane) AddPeer(_ context.Context, p vxlan.Peer) error {
+func (f *fakeDataplane) SetPeers(_ context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.peers[peerID(p)] = p
-	return nil
-}
-func (f *fakeDataplane) DeletePeer(_ context.Context, p vxlan.Peer) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	delete(f.peers, peerID(p))
-	return nil
+	for id, p := range f.peers {
+		if p.VNI == vni {
+			delete(f.peers, id)
+		}
+	}
+	for _, p := range peers {
+		f.peers[peerID(p)] = p
+	}
+	return vxlan.Changes{}, nil
 }
 func (f *fakeDataplane) Reconcile(_ context.Context, s vxlan.State) (vxlan.Changes, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.reconcile = append(f.reconcile, s)
+	want := map[uint32]bool{}
 	for _, n := range s.Networks {
 		f.networks[n.VNI] = n
+		want[n.VNI] = true
 	}
+	for vni := range f.networks {
+		if !want[vni] {
+			delete(f.networks, vni)
+		}
+	}
+	f.endpoints = map[string]vxlan.Endpoint{}
+	for _, ep := range s.Endpoints {
+		f.endpoints[ep.ID] = ep
+	}
+	f.peers = map[string]vxlan.Peer{}
 	for _, p := range s.Peers {
 		f.peers[peerID(p)] = p
 	}
+	return vxlan.Changes{}, nil
+}
+func (f *fakeDataplane) Networks(context.Context) ([]uint32, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []uint32
+	for vni := range f.networks {
+		out = append(out, vni)
+	}
+	return out, nil
+}
+func (f *fakeDataplane) SetVTEP(_ context.Context, vtep netip.Addr, nets []vxlan.Network) (vxlan.Changes, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.vtep = vtep
 	return vxlan.Changes{}, nil
 }
 func (f *fakeDataplane) MaxMTU() int { return f.maxMTU }
@@ -112,7 +157,13 @@ func openStore(t *testing.T, path string) kvstore.Store {
 
 func newTestDriver(t *testing.T, store kvstore.Store, node, vtep string, dp Dataplane) *Driver {
 	t.Helper()
-	d, err := New(Config{Node: node, VTEP: netip.MustParseAddr(vtep), Shared: true, OwnsAddressSpace: func(s string) bool { return s == "ours" }}, store, dp)
+	return newHostDriver(t, store, node, node, vtep, dp)
+}
+
+// newHostDriver is newTestDriver with a host ID distinct from the node name.
+func newHostDriver(t *testing.T, store kvstore.Store, hostID, node, vtep string, dp Dataplane) *Driver {
+	t.Helper()
+	d, err := New(Config{HostID: hostID, Node: node, VTEP: netip.MustParseAddr(vtep), Shared: true, OwnsAddressSpace: func(s string) bool { return s == "ours" }}, store, dp)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,6 +186,8 @@ func createReq(id string, generic map[string]interface{}, subnet string) *networ
 	}
 }
 
+// allKeys lists the store's keys but the host records (hosts/<id>), which
+// stay by design: they prove at restart that the store is this host's.
 func allKeys(t *testing.T, s kvstore.Store) []string {
 	t.Helper()
 	pairs, err := s.List(context.Background(), "")
@@ -143,6 +196,9 @@ func allKeys(t *testing.T, s kvstore.Store) []string {
 	}
 	var keys []string
 	for _, p := range pairs {
+		if strings.HasPrefix(p.Key, "hosts/") {
+			continue
+		}
 		keys = append(keys, p.Key)
 	}
 	return keys
@@ -227,7 +283,7 @@ func FuzzCreateNetworkRequest(f *testing.F) {
 		if o.vni > maxVNI || (o.mtu != 0 && o.mtu < minMTUv4) {
 			t.Fatalf("accepted out-of-range options %+v", o)
 		}
-		if _, err := logicalKey(o.name, o.subnets); err == nil && o.name != "" && !nameRE.MatchString(o.name) {
+		if _, err := cluster.Key(o.name, o.subnets); err == nil && o.name != "" && !cluster.ValidName(o.name) {
 			t.Fatalf("accepted bad name %q", o.name)
 		}
 	})

@@ -152,11 +152,3 @@ func boolOption(v interface{}) bool {
 	}
 	return false
 }
-
-func prefixStrings(ps []netip.Prefix) []string {
-	out := make([]string, len(ps))
-	for i, p := range ps {
-		out[i] = p.String()
-	}
-	return out
-}

@@ -10,8 +10,8 @@ import (
 
 	"github.com/docker/go-plugins-helpers/network"
 
+	"consul-overlay/cluster"
 	"consul-overlay/discovery"
-	"consul-overlay/kvstore"
 )
 
 // endpointOptions keeps the endpoint's own driver options (docker run
@@ -36,32 +36,37 @@ func endpointOptions(opts map[string]interface{}) map[string]string {
 // hands the endpoint to the registrar. Networking comes first: a store
 // failure here is logged, never returned, and the registrar retries on
 // its own.
-func (d *Driver) joined(ctx context.Context, n *localNetwork, ep *endpointRecord, req *network.JoinRequest) {
+func (d *Driver) joined(ctx context.Context, l *logical, ep *localEndpoint, req *network.JoinRequest) {
+	sandbox := discovery.ContainerIDFromSandboxKey(req.SandboxKey)
+	if sandbox == "" {
+		sandbox = "joined" // a SandboxKey of another form: still joined
+	}
+	var ports []discovery.Port
+	if p, err := discovery.ParseExposedPorts(req.Options[discovery.ExposedPortsOption]); err == nil {
+		ports = p
+	}
+	update := func(e *cluster.Endpoint) {
+		e.Sandbox = sandbox
+		if len(e.Ports) == 0 {
+			e.Ports = ports
+		}
+	}
 	d.mu.Lock()
 	ep.left = false
-	ep.Sandbox = discovery.ContainerIDFromSandboxKey(req.SandboxKey)
-	if ep.Sandbox == "" {
-		ep.Sandbox = "joined" // a SandboxKey of another form: still joined
-	}
-	if len(ep.Ports) == 0 {
-		if ports, err := discovery.ParseExposedPorts(req.Options[discovery.ExposedPortsOption]); err == nil {
-			ep.Ports = ports
-		}
-	}
-	rec := *ep
+	update(&ep.rec)
+	rec := ep.rec
 	d.mu.Unlock()
-	if val, err := kvstore.Encode(rec); err == nil {
-		if err := d.store.Put(ctx, endpointKey(rec.NetworkKey, rec.ID), val); err != nil {
-			d.log.Warn("record the container of an endpoint", "endpoint", short(rec.ID), "error", err)
-		}
+	if _, err := d.cl.UpdateEndpoint(ctx, rec.NetworkKey, rec.ID, update); err != nil {
+		d.log.Warn("record the container of an endpoint", "endpoint", short(rec.ID), "error", err)
 	}
+	d.point("join/after-record")
 	if d.cfg.Registrar != nil {
-		d.cfg.Registrar.Register(serviceEndpoint(n.rec, &rec))
+		d.cfg.Registrar.Register(serviceEndpoint(l.rec, &rec))
 	}
 }
 
 // serviceEndpoint describes a joined endpoint to the registrar.
-func serviceEndpoint(net networkRecord, ep *endpointRecord) discovery.Endpoint {
+func serviceEndpoint(net cluster.Network, ep *cluster.Endpoint) discovery.Endpoint {
 	e := discovery.Endpoint{
 		ID:        ep.ID,
 		Network:   net.Name,
@@ -101,11 +106,12 @@ func (d *Driver) HeldEndpoints(ctx context.Context) ([]discovery.Endpoint, error
 	defer d.mu.Unlock()
 	var out []discovery.Endpoint
 	for _, ep := range d.endpoints {
-		n := d.networks[ep.NetworkID]
-		if n == nil || ep.left || ep.Sandbox == "" {
+		l := d.networks[ep.rec.NetworkID]
+		if l == nil || ep.left || ep.rec.Sandbox == "" {
 			continue
 		}
-		out = append(out, serviceEndpoint(n.rec, ep))
+		rec := ep.rec
+		out = append(out, serviceEndpoint(l.rec, &rec))
 	}
 	return out, nil
 }
@@ -116,9 +122,11 @@ func (d *Driver) HeldEndpoints(ctx context.Context) ([]discovery.Endpoint, error
 func (d *Driver) ReclaimEndpoint(ctx context.Context, id string) {
 	d.mu.Lock()
 	ep := d.endpoints[id]
-	var n *localNetwork
+	var l *logical
+	var rec cluster.Endpoint
 	if ep != nil {
-		n = d.networks[ep.NetworkID]
+		l = d.networks[ep.rec.NetworkID]
+		rec = ep.rec
 	}
 	d.mu.Unlock()
 	if ep == nil {
@@ -128,19 +136,19 @@ func (d *Driver) ReclaimEndpoint(ctx context.Context, id string) {
 		d.log.Warn("reclaim stale endpoint", "endpoint", short(id), "error", err)
 		return
 	}
-	if n != nil && d.cfg.ReleaseAddress != nil {
-		for _, a := range []string{ep.IPv4, ep.IPv6} {
-			if err := d.releaseAddress(ctx, n.rec, a); err != nil {
+	if l != nil && d.cfg.ReleaseAddress != nil {
+		for _, a := range []string{rec.IPv4, rec.IPv6} {
+			if err := d.releaseAddress(ctx, l.rec, a); err != nil {
 				d.log.Warn("release address of stale endpoint", "endpoint", short(id), "address", a, "error", err)
 			}
 		}
 	}
-	d.log.Info("stale endpoint reclaimed", "endpoint", short(id), "ipv4", ep.IPv4, "ipv6", ep.IPv6)
+	d.log.Info("stale endpoint reclaimed", "endpoint", short(id), "ipv4", rec.IPv4, "ipv6", rec.IPv6)
 }
 
 // releaseAddress returns one endpoint address (CIDR, may be empty) to the
 // IPAM address space of the subnet that holds it.
-func (d *Driver) releaseAddress(ctx context.Context, rec networkRecord, cidr string) error {
+func (d *Driver) releaseAddress(ctx context.Context, rec cluster.Network, cidr string) error {
 	if cidr == "" {
 		return nil
 	}
@@ -159,5 +167,5 @@ func (d *Driver) releaseAddress(ctx context.Context, rec networkRecord, cidr str
 		}
 		return d.cfg.ReleaseAddress(ctx, space, subnet, p.Addr())
 	}
-	return fmt.Errorf("no subnet of network %s holds %s", rec.label(), p.Addr())
+	return fmt.Errorf("no subnet of network %s holds %s", rec.Label(), p.Addr())
 }

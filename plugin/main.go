@@ -271,7 +271,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	// WIRING (lead): pass HostID: hostID once driver.Config has it; Node
 	// stays the human-readable name.
 	dcfg := driver.Config{
-		Node: node, VTEP: vtep, Shared: shared,
+		// TODO(startup): the host ID persisted in DATA_DIR; the node
+		// name is a stand-in until start-up provides it (issue 11).
+		HostID: node,
+		Node:   node, VTEP: vtep, Shared: shared,
 		OwnsAddressSpace: ip.Owns,
 		ReleaseAddress: func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr) error {
 			return ip.FreeAddress(ctx, ipam.PoolID(space, subnet, netip.Prefix{}), a)

@@ -158,7 +158,6 @@ func TestProtocolMultiHost(t *testing.T) {
 			want string
 		}{
 			{"same name, other subnet", b, netSpec{subnet4: "10.20.0.0/24", opts: map[string]string{"name": "solo"}}, "already exists with subnet 10.50.0.0/24"},
-			{"same network twice on one host", x, netSpec{subnet4: "10.10.0.0/24", subnet6: "fd00:10::/64", opts: map[string]string{"name": "app"}}, "already has logical network"},
 			{"subnet of another network", x, netSpec{subnet4: "10.10.0.0/24", opts: map[string]string{"name": "clash"}}, "10.10.0.0/24"},
 			{"overlapping subnet", x, netSpec{subnet4: "10.10.0.0/16", opts: map[string]string{"name": "wide"}}, "10.10.0.0/24"},
 			{"vni out of range", x, netSpec{subnet4: "10.30.0.0/24", opts: map[string]string{"name": "v", "vni": "16777216"}}, "vni"},
@@ -181,6 +180,33 @@ func TestProtocolMultiHost(t *testing.T) {
 		}
 		if after := c.snapshot(t); after != before {
 			t.Fatalf("refused requests changed state:\nbefore:\n%s\nafter:\n%s", before, after)
+		}
+	})
+
+	// Changed by issue 11 (package cluster): a second Docker network of one
+	// logical network on a host (Docker's retry under a new ID after a
+	// crash) is accepted and shares the overlay; removing it keeps the
+	// overlay for the first.
+	t.Run("a second Docker network of one logical network shares its overlay", func(t *testing.T) {
+		n := nets[2]
+		before := ourLinks(t, c.hosts[2])
+		id := randomID()
+		x.must("/NetworkDriver.CreateNetwork", map[string]any{
+			"NetworkID": id,
+			"Options": map[string]any{
+				"com.docker.network.generic":     map[string]string{"name": "app"},
+				"com.docker.network.enable_ipv6": true,
+				"com.docker.network.enable_ipv4": true,
+			},
+			"IPv4Data": []map[string]any{{"AddressSpace": n.space, "Pool": n.subnet4, "Gateway": n.gw4}},
+			"IPv6Data": []map[string]any{{"AddressSpace": n.space, "Pool": n.subnet6, "Gateway": n.gw6}},
+		}, nil)
+		x.must("/NetworkDriver.DeleteNetwork", map[string]any{"NetworkID": id}, nil)
+		if after := ourLinks(t, c.hosts[2]); !slices.Equal(before, after) {
+			t.Fatalf("links of host2 changed: %v, then %v", before, after)
+		}
+		if err := ctrs[0].ping(t, ctrs[4].addr4.Addr(), 2); err != nil {
+			t.Fatalf("host2's container unreachable after the second network went: %v", err)
 		}
 	})
 

@@ -1,0 +1,466 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"consul-overlay/kvstore"
+)
+
+// CreateEndpoint records an endpoint of this host, which publishes it to
+// the other hosts. ep names the endpoint (ID, NetworkKey, NetworkID) and
+// gives its addresses, MAC, options and ports; CreateEndpoint fills in the
+// host, its VTEP, the network's incarnation and the time. The record is
+// written only while this host is a member of that incarnation under
+// ep.NetworkID (a transaction checks the config's index), so a record of a
+// removed network can never appear later. Replaying the same endpoint is
+// success and returns the stored record.
+func (c *Cluster) CreateEndpoint(ctx context.Context, ep Endpoint) (Endpoint, error) {
+	if ep.ID == "" || strings.ContainsAny(ep.ID, "/ ") {
+		return Endpoint{}, fmt.Errorf("record endpoint: invalid ID %q", ep.ID)
+	}
+	key := ep.NetworkKey
+	ep.HostID = c.cfg.HostID
+	ep.Node = c.cfg.Node
+	ep.VTEP = c.VTEP().String()
+	ep.Created = time.Now().UTC()
+	for attempt := 0; attempt < maxCASAttempts; attempt++ {
+		if err := ctx.Err(); err != nil {
+			return Endpoint{}, err
+		}
+		pair, err := c.store.Get(ctx, configKey(key))
+		if errors.Is(err, kvstore.ErrNotFound) {
+			return Endpoint{}, fmt.Errorf("record endpoint: logical network %q does not exist: %w", key, ErrNotMember)
+		}
+		if err != nil {
+			return Endpoint{}, fmt.Errorf("record endpoint: read logical network %q: %w", key, err)
+		}
+		var rec Network
+		if err := kvstore.Decode(pair.Value, &rec); err != nil {
+			return Endpoint{}, fmt.Errorf("record endpoint: logical network %q: %w", key, err)
+		}
+		if m, ok := rec.Hosts[c.cfg.HostID]; !ok || !slices.Contains(m.NetworkIDs, ep.NetworkID) {
+			return Endpoint{}, fmt.Errorf("record endpoint: network %s of this host is not in logical network %s: %w", ep.NetworkID, rec.Label(), ErrNotMember)
+		}
+		ep.Incarnation = rec.Incarnation
+		val, err := kvstore.Encode(ep)
+		if err != nil {
+			return Endpoint{}, err
+		}
+		err = c.store.Txn(ctx, []kvstore.Op{
+			{Verb: kvstore.OpCreate, Key: endpointKey(key, ep.ID), Value: val},
+			{Verb: kvstore.OpCheckIndex, Key: configKey(key), Index: pair.ModifyIndex},
+		})
+		if err == nil {
+			return ep, nil
+		}
+		if !errors.Is(err, kvstore.ErrConflict) {
+			return Endpoint{}, fmt.Errorf("record endpoint: %w", err)
+		}
+		// The config changed, or the endpoint exists (Docker replays).
+		old, op, err := c.getEndpoint(ctx, key, ep.ID)
+		if errors.Is(err, kvstore.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return Endpoint{}, fmt.Errorf("record endpoint: %w", err)
+		}
+		if old.Incarnation != rec.Incarnation {
+			// Left behind by an earlier incarnation: stale.
+			if err := c.deleteIf(ctx, op, func(e *Endpoint) bool { return e.Incarnation != rec.Incarnation }); err != nil {
+				return Endpoint{}, fmt.Errorf("record endpoint: %w", err)
+			}
+			continue
+		}
+		if old.HostID != ep.HostID || old.IPv4 != ep.IPv4 || old.IPv6 != ep.IPv6 {
+			return Endpoint{}, fmt.Errorf("record endpoint %s: already exists on host %q with addresses %s %s: %w", ep.ID, old.Node, old.IPv4, old.IPv6, ErrExists)
+		}
+		return old, nil
+	}
+	return Endpoint{}, fmt.Errorf("record endpoint %s: gave up after %d concurrent updates", ep.ID, maxCASAttempts)
+}
+
+func (c *Cluster) getEndpoint(ctx context.Context, key, id string) (Endpoint, *kvstore.Pair, error) {
+	p, err := c.store.Get(ctx, endpointKey(key, id))
+	if err != nil {
+		return Endpoint{}, nil, err
+	}
+	var ep Endpoint
+	if err := kvstore.Decode(p.Value, &ep); err != nil {
+		return Endpoint{}, nil, fmt.Errorf("endpoint record %q: %w", p.Key, err)
+	}
+	return ep, p, nil
+}
+
+// UpdateEndpoint changes this host's endpoint record with fn, by
+// compare-and-set. A missing record is kvstore.ErrNotFound; another host's
+// is ErrNotOwner. fn may run more than once; it must not change the ID,
+// the network, the host or the incarnation.
+func (c *Cluster) UpdateEndpoint(ctx context.Context, key, id string, fn func(*Endpoint)) (Endpoint, error) {
+	for attempt := 0; attempt < maxCASAttempts; attempt++ {
+		ep, p, err := c.getEndpoint(ctx, key, id)
+		if err != nil {
+			return Endpoint{}, fmt.Errorf("update endpoint %s: %w", id, err)
+		}
+		if ep.HostID != c.cfg.HostID {
+			return Endpoint{}, fmt.Errorf("update endpoint %s of host %q: %w", id, ep.Node, ErrNotOwner)
+		}
+		fn(&ep)
+		val, err := kvstore.Encode(ep)
+		if err != nil {
+			return Endpoint{}, err
+		}
+		err = c.store.CAS(ctx, p.Key, val, p.ModifyIndex)
+		if errors.Is(err, kvstore.ErrConflict) {
+			continue
+		}
+		if err != nil {
+			return Endpoint{}, fmt.Errorf("update endpoint %s: %w", id, err)
+		}
+		return ep, nil
+	}
+	return Endpoint{}, fmt.Errorf("update endpoint %s: gave up after %d concurrent updates", id, maxCASAttempts)
+}
+
+// DeleteEndpoint removes this host's endpoint record, by a delete-CAS on
+// the index read. A missing record is success; another host's record is
+// ErrNotOwner and stays.
+func (c *Cluster) DeleteEndpoint(ctx context.Context, key, id string) error {
+	ep, p, err := c.getEndpoint(ctx, key, id)
+	if errors.Is(err, kvstore.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("remove endpoint record %s: %w", id, err)
+	}
+	if ep.HostID != c.cfg.HostID {
+		return fmt.Errorf("remove endpoint record %s of host %q: %w", id, ep.Node, ErrNotOwner)
+	}
+	return c.deleteIf(ctx, p, func(e *Endpoint) bool { return e.HostID == c.cfg.HostID })
+}
+
+// Endpoints lists the endpoint records of logical network key.
+func (c *Cluster) Endpoints(ctx context.Context, key string) ([]Endpoint, error) {
+	pairs, err := c.store.List(ctx, endpointsPrefix(key))
+	if err != nil {
+		return nil, fmt.Errorf("list endpoints of %q: %w", key, err)
+	}
+	return decodeEndpoints(key, pairs), nil
+}
+
+// Network reads logical network key (kvstore.ErrNotFound if absent).
+func (c *Cluster) Network(ctx context.Context, key string) (Network, error) {
+	p, err := c.store.Get(ctx, configKey(key))
+	if err != nil {
+		return Network{}, err
+	}
+	var rec Network
+	if err := kvstore.Decode(p.Value, &rec); err != nil {
+		return Network{}, fmt.Errorf("logical network %q: %w", key, err)
+	}
+	return rec, nil
+}
+
+// decodeEndpoints picks the endpoint records out of pairs under
+// networks/<key>/.
+func decodeEndpoints(key string, pairs []*kvstore.Pair) []Endpoint {
+	prefix := endpointsPrefix(key)
+	var out []Endpoint
+	for _, p := range pairs {
+		if !strings.HasPrefix(p.Key, prefix) {
+			continue
+		}
+		var ep Endpoint
+		if err := kvstore.Decode(p.Value, &ep); err != nil {
+			continue
+		}
+		out = append(out, ep)
+	}
+	return out
+}
+
+// Peer is one remote endpoint address: what the data plane programs.
+type Peer struct {
+	EndpointID string
+	HostID     string
+	IP         netip.Addr
+	MAC        net.HardwareAddr
+	VTEP       netip.Addr
+}
+
+// DesiredPeers is the set of remote peers host self should program for
+// network n: every address of every endpoint record of n's incarnation
+// that belongs to another member host. Sorted by IP, then endpoint.
+func DesiredPeers(self string, n Network, eps []Endpoint) []Peer {
+	var out []Peer
+	for _, ep := range eps {
+		if ep.HostID == self || ep.Incarnation != n.Incarnation {
+			continue
+		}
+		if _, member := n.Hosts[ep.HostID]; !member {
+			continue
+		}
+		mac, err := net.ParseMAC(ep.MAC)
+		if err != nil {
+			continue
+		}
+		vtep, err := netip.ParseAddr(ep.VTEP)
+		if err != nil {
+			continue
+		}
+		for _, a := range []string{ep.IPv4, ep.IPv6} {
+			if a == "" {
+				continue
+			}
+			pfx, err := netip.ParsePrefix(a)
+			if err != nil {
+				continue
+			}
+			out = append(out, Peer{EndpointID: ep.ID, HostID: ep.HostID, IP: pfx.Addr(), MAC: mac, VTEP: vtep})
+		}
+	}
+	slices.SortFunc(out, func(a, b Peer) int {
+		if c := a.IP.Compare(b.IP); c != 0 {
+			return c
+		}
+		return strings.Compare(a.EndpointID, b.EndpointID)
+	})
+	return out
+}
+
+// WatchPeers delivers the desired peers of logical network key (see
+// DesiredPeers): once at start and after every change of the network's
+// records. The channel closes when ctx ends. A snapshot without the
+// network's config delivers no peers.
+func (c *Cluster) WatchPeers(ctx context.Context, key string) (<-chan []Peer, error) {
+	ch, err := c.store.Watch(ctx, networkPrefix(key))
+	if err != nil {
+		return nil, fmt.Errorf("watch logical network %q: %w", key, err)
+	}
+	out := make(chan []Peer)
+	go func() {
+		defer close(out)
+		for snap := range ch {
+			peers := peersOf(c.cfg.HostID, key, snap)
+			select {
+			case out <- peers:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return out, nil
+}
+
+// peersOf derives the desired peers from a snapshot of networks/<key>/.
+func peersOf(self, key string, pairs []*kvstore.Pair) []Peer {
+	var rec Network
+	found := false
+	for _, p := range pairs {
+		if p.Key == configKey(key) {
+			found = kvstore.Decode(p.Value, &rec) == nil
+		}
+	}
+	if !found {
+		return nil
+	}
+	return DesiredPeers(self, rec, decodeEndpoints(key, pairs))
+}
+
+// View is this host's part of the cluster state, read at start.
+type View struct {
+	// Proven says the store shows this host: its host record or at least
+	// one membership. An unproven view may be a wrong prefix, a token that
+	// cannot read it, a changed identity or a lost embedded store; nothing
+	// should be removed on its word.
+	Proven bool
+	// Networks are the logical networks this host is a member of.
+	Networks []Network
+	// Endpoints are this host's endpoint records in those networks.
+	Endpoints []Endpoint
+	// Peers are the desired remote peers of each network, by key.
+	Peers map[string][]Peer
+}
+
+// View reads this host's networks, endpoints and peers. It also removes
+// this host's endpoint records that no membership backs any more (left
+// by a crash between two writes); call it before serving requests.
+func (c *Cluster) View(ctx context.Context) (View, error) {
+	v := View{Peers: map[string][]Peer{}}
+	if _, err := c.store.Get(ctx, hostKey(c.cfg.HostID)); err == nil {
+		v.Proven = true
+	} else if !errors.Is(err, kvstore.ErrNotFound) {
+		return View{}, fmt.Errorf("read host record %q: %w", c.cfg.HostID, err)
+	}
+	pairs, err := c.store.List(ctx, "networks/")
+	if err != nil {
+		return View{}, fmt.Errorf("list networks: %w", err)
+	}
+	byKey := map[string][]*kvstore.Pair{}
+	var keys []string
+	for _, p := range pairs {
+		parts := strings.SplitN(p.Key, "/", 3)
+		if len(parts) < 3 {
+			continue
+		}
+		if _, ok := byKey[parts[1]]; !ok {
+			keys = append(keys, parts[1])
+		}
+		byKey[parts[1]] = append(byKey[parts[1]], p)
+	}
+	for _, key := range keys {
+		ps := byKey[key]
+		var rec Network
+		found := false
+		for _, p := range ps {
+			if p.Key == configKey(key) {
+				found = kvstore.Decode(p.Value, &rec) == nil
+			}
+		}
+		m, member := rec.Hosts[c.cfg.HostID]
+		for _, p := range ps {
+			if !strings.HasPrefix(p.Key, endpointsPrefix(key)) {
+				continue
+			}
+			var ep Endpoint
+			if kvstore.Decode(p.Value, &ep) != nil || ep.HostID != c.cfg.HostID {
+				continue
+			}
+			if found && member && ep.Incarnation == rec.Incarnation && slices.Contains(m.NetworkIDs, ep.NetworkID) {
+				v.Endpoints = append(v.Endpoints, ep)
+				continue
+			}
+			c.log.Info("removing an endpoint record of this host that no membership backs", "logical", key, "endpoint", ep.ID)
+			if err := c.deleteIf(ctx, p, func(e *Endpoint) bool {
+				return e.HostID == c.cfg.HostID && e.Incarnation == ep.Incarnation && e.NetworkID == ep.NetworkID
+			}); err != nil {
+				c.log.Warn("remove orphan endpoint record", "logical", key, "endpoint", ep.ID, "error", err)
+			}
+		}
+		if !found || !member {
+			continue
+		}
+		v.Proven = true
+		v.Networks = append(v.Networks, rec)
+		v.Peers[key] = DesiredPeers(c.cfg.HostID, rec, decodeEndpoints(key, ps))
+	}
+	return v, nil
+}
+
+// SetVTEP publishes a new underlay address for this host: in its host
+// record, its memberships and its endpoint records, each by
+// compare-and-set, so the other hosts' watches reprogram their peers. It
+// carries on past failures and joins them; calling it again retries.
+func (c *Cluster) SetVTEP(ctx context.Context, addr netip.Addr) error {
+	if !addr.IsValid() {
+		return errors.New("set vtep: no address")
+	}
+	addr = addr.Unmap()
+	c.mu.Lock()
+	c.vtep = addr
+	c.mu.Unlock()
+	vtep := addr.String()
+	var errs []error
+	if err := c.casLoop(ctx, hostKey(c.cfg.HostID), func(b []byte) ([]byte, bool, error) {
+		var h Host
+		if err := kvstore.Decode(b, &h); err != nil {
+			return nil, false, err
+		}
+		if h.VTEP == vtep {
+			return nil, false, nil
+		}
+		h.VTEP = vtep
+		v, err := kvstore.Encode(h)
+		return v, true, err
+	}); err != nil {
+		errs = append(errs, err)
+	}
+	pairs, err := c.store.List(ctx, "networks/")
+	if err != nil {
+		return errors.Join(append(errs, fmt.Errorf("set vtep: list networks: %w", err))...)
+	}
+	for _, p := range pairs {
+		switch {
+		case strings.HasSuffix(p.Key, "/config"):
+			var rec Network
+			if kvstore.Decode(p.Value, &rec) != nil {
+				continue
+			}
+			if m, ok := rec.Hosts[c.cfg.HostID]; !ok || m.VTEP == vtep {
+				continue
+			}
+			errs = append(errs, c.casLoop(ctx, p.Key, func(b []byte) ([]byte, bool, error) {
+				var rec Network
+				if err := kvstore.Decode(b, &rec); err != nil {
+					return nil, false, err
+				}
+				m, ok := rec.Hosts[c.cfg.HostID]
+				if !ok || m.VTEP == vtep {
+					return nil, false, nil
+				}
+				m.VTEP = vtep
+				rec.Hosts[c.cfg.HostID] = m
+				v, err := kvstore.Encode(rec)
+				return v, true, err
+			}))
+		case strings.Contains(p.Key, "/endpoints/"):
+			var ep Endpoint
+			if kvstore.Decode(p.Value, &ep) != nil || ep.HostID != c.cfg.HostID || ep.VTEP == vtep {
+				continue
+			}
+			errs = append(errs, c.casLoop(ctx, p.Key, func(b []byte) ([]byte, bool, error) {
+				var ep Endpoint
+				if err := kvstore.Decode(b, &ep); err != nil {
+					return nil, false, err
+				}
+				if ep.HostID != c.cfg.HostID || ep.VTEP == vtep {
+					return nil, false, nil
+				}
+				ep.VTEP = vtep
+				v, err := kvstore.Encode(ep)
+				return v, true, err
+			}))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("set vtep %s: %w", vtep, err)
+	}
+	c.log.Info("vtep republished", "vtep", vtep)
+	return nil
+}
+
+// casLoop rewrites key with fn by compare-and-set until it sticks. fn
+// returns write=false to leave the key alone. A missing key is success.
+func (c *Cluster) casLoop(ctx context.Context, key string, fn func([]byte) (val []byte, write bool, err error)) error {
+	for attempt := 0; attempt < maxCASAttempts; attempt++ {
+		p, err := c.store.Get(ctx, key)
+		if errors.Is(err, kvstore.ErrNotFound) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read %q: %w", key, err)
+		}
+		val, write, err := fn(p.Value)
+		if err != nil {
+			return fmt.Errorf("%q: %w", key, err)
+		}
+		if !write {
+			return nil
+		}
+		err = c.store.CAS(ctx, key, val, p.ModifyIndex)
+		if errors.Is(err, kvstore.ErrConflict) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("write %q: %w", key, err)
+		}
+		return nil
+	}
+	return fmt.Errorf("write %q: gave up after %d concurrent updates", key, maxCASAttempts)
+}

@@ -1,0 +1,162 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"consul-overlay/cluster"
+	"consul-overlay/vxlan"
+)
+
+// errUnproven: the store shows nothing of this host while the kernel holds
+// overlays; restore keeps them and retries.
+var errUnproven = errors.New("the store shows nothing of this host")
+
+// vxlanPeers converts the cluster's desired peers of a network.
+func vxlanPeers(vni uint32, ps []cluster.Peer) []vxlan.Peer {
+	out := make([]vxlan.Peer, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, vxlan.Peer{VNI: vni, IP: p.IP, MAC: p.MAC, VTEP: p.VTEP})
+	}
+	return out
+}
+
+// watchPeers keeps the kernel's peers of one logical network equal to the
+// desired peers the cluster state outputs, until ctx ends. A failed kernel
+// write is retried at the next change or after ResyncInterval.
+func (d *Driver) watchPeers(ctx context.Context, l *logical) {
+	ch, err := d.cl.WatchPeers(ctx, l.rec.Key)
+	if err != nil {
+		d.log.Error("watch peers", "logical", l.rec.Key, "vni", l.rec.VNI, "error", err)
+		return
+	}
+	// Wait for the cluster's goroutine to end with the store's watch.
+	defer func() {
+		for range ch {
+		}
+	}()
+	var last []cluster.Peer
+	have := false
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ps, ok := <-ch:
+			if !ok {
+				return
+			}
+			last, have = ps, true
+		case <-retry.C:
+		}
+		if !have {
+			continue
+		}
+		ch, err := d.dp.SetPeers(ctx, l.rec.VNI, vxlanPeers(l.rec.VNI, last))
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			d.log.Warn("program peers", "logical", l.rec.Key, "vni", l.rec.VNI, "error", err)
+			retry.Reset(d.cfg.ResyncInterval)
+			continue
+		}
+		if ch.Total() > 0 {
+			d.log.Debug("peers programmed", "logical", l.rec.Key, "vni", l.rec.VNI, "peers", len(last), "changes", ch.Total())
+		}
+	}
+}
+
+// restore rebuilds the driver's view from the store (the networks this
+// host is a member of and its endpoints), brings the kernel in line and
+// starts the peer watches.
+//
+// It never trusts an empty view: if the store shows nothing of this host
+// (no host record, no membership) while the kernel holds overlays, the
+// store is not the one this host used (another KV_PREFIX, a token that
+// cannot read it, another host identity, a lost embedded store). It then
+// keeps every overlay, logs the error and fails, so Start retries. Only a
+// proven view reconciles the kernel, removing overlays the store does not
+// list.
+func (d *Driver) restore(ctx context.Context) error {
+	v, err := d.cl.View(ctx)
+	if err != nil {
+		return err
+	}
+	if !v.Proven {
+		vnis, err := d.dp.Networks(ctx)
+		if err != nil {
+			return fmt.Errorf("list overlays in the kernel: %w", err)
+		}
+		if len(vnis) > 0 {
+			err := fmt.Errorf("%w (host ID %q, node %q) but the kernel holds %d overlay networks (vni %v): keeping them and retrying; check that KV_PREFIX and the host identity are the ones this host ran with, that the Consul token can read the prefix, and that the embedded store's state.db is still in DATA_DIR",
+				errUnproven, d.cfg.HostID, d.cfg.Node, len(vnis), vnis)
+			d.log.Error("state not restored: the store does not show this host", "error", err)
+			return err
+		}
+	}
+	// Started on a new underlay address (a reboot with a new lease):
+	// republish it, or the other hosts keep sending to the old one.
+	if stale := staleVTEP(d.cfg.HostID, d.cfg.VTEP.String(), v); stale {
+		if err := d.cl.SetVTEP(ctx, d.cfg.VTEP); err != nil {
+			return fmt.Errorf("republish this host's vtep %s: %w", d.cfg.VTEP, err)
+		}
+		if v, err = d.cl.View(ctx); err != nil {
+			return err
+		}
+	}
+	var state vxlan.State
+	for _, n := range v.Networks {
+		state.Networks = append(state.Networks, kernelNetwork(n))
+		state.Peers = append(state.Peers, vxlanPeers(n.VNI, v.Peers[n.Key])...)
+	}
+	vniOf := map[string]uint32{}
+	for _, n := range v.Networks {
+		vniOf[n.Key] = n.VNI
+	}
+	for _, ep := range v.Endpoints {
+		mac, err := net.ParseMAC(ep.MAC)
+		if err != nil {
+			continue
+		}
+		state.Endpoints = append(state.Endpoints, vxlan.Endpoint{ID: ep.ID, VNI: vniOf[ep.NetworkKey], MAC: mac})
+	}
+	ch, err := d.dp.Reconcile(ctx, state)
+	if err != nil {
+		return fmt.Errorf("reconcile kernel: %w", err)
+	}
+	d.log.Info("state restored", "networks", len(v.Networks), "endpoints", len(v.Endpoints), "kernel_changes", fmt.Sprintf("%+v", ch))
+	d.mu.Lock()
+	for _, ep := range v.Endpoints {
+		d.endpoints[ep.ID] = &localEndpoint{rec: ep, left: false}
+	}
+	d.mu.Unlock()
+	for _, n := range v.Networks {
+		m, _ := n.Member(d.cfg.HostID)
+		for _, id := range m.NetworkIDs {
+			d.bind(id, n, time.Time{})
+		}
+	}
+	return nil
+}
+
+// staleVTEP reports whether the view publishes another VTEP for this host
+// than vtep.
+func staleVTEP(hostID, vtep string, v cluster.View) bool {
+	for _, n := range v.Networks {
+		if m, ok := n.Member(hostID); ok && m.VTEP != vtep {
+			return true
+		}
+	}
+	for _, ep := range v.Endpoints {
+		if ep.VTEP != vtep {
+			return true
+		}
+	}
+	return false
+}

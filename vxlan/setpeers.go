@@ -1,0 +1,166 @@
+package vxlan
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"slices"
+)
+
+// SetPeers makes the remote peers of network vni exactly peers: the one
+// declarative call the cluster state drives the data plane with. Peers
+// already programmed stay untouched (no packet is lost); the kernel's
+// neighbour and FDB entries of the VXLAN device become those the list
+// implies. A peer that is invalid (wrong VNI, this host's VTEP, another
+// family) is skipped and reported in the error while the others are
+// applied. If the network is not ensured yet, the set is kept and
+// programmed by EnsureNetwork. An empty list removes every peer.
+//
+// Equivalent to: comparing `ip neigh show dev vx-0a1b nud permanent` and
+// `bridge fdb show dev vx-0a1b self` with the list, then `ip neigh
+// replace|del` and `bridge fdb replace|append|del` for the differences.
+func (m *Manager) SetPeers(ctx context.Context, vni uint32, peers []Peer) (Changes, error) {
+	var ch Changes
+	if err := validVNI(vni); err != nil {
+		return ch, fmt.Errorf("set peers: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var errs []error
+	keys := make([]peerKey, 0, len(peers))
+	for _, p := range peers {
+		if p.VNI != vni {
+			errs = append(errs, fmt.Errorf("peer %s: vni %d in the list of vni %d", p.IP, p.VNI, vni))
+			continue
+		}
+		k, err := m.checkPeer(p)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		keys = append(keys, k)
+	}
+	// Peers already in the set keep their order, so "latest added wins"
+	// for a duplicate IP or MAC means what it meant before the call.
+	old := m.peers[vni]
+	seq := func(k peerKey) uint64 {
+		if old == nil {
+			return 0
+		}
+		if s, ok := old.peers[k]; ok {
+			return s
+		}
+		return 0
+	}
+	slices.SortStableFunc(keys, func(a, b peerKey) int {
+		sa, sb := seq(a), seq(b)
+		switch {
+		case sa == sb:
+			return 0
+		case sa == 0:
+			return 1
+		case sb == 0:
+			return -1
+		case sa < sb:
+			return -1
+		}
+		return 1
+	})
+	set := newPeerSet()
+	for _, k := range keys {
+		set.add(k)
+	}
+	if len(set.peers) == 0 {
+		delete(m.peers, vni)
+	} else {
+		m.peers[vni] = set
+	}
+	vx, err := m.linkByName(VXLANName(vni))
+	if err != nil {
+		return ch, errors.Join(append(errs, fmt.Errorf("set peers (vni %d): %w", vni, err))...)
+	}
+	if vx != nil {
+		if err := m.syncPeers(vx, vni, &ch); err != nil {
+			errs = append(errs, fmt.Errorf("set peers (vni %d): %w", vni, err))
+		}
+	}
+	if ch.Total() > 0 {
+		m.log.Debug("peers set", "vni", vni, "peers", len(set.peers), "changes", ch.Total())
+	}
+	return ch, errors.Join(errs...)
+}
+
+// Networks lists the VNIs of the overlay networks in the kernel: VXLAN
+// devices and bridges with our names and our alias.
+//
+// Equivalent to: `ip -d link show` filtered on the vx-/vxbr- names and the
+// consul-overlay alias.
+func (m *Manager) Networks(ctx context.Context) ([]uint32, error) {
+	links, err := m.linkList()
+	if err != nil {
+		return nil, err
+	}
+	seen := map[uint32]bool{}
+	var out []uint32
+	for _, l := range links {
+		if l.Attrs().Alias != OwnerAlias {
+			continue
+		}
+		for _, re := range []*regexp.Regexp{vxlanNameRE, bridgeNameRE} {
+			if vni, ok := vniFromName(re, l.Attrs().Name); ok && !seen[vni] {
+				seen[vni] = true
+				out = append(out, vni)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// SetVTEP moves this host's underlay address to vtep (same family): the
+// VXLAN device of each network in nets is replaced with one that sends
+// from the new address, then its peers are programmed again. Other
+// networks keep their device until their next EnsureNetwork. Callers must
+// not run SetVTEP concurrently with MaxMTU or the other calls that read
+// the configuration outside the Manager's lock (AddPeer, DeletePeer).
+//
+// Equivalent to: `ip link del vx-0a1b && ip link add vx-0a1b type vxlan
+// id 2587 local <new> ...` followed by the peer entries.
+func (m *Manager) SetVTEP(ctx context.Context, vtep netip.Addr, nets []Network) (Changes, error) {
+	var ch Changes
+	vtep = vtep.Unmap()
+	if !vtep.IsValid() {
+		return ch, errors.New("set vtep: no address")
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if vtep.Is4() != m.cfg.VTEP.Is4() {
+		return ch, fmt.Errorf("set vtep %s: the underlay family cannot change from %s's", vtep, m.cfg.VTEP)
+	}
+	if vtep == m.cfg.VTEP {
+		return ch, nil
+	}
+	old := m.cfg.VTEP
+	m.cfg.VTEP = vtep
+	// A peer at the new address would now be this host.
+	for vni, set := range m.peers {
+		for k := range set.peers {
+			if k.vtep == vtep {
+				set.remove(k)
+			}
+		}
+		if len(set.peers) == 0 {
+			delete(m.peers, vni)
+		}
+	}
+	var errs []error
+	for _, n := range nets {
+		if _, err := m.ensureNetwork(ctx, n, &ch); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	m.log.Info("vtep changed", "old", old, "vtep", vtep, "networks", len(nets), "changes", ch.Total())
+	return ch, errors.Join(errs...)
+}
