@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"regexp"
 	"slices"
 )
 
@@ -98,25 +97,7 @@ func (m *Manager) SetPeers(ctx context.Context, vni uint32, peers []Peer) (Chang
 // Equivalent to: `ip -d link show` filtered on the vx-/vxbr- names and the
 // consul-overlay alias.
 func (m *Manager) Networks(ctx context.Context) ([]uint32, error) {
-	links, err := m.linkList()
-	if err != nil {
-		return nil, err
-	}
-	seen := map[uint32]bool{}
-	var out []uint32
-	for _, l := range links {
-		if l.Attrs().Alias != OwnerAlias {
-			continue
-		}
-		for _, re := range []*regexp.Regexp{vxlanNameRE, bridgeNameRE} {
-			if vni, ok := vniFromName(re, l.Attrs().Name); ok && !seen[vni] {
-				seen[vni] = true
-				out = append(out, vni)
-			}
-		}
-	}
-	slices.Sort(out)
-	return out, nil
+	return m.OwnedNetworks()
 }
 
 // SetVTEP moves this host's underlay address to vtep (same family): the
@@ -157,7 +138,7 @@ func (m *Manager) SetVTEP(ctx context.Context, vtep netip.Addr, nets []Network) 
 	}
 	var errs []error
 	for _, n := range nets {
-		if _, err := m.ensureNetwork(ctx, n, &ch); err != nil {
+		if _, err := m.ensureNetwork(ctx, n, false, &ch); err != nil {
 			errs = append(errs, err)
 		}
 	}
