@@ -108,7 +108,7 @@ func keys(t *testing.T, s kvstore.Store, prefix string) []string {
 	}
 	var out []string
 	for _, p := range ps {
-		if !strings.HasPrefix(p.Key, "hosts/") {
+		if !strings.HasPrefix(p.Key, "hosts/") && !strings.HasPrefix(p.Key, "members/") {
 			out = append(out, p.Key)
 		}
 	}

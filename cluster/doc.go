@@ -17,10 +17,12 @@
 // All keys are under the store's prefix; values are kvstore.Encode
 // envelopes.
 //
-//	hosts/<host-id>                 Host: node name, VTEP. Written on the
+//	members/<host-id>               Host: node name, VTEP. Written on the
 //	                                host's first membership and kept; its
 //	                                presence proves at start that the store
-//	                                view is this host's.
+//	                                view is this host's. (hosts/<host-id>
+//	                                is the plugin's claimed host record,
+//	                                written at every start: not a proof.)
 //	networks/<key>/config           Network: incarnation, VNI, subnets,
 //	                                gateways, MTU, options, and the member
 //	                                hosts by host ID (node name, VTEP, the

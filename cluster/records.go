@@ -74,9 +74,11 @@ type Endpoint struct {
 	Created time.Time `json:"created"`
 }
 
-// Host is this host's own record at hosts/<host-id>: written on its first
-// membership and kept, it proves at start that the store view is this
-// host's (right prefix, readable, same identity).
+// Host is this host's own record at members/<host-id>: written on its
+// first membership and kept, it proves at start that the store view is
+// this host's (right prefix, readable, same identity). It is not the
+// host record hosts/<host-id> that the plugin claims at every start: that
+// one exists on any view, even an empty one, so it proves nothing.
 type Host struct {
 	HostID  string    `json:"host_id"`
 	Node    string    `json:"node"`
@@ -96,7 +98,7 @@ func networkPrefix(key string) string   { return "networks/" + key + "/" }
 func endpointsPrefix(key string) string { return "networks/" + key + "/endpoints/" }
 func endpointKey(key, id string) string { return endpointsPrefix(key) + id }
 func vniKey(vni uint32) string          { return fmt.Sprintf("vnis/%d", vni) }
-func hostKey(id string) string          { return "hosts/" + id }
+func hostKey(id string) string          { return "members/" + id }
 
 // subnetKey reserves a subnet for one logical network, so two networks can
 // never claim the same subnet even when hosts race.

@@ -268,7 +268,7 @@ func TestUnprovenViewKeepsKernel(t *testing.T) {
 	}
 	// The right store comes back (here: the host's record appears).
 	val, _ := kvstore.Encode(cluster.Host{HostID: "a", Node: "a", VTEP: "192.0.2.1"})
-	if err := other.Create(context.Background(), "hosts/a", val); err != nil {
+	if err := other.Create(context.Background(), "members/a", val); err != nil {
 		t.Fatal(err)
 	}
 	select {

@@ -38,6 +38,9 @@ type Dataplane interface {
 	SetVTEP(ctx context.Context, vtep netip.Addr, nets []vxlan.Network) (vxlan.Changes, error)
 	// MaxMTU is the largest overlay MTU the underlay carries.
 	MaxMTU() int
+	// EndpointInUse tells whether a container still holds the
+	// endpoint's interface (its container end left the host namespace).
+	EndpointInUse(id string) (bool, error)
 }
 
 var _ Dataplane = (*vxlan.Manager)(nil)
@@ -83,9 +86,11 @@ type Config struct {
 	PruneGrace time.Duration
 	// Registrar registers joined endpoints as services (nil: none).
 	Registrar Registrar
-	// ReleaseAddress gives an address of a reclaimed stale endpoint back to
-	// the IPAM address space it came from (nil: addresses are kept).
-	ReleaseAddress func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr) error
+	// ReclaimAddress hands an address of a reclaimed stale endpoint back to
+	// the IPAM address space it came from, fenced by the endpoint's MAC and
+	// creation time: an address that another container holds now is left
+	// alone (nil: addresses are kept).
+	ReclaimAddress func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr, mac string, created time.Time) error
 	Logger         *slog.Logger
 }
 

@@ -30,6 +30,7 @@ type fakeDataplane struct {
 	failNet   error
 	maxMTU    int
 	vtep      netip.Addr
+	inUse     map[string]bool
 }
 
 // peerID identifies one programmed neighbour in the fake.
@@ -135,6 +136,14 @@ func (f *fakeDataplane) SetVTEP(_ context.Context, vtep netip.Addr, nets []vxlan
 }
 func (f *fakeDataplane) MaxMTU() int { return f.maxMTU }
 
+// EndpointInUse: the fake has no containers; inUse marks endpoints that one
+// holds.
+func (f *fakeDataplane) EndpointInUse(id string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.inUse[id], nil
+}
+
 func (f *fakeDataplane) peerIPs() []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -196,7 +205,7 @@ func allKeys(t *testing.T, s kvstore.Store) []string {
 	}
 	var keys []string
 	for _, p := range pairs {
-		if strings.HasPrefix(p.Key, "hosts/") {
+		if strings.HasPrefix(p.Key, "hosts/") || strings.HasPrefix(p.Key, "members/") {
 			continue
 		}
 		keys = append(keys, p.Key)

@@ -132,13 +132,19 @@ func (d *Driver) ReclaimEndpoint(ctx context.Context, id string) {
 	if ep == nil {
 		return
 	}
+	// The kernel has the last word: an interface that sits in a container
+	// namespace belongs to a live container, whatever Docker's list said.
+	if inUse, err := d.dp.EndpointInUse(id); err != nil || inUse {
+		d.log.Warn("not reclaiming an endpoint whose interface a container still holds", "endpoint", short(id), "in_use", inUse, "error", err)
+		return
+	}
 	if err := d.deleteEndpoint(ctx, ep); err != nil {
 		d.log.Warn("reclaim stale endpoint", "endpoint", short(id), "error", err)
 		return
 	}
-	if l != nil && d.cfg.ReleaseAddress != nil {
+	if l != nil && d.cfg.ReclaimAddress != nil {
 		for _, a := range []string{rec.IPv4, rec.IPv6} {
-			if err := d.releaseAddress(ctx, l.rec, a); err != nil {
+			if err := d.releaseAddress(ctx, l.rec, rec, a); err != nil {
 				d.log.Warn("release address of stale endpoint", "endpoint", short(id), "address", a, "error", err)
 			}
 		}
@@ -148,7 +154,7 @@ func (d *Driver) ReclaimEndpoint(ctx context.Context, id string) {
 
 // releaseAddress returns one endpoint address (CIDR, may be empty) to the
 // IPAM address space of the subnet that holds it.
-func (d *Driver) releaseAddress(ctx context.Context, rec cluster.Network, cidr string) error {
+func (d *Driver) releaseAddress(ctx context.Context, rec cluster.Network, ep cluster.Endpoint, cidr string) error {
 	if cidr == "" {
 		return nil
 	}
@@ -165,7 +171,63 @@ func (d *Driver) releaseAddress(ctx context.Context, rec cluster.Network, cidr s
 		if d.cfg.OwnsAddressSpace != nil && !d.cfg.OwnsAddressSpace(space) {
 			return nil // another IPAM's address: Docker releases it there
 		}
-		return d.cfg.ReleaseAddress(ctx, space, subnet, p.Addr())
+		return d.cfg.ReclaimAddress(ctx, space, subnet, p.Addr(), ep.MAC, ep.Created)
 	}
 	return fmt.Errorf("no subnet of network %s holds %s", rec.Label(), p.Addr())
+}
+
+// AddressUsed tells whether an endpoint of this host holds address a of
+// the subnet right now (created and not yet deleted). It never does I/O:
+// IPAM asks it before letting a release from Docker free an address.
+func (d *Driver) AddressUsed(subnet netip.Prefix, a netip.Addr) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, ep := range d.endpoints {
+		if holds(ep.rec, subnet, a) {
+			return true
+		}
+	}
+	return false
+}
+
+// AddressMayBeUsed answers IPAM's sweep: false only when this host knows
+// that no endpoint uses a (the driver has restored its state, one of its
+// networks uses the subnet, and none of its endpoints holds a). An address
+// of a subnet that no network of this host uses may belong to a network
+// being created, or to another driver's network: it may be used.
+func (d *Driver) AddressMayBeUsed(subnet netip.Prefix, a netip.Addr) bool {
+	select {
+	case <-d.ready:
+	default:
+		return true
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	known := false
+	for _, l := range d.networks {
+		for _, s := range l.rec.Subnets {
+			if p, err := netip.ParsePrefix(s); err == nil && p.Masked() == subnet.Masked() {
+				known = true
+			}
+		}
+	}
+	if !known {
+		return true
+	}
+	for _, ep := range d.endpoints {
+		if holds(ep.rec, subnet, a) {
+			return true
+		}
+	}
+	return false
+}
+
+// holds reports whether an endpoint record has address a in subnet.
+func holds(ep cluster.Endpoint, subnet netip.Prefix, a netip.Addr) bool {
+	for _, c := range []string{ep.IPv4, ep.IPv6} {
+		if p, err := netip.ParsePrefix(c); err == nil && p.Addr() == a && subnet.Contains(a) {
+			return true
+		}
+	}
+	return false
 }

@@ -536,8 +536,9 @@ func eventually(t *testing.T, timeout time.Duration, fn func() error) {
 }
 
 // kvKeys lists every key under a prefix, straight from Consul, but the
-// host records (<prefix>hosts/<id>): package cluster keeps them by design,
-// as the proof at restart that the store is the host's.
+// host records (<prefix>hosts/<id>, claimed by each running plugin) and
+// the membership proofs (<prefix>members/<id>: package cluster keeps them
+// by design, as the proof at restart that the store is the host's).
 func kvKeys(t *testing.T, agent *testenv.ConsulAgent, prefix string) []string {
 	t.Helper()
 	c, err := api.NewClient(&api.Config{Address: agent.Addr, Transport: &http.Transport{DialContext: agent.DialContext}})
@@ -548,7 +549,9 @@ func kvKeys(t *testing.T, agent *testenv.ConsulAgent, prefix string) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return slices.DeleteFunc(keys, func(k string) bool { return strings.Contains(k, "/hosts/") })
+	return slices.DeleteFunc(keys, func(k string) bool {
+		return strings.Contains(k, "/hosts/") || strings.Contains(k, "/members/")
+	})
 }
 
 // stateKeys is kvKeys without the host records (hosts/<id>), which stay

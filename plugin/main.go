@@ -238,15 +238,22 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		}
 	}()
 
-	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Logger: log})
+	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Owner: ownerTag(ccfg.Prefix, storeName), Logger: log})
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
 	}
-	// WIRING (lead): ipam's Node is the owner recorded on allocations;
-	// it should become hostID (not the human node name) with the ipam
-	// rewrite of issue 11.
+	// Registration needs the local Consul agent; the driver and the
+	// registrar refer to each other (the registrar's Endpoints is the
+	// driver), and IPAM asks the driver which addresses its endpoints use.
+	var drv *driver.Driver
+	// ipam's Node is the owner recorded on allocations: the unique host
+	// identity, never the human node name that hosts may share.
 	ip, err := ipam.New(ipam.Config{
-		Node:              node,
+		Node: hostID,
+		InUse: func(poolID string, a netip.Addr) bool {
+			_, subnet, _, err := ipam.ParsePoolID(poolID)
+			return err == nil && drv != nil && drv.AddressUsed(subnet, a)
+		},
 		DefaultPoolV4:     cfg.PoolV4,
 		DefaultPoolV4Size: cfg.PoolV4Size,
 		DefaultPoolV6:     cfg.PoolV6,
@@ -256,28 +263,21 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	if err != nil {
 		return fmt.Errorf("ipam: %w", err)
 	}
-	// Registration needs the local Consul agent; the driver and the
-	// registrar refer to each other (the registrar's Endpoints is the driver).
-	var drv *driver.Driver
 	var reg *discovery.Registrar
 	if c, ok := store.(*kvstore.Consul); ok {
-		// Minimal edit by the discovery branch (Config.Endpoints replaced
-		// Held/OnStale); HostID and EngineIDFile are still to be wired.
-		reg, err = newRegistrar(cfg, log, node, c.Client(), lateEndpoints{&drv})
+		reg, err = newRegistrar(cfg, log, node, hostID, c.Client(), lateEndpoints{&drv})
 		if err != nil {
 			return err
 		}
 	}
-	// WIRING (lead): pass HostID: hostID once driver.Config has it; Node
-	// stays the human-readable name.
+	// HostID identifies this host in every record; Node is the
+	// human-readable name for logs and Consul.
 	dcfg := driver.Config{
-		// TODO(startup): the host ID persisted in DATA_DIR; the node
-		// name is a stand-in until start-up provides it (issue 11).
-		HostID: node,
+		HostID: hostID,
 		Node:   node, VTEP: vtep, Shared: shared,
 		OwnsAddressSpace: ip.Owns,
-		ReleaseAddress: func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr) error {
-			return ip.FreeAddress(ctx, ipam.PoolID(space, subnet, netip.Prefix{}), a)
+		ReclaimAddress: func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr, mac string, created time.Time) error {
+			return ip.ReclaimAddress(ctx, ipam.PoolID(space, subnet, netip.Prefix{}), a, ipam.Holder{MAC: mac, Created: created})
 		},
 		Logger: log,
 	}
@@ -290,6 +290,19 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	}
 	drv.Start()
 	defer drv.Close()
+	{
+		var docker *dockerapi.Client
+		if cfg.DockerSocket != "" {
+			docker = dockerapi.New(cfg.DockerSocket)
+		}
+		hctx, hcancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			housekeeping(hctx, log, drv, ip, docker, cfg.DataDir, min(5*time.Minute, ip.Grace()/4))
+		}()
+		defer func() { hcancel(); <-done }()
+	}
 	if reg != nil {
 		rctx, rcancel := context.WithCancel(ctx)
 		done := make(chan struct{})
@@ -330,16 +343,19 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 // newRegistrar builds the service registrar. The Docker API (container
 // names, labels and environment) is optional: without it services are
 // named from what the driver knows, and nothing is found stale.
-func newRegistrar(cfg Config, log *slog.Logger, node string, agent *api.Client, eps discovery.Endpoints) (*discovery.Registrar, error) {
+func newRegistrar(cfg Config, log *slog.Logger, node, hostID string, agent *api.Client, eps discovery.Endpoints) (*discovery.Registrar, error) {
 	var docker *dockerapi.Client
 	if cfg.DockerSocket != "" {
 		docker = dockerapi.New(cfg.DockerSocket)
 	}
 	reg, err := discovery.New(discovery.Config{
-		Node: node, Agent: agent, Docker: docker,
-		Interval:  cfg.AntiEntropy,
-		Endpoints: eps,
-		Logger:    log,
+		Node: node, HostID: hostID, Agent: agent, Docker: docker,
+		// The engine this host's containers run on, pinned at first
+		// contact: a plugin pointed at another engine reclaims nothing.
+		EngineIDFile: filepath.Join(cfg.DataDir, engineIDFile),
+		Interval:     cfg.AntiEntropy,
+		Endpoints:    eps,
+		Logger:       log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("service registration: %w", err)
@@ -348,7 +364,6 @@ func newRegistrar(cfg Config, log *slog.Logger, node string, agent *api.Client, 
 }
 
 // lateEndpoints hands the registrar the driver, which is built after it.
-// Minimal edit by the discovery branch, for the lead to rewire.
 type lateEndpoints struct{ d **driver.Driver }
 
 func (l lateEndpoints) HeldEndpoints(ctx context.Context) ([]discovery.Endpoint, error) {

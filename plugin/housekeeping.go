@@ -1,0 +1,102 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"consul-overlay/driver"
+	"consul-overlay/internal/dockerapi"
+	"consul-overlay/ipam"
+	"consul-overlay/kvstore"
+)
+
+// engineIDFile, in DATA_DIR, pins the Docker engine this host's containers
+// run on (written by the registrar at its first contact with the engine).
+const engineIDFile = "docker-engine-id"
+
+// ownerTag is the data plane's owner tag for this instance: "" for the
+// default prefix, so devices made by earlier versions stay this instance's;
+// otherwise a short hash of the prefix and the store, so instances with
+// other prefixes in one namespace never touch each other's devices.
+func ownerTag(prefix, store string) string {
+	if prefix == "" || prefix == kvstore.DefaultPrefix {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(prefix + "\x00" + store))
+	return hex.EncodeToString(sum[:6])
+}
+
+// housekeeping runs, once the driver has restored its state and then every
+// interval, the clean-ups that need a wider view than one Docker call:
+// IPAM's sweep of expired reclaims and of orphan addresses (an address
+// committed before a crash whose reply Docker never got), and the pruning
+// of Docker networks bound here that the engine does not have (a crash in
+// CreateNetwork after the membership was written). Pruning asks the engine,
+// outside any driver call, and only when the engine is the one pinned in
+// DATA_DIR.
+func housekeeping(ctx context.Context, log *slog.Logger, drv *driver.Driver, ip *ipam.Driver, docker *dockerapi.Client, dataDir string, interval time.Duration) {
+	select {
+	case <-ctx.Done():
+		return
+	case <-drv.Ready():
+	}
+	bound := func(poolID string, a netip.Addr) bool {
+		_, subnet, _, err := ipam.ParsePoolID(poolID)
+		return err != nil || drv.AddressMayBeUsed(subnet, a)
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if n, err := ip.Sweep(ctx, bound); err != nil {
+			log.Warn("ipam sweep", "error", err)
+		} else if n > 0 {
+			log.Info("ipam sweep freed addresses", "freed", n)
+		}
+		if docker != nil {
+			if err := pruneNetworks(ctx, drv, docker, dataDir); err != nil {
+				log.Warn("prune networks Docker does not have", "error", err)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// pruneNetworks drops this host's bindings of Docker networks that the
+// pinned engine does not have.
+func pruneNetworks(ctx context.Context, drv *driver.Driver, docker *dockerapi.Client, dataDir string) error {
+	pinned, err := os.ReadFile(dataDir + "/" + engineIDFile)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil // the registrar has not met the engine yet
+		}
+		return err
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	info, err := docker.Info(cctx)
+	if err != nil {
+		return fmt.Errorf("ask the engine: %w", err)
+	}
+	if want := strings.TrimSpace(string(pinned)); info.ID != want {
+		return fmt.Errorf("the engine at %s has ID %s, not the pinned %s: nothing pruned", docker.Socket(), info.ID, want)
+	}
+	return drv.PruneNetworks(cctx, func(ctx context.Context, id string) (bool, error) {
+		_, err := docker.InspectNetwork(ctx, id)
+		if errors.Is(err, dockerapi.ErrNotFound) {
+			return false, nil
+		}
+		return err == nil, err
+	})
+}
