@@ -24,6 +24,8 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"consul-overlay/internal/testenv"
+	"consul-overlay/kvstore"
+	"consul-overlay/vxlan"
 )
 
 // This file plays dockerd's part for the protocol-level tests: it speaks
@@ -549,6 +551,9 @@ func kvKeys(t *testing.T, agent *testenv.ConsulAgent, prefix string) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if strings.Contains(prefix, "/hosts/") || strings.Contains(prefix, "/members/") {
+		return keys // asked for them
+	}
 	return slices.DeleteFunc(keys, func(k string) bool {
 		return strings.Contains(k, "/hosts/") || strings.Contains(k, "/members/")
 	})
@@ -594,4 +599,16 @@ func tail(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// ownerMarkOf is the alias and rule comment of the plugin instance that
+// runs with this KV prefix on this Consul address (see ownerTag).
+func ownerMarkOf(t *testing.T, prefix, consulAddr string) string {
+	t.Helper()
+	env := map[string]string{"CONSUL_HTTP_ADDR": consulAddr, "KV_PREFIX": prefix}
+	ccfg, _, err := kvstore.ConsulConfigFromEnv(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return vxlan.OwnerMark(ownerTag(ccfg.Prefix, ccfg.Address))
 }

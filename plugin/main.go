@@ -242,6 +242,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
 	}
+	if foreign, err := dp.ForeignOwners(); err == nil && len(foreign) > 0 {
+		for owner, links := range foreign {
+			log.Warn("the kernel holds overlays of another consul-overlay instance; they are left alone. If KV_PREFIX or CONSUL_HTTP_ADDR changed, set them back: the containers on those overlays are not managed by this instance",
+				"other_instance", vxlan.OwnerMark(owner), "links", links, "kv_prefix", ccfg.Prefix, "consul", storeName)
+		}
+	}
 	// Registration needs the local Consul agent; the driver and the
 	// registrar refer to each other (the registrar's Endpoints is the
 	// driver), and IPAM asks the driver which addresses its endpoints use.

@@ -286,7 +286,7 @@ func TestProtocolRestart(t *testing.T) {
 	// While it is down, leave devices of a network that no longer exists.
 	for _, args := range [][]string{
 		{"ip", "link", "add", "vxbr-00abcd", "type", "bridge"},
-		{"ip", "link", "set", "vxbr-00abcd", "alias", "consul-overlay"},
+		{"ip", "link", "set", "vxbr-00abcd", "alias", ownerMarkOf(t, c.prefix, c.consul.Addr)},
 	} {
 		if out, err := c.hosts[1].NS.Run(t, args...); err != nil {
 			t.Fatalf("%v: %v %s", args, err, out)
