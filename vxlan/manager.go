@@ -60,6 +60,12 @@ type Network struct {
 	// and fd00::1/64), so the host can reach its own endpoints. Other
 	// global addresses on the bridge are removed.
 	Gateways []netip.Prefix
+	// Internal (docker network create --internal) cuts the network's
+	// containers off the host as well: INPUT drops everything that arrives
+	// from its bridge (FORWARD already drops everything routed in or out
+	// of every overlay). The host cannot reach them either: their replies
+	// are dropped too.
+	Internal bool
 }
 
 // NetworkInfo describes the links of an ensured network.
