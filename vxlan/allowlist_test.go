@@ -386,9 +386,16 @@ func TestHostIsolation(t *testing.T) {
 		if fwd[1] != "-A FORWARD -j DOCKER-USER" || fwd[2] != "-A FORWARD -j "+FirewallChain {
 			t.Errorf("%s FORWARD %q: want DOCKER-USER's jump, then ours", cmd, fwd[1:3])
 		}
-		want := fmt.Sprintf("-A %s -i vxbr-000071 -m comment --comment consul-overlay -j DROP", InputChain)
-		if !slices.Contains(inputRules(t, h0, cmd), want) {
-			t.Errorf("%s: no %q in %v", cmd, want, inputRules(t, h0, cmd))
+		want := []string{
+			fmt.Sprintf("-A %s -i vxbr-000071 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment consul-overlay -j RETURN", InputChain),
+			fmt.Sprintf("-A %s -p udp -m udp --dport 4789 -m comment --comment consul-overlay -j DROP", InputChain),
+			fmt.Sprintf("-A %s -i vxbr-000071 -m comment --comment consul-overlay -j DROP", InputChain),
+		}
+		if cmd == "ip6tables" {
+			want = slices.Delete(want, 1, 2) // an IPv4 underlay
+		}
+		if got := inputRules(t, h0, cmd); !slices.Equal(got, want) {
+			t.Errorf("%s %s:\n%s\nwant\n%s", cmd, InputChain, strings.Join(got, "\n"), strings.Join(want, "\n"))
 		}
 		if slices.ContainsFunc(inputRules(t, h0, cmd), func(r string) bool { return strings.Contains(r, "vxbr-000072") }) {
 			t.Errorf("%s: INPUT rule for the normal network", cmd)
@@ -446,6 +453,32 @@ func TestHostIsolation(t *testing.T) {
 	if internalDrops() <= before {
 		t.Error("the internal network's INPUT drop saw none of the attempts")
 	}
+	// The host still reaches the internal network's containers.
+	var cl net.Listener
+	if err := ci.ns.Do(func() (err error) { cl, err = net.Listen("tcp", ":0"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	go func() {
+		for {
+			c, err := cl.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	err := h0.NS.Do(func() error {
+		conn, err := net.DialTimeout("tcp", netip.AddrPortFrom(addr("10.71.0.2"), uint16(cl.Addr().(*net.TCPAddr).Port)).String(), time.Second)
+		if err == nil {
+			conn.Close()
+		}
+		return err
+	})
+	if err != nil {
+		t.Errorf("host to the internal network's container: %v", err)
+	}
+	mustPing(t, h0.NS, addr("10.71.0.2"))
 	mustNotPing(t, ci.ns, addr("10.71.0.1"))
 	mustNotPing(t, ci.ns, addr("fd00:71::1"))
 	mustNotPing(t, ci.ns, addr("10.72.0.2")) // another overlay's container
@@ -467,7 +500,8 @@ func TestHostIsolation(t *testing.T) {
 		iptables(t, h0, cmd, "-I", "FORWARD", "1", "-j", "DOCKER-USER")
 	}
 	h0.m.mu.Lock()
-	k, err := h0.m.fw.ensureBase(ctx)
+	var k int
+	k, err = h0.m.fw.ensureBase(ctx)
 	h0.m.mu.Unlock()
 	if err != nil || k != 0 {
 		t.Errorf("ensureBase after a dockerd restart: %d changes, %v; want none", k, err)

@@ -39,7 +39,9 @@ const FirewallChain = "CONSUL-OVERLAY"
 // and for an internal network (Network.Internal) also
 //
 //	-A INPUT -j CONSUL-OVERLAY-INPUT                                                    (shared, first in INPUT)
-//	-A CONSUL-OVERLAY-INPUT -i vxbr-0a1b -m comment --comment <mark> -j DROP            (nothing to the host's addresses)
+//	-A CONSUL-OVERLAY-INPUT -i vxbr-0a1b -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment <mark> -j RETURN
+//	                                                                                    (replies to what the host started)
+//	-A CONSUL-OVERLAY-INPUT -i vxbr-0a1b -m comment --comment <mark> -j DROP            (nothing else to the host's addresses)
 //
 // Our FORWARD jump sits after DOCKER-USER so that administrators' rules
 // there see overlay traffic, as they see Docker's own bridges'; dockerd
@@ -54,8 +56,8 @@ const FirewallChain = "CONSUL-OVERLAY"
 // is gone). The writes of one call go through one iptables-restore
 // --noflush transaction per command when iptables-restore is beside it.
 //
-// The host's own traffic to its endpoints (OUTPUT) is not filtered; on an
-// internal network their replies are (INPUT).
+// The host's own traffic to its endpoints (OUTPUT, and the replies) is not
+// filtered.
 // Calls hold Manager.mu, which serialises the commands of one instance;
 // iptables' -w lock serialises them between instances.
 type firewall struct {
@@ -297,20 +299,27 @@ func bridgeRules(br, mark string) (accept []string, drops [][]string) {
 		[][]string{rule([]string{"-o", br}, "DROP"), rule([]string{"-i", br}, "DROP")}
 }
 
-// internalRule is the INPUT rule of an internal network's bridge: nothing
-// from its containers reaches any address of the host.
-func internalRule(br, mark string) []string {
-	return []string{"-i", br, "-m", "comment", "--comment", mark, "-j", "DROP"}
+// internalRules are the INPUT rules of an internal network's bridge:
+// nothing its containers start reaches any address of the host (DROP),
+// while replies to connections the host started (a health check of the
+// local Consul agent) still return. The RETURN must precede the DROP, so
+// it is inserted at the top and the DROP appended.
+func internalRules(br, mark string) (replies, drop []string) {
+	c := []string{"-m", "comment", "--comment", mark}
+	return slices.Concat([]string{"-i", br, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"}, c, []string{"-j", "RETURN"}),
+		slices.Concat([]string{"-i", br}, c, []string{"-j", "DROP"})
 }
 
 // ensureBridge installs a bridge's rules where they are missing, in one
-// transaction per command: the FORWARD rules always, the INPUT drop if the
-// network is internal (and removes that drop if it is not). The INPUT
+// transaction per command: the FORWARD rules always, the INPUT rules if
+// the network is internal (and removes them if it is not). The INPUT
 // chain must exist (ensureInput).
 //
 // Equivalent to: `iptables -I CONSUL-OVERLAY 1 -i vxbr-0a1b -o vxbr-0a1b
 // -m comment --comment <mark> -j ACCEPT`, then -A for the two DROP rules,
-// and for an internal network `iptables -A CONSUL-OVERLAY-INPUT -i
+// and for an internal network `iptables -I CONSUL-OVERLAY-INPUT 1 -i
+// vxbr-0a1b -m conntrack --ctstate RELATED,ESTABLISHED -m comment
+// --comment <mark> -j RETURN` and `iptables -A CONSUL-OVERLAY-INPUT -i
 // vxbr-0a1b -m comment --comment <mark> -j DROP`, each if missing.
 func (f *firewall) ensureBridge(ctx context.Context, br string, internal bool) (int, error) {
 	changes, err := f.ensureBase(ctx)
@@ -318,7 +327,7 @@ func (f *firewall) ensureBridge(ctx context.Context, br string, internal bool) (
 		return changes, err
 	}
 	accept, drops := bridgeRules(br, f.mark)
-	in := internalRule(br, f.mark)
+	replies, drop := internalRules(br, f.mark)
 	for _, bin := range f.bins {
 		fwd, _, err := f.rules(ctx, bin, FirewallChain)
 		if err != nil {
@@ -340,13 +349,19 @@ func (f *firewall) ensureBridge(ctx context.Context, br string, internal bool) (
 				b.add(slices.Concat([]string{"-A", FirewallChain}, d)...)
 			}
 		}
-		switch {
-		case internal && !ok:
+		if internal && !ok {
 			return changes, fmt.Errorf("internal network bridge %s: chain %s missing in %s", br, InputChain, filepath.Base(bin))
-		case internal && !has(input, InputChain, in):
-			b.add(slices.Concat([]string{"-A", InputChain}, in)...)
-		case !internal && has(input, InputChain, in):
-			b.add(slices.Concat([]string{"-D", InputChain}, in)...)
+		}
+		for _, r := range []struct {
+			rule []string
+			pos  []string
+		}{{replies, []string{"-I", InputChain, "1"}}, {drop, []string{"-A", InputChain}}} {
+			switch present := has(input, InputChain, r.rule); {
+			case internal && !present:
+				b.add(slices.Concat(r.pos, r.rule)...)
+			case !internal && present:
+				b.add(slices.Concat([]string{"-D", InputChain}, r.rule)...)
+			}
 		}
 		k, err := f.apply(ctx, bin, b)
 		changes += k

@@ -62,10 +62,10 @@ type Network struct {
 	// global addresses on the bridge are removed.
 	Gateways []netip.Prefix
 	// Internal (docker network create --internal) cuts the network's
-	// containers off the host as well: INPUT drops everything that arrives
-	// from its bridge (FORWARD already drops everything routed in or out
-	// of every overlay). The host cannot reach them either: their replies
-	// are dropped too.
+	// containers off the host as well: INPUT drops everything they start
+	// towards any address of the host (FORWARD already drops everything
+	// routed in or out of every overlay). Connections the host starts
+	// (a health check) still get their replies.
 	Internal bool
 }
 
