@@ -212,8 +212,8 @@ func (m *Manager) ensureUnderlayFilter(ctx context.Context, ch *Changes) error {
 // FDB entry sends traffic there: the peer's replies must not be dropped.
 // It writes only when vtep is not known to be allowed. Caller holds m.mu.
 func (m *Manager) allowVTEP(vtep netip.Addr, ch *Changes) error {
-	if !m.fw.enabled() || m.fw.allowed[vtep] {
-		return nil
+	if m.fw.underlayBin(m.cfg.VTEP.Is6()) == "" || m.fw.allowed[vtep] {
+		return nil // no filter, or vtep already allowed: no process
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
