@@ -97,24 +97,24 @@ func (f *firewall) underlayBin(v6 bool) string {
 // --comment <mark> -j DROP`, each where missing, through
 // `iptables-restore --noflush`.
 func (f *firewall) ensureInput(ctx context.Context, port int, v6 bool, want map[netip.Addr]bool, prune bool) (int, error) {
-	changes := 0
 	ul := f.underlayBin(v6)
 	if ul == "" && !f.warnedNoUnderlay {
 		f.warnedNoUnderlay = true
 		f.log.Warn("no iptables command of the underlay's family: VXLAN is accepted from any host", "ipv6", v6)
 	}
-	for _, bin := range f.bins {
+	var next map[netip.Addr]bool // f.allowed after a successful write
+	changes, err := f.each(ctx, func(bin string) (batch, error) {
 		var b batch
 		lines, ok, err := f.rules(ctx, bin, InputChain)
 		if err != nil {
-			return changes, err
+			return nil, err
 		}
 		if !ok {
 			b.add("-N", InputChain)
 		}
 		input, _, err := f.rules(ctx, bin, "INPUT")
 		if err != nil {
-			return changes, err
+			return nil, err
 		}
 		placeJump(&b, input, "INPUT", InputChain)
 
@@ -144,8 +144,7 @@ func (f *firewall) ensureInput(ctx context.Context, port int, v6 bool, want map[
 			}
 		}
 		if bin == ul {
-			added := sortedAddrs(want)
-			for _, v := range added {
+			for _, v := range sortedAddrs(want) {
 				if !have[v] {
 					b.add(slices.Concat([]string{"-I", InputChain, "1"}, allowRule(v, port, f.mark))...)
 				}
@@ -153,21 +152,19 @@ func (f *firewall) ensureInput(ctx context.Context, port int, v6 bool, want map[
 			if !haveDrop {
 				b.add(slices.Concat([]string{"-A", InputChain}, vxlanDropRule(port, f.mark))...)
 			}
-		}
-		k, err := f.apply(ctx, bin, b)
-		changes += k
-		if err != nil {
-			if bin == ul {
-				f.allowed = nil // unknown: read back next time
-			}
-			return changes, fmt.Errorf("underlay filter: %w", err)
-		}
-		if bin == ul {
-			f.allowed = have
+			next = have
 			for v := range want {
-				f.allowed[v] = true
+				next[v] = true
 			}
 		}
+		return b, nil
+	})
+	if err != nil {
+		f.allowed = nil // unknown: read back next time
+		return changes, fmt.Errorf("underlay filter: %w", err)
+	}
+	if ul != "" {
+		f.allowed = next
 	}
 	return changes, nil
 }

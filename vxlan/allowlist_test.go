@@ -599,3 +599,34 @@ func TestSumDrops(t *testing.T) {
 		t.Errorf("allowRule %q", got)
 	}
 }
+
+// A transaction that fails because the chains changed after the listing
+// (two instances created a chain at once) is planned again once.
+func TestFirewallRetry(t *testing.T) {
+	t.Parallel()
+	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	m := h.restoreManager(t, "")
+	iptables(t, h, "iptables", "-N", "TAKEN")
+	iptables(t, h, "ip6tables", "-N", "TAKEN")
+	plans := 0
+	k, err := m.fw.each(t.Context(), func(bin string) (batch, error) {
+		plans++
+		var b batch
+		if plans%2 == 1 {
+			b.add("-N", "TAKEN") // created meanwhile by someone else
+		} else {
+			b.add("-A", "TAKEN", "-j", "RETURN")
+		}
+		return b, nil
+	})
+	if err != nil || plans != 4 || k != 2 {
+		t.Errorf("each: %d changes, %d plans, error %v; want 2 changes after 4 plans", k, plans, err)
+	}
+	plans = 0
+	if _, err := m.fw.each(t.Context(), func(string) (batch, error) {
+		plans++
+		return batch{{"-N", "TAKEN"}}, nil
+	}); err == nil || plans != 2 {
+		t.Errorf("each with a write that always fails: %d plans, error %v; want 2 and an error", plans, err)
+	}
+}

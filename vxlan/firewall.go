@@ -215,6 +215,36 @@ func (f *firewall) apply(ctx context.Context, bin string, b batch) (int, error) 
 	return len(b), nil
 }
 
+// each plans a batch for every command from a fresh listing and applies
+// it. A transaction that fails (another instance changed a chain between
+// the listing and the write, for example both created it) is planned from
+// a new listing and tried once more.
+func (f *firewall) each(ctx context.Context, plan func(bin string) (batch, error)) (int, error) {
+	changes := 0
+	for _, bin := range f.bins {
+		var err error
+		for attempt := range 2 {
+			var b batch
+			if b, err = plan(bin); err != nil {
+				return changes, err
+			}
+			var k int
+			k, err = f.apply(ctx, bin, b)
+			changes += k
+			if err == nil {
+				break
+			}
+			if attempt == 0 {
+				f.log.Debug("firewall write failed; listing again", "command", filepath.Base(bin), "error", err)
+			}
+		}
+		if err != nil {
+			return changes, err
+		}
+	}
+	return changes, nil
+}
+
 // dockerJumpRE matches FORWARD's unconditional jumps to dockerd's chains
 // (DOCKER-USER, DOCKER-ISOLATION-STAGE-1, DOCKER-FORWARD): they act only
 // on Docker's own bridges, or are the administrator's DOCKER-USER.
@@ -263,28 +293,22 @@ func placeJump(b *batch, lines []string, from, to string) {
 // CONSUL-OVERLAY; iptables -I FORWARD <after DOCKER-USER> -j
 // CONSUL-OVERLAY`.
 func (f *firewall) ensureBase(ctx context.Context) (int, error) {
-	changes := 0
-	for _, bin := range f.bins {
+	return f.each(ctx, func(bin string) (batch, error) {
 		var b batch
 		_, ok, err := f.rules(ctx, bin, FirewallChain)
 		if err != nil {
-			return changes, err
+			return nil, err
 		}
 		if !ok {
 			b.add("-N", FirewallChain)
 		}
 		fwd, _, err := f.rules(ctx, bin, "FORWARD")
 		if err != nil {
-			return changes, err
+			return nil, err
 		}
 		placeJump(&b, fwd, "FORWARD", FirewallChain)
-		k, err := f.apply(ctx, bin, b)
-		changes += k
-		if err != nil {
-			return changes, err
-		}
-	}
-	return changes, nil
+		return b, nil
+	})
 }
 
 // bridgeRules are the rules of one bridge, commented with mark, in the
@@ -328,14 +352,14 @@ func (f *firewall) ensureBridge(ctx context.Context, br string, internal bool) (
 	}
 	accept, drops := bridgeRules(br, f.mark)
 	replies, drop := internalRules(br, f.mark)
-	for _, bin := range f.bins {
+	k, err := f.each(ctx, func(bin string) (batch, error) {
 		fwd, _, err := f.rules(ctx, bin, FirewallChain)
 		if err != nil {
-			return changes, err
+			return nil, err
 		}
 		input, ok, err := f.rules(ctx, bin, InputChain)
 		if err != nil {
-			return changes, err
+			return nil, err
 		}
 		has := func(lines []string, chain string, rule []string) bool {
 			return slices.Contains(lines, "-A "+chain+" "+strings.Join(rule, " "))
@@ -350,7 +374,7 @@ func (f *firewall) ensureBridge(ctx context.Context, br string, internal bool) (
 			}
 		}
 		if internal && !ok {
-			return changes, fmt.Errorf("internal network bridge %s: chain %s missing in %s", br, InputChain, filepath.Base(bin))
+			return nil, fmt.Errorf("internal network bridge %s: chain %s missing in %s", br, InputChain, filepath.Base(bin))
 		}
 		for _, r := range []struct {
 			rule []string
@@ -363,13 +387,9 @@ func (f *firewall) ensureBridge(ctx context.Context, br string, internal bool) (
 				b.add(slices.Concat([]string{"-D", InputChain}, r.rule)...)
 			}
 		}
-		k, err := f.apply(ctx, bin, b)
-		changes += k
-		if err != nil {
-			return changes, err
-		}
-	}
-	return changes, nil
+		return b, nil
+	})
+	return changes + k, err
 }
 
 // chainRule is one rule of our chain as `iptables -S` lists it.
@@ -449,13 +469,12 @@ func (f *firewall) removeStale(ctx context.Context, keep map[string]bool) (int, 
 // owner) and match, in one transaction per command. match also gets the
 // set of our commented rules of that chain, by withoutComment.
 func (f *firewall) remove(ctx context.Context, match func(r chainRule, commented map[string]bool) bool) (int, error) {
-	changes := 0
-	for _, bin := range f.bins {
+	return f.each(ctx, func(bin string) (batch, error) {
 		var b batch
 		for _, chain := range []string{FirewallChain, InputChain} {
 			lines, _, err := f.rules(ctx, bin, chain)
 			if err != nil {
-				return changes, err
+				return nil, err
 			}
 			var ours []chainRule
 			commented := map[string]bool{}
@@ -476,11 +495,6 @@ func (f *firewall) remove(ctx context.Context, match func(r chainRule, commented
 				}
 			}
 		}
-		k, err := f.apply(ctx, bin, b)
-		changes += k
-		if err != nil {
-			return changes, err
-		}
-	}
-	return changes, nil
+		return b, nil
+	})
 }
