@@ -4,8 +4,10 @@
 # Assembles the root filesystem of the consul-overlay managed plugin in DIR
 # (the build context of the Dockerfile, which copies it into a FROM scratch
 # image): the static plugin binary as /consul-overlay, plus a working
-# iptables/ip6tables taken from this host, because the data plane execs them
-# to program FORWARD rules in the host namespace.
+# iptables/ip6tables (and their -restore commands) taken from this host,
+# because the data plane execs them to program its FORWARD and INPUT rules
+# in the host namespace (iptables-restore --noflush: the rules of one call
+# in one transaction).
 #
 # iptables is the nf_tables variant (xtables-nft-multi), as on Debian 12
 # where the host's iptables and dockerd use it too; it is copied with the
@@ -41,10 +43,12 @@ mkdir -p "$out"
 cd "$out"
 
 # Directories the plugin runtime needs: the socket dir (Docker mounts its
-# per-plugin dir there), DATA_DIR's mount target, /tmp, and the mount points
-# of the bind mounts in config.json.
+# per-plugin dir there), DATA_DIR's mount target (the data mount), /tmp,
+# and the kernel file systems' mount points. The Docker socket's mount
+# point /run/docker.sock is a file the runtime creates. Nothing else of
+# the host is mounted: config.json lists no /proc/sys and no exec-root.
 mkdir -p run/docker/plugins var/lib/consul-overlay tmp etc usr/sbin \
-	var/run/docker/netns proc sys dev
+	proc sys dev
 chmod 1777 tmp
 
 install -m 0755 "$bin" consul-overlay
@@ -69,6 +73,10 @@ copy_libs "$multi" "$xtdir"/*.so
 
 for name in iptables ip6tables iptables-save ip6tables-save iptables-restore ip6tables-restore; do
 	ln -sf xtables-nft-multi "usr/sbin/$name"
+done
+# The vxlan package looks for <command>-restore beside the command it runs.
+for name in iptables-restore ip6tables-restore; do
+	[[ -L usr/sbin/$name ]] || die "usr/sbin/$name missing"
 done
 # Protocol names for -p and for printing rules.
 [[ -f /etc/protocols ]] && cp /etc/protocols etc/protocols

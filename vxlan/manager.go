@@ -32,9 +32,10 @@ type Config struct {
 	// install the per-bridge firewall rules ("": looked up in PATH; "-":
 	// disabled). A command that cannot be found is logged and skipped.
 	IPTables, IP6Tables string
-	// Sysctl is the root of the sysctl tree in which New raises the
-	// neighbour table limits (gc_thresh1/2/3) ("": /proc/sys; "-": leave
-	// them alone).
+	// Sysctl says how New raises the neighbour table limits
+	// (gc_thresh1/2/3): "" through rtnetlink (RTM_SETNEIGHTBL, which needs
+	// only CAP_NET_ADMIN and no writable /proc/sys); a path: in that
+	// sysctl tree (for example /proc/sys); "-": leave them alone.
 	Sysctl string
 	// Owner tags this instance's kernel objects, so several instances
 	// (for example with different KV prefixes) can share one network
@@ -60,6 +61,12 @@ type Network struct {
 	// and fd00::1/64), so the host can reach its own endpoints. Other
 	// global addresses on the bridge are removed.
 	Gateways []netip.Prefix
+	// Internal (docker network create --internal) cuts the network's
+	// containers off the host as well: INPUT drops everything they start
+	// towards any address of the host (FORWARD already drops everything
+	// routed in or out of every overlay). Connections the host starts
+	// (a health check) still get their replies.
+	Internal bool
 }
 
 // NetworkInfo describes the links of an ensured network.
@@ -212,12 +219,12 @@ func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
 	}
 	m.fw = newFirewall(m.log, cfg.IPTables, cfg.IP6Tables)
 	m.fw.mark = m.mark
-	if cfg.Sysctl != "-" {
-		root := cfg.Sysctl
-		if root == "" {
-			root = "/proc/sys"
-		}
-		raiseGCThresh(root, m.log)
+	switch cfg.Sysctl {
+	case "-":
+	case "":
+		raiseNeighTables(m.log)
+	default:
+		raiseGCThresh(cfg.Sysctl, m.log)
 	}
 	return m, nil
 }

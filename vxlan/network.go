@@ -50,6 +50,9 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool
 		return info, fmt.Errorf("ensure network (vni %d): mtu %d below %d", n.VNI, mtu, minMTU)
 	}
 	info = NetworkInfo{Bridge: BridgeName(n.VNI), VXLAN: VXLANName(n.VNI), MTU: mtu}
+	if err := m.ensureUnderlayFilter(ctx, ch); err != nil { // before any VXLAN device exists
+		return info, err
+	}
 
 	var undo []func() error
 	defer func() {
@@ -89,7 +92,7 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool
 				return err
 			})
 		}
-		k, err := m.fw.ensureBridge(ctx, info.Bridge)
+		k, err := m.fw.ensureBridge(ctx, info.Bridge, n.Internal)
 		ch.Rules += k
 		if err != nil {
 			return info, err

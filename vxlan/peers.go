@@ -326,6 +326,9 @@ func (m *Manager) setFDB(vx netlink.Link, mac [6]byte, vtep netip.Addr, ch *Chan
 // Equivalent to: `bridge fdb append 00:00:00:00:00:00 dev vx-0a1b dst
 // 192.0.2.12 self permanent`.
 func (m *Manager) appendFlood(vx netlink.Link, vtep netip.Addr, ch *Changes) error {
+	if err := m.allowVTEP(vtep, ch); err != nil { // its replies must pass the underlay filter
+		return err
+	}
 	n := fdbEntry(vx.Attrs().Index, [6]byte{}, vtep)
 	if err := m.nl.NeighAppend(n); err != nil {
 		return fmt.Errorf("append fdb 00:00:00:00:00:00 dst %s: %w", vtep, err)
