@@ -377,3 +377,32 @@ func TestRestartOnNewVTEP(t *testing.T) {
 		t.Fatalf("membership vtep %s", m.VTEP)
 	}
 }
+
+// TestUnderlayAllowlistFollowsPeers: a host's VTEP is allowed on the other
+// host once it has an endpoint there, and dropped from the allowlist when
+// it is no peer any more.
+func TestUnderlayAllowlistFollowsPeers(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.db")
+	dp1, dp2 := newFake(), newFake()
+	h1 := newHostDriver(t, openStore(t, path), "id-1", "a", "192.0.2.1", dp1)
+	h2 := newHostDriver(t, openStore(t, path), "id-2", "b", "192.0.2.2", dp2)
+	mustCreate(t, h1, "n1", "10.1.0.0/24")
+	mustCreate(t, h2, "n2", "10.1.0.0/24")
+	allowed := func(f *fakeDataplane) []string {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		var out []string
+		for _, a := range f.allowed {
+			out = append(out, a.String())
+		}
+		return out
+	}
+	if _, err := h2.CreateEndpoint(epReq("n2", "ep2", "10.1.0.3/24")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return slices.Equal(allowed(dp1), []string{"192.0.2.2"}) })
+	if err := h2.DeleteEndpoint(&network.DeleteEndpointRequest{NetworkID: "n2", EndpointID: "ep2"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return len(allowed(dp1)) == 0 })
+}

@@ -41,6 +41,9 @@ type Dataplane interface {
 	// EndpointInUse tells whether a container still holds the
 	// endpoint's interface (its container end left the host namespace).
 	EndpointInUse(id string) (bool, error)
+	// SetAllowedVTEPs replaces the set of underlay addresses whose VXLAN
+	// packets the host accepts.
+	SetAllowedVTEPs(ctx context.Context, vteps []netip.Addr) error
 }
 
 var _ Dataplane = (*vxlan.Manager)(nil)
@@ -120,6 +123,14 @@ type Driver struct {
 	endpoints  map[string]*localEndpoint
 	restoreErr error // why the last restore failed, for callers
 
+	// allowMu guards the underlay allowlist's bookkeeping: the peer VTEPs
+	// of each logical network, the union last applied, and whether the
+	// last write failed. Taken alone, never with mu.
+	allowMu        sync.Mutex
+	allowed        map[string]map[netip.Addr]bool
+	allowedApplied map[netip.Addr]bool
+	allowDirty     bool
+
 	// crashAt, when set by tests, is asked at each fault point; true
 	// makes the call stop there as a crash would (a panic that skips the
 	// undo steps).
@@ -190,6 +201,7 @@ func New(cfg Config, store kvstore.Store, dp Dataplane) (*Driver, error) {
 		networks:  map[string]*logical{},
 		logicals:  map[string]*logical{},
 		endpoints: map[string]*localEndpoint{},
+		allowed:   map[string]map[netip.Addr]bool{},
 	}, nil
 }
 
@@ -345,7 +357,7 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 
 // kernelNetwork is the data-plane description of a logical network.
 func kernelNetwork(rec cluster.Network) vxlan.Network {
-	n := vxlan.Network{VNI: rec.VNI, MTU: rec.MTU}
+	n := vxlan.Network{VNI: rec.VNI, MTU: rec.MTU, Internal: rec.Internal}
 	for _, g := range rec.Gateways {
 		if p, err := netip.ParsePrefix(g); err == nil {
 			n.Gateways = append(n.Gateways, p)

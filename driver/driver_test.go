@@ -31,6 +31,7 @@ type fakeDataplane struct {
 	maxMTU    int
 	vtep      netip.Addr
 	inUse     map[string]bool
+	allowed   []netip.Addr
 }
 
 // peerID identifies one programmed neighbour in the fake.
@@ -135,6 +136,14 @@ func (f *fakeDataplane) SetVTEP(_ context.Context, vtep netip.Addr, nets []vxlan
 	return vxlan.Changes{}, nil
 }
 func (f *fakeDataplane) MaxMTU() int { return f.maxMTU }
+
+// SetAllowedVTEPs records the underlay allowlist.
+func (f *fakeDataplane) SetAllowedVTEPs(_ context.Context, vteps []netip.Addr) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.allowed = append([]netip.Addr(nil), vteps...)
+	return nil
+}
 
 // EndpointInUse: the fake has no containers; inUse marks endpoints that one
 // holds.

@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
+	"net/netip"
+	"slices"
 	"time"
 
 	"consul-overlay/cluster"
@@ -38,6 +41,8 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 		for range ch {
 		}
 	}()
+	// This network's peers leave the underlay allowlist with it.
+	defer d.allowVTEPs(context.WithoutCancel(ctx), l.rec.Key, nil)
 	var last []cluster.Peer
 	have := false
 	retry := time.NewTimer(time.Hour)
@@ -69,6 +74,7 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 		if ch.Total() > 0 {
 			d.log.Debug("peers programmed", "logical", l.rec.Key, "vni", l.rec.VNI, "peers", len(last), "changes", ch.Total())
 		}
+		d.allowVTEPs(ctx, l.rec.Key, last)
 	}
 }
 
@@ -159,4 +165,41 @@ func staleVTEP(hostID, vtep string, v cluster.View) bool {
 		}
 	}
 	return false
+}
+
+// allowVTEPs records the VTEPs of one logical network's desired peers (nil:
+// the network is gone here) and, when the union over all networks changed,
+// hands it to the data plane's underlay allowlist: VXLAN packets from any
+// other underlay address are dropped. A failure is retried at the next
+// change; the data plane allows a programmed peer's VTEP on its own, so a
+// failure never cuts off a peer, it only keeps a departed host allowed.
+func (d *Driver) allowVTEPs(ctx context.Context, key string, peers []cluster.Peer) {
+	d.allowMu.Lock()
+	defer d.allowMu.Unlock()
+	set := map[netip.Addr]bool{}
+	for _, p := range peers {
+		set[p.VTEP] = true
+	}
+	if len(set) == 0 {
+		delete(d.allowed, key)
+	} else {
+		d.allowed[key] = set
+	}
+	union := map[netip.Addr]bool{}
+	for _, s := range d.allowed {
+		for a := range s {
+			union[a] = true
+		}
+	}
+	if maps.Equal(union, d.allowedApplied) && !d.allowDirty {
+		return
+	}
+	list := slices.SortedFunc(maps.Keys(union), func(a, b netip.Addr) int { return a.Compare(b) })
+	if err := d.dp.SetAllowedVTEPs(ctx, list); err != nil {
+		d.allowDirty = true
+		d.log.Warn("update the underlay allowlist", "vteps", len(list), "error", err)
+		return
+	}
+	d.allowDirty = false
+	d.allowedApplied = union
 }

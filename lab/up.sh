@@ -240,7 +240,7 @@ install_plugin() {
 		settings=("VTEP_ADDR=$LAB_ADDR_A" "NODE_NAME=$LAB_NODE_A" "data.source=$LAB_DATA/a/plugin-data")
 	else
 		settings=("VTEP_ADDR=$LAB_ADDR_B" "NODE_NAME=$LAB_NODE_B" "data.source=$LAB_DATA/b/plugin-data"
-			"docker-sock.source=$LAB_STATE/b/docker.sock" "docker-netns.source=$LAB_STATE/b/exec")
+			"docker-sock.source=$LAB_STATE/b/docker.sock")
 	fi
 	"$@" plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1 || true
 	log "host $host: docker plugin install --alias $LAB_PLUGIN $LAB_REMOTE"

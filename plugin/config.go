@@ -31,8 +31,9 @@ type Config struct {
 	KVPrefix  string // KV_PREFIX
 	LogLevel  slog.Level
 	LogFormat string // LOG_FORMAT: text or json
-	// SysctlRoot is where the host's /proc/sys is (SYSCTL_ROOT; the managed
-	// plugin's own /proc/sys is read-only). "" means /proc/sys.
+	// SysctlRoot says how the neighbour table limits are raised
+	// (SYSCTL_ROOT): "" through netlink (needs only CAP_NET_ADMIN, no
+	// /proc/sys mount), a path through that sysctl tree, "-" not at all.
 	SysctlRoot string
 	// DockerSocket is the engine's API socket for container metadata
 	// (DOCKER_HOST=unix://…, default /var/run/docker.sock, or
