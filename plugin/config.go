@@ -14,6 +14,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"consul-overlay/internal/dockerapi"
+	"consul-overlay/ipam"
 )
 
 // Config is the daemon's validated configuration. Every field comes from an
@@ -43,6 +44,10 @@ type Config struct {
 	// AntiEntropy is how often registrations are compared with what this
 	// host holds (ANTI_ENTROPY_INTERVAL, default 30s).
 	AntiEntropy time.Duration
+	// IPAMGrace is how long a reclaimed address waits for Docker's own
+	// release, and how old an address nobody uses must be before it is
+	// taken for an orphan of a crash (IPAM_GRACE, default 1h).
+	IPAMGrace time.Duration
 
 	// IPAM defaults for networks created without --subnet.
 	PoolV4, PoolV6         netip.Prefix
@@ -130,6 +135,14 @@ func loadConfig(getenv func(string) string) (Config, error) {
 			return c, fmt.Errorf("ANTI_ENTROPY_INTERVAL=%q: want a duration of at least 1s, like 30s", v)
 		}
 		c.AntiEntropy = d
+	}
+	c.IPAMGrace = ipam.DefaultGrace
+	if v := strings.TrimSpace(getenv("IPAM_GRACE")); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < time.Second {
+			return c, fmt.Errorf("IPAM_GRACE=%q: want a duration of at least 1s, like 1h", v)
+		}
+		c.IPAMGrace = d
 	}
 	var err error
 	if c.PoolV4, c.PoolV4Size, err = poolSetting(getenv, "IPAM_DEFAULT_POOL", false); err != nil {

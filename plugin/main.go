@@ -255,7 +255,8 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	// ipam's Node is the owner recorded on allocations: the unique host
 	// identity, never the human node name that hosts may share.
 	ip, err := ipam.New(ipam.Config{
-		Node: hostID,
+		Node:  hostID,
+		Grace: cfg.IPAMGrace,
 		InUse: func(poolID string, a netip.Addr) bool {
 			_, subnet, _, err := ipam.ParsePoolID(poolID)
 			return err == nil && drv != nil && drv.AddressUsed(subnet, a)

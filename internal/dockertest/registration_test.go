@@ -48,7 +48,7 @@ func TestDockerRegistration(t *testing.T) {
 		Docker(ctx, "plugin", "rm", "-f", ref)
 	})
 	if _, err := Docker(ctx, "plugin", "set", ref, "data.source="+t.TempDir(), "LOG_LEVEL=debug",
-		"CONSUL_HTTP_ADDR="+agent.Addr, "KV_PREFIX="+prefix, "ANTI_ENTROPY_INTERVAL=2s"); err != nil {
+		"CONSUL_HTTP_ADDR="+agent.Addr, "KV_PREFIX="+prefix, "ANTI_ENTROPY_INTERVAL=2s", "IPAM_GRACE=4s"); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := Docker(ctx, "plugin", "enable", "--timeout", "30", ref); err != nil {
