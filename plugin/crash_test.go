@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path"
 	"path/filepath"
@@ -186,19 +187,41 @@ func TestCrash(t *testing.T) {
 	})
 }
 
-// findFaultPoints reads every non-test Go file of the module for
-// fault.Point calls and returns their names, sorted and unique. A call
-// whose name is not a string literal is an error: the test could not arm
-// it.
+// findFaultPoints returns the crash points of the module's source. A
+// point the test cannot arm fails the test.
 func findFaultPoints(t *testing.T) []string {
 	t.Helper()
 	root, err := testenv.ModuleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
+	names, sites, problems, err := scanFaultPoints(root)
+	if err != nil {
+		t.Fatalf("scan the module for fault points: %v", err)
+	}
+	for _, p := range problems {
+		t.Error(p)
+	}
+	for _, name := range names {
+		if s := sites[name]; len(s) > 1 {
+			// Legal, but only the first site reached in a run is tested.
+			t.Logf("fault point %s is placed %d times (%s)", name, len(s), strings.Join(s, ", "))
+		}
+	}
+	return names
+}
+
+var pointName = regexp.MustCompile(`^[a-z0-9]+/[a-z0-9-]+$`)
+
+// scanFaultPoints parses every non-test Go file under root for calls of
+// fault.Point (under whatever name the file imports the package) and
+// returns the point names, sorted and unique, with where each is placed.
+// A call whose argument is not a string literal "<call>/<step>" is a
+// problem: the test could not arm it.
+func scanFaultPoints(root string) (names []string, sites map[string][]string, problems []string, err error) {
 	const faultPath = "consul-overlay/internal/fault"
 	fset := token.NewFileSet()
-	sites := map[string][]string{}
+	sites = map[string][]string{}
 	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -249,12 +272,12 @@ func findFaultPoints(t *testing.T) []string {
 				lit, _ = call.Args[0].(*ast.BasicLit)
 			}
 			if lit == nil || lit.Kind != token.STRING {
-				t.Errorf("%s: fault.Point without a string literal name: the crash test cannot find and arm it", site)
+				problems = append(problems, site+": fault.Point without a string literal name: the crash test cannot find and arm it")
 				return true
 			}
 			name, err := strconv.Unquote(lit.Value)
-			if err != nil || !regexp.MustCompile(`^[a-z0-9]+/[a-z0-9-]+$`).MatchString(name) {
-				t.Errorf("%s: fault point name %s is not \"<call>/<step>\" in lower case", site, lit.Value)
+			if err != nil || !pointName.MatchString(name) {
+				problems = append(problems, fmt.Sprintf("%s: fault point name %s is not \"<call>/<step>\" in lower case", site, lit.Value))
 				return true
 			}
 			sites[name] = append(sites[name], site)
@@ -262,19 +285,73 @@ func findFaultPoints(t *testing.T) []string {
 		})
 		return nil
 	})
-	if err != nil {
-		t.Fatalf("scan the module for fault points: %v", err)
-	}
-	var names []string
-	for name, s := range sites {
+	for name := range sites {
 		names = append(names, name)
-		if len(s) > 1 {
-			// Legal, but only the first site reached in a run is tested.
-			t.Logf("fault point %s is placed %d times (%s)", name, len(s), strings.Join(s, ", "))
-		}
 	}
 	slices.Sort(names)
-	return names
+	return names, sites, problems, err
+}
+
+// TestCrashPointScan: the scanner finds points under any import name and
+// in any package, and only real calls of the fault package's Point.
+func TestCrashPointScan(t *testing.T) {
+	root := t.TempDir()
+	files := map[string]string{
+		"go.mod": "module consul-overlay\n",
+		"driver/a.go": `package driver
+
+// Mentions of fault.Point("doc/comment") in comments do not count.
+import "consul-overlay/internal/fault"
+
+func A() {
+	fault.Point("createnetwork/after-membership")
+	defer fault.Point("createnetwork/after-kernel")
+	fault.Point("createnetwork/after-membership")
+}
+`,
+		"ipam/b.go": `package ipam
+
+import f "consul-overlay/internal/fault"
+
+type other struct{}
+
+func (other) Point(string) {}
+
+func B(name string) {
+	f.Point("requestaddress/after-commit")
+	f.Point(name)
+	f.Point("Bad Name")
+	var fault other
+	fault.Point("not/a-point")
+}
+`,
+		"driver/a_test.go": "package driver\n\nimport \"consul-overlay/internal/fault\"\n\nfunc T() { fault.Point(\"test/only\") }\n",
+		"testdata/c.go":    "package x\n\nimport \"consul-overlay/internal/fault\"\n\nfunc C() { fault.Point(\"testdata/only\") }\n",
+		"noimport/d.go":    "package noimport\n\nfunc D() { fault.Point(\"no/import\") }\n",
+	}
+	for name, body := range files {
+		p := filepath.Join(root, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	names, sites, problems, err := scanFaultPoints(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"createnetwork/after-kernel", "createnetwork/after-membership", "requestaddress/after-commit"}
+	if !slices.Equal(names, want) {
+		t.Errorf("points %v, want %v", names, want)
+	}
+	if s := sites["createnetwork/after-membership"]; len(s) != 2 || s[0] != filepath.Join("driver", "a.go")+":7" {
+		t.Errorf("sites of createnetwork/after-membership: %v", s)
+	}
+	if len(problems) != 2 {
+		t.Errorf("problems %q, want the non-literal and the bad name", problems)
+	}
 }
 
 // crashEnv is what every scenario shares: two test hosts with a Consul
