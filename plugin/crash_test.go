@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
@@ -45,6 +46,11 @@ import (
 //     from host B;
 //   - B's container keeps reaching A's first container across the crash
 //     and restart (the kernel carries running containers);
+//   - once A's containers are gone (the networks still up), the store
+//     holds the keys it held before them: an orphan that Docker will never
+//     release (an address committed before the crash, an endpoint record
+//     that never joined) must be reclaimed by the plugin within
+//     reclaimWait;
 //   - after everything is removed on both hosts: no key under the prefix
 //     (but the documented survivors), no overlay link, no CONSUL-OVERLAY
 //     rule, no service the scenario registered.
@@ -101,27 +107,33 @@ const (
 	// armAtStart: before `docker network create` on A, so the point fires
 	// the first time any call reaches it.
 	armAtStart armPhase = iota
-	// armAtRun: after the network exists on both hosts, before the first
-	// `docker run` on A (reaches the container path of RequestAddress).
-	armAtRun
+	// armAtSecondRun: after A's first container runs (B pinging it
+	// throughout), before the second `docker run` on A. The point fires
+	// while a container of A is live, and reaches the container path of
+	// RequestAddress.
+	armAtSecondRun
 	// armAtNetworkRemove: after every container is gone, before `docker
 	// network rm` on A (reaches the gateway path of ReleaseAddress).
 	armAtNetworkRemove
 )
 
 func (p armPhase) String() string {
-	return [...]string{"armed-at-start", "armed-at-run", "armed-at-network-rm"}[p]
+	return [...]string{"armed-at-start", "armed-at-second-run", "armed-at-network-rm"}[p]
 }
 
 // phasesFor returns the arm phases of a point: each reaches the point on
-// another path of its call.
+// another path of its call. Points of the container calls fire while
+// another container of A is live (armed at start, Leave, DeleteEndpoint
+// and ReleaseAddress are first reached by the second container).
 func phasesFor(point string) []armPhase {
 	call, _, _ := strings.Cut(point, "/")
 	switch call {
 	case "requestaddress":
-		return []armPhase{armAtStart, armAtRun} // the gateway, then a container
+		return []armPhase{armAtStart, armAtSecondRun} // the gateway, then a container
 	case "releaseaddress":
 		return []armPhase{armAtStart, armAtNetworkRemove} // a container, then the gateway
+	case "createendpoint", "join":
+		return []armPhase{armAtSecondRun}
 	}
 	return []armPhase{armAtStart}
 }
@@ -159,9 +171,7 @@ func TestCrash(t *testing.T) {
 						sc := scenario{point: point, arm: ph, bFirst: bFirst}
 						t.Run(sc.name(), func(t *testing.T) {
 							scenarios++
-							if runScenario(t, env, sc) {
-								got = true
-							}
+							runScenario(t, env, sc, &got)
 						})
 					}
 					if got {
@@ -415,6 +425,7 @@ type crashRun struct {
 	before map[string]bool // services on the agents before the scenario
 
 	crashes []string // the calls during or after which A died
+	reached *bool    // set when A dies: the armed point was reached
 	kill9   *killer  // random kills, or nil
 }
 
@@ -472,19 +483,22 @@ func newCrashRun(t *testing.T, env *crashEnv, sc scenario) *crashRun {
 	return r
 }
 
-// runScenario runs one armed lifecycle and reports whether the armed
-// point was reached.
-func runScenario(t *testing.T, env *crashEnv, sc scenario) bool {
+// runScenario runs one armed lifecycle; it sets *reached when the armed
+// point was reached (even if the scenario then fails).
+func runScenario(t *testing.T, env *crashEnv, sc scenario, reached *bool) {
 	r := newCrashRun(t, env, sc)
+	r.reached = reached
 	start := time.Now()
 	r.lifecycle()
-	reached := len(r.crashes) > 0
-	if reached {
-		t.Logf("%s reached: plugin killed during %s; restarted, replayed, clean (%s)", sc.point, strings.Join(r.crashes, ", "), time.Since(start).Round(time.Millisecond))
+	if len(r.crashes) > 0 {
+		verdict := "the retry succeeded and nothing leaked"
+		if t.Failed() {
+			verdict = "invariants broken (above)"
+		}
+		t.Logf("%s reached: plugin killed during %s; restarted and replayed: %s (%s)", sc.point, strings.Join(r.crashes, ", "), verdict, time.Since(start).Round(time.Millisecond))
 	} else {
 		t.Logf("%s not reached in this order and phase (%s)", sc.point, time.Since(start).Round(time.Millisecond))
 	}
-	return reached
 }
 
 // lifecycle: network create on both hosts, two containers on A (the
@@ -501,19 +515,21 @@ func (r *crashRun) lifecycle() {
 	if !r.sc.bFirst {
 		r.bUp()
 	}
-	if r.sc.arm == armAtRun {
-		r.arm()
-	}
+	base := r.keySet()
 	c1 := r.containerRun(n)
 	r.reachFromB(c1)
 	// From here until c1 stops, B's container pings c1 without a pause:
 	// whatever happens to A's plugin, a running container keeps its path.
 	ping := startBackgroundPing(t, r.bc, c1.addr4.Addr())
+	if r.sc.arm == armAtSecondRun {
+		r.arm()
+	}
 	c2 := r.containerRun(n)
 	r.reachFromB(c2)
 	r.containerStop(c2)
 	ping.stopAndCheck(t, "B's container to A's running container "+c1.addr4.Addr().String())
 	r.containerStop(c1)
+	r.checkNoOrphans(base, "A's containers were removed")
 	if !r.sc.bFirst {
 		r.bDown()
 	}
@@ -586,6 +602,9 @@ func (r *crashRun) try(method string, req, resp any) bool {
 		what += " (after it answered)"
 	}
 	r.crashes = append(r.crashes, what)
+	if r.reached != nil {
+		*r.reached = true
+	}
 	if r.kill9 != nil {
 		r.kill9.kills++
 	}
@@ -604,11 +623,26 @@ func (r *crashRun) retry(method string, req, resp any) {
 	r.t.Helper()
 	for range maxAttempts {
 		if r.try(method, req, resp) {
-			r.checkAddrs(method)
 			return
 		}
 	}
 	r.t.Fatalf("%s on host A did not succeed in %d attempts", method, maxAttempts)
+}
+
+// do is retry followed by the address check.
+func (r *crashRun) do(method string, req, resp any) {
+	r.t.Helper()
+	r.retry(method, req, resp)
+	r.checkAddrs(method)
+}
+
+// releaseAddress gives an address of A back to IPAM (retried as retry
+// says) and checks what is still held.
+func (r *crashRun) releaseAddress(poolID string, a netip.Addr) {
+	r.t.Helper()
+	r.retry("/IpamDriver.ReleaseAddress", map[string]any{"PoolID": poolID, "Address": a.String()}, nil)
+	r.release("A", a)
+	r.checkAddrs("ReleaseAddress " + a.String())
 }
 
 // networkCreate runs `docker network create -d consul-overlay --ipam-driver
@@ -646,7 +680,7 @@ func (r *crashRun) tryNetworkCreate() *dockerNet {
 	if !r.try("/IpamDriver.RequestAddress", map[string]any{"PoolID": n.pool4, "Options": map[string]string{"RequestAddressType": "com.docker.network.gateway"}}, &ar) {
 		// libnetwork's ipamAllocateVersion releases the pool when the
 		// gateway request fails.
-		r.retry("/IpamDriver.ReleasePool", map[string]any{"PoolID": n.pool4}, nil)
+		r.do("/IpamDriver.ReleasePool", map[string]any{"PoolID": n.pool4}, nil)
 		return nil
 	}
 	n.gw4 = ar.Address
@@ -666,9 +700,8 @@ func (r *crashRun) tryNetworkCreate() *dockerNet {
 		// libnetwork's NewNetwork: a failed CreateNetwork runs the
 		// deferred ipamRelease (ReleaseAddress of the gateway, then
 		// ReleasePool); no DeleteNetwork, since the create failed.
-		r.retry("/IpamDriver.ReleaseAddress", map[string]any{"PoolID": n.pool4, "Address": gw.String()}, nil)
-		r.release("A", gw)
-		r.retry("/IpamDriver.ReleasePool", map[string]any{"PoolID": n.pool4}, nil)
+		r.releaseAddress(n.pool4, gw)
+		r.do("/IpamDriver.ReleasePool", map[string]any{"PoolID": n.pool4}, nil)
 		return nil
 	}
 	r.checkAddrs("CreateNetwork")
@@ -680,11 +713,10 @@ func (r *crashRun) tryNetworkCreate() *dockerNet {
 // (DeleteNetwork), and the engine's plugin client retries the connection
 // (ReleaseAddress and ReleasePool, whose errors it would only log).
 func (r *crashRun) networkRemove(n *dockerNet) {
-	r.retry("/NetworkDriver.DeleteNetwork", map[string]any{"NetworkID": n.id}, nil)
+	r.do("/NetworkDriver.DeleteNetwork", map[string]any{"NetworkID": n.id}, nil)
 	gw := netip.MustParsePrefix(n.gw4).Addr()
-	r.retry("/IpamDriver.ReleaseAddress", map[string]any{"PoolID": n.pool4, "Address": gw.String()}, nil)
-	r.release("A", gw)
-	r.retry("/IpamDriver.ReleasePool", map[string]any{"PoolID": n.pool4}, nil)
+	r.releaseAddress(n.pool4, gw)
+	r.do("/IpamDriver.ReleasePool", map[string]any{"PoolID": n.pool4}, nil)
 }
 
 // containerRun runs `docker run --network N` on A until it succeeds, as
@@ -728,9 +760,8 @@ func (r *crashRun) tryContainerRun(c *container) bool {
 	r.hold("A", "endpoint", c.addr4.Addr(), c.mac)
 	r.checkAddrs("RequestAddress")
 	undo := func() {
-		r.retry("/NetworkDriver.DeleteEndpoint", map[string]any{"NetworkID": n.id, "EndpointID": c.eid}, nil)
-		r.retry("/IpamDriver.ReleaseAddress", map[string]any{"PoolID": n.pool4, "Address": c.addr4.Addr().String()}, nil)
-		r.release("A", c.addr4.Addr())
+		r.do("/NetworkDriver.DeleteEndpoint", map[string]any{"NetworkID": n.id, "EndpointID": c.eid}, nil)
+		r.releaseAddress(n.pool4, c.addr4.Addr())
 	}
 	iface := map[string]string{"Address": ar.Address, "MacAddress": c.mac}
 	var cr struct{ Interface *struct{ MacAddress string } }
@@ -769,13 +800,12 @@ func (r *crashRun) tryContainerRun(c *container) bool {
 // replayed as is. (dockerd's start-up cleanup replays DeleteEndpoint the
 // same way.)
 func (r *crashRun) containerStop(c *container) {
-	r.retry("/NetworkDriver.Leave", map[string]any{"NetworkID": c.n.id, "EndpointID": c.eid}, nil)
+	r.do("/NetworkDriver.Leave", map[string]any{"NetworkID": c.n.id, "EndpointID": c.eid}, nil)
 	if err := testenv.MoveBack(c.ns, c.n.p.host.NS, "eth0", c.src); err != nil {
 		r.t.Logf("move %s back: %v", c.src, err)
 	}
-	r.retry("/NetworkDriver.DeleteEndpoint", map[string]any{"NetworkID": c.n.id, "EndpointID": c.eid}, nil)
-	r.retry("/IpamDriver.ReleaseAddress", map[string]any{"PoolID": c.n.pool4, "Address": c.addr4.Addr().String()}, nil)
-	r.release("A", c.addr4.Addr())
+	r.do("/NetworkDriver.DeleteEndpoint", map[string]any{"NetworkID": c.n.id, "EndpointID": c.eid}, nil)
+	r.releaseAddress(c.n.pool4, c.addr4.Addr())
 }
 
 // bUp creates the network on B and runs B's container there.
@@ -875,6 +905,66 @@ func (r *crashRun) checkAddrs(step string) {
 	}
 }
 
+// mayAppear are keys (relative to the prefix) that may appear once the
+// first container ran and stay after the last one left while the network
+// lives: state of the network, not of a container.
+var mayAppear = []*regexp.Regexp{
+	regexp.MustCompile(`^ipam/[^/]+/pool/[^/]+/next$`), // the pool's allocation cursor
+}
+
+// keySet lists the keys under the prefix, relative to it. (One client
+// for every poll: kvKeys makes a client per call, and the agent refuses a
+// client with too many open connections.)
+func (r *crashRun) keySet() map[string]bool {
+	keys, _, err := r.kv.Keys(r.prefix, "", nil)
+	if err != nil {
+		r.t.Fatalf("list keys under %s: %v", r.prefix, err)
+	}
+	ks := map[string]bool{}
+	for _, k := range keys {
+		ks[strings.TrimPrefix(k, r.prefix)] = true
+	}
+	return ks
+}
+
+// checkNoOrphans waits until the store holds the keys it held before A's
+// first container (base) again: the containers are gone, the networks stay,
+// so any other key is a leaked address or endpoint record (an orphan the
+// plugin must reclaim after its grace period), and a vanished key is state
+// that a replay removed from under a live holder.
+func (r *crashRun) checkNoOrphans(base map[string]bool, when string) {
+	t := r.t
+	t.Helper()
+	var extra, gone []string
+	deadline := time.Now().Add(reclaimWait)
+	for {
+		extra, gone = nil, nil
+		now := r.keySet()
+		for k := range now {
+			if !base[k] && !slices.ContainsFunc(mayAppear, func(re *regexp.Regexp) bool { return re.MatchString(k) }) {
+				extra = append(extra, k)
+			}
+		}
+		for k := range base {
+			if !now[k] {
+				gone = append(gone, k)
+			}
+		}
+		if len(extra)+len(gone) == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	slices.Sort(extra)
+	slices.Sort(gone)
+	if len(extra) > 0 {
+		t.Errorf("%s after %s was still there %s later (orphans never reclaimed): %v", "keys made since A's first container", when, reclaimWait, extra)
+	}
+	if len(gone) > 0 {
+		t.Errorf("keys of the live networks and B's container vanished by the time %s: %v", when, gone)
+	}
+}
+
 // checkClean waits until nothing the scenario made is left: keys under the
 // prefix (but allowedLeftovers), overlay links and firewall rules on either
 // host, services on either agent.
@@ -901,10 +991,9 @@ func (r *crashRun) checkClean() {
 func (r *crashRun) leftovers() []string {
 	t := r.t
 	var out []string
-	for _, k := range kvKeys(t, r.env.agents[0], r.prefix) {
-		rel := strings.TrimPrefix(k, r.prefix)
-		if !slices.ContainsFunc(allowedLeftovers, func(re *regexp.Regexp) bool { return re.MatchString(rel) }) {
-			out = append(out, "key "+k)
+	for k := range r.keySet() {
+		if !slices.ContainsFunc(allowedLeftovers, func(re *regexp.Regexp) bool { return re.MatchString(k) }) {
+			out = append(out, "key "+r.prefix+k)
 		}
 	}
 	for i, h := range r.env.hosts {
@@ -959,21 +1048,26 @@ func firewallRules(t *testing.T, h *testenv.Host) []string {
 }
 
 // scrub removes what a failed scenario left on the hosts and agents, so
-// the next scenario starts clean.
+// the next scenario starts clean. It runs in a cleanup, when the test's
+// context is already cancelled.
 func (r *crashRun) scrub() {
-	t := r.t
+	run := func(h *testenv.Host, args ...string) string {
+		out, _ := h.NS.Command(context.Background(), args...).CombinedOutput()
+		return string(out)
+	}
 	for _, h := range r.env.hosts {
-		for _, l := range ourLinks(t, h) {
-			_, _ = h.NS.Run(t, "ip", "link", "del", l)
+		for _, line := range strings.Split(run(h, "ip", "-o", "link", "show"), "\n") {
+			if f := strings.Fields(line); len(f) >= 2 {
+				name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
+				if strings.HasPrefix(name, "vx") {
+					run(h, "ip", "link", "del", name)
+				}
+			}
 		}
 		for _, bin := range []string{"iptables", "ip6tables"} {
-			s, err := h.NS.Run(t, bin, "-w", "-t", "filter", "-S")
-			if err != nil {
-				continue
-			}
-			for _, line := range strings.Split(s, "\n") {
+			for _, line := range strings.Split(run(h, bin, "-w", "-t", "filter", "-S"), "\n") {
 				if f := strings.Fields(line); len(f) == 2 && f[0] == "-N" && strings.HasPrefix(f[1], "CONSUL-OVERLAY") {
-					_, _ = h.NS.Run(t, bin, "-w", "-t", "filter", "-F", f[1])
+					run(h, bin, "-w", "-t", "filter", "-F", f[1])
 				}
 			}
 		}
@@ -1049,6 +1143,7 @@ func runKill9(t *testing.T, env *crashEnv) {
 	c0 := r.containerRun(n)
 	r.reachFromB(c0)
 	ping := startBackgroundPing(t, r.bc, c0.addr4.Addr())
+	base := r.keySet()
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("kill-9 seed %d", seed)
 	r.kill9 = &killer{rng: mrand.New(mrand.NewPCG(seed, seed>>1)), prob: 0.2, maxDelay: 25 * time.Millisecond}
@@ -1063,6 +1158,7 @@ func runKill9(t *testing.T, env *crashEnv) {
 	r.kill9 = nil
 	t.Logf("%d attach/detach cycles with %d kill -9 of A's plugin in %s; killed during or after: %s",
 		cycles, kills, time.Since(start).Round(time.Millisecond), strings.Join(r.crashes, ", "))
+	r.checkNoOrphans(base, "the 20 cycles ended")
 	ping.stopAndCheck(t, "B's container to A's long-lived container "+c0.addr4.Addr().String())
 	if kills == 0 {
 		t.Errorf("no kill happened in %d cycles: the test tested nothing", cycles)
