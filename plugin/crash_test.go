@@ -155,9 +155,10 @@ func TestCrash(t *testing.T) {
 			t.Skip(msg)
 		}
 		t.Logf("%d crash points found: %s", len(points), strings.Join(points, " "))
-		var reached, special, scenarios int
+		var tested, reached, special, scenarios int
 		for _, point := range points {
 			t.Run(point, func(t *testing.T) {
+				tested++
 				call, _, _ := strings.Cut(point, "/")
 				if !slices.Contains(lifecycleCalls, call) {
 					t.Logf("point %s: %q is not one of the lifecycle's calls %v", point, call, lifecycleCalls)
@@ -189,7 +190,7 @@ func TestCrash(t *testing.T) {
 				}
 			})
 		}
-		t.Logf("crash points: %d found, %d reached and replayed, %d need a special trigger; %d scenarios run", len(points), reached, special, scenarios)
+		t.Logf("crash points: %d found, %d tested, %d reached and replayed, %d need a special trigger; %d scenarios run", len(points), tested, reached, special, scenarios)
 	})
 
 	t.Run("kill-9", func(t *testing.T) {
