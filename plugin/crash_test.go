@@ -227,15 +227,17 @@ func findFaultPoints(t *testing.T) []string {
 
 var pointName = regexp.MustCompile(`^[a-z0-9]+/[a-z0-9-]+$`)
 
-// scanFaultPoints parses every non-test Go file under root for calls of
-// fault.Point (under whatever name the file imports the package) and
-// returns the point names, sorted and unique, with where each is placed.
-// A call whose argument is not a string literal "<call>/<step>" is a
-// problem: the test could not arm it.
+// scanFaultPoints parses every non-test Go file under root for crash
+// points and returns their names, sorted and unique, with where each is
+// placed. A point is a call of fault.Point (under whatever name the file
+// imports the package) with a string literal, or a call with a string
+// literal of a wrapper: a function or method of the same package that
+// passes one of its parameters to fault.Point (driver's d.point(name)).
+// Any other argument is a problem: the test could not arm the point.
 func scanFaultPoints(root string) (names []string, sites map[string][]string, problems []string, err error) {
 	const faultPath = "consul-overlay/internal/fault"
 	fset := token.NewFileSet()
-	sites = map[string][]string{}
+	pkgs := map[string][]*ast.File{} // by directory
 	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -254,60 +256,130 @@ func scanFaultPoints(root string) (names []string, sites map[string][]string, pr
 		if err != nil {
 			return err
 		}
-		local := ""
-		for _, imp := range f.Imports {
-			if ip, _ := strconv.Unquote(imp.Path.Value); ip == faultPath {
-				local = "fault"
-				if imp.Name != nil {
-					local = imp.Name.Name
-				}
-			}
-		}
-		if local == "" {
-			return nil
-		}
-		ast.Inspect(f, func(n ast.Node) bool {
-			call, ok := n.(*ast.CallExpr)
-			if !ok {
-				return true
-			}
-			sel, ok := call.Fun.(*ast.SelectorExpr)
-			if !ok || sel.Sel.Name != "Point" {
-				return true
-			}
-			if x, ok := sel.X.(*ast.Ident); !ok || x.Name != local {
-				return true
-			}
-			pos := fset.Position(call.Pos())
-			rel, _ := filepath.Rel(root, pos.Filename)
-			site := fmt.Sprintf("%s:%d", rel, pos.Line)
-			var lit *ast.BasicLit
-			if len(call.Args) == 1 {
-				lit, _ = call.Args[0].(*ast.BasicLit)
-			}
-			if lit == nil || lit.Kind != token.STRING {
-				problems = append(problems, site+": fault.Point without a string literal name: the crash test cannot find and arm it")
-				return true
-			}
-			name, err := strconv.Unquote(lit.Value)
-			if err != nil || !pointName.MatchString(name) {
-				problems = append(problems, fmt.Sprintf("%s: fault point name %s is not \"<call>/<step>\" in lower case", site, lit.Value))
-				return true
-			}
-			sites[name] = append(sites[name], site)
-			return true
-		})
+		pkgs[filepath.Dir(p)] = append(pkgs[filepath.Dir(p)], f)
 		return nil
 	})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	sites = map[string][]string{}
+	site := func(n ast.Node) string {
+		pos := fset.Position(n.Pos())
+		rel, _ := filepath.Rel(root, pos.Filename)
+		return fmt.Sprintf("%s:%d", rel, pos.Line)
+	}
+	// record takes the name argument of a point call.
+	record := func(call *ast.CallExpr, arg ast.Expr, what string) {
+		lit, ok := arg.(*ast.BasicLit)
+		if !ok || lit.Kind != token.STRING {
+			problems = append(problems, fmt.Sprintf("%s: %s without a string literal name: the crash test cannot find and arm it", site(call), what))
+			return
+		}
+		name, err := strconv.Unquote(lit.Value)
+		if err != nil || !pointName.MatchString(name) {
+			problems = append(problems, fmt.Sprintf("%s: fault point name %s is not \"<call>/<step>\" in lower case", site(call), lit.Value))
+			return
+		}
+		sites[name] = append(sites[name], site(call))
+	}
+	// calledName is the function or method name a call calls.
+	calledName := func(call *ast.CallExpr) string {
+		switch f := call.Fun.(type) {
+		case *ast.Ident:
+			return f.Name
+		case *ast.SelectorExpr:
+			return f.Sel.Name
+		}
+		return ""
+	}
+	dirs := make([]string, 0, len(pkgs))
+	for d := range pkgs {
+		dirs = append(dirs, d)
+	}
+	slices.Sort(dirs)
+	for _, dir := range dirs {
+		wrappers := map[string]int{} // name → index of the point name parameter
+		for _, f := range pkgs[dir] {
+			local := ""
+			for _, imp := range f.Imports {
+				if ip, _ := strconv.Unquote(imp.Path.Value); ip == faultPath {
+					local = "fault"
+					if imp.Name != nil {
+						local = imp.Name.Name
+					}
+				}
+			}
+			if local == "" {
+				continue
+			}
+			isPoint := func(call *ast.CallExpr) bool {
+				sel, ok := call.Fun.(*ast.SelectorExpr)
+				if !ok || sel.Sel.Name != "Point" {
+					return false
+				}
+				x, ok := sel.X.(*ast.Ident)
+				return ok && x.Name == local
+			}
+			for _, decl := range f.Decls {
+				fn, ok := decl.(*ast.FuncDecl)
+				if !ok || fn.Body == nil {
+					continue
+				}
+				var params []string
+				for _, fld := range fn.Type.Params.List {
+					for _, id := range fld.Names {
+						params = append(params, id.Name)
+					}
+				}
+				ast.Inspect(fn.Body, func(m ast.Node) bool {
+					call, ok := m.(*ast.CallExpr)
+					if !ok || !isPoint(call) {
+						return true
+					}
+					var arg ast.Expr
+					if len(call.Args) == 1 {
+						arg = call.Args[0]
+					}
+					if id, ok := arg.(*ast.Ident); ok {
+						if i := slices.Index(params, id.Name); i >= 0 {
+							wrappers[fn.Name.Name] = i
+							return true
+						}
+					}
+					record(call, arg, "fault.Point")
+					return true
+				})
+			}
+		}
+		if len(wrappers) == 0 {
+			continue
+		}
+		for _, f := range pkgs[dir] {
+			ast.Inspect(f, func(n ast.Node) bool {
+				call, ok := n.(*ast.CallExpr)
+				if !ok {
+					return true
+				}
+				name := calledName(call)
+				i, ok := wrappers[name]
+				if !ok || i >= len(call.Args) {
+					return true
+				}
+				record(call, call.Args[i], "crash point wrapper "+name)
+				return true
+			})
+		}
+	}
 	for name := range sites {
 		names = append(names, name)
 	}
 	slices.Sort(names)
-	return names, sites, problems, err
+	return names, sites, problems, nil
 }
 
-// TestCrashPointScan: the scanner finds points under any import name and
-// in any package, and only real calls of the fault package's Point.
+// TestCrashPointScan: the scanner finds points under any import name, in
+// any package and through a package's wrapper of fault.Point, and only
+// real calls of the fault package's Point.
 func TestCrashPointScan(t *testing.T) {
 	root := t.TempDir()
 	files := map[string]string{
@@ -322,6 +394,26 @@ func A() {
 	defer fault.Point("createnetwork/after-kernel")
 	fault.Point("createnetwork/after-membership")
 }
+
+type D struct{}
+
+// point is a wrapper: its calls with a literal are points.
+func (d *D) point(name string) { fault.Point(name) }
+`,
+		"driver/c.go": `package driver
+
+func (d *D) Delete() {
+	d.point("deletenetwork/after-leave")
+}
+`,
+		"other/e.go": `package other
+
+type x struct{}
+
+func (x) point(string) {}
+
+// Not a wrapper of this package: not a point.
+func E() { x{}.point("other/not-a-point") }
 `,
 		"ipam/b.go": `package ipam
 
@@ -333,7 +425,7 @@ func (other) Point(string) {}
 
 func B(name string) {
 	f.Point("requestaddress/after-commit")
-	f.Point(name)
+	f.Point(name + "/x")
 	f.Point("Bad Name")
 	var fault other
 	fault.Point("not/a-point")
@@ -356,7 +448,7 @@ func B(name string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"createnetwork/after-kernel", "createnetwork/after-membership", "requestaddress/after-commit"}
+	want := []string{"createnetwork/after-kernel", "createnetwork/after-membership", "deletenetwork/after-leave", "requestaddress/after-commit"}
 	if !slices.Equal(names, want) {
 		t.Errorf("points %v, want %v", names, want)
 	}
