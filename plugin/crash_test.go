@@ -126,8 +126,9 @@ func (p armPhase) String() string {
 
 // phasesFor returns the arm phases of a point: each reaches the point on
 // another path of its call. Points of the container calls fire while
-// another container of A is live (armed at start, Leave, DeleteEndpoint
-// and ReleaseAddress are first reached by the second container).
+// another container of A is live: CreateEndpoint and Join are armed at the
+// second run; Leave, DeleteEndpoint and ReleaseAddress, armed at start,
+// are first reached by the third container's removal.
 func phasesFor(point string) []armPhase {
 	call, _, _ := strings.Cut(point, "/")
 	switch call {
