@@ -64,6 +64,11 @@ func housekeeping(ctx context.Context, log *slog.Logger, drv *driver.Driver, ip 
 			if err := pruneNetworks(ctx, drv, docker, dataDir); err != nil {
 				log.Warn("prune networks Docker does not have", "error", err)
 			}
+			if n, err := sweepPools(ctx, ip, docker, dataDir); err != nil {
+				log.Warn("ipam pool sweep", "error", err)
+			} else if n > 0 {
+				log.Info("ipam pool sweep dropped holds no Docker network uses", "dropped", n)
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -73,24 +78,69 @@ func housekeeping(ctx context.Context, log *slog.Logger, drv *driver.Driver, ip 
 	}
 }
 
-// pruneNetworks drops this host's bindings of Docker networks that the
-// pinned engine does not have.
-func pruneNetworks(ctx context.Context, drv *driver.Driver, docker *dockerapi.Client, dataDir string) error {
+// trustedEngine reports whether the engine is the one pinned in DATA_DIR
+// (false, nil while nothing is pinned yet).
+func trustedEngine(ctx context.Context, docker *dockerapi.Client, dataDir string) (bool, error) {
 	pinned, err := os.ReadFile(dataDir + "/" + engineIDFile)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return nil // the registrar has not met the engine yet
+			return false, nil // the registrar has not met the engine yet
 		}
-		return err
+		return false, err
 	}
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	info, err := docker.Info(cctx)
+	info, err := docker.Info(ctx)
 	if err != nil {
-		return fmt.Errorf("ask the engine: %w", err)
+		return false, fmt.Errorf("ask the engine: %w", err)
 	}
 	if want := strings.TrimSpace(string(pinned)); info.ID != want {
-		return fmt.Errorf("the engine at %s has ID %s, not the pinned %s: nothing pruned", docker.Socket(), info.ID, want)
+		return false, fmt.Errorf("the engine at %s has ID %s, not the pinned %s: nothing done", docker.Socket(), info.ID, want)
+	}
+	return true, nil
+}
+
+// sweepPools drops this host's pool holds that no Docker network of the
+// pinned engine accounts for (a crash between RequestPool's commit and
+// Docker's answer leaves one). Every network with the pool's subnet
+// counts, whatever its IPAM driver: counting too many only keeps a hold.
+func sweepPools(ctx context.Context, ip *ipam.Driver, docker *dockerapi.Client, dataDir string) (int, error) {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if ok, err := trustedEngine(cctx, docker, dataDir); !ok {
+		return 0, err
+	}
+	nets, err := docker.ListNetworks(cctx)
+	if err != nil {
+		return 0, err
+	}
+	return ip.SweepPools(cctx, func(poolID string) (int, bool) {
+		_, subnet, sub, err := ipam.ParsePoolID(poolID)
+		if err != nil {
+			return 0, false
+		}
+		n := 0
+		for _, net := range nets {
+			for _, s := range net.Subnets {
+				p, err := netip.ParsePrefix(s.Subnet)
+				if err != nil || p.Masked() != subnet.Masked() {
+					continue
+				}
+				if r, err := netip.ParsePrefix(s.IPRange); sub.IsValid() && (err != nil || r.Masked() != sub.Masked()) {
+					continue
+				}
+				n++
+			}
+		}
+		return n, true
+	})
+}
+
+// pruneNetworks drops this host's bindings of Docker networks that the
+// pinned engine does not have.
+func pruneNetworks(ctx context.Context, drv *driver.Driver, docker *dockerapi.Client, dataDir string) error {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if ok, err := trustedEngine(cctx, docker, dataDir); !ok {
+		return err
 	}
 	return drv.PruneNetworks(cctx, func(ctx context.Context, id string) (bool, error) {
 		_, err := docker.InspectNetwork(ctx, id)

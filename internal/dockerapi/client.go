@@ -87,6 +87,14 @@ type Network struct {
 	ID     string
 	Name   string
 	Driver string
+	// Subnets are the subnets of the network's IPAM configuration, with
+	// their IP ranges ("" for none); filled by ListNetworks only.
+	Subnets []NetworkSubnet
+}
+
+// NetworkSubnet is one IPAM configuration entry of a network.
+type NetworkSubnet struct {
+	Subnet, IPRange string
 }
 
 // Summary is one entry of List.
@@ -368,6 +376,30 @@ func (c *Client) InspectNetwork(ctx context.Context, id string) (Network, error)
 		return Network{}, fmt.Errorf("docker inspect network %q: %w", id, err)
 	}
 	return Network{ID: raw.ID, Name: raw.Name, Driver: raw.Driver}, nil
+}
+
+// ListNetworks lists every network of the engine with its IPAM subnets.
+func (c *Client) ListNetworks(ctx context.Context) ([]Network, error) {
+	var raw []struct {
+		ID     string `json:"Id"`
+		Name   string
+		Driver string
+		IPAM   struct {
+			Config []struct{ Subnet, IPRange string }
+		}
+	}
+	if err := c.call(ctx, http.MethodGet, "/networks", &raw); err != nil {
+		return nil, fmt.Errorf("docker list networks: %w", err)
+	}
+	out := make([]Network, 0, len(raw))
+	for _, r := range raw {
+		n := Network{ID: r.ID, Name: r.Name, Driver: r.Driver}
+		for _, c := range r.IPAM.Config {
+			n.Subnets = append(n.Subnets, NetworkSubnet{Subnet: c.Subnet, IPRange: c.IPRange})
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }
 
 // Events subscribes to the engine's event stream. since, when not zero,
