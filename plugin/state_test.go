@@ -138,3 +138,55 @@ func TestProtocolForeignView(t *testing.T) {
 		}
 	}
 }
+
+// TestVTEPChangePeersFollow moves host A to a new underlay address (the
+// source of its default route, as when DHCP hands out another lease): B's
+// peers of A's containers switch to the new address, and traffic resumes.
+func TestVTEPChangePeersFollow(t *testing.T) {
+	requireNsenter(t)
+	hosts := testenv.NewUnderlay(t, 2, testenv.UnderlayOptions{})
+	a, b := hosts[0], hosts[1]
+	a.NS.MustRun(t, "ip", "addr", "add", "192.0.2.101/24", "dev", a.Link)
+	a.NS.MustRun(t, "ip", "route", "add", "default", "via", "192.0.2.254", "dev", a.Link, "src", a.Addr.String())
+	agent := testenv.StartConsul(t, testenv.WithNetNS(a.NS.Path), testenv.WithBindAddr(a.Addr.String()))
+	prefix := "co-vtep2-" + randomID()[:8] + "/"
+	pa := startPluginEnv(t, "hostA", a, agent.Addr, prefix, "VTEP_ADDR=")
+	pb := startPlugin(t, "hostB", b, agent.Addr, prefix)
+	spec := netSpec{subnet4: "10.43.0.0/24", opts: map[string]string{"name": "mv"}}
+	na, err := pa.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nb, err := pb.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, cb := na.run(t), nb.run(t)
+	eventually(t, 10*time.Second, func() error { return cb.ping(t, ca.addr4.Addr(), 1) })
+
+	start := time.Now()
+	a.NS.MustRun(t, "ip", "route", "replace", "default", "via", "192.0.2.254", "dev", a.Link, "src", "192.0.2.101")
+	eventually(t, 10*time.Second, func() error {
+		out, err := b.NS.Run(t, "bridge", "fdb", "show", "dev", "vx-001000")
+		if err != nil {
+			return err
+		}
+		for _, line := range strings.Split(out, "\n") {
+			if strings.HasPrefix(line, ca.mac+" ") && strings.Contains(line, "dst 192.0.2.101") {
+				return nil
+			}
+		}
+		return fmt.Errorf("B's FDB does not send %s to A's new address yet:\n%s", ca.mac, out)
+	})
+	t.Logf("B's peers follow A's new underlay address %s after the change", time.Since(start).Round(time.Millisecond))
+	if err := cb.ping(t, ca.addr4.Addr(), 3); err != nil {
+		t.Fatalf("traffic after the move: %v", err)
+	}
+	cb.remove(t)
+	ca.remove(t)
+	for _, n := range []*dockerNet{na, nb} {
+		if err := n.remove(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
