@@ -169,3 +169,79 @@ func (d *Driver) AddressHolder(ctx context.Context, a netip.Addr) (poolID, holde
 	}
 	return "", "", "", nil
 }
+
+// ReassertPool makes sure this host holds the pool of subnet in space,
+// and its gateway if gateway is valid, for a host that was evicted while
+// it was away and whose networks still run: a missing hold is taken again
+// (the pool created again if nobody holds it), an existing one is kept. It
+// returns the pool's ID. A gateway held now as another address is
+// ErrAddressInUse. (A pool that was removed is created again without the
+// ip-range it may have had: the network record does not keep it.)
+func (d *Driver) ReassertPool(ctx context.Context, space string, subnet netip.Prefix, gateway netip.Addr) (string, error) {
+	space, err := resolveSpace(space)
+	if err != nil {
+		return "", err
+	}
+	subnet = subnet.Masked()
+	op := fmt.Sprintf("take pool %s again", subnet)
+	idx, _, err := d.readIndex(ctx, indexKey(space, subnet.Addr().Is6()))
+	if err != nil {
+		return "", storeErr(op, err)
+	}
+	ref := poolRef{space: space, subnet: subnet}
+	held := false
+	if e, ok := idx.find(subnet); ok {
+		ref.subPool = e.SubPool
+		_, meta, err := d.readMeta(ctx, ref)
+		if err != nil && !errors.Is(err, kvstore.ErrNotFound) {
+			return "", storeErr(op, err)
+		}
+		held = err == nil && meta.Holders[d.cfg.Node] > 0
+	}
+	if !held {
+		p, err := d.AllocatePool(ctx, PoolRequest{AddressSpace: space, Pool: subnet, SubPool: ref.subPool, V6: subnet.Addr().Is6()})
+		if err != nil {
+			return "", err
+		}
+		ref.subPool = p.SubPool
+		d.log.Info("pool held again after an eviction", "pool", p.ID)
+	}
+	if gateway.IsValid() {
+		_, rec, err := d.getAddr(ctx, ref, gateway)
+		if err != nil && !errors.Is(err, kvstore.ErrNotFound) {
+			return "", storeErr(op, err)
+		}
+		if err != nil || !rec.shared() || rec.Holders[d.cfg.Node] == 0 {
+			if _, err := d.AllocateAddress(ctx, AddressRequest{PoolID: ref.id(), Address: gateway, Gateway: true}); err != nil {
+				return ref.id(), err
+			}
+		}
+	}
+	return ref.id(), nil
+}
+
+// ReassertAddress takes address a of pool poolID again for this host's
+// endpoint with MAC mac, for a host that was evicted while it was away: if
+// this host holds it, nothing changes; if it is free, it is claimed again
+// (create-only, as any allocation); if another host holds it, the error is
+// ErrAddressInUse naming that holder, and nothing changes.
+func (d *Driver) ReassertAddress(ctx context.Context, poolID string, a netip.Addr, mac string) error {
+	ref, err := parsePoolID(poolID)
+	if err != nil {
+		return err
+	}
+	_, rec, err := d.getAddr(ctx, ref, a)
+	switch {
+	case err == nil && !rec.shared() && rec.Node == d.cfg.Node:
+		return nil
+	case err == nil:
+		return fmt.Errorf("take address %s of pool %s again: held by %s: %w", a, poolID, rec.holderNames(), ErrAddressInUse)
+	case !errors.Is(err, kvstore.ErrNotFound):
+		return storeErr(fmt.Sprintf("read address %s of pool %s", a, poolID), err)
+	}
+	if _, err := d.AllocateAddress(ctx, AddressRequest{PoolID: poolID, Address: a, MAC: mac}); err != nil {
+		return err
+	}
+	d.log.Info("address held again after an eviction", "pool", poolID, "address", a, "mac", mac)
+	return nil
+}

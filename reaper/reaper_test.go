@@ -131,7 +131,7 @@ func (h *testHost) join(t *testing.T, name, subnet, epID string) netip.Addr {
 	ctx := bg(t)
 	p := netip.MustParsePrefix(subnet)
 	key := "name-" + name
-	if _, err := h.cl.Join(ctx, key, "docker-"+name+"-"+h.id, cluster.NetworkSpec{Name: name, Subnets: []netip.Prefix{p}, Spaces: []string{ipam.LocalAddressSpace}}); err != nil {
+	if _, err := h.cl.Join(ctx, key, "docker-"+name+"-"+h.id, cluster.NetworkSpec{Name: name, Subnets: []netip.Prefix{p}, Gateways: []netip.Prefix{netip.PrefixFrom(p.Addr().Next(), p.Bits())}, Spaces: []string{ipam.LocalAddressSpace}}); err != nil {
 		t.Fatal(err)
 	}
 	pool, err := h.ip.AllocatePool(ctx, ipam.PoolRequest{Pool: p})
@@ -318,6 +318,8 @@ func TestConsul(t *testing.T) {
 	t.Run("Evict", func(t *testing.T) { testEvict(t, agent) })
 	t.Run("CheckSelf", func(t *testing.T) { testCheckSelf(t, agent) })
 	t.Run("OtherNodeCatalog", func(t *testing.T) { testOtherNodeCatalog(t, agent) })
+	t.Run("Reassert", func(t *testing.T) { testReassert(t, agent, false) })
+	t.Run("ReassertConflict", func(t *testing.T) { testReassert(t, agent, true) })
 }
 
 func testGoneHostReaped(t *testing.T, agent *testenv.ConsulAgent) {
@@ -550,4 +552,89 @@ func testOtherNodeCatalog(t *testing.T, agent *testenv.ConsulAgent) {
 	if len(ids) != 1 || ids[0] != "svc-other" {
 		t.Errorf("services left on node %s: %v, want [svc-other]", d.node, ids)
 	}
+}
+
+// localOf is what B's driver knows before it is evicted.
+func (s *scenario) localOf(t *testing.T, h *testHost) []LocalNetwork {
+	t.Helper()
+	var out []LocalNetwork
+	for _, key := range []string{"name-app", "name-bonly"} {
+		n, err := h.cl.Network(bg(t), key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		eps, err := h.cl.Endpoints(bg(t), key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln := LocalNetwork{Network: n, NetworkIDs: n.Hosts[h.id].NetworkIDs}
+		for _, ep := range eps {
+			if ep.HostID == h.id {
+				ln.Endpoints = append(ln.Endpoints, ep)
+			}
+		}
+		out = append(out, ln)
+	}
+	return out
+}
+
+func testReassert(t *testing.T, agent *testenv.ConsulAgent, conflict bool) {
+	s := setup(t, agent)
+	ctx := bg(t)
+	local := s.localOf(t, s.b)
+	s.b.stop(t)
+	r := s.a.reaper(t, s.e, s.agentNode)
+	if _, err := r.Evict(ctx, "host-b", false); err != nil {
+		t.Fatal(err)
+	}
+	pool := ipam.PoolID(ipam.LocalAddressSpace, netip.MustParsePrefix("10.50.0.0/24"), netip.Prefix{})
+	if conflict {
+		if _, err := s.a.ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: pool, Address: s.addrB, Endpoint: "ep-a2"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.b.claimRecord(t)
+	for round := 0; round < 2; round++ { // idempotent
+		rep, err := Reassert(ctx, "host-b", s.b.node, s.b.cl, s.b.ip, local, nil)
+		if err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		wantEPs, wantConflicts := 2, 0
+		if conflict {
+			wantEPs, wantConflicts = 1, 1
+		}
+		if rep.Networks != 2 || rep.Endpoints != wantEPs || len(rep.Conflicts) != wantConflicts {
+			t.Fatalf("round %d: %+v", round, rep)
+		}
+		if conflict && (rep.Conflicts[0].Addr != s.addrB || rep.Conflicts[0].Holder != "host-a") {
+			t.Fatalf("conflict %+v", rep.Conflicts[0])
+		}
+	}
+	if ok, _ := s.b.cl.HostRecorded(ctx, "host-b"); !ok {
+		t.Error("members/host-b not written again")
+	}
+	n, err := s.a.cl.Network(ctx, "name-bonly")
+	if err != nil || n.VNI != s.bonlyVNI {
+		t.Errorf("bonly re-created with vni %d (want %d): %v", n.VNI, s.bonlyVNI, err)
+	}
+	if _, ok := n.Hosts["host-b"]; !ok {
+		t.Error("B not a member of bonly again")
+	}
+	if !exists(t, s.a.store, "networks/name-bonly/endpoints/ep-b2") {
+		t.Error("ep-b2 not recorded again")
+	}
+	if _, holder, _, _ := s.a.ip.AddressHolder(ctx, s.addrBOnly); holder != "host-b" {
+		t.Errorf("address %s holder %q", s.addrBOnly, holder)
+	}
+	if got := exists(t, s.a.store, "networks/name-app/endpoints/ep-b"); got == conflict {
+		t.Errorf("ep-b recorded again: %v, with a conflict: %v", got, conflict)
+	}
+	p, err := s.a.ip.PoolInfo(ctx, pool)
+	if err != nil || p.Holders["host-b"] != 1 || p.Holders["host-a"] != 1 {
+		t.Errorf("pool holders %v, %v", p.Holders, err)
+	}
+	if _, holder, _, _ := s.a.ip.AddressHolder(ctx, netip.MustParseAddr("10.50.0.1")); holder != `"host-a","host-b"` {
+		t.Errorf("gateway holders %s", holder)
+	}
+	s.checkAUntouched(t)
 }
