@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -46,6 +47,48 @@ func hostGrace(getenv func(string) string) (time.Duration, error) {
 type heldEndpointer interface {
 	Ready() <-chan struct{}
 	HeldEndpoints(ctx context.Context) ([]discovery.Endpoint, error)
+}
+
+// localStater is what the driver must offer for this host to re-assert
+// its state after it was evicted while away: its logical networks by
+// Docker NetworkID (the record as it last read it) and the endpoint
+// records of its joined endpoints.
+//
+// WIRING (driver): func (d *Driver) LocalState(ctx context.Context)
+// (map[string]cluster.Network, []cluster.Endpoint, error). Asserted at run
+// time: without it an evicted host is detected and reported, not
+// re-asserted.
+type localStater interface {
+	LocalState(ctx context.Context) (map[string]clusterstate.Network, []clusterstate.Endpoint, error)
+}
+
+// localNetworks groups the driver's state by logical network.
+func localNetworks(nets map[string]clusterstate.Network, eps []clusterstate.Endpoint) []reaper.LocalNetwork {
+	byKey := map[string]*reaper.LocalNetwork{}
+	var keys []string
+	for id, n := range nets {
+		ln := byKey[n.Key]
+		if ln == nil {
+			ln = &reaper.LocalNetwork{Network: n}
+			byKey[n.Key] = ln
+			keys = append(keys, n.Key)
+		}
+		ln.NetworkIDs = append(ln.NetworkIDs, id)
+	}
+	for _, ep := range eps {
+		n, ok := nets[ep.NetworkID]
+		if !ok {
+			continue
+		}
+		ln := byKey[n.Key]
+		ln.Endpoints = append(ln.Endpoints, ep)
+	}
+	sort.Strings(keys)
+	out := make([]reaper.LocalNetwork, 0, len(keys))
+	for _, k := range keys {
+		out = append(out, *byKey[k])
+	}
+	return out
 }
 
 // selfCheckEvery is how many scans pass between two checks of this host's
@@ -99,8 +142,26 @@ func startLiveness(ctx context.Context, log *slog.Logger, store kvstore.Store, h
 		for _, ep := range held {
 			local = append(local, reaper.LocalEndpoint{ID: ep.ID, Network: ep.Network, Addrs: []netip.Addr{ep.IPv4, ep.IPv6}})
 		}
-		if _, err := reaper.CheckSelf(ctx, hostID, node, cl, ip, local, log); err != nil {
+		rep, err := reaper.CheckSelf(ctx, hostID, node, cl, ip, local, log)
+		if err != nil {
 			log.Warn("liveness: check whether this host was evicted", "error", err)
+			return
+		}
+		if !rep.Evicted && len(rep.Free) == 0 {
+			return
+		}
+		ls, ok := drv.(localStater)
+		if !ok {
+			log.Error("this driver cannot re-assert its state after an eviction; recreate the containers listed above", "host_id", hostID)
+			return
+		}
+		nets, eps, err := ls.LocalState(ctx)
+		if err != nil {
+			log.Warn("liveness: read the driver's state", "error", err)
+			return
+		}
+		if _, err := reaper.Reassert(ctx, hostID, node, cl, ip, localNetworks(nets, eps), log); err != nil {
+			log.Error("liveness: re-assert this host's state after an eviction", "host_id", hostID, "error", err)
 		}
 	}
 	lctx, cancel := context.WithCancel(ctx)

@@ -209,3 +209,15 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+func TestReapLocalNetworks(t *testing.T) {
+	nets := map[string]clusterstate.Network{
+		"d1": {Key: "name-a"}, "d2": {Key: "name-a"}, "d3": {Key: "name-b"},
+	}
+	eps := []clusterstate.Endpoint{{ID: "e1", NetworkID: "d2"}, {ID: "e2", NetworkID: "d3"}, {ID: "e3", NetworkID: "gone"}}
+	got := localNetworks(nets, eps)
+	if len(got) != 2 || got[0].Network.Key != "name-a" || len(got[0].NetworkIDs) != 2 || len(got[0].Endpoints) != 1 ||
+		got[1].Network.Key != "name-b" || len(got[1].Endpoints) != 1 || got[1].Endpoints[0].ID != "e2" {
+		t.Errorf("localNetworks: %+v", got)
+	}
+}

@@ -51,12 +51,15 @@
 //
 // A host that was only partitioned, and was reaped meanwhile, finds at its
 // next start or when its claim is regained that the store has nothing of
-// it while its kernel runs overlays. CheckSelf then reports, for each of
-// its endpoints, whether the record and the addresses are still there,
-// free (the host may take them again), or held by another host: that
-// conflict is logged at error level naming the address and the holder.
-// Re-asserting the state (re-joining the networks, re-creating the
-// records) is the driver's restart path (see driver/restore.go).
+// it while its kernel runs overlays. CheckSelf reports, for each of its
+// running endpoints, whether its addresses are still this host's, free, or
+// held by another host; each conflict is logged at error level naming the
+// address and the holder. Reassert then takes back what is still free:
+// its pool and gateway holds, its memberships (a network no host has any
+// more is created again with its VNI), its addresses and its endpoint
+// records. An endpoint whose address another host holds now is not
+// recorded again (so the cluster never shows one address twice): it is
+// logged and reported, for the operator to resolve.
 //
 // # Operator
 //

@@ -104,7 +104,7 @@ func CheckSelf(ctx context.Context, hostID, node string, cl HostRecorder, ip Add
 		}
 	}
 	if rep.Evicted {
-		log.Error("this host was evicted from the cluster while it was away (no session for longer than the grace period): its memberships, endpoint records and services are gone while its containers still run; other hosts no longer reach them. This version does not re-assert them by itself: recreate those containers",
+		log.Error("this host was evicted from the cluster while it was away (no session for longer than the grace period): its memberships, endpoint records and services are gone while its containers still run; other hosts no longer reach them until this host re-asserts them (Reassert)",
 			"host_id", hostID, "node", node, "endpoints", len(local), "addresses_free", len(rep.Free), "addresses_taken_by_others", len(rep.Conflicts))
 	}
 	return rep, nil
