@@ -274,7 +274,7 @@ func (r *Reaper) Scan(ctx context.Context) error {
 				errs = append(errs, err)
 			}
 		case h.Gone:
-			if _, err := r.reap(ctx, h); err != nil {
+			if _, err := r.reap(ctx, h, false); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -343,20 +343,35 @@ func (r *Reaper) Evict(ctx context.Context, hostID string, force bool) (Reaped, 
 		if h.Alive && !force {
 			return Reaped{HostID: h.ID, Node: h.Node}, fmt.Errorf("evict host %s (node %q): %w; use --force if it is dead anyway", h.ID, h.Node, ErrAlive)
 		}
-		return r.reap(ctx, h)
+		return r.reap(ctx, h, force)
 	}
 	if force {
 		// No host record (removed by hand, or by a reap cut short): what
 		// else the host left still goes.
-		return r.reap(ctx, Host{ID: hostID})
+		return r.reap(ctx, Host{ID: hostID}, true)
 	}
 	return Reaped{HostID: hostID}, fmt.Errorf("evict host %s: %w (--force removes what the store still holds of it)", hostID, ErrUnknownHost)
 }
 
 // reap removes everything of host h; see the package doc for the order.
-func (r *Reaper) reap(ctx context.Context, h Host) (Reaped, error) {
+// Unless force, it first checks that the host record is still the one
+// judged (same index, no session).
+func (r *Reaper) reap(ctx context.Context, h Host, force bool) (Reaped, error) {
 	out := Reaped{HostID: h.ID, Node: h.Node}
 	log := r.log.With("host_id", h.ID, "node", h.Node)
+	if !force {
+		p, err := r.store.Get(ctx, HostsPrefix+h.ID)
+		if errors.Is(err, kvstore.ErrNotFound) {
+			return out, nil // reaped by another host meanwhile
+		}
+		if err != nil {
+			return out, fmt.Errorf("reap host %s (%s): %w", h.ID, h.Node, err)
+		}
+		if p.Session != "" || p.ModifyIndex != h.index {
+			log.Info("host came back just before it was reaped; nothing reclaimed")
+			return out, nil
+		}
+	}
 	log.Info("reaping gone host", "lost_since", h.LostSince, "grace", r.cfg.Grace, "alive", h.Alive)
 	ev, err := r.cl.EvictHost(ctx, h.ID)
 	out.Cluster = ev
