@@ -105,6 +105,7 @@ func TestHostsEvictCommands(t *testing.T) {
 		return code, out.String(), errb.String()
 	}
 	code, out, stderr := run("hosts")
+	t.Logf("consul-overlay hosts:\n%s", out)
 	if code != 0 || !strings.Contains(out, "host-a") || !strings.Contains(out, "alive") || !strings.Contains(out, "host-b") || !strings.Contains(out, "no session") {
 		t.Fatalf("hosts: %d\n%s\n%s", code, out, stderr)
 	}

@@ -39,6 +39,9 @@
 //     pass began: a host that came back meanwhile keeps its new record;
 //  5. hosts-lost/<host-id>.
 //
+// Fault points (internal/fault) after each step: reap/after-cluster,
+// reap/after-ipam, reap/after-services, reap/after-host-record.
+//
 // A crash between the steps leaves hosts/<host-id> without a session and
 // its hosts-lost record: the next pass, past the grace period already,
 // runs every step again. A hosts-lost record without its host record is

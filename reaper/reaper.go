@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"consul-overlay/cluster"
+	"consul-overlay/internal/fault"
 	"consul-overlay/ipam"
 	"consul-overlay/kvstore"
 )
@@ -379,12 +380,14 @@ func (r *Reaper) reap(ctx context.Context, h Host, force bool) (Reaped, error) {
 		return out, fmt.Errorf("reap host %s (%s): %w", h.ID, h.Node, err)
 	}
 	log.Info("reap: memberships and endpoint records removed", "left", ev.Left, "networks_removed", ev.Removed)
+	fault.Point("reap/after-cluster")
 	iv, err := r.ip.EvictNode(ctx, h.ID)
 	out.IPAM = iv
 	if err != nil {
 		return out, fmt.Errorf("reap host %s (%s): ipam: %w", h.ID, h.Node, err)
 	}
 	log.Info("reap: address and pool holds released", "addresses", iv.Addresses, "shared_holds", iv.SharedHolds, "pool_holds", iv.PoolHolds, "pools_removed", iv.PoolsRemoved)
+	fault.Point("reap/after-ipam")
 	if r.cat != nil && h.Node != "" {
 		svcs, err := r.cat.HostServices(ctx, h.Node, h.ID)
 		if err != nil {
@@ -398,6 +401,7 @@ func (r *Reaper) reap(ctx context.Context, h Host, force bool) (Reaped, error) {
 		}
 		log.Info("reap: services deregistered", "services", out.Services)
 	}
+	fault.Point("reap/after-services")
 	err = r.store.DeleteCAS(ctx, HostsPrefix+h.ID, h.index)
 	switch {
 	case errors.Is(err, kvstore.ErrConflict):
@@ -407,6 +411,7 @@ func (r *Reaper) reap(ctx context.Context, h Host, force bool) (Reaped, error) {
 	case err != nil && !errors.Is(err, kvstore.ErrNotFound):
 		return out, fmt.Errorf("reap host %s (%s): remove its host record: %w", h.ID, h.Node, err)
 	}
+	fault.Point("reap/after-host-record")
 	if p, err := r.store.Get(ctx, LostPrefix+h.ID); err == nil {
 		if err := r.store.DeleteCAS(ctx, p.Key, p.ModifyIndex); err != nil && !errors.Is(err, kvstore.ErrNotFound) && !errors.Is(err, kvstore.ErrConflict) {
 			return out, fmt.Errorf("reap host %s (%s): remove %s: %w", h.ID, h.Node, p.Key, err)
