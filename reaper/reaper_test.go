@@ -318,6 +318,7 @@ func TestConsul(t *testing.T) {
 	t.Run("Evict", func(t *testing.T) { testEvict(t, agent) })
 	t.Run("CheckSelf", func(t *testing.T) { testCheckSelf(t, agent) })
 	t.Run("OtherNodeCatalog", func(t *testing.T) { testOtherNodeCatalog(t, agent) })
+	t.Run("ReapResumes", func(t *testing.T) { testReapResumes(t, agent) })
 	t.Run("Reassert", func(t *testing.T) { testReassert(t, agent, false) })
 	t.Run("ReassertConflict", func(t *testing.T) { testReassert(t, agent, true) })
 }
@@ -637,4 +638,35 @@ func testReassert(t *testing.T, agent *testenv.ConsulAgent, conflict bool) {
 		t.Errorf("gateway holders %s", holder)
 	}
 	s.checkAUntouched(t)
+}
+
+// A reap cut short (a crash after its first step, or after the host
+// record's removal) is finished by the next scan.
+func testReapResumes(t *testing.T, agent *testenv.ConsulAgent) {
+	s := setup(t, agent)
+	r := s.a.reaper(t, s.e, s.agentNode)
+	ctx := bg(t)
+	s.b.stop(t)
+	if err := r.Scan(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s.e.clock.Add(grace + time.Second)
+	if _, err := s.a.cl.EvictHost(ctx, "host-b"); err != nil { // reap/after-cluster
+		t.Fatal(err)
+	}
+	if err := r.Scan(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s.checkBReaped(t)
+	s.checkAUntouched(t)
+	// Only the lost mark is left (reap/after-host-record).
+	if err := s.a.store.Put(ctx, LostPrefix+"host-x", []byte(`{"schema":1,"data":{"since":"2026-01-01T00:00:00Z","host_index":1}}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Scan(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if exists(t, s.a.store, LostPrefix+"host-x") {
+		t.Error("a lost mark without its host record is left")
+	}
 }
