@@ -33,6 +33,10 @@ import (
 const shutdownGrace = 15 * time.Second
 
 func main() {
+	// SUBCOMMANDS (liveness): `consul-overlay hosts|evict`, see reaper.go.
+	if cmd, ok := subcommand(os.Args); ok {
+		os.Exit(cmd(os.Getenv, os.Stdout, os.Stderr))
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	// Whatever start-up or shutdown is doing when the signal comes, the

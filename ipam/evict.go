@@ -1,0 +1,247 @@
+package ipam
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"consul-overlay/kvstore"
+)
+
+// Evicted counts what EvictNode released.
+type Evicted struct {
+	// Addresses: endpoint address records of the node (tombstones too)
+	// deleted.
+	Addresses int
+	// SharedHolds: holds of shared addresses (gateways, aux addresses)
+	// dropped.
+	SharedHolds int
+	// PoolHolds: pool holds dropped.
+	PoolHolds int
+	// PoolsRemoved: pools left without a holder and removed.
+	PoolsRemoved int
+}
+
+// EvictNode releases everything host node holds, for a host the cluster
+// has declared gone (see package reaper): its endpoint addresses
+// (tombstones included), its holds of shared addresses (the gateway or an
+// aux address goes with its last holder), then its pool holds; a pool left
+// without a holder is removed as ReleasePool removes it. node must not be
+// this Driver's own Config.Node while it runs.
+//
+// Every write is the compare-and-set (or delete-if-unchanged) that
+// ReleaseAddress and ReleasePool do on the host's behalf, so evictions
+// racing each other, or racing other hosts' allocations, are safe, and
+// EvictNode is idempotent: a second call finds nothing and returns zeros.
+// Records of other hosts are never touched.
+func (d *Driver) EvictNode(ctx context.Context, node string) (Evicted, error) {
+	var ev Evicted
+	if node == "" {
+		return ev, fmt.Errorf("evict host: no host ID: %w", ErrInvalidRequest)
+	}
+	as := d.as(node)
+	for _, space := range []string{LocalAddressSpace, GlobalAddressSpace} {
+		for _, v6 := range []bool{false, true} {
+			idx, _, err := d.readIndex(ctx, indexKey(space, v6))
+			if err != nil {
+				return ev, storeErr("evict host "+node, err)
+			}
+			for _, e := range idx.Pools {
+				ref := poolRef{space: space, subnet: e.Subnet, subPool: e.SubPool}
+				if err := as.evictPool(ctx, ref, &ev); err != nil {
+					return ev, err
+				}
+			}
+		}
+	}
+	return ev, nil
+}
+
+// as returns a Driver that acts as host node on the same store: its
+// releases are those node's own ReleaseAddress and ReleasePool would do.
+// It asks no InUse: node's endpoints are gone with it.
+func (d *Driver) as(node string) *Driver {
+	cfg := d.cfg
+	cfg.Node = node
+	cfg.InUse = nil
+	return &Driver{cfg: cfg, store: d.store, log: d.log.With("evicted_host", node), now: d.now, started: d.started, cache: map[string]cachedPool{}}
+}
+
+// evictPool drops every hold of d.cfg.Node in one pool: addresses first,
+// then the pool holds (the last one removes the pool).
+func (d *Driver) evictPool(ctx context.Context, ref poolRef, ev *Evicted) error {
+	op := fmt.Sprintf("evict host %s from pool %s", d.cfg.Node, ref.id())
+	dir := addrDir(ref.space, ref.subnet)
+	pairs, err := d.store.List(ctx, dir)
+	if err != nil {
+		return storeErr(op, err)
+	}
+	for _, p := range pairs {
+		a, err := netip.ParseAddr(strings.TrimPrefix(p.Key, dir))
+		if err != nil {
+			continue
+		}
+		var rec addrRecord
+		if decode(p.Key, p.Value, &rec) != nil {
+			continue
+		}
+		holds := 0
+		switch {
+		case rec.shared():
+			holds = rec.Holders[d.cfg.Node]
+		case rec.Node == d.cfg.Node:
+			holds = 1
+		}
+		// Each FreeAddress drops one hold, by compare-and-set of the
+		// record as read then; a record that changed is read again.
+		for i := 0; i < holds; i++ {
+			if err := d.FreeAddress(ctx, ref.id(), a); err != nil {
+				return fmt.Errorf("%s: %w", op, err)
+			}
+		}
+		if holds > 0 {
+			if rec.shared() {
+				ev.SharedHolds += holds
+			} else {
+				ev.Addresses++
+			}
+			d.log.Info("released address of a gone host", "pool", ref.id(), "address", a, "kind", rec.Kind, "endpoint", rec.Endpoint, "holds", holds)
+		}
+	}
+	_, meta, err := d.readMeta(ctx, ref)
+	if errors.Is(err, kvstore.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return storeErr(op, err)
+	}
+	if meta.SubPool != ref.subPool {
+		return nil
+	}
+	n := meta.Holders[d.cfg.Node]
+	for i := 0; i < n; i++ {
+		if err := d.FreePool(ctx, ref.id()); err != nil {
+			return fmt.Errorf("%s: %w", op, err)
+		}
+	}
+	if n > 0 {
+		ev.PoolHolds += n
+		d.log.Info("released pool holds of a gone host", "pool", ref.id(), "holds", n)
+		if _, _, err := d.readMeta(ctx, ref); errors.Is(err, kvstore.ErrNotFound) {
+			ev.PoolsRemoved++
+		}
+	}
+	return nil
+}
+
+// AddressHolder tells who holds address a, in whichever pool of either
+// address space contains it: poolID "" when no pool does; holder "" when
+// the address is free in its pool; else the holder's host ID (for a shared
+// address, the holders' list) and, for an endpoint address, the endpoint
+// name. A host coming back after it was evicted asks this to tell whether
+// it may take its addresses again or another host holds them now.
+func (d *Driver) AddressHolder(ctx context.Context, a netip.Addr) (poolID, holder, endpoint string, err error) {
+	a = a.Unmap()
+	for _, space := range []string{LocalAddressSpace, GlobalAddressSpace} {
+		idx, _, err := d.readIndex(ctx, indexKey(space, a.Is6()))
+		if err != nil {
+			return "", "", "", storeErr(fmt.Sprintf("find the pool of %s", a), err)
+		}
+		for _, e := range idx.Pools {
+			if !e.Subnet.Contains(a) {
+				continue
+			}
+			ref := poolRef{space: space, subnet: e.Subnet, subPool: e.SubPool}
+			_, rec, err := d.getAddr(ctx, ref, a)
+			if errors.Is(err, kvstore.ErrNotFound) {
+				return ref.id(), "", "", nil
+			}
+			if err != nil {
+				return ref.id(), "", "", storeErr(fmt.Sprintf("read address %s of pool %s", a, ref.id()), err)
+			}
+			if rec.shared() {
+				return ref.id(), nodeList(rec.Holders), "", nil
+			}
+			return ref.id(), rec.Node, rec.Endpoint, nil
+		}
+	}
+	return "", "", "", nil
+}
+
+// ReassertPool makes sure this host holds the pool of subnet in space,
+// and its gateway if gateway is valid, for a host that was evicted while
+// it was away and whose networks still run: a missing hold is taken again
+// (the pool created again if nobody holds it), an existing one is kept. It
+// returns the pool's ID. A gateway held now as another address is
+// ErrAddressInUse. (A pool that was removed is created again without the
+// ip-range it may have had: the network record does not keep it.)
+func (d *Driver) ReassertPool(ctx context.Context, space string, subnet netip.Prefix, gateway netip.Addr) (string, error) {
+	space, err := resolveSpace(space)
+	if err != nil {
+		return "", err
+	}
+	subnet = subnet.Masked()
+	op := fmt.Sprintf("take pool %s again", subnet)
+	idx, _, err := d.readIndex(ctx, indexKey(space, subnet.Addr().Is6()))
+	if err != nil {
+		return "", storeErr(op, err)
+	}
+	ref := poolRef{space: space, subnet: subnet}
+	held := false
+	if e, ok := idx.find(subnet); ok {
+		ref.subPool = e.SubPool
+		_, meta, err := d.readMeta(ctx, ref)
+		if err != nil && !errors.Is(err, kvstore.ErrNotFound) {
+			return "", storeErr(op, err)
+		}
+		held = err == nil && meta.Holders[d.cfg.Node] > 0
+	}
+	if !held {
+		p, err := d.AllocatePool(ctx, PoolRequest{AddressSpace: space, Pool: subnet, SubPool: ref.subPool, V6: subnet.Addr().Is6()})
+		if err != nil {
+			return "", err
+		}
+		ref.subPool = p.SubPool
+		d.log.Info("pool held again after an eviction", "pool", p.ID)
+	}
+	if gateway.IsValid() {
+		_, rec, err := d.getAddr(ctx, ref, gateway)
+		if err != nil && !errors.Is(err, kvstore.ErrNotFound) {
+			return "", storeErr(op, err)
+		}
+		if err != nil || !rec.shared() || rec.Holders[d.cfg.Node] == 0 {
+			if _, err := d.AllocateAddress(ctx, AddressRequest{PoolID: ref.id(), Address: gateway, Gateway: true}); err != nil {
+				return ref.id(), err
+			}
+		}
+	}
+	return ref.id(), nil
+}
+
+// ReassertAddress takes address a of pool poolID again for this host's
+// endpoint with MAC mac, for a host that was evicted while it was away: if
+// this host holds it, nothing changes; if it is free, it is claimed again
+// (create-only, as any allocation); if another host holds it, the error is
+// ErrAddressInUse naming that holder, and nothing changes.
+func (d *Driver) ReassertAddress(ctx context.Context, poolID string, a netip.Addr, mac string) error {
+	ref, err := parsePoolID(poolID)
+	if err != nil {
+		return err
+	}
+	_, rec, err := d.getAddr(ctx, ref, a)
+	switch {
+	case err == nil && !rec.shared() && rec.Node == d.cfg.Node:
+		return nil
+	case err == nil:
+		return fmt.Errorf("take address %s of pool %s again: held by %s: %w", a, poolID, rec.holderNames(), ErrAddressInUse)
+	case !errors.Is(err, kvstore.ErrNotFound):
+		return storeErr(fmt.Sprintf("read address %s of pool %s", a, poolID), err)
+	}
+	if _, err := d.AllocateAddress(ctx, AddressRequest{PoolID: poolID, Address: a, MAC: mac}); err != nil {
+		return err
+	}
+	d.log.Info("address held again after an eviction", "pool", poolID, "address", a, "mac", mac)
+	return nil
+}

@@ -1,0 +1,73 @@
+// Package reaper tells live hosts from gone ones and removes what a gone
+// host held from the cluster state, IPAM and the service catalog.
+//
+// # Liveness
+//
+// Every running plugin holds its host record hosts/<host-id> with a
+// Consul session (TTL 10 s, renewed; see kvstore.Consul.Claim). A host is
+// alive while its record shows a session (kvstore.Pair.Session). A record
+// without one belongs to a plugin that stopped, crashed, or lost Consul:
+// a restart (kill -9, upgrade, engine restart) takes the record again
+// within seconds, so nothing happens at once. The first reaper that sees
+// the record without a session writes hosts-lost/<host-id> (create-only):
+// the time it saw it and the record's ModifyIndex then. Every reaper
+// counts the grace period (Config.Grace, HOST_GRACE, default 5 min) from
+// that shared time, so hosts agree on it across their restarts and clock
+// differences matter only as much as the skew. A host that takes its
+// record again (or writes it anew: its ModifyIndex changes) cancels the
+// count: its hosts-lost record is deleted (delete-if-unchanged), or
+// replaced by compare-and-set if the record lost its session again since.
+//
+// # Reaping
+//
+// A host whose record has had no session for longer than the grace period
+// is gone. Every live host runs Scan every Config.Interval (10 s), so any
+// of them, or several at once, reap it; every step is idempotent and
+// every write a compare-and-set or transaction:
+//
+//  1. the cluster state (cluster.Cluster.EvictHost): its endpoint records
+//     and memberships go (other hosts' watches withdraw its peers); a
+//     network it was the last member of goes with its VNI and subnet
+//     reservations, by the same code as a last host's `network rm`; then
+//     members/<host-id>;
+//  2. IPAM (ipam.Driver.EvictNode): its addresses, its holds of gateways
+//     and aux addresses, its pool holds; pools nobody holds any more are
+//     removed;
+//  3. the catalog: the services of its node whose Meta host-id is the
+//     host's (with an agent shared by several hosts, only those);
+//  4. hosts/<host-id>, by delete-if-unchanged on the index read when the
+//     pass began: a host that came back meanwhile keeps its new record;
+//  5. hosts-lost/<host-id>.
+//
+// Fault points (internal/fault) after each step: reap/after-cluster,
+// reap/after-ipam, reap/after-services, reap/after-host-record.
+//
+// A crash between the steps leaves hosts/<host-id> without a session and
+// its hosts-lost record: the next pass, past the grace period already,
+// runs every step again. A hosts-lost record without its host record is
+// removed.
+//
+// A reaper acts only while its own host record is held by its session: a
+// host that lost Consul does not judge the others.
+//
+// # Coming back
+//
+// A host that was only partitioned, and was reaped meanwhile, finds at its
+// next start or when its claim is regained that the store has nothing of
+// it while its kernel runs overlays. CheckSelf reports, for each of its
+// running endpoints, whether its addresses are still this host's, free, or
+// held by another host; each conflict is logged at error level naming the
+// address and the holder. Reassert then takes back what is still free:
+// its pool and gateway holds, its memberships (a network no host has any
+// more is created again with its VNI), its addresses and its endpoint
+// records. An endpoint whose address another host holds now is not
+// recorded again (so the cluster never shows one address twice): it is
+// logged and reported, for the operator to resolve.
+//
+// # Operator
+//
+// Hosts lists every host with its liveness; Evict reaps one at once,
+// refusing a host whose record is held by a live session unless forced.
+// The plugin binary offers both as `consul-overlay hosts [--json]` and
+// `consul-overlay evict [--force] <host-id>`.
+package reaper
