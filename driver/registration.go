@@ -231,3 +231,30 @@ func holds(ep cluster.Endpoint, subnet netip.Prefix, a netip.Addr) bool {
 	}
 	return false
 }
+
+// LocalState is this host's view as the driver holds it: each bound Docker
+// network's logical network record, and the records of its joined
+// endpoints that have not left. The liveness check re-asserts them after
+// this host was evicted while it was only cut off from Consul. It fails
+// until the state is restored.
+func (d *Driver) LocalState(ctx context.Context) (map[string]cluster.Network, []cluster.Endpoint, error) {
+	select {
+	case <-d.ready:
+	case <-ctx.Done():
+		return nil, nil, ctx.Err()
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	nets := map[string]cluster.Network{}
+	for id, l := range d.networks {
+		nets[id] = l.rec
+	}
+	var eps []cluster.Endpoint
+	for _, ep := range d.endpoints {
+		if ep.left || ep.rec.Sandbox == "" {
+			continue
+		}
+		eps = append(eps, ep.rec)
+	}
+	return nets, eps, nil
+}

@@ -301,6 +301,14 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	}
 	drv.Start()
 	defer drv.Close()
+	// Liveness (issue 12): every host reaps hosts gone longer than
+	// HOST_GRACE, and this host re-asserts its state if it was evicted
+	// while only cut off from Consul.
+	stopLive, err := startLiveness(ctx, log, store, hc, drv, ip, node, hostID, vtep)
+	if err != nil {
+		return err
+	}
+	defer stopLive()
 	{
 		var docker *dockerapi.Client
 		if cfg.DockerSocket != "" {
