@@ -142,7 +142,9 @@ func TestDockerRegistration(t *testing.T) {
 
 	// Stale state: with the plugin stopped, a container is removed; after
 	// the plugin restarts, its service, endpoint record and address go
-	// within one anti-entropy pass.
+	// once anti-entropy has seen the container missing for its grace
+	// period (30 s) and the reclaimed address has waited IPAM_GRACE for
+	// Docker's own release.
 	if _, err := Docker(ctx, "plugin", "disable", "-f", ref); err != nil {
 		t.Fatal(err)
 	}
@@ -153,7 +155,7 @@ func TestDockerRegistration(t *testing.T) {
 		t.Fatal(err)
 	}
 	restarted := time.Now()
-	if err := Eventually(ctx, 30*time.Second, func(ctx context.Context) error {
+	if err := Eventually(ctx, 90*time.Second, func(ctx context.Context) error {
 		svcs, err := consul.Agent().ServicesWithFilter(`Service == "web"`)
 		if err != nil {
 			return err
