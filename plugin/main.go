@@ -33,6 +33,10 @@ import (
 const shutdownGrace = 15 * time.Second
 
 func main() {
+	// OPS hook (issue 18): the read-only status subcommand.
+	if len(os.Args) > 1 && os.Args[1] == "status" {
+		os.Exit(statusMain(os.Args[2:], os.Stdout, os.Stderr))
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	// Whatever start-up or shutdown is doing when the signal comes, the
