@@ -252,6 +252,13 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 				"other_instance", vxlan.OwnerMark(owner), "links", links, "kv_prefix", ccfg.Prefix, "consul", storeName)
 		}
 	}
+	// OPS hook (issue 18): metrics on METRICS_ADDR; the drivers get the
+	// metered store and data plane (store and dp themselves when off).
+	mstore, mdp, stopMetrics, err := startMetrics(ctx, log, store, dp, ownerTag(ccfg.Prefix, storeName))
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	// Registration needs the local Consul agent; the driver and the
 	// registrar refer to each other (the registrar's Endpoints is the
 	// driver), and IPAM asks the driver which addresses its endpoints use.
@@ -269,7 +276,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		DefaultPoolV6:     cfg.PoolV6,
 		DefaultPoolV6Size: cfg.PoolV6Size,
 		Logger:            log,
-	}, store)
+	}, mstore) // OPS hook (issue 18): metered store
 	if err != nil {
 		return fmt.Errorf("ipam: %w", err)
 	}
@@ -294,7 +301,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	if reg != nil {
 		dcfg.Registrar = reg
 	}
-	drv, err = driver.New(dcfg, store, dp)
+	drv, err = driver.New(dcfg, mstore, mdp) // OPS hook (issue 18): metered store and data plane
 	if err != nil {
 		return err
 	}
