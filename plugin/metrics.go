@@ -43,7 +43,7 @@ func startMetrics(ctx context.Context, log *slog.Logger, store kvstore.Store, dp
 	m := metrics.New()
 	err := m.RegisterState(metrics.State{
 		Networks:     func(context.Context) ([]metrics.NetworkStats, error) { return kernelStats(owner) },
-		Pools:        (&poolCounter{store: store, every: time.Minute}).count,
+		Pools:        (&poolCounter{store: store, every: poolCountEvery}).count,
 		UnderlayDrop: dp.VXLANDrops,
 	})
 	if err != nil {
@@ -112,6 +112,11 @@ func kernelStats(owner string) ([]metrics.NetworkStats, error) {
 	}
 	return out, nil
 }
+
+// poolCountEvery bounds how often a scrape lists the IPAM addresses:
+// below Prometheus's default scrape interval (15s), so it only spares the
+// store from several scrapers or a fast one.
+const poolCountEvery = 10 * time.Second
 
 // poolCounter counts the address records per IPAM pool (keys
 // ipam/<space>/addr/<net>_<bits>/<ip>), cluster-wide, at most once per
