@@ -293,6 +293,9 @@ func hosts(self string, st cluster.State, pairs []*kvstore.Pair) []Host {
 			if h.Node == "" {
 				h.Node = m.Node
 			}
+			if h.VTEP == "" {
+				h.VTEP = m.VTEP
+			}
 		}
 	}
 	out := make([]Host, 0, len(by))

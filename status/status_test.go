@@ -114,6 +114,7 @@ func TestCollectMatching(t *testing.T) {
 	if err := WriteText(&b, r); err != nil || !strings.Contains(b.String(), "Drift: none") {
 		t.Errorf("text output (%v):\n%s", err, b.String())
 	}
+	t.Logf("text output:\n%s", b.String())
 	b.Reset()
 	if err := WriteJSON(&b, r); err != nil {
 		t.Fatal(err)
@@ -162,6 +163,11 @@ func TestCollectDrift(t *testing.T) {
 			r := collect(t, s, c.kernel)
 			if !slices.Equal(r.Drift, c.want) {
 				t.Errorf("drift\n%v\nwant\n%v", r.Drift, c.want)
+			}
+			var b bytes.Buffer
+			_ = WriteText(&b, r)
+			if !strings.Contains(b.String(), c.want[0].String()) {
+				t.Errorf("text output lacks %q:\n%s", c.want[0], b.String())
 			}
 		})
 	}
