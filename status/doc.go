@@ -12,7 +12,7 @@
 //
 // For every logical network this host is a member of, the store implies
 // the kernel state (cluster.DesiredPeers, as the driver programs it): the
-// devices vx-<vni> and vxbr-<vni>, one permanent neighbour entry IP→MAC
+// devices vx-<vni> (up) and vxbr-<vni>, one permanent neighbour entry IP→MAC
 // per remote endpoint address, one FDB entry MAC→VTEP per remote endpoint
 // and one flood (all-zeros MAC) destination per remote VTEP; and one
 // bridge port vxh-<id10> per local endpoint record. Every difference is

@@ -127,7 +127,8 @@ type Drift struct {
 	Network string `json:"network"` // logical network key ("" for a device no network lists)
 	VNI     uint32 `json:"vni"`
 	Device  string `json:"device"` // the kernel device the entry belongs to
-	// Kind is "device", "mtu", "neighbour", "fdb", "flood" or "port".
+	// Kind is "device", "state" (the VXLAN device is down), "mtu",
+	// "neighbour", "fdb", "flood" or "port".
 	Kind string `json:"kind"`
 	// Entry names the object: an IP (neighbour), a MAC (fdb), a VTEP
 	// (flood), an endpoint ID (port) or the device name.
@@ -380,6 +381,9 @@ func drift(self string, n cluster.Network, eps []cluster.Endpoint, k vxlan.Kerne
 	if !here || k.VXLAN == "" {
 		// Without the device there are no entries to compare.
 		return append(out, d(vxName, "device", vxName, "missing", "", ""))
+	}
+	if !k.Up {
+		out = append(out, d(vxName, "state", vxName, "wrong", "up", "down"))
 	}
 	if n.MTU > 0 && k.MTU != n.MTU {
 		out = append(out, d(vxName, "mtu", vxName, "wrong", fmt.Sprint(n.MTU), fmt.Sprint(k.MTU)))

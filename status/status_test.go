@@ -149,6 +149,8 @@ func TestCollectDrift(t *testing.T) {
 			[]Drift{{Network: "name-app", VNI: 4096, Device: "vx-001000", Kind: "fdb", Entry: "02:42:0a:01:00:03", Problem: "wrong", Want: "192.0.2.2", Have: "192.0.2.9"}}},
 		{"flood missing", mod(func(k *vxlan.KernelNetwork) { k.FDB = k.FDB[1:] }),
 			[]Drift{{Network: "name-app", VNI: 4096, Device: "vx-001000", Kind: "flood", Entry: "192.0.2.2", Problem: "missing", Want: "192.0.2.2"}}},
+		{"device down", mod(func(k *vxlan.KernelNetwork) { k.Up = false }),
+			[]Drift{{Network: "name-app", VNI: 4096, Device: "vx-001000", Kind: "state", Entry: "vx-001000", Problem: "wrong", Want: "up", Have: "down"}}},
 		{"port missing", mod(func(k *vxlan.KernelNetwork) { k.Ports = nil }),
 			[]Drift{{Network: "name-app", VNI: 4096, Device: "vxbr-001000", Kind: "port", Entry: "e1aaaaaaaaaa", Problem: "missing", Want: "vxh-e1aaaaaaaa"}}},
 		{"device missing", nil,
