@@ -83,6 +83,10 @@ type Config struct {
 	// ResyncInterval re-applies a network's peers after a failed kernel
 	// write (default 10s).
 	ResyncInterval time.Duration
+	// PeerResync re-applies every network's peers to the kernel even
+	// without a change in the store, repairing entries removed behind the
+	// plugin's back (default 30s).
+	PeerResync time.Duration
 	// PruneGrace is how long PruneNetworks leaves a Docker network this
 	// process bound alone, as Docker stores a network only after
 	// CreateNetwork returns (default 1m).
@@ -175,6 +179,9 @@ func New(cfg Config, store kvstore.Store, dp Dataplane) (*Driver, error) {
 	}
 	if cfg.CallTimeout <= 0 {
 		cfg.CallTimeout = 10 * time.Second
+	}
+	if cfg.PeerResync <= 0 {
+		cfg.PeerResync = 30 * time.Second
 	}
 	if cfg.ResyncInterval <= 0 {
 		cfg.ResyncInterval = 10 * time.Second

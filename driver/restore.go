@@ -48,6 +48,11 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
 	defer retry.Stop()
+	// The peers are also re-applied now and then without a change in the
+	// store: SetPeers compares with the kernel, so an entry removed by
+	// hand (or by another tool) comes back.
+	resync := time.NewTicker(d.cfg.PeerResync)
+	defer resync.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -58,6 +63,7 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 			}
 			last, have = ps, true
 		case <-retry.C:
+		case <-resync.C:
 		}
 		if !have {
 			continue

@@ -33,9 +33,13 @@ import (
 const shutdownGrace = 15 * time.Second
 
 func main() {
-	// SUBCOMMANDS (liveness): `consul-overlay hosts|evict`, see reaper.go.
+	// Subcommands: `consul-overlay hosts|evict` (see reaper.go) and the
+	// read-only `consul-overlay status` (see status.go).
 	if cmd, ok := subcommand(os.Args); ok {
 		os.Exit(cmd(os.Getenv, os.Stdout, os.Stderr))
+	}
+	if len(os.Args) > 1 && os.Args[1] == "status" {
+		os.Exit(statusMain(os.Args[2:], os.Stdout, os.Stderr))
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -252,6 +256,13 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 				"other_instance", vxlan.OwnerMark(owner), "links", links, "kv_prefix", ccfg.Prefix, "consul", storeName)
 		}
 	}
+	// OPS hook (issue 18): metrics on METRICS_ADDR; the drivers get the
+	// metered store and data plane (store and dp themselves when off).
+	mstore, mdp, stopMetrics, err := startMetrics(ctx, log, store, dp, ownerTag(ccfg.Prefix, storeName))
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 	// Registration needs the local Consul agent; the driver and the
 	// registrar refer to each other (the registrar's Endpoints is the
 	// driver), and IPAM asks the driver which addresses its endpoints use.
@@ -270,7 +281,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		DefaultPoolV6:     cfg.PoolV6,
 		DefaultPoolV6Size: cfg.PoolV6Size,
 		Logger:            log,
-	}, store)
+	}, mstore) // OPS hook (issue 18): metered store
 	if err != nil {
 		return fmt.Errorf("ipam: %w", err)
 	}
@@ -295,7 +306,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	if reg != nil {
 		dcfg.Registrar = reg
 	}
-	drv, err = driver.New(dcfg, store, dp)
+	drv, err = driver.New(dcfg, mstore, mdp) // OPS hook (issue 18): metered store and data plane
 	if err != nil {
 		return err
 	}

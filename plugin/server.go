@@ -147,6 +147,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	start := time.Now()
 	resp, err := s.invoke(method, rt, body)
+	observeRequest(method, err, time.Since(start)) // OPS hook (issue 18): request metrics
 	if err != nil {
 		status := http.StatusInternalServerError
 		if errors.Is(err, errDecode) {

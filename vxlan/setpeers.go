@@ -76,7 +76,8 @@ func (m *Manager) SetPeers(ctx context.Context, vni uint32, peers []Peer) (Chang
 	} else {
 		m.peers[vni] = set
 	}
-	vx, err := m.linkByName(VXLANName(vni))
+	// Only this owner's device: another instance's is left alone.
+	vx, err := m.ownVXLAN(vni)
 	if err != nil {
 		return ch, errors.Join(append(errs, fmt.Errorf("set peers (vni %d): %w", vni, err))...)
 	}
