@@ -11,6 +11,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -26,6 +27,7 @@ import (
 	"time"
 
 	"consul-overlay/internal/dockertest"
+	"consul-overlay/internal/testenv"
 )
 
 // cmdTimeout bounds every command the suite runs unless its context has an
@@ -47,6 +49,9 @@ type Lab struct {
 	Label      string // label of everything the lab creates on host A
 	Image      string // busybox image on both engines
 	ConsulHTTP string // base URL of host A's Consul agent
+	// consul is the HTTP client for ConsulHTTP: it dials from host A's
+	// network namespace when host A has one (LAB_ENGINE=29).
+	consul *http.Client
 	// ConsulServer is the Consul server's underlay address, a destination
 	// outside the overlay for the outbound scenario.
 	ConsulServer netip.Addr
@@ -134,6 +139,15 @@ func loadLab(root string) (*Lab, error) {
 		NSSwitch: env["LAB_NS_SWITCH"],
 		NSConsul: env["LAB_NS_CONSUL"],
 		LinkA:    env["LAB_LINK_A"],
+	}
+	l.consul = http.DefaultClient
+	if l.A.NetNS != "" {
+		nsPath := "/run/netns/" + l.A.NetNS
+		l.consul = &http.Client{Transport: &http.Transport{
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return testenv.DialIn(ctx, nsPath, network, addr)
+			},
+		}}
 	}
 	if (l.A.NetNS == "") != (l.A.Socket == "") {
 		errs = append(errs, fmt.Errorf("LAB_NS_A=%q but LAB_DOCKER_A=%q", l.A.NetNS, l.A.Socket))
@@ -325,7 +339,7 @@ func (l *Lab) consulGet(ctx context.Context, path string, v any) error {
 	if err != nil {
 		return err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := l.consul.Do(req)
 	if err != nil {
 		return fmt.Errorf("consul GET %s: %w", path, err)
 	}
