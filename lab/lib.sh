@@ -214,9 +214,9 @@ consul_get() {
 # namespace (docker_gwbridge NAT, -p), as on a real host.
 #
 # Engine 29 gets the runc and docker-proxy of bin/engine-29 (Debian's runc
-# 1.1.5 fails every container on it), and DOCKER_MIN_API_VERSION=1.24 so
-# that Debian's docker CLI 20.10 (API 1.41) may talk to it: engine 29
-# refuses clients older than API 1.44 by default.
+# 1.1.5 fails every container on it: "namespace time does not exist"), and
+# Debian's containerd 1.6.20, which it starts itself. Debian's docker CLI
+# 20.10 (API 1.41) talks to it: engine 29.8 accepts API 1.40 and newer.
 engine_start() {
 	local h=$1 ns sock
 	if [[ $h == a ]]; then ns=$LAB_NS_A sock=$LAB_DOCKER_A; else ns=$LAB_NS_B sock=$LAB_DOCKER_B; fi
@@ -224,16 +224,15 @@ engine_start() {
 	mkdir -p "$LAB_STATE/$h" "$LAB_DATA/$h/docker" "$LAB_DATA/$h/plugin-data"
 	if ! pid_alive "dockerd-$h"; then
 		[[ -s $LAB_STATE/$h/daemon.json ]] || echo '{}' >"$LAB_STATE/$h/daemon.json"
-		local -a extra=() env=()
+		local -a extra=()
 		if [[ $LAB_ENGINE == 29 ]]; then
 			[[ -x $LAB_DOCKERD && -x $LAB_ENGINE_DIR/runc && -x $LAB_ENGINE_DIR/docker-proxy ]] ||
 				die "engine 29 not built: make engine"
 			extra=(--add-runtime "runc-lab=$LAB_ENGINE_DIR/runc" --default-runtime runc-lab
 				--userland-proxy-path "$LAB_ENGINE_DIR/docker-proxy")
 			[[ -n $LAB_FIREWALL ]] && extra+=(--firewall-backend "$LAB_FIREWALL")
-			env=(env DOCKER_MIN_API_VERSION=1.24)
 		fi
-		start_daemon "dockerd-$h" "$ns" "${env[@]}" "$LAB_DOCKERD" \
+		start_daemon "dockerd-$h" "$ns" "$LAB_DOCKERD" \
 			--config-file "$LAB_STATE/$h/daemon.json" \
 			--data-root "$LAB_DATA/$h/docker" \
 			--exec-root "$LAB_STATE/$h/exec" \
