@@ -8,6 +8,9 @@
 #
 # --owner NAME: only if the lab was brought up with that owner (or is half
 # up with none); the e2e suite uses it so as not to tear down a demo.
+#
+# LAB_ENGINE=29 (lib.sh) tears down the engine-29 lab, where host A is an
+# engine of the lab's own and goes entirely, like host B.
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -24,7 +27,8 @@ if [[ -n $owner && -s $LAB_STATE/owner && $(<"$LAB_STATE/owner") != "$owner" ]];
 	exit 0
 fi
 
-# Host A: only what carries the lab's label, then the lab's plugin.
+# Host A (the machine's own engine): only what carries the lab's label, then
+# the lab's plugin.
 down_host_a() {
 	local ids
 	ids=$(docker ps -aq --filter "label=$LAB_LABEL" 2>/dev/null)
@@ -40,27 +44,31 @@ down_host_a() {
 	return 0
 }
 
-# Host B: everything, gracefully while its engine answers.
-down_engine_b() {
-	if pid_alive dockerd-b && docker_b info >/dev/null 2>&1; then
+# down_engine HOST (a or b): an engine of the lab's own (host B's; host
+# A's with LAB_ENGINE=29), everything on it, gracefully while it answers.
+down_engine() {
+	local h=$1 sock=$LAB_DOCKER_B
+	[[ $h == a ]] && sock=$LAB_DOCKER_A
+	if pid_alive "dockerd-$h" && docker -H "$sock" info >/dev/null 2>&1; then
 		local ids
-		ids=$(docker_b ps -aq)
-		[[ -n $ids ]] && docker_b rm -f $ids >/dev/null
-		ids=$(docker_b network ls -q --filter type=custom)
-		[[ -n $ids ]] && docker_b network rm $ids >/dev/null
-		docker_b plugin disable -f "$LAB_PLUGIN" >/dev/null 2>&1
-		docker_b plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1
+		ids=$(docker -H "$sock" ps -aq)
+		[[ -n $ids ]] && docker -H "$sock" rm -f $ids >/dev/null
+		ids=$(docker -H "$sock" network ls -q --filter type=custom)
+		[[ -n $ids ]] && docker -H "$sock" network rm $ids >/dev/null
+		docker -H "$sock" plugin disable -f "$LAB_PLUGIN" >/dev/null 2>&1
+		docker -H "$sock" plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1
 	fi
-	stop_daemon dockerd-b 30
+	stop_daemon "dockerd-$h" 30
 	# After a crash: containers and plugins that outlived their engine
-	# (runc state under B's exec-root), then whatever still runs in B's
-	# namespace (its containerd and shims).
-	local root id
-	for root in "$LAB_STATE"/b/exec/runtime-runc/*; do
+	# (runc state under the exec-root), then whatever still runs in the
+	# host's namespace (its containerd and shims).
+	local runc=runc root id
+	[[ $LAB_ENGINE == 29 ]] && runc=$LAB_ENGINE_DIR/runc
+	for root in "$LAB_STATE/$h"/exec/runtime-*/*; do
 		[[ -d $root ]] || continue
-		for id in $(runc --root "$root" list -q 2>/dev/null); do
-			log "host B: removing leftover runc container $id"
-			runc --root "$root" delete -f "$id" >/dev/null 2>&1
+		for id in $("$runc" --root "$root" list -q 2>/dev/null); do
+			log "host ${h^^}: removing leftover runc container $id"
+			"$runc" --root "$root" delete -f "$id" >/dev/null 2>&1
 		done
 	done
 }
@@ -94,26 +102,33 @@ unmount_under() {
 	done
 }
 
-[[ -d $LAB_STATE || -d $LAB_DATA ]] || ns_exists "$LAB_NS_B" || ip link show "$LAB_LINK_A" >/dev/null 2>&1 || {
+[[ -d $LAB_STATE || -d $LAB_DATA ]] || ns_exists "$LAB_NS_B" || { [[ -n $LAB_NS_A ]] && ns_exists "$LAB_NS_A"; } ||
+	{ [[ -z $LAB_NS_A ]] && ip link show "$LAB_LINK_A" >/dev/null 2>&1; } || {
 	log "lab is down"
 	exit 0
 }
 start=$SECONDS
-down_host_a
-down_engine_b
+if [[ -n $LAB_NS_A ]]; then
+	down_engine a
+else
+	down_host_a
+fi
+down_engine b
 for d in registry-a registry-b "consul-$LAB_NODE_A" "consul-$LAB_NODE_B" consul-lab-consul; do
 	stop_daemon "$d" 10
 done
 # Whatever still runs in the lab's namespaces (after a crash: engine B's
 # containerd and shims).
-for ns in "$LAB_NS_B" "$LAB_NS_CONSUL" "$LAB_NS_SWITCH"; do
+namespaces=("$LAB_NS_B" "$LAB_NS_CONSUL" "$LAB_NS_SWITCH")
+[[ -n $LAB_NS_A ]] && namespaces=("$LAB_NS_A" "${namespaces[@]}")
+for ns in "${namespaces[@]}"; do
 	kill_ns_procs "$ns"
 done
-for ns in "$LAB_NS_B" "$LAB_NS_CONSUL" "$LAB_NS_SWITCH"; do
+for ns in "${namespaces[@]}"; do
 	ns_exists "$ns" && ip netns delete "$ns"
 done
 # Its peer was in the switch namespace, so it is normally gone already.
-ip link del "$LAB_LINK_A" 2>/dev/null
+[[ -z $LAB_NS_A ]] && ip link del "$LAB_LINK_A" 2>/dev/null
 unmount_under "$LAB_STATE"
 unmount_under "$LAB_DATA"
 rm -rf "$LAB_STATE" "$LAB_DATA"

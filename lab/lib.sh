@@ -21,15 +21,52 @@
 # lab creates. Everything lives in namespaces the lab owns, under
 # LAB_STATE (runtime state, pid files, sockets, logs) and LAB_DATA (the
 # second engine's data-root, Consul data), and lab/down.sh removes it all.
+#
+# LAB_ENGINE chooses the engines under test (make e2e ENGINE=29):
+#   20.10    (default) the layout above: host A is the machine's own engine;
+#   29       both hosts run engine 29.8.1 from `make engine` (bin/engine-29:
+#            dockerd, docker-proxy and runc 1.3.3; Debian's containerd). The
+#            machine's own engine stays 20.10 and in use, so host A is then a
+#            second dockerd in the namespace co29-a, like host B in co29-b,
+#            and every name differs from the 20.10 lab's (namespaces co29-*,
+#            LAB_STATE and LAB_DATA with the suffix -29): nothing of the lab
+#            is in the host namespace, and it can run beside a 20.10 lab.
+# LAB_FIREWALL=nftables starts engine 29 with --firewall-backend nftables
+# (default: its iptables backend).
 
 LAB_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-LAB_STATE=${LAB_STATE:-/run/consul-overlay-lab}
-LAB_DATA=${LAB_DATA:-/var/lib/consul-overlay-lab}
-
-LAB_NS_SWITCH=colab-sw
-LAB_NS_B=colab-b
-LAB_NS_CONSUL=colab-c
-LAB_LINK_A=colab-a # host A's underlay link, in the host namespace
+LAB_ENGINE=${LAB_ENGINE:-20.10}
+LAB_FIREWALL=${LAB_FIREWALL:-}
+case $LAB_ENGINE in
+20.10 | "")
+	LAB_ENGINE=20.10
+	[[ -z $LAB_FIREWALL || $LAB_FIREWALL == iptables ]] ||
+		{ echo "lab: LAB_FIREWALL=$LAB_FIREWALL needs LAB_ENGINE=29" >&2; exit 1; }
+	LAB_STATE=${LAB_STATE:-/run/consul-overlay-lab}
+	LAB_DATA=${LAB_DATA:-/var/lib/consul-overlay-lab}
+	LAB_NS_SWITCH=colab-sw
+	LAB_NS_A= # host A is the machine's own namespace and engine
+	LAB_NS_B=colab-b
+	LAB_NS_CONSUL=colab-c
+	LAB_LINK_A=colab-a # host A's underlay link, in the host namespace
+	LAB_DOCKERD=dockerd
+	;;
+29)
+	LAB_STATE=${LAB_STATE:-/run/consul-overlay-lab-29}
+	LAB_DATA=${LAB_DATA:-/var/lib/consul-overlay-lab-29}
+	LAB_NS_SWITCH=co29-sw
+	LAB_NS_A=co29-a
+	LAB_NS_B=co29-b
+	LAB_NS_CONSUL=co29-c
+	LAB_LINK_A=ul0 # in host A's namespace
+	LAB_ENGINE_DIR=${LAB_ENGINE_DIR:-$LAB_ROOT/bin/engine-29}
+	LAB_DOCKERD=$LAB_ENGINE_DIR/dockerd
+	;;
+*)
+	echo "lab: LAB_ENGINE=$LAB_ENGINE: want 20.10 or 29" >&2
+	exit 1
+	;;
+esac
 LAB_UNDERLAY=198.51.100.0/24
 LAB_ADDR_A=198.51.100.1
 LAB_ADDR_B=198.51.100.2
@@ -58,6 +95,8 @@ LAB_BUSYBOX=consul-overlay-test/busybox:latest
 LAB_LABEL=consul-overlay-lab
 
 LAB_DOCKER_B=unix://$LAB_STATE/b/docker.sock
+LAB_DOCKER_A= # the default engine
+[[ -n $LAB_NS_A ]] && LAB_DOCKER_A=unix://$LAB_STATE/a/docker.sock
 LAB_CONSUL_BIN=${CONSUL_BIN:-$LAB_ROOT/bin/consul}
 
 log() { printf '%s lab: %s\n' "$(date +%T)" "$*" >&2; }
@@ -66,8 +105,16 @@ die() {
 	exit 1
 }
 
-# docker_b runs the docker CLI against host B's engine.
+# docker_b runs the docker CLI against host B's engine, docker_a against
+# host A's.
 docker_b() { docker -H "$LAB_DOCKER_B" "$@"; }
+docker_a() {
+	if [[ -n $LAB_DOCKER_A ]]; then
+		docker -H "$LAB_DOCKER_A" "$@"
+	else
+		docker "$@"
+	fi
+}
 
 # in_ns NS CMD...: runs CMD in the network namespace NS (only the network
 # namespace: nsenter, not `ip netns exec`, which also remounts /sys and
@@ -158,28 +205,49 @@ consul_get() {
 	fi
 }
 
-# engine_b_start: starts host B's dockerd unless it runs, and waits until it
-# answers. Its own data-root, exec-root (and so its own containerd, which
-# dockerd starts with its state under the exec-root), socket, pid file and
-# configuration file ($LAB_STATE/b/daemon.json, reloaded on SIGHUP); no
-# default bridge. iptables stays on: it programs the iptables of B's
+# engine_start HOST (a or b): starts that host's dockerd (host B's, and
+# host A's with LAB_ENGINE=29) unless it runs, and waits until it answers.
+# Its own data-root, exec-root (and so its own containerd, which dockerd
+# starts with its state under the exec-root), socket, pid file and
+# configuration file ($LAB_STATE/HOST/daemon.json, reloaded on SIGHUP); no
+# default bridge. iptables stays on: it programs the firewall of the host's
 # namespace (docker_gwbridge NAT, -p), as on a real host.
-engine_b_start() {
-	mkdir -p "$LAB_STATE/b" "$LAB_DATA/b/docker" "$LAB_DATA/b/plugin-data"
-	if ! pid_alive dockerd-b; then
-		[[ -s $LAB_STATE/b/daemon.json ]] || echo '{}' >"$LAB_STATE/b/daemon.json"
-		start_daemon dockerd-b "$LAB_NS_B" dockerd \
-			--config-file "$LAB_STATE/b/daemon.json" \
-			--data-root "$LAB_DATA/b/docker" \
-			--exec-root "$LAB_STATE/b/exec" \
-			--pidfile "$LAB_STATE/b/docker.pid" \
-			-H "$LAB_DOCKER_B" \
-			--bridge none
+#
+# Engine 29 gets the runc and docker-proxy of bin/engine-29 (Debian's runc
+# 1.1.5 fails every container on it: "namespace time does not exist"), and
+# Debian's containerd 1.6.20, which it starts itself. Debian's docker CLI
+# 20.10 (API 1.41) talks to it: engine 29.8 accepts API 1.40 and newer.
+engine_start() {
+	local h=$1 ns sock
+	if [[ $h == a ]]; then ns=$LAB_NS_A sock=$LAB_DOCKER_A; else ns=$LAB_NS_B sock=$LAB_DOCKER_B; fi
+	[[ -n $ns ]] || die "host $h has no engine of the lab's own"
+	mkdir -p "$LAB_STATE/$h" "$LAB_DATA/$h/docker" "$LAB_DATA/$h/plugin-data"
+	if ! pid_alive "dockerd-$h"; then
+		[[ -s $LAB_STATE/$h/daemon.json ]] || echo '{}' >"$LAB_STATE/$h/daemon.json"
+		local -a extra=()
+		if [[ $LAB_ENGINE == 29 ]]; then
+			[[ -x $LAB_DOCKERD && -x $LAB_ENGINE_DIR/runc && -x $LAB_ENGINE_DIR/docker-proxy ]] ||
+				die "engine 29 not built: make engine"
+			extra=(--add-runtime "runc-lab=$LAB_ENGINE_DIR/runc" --default-runtime runc-lab
+				--userland-proxy-path "$LAB_ENGINE_DIR/docker-proxy")
+			[[ -n $LAB_FIREWALL ]] && extra+=(--firewall-backend "$LAB_FIREWALL")
+		fi
+		start_daemon "dockerd-$h" "$ns" "$LAB_DOCKERD" \
+			--config-file "$LAB_STATE/$h/daemon.json" \
+			--data-root "$LAB_DATA/$h/docker" \
+			--exec-root "$LAB_STATE/$h/exec" \
+			--pidfile "$LAB_STATE/$h/docker.pid" \
+			-H "$sock" \
+			--bridge none "${extra[@]}"
 	fi
-	wait_for 60 "host B's engine ($LAB_DOCKER_B)" docker_b info
+	wait_for 60 "host ${h^^}'s engine ($sock)" docker -H "$sock" info
 }
 
-# engine_b_stop: stops host B's dockerd as a service manager would: SIGTERM,
-# and SIGKILL only after 60 s (it stops its containers first, up to 10 s
-# each, unless live-restore is on).
-engine_b_stop() { stop_daemon dockerd-b 60; }
+# engine_b_start: starts host B's dockerd (engine_start b).
+engine_b_start() { engine_start b; }
+
+# engine_stop HOST: stops that host's dockerd as a service manager would:
+# SIGTERM, and SIGKILL only after 60 s (it stops its containers first, up to
+# 10 s each, unless live-restore is on).
+engine_stop() { stop_daemon "dockerd-$1" 60; }
+engine_b_stop() { engine_stop b; }

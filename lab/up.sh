@@ -17,6 +17,11 @@
 #
 # --owner records who brought the lab up (demo, e2e), so that the e2e suite
 # does not tear down a demo someone is looking at.
+#
+# LAB_ENGINE=29 (see lib.sh): host A is a second engine in its own namespace
+# too, and the plugin and the busybox image are built on host A's engine 29
+# (scripts/plugin.sh and scripts/busybox-image.sh with DOCKER_HOST), not on
+# the machine's own engine, which this lab then does not touch.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -32,7 +37,11 @@ done
 for cmd in ip nsenter setsid dockerd docker docker-registry busybox; do
 	command -v "$cmd" >/dev/null || die "$cmd not found: run lab/prereqs.sh"
 done
-docker info >/dev/null 2>&1 || die "host A's Docker engine does not answer (docker info): start dockerd"
+if [[ -z $LAB_NS_A ]]; then
+	docker info >/dev/null 2>&1 || die "host A's Docker engine does not answer (docker info): start dockerd"
+else
+	[[ -x $LAB_DOCKERD ]] || make --no-print-directory -C "$LAB_ROOT" engine >&2
+fi
 
 mkdir -p "$LAB_STATE" "$LAB_DATA"
 if [[ -s $LAB_STATE/owner && $(<"$LAB_STATE/owner") != "$owner" ]]; then
@@ -43,8 +52,13 @@ echo "$owner" >"$LAB_STATE/owner"
 # Builds that are missing. `make demo` and `make e2e` run them before.
 missing=()
 [[ -x $LAB_CONSUL_BIN ]] || missing+=(consul)
-docker image inspect "$LAB_BUSYBOX" >/dev/null 2>&1 || missing+=(busybox-image)
-[[ -s $LAB_ROOT/build/plugin/config.json ]] || missing+=(plugin)
+if [[ -z $LAB_NS_A ]]; then
+	docker image inspect "$LAB_BUSYBOX" >/dev/null 2>&1 || missing+=(busybox-image)
+	[[ -s $LAB_ROOT/build/plugin/config.json ]] || missing+=(plugin)
+else
+	# Built on host A's engine below (build_on_a).
+	[[ -x $LAB_ROOT/bin/consul-overlay ]] || missing+=(build)
+fi
 if ((${#missing[@]})); then
 	log "building: make ${missing[*]}"
 	make --no-print-directory -C "$LAB_ROOT" "${missing[@]}" >&2
@@ -59,6 +73,11 @@ if ! docker compose version >/dev/null 2>&1; then
 fi
 
 # --- underlay ----------------------------------------------------------------
+
+# on_a CMD...: CMD in host A's network namespace.
+on_a() {
+	if [[ -n $LAB_NS_A ]]; then in_ns "$LAB_NS_A" "$@"; else "$@"; fi
+}
 
 ensure_ns() {
 	ns_exists "$1" && return 0
@@ -85,13 +104,14 @@ up_underlay() {
 	ip -n "$LAB_NS_SWITCH" link show sw0 >/dev/null 2>&1 ||
 		ip -n "$LAB_NS_SWITCH" link add sw0 type bridge
 	ip -n "$LAB_NS_SWITCH" link set sw0 up
+	[[ -n $LAB_NS_A ]] && ensure_ns "$LAB_NS_A"
 	ensure_ns "$LAB_NS_B"
 	ensure_ns "$LAB_NS_CONSUL"
-	plug "" "$LAB_LINK_A" pa "$LAB_ADDR_A"
+	plug "$LAB_NS_A" "$LAB_LINK_A" pa "$LAB_ADDR_A"
 	plug "$LAB_NS_B" ul0 pb "$LAB_ADDR_B"
 	plug "$LAB_NS_CONSUL" ul0 pc "$LAB_ADDR_CONSUL"
-	wait_for 10 "the underlay (ping $LAB_ADDR_B)" ping -c 1 -W 1 "$LAB_ADDR_B"
-	wait_for 10 "the underlay (ping $LAB_ADDR_CONSUL)" ping -c 1 -W 1 "$LAB_ADDR_CONSUL"
+	wait_for 10 "the underlay (ping $LAB_ADDR_B)" on_a ping -c 1 -W 1 "$LAB_ADDR_B"
+	wait_for 10 "the underlay (ping $LAB_ADDR_CONSUL)" on_a ping -c 1 -W 1 "$LAB_ADDR_CONSUL"
 }
 
 # --- Consul ------------------------------------------------------------------
@@ -157,14 +177,14 @@ member_alive() {
 
 up_consul() {
 	start_consul lab-consul "$LAB_NS_CONSUL" "$LAB_ADDR_CONSUL" "127.0.0.1 $LAB_ADDR_CONSUL" "$LAB_ADDR_CONSUL" true
-	start_consul "$LAB_NODE_A" "" "$LAB_ADDR_A" 127.0.0.1 "$LAB_ADDR_A" false
+	start_consul "$LAB_NODE_A" "$LAB_NS_A" "$LAB_ADDR_A" 127.0.0.1 "$LAB_ADDR_A" false
 	start_consul "$LAB_NODE_B" "$LAB_NS_B" "$LAB_ADDR_B" 127.0.0.1 "$LAB_ADDR_B" false
 	wait_for 60 "a Consul leader" leader_known
-	wait_for 60 "Consul agent $LAB_NODE_A to join" member_alive "" "$LAB_NODE_A"
+	wait_for 60 "Consul agent $LAB_NODE_A to join" member_alive "$LAB_NS_A" "$LAB_NODE_A"
 	wait_for 60 "Consul agent $LAB_NODE_B to join" member_alive "$LAB_NS_B" "$LAB_NODE_B"
 	wait_for 30 "Consul agent $LAB_NODE_B to see $LAB_NODE_A" member_alive "$LAB_NS_B" "$LAB_NODE_A"
 	# Consistent reads through each agent work once it knows the leader.
-	wait_for 30 "the catalog through $LAB_NODE_A" consul_get "" /v1/catalog/nodes
+	wait_for 30 "the catalog through $LAB_NODE_A" consul_get "$LAB_NS_A" /v1/catalog/nodes
 	wait_for 30 "the catalog through $LAB_NODE_B" consul_get "$LAB_NS_B" /v1/catalog/nodes
 }
 
@@ -172,11 +192,31 @@ leader_known() { consul_get "$LAB_NS_CONSUL" /v1/status/leader | grep -q :; }
 
 # --- engine B ----------------------------------------------------------------
 
+# up_engine_a: with LAB_ENGINE=29, host A's engine, and on it the builds
+# that the 20.10 lab makes on the machine's engine: the busybox image and
+# the plugin (when bin/consul-overlay is newer than build/plugin).
+up_engine_a() {
+	[[ -n $LAB_NS_A ]] || return 0
+	engine_start a
+	if ! docker_a image inspect "$LAB_BUSYBOX" >/dev/null 2>&1; then
+		log "host A: scripts/busybox-image.sh"
+		DOCKER_HOST=$LAB_DOCKER_A "$LAB_ROOT/scripts/busybox-image.sh" "$LAB_BUSYBOX" >&2
+	fi
+	local conf=$LAB_ROOT/build/plugin/config.json
+	if [[ ! -s $conf || $LAB_ROOT/bin/consul-overlay -nt $conf ]] || ! docker_a plugin inspect "$LAB_PLUGIN" >/dev/null 2>&1; then
+		log "host A: scripts/plugin.sh"
+		DOCKER_HOST=$LAB_DOCKER_A "$LAB_ROOT/scripts/plugin.sh" "$LAB_ROOT/bin/consul-overlay" "$LAB_PLUGIN" >&2
+		# A new plugin build: push it again (up_plugins).
+		plugin_fresh=1
+	fi
+}
+plugin_fresh=0
+
 up_engine_b() {
 	engine_b_start
 	if ! docker_b image inspect "$LAB_BUSYBOX" >/dev/null 2>&1; then
 		log "copying $LAB_BUSYBOX to host B"
-		docker save "$LAB_BUSYBOX" | docker_b load -q >/dev/null
+		docker_a save "$LAB_BUSYBOX" | docker_b load -q >/dev/null
 	fi
 }
 
@@ -204,9 +244,9 @@ EOF
 up_registry() {
 	mkdir -p "$LAB_DATA/registry"
 	registry_config >"$LAB_STATE/registry.yml"
-	pid_alive registry-a || start_daemon registry-a "" docker-registry serve "$LAB_STATE/registry.yml"
+	pid_alive registry-a || start_daemon registry-a "$LAB_NS_A" docker-registry serve "$LAB_STATE/registry.yml"
 	pid_alive registry-b || start_daemon registry-b "$LAB_NS_B" docker-registry serve "$LAB_STATE/registry.yml"
-	wait_for 20 "the registry on host A" http_get "http://127.0.0.1:$LAB_REGISTRY_PORT/v2/"
+	wait_for 20 "the registry on host A" on_a timeout 5 busybox wget -q -O - "http://127.0.0.1:$LAB_REGISTRY_PORT/v2/"
 	wait_for 20 "the registry on host B" in_ns "$LAB_NS_B" timeout 5 busybox wget -q -O - "http://127.0.0.1:$LAB_REGISTRY_PORT/v2/"
 }
 
@@ -221,12 +261,12 @@ plugin_enabled() { [[ $("$@" plugin inspect -f '{{.Enabled}}' "$LAB_PLUGIN" 2>/d
 # host A installs it back from the registry like host B.
 push_plugin() {
 	[[ -s $LAB_ROOT/build/plugin/config.json ]] || make --no-print-directory -C "$LAB_ROOT" plugin >&2
-	docker plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1 || true
-	docker plugin rm -f "$LAB_REMOTE" >/dev/null 2>&1 || true
-	docker plugin create "$LAB_REMOTE" "$LAB_ROOT/build/plugin" >/dev/null
+	docker_a plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1 || true
+	docker_a plugin rm -f "$LAB_REMOTE" >/dev/null 2>&1 || true
+	docker_a plugin create "$LAB_REMOTE" "$LAB_ROOT/build/plugin" >/dev/null
 	log "pushing $LAB_REMOTE"
-	docker plugin push "$LAB_REMOTE" >/dev/null
-	docker plugin rm -f "$LAB_REMOTE" >/dev/null
+	docker_a plugin push "$LAB_REMOTE" >/dev/null
+	docker_a plugin rm -f "$LAB_REMOTE" >/dev/null
 }
 
 # install_plugin HOST DOCKER...: installs $LAB_REMOTE as $LAB_PLUGIN with
@@ -238,6 +278,7 @@ install_plugin() {
 	if [[ $host == A ]]; then
 		mkdir -p "$LAB_DATA/a/plugin-data"
 		settings=("VTEP_ADDR=$LAB_ADDR_A" "NODE_NAME=$LAB_NODE_A" "data.source=$LAB_DATA/a/plugin-data")
+		[[ -n $LAB_NS_A ]] && settings+=("docker-sock.source=$LAB_STATE/a/docker.sock" "docker-netns.source=$LAB_STATE/a/exec")
 	else
 		settings=("VTEP_ADDR=$LAB_ADDR_B" "NODE_NAME=$LAB_NODE_B" "data.source=$LAB_DATA/b/plugin-data"
 			"docker-sock.source=$LAB_STATE/b/docker.sock")
@@ -252,11 +293,11 @@ install_plugin() {
 
 up_plugins() {
 	local have
-	have=$(http_get "http://127.0.0.1:$LAB_REGISTRY_PORT/v2/${LAB_PLUGIN%%:*}/tags/list" 2>/dev/null || true)
+	have=$(on_a timeout 5 busybox wget -q -O - "http://127.0.0.1:$LAB_REGISTRY_PORT/v2/${LAB_PLUGIN%%:*}/tags/list" 2>/dev/null || true)
 	# Pushing removes host A's plugin (see push_plugin): reinstall it then.
-	if ! plugin_enabled docker || [[ $have != *'"'"${LAB_PLUGIN##*:}"'"'* ]]; then
+	if ((plugin_fresh)) || ! plugin_enabled docker_a || [[ $have != *'"'"${LAB_PLUGIN##*:}"'"'* ]]; then
 		push_plugin
-		install_plugin A docker
+		install_plugin A docker_a
 	fi
 	plugin_enabled docker_b || install_plugin B docker_b
 }
@@ -265,18 +306,28 @@ up_plugins() {
 
 start=$SECONDS
 up_underlay
-log "underlay up: A $LAB_ADDR_A, B $LAB_ADDR_B (netns $LAB_NS_B), Consul $LAB_ADDR_CONSUL (netns $LAB_NS_CONSUL)"
+log "underlay up: A $LAB_ADDR_A${LAB_NS_A:+ (netns $LAB_NS_A)}, B $LAB_ADDR_B (netns $LAB_NS_B), Consul $LAB_ADDR_CONSUL (netns $LAB_NS_CONSUL)"
 up_consul
 log "Consul up: server lab-consul, agents $LAB_NODE_A and $LAB_NODE_B"
+if [[ -n $LAB_NS_A ]]; then
+	up_engine_a
+	log "host A's engine up: $LAB_DOCKER_A ($(docker_a version -f '{{.Server.Version}}'), netns $LAB_NS_A)"
+fi
 up_engine_b
-log "host B's engine up: $LAB_DOCKER_B"
+log "host B's engine up: $LAB_DOCKER_B ($(docker_b version -f '{{.Server.Version}}'))"
 up_registry
 up_plugins
 
 # What other tools read: lab/docker-b, the e2e suite.
 cat >"$LAB_STATE/env" <<EOF
+LAB_ENGINE=$LAB_ENGINE
+LAB_FIREWALL=$LAB_FIREWALL
 LAB_STATE=$LAB_STATE
 LAB_DATA=$LAB_DATA
+LAB_NS_SWITCH=$LAB_NS_SWITCH
+LAB_NS_A=$LAB_NS_A
+LAB_LINK_A=$LAB_LINK_A
+LAB_DOCKER_A=$LAB_DOCKER_A
 LAB_NS_B=$LAB_NS_B
 LAB_NS_CONSUL=$LAB_NS_CONSUL
 LAB_ADDR_A=$LAB_ADDR_A

@@ -11,6 +11,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -26,6 +27,7 @@ import (
 	"time"
 
 	"consul-overlay/internal/dockertest"
+	"consul-overlay/internal/testenv"
 )
 
 // cmdTimeout bounds every command the suite runs unless its context has an
@@ -47,11 +49,23 @@ type Lab struct {
 	Label      string // label of everything the lab creates on host A
 	Image      string // busybox image on both engines
 	ConsulHTTP string // base URL of host A's Consul agent
+	// consul is the HTTP client for ConsulHTTP: it dials from host A's
+	// network namespace when host A has one (LAB_ENGINE=29).
+	consul *http.Client
 	// ConsulServer is the Consul server's underlay address, a destination
 	// outside the overlay for the outbound scenario.
 	ConsulServer netip.Addr
 	HTTPPort     int
 	A, B         *Host
+
+	// Engine is the engines under test (LAB_ENGINE: "20.10", the machine's
+	// own engine as host A; "29", both hosts an engine 29 of the lab's own
+	// in a namespace), Firewall dockerd's firewall backend ("" for its
+	// default, or "nftables").
+	Engine, Firewall string
+	// The lab's other namespaces and host A's underlay link, which
+	// lab/down.sh removes.
+	NSSwitch, NSConsul, LinkA string
 }
 
 // Host is one of the lab's Docker hosts.
@@ -65,12 +79,20 @@ type Host struct {
 
 func (h *Host) String() string { return "host " + h.Name }
 
+// labState is LAB_STATE as lab/lib.sh sets it for LAB_ENGINE.
+func labState() string {
+	if s := os.Getenv("LAB_STATE"); s != "" {
+		return s
+	}
+	if os.Getenv("LAB_ENGINE") == "29" {
+		return "/run/consul-overlay-lab-29"
+	}
+	return "/run/consul-overlay-lab"
+}
+
 // loadLab reads $LAB_STATE/env (lab/up.sh writes it).
 func loadLab(root string) (*Lab, error) {
-	state := os.Getenv("LAB_STATE")
-	if state == "" {
-		state = "/run/consul-overlay-lab"
-	}
+	state := labState()
 	f, err := os.Open(filepath.Join(state, "env"))
 	if err != nil {
 		return nil, fmt.Errorf("read the lab's description: %w", err)
@@ -108,12 +130,31 @@ func loadLab(root string) (*Lab, error) {
 		ConsulHTTP:   fmt.Sprintf("http://127.0.0.1:%d", port),
 		ConsulServer: addr("LAB_ADDR_CONSUL"),
 		HTTPPort:     port,
-		A:            &Host{Name: "A", Node: env["LAB_NODE_A"], Addr: addr("LAB_ADDR_A")},
+		A: &Host{Name: "A", Node: env["LAB_NODE_A"], Addr: addr("LAB_ADDR_A"),
+			NetNS: env["LAB_NS_A"], Socket: env["LAB_DOCKER_A"]},
 		B: &Host{Name: "B", Node: env["LAB_NODE_B"], Addr: addr("LAB_ADDR_B"),
 			NetNS: env["LAB_NS_B"], Socket: env["LAB_DOCKER_B"]},
+		Engine:   env["LAB_ENGINE"],
+		Firewall: env["LAB_FIREWALL"],
+		NSSwitch: env["LAB_NS_SWITCH"],
+		NSConsul: env["LAB_NS_CONSUL"],
+		LinkA:    env["LAB_LINK_A"],
+	}
+	l.consul = http.DefaultClient
+	if l.A.NetNS != "" {
+		nsPath := "/run/netns/" + l.A.NetNS
+		l.consul = &http.Client{Transport: &http.Transport{
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return testenv.DialIn(ctx, nsPath, network, addr)
+			},
+		}}
+	}
+	if (l.A.NetNS == "") != (l.A.Socket == "") {
+		errs = append(errs, fmt.Errorf("LAB_NS_A=%q but LAB_DOCKER_A=%q", l.A.NetNS, l.A.Socket))
 	}
 	for k, v := range map[string]string{"LAB_STATE": l.State, "LAB_PLUGIN": l.Plugin, "LAB_LABEL": l.Label,
-		"LAB_BUSYBOX": l.Image, "LAB_NS_B": l.B.NetNS, "LAB_DOCKER_B": l.B.Socket} {
+		"LAB_BUSYBOX": l.Image, "LAB_NS_B": l.B.NetNS, "LAB_DOCKER_B": l.B.Socket, "LAB_ENGINE": l.Engine,
+		"LAB_NS_SWITCH": l.NSSwitch, "LAB_NS_CONSUL": l.NSConsul, "LAB_LINK_A": l.LinkA} {
 		if v == "" {
 			errs = append(errs, fmt.Errorf("%s missing", k))
 		}
@@ -247,11 +288,17 @@ func (h *Host) Links(ctx context.Context) (map[string]string, error) {
 }
 
 // RulesMentioning returns the host's iptables-save and ip6tables-save lines
-// that name one of the links.
+// that name one of the links, and those of `nft list ruleset` when nft is
+// installed (dockerd's nftables backend writes there, not to iptables).
 func (h *Host) RulesMentioning(ctx context.Context, links []string) ([]string, error) {
 	var found []string
-	for _, cmd := range []string{"iptables-save", "ip6tables-save"} {
-		out, err := h.Run(ctx, cmd)
+	cmds := [][]string{{"iptables-save"}, {"ip6tables-save"}}
+	if _, err := exec.LookPath("nft"); err == nil {
+		cmds = append(cmds, []string{"nft", "list", "ruleset"})
+	}
+	for _, argv := range cmds {
+		cmd := strings.Join(argv, " ")
+		out, err := h.Run(ctx, argv[0], argv[1:]...)
 		if err != nil {
 			return nil, err
 		}
@@ -292,7 +339,7 @@ func (l *Lab) consulGet(ctx context.Context, path string, v any) error {
 	if err != nil {
 		return err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := l.consul.Do(req)
 	if err != nil {
 		return fmt.Errorf("consul GET %s: %w", path, err)
 	}
