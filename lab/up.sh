@@ -278,7 +278,7 @@ install_plugin() {
 	if [[ $host == A ]]; then
 		mkdir -p "$LAB_DATA/a/plugin-data"
 		settings=("VTEP_ADDR=$LAB_ADDR_A" "NODE_NAME=$LAB_NODE_A" "data.source=$LAB_DATA/a/plugin-data")
-		[[ -n $LAB_NS_A ]] && settings+=("docker-sock.source=$LAB_STATE/a/docker.sock" "docker-netns.source=$LAB_STATE/a/exec")
+		[[ -n $LAB_NS_A ]] && settings+=("docker-sock.source=$LAB_STATE/a/docker.sock")
 	else
 		settings=("VTEP_ADDR=$LAB_ADDR_B" "NODE_NAME=$LAB_NODE_B" "data.source=$LAB_DATA/b/plugin-data"
 			"docker-sock.source=$LAB_STATE/b/docker.sock")
