@@ -209,6 +209,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	if err != nil {
 		return err
 	}
+	// ACL (issue 17): the token's permissions besides the KV prefix (agent
+	// read without NODE_NAME, session and service write), before anything
+	// is written to the store; a refusal names the missing rule.
+	if err := checkConsulPermissions(ctx, store, cfg.Node != "", hostID, st, log); err != nil {
+		return err
+	}
 	node, err := nodeName(cfg, agentName)
 	if err != nil {
 		return err

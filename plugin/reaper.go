@@ -127,8 +127,11 @@ func startLiveness(ctx context.Context, log *slog.Logger, store kvstore.Store, h
 		// Services are then removed from the catalog only.
 		log.Warn("liveness: cannot ask the local Consul agent its node name", "error", err)
 	}
+	// ACL (issue 17): a catalog step the token is refused (a service rule
+	// narrower than the gone host's services) is skipped with a warning
+	// instead of failing the reap (see acl.go).
 	r, err := reaper.New(reaper.Config{HostID: hostID, Grace: grace, Logger: log}, store, cl, ip,
-		reaper.ConsulCatalog{Client: c.Client(), LocalNode: agentNode})
+		newReaperCatalog(reaper.ConsulCatalog{Client: c.Client(), LocalNode: agentNode}, log))
 	if err != nil {
 		return nil, err
 	}
