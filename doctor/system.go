@@ -17,9 +17,9 @@ import (
 
 // System is what the firewall, module and sysctl checks read of the host.
 type System interface {
-	// Module reports whether a kernel module is loaded (or built in), and
-	// whether it could be loaded.
-	Module(name string) (loaded, loadable bool)
+	// Module says whether a kernel module is loaded (or built in),
+	// loadable, missing, or unknown (nothing to tell by).
+	Module(name string) ModuleState
 	// Sysctl reads a sysctl by its dotted name (an error wrapping
 	// os.ErrNotExist: no such key).
 	Sysctl(name string) (string, error)
@@ -34,21 +34,43 @@ type HostSystem struct{}
 
 var _ System = HostSystem{}
 
-// Module looks in /sys/module (loaded or built in) and in the running
-// kernel's modules.dep (loadable).
+// ModuleState is what Module found.
+type ModuleState string
+
+// The module states.
+const (
+	ModuleLoaded   ModuleState = "loaded"
+	ModuleLoadable ModuleState = "loadable"
+	ModuleMissing  ModuleState = "missing"
+	ModuleUnknown  ModuleState = "unknown"
+)
+
+// moduleSymbols are a function of each module, found in /proc/kallsyms
+// when the module is built in (a built-in module without parameters has
+// no /sys/module entry).
+var moduleSymbols = map[string]string{"vxlan": "vxlan_xmit", "bridge": "br_dev_xmit", "veth": "veth_xmit"}
+
+// Module looks in /sys/module and /proc/kallsyms (loaded or built in) and
+// in the running kernel's modules.builtin and modules.dep (loadable).
 //
 // Equivalent to: `ls /sys/module/vxlan` and `modinfo vxlan`.
-func (HostSystem) Module(name string) (loaded, loadable bool) {
+func (HostSystem) Module(name string) ModuleState {
 	if _, err := os.Stat(filepath.Join("/sys/module", name)); err == nil {
-		return true, true
+		return ModuleLoaded
+	}
+	if sym := moduleSymbols[name]; sym != "" && hasSymbol(sym) {
+		return ModuleLoaded
 	}
 	var u unix.Utsname
 	if unix.Uname(&u) != nil {
-		return false, false
+		return ModuleUnknown
 	}
-	rel := unix.ByteSliceToString(u.Release[:])
+	dir := filepath.Join("/lib/modules", unix.ByteSliceToString(u.Release[:]))
+	if _, err := os.Stat(dir); err != nil {
+		return ModuleUnknown
+	}
 	for _, f := range []string{"modules.builtin", "modules.dep"} {
-		fh, err := os.Open(filepath.Join("/lib/modules", rel, f))
+		fh, err := os.Open(filepath.Join(dir, f))
 		if err != nil {
 			continue
 		}
@@ -58,12 +80,32 @@ func (HostSystem) Module(name string) (loaded, loadable bool) {
 			base := filepath.Base(path)
 			if base == name+".ko" || strings.HasPrefix(base, name+".ko.") {
 				fh.Close()
-				return f == "modules.builtin", true
+				if f == "modules.builtin" {
+					return ModuleLoaded
+				}
+				return ModuleLoadable
 			}
 		}
 		fh.Close()
 	}
-	return false, false
+	return ModuleMissing
+}
+
+// hasSymbol reports whether the kernel has a function of that name.
+func hasSymbol(sym string) bool {
+	fh, err := os.Open("/proc/kallsyms")
+	if err != nil {
+		return false
+	}
+	defer fh.Close()
+	sc := bufio.NewScanner(fh)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) >= 3 && f[2] == sym {
+			return true
+		}
+	}
+	return false
 }
 
 // Sysctl reads /proc/sys.
@@ -150,15 +192,16 @@ func checkFirewallBackend(ctx context.Context, s System) Check {
 
 func checkModules(s System) Check {
 	c := Check{Name: "modules"}
-	var missing, onDemand []string
+	var missing, onDemand, unknown []string
 	for _, m := range []string{"vxlan", "bridge", "veth"} {
-		loaded, loadable := s.Module(m)
-		switch {
-		case loaded:
-		case loadable:
+		switch s.Module(m) {
+		case ModuleLoaded:
+		case ModuleLoadable:
 			onDemand = append(onDemand, m)
-		default:
+		case ModuleMissing:
 			missing = append(missing, m)
+		default:
+			unknown = append(unknown, m)
 		}
 	}
 	switch {
@@ -166,6 +209,10 @@ func checkModules(s System) Check {
 		c.Result = Fail
 		c.Message = fmt.Sprintf("kernel modules neither loaded nor loadable: %s", strings.Join(missing, ", "))
 		c.Fix = "install the kernel's extra modules (for example linux-modules-extra-$(uname -r)) or use a kernel with them"
+	case len(unknown) > 0:
+		c.Result = Warn
+		c.Message = fmt.Sprintf("cannot tell whether kernel modules %s are available (not in /sys/module or /proc/kallsyms, no /lib/modules for this kernel)", strings.Join(unknown, ", "))
+		c.Fix = "check with `modprobe -n -v vxlan bridge veth` on the host"
 	case len(onDemand) > 0:
 		c.Result = Pass
 		c.Message = fmt.Sprintf("kernel modules vxlan, bridge, veth available (%s loaded on first use)", strings.Join(onDemand, ", "))
