@@ -176,10 +176,16 @@ func checkStore(st *status.Report) Check {
 	return c
 }
 
-// Targets picks, for every network this host is a member of, one probe
-// per other member host: from this host's first endpoint with an IPv4
-// address to that host's first one. What cannot be probed comes back as
-// WARN checks.
+// MaxAlternatives bounds how many of a remote host's endpoints are tried
+// on one network before the host counts as unreachable.
+const MaxAlternatives = 3
+
+// Targets picks, for every network this host is a member of and every
+// other member host, the probes to try: from this host's first endpoint
+// with an IPv4 address to up to MaxAlternatives of that host's (joined
+// ones, those in a container, first). Consecutive targets of one network
+// and host are alternatives: the host answers if one of them does. What
+// cannot be probed comes back as WARN checks.
 func Targets(st *status.Report) ([]Target, []Check) {
 	var out []Target
 	var skipped []Check
@@ -233,23 +239,23 @@ func Targets(st *status.Report) ([]Target, []Check) {
 		}
 		for _, h := range others {
 			hn := fmt.Sprintf("%s (%s)", h, vteps[h])
-			var t *Target
-			for _, e := range remote[h] {
+			eps := remote[h]
+			sort.SliceStable(eps, func(i, j int) bool { return eps[i].Joined && !eps[j].Joined })
+			found := 0
+			for _, e := range eps {
 				dip, dmac, err := parseEndpoint(e)
-				if err != nil {
+				if err != nil || found == MaxAlternatives {
 					continue
 				}
-				t = &Target{Network: name, VNI: n.VNI, Device: fmt.Sprintf("vx-%06x", n.VNI), Node: h, VTEP: vteps[h],
-					SrcIP: sip, SrcMAC: smac, DstIP: dip, DstMAC: dmac, MTU: mtu}
-				break
+				out = append(out, Target{Network: name, VNI: n.VNI, Device: fmt.Sprintf("vx-%06x", n.VNI), Node: h, VTEP: vteps[h],
+					SrcIP: sip, SrcMAC: smac, DstIP: dip, DstMAC: dmac, MTU: mtu})
+				found++
 			}
-			if t == nil {
+			if found == 0 {
 				skipped = append(skipped, Check{Name: "vxlan", Result: Warn, Host: hn, Network: name,
 					Message: fmt.Sprintf("host %s has no endpoint with an IPv4 address on network %s: it cannot be probed", hn, name),
 					Fix:     "run a container on the network on that host, then run doctor again"})
-				continue
 			}
-			out = append(out, *t)
 		}
 	}
 	return out, skipped
@@ -285,27 +291,50 @@ func probe(ctx context.Context, cfg Config, t Target, size int) (bool, error) {
 	return false, ctx.Err()
 }
 
-// checkReach probes every target with a small packet and returns those
-// that answered, with their overlay MTU.
+// checkReach probes every network's hosts with a small packet, trying a
+// host's alternatives in turn, and returns for each host that answered
+// the target that did.
 func checkReach(ctx context.Context, cfg Config, targets []Target, r *Report) []Target {
 	var reached []Target
-	for _, t := range targets {
-		ok, err := probe(ctx, cfg, t, smallProbe)
+	for i := 0; i < len(targets); {
+		j := i + 1
+		for j < len(targets) && targets[j].Network == targets[i].Network && targets[j].Node == targets[i].Node {
+			j++
+		}
+		alts := targets[i:j]
+		i = j
+		t := alts[0]
 		c := Check{Name: "vxlan", Host: t.HostName(), Network: t.Network}
+		var errs []string
+		var tried []string
+		answered := -1
+		for k, a := range alts {
+			ok, err := probe(ctx, cfg, a, smallProbe)
+			if err != nil {
+				errs = append(errs, err.Error())
+				continue
+			}
+			tried = append(tried, a.DstIP.String())
+			if ok {
+				answered = k
+				break
+			}
+		}
 		switch {
-		case err != nil:
+		case answered >= 0:
+			a := alts[answered]
+			c.Result = Pass
+			c.Message = fmt.Sprintf("host %s answers across the overlay on network %s (%s from %s)", a.HostName(), a.Network, a.DstIP, a.SrcIP)
+			reached = append(reached, a)
+		case len(tried) == 0:
 			c.Result = Warn
-			c.Message = fmt.Sprintf("could not probe host %s on network %s: %v", t.HostName(), t.Network, err)
+			c.Message = fmt.Sprintf("could not probe host %s on network %s: %s", t.HostName(), t.Network, strings.Join(errs, "; "))
 			c.Fix = "run doctor as root in the host's network namespace"
-		case !ok:
+		default:
 			c.Result = Fail
 			c.Message = fmt.Sprintf("host %s is unreachable across the overlay on network %s (vni %d): no reply from %s to an ICMP echo from %s through %s",
-				t.HostName(), t.Network, t.VNI, t.DstIP, t.SrcIP, t.Device)
-			c.Fix = fmt.Sprintf("allow UDP 4789 between this host and %s in both directions (host firewalls, security groups), check that its plugin runs (`consul-overlay status` there) and that the container answers ping", t.VTEP)
-		default:
-			c.Result = Pass
-			c.Message = fmt.Sprintf("host %s answers across the overlay on network %s (%s from %s)", t.HostName(), t.Network, t.DstIP, t.SrcIP)
-			reached = append(reached, t)
+				t.HostName(), t.Network, t.VNI, strings.Join(tried, ", "), t.SrcIP, t.Device)
+			c.Fix = fmt.Sprintf("allow UDP 4789 between this host and %s in both directions (host firewalls, security groups), check that its plugin runs (`consul-overlay status` there) and that its containers answer ping", t.VTEP)
 		}
 		r.add(c)
 	}

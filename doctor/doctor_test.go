@@ -339,3 +339,32 @@ func TestEchoFrame(t *testing.T) {
 		t.Error("reply matching is wrong")
 	}
 }
+
+func TestRunAlternatives(t *testing.T) {
+	st := twoHosts()
+	n := &st.Networks[0]
+	n.Endpoints = append(n.Endpoints,
+		status.Endpoint{ID: "e2", Node: "host1", IPv4: "10.31.0.4/24", MAC: "02:00:00:00:00:04", Joined: true},
+		status.Endpoint{ID: "e3", Node: "host1", IPv6: "fd00::5", MAC: "02:00:00:00:00:05", Joined: true})
+	targets, _ := Targets(st)
+	if len(targets) != 2 || targets[0].DstIP.String() != "10.31.0.4" || targets[1].DstIP.String() != "10.31.0.3" {
+		t.Fatalf("targets %+v, want the joined endpoint first and no IPv6-only one", targets)
+	}
+	// Only the unjoined endpoint answers: the host is reachable through it.
+	answers := func(ip string) ProbeFunc {
+		return func(_ context.Context, tg Target, size int, _ time.Duration) (bool, error) {
+			return tg.DstIP.String() == ip, nil
+		}
+	}
+	r := run(t, Config{Status: statusOf(st), Probe: answers("10.31.0.3"), ProbeTries: 1})
+	if c := only(t, r, "vxlan"); c.Result != Pass || !strings.Contains(c.Message, "10.31.0.3") {
+		t.Errorf("one of two answers: %+v", c)
+	}
+	if c := only(t, r, "mtu"); c.Result != Pass {
+		t.Errorf("mtu: %+v", c)
+	}
+	r = run(t, Config{Status: statusOf(st), Probe: answers("none"), ProbeTries: 1})
+	if c := only(t, r, "vxlan"); c.Result != Fail || !strings.Contains(c.Message, "10.31.0.4, 10.31.0.3") {
+		t.Errorf("none answers: %+v", c)
+	}
+}
