@@ -1,0 +1,199 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/vishvananda/netlink"
+
+	"consul-overlay/doctor"
+	"consul-overlay/internal/hostid"
+	"consul-overlay/kvstore"
+	"consul-overlay/status"
+	"consul-overlay/vxlan"
+)
+
+// Exit codes of `consul-overlay doctor`.
+const (
+	doctorOK      = 0 // no check failed (warnings allowed)
+	doctorFailed  = 1 // some check failed
+	doctorBadCall = 2 // bad flags or settings: nothing was checked
+)
+
+// doctorMain is `consul-overlay doctor [--json]`: it reads the settings
+// from the same environment as the plugin, runs the checks of package
+// doctor in the current network namespace, prints them and returns the
+// exit code. It writes nothing but a few probe frames on the overlay.
+func doctorMain(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("consul-overlay doctor", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	asJSON := fs.Bool("json", false, "print JSON (stable field names) instead of text")
+	timeout := fs.Duration("timeout", 10*time.Second, "bound on the store reads")
+	probeTimeout := fs.Duration("probe-timeout", 500*time.Millisecond, "wait for each probe's reply")
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: consul-overlay doctor [--json] [--timeout 10s] [--probe-timeout 500ms]\n\n"+
+			"Checks the store, VXLAN reachability and path MTU to every member host of this host's\n"+
+			"networks (probes across the overlay), the firewall backend, kernel modules, sysctls,\n"+
+			"other instances' devices and the clock against Consul. Prints PASS/WARN/FAIL and what\n"+
+			"to do. Settings come from the environment, as for the plugin.\n"+
+			"Exit status: 0 nothing failed, 1 some check failed, 2 bad usage.\n\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return doctorBadCall
+	}
+	if fs.NArg() > 0 {
+		fs.Usage()
+		return doctorBadCall
+	}
+	cfg, err := loadConfig(os.Getenv)
+	if err != nil {
+		fmt.Fprintf(stderr, "consul-overlay doctor: bad setting: %v\n", err)
+		return doctorBadCall
+	}
+	ccfg, useConsul, err := kvstore.ConsulConfigFromEnv(os.Getenv)
+	if err != nil {
+		fmt.Fprintf(stderr, "consul-overlay doctor: bad setting: %v\n", err)
+		return doctorBadCall
+	}
+	// The store and kernel read is status's.
+	scfg := status.Config{Prefix: ccfg.Prefix, Node: cfg.Node, Timeout: *timeout}
+	storeName := "embedded"
+	dcfg := doctor.Config{ProbeTimeout: *probeTimeout, System: doctor.HostSystem{}}
+	if useConsul {
+		storeName = ccfg.Address
+		scfg.StoreKind, scfg.StoreAddress = "consul", ccfg.Address
+		c, err := kvstore.NewConsul(ccfg)
+		if err != nil {
+			scfg.StoreError = err
+		} else {
+			defer c.Close()
+			scfg.Store = c
+		}
+		dcfg.ConsulTime = func(ctx context.Context) (time.Time, error) { return consulTime(ctx, ccfg) }
+	} else {
+		path := filepath.Join(cfg.DataDir, "state.db")
+		scfg.StoreKind, scfg.StoreAddress = "embedded", path
+		scfg.Store, scfg.StoreError = openEmbeddedReadOnly(path, ccfg.Prefix)
+		if scfg.Store != nil {
+			defer scfg.Store.Close()
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(cfg.DataDir, hostid.IDFile)); err == nil {
+		scfg.HostID = strings.TrimSpace(string(b))
+	}
+	if v, err := resolveVTEP(cfg); err == nil {
+		scfg.VTEP = v
+	}
+	if scfg.Node == "" {
+		if b, err := os.ReadFile(filepath.Join(cfg.DataDir, "node-name")); err == nil {
+			scfg.Node = strings.TrimSpace(string(b))
+		}
+	}
+	owner := ownerTag(ccfg.Prefix, storeName)
+	scfg.Kernel = func() ([]vxlan.KernelNetwork, error) { return vxlan.Inspect(nil, owner) }
+	dcfg.Status = func(ctx context.Context) (*status.Report, error) { return status.Collect(ctx, scfg) }
+	dcfg.Foreign = func() (map[string][]string, error) { return foreignOwners(owner) }
+
+	r, err := doctor.Run(context.Background(), dcfg)
+	if err != nil {
+		fmt.Fprintf(stderr, "consul-overlay doctor: %v\n", err)
+		return doctorFailed
+	}
+	if *asJSON {
+		err = doctor.WriteJSON(stdout, r)
+	} else {
+		err = doctor.WriteText(stdout, r)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "consul-overlay doctor: %v\n", err)
+		return doctorFailed
+	}
+	if r.Failed {
+		return doctorFailed
+	}
+	return doctorOK
+}
+
+// foreignOwners lists the links marked by another instance than owner,
+// by that instance's owner tag ("" for the default instance), reading
+// the aliases as vxlan.Manager.ForeignOwners does without a Manager
+// (whose creation writes sysctls and firewall rules).
+//
+// Equivalent to: `ip -o link show | grep 'alias consul-overlay'`.
+func foreignOwners(owner string) (map[string][]string, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	mine := vxlan.OwnerMark(owner)
+	out := map[string][]string{}
+	for _, l := range links {
+		a := l.Attrs()
+		if a.Alias == mine {
+			continue
+		}
+		switch {
+		case a.Alias == vxlan.OwnerAlias:
+			out[""] = append(out[""], a.Name)
+		case strings.HasPrefix(a.Alias, vxlan.OwnerAlias+"-") && len(a.Alias) > len(vxlan.OwnerAlias)+1:
+			o := strings.TrimPrefix(a.Alias, vxlan.OwnerAlias+"-")
+			out[o] = append(out[o], a.Name)
+		}
+	}
+	return out, nil
+}
+
+// consulTime reads the Date header of a Consul API response
+// (/v1/status/leader, which any token may read).
+func consulTime(ctx context.Context, c kvstore.ConsulConfig) (time.Time, error) {
+	scheme, addr := c.Scheme, c.Address
+	if addr == "" {
+		addr = kvstore.DefaultConsulAddress
+	}
+	for _, p := range []string{"http://", "https://"} {
+		if rest, ok := strings.CutPrefix(addr, p); ok {
+			addr = rest
+			if scheme == "" {
+				scheme = strings.TrimSuffix(p, "://")
+			}
+		}
+	}
+	if scheme == "" {
+		scheme = "http"
+	}
+	tr := &http.Transport{}
+	client, err := api.NewHttpClient(tr, api.TLSConfig{CAFile: c.CAFile, CertFile: c.CertFile, KeyFile: c.KeyFile, Address: c.TLSServerName})
+	if err != nil {
+		return time.Time{}, err
+	}
+	defer tr.CloseIdleConnections()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, scheme+"://"+addr+"/v1/status/leader", nil)
+	if err != nil {
+		return time.Time{}, err
+	}
+	if c.Token != "" {
+		req.Header.Set("X-Consul-Token", c.Token)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return time.Time{}, err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	d := resp.Header.Get("Date")
+	if d == "" {
+		return time.Time{}, fmt.Errorf("no Date header in Consul's response")
+	}
+	return http.ParseTime(d)
+}
