@@ -208,7 +208,13 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	}
 	defer store.Close()
 
-	hostID, err := hostid.Load(cfg.DataDir)
+	// A host upgraded from a version before host identities keeps the
+	// identity its records are keyed by (its node name).
+	legacy, err := legacyIdentity(ctx, store, cfg, st, log)
+	if err != nil {
+		return err
+	}
+	hostID, err := hostid.LoadOr(cfg.DataDir, legacy)
 	if err != nil {
 		return err
 	}

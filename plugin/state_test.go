@@ -4,13 +4,18 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/consul/api"
+
+	"consul-overlay/internal/hostid"
 	"consul-overlay/internal/testenv"
+	"consul-overlay/kvstore"
 )
 
 // Issue 11's acceptance at the protocol level: cluster state that survives
@@ -188,5 +193,111 @@ func TestVTEPChangePeersFollow(t *testing.T) {
 		if err := n.remove(); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestUpgradeAdoptsLegacyIdentity: a host whose records an earlier version
+// keyed by its node name (before host identities) keeps them after the
+// upgrade: DATA_DIR has no host-id, the store has its membership and
+// endpoint under the node name, and the upgraded plugin adopts the name as
+// its identity, restores the network and serves it.
+func TestUpgradeAdoptsLegacyIdentity(t *testing.T) {
+	c := newCluster(t, 2)
+	a, b := c.plugins[0], c.plugins[1]
+	spec := netSpec{subnet4: "10.44.0.0/24", opts: map[string]string{"name": "up"}}
+	na, err := a.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nb, err := b.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, cb := na.run(t), nb.run(t)
+	eventually(t, 10*time.Second, func() error { return cb.ping(t, ca.addr4.Addr(), 1) })
+
+	// Turn A's records into what the earlier version wrote: membership and
+	// endpoints keyed by node name ("host0"), no host-id, no members/ or
+	// hosts/ record of A.
+	a.stop(syscall.SIGKILL)
+	id := readHostID(t, a.data)
+	kv := consulClient(t, c.consul).KV()
+	pairs, _, err := kv.List(c.prefix, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pairs {
+		rel := strings.TrimPrefix(p.Key, c.prefix)
+		switch {
+		case rel == "hosts/"+id || rel == "members/"+id:
+			if _, err := kv.Delete(p.Key, nil); err != nil {
+				t.Fatal(err)
+			}
+		case strings.HasPrefix(rel, "networks/") && strings.HasSuffix(rel, "/config"):
+			var n map[string]any
+			if err := kvstore.Decode(p.Value, &n); err != nil {
+				t.Fatal(err)
+			}
+			hosts := n["hosts"].(map[string]any)
+			m := hosts[id].(map[string]any)
+			m["network_id"] = m["network_ids"].([]any)[0]
+			delete(m, "network_ids")
+			delete(hosts, id)
+			hosts["host0"] = m
+			putEncoded(t, kv, p.Key, n)
+		case strings.HasPrefix(rel, "networks/") && strings.Contains(rel, "/endpoints/"):
+			var e map[string]any
+			if err := kvstore.Decode(p.Value, &e); err != nil {
+				t.Fatal(err)
+			}
+			if e["host_id"] != id {
+				continue
+			}
+			delete(e, "host_id")
+			putEncoded(t, kv, p.Key, e)
+		}
+	}
+	if err := os.Remove(filepath.Join(a.data, hostid.IDFile)); err != nil {
+		t.Fatal(err)
+	}
+
+	a.start()
+	eventually(t, 10*time.Second, func() error {
+		b, err := os.ReadFile(filepath.Join(a.data, hostid.IDFile))
+		if err != nil {
+			return err
+		}
+		if got := strings.TrimSpace(string(b)); got != "host0" {
+			t.Fatalf("upgraded host's identity %q, want its node name host0 adopted", got)
+		}
+		return nil
+	})
+	// The network is served: a new container joins it and reaches B.
+	ca2 := na.run(t)
+	eventually(t, 10*time.Second, func() error { return cb.ping(t, ca2.addr4.Addr(), 1) })
+	if err := cb.ping(t, ca.addr4.Addr(), 2); err != nil {
+		t.Fatalf("the old container lost traffic across the upgrade: %v", err)
+	}
+	for _, x := range []*container{ca, ca2, cb} {
+		x.remove(t)
+	}
+	for _, n := range []*dockerNet{na, nb} {
+		if err := n.remove(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if keys := kvKeys(t, c.consul, c.prefix+"networks/"); len(keys) != 0 {
+		t.Errorf("keys left after the upgraded host and B removed the network: %v", keys)
+	}
+}
+
+func putEncoded(t *testing.T, kv *api.KV, key string, v any) {
+	t.Helper()
+	b, err := kvstore.Encode(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(&api.KVPair{Key: key, Value: b}, nil); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -25,6 +25,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -47,12 +48,21 @@ var ErrInUse = errors.New("in use by another consul-overlay instance")
 // file that is not such an identity is an error: replacing it would make
 // this host a new host behind the user's back.
 func Load(dir string) (string, error) {
+	return LoadOr(dir, "")
+}
+
+// LoadOr is Load, but a missing identity becomes legacy instead of a new
+// random one when legacy is not empty: the node name under which an
+// earlier version (before host identities) recorded this host's state, so
+// an upgraded host keeps its memberships, endpoints and addresses. The
+// caller passes it only when the store holds such state of this host.
+func LoadOr(dir, legacy string) (string, error) {
 	path := filepath.Join(dir, IDFile)
 	b, err := os.ReadFile(path)
 	switch {
 	case err == nil:
 		id := strings.TrimSpace(string(b))
-		if !Valid(id) {
+		if !Valid(id) && !ValidLegacy(id) {
 			return "", fmt.Errorf("host identity %s holds %q, not 32 hex digits: restore it from a backup, or remove it to make this a new host", path, tail(id))
 		}
 		return id, nil
@@ -62,11 +72,16 @@ func Load(dir string) (string, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", fmt.Errorf("create DATA_DIR %s: %w", dir, err)
 	}
-	raw := make([]byte, 16)
-	if _, err := rand.Read(raw); err != nil {
-		return "", fmt.Errorf("new host identity: %w", err)
+	id := legacy
+	if id == "" {
+		raw := make([]byte, 16)
+		if _, err := rand.Read(raw); err != nil {
+			return "", fmt.Errorf("new host identity: %w", err)
+		}
+		id = hex.EncodeToString(raw)
+	} else if !ValidLegacy(id) {
+		return "", fmt.Errorf("adopt node name %q as the host identity: not a valid name", tail(id))
 	}
-	id := hex.EncodeToString(raw)
 	tmp, err := os.CreateTemp(dir, IDFile+".tmp-*")
 	if err != nil {
 		return "", fmt.Errorf("write host identity %s: %w", path, err)
@@ -91,7 +106,7 @@ func Load(dir string) (string, error) {
 	// its identity wins and we read it back.
 	if err := os.Link(tmp.Name(), path); err != nil {
 		if errors.Is(err, os.ErrExist) {
-			return Load(dir)
+			return LoadOr(dir, "")
 		}
 		return "", fmt.Errorf("write host identity %s: %w", path, err)
 	}
@@ -101,6 +116,14 @@ func Load(dir string) (string, error) {
 	}
 	return id, nil
 }
+
+// ValidLegacy reports whether s can be an identity adopted from an earlier
+// version: a node name of letters, digits, '.', '_' and '-'.
+func ValidLegacy(s string) bool {
+	return legacyRE.MatchString(s)
+}
+
+var legacyRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
 
 // Valid reports whether s has the form of an identity Load creates.
 func Valid(s string) bool {
