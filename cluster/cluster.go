@@ -287,7 +287,7 @@ func (c *Cluster) create(ctx context.Context, key, networkID string, s NetworkSp
 		}
 		return rec, fmt.Errorf("create logical network %s: %w", rec.Label(), err)
 	}
-	c.log.Info("logical network created", "logical", key, "vni", vni, "subnets", rec.Subnets, "incarnation", rec.Incarnation)
+	c.log.Info("logical network created in the store", "network", logName(rec), "key", key, "vni", vni, "host", c.cfg.HostID, "subnets", rec.Subnets, "incarnation", rec.Incarnation)
 	// Records a crash left of an earlier incarnation are stale now: no
 	// record of it can be written any more (see CreateEndpoint).
 	if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.Incarnation != rec.Incarnation }); err != nil {
@@ -474,7 +474,7 @@ func (c *Cluster) Leave(ctx context.Context, key, networkID string) error {
 		if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.Incarnation == rec.Incarnation }); err != nil {
 			c.log.Warn("remove endpoint records of a removed network", "logical", key, "error", err)
 		}
-		c.log.Info("logical network removed", "logical", key, "vni", rec.VNI, "incarnation", rec.Incarnation)
+		c.log.Info("logical network removed from the store", "network", logName(rec), "key", key, "vni", rec.VNI, "host", c.cfg.HostID, "incarnation", rec.Incarnation)
 		return nil
 	}
 	return fmt.Errorf("leave logical network %q: gave up after %d concurrent updates", key, maxCASAttempts)
@@ -545,4 +545,13 @@ func (c *Cluster) deleteIf(ctx context.Context, p *kvstore.Pair, match func(*End
 		p = np
 	}
 	return fmt.Errorf("remove endpoint record %q: gave up after %d concurrent updates", p.Key, maxCASAttempts)
+}
+
+// logName is how logs name a logical network: its -o name, or its key
+// when it has none (unquoted, unlike Label).
+func logName(rec Network) string {
+	if rec.Name != "" {
+		return rec.Name
+	}
+	return rec.Key
 }

@@ -502,7 +502,7 @@ func (r *Registrar) register(ctx context.Context, reg *api.AgentServiceRegistrat
 	if err != nil {
 		return fmt.Errorf("register service %q (id %s) with consul agent: %w", reg.Name, reg.ID, err)
 	}
-	r.log.Debug("registered service", "service", reg.Name, "service_id", reg.ID, "address", reg.Address, "port", reg.Port)
+	r.log.Info("service registered", "service", reg.Name, "service_id", reg.ID, "address", reg.Address, "port", reg.Port)
 	return nil
 }
 
@@ -533,7 +533,7 @@ func (r *Registrar) deregister(ctx context.Context, sid string) error {
 	if err != nil {
 		return fmt.Errorf("deregister service %s from consul agent: %w", sid, err)
 	}
-	r.log.Debug("deregistered service", "service_id", sid)
+	r.log.Info("service deregistered", "service", svc.Service, "service_id", sid)
 	return nil
 }
 
@@ -745,4 +745,12 @@ func union(a, b []string) []string {
 // a prefix of at least 12 hex digits.
 func idMatches(id, prefix string) bool {
 	return len(prefix) >= 12 && len(id) >= len(prefix) && id[:len(prefix)] == prefix
+}
+
+// Backlog is the number of changes not yet written to the Consul agent:
+// endpoints whose services must be written and services to remove.
+func (r *Registrar) Backlog() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.dirty) + len(r.orphans)
 }

@@ -98,7 +98,12 @@ type Config struct {
 	// creation time: an address that another container holds now is left
 	// alone (nil: addresses are kept).
 	ReclaimAddress func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr, mac string, created time.Time) error
-	Logger         *slog.Logger
+	// ObserveWatchLag, if set, gets the time from a peer snapshot's
+	// delivery by the store watch to its programming in the kernel (a
+	// snapshot replaced by a newer one before it was programmed counts
+	// from the first one's delivery).
+	ObserveWatchLag func(time.Duration)
+	Logger          *slog.Logger
 }
 
 // Driver is consul-overlay's network driver: a thin adapter from Docker's
@@ -358,7 +363,7 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 	}
 	d.point("createnetwork/after-kernel")
 	d.bind(req.NetworkID, rec, time.Now())
-	d.log.Info("network created", "network", short(req.NetworkID), "logical", rec.Key, "vni", rec.VNI, "subnets", rec.Subnets)
+	d.log.Info("network created", netAttrs(rec, req.NetworkID, "subnets", rec.Subnets, "host", d.cfg.HostID)...)
 	return nil
 }
 
@@ -444,11 +449,11 @@ func (d *Driver) deleteNetwork(ctx context.Context, id string) error {
 		if err := d.dp.DeleteNetwork(ctx, l.rec.VNI); err != nil {
 			// The store no longer lists the network; the next reconcile
 			// removes what is left in the kernel.
-			d.log.Warn("remove overlay from the kernel", "network", short(id), "vni", l.rec.VNI, "error", err)
+			d.log.Warn("overlay not removed from the kernel; the next reconcile removes it", netAttrs(l.rec, id, "error", err)...)
 		}
 		d.point("deletenetwork/after-kernel")
 	}
-	d.log.Info("network deleted", "network", short(id), "logical", l.rec.Key, "vni", l.rec.VNI)
+	d.log.Info("network removed", netAttrs(l.rec, id, "host", d.cfg.HostID, "last", last)...)
 	return nil
 }
 
@@ -466,8 +471,8 @@ func (d *Driver) PruneNetworks(ctx context.Context, exists func(ctx context.Cont
 		return errors.New("prune networks: driver state not restored yet")
 	}
 	type cand struct {
-		id  string
-		key string
+		id   string
+		name string
 	}
 	var cands []cand
 	d.mu.Lock()
@@ -475,7 +480,7 @@ func (d *Driver) PruneNetworks(ctx context.Context, exists func(ctx context.Cont
 		if at := l.ids[id]; !at.IsZero() && time.Since(at) < d.cfg.PruneGrace {
 			continue
 		}
-		cands = append(cands, cand{id, l.rec.Key})
+		cands = append(cands, cand{id, networkName(l.rec)})
 	}
 	d.mu.Unlock()
 	var errs []error
@@ -488,7 +493,7 @@ func (d *Driver) PruneNetworks(ctx context.Context, exists func(ctx context.Cont
 		if ok {
 			continue
 		}
-		d.log.Info("removing a network Docker does not have", "network", short(c.id), "logical", c.key)
+		d.log.Info("removing a network Docker does not have", "network", c.name, "network_id", short(c.id))
 		d.opMu.Lock()
 		err = d.deleteNetwork(ctx, c.id)
 		d.opMu.Unlock()
@@ -526,7 +531,7 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 	if ports, err := discovery.ParseExposedPorts(req.Options[discovery.ExposedPortsOption]); err != nil {
 		// Networking first: a port list we cannot read only costs the
 		// service its port.
-		d.log.Warn("ignore unreadable exposed ports", "endpoint", short(req.EndpointID), "error", err)
+		d.log.Warn("exposed ports unreadable; the endpoint's service is registered without a port", netAttrs(l.rec, req.NetworkID, "endpoint", short(req.EndpointID), "error", err)...)
 	} else {
 		rec.Ports = ports
 	}
@@ -577,7 +582,7 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 		d.endpoints[rec.ID] = &localEndpoint{rec: rec}
 	}
 	d.mu.Unlock()
-	d.log.Debug("endpoint created", "network", short(req.NetworkID), "endpoint", short(rec.ID), "ipv4", rec.IPv4, "ipv6", rec.IPv6, "mac", rec.MAC)
+	d.log.Info("endpoint created", netAttrs(l.rec, req.NetworkID, "endpoint", short(rec.ID), "address", endpointAddresses(rec), "mac", rec.MAC, "host", d.cfg.HostID)...)
 	return resp, nil
 }
 
@@ -624,8 +629,13 @@ func (d *Driver) deleteEndpoint(ctx context.Context, ep *localEndpoint) error {
 	d.point("deleteendpoint/after-record")
 	d.mu.Lock()
 	delete(d.endpoints, id)
+	l := d.logicals[ep.rec.NetworkKey]
 	d.mu.Unlock()
-	d.log.Debug("endpoint deleted", "endpoint", short(id))
+	name := ep.rec.NetworkKey
+	if l != nil {
+		name = networkName(l.rec)
+	}
+	d.log.Info("endpoint removed", "network", name, "network_id", short(ep.rec.NetworkID), "endpoint", short(id), "address", endpointAddresses(ep.rec), "host", d.cfg.HostID)
 	return nil
 }
 
@@ -663,7 +673,7 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	d.point("join/after-veth")
-	d.log.Debug("endpoint joined", "network", short(req.NetworkID), "endpoint", short(req.EndpointID), "link", info.ContainerIf)
+	d.log.Info("endpoint joined", netAttrs(l.rec, req.NetworkID, "endpoint", short(req.EndpointID), "link", info.ContainerIf)...)
 	d.joined(ctx, l, ep, req)
 	return &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: info.ContainerIf, DstPrefix: "eth"}}, nil
 }
@@ -678,14 +688,20 @@ func (d *Driver) Leave(req *network.LeaveRequest) error {
 	}
 	cancel()
 	d.mu.Lock()
-	if ep := d.endpoints[req.EndpointID]; ep != nil {
+	ep := d.endpoints[req.EndpointID]
+	var l *logical
+	if ep != nil {
 		ep.left = true
+		l = d.networks[req.NetworkID]
 	}
 	d.mu.Unlock()
 	if d.cfg.Registrar != nil {
 		d.cfg.Registrar.Deregister(req.EndpointID)
 	}
 	d.point("leave/after-deregister")
+	if ep != nil && l != nil {
+		d.log.Info("endpoint left", netAttrs(l.rec, req.NetworkID, "endpoint", short(req.EndpointID))...)
+	}
 	return nil
 }
 
@@ -805,4 +821,30 @@ func short(id string) string {
 		return `""`
 	}
 	return id
+}
+
+// networkName is how logs name a logical network: its -o name, or its key
+// when it has none.
+func networkName(rec cluster.Network) string {
+	if rec.Name != "" {
+		return rec.Name
+	}
+	return rec.Key
+}
+
+// netAttrs are the log attributes naming a Docker network of logical
+// network rec, followed by more.
+func netAttrs(rec cluster.Network, networkID string, more ...any) []any {
+	return append([]any{"network", networkName(rec), "network_id", short(networkID), "vni", rec.VNI}, more...)
+}
+
+// endpointAddresses is an endpoint's addresses for a log line.
+func endpointAddresses(rec cluster.Endpoint) string {
+	switch {
+	case rec.IPv4 != "" && rec.IPv6 != "":
+		return rec.IPv4 + "," + rec.IPv6
+	case rec.IPv4 != "":
+		return rec.IPv4
+	}
+	return rec.IPv6
 }

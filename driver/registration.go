@@ -139,17 +139,18 @@ func (d *Driver) ReclaimEndpoint(ctx context.Context, id string) {
 		return
 	}
 	if err := d.deleteEndpoint(ctx, ep); err != nil {
-		d.log.Warn("reclaim stale endpoint", "endpoint", short(id), "error", err)
+		d.log.Warn("stale endpoint not reclaimed; the next stale check retries", "endpoint", short(id), "error", err)
 		return
 	}
 	if l != nil && d.cfg.ReclaimAddress != nil {
 		for _, a := range []string{rec.IPv4, rec.IPv6} {
 			if err := d.releaseAddress(ctx, l.rec, rec, a); err != nil {
-				d.log.Warn("release address of stale endpoint", "endpoint", short(id), "address", a, "error", err)
+				d.log.Warn("address of a reclaimed endpoint not released; IPAM's reclaim sweep frees it later", "endpoint", short(id), "address", a, "error", err)
 			}
 		}
 	}
-	d.log.Info("stale endpoint reclaimed", "endpoint", short(id), "ipv4", rec.IPv4, "ipv6", rec.IPv6)
+	// deleteEndpoint logged the removal at info.
+	d.log.Debug("stale endpoint reclaimed", "endpoint", short(id), "address", endpointAddresses(rec))
 }
 
 // releaseAddress returns one endpoint address (CIDR, may be empty) to the

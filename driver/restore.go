@@ -33,7 +33,7 @@ func vxlanPeers(vni uint32, ps []cluster.Peer) []vxlan.Peer {
 func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 	ch, err := d.cl.WatchPeers(ctx, l.rec.Key)
 	if err != nil {
-		d.log.Error("watch peers", "logical", l.rec.Key, "vni", l.rec.VNI, "error", err)
+		d.log.Error("peer watch stopped; peers of this network are no longer programmed: restart the plugin", "network", networkName(l.rec), "vni", l.rec.VNI, "error", err)
 		return
 	}
 	// Wait for the cluster's goroutine to end with the store's watch.
@@ -45,6 +45,7 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 	defer d.allowVTEPs(context.WithoutCancel(ctx), l.rec.Key, nil)
 	var last []cluster.Peer
 	have := false
+	var arrived time.Time // when the snapshot not yet programmed came
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
 	defer retry.Stop()
@@ -62,6 +63,9 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 				return
 			}
 			last, have = ps, true
+			if arrived.IsZero() {
+				arrived = time.Now()
+			}
 		case <-retry.C:
 		case <-resync.C:
 		}
@@ -73,12 +77,16 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 			if ctx.Err() != nil {
 				return
 			}
-			d.log.Warn("program peers", "logical", l.rec.Key, "vni", l.rec.VNI, "error", err)
+			d.log.Warn("peers not programmed; retried with the next change or reconcile", "network", networkName(l.rec), "vni", l.rec.VNI, "error", err)
 			retry.Reset(d.cfg.ResyncInterval)
 			continue
 		}
+		if !arrived.IsZero() && d.cfg.ObserveWatchLag != nil {
+			d.cfg.ObserveWatchLag(time.Since(arrived))
+		}
+		arrived = time.Time{}
 		if ch.Total() > 0 {
-			d.log.Debug("peers programmed", "logical", l.rec.Key, "vni", l.rec.VNI, "peers", len(last), "changes", ch.Total())
+			d.log.Debug("peers programmed", "network", networkName(l.rec), "vni", l.rec.VNI, "peers", len(last), "changes", ch.Total())
 		}
 		d.allowVTEPs(ctx, l.rec.Key, last)
 	}

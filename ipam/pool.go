@@ -298,7 +298,7 @@ func (d *Driver) FreePool(ctx context.Context, poolID string) error {
 		// A crash here leaves the pool released but not removed (doc.go,
 		// step 5): Sweep or the next colliding request removes it.
 		fault.Point("releasepool/after-commit")
-		d.log.Debug("released pool", "pool", poolID, "holders", rec.Holders)
+		d.log.Info("released pool", "pool", poolID, "holders", rec.Holders)
 		if len(rec.Holders) == 0 {
 			d.finishRelease(ctx, ref)
 		}

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"consul-overlay/discovery"
 	"consul-overlay/driver"
 	"consul-overlay/internal/metrics"
 	"consul-overlay/kvstore"
@@ -28,6 +29,25 @@ var activeMetrics atomic.Pointer[metrics.Metrics]
 // observeRequest counts one plugin API call (nil-safe: off is a no-op).
 func observeRequest(method string, err error, d time.Duration) {
 	activeMetrics.Load().ObserveRequest(method, err, d)
+}
+
+// observeWatchLag records one peer snapshot's time from delivery to
+// kernel (driver.Config.ObserveWatchLag; nil-safe: off is a no-op).
+func observeWatchLag(d time.Duration) {
+	activeMetrics.Load().ObserveWatchLag(d)
+}
+
+// meterRegistrar adds the registrar's backlog gauge to the running
+// metrics; it does nothing while metrics are off. Call it once, after
+// startMetrics.
+func meterRegistrar(log *slog.Logger, reg *discovery.Registrar) {
+	m := activeMetrics.Load()
+	if m == nil || reg == nil {
+		return
+	}
+	if err := m.RegisterBacklog(reg.Backlog); err != nil {
+		log.Warn("registration backlog gauge not served", "error", err)
+	}
 }
 
 // startMetrics serves the metrics on METRICS_ADDR, if set, until ctx ends,

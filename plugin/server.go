@@ -20,6 +20,8 @@ import (
 	"github.com/docker/go-plugins-helpers/network"
 
 	"consul-overlay/internal/hostid"
+	coipam "consul-overlay/ipam"
+	"consul-overlay/kvstore"
 )
 
 // contentType is what Docker's plugin clients expect; the engine does not
@@ -153,7 +155,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if errors.Is(err, errDecode) {
 			status = http.StatusBadRequest
 		}
-		s.log.Error("request failed", "method", method, "error", err, "duration", time.Since(start), "request", string(body))
+		s.log.Error("request failed", "method", method, "error", err, "hint", errorHint(err), "duration", time.Since(start), "request", string(body))
 		// Docker reads {"Err": ...} from any non-200 answer, for both the
 		// network and the IPAM subsystem.
 		writeJSON(w, status, map[string]string{"Err": err.Error()})
@@ -161,6 +163,30 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	s.log.Debug("request", "method", method, "duration", time.Since(start))
 	writeJSON(w, http.StatusOK, resp)
+}
+
+// errorHint says what an operator can do about a failed call, from the
+// cause's sentinel; the error itself names the object.
+func errorHint(err error) string {
+	switch {
+	case errors.Is(err, errDecode):
+		return "the request does not match the plugin API: check that the Docker engine is a supported version"
+	case errors.Is(err, kvstore.ErrPermissionDenied):
+		return "the Consul token lacks a permission: run `consul-overlay doctor` and grant what it names"
+	case errors.Is(err, kvstore.ErrUnavailable):
+		return "the state store is unreachable: check CONSUL_HTTP_ADDR and the Consul agent (`consul-overlay doctor`), then retry"
+	case errors.Is(err, kvstore.ErrConflict):
+		return "another host changed the same record meanwhile: retry the command"
+	case errors.Is(err, coipam.ErrPoolExhausted):
+		return "no address is left in the subnet: remove unused containers or create the network with a larger subnet"
+	case errors.Is(err, coipam.ErrPoolOverlap):
+		return "the subnet overlaps a network of another host: choose another --subnet (`consul-overlay status` lists the networks)"
+	case errors.Is(err, coipam.ErrAddressInUse):
+		return "the address is held by another container: choose another --ip or leave it to IPAM"
+	case errors.Is(err, coipam.ErrUnknownPool):
+		return "the network's pool is gone from the store: remove the network and create it again"
+	}
+	return "the error names the object and the failing step; `consul-overlay status` shows drift and `consul-overlay doctor` checks the host"
 }
 
 // invoke runs a route and turns a panic into an error: a driver bug must

@@ -32,6 +32,7 @@ type Metrics struct {
 	watchUpdates     prometheus.Counter
 	reconcileRuns    *prometheus.CounterVec
 	reconcileChanges *prometheus.CounterVec
+	watchLag         prometheus.Histogram
 }
 
 // New builds the registry with every metric defined and the Go runtime
@@ -72,6 +73,12 @@ func New() *Metrics {
 		Namespace: namespace, Name: "reconcile_changes_total",
 		Help: "Kernel writes made by data-plane syncs, by kind (peers, full, vtep).",
 	}, []string{"kind"})
+	m.watchLag = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Namespace: namespace, Name: "watch_lag_seconds",
+		Help:    "Time from a peer snapshot's delivery by the store watch to its programming in the kernel (measured from delivery: the store's change time is not known).",
+		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+	})
+	m.reg.MustRegister(m.watchLag)
 	m.reg.MustRegister(m.requests, m.requestDuration, m.storeOps, m.storeDuration, m.storeConflicts,
 		m.watchUpdates, m.reconcileRuns, m.reconcileChanges,
 		collectors.NewGoCollector(),
@@ -157,6 +164,24 @@ func (m *Metrics) ObserveReconcile(kind string, changes int, err error) {
 	if changes > 0 {
 		m.reconcileChanges.WithLabelValues(kind).Add(float64(changes))
 	}
+}
+
+// ObserveWatchLag records the time from a peer snapshot's delivery to
+// its programming in the kernel.
+func (m *Metrics) ObserveWatchLag(d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.watchLag.Observe(d.Seconds())
+}
+
+// RegisterBacklog adds the gauge of the service registrar's pending
+// changes, read by backlog at scrape time.
+func (m *Metrics) RegisterBacklog(backlog func() int) error {
+	return m.reg.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "registration_backlog",
+		Help: "Service registrations and deregistrations not yet written to the Consul agent.",
+	}, func() float64 { return float64(backlog()) }))
 }
 
 // NetworkStats is one overlay as the kernel holds it.

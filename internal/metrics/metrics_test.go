@@ -121,3 +121,42 @@ func TestStoreResult(t *testing.T) {
 		}
 	}
 }
+
+func TestWatchLagAndBacklog(t *testing.T) {
+	m := New()
+	m.ObserveWatchLag(20 * time.Millisecond)
+	m.ObserveWatchLag(time.Second)
+	backlog := 3
+	if err := m.RegisterBacklog(func() int { return backlog }); err != nil {
+		t.Fatal(err)
+	}
+	if n := testutil.CollectAndCount(m.Registry(), "consul_overlay_watch_lag_seconds"); n != 1 {
+		t.Fatalf("watch lag series: %d, want 1", n)
+	}
+	mfs, err := m.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lagCount uint64
+	var gauge float64 = -1
+	for _, mf := range mfs {
+		switch mf.GetName() {
+		case "consul_overlay_watch_lag_seconds":
+			lagCount = mf.GetMetric()[0].GetHistogram().GetSampleCount()
+		case "consul_overlay_registration_backlog":
+			gauge = mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	if lagCount != 2 || gauge != 3 {
+		t.Fatalf("watch lag observations %d (want 2), backlog %v (want 3)", lagCount, gauge)
+	}
+	probs, err := promlint.NewWithMetricFamilies(mfs).Lint()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range probs {
+		if p.Metric == "consul_overlay_watch_lag_seconds" || p.Metric == "consul_overlay_registration_backlog" {
+			t.Errorf("lint %s: %s", p.Metric, p.Text)
+		}
+	}
+}
