@@ -164,7 +164,7 @@ func (c *Cluster) Join(ctx context.Context, key, networkID string, spec NetworkS
 		if !ok {
 			m = Member{Node: c.cfg.Node, Since: time.Now().UTC()}
 		} else {
-			c.log.Warn("binding another Docker network to a logical network this host has joined", "logical", key, "networks", m.NetworkIDs, "network", networkID)
+			c.log.Warn("binding another Docker network to a logical network this host has joined", "key", key, "network_ids", m.NetworkIDs, "network_id", networkID)
 		}
 		m.NetworkIDs = append(slices.Clone(m.NetworkIDs), networkID)
 		m.VTEP = c.VTEP().String()
@@ -291,7 +291,7 @@ func (c *Cluster) create(ctx context.Context, key, networkID string, s NetworkSp
 	// Records a crash left of an earlier incarnation are stale now: no
 	// record of it can be written any more (see CreateEndpoint).
 	if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.Incarnation != rec.Incarnation }); err != nil {
-		c.log.Warn("remove endpoint records of an earlier incarnation", "logical", key, "error", err)
+		c.log.Warn("remove endpoint records of an earlier incarnation", "key", key, "error", err)
 	}
 	return rec, nil
 }
@@ -442,7 +442,7 @@ func (c *Cluster) Leave(ctx context.Context, key, networkID string) error {
 		// be created, so records of another one are stale (a crash left
 		// them): remove them now, as nobody could tell later.
 		if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.Incarnation != rec.Incarnation }); err != nil {
-			c.log.Warn("remove endpoint records of an earlier incarnation", "logical", key, "error", err)
+			c.log.Warn("remove endpoint records of an earlier incarnation", "key", key, "error", err)
 		}
 		ops := []kvstore.Op{{Verb: kvstore.OpDeleteCAS, Key: configKey(key), Index: pair.ModifyIndex}}
 		resKeys := []string{vniKey(rec.VNI)}
@@ -472,7 +472,7 @@ func (c *Cluster) Leave(ctx context.Context, key, networkID string) error {
 		// host re-creating the network meanwhile writes records of a new
 		// incarnation, which stay.
 		if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.Incarnation == rec.Incarnation }); err != nil {
-			c.log.Warn("remove endpoint records of a removed network", "logical", key, "error", err)
+			c.log.Warn("remove endpoint records of a removed network", "key", key, "error", err)
 		}
 		c.log.Info("logical network removed from the store", "network", logName(rec), "key", key, "vni", rec.VNI, "host", c.cfg.HostID, "incarnation", rec.Incarnation)
 		return nil
@@ -493,7 +493,7 @@ func (c *Cluster) releaseOp(ctx context.Context, key string, rec *Network) (*kvs
 	}
 	var r reservation
 	if err := kvstore.Decode(p.Value, &r); err != nil || r.Key != rec.Key || (r.Incarnation != "" && r.Incarnation != rec.Incarnation) {
-		c.log.Warn("reservation held by another network; keeping it", "key", key, "logical", rec.Key)
+		c.log.Warn("reservation held by another network; keeping it", "key", key, "network", logName(*rec))
 		return nil, nil
 	}
 	return &kvstore.Op{Verb: kvstore.OpDeleteCAS, Key: key, Index: p.ModifyIndex}, nil

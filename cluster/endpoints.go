@@ -336,11 +336,11 @@ func (c *Cluster) View(ctx context.Context) (View, error) {
 				v.Endpoints = append(v.Endpoints, ep)
 				continue
 			}
-			c.log.Info("removing an endpoint record of this host that no membership backs", "logical", key, "endpoint", ep.ID)
+			c.log.Info("removing an endpoint record of this host that no membership backs", "key", key, "endpoint", ep.ID)
 			if err := c.deleteIf(ctx, p, func(e *Endpoint) bool {
 				return e.HostID == c.cfg.HostID && e.Incarnation == ep.Incarnation && e.NetworkID == ep.NetworkID
 			}); err != nil {
-				c.log.Warn("remove orphan endpoint record", "logical", key, "endpoint", ep.ID, "error", err)
+				c.log.Warn("remove orphan endpoint record", "key", key, "endpoint", ep.ID, "error", err)
 			}
 		}
 		if !found || !member {

@@ -95,7 +95,7 @@ func (c *Cluster) EvictHost(ctx context.Context, hostID string) (Evicted, error)
 			if _, err := c.store.Get(ctx, configKey(key)); errors.Is(err, kvstore.ErrNotFound) {
 				ev.Removed = append(ev.Removed, key)
 			}
-			c.log.Info("evicted host left logical network", "host_id", hostID, "node", m.Node, "logical", key, "network_ids", ids)
+			c.log.Info("evicted host left logical network", "host", hostID, "node", m.Node, "key", key, "network_ids", ids)
 		}
 		// Records of the host the membership did not cover (a crash
 		// between a record and its membership's removal).

@@ -252,7 +252,7 @@ func (r *Reaper) Scan(ctx context.Context) error {
 			}
 		}
 		if !self {
-			r.log.Debug("host liveness: this host's record has no session; not judging others", "host_id", r.cfg.HostID)
+			r.log.Debug("host liveness: this host's record has no session; not judging others", "host", r.cfg.HostID)
 			return nil
 		}
 	}
@@ -267,7 +267,7 @@ func (r *Reaper) Scan(ctx context.Context) error {
 				if err := r.store.DeleteCAS(ctx, lp.Key, lp.ModifyIndex); err != nil && !errors.Is(err, kvstore.ErrNotFound) && !errors.Is(err, kvstore.ErrConflict) {
 					errs = append(errs, fmt.Errorf("clear %s: %w", lp.Key, err))
 				} else if err == nil {
-					r.log.Info("host is back within the grace period; nothing reclaimed", "host_id", h.ID, "node", h.Node)
+					r.log.Info("host is back within the grace period; nothing reclaimed", "host", h.ID, "node", h.Node)
 				}
 			}
 		case h.LostSince.IsZero():
@@ -312,7 +312,7 @@ func (r *Reaper) markLost(ctx context.Context, h Host, lp *kvstore.Pair) error {
 		return fmt.Errorf("record host %s (%s) lost: %w", h.ID, h.Node, err)
 	}
 	r.log.Info("host record has no session: the host is gone unless it comes back within the grace period",
-		"host_id", h.ID, "node", h.Node, "grace", r.cfg.Grace, "gone_at", r.cfg.Now().Add(r.cfg.Grace).UTC())
+		"host", h.ID, "node", h.Node, "grace", r.cfg.Grace, "gone_at", r.cfg.Now().Add(r.cfg.Grace).UTC())
 	return nil
 }
 
@@ -359,7 +359,7 @@ func (r *Reaper) Evict(ctx context.Context, hostID string, force bool) (Reaped, 
 // judged (same index, no session).
 func (r *Reaper) reap(ctx context.Context, h Host, force bool) (Reaped, error) {
 	out := Reaped{HostID: h.ID, Node: h.Node}
-	log := r.log.With("host_id", h.ID, "node", h.Node)
+	log := r.log.With("host", h.ID, "node", h.Node)
 	if !force {
 		p, err := r.store.Get(ctx, HostsPrefix+h.ID)
 		if errors.Is(err, kvstore.ErrNotFound) {

@@ -70,7 +70,7 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	log = log.With("host_id", hostID, "node", node)
+	log = log.With("host", hostID, "node", node)
 	var errs []error
 	for _, ln := range local {
 		n := ln.Network
@@ -94,7 +94,7 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 			}
 			id, err := ip.ReassertPool(ctx, space, s, gw)
 			if err != nil {
-				log.Error("cannot take this host's pool of a running network again", "logical", n.Key, "subnet", s, "gateway", gw, "error", err)
+				log.Error("cannot take this host's pool of a running network again", "network", netName(n), "subnet", s, "gateway", gw, "error", err)
 				errs = append(errs, fmt.Errorf("re-assert network %s: pool %s: %w", n.Label(), s, err))
 				ok = false
 				break
@@ -109,7 +109,7 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 		joined := false
 		for _, id := range ids {
 			if _, err := cl.Join(ctx, n.Key, id, spec); err != nil {
-				log.Error("cannot join a running network again", "logical", n.Key, "vni", n.VNI, "network", id, "error", err)
+				log.Error("cannot join a running network again", "network", netName(n), "vni", n.VNI, "network_id", id, "error", err)
 				errs = append(errs, fmt.Errorf("re-assert network %s: %w", n.Label(), err))
 				continue
 			}
@@ -141,7 +141,7 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 					c := Conflict{Endpoint: ep.ID, Network: n.Key, Addr: p.Addr(), Pool: poolID, Holder: holder, HolderEndpoint: hep}
 					out.Conflicts = append(out.Conflicts, c)
 					log.Error("address conflict: a container of this host runs with an address another host holds now (this host was evicted while it was away); its endpoint is not recorded again: stop or reconnect this container, or the other one",
-						"address", p.Addr(), "endpoint", ep.ID, "logical", n.Key, "pool", poolID, "other_host", holder, "other_endpoint", hep)
+						"address", p.Addr(), "endpoint", ep.ID, "network", netName(n), "pool", poolID, "other_host", holder, "other_endpoint", hep)
 					continue endpoints
 				}
 				if err != nil {
@@ -151,13 +151,13 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 			}
 			ep.NetworkKey = n.Key
 			if _, err := cl.CreateEndpoint(ctx, ep); err != nil {
-				log.Error("cannot record a running endpoint again", "endpoint", ep.ID, "logical", n.Key, "error", err)
+				log.Error("cannot record a running endpoint again", "endpoint", ep.ID, "network", netName(n), "error", err)
 				errs = append(errs, fmt.Errorf("re-assert endpoint %s: %w", ep.ID, err))
 				continue
 			}
 			out.Endpoints++
 		}
-		log.Info("re-asserted a running network after an eviction", "logical", n.Key, "vni", n.VNI, "networks", ids, "endpoints", len(ln.Endpoints))
+		log.Info("re-asserted a running network after an eviction", "network", netName(n), "vni", n.VNI, "networks", ids, "endpoints", len(ln.Endpoints))
 	}
 	return out, errors.Join(errs...)
 }
@@ -180,4 +180,13 @@ func specOf(n cluster.Network) (cluster.NetworkSpec, error) {
 		s.Gateways = append(s.Gateways, p)
 	}
 	return s, nil
+}
+
+// netName is how logs name a logical network: its -o name, or its key
+// when it has none.
+func netName(n cluster.Network) string {
+	if n.Name != "" {
+		return n.Name
+	}
+	return n.Key
 }

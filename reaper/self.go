@@ -98,14 +98,14 @@ func CheckSelf(ctx context.Context, hostID, node string, cl HostRecorder, ip Add
 				c := Conflict{Endpoint: ep.ID, Network: ep.Network, Addr: a, Pool: pool, Holder: holder, HolderEndpoint: hep}
 				rep.Conflicts = append(rep.Conflicts, c)
 				log.Error("address conflict: a container of this host runs with an address another host holds now (this host was evicted while it was away); stop or reconnect this container, or the other one",
-					"host_id", hostID, "node", node, "address", a, "endpoint", ep.ID, "network", ep.Network, "pool", pool,
+					"host", hostID, "node", node, "address", a, "endpoint", ep.ID, "network", ep.Network, "pool", pool,
 					"other_host", holder, "other_endpoint", hep)
 			}
 		}
 	}
 	if rep.Evicted {
 		log.Error("this host was evicted from the cluster while it was away (no session for longer than the grace period): its memberships, endpoint records and services are gone while its containers still run; other hosts no longer reach them until this host re-asserts them (Reassert)",
-			"host_id", hostID, "node", node, "endpoints", len(local), "addresses_free", len(rep.Free), "addresses_taken_by_others", len(rep.Conflicts))
+			"host", hostID, "node", node, "endpoints", len(local), "addresses_free", len(rep.Free), "addresses_taken_by_others", len(rep.Conflicts))
 	}
 	return rep, nil
 }
