@@ -316,10 +316,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		ReclaimAddress: func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr, mac string, created time.Time) error {
 			return ip.ReclaimAddress(ctx, ipam.PoolID(space, subnet, netip.Prefix{}), a, ipam.Holder{MAC: mac, Created: created})
 		},
-		Logger: log,
+		ObserveWatchLag: observeWatchLag,
+		Logger:          log,
 	}
 	if reg != nil {
 		dcfg.Registrar = reg
+		meterRegistrar(log, reg)
 	}
 	drv, err = driver.New(dcfg, mstore, mdp) // OPS hook (issue 18): metered store and data plane
 	if err != nil {

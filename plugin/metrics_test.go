@@ -149,6 +149,8 @@ func TestMetricsScrape(t *testing.T) {
 		{"local endpoints", "consul_overlay_network_local_endpoints", nil, 1},
 		{"remote vteps", "consul_overlay_network_remote_vteps", nil, 1},
 		{"allocated addresses", "consul_overlay_ipam_addresses_allocated", nil, 2},
+		{"watch lag", "consul_overlay_watch_lag_seconds_count", nil, 1},
+		{"registration backlog", "consul_overlay_registration_backlog", nil, 0},
 	}
 	for _, c := range checks {
 		v, found := sample(after, c.name, c.labels...)
