@@ -1466,7 +1466,7 @@ func (s *suite) statusDoctor(t *testing.T) {
 		t.Fatal(err)
 	}
 	bin := filepath.Join(root, "bin", "consul-overlay")
-	key := "name-" + appNetwork
+	key := appKey
 	for _, h := range l.Hosts() {
 		dir := "a"
 		if h.Name == "B" {
