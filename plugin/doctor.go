@@ -87,8 +87,8 @@ func doctorMain(args []string, stdout, stderr io.Writer) int {
 			defer scfg.Store.Close()
 		}
 	}
-	if b, err := os.ReadFile(filepath.Join(cfg.DataDir, hostid.IDFile)); err == nil {
-		scfg.HostID = strings.TrimSpace(string(b))
+	if id, err := hostid.Read(cfg.DataDir); err == nil {
+		scfg.HostID = id
 	}
 	if v, err := resolveVTEP(cfg); err == nil {
 		scfg.VTEP = v

@@ -267,8 +267,11 @@ func TestUpgradeAdoptsLegacyIdentity(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if got := strings.TrimSpace(string(b)); got != "host0" {
-			t.Fatalf("upgraded host's identity %q, want its node name host0 adopted", got)
+		if got := strings.TrimSpace(string(b)); got != "node-name:host0" {
+			t.Fatalf("upgraded host's identity file holds %q, want its node name host0 adopted (node-name:host0)", got)
+		}
+		if id, err := hostid.Read(a.data); err != nil || id != "host0" {
+			t.Fatalf("hostid.Read = %q, %v; want host0", id, err)
 		}
 		return nil
 	})

@@ -79,8 +79,8 @@ func statusMain(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	// The identity is read, never created (hostid.Load would create it).
-	if b, err := os.ReadFile(filepath.Join(cfg.DataDir, hostid.IDFile)); err == nil {
-		scfg.HostID = strings.TrimSpace(string(b))
+	if id, err := hostid.Read(cfg.DataDir); err == nil {
+		scfg.HostID = id
 	}
 	if v, err := resolveVTEP(cfg); err == nil {
 		scfg.VTEP = v

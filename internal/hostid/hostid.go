@@ -62,7 +62,12 @@ func LoadOr(dir, legacy string) (string, error) {
 	switch {
 	case err == nil:
 		id := strings.TrimSpace(string(b))
-		if !Valid(id) && !ValidLegacy(id) {
+		// An adopted node name is written with a prefix, so a corrupt
+		// file is never taken for one.
+		if name, ok := strings.CutPrefix(id, legacyPrefix); ok && ValidLegacy(name) {
+			return name, nil
+		}
+		if !Valid(id) {
 			return "", fmt.Errorf("host identity %s holds %q, not 32 hex digits: restore it from a backup, or remove it to make this a new host", path, tail(id))
 		}
 		return id, nil
@@ -91,7 +96,11 @@ func LoadOr(dir, legacy string) (string, error) {
 		tmp.Close()
 		return "", fmt.Errorf("write host identity %s: %w", path, err)
 	}
-	if _, err := tmp.WriteString(id + "\n"); err != nil {
+	content := id
+	if legacy != "" {
+		content = legacyPrefix + id
+	}
+	if _, err := tmp.WriteString(content + "\n"); err != nil {
 		tmp.Close()
 		return "", fmt.Errorf("write host identity %s: %w", path, err)
 	}
@@ -117,11 +126,31 @@ func LoadOr(dir, legacy string) (string, error) {
 	return id, nil
 }
 
+// Read returns the identity in dir/host-id without creating one; an
+// error wraps os.ErrNotExist when there is none.
+func Read(dir string) (string, error) {
+	b, err := os.ReadFile(filepath.Join(dir, IDFile))
+	if err != nil {
+		return "", err
+	}
+	id := strings.TrimSpace(string(b))
+	if name, ok := strings.CutPrefix(id, legacyPrefix); ok && ValidLegacy(name) {
+		return name, nil
+	}
+	if !Valid(id) {
+		return "", fmt.Errorf("host identity %s holds %q, not an identity", filepath.Join(dir, IDFile), tail(id))
+	}
+	return id, nil
+}
+
 // ValidLegacy reports whether s can be an identity adopted from an earlier
 // version: a node name of letters, digits, '.', '_' and '-'.
 func ValidLegacy(s string) bool {
 	return legacyRE.MatchString(s)
 }
+
+// legacyPrefix marks an adopted node name in the identity file.
+const legacyPrefix = "node-name:"
 
 var legacyRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
 

@@ -95,3 +95,29 @@ func TestListenInstance(t *testing.T) {
 	}
 	again.Close()
 }
+
+// TestLoadOrAdoptsLegacy: a node name adopted from an earlier version is
+// written with its prefix and read back as the name; a bare name in the
+// file is still refused.
+func TestLoadOrAdoptsLegacy(t *testing.T) {
+	dir := t.TempDir()
+	id, err := LoadOr(dir, "host0")
+	if err != nil || id != "host0" {
+		t.Fatalf("LoadOr = %q, %v; want host0", id, err)
+	}
+	b, _ := os.ReadFile(filepath.Join(dir, IDFile))
+	if got := strings.TrimSpace(string(b)); got != "node-name:host0" {
+		t.Fatalf("file holds %q", got)
+	}
+	for _, f := range []func(string) (string, error){Load, Read} {
+		if id, err := f(dir); err != nil || id != "host0" {
+			t.Fatalf("read back %q, %v; want host0", id, err)
+		}
+	}
+	if _, err := LoadOr(t.TempDir(), "bad name!"); err == nil {
+		t.Fatal("an invalid name was adopted")
+	}
+	if _, err := Read(t.TempDir()); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("Read of an empty DATA_DIR: %v, want not exist", err)
+	}
+}
