@@ -7,15 +7,12 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/hashicorp/consul/api"
-	"github.com/vishvananda/netlink"
 
 	"consul-overlay/doctor"
-	"consul-overlay/internal/hostid"
 	"consul-overlay/kvstore"
 	"consul-overlay/status"
 	"consul-overlay/vxlan"
@@ -65,43 +62,14 @@ func doctorMain(args []string, stdout, stderr io.Writer) int {
 		return doctorBadCall
 	}
 	// The store and kernel read is status's.
-	scfg := status.Config{Prefix: ccfg.Prefix, Node: cfg.Node, Timeout: *timeout}
-	storeName := "embedded"
+	scfg, owner, closeStore := readOnlyStatusConfig(cfg, ccfg, useConsul, *timeout)
+	defer closeStore()
 	dcfg := doctor.Config{ProbeTimeout: *probeTimeout, System: doctor.HostSystem{}}
 	if useConsul {
-		storeName = ccfg.Address
-		scfg.StoreKind, scfg.StoreAddress = "consul", ccfg.Address
-		c, err := kvstore.NewConsul(ccfg)
-		if err != nil {
-			scfg.StoreError = err
-		} else {
-			defer c.Close()
-			scfg.Store = c
-		}
 		dcfg.ConsulTime = func(ctx context.Context) (time.Time, error) { return consulTime(ctx, ccfg) }
-	} else {
-		path := filepath.Join(cfg.DataDir, "state.db")
-		scfg.StoreKind, scfg.StoreAddress = "embedded", path
-		scfg.Store, scfg.StoreError = openEmbeddedReadOnly(path, ccfg.Prefix)
-		if scfg.Store != nil {
-			defer scfg.Store.Close()
-		}
 	}
-	if id, err := hostid.Read(cfg.DataDir); err == nil {
-		scfg.HostID = id
-	}
-	if v, err := resolveVTEP(cfg); err == nil {
-		scfg.VTEP = v
-	}
-	if scfg.Node == "" {
-		if b, err := os.ReadFile(filepath.Join(cfg.DataDir, "node-name")); err == nil {
-			scfg.Node = strings.TrimSpace(string(b))
-		}
-	}
-	owner := ownerTag(ccfg.Prefix, storeName)
-	scfg.Kernel = func() ([]vxlan.KernelNetwork, error) { return vxlan.Inspect(nil, owner) }
 	dcfg.Status = func(ctx context.Context) (*status.Report, error) { return status.Collect(ctx, scfg) }
-	dcfg.Foreign = func() (map[string][]string, error) { return foreignOwners(owner) }
+	dcfg.Foreign = func() (map[string][]string, error) { return vxlan.ForeignOwners(nil, owner) }
 
 	r, err := doctor.Run(context.Background(), dcfg)
 	if err != nil {
@@ -121,35 +89,6 @@ func doctorMain(args []string, stdout, stderr io.Writer) int {
 		return doctorFailed
 	}
 	return doctorOK
-}
-
-// foreignOwners lists the links marked by another instance than owner,
-// by that instance's owner tag ("" for the default instance), reading
-// the aliases as vxlan.Manager.ForeignOwners does without a Manager
-// (whose creation writes sysctls and firewall rules).
-//
-// Equivalent to: `ip -o link show | grep 'alias consul-overlay'`.
-func foreignOwners(owner string) (map[string][]string, error) {
-	links, err := netlink.LinkList()
-	if err != nil {
-		return nil, fmt.Errorf("list links: %w", err)
-	}
-	mine := vxlan.OwnerMark(owner)
-	out := map[string][]string{}
-	for _, l := range links {
-		a := l.Attrs()
-		if a.Alias == mine {
-			continue
-		}
-		switch {
-		case a.Alias == vxlan.OwnerAlias:
-			out[""] = append(out[""], a.Name)
-		case strings.HasPrefix(a.Alias, vxlan.OwnerAlias+"-") && len(a.Alias) > len(vxlan.OwnerAlias)+1:
-			o := strings.TrimPrefix(a.Alias, vxlan.OwnerAlias+"-")
-			out[o] = append(out[o], a.Name)
-		}
-	}
-	return out, nil
 }
 
 // consulTime reads the Date header of a Consul API response

@@ -58,40 +58,8 @@ func statusMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "consul-overlay status: bad setting: %v\n", err)
 		return statusBadCall
 	}
-	scfg := status.Config{Prefix: ccfg.Prefix, Node: cfg.Node, Timeout: *timeout}
-	storeName := "embedded"
-	if useConsul {
-		storeName = ccfg.Address
-		scfg.StoreKind, scfg.StoreAddress = "consul", ccfg.Address
-		c, err := kvstore.NewConsul(ccfg)
-		if err != nil {
-			scfg.StoreError = err
-		} else {
-			defer c.Close()
-			scfg.Store = c
-		}
-	} else {
-		path := filepath.Join(cfg.DataDir, "state.db")
-		scfg.StoreKind, scfg.StoreAddress = "embedded", path
-		scfg.Store, scfg.StoreError = openEmbeddedReadOnly(path, ccfg.Prefix)
-		if scfg.Store != nil {
-			defer scfg.Store.Close()
-		}
-	}
-	// The identity is read, never created (hostid.Load would create it).
-	if id, err := hostid.Read(cfg.DataDir); err == nil {
-		scfg.HostID = id
-	}
-	if v, err := resolveVTEP(cfg); err == nil {
-		scfg.VTEP = v
-	}
-	if scfg.Node == "" {
-		if b, err := os.ReadFile(filepath.Join(cfg.DataDir, "node-name")); err == nil {
-			scfg.Node = strings.TrimSpace(string(b))
-		}
-	}
-	owner := ownerTag(ccfg.Prefix, storeName)
-	scfg.Kernel = func() ([]vxlan.KernelNetwork, error) { return vxlan.Inspect(nil, owner) }
+	scfg, _, closeStore := readOnlyStatusConfig(cfg, ccfg, useConsul, *timeout)
+	defer closeStore()
 
 	r, err := status.Collect(context.Background(), scfg)
 	if err != nil {
@@ -114,6 +82,50 @@ func statusMain(args []string, stdout, stderr io.Writer) int {
 		return statusDrift
 	}
 	return statusOK
+}
+
+// readOnlyStatusConfig is what `status` and `doctor` read, built from the
+// plugin's settings without writing anything: the store (Consul, or the
+// embedded file only if it exists), the identity (read, never created:
+// hostid.Load would create it), the node name and VTEP, and the kernel
+// view of this instance's owner. owner is that instance's owner tag;
+// closeStore releases the store.
+func readOnlyStatusConfig(cfg Config, ccfg kvstore.ConsulConfig, useConsul bool, timeout time.Duration) (scfg status.Config, owner string, closeStore func()) {
+	scfg = status.Config{Prefix: ccfg.Prefix, Node: cfg.Node, Timeout: timeout}
+	closeStore = func() {}
+	storeName := "embedded"
+	if useConsul {
+		storeName = ccfg.Address
+		scfg.StoreKind, scfg.StoreAddress = "consul", ccfg.Address
+		c, err := kvstore.NewConsul(ccfg)
+		if err != nil {
+			scfg.StoreError = err
+		} else {
+			scfg.Store = c
+			closeStore = func() { c.Close() }
+		}
+	} else {
+		path := filepath.Join(cfg.DataDir, "state.db")
+		scfg.StoreKind, scfg.StoreAddress = "embedded", path
+		scfg.Store, scfg.StoreError = openEmbeddedReadOnly(path, ccfg.Prefix)
+		if st := scfg.Store; st != nil {
+			closeStore = func() { st.Close() }
+		}
+	}
+	if id, err := hostid.Read(cfg.DataDir); err == nil {
+		scfg.HostID = id
+	}
+	if v, err := resolveVTEP(cfg); err == nil {
+		scfg.VTEP = v
+	}
+	if scfg.Node == "" {
+		if b, err := os.ReadFile(filepath.Join(cfg.DataDir, "node-name")); err == nil {
+			scfg.Node = strings.TrimSpace(string(b))
+		}
+	}
+	owner = ownerTag(ccfg.Prefix, storeName)
+	scfg.Kernel = func() ([]vxlan.KernelNetwork, error) { return vxlan.Inspect(nil, owner) }
+	return scfg, owner, closeStore
 }
 
 // openEmbeddedReadOnly opens the embedded store only if its file exists

@@ -1,6 +1,11 @@
 package vxlan
 
-import "sort"
+import (
+	"fmt"
+	"sort"
+
+	"github.com/vishvananda/netlink"
+)
 
 // ForeignOwners lists the links that carry another consul-overlay
 // instance's mark, by that instance's owner ("" is the default instance):
@@ -10,18 +15,33 @@ import "sort"
 //
 // Equivalent to: `ip -o link show | grep 'alias consul-overlay'`.
 func (m *Manager) ForeignOwners() (map[string][]string, error) {
-	links, err := m.linkList()
-	if err != nil {
-		return nil, err
+	return ForeignOwners(m.nl, m.cfg.Owner)
+}
+
+// ForeignOwners is Manager.ForeignOwners without a Manager (whose creation
+// writes sysctls and firewall rules), for read-only tools: the links in h's
+// namespace (nil: the current one) marked by an instance other than owner.
+func ForeignOwners(h *netlink.Handle, owner string) (map[string][]string, error) {
+	if h == nil {
+		var err error
+		if h, err = netlink.NewHandle(); err != nil {
+			return nil, fmt.Errorf("open netlink handle: %w", err)
+		}
+		defer h.Close()
 	}
+	links, err := retryDump(h.LinkList)
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	mine := OwnerMark(owner)
 	out := map[string][]string{}
 	for _, l := range links {
 		a := l.Attrs()
-		owner, ok := ownerOfMark(a.Alias)
-		if !ok || a.Alias == m.mark {
+		o, ok := ownerOfMark(a.Alias)
+		if !ok || a.Alias == mine {
 			continue
 		}
-		out[owner] = append(out[owner], a.Name)
+		out[o] = append(out[o], a.Name)
 	}
 	for _, names := range out {
 		sort.Strings(names)
