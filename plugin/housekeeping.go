@@ -61,20 +61,35 @@ func housekeeping(ctx context.Context, log *slog.Logger, drv *driver.Driver, ip 
 			log.Info("ipam sweep freed addresses", "freed", n)
 		}
 		if docker != nil {
-			if err := pruneNetworks(ctx, drv, docker, dataDir); err != nil {
-				log.Warn("prune networks Docker does not have", "error", err)
-			}
-			if n, err := sweepPools(ctx, ip, docker, dataDir); err != nil {
-				log.Warn("ipam pool sweep", "error", err)
-			} else if n > 0 {
-				log.Info("ipam pool sweep dropped holds no Docker network uses", "dropped", n)
-			}
+			engineChores(ctx, log, drv, ip, docker, dataDir)
 		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+	}
+}
+
+// engineChores asks the engine, once it is proven the pinned one, which
+// networks it has: bindings of networks it does not have are pruned, and
+// pool holds that none of its networks accounts for are dropped.
+func engineChores(ctx context.Context, log *slog.Logger, drv *driver.Driver, ip *ipam.Driver, docker *dockerapi.Client, dataDir string) {
+	cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if ok, err := trustedEngine(cctx, docker, dataDir); !ok {
+		if err != nil {
+			log.Warn("prune networks and pool holds Docker does not have", "error", err)
+		}
+		return
+	}
+	if err := pruneNetworks(cctx, drv, docker); err != nil {
+		log.Warn("prune networks Docker does not have", "error", err)
+	}
+	if n, err := sweepPools(cctx, ip, docker); err != nil {
+		log.Warn("ipam pool sweep", "error", err)
+	} else if n > 0 {
+		log.Info("ipam pool sweep dropped holds no Docker network uses", "dropped", n)
 	}
 }
 
@@ -102,17 +117,13 @@ func trustedEngine(ctx context.Context, docker *dockerapi.Client, dataDir string
 // pinned engine accounts for (a crash between RequestPool's commit and
 // Docker's answer leaves one). Every network with the pool's subnet
 // counts, whatever its IPAM driver: counting too many only keeps a hold.
-func sweepPools(ctx context.Context, ip *ipam.Driver, docker *dockerapi.Client, dataDir string) (int, error) {
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if ok, err := trustedEngine(cctx, docker, dataDir); !ok {
-		return 0, err
-	}
-	nets, err := docker.ListNetworks(cctx)
+// The caller has checked the engine (trustedEngine).
+func sweepPools(ctx context.Context, ip *ipam.Driver, docker *dockerapi.Client) (int, error) {
+	nets, err := docker.ListNetworks(ctx)
 	if err != nil {
 		return 0, err
 	}
-	return ip.SweepPools(cctx, func(poolID string) (int, bool) {
+	return ip.SweepPools(ctx, func(poolID string) (int, bool) {
 		_, subnet, sub, err := ipam.ParsePoolID(poolID)
 		if err != nil {
 			return 0, false
@@ -135,14 +146,10 @@ func sweepPools(ctx context.Context, ip *ipam.Driver, docker *dockerapi.Client, 
 }
 
 // pruneNetworks drops this host's bindings of Docker networks that the
-// pinned engine does not have.
-func pruneNetworks(ctx context.Context, drv *driver.Driver, docker *dockerapi.Client, dataDir string) error {
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if ok, err := trustedEngine(cctx, docker, dataDir); !ok {
-		return err
-	}
-	return drv.PruneNetworks(cctx, func(ctx context.Context, id string) (bool, error) {
+// pinned engine does not have. The caller has checked the engine
+// (trustedEngine).
+func pruneNetworks(ctx context.Context, drv *driver.Driver, docker *dockerapi.Client) error {
+	return drv.PruneNetworks(ctx, func(ctx context.Context, id string) (bool, error) {
 		_, err := docker.InspectNetwork(ctx, id)
 		if errors.Is(err, dockerapi.ErrNotFound) {
 			return false, nil

@@ -300,9 +300,15 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	if err != nil {
 		return fmt.Errorf("ipam: %w", err)
 	}
+	// The engine's API (optional): container metadata for the registrar,
+	// and the pinned engine's word for the background clean-ups.
+	var docker *dockerapi.Client
+	if cfg.DockerSocket != "" {
+		docker = dockerapi.New(cfg.DockerSocket)
+	}
 	var reg *discovery.Registrar
 	if c, ok := store.(*kvstore.Consul); ok {
-		reg, err = newRegistrar(cfg, log, node, hostID, c.Client(), lateEndpoints{&drv})
+		reg, err = newRegistrar(cfg, log, node, hostID, c.Client(), docker, lateEndpoints{&drv})
 		if err != nil {
 			return err
 		}
@@ -338,10 +344,6 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	}
 	defer stopLive()
 	{
-		var docker *dockerapi.Client
-		if cfg.DockerSocket != "" {
-			docker = dockerapi.New(cfg.DockerSocket)
-		}
 		hctx, hcancel := context.WithCancel(ctx)
 		done := make(chan struct{})
 		go func() {
@@ -390,11 +392,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 // newRegistrar builds the service registrar. The Docker API (container
 // names, labels and environment) is optional: without it services are
 // named from what the driver knows, and nothing is found stale.
-func newRegistrar(cfg Config, log *slog.Logger, node, hostID string, agent *api.Client, eps discovery.Endpoints) (*discovery.Registrar, error) {
-	var docker *dockerapi.Client
-	if cfg.DockerSocket != "" {
-		docker = dockerapi.New(cfg.DockerSocket)
-	}
+func newRegistrar(cfg Config, log *slog.Logger, node, hostID string, agent *api.Client, docker *dockerapi.Client, eps discovery.Endpoints) (*discovery.Registrar, error) {
 	reg, err := discovery.New(discovery.Config{
 		Node: node, HostID: hostID, Agent: agent, Docker: docker,
 		// The engine this host's containers run on, pinned at first
