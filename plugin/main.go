@@ -33,16 +33,10 @@ import (
 const shutdownGrace = 15 * time.Second
 
 func main() {
-	// Subcommands: `consul-overlay hosts|evict` (see reaper.go) and the
-	// read-only `consul-overlay status` (see status.go).
+	// Subcommands (see subcommand): hosts, evict, and the read-only status
+	// and doctor.
 	if cmd, ok := subcommand(os.Args); ok {
 		os.Exit(cmd(os.Getenv, os.Stdout, os.Stderr))
-	}
-	if len(os.Args) > 1 && os.Args[1] == "status" {
-		os.Exit(statusMain(os.Args[2:], os.Stdout, os.Stderr))
-	}
-	if len(os.Args) > 1 && os.Args[1] == "doctor" { // doctor: `consul-overlay doctor` (see doctor.go)
-		os.Exit(doctorMain(os.Args[2:], os.Stdout, os.Stderr))
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()

@@ -220,6 +220,14 @@ func subcommand(args []string) (func(getenv func(string) string, stdout, stderr 
 		return func(getenv func(string) string, stdout, stderr io.Writer) int {
 			return runCommand(context.Background(), args[1:], getenv, stdout, stderr)
 		}, true
+	case "status":
+		return func(_ func(string) string, stdout, stderr io.Writer) int {
+			return statusMain(args[2:], stdout, stderr)
+		}, true
+	case "doctor":
+		return func(_ func(string) string, stdout, stderr io.Writer) int {
+			return doctorMain(args[2:], stdout, stderr)
+		}, true
 	}
 	return nil, false
 }
