@@ -406,3 +406,41 @@ func TestUnderlayAllowlistFollowsPeers(t *testing.T) {
 	}
 	waitFor(t, func() bool { return len(allowed(dp1)) == 0 })
 }
+
+// TestReclaimUnjoined: an endpoint record that never joined goes once it
+// is older than the grace period; a joined one, a young one and one whose
+// interface a container holds stay.
+func TestReclaimUnjoined(t *testing.T) {
+	dp := newFake()
+	d := newTestDriver(t, openStore(t, filepath.Join(t.TempDir(), "s.db")), "a", "192.0.2.1", dp)
+	mustCreate(t, d, "n1", "10.1.0.0/24")
+	for _, ep := range []struct{ id, addr string }{{"orphan", "10.1.0.2/24"}, {"joined", "10.1.0.3/24"}, {"held", "10.1.0.4/24"}} {
+		if _, err := d.CreateEndpoint(epReq("n1", ep.id, ep.addr)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := d.Join(&network.JoinRequest{NetworkID: "n1", EndpointID: "joined", SandboxKey: "/var/run/docker/netns/0123456789ab"}); err != nil {
+		t.Fatal(err)
+	}
+	dp.mu.Lock()
+	dp.inUse = map[string]bool{"held": true}
+	dp.mu.Unlock()
+	if n := d.ReclaimUnjoined(context.Background(), time.Hour); n != 0 {
+		t.Fatalf("reclaimed %d young endpoints", n)
+	}
+	if n := d.ReclaimUnjoined(context.Background(), 0); n != 1 {
+		t.Fatalf("reclaimed %d endpoints, want the orphan alone", n)
+	}
+	eps, err := d.cl.Endpoints(context.Background(), "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, ep := range eps {
+		ids = append(ids, ep.ID)
+	}
+	slices.Sort(ids)
+	if !slices.Equal(ids, []string{"held", "joined"}) {
+		t.Fatalf("endpoint records after the reclaim: %v, want held and joined", ids)
+	}
+}

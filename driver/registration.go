@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/docker/go-plugins-helpers/network"
 
@@ -258,4 +259,36 @@ func (d *Driver) LocalState(ctx context.Context) (map[string]cluster.Network, []
 		eps = append(eps, ep.rec)
 	}
 	return nets, eps, nil
+}
+
+// ReclaimUnjoined reclaims, as ReclaimEndpoint does, this host's endpoints
+// that were created longer than olderThan ago and never joined: Docker
+// joins an endpoint right after creating it, so such a record is the
+// orphan of a crash whose rollback Docker never sent. It returns how many
+// it reclaimed.
+func (d *Driver) ReclaimUnjoined(ctx context.Context, olderThan time.Duration) int {
+	select {
+	case <-d.ready:
+	default:
+		return 0
+	}
+	var ids []string
+	d.mu.Lock()
+	for id, ep := range d.endpoints {
+		if ep.rec.Sandbox == "" && !ep.left && time.Since(ep.rec.Created) > olderThan {
+			ids = append(ids, id)
+		}
+	}
+	d.mu.Unlock()
+	n := 0
+	for _, id := range ids {
+		d.ReclaimEndpoint(ctx, id)
+		d.mu.Lock()
+		_, still := d.endpoints[id]
+		d.mu.Unlock()
+		if !still {
+			n++
+		}
+	}
+	return n
 }

@@ -55,6 +55,11 @@ func housekeeping(ctx context.Context, log *slog.Logger, drv *driver.Driver, ip 
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
+		// Endpoint records that never joined (a crash whose rollback
+		// Docker never sent) go first, so their addresses are swept too.
+		if n := drv.ReclaimUnjoined(ctx, ip.Grace()); n > 0 {
+			log.Info("reclaimed endpoints that never joined", "endpoints", n)
+		}
 		if n, err := ip.Sweep(ctx, bound); err != nil {
 			log.Warn("ipam sweep", "error", err)
 		} else if n > 0 {
