@@ -31,6 +31,8 @@
 #            and every name differs from the 20.10 lab's (namespaces co29-*,
 #            LAB_STATE and LAB_DATA with the suffix -29): nothing of the lab
 #            is in the host namespace, and it can run beside a 20.10 lab.
+#            LAB_ID=x renames it (namespaces cox-*, suffix -x), so several
+#            engine-29 labs can run at once.
 # LAB_FIREWALL=nftables starts engine 29 with --firewall-backend nftables
 # (default: its iptables backend).
 
@@ -52,12 +54,16 @@ case $LAB_ENGINE in
 	LAB_DOCKERD=dockerd
 	;;
 29)
-	LAB_STATE=${LAB_STATE:-/run/consul-overlay-lab-29}
-	LAB_DATA=${LAB_DATA:-/var/lib/consul-overlay-lab-29}
-	LAB_NS_SWITCH=co29-sw
-	LAB_NS_A=co29-a
-	LAB_NS_B=co29-b
-	LAB_NS_CONSUL=co29-c
+	# LAB_ID (default 29) names this lab's namespaces and directories, so
+	# several engine-29 labs can run side by side (LAB_ID=x: cox-a, ...).
+	LAB_ID=${LAB_ID:-29}
+	[[ $LAB_ID =~ ^[a-z0-9]{1,6}$ ]] || { echo "lab: LAB_ID=$LAB_ID: want 1-6 of [a-z0-9]" >&2; exit 1; }
+	LAB_STATE=${LAB_STATE:-/run/consul-overlay-lab-$LAB_ID}
+	LAB_DATA=${LAB_DATA:-/var/lib/consul-overlay-lab-$LAB_ID}
+	LAB_NS_SWITCH=co$LAB_ID-sw
+	LAB_NS_A=co$LAB_ID-a
+	LAB_NS_B=co$LAB_ID-b
+	LAB_NS_CONSUL=co$LAB_ID-c
 	LAB_LINK_A=ul0 # in host A's namespace
 	LAB_ENGINE_DIR=${LAB_ENGINE_DIR:-$LAB_ROOT/bin/engine-29}
 	LAB_DOCKERD=$LAB_ENGINE_DIR/dockerd

@@ -85,6 +85,9 @@ func labState() string {
 		return s
 	}
 	if os.Getenv("LAB_ENGINE") == "29" {
+		if id := os.Getenv("LAB_ID"); id != "" {
+			return "/run/consul-overlay-lab-" + id
+		}
 		return "/run/consul-overlay-lab-29"
 	}
 	return "/run/consul-overlay-lab"
