@@ -44,6 +44,10 @@ type Config struct {
 	// AntiEntropy is how often registrations are compared with what this
 	// host holds (ANTI_ENTROPY_INTERVAL, default 30s).
 	AntiEntropy time.Duration
+	// PeerResync is how often every network's peers are re-applied to
+	// the kernel without a change in the store, repairing entries removed
+	// by hand or by another tool (PEER_RESYNC_INTERVAL, default 30s).
+	PeerResync time.Duration
 	// IPAMGrace is how long a reclaimed address waits for Docker's own
 	// release, and how old an address nobody uses must be before it is
 	// taken for an orphan of a crash (IPAM_GRACE, default 1h).
@@ -135,6 +139,14 @@ func loadConfig(getenv func(string) string) (Config, error) {
 			return c, fmt.Errorf("ANTI_ENTROPY_INTERVAL=%q: want a duration of at least 1s, like 30s", v)
 		}
 		c.AntiEntropy = d
+	}
+	c.PeerResync = 30 * time.Second
+	if v := strings.TrimSpace(getenv("PEER_RESYNC_INTERVAL")); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < time.Second {
+			return c, fmt.Errorf("PEER_RESYNC_INTERVAL=%q: want a duration of at least 1s, like 30s", v)
+		}
+		c.PeerResync = d
 	}
 	c.IPAMGrace = ipam.DefaultGrace
 	if v := strings.TrimSpace(getenv("IPAM_GRACE")); v != "" {

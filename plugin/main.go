@@ -317,6 +317,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 			return ip.ReclaimAddress(ctx, ipam.PoolID(space, subnet, netip.Prefix{}), a, ipam.Holder{MAC: mac, Created: created})
 		},
 		ObserveWatchLag: observeWatchLag,
+		PeerResync:      cfg.PeerResync,
 		Logger:          log,
 	}
 	if reg != nil {
