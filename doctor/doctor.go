@@ -3,6 +3,7 @@ package doctor
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"consul-overlay/consulacl"
 	"consul-overlay/status"
 )
 
@@ -26,8 +28,8 @@ const (
 
 // Check is one check's outcome. The JSON field names are stable.
 type Check struct {
-	// Name is the check: "store", "vxlan", "mtu", "firewall", "modules",
-	// "sysctl", "owners" or "clock".
+	// Name is the check: "store", "permissions", "vxlan", "mtu",
+	// "firewall", "modules", "sysctl", "owners" or "clock".
 	Name    string `json:"name"`
 	Result  Result `json:"result"`
 	Message string `json:"message"`
@@ -83,6 +85,10 @@ type ProbeFunc func(ctx context.Context, t Target, size int, timeout time.Durati
 type Config struct {
 	// Status reads the store and the kernel, as `consul-overlay status`.
 	Status func(ctx context.Context) (*status.Report, error)
+	// Permissions runs the Consul token's permission probes (package
+	// consulacl), as the plugin does at start (nil: not checked, as for
+	// the embedded store). It runs only when the store answered.
+	Permissions func(ctx context.Context) []consulacl.Result
 	// Probe sends one overlay probe (nil: SendProbe).
 	Probe ProbeFunc
 	// ProbeTimeout bounds the wait for each reply (0: 500ms); a probe
@@ -126,6 +132,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 	}
 	r.add(checkStore(st))
+	if st != nil && st.Store.Reachable && cfg.Permissions != nil {
+		for _, c := range checkPermissions(cfg.Permissions(ctx)) {
+			r.add(c)
+		}
+	}
 	if st != nil && st.Store.Reachable {
 		targets, skipped := Targets(st)
 		for _, c := range skipped {
@@ -174,6 +185,47 @@ func checkStore(st *status.Report) Check {
 		}
 	}
 	return c
+}
+
+// checkPermissions turns the permission probes' results into checks: one
+// FAIL per required permission the token lacks (WARN for an optional one),
+// naming the rule to add; WARN for one that could not be probed; one PASS
+// listing them all when the token has every one.
+func checkPermissions(results []consulacl.Result) []Check {
+	var out, warn []Check
+	var granted []string
+	for _, res := range results {
+		c := Check{Name: "permissions"}
+		var pe *consulacl.PermissionError
+		switch {
+		case res.Err == nil:
+			granted = append(granted, res.Perm)
+			continue
+		case errors.As(res.Err, &pe):
+			c.Result = Fail
+			c.Message = pe.Error()
+			c.Fix = fmt.Sprintf("add %s to the policy of the token in CONSUL_HTTP_TOKEN: the plugin needs it (docs/security.md has the whole least-privilege policy)", res.Rule)
+			if res.Optional {
+				c.Result = Warn
+				c.Fix = fmt.Sprintf("add %s to the token's policy; without it the services of a host that is reaped stay in Consul's catalog", res.Rule)
+			}
+			if res.Perm == consulacl.PermAgentRead {
+				c.Fix = fmt.Sprintf("add %s to the token's policy, or set NODE_NAME (the node name is then not read from the agent)", res.Rule)
+			}
+			out = append(out, c)
+		default:
+			c.Result = Warn
+			c.Message = fmt.Sprintf("could not check %s (%s): %v", res.Perm, res.Rule, res.Err)
+			c.Fix = "check that the local Consul agent answers (CONSUL_HTTP_ADDR), then run doctor again"
+			warn = append(warn, c)
+		}
+	}
+	out = append(out, warn...)
+	if len(out) == 0 && len(granted) > 0 {
+		out = append(out, Check{Name: "permissions", Result: Pass,
+			Message: "the Consul token has every permission the plugin needs: " + strings.Join(granted, ", ")})
+	}
+	return out
 }
 
 // MaxAlternatives bounds how many of a remote host's endpoints are tried

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -15,9 +14,9 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"consul-overlay/consulacl"
 	"consul-overlay/discovery"
 	"consul-overlay/internal/testenv"
-	"consul-overlay/kvstore"
 	"consul-overlay/reaper"
 )
 
@@ -147,7 +146,7 @@ func TestACLLeastPrivilege(t *testing.T) {
 		return nil
 	})
 	// The start-up probe left nothing behind.
-	if svcs, err := c.admin.Agent().ServicesWithFilter(fmt.Sprintf(`Service == %q`, probeServiceName)); err != nil || len(svcs) != 0 {
+	if svcs, err := c.admin.Agent().ServicesWithFilter(fmt.Sprintf(`Service == %q`, consulacl.ProbeServiceName)); err != nil || len(svcs) != 0 {
 		t.Errorf("probe services left: %v, %v", svcs, err)
 	}
 
@@ -307,30 +306,6 @@ func withoutRule(t *testing.T, full, head string) string {
 	}
 	j := strings.Index(full[i:], "}\n")
 	return full[:i] + full[i+j+2:]
-}
-
-// TestACLPermissionErrors: what the start-up probe and the reaper's
-// catalog wrapper take for a refusal.
-func TestACLPermissionErrors(t *testing.T) {
-	for _, tc := range []struct {
-		err  error
-		want bool
-	}{
-		{api.StatusError{Code: 403, Body: "Permission denied"}, true},
-		{fmt.Errorf("x: %w", kvstore.ErrPermissionDenied), true},
-		{errors.New(`Unexpected response code: 403 (ACL not found)`), true},
-		{api.StatusError{Code: 500, Body: "rpc error"}, false},
-		{errors.New("dial tcp 192.0.2.1:14033: connect: connection refused"), false},
-		{nil, false},
-	} {
-		if got := denied(tc.err); got != tc.want {
-			t.Errorf("denied(%v) = %v, want %v", tc.err, got, tc.want)
-		}
-	}
-	e := &permissionError{op: "register services", rule: permServiceWrite, err: errors.New("403")}
-	if !errors.Is(e, kvstore.ErrPermissionDenied) || !strings.Contains(e.Error(), `service_prefix "" { policy = "write" }`) {
-		t.Errorf("permissionError: %v", e)
-	}
 }
 
 // logText is the plugin's log so far.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/consul/api"
 
+	"consul-overlay/consulacl"
 	"consul-overlay/doctor"
 	"consul-overlay/kvstore"
 	"consul-overlay/status"
@@ -67,6 +68,11 @@ func doctorMain(args []string, stdout, stderr io.Writer) int {
 	dcfg := doctor.Config{ProbeTimeout: *probeTimeout, System: doctor.HostSystem{}}
 	if useConsul {
 		dcfg.ConsulTime = func(ctx context.Context) (time.Time, error) { return consulTime(ctx, ccfg) }
+		if c, ok := scfg.Store.(*kvstore.Consul); ok {
+			dcfg.Permissions = func(ctx context.Context) []consulacl.Result {
+				return consulacl.Check(ctx, c.Client(), doctorProbeOptions(ccfg.Prefix, cfg.Node, scfg.HostID))
+			}
+		}
 	}
 	dcfg.Status = func(ctx context.Context) (*status.Report, error) { return status.Collect(ctx, scfg) }
 	dcfg.Foreign = func() (map[string][]string, error) { return vxlan.ForeignOwners(nil, owner) }
@@ -89,6 +95,24 @@ func doctorMain(args []string, stdout, stderr io.Writer) int {
 		return doctorFailed
 	}
 	return doctorOK
+}
+
+// doctorProbeOptions are doctor's permission probes: the plugin's (agent
+// read only when NODE_NAME is unset) plus KV write on the prefix, which
+// the plugin proves by claiming its host record. The probe session and
+// service are named apart from the plugin's own start-up probe, so that a
+// doctor run beside a starting plugin does not remove the plugin's.
+func doctorProbeOptions(prefix, node, hostID string) consulacl.Options {
+	if hostID == "" {
+		hostID = "unknown"
+	}
+	return consulacl.Options{
+		KeyPrefix:   prefix,
+		AgentRead:   node == "",
+		HostID:      hostID,
+		ServiceID:   consulacl.ProbeServiceName + "-doctor-" + hostID,
+		SessionName: "consul-overlay doctor probe " + hostID,
+	}
 }
 
 // consulTime reads the Date header of a Consul API response

@@ -4,7 +4,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -20,10 +19,7 @@ import (
 	"testing"
 	"time"
 
-	"consul-overlay/doctor"
 	"consul-overlay/internal/dockertest"
-	"consul-overlay/internal/testenv"
-	"consul-overlay/status"
 	"consul-overlay/vxlan"
 )
 
@@ -1450,94 +1446,5 @@ func (s *suite) serviceHealth(t *testing.T) {
 	s.notes["service-health"] = fmt.Sprintf("instance gone %s after docker stop", gone.Round(time.Millisecond))
 	if gone > time.Second {
 		t.Errorf("the stopped container's instance was still in Consul %s after docker stop returned, want within 1s", gone)
-	}
-}
-
-// statusDoctor: `consul-overlay status --json` on each host lists both
-// hosts alive, the application's network with endpoints on both, and no
-// drift; `consul-overlay doctor` probes the other host across the overlay
-// (VXLAN reachability and path MTU) and passes those checks. Both run the
-// plugin's binary with the plugin's settings in the host's namespace.
-func (s *suite) statusDoctor(t *testing.T) {
-	ctx := t.Context()
-	l := s.lab
-	root, err := testenv.ModuleRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(root, "bin", "consul-overlay")
-	key := appKey
-	for _, h := range l.Hosts() {
-		dir := "a"
-		if h.Name == "B" {
-			dir = "b"
-		}
-		env := []string{
-			fmt.Sprintf("CONSUL_HTTP_ADDR=127.0.0.1:%d", l.HTTPPort),
-			"NODE_NAME=" + h.Node, "VTEP_ADDR=" + h.Addr.String(),
-			"DATA_DIR=" + filepath.Join(l.Data, dir, "plugin-data"),
-		}
-		tool := func(args ...string) (string, error) {
-			return h.Run(ctx, "env", append(append(env, bin), args...)...)
-		}
-		var rep status.Report
-		err := eventually(t, 40*time.Second, func(ctx context.Context) error {
-			out, err := tool("status", "--json")
-			rep = status.Report{}
-			if jerr := json.Unmarshal([]byte(out), &rep); jerr != nil {
-				return fmt.Errorf("status --json: %v, %v\n%s", err, jerr, out)
-			}
-			if err != nil {
-				return fmt.Errorf("status --json: %v (drift %v, errors %v)", err, rep.Drift, rep.Errors)
-			}
-			return nil
-		})
-		if err != nil {
-			t.Errorf("%s: %v", h, err)
-			continue
-		}
-		alive := map[string]bool{}
-		for _, x := range rep.Hosts {
-			alive[x.Node] = x.Alive
-		}
-		for _, x := range l.Hosts() {
-			if !alive[x.Node] {
-				t.Errorf("%s: status does not list %s (%s) as alive: %+v", h, x, x.Node, rep.Hosts)
-			}
-		}
-		found := false
-		for _, n := range rep.Networks {
-			if n.Key == key {
-				found = true
-				if !n.Member || len(n.Hosts) != 2 {
-					t.Errorf("%s: status shows %s with member=%v hosts %v, want this host a member and both hosts", h, key, n.Member, n.Hosts)
-				}
-			}
-		}
-		if !found {
-			t.Errorf("%s: status lists no network %s", h, key)
-		}
-		out, err := tool("doctor", "--json")
-		var doc doctor.Report
-		if jerr := json.Unmarshal([]byte(out), &doc); jerr != nil {
-			t.Errorf("%s: doctor --json: %v, %v\n%s", h, err, jerr, out)
-			continue
-		}
-		probed := false
-		for _, c := range doc.Checks {
-			t.Logf("%s: doctor %s %s %s %s", h, c.Result, c.Name, c.Host, c.Message)
-			switch c.Name {
-			case "store", "vxlan", "mtu":
-				if c.Result == doctor.Fail {
-					t.Errorf("%s: doctor check %s failed: %s (%s)", h, c.Name, c.Message, c.Fix)
-				}
-				if c.Name == "vxlan" && c.Result == doctor.Pass {
-					probed = true
-				}
-			}
-		}
-		if !probed {
-			t.Errorf("%s: doctor probed no other host across the overlay", h)
-		}
 	}
 }
