@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"consul-overlay/consulacl"
 	"consul-overlay/status"
 )
 
@@ -366,5 +367,63 @@ func TestRunAlternatives(t *testing.T) {
 	r = run(t, Config{Status: statusOf(st), Probe: answers("none"), ProbeTries: 1})
 	if c := only(t, r, "vxlan"); c.Result != Fail || !strings.Contains(c.Message, "10.31.0.4, 10.31.0.3") {
 		t.Errorf("none answers: %+v", c)
+	}
+}
+
+// TestRunPermissions: the permission probes' results become checks: one
+// PASS when every permission is granted; a FAIL per missing required rule
+// (WARN for optional node read) naming the rule in message and fix; WARN
+// for a probe that got no answer; not run when the store did not answer.
+func TestRunPermissions(t *testing.T) {
+	granted := func(p string) consulacl.Result { return consulacl.Result{Perm: p, Rule: "rule of " + p} }
+	refused := func(p, rule string, optional bool) consulacl.Result {
+		return consulacl.Result{Perm: p, Rule: rule, Optional: optional,
+			Err: &consulacl.PermissionError{Op: "do " + p, Rule: rule, Err: errors.New("403 (Permission denied)")}}
+	}
+	perms := func(rs ...consulacl.Result) func(context.Context) []consulacl.Result {
+		return func(context.Context) []consulacl.Result { return rs }
+	}
+	hosts := pathMTU{"host1": 1450}.probe
+
+	r := run(t, Config{Status: statusOf(twoHosts()), Probe: hosts, Permissions: perms(
+		granted(consulacl.PermKeyWrite), granted(consulacl.PermSessionWrite), granted(consulacl.PermServiceWrite), granted(consulacl.PermNodeRead))})
+	if c := only(t, r, "permissions"); r.Failed || c.Result != Pass || !strings.Contains(c.Message, "session write") {
+		t.Errorf("all granted: %+v", r.Checks)
+	}
+
+	r = run(t, Config{Status: statusOf(twoHosts()), Probe: hosts, Permissions: perms(
+		granted(consulacl.PermKeyWrite),
+		refused(consulacl.PermSessionWrite, consulacl.RuleSessionWrite, false),
+		granted(consulacl.PermServiceWrite),
+		refused(consulacl.PermNodeRead, consulacl.RuleNodeRead, true))})
+	var got []string
+	for _, c := range r.Checks {
+		if c.Name == "permissions" {
+			got = append(got, string(c.Result))
+			rule := consulacl.RuleSessionWrite
+			if c.Result == Warn {
+				rule = consulacl.RuleNodeRead
+			}
+			if !strings.Contains(c.Message, rule) || !strings.Contains(c.Fix, rule) {
+				t.Errorf("check %+v does not name %s in message and fix", c, rule)
+			}
+		}
+	}
+	if !r.Failed || strings.Join(got, ",") != "FAIL,WARN" {
+		t.Errorf("one required and one optional refused: failed %v, permission checks %v, want FAIL,WARN", r.Failed, got)
+	}
+
+	r = run(t, Config{Status: statusOf(twoHosts()), Probe: hosts, Permissions: perms(
+		consulacl.Result{Perm: consulacl.PermKeyWrite, Rule: "r", Err: errors.New("connection refused")})})
+	if c := only(t, r, "permissions"); r.Failed || c.Result != Warn || !strings.Contains(c.Message, "connection refused") {
+		t.Errorf("no answer: %+v", r.Checks)
+	}
+
+	st := twoHosts()
+	st.Store.Reachable = false
+	called := false
+	r = run(t, Config{Status: statusOf(st), Permissions: func(context.Context) []consulacl.Result { called = true; return nil }})
+	if called {
+		t.Errorf("permissions probed with the store unreachable: %+v", r.Checks)
 	}
 }

@@ -11,15 +11,17 @@ import (
 	"testing"
 	"time"
 
+	"consul-overlay/consulacl"
 	"consul-overlay/doctor"
 )
 
 // doctor runs `consul-overlay doctor --json` in the plugin's host
-// namespace with the plugin's settings, as an operator would on that host.
-func (p *pluginProc) doctor(t *testing.T) (doctor.Report, int) {
+// namespace with the plugin's settings, as an operator would on that host;
+// env overrides settings.
+func (p *pluginProc) doctor(t *testing.T, env ...string) (doctor.Report, int) {
 	t.Helper()
 	cmd := exec.Command("nsenter", "--net="+p.host.NS.Path, pluginBinary(t), "doctor", "--json")
-	cmd.Env = append(os.Environ(), p.env...)
+	cmd.Env = append(append(os.Environ(), p.env...), env...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	code := 0
@@ -169,5 +171,60 @@ func TestDoctorTwoHosts(t *testing.T) {
 	// Healthy again once the faults are undone.
 	if r, code := a.doctor(t); code != doctorOK {
 		t.Errorf("after the faults are undone: exit %d\n%s", code, reportText(r))
+	}
+}
+
+// TestDoctorACL: on a Consul agent with ACLs and default deny, doctor with
+// the plugin's token (the documented policy) passes its permissions check;
+// with a token that lacks one required rule it fails that check naming the
+// rule, exits 1, and leaves nothing behind; without NODE_NAME a token
+// without agent read fails too.
+func TestDoctorACL(t *testing.T) {
+	c := newACLCluster(t, "acldoc")
+	full := aclPolicy(c.prefix)
+	p := newPluginProc(t, "host0", c.hosts[0], c.agent.Addr, c.prefix, "CONSUL_HTTP_TOKEN="+c.token(t, "full", full))
+	p.start()
+	p.mustWork(t)
+
+	r, code := p.doctor(t)
+	t.Logf("full policy:\n%s", reportText(r))
+	if cs := checksNamed(r, "permissions"); code != doctorOK || len(cs) != 1 || cs[0].Result != doctor.Pass {
+		t.Errorf("full policy: exit %d, permission checks %+v", code, cs)
+	}
+	for _, tc := range []struct {
+		name, drop, rule string
+		env              []string
+	}{
+		{name: "kv read only", drop: "", rule: fmt.Sprintf(`key_prefix %q { policy = "write" }`, c.prefix)},
+		{name: "session", drop: `session_prefix ""`, rule: `session_prefix "" { policy = "write" }`},
+		{name: "service", drop: `service_prefix ""`, rule: `service_prefix "" { policy = "write" }`},
+		{name: "agent", drop: `agent_prefix ""`, rule: `agent_prefix "" { policy = "read" }`, env: []string{"NODE_NAME="}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rules := strings.Replace(full, "policy = \"write\"", "policy = \"read\"", 1) // the key rule comes first
+			if tc.drop != "" {
+				rules = withoutRule(t, full, tc.drop)
+			}
+			tok := c.token(t, "doc-"+strings.ReplaceAll(tc.name, " ", "-"), rules)
+			r, code := p.doctor(t, append([]string{"CONSUL_HTTP_TOKEN=" + tok}, tc.env...)...)
+			t.Logf("without %s:\n%s", tc.rule, reportText(r))
+			cs := checksNamed(r, "permissions")
+			if code != doctorFailed || !r.Failed || len(cs) != 1 || cs[0].Result != doctor.Fail ||
+				!strings.Contains(cs[0].Message, tc.rule) || !strings.Contains(cs[0].Fix, tc.rule) {
+				t.Errorf("exit %d, permission checks %+v, want one FAIL naming %s", code, cs, tc.rule)
+			}
+			if st := checksNamed(r, "store"); len(st) != 1 || st[0].Result != doctor.Pass {
+				t.Errorf("store checks %+v, want PASS (the token reads the prefix)", st)
+			}
+		})
+	}
+	// The probes left no probe service and no key of their own.
+	if svcs, err := c.admin.Agent().ServicesWithFilter(fmt.Sprintf(`Service == %q`, consulacl.ProbeServiceName)); err != nil || len(svcs) != 0 {
+		t.Errorf("probe services left: %v, %v", svcs, err)
+	}
+	for _, k := range c.keys(t) {
+		if strings.HasSuffix(k, "acl-probe") {
+			t.Errorf("probe key written: %s", k)
+		}
 	}
 }

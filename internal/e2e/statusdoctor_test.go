@@ -388,11 +388,14 @@ func (s *suite) doctorMTU(t *testing.T, note func(string, ...any)) {
 	l := s.lab
 	b := l.B
 	const link = "ul0"
-	out, err := b.Run(ctx, "cat", "/sys/class/net/"+link+"/mtu")
-	if err != nil {
-		t.Fatalf("%s: underlay mtu: %v", b, err)
+	// "3: ul0@if4: <...> mtu 1500 qdisc ..."
+	out, err := b.Run(ctx, "ip", "-o", "link", "show", link)
+	f := strings.Fields(out)
+	i := slices.Index(f, "mtu")
+	if err != nil || i < 0 || i+1 == len(f) {
+		t.Fatalf("%s: underlay mtu of %s: %v (%q)", b, link, err, out)
 	}
-	orig := strings.TrimSpace(out)
+	orig := f[i+1]
 	if _, err := b.Run(ctx, "ip", "link", "set", link, "mtu", "1400"); err != nil {
 		t.Fatalf("%s: lower the underlay mtu: %v", b, err)
 	}
