@@ -1,5 +1,7 @@
 // Package doctor runs the checks of `consul-overlay doctor`: the store
-// answers and the token reads the prefix; every member host of this host's
+// answers and the token reads the prefix; the token has every permission
+// the plugin needs (the plugin's own start-up probes, package consulacl,
+// plus KV write); every member host of this host's
 // networks answers an ICMP echo sent across the overlay (VXLAN over UDP
 // 4789); the path carries packets of the overlay MTU with DF set (and, if
 // not, the largest size that passes, by bisection); the firewall backend,

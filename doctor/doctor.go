@@ -531,9 +531,9 @@ func WriteJSON(w io.Writer, r *Report) error {
 func WriteText(w io.Writer, r *Report) error {
 	var b strings.Builder
 	for _, c := range r.Checks {
-		fmt.Fprintf(&b, "%-4s %-8s %s\n", c.Result, c.Name, c.Message)
+		fmt.Fprintf(&b, "%-4s %-11s %s\n", c.Result, c.Name, c.Message)
 		if c.Fix != "" {
-			fmt.Fprintf(&b, "              -> %s\n", c.Fix)
+			fmt.Fprintf(&b, "                 -> %s\n", c.Fix)
 		}
 	}
 	n := map[Result]int{}

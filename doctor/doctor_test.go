@@ -315,7 +315,7 @@ func TestWriteText(t *testing.T) {
 	if err := WriteText(&b, r); err != nil {
 		t.Fatal(err)
 	}
-	want := "PASS store    ok\nFAIL vxlan    host1 unreachable\n              -> allow UDP 4789\n\ndoctor: 1 PASS, 0 WARN, 1 FAIL\n"
+	want := "PASS store       ok\nFAIL vxlan       host1 unreachable\n                 -> allow UDP 4789\n\ndoctor: 1 PASS, 0 WARN, 1 FAIL\n"
 	if b.String() != want || !r.Failed {
 		t.Errorf("text:\n%s\nwant:\n%s", b.String(), want)
 	}
