@@ -1,0 +1,36 @@
+package main
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestConfigPeerResync: PEER_RESYNC_INTERVAL is a duration of at least 1s,
+// 30s when unset; a bad value is an error naming the setting.
+func TestConfigPeerResync(t *testing.T) {
+	for _, tc := range []struct {
+		v    string
+		want time.Duration
+		bad  bool
+	}{
+		{v: "", want: 30 * time.Second},
+		{v: "10s", want: 10 * time.Second},
+		{v: " 2m ", want: 2 * time.Minute},
+		{v: "1s", want: time.Second},
+		{v: "500ms", bad: true},
+		{v: "0", bad: true},
+		{v: "soon", bad: true},
+	} {
+		env := map[string]string{"PEER_RESYNC_INTERVAL": tc.v, "DOCKER_HOST": "none"}
+		c, err := loadConfig(func(k string) string { return env[k] })
+		switch {
+		case tc.bad && (err == nil || !strings.Contains(err.Error(), "PEER_RESYNC_INTERVAL")):
+			t.Errorf("%q: err %v, want one naming PEER_RESYNC_INTERVAL", tc.v, err)
+		case !tc.bad && err != nil:
+			t.Errorf("%q: %v", tc.v, err)
+		case !tc.bad && c.PeerResync != tc.want:
+			t.Errorf("%q: %s, want %s", tc.v, c.PeerResync, tc.want)
+		}
+	}
+}
