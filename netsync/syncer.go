@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -279,7 +280,16 @@ func (s *Syncer) setSpecs(pairs []*kvstore.Pair) {
 // ours reports whether a network's driver is this plugin (a plugin name
 // without a tag stands for :latest).
 func (s *Syncer) ours(driver string) bool {
-	return s.driver != "" && (driver == s.driver || driver+":latest" == s.driver)
+	return s.driver != "" && driver != "" && withTag(driver) == withTag(s.driver)
+}
+
+// withTag adds ":latest" to a plugin reference without a tag.
+func withTag(ref string) string {
+	last := ref[strings.LastIndex(ref, "/")+1:]
+	if strings.Contains(last, ":") {
+		return ref
+	}
+	return ref + ":latest"
 }
 
 // clusterWide reports whether a network of the engine is one of this

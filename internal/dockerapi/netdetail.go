@@ -184,7 +184,7 @@ func (c *Client) Plugins(ctx context.Context) ([]Plugin, error) {
 		Config  struct {
 			Interface struct {
 				Socket string
-				Types  []struct{ Prefix, Capability, Version string }
+				Types  []string
 			}
 		}
 	}
@@ -193,11 +193,7 @@ func (c *Client) Plugins(ctx context.Context) ([]Plugin, error) {
 	}
 	out := make([]Plugin, 0, len(raw))
 	for _, r := range raw {
-		p := Plugin{Name: r.Name, Enabled: r.Enabled, Socket: r.Config.Interface.Socket}
-		for _, t := range r.Config.Interface.Types {
-			p.Types = append(p.Types, t.Prefix+"."+t.Capability+"/"+t.Version)
-		}
-		out = append(out, p)
+		out = append(out, Plugin{Name: r.Name, Enabled: r.Enabled, Socket: r.Config.Interface.Socket, Types: r.Config.Interface.Types})
 	}
 	return out, nil
 }
