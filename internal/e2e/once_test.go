@@ -22,7 +22,7 @@ import (
 
 // onceFacts is what `docker network inspect` must show alike on every host.
 const onceFacts = `{{.Driver}} {{.IPAM.Driver}} internal={{.Internal}} attachable={{.Attachable}} ipv6={{.EnableIPv6}} ` +
-	`opts={{json .Options}} labels={{json .Labels}} ipam={{range .IPAM.Config}}{{.Subnet}},{{.IPRange}},{{json .AuxiliaryAddresses}};{{end}}`
+	`opts={{json .Options}} labels={{json .Labels}} ipam={{json .IPAM.Config}}`
 
 // onceSpec reads the cluster-wide network name from KV; found is false when
 // there is none.
