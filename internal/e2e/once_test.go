@@ -167,6 +167,23 @@ func (s *suite) onceCreateRm(t *testing.T) {
 		t.Errorf("B → A %s: %v", a1, err)
 	}
 
+	// A third engine, started now, gets it too.
+	c, err := s.startHostC(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tookC, err := waitNetwork(ctx, c, name, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.notes["once-create-rm"] += fmt.Sprintf(", on a new host C %s after its plugin was enabled", tookC.Round(time.Millisecond))
+	t.Logf("network %s on host C %s after its plugin was enabled", name, tookC.Round(time.Millisecond))
+	if fc, err := c.Docker(ctx, "network", "inspect", "-f", onceFacts, name); err != nil {
+		t.Error(err)
+	} else if fa, _ := l.A.Docker(ctx, "network", "inspect", "-f", onceFacts, name); fc != fa {
+		t.Errorf("network %s on host C: %s, on A: %s", name, fc, fa)
+	}
+
 	// rm on B (its container gone first).
 	if _, err := l.B.Docker(ctx, "rm", "-f", name+"-b"); err != nil {
 		t.Fatal(err)
@@ -203,9 +220,33 @@ func (s *suite) onceCreateRm(t *testing.T) {
 	if _, err := l.A.Docker(ctx, "rm", "-f", name+"-a1", name+"-a2"); err != nil {
 		t.Fatal(err)
 	}
-	if err := eventually(t, 20*time.Second, func(ctx context.Context) error { return s.onceGone(ctx, name, subnet) }); err != nil {
+	if err := eventually(t, 20*time.Second, func(ctx context.Context) error {
+		if out, err := c.Docker(ctx, "network", "ls", "-q", "-f", "name=^"+name+"$"); err != nil || out != "" {
+			return fmt.Errorf("%s still has network %s (%q, %v)", c, name, out, err)
+		}
+		return s.onceGone(ctx, name, subnet)
+	}); err != nil {
 		t.Error(err)
 	}
+}
+
+// startHostC starts the lab's third engine with the plugin
+// (lab/engine-c.sh); it is stopped, and its records evicted, when the test
+// ends.
+func (s *suite) startHostC(t *testing.T) (*Host, error) {
+	l := s.lab
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if err := l.Script(ctx, "engine-c.sh", "stop"); err != nil {
+			t.Error(err)
+		}
+	})
+	if err := l.Script(t.Context(), "engine-c.sh", "start"); err != nil {
+		return nil, err
+	}
+	ns := strings.TrimSuffix(l.NSSwitch, "-sw") + "-h3"
+	return &Host{Name: "C", Node: "lab-h3", NetNS: ns, Socket: "unix://" + filepath.Join(l.State, "h3", "docker.sock")}, nil
 }
 
 // onceConflict: A and B create one name with other subnets at the same
