@@ -420,7 +420,7 @@ func (s *Syncer) syncLocal(ctx context.Context, n dockerapi.NetworkDetail) (gone
 	mine := s.specOf(n)
 	sp, ok := s.specs[n.Name]
 	switch {
-	case !ok, sp.Spec.Retired && n.Created.After(sp.Spec.RetiredAt) && !s.own[n.ID]:
+	case !ok, sp.Spec.Retired && s.createdAgain(n, sp.Spec):
 		// New here (or created again after a retirement): publish.
 		return s.publish(ctx, n, mine)
 	case sp.Spec.Retired:
@@ -431,6 +431,18 @@ func (s *Syncer) syncLocal(ctx context.Context, n dockerapi.NetworkDetail) (gone
 	default:
 		return s.lose(ctx, n, sp, mine)
 	}
+}
+
+// createdAgain tells a network created after its spec was retired (a user
+// created the name again) from one kept since before (containers use it).
+// A network this syncer saw matching the retired incarnation, or created
+// itself, was there before; otherwise (after a restart) the engine's
+// creation time decides.
+func (s *Syncer) createdAgain(n dockerapi.NetworkDetail, sp cluster.Spec) bool {
+	if s.matched[n.ID] == sp.Incarnation || s.own[n.ID] {
+		return false
+	}
+	return n.Created.After(sp.RetiredAt)
 }
 
 func (s *Syncer) publish(ctx context.Context, n dockerapi.NetworkDetail, mine cluster.Spec) (bool, error) {

@@ -313,6 +313,13 @@ func (s *suite) onceConflict(t *testing.T) {
 	} else {
 		t.Logf("%s logged the conflict (%s lines)", loser, out)
 	}
+	// `consul-overlay status` on the loser shows it.
+	out, err := loser.Run(ctx, "env", fmt.Sprintf("CONSUL_HTTP_ADDR=127.0.0.1:%d", l.HTTPPort),
+		"DATA_DIR="+filepath.Join(l.Data, strings.ToLower(loser.Name), "plugin-data"),
+		filepath.Join(l.Root, "bin", "consul-overlay"), "status")
+	if want := "CONFLICT: host " + loser.Node; err != nil || !strings.Contains(out, want) {
+		t.Errorf("%s: consul-overlay status does not say %q (%v):\n%s", loser, want, err, out)
+	}
 	// Nothing of the losing subnet is left.
 	lost := subnets[loser]
 	if err := eventually(t, 10*time.Second, func(ctx context.Context) error {
@@ -352,6 +359,7 @@ func (s *suite) onceCompose(t *testing.T) {
 	const net, subnet = "colab-once_app", "10.216.0.0/24"
 	const ctr = "colab-once-app-1"
 	s.onceCleanup(t, map[*Host][]string{l.A: {ctr}, l.B: {ctr}}, net)
+	start := time.Now()
 	if out, err := l.A.Compose(ctx, file, nil, "up", "-d"); err != nil {
 		t.Fatal(err)
 	} else {
@@ -386,6 +394,7 @@ func (s *suite) onceCompose(t *testing.T) {
 	if err := ping(t, l.B, ctr, ipA); err != nil {
 		t.Errorf("B → A %s: %v", ipA, err)
 	}
+	t.Logf("up on both hosts, pinged, after %s", time.Since(start).Round(time.Millisecond))
 	if out, err := l.A.Compose(ctx, file, nil, "down"); err != nil {
 		t.Fatal(err)
 	} else {
@@ -407,6 +416,7 @@ func (s *suite) onceCompose(t *testing.T) {
 		t.Error(err)
 	}
 	_ = ipB
+	t.Logf("down on both hosts, all gone, after %s", time.Since(start).Round(time.Millisecond))
 
 	// external: true, on both hosts, for a network created once on A.
 	ext, err := filepath.Abs("testdata/once-external.yaml")
@@ -430,13 +440,12 @@ func (s *suite) onceCompose(t *testing.T) {
 			t.Fatalf("%s: external: %v\n%s", h, err, out)
 		}
 	}
-	ip, _, err := l.A.ContainerAddr(ctx, extCtr, name)
-	if err != nil {
-		t.Fatal(err)
+	for _, h := range l.Hosts() {
+		if st, err := h.Docker(ctx, "inspect", "-f", "{{.State.Status}}", extCtr); err != nil || st != "running" {
+			t.Errorf("%s: external: %s %q %v", h, extCtr, st, err)
+		}
 	}
-	if err := ping(t, l.B, extCtr, ip); err != nil {
-		t.Errorf("external: B → A %s: %v", ip, err)
-	}
+	t.Logf("external: up on both hosts after %s", time.Since(start).Round(time.Millisecond))
 	for _, h := range l.Hosts() {
 		if out, err := h.Compose(ctx, ext, env, "down"); err != nil {
 			t.Errorf("%s: %v\n%s", h, err, out)
