@@ -16,6 +16,10 @@ import (
 	"consul-overlay/kvstore"
 )
 
+// engineStaleAfter is how long the engine may not answer before the
+// syncer says so at error level.
+const engineStaleAfter = 30 * time.Second
+
 // Engine is the part of the engine's API the syncer uses;
 // *dockerapi.Client implements it.
 type Engine interface {
@@ -150,6 +154,8 @@ func (s *Syncer) Run(ctx context.Context) {
 		dirty       = true
 		wake        = time.NewTimer(0)
 		engineDown  bool
+		downSince   time.Time
+		downLoud    bool
 	)
 	defer wake.Stop()
 	for {
@@ -162,7 +168,15 @@ func (s *Syncer) Run(ctx context.Context) {
 				}
 				if !engineDown {
 					s.log.Warn("cluster-wide networks: the engine's API does not answer; retrying", "error", err)
-					engineDown = true
+					engineDown, downSince, downLoud = true, now, false
+				} else if !downLoud && now.Sub(downSince) > engineStaleAfter {
+					// A managed plugin's socket is a bind mount of the
+					// socket file: an engine that restarted while the
+					// plugin kept running (live-restore) listens on a new
+					// file the plugin cannot see.
+					s.log.Error("cluster-wide networks: the engine's API has not answered for a while; networks are not propagated to or from this host. If the engine restarted with live-restore while the plugin kept running, the plugin's mounted Docker socket is stale: restart the plugin (docker plugin disable -f, then enable)",
+						"error", err, "since", downSince.UTC().Format(time.RFC3339))
+					downLoud = true
 				}
 				s.setErr(err)
 				nextConnect = now.Add(backoff)
