@@ -108,6 +108,10 @@ unmount_under() {
 	exit 0
 }
 start=$SECONDS
+# The third engine of the once tests (lab/engine-c.sh), if it was left.
+if ns_exists "${LAB_NS_SWITCH%-sw}-h3" || [[ -d $LAB_STATE/h3 ]]; then
+	"$LAB_ROOT/lab/engine-c.sh" stop || log "engine C: stop failed"
+fi
 if [[ -n $LAB_NS_A ]]; then
 	down_engine a
 else

@@ -378,6 +378,13 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		defer func() { wcancel(); <-done }()
 	}
 	h.setFinal(newServer(log, drv, ip))
+	// Cluster-wide networks (issue 13): after the drivers serve, since
+	// the syncer creates networks through the engine, which calls them.
+	stopSync, err := startNetSync(ctx, log, os.Getenv, mstore, shared, docker, cfg.Socket, hostID, node)
+	if err != nil {
+		return err
+	}
+	defer stopSync()
 	log.Info("consul-overlay started", "node", node, "host_id", hostID, "vtep", vtep, "vxlan_port", cfg.VXLANPort, "shared_store", shared)
 	// The server stops first (in-flight calls finish), then the deferred
 	// clean-ups run.

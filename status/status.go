@@ -52,6 +52,10 @@ type Report struct {
 	Drift []Drift `json:"drift"`
 	// Errors are what could not be read.
 	Errors []string `json:"errors,omitempty"`
+
+	// ClusterNetworks are the networks created once for every host, with
+	// the conflicts recorded on them.
+	ClusterNetworks []ClusterNetwork `json:"cluster_networks,omitempty"`
 }
 
 // HostInfo is this host.
@@ -208,6 +212,11 @@ func Collect(ctx context.Context, cfg Config) (*Report, error) {
 		r.Errors = append(r.Errors, fmt.Sprintf("unreadable record %s", k))
 	}
 	r.Hosts = hosts(cfg.HostID, st, hostPairs)
+	cn, err := clusterNetworks(sctx, cfg.Store)
+	if err != nil {
+		r.Errors = append(r.Errors, err.Error())
+	}
+	r.ClusterNetworks = cn
 	for _, h := range r.Hosts {
 		if h.Self {
 			if r.Host.Node == "" {

@@ -61,6 +61,8 @@ func WriteText(w io.Writer, r *Report) error {
 		tw.Flush()
 	}
 
+	writeClusterNetworks(w, r.ClusterNetworks)
+
 	fmt.Fprintf(w, "\nHosts (%d):\n", len(r.Hosts))
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "  NODE\tID\tVTEP\tALIVE\tSTARTED\tNETWORKS\n")

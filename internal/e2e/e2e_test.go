@@ -83,9 +83,13 @@ func TestE2E(t *testing.T) {
 	s.run(t, "published-port", []string{"compose-up"}, s.publishedPort)
 	s.run(t, "outbound", []string{"compose-up"}, s.outbound)
 	s.run(t, "status-doctor", []string{"compose-up"}, s.statusDoctor)
+	s.run(t, "once-create-rm", nil, s.onceCreateRm)
+	s.run(t, "once-conflict", nil, s.onceConflict)
+	s.run(t, "once-compose", nil, s.onceCompose)
 	s.run(t, "plugin-restart", []string{"compose-up"}, s.pluginRestart)
 	s.run(t, "engine-restart", []string{"compose-up"}, s.engineRestart)
 	s.run(t, "engine-restart-live-restore", []string{"compose-up"}, s.engineRestartLive)
+	s.run(t, "once-engine-restart", nil, s.onceEngineRestart)
 	s.run(t, "teardown", nil, s.teardown)
 	s.run(t, "lab-down", nil, s.labDown)
 }

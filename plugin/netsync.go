@@ -1,0 +1,101 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"consul-overlay/internal/dockerapi"
+	"consul-overlay/kvstore"
+	"consul-overlay/netsync"
+)
+
+// Settings of the cluster-wide networks (read here, not in Config, so the
+// feature stays in one file):
+//
+//	CLUSTER_NETWORKS  true (default): networks created without -o name
+//	                  exist on every host; false: every network is per host
+//	DRIVER_NAME       the name this plugin is installed as on this engine
+//	                  (default: learned from the engine's plugin list, or
+//	                  the socket's name for a standalone daemon)
+const (
+	envClusterNetworks = "CLUSTER_NETWORKS"
+	envDriverName      = "DRIVER_NAME"
+)
+
+// startNetSync starts the cluster-wide network syncer on a shared store
+// with the engine's API; it returns the function that stops it and waits.
+// Without either it does nothing and says so.
+func startNetSync(ctx context.Context, log *slog.Logger, getenv func(string) string, store kvstore.Store, shared bool,
+	docker *dockerapi.Client, socket, hostID, node string) (func(), error) {
+	on := true
+	if v := strings.TrimSpace(getenv(envClusterNetworks)); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return nil, fmt.Errorf("%s=%q: want true or false", envClusterNetworks, v)
+		}
+		on = b
+	}
+	switch {
+	case !on:
+		log.Info("cluster-wide networks off (CLUSTER_NETWORKS=false): every network is per host")
+		return func() {}, nil
+	case !shared:
+		return func() {}, nil // one host: nothing to propagate
+	case docker == nil:
+		log.Warn("cluster-wide networks off: the engine's API is not reachable (DOCKER_HOST=none); networks are per host")
+		return func() {}, nil
+	}
+	fixed := strings.TrimSpace(getenv(envDriverName))
+	s, err := netsync.New(netsync.Config{
+		HostID: hostID, Node: node, Logger: log,
+		DriverName: func(ctx context.Context) (string, error) {
+			if fixed != "" {
+				return fixed, nil
+			}
+			return driverName(ctx, docker, socket)
+		},
+	}, store, docker)
+	if err != nil {
+		return nil, err
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); s.Run(sctx) }()
+	return func() { cancel(); <-done }, nil
+}
+
+// driverName learns the name this plugin's network driver has on the
+// engine: the managed plugin that serves a network driver on a socket of
+// this name (the enabled one when there are several: while this plugin
+// starts, the engine may not list it as enabled yet), else, when no managed
+// plugin has that socket (a standalone daemon), the socket's name.
+func driverName(ctx context.Context, docker *dockerapi.Client, socket string) (string, error) {
+	ps, err := docker.Plugins(ctx)
+	if err != nil {
+		return "", err
+	}
+	base := filepath.Base(socket)
+	var all, enabled []string
+	for _, p := range ps {
+		if p.Socket == base && slices.Contains(p.Types, "docker.networkdriver/1.0") {
+			all = append(all, p.Name)
+			if p.Enabled {
+				enabled = append(enabled, p.Name)
+			}
+		}
+	}
+	switch {
+	case len(enabled) == 1:
+		return enabled[0], nil
+	case len(all) == 1:
+		return all[0], nil
+	case len(all) == 0:
+		return strings.TrimSuffix(base, ".sock"), nil
+	}
+	return "", fmt.Errorf("several plugins serve %s (%s): set %s to the one this is", base, strings.Join(all, ", "), envDriverName)
+}
