@@ -286,7 +286,8 @@ install_plugin() {
 	"$@" plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1 || true
 	log "host $host: docker plugin install --alias $LAB_PLUGIN $LAB_REMOTE"
 	"$@" plugin install --grant-all-permissions --alias "$LAB_PLUGIN" "$LAB_REMOTE" \
-		"CONSUL_HTTP_ADDR=127.0.0.1:$LAB_HTTP_PORT" LOG_LEVEL=debug "IPAM_GRACE=${LAB_IPAM_GRACE:-10s}" "${settings[@]}" >/dev/null
+		"CONSUL_HTTP_ADDR=127.0.0.1:$LAB_HTTP_PORT" LOG_LEVEL=debug "IPAM_GRACE=${LAB_IPAM_GRACE:-10s}" \
+		${LAB_HOST_GRACE:+"HOST_GRACE=$LAB_HOST_GRACE"} "${settings[@]}" >/dev/null
 	plugin_enabled "$@" || die "host $host: $LAB_PLUGIN installed but not enabled"
 	log "host $host: $LAB_PLUGIN enabled"
 }
