@@ -41,6 +41,9 @@ type Dataplane interface {
 	// EndpointInUse tells whether a container still holds the
 	// endpoint's interface (its container end left the host namespace).
 	EndpointInUse(id string) (bool, error)
+	// EndpointsInUse lists the endpoints (first 10 characters of their
+	// IDs) whose interface a container holds.
+	EndpointsInUse() ([]string, error)
 	// SetAllowedVTEPs replaces the set of underlay addresses whose VXLAN
 	// packets the host accepts.
 	SetAllowedVTEPs(ctx context.Context, vteps []netip.Addr) error
