@@ -1168,7 +1168,7 @@ func (c *chaos) fuzzSocket(t *testing.T) {
 	}
 	pid := pluginPID(b)
 
-	rnd := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 12))
+	rnd := rand.New(&lockedSource{src: rand.NewPCG(uint64(time.Now().UnixNano()), 12)})
 	randID := func() string {
 		const hex = "0123456789abcdef"
 		var sb strings.Builder
@@ -1281,8 +1281,10 @@ func (c *chaos) fuzzSocket(t *testing.T) {
 				var body []byte
 				if rnd.IntN(3) == 0 {
 					body = malformed()
-					if len(body) == 0 && cl.path == "/IpamDriver.RequestPool" {
-						body = []byte(`{"Pool": 7}`) // empty asks for a default pool
+					if cl.path == "/IpamDriver.RequestPool" {
+						// A body without a valid Pool field (empty, or
+						// only unknown fields) asks for a default pool.
+						body = [][]byte{[]byte(`{"Pool": 7}`), []byte(`[]`), []byte(`{"Pool": "`)}[rnd.IntN(3)]
 					}
 				} else {
 					body, _ = json.Marshal(cl.body())
@@ -1372,4 +1374,16 @@ func (c *chaos) fuzzSocket(t *testing.T) {
 		t.Error(err)
 	}
 	c.finish(t, scenario, n, start)
+}
+
+// lockedSource lets the fuzzer's goroutines share one random source.
+type lockedSource struct {
+	mu  sync.Mutex
+	src rand.Source
+}
+
+func (l *lockedSource) Uint64() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.src.Uint64()
 }
