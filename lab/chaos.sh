@@ -16,6 +16,7 @@ ns_exists "$LAB_NS_B" || die "the lab is down: lab/up.sh first"
 consul_ns() {
 	case $1 in
 	lab-consul) echo "$LAB_NS_CONSUL" ;;
+	lab-consul2 | lab-consul3) echo "$LAB_NS_CONSUL${1#lab-consul}" ;;
 	"$LAB_NODE_A") echo "$LAB_NS_A" ;;
 	"$LAB_NODE_B") echo "$LAB_NS_B" ;;
 	*) die "no Consul agent $1" ;;
