@@ -105,6 +105,23 @@ e2e: lab-prereqs consul compose $(E2E_BUILDS)
 	trap '[ -n "$$E2E_KEEP_LAB" ] || lab/down.sh --owner e2e' EXIT; \
 	$(GO) test -tags e2e -count=1 -v -timeout 30m -run '$(E2E_RUN)' ./internal/e2e/
 
+# The chaos suite (internal/e2e/chaos_test.go, build tags e2e and chaos;
+# `make e2e` does not run it): hosts, Consul and engines failing on the
+# engine-29 lab (LAB_ID chooses the lab), with HOST_GRACE=$(CHAOS_HOST_GRACE)
+# so that a lost host is reaped within the run, and CHAOS_CONSUL_SERVERS
+# (3: the server scenario kills the leader; 1: the only server). CHAOS_RUN selects
+# scenarios (CHAOS_RUN='TestChaos/chaos-fuzz-socket$'), CHAOS_RUNS the
+# concurrent `docker run` per host of the kill -9 scenario (default 20),
+# E2E_KEEP_LAB=1 leaves the lab up.
+CHAOS_HOST_GRACE ?= 30s
+CHAOS_CONSUL_SERVERS ?= 3
+CHAOS_RUN ?= TestChaos
+.PHONY: chaos
+chaos: lab-prereqs consul compose engine build
+	@export LAB_ENGINE=29 LAB_FIREWALL= LAB_HOST_GRACE='$(CHAOS_HOST_GRACE)' LAB_CONSUL_SERVERS='$(CHAOS_CONSUL_SERVERS)'; \
+	trap '[ -n "$$E2E_KEEP_LAB" ] || lab/down.sh --owner e2e' EXIT; \
+	$(GO) test -tags e2e,chaos -count=1 -v -timeout 30m -run '$(CHAOS_RUN)' ./internal/e2e/
+
 # --- Docker engine 29 (tools/engine): make engine ----------------------------
 # dockerd and docker-proxy 29.8.1 (module github.com/moby/moby/v2 v2.0.0-beta.24)
 # and the runc 1.3.3 it needs, built from the Go module proxy into

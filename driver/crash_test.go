@@ -241,6 +241,10 @@ func TestUnprovenViewKeepsKernel(t *testing.T) {
 	d := newTestDriver(t, openStore(t, path), "a", "192.0.2.1", dp)
 	mustCreate(t, d, "n1", "10.1.0.0/24")
 	d.Close()
+	// A container runs on the overlay.
+	dp.mu.Lock()
+	dp.inUse = map[string]bool{"0123456789ab": true}
+	dp.mu.Unlock()
 
 	other, err := kvstore.NewEmbedded(kvstore.EmbeddedConfig{Path: path, Prefix: "changed/"})
 	if err != nil {
@@ -280,6 +284,39 @@ func TestUnprovenViewKeepsKernel(t *testing.T) {
 	if n, _ := dp.counts(); n != 0 {
 		t.Fatal("stray overlay kept on a proven view")
 	}
+}
+
+// TestUnprovenViewUnusedOverlays: the store shows nothing of this host
+// (it was reaped while it was away) and the overlays in the kernel carry
+// no container: nothing is lost by removing them, so the driver starts,
+// removes them, and serves.
+func TestUnprovenViewUnusedOverlays(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.db")
+	dp := newFake()
+	d := newTestDriver(t, openStore(t, path), "a", "192.0.2.1", dp)
+	mustCreate(t, d, "n1", "10.1.0.0/24")
+	d.Close()
+
+	other, err := kvstore.NewEmbedded(kvstore.EmbeddedConfig{Path: path, Prefix: "reaped/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Close() })
+	d2, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), CallTimeout: 300 * time.Millisecond}, other, dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2.Start()
+	t.Cleanup(func() { d2.Close() })
+	select {
+	case <-d2.Ready():
+	case <-time.After(5 * time.Second):
+		t.Fatal("not ready: overlays no container uses kept the driver from starting")
+	}
+	if n, _ := dp.counts(); n != 0 {
+		t.Fatal("the unused overlay of a reaped host was kept")
+	}
+	mustCreate(t, d2, "n2", "10.2.0.0/24")
 }
 
 // TestFreshHostStarts: no membership and no overlay: nothing to lose.

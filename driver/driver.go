@@ -41,6 +41,9 @@ type Dataplane interface {
 	// EndpointInUse tells whether a container still holds the
 	// endpoint's interface (its container end left the host namespace).
 	EndpointInUse(id string) (bool, error)
+	// EndpointsInUse lists the endpoints (first 10 characters of their
+	// IDs) whose interface a container holds.
+	EndpointsInUse() ([]string, error)
 	// SetAllowedVTEPs replaces the set of underlay addresses whose VXLAN
 	// packets the host accepts.
 	SetAllowedVTEPs(ctx context.Context, vteps []netip.Addr) error
@@ -163,6 +166,10 @@ type localEndpoint struct {
 	rec cluster.Endpoint
 	// left is set by Leave: the endpoint is no longer a service.
 	left bool
+	// removed is set by a DeleteEndpoint that removed the veth while the
+	// store was unreachable: Docker is done with the endpoint, its record
+	// and addresses go when the store answers again (catchUp).
+	removed bool
 }
 
 var _ network.Driver = (*Driver)(nil)
@@ -235,6 +242,7 @@ func (d *Driver) Start() {
 				d.restoreErr = nil
 				d.mu.Unlock()
 				close(d.ready)
+				d.catchUp(d.ctx)
 				return
 			}
 			d.mu.Lock()
@@ -606,9 +614,58 @@ func (d *Driver) DeleteEndpoint(req *network.DeleteEndpointRequest) error {
 		return nil
 	}
 	if err := d.deleteEndpoint(ctx, ep); err != nil {
-		return fmt.Errorf("%s: %w", op, err)
+		if !errors.Is(err, kvstore.ErrUnavailable) || d.dp.DeleteEndpoint(ctx, req.EndpointID) != nil {
+			return fmt.Errorf("%s: %w", op, err)
+		}
+		// The kernel part is done and the container is gone: Docker's
+		// removal goes on without the store, and the record and the
+		// addresses follow when it answers again (catchUp). Until then
+		// the endpoint keeps its addresses (AddressUsed), so they are
+		// handed to nobody else.
+		d.mu.Lock()
+		ep.left, ep.removed = true, true
+		d.mu.Unlock()
+		d.log.Warn("endpoint removed from this host while the store is unreachable; its record and addresses are released when the store answers again",
+			"endpoint", short(req.EndpointID), "address", endpointAddresses(ep.rec), "error", err)
+		return nil
 	}
 	return nil
+}
+
+// catchUpInterval is how often catchUp retries the records of endpoints
+// removed while the store was unreachable.
+var catchUpInterval = 2 * time.Second
+
+// catchUp removes, once the store answers again, the records and addresses
+// of endpoints that DeleteEndpoint removed from this host while it did
+// not (the driver's own goroutine, started by Start; stops with Close).
+func (d *Driver) catchUp(ctx context.Context) {
+	t := time.NewTicker(catchUpInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var ids []string
+		d.mu.Lock()
+		for id, ep := range d.endpoints {
+			if ep.removed {
+				ids = append(ids, id)
+			}
+		}
+		d.mu.Unlock()
+		for _, id := range ids {
+			d.ReclaimEndpoint(ctx, id)
+			d.mu.Lock()
+			_, still := d.endpoints[id]
+			d.mu.Unlock()
+			if !still {
+				d.log.Info("record of an endpoint removed during a store outage deleted", "endpoint", short(id))
+			}
+		}
+	}
 }
 
 // deleteEndpoint removes a local endpoint from the registrar, the kernel

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -151,6 +152,20 @@ func (f *fakeDataplane) EndpointInUse(id string) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.inUse[id], nil
+}
+
+// EndpointsInUse lists the endpoints inUse marks, as the kernel names them.
+func (f *fakeDataplane) EndpointsInUse() ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var keys []string
+	for id, in := range f.inUse {
+		if in {
+			keys = append(keys, id[:min(len(id), 10)])
+		}
+	}
+	slices.Sort(keys)
+	return keys, nil
 }
 
 func (f *fakeDataplane) peerIPs() []string {

@@ -113,9 +113,19 @@ func (d *Driver) restore(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("list overlays in the kernel: %w", err)
 		}
-		if len(vnis) > 0 {
-			err := fmt.Errorf("%w (host ID %q, node %q) but the kernel holds %d overlay networks (vni %v): keeping them and retrying; check that KV_PREFIX and the host identity are the ones this host ran with, that the Consul token can read the prefix, and that the embedded store's state.db is still in DATA_DIR",
-				errUnproven, d.cfg.HostID, d.cfg.Node, len(vnis), vnis)
+		inUse, err := d.dp.EndpointsInUse()
+		if err != nil {
+			return fmt.Errorf("list endpoints in use in the kernel: %w", err)
+		}
+		if len(vnis) > 0 && len(inUse) == 0 {
+			// No container would lose its network: the overlays are what
+			// a host reaped while it was away (a crash, a long partition)
+			// left behind, and nothing is lost by removing them below.
+			d.log.Error("the store shows nothing of this host (reaped while it was away?) and no container uses its overlays in the kernel: removing them; Docker networks of this host bound to them must be removed and created again",
+				"host", d.cfg.HostID, "node", d.cfg.Node, "vni", vnis)
+		} else if len(vnis) > 0 {
+			err := fmt.Errorf("%w (host ID %q, node %q) but the kernel holds %d overlay networks (vni %v): containers use endpoints %v: keeping them and retrying; check that KV_PREFIX and the host identity are the ones this host ran with, that the Consul token can read the prefix, and that the embedded store's state.db is still in DATA_DIR; if this host was reaped while it was away, its containers' addresses may be another's now: remove these containers",
+				errUnproven, d.cfg.HostID, d.cfg.Node, len(vnis), vnis, inUse)
 			d.log.Error("state not restored: the store does not show this host", "error", err)
 			return err
 		}

@@ -116,8 +116,8 @@ func (c *Consul) NodeName(ctx context.Context) (string, error) {
 	return self.Config.NodeName, nil
 }
 
-// Get returns the pair at key, or ErrNotFound. It reads in Consul's default
-// consistency mode (see the package documentation).
+// Get returns the pair at key, or ErrNotFound. It reads in Consul's
+// consistent mode (see the package documentation).
 func (c *Consul) Get(ctx context.Context, key string) (*Pair, error) {
 	if err := checkKey(key); err != nil {
 		return nil, err
@@ -125,7 +125,7 @@ func (c *Consul) Get(ctx context.Context, key string) (*Pair, error) {
 	full := c.prefix + key
 	rctx, cancel, st := c.request(ctx, c.timeout)
 	defer cancel()
-	kvp, _, err := c.kv.Get(full, (&api.QueryOptions{}).WithContext(rctx))
+	kvp, _, err := c.kv.Get(full, (&api.QueryOptions{RequireConsistent: true}).WithContext(rctx))
 	if err != nil {
 		return nil, c.fail(ctx, st, "kv get", full, err)
 	}
@@ -135,8 +135,8 @@ func (c *Consul) Get(ctx context.Context, key string) (*Pair, error) {
 	return c.pair(kvp), nil
 }
 
-// List returns the pairs under prefix, sorted by key, in Consul's default
-// consistency mode.
+// List returns the pairs under prefix, sorted by key, in Consul's
+// consistent mode.
 func (c *Consul) List(ctx context.Context, prefix string) ([]*Pair, error) {
 	if err := checkListPrefix(prefix); err != nil {
 		return nil, err
@@ -144,7 +144,7 @@ func (c *Consul) List(ctx context.Context, prefix string) ([]*Pair, error) {
 	full := c.prefix + prefix
 	rctx, cancel, st := c.request(ctx, c.timeout)
 	defer cancel()
-	kvps, _, err := c.kv.List(full, (&api.QueryOptions{}).WithContext(rctx))
+	kvps, _, err := c.kv.List(full, (&api.QueryOptions{RequireConsistent: true}).WithContext(rctx))
 	if err != nil {
 		return nil, c.fail(ctx, st, "kv list", full, err)
 	}
@@ -345,7 +345,7 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 	)
 	for {
 		rctx, cancel, _ := c.request(ctx, watchWait+watchWait/16+c.timeout)
-		q := &api.QueryOptions{WaitIndex: index, WaitTime: watchWait}
+		q := &api.QueryOptions{WaitIndex: index, WaitTime: watchWait, RequireConsistent: true}
 		kvps, meta, err := c.kv.List(full, q.WithContext(rctx))
 		cancel()
 		if ctx.Err() != nil {

@@ -442,3 +442,70 @@ func TestNewConsulConfig(t *testing.T) {
 		}
 	})
 }
+
+// TestReadsAreConsistent: Get, List and Watch ask Consul for consistent
+// reads, so a restarted server that has not applied its log yet refuses
+// them (ErrUnavailable, retried) instead of answering from an old state
+// (a watch would withdraw live peers, a missing record pass for deleted).
+func TestReadsAreConsistent(t *testing.T) {
+	var mu sync.Mutex
+	seen := map[string]bool{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.HasPrefix(r.URL.Path, "/v1/kv/") {
+			http.NotFound(w, r)
+			return
+		}
+		kind := "get"
+		if r.URL.Query().Has("recurse") {
+			kind = "list"
+			if r.URL.Query().Has("index") {
+				kind = "watch"
+			}
+		}
+		mu.Lock()
+		seen[kind] = true
+		if !r.URL.Query().Has("consistent") {
+			seen[kind+" not consistent"] = true
+		}
+		mu.Unlock()
+		w.Header().Set("X-Consul-Index", "7")
+		w.Write([]byte(`[{"Key":"p/k","Value":"dg==","ModifyIndex":7}]`))
+	}))
+	defer srv.Close()
+	s := newConsul(t, ConsulConfig{Address: strings.TrimPrefix(srv.URL, "http://"), Prefix: "p/", Timeout: time.Second})
+	if _, err := s.Get(bg(t), "k"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.List(bg(t), ""); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(bg(t))
+	defer cancel()
+	ch, err := s.Watch(ctx, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-ch
+	// The second query of the watch blocks on the index.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		mu.Lock()
+		done := seen["watch"]
+		mu.Unlock()
+		if done || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	mu.Lock()
+	defer mu.Unlock()
+	for _, kind := range []string{"get", "list", "watch"} {
+		if !seen[kind] {
+			t.Errorf("no %s seen", kind)
+		}
+		if seen[kind+" not consistent"] {
+			t.Errorf("%s without ?consistent", kind)
+		}
+	}
+}

@@ -5,10 +5,14 @@
 //
 //   - Consul: Consul KV over the agent's HTTP API, shared by every host.
 //     Cross-host consistency comes from compare-and-set and transactions on
-//     Consul's ModifyIndex, never from reads: Get and List use Consul's
-//     default consistency mode (answered by the leader, which may be stale
-//     for a moment around a leader change), so a decision made on a read
-//     must be committed with CAS, DeleteCAS or a Txn check.
+//     Consul's ModifyIndex, never from reads alone: a decision made on a
+//     read must be committed with CAS, DeleteCAS or a Txn check. Get, List
+//     and Watch still use Consul's consistent mode: a restarted or newly
+//     elected server answers default-mode reads from its state before it
+//     has applied its log (keys written since its last snapshot missing:
+//     a watch would withdraw live peers, a missing record pass for
+//     deleted), while in consistent mode it refuses them until it has
+//     caught up, which callers see as ErrUnavailable and retry.
 //   - Embedded: a local bbolt file for a single host without Consul. It
 //     keeps its own monotonically increasing modify index in the file, so
 //     CAS, DeleteCAS and Txn behave exactly as they do on Consul.

@@ -118,12 +118,13 @@ else
 	down_host_a
 fi
 down_engine b
-for d in registry-a registry-b "consul-$LAB_NODE_A" "consul-$LAB_NODE_B" consul-lab-consul; do
+for d in registry-a registry-b "consul-$LAB_NODE_A" "consul-$LAB_NODE_B" consul-lab-consul consul-lab-consul2 consul-lab-consul3; do
 	stop_daemon "$d" 10
 done
 # Whatever still runs in the lab's namespaces (after a crash: engine B's
-# containerd and shims).
-namespaces=("$LAB_NS_B" "$LAB_NS_CONSUL" "$LAB_NS_SWITCH")
+# containerd and shims). The second and third Consul servers' namespaces
+# go whether or not this lab ran them (LAB_CONSUL_SERVERS).
+namespaces=("$LAB_NS_B" "$LAB_NS_CONSUL" "${LAB_NS_CONSUL}2" "${LAB_NS_CONSUL}3" "$LAB_NS_SWITCH")
 [[ -n $LAB_NS_A ]] && namespaces=("$LAB_NS_A" "${namespaces[@]}")
 for ns in "${namespaces[@]}"; do
 	kill_ns_procs "$ns"

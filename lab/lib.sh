@@ -79,6 +79,22 @@ LAB_ADDR_B=198.51.100.2
 LAB_ADDR_CONSUL=198.51.100.3
 LAB_NODE_A=lab-a
 LAB_NODE_B=lab-b
+# LAB_CONSUL_SERVERS=3 runs three Consul servers instead of one, so that
+# the chaos suite can take the leader away: lab-consul (above), and
+# lab-consul2 and lab-consul3 in the namespaces ${LAB_NS_CONSUL}2 and 3 at
+# 198.51.100.4 and .5 (lab_servers lists them).
+LAB_CONSUL_SERVERS=${LAB_CONSUL_SERVERS:-1}
+[[ $LAB_CONSUL_SERVERS == 1 || $LAB_CONSUL_SERVERS == 3 ]] ||
+	{ echo "lab: LAB_CONSUL_SERVERS=$LAB_CONSUL_SERVERS: want 1 or 3" >&2; exit 1; }
+
+# lab_servers: one line per Consul server: NAME NS ADDR.
+lab_servers() {
+	echo "lab-consul $LAB_NS_CONSUL $LAB_ADDR_CONSUL"
+	if [[ $LAB_CONSUL_SERVERS == 3 ]]; then
+		echo "lab-consul2 ${LAB_NS_CONSUL}2 198.51.100.4"
+		echo "lab-consul3 ${LAB_NS_CONSUL}3 198.51.100.5"
+	fi
+}
 
 # Consul ports: not the defaults, so the lab's agent in the host namespace
 # does not clash with other agents there; DNS on 53 of the underlay

@@ -109,7 +109,11 @@ up_underlay() {
 	ensure_ns "$LAB_NS_CONSUL"
 	plug "$LAB_NS_A" "$LAB_LINK_A" pa "$LAB_ADDR_A"
 	plug "$LAB_NS_B" ul0 pb "$LAB_ADDR_B"
-	plug "$LAB_NS_CONSUL" ul0 pc "$LAB_ADDR_CONSUL"
+	local name ns addr
+	while read -r name ns addr; do
+		ensure_ns "$ns"
+		plug "$ns" ul0 "pc${name#lab-consul}" "$addr"
+	done < <(lab_servers)
 	wait_for 10 "the underlay (ping $LAB_ADDR_B)" on_a ping -c 1 -W 1 "$LAB_ADDR_B"
 	wait_for 10 "the underlay (ping $LAB_ADDR_CONSUL)" on_a ping -c 1 -W 1 "$LAB_ADDR_CONSUL"
 }
@@ -146,19 +150,30 @@ EOF
 	if [[ $server == true ]]; then
 		cat <<EOF
 server           = true
-bootstrap_expect = 1
-# The only server: leaving would wait for a quorum that never comes.
+bootstrap_expect = $LAB_CONSUL_SERVERS
+# Leaving would wait for a quorum that may not come (the only server).
 leave_on_terminate = false
 performance { raft_multiplier = 1 }
 ui_config { enabled = false }
 EOF
+		# Three servers find each other as the agents find them.
+		[[ $LAB_CONSUL_SERVERS == 1 ]] || printf 'retry_join = [%s]\nretry_interval = "1s"\n' "$(server_addrs)"
 	else
 		cat <<EOF
-retry_join         = ["$LAB_ADDR_CONSUL:$LAB_SERF_LAN_PORT"]
+retry_join         = [$(server_addrs)]
 retry_interval     = "1s"
 leave_on_terminate = true
 EOF
 	fi
+}
+
+# server_addrs: the servers' Serf addresses as an HCL list's items.
+server_addrs() {
+	local name ns addr out=
+	while read -r name ns addr; do
+		out+="${out:+, }\"$addr:$LAB_SERF_LAN_PORT\""
+	done < <(lab_servers)
+	echo "$out"
 }
 
 # start_consul NAME NS BIND CLIENTS DNS SERVER
@@ -176,7 +191,10 @@ member_alive() {
 }
 
 up_consul() {
-	start_consul lab-consul "$LAB_NS_CONSUL" "$LAB_ADDR_CONSUL" "127.0.0.1 $LAB_ADDR_CONSUL" "$LAB_ADDR_CONSUL" true
+	local name ns addr
+	while read -r name ns addr; do
+		start_consul "$name" "$ns" "$addr" "127.0.0.1 $addr" "$addr" true
+	done < <(lab_servers)
 	start_consul "$LAB_NODE_A" "$LAB_NS_A" "$LAB_ADDR_A" 127.0.0.1 "$LAB_ADDR_A" false
 	start_consul "$LAB_NODE_B" "$LAB_NS_B" "$LAB_ADDR_B" 127.0.0.1 "$LAB_ADDR_B" false
 	wait_for 60 "a Consul leader" leader_known
@@ -287,7 +305,7 @@ install_plugin() {
 	log "host $host: docker plugin install --alias $LAB_PLUGIN $LAB_REMOTE"
 	"$@" plugin install --grant-all-permissions --alias "$LAB_PLUGIN" "$LAB_REMOTE" \
 		"CONSUL_HTTP_ADDR=127.0.0.1:$LAB_HTTP_PORT" LOG_LEVEL=debug "IPAM_GRACE=${LAB_IPAM_GRACE:-10s}" \
-		"PEER_RESYNC_INTERVAL=${LAB_PEER_RESYNC:-10s}" "${settings[@]}" >/dev/null
+		"PEER_RESYNC_INTERVAL=${LAB_PEER_RESYNC:-10s}" ${LAB_HOST_GRACE:+"HOST_GRACE=$LAB_HOST_GRACE"} "${settings[@]}" >/dev/null
 	plugin_enabled "$@" || die "host $host: $LAB_PLUGIN installed but not enabled"
 	log "host $host: $LAB_PLUGIN enabled"
 }
@@ -334,6 +352,7 @@ LAB_NS_CONSUL=$LAB_NS_CONSUL
 LAB_ADDR_A=$LAB_ADDR_A
 LAB_ADDR_B=$LAB_ADDR_B
 LAB_ADDR_CONSUL=$LAB_ADDR_CONSUL
+LAB_CONSUL_SERVERS=$LAB_CONSUL_SERVERS
 LAB_NODE_A=$LAB_NODE_A
 LAB_NODE_B=$LAB_NODE_B
 LAB_HTTP_PORT=$LAB_HTTP_PORT

@@ -334,6 +334,14 @@ func TestEndpointInUse(t *testing.T) {
 		if got != want {
 			t.Errorf("%s: EndpointInUse %v, want %v", what, got, want)
 		}
+		// EndpointsInUse lists exactly the endpoints in use.
+		keys, err := h.m.EndpointsInUse()
+		if err != nil {
+			t.Fatalf("%s: EndpointsInUse: %v", what, err)
+		}
+		if slices.Contains(keys, id[:10]) != want || (!want && len(keys) != 0) {
+			t.Errorf("%s: EndpointsInUse %v, want %s listed: %v", what, keys, id[:10], want)
+		}
 	}
 	idle := Endpoint{ID: strings.Repeat("ef", 32), VNI: vni, MAC: MACFromIP(addr("10.90.0.9"))}
 	inUse("no links", idle.ID, false)

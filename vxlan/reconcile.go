@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 )
@@ -211,4 +212,37 @@ func (m *Manager) OwnedNetworks() ([]uint32, error) {
 	}
 	slices.Sort(vnis)
 	return vnis, nil
+}
+
+// EndpointsInUse lists the endpoint keys (the first 10 characters of the
+// endpoint IDs) of the veth pairs in this namespace whose container end
+// has left it: a running container uses each (see EndpointInUse). Before
+// removing overlays the store no longer shows, the driver asks whether
+// any container would lose its network.
+//
+// Equivalent to: `ip -d link show` listing the vxh-* links whose peer is
+// in another namespace ("link-netnsid").
+func (m *Manager) EndpointsInUse() ([]string, error) {
+	m.mu.Lock()
+	links, err := m.linkList()
+	m.mu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("endpoints in use: %w", err)
+	}
+	var keys []string
+	for _, l := range links {
+		key, ok := strings.CutPrefix(l.Attrs().Name, hostPrefix)
+		if !ok || l.Type() != "veth" {
+			continue
+		}
+		inUse, err := m.EndpointInUse(key)
+		if err != nil {
+			return nil, err
+		}
+		if inUse {
+			keys = append(keys, key)
+		}
+	}
+	slices.Sort(keys)
+	return keys, nil
 }
