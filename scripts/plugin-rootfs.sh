@@ -55,12 +55,17 @@ cd "$out"
 
 # Directories the plugin runtime needs: the socket dir (Docker mounts its
 # per-plugin dir there), DATA_DIR's mount target (the data mount), /tmp,
-# and the kernel file systems' mount points. The Docker socket's mount
-# point /run/docker.sock is a file the runtime creates. Nothing else of
+# and the kernel file systems' mount points. Nothing else of
 # the host is mounted: config.json lists no /proc/sys and no exec-root.
-mkdir -p run/docker/plugins var/lib/consul-overlay tmp etc usr/sbin \
+mkdir -p run/docker/plugins run/docker-host var/lib/consul-overlay tmp etc usr/sbin \
 	proc sys dev
 chmod 1777 tmp
+# The docker-sock mount is the host directory that holds the socket
+# (/var/run): a bind mount of the socket file itself would keep the old
+# socket after the engine restarts with live-restore (dockerd makes a new
+# file), and the plugin would lose the Docker API until it restarts.
+# DOCKER_HOST's default unix:///run/docker.sock reaches it by this link.
+ln -s docker-host/docker.sock run/docker.sock
 
 install -m 0755 "$bin" consul-overlay
 

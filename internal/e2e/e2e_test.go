@@ -1191,6 +1191,7 @@ func (s *suite) engineRestartLive(t *testing.T) {
 		t.Error(err)
 	}
 	s.reachAll(t, "engine-restart-live-restore", 30*time.Second)
+	s.pluginDockerAPI(t, b)
 }
 
 // teardown: `docker compose down` on both hosts; then no network of the
