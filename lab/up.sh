@@ -296,10 +296,10 @@ install_plugin() {
 	if [[ $host == A ]]; then
 		mkdir -p "$LAB_DATA/a/plugin-data"
 		settings=("VTEP_ADDR=$LAB_ADDR_A" "NODE_NAME=$LAB_NODE_A" "data.source=$LAB_DATA/a/plugin-data")
-		[[ -n $LAB_NS_A ]] && settings+=("docker-sock.source=$LAB_STATE/a/docker.sock")
+		[[ -n $LAB_NS_A ]] && settings+=("docker-sock.source=$LAB_STATE/a")
 	else
 		settings=("VTEP_ADDR=$LAB_ADDR_B" "NODE_NAME=$LAB_NODE_B" "data.source=$LAB_DATA/b/plugin-data"
-			"docker-sock.source=$LAB_STATE/b/docker.sock")
+			"docker-sock.source=$LAB_STATE/b")
 	fi
 	"$@" plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1 || true
 	log "host $host: docker plugin install --alias $LAB_PLUGIN $LAB_REMOTE"
@@ -359,6 +359,8 @@ LAB_HTTP_PORT=$LAB_HTTP_PORT
 LAB_DNS_PORT=$LAB_DNS_PORT
 LAB_DOCKER_B=$LAB_DOCKER_B
 LAB_PLUGIN=$LAB_PLUGIN
+LAB_REMOTE=$LAB_REMOTE
+LAB_PLUGIN_DIR=$LAB_ROOT/build/plugin
 LAB_LABEL=$LAB_LABEL
 LAB_BUSYBOX=$LAB_BUSYBOX
 EOF

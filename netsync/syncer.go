@@ -170,11 +170,10 @@ func (s *Syncer) Run(ctx context.Context) {
 					s.log.Warn("cluster-wide networks: the engine's API does not answer; retrying", "error", err)
 					engineDown, downSince, downLoud = true, now, false
 				} else if !downLoud && now.Sub(downSince) > engineStaleAfter {
-					// A managed plugin's socket is a bind mount of the
-					// socket file: an engine that restarted while the
-					// plugin kept running (live-restore) listens on a new
-					// file the plugin cannot see.
-					s.log.Error("cluster-wide networks: the engine's API has not answered for a while; networks are not propagated to or from this host. If the engine restarted with live-restore while the plugin kept running, the plugin's mounted Docker socket is stale: restart the plugin (docker plugin disable -f, then enable)",
+					// A managed plugin installed with the socket file as
+					// its docker-sock source (older installs) keeps the
+					// old file across a live-restore engine restart.
+					s.log.Error("cluster-wide networks: the engine's API has not answered for a while; networks are not propagated to or from this host. Check that dockerd runs; if it restarted with live-restore and the plugin's docker-sock source is the socket file rather than its directory, set docker-sock.source to the directory (see Upgrade in the README) and restart the plugin",
 						"error", err, "since", downSince.UTC().Format(time.RFC3339))
 					downLoud = true
 				}

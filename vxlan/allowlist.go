@@ -97,6 +97,7 @@ func (f *firewall) underlayBin(v6 bool) string {
 // --comment <mark> -j DROP`, each where missing, through
 // `iptables-restore --noflush`.
 func (f *firewall) ensureInput(ctx context.Context, port int, v6 bool, want map[netip.Addr]bool, prune bool) (int, error) {
+	f.redetect(ctx)
 	ul := f.underlayBin(v6)
 	if ul == "" && !f.warnedNoUnderlay {
 		f.warnedNoUnderlay = true

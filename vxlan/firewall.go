@@ -79,6 +79,12 @@ type firewall struct {
 	explicit map[netip.Addr]bool
 	// warnedNoUnderlay: the missing underlay command was logged once.
 	warnedNoUnderlay bool
+
+	// detector chose the iptables flavour (flavour.go), nil when the
+	// commands were configured; flavour is its choice, made again by
+	// redetect until settled.
+	detector *flavourDetector
+	flavour  flavourChoice
 }
 
 // legacyOwner reports whether uncommented rules in our chain are ours: the
@@ -88,7 +94,16 @@ func (f *firewall) legacyOwner() bool { return f.mark == OwnerAlias }
 // newFirewall resolves the commands; "" looks the default name up in
 // PATH, "-" disables one. A missing command is logged and skipped.
 func newFirewall(log *slog.Logger, ipt, ip6t string) *firewall {
-	f := &firewall{log: log, mark: OwnerAlias, v6: map[string]bool{}, restore: map[string]string{}}
+	f := &firewall{log: log, mark: OwnerAlias}
+	f.useCommands(ipt, ip6t)
+	return f
+}
+
+// useCommands resolves the commands as newFirewall says and makes them
+// the ones f runs.
+func (f *firewall) useCommands(ipt, ip6t string) {
+	log := f.log
+	f.bins, f.v6, f.restore = nil, map[string]bool{}, map[string]string{}
 	for _, c := range []struct {
 		cfg, def string
 		v6       bool
@@ -125,7 +140,6 @@ func newFirewall(log *slog.Logger, ipt, ip6t string) *firewall {
 			log.Debug("no iptables-restore beside the command: rules are written one command each", "command", path)
 		}
 	}
-	return f
 }
 
 func (f *firewall) enabled() bool { return len(f.bins) > 0 }
@@ -293,6 +307,7 @@ func placeJump(b *batch, lines []string, from, to string) {
 // CONSUL-OVERLAY; iptables -I FORWARD <after DOCKER-USER> -j
 // CONSUL-OVERLAY`.
 func (f *firewall) ensureBase(ctx context.Context) (int, error) {
+	f.redetect(ctx)
 	return f.each(ctx, func(bin string) (batch, error) {
 		var b batch
 		_, ok, err := f.rules(ctx, bin, FirewallChain)

@@ -1,6 +1,7 @@
 package vxlan
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -30,7 +31,8 @@ type Config struct {
 	UnderlayMTU int
 	// IPTables and IP6Tables are the iptables and ip6tables commands that
 	// install the per-bridge firewall rules ("": looked up in PATH; "-":
-	// disabled). A command that cannot be found is logged and skipped.
+	// disabled). Both "": the flavour the host uses, iptables-nft or
+	// iptables-legacy when PATH has them (flavour.go). A command that cannot be found is logged and skipped.
 	IPTables, IP6Tables string
 	// Sysctl says how New raises the neighbour table limits
 	// (gc_thresh1/2/3): "" through rtnetlink (RTM_SETNEIGHTBL, which needs
@@ -217,7 +219,11 @@ func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
 	if OverlayMTU(m.mtu, cfg.VTEP.Is6(), 0) < minMTU {
 		return nil, fmt.Errorf("vxlan: underlay MTU %d leaves no room for VXLAN", m.mtu)
 	}
-	m.fw = newFirewall(m.log, cfg.IPTables, cfg.IP6Tables)
+	if cfg.IPTables == "" && cfg.IP6Tables == "" {
+		m.fw = newDetectedFirewall(context.Background(), m.log, newFlavourDetector(m.log))
+	} else {
+		m.fw = newFirewall(m.log, cfg.IPTables, cfg.IP6Tables)
+	}
 	m.fw.mark = m.mark
 	switch cfg.Sysctl {
 	case "-":

@@ -86,6 +86,10 @@ func TestE2E(t *testing.T) {
 	s.run(t, "once-create-rm", nil, s.onceCreateRm)
 	s.run(t, "once-conflict", nil, s.onceConflict)
 	s.run(t, "once-compose", nil, s.onceCompose)
+	s.runSince(t, "ipv6-only", 28, nil, s.ipv6Only)
+	s.run(t, "internal-network", nil, s.internalNetwork)
+	s.run(t, "published-remote", nil, s.publishedRemote)
+	s.run(t, "plugin-upgrade", []string{"compose-up"}, s.pluginUpgrade)
 	s.run(t, "plugin-restart", []string{"compose-up"}, s.pluginRestart)
 	s.run(t, "engine-restart", []string{"compose-up"}, s.engineRestart)
 	s.run(t, "engine-restart-live-restore", []string{"compose-up"}, s.engineRestartLive)
@@ -1187,6 +1191,7 @@ func (s *suite) engineRestartLive(t *testing.T) {
 		t.Error(err)
 	}
 	s.reachAll(t, "engine-restart-live-restore", 30*time.Second)
+	s.pluginDockerAPI(t, b)
 }
 
 // teardown: `docker compose down` on both hosts; then no network of the

@@ -1,0 +1,150 @@
+package vxlan
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"consul-overlay/internal/testenv"
+)
+
+func TestChooseFlavour(t *testing.T) {
+	nft := func(chains, rules int) flavourState {
+		return flavourState{name: "nft", iptables: "/x/iptables-nft", ip6tables: "/x/ip6tables-nft", dockerChains: chains, rules: rules}
+	}
+	legacy := func(chains, rules int) flavourState {
+		return flavourState{name: "legacy", iptables: "/x/iptables-legacy", ip6tables: "/x/ip6tables-legacy", dockerChains: chains, rules: rules}
+	}
+	for _, tt := range []struct {
+		name        string
+		states      []flavourState
+		want        string // "" for no choice
+		wantSettled bool
+	}{
+		{"none installed", nil, "", false},
+		{"only legacy", []flavourState{legacy(0, 0)}, "legacy", true},
+		{"dockerd in legacy", []flavourState{nft(0, 3), legacy(6, 12)}, "legacy", true},
+		{"dockerd in nft, stray legacy rules", []flavourState{nft(6, 12), legacy(0, 40)}, "nft", true},
+		{"dockerd in both, more in legacy", []flavourState{nft(2, 2), legacy(6, 12)}, "legacy", true},
+		{"no dockerd, rules in legacy", []flavourState{nft(0, 0), legacy(0, 4)}, "legacy", true},
+		{"no dockerd, equal rules", []flavourState{nft(0, 4), legacy(0, 4)}, "nft", true},
+		{"nothing anywhere: provisional nft", []flavourState{nft(0, 0), legacy(0, 0)}, "nft", false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c, ok := chooseFlavour(tt.states)
+			if ok != (tt.want != "") || (ok && (c.name != tt.want || c.settled != tt.wantSettled)) {
+				t.Errorf("chooseFlavour = %q settled %t ok %t (%s), want %q settled %t", c.name, c.settled, ok, c.reason, tt.want, tt.wantSettled)
+			}
+		})
+	}
+}
+
+// flavourWrappers writes, for each flavour command that exists on this
+// machine, a wrapper that runs it in h's namespace, and returns a lookPath
+// that finds only those.
+func flavourWrappers(t *testing.T, h *testHost) func(string) (string, error) {
+	t.Helper()
+	dir := t.TempDir()
+	for _, f := range flavourNames {
+		for _, fam := range []string{"iptables", "ip6tables"} {
+			for _, suffix := range []string{"", "-save", "-restore"} {
+				name := fam + "-" + f + suffix
+				bin, err := exec.LookPath(name)
+				if err != nil {
+					t.Fatalf("%s: %v (apt-get install -y iptables: Debian's carries both flavours)", name, err)
+				}
+				script := fmt.Sprintf("#!/bin/sh\nexec nsenter --net=%s %s \"$@\"\n", h.NS.Path, bin)
+				if err := os.WriteFile(filepath.Join(dir, name), []byte(script), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	return func(name string) (string, error) {
+		p := filepath.Join(dir, name)
+		if _, err := os.Stat(p); err != nil {
+			return "", &exec.Error{Name: name, Err: exec.ErrNotFound}
+		}
+		return p, nil
+	}
+}
+
+// A host whose dockerd uses the legacy flavour of iptables (its chains and
+// its FORWARD policy DROP in x_tables): rules written in the nft flavour
+// are loaded and ineffective, so a Manager that is not told the commands
+// detects the legacy flavour, programs it, and the overlay's bridged
+// traffic flows through the DROP policy.
+func TestFirewallLegacyFlavour(t *testing.T) {
+	t.Parallel()
+	hosts := newHosts(t, 2, testenv.UnderlayOptions{})
+	h0 := hosts[0]
+	lookPath := flavourWrappers(t, h0)
+	if strings.TrimSpace(h0.NS.MustRun(t, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables")) != "1" {
+		h0.NS.MustRun(t, "sysctl", "-w", "net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1")
+	}
+	// dockerd's FORWARD on a legacy host.
+	for _, cmd := range []string{"iptables-legacy", "ip6tables-legacy"} {
+		iptables(t, h0, cmd, "-N", "DOCKER")
+		iptables(t, h0, cmd, "-N", "DOCKER-USER")
+		iptables(t, h0, cmd, "-A", "DOCKER-USER", "-j", "RETURN")
+		iptables(t, h0, cmd, "-A", "FORWARD", "-j", "DOCKER-USER")
+		iptables(t, h0, cmd, "-P", "FORWARD", "DROP")
+	}
+
+	// The control: the nft flavour (what the plugin's rootfs had alone)
+	// programs rules that do not help.
+	const vniNFT, vniAuto = 0x31, 0x32
+	ctl := Network{VNI: vniNFT, Gateways: []netip.Prefix{pfx("10.31.0.1/24")}}
+	for _, h := range hosts {
+		if _, err := h.m.EnsureNetwork(t.Context(), ctl); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c1 := h0.run(t, vniNFT, []netip.Prefix{pfx("10.31.0.2/24")})
+	c2 := hosts[1].run(t, vniNFT, []netip.Prefix{pfx("10.31.0.3/24")})
+	c1.announce(t, hosts[1])
+	c2.announce(t, h0)
+	if got := fwRules(t, h0, "iptables-nft"); len(got) == 0 {
+		t.Fatal("the control wrote no rules in the nft flavour")
+	}
+	mustNotPing(t, c1.ns, addr("10.31.0.3"))
+
+	// The Manager that detects the flavour (another owner in the same
+	// namespace, so the control's rules stay apart).
+	m := h0.manager(t, "flv")
+	m.fw = newDetectedFirewall(context.Background(), m.log, &flavourDetector{log: m.log, lookPath: lookPath, save: runSave})
+	m.fw.mark = m.mark
+	if m.fw.flavour.name != "legacy" || !m.fw.flavour.settled {
+		t.Fatalf("flavour %q settled %t (%s), want legacy", m.fw.flavour.name, m.fw.flavour.settled, m.fw.flavour.reason)
+	}
+	n := Network{VNI: vniAuto, Gateways: []netip.Prefix{pfx("10.32.0.1/24"), pfx("fd00:32::1/64")}}
+	if _, err := m.EnsureNetwork(t.Context(), n); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hosts[1].m.EnsureNetwork(t.Context(), n); err != nil {
+		t.Fatal(err)
+	}
+	a1 := h0.runWith(t, m, vniAuto, []netip.Prefix{pfx("10.32.0.2/24"), pfx("fd00:32::2/64")})
+	a2 := hosts[1].run(t, vniAuto, []netip.Prefix{pfx("10.32.0.3/24"), pfx("fd00:32::3/64")})
+	a1.announce(t, hosts[1])
+	a2.announceTo(t, m)
+	mustPing(t, a1.ns, addr("10.32.0.3"))
+	mustPing(t, a1.ns, addr("fd00:32::3"))
+	br := BridgeName(vniAuto)
+	accept := fmt.Sprintf("-A %s -i %s -o %s -m comment --comment %s -j ACCEPT", FirewallChain, br, br, m.mark)
+	for _, cmd := range []string{"iptables-legacy", "ip6tables-legacy"} {
+		if n := ruleCounter(t, h0, cmd, accept); n == 0 {
+			t.Errorf("%s: our ACCEPT rule saw no packets", cmd)
+		}
+	}
+	for _, r := range fwRules(t, h0, "iptables-nft") {
+		if strings.Contains(r, br) {
+			t.Errorf("iptables-nft has a rule of the legacy host's network: %s", r)
+		}
+	}
+}
