@@ -472,5 +472,5 @@ func (c *Consul) fail(ctx context.Context, st *httpStatus, op, key string, err e
 	if code >= 400 && code < 500 && code != http.StatusTooManyRequests {
 		return fmt.Errorf("%s: %w", what, err)
 	}
-	return fmt.Errorf("%s: %w: %w", what, ErrUnavailable, err)
+	return fmt.Errorf("%s: %w (Consul unreachable or without a leader): %w", what, ErrUnavailable, err)
 }
