@@ -47,10 +47,10 @@ type networkOptions struct {
 	// encrypted: -o encrypted (Docker's overlay takes it without a
 	// value) or -o encrypted=true: VXLAN in IPsec ESP between the hosts.
 	encrypted bool
-	generic  map[string]string
-	subnets  []netip.Prefix // IPv4 first, as Docker sends them
-	gateways []netip.Prefix
-	spaces   []string // IPAM address spaces, one per subnet
+	generic   map[string]string
+	subnets   []netip.Prefix // IPv4 first, as Docker sends them
+	gateways  []netip.Prefix
+	spaces    []string // IPAM address spaces, one per subnet
 }
 
 // parseNetworkOptions validates CreateNetwork's options and IPAM data. Any

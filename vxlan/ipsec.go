@@ -116,8 +116,8 @@ type ipsecState struct {
 	// states and out policies in the kernel are kept, so traffic keeps
 	// flowing while the plugin reads the key ring.
 	haveKeys bool
-	probed    error // the kernel support probe's result once done
-	didProbe  bool
+	probed   error // the kernel support probe's result once done
+	didProbe bool
 }
 
 // ipsecReqid is the reqid of an owner's states and policies, and ipsecMark

@@ -305,7 +305,6 @@ func startCapture(t *testing.T, h *testHost, vnis ...uint32) (c *capture, stop f
 	return c, func() { stopped.Store(true); <-done; unix.Close(fd) }
 }
 
-
 // The data plane of an encrypted overlay, between namespaces on the real
 // kernel: ping and TCP work, the underlay carries ESP and no VXLAN of the
 // encrypted VNI while a plain network between the same hosts stays plain
