@@ -252,16 +252,12 @@ func (m *Manager) ensureIPsecNetwork(ctx context.Context, vni uint32, ch *Change
 // dropIPsecNetwork forgets vni as encrypted and removes its rules and any
 // state or policy only it needed. Caller holds m.mu.
 func (m *Manager) dropIPsecNetwork(ctx context.Context, vni uint32, ch *Changes) error {
-	if !m.sec.encrypted[vni] && !m.espRulesMayExist(vni) {
-		return nil
+	if !m.sec.encrypted[vni] {
+		return nil // not encrypted here (what a restart left, Reconcile removes)
 	}
 	delete(m.sec.encrypted, vni)
 	return errors.Join(m.syncXfrm(ch), m.syncESPRules(ctx, ch))
 }
-
-// espRulesMayExist: without a record of vni (a restart), the rules may
-// still be there; the sync is then cheap enough to run.
-func (m *Manager) espRulesMayExist(vni uint32) bool { return m.sec.encrypted == nil }
 
 // encryptedPeers is the set of remote VTEPs that share an encrypted
 // network with this host. Caller holds m.mu.
