@@ -33,6 +33,16 @@ func ipsecSettings(getenv func(string) string) (cstate.KeyringConfig, error) {
 		}
 		*s.to = d
 	}
+	rot, grace := c.Rotation, c.Grace
+	if rot == 0 {
+		rot = cstate.DefaultKeyRotation
+	}
+	if grace == 0 {
+		grace = cstate.DefaultKeyGrace
+	}
+	if rot < 4*grace {
+		return c, fmt.Errorf("ENCRYPTION_KEY_ROTATION=%s must be at least 4 times ENCRYPTION_KEY_GRACE=%s (a new key sends one grace after it is made, the old one goes two graces after that)", rot, grace)
+	}
 	return c, nil
 }
 

@@ -18,6 +18,7 @@ func TestIPsecSettings(t *testing.T) {
 		{"1h", "10s", [2]time.Duration{time.Hour, 10 * time.Second}, ""},
 		{"30s", "", [2]time.Duration{}, "ENCRYPTION_KEY_ROTATION"},
 		{"12h", "soon", [2]time.Duration{}, "ENCRYPTION_KEY_GRACE"},
+		{"1m", "", [2]time.Duration{}, "4 times ENCRYPTION_KEY_GRACE"},
 	} {
 		env := map[string]string{"ENCRYPTION_KEY_ROTATION": tc.rot, "ENCRYPTION_KEY_GRACE": tc.grace}
 		c, err := ipsecSettings(func(k string) string { return env[k] })
