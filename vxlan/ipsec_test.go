@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -103,6 +104,23 @@ func mangleRules(t *testing.T, h *testHost, chain string) []string {
 	return rules
 }
 
+// mangleCounter is the packet counter of rule (as -S prints it) in chain.
+func mangleCounter(t *testing.T, h *testHost, chain, rule string) int {
+	t.Helper()
+	out := h.NS.MustRun(t, "iptables", "-w", "-t", "mangle", "-S", chain, "-v")
+	counters := regexp.MustCompile(` -c (\d+) \d+`)
+	for _, l := range strings.Split(out, "\n") {
+		m := counters.FindStringSubmatch(l)
+		if m == nil || counters.ReplaceAllString(l, "") != rule {
+			continue
+		}
+		n, _ := strconv.Atoi(m[1])
+		return n
+	}
+	t.Fatalf("no rule %q in %s:\n%s", rule, chain, out)
+	return 0
+}
+
 // The control plane of encryption on any kernel: the mangle rules that
 // mark and filter the encrypted VNIs read back exactly as written (a second
 // sync changes nothing), the out policies name the primary key's SPI and
@@ -138,6 +156,9 @@ func TestIPsecRulesAndPolicies(t *testing.T) {
 		}
 		if got := mangleRules(t, h0, c.chain); !slices.Equal(got, want) {
 			t.Errorf("%s:\n%s\nwant\n%s", c.chain, strings.Join(got, "\n"), strings.Join(want, "\n"))
+		}
+		if n := mangleCounter(t, h0, c.chain, want[0]); n != 0 {
+			t.Errorf("%s: counter %d before any packet", c.chain, n)
 		}
 		if first := mangleRules(t, h0, c.from); len(first) == 0 || first[0] != "-A "+c.from+" -j "+c.chain {
 			t.Errorf("mangle %s: %v, want our jump first", c.from, first)
@@ -398,20 +419,26 @@ func TestEncryptedOverlay(t *testing.T) {
 	}
 	t.Logf("underlay capture: %d ESP, %d VXLAN of the plain vni", capt.esp.Load(), capt.vxlan[plain].Load())
 
-	// Injection: h2 is an allowed VTEP (a member of the plain network).
-	// Its crafted VXLAN of the plain vni reaches p0; of the encrypted vni,
-	// nothing reaches e0. Not even h1, which has the keys, can send plain.
+	// Injection: h2 is an allowed VTEP (a member of the plain network)
+	// without the keys. Its crafted VXLAN of the plain vni reaches p0; of
+	// the encrypted vni, nothing reaches e0: the allowlist lets h2 through,
+	// the ESP-IN rule does not. (h1's kernel would encrypt such a packet:
+	// it has the keys.)
 	const port = 7777
 	le, lp := listenUDP(t, e0.ns, port), listenUDP(t, p0.ns, port)
 	sendUDP(t, h2.NS, h2.Addr, h0.Addr, DefaultPort, 5, vxlanFrame(plain, p0.mac, p1.mac, addr("10.94.2.3"), addr("10.94.2.2"), port, []byte("plain")))
 	if got := lp.received(t, "plain", 500*time.Millisecond); got != 5 {
 		t.Fatalf("crafted plain-network packets from an allowed host: %d of 5 arrived (the test's packets are wrong)", got)
 	}
-	for _, from := range []*testHost{h2, h1} {
-		sendUDP(t, from.NS, from.Addr, h0.Addr, DefaultPort, 5, vxlanFrame(enc, e0.mac, e1.mac, addr("10.94.1.3"), addr("10.94.1.2"), port, []byte("inject")))
-		if got := le.received(t, "inject", 500*time.Millisecond); got != 0 {
-			t.Errorf("crafted plain VXLAN of the encrypted vni from %s: %d reached the container, want 0", from.Addr, got)
-		}
+	dropRule := "-A " + ESPInChain + " " + strings.Join(h0.m.espRule(ESPInChain, enc), " ")
+	dropRule = strings.ReplaceAll(dropRule, "--u32 "+vniU32(enc, false), `--u32 "`+vniU32(enc, false)+`"`)
+	dropsBefore := mangleCounter(t, h0, ESPInChain, dropRule)
+	sendUDP(t, h2.NS, h2.Addr, h0.Addr, DefaultPort, 5, vxlanFrame(enc, e0.mac, e1.mac, addr("10.94.1.3"), addr("10.94.1.2"), port, []byte("inject")))
+	if got := le.received(t, "inject", 500*time.Millisecond); got != 0 {
+		t.Errorf("crafted plain VXLAN of the encrypted vni from %s: %d reached the container, want 0", h2.Addr, got)
+	}
+	if dropped := mangleCounter(t, h0, ESPInChain, dropRule) - dropsBefore; dropped < 5 {
+		t.Errorf("the plain-VXLAN drop rule counted %d of 5 crafted packets", dropped)
 	}
 
 	// Rotation during a 20 ms ping: install, switch, remove; nothing lost.
@@ -471,4 +498,70 @@ func TestEncryptedOverlay(t *testing.T) {
 		}
 	}
 	mustPing(t, p0.ns, addr("10.94.2.3"))
+}
+
+// The mechanism that picks the encrypted VNIs out of UDP 4789, on any
+// kernel (no ESP needed): with the rules in place and no key yet, VXLAN of
+// the encrypted VNI is marked on output (the MARK rule counts it) and held
+// by the block policy, and dropped on input when it comes in plain (the
+// DROP rule counts it), while another VNI between the same hosts passes
+// untouched; with the rules and policies removed, both pass again.
+func TestEncryptedVNIMarking(t *testing.T) {
+	ctx := t.Context()
+	hosts := newHosts(t, 2, testenv.UnderlayOptions{})
+	h0, h1 := hosts[0], hosts[1]
+	const enc, plain = 0x5e4, 0x5e5
+	for _, h := range hosts {
+		for _, vni := range []uint32{enc, plain} {
+			if _, err := h.m.EnsureNetwork(ctx, Network{VNI: vni}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	e0 := h0.run(t, enc, []netip.Prefix{pfx("10.94.4.2/24")})
+	e1 := h1.run(t, enc, []netip.Prefix{pfx("10.94.4.3/24")})
+	p0 := h0.run(t, plain, []netip.Prefix{pfx("10.94.5.2/24")})
+	p1 := h1.run(t, plain, []netip.Prefix{pfx("10.94.5.3/24")})
+	e0.announce(t, h1)
+	e1.announce(t, h0)
+	p0.announce(t, h1)
+	p1.announce(t, h0)
+	mustPing(t, e0.ns, addr("10.94.4.3"))
+	mustPing(t, p0.ns, addr("10.94.5.3"))
+
+	// h0 treats enc as encrypted, with an empty key ring.
+	h0.m.mu.Lock()
+	h0.m.sec.encrypted = map[uint32]bool{enc: true}
+	var ch Changes
+	err := h0.m.syncESPRules(ctx, &ch)
+	h0.m.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h0.m.SetIPsecKeys(ctx, IPsecKeys{}); err != nil {
+		t.Fatal(err)
+	}
+	rule := func(chain string) string {
+		r := "-A " + chain + " " + strings.Join(h0.m.espRule(chain, enc), " ")
+		return strings.ReplaceAll(r, "--u32 "+vniU32(enc, false), `--u32 "`+vniU32(enc, false)+`"`)
+	}
+	mustNotPing(t, e0.ns, addr("10.94.4.3")) // held by the block policy
+	if n := mangleCounter(t, h0, ESPOutChain, rule(ESPOutChain)); n == 0 {
+		t.Error("the MARK rule matched no VXLAN packet of the encrypted vni")
+	}
+	mustPing(t, p0.ns, addr("10.94.5.3")) // another vni passes
+	// Plain VXLAN of the encrypted vni from h1 is dropped on arrival.
+	_, _ = ping(t, e1.ns, addr("10.94.4.2"), 2)
+	if n := mangleCounter(t, h0, ESPInChain, rule(ESPInChain)); n == 0 {
+		t.Error("the DROP rule dropped no plain VXLAN of the encrypted vni")
+	}
+	if n := mangleCounter(t, h0, ESPOutChain, rule(ESPOutChain)); n > 0 {
+		t.Logf("marked %d packets of the encrypted vni", n)
+	}
+
+	if _, err := h0.m.RemoveIPsec(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mustPing(t, e0.ns, addr("10.94.4.3"))
+	mustPing(t, p0.ns, addr("10.94.5.3"))
 }
