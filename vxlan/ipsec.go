@@ -557,26 +557,25 @@ func (m *Manager) syncESPRules(ctx context.Context, ch *Changes) error {
 		for vni := range m.sec.encrypted {
 			want[strings.Join(m.espRule(c.chain, vni), " ")] = vni
 		}
-		var stale []int // rule numbers, 1-based
-		n := 0
 		for _, l := range strings.Split(out, "\n") {
 			if !strings.HasPrefix(l, "-A "+c.chain+" ") {
 				continue
 			}
-			n++
 			r := parseRule(l)
 			if !r.marked || r.comment != m.mark {
-				continue
+				continue // another owner's
 			}
-			text := strings.ReplaceAll(strings.Join(r.fields, " "), `"`, "")
+			// -S quotes the u32 expression; no field has a space.
+			fields := make([]string, len(r.fields))
+			for i, f := range r.fields {
+				fields[i] = strings.Trim(f, `"`)
+			}
+			text := strings.Join(fields, " ")
 			if _, ok := want[text]; ok {
 				delete(want, text)
 				continue
 			}
-			stale = append(stale, n)
-		}
-		for i := len(stale) - 1; i >= 0; i-- {
-			if _, err := m.mangle(ctx, bin, "-D", c.chain, strconv.Itoa(stale[i])); err != nil {
+			if _, err := m.mangle(ctx, bin, slices.Concat([]string{"-D", c.chain}, fields)...); err != nil && !exitCode1(err) {
 				errs = append(errs, err)
 				continue
 			}
