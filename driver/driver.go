@@ -343,6 +343,9 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 	if max := d.dp.MaxMTU(); opts.mtu > max {
 		return fmt.Errorf("%s: option mtu=%d: the underlay carries at most %d bytes of overlay payload (its MTU minus the VXLAN overhead)", op, opts.mtu, max)
 	}
+	if max := d.dp.MaxMTU() - vxlan.ESPOverhead; opts.encrypted && opts.mtu > max {
+		return fmt.Errorf("%s: option mtu=%d: an encrypted network carries at most %d bytes of overlay payload (the underlay's MTU minus the VXLAN overhead and %d bytes of ESP)", op, opts.mtu, max, vxlan.ESPOverhead)
+	}
 	if l := d.network(req.NetworkID); l != nil {
 		if l.rec.Key == key {
 			return nil // replayed request
@@ -365,6 +368,9 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 		}
 	}()
 	d.point("createnetwork/after-membership")
+	if enc := encryptedNetwork(rec.Options); enc != opts.encrypted {
+		return fmt.Errorf("%s: logical network %s exists with encrypted=%t, the request asks for encrypted=%t: %w", op, rec.Label(), enc, opts.encrypted, cluster.ErrIncompatible)
+	}
 
 	if _, err := d.dp.EnsureNetwork(ctx, kernelNetwork(rec)); err != nil {
 		return fmt.Errorf("%s: build overlay for logical network %s (vni %d): %w", op, rec.Label(), rec.VNI, err)
@@ -377,7 +383,7 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 
 // kernelNetwork is the data-plane description of a logical network.
 func kernelNetwork(rec cluster.Network) vxlan.Network {
-	n := vxlan.Network{VNI: rec.VNI, MTU: rec.MTU, Internal: rec.Internal}
+	n := vxlan.Network{VNI: rec.VNI, MTU: rec.MTU, Internal: rec.Internal, Encrypted: encryptedNetwork(rec.Options)}
 	for _, g := range rec.Gateways {
 		if p, err := netip.ParsePrefix(g); err == nil {
 			n.Gateways = append(n.Gateways, p)

@@ -25,6 +25,7 @@ const (
 	optMTU           = "mtu"
 	optRegister      = "register"
 	optServicePrefix = "service_prefix"
+	optEncrypted     = "encrypted"
 )
 
 // Limits for user-supplied values.
@@ -43,10 +44,13 @@ type networkOptions struct {
 	mtu      int    // 0: derive from the underlay
 	internal bool
 	ipv6     bool
-	generic  map[string]string
-	subnets  []netip.Prefix // IPv4 first, as Docker sends them
-	gateways []netip.Prefix
-	spaces   []string // IPAM address spaces, one per subnet
+	// encrypted: -o encrypted (Docker's overlay takes it without a
+	// value) or -o encrypted=true: VXLAN in IPsec ESP between the hosts.
+	encrypted bool
+	generic   map[string]string
+	subnets   []netip.Prefix // IPv4 first, as Docker sends them
+	gateways  []netip.Prefix
+	spaces    []string // IPAM address spaces, one per subnet
 }
 
 // parseNetworkOptions validates CreateNetwork's options and IPAM data. Any
@@ -88,6 +92,12 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 			if strings.ContainsAny(v, " /") {
 				return nil, fmt.Errorf("option service_prefix=%q: no spaces or slashes in a service name", v)
 			}
+		case optEncrypted:
+			b, err := parseEncrypted(v)
+			if err != nil {
+				return nil, err
+			}
+			o.encrypted = b
 		case optMTU, optDockerMTU:
 			n, err := strconv.Atoi(strings.TrimSpace(v))
 			if err != nil || n <= 0 {
@@ -103,7 +113,7 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return nil, fmt.Errorf("unknown option %s: consul-overlay takes -o name=, vni=, mtu= (or %s), register=, service_prefix=", strings.Join(unknown, ", "), optDockerMTU)
+		return nil, fmt.Errorf("unknown option %s: consul-overlay takes -o name=, vni=, mtu= (or %s), register=, service_prefix=, encrypted=", strings.Join(unknown, ", "), optDockerMTU)
 	}
 
 	for _, list := range [][]*network.IPAMData{req.IPv4Data, req.IPv6Data} {
@@ -151,4 +161,28 @@ func boolOption(v interface{}) bool {
 		return r
 	}
 	return false
+}
+
+// parseEncrypted reads -o encrypted: empty (Docker's `-o encrypted`) is
+// true, otherwise a boolean.
+func parseEncrypted(v string) (bool, error) {
+	if strings.TrimSpace(v) == "" {
+		return true, nil
+	}
+	b, err := strconv.ParseBool(strings.TrimSpace(v))
+	if err != nil {
+		return false, fmt.Errorf("option encrypted=%q: want true or false", v)
+	}
+	return b, nil
+}
+
+// encryptedNetwork reports whether a logical network's record asks for
+// encryption (the -o options of its first host).
+func encryptedNetwork(options map[string]string) bool {
+	v, ok := options[optEncrypted]
+	if !ok {
+		return false
+	}
+	b, err := parseEncrypted(v)
+	return err == nil && b
 }

@@ -265,6 +265,17 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 				"other_instance", vxlan.OwnerMark(owner), "links", links, "kv_prefix", ccfg.Prefix, "consul", storeName)
 		}
 	}
+	// Encrypted networks (issue 17): the key ring, before the driver
+	// reconciles, so a restart keeps its states.
+	icfg, err := ipsecSettings(os.Getenv)
+	if err != nil {
+		return err
+	}
+	stopIPsec, err := startIPsec(ctx, log, store, dp, icfg)
+	if err != nil {
+		return err
+	}
+	defer stopIPsec()
 	// OPS hook (issue 18): metrics on METRICS_ADDR; the drivers get the
 	// metered store and data plane (store and dp themselves when off).
 	mstore, mdp, stopMetrics, err := startMetrics(ctx, log, store, dp, ownerTag(ccfg.Prefix, storeName))

@@ -105,6 +105,15 @@
 // another instance). The commands are configurable; without them the
 // package logs a warning and carries on.
 //
+// # Encryption
+//
+// A network with Encrypted set carries its VXLAN packets to and from its
+// peers' VTEPs in IPsec ESP, transport mode (ipsec.go): mangle rules pick
+// the encrypted VNIs out of UDP Port with -m u32, mark them for the xfrm
+// out policies and drop them on input unless they came through IPsec;
+// states come from the key ring SetIPsecKeys gives. Its default MTU is
+// ESPOverhead (40) bytes smaller.
+//
 // # Kernel tweaks
 //
 // New raises the neighbour table limits (gc_thresh1/2/3 to 8192, 49152 and

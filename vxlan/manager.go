@@ -69,6 +69,9 @@ type Network struct {
 	// routed in or out of every overlay). Connections the host starts
 	// (a health check) still get their replies.
 	Internal bool
+	// Encrypted carries the network's VXLAN packets to and from its peers
+	// in IPsec ESP (ipsec.go); its default MTU is ESPOverhead smaller.
+	Encrypted bool
 }
 
 // NetworkInfo describes the links of an ensured network.
@@ -127,11 +130,12 @@ type Changes struct {
 	Neighbours int // neighbour (IP to MAC) entries written or removed
 	FDB        int // FDB entries (MAC to VTEP, and all-zeros flood entries) written or removed
 	Rules      int // iptables and ip6tables chains and rules added or removed
+	IPsec      int // xfrm states and policies written or removed
 }
 
 // Total is the number of kernel writes.
 func (c Changes) Total() int {
-	return c.Links + c.LinkAttrs + c.Addrs + c.Neighbours + c.FDB + c.Rules
+	return c.Links + c.LinkAttrs + c.Addrs + c.Neighbours + c.FDB + c.Rules + c.IPsec
 }
 
 // Manager programs overlay networks into the kernel of one network
@@ -151,6 +155,8 @@ type Manager struct {
 	// peers holds the desired remote peers per VNI, including those of
 	// networks not ensured yet (programmed when the network is).
 	peers map[uint32]*peerSet
+	// sec is the encryption state (ipsec.go); guarded by mu.
+	sec ipsecState
 
 	// failAt, when set by tests, is called before each kernel write of a
 	// create path with the step's name; an error fails that step.
@@ -281,8 +287,15 @@ func (m *Manager) step(name string) error {
 
 // networkMTU is the MTU a network's links get.
 func (m *Manager) networkMTU(n Network) int {
+	if n.Encrypted && n.MTU == 0 {
+		return m.MaxEncryptedMTU()
+	}
 	return OverlayMTU(m.mtu, m.cfg.VTEP.Is6(), n.MTU)
 }
+
+// MaxEncryptedMTU is MaxMTU less the ESP overhead: the largest MTU, and the
+// default, of an encrypted network.
+func (m *Manager) MaxEncryptedMTU() int { return m.MaxMTU() - ESPOverhead }
 
 // MaxMTU is the largest overlay MTU the underlay carries without
 // fragmenting: the underlay's MTU minus the VXLAN overhead. It is also the

@@ -66,6 +66,16 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool
 		}
 	}()
 
+	if n.Encrypted { // before any VXLAN device exists: no plain packet
+		wasEncrypted := m.sec.encrypted[n.VNI]
+		if err := m.ensureIPsecNetwork(ctx, n.VNI, ch); err != nil {
+			return info, err
+		}
+		if !wasEncrypted {
+			undo = append(undo, func() error { return m.dropIPsecNetwork(context.WithoutCancel(ctx), n.VNI, ch) })
+		}
+	}
+
 	br, created, err := m.ensureBridge(n, mtu, ch)
 	if created {
 		undo = append(undo, func() error { return m.deleteLink(br) })
@@ -100,6 +110,11 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool
 	}
 	if err := m.syncPeerEntries(vx, n.VNI, keepEntries, ch); err != nil {
 		return info, err
+	}
+	if n.Encrypted {
+		if err := m.syncXfrm(ch); err != nil {
+			return info, fmt.Errorf("ensure network (vni %d): %w", n.VNI, err)
+		}
 	}
 	return info, nil
 }
@@ -420,6 +435,9 @@ func (m *Manager) deleteNetwork(ctx context.Context, vni uint32, ch *Changes) er
 	k, err := m.fw.removeBridge(ctx, brName)
 	ch.Rules += k
 	if err != nil {
+		errs = append(errs, err)
+	}
+	if err := m.dropIPsecNetwork(ctx, vni, ch); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {

@@ -163,6 +163,12 @@ func (m *Manager) AddPeer(ctx context.Context, p Peer) error {
 		m.peers[p.VNI] = set
 	}
 	set.add(k)
+	if m.sec.encrypted[p.VNI] {
+		var ch Changes
+		if err := m.syncXfrm(&ch); err != nil {
+			return fmt.Errorf("add peer %s (vni %d): %w", p.IP, p.VNI, err)
+		}
+	}
 	vx, err := m.ownVXLAN(p.VNI)
 	if err != nil {
 		return fmt.Errorf("add peer %s (vni %d): %w", p.IP, p.VNI, err)
@@ -207,6 +213,11 @@ func (m *Manager) DeletePeer(ctx context.Context, p Peer) error {
 	var ch Changes
 	if err := m.applyPeer(vx, set, k, false, &ch); err != nil {
 		return fmt.Errorf("delete peer %s (vni %d, vtep %s): %w", p.IP, p.VNI, k.vtep, err)
+	}
+	if m.sec.encrypted[p.VNI] {
+		if err := m.syncXfrm(&ch); err != nil {
+			return fmt.Errorf("delete peer %s (vni %d): %w", p.IP, p.VNI, err)
+		}
 	}
 	return nil
 }

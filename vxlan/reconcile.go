@@ -97,6 +97,9 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 		errs = append(errs, m.removeStrays(links, nets, eps, &ch)...)
 	}
 
+	if err := m.reconcileIPsec(ctx, nets, keep, &ch); err != nil {
+		errs = append(errs, err)
+	}
 	if m.fw.enabled() {
 		k, err := m.fw.ensureBase(ctx)
 		ch.Rules += k

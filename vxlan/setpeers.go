@@ -76,6 +76,13 @@ func (m *Manager) SetPeers(ctx context.Context, vni uint32, peers []Peer) (Chang
 	} else {
 		m.peers[vni] = set
 	}
+	// Encrypted network: states and policies of a new peer before its
+	// entries, so its first packet finds them.
+	if m.sec.encrypted[vni] {
+		if err := m.syncXfrm(&ch); err != nil {
+			errs = append(errs, fmt.Errorf("set peers (vni %d): %w", vni, err))
+		}
+	}
 	// Only this owner's device: another instance's is left alone.
 	vx, err := m.ownVXLAN(vni)
 	if err != nil {

@@ -33,7 +33,10 @@ const intro = "# Benchmarks\n\n" +
 	"namespace each would cost the machine, not the plugin, and changes nothing the plugin does.\n" +
 	"6. **Docker's overlay** (`swarm`): consul-overlay against Docker's own overlay driver on the two-engine lab " +
 	"(`lab/up.sh`), made a two-node Swarm for the run. It uses the lab when it is up and not owned by someone else " +
-	"(owner `bench` or `manual`); when the lab is down a full run brings it up and down again.\n\n" +
+	"(owner `bench` or `manual`); when the lab is down a full run brings it up and down again.\n" +
+	"7. **Encrypted overlay** (`encrypted`): an encrypted network (`-o encrypted=true`, VXLAN in IPsec ESP with " +
+	"rfc4106(gcm(aes))) against an unencrypted one between the same two hosts, measured as the data plane is; the " +
+	"figure is the throughput ratio. It needs ESP and AES-GCM in the kernel.\n\n" +
 	"## Running it\n\n" +
 	"    sudo make bench                      # everything, about 12 minutes on 2 cores\n" +
 	"    sudo BENCH_QUICK=1 make bench        # fewer rounds, smaller scale, under 3 minutes\n" +

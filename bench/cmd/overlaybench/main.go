@@ -65,6 +65,7 @@ var benches = []bench{
 	{"swarm", benchSwarm},
 	{"ipam", benchIPAM},
 	{"scale", benchScale},
+	{"encrypted", benchEncrypted},
 }
 
 func main() {
