@@ -45,7 +45,7 @@ func TestProtocolEncrypted(t *testing.T) {
 		if keys := stateKeys(t, consul, prefix+"networks/"); len(keys) != 0 {
 			t.Errorf("refused network left keys: %v", keys)
 		}
-		testenv.Missing(t, "IPsec ESP with rfc4106(gcm(aes)) in the kernel", "CONFIG_INET_ESP and CONFIG_CRYPTO_GCM; the plugin said: "+err.Error())
+		testenv.KernelLacks(t, "IPsec ESP with rfc4106(gcm(aes))", "CONFIG_INET_ESP and CONFIG_CRYPTO_GCM; the plugin said: "+err.Error())
 	}
 	nb, err := b.createNetwork(encSpec)
 	if err != nil {

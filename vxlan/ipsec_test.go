@@ -262,7 +262,7 @@ func TestEncryptedNetworkUnsupported(t *testing.T) {
 func requireESP(t *testing.T, m *Manager) {
 	t.Helper()
 	if err := m.IPsecSupported(); err != nil {
-		testenv.Missing(t, "IPsec ESP with rfc4106(gcm(aes)) in the kernel", "a kernel with CONFIG_INET_ESP, CONFIG_INET6_ESP, CONFIG_CRYPTO_GCM (modprobe esp4 esp6): "+err.Error())
+		testenv.KernelLacks(t, "IPsec ESP with rfc4106(gcm(aes))", "a kernel with CONFIG_INET_ESP, CONFIG_INET6_ESP, CONFIG_CRYPTO_GCM (modprobe esp4 esp6): "+err.Error())
 	}
 }
 

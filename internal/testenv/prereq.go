@@ -29,3 +29,13 @@ func RequireRoot(t testing.TB) {
 		Missing(t, "root", "run the tests as root: sudo make test")
 	}
 }
+
+// KernelLacks stops the test because the running kernel lacks a feature
+// that no package can add (CI's machines boot a fixed kernel with module
+// loading off). Unlike Missing it skips under CI=true as well, loudly: the
+// test's subject is then unproven on that machine, and the skip message
+// says so, for the closing note and the README to report.
+func KernelLacks(t testing.TB, what, how string) {
+	t.Helper()
+	t.Skipf("UNPROVEN on this kernel: it lacks %s (%s); the test needs a kernel that has it", what, how)
+}
