@@ -65,6 +65,9 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool
 			}
 		}
 	}()
+	// Last undo: the host-wide rules of the well-known address go if no
+	// bridge of ours is left.
+	undo = append(undo, func() error { return m.releaseLinkLocal(context.WithoutCancel(ctx), ch) })
 
 	br, created, err := m.ensureBridge(n, mtu, ch)
 	if created {
@@ -97,6 +100,9 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool
 		if err != nil {
 			return info, err
 		}
+	}
+	if err := m.ensureLinkLocal(ctx, br, n, ch); err != nil {
+		return info, err
 	}
 	if err := m.syncPeerEntries(vx, n.VNI, keepEntries, ch); err != nil {
 		return info, err
@@ -193,8 +199,8 @@ func (m *Manager) syncBridgeAddrs(br netlink.Link, want []netip.Prefix, ch *Chan
 	present := map[netip.Prefix]bool{}
 	for _, a := range have {
 		p, ok := prefixOf(a.IPNet)
-		if !ok || p.Addr().IsLinkLocalUnicast() {
-			continue
+		if !ok || p.Addr().IsLinkLocalUnicast() || a.Label == linkLocalLabel(name) {
+			continue // the well-known address: syncLinkLocalAddr
 		}
 		if slices.Contains(want, p) {
 			present[p] = true
@@ -420,6 +426,9 @@ func (m *Manager) deleteNetwork(ctx context.Context, vni uint32, ch *Changes) er
 	k, err := m.fw.removeBridge(ctx, brName)
 	ch.Rules += k
 	if err != nil {
+		errs = append(errs, err)
+	}
+	if err := m.releaseLinkLocal(ctx, ch); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
