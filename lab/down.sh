@@ -114,7 +114,7 @@ else
 	down_host_a
 fi
 down_engine b
-for d in registry-a registry-b "consul-$LAB_NODE_A" "consul-$LAB_NODE_B" consul-lab-consul; do
+for d in registry-a registry-b dnsd "consul-$LAB_NODE_A" "consul-$LAB_NODE_B" consul-lab-consul; do
 	stop_daemon "$d" 10
 done
 # Whatever still runs in the lab's namespaces (after a crash: engine B's
