@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -66,11 +67,25 @@ func (s *suite) linkLocal(t *testing.T) {
 	if strings.Contains(string(raw), "${") {
 		t.Fatalf("%s uses variables; it must be deployable unmodified on every host", file)
 	}
+	// compose runs docker compose on both hosts at once.
+	compose := func(ctx context.Context, args ...string) error {
+		var wg sync.WaitGroup
+		errs := make([]error, 2)
+		for i, h := range l.Hosts() {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if out, err := h.Compose(ctx, file, nil, args...); err != nil {
+					errs[i] = fmt.Errorf("%w\n%s", err, out)
+				}
+			}()
+		}
+		wg.Wait()
+		return errors.Join(errs...)
+	}
 	down := func(ctx context.Context) {
-		for _, h := range l.Hosts() {
-			if out, err := h.Compose(ctx, file, nil, "down", "--timeout", "1"); err != nil {
-				t.Errorf("%s: docker compose down: %v\n%s", h, err, out)
-			}
+		if err := compose(ctx, "down", "--timeout", "1"); err != nil {
+			t.Error(err)
 		}
 	}
 	downDone := false
@@ -81,11 +96,11 @@ func (s *suite) linkLocal(t *testing.T) {
 			down(ctx)
 		}
 	})
-	for _, h := range l.Hosts() {
-		if out, err := h.Compose(ctx, file, nil, "up", "-d"); err != nil {
-			t.Fatalf("%v\n%s", err, out)
-		}
+	start := time.Now()
+	if err := compose(ctx, "up", "-d"); err != nil {
+		t.Fatal(err)
 	}
+	t.Logf("compose up on both hosts: %s", time.Since(start).Round(100*time.Millisecond))
 	var vnis []uint32
 	for _, k := range llKeys {
 		vni, err := l.NetworkVNI(ctx, k)
@@ -104,7 +119,7 @@ func (s *suite) linkLocal(t *testing.T) {
 	}
 
 	// Consul DNS through the address, and both hosts' web pages by name.
-	start := time.Now()
+	start = time.Now()
 	for _, h := range l.Hosts() {
 		seen := map[string]bool{}
 		err := eventually(t, 45*time.Second, func(ctx context.Context) error {
@@ -150,7 +165,9 @@ func (s *suite) linkLocal(t *testing.T) {
 		}
 	}
 
+	start = time.Now()
 	s.linkLocalUnderlay(t)
+	t.Logf("underlay: no port of %s reachable from a test host on the underlay (checked in %s)", llAddr, time.Since(start).Round(100*time.Millisecond))
 	s.linkLocalAgentDown(t)
 
 	// Tidy: the networks' bridges and every rule naming them go with them.
@@ -158,8 +175,10 @@ func (s *suite) linkLocal(t *testing.T) {
 	for _, vni := range vnis {
 		bridges = append(bridges, vxlan.BridgeName(vni))
 	}
+	start = time.Now()
 	down(ctx)
 	downDone = true
+	t.Logf("compose down on both hosts: %s", time.Since(start).Round(100*time.Millisecond))
 	for _, h := range l.Hosts() {
 		err := eventually(t, 20*time.Second, func(ctx context.Context) error {
 			links, err := h.Links(ctx)
@@ -228,26 +247,33 @@ func (s *suite) linkLocalUnderlay(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: the test host on the underlay gets no DNS answer from %s:53 (the control): %v", h, h.Addr, err)
 		}
+		// The probes wait for an answer that must not come: all at once.
+		var wg sync.WaitGroup
 		for _, tc := range []struct{ proto, port string }{{"udp", "53"}, {"tcp", "53"}, {"tcp", "8500"}} {
-			addr := llAddr + ":" + tc.port
-			var err error
-			if tc.proto == "udp" || tc.port == "53" {
-				_, err = dnsFrom(ctx, ns, tc.proto, addr, h.Node+".node.consul")
-			} else {
-				var c net.Conn
-				dctx, cancel := context.WithTimeout(ctx, 1500*time.Millisecond)
-				c, err = testenv.DialIn(dctx, ns.Path, "tcp", addr)
-				cancel()
-				if err == nil {
-					c.Close()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				addr := llAddr + ":" + tc.port
+				var err error
+				if tc.port == "53" {
+					_, err = dnsFrom(ctx, ns, tc.proto, addr, h.Node+".node.consul")
+				} else {
+					var c net.Conn
+					dctx, cancel := context.WithTimeout(ctx, 1500*time.Millisecond)
+					c, err = testenv.DialIn(dctx, ns.Path, "tcp", addr)
+					cancel()
+					if err == nil {
+						c.Close()
+					}
 				}
-			}
-			if err == nil {
-				t.Errorf("%s: a host on the underlay reached %s/%s", h, addr, tc.proto)
-			} else if errors.Is(err, syscall.ECONNREFUSED) {
-				t.Errorf("%s: a host on the underlay got a refusal from %s/%s, want no answer at all", h, addr, tc.proto)
-			}
+				if err == nil {
+					t.Errorf("%s: a host on the underlay reached %s/%s", h, addr, tc.proto)
+				} else if errors.Is(err, syscall.ECONNREFUSED) {
+					t.Errorf("%s: a host on the underlay got a refusal from %s/%s, want no answer at all", h, addr, tc.proto)
+				}
+			}()
 		}
+		wg.Wait()
 	}
 }
 
