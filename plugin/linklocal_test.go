@@ -1,11 +1,16 @@
 package main
 
 import (
+	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"consul-overlay/internal/testenv"
+	"consul-overlay/kvstore"
 )
 
 func TestLinkLocalFromEnv(t *testing.T) {
@@ -73,4 +78,45 @@ func TestResolvConfUpstreams(t *testing.T) {
 	if want := []string{"198.51.100.53:53", "[2001:db8::53]:53"}; !slices.Equal(got, want) {
 		t.Errorf("upstreams %v, want %v (the address itself and Docker's embedded DNS left out)", got, want)
 	}
+}
+
+// Port 53 taken on the address: the plugin does not start, and says which
+// address, port and setting.
+func TestStartLinkLocalPortTaken(t *testing.T) {
+	testenv.RequireRoot(t)
+	ns := testenv.NewNetNS(t)
+	s, err := linkLocalFromEnv(func(k string) string {
+		return map[string]string{envLinkLocalAddr: "169.254.1.1", envLinkLocalUpstream: "none"}[k]
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(t.Output(), nil))
+	var startErr error
+	err = ns.Do(func() error {
+		// Another DNS server on all addresses, port 53.
+		taken, err := net.ListenPacket("udp", "0.0.0.0:53")
+		if err != nil {
+			return err
+		}
+		defer taken.Close()
+		_, stop, err := startLinkLocal(t.Context(), log, s, kvstore.ConsulConfig{}, false)
+		if err == nil {
+			stop()
+		}
+		startErr = err
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if startErr == nil {
+		t.Fatal("startLinkLocal succeeded with port 53 taken")
+	}
+	for _, want := range []string{"LINKLOCAL_ADDR=169.254.1.1", "169.254.1.1:53/udp", "address already in use", "or to off"} {
+		if !strings.Contains(startErr.Error(), want) {
+			t.Errorf("error %q does not say %q", startErr, want)
+		}
+	}
+	t.Logf("error: %v", startErr)
 }

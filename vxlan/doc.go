@@ -105,6 +105,10 @@
 // another instance). The commands are configurable; without them the
 // package logs a warning and carries on.
 //
+// Config.LinkLocal (the well-known address, linklocal.go) adds a labelled
+// /32 on every bridge and, in CONSUL-OVERLAY-INPUT, the rules that let only
+// the host and the overlays' containers reach its DNS and Consul API ports.
+//
 // # Kernel tweaks
 //
 // New raises the neighbour table limits (gc_thresh1/2/3 to 8192, 49152 and
