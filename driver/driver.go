@@ -101,6 +101,10 @@ type Config struct {
 	// creation time: an address that another container holds now is left
 	// alone (nil: addresses are kept).
 	ReclaimAddress func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr, mac string, created time.Time) error
+	// LinkLocal is the well-known address (see package linklocal): every
+	// endpoint with an IPv4 address gets a connected route to it at Join
+	// (invalid: none).
+	LinkLocal netip.Addr
 	// ObserveWatchLag, if set, gets the time from a peer snapshot's
 	// delivery by the store watch to its programming in the kernel (a
 	// snapshot replaced by a newer one before it was programmed counts
@@ -383,7 +387,7 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 
 // kernelNetwork is the data-plane description of a logical network.
 func kernelNetwork(rec cluster.Network) vxlan.Network {
-	n := vxlan.Network{VNI: rec.VNI, MTU: rec.MTU, Internal: rec.Internal, Encrypted: encryptedNetwork(rec.Options)}
+	n := vxlan.Network{VNI: rec.VNI, MTU: rec.MTU, Internal: rec.Internal, Encrypted: encryptedNetwork(rec.Options), ConsulAPI: consulAPI(rec)}
 	for _, g := range rec.Gateways {
 		if p, err := netip.ParsePrefix(g); err == nil {
 			n.Gateways = append(n.Gateways, p)
@@ -736,9 +740,13 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 		return nil, fmt.Errorf("%s: %w", op, err)
 	}
 	d.point("join/after-veth")
-	d.log.Info("endpoint joined", netAttrs(l.rec, req.NetworkID, "endpoint", short(req.EndpointID), "link", info.ContainerIf)...)
+	resp := &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: info.ContainerIf, DstPrefix: "eth"}}
+	if r := d.linkLocalRoute(ep, req.SandboxKey); r != nil {
+		resp.StaticRoutes = append(resp.StaticRoutes, r)
+	}
+	d.log.Info("endpoint joined", netAttrs(l.rec, req.NetworkID, "endpoint", short(req.EndpointID), "link", info.ContainerIf, "linklocal_route", len(resp.StaticRoutes) > 0)...)
 	d.joined(ctx, l, ep, req)
-	return &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: info.ContainerIf, DstPrefix: "eth"}}, nil
+	return resp, nil
 }
 
 // Leave is called before Docker moves the interface back to the host; the

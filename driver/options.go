@@ -26,6 +26,9 @@ const (
 	optRegister      = "register"
 	optServicePrefix = "service_prefix"
 	optEncrypted     = "encrypted"
+	// optConsulAPI lets the network's containers reach the host's Consul
+	// API on the well-known address (port 8500).
+	optConsulAPI = "consul_api"
 )
 
 // Limits for user-supplied values.
@@ -88,6 +91,10 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 			if _, err := strconv.ParseBool(v); err != nil {
 				return nil, fmt.Errorf("option register=%q: want true or false", v)
 			}
+		case optConsulAPI:
+			if _, err := strconv.ParseBool(v); err != nil {
+				return nil, fmt.Errorf("option consul_api=%q: want true or false", v)
+			}
 		case optServicePrefix:
 			if strings.ContainsAny(v, " /") {
 				return nil, fmt.Errorf("option service_prefix=%q: no spaces or slashes in a service name", v)
@@ -113,7 +120,7 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return nil, fmt.Errorf("unknown option %s: consul-overlay takes -o name=, vni=, mtu= (or %s), register=, service_prefix=, encrypted=", strings.Join(unknown, ", "), optDockerMTU)
+		return nil, fmt.Errorf("unknown option %s: consul-overlay takes -o name=, vni=, mtu= (or %s), register=, service_prefix=, encrypted=, consul_api=", strings.Join(unknown, ", "), optDockerMTU)
 	}
 
 	for _, list := range [][]*network.IPAMData{req.IPv4Data, req.IPv6Data} {

@@ -10,8 +10,10 @@ source "$(dirname "$0")/lib.sh"
 "$LAB_ROOT/lab/up.sh" --owner demo
 
 file=$LAB_ROOT/lab/compose/compose.yaml
-compose_a() { LAB_HOST=A LAB_DNS=$LAB_ADDR_A docker compose -f "$file" --progress quiet "$@"; }
-compose_b() { DOCKER_HOST=$LAB_DOCKER_B LAB_HOST=B LAB_DNS=$LAB_ADDR_B docker compose -f "$file" --progress quiet "$@"; }
+# The same file on both hosts, no variables: DNS and the Consul API are the
+# well-known address 169.254.1.1 on every host.
+compose_a() { docker_a compose -f "$file" --progress quiet "$@"; }
+compose_b() { docker_b compose -f "$file" --progress quiet "$@"; }
 consul_cli() { CONSUL_HTTP_ADDR=127.0.0.1:$LAB_HTTP_PORT "$LAB_CONSUL_BIN" "$@"; }
 
 log "host A: docker compose up -d"
@@ -74,12 +76,18 @@ show "Cross-host HTTP by address: host A to host B" \
 show "Consul DNS from a container: host B's Consul node by name" \
 	"docker exec demo-client-1 nslookup $LAB_NODE_B.node.consul" \
 	docker exec demo-client-1 nslookup "$LAB_NODE_B.node.consul"
-show "Consul DNS from a container on host A (embedded DNS → agent $LAB_NODE_A on $LAB_ADDR_A:53)" \
+show "Consul DNS from a container on host A (embedded DNS → 169.254.1.1 → agent $LAB_NODE_A)" \
 	"docker exec demo-client-1 nslookup web.service.consul" \
 	docker exec demo-client-1 nslookup web.service.consul
 show "Consul DNS from a container on host B" \
 	"lab/docker-b exec demo-client-1 nslookup web.service.consul" \
 	docker_b exec demo-client-1 nslookup web.service.consul
+show "An outside name through 169.254.1.1 (the lab's resolver, lab/dnsd)" \
+	"docker exec demo-client-1 nslookup outside.lab.test" \
+	docker exec demo-client-1 nslookup outside.lab.test
+show "The host's Consul API from a container (network option consul_api=true)" \
+	"docker exec demo-client-1 wget -q -O - http://169.254.1.1:8500/v1/catalog/services" \
+	docker exec demo-client-1 busybox timeout 5 wget -q -O - http://169.254.1.1:8500/v1/catalog/services
 if ! docker exec demo-client-1 nslookup web.service.consul >/dev/null 2>&1; then
 	printf '\n  %sNo answer for web.service.consul:%s the plugin has not registered the\n' "$bold" "$plain"
 	printf '  containers as Consul services (catalog above); cross-host traffic by address works.\n'

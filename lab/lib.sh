@@ -104,6 +104,12 @@ LAB_SERF_LAN_PORT=${LAB_SERF_LAN_PORT:-18301}
 LAB_SERF_WAN_PORT=${LAB_SERF_WAN_PORT:-18302}
 LAB_SERVER_PORT=${LAB_SERVER_PORT:-18300}
 LAB_DNS_PORT=53
+# The lab's "outside world" resolver (lab/dnsd: the zone lab.test), in the
+# Consul server's namespace; both hosts' plugins use it as their upstream
+# (LINKLOCAL_UPSTREAM), so containers resolve outside names through the
+# well-known address 169.254.1.1 like any other. Not 53: the server's
+# Consul DNS has that port.
+LAB_UPSTREAM_PORT=${LAB_UPSTREAM_PORT:-5353}
 # The plugin registry, on 127.0.0.1 of host A and of host B (two front ends
 # over one storage directory, see up_registry in up.sh).
 LAB_REGISTRY_PORT=${LAB_REGISTRY_PORT:-15000}

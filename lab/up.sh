@@ -208,6 +208,20 @@ up_consul() {
 
 leader_known() { consul_get "$LAB_NS_CONSUL" /v1/status/leader | grep -q :; }
 
+# --- the outside resolver -----------------------------------------------------
+
+# up_dnsd: lab/dnsd, built into $LAB_STATE (again when its source is newer),
+# serving lab.test on the Consul server's underlay address.
+up_dnsd() {
+	local bin=$LAB_STATE/lab-dnsd
+	if [[ ! -x $bin || $LAB_ROOT/lab/dnsd/main.go -nt $bin ]]; then
+		(cd "$LAB_ROOT" && CGO_ENABLED=0 go build -o "$bin" ./lab/dnsd) || die "go build ./lab/dnsd"
+		stop_daemon dnsd 5
+	fi
+	pid_alive dnsd || start_daemon dnsd "$LAB_NS_CONSUL" "$bin" -listen "$LAB_ADDR_CONSUL:$LAB_UPSTREAM_PORT"
+	wait_for 10 "the lab's resolver (lab/dnsd)" in_ns "$LAB_NS_CONSUL" busybox nslookup outside.lab.test "$LAB_ADDR_CONSUL:$LAB_UPSTREAM_PORT"
+}
+
 # --- engine B ----------------------------------------------------------------
 
 # up_engine_a: with LAB_ENGINE=29, host A's engine, and on it the builds
@@ -293,19 +307,23 @@ install_plugin() {
 	local host=$1
 	shift
 	local -a settings
+	# The well-known address (LINKLOCAL_ADDR, 169.254.1.1 by default):
+	# outside names from the lab's resolver, Consul names from the host's
+	# agent, whose DNS listens on the host's underlay address.
 	if [[ $host == A ]]; then
 		mkdir -p "$LAB_DATA/a/plugin-data"
-		settings=("VTEP_ADDR=$LAB_ADDR_A" "NODE_NAME=$LAB_NODE_A" "data.source=$LAB_DATA/a/plugin-data")
+		settings=("VTEP_ADDR=$LAB_ADDR_A" "NODE_NAME=$LAB_NODE_A" "data.source=$LAB_DATA/a/plugin-data"
+			"LINKLOCAL_CONSUL_DNS=$LAB_ADDR_A:$LAB_DNS_PORT")
 		[[ -n $LAB_NS_A ]] && settings+=("docker-sock.source=$LAB_STATE/a")
 	else
 		settings=("VTEP_ADDR=$LAB_ADDR_B" "NODE_NAME=$LAB_NODE_B" "data.source=$LAB_DATA/b/plugin-data"
-			"docker-sock.source=$LAB_STATE/b")
+			"docker-sock.source=$LAB_STATE/b" "LINKLOCAL_CONSUL_DNS=$LAB_ADDR_B:$LAB_DNS_PORT")
 	fi
 	"$@" plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1 || true
 	log "host $host: docker plugin install --alias $LAB_PLUGIN $LAB_REMOTE"
 	"$@" plugin install --grant-all-permissions --alias "$LAB_PLUGIN" "$LAB_REMOTE" \
 		"CONSUL_HTTP_ADDR=127.0.0.1:$LAB_HTTP_PORT" LOG_LEVEL=debug "IPAM_GRACE=${LAB_IPAM_GRACE:-10s}" \
-		"PEER_RESYNC_INTERVAL=${LAB_PEER_RESYNC:-10s}" ${LAB_HOST_GRACE:+"HOST_GRACE=$LAB_HOST_GRACE"} "${settings[@]}" >/dev/null
+		"PEER_RESYNC_INTERVAL=${LAB_PEER_RESYNC:-10s}" ${LAB_HOST_GRACE:+"HOST_GRACE=$LAB_HOST_GRACE"} "LINKLOCAL_UPSTREAM=$LAB_ADDR_CONSUL:$LAB_UPSTREAM_PORT" "${settings[@]}" >/dev/null
 	plugin_enabled "$@" || die "host $host: $LAB_PLUGIN installed but not enabled"
 	log "host $host: $LAB_PLUGIN enabled"
 }
@@ -328,6 +346,8 @@ up_underlay
 log "underlay up: A $LAB_ADDR_A${LAB_NS_A:+ (netns $LAB_NS_A)}, B $LAB_ADDR_B (netns $LAB_NS_B), Consul $LAB_ADDR_CONSUL (netns $LAB_NS_CONSUL)"
 up_consul
 log "Consul up: server lab-consul, agents $LAB_NODE_A and $LAB_NODE_B"
+up_dnsd
+log "the lab's resolver up: lab.test on $LAB_ADDR_CONSUL:$LAB_UPSTREAM_PORT"
 if [[ -n $LAB_NS_A ]]; then
 	up_engine_a
 	log "host A's engine up: $LAB_DOCKER_A ($(docker_a version -f '{{.Server.Version}}'), netns $LAB_NS_A)"
@@ -357,6 +377,7 @@ LAB_NODE_A=$LAB_NODE_A
 LAB_NODE_B=$LAB_NODE_B
 LAB_HTTP_PORT=$LAB_HTTP_PORT
 LAB_DNS_PORT=$LAB_DNS_PORT
+LAB_UPSTREAM_DNS=$LAB_ADDR_CONSUL:$LAB_UPSTREAM_PORT
 LAB_DOCKER_B=$LAB_DOCKER_B
 LAB_PLUGIN=$LAB_PLUGIN
 LAB_REMOTE=$LAB_REMOTE

@@ -189,6 +189,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	if useConsul {
 		storeName = ccfg.Address
 	}
+	// Issue 14: the well-known address's settings (plugin/linklocal.go).
+	llSettings, err := linkLocalFromEnv(os.Getenv)
+	if err != nil {
+		return err
+	}
 	inst, err := hostid.ListenInstance(ccfg.Prefix, storeName,
 		fmt.Sprintf("DATA_DIR %s, socket %s", cfg.DataDir, cfg.Socket))
 	if err != nil {
@@ -255,7 +260,14 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		}
 	}()
 
-	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Owner: ownerTag(ccfg.Prefix, storeName), Logger: log})
+	// Issue 14: DNS (and the Consul API proxy) on the well-known address,
+	// bound before any bridge carries it.
+	linkLocal, stopLinkLocal, err := startLinkLocal(ctx, log, llSettings, ccfg, useConsul)
+	if err != nil {
+		return err
+	}
+	defer stopLinkLocal()
+	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Owner: ownerTag(ccfg.Prefix, storeName), LinkLocal: linkLocal, Logger: log})
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
 	}
@@ -329,6 +341,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		},
 		ObserveWatchLag: observeWatchLag,
 		PeerResync:      cfg.PeerResync,
+		LinkLocal:       linkLocal, // issue 14
 		Logger:          log,
 	}
 	if reg != nil {

@@ -114,6 +114,12 @@
 // states come from the key ring SetIPsecKeys gives. Its default MTU is
 // ESPOverhead (40) bytes smaller.
 //
+// # The well-known address
+//
+// Config.LinkLocal (the well-known address, linklocal.go) adds a labelled
+// /32 on every bridge and, in CONSUL-OVERLAY-INPUT, the rules that let only
+// the host and the overlays' containers reach its DNS and Consul API ports.
+//
 // # Kernel tweaks
 //
 // New raises the neighbour table limits (gc_thresh1/2/3 to 8192, 49152 and

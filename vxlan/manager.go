@@ -47,6 +47,12 @@ type Config struct {
 	// default owner, whose mark "consul-overlay" is the one every instance
 	// used before owners existed).
 	Owner string
+	// LinkLocal is the well-known IPv4 address (linklocal.go) put as a /32
+	// on every overlay bridge, with firewall rules that let the
+	// containers of each network reach its DNS port (and, with
+	// Network.ConsulAPI, its Consul API port) and keep everyone else but
+	// the host off it (invalid: none, and any left from before removed).
+	LinkLocal netip.Addr
 	// Logger receives debug lines for each kernel write and info lines
 	// for lifecycle events (nil: discard).
 	Logger *slog.Logger
@@ -72,6 +78,9 @@ type Network struct {
 	// Encrypted carries the network's VXLAN packets to and from its peers
 	// in IPsec ESP (ipsec.go); its default MTU is ESPOverhead smaller.
 	Encrypted bool
+	// ConsulAPI lets the network's containers reach the Consul API port
+	// of Config.LinkLocal; without it their connections there are reset.
+	ConsulAPI bool
 }
 
 // NetworkInfo describes the links of an ensured network.
@@ -205,6 +214,9 @@ func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.LinkLocal = cfg.LinkLocal.Unmap(); cfg.LinkLocal.IsValid() && (!cfg.LinkLocal.Is4() || cfg.LinkLocal.IsUnspecified() || cfg.LinkLocal.IsLoopback() || cfg.LinkLocal.IsMulticast()) {
+		return nil, fmt.Errorf("vxlan: link-local address %s: want a unicast IPv4 address", cfg.LinkLocal)
 	}
 	m := &Manager{
 		cfg:   cfg,

@@ -65,6 +65,9 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool
 			}
 		}
 	}()
+	// Last undo: the host-wide rules of the well-known address go if no
+	// bridge of ours is left.
+	undo = append(undo, func() error { return m.releaseLinkLocal(context.WithoutCancel(ctx), ch) })
 
 	if n.Encrypted { // before any VXLAN device exists: no plain packet
 		wasEncrypted := m.sec.encrypted[n.VNI]
@@ -107,6 +110,9 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool
 		if err != nil {
 			return info, err
 		}
+	}
+	if err := m.ensureLinkLocal(ctx, br, n, ch); err != nil {
+		return info, err
 	}
 	if err := m.syncPeerEntries(vx, n.VNI, keepEntries, ch); err != nil {
 		return info, err
@@ -208,8 +214,8 @@ func (m *Manager) syncBridgeAddrs(br netlink.Link, want []netip.Prefix, ch *Chan
 	present := map[netip.Prefix]bool{}
 	for _, a := range have {
 		p, ok := prefixOf(a.IPNet)
-		if !ok || p.Addr().IsLinkLocalUnicast() {
-			continue
+		if !ok || p.Addr().IsLinkLocalUnicast() || a.Label == linkLocalLabel(name) {
+			continue // the well-known address: syncLinkLocalAddr
 		}
 		if slices.Contains(want, p) {
 			present[p] = true
@@ -438,6 +444,9 @@ func (m *Manager) deleteNetwork(ctx context.Context, vni uint32, ch *Changes) er
 		errs = append(errs, err)
 	}
 	if err := m.dropIPsecNetwork(ctx, vni, ch); err != nil {
+		errs = append(errs, err)
+	}
+	if err := m.releaseLinkLocal(ctx, ch); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {

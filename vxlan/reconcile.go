@@ -132,6 +132,9 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 		if err != nil {
 			errs = append(errs, err)
 		}
+		if err := m.syncLinkLocalHostRules(ctx, len(bridges), &ch); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if ch.Total() > 0 {
 		m.log.Info("kernel reconciled", "networks", len(nets), "endpoints", len(eps), "keep_strays", keep, "changes", fmt.Sprintf("%+v", ch))

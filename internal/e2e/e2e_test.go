@@ -90,6 +90,7 @@ func TestE2E(t *testing.T) {
 	s.run(t, "internal-network", nil, s.internalNetwork)
 	s.run(t, "published-remote", nil, s.publishedRemote)
 	s.run(t, "plugin-upgrade", []string{"compose-up"}, s.pluginUpgrade)
+	s.run(t, "linklocal", nil, s.linkLocal) // issue 14: internal/e2e/linklocal_test.go
 	s.run(t, "plugin-restart", []string{"compose-up"}, s.pluginRestart)
 	s.run(t, "engine-restart", []string{"compose-up"}, s.engineRestart)
 	s.run(t, "engine-restart-live-restore", []string{"compose-up"}, s.engineRestartLive)
@@ -679,7 +680,6 @@ func (s *suite) composeUp(t *testing.T) {
 	for _, h := range l.Hosts() {
 		s.env[h] = []string{
 			"E2E_HOST=" + h.Name,
-			"E2E_DNS=" + h.Addr.String(),
 			"E2E_PORT=" + strconv.Itoa(s.port),
 			"E2E_PINNED=" + s.pinned[h].String(),
 			"E2E_VNI=" + strconv.FormatUint(uint64(s.vni), 10),
@@ -818,7 +818,8 @@ func (s *suite) crossHostIP(t *testing.T) {
 // dnsByName: every container is a service instance in Consul with its
 // overlay address (registered by the plugin), once, and containers on one
 // host reach those on the other through the Consul DNS name, asked through
-// Docker's embedded DNS, which forwards to the host's agent (compose dns:).
+// Docker's embedded DNS, which forwards to the well-known address
+// 169.254.1.1 (compose dns:), where the plugin asks the host's agent.
 //
 // Pending until the lead wires the discovery package into the driver: until
 // then no instance appears and this scenario fails saying so.
