@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -32,7 +34,16 @@ func (p *pluginProc) scrape(t *testing.T) string {
 			return testenv.DialIn(ctx, nsPath, network, addr)
 		}},
 	}
-	resp, err := c.Get("http://" + net.JoinHostPort(p.host.Addr.String(), metricsPort) + "/metrics")
+	// The plugin answers on its socket before its metrics server is up:
+	// a refused connection is retried for a while.
+	var resp *http.Response
+	var err error
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		resp, err = c.Get("http://" + net.JoinHostPort(p.host.Addr.String(), metricsPort) + "/metrics")
+		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) || time.Now().After(deadline) {
+			break
+		}
+	}
 	if err != nil {
 		t.Fatalf("scrape %s: %v", p.name, err)
 	}
