@@ -127,7 +127,8 @@ chaos: lab-prereqs consul compose engine build
 # and the runc 1.3.3 it needs, built from the Go module proxy into
 # bin/engine-29/ (pinned, cached like bin/consul; about 8 minutes on 2 idle
 # cores the first time). The lab and the Docker suites run on it with
-# ENGINE=29 (make e2e ENGINE=29); runc needs Debian's libseccomp-dev.
+# ENGINE=29 (make e2e ENGINE=29, make dockertest ENGINE=29); runc needs
+# Debian's libseccomp-dev.
 ENGINE29_VERSION := 29.8.1
 ENGINE29 := $(BIN)/engine-29
 .PHONY: engine
@@ -149,6 +150,20 @@ $(ENGINE29)/runc: tools/engine/runc/go.mod tools/engine/runc/go.sum
 		-o ../../../$(ENGINE29)/runc github.com/opencontainers/runc
 	@touch $@
 	@$(ENGINE29)/runc --version | head -1
+
+# The Docker suite (internal/dockertest, which `make test` runs on the
+# machine's engine) alone, with CI=true. ENGINE=29 runs it on an engine
+# 29.8.1 of its own in the network namespace codt-a (scripts/dockertest.sh;
+# DOCKERTEST_ID=x: cox-a), torn down again even when the suite fails;
+# DOCKERTEST_RUN selects tests.
+.PHONY: dockertest
+ifeq ($(ENGINE),29)
+dockertest: consul engine build
+	DOCKERTEST_RUN='$(DOCKERTEST_RUN)' scripts/dockertest.sh
+else
+dockertest: consul build
+	CI=true $(GO) test -count=1 -v -timeout 20m -run '$(or $(DOCKERTEST_RUN),.)' ./internal/dockertest/
+endif
 
 # --- Benchmarks (bench/, results in BENCHMARKS.md) ---------------------------
 # As root: consul-overlay side by side with its baselines (underlay, a

@@ -10,6 +10,10 @@
 // create has a unique name, so they do not disturb other users of the engine
 // or a consul-overlay plugin that is already installed.
 //
+// `make test` runs them on the machine's engine; `make dockertest ENGINE=29`
+// on an engine 29.8.1 in a network namespace of its own (DOCKER_HOST,
+// DOCKERD_LOG; see EngineSettings and scripts/dockertest.sh).
+//
 // Facts about Docker 20.10 these tests rely on:
 //   - a managed plugin is addressed with its tag everywhere: `-d NAME:TAG`
 //     and `--ipam-driver NAME:TAG`; without the tag network create fails

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -28,6 +29,29 @@ var LinkPrefixes = []string{"vx-", "vxbr-", "vxh-", "vxc-"}
 // plugins' output: the engine started by hand and the one .ci/run starts.
 // DOCKERD_LOG, when set, is looked at first.
 var DockerdLogs = []string{"/tmp/dockerd.log", "/tmp/ci-dockerd.log"}
+
+// The engine under test is the docker CLI's: the machine's engine, or the
+// one DOCKER_HOST names. `make dockertest ENGINE=29` (scripts/dockertest.sh)
+// runs the suite inside the network namespace of an engine 29 of its own,
+// with DOCKER_HOST at that engine's socket and DOCKERD_LOG at its log, so
+// that the host links, the firewall rules, the loopback and the routes the
+// tests look at are that engine's host's.
+
+// EngineSettings are the `docker plugin set` arguments that point the
+// plugin's docker-sock mount at the directory of the engine under test's
+// socket: none for the default engine (config.json's /var/run), and
+// docker-sock.source=DIR when DOCKER_HOST is unix://DIR/docker.sock.
+func EngineSettings() ([]string, error) {
+	host := os.Getenv("DOCKER_HOST")
+	if host == "" {
+		return nil, nil
+	}
+	sock, ok := strings.CutPrefix(host, "unix://")
+	if !ok || filepath.Base(sock) != "docker.sock" {
+		return nil, fmt.Errorf("DOCKER_HOST=%s: the plugin mounts the directory of a socket named docker.sock, want unix://DIR/docker.sock", host)
+	}
+	return []string{"docker-sock.source=" + filepath.Dir(sock)}, nil
+}
 
 // Require stops the test unless it runs as root with a Docker engine that
 // answers `docker info`, and with make on PATH. Under CI=true it fails.

@@ -72,7 +72,11 @@ func TestDockerManagedPlugin(t *testing.T) {
 		}
 	})
 
-	if _, err := Docker(ctx, "plugin", "set", ref, "data.source="+dataDir, "LOG_LEVEL=debug"); err != nil {
+	engine, err := EngineSettings()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Docker(ctx, append([]string{"plugin", "set", ref, "data.source=" + dataDir, "LOG_LEVEL=debug"}, engine...)...); err != nil {
 		t.Fatal(err)
 	}
 	start = time.Now()

@@ -47,8 +47,12 @@ func TestDockerRegistration(t *testing.T) {
 		Docker(ctx, "plugin", "disable", "-f", ref)
 		Docker(ctx, "plugin", "rm", "-f", ref)
 	})
-	if _, err := Docker(ctx, "plugin", "set", ref, "data.source="+t.TempDir(), "LOG_LEVEL=debug",
-		"CONSUL_HTTP_ADDR="+agent.Addr, "KV_PREFIX="+prefix, "ANTI_ENTROPY_INTERVAL=2s", "IPAM_GRACE=4s"); err != nil {
+	engine, err := EngineSettings()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Docker(ctx, append([]string{"plugin", "set", ref, "data.source=" + t.TempDir(), "LOG_LEVEL=debug",
+		"CONSUL_HTTP_ADDR=" + agent.Addr, "KV_PREFIX=" + prefix, "ANTI_ENTROPY_INTERVAL=2s", "IPAM_GRACE=4s"}, engine...)...); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := Docker(ctx, "plugin", "enable", "--timeout", "30", ref); err != nil {
