@@ -60,7 +60,7 @@ start() {
 		docker -H "$LAB_DOCKER_C" plugin install --grant-all-permissions --alias "$LAB_PLUGIN" "$LAB_REMOTE" \
 			"CONSUL_HTTP_ADDR=$LAB_ADDR_CONSUL:$LAB_HTTP_PORT" LOG_LEVEL=debug \
 			"VTEP_ADDR=$LAB_ADDR_C" "NODE_NAME=$LAB_NODE_C" "data.source=$LAB_DATA/h3/plugin-data" \
-			"docker-sock.source=$LAB_STATE/h3/docker.sock" >/dev/null
+			"docker-sock.source=$LAB_STATE/h3" >/dev/null
 	fi
 	log "host C up: $LAB_DOCKER_C (netns $LAB_NS_C, $LAB_ADDR_C), $LAB_PLUGIN enabled"
 }

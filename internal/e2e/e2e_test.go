@@ -1335,7 +1335,7 @@ func (s *suite) labDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, line := range strings.Split(string(mounts), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && (strings.HasPrefix(f[4], l.State) || strings.HasPrefix(f[4], l.Data)) {
+		if f := strings.Fields(line); len(f) > 4 && (under(f[4], l.State) || under(f[4], l.Data)) {
 			t.Errorf("mount left: %s", f[4])
 		}
 	}
@@ -1457,4 +1457,10 @@ func (s *suite) serviceHealth(t *testing.T) {
 	if gone > time.Second {
 		t.Errorf("the stopped container's instance was still in Consul %s after docker stop returned, want within 1s", gone)
 	}
+}
+
+// under reports whether path is dir or below it (not a sibling that only
+// shares the prefix, such as another lab's /var/lib/consul-overlay-lab-29).
+func under(path, dir string) bool {
+	return path == dir || strings.HasPrefix(path, strings.TrimSuffix(dir, "/")+"/")
 }

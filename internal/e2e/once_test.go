@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -307,7 +308,7 @@ func (s *suite) onceConflict(t *testing.T) {
 		t.Errorf("conflict settings %q do not name the loser's subnet %s", c.Settings, subnets[loser])
 	}
 	// The loser's plugin logged it at error, naming the network.
-	logf := filepath.Join(l.State, "dockerd-"+strings.ToLower(loser.Name)+".log")
+	logf := pluginLogFile(l, loser)
 	if out, err := run(ctx, nil, "grep", "-c", "conflicts with the cluster's network.*network="+name, logf); err != nil {
 		t.Errorf("%s: no error line about the conflict in %s: %v", loser, logf, err)
 	} else {
@@ -516,4 +517,24 @@ func (s *suite) onceEngineRestart(t *testing.T) {
 			t.Error(err)
 		}
 	}
+}
+
+// pluginLogFile is the dockerd log that holds h's managed plugin's output:
+// the lab's own log for an engine the lab started; for host A on engine
+// 20.10 (the machine's engine), DOCKERD_LOG or the first of the logs that
+// .ci/run and lab/prereqs.sh start it with.
+func pluginLogFile(l *Lab, h *Host) string {
+	if h.NetNS != "" {
+		return filepath.Join(l.State, "dockerd-"+strings.ToLower(h.Name)+".log")
+	}
+	cands := []string{"/tmp/ci-dockerd.log", "/tmp/dockerd.log"}
+	if p := os.Getenv("DOCKERD_LOG"); p != "" {
+		cands = append([]string{p}, cands...)
+	}
+	for _, p := range cands {
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return cands[0]
 }
