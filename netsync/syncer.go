@@ -547,7 +547,10 @@ func (s *Syncer) create(ctx context.Context, sp cluster.SpecPair) error {
 	start := time.Now()
 	id, err := s.engine.CreateNetwork(ctx, req)
 	if errors.Is(err, dockerapi.ErrConflict) {
-		return nil // the engine has the name now: the next pass sees it
+		// The engine has the name now (the next pass sees it), or, as
+		// engine 20.10 answers while this plugin is still being enabled,
+		// refuses for a while: either way a pass soon, not at the resync.
+		return fmt.Errorf("create cluster-wide network %q here: the engine answered with a conflict; retrying: %w", sp.Spec.Name, err)
 	}
 	if err != nil {
 		return fmt.Errorf("create cluster-wide network %q (%s) here: %w", sp.Spec.Name, sp.Spec.Settings(), err)
