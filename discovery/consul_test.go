@@ -79,7 +79,7 @@ func TestRegisterDeregister(t *testing.T) {
 	}
 	slices.Sort(wantIDs)
 	var services map[string]*api.AgentService
-	eventually(t, 10*time.Second, func() error {
+	testenv.Eventually(t, 10*time.Second, func() error {
 		services, err = ourServices(ctx, client)
 		if err != nil {
 			return err
@@ -118,7 +118,7 @@ func TestRegisterDeregister(t *testing.T) {
 	r.mu.Unlock()
 
 	// Both checks turn passing against the test's listeners.
-	eventually(t, 15*time.Second, func() error {
+	testenv.Eventually(t, 15*time.Second, func() error {
 		checks, err := client.Agent().Checks()
 		if err != nil {
 			return err
@@ -139,7 +139,7 @@ func TestRegisterDeregister(t *testing.T) {
 	// Deregister removes the endpoint's services and nothing else.
 	r.Deregister(tcpEP.ID)
 	r.Deregister("unknown-endpoint")
-	eventually(t, 10*time.Second, func() error {
+	testenv.Eventually(t, 10*time.Second, func() error {
 		services, err = ourServices(ctx, client)
 		if err != nil {
 			return err
@@ -183,7 +183,7 @@ func TestDNSTwoNodes(t *testing.T) {
 		return d.DialContext(ctx, network, server.DNSAddr)
 	}}
 	var ips []string
-	eventually(t, 20*time.Second, func() error {
+	testenv.Eventually(t, 20*time.Second, func() error {
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		defer cancel()
 		addrs, err := resolver.LookupIP(cctx, "ip4", "pg.service.consul")
@@ -240,7 +240,7 @@ func TestDNSTwoNodes(t *testing.T) {
 
 	// Dual stack: A gives the IPv4 address, AAAA the lan_ipv6 one. (Consul
 	// 1.21 then also points SRV targets at the IPv6 address.)
-	eventually(t, 20*time.Second, func() error {
+	testenv.Eventually(t, 20*time.Second, func() error {
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		defer cancel()
 		v4, err4 := resolver.LookupIP(cctx, "ip4", "dual.service.consul")
@@ -275,7 +275,7 @@ func TestAgentRestart(t *testing.T) {
 			want = append(want, ep(n).ID)
 		}
 		slices.Sort(want)
-		eventually(t, within, func() error {
+		testenv.Eventually(t, within, func() error {
 			services, err := ourServices(ctx, client)
 			if err != nil {
 				return err

@@ -62,7 +62,7 @@ func TestMetadataCompletion(t *testing.T) {
 	// Wait for Run's first anti-entropy pass and event subscription, whose
 	// catch-ups would inspect the (created) container right away: this
 	// test is about the path through the start event.
-	eventually(t, 10*time.Second, func() error {
+	testenv.Eventually(t, 10*time.Second, func() error {
 		if r.syncPasses.Load() == 0 || r.subscriptions.Load() == 0 {
 			return fmt.Errorf("registrar not settled: %d passes, %d subscriptions", r.syncPasses.Load(), r.subscriptions.Load())
 		}
@@ -72,7 +72,7 @@ func TestMetadataCompletion(t *testing.T) {
 	r.Register(ep)
 
 	// Until the container starts, the service has the fallback name.
-	eventually(t, 10*time.Second, func() error {
+	testenv.Eventually(t, 10*time.Second, func() error {
 		services, err := ourServices(ctx, client)
 		if err != nil {
 			return err
@@ -89,7 +89,7 @@ func TestMetadataCompletion(t *testing.T) {
 	}
 	started := time.Now()
 	var done time.Time
-	eventually(t, 10*time.Second, func() error {
+	testenv.Eventually(t, 10*time.Second, func() error {
 		services, err := ourServices(ctx, client)
 		if err != nil {
 			return err
@@ -122,7 +122,7 @@ func TestMetadataCompletion(t *testing.T) {
 	ep2 := Endpoint{ID: endpointID(201), Network: "other", IPv4: loopback(201), ContainerID: id[:12], Register: true,
 		ServicePrefix: "o-"}
 	r.Register(ep2)
-	eventually(t, 5*time.Second, func() error {
+	testenv.Eventually(t, 5*time.Second, func() error {
 		services, err := ourServices(ctx, client)
 		if err != nil {
 			return err
@@ -146,7 +146,7 @@ func TestMetadataCompletion(t *testing.T) {
 	if err := r2.Sync(ctx); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, func() error {
+	testenv.Eventually(t, 5*time.Second, func() error {
 		services, err := ourServices(ctx, client)
 		if err != nil {
 			return err
@@ -455,7 +455,7 @@ func TestSlowStartRealEngine(t *testing.T) {
 	}
 	err = <-done
 	t.Logf("docker start returned after %s: %v", time.Since(started).Round(time.Millisecond), err)
-	eventually(t, 10*time.Second, func() error {
+	testenv.Eventually(t, 10*time.Second, func() error {
 		if err := r.Sync(ctx); err != nil {
 			return err
 		}

@@ -72,22 +72,6 @@ func ourServices(ctx context.Context, c *api.Client) (map[string]*api.AgentServi
 		(&api.QueryOptions{}).WithContext(ctx))
 }
 
-// eventually retries f every 20ms until it succeeds or within passes.
-func eventually(t *testing.T, within time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not within %s: %v", within, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func endpointID(n int) string { return fmt.Sprintf("%064x", n+0xe0000) }
 
 func loopback(n int) netip.Addr { return netip.AddrFrom4([4]byte{127, 0, 0, byte(n)}) }

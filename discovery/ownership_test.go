@@ -64,7 +64,7 @@ func TestForeignServiceID(t *testing.T) {
 	for _, ep := range eps {
 		r.Register(ep)
 	}
-	eventually(t, 10*time.Second, func() error {
+	testenv.Eventually(t, 10*time.Second, func() error {
 		if s := allServices(t, client)[CustomIDPrefix+"free"]; s == nil || s.Meta[MetaHostID] != "hf" {
 			return fmt.Errorf("free ID not registered as this host's: %+v", s)
 		}
@@ -85,7 +85,7 @@ func TestForeignServiceID(t *testing.T) {
 	if err := r.Sync(ctx); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, func() error {
+	testenv.Eventually(t, 10*time.Second, func() error {
 		if s := allServices(t, client)[CustomIDPrefix+"free"]; s != nil {
 			return fmt.Errorf("this host's service still registered: %+v", s)
 		}

@@ -147,21 +147,6 @@ func (h *host) userCreate(t *testing.T, name, subnet string, opts, labels map[st
 	return id
 }
 
-func eventually(t *testing.T, within time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: %v", within, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 func has(h *host, name, subnet string) error {
 	n, ok := h.engine.get(name)
 	if !ok {
@@ -202,7 +187,7 @@ func testCreatePropagates(t *testing.T, c *cl) {
 	opts := map[string]string{"register": "false"}
 	a.userCreate(t, "app", "10.99.1.0/24", opts, labels)
 	start := time.Now()
-	eventually(t, 2*time.Second, func() error { return has(b, "app", "10.99.1.0/24") })
+	testenv.Eventually(t, 2*time.Second, func() error { return has(b, "app", "10.99.1.0/24") })
 	t.Logf("propagated in %s", time.Since(start))
 	n, _ := b.engine.get("app")
 	if n.Driver != "consul-overlay:v2" || n.IPAM.Driver != "consul-overlay:v2" {
@@ -219,7 +204,7 @@ func testCreatePropagates(t *testing.T, c *cl) {
 		t.Errorf("spec %+v", sp.Spec)
 	}
 	// Both hosts are members of the one logical network.
-	eventually(t, 2*time.Second, func() error {
+	testenv.Eventually(t, 2*time.Second, func() error {
 		var rec cluster.Network
 		p, err := a.store.Get(context.Background(), "networks/subnet-10.99.1.0_24/config")
 		if err != nil {
@@ -239,13 +224,13 @@ func testRemoveRetires(t *testing.T, c *cl) {
 	a := c.host("a", "co")
 	b := c.host("b", "co")
 	a.userCreate(t, "web", "10.99.2.0/24", nil, nil)
-	eventually(t, 2*time.Second, func() error { return has(b, "web", "") })
+	testenv.Eventually(t, 2*time.Second, func() error { return has(b, "web", "") })
 	a.engine.connect("web", 1) // a container on A
 	// A user removes it on B.
 	if err := b.engine.RemoveNetwork(context.Background(), "web"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 2*time.Second, func() error {
+	testenv.Eventually(t, 2*time.Second, func() error {
 		sp, err := cluster.GetSpec(context.Background(), a.store, "web")
 		if err != nil {
 			return err
@@ -265,7 +250,7 @@ func testRemoveRetires(t *testing.T, c *cl) {
 	}
 	// The last container leaves: gone from A and from the store.
 	a.engine.connect("web", -1)
-	eventually(t, 3*time.Second, func() error {
+	testenv.Eventually(t, 3*time.Second, func() error {
 		if err := lacks(a, "web"); err != nil {
 			return err
 		}
@@ -287,7 +272,7 @@ func testConflict(t *testing.T, c *cl) {
 	}
 	wg.Wait()
 	var win string
-	eventually(t, 3*time.Second, func() error {
+	testenv.Eventually(t, 3*time.Second, func() error {
 		sp, err := cluster.GetSpec(context.Background(), a.store, "db")
 		if err != nil {
 			return err
@@ -322,7 +307,7 @@ func testConflict(t *testing.T, c *cl) {
 		t.Errorf("host %s logged no error naming the network:\n%s", loser.name, loser.logs.String())
 	}
 	// Nothing half-created: the losing subnet's logical network is gone.
-	eventually(t, 2*time.Second, func() error {
+	testenv.Eventually(t, 2*time.Second, func() error {
 		for _, k := range keys(t, a.store) {
 			if strings.Contains(k, "10.99.3.0") && win != "10.99.3.0/24" || strings.Contains(k, "10.99.4.0") && win != "10.99.4.0/24" {
 				return fmt.Errorf("the losing network left %s", k)
@@ -338,7 +323,7 @@ func testSameSettings(t *testing.T, c *cl) {
 	labels := map[string]string{"l": "v"}
 	ida := a.userCreate(t, "same", "10.99.5.0/24", nil, labels)
 	idb := b.userCreate(t, "same", "10.99.5.0/24", nil, labels)
-	eventually(t, 2*time.Second, func() error {
+	testenv.Eventually(t, 2*time.Second, func() error {
 		_, err := cluster.GetSpec(context.Background(), a.store, "same")
 		return err
 	})
@@ -358,7 +343,7 @@ func testLateHost(t *testing.T, c *cl) {
 	a := c.host("a", "co")
 	a.userCreate(t, "n1", "10.99.6.0/24", nil, nil)
 	a.userCreate(t, "n2", "10.99.7.0/24", nil, nil)
-	eventually(t, 2*time.Second, func() error {
+	testenv.Eventually(t, 2*time.Second, func() error {
 		sps, err := cluster.ListSpecs(context.Background(), a.store)
 		if err != nil || len(sps) != 2 {
 			return fmt.Errorf("specs %v %v", sps, err)
@@ -367,7 +352,7 @@ func testLateHost(t *testing.T, c *cl) {
 	})
 	start := time.Now()
 	late := c.host("c", "co")
-	eventually(t, 2*time.Second, func() error {
+	testenv.Eventually(t, 2*time.Second, func() error {
 		return errors.Join(has(late, "n1", "10.99.6.0/24"), has(late, "n2", "10.99.7.0/24"))
 	})
 	t.Logf("late host caught up in %s", time.Since(start))
@@ -383,7 +368,7 @@ func testEngineOutage(t *testing.T, c *cl) {
 	time.Sleep(1500 * time.Millisecond)
 	b.engine.setDown(false)
 	start := time.Now()
-	eventually(t, 2*time.Second, func() error {
+	testenv.Eventually(t, 2*time.Second, func() error {
 		return errors.Join(has(b, "o1", ""), has(b, "o2", ""))
 	})
 	t.Logf("caught up %s after the engine answered", time.Since(start))
@@ -415,11 +400,11 @@ func testCreateAgain(t *testing.T, c *cl) {
 	a := c.host("a", "co")
 	b := c.host("b", "co")
 	a.userCreate(t, "again", "10.99.11.0/24", nil, nil)
-	eventually(t, 2*time.Second, func() error { return has(b, "again", "") })
+	testenv.Eventually(t, 2*time.Second, func() error { return has(b, "again", "") })
 	if err := b.engine.RemoveNetwork(context.Background(), "again"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 3*time.Second, func() error {
+	testenv.Eventually(t, 3*time.Second, func() error {
 		if err := lacks(a, "again"); err != nil {
 			return err
 		}
@@ -429,5 +414,5 @@ func testCreateAgain(t *testing.T, c *cl) {
 		return nil
 	})
 	b.userCreate(t, "again", "10.99.12.0/24", nil, nil)
-	eventually(t, 2*time.Second, func() error { return has(a, "again", "10.99.12.0/24") })
+	testenv.Eventually(t, 2*time.Second, func() error { return has(a, "again", "10.99.12.0/24") })
 }
