@@ -194,6 +194,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	if err != nil {
 		return err
 	}
+	// Issue 13: the cluster-wide networks' settings (plugin/netsync.go).
+	syncSettings, err := netSyncFromEnv(os.Getenv)
+	if err != nil {
+		return err
+	}
 	inst, err := hostid.ListenInstance(ccfg.Prefix, storeName,
 		fmt.Sprintf("DATA_DIR %s, socket %s", cfg.DataDir, cfg.Socket))
 	if err != nil {
@@ -404,7 +409,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	h.setFinal(newServer(log, drv, ip))
 	// Cluster-wide networks (issue 13): after the drivers serve, since
 	// the syncer creates networks through the engine, which calls them.
-	stopSync, err := startNetSync(ctx, log, os.Getenv, mstore, shared, docker, cfg.Socket, hostID, node)
+	stopSync, err := startNetSync(ctx, log, syncSettings, mstore, shared, docker, cfg.Socket, hostID, node)
 	if err != nil {
 		return err
 	}

@@ -27,21 +27,33 @@ const (
 	envDriverName      = "DRIVER_NAME"
 )
 
-// startNetSync starts the cluster-wide network syncer on a shared store
-// with the engine's API; it returns the function that stops it and waits.
-// Without either it does nothing and says so.
-func startNetSync(ctx context.Context, log *slog.Logger, getenv func(string) string, store kvstore.Store, shared bool,
-	docker *dockerapi.Client, socket, hostID, node string) (func(), error) {
-	on := true
+// netSyncSettings are CLUSTER_NETWORKS and DRIVER_NAME.
+type netSyncSettings struct {
+	on    bool
+	fixed string // DRIVER_NAME, "" to learn it
+}
+
+// netSyncFromEnv reads the settings at start, before anything is served,
+// so a bad value stops the plugin before it touches the kernel.
+func netSyncFromEnv(getenv func(string) string) (netSyncSettings, error) {
+	st := netSyncSettings{on: true, fixed: strings.TrimSpace(getenv(envDriverName))}
 	if v := strings.TrimSpace(getenv(envClusterNetworks)); v != "" {
 		b, err := strconv.ParseBool(v)
 		if err != nil {
-			return nil, fmt.Errorf("%s=%q: want true or false", envClusterNetworks, v)
+			return st, fmt.Errorf("%s=%q: want true or false", envClusterNetworks, v)
 		}
-		on = b
+		st.on = b
 	}
+	return st, nil
+}
+
+// startNetSync starts the cluster-wide network syncer on a shared store
+// with the engine's API; it returns the function that stops it and waits.
+// Without either it does nothing and says so.
+func startNetSync(ctx context.Context, log *slog.Logger, st netSyncSettings, store kvstore.Store, shared bool,
+	docker *dockerapi.Client, socket, hostID, node string) (func(), error) {
 	switch {
-	case !on:
+	case !st.on:
 		log.Info("cluster-wide networks off (CLUSTER_NETWORKS=false): every network is per host")
 		return func() {}, nil
 	case !shared:
@@ -50,12 +62,11 @@ func startNetSync(ctx context.Context, log *slog.Logger, getenv func(string) str
 		log.Warn("cluster-wide networks off: the engine's API is not reachable (DOCKER_HOST=none); networks are per host")
 		return func() {}, nil
 	}
-	fixed := strings.TrimSpace(getenv(envDriverName))
 	s, err := netsync.New(netsync.Config{
 		HostID: hostID, Node: node, Logger: log,
 		DriverName: func(ctx context.Context) (string, error) {
-			if fixed != "" {
-				return fixed, nil
+			if st.fixed != "" {
+				return st.fixed, nil
 			}
 			return driverName(ctx, docker, socket)
 		},
