@@ -36,6 +36,8 @@ func runContract(t *testing.T, backend newBackend) {
 		{"IncarnationFencing", testIncarnationFencing},
 		{"EndpointOwnership", testEndpointOwnership},
 		{"DesiredPeers", testDesiredPeersWatch},
+		{"WatchSkipsUnchangedPeers", testWatchSkipsUnchanged},
+		{"JoinRecords", testJoinRecords},
 		{"SetVTEP", testSetVTEP},
 		{"SeveralNetworkIDs", testSeveralNetworkIDs},
 		{"View", testView},

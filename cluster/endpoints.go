@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -236,8 +237,12 @@ func DesiredPeers(self string, n Network, eps []Endpoint) []Peer {
 
 // WatchPeers delivers the desired peers of logical network key (see
 // DesiredPeers): once at start and after every change of the network's
-// records. The channel closes when ctx ends. A snapshot without the
-// network's config delivers no peers.
+// records that changes them. A snapshot whose peers equal the last ones
+// delivered (a record rewritten without a peer field changing, a record
+// of this host) is not delivered, and a record whose modify index did not
+// change since the last snapshot is not decoded again. The channel closes
+// when ctx ends. A snapshot without the network's config delivers no
+// peers.
 func (c *Cluster) WatchPeers(ctx context.Context, key string) (<-chan []Peer, error) {
 	ch, err := c.store.Watch(ctx, networkPrefix(key))
 	if err != nil {
@@ -246,10 +251,17 @@ func (c *Cluster) WatchPeers(ctx context.Context, key string) (<-chan []Peer, er
 	out := make(chan []Peer)
 	go func() {
 		defer close(out)
+		dec := newRecordCache(key)
+		var last []Peer
+		sent := false
 		for snap := range ch {
-			peers := peersOf(c.cfg.HostID, key, snap)
+			peers := dec.peers(c.cfg.HostID, snap)
+			if sent && slices.EqualFunc(peers, last, samePeer) {
+				continue
+			}
 			select {
 			case out <- peers:
+				last, sent = peers, true
 			case <-ctx.Done():
 				return
 			}
@@ -258,19 +270,73 @@ func (c *Cluster) WatchPeers(ctx context.Context, key string) (<-chan []Peer, er
 	return out, nil
 }
 
-// peersOf derives the desired peers from a snapshot of networks/<key>/.
-func peersOf(self, key string, pairs []*kvstore.Pair) []Peer {
-	var rec Network
+// samePeer compares two peers field by field.
+func samePeer(a, b Peer) bool {
+	return a.EndpointID == b.EndpointID && a.HostID == b.HostID && a.IP == b.IP && a.VTEP == b.VTEP && bytes.Equal(a.MAC, b.MAC)
+}
+
+// recordCache keeps the decoded records of one network's watch by key and
+// modify index, so each snapshot decodes only the records that changed.
+type recordCache struct {
+	key       string
+	config    cachedConfig
+	endpoints map[string]cachedEndpoint
+}
+
+type cachedConfig struct {
+	index uint64
+	ok    bool
+	rec   Network
+}
+
+type cachedEndpoint struct {
+	index uint64
+	ok    bool
+	ep    Endpoint
+}
+
+func newRecordCache(key string) *recordCache {
+	return &recordCache{key: key, endpoints: map[string]cachedEndpoint{}}
+}
+
+// peers derives the desired peers from a snapshot of networks/<key>/.
+func (rc *recordCache) peers(self string, pairs []*kvstore.Pair) []Peer {
+	cfgKey, prefix := configKey(rc.key), endpointsPrefix(rc.key)
 	found := false
+	var rec Network
+	eps := make([]Endpoint, 0, len(pairs))
+	seen := make(map[string]bool, len(pairs))
 	for _, p := range pairs {
-		if p.Key == configKey(key) {
-			found = kvstore.Decode(p.Value, &rec) == nil
+		switch {
+		case p.Key == cfgKey:
+			if rc.config.index != p.ModifyIndex || p.ModifyIndex == 0 {
+				var r Network
+				ok := kvstore.Decode(p.Value, &r) == nil
+				rc.config = cachedConfig{index: p.ModifyIndex, ok: ok, rec: r}
+			}
+			found, rec = rc.config.ok, rc.config.rec
+		case strings.HasPrefix(p.Key, prefix):
+			seen[p.Key] = true
+			e, hit := rc.endpoints[p.Key]
+			if !hit || e.index != p.ModifyIndex || p.ModifyIndex == 0 {
+				var ep Endpoint
+				e = cachedEndpoint{index: p.ModifyIndex, ok: kvstore.Decode(p.Value, &ep) == nil, ep: ep}
+				rc.endpoints[p.Key] = e
+			}
+			if e.ok {
+				eps = append(eps, e.ep)
+			}
+		}
+	}
+	for k := range rc.endpoints {
+		if !seen[k] {
+			delete(rc.endpoints, k)
 		}
 	}
 	if !found {
 		return nil
 	}
-	return DesiredPeers(self, rec, decodeEndpoints(key, pairs))
+	return DesiredPeers(self, rec, eps)
 }
 
 // View is this host's part of the cluster state, read at start.

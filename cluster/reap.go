@@ -28,8 +28,9 @@ type Evicted struct {
 // records go, then its membership (every Docker NetworkID of it), and a
 // network it was the last member of goes with its VNI and subnet
 // reservations (Leave's last-leaver path). Endpoint records of the host in
-// networks it is no member of (left by a crash) are removed too; last its
-// members/<host-id> record. Other hosts' watches then withdraw its peers.
+// networks it is no member of (left by a crash) are removed too, then its
+// join records, last its members/<host-id> record. Other hosts' watches
+// then withdraw its peers.
 //
 // Every write is the compare-and-set or transaction Leave makes, so two
 // hosts evicting one host at once, or a host joining a network meanwhile,
@@ -102,6 +103,9 @@ func (c *Cluster) EvictHost(ctx context.Context, hostID string) (Evicted, error)
 		if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.HostID == hostID }); err != nil {
 			errs = append(errs, fmt.Errorf("evict host %s: %w", hostID, err))
 		}
+	}
+	if err := c.deleteJoinsOf(ctx, hostID); err != nil {
+		errs = append(errs, fmt.Errorf("evict host %s: %w", hostID, err))
 	}
 	if len(errs) > 0 {
 		return ev, errors.Join(errs...)

@@ -55,6 +55,11 @@ func runEvict(t *testing.T, open openFunc) {
 	mustEndpoint(t, b, "name-app", "net-b", "ep-b", "10.1.0.3/24", "", "02:00:00:00:00:02")
 	mustEndpoint(t, b, "name-app", "net-b2", "ep-b2", "10.1.0.4/24", "", "02:00:00:00:00:03")
 	mustEndpoint(t, b, "name-solo", "net-s", "ep-s", "10.2.0.2/24", "", "02:00:00:00:00:04")
+	for _, h := range []*host{a, b} {
+		if err := h.PutJoined(bg(t), "ep-"+h.cfg.Node, Joined{NetworkKey: "name-app", Sandbox: "c-" + h.cfg.Node}); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	if _, err := a.EvictHost(bg(t), "id-a"); err == nil {
 		t.Error("a host evicted itself")
@@ -81,7 +86,7 @@ func runEvict(t *testing.T, open openFunc) {
 		t.Errorf("app members after evict: %v", n.Hosts)
 	}
 	got := keys(t, a.store, "")
-	want := []string{"networks/name-app/config", "networks/name-app/endpoints/ep-a", "vnis/" + fmt.Sprint(n.VNI), "subnets/10.1.0.0_24"}
+	want := []string{"networks/name-app/config", "networks/name-app/endpoints/ep-a", "vnis/" + fmt.Sprint(n.VNI), "subnets/10.1.0.0_24", "joins/id-a/ep-a"}
 	slices.Sort(got)
 	slices.Sort(want)
 	if !slices.Equal(got, want) {

@@ -125,6 +125,7 @@ type Driver struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // watches and recovery
 	ready  chan struct{}  // closed once the state is restored from the store
+	bg     *background    // work off Docker's critical path (background.go)
 
 	// opMu serialises network create, delete, prune and VTEP changes on
 	// this host, so a network is never built and torn down at once. Never
@@ -225,6 +226,7 @@ func New(cfg Config, store kvstore.Store, dp Dataplane) (*Driver, error) {
 		logicals:  map[string]*logical{},
 		endpoints: map[string]*localEndpoint{},
 		allowed:   map[string]map[netip.Addr]bool{},
+		bg:        newBackground(),
 	}, nil
 }
 
@@ -235,7 +237,11 @@ func New(cfg Config, store kvstore.Store, dp Dataplane) (*Driver, error) {
 // while the store shows nothing of this host but the kernel holds
 // overlays (see restore).
 func (d *Driver) Start() {
-	d.wg.Add(1)
+	d.wg.Add(2)
+	go func() {
+		defer d.wg.Done()
+		d.runBackground(d.ctx)
+	}()
 	go func() {
 		defer d.wg.Done()
 		backoff := 500 * time.Millisecond
@@ -268,10 +274,12 @@ func (d *Driver) Start() {
 // Ready is closed once Start has restored the state.
 func (d *Driver) Ready() <-chan struct{} { return d.ready }
 
-// Close stops the watches. Kernel state stays: containers keep running.
+// Close stops the watches and does what background work is left (bounded).
+// Kernel state stays: containers keep running.
 func (d *Driver) Close() error {
 	d.cancel()
 	d.wg.Wait()
+	d.flushOnClose()
 	return nil
 }
 
@@ -679,15 +687,22 @@ func (d *Driver) catchUp(ctx context.Context) {
 }
 
 // deleteEndpoint removes a local endpoint from the registrar, the kernel
-// and the store, in that order; each step is idempotent.
+// and the store, in that order; each step is idempotent. The veth pair and
+// the join record go in the background (background.go): the pair's names
+// derive from the endpoint ID, which Docker never reuses, so nothing
+// waits for them, and what a crash leaves is removed at the next start.
 func (d *Driver) deleteEndpoint(ctx context.Context, ep *localEndpoint) error {
 	id := ep.rec.ID
 	if d.cfg.Registrar != nil {
 		d.cfg.Registrar.Deregister(id)
 	}
 	d.point("deleteendpoint/after-deregister")
-	if err := d.dp.DeleteEndpoint(ctx, id); err != nil {
-		return err
+	d.bg.deleteVeth(id)
+	d.mu.Lock()
+	joined := ep.rec.Sandbox != ""
+	d.mu.Unlock()
+	if joined {
+		d.bg.setJoined(id, nil)
 	}
 	d.point("deleteendpoint/after-veth")
 	if err := d.cl.DeleteEndpoint(ctx, ep.rec.NetworkKey, id); err != nil {
@@ -735,6 +750,9 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: stored MAC %q: %w", op, mac, err)
 	}
+	if d.bg.keepVeth(req.EndpointID) {
+		d.log.Warn("join of an endpoint whose veth was being removed; keeping it", "endpoint", short(req.EndpointID))
+	}
 	info, err := d.dp.EnsureEndpoint(ctx, vxlan.Endpoint{ID: req.EndpointID, VNI: l.rec.VNI, MAC: hw})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", op, err)
@@ -745,7 +763,7 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 		resp.StaticRoutes = append(resp.StaticRoutes, r)
 	}
 	d.log.Info("endpoint joined", netAttrs(l.rec, req.NetworkID, "endpoint", short(req.EndpointID), "link", info.ContainerIf, "linklocal_route", len(resp.StaticRoutes) > 0)...)
-	d.joined(ctx, l, ep, req)
+	d.joined(l, ep, req)
 	return resp, nil
 }
 

@@ -33,6 +33,8 @@ type fakeDataplane struct {
 	vtep      netip.Addr
 	inUse     map[string]bool
 	allowed   []netip.Addr
+	// failDeletes makes that many DeleteEndpoint calls fail.
+	failDeletes int
 }
 
 // peerID identifies one programmed neighbour in the fake.
@@ -81,6 +83,10 @@ func (f *fakeDataplane) EnsureEndpoint(_ context.Context, ep vxlan.Endpoint) (vx
 func (f *fakeDataplane) DeleteEndpoint(_ context.Context, id string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.failDeletes > 0 {
+		f.failDeletes--
+		return fmt.Errorf("delete endpoint %s: device or resource busy (fake)", id)
+	}
 	delete(f.endpoints, id)
 	return nil
 }

@@ -34,10 +34,11 @@ func endpointOptions(opts map[string]interface{}) map[string]string {
 }
 
 // joined records what Join learned (the container, its exposed ports) and
-// hands the endpoint to the registrar. Networking comes first: a store
-// failure here is logged, never returned, and the registrar retries on
-// its own.
-func (d *Driver) joined(ctx context.Context, l *logical, ep *localEndpoint, req *network.JoinRequest) {
+// hands the endpoint to the registrar. The endpoint record, which every
+// member host watches, is not written again: what Join learned is kept in
+// memory and written to this host's join record (cluster.Joined, outside
+// the watched keys) in the background, for a restart to read back.
+func (d *Driver) joined(l *logical, ep *localEndpoint, req *network.JoinRequest) {
 	sandbox := discovery.ContainerIDFromSandboxKey(req.SandboxKey)
 	if sandbox == "" {
 		sandbox = "joined" // a SandboxKey of another form: still joined
@@ -46,20 +47,17 @@ func (d *Driver) joined(ctx context.Context, l *logical, ep *localEndpoint, req 
 	if p, err := discovery.ParseExposedPorts(req.Options[discovery.ExposedPortsOption]); err == nil {
 		ports = p
 	}
-	update := func(e *cluster.Endpoint) {
-		e.Sandbox = sandbox
-		if len(e.Ports) == 0 {
-			e.Ports = ports
-		}
-	}
+	j := cluster.Joined{Sandbox: sandbox}
 	d.mu.Lock()
 	ep.left = false
-	update(&ep.rec)
+	ep.rec.Sandbox = sandbox
+	if len(ep.rec.Ports) == 0 {
+		ep.rec.Ports, j.Ports = ports, ports
+	}
 	rec := ep.rec
 	d.mu.Unlock()
-	if _, err := d.cl.UpdateEndpoint(ctx, rec.NetworkKey, rec.ID, update); err != nil {
-		d.log.Warn("record the container of an endpoint", "endpoint", short(rec.ID), "error", err)
-	}
+	j.NetworkKey = rec.NetworkKey
+	d.bg.setJoined(rec.ID, &j)
 	d.point("join/after-record")
 	if d.cfg.Registrar != nil {
 		d.cfg.Registrar.Register(serviceEndpoint(l.rec, &rec))

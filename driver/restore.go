@@ -156,6 +156,9 @@ func (d *Driver) restore(ctx context.Context) error {
 		}
 		state.Endpoints = append(state.Endpoints, vxlan.Endpoint{ID: ep.ID, VNI: vniOf[ep.NetworkKey], MAC: mac})
 	}
+	if err := d.restoreJoins(ctx, v.Endpoints); err != nil {
+		return err
+	}
 	ch, err := d.dp.Reconcile(ctx, state)
 	if err != nil {
 		return fmt.Errorf("reconcile kernel: %w", err)
@@ -170,6 +173,46 @@ func (d *Driver) restore(ctx context.Context) error {
 		m, _ := n.Member(d.cfg.HostID)
 		for _, id := range m.NetworkIDs {
 			d.bind(id, n, time.Time{})
+		}
+	}
+	return nil
+}
+
+// restoreJoins gives the restored endpoint records what Join learned
+// (this host's join records, see cluster.Joined) and removes the join
+// records of endpoints that are gone. An endpoint without one whose
+// interface a container holds joined all the same (the plugin stopped
+// before its join record was written): it is marked joined, so the
+// registrar keeps its service and the unjoined sweep leaves it alone.
+func (d *Driver) restoreJoins(ctx context.Context, eps []cluster.Endpoint) error {
+	joins, err := d.cl.Joins(ctx)
+	if err != nil {
+		return err
+	}
+	for i := range eps {
+		ep := &eps[i]
+		j, ok := joins[ep.ID]
+		delete(joins, ep.ID)
+		if ok && ep.Sandbox == "" {
+			ep.Sandbox = j.Sandbox
+		}
+		if ok && len(ep.Ports) == 0 {
+			ep.Ports = j.Ports
+		}
+		if ep.Sandbox != "" {
+			continue
+		}
+		inUse, err := d.dp.EndpointInUse(ep.ID)
+		if err != nil {
+			return fmt.Errorf("endpoint %s: is its interface in use: %w", short(ep.ID), err)
+		}
+		if inUse {
+			ep.Sandbox = "joined" // container unknown, as joined() names it
+		}
+	}
+	for id := range joins {
+		if err := d.cl.DeleteJoined(ctx, id); err != nil {
+			d.log.Warn("join record of a removed endpoint not deleted", "endpoint", short(id), "error", err)
 		}
 	}
 	return nil

@@ -1,0 +1,86 @@
+package cluster
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"consul-overlay/discovery"
+)
+
+// testWatchSkipsUnchanged: a rewrite of an endpoint record that changes no
+// peer field (what Join did before join records) delivers nothing; the
+// next delivery is the next real change.
+func testWatchSkipsUnchanged(t *testing.T, open openFunc) {
+	a := newHost(t, open, "id-a", "a", "192.0.2.1")
+	b := newHost(t, open, "id-b", "b", "192.0.2.2")
+	mustJoin(t, a, "name-app", "net-a", spec("10.1.0.0/24"))
+	mustJoin(t, b, "name-app", "net-b", spec("10.1.0.0/24"))
+	mustEndpoint(t, a, "name-app", "net-a", "ep-a", "10.1.0.2/24", "", "02:42:0a:01:00:02")
+	ctx, cancel := context.WithCancel(bg(t))
+	defer cancel()
+	wb, err := b.WatchPeers(ctx, "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 1 })
+	// b's own endpoint and a's rewritten record change none of b's peers.
+	mustEndpoint(t, b, "name-app", "net-b", "ep-b", "10.1.0.3/24", "", "02:42:0a:01:00:03")
+	if _, err := a.UpdateEndpoint(bg(t), "name-app", "ep-a", func(e *Endpoint) { e.Sandbox = "ctr" }); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // let the watch see those writes on their own
+	mustEndpoint(t, a, "name-app", "net-a", "ep-a2", "10.1.0.4/24", "", "02:42:0a:01:00:04")
+	select {
+	case ps := <-wb:
+		if len(ps) != 2 {
+			t.Fatalf("delivery after writes that changed no peer: %+v; want the two peers of the next change", ps)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no delivery after a new endpoint")
+	}
+	// A peer field that changes is delivered.
+	if _, err := a.UpdateEndpoint(bg(t), "name-app", "ep-a2", func(e *Endpoint) { e.MAC = "02:42:0a:01:00:05" }); err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 2 && ps[1].MAC.String() == "02:42:0a:01:00:05" })
+}
+
+// testJoinRecords: a host's join records live outside the watched keys,
+// read back by that host only, and go one by one.
+func testJoinRecords(t *testing.T, open openFunc) {
+	a := newHost(t, open, "id-a", "a", "192.0.2.1")
+	b := newHost(t, open, "id-b", "b", "192.0.2.2")
+	ports := []discovery.Port{{Proto: "tcp", Port: 80}}
+	if err := a.PutJoined(bg(t), "ep-1", Joined{NetworkKey: "name-app", Sandbox: "c1", Ports: ports}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.PutJoined(bg(t), "ep-2", Joined{NetworkKey: "name-app", Sandbox: "c2"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.PutJoined(bg(t), "ep-3", Joined{NetworkKey: "name-app", Sandbox: "c3"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.PutJoined(bg(t), "bad/id", Joined{}); err == nil {
+		t.Error("join record with a slash in its ID accepted")
+	}
+	js, err := a.Joins(bg(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(js) != 2 || js["ep-1"].Sandbox != "c1" || len(js["ep-1"].Ports) != 1 || js["ep-1"].Ports[0] != ports[0] || js["ep-2"].Sandbox != "c2" {
+		t.Fatalf("a's join records %+v", js)
+	}
+	for _, k := range keys(t, a.store, "networks/") {
+		t.Errorf("join records wrote %s", k)
+	}
+	if err := a.DeleteJoined(bg(t), "ep-1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.DeleteJoined(bg(t), "ep-1"); err != nil {
+		t.Fatalf("second delete: %v", err)
+	}
+	if js, err := a.Joins(bg(t)); err != nil || len(js) != 1 {
+		t.Fatalf("after delete: %+v, %v", js, err)
+	}
+}
