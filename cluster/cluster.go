@@ -61,8 +61,12 @@ type Cluster struct {
 	log   *slog.Logger
 	store kvstore.Store
 
-	mu   sync.Mutex // guards vtep
+	mu   sync.Mutex // guards vtep and configs
 	vtep netip.Addr
+	// configs are the network configs the peer watches last saw, by
+	// logical key, with their modify index: CreateEndpoint's first
+	// attempt checks against it instead of reading the config again.
+	configs map[string]cachedConfig
 
 	// hook, when set by tests, runs at named points between two store
 	// writes, to interleave another host's calls there.

@@ -38,6 +38,7 @@ func runContract(t *testing.T, backend newBackend) {
 		{"DesiredPeers", testDesiredPeersWatch},
 		{"WatchSkipsUnchangedPeers", testWatchSkipsUnchanged},
 		{"JoinRecords", testJoinRecords},
+		{"CreateEndpointCachedConfig", testCreateEndpointCachedConfig},
 		{"SetVTEP", testSetVTEP},
 		{"SeveralNetworkIDs", testSeveralNetworkIDs},
 		{"View", testView},

@@ -31,20 +31,34 @@ func (c *Cluster) CreateEndpoint(ctx context.Context, ep Endpoint) (Endpoint, er
 	ep.Node = c.cfg.Node
 	ep.VTEP = c.VTEP().String()
 	ep.Created = time.Now().UTC()
+	// The first attempt checks against the config the peer watch last
+	// saw, if it shows the membership: the transaction's index check
+	// makes a stale one a conflict, and the next attempt reads it.
+	cached, useCache := c.cachedConfig(key)
+	if useCache {
+		m, ok := cached.rec.Hosts[c.cfg.HostID]
+		useCache = ok && slices.Contains(m.NetworkIDs, ep.NetworkID)
+	}
 	for attempt := 0; attempt < maxCASAttempts; attempt++ {
 		if err := ctx.Err(); err != nil {
 			return Endpoint{}, err
 		}
-		pair, err := c.store.Get(ctx, configKey(key))
-		if errors.Is(err, kvstore.ErrNotFound) {
-			return Endpoint{}, fmt.Errorf("record endpoint: logical network %q does not exist: %w", key, ErrNotMember)
-		}
-		if err != nil {
-			return Endpoint{}, fmt.Errorf("record endpoint: read logical network %q: %w", key, err)
-		}
 		var rec Network
-		if err := kvstore.Decode(pair.Value, &rec); err != nil {
-			return Endpoint{}, fmt.Errorf("record endpoint: logical network %q: %w", key, err)
+		var index uint64
+		if useCache {
+			rec, index, useCache = cached.rec, cached.index, false
+		} else {
+			pair, err := c.store.Get(ctx, configKey(key))
+			if errors.Is(err, kvstore.ErrNotFound) {
+				return Endpoint{}, fmt.Errorf("record endpoint: logical network %q does not exist: %w", key, ErrNotMember)
+			}
+			if err != nil {
+				return Endpoint{}, fmt.Errorf("record endpoint: read logical network %q: %w", key, err)
+			}
+			if err := kvstore.Decode(pair.Value, &rec); err != nil {
+				return Endpoint{}, fmt.Errorf("record endpoint: logical network %q: %w", key, err)
+			}
+			index = pair.ModifyIndex
 		}
 		if m, ok := rec.Hosts[c.cfg.HostID]; !ok || !slices.Contains(m.NetworkIDs, ep.NetworkID) {
 			return Endpoint{}, fmt.Errorf("record endpoint: network %s of this host is not in logical network %s: %w", ep.NetworkID, rec.Label(), ErrNotMember)
@@ -56,7 +70,7 @@ func (c *Cluster) CreateEndpoint(ctx context.Context, ep Endpoint) (Endpoint, er
 		}
 		err = c.store.Txn(ctx, []kvstore.Op{
 			{Verb: kvstore.OpCreate, Key: endpointKey(key, ep.ID), Value: val},
-			{Verb: kvstore.OpCheckIndex, Key: configKey(key), Index: pair.ModifyIndex},
+			{Verb: kvstore.OpCheckIndex, Key: configKey(key), Index: index},
 		})
 		if err == nil {
 			return ep, nil
@@ -251,11 +265,13 @@ func (c *Cluster) WatchPeers(ctx context.Context, key string) (<-chan []Peer, er
 	out := make(chan []Peer)
 	go func() {
 		defer close(out)
+		defer c.setCachedConfig(key, cachedConfig{})
 		dec := newRecordCache(key)
 		var last []Peer
 		sent := false
 		for snap := range ch {
 			peers := dec.peers(c.cfg.HostID, snap)
+			c.setCachedConfig(key, dec.config)
 			if sent && slices.EqualFunc(peers, last, samePeer) {
 				continue
 			}
@@ -295,6 +311,29 @@ type cachedEndpoint struct {
 	ep    Endpoint
 }
 
+// cachedConfig returns the config of logical network key that its peer
+// watch last saw, if one runs and saw it.
+func (c *Cluster) cachedConfig(key string) (cachedConfig, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	cc, ok := c.configs[key]
+	return cc, ok && cc.ok && cc.index != 0
+}
+
+// setCachedConfig records what the peer watch of key saw (not ok: none).
+func (c *Cluster) setCachedConfig(key string, cc cachedConfig) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !cc.ok || cc.index == 0 {
+		delete(c.configs, key)
+		return
+	}
+	if c.configs == nil {
+		c.configs = map[string]cachedConfig{}
+	}
+	c.configs[key] = cc
+}
+
 func newRecordCache(key string) *recordCache {
 	return &recordCache{key: key, endpoints: map[string]cachedEndpoint{}}
 }
@@ -306,9 +345,11 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair) []Peer {
 	var rec Network
 	eps := make([]Endpoint, 0, len(pairs))
 	seen := make(map[string]bool, len(pairs))
+	configSeen := false
 	for _, p := range pairs {
 		switch {
 		case p.Key == cfgKey:
+			configSeen = true
 			if rc.config.index != p.ModifyIndex || p.ModifyIndex == 0 {
 				var r Network
 				ok := kvstore.Decode(p.Value, &r) == nil
@@ -332,6 +373,9 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair) []Peer {
 		if !seen[k] {
 			delete(rc.endpoints, k)
 		}
+	}
+	if !configSeen {
+		rc.config = cachedConfig{}
 	}
 	if !found {
 		return nil

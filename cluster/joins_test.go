@@ -2,10 +2,14 @@ package cluster
 
 import (
 	"context"
+	"errors"
+	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"consul-overlay/discovery"
+	"consul-overlay/kvstore"
 )
 
 // testWatchSkipsUnchanged: a rewrite of an endpoint record that changes no
@@ -82,5 +86,60 @@ func testJoinRecords(t *testing.T, open openFunc) {
 	}
 	if js, err := a.Joins(bg(t)); err != nil || len(js) != 1 {
 		t.Fatalf("after delete: %+v, %v", js, err)
+	}
+}
+
+// countingStore counts reads of one key.
+type countingStore struct {
+	kvstore.Store
+	key   string
+	reads atomic.Int32
+}
+
+func (s *countingStore) Get(ctx context.Context, key string) (*kvstore.Pair, error) {
+	if key == s.key {
+		s.reads.Add(1)
+	}
+	return s.Store.Get(ctx, key)
+}
+
+// testCreateEndpointCachedConfig: with the network's peer watch running,
+// CreateEndpoint writes on the config the watch saw without reading it;
+// a stale one (this host left meanwhile) is caught by the transaction's
+// index check, never written on.
+func testCreateEndpointCachedConfig(t *testing.T, open openFunc) {
+	cs := &countingStore{Store: open(t), key: configKey("name-app")}
+	c, err := New(Config{HostID: "id-a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1")}, cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &host{Cluster: c, store: cs}
+	b := newHost(t, open, "id-b", "b", "192.0.2.2")
+	mustJoin(t, a, "name-app", "net-a", spec("10.1.0.0/24"))
+	mustJoin(t, b, "name-app", "net-b", spec("10.1.0.0/24"))
+	ctx, cancel := context.WithCancel(bg(t))
+	defer cancel()
+	wa, err := a.WatchPeers(ctx, "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The watch has seen b's membership once it delivers; b's endpoint
+	// comes after it.
+	mustEndpoint(t, b, "name-app", "net-b", "ep-b", "10.1.0.3/24", "", "02:42:0a:01:00:03")
+	waitPeers(t, wa, func(ps []Peer) bool { return len(ps) == 1 })
+	before := cs.reads.Load()
+	mustEndpoint(t, a, "name-app", "net-a", "ep-a", "10.1.0.2/24", "", "02:42:0a:01:00:02")
+	if n := cs.reads.Load() - before; n != 0 {
+		t.Errorf("CreateEndpoint read the config %d times with the watch's copy at hand", n)
+	}
+	// a leaves; its watch may not have seen it yet.
+	if err := a.Leave(bg(t), "name-app", "net-a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.CreateEndpoint(bg(t), Endpoint{ID: "ep-a2", NetworkKey: "name-app", NetworkID: "net-a", IPv4: "10.1.0.4/24", MAC: "02:42:0a:01:00:04"}); !errors.Is(err, ErrNotMember) {
+		t.Fatalf("CreateEndpoint after leaving: %v, want ErrNotMember", err)
+	}
+	if hasKey(t, cs, endpointKey("name-app", "ep-a2")) {
+		t.Fatal("endpoint record written after leaving")
 	}
 }

@@ -20,7 +20,7 @@ import (
 
 const (
 	backgroundRetryMin = 100 * time.Millisecond
-	backgroundRetryMax = 10 * time.Second
+	backgroundRetryMax = 2 * time.Second
 	// closeFlushTimeout bounds the last flush at Close.
 	closeFlushTimeout = 5 * time.Second
 )

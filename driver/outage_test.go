@@ -131,6 +131,8 @@ func TestStoreOutage(t *testing.T) {
 	if _, err := d.Join(&network.JoinRequest{NetworkID: "net-a", EndpointID: "ep1", SandboxKey: "/var/run/docker/netns/x"}); err != nil {
 		t.Fatal(err)
 	}
+	// Join's record of the container goes to the store in the background.
+	waitFor(t, func() bool { return slices.Contains(allKeys(t, store.Store), "joins/a/ep1") })
 	keysBefore := allKeys(t, store.Store)
 
 	store.down.Store(true)
