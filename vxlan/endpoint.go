@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 
 	"github.com/vishvananda/netlink"
 )
 
-// Steps of the endpoint create path, in order, for fault injection.
-var endpointSteps = []string{"veth", "veth-alias", "veth-master", "veth-up"}
+// Steps of the endpoint create path, in order, for fault injection. A new
+// pair is created up; "veth-up" is a step of the repair of an existing one.
+var endpointSteps = []string{"veth", "veth-alias", "veth-master"}
 
 func (m *Manager) checkEndpoint(ep Endpoint) error {
 	if err := validEndpointID(ep.ID); err != nil {
@@ -119,8 +121,11 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		if err := m.step("veth"); err != nil {
 			return info, err
 		}
+		// Created up (the host end carries nothing until it is on the
+		// bridge, and the container end stays down until Docker
+		// configures it): one netlink request less per attach.
 		veth := &netlink.Veth{
-			LinkAttrs:        netlink.LinkAttrs{Name: hostName, MTU: mtu},
+			LinkAttrs:        netlink.LinkAttrs{Name: hostName, MTU: mtu, Flags: net.FlagUp},
 			PeerName:         contName,
 			PeerMTU:          uint32(mtu),
 			PeerHardwareAddr: ep.MAC,
@@ -130,14 +135,20 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		}
 		ch.Links++
 		m.log.Debug("veth created", "link", hostName, "peer", contName, "endpoint", endpointKey(ep.ID), "mac", ep.MAC)
-		host, err = m.linkByName(hostName)
-		if err == nil && host == nil {
-			err = fmt.Errorf("veth %q gone after creation", hostName)
-		}
-		if err != nil {
-			// The pair may exist under the name even if the lookup failed.
-			undo = append(undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
-			return info, err
+		// LinkAdd looked the new link's index up: the host end is known
+		// without another lookup.
+		if veth.Attrs().Index == 0 {
+			host, err = m.linkByName(hostName)
+			if err == nil && host == nil {
+				err = fmt.Errorf("veth %q gone after creation", hostName)
+			}
+			if err != nil {
+				// The pair may exist under the name even if the lookup failed.
+				undo = append(undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
+				return info, err
+			}
+		} else {
+			host = veth
 		}
 		undo = append(undo, func() error { return m.deleteLink(host) })
 		if cont, err = m.linkByName(contName); err != nil {
