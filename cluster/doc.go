@@ -29,7 +29,14 @@
 //	                                host's Docker NetworkIDs bound to it).
 //	networks/<key>/endpoints/<id>   Endpoint: host ID, node, VTEP, the
 //	                                network's incarnation, Docker NetworkID,
-//	                                addresses, MAC, options, ports, sandbox.
+//	                                addresses, MAC, options, ports. Written
+//	                                once, at CreateEndpoint (records of
+//	                                older versions may carry the sandbox).
+//	joins/<host-id>/<id>            Joined: what Join learned (the sandbox,
+//	                                ports Join alone gave). Outside
+//	                                networks/<key>/ so that a join wakes no
+//	                                peer watch; read back by its own host at
+//	                                start, removed with the endpoint.
 //	vnis/<vni>                      reservation {key, incarnation}
 //	subnets/<subnet>                reservation {key, incarnation}; the
 //	                                subnet with "/" as "_" and ":" as "-".
@@ -67,7 +74,8 @@
 // DesiredPeers derives, for one host and one network, every address of
 // every endpoint record of the network's incarnation that belongs to
 // another member host. WatchPeers delivers it after every change of
-// networks/<key>/; SetVTEP republishes the host's address in its host
+// networks/<key>/ that changes it (decoding only the records whose modify
+// index moved); SetVTEP republishes the host's address in its host
 // record, memberships and endpoint records so the other hosts' watches
 // reprogram their peers.
 package cluster

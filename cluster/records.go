@@ -69,7 +69,10 @@ type Endpoint struct {
 	// Ports are the container's exposed ports.
 	Ports []discovery.Port `json:"ports,omitempty"`
 	// Sandbox is the ID Join's SandboxKey ends in: set once the endpoint
-	// has joined.
+	// has joined, in the driver's copy (from its join record, see Joined,
+	// after a restart). The stored record does not carry it, except one
+	// written by an older version or re-asserted after an eviction:
+	// writing it at Join would wake every member host's peer watch.
 	Sandbox string    `json:"sandbox,omitempty"`
 	Created time.Time `json:"created"`
 }
