@@ -67,6 +67,10 @@ type Cluster struct {
 	// logical key, with their modify index: CreateEndpoint's first
 	// attempt checks against it instead of reading the config again.
 	configs map[string]cachedConfig
+	// owned are the modify indexes of this host's endpoint records that
+	// the peer watches last saw, by store key: DeleteEndpoint's first
+	// attempt deletes on it instead of reading the record again.
+	owned map[string]uint64
 
 	// hook, when set by tests, runs at named points between two store
 	// writes, to interleave another host's calls there.

@@ -147,6 +147,21 @@ func (c *Cluster) UpdateEndpoint(ctx context.Context, key, id string, fn func(*E
 // the index read. A missing record is success; another host's record is
 // ErrNotOwner and stays.
 func (c *Cluster) DeleteEndpoint(ctx context.Context, key, id string) error {
+	// A record the peer watch saw as this host's at an index is still
+	// this host's if it still has that index.
+	c.mu.Lock()
+	index, seen := c.owned[endpointKey(key, id)]
+	c.mu.Unlock()
+	if seen {
+		err := c.store.DeleteCAS(ctx, endpointKey(key, id), index)
+		if err == nil {
+			c.log.Debug("endpoint record removed", "key", endpointKey(key, id), "host", c.cfg.HostID)
+			return nil
+		}
+		if !errors.Is(err, kvstore.ErrConflict) && !errors.Is(err, kvstore.ErrNotFound) {
+			return fmt.Errorf("remove endpoint record %s: %w", id, err)
+		}
+	}
 	ep, p, err := c.getEndpoint(ctx, key, id)
 	if errors.Is(err, kvstore.ErrNotFound) {
 		return nil
@@ -269,9 +284,11 @@ func (c *Cluster) WatchPeers(ctx context.Context, key string) (<-chan []Peer, er
 		dec := newRecordCache(key)
 		var last []Peer
 		sent := false
+		defer c.setOwned(key, nil)
 		for snap := range ch {
 			peers := dec.peers(c.cfg.HostID, snap)
 			c.setCachedConfig(key, dec.config)
+			c.setOwned(key, dec.ownedBy(c.cfg.HostID))
 			if sent && slices.EqualFunc(peers, last, samePeer) {
 				continue
 			}
@@ -332,6 +349,43 @@ func (c *Cluster) setCachedConfig(key string, cc cachedConfig) {
 		c.configs = map[string]cachedConfig{}
 	}
 	c.configs[key] = cc
+}
+
+// setOwned replaces the indexes of this host's records of network key
+// (nil: none known).
+func (c *Cluster) setOwned(key string, idx map[string]uint64) {
+	prefix := endpointsPrefix(key)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k := range c.owned {
+		if _, ok := idx[k]; !ok && strings.HasPrefix(k, prefix) {
+			delete(c.owned, k)
+		}
+	}
+	if len(idx) == 0 {
+		return
+	}
+	if c.owned == nil {
+		c.owned = map[string]uint64{}
+	}
+	for k, i := range idx {
+		c.owned[k] = i
+	}
+}
+
+// ownedBy returns the modify indexes of host's records in the last
+// snapshot, by store key.
+func (rc *recordCache) ownedBy(host string) map[string]uint64 {
+	var out map[string]uint64
+	for k, e := range rc.endpoints {
+		if e.ok && e.index != 0 && e.ep.HostID == host {
+			if out == nil {
+				out = map[string]uint64{}
+			}
+			out[k] = e.index
+		}
+	}
+	return out
 }
 
 func newRecordCache(key string) *recordCache {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/netip"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -92,12 +93,12 @@ func testJoinRecords(t *testing.T, open openFunc) {
 // countingStore counts reads of one key.
 type countingStore struct {
 	kvstore.Store
-	key   string
+	key   string // counted, and every key under prefix
 	reads atomic.Int32
 }
 
 func (s *countingStore) Get(ctx context.Context, key string) (*kvstore.Pair, error) {
-	if key == s.key {
+	if key == s.key || strings.HasPrefix(key, endpointsPrefix("name-app")) {
 		s.reads.Add(1)
 	}
 	return s.Store.Get(ctx, key)
@@ -131,6 +132,46 @@ func testCreateEndpointCachedConfig(t *testing.T, open openFunc) {
 	mustEndpoint(t, a, "name-app", "net-a", "ep-a", "10.1.0.2/24", "", "02:42:0a:01:00:02")
 	if n := cs.reads.Load() - before; n != 0 {
 		t.Errorf("CreateEndpoint read the config %d times with the watch's copy at hand", n)
+	}
+	// Once the watch saw a's record, DeleteEndpoint deletes it on the
+	// index seen, without reading it; a record rewritten since is read
+	// again and deleted all the same.
+	mustEndpoint(t, a, "name-app", "net-a", "ep-a3", "10.1.0.5/24", "", "02:42:0a:01:00:05")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		a.mu.Lock()
+		_, seen := a.owned[endpointKey("name-app", "ep-a")]
+		_, seen3 := a.owned[endpointKey("name-app", "ep-a3")]
+		a.mu.Unlock()
+		if seen && seen3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the watch never saw a's records")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	before = cs.reads.Load()
+	if err := a.DeleteEndpoint(bg(t), "name-app", "ep-a"); err != nil {
+		t.Fatal(err)
+	}
+	if n := cs.reads.Load() - before; n != 0 {
+		t.Errorf("DeleteEndpoint read %d times with the watch's index at hand", n)
+	}
+	if _, err := a.UpdateEndpoint(bg(t), "name-app", "ep-a3", func(e *Endpoint) { e.Sandbox = "x" }); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.DeleteEndpoint(bg(t), "name-app", "ep-a3"); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"ep-a", "ep-a3"} {
+		if hasKey(t, cs, endpointKey("name-app", id)) {
+			t.Fatalf("%s not deleted", id)
+		}
+	}
+	// Another host's record is never deleted on a's word.
+	if err := a.DeleteEndpoint(bg(t), "name-app", "ep-b"); !errors.Is(err, ErrNotOwner) {
+		t.Fatalf("delete of b's record: %v, want ErrNotOwner", err)
 	}
 	// a leaves; its watch may not have seen it yet.
 	if err := a.Leave(bg(t), "name-app", "net-a"); err != nil {
