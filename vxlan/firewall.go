@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -296,6 +297,38 @@ func (f *firewall) each(ctx context.Context, plan func(bin string) (batch, error
 	return changes, nil
 }
 
+// eachParallel is each with the commands run side by side (iptables and
+// ip6tables program separate tables): a call costs the slower command's
+// processes, not the sum. plan is called concurrently for different
+// commands.
+func (f *firewall) eachParallel(ctx context.Context, plan func(bin string) (batch, error)) (int, error) {
+	if len(f.bins) < 2 {
+		return f.each(ctx, plan)
+	}
+	type result struct {
+		k   int
+		err error
+	}
+	res := make([]result, len(f.bins))
+	var wg sync.WaitGroup
+	for i, bin := range f.bins {
+		wg.Go(func() {
+			one := &firewall{log: f.log, bins: []string{bin}, restore: f.restore}
+			res[i].k, res[i].err = one.each(ctx, plan)
+		})
+	}
+	wg.Wait()
+	changes := 0
+	var errs []error
+	for _, r := range res {
+		changes += r.k
+		if r.err != nil {
+			errs = append(errs, r.err)
+		}
+	}
+	return changes, errors.Join(errs...)
+}
+
 // dockerJumpRE matches FORWARD's unconditional jumps to dockerd's chains
 // (DOCKER-USER, DOCKER-ISOLATION-STAGE-1, DOCKER-FORWARD): they act only
 // on Docker's own bridges, or are the administrator's DOCKER-USER.
@@ -566,8 +599,8 @@ func (f *firewall) sync(ctx context.Context, s fwSpec) (int, error) {
 	if s.shared != sharedKeep {
 		tables = append(tables, "raw")
 	}
-	var next map[netip.Addr]bool
-	changes, err := f.each(ctx, func(bin string) (batch, error) {
+	var next map[netip.Addr]bool // written by the underlay command's plan only
+	changes, err := f.eachParallel(ctx, func(bin string) (batch, error) {
 		l, err := f.list(ctx, bin, tables...)
 		if err != nil {
 			return nil, err
