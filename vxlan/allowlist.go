@@ -97,77 +97,11 @@ func (f *firewall) underlayBin(v6 bool) string {
 // --comment <mark> -j DROP`, each where missing, through
 // `iptables-restore --noflush`.
 func (f *firewall) ensureInput(ctx context.Context, port int, v6 bool, want map[netip.Addr]bool, prune bool) (int, error) {
-	f.redetect(ctx)
-	ul := f.underlayBin(v6)
-	if ul == "" && !f.warnedNoUnderlay {
-		f.warnedNoUnderlay = true
-		f.log.Warn("no iptables command of the underlay's family: VXLAN is accepted from any host", "ipv6", v6)
-	}
-	var next map[netip.Addr]bool // f.allowed after a successful write
-	changes, err := f.each(ctx, func(bin string) (batch, error) {
-		var b batch
-		lines, ok, err := f.rules(ctx, bin, InputChain)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			b.add("-N", InputChain)
-		}
-		input, _, err := f.rules(ctx, bin, "INPUT")
-		if err != nil {
-			return nil, err
-		}
-		placeJump(&b, input, "INPUT", InputChain)
-
-		have := map[netip.Addr]bool{}
-		haveDrop := false
-		dport := strconv.Itoa(port)
-		for _, l := range lines {
-			r := parseRule(l)
-			if !r.marked || r.comment != f.mark || r.value("--dport") == "" || len(r.ifaces) > 0 {
-				continue // another owner's, or not a VXLAN rule
-			}
-			src, target := r.value("-s"), r.value("-j")
-			var keep bool
-			if bin == ul && r.value("--dport") == dport {
-				switch {
-				case src == "" && target == "DROP":
-					keep, haveDrop = true, true
-				case src != "" && target == "RETURN":
-					p, err := netip.ParsePrefix(src)
-					if err == nil && p.IsSingleIP() && (want[p.Addr()] || !prune) {
-						keep, have[p.Addr()] = true, true
-					}
-				}
-			}
-			if !keep {
-				b.add(slices.Concat([]string{"-D", InputChain}, r.fields)...)
-			}
-		}
-		if bin == ul {
-			for _, v := range sortedAddrs(want) {
-				if !have[v] {
-					b.add(slices.Concat([]string{"-I", InputChain, "1"}, allowRule(v, port, f.mark))...)
-				}
-			}
-			if !haveDrop {
-				b.add(slices.Concat([]string{"-A", InputChain}, vxlanDropRule(port, f.mark))...)
-			}
-			next = have
-			for v := range want {
-				next[v] = true
-			}
-		}
-		return b, nil
-	})
+	k, err := f.sync(ctx, fwSpec{underlay: true, port: port, v6: v6, vteps: want, prune: prune})
 	if err != nil {
-		f.allowed = nil // unknown: read back next time
-		return changes, fmt.Errorf("underlay filter: %w", err)
+		return k, fmt.Errorf("underlay filter: %w", err)
 	}
-	if ul != "" {
-		f.allowed = next
-	}
-	return changes, nil
+	return k, nil
 }
 
 func sortedAddrs(s map[netip.Addr]bool) []netip.Addr {
@@ -192,18 +126,6 @@ func (m *Manager) wantVTEPs() map[netip.Addr]bool {
 		}
 	}
 	return want
-}
-
-// ensureUnderlayFilter installs the underlay filter (ensureInput) with
-// the allowed set, adding what is missing. ensureNetwork calls it before
-// it creates the VXLAN device. Caller holds m.mu.
-func (m *Manager) ensureUnderlayFilter(ctx context.Context, ch *Changes) error {
-	if !m.fw.enabled() {
-		return nil
-	}
-	k, err := m.fw.ensureInput(ctx, m.cfg.Port, m.cfg.VTEP.Is6(), m.wantVTEPs(), false)
-	ch.Rules += k
-	return err
 }
 
 // allowVTEP makes the underlay filter accept VXLAN from vtep, before an

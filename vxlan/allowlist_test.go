@@ -501,10 +501,12 @@ func TestHostIsolation(t *testing.T) {
 	}
 	h0.m.mu.Lock()
 	var k int
-	k, err = h0.m.fw.ensureBase(ctx)
+	spec := h0.m.fwSpec(nil, sharedWant)
+	spec.underlay = true
+	k, err = h0.m.fw.sync(ctx, spec)
 	h0.m.mu.Unlock()
 	if err != nil || k != 0 {
-		t.Errorf("ensureBase after a dockerd restart: %d changes, %v; want none", k, err)
+		t.Errorf("firewall sync after a dockerd restart: %d changes, %v; want none", k, err)
 	}
 
 	// Not internal any more: the INPUT drop goes.
@@ -571,8 +573,8 @@ func TestPlaceJump(t *testing.T) {
 			var b batch
 			placeJump(&b, tt.lines, "FORWARD", FirewallChain)
 			var got []string
-			for _, args := range b {
-				got = append(got, strings.Join(args, " "))
+			for _, w := range b {
+				got = append(got, strings.Join(w.args, " "))
 			}
 			if !slices.Equal(got, tt.want) {
 				t.Errorf("got %q, want %q", got, tt.want)
@@ -625,7 +627,7 @@ func TestFirewallRetry(t *testing.T) {
 	plans = 0
 	if _, err := m.fw.each(t.Context(), func(string) (batch, error) {
 		plans++
-		return batch{{"-N", "TAKEN"}}, nil
+		return batch{{"filter", []string{"-N", "TAKEN"}}}, nil
 	}); err == nil || plans != 2 {
 		t.Errorf("each with a write that always fails: %d plans, error %v; want 2 and an error", plans, err)
 	}

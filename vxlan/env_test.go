@@ -281,7 +281,10 @@ func snapshot(t *testing.T, h *testHost, owner string) ownerState {
 		if a.Alias != mark {
 			continue
 		}
-		s.Links = append(s.Links, fmt.Sprintf("%s idx=%d master=%d mtu=%d mac=%s flags=%v", a.Name, a.Index, a.MasterIndex, a.MTU, a.HardwareAddr, a.Flags))
+		// Flags without "running": a bridge's carrier follows its ports
+		// on its own time.
+		flags := strings.ReplaceAll(strings.ReplaceAll(a.Flags.String(), "|running", ""), "running", "")
+		s.Links = append(s.Links, fmt.Sprintf("%s idx=%d master=%d mtu=%d mac=%s flags=%s", a.Name, a.Index, a.MasterIndex, a.MTU, a.HardwareAddr, flags))
 		if vni, ok := vniFromName(vxlanNameRE, a.Name); ok {
 			s.Entries[a.Name] = entries(t, h, vni)
 		}

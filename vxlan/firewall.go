@@ -11,7 +11,9 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -27,21 +29,28 @@ const FirewallChain = "CONSUL-OVERLAY"
 //
 // Why: the bridges live in the host namespace, where dockerd sets the
 // FORWARD policy to DROP and br_netfilter passes bridged frames through
-// iptables. Per bridge, in both iptables and ip6tables (<mark> is the
-// owner mark, OwnerMark(Config.Owner)):
+// iptables. For every bridge at once, in both iptables and ip6tables
+// (<mark> is the owner mark, OwnerMark(Config.Owner)):
 //
-//	-A FORWARD -j DOCKER-USER                                                           (dockerd's: the administrator's rules first)
-//	-A FORWARD -j CONSUL-OVERLAY                                                        (shared, right after it)
-//	-A CONSUL-OVERLAY -i vxbr-0a1b -o vxbr-0a1b -m comment --comment <mark> -j ACCEPT   (within the network)
-//	-A CONSUL-OVERLAY -o vxbr-0a1b -m comment --comment <mark> -j DROP                  (nothing routed in)
-//	-A CONSUL-OVERLAY -i vxbr-0a1b -m comment --comment <mark> -j DROP                  (nothing routed out)
+//	-A FORWARD -j DOCKER-USER                                                                         (dockerd's: the administrator's rules first)
+//	-A FORWARD -j CONSUL-OVERLAY                                                                      (shared, right after it)
+//	-A CONSUL-OVERLAY -i vxbr-+ -m physdev --physdev-is-bridged -m comment --comment <mark> -j ACCEPT (bridged: within its network)
+//	-A CONSUL-OVERLAY -o vxbr-+ -m comment --comment <mark> -j DROP                                   (nothing routed in)
+//	-A CONSUL-OVERLAY -i vxbr-+ -m comment --comment <mark> -j DROP                                   (nothing routed out)
+//	-t raw -A PREROUTING -i vxbr-+ -m addrtype ! --dst-type LOCAL -m comment --comment <mark> -j NOTRACK
+//	                                                                                                  (unless Config.TrackBridged)
 //
-// and for an internal network (Network.Internal) also
+// A bridged frame never leaves its bridge, so the one ACCEPT keeps each
+// network to itself; traffic between two overlay bridges is routed and
+// dropped. For an internal network (Network.Internal) also
 //
 //	-A INPUT -j CONSUL-OVERLAY-INPUT                                                    (shared, first in INPUT)
 //	-A CONSUL-OVERLAY-INPUT -i vxbr-0a1b -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment <mark> -j RETURN
 //	                                                                                    (replies to what the host started)
 //	-A CONSUL-OVERLAY-INPUT -i vxbr-0a1b -m comment --comment <mark> -j DROP            (nothing else to the host's addresses)
+//
+// Those replies are addressed to the host, so NOTRACK (which skips only
+// what is not for a local address) leaves them tracked.
 //
 // Our FORWARD jump sits after DOCKER-USER so that administrators' rules
 // there see overlay traffic, as they see Docker's own bridges'; dockerd
@@ -51,10 +60,11 @@ const FirewallChain = "CONSUL-OVERLAY"
 // namespace and never removed: an empty chain costs nothing, and removing
 // it would race with another instance adding to it. Each instance removes
 // only rules that carry its own mark; the default owner also removes the
-// uncommented FORWARD rules of plugins from before owners existed (once
-// its own commented copy of such a rule is in place, or when the bridge
-// is gone). The writes of one call go through one iptables-restore
-// --noflush transaction per command when iptables-restore is beside it.
+// uncommented FORWARD rules of plugins from before owners existed. The
+// per-bridge FORWARD and link-local rules of older versions go at the
+// first sync, in the transaction that puts the wildcard ones in place.
+// The writes of one call go through one iptables-restore --noflush
+// transaction per command when iptables-restore is beside it.
 //
 // The host's own traffic to its endpoints (OUTPUT, and the replies) is not
 // filtered.
@@ -68,8 +78,13 @@ type firewall struct {
 	// v6 marks the commands of bins that are ip6tables.
 	v6 map[string]bool
 	// restore is the iptables-restore beside each command of bins ("":
-	// none, the rules are then written one command each).
+	// none, the rules are then written one command each); save the
+	// iptables-save ("": none, chains are listed with -S).
 	restore map[string]string
+	save    map[string]string
+	// notrack: the raw-table NOTRACK rule of bridged overlay traffic is
+	// installed (Config.TrackBridged false).
+	notrack bool
 
 	// allowed and explicit are the underlay allowlist (allowlist.go);
 	// callers hold Manager.mu. allowed is what our RETURN rules hold as
@@ -103,7 +118,7 @@ func newFirewall(log *slog.Logger, ipt, ip6t string) *firewall {
 // the ones f runs.
 func (f *firewall) useCommands(ipt, ip6t string) {
 	log := f.log
-	f.bins, f.v6, f.restore = nil, map[string]bool{}, map[string]string{}
+	f.bins, f.v6, f.restore, f.save = nil, map[string]bool{}, map[string]string{}, map[string]string{}
 	for _, c := range []struct {
 		cfg, def string
 		v6       bool
@@ -139,6 +154,9 @@ func (f *firewall) useCommands(ipt, ip6t string) {
 		} else {
 			log.Debug("no iptables-restore beside the command: rules are written one command each", "command", path)
 		}
+		if sv := path + "-save"; isExecutable(sv) {
+			f.save[path] = sv
+		}
 	}
 }
 
@@ -152,7 +170,12 @@ func isExecutable(path string) bool {
 
 // run executes one command: `<bin> -w -t filter <args>`.
 func (f *firewall) run(ctx context.Context, bin string, args ...string) (string, error) {
-	full := append([]string{"-w", "-t", "filter"}, args...)
+	return f.runIn(ctx, bin, "filter", args...)
+}
+
+// runIn executes one command on a table: `<bin> -w -t <table> <args>`.
+func (f *firewall) runIn(ctx context.Context, bin, table string, args ...string) (string, error) {
+	full := append([]string{"-w", "-t", table}, args...)
 	out, err := exec.CommandContext(ctx, bin, full...).CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("%s %s: %w: %s", filepath.Base(bin), strings.Join(full, " "), err, strings.TrimSpace(string(out)))
@@ -186,10 +209,20 @@ func (f *firewall) rules(ctx context.Context, bin, chain string) (lines []string
 }
 
 // batch collects rule writes for one command, as iptables arguments
-// without the table ("-I CONSUL-OVERLAY 1 -i vxbr-0a1b ...").
-type batch [][]string
+// without the table ("-I CONSUL-OVERLAY 1 -i vxbr-0a1b ...") and the
+// table they go to.
+type batch []write
 
-func (b *batch) add(args ...string) { *b = append(*b, args) }
+type write struct {
+	table string
+	args  []string
+}
+
+// add adds a write to the filter table.
+func (b *batch) add(args ...string) { *b = append(*b, write{"filter", args}) }
+
+// addIn adds a write to another table.
+func (b *batch) addIn(table string, args ...string) { *b = append(*b, write{table, args}) }
 
 // apply writes a batch in one iptables-restore --noflush transaction (the
 // writes of one call land together or not at all, and cost one process),
@@ -204,27 +237,32 @@ func (f *firewall) apply(ctx context.Context, bin string, b batch) (int, error) 
 	}
 	if r := f.restore[bin]; r != "" {
 		var in strings.Builder
-		in.WriteString("*filter\n")
-		for _, args := range b {
-			in.WriteString(strings.Join(args, " "))
-			in.WriteByte('\n')
+		for _, table := range []string{"filter", "raw"} {
+			var lines []string
+			for _, w := range b {
+				if w.table == table {
+					lines = append(lines, strings.Join(w.args, " "))
+				}
+			}
+			if len(lines) > 0 {
+				in.WriteString("*" + table + "\n" + strings.Join(lines, "\n") + "\nCOMMIT\n")
+			}
 		}
-		in.WriteString("COMMIT\n")
 		cmd := exec.CommandContext(ctx, r, "-w", "--noflush")
 		cmd.Stdin = strings.NewReader(in.String())
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return 0, fmt.Errorf("%s --noflush: %w: %s (input: %q)", filepath.Base(r), err, strings.TrimSpace(string(out)), in.String())
 		}
-		for _, args := range b {
-			f.log.Debug("firewall rule written", "command", filepath.Base(bin), "rule", strings.Join(args, " "))
+		for _, w := range b {
+			f.log.Debug("firewall rule written", "command", filepath.Base(bin), "table", w.table, "rule", strings.Join(w.args, " "))
 		}
 		return len(b), nil
 	}
-	for i, args := range b {
-		if _, err := f.run(ctx, bin, args...); err != nil {
+	for i, w := range b {
+		if _, err := f.runIn(ctx, bin, w.table, w.args...); err != nil {
 			return i, err
 		}
-		f.log.Debug("firewall rule written", "command", filepath.Base(bin), "rule", strings.Join(args, " "))
+		f.log.Debug("firewall rule written", "command", filepath.Base(bin), "table", w.table, "rule", strings.Join(w.args, " "))
 	}
 	return len(b), nil
 }
@@ -257,6 +295,38 @@ func (f *firewall) each(ctx context.Context, plan func(bin string) (batch, error
 		}
 	}
 	return changes, nil
+}
+
+// eachParallel is each with the commands run side by side (iptables and
+// ip6tables program separate tables): a call costs the slower command's
+// processes, not the sum. plan is called concurrently for different
+// commands.
+func (f *firewall) eachParallel(ctx context.Context, plan func(bin string) (batch, error)) (int, error) {
+	if len(f.bins) < 2 {
+		return f.each(ctx, plan)
+	}
+	type result struct {
+		k   int
+		err error
+	}
+	res := make([]result, len(f.bins))
+	var wg sync.WaitGroup
+	for i, bin := range f.bins {
+		wg.Go(func() {
+			one := &firewall{log: f.log, bins: []string{bin}, restore: f.restore}
+			res[i].k, res[i].err = one.each(ctx, plan)
+		})
+	}
+	wg.Wait()
+	changes := 0
+	var errs []error
+	for _, r := range res {
+		changes += r.k
+		if r.err != nil {
+			errs = append(errs, r.err)
+		}
+	}
+	return changes, errors.Join(errs...)
 }
 
 // dockerJumpRE matches FORWARD's unconditional jumps to dockerd's chains
@@ -299,45 +369,6 @@ func placeJump(b *batch, lines []string, from, to string) {
 	b.add("-I", from, fmt.Sprint(pos+1), "-j", to)
 }
 
-// ensureBase makes our chain exist and the FORWARD jump to it sit right
-// after dockerd's DOCKER-USER jump (first in FORWARD without dockerd),
-// exactly once.
-//
-// Equivalent to: `iptables -N CONSUL-OVERLAY; iptables -D FORWARD -j
-// CONSUL-OVERLAY; iptables -I FORWARD <after DOCKER-USER> -j
-// CONSUL-OVERLAY`.
-func (f *firewall) ensureBase(ctx context.Context) (int, error) {
-	f.redetect(ctx)
-	return f.each(ctx, func(bin string) (batch, error) {
-		var b batch
-		_, ok, err := f.rules(ctx, bin, FirewallChain)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			b.add("-N", FirewallChain)
-		}
-		fwd, _, err := f.rules(ctx, bin, "FORWARD")
-		if err != nil {
-			return nil, err
-		}
-		placeJump(&b, fwd, "FORWARD", FirewallChain)
-		return b, nil
-	})
-}
-
-// bridgeRules are the rules of one bridge, commented with mark, in the
-// order `iptables -S` prints their fields; the ACCEPT must precede the
-// DROPs, so it is inserted at the top and the DROPs appended.
-func bridgeRules(br, mark string) (accept []string, drops [][]string) {
-	c := []string{"-m", "comment", "--comment", mark}
-	rule := func(pre []string, target string) []string {
-		return slices.Concat(pre, c, []string{"-j", target})
-	}
-	return rule([]string{"-i", br, "-o", br}, "ACCEPT"),
-		[][]string{rule([]string{"-o", br}, "DROP"), rule([]string{"-i", br}, "DROP")}
-}
-
 // internalRules are the INPUT rules of an internal network's bridge:
 // nothing its containers start reaches any address of the host (DROP),
 // while replies to connections the host started (a health check of the
@@ -347,64 +378,6 @@ func internalRules(br, mark string) (replies, drop []string) {
 	c := []string{"-m", "comment", "--comment", mark}
 	return slices.Concat([]string{"-i", br, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"}, c, []string{"-j", "RETURN"}),
 		slices.Concat([]string{"-i", br}, c, []string{"-j", "DROP"})
-}
-
-// ensureBridge installs a bridge's rules where they are missing, in one
-// transaction per command: the FORWARD rules always, the INPUT rules if
-// the network is internal (and removes them if it is not). The INPUT
-// chain must exist (ensureInput).
-//
-// Equivalent to: `iptables -I CONSUL-OVERLAY 1 -i vxbr-0a1b -o vxbr-0a1b
-// -m comment --comment <mark> -j ACCEPT`, then -A for the two DROP rules,
-// and for an internal network `iptables -I CONSUL-OVERLAY-INPUT 1 -i
-// vxbr-0a1b -m conntrack --ctstate RELATED,ESTABLISHED -m comment
-// --comment <mark> -j RETURN` and `iptables -A CONSUL-OVERLAY-INPUT -i
-// vxbr-0a1b -m comment --comment <mark> -j DROP`, each if missing.
-func (f *firewall) ensureBridge(ctx context.Context, br string, internal bool) (int, error) {
-	changes, err := f.ensureBase(ctx)
-	if err != nil {
-		return changes, err
-	}
-	accept, drops := bridgeRules(br, f.mark)
-	replies, drop := internalRules(br, f.mark)
-	k, err := f.each(ctx, func(bin string) (batch, error) {
-		fwd, _, err := f.rules(ctx, bin, FirewallChain)
-		if err != nil {
-			return nil, err
-		}
-		input, ok, err := f.rules(ctx, bin, InputChain)
-		if err != nil {
-			return nil, err
-		}
-		has := func(lines []string, chain string, rule []string) bool {
-			return slices.Contains(lines, "-A "+chain+" "+strings.Join(rule, " "))
-		}
-		var b batch
-		if !has(fwd, FirewallChain, accept) {
-			b.add(slices.Concat([]string{"-I", FirewallChain, "1"}, accept)...)
-		}
-		for _, d := range drops {
-			if !has(fwd, FirewallChain, d) {
-				b.add(slices.Concat([]string{"-A", FirewallChain}, d)...)
-			}
-		}
-		if internal && !ok {
-			return nil, fmt.Errorf("internal network bridge %s: chain %s missing in %s", br, InputChain, filepath.Base(bin))
-		}
-		for _, r := range []struct {
-			rule []string
-			pos  []string
-		}{{replies, []string{"-I", InputChain, "1"}}, {drop, []string{"-A", InputChain}}} {
-			switch present := has(input, InputChain, r.rule); {
-			case internal && !present:
-				b.add(slices.Concat(r.pos, r.rule)...)
-			case !internal && present:
-				b.add(slices.Concat([]string{"-D", InputChain}, r.rule)...)
-			}
-		}
-		return b, nil
-	})
-	return changes + k, err
 }
 
 // chainRule is one rule of our chain as `iptables -S` lists it.
@@ -455,61 +428,515 @@ func (r chainRule) withoutComment() string {
 	return strings.Join(out, " ")
 }
 
-// removeBridge deletes every rule of ours in our chains (FORWARD's and
-// INPUT's) that names the bridge; other owners' rules stay.
-//
-// Equivalent to: `iptables -D CONSUL-OVERLAY -i vxbr-0a1b -o vxbr-0a1b -m
-// comment --comment <mark> -j ACCEPT` and so on for each such rule
-// `iptables -S CONSUL-OVERLAY` (and `-S CONSUL-OVERLAY-INPUT`) lists.
-func (f *firewall) removeBridge(ctx context.Context, br string) (int, error) {
-	return f.remove(ctx, func(r chainRule, _ map[string]bool) bool { return slices.Contains(r.ifaces, br) })
+// The rule set is constant-size: the FORWARD rules are three wildcard
+// rules for every overlay bridge (vxbr-+), and so are the link-local
+// rules; only an internal network (two INPUT rules) and a network with
+// Network.ConsulAPI (one INPUT rule) add rules of their own. Every write of
+// one call (EnsureNetwork, DeleteNetwork, Reconcile, SetAllowedVTEPs) is
+// planned from one listing per command (`iptables-save`, one process) and
+// written in one `iptables-restore --noflush` transaction per command,
+// only if something is missing or stale: a reconcile of any number of
+// networks costs four processes, and an EnsureNetwork of an ordinary
+// network two (the listings).
+
+// wildcard is the interface match of every overlay bridge.
+const wildcard = bridgePrefix + "+"
+
+// shared says what a sync does with the rules every bridge of an owner
+// shares (the wildcard FORWARD rules, the link-local ones, NOTRACK).
+type shared int
+
+const (
+	sharedKeep shared = iota // neither add nor remove
+	sharedWant               // add what is missing, remove what differs
+	sharedDrop               // remove: no bridge of ours is left
+)
+
+// fwSpec is what one sync wants.
+type fwSpec struct {
+	// underlay: plan the underlay filter (ensureInput's rules) with
+	// vteps; prune removes allowed VTEPs not in vteps.
+	underlay bool
+	port     int
+	v6       bool
+	vteps    map[netip.Addr]bool
+	prune    bool
+
+	// bridges get their own rules as their Network says (internal,
+	// ConsulAPI); gone bridges lose theirs; complete: bridges is every
+	// bridge of ours, the rules of any other go.
+	bridges  map[string]Network
+	gone     map[string]bool
+	complete bool
+
+	shared  shared
+	ll      netip.Addr // the link-local address (invalid: none)
+	notrack bool       // raw-table NOTRACK of bridged overlay traffic
 }
 
-// removeStale deletes the rules of ours that name an overlay bridge not in
-// keep, and legacy uncommented rules (default owner only) whose commented
-// copy is in place.
-func (f *firewall) removeStale(ctx context.Context, keep map[string]bool) (int, error) {
-	return f.remove(ctx, func(r chainRule, commented map[string]bool) bool {
-		for _, i := range r.ifaces {
-			if bridgeNameRE.MatchString(i) && !keep[i] {
-				return true
+// forwardRules are the shared FORWARD rules: bridged frames of any
+// overlay bridge pass (a bridged frame never leaves its bridge, so this
+// keeps each network to itself), and everything routed into or out of an
+// overlay bridge is dropped. The ACCEPT is inserted at the top, the DROPs
+// appended.
+func forwardRules(mark string) (accept []string, drops [][]string) {
+	c := []string{"-m", "comment", "--comment", mark}
+	return slices.Concat([]string{"-i", wildcard, "-m", "physdev", "--physdev-is-bridged"}, c, []string{"-j", "ACCEPT"}),
+		[][]string{
+			slices.Concat([]string{"-o", wildcard}, c, []string{"-j", "DROP"}),
+			slices.Concat([]string{"-i", wildcard}, c, []string{"-j", "DROP"}),
+		}
+}
+
+// notrackRule is the raw-table rule that keeps bridged overlay traffic out
+// of conntrack: everything an overlay bridge receives that is not for an
+// address of the host. Traffic to and from the host itself (the gateway
+// address, the link-local address, replies to connections the host
+// started) stays tracked, so the conntrack match of an internal
+// network's INPUT rules and the host's own firewall keep working.
+func notrackRule(mark string) []string {
+	return []string{"-i", wildcard, "-m", "addrtype", "!", "--dst-type", "LOCAL", "-m", "comment", "--comment", mark, "-j", "NOTRACK"}
+}
+
+// listing is one command's rules: table → chain → `-A` lines, and the
+// chains that exist.
+type listing map[string]map[string][]string
+
+func (l listing) chain(table, chain string) (lines []string, ok bool) {
+	t := l[table]
+	if t == nil {
+		return nil, false
+	}
+	lines, ok = t[chain]
+	return lines, ok
+}
+
+// parseListing reads `iptables-save` or `iptables -S` output.
+func parseListing(l listing, table, out string) {
+	for _, line := range strings.Split(out, "\n") {
+		line = strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(line, "*"):
+			table = line[1:]
+		case strings.HasPrefix(line, ":"), strings.HasPrefix(line, "-N "), strings.HasPrefix(line, "-P "):
+			f := strings.Fields(strings.TrimLeft(line, ":"))
+			name := f[0]
+			if len(f) > 1 && (f[0] == "-N" || f[0] == "-P") {
+				name = f[1]
+			}
+			if l[table] == nil {
+				l[table] = map[string][]string{}
+			}
+			if _, ok := l[table][name]; !ok {
+				l[table][name] = nil
+			}
+		case strings.HasPrefix(line, "-A "):
+			f := strings.Fields(line)
+			if l[table] == nil {
+				l[table] = map[string][]string{}
+			}
+			l[table][f[1]] = append(l[table][f[1]], line)
+		}
+	}
+}
+
+// list reads the tables of one command: `iptables-save` (one process,
+// every table) when it is beside the command, else `iptables -S` per
+// table. A table the command cannot list is left out.
+//
+// Equivalent to: `iptables-save`.
+func (f *firewall) list(ctx context.Context, bin string, tables ...string) (listing, error) {
+	l := listing{}
+	if s := f.save[bin]; s != "" {
+		out, err := exec.CommandContext(ctx, s).Output()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", s, err)
+		}
+		parseListing(l, "", string(out))
+		return l, nil
+	}
+	for _, t := range tables {
+		out, err := exec.CommandContext(ctx, bin, "-w", "-t", t, "-S").CombinedOutput()
+		if err != nil {
+			if t != "filter" {
+				continue // no raw table (module missing): nothing of ours there
+			}
+			return nil, fmt.Errorf("%s -w -t %s -S: %w: %s", bin, t, err, strings.TrimSpace(string(out)))
+		}
+		parseListing(l, t, string(out))
+	}
+	return l, nil
+}
+
+// ours reports whether a rule of chain is ours: it carries our mark, or,
+// in FirewallChain only, no comment when we are the default owner (rules
+// of plugins from before owners existed).
+func (f *firewall) ours(r chainRule, chain string) bool {
+	if r.marked {
+		return r.comment == f.mark
+	}
+	return f.legacyOwner() && chain == FirewallChain
+}
+
+func isWildcard(iface string) bool { return strings.HasSuffix(iface, "+") }
+
+// sync makes the rules of this owner match s, from one listing per command
+// and in one transaction per command. Caller holds Manager.mu.
+func (f *firewall) sync(ctx context.Context, s fwSpec) (int, error) {
+	if !f.enabled() {
+		return 0, nil
+	}
+	f.redetect(ctx)
+	ul := ""
+	if s.underlay {
+		ul = f.underlayBin(s.v6)
+		if ul == "" && !f.warnedNoUnderlay {
+			f.warnedNoUnderlay = true
+			f.log.Warn("no iptables command of the underlay's family: VXLAN is accepted from any host", "ipv6", s.v6)
+		}
+	}
+	tables := []string{"filter"}
+	if s.shared != sharedKeep {
+		tables = append(tables, "raw")
+	}
+	var next map[netip.Addr]bool // written by the underlay command's plan only
+	changes, err := f.eachParallel(ctx, func(bin string) (batch, error) {
+		l, err := f.list(ctx, bin, tables...)
+		if err != nil {
+			return nil, err
+		}
+		var b batch
+		if s.underlay || s.shared == sharedWant {
+			f.planBase(&b, l)
+		}
+		if s.underlay {
+			lines, _ := l.chain("filter", InputChain)
+			if n := f.planUnderlay(&b, bin, bin == ul, lines, s); bin == ul {
+				next = n
 			}
 		}
-		return !r.marked && commented[r.withoutComment()]
-	})
-}
-
-// remove deletes the rules of our chains that are ours (they carry our
-// mark, or, in the FORWARD chain only, no comment when we are the default
-// owner) and match, in one transaction per command. match also gets the
-// set of our commented rules of that chain, by withoutComment.
-func (f *firewall) remove(ctx context.Context, match func(r chainRule, commented map[string]bool) bool) (int, error) {
-	return f.each(ctx, func(bin string) (batch, error) {
-		var b batch
-		for _, chain := range []string{FirewallChain, InputChain} {
-			lines, _, err := f.rules(ctx, bin, chain)
-			if err != nil {
-				return nil, err
-			}
-			var ours []chainRule
-			commented := map[string]bool{}
-			for _, l := range lines {
-				r := parseRule(l)
-				switch {
-				case r.marked && r.comment == f.mark:
-					commented[r.withoutComment()] = true
-				case !r.marked && f.legacyOwner() && chain == FirewallChain:
-				default:
-					continue // another owner's
-				}
-				ours = append(ours, r)
-			}
-			for _, r := range ours {
-				if match(r, commented) {
-					b.add(slices.Concat([]string{"-D", chain}, r.fields)...)
-				}
-			}
+		f.planForward(&b, l, s)
+		f.planInput(&b, bin, l, s)
+		if s.shared != sharedKeep {
+			f.planRaw(&b, l, s)
 		}
 		return b, nil
 	})
+	if s.underlay {
+		if err != nil {
+			f.allowed = nil // unknown: read back next time
+		} else if ul != "" {
+			f.allowed = next
+		}
+	}
+	return changes, err
+}
+
+// planBase makes both chains exist and be jumped to from FORWARD (after
+// DOCKER-USER) and INPUT (first).
+func (f *firewall) planBase(b *batch, l listing) {
+	for _, c := range []struct{ from, to string }{{"FORWARD", FirewallChain}, {"INPUT", InputChain}} {
+		if _, ok := l.chain("filter", c.to); !ok {
+			b.add("-N", c.to)
+		}
+		from, _ := l.chain("filter", c.from)
+		placeJump(b, from, c.from, c.to)
+	}
+}
+
+// planUnderlay plans the underlay filter of ensureInput in one command's
+// InputChain and returns the allowed set after the write (isUL: the
+// command of the underlay's family).
+func (f *firewall) planUnderlay(b *batch, bin string, isUL bool, lines []string, s fwSpec) map[netip.Addr]bool {
+	have := map[netip.Addr]bool{}
+	haveDrop := false
+	dport := strconv.Itoa(s.port)
+	for _, line := range lines {
+		r := parseRule(line)
+		if !r.marked || r.comment != f.mark || r.value("--dport") == "" || len(r.ifaces) > 0 || r.value("-d") != "" {
+			continue // another owner's, or not a VXLAN rule
+		}
+		src, target := r.value("-s"), r.value("-j")
+		var keep bool
+		if isUL && r.value("--dport") == dport {
+			switch {
+			case src == "" && target == "DROP":
+				keep, haveDrop = true, true
+			case src != "" && target == "RETURN":
+				p, err := netip.ParsePrefix(src)
+				if err == nil && p.IsSingleIP() && (s.vteps[p.Addr()] || !s.prune) {
+					keep, have[p.Addr()] = true, true
+				}
+			}
+		}
+		if !keep {
+			b.add(slices.Concat([]string{"-D", InputChain}, r.fields)...)
+		}
+	}
+	if !isUL {
+		return nil
+	}
+	for _, v := range sortedAddrs(s.vteps) {
+		if !have[v] {
+			b.add(slices.Concat([]string{"-I", InputChain, "1"}, allowRule(v, s.port, f.mark))...)
+		}
+	}
+	if !haveDrop {
+		b.add(slices.Concat([]string{"-A", InputChain}, vxlanDropRule(s.port, f.mark))...)
+	}
+	for v := range s.vteps {
+		have[v] = true
+	}
+	return have
+}
+
+// planForward plans our rules of FirewallChain: with sharedWant exactly
+// the wildcard rules (per-bridge rules of older versions go: the wildcard
+// covers them), with sharedDrop none, with sharedKeep the rules of gone
+// bridges go.
+func (f *firewall) planForward(b *batch, l listing, s fwSpec) {
+	accept, drops := forwardRules(f.mark)
+	want := map[string]bool{}
+	if s.shared == sharedWant {
+		for _, r := range append([][]string{accept}, drops...) {
+			want[strings.Join(r, " ")] = true
+		}
+	}
+	have := map[string]bool{}
+	lines, _ := l.chain("filter", FirewallChain)
+	for _, line := range lines {
+		r := parseRule(line)
+		if !f.ours(r, FirewallChain) {
+			continue
+		}
+		text := strings.Join(r.fields, " ")
+		if want[text] && !have[text] {
+			have[text] = true
+			continue
+		}
+		del := s.shared != sharedKeep
+		for _, i := range r.ifaces {
+			if s.gone[i] || (s.complete && bridgeNameRE.MatchString(i) && !hasBridge(s.bridges, i)) {
+				del = true
+			}
+		}
+		if del {
+			b.add(slices.Concat([]string{"-D", FirewallChain}, r.fields)...)
+		}
+	}
+	if s.shared != sharedWant {
+		return
+	}
+	if !have[strings.Join(accept, " ")] {
+		b.add(slices.Concat([]string{"-I", FirewallChain, "1"}, accept)...)
+	}
+	for _, d := range drops {
+		if !have[strings.Join(d, " ")] {
+			b.add(slices.Concat([]string{"-A", FirewallChain}, d)...)
+		}
+	}
+}
+
+func hasBridge(m map[string]Network, br string) bool { _, ok := m[br]; return ok }
+
+// planInput plans our internal-network and link-local rules of
+// InputChain (the underlay rules are planUnderlay's).
+func (f *firewall) planInput(b *batch, bin string, l listing, s fwSpec) {
+	lines, _ := l.chain("filter", InputChain)
+	type want struct {
+		rule []string
+		top  bool
+	}
+	var wants []want
+	var apiReturns = map[string]bool{}
+	for _, br := range sortedBridges(s.bridges) {
+		n := s.bridges[br]
+		if n.Internal {
+			replies, drop := internalRules(br, f.mark)
+			wants = append(wants, want{replies, true}, want{drop, false})
+		}
+	}
+	var reject string
+	ll := s.ll
+	if f.v6[bin] {
+		ll = netip.Addr{} // the address is IPv4
+	}
+	if ll.IsValid() {
+		if s.shared == sharedWant {
+			host, drop := linkLocalHostRules(ll, f.mark)
+			wr := linkLocalWildcardRules(ll, f.mark)
+			reject = strings.Join(wr[2], " ")
+			for _, r := range append(wr, host) {
+				wants = append(wants, want{r, true})
+			}
+			wants = append(wants, want{drop, false})
+		}
+		if s.shared != sharedDrop {
+			for _, br := range sortedBridges(s.bridges) {
+				if s.bridges[br].ConsulAPI {
+					r := linkLocalAPIRule(ll, br, f.mark)
+					apiReturns[strings.Join(r, " ")] = true
+					wants = append(wants, want{r, true})
+				}
+			}
+		}
+	}
+	wanted := map[string]bool{}
+	for _, w := range wants {
+		wanted[strings.Join(w.rule, " ")] = true
+	}
+	cur := ""
+	if ll.IsValid() {
+		cur = netip.PrefixFrom(ll, 32).String()
+	}
+	have := map[string]bool{}
+	rejectAt := -1
+	var apiSeen []chainRule // our API RETURNs, in chain order, with their index
+	var apiIdx []int
+	for i, line := range lines {
+		r := parseRule(line)
+		if !r.marked || r.comment != f.mark {
+			continue
+		}
+		dst := r.value("-d")
+		if dst == "" && len(r.ifaces) == 0 {
+			continue // an underlay rule
+		}
+		text := strings.Join(r.fields, " ")
+		if wanted[text] && !have[text] {
+			have[text] = true
+			if text == reject {
+				rejectAt = i
+			}
+			if apiReturns[text] {
+				apiSeen, apiIdx = append(apiSeen, r), append(apiIdx, i)
+			}
+			continue
+		}
+		iface := ""
+		if len(r.ifaces) > 0 {
+			iface = r.ifaces[0]
+		}
+		var del bool
+		switch {
+		case s.gone[iface]:
+			del = true
+		case bridgeNameRE.MatchString(iface) && hasBridge(s.bridges, iface):
+			del = true // a rule of a bridge we plan: not wanted
+		case bridgeNameRE.MatchString(iface) && s.complete:
+			del = true // a bridge not desired
+		case dst == "":
+			// an internal network's rule of a bridge we do not plan
+		case s.shared == sharedKeep:
+		case dst != cur, s.shared == sharedDrop:
+			del = true
+		case !bridgeNameRE.MatchString(iface):
+			del = true // a host-wide or wildcard rule that differs
+		case r.value("--dport") != strconv.Itoa(LinkLocalAPIPort) || r.value("-j") != "RETURN":
+			del = true // an older version's per-bridge DNS or REJECT rule: the wildcard covers it
+		}
+		if del {
+			b.add(slices.Concat([]string{"-D", InputChain}, r.fields)...)
+		}
+	}
+	// A bridge's API RETURN must precede the wildcard REJECT: one that
+	// follows it, or that the REJECT inserted now would precede, is
+	// inserted again above it in the same transaction.
+	for k, r := range apiSeen {
+		if reject != "" && (rejectAt < 0 || apiIdx[k] > rejectAt) {
+			b.add(slices.Concat([]string{"-D", InputChain}, r.fields)...)
+			delete(have, strings.Join(r.fields, " "))
+		}
+	}
+	for _, w := range wants { // the REJECT before the API RETURNs: each -I 1 lands on top
+		text := strings.Join(w.rule, " ")
+		if have[text] || apiReturns[text] {
+			continue
+		}
+		if w.top {
+			b.add(slices.Concat([]string{"-I", InputChain, "1"}, w.rule)...)
+		} else {
+			b.add(slices.Concat([]string{"-A", InputChain}, w.rule)...)
+		}
+		have[text] = true
+	}
+	for _, w := range wants {
+		text := strings.Join(w.rule, " ")
+		if apiReturns[text] && !have[text] {
+			b.add(slices.Concat([]string{"-I", InputChain, "1"}, w.rule)...)
+			have[text] = true
+		}
+	}
+}
+
+func sortedBridges(m map[string]Network) []string {
+	out := make([]string, 0, len(m))
+	for br := range m {
+		out = append(out, br)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// planRaw plans the NOTRACK rule in the raw table's PREROUTING.
+func (f *firewall) planRaw(b *batch, l listing, s fwSpec) {
+	want := strings.Join(notrackRule(f.mark), " ")
+	wanted := s.shared == sharedWant && s.notrack
+	have := false
+	lines, _ := l.chain("raw", "PREROUTING")
+	for _, line := range lines {
+		r := parseRule(line)
+		if !r.marked || r.comment != f.mark {
+			continue
+		}
+		if text := strings.Join(r.fields, " "); wanted && text == want && !have {
+			have = true
+			continue
+		}
+		b.addIn("raw", slices.Concat([]string{"-D", "PREROUTING"}, r.fields)...)
+	}
+	if wanted && !have {
+		b.addIn("raw", slices.Concat([]string{"-A", "PREROUTING"}, notrackRule(f.mark))...)
+	}
+}
+
+// fwSpec is the firewall spec of this Manager's settings for bridges.
+// Caller holds m.mu.
+func (m *Manager) fwSpec(bridges map[string]Network, sh shared) fwSpec {
+	return fwSpec{
+		port:    m.cfg.Port,
+		v6:      m.cfg.VTEP.Is6(),
+		vteps:   m.wantVTEPs(),
+		bridges: bridges,
+		shared:  sh,
+		ll:      m.cfg.LinkLocal,
+		notrack: m.fw.notrack,
+	}
+}
+
+// releaseFirewall removes the rules of bridge br (gone or going), and the
+// shared rules if no other bridge of ours is left. Caller holds m.mu.
+func (m *Manager) releaseFirewall(ctx context.Context, br string, ch *Changes) error {
+	if !m.fw.enabled() {
+		return nil
+	}
+	links, err := m.linkList()
+	if err != nil {
+		return err
+	}
+	sh := sharedDrop
+	for _, l := range links {
+		if name := l.Attrs().Name; name != br && m.owns(l) && bridgeNameRE.MatchString(name) {
+			sh = sharedKeep
+			break
+		}
+	}
+	s := m.fwSpec(nil, sh)
+	s.gone = map[string]bool{br: true}
+	k, err := m.fw.sync(ctx, s)
+	ch.Rules += k
+	if err != nil {
+		return fmt.Errorf("firewall rules of %q: %w", br, err)
+	}
+	return nil
 }

@@ -135,16 +135,16 @@ func TestFirewallLegacyFlavour(t *testing.T) {
 	a2.announceTo(t, m)
 	mustPing(t, a1.ns, addr("10.32.0.3"))
 	mustPing(t, a1.ns, addr("fd00:32::3"))
-	br := BridgeName(vniAuto)
-	accept := fmt.Sprintf("-A %s -i %s -o %s -m comment --comment %s -j ACCEPT", FirewallChain, br, br, m.mark)
+	fa, _ := forwardRules(m.mark)
+	accept := "-A " + FirewallChain + " " + strings.Join(fa, " ")
 	for _, cmd := range []string{"iptables-legacy", "ip6tables-legacy"} {
 		if n := ruleCounter(t, h0, cmd, accept); n == 0 {
 			t.Errorf("%s: our ACCEPT rule saw no packets", cmd)
 		}
 	}
 	for _, r := range fwRules(t, h0, "iptables-nft") {
-		if strings.Contains(r, br) {
-			t.Errorf("iptables-nft has a rule of the legacy host's network: %s", r)
+		if strings.Contains(r, " --comment "+m.mark+" ") {
+			t.Errorf("iptables-nft has a rule of the legacy host's owner: %s", r)
 		}
 	}
 }

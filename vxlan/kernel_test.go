@@ -181,9 +181,9 @@ func TestFirewall(t *testing.T) {
 			t.Errorf("%s: first FORWARD rule %q, want our jump", cmd, first)
 		}
 		want := []string{
-			"-A CONSUL-OVERLAY -i vxbr-000010 -o vxbr-000010 -m comment --comment consul-overlay -j ACCEPT",
-			"-A CONSUL-OVERLAY -o vxbr-000010 -m comment --comment consul-overlay -j DROP",
-			"-A CONSUL-OVERLAY -i vxbr-000010 -m comment --comment consul-overlay -j DROP",
+			"-A CONSUL-OVERLAY -i vxbr-+ -m physdev --physdev-is-bridged -m comment --comment consul-overlay -j ACCEPT",
+			"-A CONSUL-OVERLAY -o vxbr-+ -m comment --comment consul-overlay -j DROP",
+			"-A CONSUL-OVERLAY -i vxbr-+ -m comment --comment consul-overlay -j DROP",
 		}
 		if got := fwRules(t, h0, cmd); !slices.Equal(got, want) {
 			t.Errorf("%s rules:\n%s\nwant:\n%s", cmd, strings.Join(got, "\n"), strings.Join(want, "\n"))
@@ -194,7 +194,7 @@ func TestFirewall(t *testing.T) {
 	mustPing(t, a1.ns, addr("fd00:10::3"))
 	// The bridged frames went through FORWARD and our ACCEPT let them.
 	for _, cmd := range []string{"iptables", "ip6tables"} {
-		if n := ruleCounter(t, h0, cmd, "-A CONSUL-OVERLAY -i vxbr-000010 -o vxbr-000010 -m comment --comment consul-overlay -j ACCEPT"); n == 0 {
+		if n := ruleCounter(t, h0, cmd, "-A CONSUL-OVERLAY -i vxbr-+ -m physdev --physdev-is-bridged -m comment --comment consul-overlay -j ACCEPT"); n == 0 {
 			t.Errorf("%s: our ACCEPT rule saw no packets; the test does not exercise br_netfilter", cmd)
 		}
 	}
@@ -207,24 +207,37 @@ func TestFirewall(t *testing.T) {
 	b1 := h0.run(t, vniB, []netip.Prefix{pfx("10.20.0.2/24")}, addr("10.20.0.1"))
 	mustPing(t, b1.ns, addr("10.20.0.1")) // the host itself is reachable
 	mustNotPing(t, b1.ns, addr("10.10.0.2"))
-	routedIn := ruleCounter(t, h0, "iptables", "-A CONSUL-OVERLAY -o vxbr-000010 -m comment --comment consul-overlay -j DROP")
-	routedOut := ruleCounter(t, h0, "iptables", "-A CONSUL-OVERLAY -i vxbr-000020 -m comment --comment consul-overlay -j DROP")
+	routedIn := ruleCounter(t, h0, "iptables", "-A CONSUL-OVERLAY -o vxbr-+ -m comment --comment consul-overlay -j DROP")
+	routedOut := ruleCounter(t, h0, "iptables", "-A CONSUL-OVERLAY -i vxbr-+ -m comment --comment consul-overlay -j DROP")
 	if routedIn+routedOut == 0 {
 		t.Error("packets routed from network B into network A were not dropped by our rules")
 	}
 
-	// The rules go with the network.
+	// The rule set does not grow with the networks: the same three rules.
+	for _, cmd := range []string{"iptables", "ip6tables"} {
+		if got := fwRules(t, h0, cmd); len(got) != 3 {
+			t.Errorf("%s rules with two networks:\n%s\nwant the same 3", cmd, strings.Join(got, "\n"))
+		}
+	}
+
+	// The rules stay while a network of ours does, and go with the last.
 	if err := h0.m.DeleteNetwork(t.Context(), vniB); err != nil {
 		t.Fatal(err)
 	}
 	for _, cmd := range []string{"iptables", "ip6tables"} {
-		for _, r := range fwRules(t, h0, cmd) {
-			if strings.Contains(r, "vxbr-000020") {
-				t.Errorf("%s rule left after DeleteNetwork: %s", cmd, r)
-			}
+		if got := fwRules(t, h0, cmd); len(got) != 3 {
+			t.Errorf("%s rules after deleting one of two networks:\n%s\nwant the 3", cmd, strings.Join(got, "\n"))
 		}
 	}
 	mustPing(t, a1.ns, addr("10.10.0.3"))
+	if err := h0.m.DeleteNetwork(t.Context(), vniA); err != nil {
+		t.Fatal(err)
+	}
+	for _, cmd := range []string{"iptables", "ip6tables"} {
+		if got := fwRules(t, h0, cmd); len(got) != 0 {
+			t.Errorf("%s rules after deleting the last network:\n%s", cmd, strings.Join(got, "\n"))
+		}
+	}
 }
 
 // A container on another VNI, with addresses in the same subnet, reaches

@@ -53,6 +53,12 @@ type Config struct {
 	// Network.ConsulAPI, its Consul API port) and keep everyone else but
 	// the host off it (invalid: none, and any left from before removed).
 	LinkLocal netip.Addr
+	// TrackBridged keeps bridged overlay traffic in conntrack. false (the
+	// default): a raw-table NOTRACK rule (iptables and ip6tables, one
+	// rule per owner, `-t raw -A PREROUTING -i vxbr-+ -m addrtype !
+	// --dst-type LOCAL -j NOTRACK`) spares each bridged frame the
+	// connection tracking; traffic to and from the host stays tracked.
+	TrackBridged bool
 	// Logger receives debug lines for each kernel write and info lines
 	// for lifecycle events (nil: discard).
 	Logger *slog.Logger
@@ -243,6 +249,7 @@ func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
 		m.fw = newFirewall(m.log, cfg.IPTables, cfg.IP6Tables)
 	}
 	m.fw.mark = m.mark
+	m.fw.notrack = !cfg.TrackBridged
 	switch cfg.Sysctl {
 	case "-":
 	case "":

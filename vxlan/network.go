@@ -45,14 +45,17 @@ func (m *Manager) EnsureNetwork(ctx context.Context, n Network) (NetworkInfo, er
 // keepEntries it adds the missing neighbour and FDB entries of the peers
 // but removes none (Reconcile with KeepStrays).
 func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool, ch *Changes) (info NetworkInfo, retErr error) {
+	return m.ensureNetworkFW(ctx, n, keepEntries, false, ch)
+}
+
+// ensureNetworkFW is ensureNetwork; with fwDone the caller has already
+// synced the firewall for n (Reconcile, once for every network).
+func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, fwDone bool, ch *Changes) (info NetworkInfo, retErr error) {
 	mtu := m.networkMTU(n)
 	if mtu < minMTU {
 		return info, fmt.Errorf("ensure network (vni %d): mtu %d below %d", n.VNI, mtu, minMTU)
 	}
 	info = NetworkInfo{Bridge: BridgeName(n.VNI), VXLAN: VXLANName(n.VNI), MTU: mtu}
-	if err := m.ensureUnderlayFilter(ctx, ch); err != nil { // before any VXLAN device exists
-		return info, err
-	}
 
 	var undo []func() error
 	defer func() {
@@ -65,9 +68,50 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool
 			}
 		}
 	}()
-	// Last undo: the host-wide rules of the well-known address go if no
-	// bridge of ours is left.
-	undo = append(undo, func() error { return m.releaseLinkLocal(context.WithoutCancel(ctx), ch) })
+	// The firewall first: the underlay filter must be in place before any
+	// VXLAN device exists, and the bridge's rules need no bridge. One
+	// listing and at most one transaction per command.
+	if m.fw.enabled() && !fwDone {
+		existing, err := m.linkByName(info.Bridge)
+		if err != nil {
+			return info, err
+		}
+		// Another owner's network: no rule of ours for it either.
+		for _, name := range []string{info.Bridge, info.VXLAN} {
+			l := existing
+			if name == info.VXLAN {
+				if l, err = m.linkByName(name); err != nil {
+					return info, err
+				}
+			}
+			if l != nil {
+				if err := m.foreign(l); err != nil {
+					return info, fmt.Errorf("ensure network (vni %d): %w", n.VNI, err)
+				}
+			}
+		}
+		if err := m.step("firewall"); err != nil {
+			return info, err
+		}
+		// Last undo: rules are undone only for a bridge this call
+		// creates: on an existing network they protect running
+		// containers. The shared rules go if no bridge of ours is left.
+		if existing == nil {
+			undo = append(undo, func() error { return m.releaseFirewall(context.WithoutCancel(ctx), info.Bridge, ch) })
+		}
+		if m.cfg.LinkLocal.IsValid() {
+			if err := m.step("firewall-linklocal"); err != nil {
+				return info, err
+			}
+		}
+		s := m.fwSpec(map[string]Network{info.Bridge: n}, sharedWant)
+		s.underlay = true
+		k, err := m.fw.sync(ctx, s)
+		ch.Rules += k
+		if err != nil {
+			return info, fmt.Errorf("firewall of %q (vni %d): %w", info.Bridge, n.VNI, err)
+		}
+	}
 
 	if n.Encrypted { // before any VXLAN device exists: no plain packet
 		wasEncrypted := m.sec.encrypted[n.VNI]
@@ -93,25 +137,7 @@ func (m *Manager) ensureNetwork(ctx context.Context, n Network, keepEntries bool
 	if err != nil {
 		return info, err
 	}
-	if m.fw.enabled() {
-		if err := m.step("firewall"); err != nil {
-			return info, err
-		}
-		// Rules are undone only for a bridge this call created: on an
-		// existing network they protect running containers.
-		if created {
-			undo = append(undo, func() error {
-				_, err := m.fw.removeBridge(context.WithoutCancel(ctx), info.Bridge)
-				return err
-			})
-		}
-		k, err := m.fw.ensureBridge(ctx, info.Bridge, n.Internal)
-		ch.Rules += k
-		if err != nil {
-			return info, err
-		}
-	}
-	if err := m.ensureLinkLocal(ctx, br, n, ch); err != nil {
+	if err := m.ensureLinkLocal(br, ch); err != nil {
 		return info, err
 	}
 	if err := m.syncPeerEntries(vx, n.VNI, keepEntries, ch); err != nil {
@@ -438,15 +464,10 @@ func (m *Manager) deleteNetwork(ctx context.Context, vni uint32, ch *Changes) er
 			ch.Links++
 		}
 	}
-	k, err := m.fw.removeBridge(ctx, brName)
-	ch.Rules += k
-	if err != nil {
+	if err := m.releaseFirewall(ctx, brName, ch); err != nil {
 		errs = append(errs, err)
 	}
 	if err := m.dropIPsecNetwork(ctx, vni, ch); err != nil {
-		errs = append(errs, err)
-	}
-	if err := m.releaseLinkLocal(ctx, ch); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {

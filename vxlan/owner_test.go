@@ -130,8 +130,8 @@ func TestOwnersShareNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ch.Links != 3 || ch.Rules != 6 {
-		t.Errorf("b's empty reconcile changed %+v, want its 3 links and 6 rules", ch)
+	if ch.Links != 3 || ch.Rules != 8 {
+		t.Errorf("b's empty reconcile changed %+v, want its 3 links and 8 rules (3 FORWARD and 1 NOTRACK per command)", ch)
 	}
 	if s := snapshot(t, h0, "b"); len(s.Links)+len(s.Rules) != 0 {
 		t.Errorf("b left %+v", s)
@@ -229,7 +229,7 @@ func TestOwnerUpgrade(t *testing.T) {
 		t.Errorf("links after upgrade %v, want the stray gone", names)
 	}
 	for _, cmd := range []string{"iptables", "ip6tables"} {
-		accept, drops := bridgeRules(BridgeName(vni), OwnerAlias)
+		accept, drops := forwardRules(OwnerAlias)
 		var want []string
 		for _, r := range append([][]string{accept}, drops...) {
 			want = append(want, "-A "+FirewallChain+" "+strings.Join(r, " "))
@@ -270,7 +270,7 @@ func TestReconcileKeepStrays(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := snapshot(t, h, "k")
-	if len(before.Links) != 6 || len(before.Entries) != 2 || len(before.Rules) != 12 {
+	if len(before.Links) != 6 || len(before.Entries) != 2 || len(before.Rules) != 6 {
 		t.Fatalf("setup: %+v", before)
 	}
 

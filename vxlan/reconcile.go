@@ -19,8 +19,10 @@ import (
 //     matches is left alone, so a running container loses no packet;
 //   - each network's neighbour and FDB entries become exactly those of its
 //     peers, and the peer set replaces the one AddPeer/DeletePeer built;
-//   - our firewall rules of bridges that are not desired are removed, and
-//     the FORWARD jump is put back at the top.
+//   - the firewall is made to match in one transaction per command, before
+//     any device is created: our rules of bridges that are not desired are
+//     removed (and those of older versions), and the jumps put back in
+//     place.
 //
 // Links, entries and rules of other owners are never touched; a desired
 // network or endpoint whose link name another owner holds fails with a
@@ -100,11 +102,29 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 	if err := m.reconcileIPsec(ctx, nets, keep, &ch); err != nil {
 		errs = append(errs, err)
 	}
+	// The firewall of every network at once, before any VXLAN device is
+	// created: one listing and at most one transaction per command.
+	fwDone := false
 	if m.fw.enabled() {
-		k, err := m.fw.ensureBase(ctx)
+		bridges := map[string]Network{}
+		for vni, n := range nets {
+			bridges[BridgeName(vni)] = n
+		}
+		sh := sharedWant
+		switch {
+		case len(nets) == 0 && keep:
+			sh = sharedKeep
+		case len(nets) == 0:
+			sh = sharedDrop
+		}
+		s := m.fwSpec(bridges, sh)
+		s.underlay, s.complete = len(nets) > 0, !keep
+		k, err := m.fw.sync(ctx, s)
 		ch.Rules += k
 		if err != nil {
-			errs = append(errs, err)
+			errs = append(errs, fmt.Errorf("firewall: %w", err))
+		} else {
+			fwDone = true
 		}
 	}
 	vnis := make([]uint32, 0, len(nets))
@@ -113,26 +133,12 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 	}
 	slices.Sort(vnis)
 	for _, vni := range vnis {
-		if _, err := m.ensureNetwork(ctx, nets[vni], keep, &ch); err != nil {
+		if _, err := m.ensureNetworkFW(ctx, nets[vni], keep, fwDone, &ch); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	for _, ep := range eps {
 		if _, err := m.ensureEndpoint(ep, &ch); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if m.fw.enabled() && !keep {
-		bridges := map[string]bool{}
-		for vni := range nets {
-			bridges[BridgeName(vni)] = true
-		}
-		k, err := m.fw.removeStale(ctx, bridges)
-		ch.Rules += k
-		if err != nil {
-			errs = append(errs, err)
-		}
-		if err := m.syncLinkLocalHostRules(ctx, len(bridges), &ch); err != nil {
 			errs = append(errs, err)
 		}
 	}

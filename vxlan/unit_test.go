@@ -320,13 +320,98 @@ func TestParseRule(t *testing.T) {
 			t.Errorf("withoutComment(%q) = %q, want %q", tt.line, got, tt.bare)
 		}
 	}
-	// Our rules are written as -S prints them, so -D of the listed fields
-	// and -C of bridgeRules name the same rule.
-	accept, drops := bridgeRules("vxbr-000010", "consul-overlay-a")
-	if got := strings.Join(accept, " "); got != "-i vxbr-000010 -o vxbr-000010 -m comment --comment consul-overlay-a -j ACCEPT" {
+	// Our rules are written as -S prints them, so the listed fields and
+	// forwardRules compare equal.
+	accept, drops := forwardRules("consul-overlay-a")
+	if got := strings.Join(accept, " "); got != "-i vxbr-+ -m physdev --physdev-is-bridged -m comment --comment consul-overlay-a -j ACCEPT" {
 		t.Errorf("accept rule %q", got)
 	}
-	if len(drops) != 2 || strings.Join(drops[0], " ") != "-o vxbr-000010 -m comment --comment consul-overlay-a -j DROP" {
+	if len(drops) != 2 || strings.Join(drops[0], " ") != "-o vxbr-+ -m comment --comment consul-overlay-a -j DROP" {
 		t.Errorf("drop rules %q", drops)
+	}
+}
+
+// A sync plans, from one listing, the wildcard rules in place of an older
+// version's per-bridge ones, keeps other owners' rules, and plans nothing
+// on a listing that already matches.
+func TestPlanSync(t *testing.T) {
+	f := &firewall{log: slog.New(slog.DiscardHandler), mark: OwnerAlias, v6: map[string]bool{}}
+	ll := addr("169.254.1.1")
+	old := `*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:CONSUL-OVERLAY - [0:0]
+:CONSUL-OVERLAY-INPUT - [0:0]
+-A INPUT -j CONSUL-OVERLAY-INPUT
+-A FORWARD -j CONSUL-OVERLAY
+-A CONSUL-OVERLAY -i vxbr-000010 -o vxbr-000010 -m comment --comment consul-overlay -j ACCEPT
+-A CONSUL-OVERLAY -i vxbr-000011 -o vxbr-000011 -m comment --comment consul-overlay-x -j ACCEPT
+-A CONSUL-OVERLAY -i vxbr-000012 -o vxbr-000012 -j ACCEPT
+-A CONSUL-OVERLAY -o vxbr-000010 -m comment --comment consul-overlay -j DROP
+-A CONSUL-OVERLAY -i vxbr-000010 -m comment --comment consul-overlay -j DROP
+-A CONSUL-OVERLAY-INPUT -d 169.254.1.1/32 -i vxbr-000010 -p tcp -m tcp --dport 8500 -m comment --comment consul-overlay -j RETURN
+-A CONSUL-OVERLAY-INPUT -d 169.254.1.1/32 -i vxbr-000010 -p udp -m udp --dport 53 -m comment --comment consul-overlay -j RETURN
+COMMIT
+`
+	spec := fwSpec{bridges: map[string]Network{"vxbr-000010": {VNI: 0x10, ConsulAPI: true}}, complete: true, shared: sharedWant, ll: ll, notrack: true}
+	plan := func(save string) []string {
+		l := listing{}
+		parseListing(l, "", save)
+		var b batch
+		f.planBase(&b, l)
+		f.planForward(&b, l, spec)
+		f.planInput(&b, "iptables", l, spec)
+		f.planRaw(&b, l, spec)
+		var out []string
+		for _, w := range b {
+			out = append(out, w.table+": "+strings.Join(w.args, " "))
+		}
+		return out
+	}
+	got := plan(old)
+	for _, want := range []string{
+		"filter: -D CONSUL-OVERLAY -i vxbr-000010 -o vxbr-000010 -m comment --comment consul-overlay -j ACCEPT",
+		"filter: -D CONSUL-OVERLAY -i vxbr-000012 -o vxbr-000012 -j ACCEPT",
+		"filter: -I CONSUL-OVERLAY 1 -i vxbr-+ -m physdev --physdev-is-bridged -m comment --comment consul-overlay -j ACCEPT",
+		"filter: -D CONSUL-OVERLAY-INPUT -d 169.254.1.1/32 -i vxbr-000010 -p udp -m udp --dport 53 -m comment --comment consul-overlay -j RETURN",
+		// The API RETURN moves above the REJECT inserted now.
+		"filter: -D CONSUL-OVERLAY-INPUT -d 169.254.1.1/32 -i vxbr-000010 -p tcp -m tcp --dport 8500 -m comment --comment consul-overlay -j RETURN",
+		"raw: -A PREROUTING -i vxbr-+ -m addrtype ! --dst-type LOCAL -m comment --comment consul-overlay -j NOTRACK",
+	} {
+		if !slices.Contains(got, want) {
+			t.Errorf("plan lacks %q:\n%s", want, strings.Join(got, "\n"))
+		}
+	}
+	for _, w := range got {
+		if strings.Contains(w, "consul-overlay-x") {
+			t.Errorf("plan touches another owner's rule: %s", w)
+		}
+	}
+	last := got[len(got)-2] // before the raw rule
+	if last != "filter: -I CONSUL-OVERLAY-INPUT 1 -d 169.254.1.1/32 -i vxbr-000010 -p tcp -m tcp --dport 8500 -m comment --comment consul-overlay -j RETURN" {
+		t.Errorf("API RETURN not inserted last (on top):\n%s", strings.Join(got, "\n"))
+	}
+
+	// The listing after the plan: nothing more to do.
+	accept, drops := forwardRules(OwnerAlias)
+	host, drop := linkLocalHostRules(ll, OwnerAlias)
+	var in []string
+	in = append(in, strings.Join(linkLocalAPIRule(ll, "vxbr-000010", OwnerAlias), " "))
+	in = append(in, strings.Join(host, " "))
+	for _, r := range linkLocalWildcardRules(ll, OwnerAlias) {
+		in = append(in, strings.Join(r, " "))
+	}
+	in = append(in, strings.Join(drop, " "))
+	done := "*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING " + strings.Join(notrackRule(OwnerAlias), " ") + "\nCOMMIT\n*filter\n:INPUT ACCEPT\n:FORWARD DROP\n:CONSUL-OVERLAY -\n:CONSUL-OVERLAY-INPUT -\n" +
+		"-A INPUT -j CONSUL-OVERLAY-INPUT\n-A FORWARD -j CONSUL-OVERLAY\n" +
+		"-A CONSUL-OVERLAY " + strings.Join(accept, " ") + "\n" +
+		"-A CONSUL-OVERLAY -i vxbr-000011 -o vxbr-000011 -m comment --comment consul-overlay-x -j ACCEPT\n" +
+		"-A CONSUL-OVERLAY " + strings.Join(drops[0], " ") + "\n-A CONSUL-OVERLAY " + strings.Join(drops[1], " ") + "\n"
+	for _, r := range in {
+		done += "-A CONSUL-OVERLAY-INPUT " + r + "\n"
+	}
+	done += "COMMIT\n"
+	if got := plan(done); len(got) != 0 {
+		t.Errorf("plan on a matching listing:\n%s", strings.Join(got, "\n"))
 	}
 }

@@ -135,10 +135,10 @@ func TestDockerManagedPlugin(t *testing.T) {
 	if len(ours) == 0 {
 		t.Errorf("no new host link named %v while the network has two containers", LinkPrefixes)
 	}
-	// The plugin's FORWARD rules name its bridge; seeing them here shows
-	// that the rootfs's iptables works and that the check after teardown
-	// looks at the right thing.
-	if rules, err := RulesMentioning(ctx, ours); err != nil {
+	// The plugin's FORWARD rules name its bridges (vxbr-+, all of them);
+	// seeing them here shows that the rootfs's iptables works and that the
+	// check after teardown looks at the right thing.
+	if rules, err := RulesMentioning(ctx, append(slices.Clone(ours), "vxbr-+")); err != nil {
 		t.Error(err)
 	} else if len(rules) == 0 {
 		t.Errorf("no iptables rule names one of %v while the network is up", ours)

@@ -61,6 +61,7 @@ var benches = []bench{
 	{"dataplane", func(t *runner, cfg *config, rep *report) { benchDataplane(t, cfg, rep, 1500) }},
 	{"jumbo", func(t *runner, cfg *config, rep *report) { benchDataplane(t, cfg, rep, 9000) }},
 	{"attach", benchAttach},
+	{"network", benchNetwork}, // fw_network.go
 	{"docker", benchDocker},
 	{"swarm", benchSwarm},
 	{"ipam", benchIPAM},
