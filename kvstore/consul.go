@@ -18,10 +18,21 @@ import (
 // Watch tuning. A blocking query waits at most watchWait on the server
 // (plus Consul's jitter of up to watchWait/16); after a failure the watch
 // retries with a backoff doubling from watchBackoffMin to watchBackoffMax.
+//
+// A prefix that holds no key wakes its blocking query on every write
+// anywhere in the store: Consul answers such a list with the index of
+// the whole KV table and its watch sits on the nearest ancestor that
+// exists. The watch then finds nothing new each time; it asks again only
+// after watchEmptyPace, so an empty prefix (ipsec/ without encrypted
+// networks, specs/ without cluster-wide ones) costs each host at most
+// 1/watchEmptyPace queries per second while the store is written,
+// instead of one per write. A first key there is seen at most that much
+// later (the next query, on the old index, returns at once).
 const (
 	watchWait       = 30 * time.Second
 	watchBackoffMin = 50 * time.Millisecond
 	watchBackoffMax = 2 * time.Second
+	watchEmptyPace  = 500 * time.Millisecond
 )
 
 var _ Store = (*Consul)(nil)
@@ -369,6 +380,9 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 		index = max(meta.LastIndex, 1)
 		snap := c.pairs(kvps)
 		if delivered && equalPairs(snap, last) {
+			if len(snap) == 0 && !sleepCtx(ctx, watchEmptyPace) {
+				return
+			}
 			continue
 		}
 		select {
