@@ -23,16 +23,18 @@ import (
 // anywhere in the store: Consul answers such a list with the index of
 // the whole KV table and its watch sits on the nearest ancestor that
 // exists. The watch then finds nothing new each time; it asks again only
-// after watchEmptyPace, so an empty prefix (ipsec/ without encrypted
-// networks, specs/ without cluster-wide ones) costs each host at most
-// 1/watchEmptyPace queries per second while the store is written,
-// instead of one per write. A first key there is seen at most that much
-// later (the next query, on the old index, returns at once).
+// after a pause, watchEmptyPace doubling up to watchEmptyPaceMax while
+// such answers repeat, so an empty prefix (ipsec/ without encrypted
+// networks, specs/ without cluster-wide ones) costs each host at most one
+// query per watchEmptyPaceMax while the store is written, instead of one
+// per write. A first key there is seen at most a pause later (the next
+// query, on the old index, returns at once).
 const (
-	watchWait       = 30 * time.Second
-	watchBackoffMin = 50 * time.Millisecond
-	watchBackoffMax = 2 * time.Second
-	watchEmptyPace  = 500 * time.Millisecond
+	watchWait         = 30 * time.Second
+	watchBackoffMin   = 50 * time.Millisecond
+	watchBackoffMax   = 2 * time.Second
+	watchEmptyPace    = 500 * time.Millisecond
+	watchEmptyPaceMax = 2 * time.Second
 )
 
 var _ Store = (*Consul)(nil)
@@ -353,6 +355,7 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 		last      []*Pair
 		delivered bool
 		backoff   = watchBackoffMin
+		pace      = watchEmptyPace
 	)
 	for {
 		rctx, cancel, _ := c.request(ctx, watchWait+watchWait/16+c.timeout)
@@ -380,11 +383,15 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 		index = max(meta.LastIndex, 1)
 		snap := c.pairs(kvps)
 		if delivered && equalPairs(snap, last) {
-			if len(snap) == 0 && !sleepCtx(ctx, watchEmptyPace) {
-				return
+			if len(snap) == 0 {
+				if !sleepCtx(ctx, pace) {
+					return
+				}
+				pace = min(2*pace, watchEmptyPaceMax)
 			}
 			continue
 		}
+		pace = watchEmptyPace
 		select {
 		case out <- clonePairs(snap):
 			last, delivered = snap, true
