@@ -39,6 +39,8 @@ type hostsResult struct {
 	join      time.Duration
 	joinCPU   time.Duration
 	lostEvts  int // peers confirmed by dump because their event never came
+
+	attachRetries int // attaches of the burst tried again after a store timeout
 }
 
 // benchHosts simulates many hosts (a namespace and a plugin process each,
@@ -187,14 +189,34 @@ func hostsOnce(t *runner, cfg *config, H int) hostsResult {
 	first := make([]*harness.Endpoint, H)
 	m0, c0 := meter.snap(), hostCPU(pids)
 	start = time.Now()
+	// At most 8 attaches at once over all hosts: with every host
+	// attaching at once, from 25 hosts on this machine Consul answered
+	// the plugins' IPAM requests too late (their 5 s store timeout).
+	// An attach that fails so (or finds the store unavailable) is counted
+	// and tried again.
+	asem := make(chan struct{}, 8)
+	var retriedMu sync.Mutex
 	if err := par(func(i int) error {
 		for k := range E {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			e, err := nets[i].Attach()
-			if err != nil {
-				return err
+			var e *harness.Endpoint
+			for try := 0; ; try++ {
+				select {
+				case asem <- struct{}{}:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				var err error
+				e, err = nets[i].Attach()
+				<-asem
+				if err == nil {
+					break
+				}
+				if try == 2 || !strings.Contains(err.Error(), "store did not answer in time") && !strings.Contains(err.Error(), "store unavailable") {
+					return err
+				}
+				retriedMu.Lock()
+				r.attachRetries++
+				retriedMu.Unlock()
 			}
 			if k == 0 {
 				first[i] = e
@@ -453,17 +475,19 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 	row("per change: plugin CPU, all hosts", func(r hostsResult) float64 { return ms(r.pluginCPUPerChange) * float64(r.hosts) }, msf)
 	row("per change: Consul CPU", func(r hostsResult) float64 { return ms(r.consulCPUPerChange) }, msf)
 	row("**steady state: Consul requests/s**", func(r hostsResult) float64 { return r.steadyLoad.rate() }, num)
-	row("steady state: of which blocking queries", func(r hostsResult) float64 {
+	row("steady state: of which blocking queries (all were opened together after the burst, so few time out in the window)", func(r hostsResult) float64 {
 		return 100 * float64(r.steadyLoad.blocking) / float64(max(1, r.steadyLoad.total))
 	},
 		func(x float64) string { return fmt.Sprintf("%.0f %%", x) })
+	row("steady state: the blocking queries' own rate (open ÷ 30 s wait), all hosts, per s", func(r hostsResult) float64 { return r.openMean * float64(r.hosts) / 30 }, num)
 	row("steady state: open blocking queries per host (mean)", func(r hostsResult) float64 { return r.openMean }, num)
 	fmt.Fprintf(sec, "| … min / max per host | %s | |\n", strings.Join(mapR(rs, func(r hostsResult) string { return fmt.Sprintf("%d / %d", r.openMin, r.openMax) }), " | "))
 	row("steady state: plugin CPU per host", func(r hostsResult) float64 { return 100 * r.pluginCPUSteady.Seconds() / r.steadyLoad.secs },
 		func(x float64) string { return fmt.Sprintf("%.2f %%", x) })
 	row("steady state: Consul CPU", func(r hostsResult) float64 { return 100 * r.consulCPUSteady.Seconds() / r.steadyLoad.secs },
 		func(x float64) string { return fmt.Sprintf("%.1f %%", x) })
-	row("burst: attach rate, all hosts in parallel (attaches/s)", func(r hostsResult) float64 { return float64(r.hosts*r.perHost) / r.burstAttach.Seconds() }, num)
+	row("burst: attach rate, all hosts in parallel, 8 at a time (attaches/s)", func(r hostsResult) float64 { return float64(r.hosts*r.perHost) / r.burstAttach.Seconds() }, num)
+	row("burst: attaches tried again after a store timeout", func(r hostsResult) float64 { return float64(r.attachRetries) }, num)
 	row("burst: first attach until every host has every peer", func(r hostsResult) float64 { return r.burstSettle.Seconds() }, sf)
 	row("**burst: Consul requests/s**", func(r hostsResult) float64 { return r.burstLoad.rate() }, num)
 	row("burst: Consul requests per attach", func(r hostsResult) float64 { return float64(r.burstLoad.total) / float64(r.hosts*r.perHost) }, num)

@@ -124,6 +124,17 @@ func run(quick bool, bin, out, only string, verbose bool) int {
 	if n, err := strconv.Atoi(os.Getenv("BENCH_HOSTS_NETWORKS")); err == nil && n >= 0 {
 		cfg.hostsNetworks = n
 	}
+	if v := os.Getenv("BENCH_HOSTS_SIZES"); v != "" { // e.g. 10,25
+		var sizes []int
+		for _, f := range strings.Split(v, ",") {
+			if n, err := strconv.Atoi(strings.TrimSpace(f)); err == nil && n >= 2 {
+				sizes = append(sizes, n)
+			}
+		}
+		if len(sizes) > 0 {
+			cfg.hostsSizes = sizes
+		}
+	}
 	if _, err := os.Stat(bin); err == nil {
 		cfg.bin, _ = filepath.Abs(bin)
 	}
