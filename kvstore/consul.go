@@ -18,10 +18,23 @@ import (
 // Watch tuning. A blocking query waits at most watchWait on the server
 // (plus Consul's jitter of up to watchWait/16); after a failure the watch
 // retries with a backoff doubling from watchBackoffMin to watchBackoffMax.
+//
+// A prefix that holds no key wakes its blocking query on every write
+// anywhere in the store: Consul answers such a list with the index of
+// the whole KV table and its watch sits on the nearest ancestor that
+// exists. The watch then finds nothing new each time; it asks again only
+// after a pause, watchEmptyPace doubling up to watchEmptyPaceMax while
+// such answers repeat, so an empty prefix (ipsec/ without encrypted
+// networks, specs/ without cluster-wide ones) costs each host at most one
+// query per watchEmptyPaceMax while the store is written, instead of one
+// per write. A first key there is seen at most a pause later (the next
+// query, on the old index, returns at once).
 const (
-	watchWait       = 30 * time.Second
-	watchBackoffMin = 50 * time.Millisecond
-	watchBackoffMax = 2 * time.Second
+	watchWait         = 30 * time.Second
+	watchBackoffMin   = 50 * time.Millisecond
+	watchBackoffMax   = 2 * time.Second
+	watchEmptyPace    = 500 * time.Millisecond
+	watchEmptyPaceMax = 2 * time.Second
 )
 
 var _ Store = (*Consul)(nil)
@@ -342,6 +355,7 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 		last      []*Pair
 		delivered bool
 		backoff   = watchBackoffMin
+		pace      = watchEmptyPace
 	)
 	for {
 		rctx, cancel, _ := c.request(ctx, watchWait+watchWait/16+c.timeout)
@@ -369,8 +383,15 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 		index = max(meta.LastIndex, 1)
 		snap := c.pairs(kvps)
 		if delivered && equalPairs(snap, last) {
+			if len(snap) == 0 {
+				if !sleepCtx(ctx, pace) {
+					return
+				}
+				pace = min(2*pace, watchEmptyPaceMax)
+			}
 			continue
 		}
+		pace = watchEmptyPace
 		select {
 		case out <- clonePairs(snap):
 			last, delivered = snap, true

@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"runtime"
 	"strings"
 	"sync"
@@ -507,5 +509,75 @@ func TestReadsAreConsistent(t *testing.T) {
 		if seen[kind+" not consistent"] {
 			t.Errorf("%s without ?consistent", kind)
 		}
+	}
+}
+
+// TestConsulWatchOfEmptyPrefixIsPaced: Consul wakes a blocking list of a
+// prefix without keys on every write anywhere in the store. The watch
+// must not follow each of those wake-ups with a new query (with many
+// hosts that is hosts × writes), yet must still deliver the first key
+// that appears under its prefix.
+func TestConsulWatchOfEmptyPrefixIsPaced(t *testing.T) {
+	agent := testenv.StartConsul(t)
+	root := "test-" + randomHex(t) + "/"
+	var (
+		mu      sync.Mutex
+		queries int // blocking lists of root+"empty/"
+	)
+	target := &url.URL{Scheme: "http", Host: agent.Addr}
+	rp := httputil.NewSingleHostReverseProxy(target)
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v1/kv/"+root+"empty/" && r.URL.Query().Get("index") != "" {
+			mu.Lock()
+			queries++
+			mu.Unlock()
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(proxy.Close)
+	s := newConsul(t, ConsulConfig{Address: strings.TrimPrefix(proxy.URL, "http://"), Prefix: root})
+	w := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: root})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ch, err := s.Watch(ctx, "empty/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap := <-ch; len(snap) != 0 {
+		t.Fatalf("first snapshot of an empty prefix: %d pairs", len(snap))
+	}
+	time.Sleep(100 * time.Millisecond) // the first blocking query is out
+	mu.Lock()
+	before := queries
+	mu.Unlock()
+	const writes = 40
+	start := time.Now()
+	for i := range writes {
+		if err := w.Put(ctx, fmt.Sprintf("other/%d", i), []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	elapsed := time.Since(start)
+	mu.Lock()
+	n := queries - before
+	mu.Unlock()
+	// One query per write would be 40; paced, it is about one per
+	// watchEmptyPace.
+	if limit := writes / 4; n > limit {
+		t.Errorf("the watch of an empty prefix queried %d times during %d writes elsewhere in %s; want at most %d", n, writes, elapsed.Round(time.Millisecond), limit)
+	}
+	if err := w.Put(ctx, "empty/k", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	put := time.Now()
+	select {
+	case snap := <-ch:
+		if len(snap) != 1 || snap[0].Key != "empty/k" {
+			t.Fatalf("snapshot after the first key: %+v", snap)
+		}
+		t.Logf("%d queries during %d writes elsewhere; the first key delivered after %s", n, writes, time.Since(put).Round(time.Millisecond))
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first key under the watched prefix was not delivered within 10s")
 	}
 }

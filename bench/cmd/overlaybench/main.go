@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -36,6 +37,15 @@ type config struct {
 
 	dockerRuns int
 
+	// hosts: simulated host counts, endpoints per host in one network,
+	// more networks, convergence samples, steady-state window. The more
+	// networks are 5, not the 20 (BENCH_HOSTS_NETWORKS=20): with
+	// one iptables process per rule each costs every host about 0.4 s of
+	// a shared CPU, 7 minutes for 50 hosts alone.
+	hostsSizes                                []int
+	hostsPerHost, hostsNetworks, hostsSamples int
+	hostsSteady                               time.Duration
+
 	// pluginEnv is extra settings for the plugins of the scale test
 	// (BENCH_PLUGIN_ENV, space-separated KEY=VALUE), for experiments.
 	pluginEnv []string
@@ -45,11 +55,13 @@ func newConfig(quick bool) *config {
 	if quick {
 		return &config{quick: true, rounds: 2, iperfSecs: 1, pings: 100,
 			attaches: 200, convSamples: 30, ipamBenchtime: "1s", ipamBaseSecs: 1,
-			scaleHosts: 4, scaleEndpoints: 200, scaleNetworks: 20, dockerRuns: 4}
+			scaleHosts: 4, scaleEndpoints: 200, scaleNetworks: 20, dockerRuns: 4,
+			hostsSizes: []int{3, 6}, hostsPerHost: 20, hostsNetworks: 5, hostsSamples: 12, hostsSteady: 5 * time.Second}
 	}
 	return &config{rounds: 5, iperfSecs: 2, pings: 300,
 		attaches: 300, convSamples: 100, ipamBenchtime: "3s", ipamBaseSecs: 3,
-		scaleHosts: 4, scaleEndpoints: 1000, scaleNetworks: 100, dockerRuns: 15}
+		scaleHosts: 4, scaleEndpoints: 1000, scaleNetworks: 100, dockerRuns: 15,
+		hostsSizes: []int{10, 25, 50}, hostsPerHost: 20, hostsNetworks: 5, hostsSamples: 30, hostsSteady: 15 * time.Second}
 }
 
 type bench struct {
@@ -66,6 +78,7 @@ var benches = []bench{
 	{"swarm", benchSwarm},
 	{"ipam", benchIPAM},
 	{"scale", benchScale},
+	{"hosts", benchHosts},
 	{"encrypted", benchEncrypted},
 }
 
@@ -109,6 +122,20 @@ func run(quick bool, bin, out, only string, verbose bool) int {
 	}
 	cfg := newConfig(quick)
 	cfg.pluginEnv = strings.Fields(os.Getenv("BENCH_PLUGIN_ENV"))
+	if n, err := strconv.Atoi(os.Getenv("BENCH_HOSTS_NETWORKS")); err == nil && n >= 0 {
+		cfg.hostsNetworks = n
+	}
+	if v := os.Getenv("BENCH_HOSTS_SIZES"); v != "" { // e.g. 10,25
+		var sizes []int
+		for _, f := range strings.Split(v, ",") {
+			if n, err := strconv.Atoi(strings.TrimSpace(f)); err == nil && n >= 2 {
+				sizes = append(sizes, n)
+			}
+		}
+		if len(sizes) > 0 {
+			cfg.hostsSizes = sizes
+		}
+	}
 	if _, err := os.Stat(bin); err == nil {
 		cfg.bin, _ = filepath.Abs(bin)
 	}

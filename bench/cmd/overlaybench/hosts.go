@@ -1,0 +1,541 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"consul-overlay/bench/harness"
+	"consul-overlay/internal/testenv"
+)
+
+// hostsResult is what one size of the hosts benchmark measured.
+type hostsResult struct {
+	hosts, perHost, networks, samples int
+
+	startPlugins, createNets time.Duration
+	burstAttach, burstSettle time.Duration
+	burstLoad, steadyLoad    meterDiff
+	convLoad, joinLoad       meterDiff
+	openMin, openMax         int
+	openMean                 float64
+
+	conv, convEach []float64 // ms: per sample the slowest host; per sample and host
+
+	pluginCPUBurst, pluginCPUSteady, pluginCPUPerChange time.Duration // per host (mean)
+	consulCPUBurst, consulCPUSteady, consulCPUPerChange time.Duration
+	rssIdle, rssMean, rssMax, consulRSS                 float64
+
+	joinPeers int
+	join      time.Duration
+	joinCPU   time.Duration
+	lostEvts  int // peers confirmed by dump because their event never came
+
+	attachRetries int // attaches of the burst tried again after a store timeout
+}
+
+// benchHosts simulates many hosts (a namespace and a plugin process each,
+// all on one Consul server) at several sizes and measures how the cost
+// of the design grows with the number of hosts.
+func benchHosts(t *runner, cfg *config, rep *report) {
+	var results []hostsResult
+	for _, h := range cfg.hostsSizes {
+		var res hostsResult
+		name := fmt.Sprintf("hosts-%d", h)
+		t.Logf("%s: start at %s", name, time.Now().Format(time.TimeOnly))
+		_, err := runSection(t.Context(), name, t.logw, func(st *runner) { res = hostsOnce(st, cfg, h) })
+		if err != nil {
+			hostsReport(cfg, rep, results) // what the smaller sizes measured
+			t.Fatal(err)
+		}
+		results = append(results, res)
+		t.Logf("%s: done at %s; convergence p50 %.1f ms p99 %.1f ms", name, time.Now().Format(time.TimeOnly), summarize(res.conv).p50, summarize(res.conv).p99)
+	}
+	hostsReport(cfg, rep, results)
+}
+
+// hostCPU reads every plugin's CPU time (and Consul's, last).
+func hostCPU(pids []int) []time.Duration {
+	out := make([]time.Duration, len(pids))
+	for i, p := range pids {
+		out[i], _ = cpuTime(p)
+	}
+	return out
+}
+
+// cpuDiff returns the mean of b-a over the first n entries and b-a of the
+// last one (Consul).
+func cpuDiff(a, b []time.Duration) (meanPlugin, consul time.Duration) {
+	n := len(a) - 1
+	var sum time.Duration
+	for i := range n {
+		sum += b[i] - a[i]
+	}
+	return sum / time.Duration(n), b[n] - a[n]
+}
+
+func hostsOnce(t *runner, cfg *config, H int) hostsResult {
+	ctx := t.Context()
+	E, N := cfg.hostsPerHost, cfg.hostsNetworks
+	r := hostsResult{hosts: H, perHost: E, networks: N, samples: cfg.hostsSamples}
+	bin := cfg.bin
+	if bin == "" {
+		bin = harness.Build(t)
+	}
+	hosts := testenv.NewUnderlay(t, H+1, testenv.UnderlayOptions{})
+	// Every blocking query holds a connection, and all of them come from
+	// the meter: lift the agent's per-client limit (200).
+	agent := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()),
+		testenv.WithArgs("-hcl", "limits { http_max_conns_per_client = 16384 }"))
+	meter := startConsulMeter(t, hosts[0], agent)
+	consulPid := pidOfConsul(agent.NodeName)
+	if consulPid == 0 {
+		t.Fatalf("no process found for the consul agent %s", agent.NodeName)
+	}
+	prefix := "co-hosts-" + harness.RandomID()[:8] + "/"
+	plugins := make([]*harness.Plugin, H+1)
+	// All plugins are stopped at once when the size ends (the harness
+	// stops each again, a no-op, one after the other).
+	t.Cleanup(func() {
+		var wg sync.WaitGroup
+		for _, p := range plugins {
+			if p != nil {
+				wg.Add(1)
+				go func() { defer wg.Done(); p.Stop(syscall.SIGTERM) }()
+			}
+		}
+		wg.Wait()
+	})
+	start := time.Now()
+	for i := range H {
+		if ctx.Err() != nil {
+			t.Fatal(ctx.Err())
+		}
+		plugins[i] = harness.StartPlugin(t, bin, fmt.Sprintf("host%d", i), hosts[i], harness.PluginOptions{
+			ConsulAddr: meter.Addr, Prefix: prefix, LogLevel: "info", Env: cfg.pluginEnv,
+		})
+	}
+	r.startPlugins = time.Since(start)
+	pids := make([]int, H+1)
+	for i := range H {
+		pids[i] = plugins[i].Pid()
+	}
+	pids[H] = consulPid
+	time.Sleep(time.Second)
+	for _, p := range pids[:H] {
+		r.rssIdle += vmRSS(p) / float64(H)
+	}
+
+	// One network with E endpoints per host, N more networks, each on
+	// every host.
+	spec := harness.NetSpec{Subnet4: "10.72.0.0/21", Options: map[string]string{"name": "hosts"}}
+	nets := make([]*harness.Network, H)
+	errs := make([]error, H)
+	par := func(fn func(i int) error) error {
+		var wg sync.WaitGroup
+		for i := range H {
+			wg.Add(1)
+			go func() { defer wg.Done(); errs[i] = fn(i) }()
+		}
+		wg.Wait()
+		var all []error
+		for i, err := range errs {
+			if err != nil {
+				all = append(all, fmt.Errorf("host%d: %w", i, err))
+			}
+		}
+		return errors.Join(all...)
+	}
+	// A few hosts at a time: fifty real hosts would each have their own
+	// CPUs for the firewall commands a network costs; here they share two
+	// with everything else, and the plugin times a slow command out.
+	t.Logf("%s %d hosts: create %d networks on each", time.Now().Format(time.TimeOnly), H, N+1)
+	start = time.Now()
+	sem := make(chan struct{}, 4)
+	if err := par(func(i int) error {
+		select {
+		case sem <- struct{}{}:
+			defer func() { <-sem }()
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		var err error
+		if nets[i], err = createRetrying(ctx, plugins[i], spec); err != nil {
+			return err
+		}
+		for j := range N {
+			s := harness.NetSpec{Subnet4: fmt.Sprintf("10.73.%d.0/24", j), Options: map[string]string{"name": fmt.Sprintf("hosts-%d", j)}}
+			if _, err := createRetrying(ctx, plugins[i], s); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("create networks: %v", err)
+	}
+	r.createNets = time.Since(start)
+
+	// The burst: every host attaches E endpoints at once.
+	t.Logf("%s %d hosts: burst of %d attaches", time.Now().Format(time.TimeOnly), H, H*E)
+	first := make([]*harness.Endpoint, H)
+	m0, c0 := meter.snap(), hostCPU(pids)
+	start = time.Now()
+	// At most 8 attaches at once over all hosts: with every host
+	// attaching at once, from 25 hosts on this machine Consul answered
+	// the plugins' IPAM requests too late (their 5 s store timeout).
+	// An attach that fails so (or finds the store unavailable) is counted
+	// and tried again.
+	asem := make(chan struct{}, 8)
+	var retriedMu sync.Mutex
+	if err := par(func(i int) error {
+		for k := range E {
+			var e *harness.Endpoint
+			for try := 0; ; try++ {
+				select {
+				case asem <- struct{}{}:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				var err error
+				e, err = nets[i].Attach()
+				<-asem
+				if err == nil {
+					break
+				}
+				if try == 2 || !strings.Contains(err.Error(), "store did not answer in time") && !strings.Contains(err.Error(), "store unavailable") {
+					return err
+				}
+				retriedMu.Lock()
+				r.attachRetries++
+				retriedMu.Unlock()
+			}
+			if k == 0 {
+				first[i] = e
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("attach: %v", err)
+	}
+	r.burstAttach = time.Since(start)
+	var info struct{ Value map[string]string }
+	if err := plugins[0].Call("/NetworkDriver.EndpointOperInfo", map[string]any{"NetworkID": nets[0].ID, "EndpointID": first[0].ID}, &info); err != nil {
+		t.Fatal(err)
+	}
+	vni64, err := strconv.ParseUint(info.Value["vni"], 10, 32)
+	if err != nil {
+		t.Fatalf("EndpointOperInfo answered vni %q", info.Value["vni"])
+	}
+	vni := uint32(vni64)
+	idx := make([]int, H+1)
+	for i := range H {
+		if idx[i], err = vxIndex(ctx, hosts[i].NS, vni); err != nil {
+			t.Fatalf("host%d: %v", i, err)
+		}
+		if _, err := waitCount(ctx, hosts[i].NS.Handle(), idx[i], (H-1)*E, 10*time.Millisecond, 180*time.Second); err != nil {
+			t.Fatalf("host%d never programmed its peers: %v", i, err)
+		}
+	}
+	r.burstSettle = time.Since(start)
+	m1, c1 := meter.snap(), hostCPU(pids)
+	r.burstLoad = diffSnaps(m0, m1)
+	r.pluginCPUBurst, r.consulCPUBurst = cpuDiff(c0, c1)
+
+	// Steady state: nothing happens; what does Consul see?
+	t.Logf("%s %d hosts: steady state", time.Now().Format(time.TimeOnly), H)
+	sleepCtx(ctx, 2*time.Second)
+	m0, c0 = meter.snap(), hostCPU(pids)
+	sleepCtx(ctx, cfg.hostsSteady)
+	open := meter.openBlocking()
+	m1, c1 = meter.snap(), hostCPU(pids)
+	r.steadyLoad = diffSnaps(m0, m1)
+	r.pluginCPUSteady, r.consulCPUSteady = cpuDiff(c0, c1)
+	r.openMin = math.MaxInt
+	for _, h := range hosts[:H] {
+		n := open[h.Addr.String()]
+		r.openMin, r.openMax = min(r.openMin, n), max(r.openMax, n)
+		r.openMean += float64(n) / float64(H)
+	}
+
+	// Convergence: one new endpoint at a time, on each host in turn,
+	// until every other host has programmed it.
+	evs := make([]*peerEvents, H)
+	for i := range H {
+		evs[i] = subscribePeers(t, hosts[i].NS, idx[i])
+	}
+	t.Logf("%s %d hosts: convergence", time.Now().Format(time.TimeOnly), H)
+	m0, c0 = meter.snap(), hostCPU(pids)
+	for s := range cfg.hostsSamples {
+		k := s % H
+		e := nets[k].NewEndpoint()
+		if err := e.RequestAddress(); err != nil {
+			t.Fatalf("sample %d: %v", s, err)
+		}
+		t0 := time.Now()
+		if err := e.Create(); err != nil {
+			t.Fatalf("sample %d: %v", s, err)
+		}
+		if err := e.Join(hosts[k].NS.Path); err != nil {
+			t.Fatalf("sample %d: %v", s, err)
+		}
+		mac, err := net.ParseMAC(e.MAC)
+		if err != nil {
+			t.Fatalf("sample %d: endpoint MAC %q: %v", s, e.MAC, err)
+		}
+		ip := e.Addr4.Addr()
+		each, lost, err := waitAllHosts(ctx, evs, k, ip, mac, t0)
+		if err != nil {
+			t.Fatalf("sample %d (endpoint %s on host%d): %v", s, ip, k, err)
+		}
+		r.lostEvts += lost
+		r.convEach = append(r.convEach, each...)
+		r.conv = append(r.conv, slices.Max(each))
+		sleepCtx(ctx, 20*time.Millisecond)
+	}
+	m1, c1 = meter.snap(), hostCPU(pids)
+	r.convLoad = diffSnaps(m0, m1)
+	pc, cc := cpuDiff(c0, c1)
+	r.pluginCPUPerChange = pc / time.Duration(cfg.hostsSamples)
+	r.consulCPUPerChange = cc / time.Duration(cfg.hostsSamples)
+	for _, p := range pids[:H] {
+		rss := vmRSS(p)
+		r.rssMean += rss / float64(H)
+		r.rssMax = max(r.rssMax, rss)
+	}
+	r.consulRSS = vmRSS(consulPid)
+
+	// A new host joins the network.
+	t.Logf("%s %d hosts: a new host joins", time.Now().Format(time.TimeOnly), H)
+	plugins[H] = harness.StartPlugin(t, bin, fmt.Sprintf("host%d", H), hosts[H], harness.PluginOptions{
+		ConsulAddr: meter.Addr, Prefix: prefix, LogLevel: "info", Env: cfg.pluginEnv,
+	})
+	sleepCtx(ctx, 500*time.Millisecond)
+	r.joinPeers = H*E + cfg.hostsSamples
+	m0 = meter.snap()
+	cj0, _ := cpuTime(plugins[H].Pid())
+	start = time.Now()
+	if _, err := createRetrying(ctx, plugins[H], spec); err != nil {
+		t.Fatalf("host%d: %v", H, err)
+	}
+	if idx[H], err = vxIndex(ctx, hosts[H].NS, vni); err != nil {
+		t.Fatal(err)
+	}
+	joined, err := waitCount(ctx, hosts[H].NS.Handle(), idx[H], r.joinPeers, 5*time.Millisecond, 120*time.Second)
+	if err != nil {
+		t.Fatalf("the new host never programmed its peers: %v", err)
+	}
+	r.join = joined.Sub(start)
+	r.joinLoad = diffSnaps(m0, meter.snap())
+	cj1, _ := cpuTime(plugins[H].Pid())
+	r.joinCPU = cj1 - cj0
+	return r
+}
+
+// createRetrying creates a network, retrying while the plugin answers
+// that it is still starting (as the engine would find it ready later).
+func createRetrying(ctx context.Context, p *harness.Plugin, spec harness.NetSpec) (*harness.Network, error) {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		n, err := p.CreateNetwork(spec)
+		if err == nil || !strings.Contains(err.Error(), "try again") || time.Now().After(deadline) || ctx.Err() != nil {
+			return n, err
+		}
+		sleepCtx(ctx, 200*time.Millisecond)
+	}
+}
+
+// waitAllHosts waits until every host but k has programmed the peer and
+// returns each one's delay from t0. Events are read every millisecond;
+// after a second a host still without them is also checked by a dump, in
+// case its event was lost.
+func waitAllHosts(ctx context.Context, evs []*peerEvents, k int, ip netip.Addr, mac net.HardwareAddr, t0 time.Time) ([]float64, int, error) {
+	each := make([]float64, 0, len(evs)-1)
+	done := make([]bool, len(evs))
+	done[k] = true
+	left, lost := len(evs)-1, 0
+	deadline := t0.Add(20 * time.Second)
+	lastDump := t0
+	for left > 0 {
+		now := time.Now()
+		dump := now.Sub(t0) > time.Second && now.Sub(lastDump) > 100*time.Millisecond
+		if dump {
+			lastDump = now
+		}
+		for i, pe := range evs {
+			if done[i] {
+				continue
+			}
+			at, ok := pe.programmed(ip, mac)
+			if !ok && dump && pe.confirm(ip, mac) {
+				at, ok = pe.programmed(ip, mac)
+				lost++
+			}
+			if ok {
+				done[i] = true
+				left--
+				each = append(each, ms(at.Sub(t0)))
+			}
+		}
+		if left == 0 {
+			break
+		}
+		if now.After(deadline) {
+			var missing []string
+			for i, d := range done {
+				if !d {
+					missing = append(missing, "host"+strconv.Itoa(i))
+				}
+			}
+			return nil, lost, fmt.Errorf("not programmed after 20s on %s", strings.Join(missing, ", "))
+		}
+		select {
+		case <-ctx.Done():
+			return nil, lost, ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+	return each, lost, nil
+}
+
+// growth describes how a figure grows from the first size to the last:
+// the exponent k of value ∝ hosts^k.
+func growth(first, last float64, h0, h1 int) string {
+	if first <= 0 || last <= 0 || math.IsNaN(first) || math.IsNaN(last) || h0 == h1 {
+		return "n/a"
+	}
+	k := math.Log(last/first) / math.Log(float64(h1)/float64(h0))
+	var what string
+	switch {
+	case k < 0.3:
+		what = "≈ constant"
+	case k < 0.75:
+		what = "sub-linear"
+	case k < 1.3:
+		what = "≈ linear"
+	case k < 1.75:
+		what = "super-linear"
+	case k < 2.3:
+		what = "≈ quadratic"
+	default:
+		what = "worse than quadratic"
+	}
+	return fmt.Sprintf("×%.1f, k=%.2f (%s)", last/first, k, what)
+}
+
+func hostsReport(cfg *config, rep *report, rs []hostsResult) {
+	if len(rs) == 0 {
+		return
+	}
+	var sizes []string
+	for _, r := range rs {
+		sizes = append(sizes, strconv.Itoa(r.hosts))
+	}
+	sec := rep.section(fmt.Sprintf("Scale with hosts: %s simulated hosts on one Consul server", strings.Join(sizes, " / ")))
+	r0, rl := rs[0], rs[len(rs)-1]
+	fmt.Fprintf(sec, "Each host is a network namespace on one underlay with its own plugin process (log level info); one Consul "+
+		"dev server in host0's namespace, reached by every plugin through a counting reverse proxy (the requests below are "+
+		"exact). Per size: one network with %d endpoints per host (attached at the protocol level, interface left in the host "+
+		"namespace, as in the Scale section) plus %d more networks, each created on every host. Convergence: %d new endpoints, "+
+		"one at a time on each host in turn, from the start of CreateEndpoint until every other host has the neighbour and "+
+		"FDB entries (netlink events in each host's namespace, a dump if an event was lost). Growth: the exponent k of "+
+		"figure ∝ hosts^k from %d to %d hosts (1 is linear, 2 quadratic).\n\n",
+		r0.perHost, r0.networks, r0.samples, r0.hosts, rl.hosts)
+	fmt.Fprintf(sec, "| Figure | %s | Growth %d→%d |\n|---|%s---|\n", strings.Join(prefixAll(sizes, "", " hosts"), " | "), r0.hosts, rl.hosts, strings.Repeat("---:|", len(rs)))
+	row := func(name string, val func(r hostsResult) float64, format func(float64) string) {
+		var cells []string
+		for _, r := range rs {
+			cells = append(cells, format(val(r)))
+		}
+		fmt.Fprintf(sec, "| %s | %s | %s |\n", name, strings.Join(cells, " | "), growth(val(r0), val(rl), r0.hosts, rl.hosts))
+	}
+	num := func(x float64) string { return f(x) }
+	msf := func(x float64) string { return f(x) + " ms" }
+	sf := func(x float64) string { return fmt.Sprintf("%.1f s", x) }
+	mib := func(x float64) string { return fmt.Sprintf("%.1f MiB", x) }
+	kib := func(x float64) string { return fmt.Sprintf("%.0f KiB", x) }
+	row("**convergence p50: new endpoint on all other hosts**", func(r hostsResult) float64 { return summarize(r.conv).p50 }, msf)
+	row("**convergence p99: new endpoint on all other hosts**", func(r hostsResult) float64 { return summarize(r.conv).p99 }, msf)
+	row("convergence p50 / p99 of each single host", func(r hostsResult) float64 { return summarize(r.convEach).p50 }, msf)
+	fmt.Fprintf(sec, "| … p99 of each single host | %s | |\n", strings.Join(mapR(rs, func(r hostsResult) string { return msf(summarize(r.convEach).p99) }), " | "))
+	row("per change: Consul requests", func(r hostsResult) float64 { return float64(r.convLoad.total) / float64(r.samples) }, num)
+	row("per change: bytes Consul answered", func(r hostsResult) float64 { return float64(r.convLoad.bytes) / 1024 / float64(r.samples) }, kib)
+	row("per change: plugin CPU, mean per host", func(r hostsResult) float64 { return ms(r.pluginCPUPerChange) }, msf)
+	row("per change: plugin CPU, all hosts", func(r hostsResult) float64 { return ms(r.pluginCPUPerChange) * float64(r.hosts) }, msf)
+	row("per change: Consul CPU", func(r hostsResult) float64 { return ms(r.consulCPUPerChange) }, msf)
+	row("**steady state: Consul requests/s**", func(r hostsResult) float64 { return r.steadyLoad.rate() }, num)
+	row("steady state: of which blocking queries (all were opened together after the burst, so few time out in the window)", func(r hostsResult) float64 {
+		return 100 * float64(r.steadyLoad.blocking) / float64(max(1, r.steadyLoad.total))
+	},
+		func(x float64) string { return fmt.Sprintf("%.0f %%", x) })
+	row("steady state: the blocking queries' own rate (open ÷ 30 s wait), all hosts, per s", func(r hostsResult) float64 { return r.openMean * float64(r.hosts) / 30 }, num)
+	row("steady state: open blocking queries per host (mean)", func(r hostsResult) float64 { return r.openMean }, num)
+	fmt.Fprintf(sec, "| … min / max per host | %s | |\n", strings.Join(mapR(rs, func(r hostsResult) string { return fmt.Sprintf("%d / %d", r.openMin, r.openMax) }), " | "))
+	row("steady state: plugin CPU per host", func(r hostsResult) float64 { return 100 * r.pluginCPUSteady.Seconds() / r.steadyLoad.secs },
+		func(x float64) string { return fmt.Sprintf("%.2f %%", x) })
+	row("steady state: Consul CPU", func(r hostsResult) float64 { return 100 * r.consulCPUSteady.Seconds() / r.steadyLoad.secs },
+		func(x float64) string { return fmt.Sprintf("%.1f %%", x) })
+	row("burst: attach rate, all hosts in parallel, 8 at a time (attaches/s)", func(r hostsResult) float64 { return float64(r.hosts*r.perHost) / r.burstAttach.Seconds() }, num)
+	row("burst: attaches tried again after a store timeout", func(r hostsResult) float64 { return float64(r.attachRetries) }, num)
+	row("burst: first attach until every host has every peer", func(r hostsResult) float64 { return r.burstSettle.Seconds() }, sf)
+	row("**burst: Consul requests/s**", func(r hostsResult) float64 { return r.burstLoad.rate() }, num)
+	row("burst: Consul requests per attach", func(r hostsResult) float64 { return float64(r.burstLoad.total) / float64(r.hosts*r.perHost) }, num)
+	row("burst: bytes Consul answered per attach", func(r hostsResult) float64 { return float64(r.burstLoad.bytes) / 1024 / float64(r.hosts*r.perHost) }, kib)
+	row("burst: plugin CPU per host", func(r hostsResult) float64 { return r.pluginCPUBurst.Seconds() }, sf)
+	row("burst: Consul CPU", func(r hostsResult) float64 { return r.consulCPUBurst.Seconds() }, sf)
+	row("plugin RSS idle (mean)", func(r hostsResult) float64 { return r.rssIdle }, mib)
+	row("**plugin RSS loaded (max over hosts)**", func(r hostsResult) float64 { return r.rssMax }, mib)
+	row("plugin RSS loaded (mean)", func(r hostsResult) float64 { return r.rssMean }, mib)
+	row("Consul RSS", func(r hostsResult) float64 { return r.consulRSS }, mib)
+	row("**new host: CreateNetwork until every peer programmed**", func(r hostsResult) float64 { return ms(r.join) }, msf)
+	row("new host: peers programmed", func(r hostsResult) float64 { return float64(r.joinPeers) }, num)
+	row("new host: its plugin's CPU", func(r hostsResult) float64 { return ms(r.joinCPU) }, msf)
+	row("new host: Consul requests until then", func(r hostsResult) float64 { return float64(r.joinLoad.total) }, num)
+	row("plugins started one after the other", func(r hostsResult) float64 { return r.startPlugins.Seconds() }, sf)
+	row(fmt.Sprintf("create %d networks on every host, hosts in parallel", r0.networks+1), func(r hostsResult) float64 { return r.createNets.Seconds() }, sf)
+	fmt.Fprintln(sec)
+	for _, r := range rs {
+		fmt.Fprintf(sec, "- %d hosts: steady state (%.0f s) requests: %s. Per change: %s. Burst: %s.",
+			r.hosts, r.steadyLoad.secs, r.steadyLoad.top(6), r.convLoad.top(4), r.burstLoad.top(6))
+		if r.lostEvts > 0 {
+			fmt.Fprintf(sec, " Peers seen by dump, their event lost: %d.", r.lostEvts)
+		}
+		fmt.Fprintln(sec)
+	}
+
+	tag := fmt.Sprintf(" (%d hosts)", rl.hosts)
+	cp99 := summarize(rl.conv).p99
+	rep.check("convergence p99, new endpoint on all other hosts"+tag, f(cp99)+" ms", "≤ 100 ms", cp99 <= 100)
+	share := float64(rl.steadyLoad.blocking) / float64(max(1, rl.steadyLoad.total))
+	rep.check("steady-state Consul requests that are blocking queries"+tag,
+		fmt.Sprintf("%.0f %% of %.1f/s", 100*share, rl.steadyLoad.rate()), "≈ all (≥ 95 %)", share >= 0.95)
+	rep.check("plugin RSS per host (max)"+tag, fmt.Sprintf("%.1f MiB", rl.rssMax), "≤ 30 MiB", rl.rssMax <= 30)
+	rep.info("new host: CreateNetwork until all peers programmed"+tag, fmt.Sprintf("%.0f ms (%d peers)", ms(rl.join), rl.joinPeers))
+}
+
+func prefixAll(xs []string, pre, post string) []string {
+	out := make([]string, len(xs))
+	for i, x := range xs {
+		out[i] = pre + x + post
+	}
+	return out
+}
+
+func mapR(rs []hostsResult, fn func(hostsResult) string) []string {
+	out := make([]string, len(rs))
+	for i, r := range rs {
+		out[i] = fn(r)
+	}
+	return out
+}
