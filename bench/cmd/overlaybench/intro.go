@@ -15,7 +15,9 @@ const intro = "# Benchmarks\n\n" +
 	"1. **Data plane** (`dataplane`, `jumbo`): TCP throughput (iperf3, 4 streams and 1 stream) and round trip " +
 	"(ping -i 0.01: average, p50, p99) between containers on two hosts over a consul-overlay network, against the " +
 	"underlay itself (the two hosts talking directly) and a hand-built kernel VXLAN between the same hosts (bridge, " +
-	"VXLAN device and veth made with iproute2, static FDB and neighbour entries, same MTU). Paths are interleaved, the " +
+	"VXLAN device and veth made with iproute2, static FDB and neighbour entries, same MTU), and containers routed by " +
+	"the two hosts without encapsulation (a veth pair per host, the underlay's MTU: the floor of a container path). " +
+	"Paths are interleaved, the " +
 	"order reversed every other round, and throughput is the median of the rounds. A DF ping at the advertised MTU " +
 	"must pass and one byte more must fail. Run with a 1500-byte underlay and a 9000-byte (jumbo) one, from which the " +
 	"overlay must derive 8950.\n" +
@@ -33,7 +35,8 @@ const intro = "# Benchmarks\n\n" +
 	"namespace each would cost the machine, not the plugin, and changes nothing the plugin does.\n" +
 	"6. **Docker's overlay** (`swarm`): consul-overlay against Docker's own overlay driver on the two-engine lab " +
 	"(`lab/up.sh`), made a two-node Swarm for the run. It uses the lab when it is up and not owned by someone else " +
-	"(owner `bench` or `manual`); when the lab is down a full run brings it up and down again.\n" +
+	"(owner `bench` or `manual`); when the lab is down a full run brings it up and down again. consul-overlay is also " +
+	"measured with its bridged frames untracked (raw-table NOTRACK on `vxbr+` on both hosts during those rounds only).\n" +
 	"7. **Encrypted overlay** (`encrypted`): an encrypted network (`-o encrypted=true`, VXLAN in IPsec ESP with " +
 	"rfc4106(gcm(aes))) against an unencrypted one between the same two hosts, measured as the data plane is; the " +
 	"figure is the throughput ratio. It needs ESP and AES-GCM in the kernel.\n\n" +
