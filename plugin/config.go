@@ -48,6 +48,11 @@ type Config struct {
 	// the kernel without a change in the store, repairing entries removed
 	// by hand or by another tool (PEER_RESYNC_INTERVAL, default 30s).
 	PeerResync time.Duration
+	// TrackBridged keeps frames bridged within an overlay in conntrack
+	// (BRIDGE_CONNTRACK, default true); false installs a raw-table
+	// NOTRACK rule for them (issue 16: an experiment whose gain over
+	// Docker's overlay is not proven yet, so it is off by default).
+	TrackBridged bool
 	// IPAMGrace is how long a reclaimed address waits for Docker's own
 	// release, and how old an address nobody uses must be before it is
 	// taken for an orphan of a crash (IPAM_GRACE, default 1h).
@@ -147,6 +152,14 @@ func loadConfig(getenv func(string) string) (Config, error) {
 			return c, fmt.Errorf("PEER_RESYNC_INTERVAL=%q: want a duration of at least 1s, like 30s", v)
 		}
 		c.PeerResync = d
+	}
+	c.TrackBridged = true
+	if v := strings.TrimSpace(getenv("BRIDGE_CONNTRACK")); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return c, fmt.Errorf("BRIDGE_CONNTRACK=%q: want true or false", v)
+		}
+		c.TrackBridged = b
 	}
 	c.IPAMGrace = ipam.DefaultGrace
 	if v := strings.TrimSpace(getenv("IPAM_GRACE")); v != "" {

@@ -34,3 +34,31 @@ func TestConfigPeerResync(t *testing.T) {
 		}
 	}
 }
+
+// TestConfigBridgeConntrack: BRIDGE_CONNTRACK is a boolean, true (bridged
+// frames tracked, no NOTRACK rule) when unset; a bad value is an error
+// naming the setting.
+func TestConfigBridgeConntrack(t *testing.T) {
+	for _, tc := range []struct {
+		v    string
+		want bool
+		bad  bool
+	}{
+		{v: "", want: true},
+		{v: "true", want: true},
+		{v: "false", want: false},
+		{v: " 0 ", want: false},
+		{v: "maybe", bad: true},
+	} {
+		env := map[string]string{"BRIDGE_CONNTRACK": tc.v, "DOCKER_HOST": "none"}
+		c, err := loadConfig(func(k string) string { return env[k] })
+		switch {
+		case tc.bad && (err == nil || !strings.Contains(err.Error(), "BRIDGE_CONNTRACK")):
+			t.Errorf("%q: err %v, want one naming BRIDGE_CONNTRACK", tc.v, err)
+		case !tc.bad && err != nil:
+			t.Errorf("%q: %v", tc.v, err)
+		case !tc.bad && c.TrackBridged != tc.want:
+			t.Errorf("%q: %v, want %v", tc.v, c.TrackBridged, tc.want)
+		}
+	}
+}

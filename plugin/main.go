@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -273,10 +272,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return err
 	}
 	defer stopLinkLocal()
-	// BRIDGE_CONNTRACK=true keeps bridged overlay traffic in conntrack (no
-	// raw-table NOTRACK rule; issue 16).
-	trackBridged := strings.EqualFold(strings.TrimSpace(os.Getenv("BRIDGE_CONNTRACK")), "true")
-	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Owner: ownerTag(ccfg.Prefix, storeName), LinkLocal: linkLocal, TrackBridged: trackBridged, Logger: log})
+	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Owner: ownerTag(ccfg.Prefix, storeName), LinkLocal: linkLocal, TrackBridged: cfg.TrackBridged, Logger: log})
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
 	}

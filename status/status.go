@@ -212,6 +212,16 @@ func Collect(ctx context.Context, cfg Config) (*Report, error) {
 		r.Errors = append(r.Errors, fmt.Sprintf("unreadable record %s", k))
 	}
 	r.Hosts = hosts(cfg.HostID, st, hostPairs)
+	// Join records (joins/<host>/<endpoint>) say which endpoints a
+	// container joined; older endpoint records carry it themselves.
+	joined := map[string]bool{}
+	if jp, err := cfg.Store.List(sctx, "joins/"); err != nil {
+		r.Errors = append(r.Errors, fmt.Sprintf("read join records: %v", err))
+	} else {
+		for _, p := range jp {
+			joined[strings.TrimPrefix(p.Key, "joins/")] = true
+		}
+	}
 	cn, err := clusterNetworks(sctx, cfg.Store)
 	if err != nil {
 		r.Errors = append(r.Errors, err.Error())
@@ -233,7 +243,7 @@ func Collect(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	memberVNIs := map[uint32]bool{}
 	for _, n := range st.Networks {
-		out, eps := network(cfg.HostID, n, st.Endpoints[n.Key])
+		out, eps := network(cfg.HostID, n, st.Endpoints[n.Key], joined)
 		k, here := byVNI[n.VNI]
 		if here {
 			out.KernelMTU = k.MTU
@@ -323,7 +333,7 @@ func hosts(self string, st cluster.State, pairs []*kvstore.Pair) []Host {
 
 // network summarises one logical network; eps are the records of its
 // current incarnation of member hosts.
-func network(self string, n cluster.Network, all []cluster.Endpoint) (Network, []cluster.Endpoint) {
+func network(self string, n cluster.Network, all []cluster.Endpoint, joined map[string]bool) (Network, []cluster.Endpoint) {
 	out := Network{
 		Key: n.Key, Name: n.Name, VNI: n.VNI, MTU: n.MTU, Internal: n.Internal,
 		Subnets: slices.Clone(n.Subnets), Gateways: slices.Clone(n.Gateways),
@@ -363,7 +373,7 @@ func network(self string, n cluster.Network, all []cluster.Endpoint) (Network, [
 		}
 		out.Endpoints = append(out.Endpoints, Endpoint{
 			ID: ep.ID, HostID: ep.HostID, Node: ep.Node, IPv4: ep.IPv4, IPv6: ep.IPv6,
-			MAC: ep.MAC, Local: local, Joined: ep.Sandbox != "",
+			MAC: ep.MAC, Local: local, Joined: ep.Sandbox != "" || joined[ep.HostID+"/"+ep.ID],
 		})
 	}
 	sort.Slice(out.Endpoints, func(i, j int) bool {

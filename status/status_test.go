@@ -48,6 +48,8 @@ func fixture(t *testing.T) kvstore.Store {
 	})
 	put(t, s, "networks/name-app/endpoints/e1", cluster.Endpoint{ID: "e1aaaaaaaaaa", NetworkKey: "name-app", Incarnation: "inc1", HostID: self, Node: "one", VTEP: "192.0.2.1", IPv4: "10.1.0.2/24", MAC: "02:42:0a:01:00:02", Sandbox: "x"})
 	put(t, s, "networks/name-app/endpoints/e2", cluster.Endpoint{ID: "e2bbbbbbbbbb", NetworkKey: "name-app", Incarnation: "inc1", HostID: other, Node: "two", VTEP: "192.0.2.2", IPv4: "10.1.0.3/24", MAC: "02:42:0a:01:00:03"})
+	// e2's join is in a join record (the record itself no longer says).
+	put(t, s, "joins/"+other+"/e2bbbbbbbbbb", cluster.Joined{NetworkKey: "name-app", Sandbox: "y"})
 	// A record of an old incarnation: neither counted nor a peer.
 	put(t, s, "networks/name-app/endpoints/e9", cluster.Endpoint{ID: "e9cccccccccc", NetworkKey: "name-app", Incarnation: "old", HostID: other, Node: "two", VTEP: "192.0.2.2", IPv4: "10.1.0.9/24", MAC: "02:42:0a:01:00:09"})
 	put(t, s, "networks/name-solo/config", cluster.Network{
@@ -99,6 +101,11 @@ func TestCollectMatching(t *testing.T) {
 	if app.Key != "name-app" || !app.Member || app.LocalEndpoints != 1 || app.RemoteEndpoints != 1 || len(app.Endpoints) != 2 ||
 		!slices.Equal(app.Hosts, []string{"one", "two"}) || app.KernelMTU != 1450 {
 		t.Errorf("app: %+v", app)
+	}
+	for _, ep := range app.Endpoints {
+		if !ep.Joined {
+			t.Errorf("endpoint %s not shown joined (its record or its join record says it is)", ep.ID)
+		}
 	}
 	if solo.Member || solo.LocalEndpoints != 0 || !slices.Equal(solo.Hosts, []string{"three"}) {
 		t.Errorf("solo: %+v", solo)

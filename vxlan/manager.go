@@ -54,7 +54,8 @@ type Config struct {
 	// the host off it (invalid: none, and any left from before removed).
 	LinkLocal netip.Addr
 	// TrackBridged keeps bridged overlay traffic in conntrack. false (the
-	// default): a raw-table NOTRACK rule (iptables and ip6tables, one
+	// zero value here; the plugin's BRIDGE_CONNTRACK defaults to true, so
+	// the plugin tracks unless told otherwise): a raw-table NOTRACK rule (iptables and ip6tables, one
 	// rule per owner, `-t raw -A PREROUTING -i vxbr-+ -m addrtype !
 	// --dst-type LOCAL -j NOTRACK`) spares each bridged frame the
 	// connection tracking; traffic to and from the host stays tracked.
