@@ -416,12 +416,14 @@ func TestRestartOnNewVTEP(t *testing.T) {
 }
 
 // TestUnderlayAllowlistFollowsPeers: a host's VTEP is allowed on the other
-// host once it has an endpoint there, and dropped from the allowlist when
-// it is no peer any more.
+// host once it has an endpoint there, stays allowed for a while after its
+// last endpoint leaves (a container coming back costs no firewall write),
+// and is dropped from the allowlist after the peer resync interval.
 func TestUnderlayAllowlistFollowsPeers(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "s.db")
 	dp1, dp2 := newFake(), newFake()
-	h1 := newHostDriver(t, openStore(t, path), "id-1", "a", "192.0.2.1", dp1)
+	const resync = 1500 * time.Millisecond
+	h1 := newHostDriver(t, openStore(t, path), "id-1", "a", "192.0.2.1", dp1, func(c *Config) { c.PeerResync = resync })
 	h2 := newHostDriver(t, openStore(t, path), "id-2", "b", "192.0.2.2", dp2)
 	mustCreate(t, h1, "n1", "10.1.0.0/24")
 	mustCreate(t, h2, "n2", "10.1.0.0/24")
@@ -438,10 +440,14 @@ func TestUnderlayAllowlistFollowsPeers(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return slices.Equal(allowed(dp1), []string{"192.0.2.2"}) })
+	removed := time.Now()
 	if err := h2.DeleteEndpoint(&network.DeleteEndpointRequest{NetworkID: "n2", EndpointID: "ep2"}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return len(allowed(dp1)) == 0 })
+	if d := time.Since(removed); d < resync {
+		t.Errorf("VTEP dropped from the allowlist %s after its last peer left, want it kept for the resync interval (%s)", d, resync)
+	}
 }
 
 // TestReclaimUnjoined: an endpoint record that never joined goes once it

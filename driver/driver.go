@@ -147,6 +147,7 @@ type Driver struct {
 	allowed        map[string]map[netip.Addr]bool
 	allowedApplied map[netip.Addr]bool
 	allowDirty     bool
+	allowPrune     *time.Timer // pending pruneVTEPs, if any
 
 	// crashAt, when set by tests, is asked at each fault point; true
 	// makes the call stop there as a crash would (a panic that skips the

@@ -200,9 +200,13 @@ func newTestDriver(t *testing.T, store kvstore.Store, node, vtep string, dp Data
 }
 
 // newHostDriver is newTestDriver with a host ID distinct from the node name.
-func newHostDriver(t *testing.T, store kvstore.Store, hostID, node, vtep string, dp Dataplane) *Driver {
+func newHostDriver(t *testing.T, store kvstore.Store, hostID, node, vtep string, dp Dataplane, opts ...func(*Config)) *Driver {
 	t.Helper()
-	d, err := New(Config{HostID: hostID, Node: node, VTEP: netip.MustParseAddr(vtep), Shared: true, OwnsAddressSpace: func(s string) bool { return s == "ours" }}, store, dp)
+	cfg := Config{HostID: hostID, Node: node, VTEP: netip.MustParseAddr(vtep), Shared: true, OwnsAddressSpace: func(s string) bool { return s == "ours" }}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	d, err := New(cfg, store, dp)
 	if err != nil {
 		t.Fatal(err)
 	}

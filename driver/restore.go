@@ -235,9 +235,14 @@ func staleVTEP(hostID, vtep string, v cluster.View) bool {
 }
 
 // allowVTEPs records the VTEPs of one logical network's desired peers (nil:
-// the network is gone here) and, when the union over all networks changed,
-// hands it to the data plane's underlay allowlist: VXLAN packets from any
-// other underlay address are dropped. A failure is retried at the next
+// the network is gone here) and hands the union over all networks to the
+// data plane's underlay allowlist: VXLAN packets from any other underlay
+// address are dropped. A VTEP joins the allowlist at once; one that lost
+// its last peer here leaves it only after the peer resync interval
+// (pruneVTEPs), so that containers coming and going on another host cost
+// no firewall write, and a new one there is programmed without waiting
+// for one (issue 16: the write, an iptables-save and -restore, took
+// 25-35 ms of every convergence). A failure is retried at the next
 // change; the data plane allows a programmed peer's VTEP on its own, so a
 // failure never cuts off a peer, it only keeps a departed host allowed.
 func (d *Driver) allowVTEPs(ctx context.Context, key string, peers []cluster.Peer) {
@@ -252,21 +257,60 @@ func (d *Driver) allowVTEPs(ctx context.Context, key string, peers []cluster.Pee
 	} else {
 		d.allowed[key] = set
 	}
+	union := d.allowedUnion()
+	// Keep what is applied until the prune: only additions are written.
+	keep := maps.Clone(union)
+	removed := false
+	for a := range d.allowedApplied {
+		if !keep[a] {
+			keep[a], removed = true, true
+		}
+	}
+	if removed && d.allowPrune == nil {
+		d.allowPrune = time.AfterFunc(d.cfg.PeerResync, d.pruneVTEPs)
+	}
+	d.applyAllowed(ctx, keep)
+}
+
+// allowedUnion is the union of every network's peer VTEPs. Caller holds
+// allowMu.
+func (d *Driver) allowedUnion() map[netip.Addr]bool {
 	union := map[netip.Addr]bool{}
 	for _, s := range d.allowed {
 		for a := range s {
 			union[a] = true
 		}
 	}
-	if maps.Equal(union, d.allowedApplied) && !d.allowDirty {
+	return union
+}
+
+// applyAllowed hands set to the data plane unless it is what was applied
+// last. Caller holds allowMu.
+func (d *Driver) applyAllowed(ctx context.Context, set map[netip.Addr]bool) {
+	if maps.Equal(set, d.allowedApplied) && !d.allowDirty {
 		return
 	}
-	list := slices.SortedFunc(maps.Keys(union), func(a, b netip.Addr) int { return a.Compare(b) })
+	list := slices.SortedFunc(maps.Keys(set), func(a, b netip.Addr) int { return a.Compare(b) })
 	if err := d.dp.SetAllowedVTEPs(ctx, list); err != nil {
 		d.allowDirty = true
 		d.log.Warn("update the underlay allowlist", "vteps", len(list), "error", err)
 		return
 	}
 	d.allowDirty = false
-	d.allowedApplied = union
+	d.allowedApplied = set
+}
+
+// pruneVTEPs drops from the allowlist the VTEPs that no network's peers
+// hold any more (allowVTEPs schedules it). Nothing is written once the
+// driver is closed: a stopping plugin leaves the allowlist as it is.
+func (d *Driver) pruneVTEPs() {
+	d.allowMu.Lock()
+	defer d.allowMu.Unlock()
+	d.allowPrune = nil
+	if d.ctx.Err() != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, d.cfg.CallTimeout)
+	defer cancel()
+	d.applyAllowed(ctx, d.allowedUnion())
 }

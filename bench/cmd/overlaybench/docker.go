@@ -192,7 +192,7 @@ func benchDocker(t *runner, cfg *config, rep *report) {
 	fmt.Fprintf(sec, "\nRatio consul-overlay ÷ bridge: p50 %s, mean %s. Docker also connects a container of a network without "+
 		"a gateway (consul-overlay, like Docker's overlay) to docker_gwbridge, a second endpoint per run.\n",
 		fr(ratio(od.p50, bd.p50)), fr(ratio(od.mean, bd.mean)))
-	rep.check("docker run --rm, consul-overlay ÷ bridge (p50)", fr(ratio(od.p50, bd.p50)), "≤ 1.1", ratio(od.p50, bd.p50) <= 1.1)
+	rep.check("docker run --rm, consul-overlay ÷ bridge (p50)", fr(ratio(od.p50, bd.p50)), "≤ 1.05", ratio(od.p50, bd.p50) <= 1.05)
 }
 
 func (c *config) binOrDefault() string {

@@ -398,8 +398,8 @@ func benchScale(t *runner, cfg *config, rep *report) {
 	fmt.Fprintf(sec, "\nKernel changes the restarted plugin reported: `%s`.\n", changes)
 
 	tag := fmt.Sprintf(" (%d endpoints)", E)
-	rep.check("plugin memory (max RSS over hosts)"+tag, fmt.Sprintf("%.1f MiB", maxLoaded.rss), "< 40 MiB", maxLoaded.rss < 40)
-	rep.check("reconcile after restart"+tag, fmt.Sprintf("%.0f ms", ms(reconcile)), "< 2 s", reconcile < 2*time.Second)
+	rep.check("plugin memory (max RSS over hosts)"+tag, fmt.Sprintf("%.1f MiB", maxLoaded.rss), "≤ 30 MiB", maxLoaded.rss <= 30)
+	rep.check("reconcile after restart"+tag, fmt.Sprintf("%.0f ms", ms(reconcile)), "≤ 0.5 s", reconcile <= 500*time.Millisecond)
 	rep.check("packets lost through the restart", fmt.Sprintf("%d of %d", sent-recv, sent), "0", sent-recv == 0 && sent > 0)
 	rep.info("new host: CreateNetwork until all peers programmed"+tag, fmt.Sprintf("%.0f ms (%.1f × kernel writes alone)", ms(joinDur), ratio(ms(joinDur), ms(base))))
 }
