@@ -604,7 +604,16 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 	d.point("createendpoint/after-record")
 	d.mu.Lock()
 	if old := d.endpoints[rec.ID]; old != nil {
+		// A replay: what Join learned lives here and in the join
+		// record, not in the endpoint record.
+		sandbox, ports := old.rec.Sandbox, old.rec.Ports
 		old.rec = rec
+		if old.rec.Sandbox == "" {
+			old.rec.Sandbox = sandbox
+		}
+		if len(old.rec.Ports) == 0 {
+			old.rec.Ports = ports
+		}
 	} else {
 		d.endpoints[rec.ID] = &localEndpoint{rec: rec}
 	}
@@ -699,12 +708,9 @@ func (d *Driver) deleteEndpoint(ctx context.Context, ep *localEndpoint) error {
 	}
 	d.point("deleteendpoint/after-deregister")
 	d.bg.deleteVeth(id)
-	d.mu.Lock()
-	joined := ep.rec.Sandbox != ""
-	d.mu.Unlock()
-	if joined {
-		d.bg.setJoined(id, nil)
-	}
+	// Always: a replayed CreateEndpoint or a restart may have lost what
+	// this host knew of the join, and removing no record is success.
+	d.bg.setJoined(id, nil)
 	d.point("deleteendpoint/after-veth")
 	if err := d.cl.DeleteEndpoint(ctx, ep.rec.NetworkKey, id); err != nil {
 		return err

@@ -229,14 +229,20 @@ func TestProtocolMultiHost(t *testing.T) {
 				t.Fatalf("host%d: %v", i, err)
 			}
 		}
-		for i, h := range c.hosts {
-			if l := ourLinks(t, h); len(l) > 0 {
-				t.Errorf("host%d: links left: %v", i, l)
+		// The veth pairs and the join records go in the background
+		// (driver/background.go): wait for them, as for any eventual
+		// removal, and fail if anything stays.
+		eventually(t, 10*time.Second, func() error {
+			for i, h := range c.hosts {
+				if l := ourLinks(t, h); len(l) > 0 {
+					return fmt.Errorf("host%d: links left: %v", i, l)
+				}
 			}
-		}
-		if keys := stateKeys(t, c.consul, c.prefix); len(keys) > 0 {
-			t.Errorf("keys left in Consul: %v", keys)
-		}
+			if keys := stateKeys(t, c.consul, c.prefix); len(keys) > 0 {
+				return fmt.Errorf("keys left in Consul: %v", keys)
+			}
+			return nil
+		})
 	})
 }
 
