@@ -227,15 +227,8 @@ func hostsOnce(t *runner, cfg *config, H int) hostsResult {
 		t.Fatalf("attach: %v", err)
 	}
 	r.burstAttach = time.Since(start)
-	var info struct{ Value map[string]string }
-	if err := plugins[0].Call("/NetworkDriver.EndpointOperInfo", map[string]any{"NetworkID": nets[0].ID, "EndpointID": first[0].ID}, &info); err != nil {
-		t.Fatal(err)
-	}
-	vni64, err := strconv.ParseUint(info.Value["vni"], 10, 32)
-	if err != nil {
-		t.Fatalf("EndpointOperInfo answered vni %q", info.Value["vni"])
-	}
-	vni := uint32(vni64)
+	vni := endpointVNI(t, plugins[0], nets[0].ID, first[0].ID)
+	var err error
 	idx := make([]int, H+1)
 	for i := range H {
 		if idx[i], err = vxIndex(ctx, hosts[i].NS, vni); err != nil {

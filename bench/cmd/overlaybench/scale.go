@@ -52,6 +52,20 @@ func readMem(pid int) (memUsage, error) {
 	return m, sc.Err()
 }
 
+// endpointVNI asks a plugin for the VNI of an endpoint's network
+// (EndpointOperInfo).
+func endpointVNI(t *runner, p *harness.Plugin, networkID, endpointID string) uint32 {
+	var info struct{ Value map[string]string }
+	if err := p.Call("/NetworkDriver.EndpointOperInfo", map[string]any{"NetworkID": networkID, "EndpointID": endpointID}, &info); err != nil {
+		t.Fatal(err)
+	}
+	vni, err := strconv.ParseUint(info.Value["vni"], 10, 32)
+	if err != nil {
+		t.Fatalf("EndpointOperInfo answered vni %q", info.Value["vni"])
+	}
+	return uint32(vni)
+}
+
 // vxIndex waits for the VXLAN device of vni in a namespace.
 func vxIndex(ctx context.Context, ns *testenv.NetNS, vni uint32) (int, error) {
 	var idx int
@@ -260,15 +274,7 @@ func benchScale(t *runner, cfg *config, rep *report) {
 		}
 	}
 
-	var info struct{ Value map[string]string }
-	if err := c.Plugins[0].Call("/NetworkDriver.EndpointOperInfo", map[string]any{"NetworkID": nets[0].ID, "EndpointID": ctr0.ID}, &info); err != nil {
-		t.Fatal(err)
-	}
-	vni64, err := strconv.ParseUint(info.Value["vni"], 10, 32)
-	if err != nil {
-		t.Fatalf("EndpointOperInfo answered vni %q", info.Value["vni"])
-	}
-	vni := uint32(vni64)
+	vni := endpointVNI(t, c.Plugins[0], nets[0].ID, ctr0.ID)
 	idx := make([]int, H+1)
 	for i := range H {
 		if idx[i], err = vxIndex(ctx, c.Hosts[i].NS, vni); err != nil {
