@@ -1137,6 +1137,11 @@ func (c *chaos) fuzzSocket(t *testing.T) {
 	b := l.B
 	start := time.Now()
 	n := c.createNet(t, "chaos-fuzz", "10.220.7.0/24")
+	// A container on A too: A's VTEP is then a peer of B for the whole
+	// scenario. Without one, B's allowlist drops A's VTEP
+	// PEER_RESYNC_INTERVAL after the previous scenario's last container on
+	// A left, which a CI run saw land inside the fuzzing window.
+	c.start(t, l.A, n, n.name+"-a")
 	c.start(t, b, n, n.name+"-b")
 	if _, err := c.waitConverged(t, n, 30*time.Second); err != nil {
 		t.Fatal(err)
