@@ -272,7 +272,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return err
 	}
 	defer stopLinkLocal()
-	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Owner: ownerTag(ccfg.Prefix, storeName), LinkLocal: linkLocal, TrackBridged: cfg.TrackBridged, Logger: log})
+	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Owner: ownerTag(ccfg.Prefix, storeName), LinkLocal: linkLocal, NoTrackBridged: !cfg.TrackBridged, Logger: log})
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
 	}

@@ -32,12 +32,13 @@ func (h *testHost) restoreManager(t *testing.T, owner string) *Manager {
 		}
 	}
 	cfg := Config{
-		VTEP:      h.Addr,
-		IPTables:  filepath.Join(dir, "iptables"),
-		IP6Tables: filepath.Join(dir, "ip6tables"),
-		Sysctl:    "-",
-		Owner:     owner,
-		Logger:    testLogger(t).With("host", h.Addr, "owner", owner),
+		VTEP:           h.Addr,
+		IPTables:       filepath.Join(dir, "iptables"),
+		IP6Tables:      filepath.Join(dir, "ip6tables"),
+		Sysctl:         "-",
+		NoTrackBridged: true, // the NOTRACK rule is exercised and counted too
+		Owner:          owner,
+		Logger:         testLogger(t).With("host", h.Addr, "owner", owner),
 	}
 	m, err := NewWithHandle(cfg, h.NS.Handle())
 	if err != nil {

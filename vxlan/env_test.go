@@ -76,12 +76,13 @@ func newHosts(t *testing.T, n int, opts testenv.UnderlayOptions) []*testHost {
 func (h *testHost) manager(t *testing.T, owner string) *Manager {
 	t.Helper()
 	cfg := Config{
-		VTEP:      h.Addr,
-		IPTables:  nsWrapper(t, h.NS, "iptables"),
-		IP6Tables: nsWrapper(t, h.NS, "ip6tables"),
-		Sysctl:    "-",
-		Owner:     owner,
-		Logger:    testLogger(t).With("host", h.Addr, "owner", owner),
+		VTEP:           h.Addr,
+		IPTables:       nsWrapper(t, h.NS, "iptables"),
+		IP6Tables:      nsWrapper(t, h.NS, "ip6tables"),
+		Sysctl:         "-",
+		NoTrackBridged: true, // the NOTRACK rule is exercised and counted too
+		Owner:          owner,
+		Logger:         testLogger(t).With("host", h.Addr, "owner", owner),
 	}
 	m, err := NewWithHandle(cfg, h.NS.Handle())
 	if err != nil {

@@ -38,7 +38,7 @@ const FirewallChain = "CONSUL-OVERLAY"
 //	-A CONSUL-OVERLAY -o vxbr-+ -m comment --comment <mark> -j DROP                                   (nothing routed in)
 //	-A CONSUL-OVERLAY -i vxbr-+ -m comment --comment <mark> -j DROP                                   (nothing routed out)
 //	-t raw -A PREROUTING -i vxbr-+ -m addrtype ! --dst-type LOCAL -m comment --comment <mark> -j NOTRACK
-//	                                                                                                  (unless Config.TrackBridged)
+//	                                                                                                  (with Config.NoTrackBridged)
 //
 // A bridged frame never leaves its bridge, so the one ACCEPT keeps each
 // network to itself; traffic between two overlay bridges is routed and
@@ -83,7 +83,7 @@ type firewall struct {
 	restore map[string]string
 	save    map[string]string
 	// notrack: the raw-table NOTRACK rule of bridged overlay traffic is
-	// installed (Config.TrackBridged false).
+	// installed (Config.NoTrackBridged).
 	notrack bool
 
 	// allowed and explicit are the underlay allowlist (allowlist.go);

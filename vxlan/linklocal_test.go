@@ -23,12 +23,13 @@ var testLinkLocal = netip.MustParseAddr("169.254.1.1")
 func (h *testHost) linkLocalManager(t *testing.T, ll netip.Addr) *Manager {
 	t.Helper()
 	m, err := NewWithHandle(Config{
-		VTEP:      h.Addr,
-		IPTables:  nsWrapper(t, h.NS, "iptables"),
-		IP6Tables: nsWrapper(t, h.NS, "ip6tables"),
-		Sysctl:    "-",
-		LinkLocal: ll,
-		Logger:    testLogger(t).With("host", h.Addr),
+		VTEP:           h.Addr,
+		IPTables:       nsWrapper(t, h.NS, "iptables"),
+		IP6Tables:      nsWrapper(t, h.NS, "ip6tables"),
+		Sysctl:         "-",
+		NoTrackBridged: true, // the NOTRACK rule is exercised and counted too
+		LinkLocal:      ll,
+		Logger:         testLogger(t).With("host", h.Addr),
 	}, h.NS.Handle())
 	if err != nil {
 		t.Fatal(err)

@@ -53,13 +53,14 @@ type Config struct {
 	// Network.ConsulAPI, its Consul API port) and keep everyone else but
 	// the host off it (invalid: none, and any left from before removed).
 	LinkLocal netip.Addr
-	// TrackBridged keeps bridged overlay traffic in conntrack. false (the
-	// zero value here; the plugin's BRIDGE_CONNTRACK defaults to true, so
-	// the plugin tracks unless told otherwise): a raw-table NOTRACK rule (iptables and ip6tables, one
-	// rule per owner, `-t raw -A PREROUTING -i vxbr-+ -m addrtype !
-	// --dst-type LOCAL -j NOTRACK`) spares each bridged frame the
-	// connection tracking; traffic to and from the host stays tracked.
-	TrackBridged bool
+	// NoTrackBridged takes bridged overlay traffic out of conntrack: a
+	// raw-table NOTRACK rule (iptables and ip6tables, one rule per owner,
+	// `-t raw -A PREROUTING -i vxbr-+ -m addrtype ! --dst-type LOCAL -j
+	// NOTRACK`) spares each bridged frame the connection tracking; traffic
+	// to and from the host stays tracked. false (the zero value, and the
+	// plugin's default: BRIDGE_CONNTRACK=true): tracked, and a NOTRACK rule
+	// of this owner left from before is removed.
+	NoTrackBridged bool
 	// Logger receives debug lines for each kernel write and info lines
 	// for lifecycle events (nil: discard).
 	Logger *slog.Logger
@@ -250,7 +251,7 @@ func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
 		m.fw = newFirewall(m.log, cfg.IPTables, cfg.IP6Tables)
 	}
 	m.fw.mark = m.mark
-	m.fw.notrack = !cfg.TrackBridged
+	m.fw.notrack = cfg.NoTrackBridged
 	switch cfg.Sysctl {
 	case "-":
 	case "":
