@@ -985,6 +985,16 @@ func (r *crashRun) bUp() {
 	r.bc = n.runWith(t, r.epOpts)
 	r.hold("B", "endpoint", r.bc.addr4.Addr(), r.bc.mac)
 	r.checkAddrs("host B: docker run")
+	// B's join record is written in the background: wait for it, or a
+	// later keySet may take it for an orphan of A's (a run under load did).
+	eventually(t, 10*time.Second, func() error {
+		for k := range r.keySet() {
+			if strings.HasPrefix(k, "joins/") && strings.HasSuffix(k, "/"+r.bc.eid) {
+				return nil
+			}
+		}
+		return fmt.Errorf("host B: no join record of endpoint %s yet", r.bc.eid[:12])
+	})
 }
 
 // bDown stops B's container and removes the network on B.
