@@ -173,6 +173,12 @@ type Manager struct {
 	peers map[uint32]*peerSet
 	// sec is the encryption state (ipsec.go); guarded by mu.
 	sec ipsecState
+	// snap is Reconcile's dump of the kernel's tables while it runs, nil
+	// otherwise (kerneldump.go); guarded by mu.
+	snap *kernelDump
+	// perDevice, set by tests, makes Reconcile read each device's tables
+	// on its own instead of dumping them once.
+	perDevice bool
 
 	// failAt, when set by tests, is called before each kernel write of a
 	// create path with the step's name; an error fails that step.
