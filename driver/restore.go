@@ -104,10 +104,12 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 // proven view reconciles the kernel, removing overlays the store does not
 // list.
 func (d *Driver) restore(ctx context.Context) error {
+	t0 := time.Now()
 	v, err := d.cl.View(ctx)
 	if err != nil {
 		return err
 	}
+	tView := time.Since(t0)
 	if !v.Proven {
 		vnis, err := d.dp.Networks(ctx)
 		if err != nil {
@@ -156,13 +158,17 @@ func (d *Driver) restore(ctx context.Context) error {
 		}
 		state.Endpoints = append(state.Endpoints, vxlan.Endpoint{ID: ep.ID, VNI: vniOf[ep.NetworkKey], MAC: mac})
 	}
+	t1 := time.Now()
 	if err := d.restoreJoins(ctx, v.Endpoints); err != nil {
 		return err
 	}
+	tJoins := time.Since(t1)
+	t1 = time.Now()
 	ch, err := d.dp.Reconcile(ctx, state)
 	if err != nil {
 		return fmt.Errorf("reconcile kernel: %w", err)
 	}
+	d.log.Debug("restore timing", "view", tView, "joins", tJoins, "reconcile", time.Since(t1), "total", time.Since(t0))
 	d.log.Info("state restored", "networks", len(v.Networks), "endpoints", len(v.Endpoints), "kernel_changes", fmt.Sprintf("%+v", ch))
 	d.mu.Lock()
 	for _, ep := range v.Endpoints {
