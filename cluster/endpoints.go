@@ -457,12 +457,19 @@ type View struct {
 // by a crash between two writes); call it before serving requests.
 func (c *Cluster) View(ctx context.Context) (View, error) {
 	v := View{Peers: map[string][]Peer{}}
-	if _, err := c.store.Get(ctx, hostKey(c.cfg.HostID)); err == nil {
-		v.Proven = true
-	} else if !errors.Is(err, kvstore.ErrNotFound) {
-		return View{}, fmt.Errorf("read host record %q: %w", c.cfg.HostID, err)
-	}
+	// The host record and the networks at once (issue 16: a restart
+	// waits for both).
+	hostErr := make(chan error, 1)
+	go func() {
+		_, err := c.store.Get(ctx, hostKey(c.cfg.HostID))
+		hostErr <- err
+	}()
 	pairs, err := c.store.List(ctx, "networks/")
+	if herr := <-hostErr; herr == nil {
+		v.Proven = true
+	} else if !errors.Is(herr, kvstore.ErrNotFound) {
+		return View{}, fmt.Errorf("read host record %q: %w", c.cfg.HostID, herr)
+	}
 	if err != nil {
 		return View{}, fmt.Errorf("list networks: %w", err)
 	}

@@ -190,6 +190,7 @@ func (cl *Claim) acquire(ctx context.Context) (_ string, retErr error) {
 	// A few rounds: a key whose holder just released it can still be in
 	// its lock-delay, and a taken-over session needs one more try.
 	for try := 0; ; try++ {
+		tookOver := false
 		ok, err := c.acquireKey(ctx, cl.key, value, id)
 		if err != nil {
 			return "", err
@@ -208,11 +209,19 @@ func (cl *Claim) acquire(ctx context.Context) (_ string, retErr error) {
 			if err := c.destroySession(ctx, holder.Session); err != nil {
 				return "", fmt.Errorf("consul claim %q: take over from stale session %s: %w", cl.key, holder.Session, err)
 			}
+			tookOver = true
 		}
 		if try >= 10 {
 			return "", fmt.Errorf("consul claim %q: acquire refused %d times (lock-delay of a previous holder?)", cl.key, try+1)
 		}
-		if !sleepCtx(ctx, 100*time.Millisecond) {
+		// After a take-over only our own sessions' lock-delay stands in
+		// the way (claimLockDelay): try again at once (issue 16: the
+		// 100 ms pause was a tenth of a restart).
+		pause := 100 * time.Millisecond
+		if tookOver {
+			pause = 2 * claimLockDelay
+		}
+		if !sleepCtx(ctx, pause) {
 			return "", fmt.Errorf("consul claim %q: %w", cl.key, ctx.Err())
 		}
 	}

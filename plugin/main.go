@@ -180,6 +180,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return err
 	}
 	defer lock.Close()
+	// The firewall flavour (iptables-nft or -legacy) is chosen while the
+	// store is reached and the host record claimed: the save commands only
+	// read (issue 16).
+	fwDetect := vxlan.DetectFirewall(ctx, log)
 
 	ccfg, useConsul, err := kvstore.ConsulConfigFromEnv(os.Getenv)
 	if err != nil {
@@ -272,16 +276,22 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return err
 	}
 	defer stopLinkLocal()
-	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Owner: ownerTag(ccfg.Prefix, storeName), LinkLocal: linkLocal, NoTrackBridged: !cfg.TrackBridged, Logger: log})
+	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Owner: ownerTag(ccfg.Prefix, storeName), LinkLocal: linkLocal, NoTrackBridged: !cfg.TrackBridged, Firewall: fwDetect, Logger: log})
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
 	}
-	if foreign, err := dp.ForeignOwners(); err == nil && len(foreign) > 0 {
-		for owner, links := range foreign {
-			log.Warn("the kernel holds overlays of another consul-overlay instance; they are left alone. If KV_PREFIX or CONSUL_HTTP_ADDR changed, set them back: the containers on those overlays are not managed by this instance",
-				"other_instance", vxlan.OwnerMark(owner), "links", links, "kv_prefix", ccfg.Prefix, "consul", storeName)
+	// Only a warning: it lists the links beside the restore (issue 16).
+	foreignDone := make(chan struct{})
+	go func() {
+		defer close(foreignDone)
+		if foreign, err := dp.ForeignOwners(); err == nil && len(foreign) > 0 {
+			for owner, links := range foreign {
+				log.Warn("the kernel holds overlays of another consul-overlay instance; they are left alone. If KV_PREFIX or CONSUL_HTTP_ADDR changed, set them back: the containers on those overlays are not managed by this instance",
+					"other_instance", vxlan.OwnerMark(owner), "links", links, "kv_prefix", ccfg.Prefix, "consul", storeName)
+			}
 		}
-	}
+	}()
+	defer func() { <-foreignDone }()
 	// Encrypted networks (issue 17): the key ring, before the driver
 	// reconciles, so a restart keeps its states.
 	icfg, err := ipsecSettings(os.Getenv)

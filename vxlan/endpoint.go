@@ -174,6 +174,7 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 			ch.LinkAttrs++
 		}
 		if cont.Attrs().HardwareAddr.String() != ep.MAC.String() {
+			m.snap.forget(cont)
 			if err := m.nl.LinkSetHardwareAddr(cont, ep.MAC); err != nil {
 				return info, fmt.Errorf("set mac of %q to %s: %w", contName, ep.MAC, err)
 			}

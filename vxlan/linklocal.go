@@ -68,9 +68,12 @@ func linkLocalLabel(br string) string { return br + ":ll" }
 func (m *Manager) syncLinkLocalAddr(br netlink.Link, ch *Changes) error {
 	name := br.Attrs().Name
 	label := linkLocalLabel(name)
-	have, err := retryDump(func() ([]netlink.Addr, error) { return m.nl.AddrList(br, netlink.FAMILY_V4) })
-	if err != nil {
-		return fmt.Errorf("list addresses of %q: %w", name, err)
+	have, ok := m.snap.addrList(br, netlink.FAMILY_V4)
+	if !ok {
+		var err error
+		if have, err = retryDump(func() ([]netlink.Addr, error) { return m.nl.AddrList(br, netlink.FAMILY_V4) }); err != nil {
+			return fmt.Errorf("list addresses of %q: %w", name, err)
+		}
 	}
 	want := netip.PrefixFrom(m.cfg.LinkLocal, 32)
 	present := false
@@ -83,6 +86,7 @@ func (m *Manager) syncLinkLocalAddr(br netlink.Link, ch *Changes) error {
 			present = true
 			continue
 		}
+		m.snap.forgetAddrs(br)
 		if err := m.nl.AddrDel(br, &a); err != nil && !isNotFound(err) && !errors.Is(err, unix.EADDRNOTAVAIL) {
 			return fmt.Errorf("remove link-local address %s from %q: %w", p, name, err)
 		}
@@ -96,6 +100,7 @@ func (m *Manager) syncLinkLocalAddr(br netlink.Link, ch *Changes) error {
 		return err
 	}
 	a := &netlink.Addr{IPNet: &net.IPNet{IP: m.cfg.LinkLocal.AsSlice(), Mask: net.CIDRMask(32, 32)}, Label: label}
+	m.snap.forgetAddrs(br)
 	if err := m.nl.AddrReplace(br, a); err != nil {
 		return fmt.Errorf("add link-local address %s to %q: %w", want, name, err)
 	}

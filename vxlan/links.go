@@ -30,6 +30,9 @@ func isNotFound(err error) bool {
 
 // linkByName returns the named link, or nil if there is none.
 func (m *Manager) linkByName(name string) (netlink.Link, error) {
+	if l, ok := m.snap.link(name); ok {
+		return l, nil
+	}
 	l, err := retryDump(func() (netlink.Link, error) { return m.nl.LinkByName(name) })
 	if isNotFound(err) {
 		return nil, nil
@@ -54,6 +57,7 @@ func (m *Manager) linkList() ([]netlink.Link, error) {
 //
 // Equivalent to: `ip link del <name>`.
 func (m *Manager) deleteLink(l netlink.Link) error {
+	m.snap.forget(l)
 	err := m.nl.LinkDel(l)
 	if err != nil && !isNotFound(err) {
 		return fmt.Errorf("delete link %q: %w", l.Attrs().Name, err)
@@ -78,6 +82,7 @@ func (m *Manager) deleteLinkByName(name string) (bool, error) {
 // Equivalent to: `ip link set <name> alias consul-overlay-<owner>` (alias
 // consul-overlay for the default owner).
 func (m *Manager) setAlias(l netlink.Link) error {
+	m.snap.forget(l)
 	if err := m.nl.LinkSetAlias(l, m.mark); err != nil {
 		return fmt.Errorf("set alias of %q: %w", l.Attrs().Name, err)
 	}
@@ -117,6 +122,7 @@ func (m *Manager) deletable(l netlink.Link) bool {
 //
 // Equivalent to: `ip link set <name> mtu <mtu>`.
 func (m *Manager) setMTU(l netlink.Link, mtu int) error {
+	m.snap.forget(l)
 	if err := m.nl.LinkSetMTU(l, mtu); err != nil {
 		return fmt.Errorf("set mtu of %q to %d: %w", l.Attrs().Name, mtu, err)
 	}
@@ -128,6 +134,7 @@ func (m *Manager) setMTU(l netlink.Link, mtu int) error {
 //
 // Equivalent to: `ip link set <name> master <bridge>`.
 func (m *Manager) setMaster(l, br netlink.Link) error {
+	m.snap.forget(l)
 	if err := m.nl.LinkSetMasterByIndex(l, br.Attrs().Index); err != nil {
 		return fmt.Errorf("attach %q to bridge %q: %w", l.Attrs().Name, br.Attrs().Name, err)
 	}
@@ -139,6 +146,7 @@ func (m *Manager) setMaster(l, br netlink.Link) error {
 //
 // Equivalent to: `ip link set <name> up`.
 func (m *Manager) setUp(l netlink.Link) error {
+	m.snap.forget(l)
 	if err := m.nl.LinkSetUp(l); err != nil {
 		return fmt.Errorf("set %q up: %w", l.Attrs().Name, err)
 	}

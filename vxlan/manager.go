@@ -34,6 +34,9 @@ type Config struct {
 	// disabled). Both "": the flavour the host uses, iptables-nft or
 	// iptables-legacy when PATH has them (flavour.go). A command that cannot be found is logged and skipped.
 	IPTables, IP6Tables string
+	// Firewall is the flavour choice started ahead by DetectFirewall, used
+	// when IPTables and IP6Tables are both "" (nil: New makes it).
+	Firewall *FirewallDetection
 	// Sysctl says how New raises the neighbour table limits
 	// (gc_thresh1/2/3): "" through rtnetlink (RTM_SETNEIGHTBL, which needs
 	// only CAP_NET_ADMIN and no writable /proc/sys); a path: in that
@@ -174,6 +177,12 @@ type Manager struct {
 	peers map[uint32]*peerSet
 	// sec is the encryption state (ipsec.go); guarded by mu.
 	sec ipsecState
+	// snap is Reconcile's dump of the kernel's tables while it runs, nil
+	// otherwise (kerneldump.go); guarded by mu.
+	snap *kernelDump
+	// perDevice, set by tests, makes Reconcile read each device's tables
+	// on its own instead of dumping them once.
+	perDevice bool
 
 	// failAt, when set by tests, is called before each kernel write of a
 	// create path with the step's name; an error fails that step.
@@ -245,7 +254,9 @@ func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
 	if OverlayMTU(m.mtu, cfg.VTEP.Is6(), 0) < minMTU {
 		return nil, fmt.Errorf("vxlan: underlay MTU %d leaves no room for VXLAN", m.mtu)
 	}
-	if cfg.IPTables == "" && cfg.IP6Tables == "" {
+	if cfg.IPTables == "" && cfg.IP6Tables == "" && cfg.Firewall != nil {
+		m.fw = cfg.Firewall.firewall(m.log)
+	} else if cfg.IPTables == "" && cfg.IP6Tables == "" {
 		m.fw = newDetectedFirewall(context.Background(), m.log, newFlavourDetector(m.log))
 	} else {
 		m.fw = newFirewall(m.log, cfg.IPTables, cfg.IP6Tables)

@@ -233,9 +233,12 @@ func (m *Manager) ensureBridge(n Network, mtu int, ch *Changes) (br netlink.Link
 // del <other> dev vxbr-0a1b`.
 func (m *Manager) syncBridgeAddrs(br netlink.Link, want []netip.Prefix, ch *Changes) error {
 	name := br.Attrs().Name
-	have, err := retryDump(func() ([]netlink.Addr, error) { return m.nl.AddrList(br, netlink.FAMILY_ALL) })
-	if err != nil {
-		return fmt.Errorf("list addresses of %q: %w", name, err)
+	have, ok := m.snap.addrList(br, netlink.FAMILY_ALL)
+	if !ok {
+		var err error
+		if have, err = retryDump(func() ([]netlink.Addr, error) { return m.nl.AddrList(br, netlink.FAMILY_ALL) }); err != nil {
+			return fmt.Errorf("list addresses of %q: %w", name, err)
+		}
 	}
 	present := map[netip.Prefix]bool{}
 	for _, a := range have {
@@ -247,6 +250,7 @@ func (m *Manager) syncBridgeAddrs(br netlink.Link, want []netip.Prefix, ch *Chan
 			present[p] = true
 			continue
 		}
+		m.snap.forgetAddrs(br)
 		if err := m.nl.AddrDel(br, &a); err != nil && !isNotFound(err) && !errors.Is(err, unix.EADDRNOTAVAIL) {
 			return fmt.Errorf("remove address %s from %q: %w", p, name, err)
 		}
@@ -264,6 +268,7 @@ func (m *Manager) syncBridgeAddrs(br netlink.Link, want []netip.Prefix, ch *Chan
 		if p.Addr().Is6() {
 			a.Flags = unix.IFA_F_NODAD
 		}
+		m.snap.forgetAddrs(br)
 		if err := m.nl.AddrReplace(br, a); err != nil {
 			return fmt.Errorf("add address %s to %q: %w", p, name, err)
 		}

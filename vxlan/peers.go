@@ -410,9 +410,16 @@ func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll bool, ch 
 	}
 
 	// What the kernel holds.
+	// Reconcile's snapshot when it stands for this device's tables.
+	list := func(fam int) ([]netlink.Neigh, error) {
+		if ns, ok := m.snap.entries(idx, fam); ok {
+			return ns, nil
+		}
+		return retryDump(func() ([]netlink.Neigh, error) { return m.nl.NeighList(idx, fam) })
+	}
 	haveNeigh := map[netip.Addr][6]byte{}
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		ns, err := retryDump(func() ([]netlink.Neigh, error) { return m.nl.NeighList(idx, fam) })
+		ns, err := list(fam)
 		if err != nil {
 			return fmt.Errorf("list neighbours of %q: %w", name, err)
 		}
@@ -425,7 +432,9 @@ func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll bool, ch 
 		}
 	}
 	haveFDB := map[[6]byte][]netip.Addr{}
-	fdbs, err := retryDump(func() ([]netlink.Neigh, error) { return m.nl.NeighList(idx, unix.AF_BRIDGE) })
+	fdbs, err := list(unix.AF_BRIDGE)
+	// Read once: what this call writes is not in the snapshot.
+	m.snap.forgetEntries(vx)
 	if err != nil {
 		return fmt.Errorf("list fdb of %q: %w", name, err)
 	}

@@ -1,0 +1,126 @@
+package vxlan
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+
+	"consul-overlay/internal/testenv"
+)
+
+// Reconcile with one dump of the kernel's tables (the default) repairs
+// the same damage with the same writes, and leaves the same kernel, as
+// Reconcile reading each device on its own: neighbour and FDB entries
+// wrong, missing and stray, bridge addresses missing and stray, a port
+// off its bridge, devices down, a stray veth pair of ours.
+func TestReconcileDumpSameAsPerDevice(t *testing.T) {
+	t.Parallel()
+	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	hh := h.NS.Handle()
+	ctx := t.Context()
+	var want State
+	for i := range 3 {
+		vni := uint32(0x7100 + i)
+		want.Networks = append(want.Networks, Network{VNI: vni, Gateways: []netip.Prefix{pfx(fmt.Sprintf("10.71.%d.1/24", i)), pfx(fmt.Sprintf("fd00:71:%d::1/64", i))}})
+		for j := range 2 {
+			a := addr(fmt.Sprintf("10.71.%d.%d", i, 10+j))
+			want.Endpoints = append(want.Endpoints, Endpoint{ID: fmt.Sprintf("%04x%06x%054x", 0x7100+j, vni, 0), VNI: vni, MAC: MACFromIP(a)})
+		}
+		if i == 2 {
+			continue // a network without peers
+		}
+		for j := range 4 {
+			a := addr(fmt.Sprintf("10.71.%d.%d", i, 100+j))
+			vtep := addr(fmt.Sprintf("198.51.100.%d", 1+j%2))
+			want.Peers = append(want.Peers, Peer{VNI: vni, IP: a, MAC: MACFromIP(a), VTEP: vtep})
+		}
+	}
+	if _, err := h.m.Reconcile(ctx, want); err != nil {
+		t.Fatal(err)
+	}
+
+	damage := func(t *testing.T) {
+		t.Helper()
+		var ch Changes
+		vx0, vx1, vx2 := link(t, h, VXLANName(0x7100)), link(t, h, VXLANName(0x7101)), link(t, h, VXLANName(0x7102))
+		stray := [6]byte{2, 0x42, 0xde, 0xad, 0xbe, 0xef}
+		must := func(err error) {
+			t.Helper()
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		must(h.m.setNeigh(vx0, addr("10.71.0.99"), stray, &ch))                                   // stray neighbour
+		must(h.m.setNeigh(vx0, addr("10.71.0.100"), stray, &ch))                                  // wrong MAC
+		must(h.m.setFDB(vx0, stray, addr("198.51.100.9"), &ch))                                   // stray FDB entry
+		must(h.m.delFDB(vx1, [6]byte(MACFromIP(addr("10.71.1.101"))), addr("198.51.100.2"), &ch)) // missing FDB entry
+		must(h.m.delFDB(vx1, [6]byte{}, addr("198.51.100.1"), &ch))                               // missing flood entry
+		must(h.m.delNeigh(vx1, addr("10.71.1.102"), &ch))                                         // missing neighbour
+		br1 := link(t, h, BridgeName(0x7101))
+		must(hh.AddrDel(br1, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("10.71.1.1").To4(), Mask: net.CIDRMask(24, 32)}}))
+		must(hh.AddrAdd(br1, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("10.79.9.1").To4(), Mask: net.CIDRMask(24, 32)}}))
+		must(hh.LinkSetNoMaster(link(t, h, HostIfName(want.Endpoints[4].ID))))
+		must(hh.LinkSetDown(link(t, h, HostIfName(want.Endpoints[5].ID))))
+		must(hh.LinkSetDown(vx2))
+		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "vxh-dead00beef"}, PeerName: "vxc-dead00beef"}
+		must(hh.LinkAdd(veth))
+		must(hh.LinkSetAlias(veth, OwnerAlias))
+	}
+	type result struct {
+		ch    Changes
+		state ownerState
+		addrs []string
+	}
+	run := func(t *testing.T, perDevice bool) result {
+		damage(t)
+		h.m.mu.Lock()
+		h.m.perDevice = perDevice
+		h.m.mu.Unlock()
+		ch, err := h.m.Reconcile(ctx, want)
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := h.m.Reconcile(ctx, want)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if again != (Changes{}) {
+			t.Errorf("perDevice=%v: a second Reconcile changed %+v", perDevice, again)
+		}
+		r := result{ch: ch, state: snapshot(t, h, "")}
+		for _, n := range want.Networks {
+			as, err := hh.AddrList(link(t, h, BridgeName(n.VNI)), netlink.FAMILY_ALL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, a := range as {
+				if !a.IP.IsLinkLocalUnicast() {
+					r.addrs = append(r.addrs, BridgeName(n.VNI)+" "+a.IPNet.String())
+				}
+			}
+		}
+		slices.Sort(r.addrs)
+		return r
+	}
+	per, dump := run(t, true), run(t, false)
+	t.Logf("per device: %+v; one dump: %+v", per.ch, dump.ch)
+	if per.ch != dump.ch {
+		t.Errorf("changes: per device %+v, one dump %+v", per.ch, dump.ch)
+	}
+	if per.ch.Neighbours < 3 || per.ch.FDB < 3 || per.ch.Addrs < 2 || per.ch.LinkAttrs < 3 || per.ch.Links < 1 {
+		t.Errorf("changes %+v: want the damage repaired and counted", per.ch)
+	}
+	sameState(t, "one dump against per device", dump.state, per.state)
+	if !slices.Equal(per.addrs, dump.addrs) {
+		t.Errorf("bridge addresses: per device %v, one dump %v", per.addrs, dump.addrs)
+	}
+	for _, n := range want.Networks[:2] {
+		if e := entries(t, h, n.VNI); len(e.neigh) != 4 || len(e.fdb) != 4+2 {
+			t.Errorf("vni %#x: entries %+v, want 4 neighbours, 4 FDB entries and 2 flood destinations", n.VNI, e)
+		}
+	}
+}
