@@ -180,6 +180,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return err
 	}
 	defer lock.Close()
+	stopPprof, err := startPprof(ctx, os.Getenv, cfg.DataDir, log) // debug only (plugin/pprof.go)
+	if err != nil {
+		return err
+	}
+	defer stopPprof()
 
 	ccfg, useConsul, err := kvstore.ConsulConfigFromEnv(os.Getenv)
 	if err != nil {
