@@ -38,6 +38,7 @@ func main() {
 	if cmd, ok := subcommand(os.Args); ok {
 		os.Exit(cmd(os.Getenv, os.Stdout, os.Stderr))
 	}
+	applyMemoryDefaults(os.Getenv) // GOGC=50 unless set (plugin/memory.go)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	// Whatever start-up or shutdown is doing when the signal comes, the
