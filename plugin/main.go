@@ -181,7 +181,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return err
 	}
 	defer lock.Close()
-	defer startMemoryLimit(ctx, os.Getenv)() // unless GOMEMLIMIT is set (plugin/memory.go)
+	defer startMemoryLimit(ctx, os.Getenv)()                       // unless GOMEMLIMIT is set (plugin/memory.go)
 	stopPprof, err := startPprof(ctx, os.Getenv, cfg.DataDir, log) // debug only (plugin/pprof.go)
 	if err != nil {
 		return err
