@@ -388,6 +388,14 @@ func (rc *recordCache) ownedBy(host string) map[string]uint64 {
 	return out
 }
 
+// peerFields keeps of ep what DesiredPeers and ownedBy read: the cache
+// holds a decoded record per endpoint of every watched network for the
+// life of the watch, and the rest (Docker IDs, options, ports, times) is
+// most of a record.
+func peerFields(ep Endpoint) Endpoint {
+	return Endpoint{ID: ep.ID, Incarnation: ep.Incarnation, HostID: ep.HostID, VTEP: ep.VTEP, IPv4: ep.IPv4, IPv6: ep.IPv6, MAC: ep.MAC}
+}
+
 func newRecordCache(key string) *recordCache {
 	return &recordCache{key: key, endpoints: map[string]cachedEndpoint{}}
 }
@@ -415,7 +423,7 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair) []Peer {
 			e, hit := rc.endpoints[p.Key]
 			if !hit || e.index != p.ModifyIndex || p.ModifyIndex == 0 {
 				var ep Endpoint
-				e = cachedEndpoint{index: p.ModifyIndex, ok: kvstore.Decode(p.Value, &ep) == nil, ep: ep}
+				e = cachedEndpoint{index: p.ModifyIndex, ok: kvstore.Decode(p.Value, &ep) == nil, ep: peerFields(ep)}
 				rc.endpoints[p.Key] = e
 			}
 			if e.ok {

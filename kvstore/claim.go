@@ -80,6 +80,9 @@ type Claim struct {
 	cfg  ClaimConfig
 	stop context.CancelFunc
 	done chan struct{}
+	// suspect wakes run for a full check (renew and read the key) when
+	// the watch of the key saw it without this claim's session.
+	suspect chan struct{}
 
 	mu      sync.Mutex // guards session and value
 	session string     // "" while lost
@@ -104,7 +107,7 @@ func (c *Consul) Claim(ctx context.Context, key string, value []byte, cfg ClaimC
 	if cfg.TTL < 10*time.Second {
 		return nil, fmt.Errorf("consul claim %q: session ttl %s: want at least 10s", c.prefix+key, cfg.TTL)
 	}
-	cl := &Claim{c: c, key: c.prefix + key, cfg: cfg, value: bytes.Clone(value), done: make(chan struct{})}
+	cl := &Claim{c: c, key: c.prefix + key, cfg: cfg, value: bytes.Clone(value), done: make(chan struct{}), suspect: make(chan struct{}, 1)}
 	id, err := cl.acquire(ctx)
 	if err != nil {
 		return nil, err
@@ -112,7 +115,16 @@ func (c *Consul) Claim(ctx context.Context, key string, value []byte, cfg ClaimC
 	cl.session = id
 	rctx, cancel := context.WithCancel(c.ctx)
 	cl.stop = cancel
-	go cl.run(rctx)
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		cl.watch(rctx)
+	}()
+	go func() {
+		defer close(cl.done)
+		cl.run(rctx)
+		<-watched
+	}()
 	return cl, nil
 }
 
@@ -227,10 +239,17 @@ func (cl *Claim) acquire(ctx context.Context) (_ string, retErr error) {
 	}
 }
 
-// run renews the session every TTL/3 and checks that it still holds the
-// key; when either fails for good it re-acquires.
+// run renews the session every TTL/3; when the renewal finds the session
+// gone, or the watch of the key (watch) saw it not held by the session and
+// a check confirms it, it re-acquires.
+//
+// A renewal alone does not read the key: a session destroyed (a takeover,
+// servers that lost their state, an expired TTL) is what a renewal sees,
+// and a key deleted or released under a live session is what the watch
+// sees, with a blocking query that costs the server nothing while the key
+// does not change. Reading the key after every renewal cost a request per
+// host every TTL/3 for nothing.
 func (cl *Claim) run(ctx context.Context) {
-	defer close(cl.done)
 	every := cl.cfg.TTL / 3
 	backoff := watchBackoffMin
 	for {
@@ -239,8 +258,16 @@ func (cl *Claim) run(ctx context.Context) {
 		if id == "" {
 			wait = backoff
 		}
-		if !sleepCtx(ctx, wait) {
+		read := false
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
 			return
+		case <-t.C:
+		case <-cl.suspect:
+			t.Stop()
+			read = true
 		}
 		if id == "" {
 			nid, err := cl.acquire(ctx)
@@ -263,7 +290,7 @@ func (cl *Claim) run(ctx context.Context) {
 			}
 			continue
 		}
-		lost, err := cl.check(ctx, id)
+		lost, err := cl.check(ctx, id, read)
 		if ctx.Err() != nil {
 			return
 		}
@@ -288,9 +315,50 @@ func (cl *Claim) run(ctx context.Context) {
 	}
 }
 
-// check renews session id and reads the key: lost is non-nil when the
-// session is gone or no longer holds the key; err is an outage.
-func (cl *Claim) check(ctx context.Context, id string) (lost, err error) {
+// watch follows the key with blocking reads and wakes run (suspect) when
+// it shows the key missing or held by another session than the claim's
+// (or none) while the claim believes it holds it. run confirms with a
+// fresh renewal and read before it acts: a snapshot can be older than a
+// re-acquire.
+func (cl *Claim) watch(ctx context.Context) {
+	c := cl.c
+	var index uint64
+	backoff := watchBackoffMin
+	for {
+		rctx, cancel, _ := c.request(ctx, watchWait+watchWait/16+c.timeout)
+		q := &api.QueryOptions{WaitIndex: index, WaitTime: watchWait, RequireConsistent: true}
+		p, meta, err := c.kv.Get(cl.key, q.WithContext(rctx))
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			index = 0 // a new server may have a smaller index
+			if !sleepCtx(ctx, backoff) {
+				return
+			}
+			backoff = min(2*backoff, watchBackoffMax)
+			continue
+		}
+		backoff = watchBackoffMin
+		index = max(meta.LastIndex, 1)
+		if id := cl.Session(); id != "" && (p == nil || p.Session != id) {
+			select {
+			case cl.suspect <- struct{}{}:
+			default:
+			}
+		}
+		// A missing key answers a blocking read on any write of the
+		// store: until run has taken it again, do not spin.
+		if p == nil && !sleepCtx(ctx, watchEmptyPace) {
+			return
+		}
+	}
+}
+
+// check renews session id and, if read, reads the key: lost is non-nil
+// when the session is gone or no longer holds the key; err is an outage.
+func (cl *Claim) check(ctx context.Context, id string, read bool) (lost, err error) {
 	c := cl.c
 	rctx, cancel, st := c.request(ctx, c.timeout)
 	entry, _, err := c.client.Session().Renew(id, (&api.WriteOptions{}).WithContext(rctx))
@@ -300,6 +368,9 @@ func (cl *Claim) check(ctx context.Context, id string) (lost, err error) {
 	}
 	if entry == nil {
 		return fmt.Errorf("consul claim %q: session %s invalidated", cl.key, id), nil
+	}
+	if !read {
+		return nil, nil
 	}
 	p, err := c.holder(ctx, cl.key)
 	if err != nil {

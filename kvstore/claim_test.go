@@ -159,6 +159,102 @@ func TestConsulClaim(t *testing.T) {
 		}
 	})
 
+	// A renewal does not read the key; the watch of the key is what
+	// notices a key released or taken under a live session, and at once
+	// rather than at the next renewal.
+	t.Run("ReleasedUnderLiveSessionIsReacquired", func(t *testing.T) {
+		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
+		lostc := make(chan error, 4)
+		regainedc := make(chan string, 4)
+		cl, err := s.Claim(bg(t), "hosts/a", []byte("v"), ClaimConfig{
+			OnLost:     func(err error) { lostc <- err },
+			OnRegained: func(id string) { regainedc <- id },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Release(bg(t))
+		first := cl.Session()
+		start := time.Now()
+		// Released by its own session ID from elsewhere: the session lives
+		// on, so no renewal would ever notice.
+		if ok, _, err := raw.KV().Release(&api.KVPair{Key: s.Prefix() + "hosts/a", Value: []byte("v"), Session: first}, nil); err != nil || !ok {
+			t.Fatalf("release under the claim: %v, %v", ok, err)
+		}
+		select {
+		case err := <-lostc:
+			if !strings.Contains(err.Error(), "no longer held") {
+				t.Fatalf("OnLost(%v), want the key no longer held", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("claim did not notice within 10s that its key was released")
+		}
+		select {
+		case id := <-regainedc:
+			t.Logf("claim noticed the release and re-acquired in %s", time.Since(start).Round(time.Millisecond))
+			if id == first {
+				t.Fatalf("regained with the old session %s", id)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("claim not re-acquired within 10s of its key being released")
+		}
+		if p, err := s.Get(bg(t), "hosts/a"); err != nil || p.Session != cl.Session() {
+			t.Fatalf("after re-acquire: %+v, %v", p, err)
+		}
+	})
+
+	// Another instance that takes the key over destroys the session: the
+	// holder it took it from notices, and gets it back only once the
+	// other lets go.
+	t.Run("TakenOverNotices", func(t *testing.T) {
+		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
+		lostc := make(chan error, 4)
+		regainedc := make(chan string, 4)
+		var renewErrs atomic.Int32
+		old, err := s.Claim(bg(t), "hosts/a", []byte("old"), ClaimConfig{
+			OnLost:       func(err error) { lostc <- err },
+			OnRegained:   func(id string) { regainedc <- id },
+			OnRenewError: func(error) { renewErrs.Add(1) },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer old.Release(bg(t))
+		taker, err := s.Claim(bg(t), "hosts/a", []byte("new"), ClaimConfig{Takeover: func([]byte) bool { return true }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-lostc:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the claim taken over did not notice within 10s")
+		}
+		if old.Session() != "" {
+			// It may already be trying again, refused: never holding.
+			if p, _ := s.Get(bg(t), "hosts/a"); p == nil || p.Session != taker.Session() {
+				t.Fatalf("key %+v, want it held by the taker %s", p, taker.Session())
+			}
+		}
+		time.Sleep(time.Second)
+		if p, err := s.Get(bg(t), "hosts/a"); err != nil || p.Session != taker.Session() || string(p.Value) != "new" {
+			t.Fatalf("taken-over key: %+v, %v; want value new held by %s", p, err, taker.Session())
+		}
+		if renewErrs.Load() == 0 {
+			t.Fatal("the refused re-acquire was not reported through OnRenewError")
+		}
+		if err := taker.Release(bg(t)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-regainedc:
+		case <-time.After(10 * time.Second):
+			t.Fatal("claim not re-acquired within 10s of the taker's release")
+		}
+		if p, err := s.Get(bg(t), "hosts/a"); err != nil || p.Session != old.Session() {
+			t.Fatalf("after the taker's release: %+v, %v", p, err)
+		}
+	})
+
 	t.Run("BadTTL", func(t *testing.T) {
 		s := newConsul(t, ConsulConfig{Address: agent.Addr})
 		if _, err := s.Claim(bg(t), "hosts/a", nil, ClaimConfig{TTL: 5 * time.Second}); err == nil {

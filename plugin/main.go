@@ -38,6 +38,7 @@ func main() {
 	if cmd, ok := subcommand(os.Args); ok {
 		os.Exit(cmd(os.Getenv, os.Stdout, os.Stderr))
 	}
+	applyMemoryDefaults(os.Getenv) // GOGC=50 unless set (plugin/memory.go)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	// Whatever start-up or shutdown is doing when the signal comes, the
@@ -180,6 +181,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return err
 	}
 	defer lock.Close()
+	defer startMemoryLimit(ctx, os.Getenv)()                       // unless GOMEMLIMIT is set (plugin/memory.go)
+	stopPprof, err := startPprof(ctx, os.Getenv, cfg.DataDir, log) // debug only (plugin/pprof.go)
+	if err != nil {
+		return err
+	}
+	defer stopPprof()
 	// The firewall flavour (iptables-nft or -legacy) is chosen while the
 	// store is reached and the host record claimed: the save commands only
 	// read (issue 16).

@@ -96,7 +96,8 @@ func localNetworks(nets map[string]clusterstate.Network, eps []clusterstate.Endp
 const selfCheckEvery = 30
 
 // startLiveness runs, until the returned stop is called, the reaper of
-// gone hosts (a scan every reaper.DefaultInterval) and this host's check
+// gone hosts (reaper.Run: a watch of the host records and a pass every
+// reaper.DefaultInterval) and this host's check
 // that it was not evicted while it was away: at start once the driver has
 // restored its state, whenever its host record is held by a new session
 // (regained after a loss), and every few minutes. With the embedded store
@@ -171,7 +172,7 @@ func startLiveness(ctx context.Context, log *slog.Logger, store kvstore.Store, h
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		runLiveness(lctx, log, r, drv.Ready(), hc.claim.Session, check, reaper.DefaultInterval)
+		runLiveness(lctx, r, drv.Ready(), hc.claim.Session, check)
 	}()
 	log.Info("liveness: reaping hosts whose record has no session for longer than the grace period", "grace", grace)
 	return func() { cancel(); <-done }, nil
@@ -179,8 +180,8 @@ func startLiveness(ctx context.Context, log *slog.Logger, store kvstore.Store, h
 
 // runLiveness is startLiveness's loop: check runs once ready is closed,
 // when session() changes to a new session, and every selfCheckEvery
-// scans.
-func runLiveness(ctx context.Context, log *slog.Logger, r *reaper.Reaper, ready <-chan struct{}, session func() string, check func(context.Context), interval time.Duration) {
+// periodic passes of the reaper (reaper.Run).
+func runLiveness(ctx context.Context, r *reaper.Reaper, ready <-chan struct{}, session func() string, check func(context.Context)) {
 	select {
 	case <-ctx.Done():
 		return
@@ -188,17 +189,9 @@ func runLiveness(ctx context.Context, log *slog.Logger, r *reaper.Reaper, ready 
 	}
 	check(ctx)
 	last := session()
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for n := 1; ; n++ {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if err := r.Scan(ctx); err != nil && ctx.Err() == nil {
-			log.Warn("liveness: scan of the hosts", "error", err)
-		}
+	n := 0
+	r.Run(ctx, func(ctx context.Context) {
+		n++
 		s := session()
 		if (s != "" && s != last) || n%selfCheckEvery == 0 {
 			check(ctx)
@@ -206,7 +199,7 @@ func runLiveness(ctx context.Context, log *slog.Logger, r *reaper.Reaper, ready 
 		if s != "" {
 			last = s
 		}
-	}
+	})
 }
 
 // subcommand returns the operator command os.Args names, if any: the

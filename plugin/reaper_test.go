@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"log/slog"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -166,7 +165,7 @@ func TestReapLivenessChecks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := reaper.New(reaper.Config{HostID: "h"}, s, cl, ip, nil)
+	r, err := reaper.New(reaper.Config{HostID: "h", Interval: 5 * time.Millisecond}, s, cl, ip, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,9 +177,9 @@ func TestReapLivenessChecks(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		runLiveness(ctx, slog.New(slog.DiscardHandler), r, ready,
+		runLiveness(ctx, r, ready,
 			func() string { mu.Lock(); defer mu.Unlock(); return session },
-			func(context.Context) { checks.Add(1) }, 5*time.Millisecond)
+			func(context.Context) { checks.Add(1) })
 	}()
 	time.Sleep(30 * time.Millisecond)
 	if n := checks.Load(); n != 0 {

@@ -21,8 +21,13 @@
 // # Reaping
 //
 // A host whose record has had no session for longer than the grace period
-// is gone. Every live host runs Scan every Config.Interval (10 s), so any
-// of them, or several at once, reap it; every step is idempotent and
+// is gone. Every live host runs Run: a blocking query (Watch) on the
+// common prefix of hosts/ and hosts-lost/ brings every change of a host
+// record or a count, and a pass over the latest snapshot follows each
+// change and every Config.Interval (10 s), which is what sees a grace
+// period end. Steady state costs each host one blocking query, no
+// polling; a host due to be reaped is judged again from a fresh Scan. Any
+// of the hosts, or several at once, reap it; every step is idempotent and
 // every write a compare-and-set or transaction:
 //
 //  1. the cluster state (cluster.Cluster.EvictHost): its endpoint records

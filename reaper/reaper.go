@@ -23,6 +23,8 @@ const (
 	// LostPrefix holds, per host whose record has no session, when a
 	// reaper first saw it so (lostRecord).
 	LostPrefix = "hosts-lost/"
+	// watchPrefix covers both: Run follows them with one blocking query.
+	watchPrefix = "hosts"
 )
 
 // Defaults of Config.
@@ -183,6 +185,13 @@ func (r *Reaper) hosts(ctx context.Context) ([]Host, map[string]*kvstore.Pair, e
 	if err != nil {
 		return nil, nil, fmt.Errorf("list lost hosts: %w", err)
 	}
+	hosts, lost := r.view(pairs, lpairs)
+	return hosts, lost, nil
+}
+
+// view reads the pairs of hosts/ and hosts-lost/ into hosts with their
+// liveness at r.cfg.Now().
+func (r *Reaper) view(pairs, lpairs []*kvstore.Pair) ([]Host, map[string]*kvstore.Pair) {
 	lost := map[string]*kvstore.Pair{}
 	for _, p := range lpairs {
 		lost[strings.TrimPrefix(p.Key, LostPrefix)] = p
@@ -216,23 +225,82 @@ func (r *Reaper) hosts(ctx context.Context) ([]Host, map[string]*kvstore.Pair, e
 		}
 		return out[i].ID < out[j].ID
 	})
-	return out, lost, nil
+	return out, lost
 }
 
-// Run scans every Config.Interval until ctx is done. Errors are logged.
-func (r *Reaper) Run(ctx context.Context) {
+// Run follows hosts/ and hosts-lost/ with one blocking query (a Watch of
+// their common prefix) and passes over the latest snapshot whenever it
+// changes and every Config.Interval, until ctx is done. The periodic pass
+// is what notices a grace period ending; it reads nothing unless a host
+// is due to be reaped, when a fresh Scan decides. tick, if not nil, is
+// called after each periodic pass. Errors are logged.
+//
+// Listing both prefixes every Interval cost every host two requests per
+// 10 s, polling; the watch costs a blocking query, answered when a host
+// record or a count changes (or at the wait time).
+func (r *Reaper) Run(ctx context.Context, tick func(context.Context)) {
 	t := time.NewTicker(r.cfg.Interval)
 	defer t.Stop()
+	ch, err := r.store.Watch(ctx, watchPrefix)
+	if err != nil {
+		// Only a closed store: nothing to follow, poll as before.
+		r.log.Warn("host liveness: cannot watch the host records; listing them every interval", "error", err)
+	}
+	var (
+		snap []*kvstore.Pair
+		have bool
+	)
 	for {
-		if err := r.Scan(ctx); err != nil && ctx.Err() == nil {
-			r.log.Warn("host liveness scan", "error", err)
-		}
+		periodic := false
 		select {
 		case <-ctx.Done():
 			return
+		case s, ok := <-ch:
+			if !ok {
+				return
+			}
+			snap, have = s, true
 		case <-t.C:
+			periodic = true
+		}
+		var err error
+		switch {
+		case have:
+			err = r.scanSnapshot(ctx, snap)
+		case ch == nil && periodic:
+			err = r.Scan(ctx)
+		}
+		if err != nil && ctx.Err() == nil {
+			r.log.Warn("host liveness scan", "error", err)
+		}
+		if periodic && tick != nil {
+			tick(ctx)
 		}
 	}
+}
+
+// scanSnapshot is Scan over a Watch snapshot of hosts/ and hosts-lost/.
+// Marking a host lost or clearing a count is a compare-and-set on what
+// the snapshot showed, so an old snapshot can only lose a race; a reap is
+// not undone by anything, so when a host is due one the pass is a fresh
+// Scan.
+func (r *Reaper) scanSnapshot(ctx context.Context, snap []*kvstore.Pair) error {
+	var pairs, lpairs []*kvstore.Pair
+	for _, p := range snap {
+		switch {
+		case strings.HasPrefix(p.Key, HostsPrefix):
+			pairs = append(pairs, p)
+		case strings.HasPrefix(p.Key, LostPrefix):
+			lpairs = append(lpairs, p)
+		}
+	}
+	hosts, lost := r.view(pairs, lpairs)
+	for _, h := range hosts {
+		if h.Gone && h.ID != r.cfg.HostID {
+			return r.Scan(ctx)
+		}
+	}
+	return r.scan(ctx, hosts, lost)
 }
 
 // Scan makes one pass: it starts the count of hosts whose record lost its
@@ -244,6 +312,11 @@ func (r *Reaper) Scan(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	return r.scan(ctx, hosts, lost)
+}
+
+// scan is Scan's pass over hosts and lost as read.
+func (r *Reaper) scan(ctx context.Context, hosts []Host, lost map[string]*kvstore.Pair) error {
 	if r.cfg.HostID != "" {
 		self := false
 		for _, h := range hosts {

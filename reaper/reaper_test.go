@@ -321,6 +321,7 @@ func TestConsul(t *testing.T) {
 	t.Run("ReapResumes", func(t *testing.T) { testReapResumes(t, agent) })
 	t.Run("Reassert", func(t *testing.T) { testReassert(t, agent, false) })
 	t.Run("ReassertConflict", func(t *testing.T) { testReassert(t, agent, true) })
+	t.Run("RunFollowsWithoutPolling", func(t *testing.T) { testRunFollows(t, agent) })
 }
 
 func testGoneHostReaped(t *testing.T, agent *testenv.ConsulAgent) {
@@ -669,4 +670,81 @@ func testReapResumes(t *testing.T, agent *testenv.ConsulAgent) {
 	if exists(t, s.a.store, LostPrefix+"host-x") {
 		t.Error("a lost mark without its host record is left")
 	}
+}
+
+// opCounter counts a Metered store's operations by name.
+type opCounter struct {
+	mu  sync.Mutex
+	ops map[string]int
+}
+
+func (c *opCounter) ObserveStoreOp(op string, _ error, _ time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.ops[op]++
+}
+
+func (c *opCounter) ObserveWatchUpdate() {}
+
+func (c *opCounter) reads() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ops["get"] + c.ops["list"]
+}
+
+// Run marks a host lost as soon as its record loses its session (the
+// watch, not a periodic list, brings it), reads nothing while nothing
+// changes, and still reaps once the grace period ends (the periodic pass).
+func testRunFollows(t *testing.T, agent *testenv.ConsulAgent) {
+	s := setup(t, agent)
+	ops := &opCounter{ops: map[string]int{}}
+	run := func(interval time.Duration) (stop func()) {
+		r, err := New(Config{HostID: s.a.id, Grace: grace, Interval: interval, Now: s.e.clock.Now},
+			kvstore.Metered(s.a.store, ops), s.a.cl, s.a.ip, ConsulCatalog{Client: s.a.store.Client(), LocalNode: s.agentNode})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { defer close(done); r.Run(ctx, nil) }()
+		return func() { cancel(); <-done }
+	}
+	waitUntil := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not within 10s", what)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+
+	// Phase 1: no periodic pass within the test (an hour's interval).
+	stop := run(time.Hour)
+	time.Sleep(time.Second) // the first snapshot and its pass
+	if n := ops.reads(); n != 0 {
+		t.Fatalf("Run read the store %d times besides its watch while nothing changed", n)
+	}
+	s.b.stop(t)
+	start := time.Now()
+	waitUntil("B marked lost from the watch", func() bool { return exists(t, s.a.store, LostPrefix+"host-b") })
+	t.Logf("B marked lost %s after its record lost its session", time.Since(start).Round(time.Millisecond))
+	time.Sleep(500 * time.Millisecond)
+	if !exists(t, s.a.store, "members/host-b") {
+		t.Fatal("B reaped within the grace period")
+	}
+	stop()
+
+	// Phase 2: past the grace period, the periodic pass reaps B.
+	s.e.clock.Add(grace + time.Second)
+	stop = run(50 * time.Millisecond)
+	defer stop()
+	waitUntil("B reaped after the grace period", func() bool {
+		return !exists(t, s.a.store, HostsPrefix+"host-b") && !exists(t, s.a.store, LostPrefix+"host-b")
+	})
+	if exists(t, s.a.store, "members/host-b") || exists(t, s.a.store, "networks/name-bonly/config") {
+		t.Fatal("B's host record reaped but not its cluster state")
+	}
+	s.checkAUntouched(t)
 }

@@ -1,0 +1,68 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// envDebugPprof turns on Go's profiling endpoints (net/http/pprof) on a
+// unix socket in DATA_DIR, for debugging only: `curl --unix-socket
+// DATA_DIR/pprof.sock http://x/debug/pprof/heap > heap.pb.gz`, then `go
+// tool pprof`. Off by default; the socket is the process owner's only.
+const envDebugPprof = "DEBUG_PPROF"
+
+// pprofSocket is the socket's name in DATA_DIR.
+const pprofSocket = "pprof.sock"
+
+// startPprof serves the profiles until ctx ends when DEBUG_PPROF is 1 or
+// true; else it does nothing.
+func startPprof(ctx context.Context, getenv func(string) string, dataDir string, log *slog.Logger) (stop func(), err error) {
+	switch v := strings.ToLower(strings.TrimSpace(getenv(envDebugPprof))); v {
+	case "", "0", "false":
+		return func() {}, nil
+	case "1", "true":
+	default:
+		return nil, fmt.Errorf("%s=%q: want 1 or 0", envDebugPprof, v)
+	}
+	path := filepath.Join(dataDir, pprofSocket)
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%s: remove stale %s: %w", envDebugPprof, path, err)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: listen on %s: %w", envDebugPprof, path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("%s: chmod %s: %w", envDebugPprof, path, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = srv.Serve(ln)
+	}()
+	stopCtx := context.AfterFunc(ctx, func() { _ = srv.Close() })
+	log.Warn("debug: serving Go profiles (DEBUG_PPROF)", "socket", path)
+	return func() {
+		stopCtx()
+		_ = srv.Close()
+		<-done
+		_ = os.Remove(path)
+	}, nil
+}
