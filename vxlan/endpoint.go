@@ -7,6 +7,7 @@ import (
 	"net"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Steps of the endpoint create path, in order, for fault injection. A new
@@ -82,6 +83,19 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		}
 		retErr = fmt.Errorf("%s: %w", op, retErr)
 	}()
+
+	// The usual case, a new endpoint (CreateEndpoint on Docker's critical
+	// path): the pair is created at once, without looking its names up
+	// first. A name that exists (a replay, a restart, a stray) fails it
+	// with EEXIST before anything is made, and the careful path below
+	// looks at what is there.
+	created, err := m.createPair(ep, br, ch, &undo)
+	if created {
+		return info, err
+	}
+	if !errors.Is(err, unix.EEXIST) {
+		return info, err
+	}
 
 	host, err := m.linkByName(hostName)
 	if err != nil {
@@ -216,6 +230,64 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		ch.LinkAttrs++
 	}
 	return info, nil
+}
+
+// createPair creates the endpoint's veth pair, as ensureEndpoint would
+// from nothing, in two netlink requests less than the careful path (no
+// lookups of the names before): the pair with
+// its MTU, MAC and the host end up; both ends marked; the host end on the
+// bridge. It reports whether it created the pair; an error wrapping
+// unix.EEXIST means that a name exists and nothing was made. Undo steps
+// for what it made go into undo. Caller holds m.mu.
+//
+// Equivalent to: `ip link add vxh-0123456789 mtu 1450 up type veth peer
+// name vxc-0123456789 mtu 1450 address 02:42:0a:0a:00:02 && ip link set
+// vxc-0123456789 alias consul-overlay && ip link set vxh-0123456789 alias
+// consul-overlay master vxbr-0a1b`.
+func (m *Manager) createPair(ep Endpoint, br netlink.Link, ch *Changes, undo *[]func() error) (bool, error) {
+	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
+	mtu := br.Attrs().MTU
+	if err := m.step("veth"); err != nil {
+		return false, err
+	}
+	// Created up (the host end carries nothing until it is on the bridge,
+	// and the container end stays down until Docker configures it).
+	host := &netlink.Veth{
+		LinkAttrs:        netlink.LinkAttrs{Name: hostName, MTU: mtu, Flags: net.FlagUp},
+		PeerName:         contName,
+		PeerMTU:          uint32(mtu),
+		PeerHardwareAddr: ep.MAC,
+	}
+	if err := m.nl.LinkAdd(host); err != nil {
+		return false, fmt.Errorf("create veth %q/%q: %w", hostName, contName, err)
+	}
+	ch.Links++
+	// By name: LinkAdd's own lookup of the new link's index may have
+	// failed.
+	*undo = append(*undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
+	m.log.Debug("veth created", "link", hostName, "peer", contName, "endpoint", endpointKey(ep.ID), "mac", ep.MAC)
+	if host.Index == 0 {
+		return true, fmt.Errorf("veth %q: index not found after creation", hostName)
+	}
+	if err := m.step("veth-alias"); err != nil {
+		return true, err
+	}
+	// The container end by name: the request looks its index up.
+	if err := m.setAlias(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: contName}}); err != nil {
+		return true, err
+	}
+	if err := m.setAlias(host); err != nil {
+		return true, err
+	}
+	ch.LinkAttrs += 2
+	if err := m.step("veth-master"); err != nil {
+		return true, err
+	}
+	if err := m.setMaster(host, br); err != nil {
+		return true, err
+	}
+	ch.LinkAttrs++
+	return true, nil
 }
 
 // DeleteEndpoint removes an endpoint's veth pair, also when Docker has
