@@ -609,18 +609,27 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 	}
 	hw, _ := net.ParseMAC(rec.MAC) // parsed or derived above
 	kep := vxlan.Endpoint{ID: rec.ID, VNI: l.rec.VNI, MAC: hw}
-	veth := make(chan error, 1)
+	type vethResult struct {
+		err  error
+		took time.Duration
+	}
+	veth := make(chan vethResult, 1)
+	start := time.Now()
 	go func() {
 		_, err := d.dp.EnsureEndpoint(ctx, kep)
-		veth <- err
+		veth <- vethResult{err, time.Since(start)}
 	}()
 	// Docker may replay CreateEndpoint (also after a crash that left the
 	// record): the same endpoint is success.
 	stored, txnErr := d.cl.CreateEndpoint(ctx, rec)
+	recordTook := time.Since(start)
 	if txnErr == nil {
 		rec = stored
 	}
-	if err := d.settleEndpoint(ctx, op, rec, known, txnErr, <-veth); err != nil {
+	v := <-veth
+	// Which half the attach waited for.
+	d.log.Debug("endpoint record and veth pair done", "endpoint", short(rec.ID), "record", recordTook, "veth", v.took)
+	if err := d.settleEndpoint(ctx, op, rec, known, txnErr, v.err); err != nil {
 		return nil, err
 	}
 	d.point("createendpoint/after-record")
