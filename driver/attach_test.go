@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"context"
 	"errors"
 	"path/filepath"
 	"slices"
@@ -20,6 +21,11 @@ import (
 // writes the record, Join only hands the names back. These tests prove it
 // against the fake data plane (what the driver asks for and undoes) and
 // against the kernel (what the links look like).
+
+// CreateEndpoint: the fake has no fast path.
+func (f *fakeDataplane) CreateEndpoint(ctx context.Context, ep vxlan.Endpoint) (vxlan.EndpointInfo, error) {
+	return f.EnsureEndpoint(ctx, ep)
+}
 
 func (f *fakeDataplane) dropNetwork(vni uint32) {
 	f.mu.Lock()

@@ -26,6 +26,9 @@ type Dataplane interface {
 	EnsureNetwork(ctx context.Context, n vxlan.Network) (vxlan.NetworkInfo, error)
 	DeleteNetwork(ctx context.Context, vni uint32) error
 	EnsureEndpoint(ctx context.Context, ep vxlan.Endpoint) (vxlan.EndpointInfo, error)
+	// CreateEndpoint is EnsureEndpoint for an endpoint expected to be new
+	// (fewer kernel requests when it is).
+	CreateEndpoint(ctx context.Context, ep vxlan.Endpoint) (vxlan.EndpointInfo, error)
 	DeleteEndpoint(ctx context.Context, id string) error
 	// SetPeers makes the remote peers of a network exactly peers.
 	SetPeers(ctx context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error)
@@ -616,7 +619,7 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 	veth := make(chan vethResult, 1)
 	start := time.Now()
 	go func() {
-		_, err := d.dp.EnsureEndpoint(ctx, kep)
+		_, err := d.dp.CreateEndpoint(ctx, kep)
 		veth <- vethResult{err, time.Since(start)}
 	}()
 	// Docker may replay CreateEndpoint (also after a crash that left the

@@ -51,6 +51,57 @@ func (m *Manager) EnsureEndpoint(ctx context.Context, ep Endpoint) (EndpointInfo
 	return info, nil
 }
 
+// CreateEndpoint is EnsureEndpoint for an endpoint the caller expects to
+// be new (Docker's CreateEndpoint, on the critical path of every container
+// start): the pair is created at once, without looking its names up first
+// (two netlink requests less). A name that exists (a replay, a restart, a
+// stray) fails that creation before anything is made, and EnsureEndpoint's
+// checks then keep or repair what is there. If a step fails, a pair this
+// call created is removed again.
+func (m *Manager) CreateEndpoint(ctx context.Context, ep Endpoint) (EndpointInfo, error) {
+	if err := m.checkEndpoint(ep); err != nil {
+		return EndpointInfo{}, fmt.Errorf("create endpoint: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var ch Changes
+	info, err := m.createEndpoint(ep, &ch)
+	if err != nil {
+		return EndpointInfo{}, err
+	}
+	if ch.Total() > 0 {
+		m.log.Info("endpoint veth pair created", "endpoint", endpointKey(ep.ID), "vni", ep.VNI, "link", info.ContainerIf, "mtu", info.MTU, "changes", ch.Total())
+	}
+	return info, nil
+}
+
+// createEndpoint is CreateEndpoint with m.mu held, counting into ch.
+func (m *Manager) createEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, retErr error) {
+	op := fmt.Sprintf("create endpoint %s (vni %d)", endpointKey(ep.ID), ep.VNI)
+	br, err := m.linkByName(BridgeName(ep.VNI))
+	if err != nil {
+		return info, fmt.Errorf("%s: %w", op, err)
+	}
+	if br == nil {
+		return info, fmt.Errorf("%s: bridge %q: %w", op, BridgeName(ep.VNI), ErrNotFound)
+	}
+	info = EndpointInfo{HostIf: HostIfName(ep.ID), ContainerIf: ContainerIfName(ep.ID), MTU: br.Attrs().MTU}
+	var undo []func() error
+	created, err := m.createPair(ep, br, ch, &undo)
+	if err == nil {
+		return info, nil
+	}
+	if !created && errors.Is(err, unix.EEXIST) {
+		return m.ensureEndpoint(ep, ch)
+	}
+	for i := len(undo) - 1; i >= 0; i-- {
+		if uerr := undo[i](); uerr != nil {
+			err = errors.Join(err, fmt.Errorf("undo: %w", uerr))
+		}
+	}
+	return info, fmt.Errorf("%s: %w", op, err)
+}
+
 // ensureEndpoint is EnsureEndpoint with m.mu held, counting into ch.
 //
 // Equivalent to: `ip link add vxh-0123456789 mtu 1450 type veth peer name
@@ -83,19 +134,6 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		}
 		retErr = fmt.Errorf("%s: %w", op, retErr)
 	}()
-
-	// The usual case, a new endpoint (CreateEndpoint on Docker's critical
-	// path): the pair is created at once, without looking its names up
-	// first. A name that exists (a replay, a restart, a stray) fails it
-	// with EEXIST before anything is made, and the careful path below
-	// looks at what is there.
-	created, err := m.createPair(ep, br, ch, &undo)
-	if created {
-		return info, err
-	}
-	if !errors.Is(err, unix.EEXIST) {
-		return info, err
-	}
 
 	host, err := m.linkByName(hostName)
 	if err != nil {
@@ -232,10 +270,9 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 	return info, nil
 }
 
-// createPair creates the endpoint's veth pair, as ensureEndpoint would
-// from nothing, in two netlink requests less than the careful path (no
-// lookups of the names before): the pair with
-// its MTU, MAC and the host end up; both ends marked; the host end on the
+// createPair creates the endpoint's veth pair as ensureEndpoint would
+// from nothing, without looking the names up before: the pair with its
+// MTU, MAC and the host end up; both ends marked; the host end on the
 // bridge. It reports whether it created the pair; an error wrapping
 // unix.EEXIST means that a name exists and nothing was made. Undo steps
 // for what it made go into undo. Caller holds m.mu.
