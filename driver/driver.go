@@ -26,6 +26,9 @@ type Dataplane interface {
 	EnsureNetwork(ctx context.Context, n vxlan.Network) (vxlan.NetworkInfo, error)
 	DeleteNetwork(ctx context.Context, vni uint32) error
 	EnsureEndpoint(ctx context.Context, ep vxlan.Endpoint) (vxlan.EndpointInfo, error)
+	// CreateEndpoint is EnsureEndpoint for an endpoint expected to be new
+	// (fewer kernel requests when it is).
+	CreateEndpoint(ctx context.Context, ep vxlan.Endpoint) (vxlan.EndpointInfo, error)
 	DeleteEndpoint(ctx context.Context, id string) error
 	// SetPeers makes the remote peers of a network exactly peers.
 	SetPeers(ctx context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error)
@@ -532,7 +535,10 @@ func (d *Driver) PruneNetworks(ctx context.Context, exists func(ctx context.Cont
 }
 
 // CreateEndpoint records the endpoint, which publishes it to the other
-// hosts, and returns its MAC address if Docker did not give one.
+// hosts, and creates its veth pair on the network's bridge at the same
+// time (as Docker's bridge driver does, so that Join only hands the names
+// back); it returns the endpoint's MAC address if Docker did not give one.
+// If either half fails, the other is undone (settleEndpoint).
 func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.CreateEndpointResponse, error) {
 	op := fmt.Sprintf("create endpoint %s", short(req.EndpointID))
 	ctx, cancel, err := d.callCtx(op)
@@ -595,11 +601,39 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 		resp.Interface = &network.EndpointInterface{MacAddress: rec.MAC}
 	}
 
+	// The veth pair is made while the record is written: the two are
+	// independent, and an attach then costs the slower of the two
+	// instead of their sum. Join only hands the names back (issue 16).
+	d.mu.Lock()
+	known := d.endpoints[rec.ID] != nil
+	d.mu.Unlock()
+	if d.bg.keepVeth(rec.ID) {
+		d.log.Warn("create of an endpoint whose veth was being removed; keeping it", "endpoint", short(rec.ID))
+	}
+	hw, _ := net.ParseMAC(rec.MAC) // parsed or derived above
+	kep := vxlan.Endpoint{ID: rec.ID, VNI: l.rec.VNI, MAC: hw}
+	type vethResult struct {
+		err  error
+		took time.Duration
+	}
+	veth := make(chan vethResult, 1)
+	start := time.Now()
+	go func() {
+		_, err := d.dp.CreateEndpoint(ctx, kep)
+		veth <- vethResult{err, time.Since(start)}
+	}()
 	// Docker may replay CreateEndpoint (also after a crash that left the
 	// record): the same endpoint is success.
-	rec, err = d.cl.CreateEndpoint(ctx, rec)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", op, err)
+	stored, txnErr := d.cl.CreateEndpoint(ctx, rec)
+	recordTook := time.Since(start)
+	if txnErr == nil {
+		rec = stored
+	}
+	v := <-veth
+	// Which half the attach waited for.
+	d.log.Debug("endpoint record and veth pair done", "endpoint", short(rec.ID), "record", recordTook, "veth", v.took)
+	if err := d.settleEndpoint(ctx, op, rec, known, txnErr, v.err); err != nil {
+		return nil, err
 	}
 	d.point("createendpoint/after-record")
 	d.mu.Lock()
@@ -620,6 +654,56 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 	d.mu.Unlock()
 	d.log.Info("endpoint created", netAttrs(l.rec, req.NetworkID, "endpoint", short(rec.ID), "address", endpointAddresses(rec), "mac", rec.MAC, "host", d.cfg.HostID)...)
 	return resp, nil
+}
+
+// undoTimeout bounds the undo of one half of a failed CreateEndpoint, which
+// runs even when the call's own context has expired.
+const undoTimeout = 5 * time.Second
+
+// settleEndpoint decides CreateEndpoint's outcome from its two halves, run
+// side by side: the record's transaction (txnErr) and the veth pair
+// (vethErr, of which EnsureEndpoint undid its own part). Nothing is left
+// half-created: a failed transaction takes the veth pair with it (removed
+// before the error returns), and a failed veth pair the record. known
+// says this host had the endpoint before the call (a replay): the
+// transaction then wrote nothing new and the pair predates the call (a
+// container may hold it), so both stay.
+func (d *Driver) settleEndpoint(ctx context.Context, op string, rec cluster.Endpoint, known bool, txnErr, vethErr error) error {
+	if txnErr == nil && vethErr == nil {
+		return nil
+	}
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
+	defer cancel()
+	if txnErr != nil {
+		err := fmt.Errorf("%s: %w", op, txnErr)
+		if vethErr != nil {
+			return errors.Join(err, fmt.Errorf("%s: veth pair: %w", op, vethErr))
+		}
+		if known {
+			return err
+		}
+		if derr := d.dp.DeleteEndpoint(uctx, rec.ID); derr != nil {
+			// Not left to chance: the background removal retries.
+			d.bg.deleteVeth(rec.ID)
+			return errors.Join(err, fmt.Errorf("undo: remove its veth pair (retried in the background): %w", derr))
+		}
+		return err
+	}
+	err := fmt.Errorf("%s: veth pair: %w", op, vethErr)
+	if known {
+		return err
+	}
+	if derr := d.cl.DeleteEndpoint(uctx, rec.NetworkKey, rec.ID); derr != nil {
+		// The record goes when the store answers again (catchUp); until
+		// then its addresses stay taken.
+		d.mu.Lock()
+		if d.endpoints[rec.ID] == nil {
+			d.endpoints[rec.ID] = &localEndpoint{rec: rec, left: true, removed: true}
+		}
+		d.mu.Unlock()
+		return errors.Join(err, fmt.Errorf("undo: remove its record (retried when the store answers): %w", derr))
+	}
+	return err
 }
 
 // DeleteEndpoint removes the endpoint's veth and its record. Unknown IDs
@@ -728,8 +812,10 @@ func (d *Driver) deleteEndpoint(ctx context.Context, ep *localEndpoint) error {
 	return nil
 }
 
-// Join creates the endpoint's veth pair, attaches it to the network's
-// bridge and hands the other end to Docker. No gateway is returned, so
+// Join hands the container end of the endpoint's veth pair to Docker.
+// CreateEndpoint made the pair; EnsureEndpoint checks it (three lookups, no
+// write) and creates or repairs it if it is missing (an endpoint created
+// by an older version, or a pair lost since). No gateway is returned, so
 // Docker attaches docker_gwbridge for outbound traffic and -p, as it does
 // for its own overlay.
 func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
