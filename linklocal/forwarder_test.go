@@ -9,6 +9,9 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"net/url"
+	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -436,13 +439,55 @@ func TestListenPortTaken(t *testing.T) {
 	if !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "already serves") {
 		t.Errorf("error %q does not name %s and the reason", err, want)
 	}
-	// Nothing was left bound: the TCP port of the same number is free.
-	l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-	if err != nil {
-		t.Errorf("tcp port %d after the failed Listen: %v", port, err)
-	} else {
-		l.Close()
+	// Nothing was left bound: no TCP socket of this process holds the
+	// port. (Another test's process may hold a TCP port of that number:
+	// a CI run saw one, so binding it is no proof.)
+	if inodes := tcpSocketsOnPort(t, port); len(inodes) > 0 {
+		if ours := ownSockets(t); slices.ContainsFunc(inodes, func(i string) bool { return ours[i] }) {
+			t.Errorf("tcp port %d is still bound by this process after the failed Listen", port)
+		}
 	}
+}
+
+// tcpSocketsOnPort returns the inodes of the TCP sockets (IPv4 and IPv6)
+// whose local port is port, from /proc/net/tcp{,6}.
+func tcpSocketsOnPort(t *testing.T, port int) []string {
+	t.Helper()
+	var inodes []string
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			fields := strings.Fields(line)
+			if len(fields) < 10 {
+				continue
+			}
+			_, hexPort, ok := strings.Cut(fields[1], ":")
+			if p, err := strconv.ParseUint(hexPort, 16, 16); ok && err == nil && int(p) == port {
+				inodes = append(inodes, fields[9])
+			}
+		}
+	}
+	return inodes
+}
+
+// ownSockets returns the inodes of this process's open sockets.
+func ownSockets(t *testing.T) map[string]bool {
+	t.Helper()
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]bool{}
+	for _, fd := range fds {
+		target, err := os.Readlink("/proc/self/fd/" + fd.Name())
+		if inode, ok := strings.CutPrefix(target, "socket:["); err == nil && ok {
+			out[strings.TrimSuffix(inode, "]")] = true
+		}
+	}
+	return out
 }
 
 func TestAPIProxyPassesCallerToken(t *testing.T) {
