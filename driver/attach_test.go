@@ -49,10 +49,8 @@ func TestAttachVethAtCreate(t *testing.T) {
 		return d.Join(&network.JoinRequest{NetworkID: "n1", EndpointID: id, SandboxKey: "/var/run/docker/netns/0123456789ab"})
 	}
 	t.Run("veth exists after CreateEndpoint, before Join", func(t *testing.T) {
-		dp := newFake()
 		store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-		d := newTestDriver(t, store, "a", "192.0.2.1", dp)
-		mustCreate(t, d, "n1", "10.1.0.0/24")
+		dp, d := newAttachDriver(t, store)
 		if _, err := d.CreateEndpoint(epReq("n1", "ep1", "10.1.0.2/24")); err != nil {
 			t.Fatal(err)
 		}
@@ -68,10 +66,8 @@ func TestAttachVethAtCreate(t *testing.T) {
 		}
 	})
 	t.Run("failed transaction leaves no veth", func(t *testing.T) {
-		dp := newFake()
 		store := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
-		d := newTestDriver(t, store, "a", "192.0.2.1", dp)
-		mustCreate(t, d, "n1", "10.1.0.0/24")
+		dp, d := newAttachDriver(t, store)
 		store.down.Store(true)
 		_, err := d.CreateEndpoint(epReq("n1", "ep1", "10.1.0.2/24"))
 		store.down.Store(false)
@@ -93,10 +89,8 @@ func TestAttachVethAtCreate(t *testing.T) {
 		}
 	})
 	t.Run("failed veth leaves no record", func(t *testing.T) {
-		dp := newFake()
 		store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-		d := newTestDriver(t, store, "a", "192.0.2.1", dp)
-		mustCreate(t, d, "n1", "10.1.0.0/24")
+		dp, d := newAttachDriver(t, store)
 		dp.dropNetwork(d.network("n1").rec.VNI) // EnsureEndpoint fails: no bridge
 		_, err := d.CreateEndpoint(epReq("n1", "ep1", "10.1.0.2/24"))
 		if err == nil || !strings.Contains(err.Error(), "create endpoint ep1: veth pair") {
@@ -113,10 +107,8 @@ func TestAttachVethAtCreate(t *testing.T) {
 		}
 	})
 	t.Run("Join makes a missing veth", func(t *testing.T) {
-		dp := newFake()
 		store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-		d := newTestDriver(t, store, "a", "192.0.2.1", dp)
-		mustCreate(t, d, "n1", "10.1.0.0/24")
+		dp, d := newAttachDriver(t, store)
 		if _, err := d.CreateEndpoint(epReq("n1", "ep1", "10.1.0.2/24")); err != nil {
 			t.Fatal(err)
 		}
@@ -131,10 +123,8 @@ func TestAttachVethAtCreate(t *testing.T) {
 		}
 	})
 	t.Run("DeleteEndpoint without Join removes the veth", func(t *testing.T) {
-		dp := newFake()
 		store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-		d := newTestDriver(t, store, "a", "192.0.2.1", dp)
-		mustCreate(t, d, "n1", "10.1.0.0/24")
+		dp, d := newAttachDriver(t, store)
 		if _, err := d.CreateEndpoint(epReq("n1", "ep1", "10.1.0.2/24")); err != nil {
 			t.Fatal(err)
 		}
@@ -147,10 +137,8 @@ func TestAttachVethAtCreate(t *testing.T) {
 		}
 	})
 	t.Run("replayed CreateEndpoint keeps the veth, also when its transaction fails", func(t *testing.T) {
-		dp := newFake()
 		store := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
-		d := newTestDriver(t, store, "a", "192.0.2.1", dp)
-		mustCreate(t, d, "n1", "10.1.0.0/24")
+		dp, d := newAttachDriver(t, store)
 		for range 2 {
 			if _, err := d.CreateEndpoint(epReq("n1", "ep1", "10.1.0.2/24")); err != nil {
 				t.Fatal(err)
@@ -173,10 +161,8 @@ func TestAttachVethAtCreate(t *testing.T) {
 		}
 	})
 	t.Run("crash between CreateEndpoint and Join", func(t *testing.T) {
-		dp := newFake()
 		store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-		d := newTestDriver(t, store, "a", "192.0.2.1", dp)
-		mustCreate(t, d, "n1", "10.1.0.0/24")
+		dp, d := newAttachDriver(t, store)
 		if _, err := d.CreateEndpoint(epReq("n1", "ep1", "10.1.0.2/24")); err != nil {
 			t.Fatal(err)
 		}
@@ -310,4 +296,14 @@ func TestAttachVethAtCreateKernel(t *testing.T) {
 	if keys := endpointKeys(t, store); !slices.Equal(keys, []string{"networks/name-app/endpoints/" + ep1, "networks/name-app/endpoints/" + ep3}) {
 		t.Fatalf("records: %v", keys)
 	}
+}
+
+// newAttachDriver is a driver on a fake data plane and store, with network
+// n1 (10.1.0.0/24) created.
+func newAttachDriver(t *testing.T, store kvstore.Store) (*fakeDataplane, *Driver) {
+	t.Helper()
+	dp := newFake()
+	d := newTestDriver(t, store, "a", "192.0.2.1", dp)
+	mustCreate(t, d, "n1", "10.1.0.0/24")
+	return dp, d
 }
