@@ -170,23 +170,10 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 			}
 			ch.Links++
 		}
-		if err := m.step("veth"); err != nil {
+		veth, err := m.addVeth(ep, mtu, ch)
+		if err != nil {
 			return info, err
 		}
-		// Created up (the host end carries nothing until it is on the
-		// bridge, and the container end stays down until Docker
-		// configures it): one netlink request less per attach.
-		veth := &netlink.Veth{
-			LinkAttrs:        netlink.LinkAttrs{Name: hostName, MTU: mtu, Flags: net.FlagUp},
-			PeerName:         contName,
-			PeerMTU:          uint32(mtu),
-			PeerHardwareAddr: ep.MAC,
-		}
-		if err := m.nl.LinkAdd(veth); err != nil {
-			return info, fmt.Errorf("create veth %q/%q: %w", hostName, contName, err)
-		}
-		ch.Links++
-		m.log.Debug("veth created", "link", hostName, "peer", contName, "endpoint", endpointKey(ep.ID), "mac", ep.MAC)
 		// LinkAdd looked the new link's index up: the host end is known
 		// without another lookup.
 		if veth.Attrs().Index == 0 {
@@ -284,26 +271,13 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 // consul-overlay master vxbr-0a1b`.
 func (m *Manager) createPair(ep Endpoint, br netlink.Link, ch *Changes, undo *[]func() error) (bool, error) {
 	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
-	mtu := br.Attrs().MTU
-	if err := m.step("veth"); err != nil {
+	host, err := m.addVeth(ep, br.Attrs().MTU, ch)
+	if err != nil {
 		return false, err
 	}
-	// Created up (the host end carries nothing until it is on the bridge,
-	// and the container end stays down until Docker configures it).
-	host := &netlink.Veth{
-		LinkAttrs:        netlink.LinkAttrs{Name: hostName, MTU: mtu, Flags: net.FlagUp},
-		PeerName:         contName,
-		PeerMTU:          uint32(mtu),
-		PeerHardwareAddr: ep.MAC,
-	}
-	if err := m.nl.LinkAdd(host); err != nil {
-		return false, fmt.Errorf("create veth %q/%q: %w", hostName, contName, err)
-	}
-	ch.Links++
 	// By name: LinkAdd's own lookup of the new link's index may have
 	// failed.
 	*undo = append(*undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
-	m.log.Debug("veth created", "link", hostName, "peer", contName, "endpoint", endpointKey(ep.ID), "mac", ep.MAC)
 	if host.Index == 0 {
 		return true, fmt.Errorf("veth %q: index not found after creation", hostName)
 	}
@@ -326,6 +300,33 @@ func (m *Manager) createPair(ep Endpoint, br netlink.Link, ch *Changes, undo *[]
 	}
 	ch.LinkAttrs++
 	return true, nil
+}
+
+// addVeth creates endpoint ep's veth pair with both ends at mtu and ep's
+// MAC on the container end, created up (the host end carries nothing until
+// it is on the bridge, and the container end stays down until Docker
+// configures it): one netlink request less per attach. The returned link
+// is the host end; its index is 0 when LinkAdd's own lookup failed.
+//
+// Equivalent to: `ip link add vxh-0123456789 mtu 1450 up type veth peer
+// name vxc-0123456789 mtu 1450 address 02:42:0a:0a:00:02`.
+func (m *Manager) addVeth(ep Endpoint, mtu int, ch *Changes) (*netlink.Veth, error) {
+	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
+	if err := m.step("veth"); err != nil {
+		return nil, err
+	}
+	veth := &netlink.Veth{
+		LinkAttrs:        netlink.LinkAttrs{Name: hostName, MTU: mtu, Flags: net.FlagUp},
+		PeerName:         contName,
+		PeerMTU:          uint32(mtu),
+		PeerHardwareAddr: ep.MAC,
+	}
+	if err := m.nl.LinkAdd(veth); err != nil {
+		return nil, fmt.Errorf("create veth %q/%q: %w", hostName, contName, err)
+	}
+	ch.Links++
+	m.log.Debug("veth created", "link", hostName, "peer", contName, "endpoint", endpointKey(ep.ID), "mac", ep.MAC)
+	return veth, nil
 }
 
 // DeleteEndpoint removes an endpoint's veth pair, also when Docker has
