@@ -40,10 +40,11 @@ func (h *testHost) restoreManager(t *testing.T, owner string) *Manager {
 		Owner:          owner,
 		Logger:         testLogger(t).With("host", h.Addr, "owner", owner),
 	}
-	m, err := NewWithHandle(cfg, h.NS.Handle())
+	m, err := NewAt(cfg, h.NS.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { m.Close() })
 	if m.fw.restore[cfg.IPTables] == "" || m.fw.restore[cfg.IP6Tables] == "" {
 		t.Fatalf("iptables-restore not found beside the commands: %v", m.fw.restore)
 	}

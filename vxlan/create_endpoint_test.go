@@ -52,7 +52,7 @@ func TestCreateEndpoint(t *testing.T) {
 	before := linkNames(t, h)
 
 	injected := errors.New("injected")
-	for _, step := range []string{"veth", "veth-alias", "veth-master"} {
+	for _, step := range endpointSteps {
 		t.Run("fail/"+step, func(t *testing.T) {
 			hit := false
 			h.m.failAt = func(s string) error {

@@ -4,15 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
 // Steps of the endpoint create path, in order, for fault injection. A new
-// pair is created up; "veth-up" is a step of the repair of an existing one.
-var endpointSteps = []string{"veth", "veth-alias", "veth-master"}
+// pair is created up and on its bridge; "veth-master" and "veth-up" are
+// steps of the repair of an existing one.
+var endpointSteps = []string{"veth", "veth-alias"}
 
 func (m *Manager) checkEndpoint(ep Endpoint) error {
 	if err := validEndpointID(ep.ID); err != nil {
@@ -170,26 +170,17 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 			}
 			ch.Links++
 		}
-		veth, err := m.addVeth(ep, mtu, ch)
+		if err := m.addVeth(ep, mtu, br.Attrs().Index, ch); err != nil {
+			return info, err
+		}
+		// By name: the pair may exist even if the lookup below fails.
+		undo = append(undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
+		if host, err = m.linkByName(hostName); err == nil && host == nil {
+			err = fmt.Errorf("veth %q gone after creation", hostName)
+		}
 		if err != nil {
 			return info, err
 		}
-		// LinkAdd looked the new link's index up: the host end is known
-		// without another lookup.
-		if veth.Attrs().Index == 0 {
-			host, err = m.linkByName(hostName)
-			if err == nil && host == nil {
-				err = fmt.Errorf("veth %q gone after creation", hostName)
-			}
-			if err != nil {
-				// The pair may exist under the name even if the lookup failed.
-				undo = append(undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
-				return info, err
-			}
-		} else {
-			host = veth
-		}
-		undo = append(undo, func() error { return m.deleteLink(host) })
 		if cont, err = m.linkByName(contName); err != nil {
 			return info, err
 		}
@@ -260,73 +251,58 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 
 // createPair creates the endpoint's veth pair as ensureEndpoint would
 // from nothing, without looking the names up before: the pair with its
-// MTU, MAC and the host end up; both ends marked; the host end on the
-// bridge. It reports whether it created the pair; an error wrapping
-// unix.EEXIST means that a name exists and nothing was made. Undo steps
-// for what it made go into undo. Caller holds m.mu.
+// MTU, MAC, the host end up and on the bridge, in one request; then both
+// ends marked, by name. It reports whether it created the pair; an error
+// wrapping unix.EEXIST means that a name exists and nothing was made. Undo
+// steps for what it made go into undo. Caller holds m.mu.
 //
-// Equivalent to: `ip link add vxh-0123456789 mtu 1450 up type veth peer
-// name vxc-0123456789 mtu 1450 address 02:42:0a:0a:00:02 && ip link set
-// vxc-0123456789 alias consul-overlay && ip link set vxh-0123456789 alias
-// consul-overlay master vxbr-0a1b`.
+// Equivalent to: `ip link add vxh-0123456789 mtu 1450 master vxbr-0a1b up
+// type veth peer name vxc-0123456789 mtu 1450 address 02:42:0a:0a:00:02 &&
+// ip link set vxc-0123456789 alias consul-overlay && ip link set
+// vxh-0123456789 alias consul-overlay`.
 func (m *Manager) createPair(ep Endpoint, br netlink.Link, ch *Changes, undo *[]func() error) (bool, error) {
 	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
-	host, err := m.addVeth(ep, br.Attrs().MTU, ch)
-	if err != nil {
+	if err := m.addVeth(ep, br.Attrs().MTU, br.Attrs().Index, ch); err != nil {
 		return false, err
 	}
-	// By name: LinkAdd's own lookup of the new link's index may have
-	// failed.
 	*undo = append(*undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
-	if host.Index == 0 {
-		return true, fmt.Errorf("veth %q: index not found after creation", hostName)
-	}
 	if err := m.step("veth-alias"); err != nil {
 		return true, err
 	}
-	// The container end by name: the request looks its index up.
-	if err := m.setAlias(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: contName}}); err != nil {
-		return true, err
-	}
-	if err := m.setAlias(host); err != nil {
-		return true, err
+	for _, name := range []string{contName, hostName} {
+		if err := m.setAliasByName(name); err != nil {
+			return true, err
+		}
 	}
 	ch.LinkAttrs += 2
-	if err := m.step("veth-master"); err != nil {
-		return true, err
-	}
-	if err := m.setMaster(host, br); err != nil {
-		return true, err
-	}
-	ch.LinkAttrs++
 	return true, nil
 }
 
-// addVeth creates endpoint ep's veth pair with both ends at mtu and ep's
-// MAC on the container end, created up (the host end carries nothing until
-// it is on the bridge, and the container end stays down until Docker
-// configures it): one netlink request less per attach. The returned link
-// is the host end; its index is 0 when LinkAdd's own lookup failed.
+// addVeth creates endpoint ep's veth pair in one request: both ends at
+// mtu, ep's MAC on the container end, the host end up and on the bridge
+// with index master (the host end carries nothing until it is on the
+// bridge, and the container end stays down until Docker configures it).
+// An error wrapping unix.EEXIST means a name exists and nothing was made;
+// the kernel makes all of it or nothing.
 //
-// Equivalent to: `ip link add vxh-0123456789 mtu 1450 up type veth peer
-// name vxc-0123456789 mtu 1450 address 02:42:0a:0a:00:02`.
-func (m *Manager) addVeth(ep Endpoint, mtu int, ch *Changes) (*netlink.Veth, error) {
+// Equivalent to: `ip link add vxh-0123456789 mtu 1450 master vxbr-0a1b up
+// type veth peer name vxc-0123456789 mtu 1450 address 02:42:0a:0a:00:02`.
+func (m *Manager) addVeth(ep Endpoint, mtu, master int, ch *Changes) error {
 	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
 	if err := m.step("veth"); err != nil {
-		return nil, err
+		return err
 	}
-	veth := &netlink.Veth{
-		LinkAttrs:        netlink.LinkAttrs{Name: hostName, MTU: mtu, Flags: net.FlagUp},
-		PeerName:         contName,
-		PeerMTU:          uint32(mtu),
-		PeerHardwareAddr: ep.MAC,
+	if m.rt == nil {
+		return fmt.Errorf("create veth %q/%q: the manager has no netlink route socket", hostName, contName)
 	}
-	if err := m.nl.LinkAdd(veth); err != nil {
-		return nil, fmt.Errorf("create veth %q/%q: %w", hostName, contName, err)
+	err := m.rt.addVethPair(vethPair{name: hostName, peer: contName, mtu: mtu, master: master, mac: ep.MAC})
+	if err != nil {
+		return fmt.Errorf("create veth %q/%q: %w", hostName, contName, err)
 	}
 	ch.Links++
-	m.log.Debug("veth created", "link", hostName, "peer", contName, "endpoint", endpointKey(ep.ID), "mac", ep.MAC)
-	return veth, nil
+	ch.LinkAttrs++ // on the bridge
+	m.log.Debug("veth created", "link", hostName, "peer", contName, "endpoint", endpointKey(ep.ID), "mac", ep.MAC, "master", master)
+	return nil
 }
 
 // DeleteEndpoint removes an endpoint's veth pair, also when Docker has

@@ -84,10 +84,11 @@ func (h *testHost) manager(t *testing.T, owner string) *Manager {
 		Owner:          owner,
 		Logger:         testLogger(t).With("host", h.Addr, "owner", owner),
 	}
-	m, err := NewWithHandle(cfg, h.NS.Handle())
+	m, err := NewAt(cfg, h.NS.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { m.Close() })
 	return m
 }
 

@@ -22,7 +22,7 @@ var testLinkLocal = netip.MustParseAddr("169.254.1.1")
 // linkLocalManager is h's manager with the well-known address ll.
 func (h *testHost) linkLocalManager(t *testing.T, ll netip.Addr) *Manager {
 	t.Helper()
-	m, err := NewWithHandle(Config{
+	m, err := NewAt(Config{
 		VTEP:           h.Addr,
 		IPTables:       nsWrapper(t, h.NS, "iptables"),
 		IP6Tables:      nsWrapper(t, h.NS, "ip6tables"),
@@ -30,10 +30,11 @@ func (h *testHost) linkLocalManager(t *testing.T, ll netip.Addr) *Manager {
 		NoTrackBridged: true, // the NOTRACK rule is exercised and counted too
 		LinkLocal:      ll,
 		Logger:         testLogger(t).With("host", h.Addr),
-	}, h.NS.Handle())
+	}, h.NS.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { m.Close() })
 	return m
 }
 

@@ -90,6 +90,22 @@ func (m *Manager) setAlias(l netlink.Link) error {
 	return nil
 }
 
+// setAliasByName marks the link named name as ours, without looking its
+// index up first.
+//
+// Equivalent to: `ip link set <name> alias consul-overlay-<owner>`.
+func (m *Manager) setAliasByName(name string) error {
+	m.snap.forget(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}})
+	if m.rt == nil {
+		return fmt.Errorf("set alias of %q: the manager has no netlink route socket", name)
+	}
+	if err := m.rt.setAlias(name, m.mark); err != nil {
+		return fmt.Errorf("set alias of %q: %w", name, err)
+	}
+	m.log.Debug("link alias set", "link", name)
+	return nil
+}
+
 // owns reports whether a link carries this Manager's owner mark.
 func (m *Manager) owns(l netlink.Link) bool { return l.Attrs().Alias == m.mark }
 

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 )
 
 // ErrNotFound reports that an object a call depends on does not exist, for
@@ -165,7 +166,9 @@ type Manager struct {
 	mark      string // OwnerMark(cfg.Owner): our links' alias, our rules' comment
 	log       *slog.Logger
 	nl        *netlink.Handle
+	rt        *routeSocket // the attach path's requests (rtnl.go)
 	ownHandle bool
+	closeOnce sync.Once
 	fw        *firewall
 	mtu       int        // underlay MTU
 	announce  *announcer // nil: no gratuitous ARPs (a Manager on a foreign handle)
@@ -192,30 +195,59 @@ type Manager struct {
 // New returns a Manager that programs the caller's network namespace. Call
 // Close to release its netlink sockets.
 func New(cfg Config) (*Manager, error) {
-	h, err := netlink.NewHandle()
+	m, err := open(cfg, netns.None())
 	if err != nil {
-		return nil, fmt.Errorf("open netlink handle: %w", err)
-	}
-	m, err := NewWithHandle(cfg, h)
-	if err != nil {
-		h.Close()
 		return nil, err
 	}
-	m.ownHandle = true
-	// The packet socket belongs to the caller's namespace, as the handle
-	// does; NewWithHandle cannot know the handle's namespace and sends none.
+	// The packet socket belongs to the caller's namespace, as the netlink
+	// sockets do; NewAt's Manager sends no announcements.
 	if m.announce, err = newAnnouncer(); err != nil {
 		m.log.Warn("remote endpoints will not be announced", "error", err)
 	}
 	return m, nil
 }
 
-// NewWithHandle returns a Manager that programs the namespace h is bound
-// to (netlink.NewHandleAt), so a test can drive a namespace without
-// switching the thread of a long-lived goroutine. The caller keeps
-// ownership of h. iptables commands run in the caller's namespace unless
-// Config points them at a wrapper.
-func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
+// NewAt returns a Manager that programs the network namespace at path
+// (a bind mount such as /run/netns/NAME), so a test can drive a namespace
+// without switching the thread of a long-lived goroutine. iptables
+// commands run in the caller's namespace unless Config points them at a
+// wrapper. Call Close to release its netlink sockets, which hold the
+// namespace.
+func NewAt(cfg Config, path string) (*Manager, error) {
+	ns, err := netns.GetFromPath(path)
+	if err != nil {
+		return nil, fmt.Errorf("vxlan: open network namespace %s: %w", path, err)
+	}
+	defer ns.Close()
+	return open(cfg, ns)
+}
+
+// open returns a Manager with netlink sockets of its own in namespace ns
+// (netns.None(): the caller's).
+func open(cfg Config, ns netns.NsHandle) (*Manager, error) {
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return nil, fmt.Errorf("open netlink handle: %w", err)
+	}
+	rt, err := openRouteSocket(ns)
+	if err != nil {
+		h.Close()
+		return nil, err
+	}
+	m, err := newManager(cfg, h)
+	if err != nil {
+		rt.close()
+		h.Close()
+		return nil, err
+	}
+	m.ownHandle, m.rt = true, rt
+	return m, nil
+}
+
+// newManager returns a Manager that programs the namespace h is bound to
+// (nil: a Manager for checks that touch no kernel). It has no route
+// socket: its caller adds one.
+func newManager(cfg Config, h *netlink.Handle) (*Manager, error) {
 	if !cfg.VTEP.IsValid() {
 		return nil, errors.New("vxlan: VTEP address is required")
 	}
@@ -273,12 +305,16 @@ func NewWithHandle(cfg Config, h *netlink.Handle) (*Manager, error) {
 	return m, nil
 }
 
-// Close releases the netlink handle if New opened it.
+// Close releases the sockets New or NewAt opened. A second Close does
+// nothing.
 func (m *Manager) Close() error {
-	m.announce.close()
-	if m.ownHandle {
-		m.nl.Close()
-	}
+	m.closeOnce.Do(func() {
+		m.announce.close()
+		if m.ownHandle {
+			m.nl.Close()
+		}
+		m.rt.close()
+	})
 	return nil
 }
 

@@ -114,7 +114,7 @@ func TestNames(t *testing.T) {
 // unitManager is a Manager for checks that never reach the kernel.
 func unitManager(t *testing.T, vtep string) *Manager {
 	t.Helper()
-	m, err := NewWithHandle(Config{VTEP: netip.MustParseAddr(vtep), UnderlayMTU: 1500, IPTables: "-", IP6Tables: "-", Sysctl: "-"}, nil)
+	m, err := newManager(Config{VTEP: netip.MustParseAddr(vtep), UnderlayMTU: 1500, IPTables: "-", IP6Tables: "-", Sysctl: "-"}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -281,8 +281,8 @@ func TestOwnerMarks(t *testing.T) {
 		if err := validOwner(owner); err == nil {
 			t.Errorf("validOwner(%q) accepted", owner)
 		}
-		if _, err := NewWithHandle(Config{VTEP: netip.MustParseAddr("192.0.2.1"), Owner: owner}, nil); err == nil {
-			t.Errorf("NewWithHandle with owner %q accepted", owner)
+		if _, err := newManager(Config{VTEP: netip.MustParseAddr("192.0.2.1"), Owner: owner}, nil); err == nil {
+			t.Errorf("newManager with owner %q accepted", owner)
 		}
 	}
 }

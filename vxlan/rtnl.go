@@ -1,0 +1,99 @@
+package vxlan
+
+import (
+	"fmt"
+	"net"
+
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// routeSocket is a NETLINK_ROUTE socket of the Manager's namespace for the
+// two requests of the attach path that the netlink library spreads over
+// several round trips: a veth pair created up, with its MTU, its peer's MAC
+// and its master in one message (the library looks the new link up after
+// creating it and sends the master in a request of its own), and a link's
+// alias set by name (the library looks the index up first). The requests
+// are built with the library's own message types (package nl).
+type routeSocket struct {
+	sockets map[int]*nl.SocketHandle
+}
+
+// openRouteSocket opens the socket in namespace ns (netns.None(): the
+// caller's).
+func openRouteSocket(ns netns.NsHandle) (*routeSocket, error) {
+	s, err := nl.GetNetlinkSocketAt(ns, netns.None(), unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("open netlink route socket: %w", err)
+	}
+	return &routeSocket{sockets: map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: {Socket: s}}}, nil
+}
+
+func (r *routeSocket) close() {
+	if r != nil {
+		r.sockets[unix.NETLINK_ROUTE].Close()
+	}
+}
+
+// request starts a request of type typ that asks for an acknowledgement.
+func (r *routeSocket) request(typ uint16, flags int) *nl.NetlinkRequest {
+	return &nl.NetlinkRequest{
+		NlMsghdr: unix.NlMsghdr{
+			Len:   uint32(unix.SizeofNlMsghdr),
+			Type:  typ,
+			Flags: uint16(unix.NLM_F_REQUEST | unix.NLM_F_ACK | flags),
+		},
+		Sockets: r.sockets,
+	}
+}
+
+// vethPair describes a veth pair to create: the host end up on the bridge
+// with index master, the peer (container) end down with mac.
+type vethPair struct {
+	name, peer string
+	mtu        int
+	master     int
+	mac        net.HardwareAddr
+}
+
+// addVethPair creates the pair in one request; an error wrapping
+// unix.EEXIST means a name exists and nothing was made.
+//
+// Equivalent to: `ip link add <name> mtu <mtu> master <bridge> up type veth
+// peer name <peer> mtu <mtu> address <mac>`.
+func (r *routeSocket) addVethPair(v vethPair) error {
+	req := r.request(unix.RTM_NEWLINK, unix.NLM_F_CREATE|unix.NLM_F_EXCL)
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Flags, msg.Change = unix.IFF_UP, unix.IFF_UP
+	req.AddData(msg)
+	req.AddData(nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(v.name)))
+	req.AddData(nl.NewRtAttr(unix.IFLA_MTU, nl.Uint32Attr(uint32(v.mtu))))
+	if v.master > 0 {
+		req.AddData(nl.NewRtAttr(unix.IFLA_MASTER, nl.Uint32Attr(uint32(v.master))))
+	}
+	info := nl.NewRtAttr(unix.IFLA_LINKINFO, nil)
+	info.AddRtAttr(nl.IFLA_INFO_KIND, nl.NonZeroTerminated("veth"))
+	peer := info.AddRtAttr(nl.IFLA_INFO_DATA, nil).AddRtAttr(nl.VETH_INFO_PEER, nil)
+	nl.NewIfInfomsgChild(peer, unix.AF_UNSPEC)
+	peer.AddRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(v.peer))
+	peer.AddRtAttr(unix.IFLA_MTU, nl.Uint32Attr(uint32(v.mtu)))
+	if v.mac != nil {
+		peer.AddRtAttr(unix.IFLA_ADDRESS, []byte(v.mac))
+	}
+	req.AddData(info)
+	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
+	return err
+}
+
+// setAlias sets the alias of the link named name.
+//
+// Equivalent to: `ip link set <name> alias <alias>`.
+func (r *routeSocket) setAlias(name, alias string) error {
+	req := r.request(unix.RTM_SETLINK, 0)
+	req.AddData(nl.NewIfInfomsg(unix.AF_UNSPEC))
+	req.AddData(nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(name)))
+	req.AddData(nl.NewRtAttr(unix.IFLA_IFALIAS, []byte(alias)))
+	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
+	return err
+}
