@@ -106,13 +106,31 @@ func TestAttachVethAtCreate(t *testing.T) {
 			t.Fatal("endpoint left in the driver's table")
 		}
 	})
-	t.Run("Join makes a missing veth", func(t *testing.T) {
+	t.Run("Join after CreateEndpoint asks the kernel nothing; a later Join makes a missing veth", func(t *testing.T) {
 		store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
 		dp, d := newAttachDriver(t, store)
 		if _, err := d.CreateEndpoint(epReq("n1", "ep1", "10.1.0.2/24")); err != nil {
 			t.Fatal(err)
 		}
-		if err := dp.DeleteEndpoint(t.Context(), "ep1"); err != nil { // lost, or an older version's endpoint
+		// Gone behind the driver's back: the Join that follows
+		// CreateEndpoint trusts the pair CreateEndpoint made, as Docker's
+		// bridge driver does (Docker names the interface it cannot move).
+		if err := dp.DeleteEndpoint(t.Context(), "ep1"); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := join(d, "ep1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.InterfaceName.SrcName != vxlan.ContainerIfName("ep1") {
+			t.Fatalf("Join handed back %q", resp.InterfaceName.SrcName)
+		}
+		if dp.hasEndpoint("ep1") {
+			t.Fatal("Join after CreateEndpoint went to the kernel")
+		}
+		// Any other Join (a replay after Leave; a restarted plugin, see
+		// TestAttachVethAtCreateKernel) checks the pair and makes it.
+		if err := d.Leave(&network.LeaveRequest{NetworkID: "n1", EndpointID: "ep1"}); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := join(d, "ep1"); err != nil {
@@ -186,10 +204,11 @@ func TestAttachVethAtCreate(t *testing.T) {
 func TestAttachVethAtCreateKernel(t *testing.T) {
 	testenv.RequireRoot(t)
 	h := testenv.NewUnderlay(t, 1, testenv.UnderlayOptions{})[0]
-	m, err := vxlan.NewWithHandle(vxlan.Config{VTEP: h.Addr, IPTables: "-", IP6Tables: "-", Sysctl: "-"}, h.NS.Handle())
+	m, err := vxlan.NewAt(vxlan.Config{VTEP: h.Addr, IPTables: "-", IP6Tables: "-", Sysctl: "-"}, h.NS.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { m.Close() })
 	nlh := h.NS.Handle()
 	store := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
 	d := newTestDriver(t, store, "a", h.Addr.String(), m)

@@ -179,6 +179,11 @@ type localEndpoint struct {
 	// store was unreachable: Docker is done with the endpoint, its record
 	// and addresses go when the store answers again (catchUp).
 	removed bool
+	// vethMade is set by a CreateEndpoint of this process that made or
+	// checked the veth pair, and cleared by the Join that follows: that
+	// Join hands the names back without asking the kernel again, as
+	// Docker's bridge driver does. Any other Join ensures the pair.
+	vethMade bool
 }
 
 var _ network.Driver = (*Driver)(nil)
@@ -648,8 +653,9 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 		if len(old.rec.Ports) == 0 {
 			old.rec.Ports = ports
 		}
+		old.vethMade = true
 	} else {
-		d.endpoints[rec.ID] = &localEndpoint{rec: rec}
+		d.endpoints[rec.ID] = &localEndpoint{rec: rec, vethMade: true}
 	}
 	d.mu.Unlock()
 	d.log.Info("endpoint created", netAttrs(l.rec, req.NetworkID, "endpoint", short(rec.ID), "address", endpointAddresses(rec), "mac", rec.MAC, "host", d.cfg.HostID)...)
@@ -832,8 +838,10 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 	d.mu.Lock()
 	ep := d.endpoints[req.EndpointID]
 	var mac string
+	var made bool
 	if ep != nil {
-		mac = ep.rec.MAC
+		mac, made = ep.rec.MAC, ep.vethMade
+		ep.vethMade = false
 	}
 	d.mu.Unlock()
 	if ep == nil {
@@ -845,17 +853,24 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 	}
 	if d.bg.keepVeth(req.EndpointID) {
 		d.log.Warn("join of an endpoint whose veth was being removed; keeping it", "endpoint", short(req.EndpointID))
+		made = false
 	}
-	info, err := d.dp.EnsureEndpoint(ctx, vxlan.Endpoint{ID: req.EndpointID, VNI: l.rec.VNI, MAC: hw})
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", op, err)
+	ifname := vxlan.ContainerIfName(req.EndpointID)
+	if !made {
+		// A restart, a replay or a second Join since CreateEndpoint: the
+		// pair is checked and repaired or made again.
+		info, err := d.dp.EnsureEndpoint(ctx, vxlan.Endpoint{ID: req.EndpointID, VNI: l.rec.VNI, MAC: hw})
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", op, err)
+		}
+		ifname = info.ContainerIf
 	}
 	d.point("join/after-veth")
-	resp := &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: info.ContainerIf, DstPrefix: "eth"}}
+	resp := &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: ifname, DstPrefix: "eth"}}
 	if r := d.linkLocalRoute(ep, req.SandboxKey); r != nil {
 		resp.StaticRoutes = append(resp.StaticRoutes, r)
 	}
-	d.log.Info("endpoint joined", netAttrs(l.rec, req.NetworkID, "endpoint", short(req.EndpointID), "link", info.ContainerIf, "linklocal_route", len(resp.StaticRoutes) > 0)...)
+	d.log.Info("endpoint joined", netAttrs(l.rec, req.NetworkID, "endpoint", short(req.EndpointID), "link", ifname, "linklocal_route", len(resp.StaticRoutes) > 0)...)
 	d.joined(l, ep, req)
 	return resp, nil
 }
@@ -874,6 +889,7 @@ func (d *Driver) Leave(req *network.LeaveRequest) error {
 	var l *logical
 	if ep != nil {
 		ep.left = true
+		ep.vethMade = false
 		l = d.networks[req.NetworkID]
 	}
 	d.mu.Unlock()
