@@ -32,6 +32,9 @@ type Dataplane interface {
 	DeleteEndpoint(ctx context.Context, id string) error
 	// SetPeers makes the remote peers of a network exactly peers.
 	SetPeers(ctx context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error)
+	// UpdatePeers is SetPeers for a change of the list: it may compare
+	// with what the last call left instead of the kernel's tables.
+	UpdatePeers(ctx context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error)
 	// Reconcile makes the kernel match a full description, removing
 	// strays.
 	Reconcile(ctx context.Context, desired vxlan.State) (vxlan.Changes, error)

@@ -90,6 +90,9 @@ func (f *fakeDataplane) DeleteEndpoint(_ context.Context, id string) error {
 	delete(f.endpoints, id)
 	return nil
 }
+func (f *fakeDataplane) UpdatePeers(ctx context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error) {
+	return f.SetPeers(ctx, vni, peers)
+}
 func (f *fakeDataplane) SetPeers(_ context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

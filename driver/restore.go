@@ -55,6 +55,9 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 	resync := time.NewTicker(d.cfg.PeerResync)
 	defer resync.Stop()
 	for {
+		// A change is written as such; a retry and a resync compare with
+		// the kernel's tables.
+		set := d.dp.SetPeers
 		select {
 		case <-ctx.Done():
 			return
@@ -66,13 +69,14 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 			if arrived.IsZero() {
 				arrived = time.Now()
 			}
+			set = d.dp.UpdatePeers
 		case <-retry.C:
 		case <-resync.C:
 		}
 		if !have {
 			continue
 		}
-		ch, err := d.dp.SetPeers(ctx, l.rec.VNI, vxlanPeers(l.rec.VNI, last))
+		ch, err := set(ctx, l.rec.VNI, vxlanPeers(l.rec.VNI, last))
 		if err != nil {
 			if ctx.Err() != nil {
 				return

@@ -100,6 +100,12 @@ func (d meteredDataplane) SetPeers(ctx context.Context, vni uint32, peers []vxla
 	return ch, err
 }
 
+func (d meteredDataplane) UpdatePeers(ctx context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error) {
+	ch, err := d.Dataplane.UpdatePeers(ctx, vni, peers)
+	d.m.ObserveReconcile("peers", ch.Total(), err)
+	return ch, err
+}
+
 func (d meteredDataplane) Reconcile(ctx context.Context, desired vxlan.State) (vxlan.Changes, error) {
 	ch, err := d.Dataplane.Reconcile(ctx, desired)
 	d.m.ObserveReconcile("full", ch.Total(), err)

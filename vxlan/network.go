@@ -140,7 +140,7 @@ func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, f
 	if err := m.ensureLinkLocal(br, ch); err != nil {
 		return info, err
 	}
-	if err := m.syncPeerEntries(vx, n.VNI, keepEntries, ch); err != nil {
+	if err := m.syncPeerEntries(vx, n.VNI, keepEntries, false, ch); err != nil {
 		return info, err
 	}
 	if n.Encrypted {
@@ -436,6 +436,7 @@ func (m *Manager) DeleteNetwork(ctx context.Context, vni uint32) error {
 // Equivalent to: `ip link del vxh-… ; ip link del vx-0a1b ; ip link del
 // vxbr-0a1b` plus the iptables deletes.
 func (m *Manager) deleteNetwork(ctx context.Context, vni uint32, ch *Changes) error {
+	delete(m.inKernel, vni)
 	var errs []error
 	brName := BridgeName(vni)
 	br, err := m.linkByName(brName)

@@ -157,6 +157,7 @@ func (m *Manager) AddPeer(ctx context.Context, p Peer) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	delete(m.inKernel, p.VNI) // written entry by entry
 	set := m.peers[p.VNI]
 	if set == nil {
 		set = newPeerSet()
@@ -195,6 +196,7 @@ func (m *Manager) DeletePeer(ctx context.Context, p Peer) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	delete(m.inKernel, p.VNI) // written entry by entry
 	set := m.peers[p.VNI]
 	if set == nil {
 		set = newPeerSet()
@@ -387,28 +389,69 @@ func fdbEntry(idx int, mac [6]byte, vtep netip.Addr) *netlink.Neigh {
 // `bridge fdb show dev vx-0a1b self` with the peers, then the `ip neigh
 // del`, `bridge fdb del`, `bridge fdb append`, `bridge fdb replace` and
 // `ip neigh replace` commands above for the differences.
-func (m *Manager) syncPeers(vx netlink.Link, vni uint32, ch *Changes) error {
-	return m.syncPeerEntries(vx, vni, false, ch)
+func (m *Manager) syncPeers(vx netlink.Link, vni uint32, delta bool, ch *Changes) error {
+	return m.syncPeerEntries(vx, vni, false, delta, ch)
+}
+
+// kernelPeers is what the last successful sync of a network's peers left
+// in its VXLAN device's tables: the entries its peer set implies.
+type kernelPeers struct {
+	index int // the device's
+	neigh map[netip.Addr][6]byte
+	fdb   map[[6]byte]netip.Addr
+	flood map[netip.Addr]bool
+}
+
+// entriesOf returns the entries set implies on the device with index idx.
+func entriesOf(idx int, set *peerSet) kernelPeers {
+	k := kernelPeers{index: idx, neigh: make(map[netip.Addr][6]byte, len(set.byIP)), fdb: make(map[[6]byte]netip.Addr, len(set.byMAC)), flood: make(map[netip.Addr]bool, len(set.vteps))}
+	for ip := range set.byIP {
+		k.neigh[ip], _ = set.neighFor(ip)
+	}
+	for mac := range set.byMAC {
+		k.fdb[mac], _ = set.fdbFor(mac)
+	}
+	for v := range set.vteps {
+		k.flood[v] = true
+	}
+	return k
 }
 
 // syncPeerEntries is syncPeers; with keepAll it only adds and replaces
-// entries and removes none.
-func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll bool, ch *Changes) error {
+// entries and removes none. With delta, and when the last sync of the
+// network succeeded on the same device, it compares with what that sync
+// left instead of reading the device's tables (three dumps, each as large
+// as the network): a change then costs the writes it needs. SetPeers
+// reads the tables always, so what another tool changed is repaired by
+// the next resync.
+func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll, delta bool, ch *Changes) (retErr error) {
 	set := m.peers[vni]
 	if set == nil {
 		set = newPeerSet()
 	}
 	idx := vx.Attrs().Index
 	name := vx.Attrs().Name
-	stepped := false
-	step := func() error {
-		if stepped {
-			return nil
+	last, known := m.inKernel[vni]
+	delete(m.inKernel, vni)
+	defer func() {
+		if retErr == nil && !keepAll {
+			if m.inKernel == nil {
+				m.inKernel = map[uint32]kernelPeers{}
+			}
+			m.inKernel[vni] = entriesOf(idx, set)
 		}
-		stepped = true
-		return m.step("peers")
+	}()
+	if delta && known && last.index == idx {
+		var zero [6]byte
+		haveFDB := make(map[[6]byte][]netip.Addr, len(last.fdb)+1)
+		for mac, v := range last.fdb {
+			haveFDB[mac] = []netip.Addr{v}
+		}
+		for v := range last.flood {
+			haveFDB[zero] = append(haveFDB[zero], v)
+		}
+		return m.writePeerEntries(vx, set, last.neigh, haveFDB, keepAll, ch)
 	}
-
 	// What the kernel holds.
 	// Reconcile's snapshot when it stands for this device's tables.
 	list := func(fam int) ([]netlink.Neigh, error) {
@@ -450,6 +493,22 @@ func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll bool, ch 
 		}
 		mac := [6]byte(n.HardwareAddr)
 		haveFDB[mac] = append(haveFDB[mac], vtep.Unmap())
+	}
+	return m.writePeerEntries(vx, set, haveNeigh, haveFDB, keepAll, ch)
+}
+
+// writePeerEntries makes the device's entries those set implies, given
+// what it holds: its permanent neighbours (IP to MAC) and its own FDB
+// entries (MAC to VTEPs; the all-zeros MAC holds the flood list).
+func (m *Manager) writePeerEntries(vx netlink.Link, set *peerSet, haveNeigh map[netip.Addr][6]byte, haveFDB map[[6]byte][]netip.Addr, keepAll bool, ch *Changes) error {
+	name := vx.Attrs().Name
+	stepped := false
+	step := func() error {
+		if stepped {
+			return nil
+		}
+		stepped = true
+		return m.step("peers")
 	}
 
 	// Remove what is not wanted: neighbours first.

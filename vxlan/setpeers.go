@@ -21,6 +21,21 @@ import (
 // `bridge fdb show dev vx-0a1b self` with the list, then `ip neigh
 // replace|del` and `bridge fdb replace|append|del` for the differences.
 func (m *Manager) SetPeers(ctx context.Context, vni uint32, peers []Peer) (Changes, error) {
+	return m.setPeers(vni, peers, false)
+}
+
+// UpdatePeers is SetPeers for a change of the list: when the last sync of
+// the network's peers succeeded on the same device, it writes what
+// differs from that list without reading the device's tables back, so a
+// change costs its own writes, not three dumps as large as the network.
+// An entry another tool removed or changed is repaired by the next
+// SetPeers.
+func (m *Manager) UpdatePeers(ctx context.Context, vni uint32, peers []Peer) (Changes, error) {
+	return m.setPeers(vni, peers, true)
+}
+
+// setPeers is SetPeers, or UpdatePeers with delta.
+func (m *Manager) setPeers(vni uint32, peers []Peer, delta bool) (Changes, error) {
 	var ch Changes
 	if err := validVNI(vni); err != nil {
 		return ch, fmt.Errorf("set peers: %w", err)
@@ -89,7 +104,7 @@ func (m *Manager) SetPeers(ctx context.Context, vni uint32, peers []Peer) (Chang
 		return ch, errors.Join(append(errs, fmt.Errorf("set peers (vni %d): %w", vni, err))...)
 	}
 	if vx != nil {
-		if err := m.syncPeers(vx, vni, &ch); err != nil {
+		if err := m.syncPeers(vx, vni, delta, &ch); err != nil {
 			errs = append(errs, fmt.Errorf("set peers (vni %d): %w", vni, err))
 		}
 	}
@@ -133,6 +148,7 @@ func (m *Manager) SetVTEP(ctx context.Context, vtep netip.Addr, nets []Network) 
 	}
 	old := m.cfg.VTEP
 	m.cfg.VTEP = vtep
+	m.inKernel = nil // devices are replaced, entries written again
 	// A peer at the new address would now be this host.
 	for vni, set := range m.peers {
 		for k := range set.peers {
