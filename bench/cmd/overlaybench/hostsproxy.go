@@ -30,6 +30,7 @@ type consulMeter struct {
 	srv *http.Server
 
 	mu       sync.Mutex
+	trace    io.Writer        // BENCH_METER_TRACE's file, or nil
 	counts   map[string]int64 // by label, see label
 	bytes    int64
 	inflight map[string]int // open blocking queries by client IP
@@ -64,6 +65,15 @@ func startConsulMeter(t *runner, host *testenv.Host, agent *testenv.ConsulAgent)
 	}
 	rp.ErrorLog = log.New(io.Discard, "", 0)
 	m := &consulMeter{Addr: ln.Addr().String(), counts: map[string]int64{}, inflight: map[string]int{}}
+	if path := os.Getenv("BENCH_METER_TRACE"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatalf("consul meter: %v", err)
+		}
+		w := bufio.NewWriter(f)
+		t.Cleanup(func() { w.Flush(); f.Close() })
+		m.trace = w
+	}
 	m.srv = &http.Server{Handler: m.handler(rp), ErrorLog: log.New(io.Discard, "", 0)}
 	go func() { _ = m.srv.Serve(ln) }()
 	t.Cleanup(func() { _ = m.srv.Close() })
@@ -113,8 +123,15 @@ func (m *consulMeter) handler(next http.Handler) http.Handler {
 		}
 		m.mu.Unlock()
 		cw := &countingWriter{ResponseWriter: w}
+		start := time.Now()
 		next.ServeHTTP(cw, r)
 		m.mu.Lock()
+		if m.trace != nil {
+			// BENCH_METER_TRACE: one line a request, for finding out which
+			// queries answer a change.
+			fmt.Fprintf(m.trace, "%s %s %s %s %d %s %s\n", start.Format("15:04:05.000000"), ip, r.Method, r.URL.RequestURI(), cw.n,
+				cw.Header().Get("X-Consul-Index"), time.Since(start).Round(time.Microsecond))
+		}
 		m.bytes += cw.n
 		if blocking {
 			m.inflight[ip]--

@@ -49,4 +49,7 @@ const intro = "# Benchmarks\n\n" +
 	"CI=true. The run fails if the overlay carries no traffic or a section cannot finish, never because a figure is " +
 	"slow: the targets are reported, not asserted. `-v` (`go run ./bench/cmd/overlaybench -v`) shows progress and " +
 	"the tools' output. For experiments, BENCH_PLUGIN_ENV='KEY=VALUE ...' passes extra settings to the scale test's " +
-	"plugins and BENCH_NET_OPTS='k=v,...' extra options to its network.\n"
+	"plugins and BENCH_NET_OPTS='k=v,...' extra options to its network; in the `hosts` section, BENCH_HOSTS_SAMPLES " +
+	"sets the number of new endpoints of the convergence phase (30; more to profile it, with " +
+	"BENCH_PLUGIN_ENV=DEBUG_PPROF=1) and BENCH_METER_TRACE=FILE writes every request the Consul meter forwarded " +
+	"(time, client, request, bytes answered, X-Consul-Index, duration).\n"

@@ -125,6 +125,9 @@ func run(quick bool, bin, out, only string, verbose bool) int {
 	if n, err := strconv.Atoi(os.Getenv("BENCH_HOSTS_NETWORKS")); err == nil && n >= 0 {
 		cfg.hostsNetworks = n
 	}
+	if n, err := strconv.Atoi(os.Getenv("BENCH_HOSTS_SAMPLES")); err == nil && n > 0 {
+		cfg.hostsSamples = n // longer convergence phases, to profile them
+	}
 	if v := os.Getenv("BENCH_HOSTS_SIZES"); v != "" { // e.g. 10,25
 		var sizes []int
 		for _, f := range strings.Split(v, ",") {
