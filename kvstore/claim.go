@@ -321,27 +321,12 @@ func (cl *Claim) run(ctx context.Context) {
 // fresh renewal and read before it acts: a snapshot can be older than a
 // re-acquire.
 func (cl *Claim) watch(ctx context.Context) {
-	c := cl.c
-	var index uint64
-	backoff := watchBackoffMin
-	for {
-		rctx, cancel, _ := c.request(ctx, watchWait+watchWait/16+c.timeout)
-		q := &api.QueryOptions{WaitIndex: index, WaitTime: watchWait, RequireConsistent: true}
-		p, meta, err := c.kv.Get(cl.key, q.WithContext(rctx))
-		cancel()
-		if ctx.Err() != nil {
-			return
-		}
-		if err != nil {
-			index = 0 // a new server may have a smaller index
-			if !sleepCtx(ctx, backoff) {
-				return
-			}
-			backoff = min(2*backoff, watchBackoffMax)
-			continue
-		}
-		backoff = watchBackoffMin
-		index = max(meta.LastIndex, 1)
+	var p *api.KVPair
+	query := func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
+		p, meta, err = cl.c.kv.Get(cl.key, q)
+		return meta, err
+	}
+	cl.c.follow(ctx, query, func() bool {
 		if id := cl.Session(); id != "" && (p == nil || p.Session != id) {
 			select {
 			case cl.suspect <- struct{}{}:
@@ -350,10 +335,8 @@ func (cl *Claim) watch(ctx context.Context) {
 		}
 		// A missing key answers a blocking read on any write of the
 		// store: until run has taken it again, do not spin.
-		if p == nil && !sleepCtx(ctx, watchEmptyPace) {
-			return
-		}
-	}
+		return p != nil || sleepCtx(ctx, watchEmptyPace)
+	})
 }
 
 // check renews session id and, if read, reads the key: lost is non-nil

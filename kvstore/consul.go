@@ -363,25 +363,60 @@ func (c *Consul) Watch(ctx context.Context, prefix string) (<-chan []*Pair, erro
 
 func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 	var (
-		index     uint64
+		kvps      api.KVPairs
 		last      []pairSum
 		delivered bool
-		backoff   = watchBackoffMin
 		pace      = watchEmptyPace
 		seed      = maphash.MakeSeed()
 	)
+	query := func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
+		kvps, meta, err = c.kv.List(full, q)
+		return meta, err
+	}
+	c.follow(ctx, query, func() bool {
+		snap := c.pairs(kvps)
+		if delivered && sameSums(last, snap, seed) {
+			if len(snap) == 0 {
+				if !sleepCtx(ctx, pace) {
+					return false
+				}
+				pace = min(2*pace, watchEmptyPaceMax)
+			}
+			return true
+		}
+		pace = watchEmptyPace
+		select {
+		case out <- snap:
+			// Only a digest of what was delivered stays: the receiver
+			// owns the snapshot, and a watch of a network of a thousand
+			// endpoints no longer keeps a second copy of their records.
+			last, delivered = sums(snap, seed), true
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	})
+}
+
+// follow runs a blocking query round after round until ctx ends or answer
+// returns false: query gets each round's options (the last index,
+// Consul's wait, a consistent read, the round's context) and answer sees
+// each successful round. A failed round is tried again after a growing
+// backoff, as a plain read: the agent may come back as a new server whose
+// index is smaller than ours, and blocking on the old index would stall
+// for a whole wait time.
+func (c *Consul) follow(ctx context.Context, query func(q *api.QueryOptions) (*api.QueryMeta, error), answer func() bool) {
+	var index uint64
+	backoff := watchBackoffMin
 	for {
 		rctx, cancel, _ := c.request(ctx, watchWait+watchWait/16+c.timeout)
 		q := &api.QueryOptions{WaitIndex: index, WaitTime: watchWait, RequireConsistent: true}
-		kvps, meta, err := c.kv.List(full, q.WithContext(rctx))
+		meta, err := query(q.WithContext(rctx))
 		cancel()
 		if ctx.Err() != nil {
 			return
 		}
 		if err != nil {
-			// The agent may come back as a new server whose index is
-			// smaller than ours; blocking on the old index would stall
-			// for a whole wait time, so start over with a plain read.
 			index = 0
 			if !sleepCtx(ctx, backoff) {
 				return
@@ -394,24 +429,7 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 		// return at once, forever. A smaller index than before means a
 		// new server: taking it is the reset.
 		index = max(meta.LastIndex, 1)
-		snap := c.pairs(kvps)
-		if delivered && sameSums(last, snap, seed) {
-			if len(snap) == 0 {
-				if !sleepCtx(ctx, pace) {
-					return
-				}
-				pace = min(2*pace, watchEmptyPaceMax)
-			}
-			continue
-		}
-		pace = watchEmptyPace
-		select {
-		case out <- snap:
-			// Only a digest of what was delivered stays: the receiver
-			// owns the snapshot, and a watch of a network of a thousand
-			// endpoints no longer keeps a second copy of their records.
-			last, delivered = sums(snap, seed), true
-		case <-ctx.Done():
+		if !answer() {
 			return
 		}
 	}
