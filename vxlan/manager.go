@@ -180,7 +180,7 @@ type Manager struct {
 	peers map[uint32]*peerSet
 	// sec is the encryption state (ipsec.go); guarded by mu.
 	sec ipsecState
-	// inKernel is what the last successful sync of each network's peers
+	// inKernel is the peer set the last successful sync of each network
 	// left in its VXLAN device (syncPeerEntries); guarded by mu.
 	inKernel map[uint32]kernelPeers
 	// snap is Reconcile's dump of the kernel's tables while it runs, nil

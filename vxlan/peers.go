@@ -394,27 +394,12 @@ func (m *Manager) syncPeers(vx netlink.Link, vni uint32, delta bool, ch *Changes
 }
 
 // kernelPeers is what the last successful sync of a network's peers left
-// in its VXLAN device's tables: the entries its peer set implies.
+// in its VXLAN device's tables: the entries of set, a peer set no call
+// changes any more (SetPeers makes a new one; the calls that change one in
+// place, AddPeer, DeletePeer, Reconcile and SetVTEP, drop the record).
 type kernelPeers struct {
 	index int // the device's
-	neigh map[netip.Addr][6]byte
-	fdb   map[[6]byte]netip.Addr
-	flood map[netip.Addr]bool
-}
-
-// entriesOf returns the entries set implies on the device with index idx.
-func entriesOf(idx int, set *peerSet) kernelPeers {
-	k := kernelPeers{index: idx, neigh: make(map[netip.Addr][6]byte, len(set.byIP)), fdb: make(map[[6]byte]netip.Addr, len(set.byMAC)), flood: make(map[netip.Addr]bool, len(set.vteps))}
-	for ip := range set.byIP {
-		k.neigh[ip], _ = set.neighFor(ip)
-	}
-	for mac := range set.byMAC {
-		k.fdb[mac], _ = set.fdbFor(mac)
-	}
-	for v := range set.vteps {
-		k.flood[v] = true
-	}
-	return k
+	set   *peerSet
 }
 
 // syncPeerEntries is syncPeers; with keepAll it only adds and replaces
@@ -438,19 +423,25 @@ func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll, delta bo
 			if m.inKernel == nil {
 				m.inKernel = map[uint32]kernelPeers{}
 			}
-			m.inKernel[vni] = entriesOf(idx, set)
+			m.inKernel[vni] = kernelPeers{index: idx, set: set}
 		}
 	}()
 	if delta && known && last.index == idx {
+		old := last.set
+		haveNeigh := make(map[netip.Addr][6]byte, len(old.byIP))
+		for ip := range old.byIP {
+			haveNeigh[ip], _ = old.neighFor(ip)
+		}
 		var zero [6]byte
-		haveFDB := make(map[[6]byte][]netip.Addr, len(last.fdb)+1)
-		for mac, v := range last.fdb {
+		haveFDB := make(map[[6]byte][]netip.Addr, len(old.byMAC)+1)
+		for mac := range old.byMAC {
+			v, _ := old.fdbFor(mac)
 			haveFDB[mac] = []netip.Addr{v}
 		}
-		for v := range last.flood {
+		for v := range old.vteps {
 			haveFDB[zero] = append(haveFDB[zero], v)
 		}
-		return m.writePeerEntries(vx, set, last.neigh, haveFDB, keepAll, ch)
+		return m.writePeerEntries(vx, set, haveNeigh, haveFDB, keepAll, ch)
 	}
 	// What the kernel holds.
 	// Reconcile's snapshot when it stands for this device's tables.

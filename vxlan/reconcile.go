@@ -80,6 +80,7 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.inKernel = nil // the sets below change in place; every device is compared
 	if !keep {
 		m.peers = map[uint32]*peerSet{}
 	}
