@@ -552,8 +552,8 @@ type crashRun struct {
 }
 
 // killer SIGKILLs A at random moments: with probability prob, a call on A
-// arms a timer of up to maxDelay that kills the process, during the call
-// or just after it.
+// arms a timer of up to maxDelay that kills the process during the call;
+// if the call answers first, half the time A is killed just after it.
 type killer struct {
 	rng      *mrand.Rand
 	prob     float64
@@ -717,12 +717,21 @@ func (r *crashRun) attempt(method string, req, resp any) (bool, error) {
 	t.Helper()
 	a := r.a
 	var timer *time.Timer
-	if k := r.kill9; k != nil && k.rng.Float64() < k.prob {
+	k := r.kill9
+	if k != nil && k.rng.Float64() < k.prob {
 		proc := a.cmd.Process
 		timer = time.AfterFunc(time.Duration(k.rng.Int64N(int64(k.maxDelay))), func() { _ = proc.Signal(syscall.SIGKILL) })
 	}
 	err := a.call(method, req, resp)
 	killed := timer != nil && !timer.Stop()
+	if timer != nil && !killed && k.rng.Float64() < 0.5 {
+		// The call answered before the kill's moment: half of those are
+		// killed just after the answer instead, so a plugin whose calls
+		// are fast is still killed (after its write, before anything
+		// that follows it).
+		_ = a.cmd.Process.Signal(syscall.SIGKILL)
+		killed = true
+	}
 	if err == nil && !killed {
 		return true, nil
 	}
