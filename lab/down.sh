@@ -73,15 +73,29 @@ down_engine() {
 	done
 }
 
+# ancestors: this script's process and those that started it, which it
+# never signals (a test that runs it may show a lab namespace in
+# /proc/PID/ns/net: that is its main thread's, not all of it).
+ancestors() {
+	local p=$$ out=" "
+	while [[ -n $p && $p -gt 1 ]]; do
+		out+="$p "
+		p=$(awk '/^PPid:/ {print $2}' "/proc/$p/status" 2>/dev/null)
+	done
+	echo "$out"
+}
+
 # kill_ns_procs NS: kills the processes whose network namespace is NS.
 kill_ns_procs() {
-	local ns=$1 ino pid left
+	local ns=$1 ino pid left keep
 	ns_exists "$ns" || return 0
 	ino=$(stat -L -c %i "/run/netns/$ns" 2>/dev/null) || return 0
+	keep=$(ancestors)
 	for sig in TERM KILL; do
 		left=0
 		for pid in /proc/[0-9]*; do
 			pid=${pid#/proc/}
+			[[ $keep == *" $pid "* ]] && continue
 			[[ $(stat -L -c %i "/proc/$pid/ns/net" 2>/dev/null) == "$ino" ]] && running "$pid" || continue
 			log "netns $ns: SIG$sig to $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-80))"
 			kill "-$sig" "$pid" 2>/dev/null
