@@ -21,8 +21,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Time limits of the agent's lifecycle.
@@ -471,50 +469,26 @@ func portFree(bind string, port int) bool {
 	return true
 }
 
-// DialIn dials from the network namespace at nsPath. It creates the socket
-// on a locked OS thread switched into the namespace (a socket stays in the
-// namespace it was created in), then switches the thread back and unlocks
-// it. If the way back fails, the thread stays locked and the runtime
-// discards it when the goroutine ends. Going back matters beyond reuse:
-// when the goroutine ran on the process's main thread, which the runtime
-// never discards, /proc/PID/ns/net would show the namespace for the whole
-// process, and the lab's teardown kills every process it finds there.
+// DialIn dials from the network namespace at nsPath: the socket is
+// created on a thread inside it (a socket stays in the namespace it was
+// created in), which then goes back (doIn). Going back matters beyond
+// reuse: when the goroutine ran on the process's main thread, which the
+// runtime never discards, /proc/PID/ns/net would show the namespace for
+// the whole process, and the lab's teardown kills every process it finds
+// there.
 func DialIn(ctx context.Context, nsPath, network, addr string) (net.Conn, error) {
-	type result struct {
-		conn net.Conn
-		err  error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := unix.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: fmt.Errorf("open this thread's netns: %w", err)}
-			return
-		}
-		defer unix.Close(orig)
-		fd, err := unix.Open(nsPath, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: fmt.Errorf("open netns %s: %w", nsPath, err)}
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			ch <- result{err: fmt.Errorf("setns %s: %w", nsPath, err)}
-			return
-		}
+	var conn net.Conn
+	err := doIn(nsPath, nsPath, func() error {
 		var d net.Dialer
-		conn, err := d.DialContext(ctx, network, addr)
-		if unix.Setns(orig, unix.CLONE_NEWNET) == nil {
-			runtime.UnlockOSThread()
-		}
-		ch <- result{conn, err}
-	}()
-	r := <-ch
-	return r.conn, r.err
+		var err error
+		conn, err = d.DialContext(ctx, network, addr)
+		return err
+	})
+	if err != nil && conn != nil {
+		conn.Close() // dialled, but the thread could not go back
+		conn = nil
+	}
+	return conn, err
 }
 
 // The kernel sends Pdeathsig when the *thread* that forked the child exits,

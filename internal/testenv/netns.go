@@ -169,7 +169,10 @@ func (n *NetNS) Handle() *netlink.Handle { return n.h }
 // error. The thread goes back to its original namespace before it is
 // unlocked; if that fails the thread stays locked and Go discards it. fn
 // must not start goroutines that expect to be in the namespace.
-func (n *NetNS) Do(fn func() error) error {
+func (n *NetNS) Do(fn func() error) error { return doIn(n.Path, n.Name, fn) }
+
+// doIn is Do for the namespace at path (name says it in errors).
+func doIn(path, name string, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -180,16 +183,16 @@ func (n *NetNS) Do(fn func() error) error {
 			return
 		}
 		defer orig.Close()
-		target, err := netns.GetFromPath(n.Path)
+		target, err := netns.GetFromPath(path)
 		if err != nil {
 			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("open %s: %w", n.Path, err)
+			errc <- fmt.Errorf("open %s: %w", path, err)
 			return
 		}
 		defer target.Close()
 		if err := netns.Set(target); err != nil {
 			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("enter %s: %w", n.Name, err)
+			errc <- fmt.Errorf("enter %s: %w", name, err)
 			return
 		}
 		fnErr := fn()
