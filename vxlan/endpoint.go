@@ -270,7 +270,7 @@ func (m *Manager) createPair(ep Endpoint, br netlink.Link, ch *Changes, undo *[]
 		return true, err
 	}
 	for _, name := range []string{contName, hostName} {
-		if err := m.setAliasByName(name); err != nil {
+		if err := m.setAlias(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}}); err != nil {
 			return true, err
 		}
 	}
@@ -291,9 +291,6 @@ func (m *Manager) addVeth(ep Endpoint, mtu, master int, ch *Changes) error {
 	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
 	if err := m.step("veth"); err != nil {
 		return err
-	}
-	if m.rt == nil {
-		return fmt.Errorf("create veth %q/%q: the manager has no netlink route socket", hostName, contName)
 	}
 	err := m.rt.addVethPair(vethPair{name: hostName, peer: contName, mtu: mtu, master: master, mac: ep.MAC})
 	if err != nil {

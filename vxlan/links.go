@@ -77,28 +77,13 @@ func (m *Manager) deleteLinkByName(name string) (bool, error) {
 	return true, m.deleteLink(l)
 }
 
-// setAlias marks a link as ours.
+// setAlias marks a link as ours, by name: the request needs no index.
 //
 // Equivalent to: `ip link set <name> alias consul-overlay-<owner>` (alias
 // consul-overlay for the default owner).
 func (m *Manager) setAlias(l netlink.Link) error {
 	m.snap.forget(l)
-	if err := m.nl.LinkSetAlias(l, m.mark); err != nil {
-		return fmt.Errorf("set alias of %q: %w", l.Attrs().Name, err)
-	}
-	m.log.Debug("link alias set", "link", l.Attrs().Name)
-	return nil
-}
-
-// setAliasByName marks the link named name as ours, without looking its
-// index up first.
-//
-// Equivalent to: `ip link set <name> alias consul-overlay-<owner>`.
-func (m *Manager) setAliasByName(name string) error {
-	m.snap.forget(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}})
-	if m.rt == nil {
-		return fmt.Errorf("set alias of %q: the manager has no netlink route socket", name)
-	}
+	name := l.Attrs().Name
 	if err := m.rt.setAlias(name, m.mark); err != nil {
 		return fmt.Errorf("set alias of %q: %w", name, err)
 	}

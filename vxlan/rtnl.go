@@ -1,6 +1,7 @@
 package vxlan
 
 import (
+	"errors"
 	"fmt"
 	"net"
 
@@ -10,11 +11,11 @@ import (
 )
 
 // routeSocket is a NETLINK_ROUTE socket of the Manager's namespace for the
-// two requests of the attach path that the netlink library spreads over
-// several round trips: a veth pair created up, with its MTU, its peer's MAC
-// and its master in one message (the library looks the new link up after
-// creating it and sends the master in a request of its own), and a link's
-// alias set by name (the library looks the index up first). The requests
+// two requests the netlink library spreads over several round trips: a
+// veth pair created up, with its MTU, its peer's MAC and its master in one
+// message (the library looks the new link up after creating it and sends
+// the master in a request of its own), and a link's alias set by name
+// (the library looks the index up first when it has none). The requests
 // are built with the library's own message types (package nl).
 type routeSocket struct {
 	sockets map[int]*nl.SocketHandle
@@ -36,16 +37,26 @@ func (r *routeSocket) close() {
 	}
 }
 
+// errNoRouteSocket is the error of a request on a Manager made without
+// kernel access (newManager with a nil handle, in unit tests).
+var errNoRouteSocket = errors.New("the manager has no netlink route socket")
+
+// execute sends req and waits for its acknowledgement.
+func (r *routeSocket) execute(req *nl.NetlinkRequest) error {
+	if r == nil {
+		return errNoRouteSocket
+	}
+	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
+	return err
+}
+
 // request starts a request of type typ that asks for an acknowledgement.
 func (r *routeSocket) request(typ uint16, flags int) *nl.NetlinkRequest {
-	return &nl.NetlinkRequest{
-		NlMsghdr: unix.NlMsghdr{
-			Len:   uint32(unix.SizeofNlMsghdr),
-			Type:  typ,
-			Flags: uint16(unix.NLM_F_REQUEST | unix.NLM_F_ACK | flags),
-		},
-		Sockets: r.sockets,
+	req := nl.NewNetlinkRequest(int(typ), unix.NLM_F_ACK|flags)
+	if r != nil {
+		req.Sockets = r.sockets
 	}
+	return req
 }
 
 // vethPair describes a veth pair to create: the host end up on the bridge
@@ -82,8 +93,7 @@ func (r *routeSocket) addVethPair(v vethPair) error {
 		peer.AddRtAttr(unix.IFLA_ADDRESS, []byte(v.mac))
 	}
 	req.AddData(info)
-	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
-	return err
+	return r.execute(req)
 }
 
 // setAlias sets the alias of the link named name.
@@ -94,6 +104,5 @@ func (r *routeSocket) setAlias(name, alias string) error {
 	req.AddData(nl.NewIfInfomsg(unix.AF_UNSPEC))
 	req.AddData(nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(name)))
 	req.AddData(nl.NewRtAttr(unix.IFLA_IFALIAS, []byte(alias)))
-	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
-	return err
+	return r.execute(req)
 }
