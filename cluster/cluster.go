@@ -52,6 +52,9 @@ type Config struct {
 	VNIStart uint32
 	// Logger receives info lines for lifecycle events (nil: discard).
 	Logger *slog.Logger
+	// PeerAudit is how often a peer watch that reads the peer records
+	// checks them against the endpoint records (zero: DefaultPeerAudit).
+	PeerAudit time.Duration
 }
 
 // Cluster is this host's view of, and its writes to, the cluster state in
@@ -71,6 +74,14 @@ type Cluster struct {
 	// the peer watches last saw, by store key: DeleteEndpoint's first
 	// attempt deletes on it instead of reading the record again.
 	owned map[string]uint64
+	// own is this host's peer record of each network as last written or
+	// seen; peerMu serializes this host's writes to it, by network.
+	own    map[string]ownPeers
+	peerMu map[string]*sync.Mutex
+
+	// acting: this Cluster acts as another host to evict it (see as);
+	// its peer records keep that host's VTEP.
+	acting bool
 
 	// hook, when set by tests, runs at named points between two store
 	// writes, to interleave another host's calls there.
@@ -99,6 +110,9 @@ func New(cfg Config, store kvstore.Store) (*Cluster, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.PeerAudit <= 0 {
+		cfg.PeerAudit = DefaultPeerAudit
 	}
 	return &Cluster{cfg: cfg, log: cfg.Logger, store: store, vtep: cfg.VTEP.Unmap()}, nil
 }
@@ -184,8 +198,18 @@ func (c *Cluster) Join(ctx context.Context, key, networkID string, spec NetworkS
 		if err != nil {
 			return Network{}, err
 		}
+		ops := []kvstore.Op{{Verb: kvstore.OpCAS, Key: configKey(key), Value: val, Index: pair.ModifyIndex}}
+		if !ok {
+			// A new member has no endpoint record of this incarnation
+			// yet: its peer record starts empty, with the membership.
+			pop, err := c.emptyPeersOp(key, rec.Incarnation)
+			if err != nil {
+				return Network{}, err
+			}
+			ops = append(ops, pop)
+		}
 		c.at("join/before-cas")
-		err = c.store.CAS(ctx, configKey(key), val, pair.ModifyIndex)
+		err = c.store.Txn(ctx, ops)
 		if errors.Is(err, kvstore.ErrConflict) {
 			continue // changed, or removed by the last host leaving it
 		}
@@ -214,6 +238,18 @@ func (c *Cluster) ensureHost(ctx context.Context) error {
 		return fmt.Errorf("record host %q: %w", c.cfg.HostID, err)
 	}
 	return nil
+}
+
+// emptyPeersOp writes this host's peer record of key as empty, for
+// incarnation: for a host becoming a member (a record of another
+// incarnation, which a crash left, is replaced).
+func (c *Cluster) emptyPeersOp(key, incarnation string) (kvstore.Op, error) {
+	val, err := kvstore.Encode(PeerRecord{HostID: c.cfg.HostID, Incarnation: incarnation, VTEP: c.VTEP().String(), Endpoints: []string{}})
+	if err != nil {
+		return kvstore.Op{}, err
+	}
+	c.forgetOwnPeers(key)
+	return kvstore.Op{Verb: kvstore.OpSet, Key: peerRecordKey(key, c.cfg.HostID), Value: val}, nil
 }
 
 // checkCompatible refuses a host whose request disagrees with the network
@@ -289,6 +325,11 @@ func (c *Cluster) create(ctx context.Context, key, networkID string, s NetworkSp
 	for _, p := range s.Subnets {
 		ops = append(ops, kvstore.Op{Verb: kvstore.OpCreate, Key: subnetKey(p), Value: rval})
 	}
+	pop, err := c.emptyPeersOp(key, rec.Incarnation)
+	if err != nil {
+		return rec, err
+	}
+	ops = append(ops, pop)
 	if err := c.store.Txn(ctx, ops); err != nil {
 		if errors.Is(err, kvstore.ErrConflict) {
 			return rec, err
@@ -429,20 +470,33 @@ func (c *Cluster) Leave(ctx context.Context, key, networkID string) error {
 		c.at("leave/after-endpoints")
 		if !last {
 			rec.Hosts[c.cfg.HostID] = m
+			// The peer record follows the records the sweep removed.
+			if err := c.syncOwnPeers(ctx, key, rec.Incarnation); err != nil {
+				return fmt.Errorf("leave logical network %s: %w", rec.Label(), err)
+			}
 		} else {
 			delete(rec.Hosts, c.cfg.HostID)
 		}
+		// The membership and the peer record go together.
+		peerDel := kvstore.Op{Verb: kvstore.OpDelete, Key: peerRecordKey(key, c.cfg.HostID)}
 		if len(rec.Hosts) > 0 {
 			val, err := kvstore.Encode(rec)
 			if err != nil {
 				return err
 			}
-			err = c.store.CAS(ctx, configKey(key), val, pair.ModifyIndex)
+			ops := []kvstore.Op{{Verb: kvstore.OpCAS, Key: configKey(key), Value: val, Index: pair.ModifyIndex}}
+			if last {
+				ops = append(ops, peerDel)
+			}
+			err = c.store.Txn(ctx, ops)
 			if errors.Is(err, kvstore.ErrConflict) {
 				continue
 			}
 			if err != nil {
 				return fmt.Errorf("leave logical network %s: %w", rec.Label(), err)
+			}
+			if last {
+				c.forgetOwnPeers(key)
 			}
 			return nil
 		}
@@ -452,7 +506,7 @@ func (c *Cluster) Leave(ctx context.Context, key, networkID string) error {
 		if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.Incarnation != rec.Incarnation }); err != nil {
 			c.log.Warn("remove endpoint records of an earlier incarnation", "key", key, "error", err)
 		}
-		ops := []kvstore.Op{{Verb: kvstore.OpDeleteCAS, Key: configKey(key), Index: pair.ModifyIndex}}
+		ops := []kvstore.Op{{Verb: kvstore.OpDeleteCAS, Key: configKey(key), Index: pair.ModifyIndex}, peerDel}
 		resKeys := []string{vniKey(rec.VNI)}
 		for _, s := range rec.Subnets {
 			if p, err := netip.ParsePrefix(s); err == nil {
@@ -479,8 +533,12 @@ func (c *Cluster) Leave(ctx context.Context, key, networkID string) error {
 		// No member is left: the records of this incarnation are stale. A
 		// host re-creating the network meanwhile writes records of a new
 		// incarnation, which stay.
+		c.forgetOwnPeers(key)
 		if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.Incarnation == rec.Incarnation }); err != nil {
 			c.log.Warn("remove endpoint records of a removed network", "key", key, "error", err)
+		}
+		if err := c.sweepPeerRecords(ctx, key, func(r PeerRecord) bool { return r.Incarnation != "" && r.Incarnation == rec.Incarnation }); err != nil {
+			c.log.Warn("remove peer records of a removed network", "key", key, "error", err)
 		}
 		c.log.Info("logical network removed from the store", "network", logName(rec), "key", key, "vni", rec.VNI, "host", c.cfg.HostID, "incarnation", rec.Incarnation)
 		return nil

@@ -43,6 +43,9 @@ func runContract(t *testing.T, backend newBackend) {
 		{"SeveralNetworkIDs", testSeveralNetworkIDs},
 		{"View", testView},
 		{"SubnetOverlap", testSubnetOverlap},
+		{"PeerRecords", testPeerRecords},
+		{"PeerRecordsOlderHost", testPeerRecordsOlderHost},
+		{"EvictPeerRecord", testEvictPeerRecord},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, backend(t)) })
@@ -651,7 +654,7 @@ func testSubnetOverlap(t *testing.T, open openFunc) {
 	if _, err := a.Join(bg(t), "name-db", "net-db", s); !errors.Is(err, ErrIncompatible) || !strings.Contains(err.Error(), "vni") {
 		t.Fatalf("taken vni: %v", err)
 	}
-	if k := keys(t, a.store, "networks/"); len(k) != 1 {
+	if k := keys(t, a.store, "networks/"); !slices.Equal(k, []string{configKey("name-app"), peerRecordKey("name-app", "id-a")}) {
 		t.Fatalf("refused requests left keys: %v", k)
 	}
 }

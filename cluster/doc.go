@@ -27,6 +27,14 @@
 //	                                gateways, MTU, options, and the member
 //	                                hosts by host ID (node name, VTEP, the
 //	                                host's Docker NetworkIDs bound to it).
+//	networks/<key>/config/peers/<host-id>
+//	                                PeerRecord: the host's endpoints in
+//	                                the network, one short line each (ID,
+//	                                MAC, addresses), with its VTEP and the
+//	                                incarnation; written in the same
+//	                                transaction as the endpoint records,
+//	                                with the membership, and what the peer
+//	                                watches read (see PeerRecord).
 //	networks/<key>/endpoints/<id>   Endpoint: host ID, node, VTEP, the
 //	                                network's incarnation, Docker NetworkID,
 //	                                addresses, MAC, options, ports. Written
@@ -73,9 +81,12 @@
 //
 // DesiredPeers derives, for one host and one network, every address of
 // every endpoint record of the network's incarnation that belongs to
-// another member host. WatchPeers delivers it after every change of
-// networks/<key>/ that changes it (decoding only the records whose modify
-// index moved); SetVTEP republishes the host's address in its host
-// record, memberships and endpoint records so the other hosts' watches
-// reprogram their peers.
+// another member host. WatchPeers delivers it after every change that
+// changes it, reading the members' peer records (networks/<key>/config
+// and below: one record per host, not one per endpoint) once they are
+// proven equal to the endpoint records, else the whole of networks/<key>/
+// (decoding only the records whose modify index moved); SetVTEP
+// republishes the host's address in its host record, memberships, peer
+// records and endpoint records so the other hosts' watches reprogram
+// their peers.
 package cluster

@@ -39,6 +39,9 @@ func (c *Cluster) CreateEndpoint(ctx context.Context, ep Endpoint) (Endpoint, er
 		m, ok := cached.rec.Hosts[c.cfg.HostID]
 		useCache = ok && slices.Contains(m.NetworkIDs, ep.NetworkID)
 	}
+	mu := c.peerLock(key)
+	mu.Lock()
+	defer mu.Unlock()
 	for attempt := 0; attempt < maxCASAttempts; attempt++ {
 		if err := ctx.Err(); err != nil {
 			return Endpoint{}, err
@@ -68,13 +71,32 @@ func (c *Cluster) CreateEndpoint(ctx context.Context, ep Endpoint) (Endpoint, er
 		if err != nil {
 			return Endpoint{}, err
 		}
-		err = c.store.Txn(ctx, []kvstore.Op{
+		// The host's peer record lists the endpoint in the same
+		// transaction (see PeerRecord).
+		pr, prIndex, err := c.ownPeerRecord(ctx, key)
+		if err != nil {
+			return Endpoint{}, fmt.Errorf("record endpoint: %w", err)
+		}
+		if pr.Incarnation != rec.Incarnation || pr.HostID != c.cfg.HostID {
+			pr = PeerRecord{HostID: c.cfg.HostID, Incarnation: rec.Incarnation, Endpoints: []string{}}
+		}
+		pr.VTEP = ep.VTEP
+		pr = pr.with(ep)
+		pop, err := c.peerOp(key, pr, prIndex)
+		if err != nil {
+			return Endpoint{}, err
+		}
+		at, err := kvstore.TxnIndex(ctx, c.store, []kvstore.Op{
 			{Verb: kvstore.OpCreate, Key: endpointKey(key, ep.ID), Value: val},
 			{Verb: kvstore.OpCheckIndex, Key: configKey(key), Index: index},
+			pop,
 		})
 		if err == nil {
+			c.setOwnPeers(key, pr, at)
+			c.setOwnedIndex(endpointKey(key, ep.ID), at)
 			return ep, nil
 		}
+		c.forgetOwnPeers(key)
 		if !errors.Is(err, kvstore.ErrConflict) {
 			return Endpoint{}, fmt.Errorf("record endpoint: %w", err)
 		}
@@ -118,6 +140,9 @@ func (c *Cluster) getEndpoint(ctx context.Context, key, id string) (Endpoint, *k
 // is ErrNotOwner. fn may run more than once; it must not change the ID,
 // the network, the host or the incarnation.
 func (c *Cluster) UpdateEndpoint(ctx context.Context, key, id string, fn func(*Endpoint)) (Endpoint, error) {
+	mu := c.peerLock(key)
+	mu.Lock()
+	defer mu.Unlock()
 	for attempt := 0; attempt < maxCASAttempts; attempt++ {
 		ep, p, err := c.getEndpoint(ctx, key, id)
 		if err != nil {
@@ -126,18 +151,42 @@ func (c *Cluster) UpdateEndpoint(ctx context.Context, key, id string, fn func(*E
 		if ep.HostID != c.cfg.HostID {
 			return Endpoint{}, fmt.Errorf("update endpoint %s of host %q: %w", id, ep.Node, ErrNotOwner)
 		}
+		before := peerEntry(ep)
 		fn(&ep)
 		val, err := kvstore.Encode(ep)
 		if err != nil {
 			return Endpoint{}, err
 		}
-		err = c.store.CAS(ctx, p.Key, val, p.ModifyIndex)
-		if errors.Is(err, kvstore.ErrConflict) {
-			continue
-		}
+		ops := []kvstore.Op{{Verb: kvstore.OpCAS, Key: p.Key, Value: val, Index: p.ModifyIndex}}
+		// A change of what peers program goes to the peer record in the
+		// same transaction.
+		pr, prIndex, err := c.ownPeerRecord(ctx, key)
 		if err != nil {
 			return Endpoint{}, fmt.Errorf("update endpoint %s: %w", id, err)
 		}
+		write := peerEntry(ep) != before || pr.VTEP != ep.VTEP || !pr.lists(ep.ID)
+		if write && pr.Incarnation == ep.Incarnation {
+			pr.VTEP = ep.VTEP
+			pr = pr.with(ep)
+			pop, err := c.peerOp(key, pr, prIndex)
+			if err != nil {
+				return Endpoint{}, err
+			}
+			ops = append(ops, pop)
+		}
+		at, err := kvstore.TxnIndex(ctx, c.store, ops)
+		if errors.Is(err, kvstore.ErrConflict) {
+			c.forgetOwnPeers(key)
+			continue
+		}
+		if err != nil {
+			c.forgetOwnPeers(key)
+			return Endpoint{}, fmt.Errorf("update endpoint %s: %w", id, err)
+		}
+		if len(ops) > 1 {
+			c.setOwnPeers(key, pr, at)
+		}
+		c.setOwnedIndex(p.Key, at)
 		return ep, nil
 	}
 	return Endpoint{}, fmt.Errorf("update endpoint %s: gave up after %d concurrent updates", id, maxCASAttempts)
@@ -147,32 +196,107 @@ func (c *Cluster) UpdateEndpoint(ctx context.Context, key, id string, fn func(*E
 // the index read. A missing record is success; another host's record is
 // ErrNotOwner and stays.
 func (c *Cluster) DeleteEndpoint(ctx context.Context, key, id string) error {
-	// A record the peer watch saw as this host's at an index is still
-	// this host's if it still has that index.
+	mu := c.peerLock(key)
+	mu.Lock()
+	defer mu.Unlock()
+	// A record this host wrote, or its peer watch saw as this host's, at
+	// an index is still this host's if it still has that index.
 	c.mu.Lock()
 	index, seen := c.owned[endpointKey(key, id)]
 	c.mu.Unlock()
-	if seen {
-		err := c.store.DeleteCAS(ctx, endpointKey(key, id), index)
+	for attempt := 0; attempt < maxCASAttempts; attempt++ {
+		if !seen {
+			ep, p, err := c.getEndpoint(ctx, key, id)
+			if errors.Is(err, kvstore.ErrNotFound) {
+				// Gone: make sure the peer record does not list it (a
+				// record an older version removed).
+				return c.unlistOwnPeer(ctx, key, id)
+			}
+			if err != nil {
+				return fmt.Errorf("remove endpoint record %s: %w", id, err)
+			}
+			if ep.HostID != c.cfg.HostID {
+				return fmt.Errorf("remove endpoint record %s of host %q: %w", id, ep.Node, ErrNotOwner)
+			}
+			index = p.ModifyIndex
+		}
+		ops := []kvstore.Op{{Verb: kvstore.OpDeleteCAS, Key: endpointKey(key, id), Index: index}}
+		pr, prIndex, err := c.ownPeerRecord(ctx, key)
+		if err != nil {
+			return fmt.Errorf("remove endpoint record %s: %w", id, err)
+		}
+		listed := prIndex != 0 && pr.lists(id)
+		if listed {
+			pr = pr.without(id)
+			pop, err := c.peerOp(key, pr, prIndex)
+			if err != nil {
+				return err
+			}
+			ops = append(ops, pop)
+		}
+		at, err := kvstore.TxnIndex(ctx, c.store, ops)
 		if err == nil {
+			c.mu.Lock()
+			delete(c.owned, endpointKey(key, id))
+			c.mu.Unlock()
+			if listed {
+				c.setOwnPeers(key, pr, at)
+			}
 			c.log.Debug("endpoint record removed", "key", endpointKey(key, id), "host", c.cfg.HostID)
 			return nil
 		}
+		c.forgetOwnPeers(key)
 		if !errors.Is(err, kvstore.ErrConflict) && !errors.Is(err, kvstore.ErrNotFound) {
 			return fmt.Errorf("remove endpoint record %s: %w", id, err)
 		}
+		// The record or the peer record changed since read: read both.
+		seen = false
 	}
-	ep, p, err := c.getEndpoint(ctx, key, id)
-	if errors.Is(err, kvstore.ErrNotFound) {
-		return nil
+	return fmt.Errorf("remove endpoint record %s: gave up after %d concurrent updates", id, maxCASAttempts)
+}
+
+// unlistOwnPeer removes endpoint id from this host's peer record of key,
+// if it lists it. The caller holds the network's peer lock.
+func (c *Cluster) unlistOwnPeer(ctx context.Context, key, id string) error {
+	for attempt := 0; attempt < maxCASAttempts; attempt++ {
+		pr, prIndex, err := c.ownPeerRecord(ctx, key)
+		if err != nil {
+			return fmt.Errorf("remove endpoint %s from the peer record: %w", id, err)
+		}
+		if prIndex == 0 || !pr.lists(id) {
+			return nil
+		}
+		pr = pr.without(id)
+		pop, err := c.peerOp(key, pr, prIndex)
+		if err != nil {
+			return err
+		}
+		at, err := kvstore.TxnIndex(ctx, c.store, []kvstore.Op{pop})
+		if err == nil {
+			c.setOwnPeers(key, pr, at)
+			return nil
+		}
+		c.forgetOwnPeers(key)
+		if !errors.Is(err, kvstore.ErrConflict) {
+			return fmt.Errorf("remove endpoint %s from the peer record: %w", id, err)
+		}
 	}
-	if err != nil {
-		return fmt.Errorf("remove endpoint record %s: %w", id, err)
+	return fmt.Errorf("remove endpoint %s from the peer record: gave up after %d concurrent updates", id, maxCASAttempts)
+}
+
+// setOwnedIndex records the modify index of this host's endpoint record
+// at store key (0: unknown, forgotten).
+func (c *Cluster) setOwnedIndex(k string, index uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if index == 0 {
+		delete(c.owned, k)
+		return
 	}
-	if ep.HostID != c.cfg.HostID {
-		return fmt.Errorf("remove endpoint record %s of host %q: %w", id, ep.Node, ErrNotOwner)
+	if c.owned == nil {
+		c.owned = map[string]uint64{}
 	}
-	return c.deleteIf(ctx, p, func(e *Endpoint) bool { return e.HostID == c.cfg.HostID })
+	c.owned[k] = index
 }
 
 // Endpoints lists the endpoint records of logical network key.
@@ -255,13 +379,18 @@ func DesiredPeers(self string, n Network, eps []Endpoint) []Peer {
 			out = append(out, Peer{EndpointID: ep.ID, HostID: ep.HostID, IP: pfx.Addr(), MAC: mac, VTEP: vtep})
 		}
 	}
-	slices.SortFunc(out, func(a, b Peer) int {
+	sortPeers(out)
+	return out
+}
+
+// sortPeers sorts by IP, then endpoint.
+func sortPeers(ps []Peer) {
+	slices.SortFunc(ps, func(a, b Peer) int {
 		if c := a.IP.Compare(b.IP); c != 0 {
 			return c
 		}
 		return strings.Compare(a.EndpointID, b.EndpointID)
 	})
-	return out
 }
 
 // WatchPeers delivers the desired peers of logical network key (see
@@ -272,32 +401,105 @@ func DesiredPeers(self string, n Network, eps []Endpoint) []Peer {
 // change since the last snapshot is not decoded again. The channel closes
 // when ctx ends. A snapshot without the network's config delivers no
 // peers.
+//
+// It follows the whole network prefix at first and the config with the
+// peer records (see PeerRecord) once a snapshot proves those equal to the
+// endpoint records; back to the whole prefix when a member has no peer
+// record or an audit finds one that disagrees. A snapshot that shows a
+// member without a peer record is never delivered from the peer records:
+// the whole prefix is read first.
 func (c *Cluster) WatchPeers(ctx context.Context, key string) (<-chan []Peer, error) {
-	ch, err := c.store.Watch(ctx, networkPrefix(key))
+	wctx, wcancel := context.WithCancel(ctx)
+	ch, err := c.store.Watch(wctx, networkPrefix(key))
 	if err != nil {
+		wcancel()
 		return nil, fmt.Errorf("watch logical network %q: %w", key, err)
 	}
 	out := make(chan []Peer)
 	go func() {
 		defer close(out)
+		defer func() { wcancel() }()
 		defer c.setCachedConfig(key, cachedConfig{})
+		defer c.setOwned(key, nil)
 		dec := newRecordCache(key)
 		var last []Peer
 		sent := false
-		defer c.setOwned(key, nil)
-		for snap := range ch {
-			peers := dec.peers(c.cfg.HostID, snap)
-			c.setCachedConfig(key, dec.config)
-			c.setOwned(key, dec.ownedBy(c.cfg.HostID))
-			if sent && slices.EqualFunc(peers, last, samePeer) {
-				continue
+		compact := false
+		audit := time.NewTimer(c.cfg.PeerAudit)
+		audit.Stop()
+		defer audit.Stop()
+		for {
+			var auditC <-chan time.Time
+			if compact {
+				auditC = audit.C
 			}
+			want := compact
 			select {
-			case out <- peers:
-				last, sent = peers, true
 			case <-ctx.Done():
 				return
+			case snap, ok := <-ch:
+				if !ok {
+					return
+				}
+				peers, ok, why := dec.peers(c.cfg.HostID, snap, compact)
+				c.setCachedConfig(key, dec.config)
+				if own, ok := dec.records[peerRecordKey(key, c.cfg.HostID)]; ok && own.ok {
+					c.setOwnPeers(key, own.rec, own.index)
+				}
+				if !compact {
+					c.setOwned(key, dec.ownedBy(c.cfg.HostID))
+				}
+				if compact && !ok {
+					c.log.Info("peer watch reads the endpoint records again", "key", key, "reason", why)
+					want = false
+					break
+				}
+				want = ok
+				if sent && slices.EqualFunc(peers, last, samePeer) {
+					break
+				}
+				select {
+				case out <- peers:
+					last, sent = peers, true
+				case <-ctx.Done():
+					return
+				}
+			case <-auditC:
+				pairs, err := c.store.List(ctx, networkPrefix(key))
+				switch {
+				case ctx.Err() != nil:
+					return
+				case err != nil:
+					c.log.Debug("peer record audit skipped", "key", key, "error", err)
+				default:
+					if _, ok, why := newRecordCache(key).peers(c.cfg.HostID, pairs, false); !ok {
+						c.log.Warn("peer records disagree with the endpoint records (a host running an older version?); reading the endpoint records", "key", key, "reason", why)
+						want = false
+					}
+				}
+				audit.Reset(c.cfg.PeerAudit)
 			}
+			if want == compact {
+				continue
+			}
+			compact = want
+			wcancel()
+			for range ch { // the store's watch ends with wctx
+			}
+			prefix := networkPrefix(key)
+			if compact {
+				prefix = configKey(key)
+				audit.Reset(c.cfg.PeerAudit)
+			} else {
+				audit.Stop()
+			}
+			wctx, wcancel = context.WithCancel(ctx)
+			ch, err = c.store.Watch(wctx, prefix)
+			if err != nil {
+				c.log.Error("peer watch stopped", "key", key, "error", err)
+				return
+			}
+			c.log.Debug("peer watch switched", "key", key, "peer_records", compact)
 		}
 	}()
 	return out, nil
@@ -314,6 +516,13 @@ type recordCache struct {
 	key       string
 	config    cachedConfig
 	endpoints map[string]cachedEndpoint
+	records   map[string]cachedRecord
+}
+
+type cachedRecord struct {
+	index uint64
+	ok    bool
+	rec   PeerRecord
 }
 
 type cachedConfig struct {
@@ -397,12 +606,17 @@ func peerFields(ep Endpoint) Endpoint {
 }
 
 func newRecordCache(key string) *recordCache {
-	return &recordCache{key: key, endpoints: map[string]cachedEndpoint{}}
+	return &recordCache{key: key, endpoints: map[string]cachedEndpoint{}, records: map[string]cachedRecord{}}
 }
 
-// peers derives the desired peers from a snapshot of networks/<key>/.
-func (rc *recordCache) peers(self string, pairs []*kvstore.Pair) []Peer {
-	cfgKey, prefix := configKey(rc.key), endpointsPrefix(rc.key)
+// peers derives the desired peers from a snapshot: of networks/<key>/
+// (compact false: from the endpoint records) or of networks/<key>/config
+// (compact true: from the peer records). ok says whether the peer records
+// may be read instead of the endpoint records: every other member has a
+// peer record of the incarnation, and (compact false) it lists exactly the
+// member's endpoint records. why names the first host for which not.
+func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (peers []Peer, ok bool, why string) {
+	cfgKey, prefix, pprefix := configKey(rc.key), endpointsPrefix(rc.key), peersPrefix(rc.key)
 	found := false
 	var rec Network
 	eps := make([]Endpoint, 0, len(pairs))
@@ -418,6 +632,14 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair) []Peer {
 				rc.config = cachedConfig{index: p.ModifyIndex, ok: ok, rec: r}
 			}
 			found, rec = rc.config.ok, rc.config.rec
+		case strings.HasPrefix(p.Key, pprefix):
+			seen[p.Key] = true
+			r, hit := rc.records[p.Key]
+			if !hit || r.index != p.ModifyIndex || p.ModifyIndex == 0 {
+				var pr PeerRecord
+				r = cachedRecord{index: p.ModifyIndex, ok: kvstore.Decode(p.Value, &pr) == nil, rec: pr}
+				rc.records[p.Key] = r
+			}
 		case strings.HasPrefix(p.Key, prefix):
 			seen[p.Key] = true
 			e, hit := rc.endpoints[p.Key]
@@ -436,13 +658,50 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair) []Peer {
 			delete(rc.endpoints, k)
 		}
 	}
+	for k := range rc.records {
+		if !seen[k] {
+			delete(rc.records, k)
+		}
+	}
 	if !configSeen {
 		rc.config = cachedConfig{}
 	}
 	if !found {
-		return nil
+		return nil, compact, ""
 	}
-	return DesiredPeers(self, rec, eps)
+	ok, why = true, ""
+	hosts := make([]string, 0, len(rec.Hosts))
+	for h := range rec.Hosts {
+		if h != self {
+			hosts = append(hosts, h)
+		}
+	}
+	slices.Sort(hosts)
+	for _, h := range hosts {
+		r, has := rc.records[peerRecordKey(rc.key, h)]
+		switch {
+		case !has || !r.ok:
+			ok, why = false, "host "+h+" has no peer record"
+		case r.rec.HostID != h || r.rec.Incarnation != rec.Incarnation:
+			ok, why = false, "host "+h+" has a peer record of another incarnation"
+		case !compact && !slices.Equal(r.rec.Endpoints, recordOf(h, rec.Incarnation, "", eps).Endpoints):
+			ok, why = false, "the peer record of host "+h+" does not list its endpoint records"
+		}
+		if !ok {
+			break
+		}
+	}
+	if !compact {
+		return DesiredPeers(self, rec, eps), ok, why
+	}
+	if !ok {
+		return nil, false, why
+	}
+	for _, h := range hosts {
+		peers = append(peers, rc.records[peerRecordKey(rc.key, h)].rec.peers()...)
+	}
+	sortPeers(peers)
+	return peers, true, ""
 }
 
 // View is this host's part of the cluster state, read at start.
@@ -503,6 +762,7 @@ func (c *Cluster) View(ctx context.Context) (View, error) {
 			}
 		}
 		m, member := rec.Hosts[c.cfg.HostID]
+		var kept []Endpoint
 		for _, p := range ps {
 			if !strings.HasPrefix(p.Key, endpointsPrefix(key)) {
 				continue
@@ -513,6 +773,7 @@ func (c *Cluster) View(ctx context.Context) (View, error) {
 			}
 			if found && member && ep.Incarnation == rec.Incarnation && slices.Contains(m.NetworkIDs, ep.NetworkID) {
 				v.Endpoints = append(v.Endpoints, ep)
+				kept = append(kept, ep)
 				continue
 			}
 			c.log.Info("removing an endpoint record of this host that no membership backs", "key", key, "endpoint", ep.ID)
@@ -523,13 +784,53 @@ func (c *Cluster) View(ctx context.Context) (View, error) {
 			}
 		}
 		if !found || !member {
+			c.dropOwnPeers(ctx, key, ps)
 			continue
 		}
 		v.Proven = true
 		v.Networks = append(v.Networks, rec)
 		v.Peers[key] = DesiredPeers(c.cfg.HostID, rec, decodeEndpoints(key, ps))
+		c.repairOwnPeers(ctx, key, rec.Incarnation, kept, ps)
 	}
 	return v, nil
+}
+
+// repairOwnPeers rewrites this host's peer record of key if it does not
+// list exactly its endpoint records kept, of incarnation, in snapshot ps (a host
+// an older version ran, or a crash between two writes). A failure is
+// logged: the peer watches of the other hosts read the endpoint records
+// while the peer record disagrees with them.
+func (c *Cluster) repairOwnPeers(ctx context.Context, key, incarnation string, kept []Endpoint, ps []*kvstore.Pair) {
+	want := recordOf(c.cfg.HostID, incarnation, c.VTEP().String(), kept)
+	for _, p := range ps {
+		if p.Key != peerRecordKey(key, c.cfg.HostID) {
+			continue
+		}
+		var cur PeerRecord
+		if kvstore.Decode(p.Value, &cur) == nil && cur.equal(want) {
+			c.setOwnPeers(key, cur, p.ModifyIndex)
+			return
+		}
+	}
+	if err := c.syncOwnPeers(ctx, key, incarnation); err != nil {
+		c.log.Warn("peer record not rewritten; other hosts read this host's endpoint records instead until it is", "key", key, "error", err)
+		return
+	}
+	c.log.Info("peer record of this host rewritten from its endpoint records", "key", key, "endpoints", len(want.Endpoints))
+}
+
+// dropOwnPeers removes this host's peer record of a network it is no
+// member of (a crash between two writes).
+func (c *Cluster) dropOwnPeers(ctx context.Context, key string, ps []*kvstore.Pair) {
+	for _, p := range ps {
+		if p.Key != peerRecordKey(key, c.cfg.HostID) {
+			continue
+		}
+		if err := c.store.DeleteCAS(ctx, p.Key, p.ModifyIndex); err != nil && !errors.Is(err, kvstore.ErrNotFound) && !errors.Is(err, kvstore.ErrConflict) {
+			c.log.Warn("remove a peer record of this host that no membership backs", "key", key, "error", err)
+		}
+		c.forgetOwnPeers(key)
+	}
 }
 
 // SetVTEP publishes a new underlay address for this host: in its host
@@ -586,6 +887,21 @@ func (c *Cluster) SetVTEP(ctx context.Context, addr netip.Addr) error {
 				m.VTEP = vtep
 				rec.Hosts[c.cfg.HostID] = m
 				v, err := kvstore.Encode(rec)
+				return v, true, err
+			}))
+		case strings.HasSuffix(p.Key, "/config/peers/"+c.cfg.HostID):
+			key := strings.TrimSuffix(strings.TrimPrefix(p.Key, "networks/"), "/config/peers/"+c.cfg.HostID)
+			c.forgetOwnPeers(key)
+			errs = append(errs, c.casLoop(ctx, p.Key, func(b []byte) ([]byte, bool, error) {
+				var r PeerRecord
+				if err := kvstore.Decode(b, &r); err != nil {
+					return nil, false, err
+				}
+				if r.VTEP == vtep {
+					return nil, false, nil
+				}
+				r.VTEP = vtep
+				v, err := kvstore.Encode(r)
 				return v, true, err
 			}))
 		case strings.Contains(p.Key, "/endpoints/"):

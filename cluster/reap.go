@@ -103,6 +103,9 @@ func (c *Cluster) EvictHost(ctx context.Context, hostID string) (Evicted, error)
 		if err := c.sweep(ctx, key, func(ep *Endpoint) bool { return ep.HostID == hostID }); err != nil {
 			errs = append(errs, fmt.Errorf("evict host %s: %w", hostID, err))
 		}
+		if err := c.sweepPeerRecords(ctx, key, func(r PeerRecord) bool { return r.HostID == hostID }); err != nil {
+			errs = append(errs, fmt.Errorf("evict host %s: %w", hostID, err))
+		}
 	}
 	if err := c.deleteJoinsOf(ctx, hostID); err != nil {
 		errs = append(errs, fmt.Errorf("evict host %s: %w", hostID, err))
@@ -125,7 +128,7 @@ func (c *Cluster) as(hostID, node string) *Cluster {
 		node = hostID
 	}
 	cfg.Node = node
-	return &Cluster{cfg: cfg, log: c.log, store: c.store, vtep: c.VTEP(), hook: c.hook}
+	return &Cluster{cfg: cfg, log: c.log, store: c.store, vtep: c.VTEP(), hook: c.hook, acting: true}
 }
 
 // hostNode reads the node name of members/<hostID>; "" if there is none.

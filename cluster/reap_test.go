@@ -86,7 +86,7 @@ func runEvict(t *testing.T, open openFunc) {
 		t.Errorf("app members after evict: %v", n.Hosts)
 	}
 	got := keys(t, a.store, "")
-	want := []string{"networks/name-app/config", "networks/name-app/endpoints/ep-a", "vnis/" + fmt.Sprint(n.VNI), "subnets/10.1.0.0_24", "joins/id-a/ep-a"}
+	want := []string{"networks/name-app/config", "networks/name-app/config/peers/id-a", "networks/name-app/endpoints/ep-a", "vnis/" + fmt.Sprint(n.VNI), "subnets/10.1.0.0_24", "joins/id-a/ep-a"}
 	slices.Sort(got)
 	slices.Sort(want)
 	if !slices.Equal(got, want) {

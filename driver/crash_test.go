@@ -144,7 +144,7 @@ func TestCrashPoints(t *testing.T) {
 			if _, ok := rec.Member("b"); !ok || len(rec.Hosts) != 1 {
 				t.Fatalf("members after a left: %v", rec.Hosts)
 			}
-			if keys := allKeys(t, store); !slices.Equal(keys, []string{"networks/name-app/config", "networks/name-app/endpoints/ep-b", "subnets/10.1.0.0_24", fmt.Sprintf("vnis/%d", rec.VNI)}) {
+			if keys := allKeys(t, store); !slices.Equal(keys, []string{"networks/name-app/config", "networks/name-app/config/peers/b", "networks/name-app/endpoints/ep-b", "subnets/10.1.0.0_24", fmt.Sprintf("vnis/%d", rec.VNI)}) {
 				t.Fatalf("keys with only b left: %v", keys)
 			}
 			if err := b.DeleteEndpoint(&network.DeleteEndpointRequest{NetworkID: "net-b", EndpointID: "ep-b"}); err != nil {

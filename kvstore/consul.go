@@ -270,11 +270,18 @@ func (c *Consul) DeleteCAS(ctx context.Context, key string, index uint64) error 
 // MaxTxnOps such operations is 128 Consul operations, the server limit
 // since Consul 1.14.
 func (c *Consul) Txn(ctx context.Context, ops []Op) error {
+	_, err := c.TxnIndex(ctx, ops)
+	return err
+}
+
+// TxnIndex is Txn that also returns the modify index its writes got (0:
+// the transaction wrote nothing, or the answer did not say).
+func (c *Consul) TxnIndex(ctx context.Context, ops []Op) (uint64, error) {
 	if err := checkOps(ops); err != nil {
-		return err
+		return 0, err
 	}
 	if len(ops) == 0 {
-		return nil
+		return 0, nil
 	}
 	tops := make(api.KVTxnOps, 0, len(ops)+2)
 	for _, op := range ops {
@@ -303,16 +310,32 @@ func (c *Consul) Txn(ctx context.Context, ops []Op) error {
 	defer cancel()
 	ok, resp, _, err := c.kv.Txn(tops, (&api.QueryOptions{}).WithContext(rctx))
 	if err != nil {
-		return c.fail(ctx, st, "txn", name, err)
+		return 0, c.fail(ctx, st, "txn", name, err)
 	}
 	if ok {
-		return nil
+		// The results of the writes carry the new index; a check's
+		// result carries the index it checked, so only written keys count.
+		written := map[string]bool{}
+		for _, op := range tops {
+			if op.Verb == api.KVSet || op.Verb == api.KVCAS {
+				written[op.Key] = true
+			}
+		}
+		var index uint64
+		if resp != nil {
+			for _, r := range resp.Results {
+				if r != nil && written[r.Key] {
+					index = max(index, r.ModifyIndex)
+				}
+			}
+		}
+		return index, nil
 	}
 	what := txnErrors(resp)
 	if deniedByACL(what) {
-		return fmt.Errorf("consul txn (%s) at %s: %w: %s", name, c.addr, ErrPermissionDenied, what)
+		return 0, fmt.Errorf("consul txn (%s) at %s: %w: %s", name, c.addr, ErrPermissionDenied, what)
 	}
-	return fmt.Errorf("consul txn (%s): %w: %s", name, ErrConflict, what)
+	return 0, fmt.Errorf("consul txn (%s): %w: %s", name, ErrConflict, what)
 }
 
 func txnErrors(resp *api.KVTxnResponse) string {

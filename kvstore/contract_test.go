@@ -35,6 +35,7 @@ func runContract(t *testing.T, backend newBackend) {
 		{"DeleteCAS", testDeleteCAS},
 		{"TxnApplies", testTxnApplies},
 		{"TxnConflictRollsBack", testTxnConflict},
+		{"TxnIndex", testTxnIndex},
 		{"TxnInvalid", testTxnInvalid},
 		{"InvalidKeys", testInvalidKeys},
 		{"PrefixIsolation", testPrefixIsolation},
@@ -694,4 +695,39 @@ func runContention(t *testing.T, stores []Store, total int) {
 	sum := 0
 	conflicts.Range(func(_, v any) bool { sum += v.(int); return true })
 	t.Logf("%d increments by %d clients in %s, %d conflicts retried", per*len(stores), len(stores), time.Since(start), sum)
+}
+
+// testTxnIndex: TxnIndex returns the modify index the transaction's writes
+// got, the one a compare-and-set on them then needs; a check's older index
+// does not count.
+func testTxnIndex(t *testing.T, open openFunc) {
+	s := open(t, "t/")
+	ctx := context.Background()
+	if err := s.Put(ctx, "old", []byte("o")); err != nil {
+		t.Fatal(err)
+	}
+	old := mustGet(t, s, "old")
+	if err := s.Put(ctx, "other", []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	idx, err := TxnIndex(ctx, s, []Op{
+		{Verb: OpCheckIndex, Key: "old", Index: old.ModifyIndex},
+		{Verb: OpCreate, Key: "k1", Value: []byte("1")},
+		{Verb: OpSet, Key: "k2", Value: []byte("2")},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mustGet(t, s, "k1").ModifyIndex; idx == 0 || got != idx {
+		t.Fatalf("TxnIndex = %d, k1 has index %d", idx, got)
+	}
+	if err := s.CAS(ctx, "k2", []byte("3"), idx); err != nil {
+		t.Fatalf("CAS on the index TxnIndex returned: %v", err)
+	}
+	if _, err := TxnIndex(ctx, s, []Op{{Verb: OpCAS, Key: "k1", Value: []byte("x"), Index: old.ModifyIndex}}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("TxnIndex on a stale index: %v, want ErrConflict", err)
+	}
+	if idx, err := TxnIndex(ctx, s, []Op{{Verb: OpDelete, Key: "k1"}}); err != nil || (idx != 0 && idx <= old.ModifyIndex) {
+		t.Fatalf("TxnIndex of a delete = %d, %v", idx, err)
+	}
 }

@@ -276,23 +276,38 @@ func (s *Embedded) single(ctx context.Context, op Op) error {
 // operation sees the effects of those before it; OpDeleteCAS on a missing
 // key fails.
 func (s *Embedded) Txn(ctx context.Context, ops []Op) error {
+	_, err := s.TxnIndex(ctx, ops)
+	return err
+}
+
+// TxnIndex is Txn that also returns the modify index its writes got (0:
+// the transaction wrote nothing).
+func (s *Embedded) TxnIndex(ctx context.Context, ops []Op) (uint64, error) {
 	if err := checkOps(ops); err != nil {
-		return err
+		return 0, err
 	}
 	if len(ops) == 0 {
-		return nil
+		return 0, nil
 	}
 	if err := s.check(ctx, "txn", s.prefix+ops[0].Key); err != nil {
-		return err
+		return 0, err
 	}
-	return s.update(func(w *writeTx) error {
+	var index uint64
+	err := s.update(func(w *writeTx) error {
 		for i, op := range ops {
 			if err := w.apply(op, s.prefix+op.Key); err != nil {
 				return fmt.Errorf("embedded txn (%d ops): op %d: %w", len(ops), i, err)
 			}
 		}
+		if len(w.touched) > 0 {
+			index = w.next
+		}
 		return nil
 	})
+	if err != nil {
+		return 0, err
+	}
+	return index, nil
 }
 
 // writeTx is one read-write bbolt transaction; every write in it gets the

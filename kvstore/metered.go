@@ -79,6 +79,11 @@ func (m *metered) Txn(ctx context.Context, ops []Op) (err error) {
 	return m.s.Txn(ctx, ops)
 }
 
+func (m *metered) TxnIndex(ctx context.Context, ops []Op) (index uint64, err error) {
+	defer func(start time.Time) { m.observe("txn", start, err) }(time.Now())
+	return TxnIndex(ctx, m.s, ops)
+}
+
 // Watch reports the watch's start as a "watch" operation and each
 // delivered snapshot as an update. The forwarding goroutine ends when the
 // inner channel closes (when ctx ends), so the contract is unchanged.

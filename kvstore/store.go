@@ -98,3 +98,16 @@ type Store interface {
 	// Close releases the store's resources.
 	Close() error
 }
+
+// TxnIndex applies ops like s.Txn and returns the modify index the
+// transaction's writes got, when s can tell (Consul, Embedded and their
+// metered wrappers can); 0 when it cannot or nothing was written. A
+// caller that caches an index must treat 0 as unknown.
+func TxnIndex(ctx context.Context, s Store, ops []Op) (uint64, error) {
+	if t, ok := s.(interface {
+		TxnIndex(context.Context, []Op) (uint64, error)
+	}); ok {
+		return t.TxnIndex(ctx, ops)
+	}
+	return 0, s.Txn(ctx, ops)
+}

@@ -233,6 +233,11 @@ func TestUpgradeAdoptsLegacyIdentity(t *testing.T) {
 			if _, err := kv.Delete(p.Key, nil); err != nil {
 				t.Fatal(err)
 			}
+		case strings.HasPrefix(rel, "networks/") && strings.Contains(rel, "/config/peers/"):
+			// The older layout has no peer records.
+			if _, err := kv.Delete(p.Key, nil); err != nil {
+				t.Fatal(err)
+			}
 		case strings.HasPrefix(rel, "networks/") && strings.HasSuffix(rel, "/config"):
 			var n map[string]any
 			if err := kvstore.Decode(p.Value, &n); err != nil {

@@ -1,0 +1,218 @@
+package cluster
+
+import (
+	"context"
+	"net/netip"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"consul-overlay/kvstore"
+)
+
+// watchRecorder records the prefixes a Cluster watches.
+type watchRecorder struct {
+	kvstore.Store
+	mu       sync.Mutex
+	prefixes []string
+}
+
+func (s *watchRecorder) Watch(ctx context.Context, prefix string) (<-chan []*kvstore.Pair, error) {
+	s.mu.Lock()
+	s.prefixes = append(s.prefixes, prefix)
+	s.mu.Unlock()
+	return s.Store.Watch(ctx, prefix)
+}
+
+func (s *watchRecorder) TxnIndex(ctx context.Context, ops []kvstore.Op) (uint64, error) {
+	return kvstore.TxnIndex(ctx, s.Store, ops)
+}
+
+// watching is the prefix of the newest watch.
+func (s *watchRecorder) watching() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.prefixes) == 0 {
+		return ""
+	}
+	return s.prefixes[len(s.prefixes)-1]
+}
+
+// newWatchedHost is newHost with the watches recorded and a short peer
+// record audit.
+func newWatchedHost(t *testing.T, open openFunc, hostID, vtep string) (*host, *watchRecorder) {
+	t.Helper()
+	ws := &watchRecorder{Store: open(t)}
+	c, err := New(Config{HostID: hostID, Node: hostID, VTEP: netip.MustParseAddr(vtep), PeerAudit: 200 * time.Millisecond}, ws)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &host{Cluster: c, store: ws}, ws
+}
+
+func peerRecord(t *testing.T, s kvstore.Store, key, hostID string) (PeerRecord, bool) {
+	t.Helper()
+	p, err := s.Get(bg(t), peerRecordKey(key, hostID))
+	if err != nil {
+		return PeerRecord{}, false
+	}
+	var r PeerRecord
+	if err := kvstore.Decode(p.Value, &r); err != nil {
+		t.Fatalf("peer record %s: %v", p.Key, err)
+	}
+	return r, true
+}
+
+func waitWatching(t *testing.T, ws *watchRecorder, prefix string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for ws.watching() != prefix {
+		if time.Now().After(deadline) {
+			t.Fatalf("watching %q, want %q", ws.watching(), prefix)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// testPeerRecords: each member's peer record follows its endpoint
+// records in the same writes; the peer watch reads the peer records (the
+// config prefix, not the endpoint records) and delivers what
+// DesiredPeers gives; a leaving member takes its record along.
+func testPeerRecords(t *testing.T, open openFunc) {
+	a := newHost(t, open, "id-a", "a", "192.0.2.1")
+	b, wsb := newWatchedHost(t, open, "id-b", "192.0.2.2")
+	mustJoin(t, a, "name-app", "net-a", spec("10.1.0.0/24"))
+	mustJoin(t, b, "name-app", "net-b", spec("10.1.0.0/24"))
+	n := network(t, a, "name-app")
+	for _, h := range []string{"id-a", "id-b"} {
+		if r, ok := peerRecord(t, a.store, "name-app", h); !ok || r.Incarnation != n.Incarnation || len(r.Endpoints) != 0 {
+			t.Fatalf("peer record of new member %s: %+v, %v", h, r, ok)
+		}
+	}
+	ctx, cancel := context.WithCancel(bg(t))
+	defer cancel()
+	wb, err := b.WatchPeers(ctx, "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 0 })
+	waitWatching(t, wsb, configKey("name-app"))
+	e1 := mustEndpoint(t, a, "name-app", "net-a", "ep-1", "10.1.0.2/24", "fd00::2/64", "02:42:0a:01:00:02")
+	e2 := mustEndpoint(t, a, "name-app", "net-a", "ep-2", "10.1.0.3/24", "", "02:42:0a:01:00:03")
+	want := DesiredPeers("id-b", network(t, a, "name-app"), []Endpoint{e1, e2})
+	ps := waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 3 })
+	if !slices.EqualFunc(ps, want, samePeer) {
+		t.Fatalf("peers from the peer records %+v, want %+v", ps, want)
+	}
+	if r, _ := peerRecord(t, a.store, "name-app", "id-a"); !slices.Equal(r.Endpoints, []string{"ep-1 02:42:0a:01:00:02 10.1.0.2 fd00::2", "ep-2 02:42:0a:01:00:03 10.1.0.3"}) || r.VTEP != "192.0.2.1" {
+		t.Fatalf("a's peer record %+v", r)
+	}
+	if err := a.DeleteEndpoint(bg(t), "name-app", "ep-1"); err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 1 && ps[0].EndpointID == "ep-2" })
+	// A new VTEP reaches the peers through the peer record.
+	if err := a.SetVTEP(bg(t), netip.MustParseAddr("192.0.2.11")); err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 1 && ps[0].VTEP == netip.MustParseAddr("192.0.2.11") })
+	if ws := wsb.watching(); ws != configKey("name-app") {
+		t.Fatalf("b's watch went back to %q", ws)
+	}
+	mustLeave(t, a, "name-app", "net-a")
+	if _, ok := peerRecord(t, a.store, "name-app", "id-a"); ok {
+		t.Fatal("a's peer record outlived its membership")
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 0 })
+	mustLeave(t, b, "name-app", "net-b")
+	if k := keys(t, a.store, "networks/"); len(k) != 0 {
+		t.Fatalf("keys left after the last member: %v", k)
+	}
+}
+
+// testPeerRecordsOlderHost: a member that writes endpoint records only (a
+// host running an older version) is read from its endpoint records, as
+// long as it has no peer record, and again when its peer record and its
+// records disagree (a host downgraded after it had one). Its first start
+// on this version writes its peer record and the watch reads that.
+func testPeerRecordsOlderHost(t *testing.T, open openFunc) {
+	b, wsb := newWatchedHost(t, open, "id-b", "192.0.2.2")
+	mustJoin(t, b, "name-app", "net-b", spec("10.1.0.0/24"))
+	ctx, cancel := context.WithCancel(bg(t))
+	defer cancel()
+	wb, err := b.WatchPeers(ctx, "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 0 })
+	waitWatching(t, wsb, configKey("name-app"))
+
+	// Host c, an older version: a membership and a record, no peer record.
+	raw := open(t)
+	p, err := raw.Get(bg(t), configKey("name-app"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec Network
+	if err := kvstore.Decode(p.Value, &rec); err != nil {
+		t.Fatal(err)
+	}
+	rec.Hosts["id-c"] = Member{Node: "c", NetworkIDs: []string{"net-c"}, VTEP: "192.0.2.3"}
+	val, _ := kvstore.Encode(rec)
+	if err := raw.CAS(bg(t), configKey("name-app"), val, p.ModifyIndex); err != nil {
+		t.Fatal(err)
+	}
+	putOld := func(id, addr string) {
+		ep := Endpoint{ID: id, NetworkKey: "name-app", Incarnation: rec.Incarnation, NetworkID: "net-c", HostID: "id-c", Node: "c", VTEP: "192.0.2.3", IPv4: addr, MAC: "02:42:0a:01:00:09"}
+		v, _ := kvstore.Encode(ep)
+		if err := raw.Put(bg(t), endpointKey("name-app", id), v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	putOld("ep-c1", "10.1.0.9/24")
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 1 && ps[0].EndpointID == "ep-c1" })
+	if ws := wsb.watching(); ws != networkPrefix("name-app") {
+		t.Fatalf("with an older member, b watches %q", ws)
+	}
+
+	// c starts on this version: its view writes its peer record, and b
+	// reads the peer records again without losing c's endpoint.
+	c := newHost(t, open, "id-c", "c", "192.0.2.3")
+	if _, err := c.View(bg(t)); err != nil {
+		t.Fatal(err)
+	}
+	if r, ok := peerRecord(t, raw, "name-app", "id-c"); !ok || len(r.Endpoints) != 1 {
+		t.Fatalf("c's peer record after its start: %+v, %v", r, ok)
+	}
+	waitWatching(t, wsb, configKey("name-app"))
+	mustEndpoint(t, c, "name-app", "net-c", "ep-c2", "10.1.0.10/24", "", "02:42:0a:01:00:0a")
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 2 })
+
+	// c goes back to the older version: a record its peer record does not
+	// list. The audit finds it and b reads the endpoint records.
+	putOld("ep-c3", "10.1.0.11/24")
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 3 })
+	if ws := wsb.watching(); ws != networkPrefix("name-app") {
+		t.Fatalf("with a downgraded member, b watches %q", ws)
+	}
+}
+
+// testEvictPeerRecord: evicting a host removes its peer records.
+func testEvictPeerRecord(t *testing.T, open openFunc) {
+	a := newHost(t, open, "id-a", "a", "192.0.2.1")
+	b := newHost(t, open, "id-b", "b", "192.0.2.2")
+	mustJoin(t, a, "name-app", "net-a", spec("10.1.0.0/24"))
+	mustJoin(t, a, "name-app", "net-a2", spec("10.1.0.0/24"))
+	mustJoin(t, b, "name-app", "net-b", spec("10.1.0.0/24"))
+	mustEndpoint(t, a, "name-app", "net-a", "ep-a", "10.1.0.2/24", "", "02:42:0a:01:00:02")
+	if _, err := b.EvictHost(bg(t), "id-a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := peerRecord(t, b.store, "name-app", "id-a"); ok {
+		t.Fatal("evicted host's peer record kept")
+	}
+	if r, ok := peerRecord(t, b.store, "name-app", "id-b"); !ok || r.VTEP != "192.0.2.2" {
+		t.Fatalf("b's peer record %+v, %v", r, ok)
+	}
+}
