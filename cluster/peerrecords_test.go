@@ -2,8 +2,11 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -214,5 +217,26 @@ func testEvictPeerRecord(t *testing.T, open openFunc) {
 	}
 	if r, ok := peerRecord(t, b.store, "name-app", "id-b"); !ok || r.VTEP != "192.0.2.2" {
 		t.Fatalf("b's peer record %+v, %v", r, ok)
+	}
+}
+
+// TestPeerRecordLimit: a peer record Consul would refuse is an error that
+// names the network and the count, before anything is written.
+func TestPeerRecordLimit(t *testing.T) {
+	c := &Cluster{cfg: Config{HostID: "id-a"}}
+	r := PeerRecord{HostID: "id-a", Incarnation: "x", VTEP: "192.0.2.1"}
+	for i := 0; len(r.Endpoints)*80 < MaxPeerRecord; i++ {
+		r.Endpoints = append(r.Endpoints, peerEntry(Endpoint{ID: strings.Repeat("e", 60) + strconv.Itoa(i), MAC: "02:42:0a:01:00:02", IPv4: "10.1.0.2/16"}))
+	}
+	_, err := c.peerOp("name-app", r, 7)
+	if !errors.Is(err, ErrTooManyEndpoints) || !strings.Contains(err.Error(), "name-app") {
+		t.Fatalf("oversized peer record: %v", err)
+	}
+	r.Endpoints = r.Endpoints[:10]
+	if op, err := c.peerOp("name-app", r, 7); err != nil || op.Verb != kvstore.OpCAS || op.Index != 7 {
+		t.Fatalf("peer record op %+v, %v", op, err)
+	}
+	if op, err := c.peerOp("name-app", r, 0); err != nil || op.Verb != kvstore.OpCreate {
+		t.Fatalf("first peer record op %+v, %v", op, err)
 	}
 }
