@@ -625,6 +625,17 @@ func testView(t *testing.T, open openFunc) {
 	if p := v.Peers["name-app"]; len(p) != 1 || p[0].EndpointID != "ep-b" {
 		t.Fatalf("view peers %+v", p)
 	}
+	// Right peer records are left alone: a restart writes none.
+	before, err := b.store.Get(bg(t), peerRecordKey("name-app", "id-b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.View(bg(t)); err != nil {
+		t.Fatal(err)
+	}
+	if after, err := b.store.Get(bg(t), peerRecordKey("name-app", "id-b")); err != nil || after.ModifyIndex != before.ModifyIndex {
+		t.Fatalf("view rewrote a right peer record: %v, %v", after, err)
+	}
 	if hasKey(t, a.store, endpointKey("name-gone", "ep-orphan")) {
 		t.Fatal("orphan record of this host kept")
 	}
