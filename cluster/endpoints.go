@@ -890,6 +890,10 @@ func (c *Cluster) SetVTEP(ctx context.Context, addr netip.Addr) error {
 				return v, true, err
 			}))
 		case strings.HasSuffix(p.Key, "/config/peers/"+c.cfg.HostID):
+			var r PeerRecord
+			if kvstore.Decode(p.Value, &r) != nil || r.VTEP == vtep {
+				continue
+			}
 			key := strings.TrimSuffix(strings.TrimPrefix(p.Key, "networks/"), "/config/peers/"+c.cfg.HostID)
 			c.forgetOwnPeers(key)
 			errs = append(errs, c.casLoop(ctx, p.Key, func(b []byte) ([]byte, bool, error) {

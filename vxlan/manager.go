@@ -356,6 +356,20 @@ func (m *Manager) step(name string) error {
 	return nil
 }
 
+// stepOnce returns a function that passes fault point name the first
+// time it is called and does nothing after: a sync's writes pass their
+// point once, before the first addition.
+func (m *Manager) stepOnce(name string) func() error {
+	stepped := false
+	return func() error {
+		if stepped {
+			return nil
+		}
+		stepped = true
+		return m.step(name)
+	}
+}
+
 // networkMTU is the MTU a network's links get.
 func (m *Manager) networkMTU(n Network) int {
 	if n.Encrypted && n.MTU == 0 {

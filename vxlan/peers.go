@@ -493,14 +493,7 @@ func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll, delta bo
 // entries (MAC to VTEPs; the all-zeros MAC holds the flood list).
 func (m *Manager) writePeerEntries(vx netlink.Link, set *peerSet, haveNeigh map[netip.Addr][6]byte, haveFDB map[[6]byte][]netip.Addr, keepAll bool, ch *Changes) error {
 	name := vx.Attrs().Name
-	stepped := false
-	step := func() error {
-		if stepped {
-			return nil
-		}
-		stepped = true
-		return m.step("peers")
-	}
+	step := m.stepOnce("peers")
 
 	// Remove what is not wanted: neighbours first.
 	for ip := range haveNeigh {

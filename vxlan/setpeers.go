@@ -278,14 +278,7 @@ func (m *Manager) updateInPlace(vni uint32, keys []peerKey) (ch Changes, done bo
 			}
 		}
 	}
-	stepped := false
-	step := func() error {
-		if stepped {
-			return nil
-		}
-		stepped = true
-		return m.step("peers")
-	}
+	step := m.stepOnce("peers")
 	for v, before := range vteps {
 		if !before && set.hasVTEP(v) {
 			if err := step(); err != nil {
