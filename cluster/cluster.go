@@ -244,10 +244,7 @@ func (c *Cluster) ensureHost(ctx context.Context) error {
 // incarnation: for a host becoming a member (a record of another
 // incarnation, which a crash left, is replaced).
 func (c *Cluster) emptyPeersOp(key, incarnation string) (kvstore.Op, error) {
-	val, err := kvstore.Encode(PeerRecord{HostID: c.cfg.HostID, Incarnation: incarnation, VTEP: c.VTEP().String(), Endpoints: []string{}})
-	if err != nil {
-		return kvstore.Op{}, err
-	}
+	val := encodePeerRecord(PeerRecord{HostID: c.cfg.HostID, Incarnation: incarnation, VTEP: c.VTEP().String(), Endpoints: []string{}})
 	c.forgetOwnPeers(key)
 	return kvstore.Op{Verb: kvstore.OpSet, Key: peerRecordKey(key, c.cfg.HostID), Value: val}, nil
 }

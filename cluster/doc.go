@@ -29,8 +29,9 @@
 //	                                host's Docker NetworkIDs bound to it).
 //	networks/<key>/config/peers/<host-id>
 //	                                PeerRecord: the host's endpoints in
-//	                                the network, one short line each (ID,
-//	                                MAC, addresses), with its VTEP and the
+//	                                the network (ID prefix, MAC, addresses,
+//	                                in binary: about 21 bytes each, see
+//	                                peercodec.go), with its VTEP and the
 //	                                incarnation; written in the same
 //	                                transaction as the endpoint records,
 //	                                with the membership, and what the peer

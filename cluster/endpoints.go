@@ -341,6 +341,8 @@ func decodeEndpoints(key string, pairs []*kvstore.Pair) []Endpoint {
 
 // Peer is one remote endpoint address: what the data plane programs.
 type Peer struct {
+	// EndpointID is shortened: a hexadecimal ID to its first 16
+	// characters, as the peer records keep it (shortID).
 	EndpointID string
 	HostID     string
 	IP         netip.Addr
@@ -376,7 +378,7 @@ func DesiredPeers(self string, n Network, eps []Endpoint) []Peer {
 			if err != nil {
 				continue
 			}
-			out = append(out, Peer{EndpointID: ep.ID, HostID: ep.HostID, IP: pfx.Addr(), MAC: mac, VTEP: vtep})
+			out = append(out, Peer{EndpointID: shortID(ep.ID), HostID: ep.HostID, IP: pfx.Addr(), MAC: mac, VTEP: vtep})
 		}
 	}
 	sortPeers(out)
@@ -523,6 +525,7 @@ type cachedRecord struct {
 	index uint64
 	ok    bool
 	rec   PeerRecord
+	peers []Peer // rec.peers(), made at the first compact delivery
 }
 
 type cachedConfig struct {
@@ -636,8 +639,8 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 			seen[p.Key] = true
 			r, hit := rc.records[p.Key]
 			if !hit || r.index != p.ModifyIndex || p.ModifyIndex == 0 {
-				var pr PeerRecord
-				r = cachedRecord{index: p.ModifyIndex, ok: kvstore.Decode(p.Value, &pr) == nil, rec: pr}
+				pr, err := decodePeerRecord(p.Value)
+				r = cachedRecord{index: p.ModifyIndex, ok: err == nil, rec: pr}
 				rc.records[p.Key] = r
 			}
 		case strings.HasPrefix(p.Key, prefix):
@@ -677,6 +680,13 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 		}
 	}
 	slices.Sort(hosts)
+	var byHost map[string][]Endpoint // the full watch's records, by host
+	if !compact {
+		byHost = make(map[string][]Endpoint, len(hosts))
+		for _, ep := range eps {
+			byHost[ep.HostID] = append(byHost[ep.HostID], ep)
+		}
+	}
 	for _, h := range hosts {
 		r, has := rc.records[peerRecordKey(rc.key, h)]
 		switch {
@@ -684,7 +694,7 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 			ok, why = false, "host "+h+" has no peer record"
 		case r.rec.HostID != h || r.rec.Incarnation != rec.Incarnation:
 			ok, why = false, "host "+h+" has a peer record of another incarnation"
-		case !compact && !slices.Equal(r.rec.Endpoints, recordOf(h, rec.Incarnation, "", eps).Endpoints):
+		case !compact && !slices.Equal(r.rec.Endpoints, recordOf(h, rec.Incarnation, "", byHost[h]).Endpoints):
 			ok, why = false, "the peer record of host "+h+" does not list its endpoint records"
 		}
 		if !ok {
@@ -697,8 +707,18 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 	if !ok {
 		return nil, false, why
 	}
+	n := 0
 	for _, h := range hosts {
-		peers = append(peers, rc.records[peerRecordKey(rc.key, h)].rec.peers()...)
+		n += len(rc.records[peerRecordKey(rc.key, h)].peers)
+	}
+	peers = make([]Peer, 0, n)
+	for _, h := range hosts {
+		r := rc.records[peerRecordKey(rc.key, h)]
+		if r.peers == nil && len(r.rec.Endpoints) != 0 {
+			r.peers = r.rec.peers()
+			rc.records[peerRecordKey(rc.key, h)] = r
+		}
+		peers = append(peers, r.peers...)
 	}
 	sortPeers(peers)
 	return peers, true, ""
@@ -806,8 +826,7 @@ func (c *Cluster) repairOwnPeers(ctx context.Context, key, incarnation string, k
 		if p.Key != peerRecordKey(key, c.cfg.HostID) {
 			continue
 		}
-		var cur PeerRecord
-		if kvstore.Decode(p.Value, &cur) == nil && cur.equal(want) {
+		if cur, err := decodePeerRecord(p.Value); err == nil && cur.equal(want) {
 			c.setOwnPeers(key, cur, p.ModifyIndex)
 			return
 		}
@@ -890,23 +909,21 @@ func (c *Cluster) SetVTEP(ctx context.Context, addr netip.Addr) error {
 				return v, true, err
 			}))
 		case strings.HasSuffix(p.Key, "/config/peers/"+c.cfg.HostID):
-			var r PeerRecord
-			if kvstore.Decode(p.Value, &r) != nil || r.VTEP == vtep {
+			if r, err := decodePeerRecord(p.Value); err != nil || r.VTEP == vtep {
 				continue
 			}
 			key := strings.TrimSuffix(strings.TrimPrefix(p.Key, "networks/"), "/config/peers/"+c.cfg.HostID)
 			c.forgetOwnPeers(key)
 			errs = append(errs, c.casLoop(ctx, p.Key, func(b []byte) ([]byte, bool, error) {
-				var r PeerRecord
-				if err := kvstore.Decode(b, &r); err != nil {
+				r, err := decodePeerRecord(b)
+				if err != nil {
 					return nil, false, err
 				}
 				if r.VTEP == vtep {
 					return nil, false, nil
 				}
 				r.VTEP = vtep
-				v, err := kvstore.Encode(r)
-				return v, true, err
+				return encodePeerRecord(r), true, nil
 			}))
 		case strings.Contains(p.Key, "/endpoints/"):
 			var ep Endpoint

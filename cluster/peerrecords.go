@@ -51,7 +51,8 @@ type PeerRecord struct {
 	Incarnation string `json:"incarnation"`
 	VTEP        string `json:"vtep"`
 	// Endpoints are "<endpoint-id> <mac> <address> [<address>]", one per
-	// endpoint record of the host in this incarnation, sorted.
+	// endpoint record of the host in this incarnation, sorted; the ID is
+	// shortened (shortID) and the value is stored in binary (peercodec.go).
 	Endpoints []string `json:"endpoints"`
 }
 
@@ -65,9 +66,9 @@ func peerRecordKey(key, host string) string { return peersPrefix(key) + host }
 // peerEntry is ep's line in its host's peer record.
 func peerEntry(ep Endpoint) string {
 	var b strings.Builder
-	b.WriteString(ep.ID)
+	b.WriteString(shortID(ep.ID))
 	b.WriteByte(' ')
-	b.WriteString(ep.MAC)
+	b.WriteString(canonicalMAC(ep.MAC))
 	for _, a := range []string{ep.IPv4, ep.IPv6} {
 		if a == "" {
 			continue
@@ -82,6 +83,7 @@ func peerEntry(ep Endpoint) string {
 	return b.String()
 }
 
+// entryID is e's endpoint ID, shortened (shortID).
 func entryID(e string) string {
 	id, _, _ := strings.Cut(e, " ")
 	return id
@@ -110,6 +112,7 @@ func (r PeerRecord) with(ep Endpoint) PeerRecord {
 
 // without returns r without endpoint id.
 func (r PeerRecord) without(id string) PeerRecord {
+	id = shortID(id)
 	out := r
 	out.Endpoints = make([]string, 0, len(r.Endpoints))
 	for _, e := range r.Endpoints {
@@ -121,6 +124,7 @@ func (r PeerRecord) without(id string) PeerRecord {
 }
 
 func (r PeerRecord) lists(id string) bool {
+	id = shortID(id)
 	return slices.ContainsFunc(r.Endpoints, func(e string) bool { return entryID(e) == id })
 }
 
@@ -195,8 +199,8 @@ func (c *Cluster) ownPeerRecord(ctx context.Context, key string) (PeerRecord, ui
 	if err != nil {
 		return PeerRecord{}, 0, fmt.Errorf("read peer record of %q: %w", key, err)
 	}
-	var r PeerRecord
-	if kvstore.Decode(p.Value, &r) != nil {
+	r, err := decodePeerRecord(p.Value)
+	if err != nil {
 		r = PeerRecord{}
 	}
 	return r, p.ModifyIndex, nil
@@ -224,8 +228,9 @@ func (c *Cluster) setOwnPeers(key string, r PeerRecord, index uint64) {
 func (c *Cluster) forgetOwnPeers(key string) { c.setOwnPeers(key, PeerRecord{}, 0) }
 
 // MaxPeerRecord is the largest peer record written: Consul refuses a
-// value over 512 KiB. At about 100 bytes an endpoint it holds some 4,000
-// endpoints of one host in one network.
+// value over 512 KiB. At about 21 bytes an IPv4 endpoint (37 with an IPv6
+// address too) it holds some 10,000 to 19,000 endpoints of one host in one
+// network.
 const MaxPeerRecord = 400 << 10
 
 // ErrTooManyEndpoints: this host's peer record of a network is full.
@@ -234,10 +239,7 @@ var ErrTooManyEndpoints = errors.New("too many endpoints of this host in one net
 // peerOp writes r as this host's peer record of key: a create when index
 // is 0, else a compare-and-set on index.
 func (c *Cluster) peerOp(key string, r PeerRecord, index uint64) (kvstore.Op, error) {
-	val, err := kvstore.Encode(r)
-	if err != nil {
-		return kvstore.Op{}, err
-	}
+	val := encodePeerRecord(r)
 	if len(val) > MaxPeerRecord {
 		return kvstore.Op{}, fmt.Errorf("peer record of logical network %q: %d endpoints of this host take %d bytes, more than %d: %w", key, len(r.Endpoints), len(val), MaxPeerRecord, ErrTooManyEndpoints)
 	}
@@ -301,8 +303,8 @@ func (c *Cluster) sweepPeerRecords(ctx context.Context, key string, match func(P
 	}
 	var errs []error
 	for _, p := range pairs {
-		var r PeerRecord
-		if kvstore.Decode(p.Value, &r) != nil {
+		r, err := decodePeerRecord(p.Value)
+		if err != nil {
 			r = PeerRecord{HostID: strings.TrimPrefix(p.Key, peersPrefix(key))}
 		}
 		if !match(r) {

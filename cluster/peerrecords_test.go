@@ -3,9 +3,9 @@ package cluster
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -60,8 +60,8 @@ func peerRecord(t *testing.T, s kvstore.Store, key, hostID string) (PeerRecord, 
 	if err != nil {
 		return PeerRecord{}, false
 	}
-	var r PeerRecord
-	if err := kvstore.Decode(p.Value, &r); err != nil {
+	r, err := decodePeerRecord(p.Value)
+	if err != nil {
 		t.Fatalf("peer record %s: %v", p.Key, err)
 	}
 	return r, true
@@ -225,8 +225,8 @@ func testEvictPeerRecord(t *testing.T, open openFunc) {
 func TestPeerRecordLimit(t *testing.T) {
 	c := &Cluster{cfg: Config{HostID: "id-a"}}
 	r := PeerRecord{HostID: "id-a", Incarnation: "x", VTEP: "192.0.2.1"}
-	for i := 0; len(r.Endpoints)*80 < MaxPeerRecord; i++ {
-		r.Endpoints = append(r.Endpoints, peerEntry(Endpoint{ID: strings.Repeat("e", 60) + strconv.Itoa(i), MAC: "02:42:0a:01:00:02", IPv4: "10.1.0.2/16"}))
+	for i := 0; len(r.Endpoints)*21 < MaxPeerRecord; i++ {
+		r.Endpoints = append(r.Endpoints, peerEntry(Endpoint{ID: fmt.Sprintf("%016x", i) + strings.Repeat("e", 48), MAC: "02:42:0a:01:00:02", IPv4: "10.1.0.2/16"}))
 	}
 	_, err := c.peerOp("name-app", r, 7)
 	if !errors.Is(err, ErrTooManyEndpoints) || !strings.Contains(err.Error(), "name-app") {
