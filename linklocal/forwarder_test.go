@@ -33,14 +33,25 @@ type fakeDNS struct {
 func startFakeDNS(t *testing.T, answer func(q dns.Question, tcp bool) *dns.Msg) *fakeDNS {
 	t.Helper()
 	f := &fakeDNS{}
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", pc.LocalAddr().String())
-	if err != nil {
+	// The UDP port the kernel picks may be held for TCP by another
+	// process's connection (other test packages run at the same time),
+	// so try a few until one is free for both.
+	var pc net.PacketConn
+	var l net.Listener
+	var err error
+	for range 20 {
+		pc, err = net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err = net.Listen("tcp", pc.LocalAddr().String())
+		if err == nil {
+			break
+		}
 		pc.Close()
-		t.Fatal(err)
+	}
+	if err != nil {
+		t.Fatalf("no port free for both UDP and TCP: %v", err)
 	}
 	f.addr = pc.LocalAddr().String()
 	handler := func(tcp bool) dns.HandlerFunc {
