@@ -35,6 +35,11 @@
 //     with a full pass when it answers again (the event stream is resumed
 //     from the last event seen, so a removal is not missed).
 //
-// Creates on the engine are by name, which the engine keeps unique: a
-// retry after an outage can never create a network twice.
+// Creates on the engine are by name: a retry after an outage does not
+// create a network twice. The engine's check for a taken name is best
+// effort, though: a create from a spec that overlaps a user's create of
+// the name gives two networks of one name. The syncer keeps the one with
+// the spec's settings (or the one it created, or the older) and handles
+// the other as a duplicate: removed when unused, and with other settings
+// a conflict the spec won.
 package netsync

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -29,6 +30,10 @@ type fakeEngine struct {
 	subs    map[int]*fakeSub
 	nextSub int
 	creates map[string]int // name → successful creates through the API
+	// noNameCheck lets a create through with a name the engine has: the
+	// engine's name check is best effort, and two creates of one name
+	// that overlap both succeed.
+	noNameCheck bool
 }
 
 type fakeSub struct {
@@ -95,6 +100,9 @@ func (e *fakeEngine) ListNetworkDetails(ctx context.Context) ([]dockerapi.Networ
 		d.Containers = -1
 		out = append(out, d)
 	}
+	// Newest first, in a stable order: with two networks of one name, a
+	// syncer that kept only the last one listed never saw the user's.
+	slices.SortFunc(out, func(a, b dockerapi.NetworkDetail) int { return b.Created.Compare(a.Created) })
 	return out, nil
 }
 
@@ -120,7 +128,7 @@ func (e *fakeEngine) create(ctx context.Context, req dockerapi.NetworkCreate) (s
 	if e.down {
 		return "", errEngineDown
 	}
-	if e.byName(req.Name) != nil {
+	if e.byName(req.Name) != nil && !e.noNameCheck {
 		return "", fmt.Errorf("network %s: %w", req.Name, dockerapi.ErrConflict)
 	}
 	id := randomID()
@@ -229,6 +237,19 @@ func (e *fakeEngine) connect(name string, delta int) {
 	n := e.byName(name)
 	n.Containers += delta
 	e.emit(map[bool]string{true: "connect", false: "disconnect"}[delta > 0], n)
+}
+
+// count is how many networks of name the engine has.
+func (e *fakeEngine) count(name string) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	c := 0
+	for _, n := range e.nets {
+		if n.Name == name {
+			c++
+		}
+	}
+	return c
 }
 
 func (e *fakeEngine) get(name string) (dockerapi.NetworkDetail, bool) {

@@ -362,12 +362,18 @@ func (s *Syncer) pass(ctx context.Context) error {
 		return err
 	}
 	local := map[string]dockerapi.NetworkDetail{}
-	taken := map[string]string{} // name → driver of networks that are not cluster-wide ones
+	var extra []dockerapi.NetworkDetail // more networks of a name in local
+	taken := map[string]string{}        // name → driver of networks that are not cluster-wide ones
 	for _, n := range nets {
-		if s.clusterWide(n) {
-			local[n.Name] = n
-		} else {
+		switch {
+		case !s.clusterWide(n):
 			taken[n.Name] = n.Driver
+		case local[n.Name].ID != "":
+			keep, drop := s.keeper(local[n.Name], n)
+			local[n.Name] = keep
+			extra = append(extra, drop)
+		default:
+			local[n.Name] = n
 		}
 	}
 	var errs []error
@@ -381,6 +387,11 @@ func (s *Syncer) pass(ctx context.Context) error {
 		}
 		if gone {
 			delete(local, name)
+		}
+	}
+	for _, n := range extra {
+		if err := s.syncDuplicate(ctx, n); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(s.specs)) {
@@ -425,6 +436,64 @@ func (s *Syncer) pass(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// keeper picks which of two networks of one name on this engine the
+// syncer treats as the cluster's network, and which as a duplicate. The
+// engine's check for a taken name is best effort: a create from a spec
+// that runs while a user's create of the name is still in the driver
+// gives two networks of one name (seen on engine 20.10). The keeper is the
+// one with the live spec's settings, else one this syncer created or
+// matched before, else the older one.
+func (s *Syncer) keeper(a, b dockerapi.NetworkDetail) (keep, drop dockerapi.NetworkDetail) {
+	rank := func(n dockerapi.NetworkDetail) int {
+		r := 0
+		if sp, ok := s.specs[n.Name]; ok && !sp.Spec.Retired && cluster.SameSettings(sp.Spec, s.specOf(n)) {
+			r += 2
+		}
+		if s.own[n.ID] || s.matched[n.ID] != "" {
+			r++
+		}
+		return r
+	}
+	ra, rb := rank(a), rank(b)
+	switch {
+	case ra > rb:
+		return a, b
+	case rb > ra:
+		return b, a
+	case b.Created.Before(a.Created), b.Created.Equal(a.Created) && b.ID < a.ID:
+		return b, a
+	default:
+		return a, b
+	}
+}
+
+// syncDuplicate handles a second network of a name this engine has (see
+// keeper): with the spec's settings it is removed when no container uses
+// it; with other settings it lost to the spec, as a network created here
+// with other settings does; under a retired spec it goes as the keeper
+// does. Without a spec (the keeper's publish failed) it waits for the next
+// pass.
+func (s *Syncer) syncDuplicate(ctx context.Context, n dockerapi.NetworkDetail) error {
+	sp, ok := s.specs[n.Name]
+	switch {
+	case !ok:
+		return nil
+	case sp.Spec.Retired:
+		_, err := s.removeUnused(ctx, n, "retired cluster-wide network removed here: no container uses it")
+		return err
+	case cluster.SameSettings(sp.Spec, s.specOf(n)):
+		gone, err := s.removeUnused(ctx, n, "second network of a cluster-wide network's name on this engine, with the same settings: removed")
+		if err == nil && !gone {
+			s.once("duplicate/"+n.ID, "this engine has two networks of a cluster-wide network's name; the second is kept while containers use it: remove it by ID once they are gone",
+				fmt.Errorf("network %q: ID %s", n.Name, n.ID))
+		}
+		return err
+	default:
+		_, err := s.lose(ctx, n, sp, s.specOf(n))
+		return err
+	}
 }
 
 // syncLocal handles one cluster-wide network this engine has. gone says it

@@ -38,6 +38,8 @@ func TestSyncer(t *testing.T) {
 		{"EngineOutage", testEngineOutage},
 		{"PerHostNotPublished", testPerHost},
 		{"CreateAgainAfterRetire", testCreateAgain},
+		{"DuplicateNameOtherSettings", testDuplicateOther},
+		{"DuplicateNameSameSettings", testDuplicateSame},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -147,7 +149,25 @@ func (h *host) userCreate(t *testing.T, name, subnet string, opts, labels map[st
 	return id
 }
 
+// userCreateRacing is a user's create of a name the engine has, that
+// overlapped the other create inside the engine: both succeed.
+func (h *host) userCreateRacing(t *testing.T, name, subnet string) string {
+	t.Helper()
+	h.engine.mu.Lock()
+	h.engine.noNameCheck = true
+	h.engine.mu.Unlock()
+	defer func() {
+		h.engine.mu.Lock()
+		h.engine.noNameCheck = false
+		h.engine.mu.Unlock()
+	}()
+	return h.userCreate(t, name, subnet, nil, nil)
+}
+
 func has(h *host, name, subnet string) error {
+	if c := h.engine.count(name); c > 1 {
+		return fmt.Errorf("host %s has %d networks named %s", h.name, c, name)
+	}
 	n, ok := h.engine.get(name)
 	if !ok {
 		return fmt.Errorf("host %s has no network %s", h.name, name)
@@ -415,4 +435,72 @@ func testCreateAgain(t *testing.T, c *cl) {
 	})
 	b.userCreate(t, "again", "10.99.12.0/24", nil, nil)
 	testenv.Eventually(t, 2*time.Second, func() error { return has(a, "again", "10.99.12.0/24") })
+}
+
+// testDuplicateOther: host B's create from A's spec and a user's create on
+// B of the name with another subnet overlapped, and B's engine let both
+// through (its name check is best effort; the e2e saw it on engine 20.10).
+// The spec wins on B: the user's network is removed as a conflict's loser,
+// and nothing of its subnet is left in the store, on either host.
+func testDuplicateOther(t *testing.T, c *cl) {
+	a := c.host("a", "co")
+	b := c.host("b", "co")
+	a.userCreate(t, "dup", "10.99.13.0/24", nil, nil)
+	testenv.Eventually(t, 2*time.Second, func() error { return has(b, "dup", "10.99.13.0/24") })
+	b.userCreateRacing(t, "dup", "10.99.14.0/24")
+	testenv.Eventually(t, 3*time.Second, func() error {
+		if err := errors.Join(has(a, "dup", "10.99.13.0/24"), has(b, "dup", "10.99.13.0/24")); err != nil {
+			return err
+		}
+		sp, err := cluster.GetSpec(context.Background(), a.store, "dup")
+		if err != nil {
+			return err
+		}
+		if len(sp.Spec.Conflicts) != 1 || sp.Spec.Conflicts[0].Node != "b" || !strings.Contains(sp.Spec.Conflicts[0].Settings, "10.99.14.0/24") {
+			return fmt.Errorf("conflicts %+v, want b's with 10.99.14.0/24", sp.Spec.Conflicts)
+		}
+		for _, k := range keys(t, a.store) {
+			if strings.Contains(k, "10.99.14.0") {
+				return fmt.Errorf("the losing network left %s", k)
+			}
+		}
+		return nil
+	})
+	// Removing the network on A now retires it everywhere: nothing left.
+	if err := a.engine.RemoveNetwork(context.Background(), "dup"); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 3*time.Second, func() error {
+		if err := errors.Join(lacks(a, "dup"), lacks(b, "dup")); err != nil {
+			return err
+		}
+		if k := keys(t, a.store); len(k) > 0 {
+			return fmt.Errorf("keys left: %v", k)
+		}
+		return nil
+	})
+}
+
+// testDuplicateSame: as testDuplicateOther with the spec's settings: the
+// second network is removed and no conflict is recorded; while a container
+// uses it, it is kept.
+func testDuplicateSame(t *testing.T, c *cl) {
+	a := c.host("a", "co")
+	b := c.host("b", "co")
+	a.userCreate(t, "dup2", "10.99.15.0/24", nil, nil)
+	testenv.Eventually(t, 2*time.Second, func() error { return has(b, "dup2", "10.99.15.0/24") })
+	first, _ := b.engine.get("dup2")
+	b.engine.connect("dup2", 1) // a container on the first one
+	b.userCreateRacing(t, "dup2", "10.99.15.0/24")
+	testenv.Eventually(t, 3*time.Second, func() error { return has(b, "dup2", "10.99.15.0/24") })
+	if n, _ := b.engine.get("dup2"); n.ID != first.ID {
+		t.Errorf("host b kept the second network %s, not the one in use %s", n.ID, first.ID)
+	}
+	sp, err := cluster.GetSpec(context.Background(), a.store, "dup2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sp.Spec.Conflicts) != 0 {
+		t.Errorf("conflicts %+v, want none", sp.Spec.Conflicts)
+	}
 }
