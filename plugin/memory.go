@@ -19,15 +19,31 @@ const defaultGCPercent = 50
 
 // Soft memory limit when GOMEMLIMIT is not set: memoryFloor, or
 // memoryLiveFactor times the live heap plus the runtime's memory that is
-// not heap once that is larger, re-read every memoryLimitEvery. The limit makes the runtime return free memory to the
-// system and collect before a burst grows the heap past it. Following the
-// live heap, it stays above what GOGC=50 lets the runtime reach (1.5 ×
-// live + the rest), so a large cluster's plugin does not end up
-// collecting all the time (what a fixed limit below its needs would do).
+// not heap once that is larger, re-read every memoryCheckEvery. The limit
+// makes the runtime return free memory to the system and collect before a
+// burst grows the heap past it. Following the live heap, it stays above
+// what GOGC=50 lets the runtime reach (1.5 × live + the rest), so a large
+// cluster's plugin does not end up collecting all the time (what a fixed
+// limit below its needs would do).
 const (
 	memoryFloor      = 20 << 20
 	memoryLiveFactor = 2
-	memoryLimitEvery = 10 * time.Second
+	memoryCheckEvery = 2 * time.Second
+)
+
+// After a burst (a thousand attaches, a restart's reconcile) the heap
+// keeps the pages the burst grew it by: the runtime returns free pages
+// only above about 110 % of the collector's next target, which GOGC=50
+// puts at 1.5 times the live heap plus half the goroutine stacks. Once the plugin is quiet
+// (less than releaseQuiet allocated since the last look) while more than
+// releaseAbove, or a quarter of the live heap, is free, the free pages go
+// back to the system at once (debug.FreeOSMemory: one collection, then
+// the release), at most once per releaseEvery. A busy plugin is left to
+// the runtime's own pacing.
+const (
+	releaseQuiet = 1 << 20
+	releaseAbove = 2 << 20
+	releaseEvery = 10 * time.Second
 )
 
 // applyMemoryDefaults sets the collector's target to defaultGCPercent
@@ -42,8 +58,9 @@ func applyMemoryDefaults(getenv func(string) string) bool {
 }
 
 // startMemoryLimit keeps the soft memory limit at memoryLimit(live heap)
-// until ctx ends, unless GOMEMLIMIT is set (the runtime applies it then).
-// stop waits for its goroutine.
+// and returns a burst's free pages once the plugin is quiet (see
+// releaseDue) until ctx ends, unless GOMEMLIMIT is set (the runtime
+// applies it then, and paces the returns). stop waits for its goroutine.
 func startMemoryLimit(ctx context.Context, getenv func(string) string) (stop func()) {
 	if strings.TrimSpace(getenv("GOMEMLIMIT")) != "" {
 		return func() {}
@@ -54,20 +71,39 @@ func startMemoryLimit(ctx context.Context, getenv func(string) string) (stop fun
 	go func() {
 		defer close(done)
 		defer debug.SetMemoryLimit(math.MaxInt64)
-		t := time.NewTicker(memoryLimitEvery)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			}
-			if live, other, ok := readMemory(); ok {
-				debug.SetMemoryLimit(memoryLimit(live, other))
-			}
-		}
+		memoryLoop(ctx, memoryCheckEvery, readMemory, debug.FreeOSMemory)
 	}()
 	return func() { cancel(); <-done }
+}
+
+// memoryLoop sets the soft limit from read's samples every period, and
+// calls release when releaseDue says so, until ctx ends.
+func memoryLoop(ctx context.Context, every time.Duration, read func() (memSample, bool), release func()) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	prev, _ := read()
+	var released time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		m, ok := read()
+		if !ok {
+			continue
+		}
+		debug.SetMemoryLimit(memoryLimit(m.live, m.other))
+		if releaseDue(prev, m, time.Since(released)) {
+			release()
+			released = time.Now()
+			// The next look compares with what is left.
+			if after, ok := read(); ok {
+				m = after
+			}
+		}
+		prev = m
+	}
 }
 
 // memoryLimit is the soft limit for a live heap of live bytes and other
@@ -79,6 +115,22 @@ func memoryLimit(live, other uint64) int64 {
 	return max(memoryFloor, memoryLiveFactor*int64(min(live, most))+int64(min(other, most)))
 }
 
+// releaseDue tells whether the free heap of now is worth returning: the
+// plugin allocated less than releaseQuiet since prev, more than
+// releaseAbove and a quarter of the live heap is free, and the last
+// release is at least releaseEvery ago.
+func releaseDue(prev, now memSample, sinceRelease time.Duration) bool {
+	quiet := now.allocs >= prev.allocs && now.allocs-prev.allocs < releaseQuiet
+	return quiet && sinceRelease >= releaseEvery && now.free > max(releaseAbove, now.live/4)
+}
+
+// memSample is what readMemory reads: the live heap, the runtime's memory
+// that is not heap, the heap's free pages not returned to the system, and
+// the bytes allocated since the start.
+type memSample struct {
+	live, other, free, allocs uint64
+}
+
 // memorySamples are what readMemory reads.
 var memorySamples = []string{
 	"/gc/heap/live:bytes",
@@ -87,11 +139,11 @@ var memorySamples = []string{
 	"/memory/classes/heap/objects:bytes",
 	"/memory/classes/heap/released:bytes",
 	"/memory/classes/heap/unused:bytes",
+	"/gc/heap/allocs:bytes",
 }
 
-// readMemory returns the live heap and the runtime's memory that is not
-// heap.
-func readMemory() (live, other uint64, ok bool) {
+// readMemory reads the runtime's memory (see memSample).
+func readMemory() (memSample, bool) {
 	s := make([]metrics.Sample, len(memorySamples))
 	for i, n := range memorySamples {
 		s[i].Name = n
@@ -100,13 +152,13 @@ func readMemory() (live, other uint64, ok bool) {
 	v := make([]uint64, len(s))
 	for i := range s {
 		if s[i].Value.Kind() != metrics.KindUint64 {
-			return 0, 0, false
+			return memSample{}, false
 		}
 		v[i] = s[i].Value.Uint64()
 	}
-	heap := v[2] + v[3] + v[4] + v[5]
-	if v[1] < heap {
-		return v[0], 0, true
+	m := memSample{live: v[0], free: v[2], allocs: v[6]}
+	if heap := v[2] + v[3] + v[4] + v[5]; v[1] >= heap {
+		m.other = v[1] - heap
 	}
-	return v[0], v[1] - heap, true
+	return m, true
 }

@@ -5,6 +5,7 @@ import (
 	"math"
 	"runtime/debug"
 	"testing"
+	"time"
 )
 
 func TestApplyMemoryDefaults(t *testing.T) {
@@ -43,9 +44,70 @@ func TestMemoryLimit(t *testing.T) {
 			t.Errorf("memoryLimit(%d, %d) = %d: below what GOGC=50 lets the heap reach", c.live, c.other, got)
 		}
 	}
-	live, other, ok := readMemory()
-	if !ok || live == 0 && other == 0 {
-		t.Errorf("readMemory = %d, %d, %v", live, other, ok)
+	m, ok := readMemory()
+	if !ok || m.other == 0 || m.allocs == 0 { // live is 0 before the first collection
+		t.Errorf("readMemory = %+v, %v", m, ok)
+	}
+}
+
+func TestReleaseDue(t *testing.T) {
+	const mib = 1 << 20
+	prev := memSample{live: 6 * mib, free: 1 * mib, allocs: 500 * mib}
+	for _, c := range []struct {
+		name  string
+		now   memSample
+		since time.Duration
+		want  bool
+	}{
+		{"quiet after a burst", memSample{live: 6 * mib, free: 5 * mib, allocs: 500*mib + 100<<10}, time.Hour, true},
+		{"still busy", memSample{live: 6 * mib, free: 5 * mib, allocs: 520 * mib}, time.Hour, false},
+		{"little free", memSample{live: 6 * mib, free: 2 * mib, allocs: 500 * mib}, time.Hour, false},
+		{"free below a quarter of a large live heap", memSample{live: 40 * mib, free: 8 * mib, allocs: 500 * mib}, time.Hour, false},
+		{"free above a quarter of a large live heap", memSample{live: 40 * mib, free: 12 * mib, allocs: 500 * mib}, time.Hour, true},
+		{"released a moment ago", memSample{live: 6 * mib, free: 5 * mib, allocs: 500 * mib}, time.Second, false},
+		{"counter went back", memSample{live: 6 * mib, free: 5 * mib, allocs: 1}, time.Hour, false},
+	} {
+		if got := releaseDue(prev, c.now, c.since); got != c.want {
+			t.Errorf("%s: releaseDue = %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
+// TestMemoryLoop: the loop sets the limit from each sample and releases
+// once when a burst's free pages sit in a quiet process, not while it
+// allocates, and not again within releaseEvery.
+func TestMemoryLoop(t *testing.T) {
+	defer debug.SetMemoryLimit(math.MaxInt64)
+	const mib = 1 << 20
+	samples := make(chan memSample)
+	released := make(chan struct{}, 10)
+	ctx, cancel := context.WithCancel(context.Background())
+	read := func() (memSample, bool) {
+		select {
+		case m := <-samples:
+			return m, true
+		case <-ctx.Done():
+			return memSample{}, false
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		memoryLoop(ctx, time.Millisecond, read, func() { released <- struct{}{} })
+	}()
+	samples <- memSample{live: 30 * mib, other: 10 * mib, allocs: 100 * mib}
+	samples <- memSample{live: 30 * mib, other: 10 * mib, free: 20 * mib, allocs: 200 * mib} // busy
+	samples <- memSample{live: 30 * mib, other: 10 * mib, free: 20 * mib, allocs: 200 * mib} // quiet: released
+	samples <- memSample{live: 30 * mib, other: 10 * mib, allocs: 200 * mib}                 // after the release
+	samples <- memSample{live: 30 * mib, other: 10 * mib, free: 20 * mib, allocs: 200 * mib} // within releaseEvery
+	samples <- memSample{live: 30 * mib, other: 10 * mib, free: 20 * mib, allocs: 200 * mib}
+	cancel()
+	<-done
+	if n := len(released); n != 1 {
+		t.Errorf("%d releases, want 1", n)
+	}
+	if got, want := debug.SetMemoryLimit(-1), int64((2*30+10)*mib); got != want {
+		t.Errorf("limit %d, want %d", got, want)
 	}
 }
 
