@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -30,34 +31,40 @@ type peerKey struct {
 type peerSet struct {
 	seq   uint64
 	peers map[peerKey]uint64 // peer → insertion sequence
-	byIP  map[netip.Addr]map[peerKey]struct{}
-	byMAC map[[6]byte]map[peerKey]struct{}
+	// The peers of each IP and MAC: almost always one (a slice, not a
+	// set: a thousand peers' sets would cost a megabyte of small maps).
+	byIP  map[netip.Addr][]peerKey
+	byMAC map[[6]byte][]peerKey
 	vteps map[netip.Addr]int // peers behind each VTEP
 }
 
 func newPeerSet() *peerSet {
 	return &peerSet{
 		peers: map[peerKey]uint64{},
-		byIP:  map[netip.Addr]map[peerKey]struct{}{},
-		byMAC: map[[6]byte]map[peerKey]struct{}{},
+		byIP:  map[netip.Addr][]peerKey{},
+		byMAC: map[[6]byte][]peerKey{},
 		vteps: map[netip.Addr]int{},
 	}
 }
 
-func addIndex[K comparable](idx map[K]map[peerKey]struct{}, k K, p peerKey) {
-	s := idx[k]
-	if s == nil {
-		s = map[peerKey]struct{}{}
-		idx[k] = s
-	}
-	s[p] = struct{}{}
+// addIndex adds p to k's peers; the caller adds each peer once.
+func addIndex[K comparable](idx map[K][]peerKey, k K, p peerKey) {
+	idx[k] = append(idx[k], p)
 }
 
-func delIndex[K comparable](idx map[K]map[peerKey]struct{}, k K, p peerKey) {
-	delete(idx[k], p)
-	if len(idx[k]) == 0 {
-		delete(idx, k)
+func delIndex[K comparable](idx map[K][]peerKey, k K, p peerKey) {
+	g := idx[k]
+	i := slices.Index(g, p)
+	if i < 0 {
+		return
 	}
+	if len(g) == 1 {
+		delete(idx, k)
+		return
+	}
+	g[i] = g[len(g)-1]
+	g[len(g)-1] = peerKey{}
+	idx[k] = g[:len(g)-1]
 }
 
 // add adds p; it reports false if p was already present.
@@ -88,10 +95,10 @@ func (s *peerSet) remove(p peerKey) bool {
 }
 
 // latest returns the most recently added peer of a group.
-func (s *peerSet) latest(group map[peerKey]struct{}) (peerKey, bool) {
+func (s *peerSet) latest(group []peerKey) (peerKey, bool) {
 	var best peerKey
 	var bestSeq uint64
-	for p := range group {
+	for _, p := range group {
 		if q := s.peers[p]; q > bestSeq {
 			best, bestSeq = p, q
 		}
