@@ -398,6 +398,7 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 	}
 	c.follow(ctx, query, func() bool {
 		snap := c.pairs(kvps)
+		kvps = nil // not kept through the next blocking query
 		if delivered && sameSums(last, snap, seed) {
 			if len(snap) == 0 {
 				if !sleepCtx(ctx, pace) {
