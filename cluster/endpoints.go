@@ -410,101 +410,180 @@ func sortPeers(ps []Peer) {
 // record or an audit finds one that disagrees. A snapshot that shows a
 // member without a peer record is never delivered from the peer records:
 // the whole prefix is read first.
+//
+// WatchPeers runs a PeerWatch in a goroutine of its own; a caller with a
+// loop of its own drives a PeerWatch itself and saves that goroutine.
 func (c *Cluster) WatchPeers(ctx context.Context, key string) (<-chan []Peer, error) {
+	w, err := c.NewPeerWatch(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	out := make(chan []Peer)
+	go func() {
+		defer close(out)
+		defer w.Close()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case snap, ok := <-w.Snapshots():
+				peers, deliver, done := w.Snapshot(snap, ok)
+				if done {
+					return
+				}
+				if !deliver {
+					continue
+				}
+				select {
+				case out <- peers:
+				case <-ctx.Done():
+					return
+				}
+			case <-w.Audits():
+				if w.Audit() {
+					return
+				}
+			}
+		}
+	}()
+	return out, nil
+}
+
+// PeerWatch is WatchPeers driven by its caller's loop: it receives from
+// Snapshots and Audits and hands each receive to Snapshot or Audit, then
+// calls Close once done. A PeerWatch is used by one goroutine.
+type PeerWatch struct {
+	c       *Cluster
+	key     string
+	ctx     context.Context
+	wcancel context.CancelFunc
+	ch      <-chan []*kvstore.Pair
+	dec     *recordCache
+	last    []Peer
+	sent    bool
+	compact bool // following the config and the peer records
+	audit   *time.Timer
+}
+
+// NewPeerWatch starts following logical network key's records until ctx
+// ends or Close.
+func (c *Cluster) NewPeerWatch(ctx context.Context, key string) (*PeerWatch, error) {
 	wctx, wcancel := context.WithCancel(ctx)
 	ch, err := c.store.Watch(wctx, networkPrefix(key))
 	if err != nil {
 		wcancel()
 		return nil, fmt.Errorf("watch logical network %q: %w", key, err)
 	}
-	out := make(chan []Peer)
-	go func() {
-		defer close(out)
-		defer func() { wcancel() }()
-		defer c.setCachedConfig(key, cachedConfig{})
-		defer c.setOwned(key, nil)
-		dec := newRecordCache(key)
-		var last []Peer
-		sent := false
-		compact := false
-		audit := time.NewTimer(c.cfg.PeerAudit)
-		audit.Stop()
-		defer audit.Stop()
-		for {
-			var auditC <-chan time.Time
-			if compact {
-				auditC = audit.C
-			}
-			want := compact
-			select {
-			case <-ctx.Done():
-				return
-			case snap, ok := <-ch:
-				if !ok {
-					return
-				}
-				peers, ok, why := dec.peers(c.cfg.HostID, snap, compact)
-				c.setCachedConfig(key, dec.config)
-				if own, ok := dec.records[peerRecordKey(key, c.cfg.HostID)]; ok && own.ok {
-					c.setOwnPeers(key, own.rec, own.index)
-				}
-				if !compact {
-					c.setOwned(key, dec.ownedBy(c.cfg.HostID))
-				}
-				if compact && !ok {
-					c.log.Info("peer watch reads the endpoint records again", "key", key, "reason", why)
-					want = false
-					break
-				}
-				want = ok
-				if sent && slices.EqualFunc(peers, last, samePeer) {
-					break
-				}
-				select {
-				case out <- peers:
-					last, sent = peers, true
-				case <-ctx.Done():
-					return
-				}
-			case <-auditC:
-				pairs, err := c.store.List(ctx, networkPrefix(key))
-				switch {
-				case ctx.Err() != nil:
-					return
-				case err != nil:
-					c.log.Debug("peer record audit skipped", "key", key, "error", err)
-				default:
-					if _, ok, why := newRecordCache(key).peers(c.cfg.HostID, pairs, false); !ok {
-						c.log.Warn("peer records disagree with the endpoint records (a host running an older version?); reading the endpoint records", "key", key, "reason", why)
-						want = false
-					}
-				}
-				audit.Reset(c.cfg.PeerAudit)
-			}
-			if want == compact {
-				continue
-			}
-			compact = want
-			wcancel()
-			for range ch { // the store's watch ends with wctx
-			}
-			prefix := networkPrefix(key)
-			if compact {
-				prefix = configKey(key)
-				audit.Reset(c.cfg.PeerAudit)
-			} else {
-				audit.Stop()
-			}
-			wctx, wcancel = context.WithCancel(ctx)
-			ch, err = c.store.Watch(wctx, prefix)
-			if err != nil {
-				c.log.Error("peer watch stopped", "key", key, "error", err)
-				return
-			}
-			c.log.Debug("peer watch switched", "key", key, "peer_records", compact)
+	audit := time.NewTimer(c.cfg.PeerAudit)
+	audit.Stop()
+	return &PeerWatch{c: c, key: key, ctx: ctx, wcancel: wcancel, ch: ch, dec: newRecordCache(key), audit: audit}, nil
+}
+
+// Snapshots is the store's watch to receive from; it changes when the
+// watch switches between the whole prefix and the peer records, so call
+// it for every receive.
+func (w *PeerWatch) Snapshots() <-chan []*kvstore.Pair { return w.ch }
+
+// Audits fires when the peer records are due to be checked against the
+// endpoint records (never while the whole prefix is followed).
+func (w *PeerWatch) Audits() <-chan time.Time {
+	if w.compact {
+		return w.audit.C
+	}
+	return nil
+}
+
+// Snapshot handles one receive from Snapshots: it returns the peers to
+// deliver when they differ from the last ones (deliver), and done when the
+// watch ended (the store's channel closed, ctx ended, or a switch of the
+// store's watch failed).
+func (w *PeerWatch) Snapshot(snap []*kvstore.Pair, ok bool) (peers []Peer, deliver, done bool) {
+	if !ok {
+		return nil, false, true
+	}
+	c, key := w.c, w.key
+	peers, ok, why := w.dec.peers(c.cfg.HostID, snap, w.compact)
+	c.setCachedConfig(key, w.dec.config)
+	if own, ok := w.dec.records[peerRecordKey(key, c.cfg.HostID)]; ok && own.ok {
+		c.setOwnPeers(key, own.rec, own.index)
+	}
+	if !w.compact {
+		c.setOwned(key, w.dec.ownedBy(c.cfg.HostID))
+	}
+	if w.compact && !ok {
+		c.log.Info("peer watch reads the endpoint records again", "key", key, "reason", why)
+		return nil, false, !w.follow(false)
+	}
+	if ok != w.compact && !w.follow(ok) {
+		return nil, false, true
+	}
+	if w.sent && slices.EqualFunc(peers, w.last, samePeer) {
+		return nil, false, false
+	}
+	w.last, w.sent = peers, true
+	return peers, true, false
+}
+
+// Audit handles a receive from Audits: it reads the whole prefix and goes
+// back to following it when the peer records disagree with the endpoint
+// records. It returns done when the watch ended.
+func (w *PeerWatch) Audit() (done bool) {
+	c, key := w.c, w.key
+	pairs, err := c.store.List(w.ctx, networkPrefix(key))
+	switch {
+	case w.ctx.Err() != nil:
+		return true
+	case err != nil:
+		c.log.Debug("peer record audit skipped", "key", key, "error", err)
+	default:
+		if _, ok, why := newRecordCache(key).peers(c.cfg.HostID, pairs, false); !ok {
+			c.log.Warn("peer records disagree with the endpoint records (a host running an older version?); reading the endpoint records", "key", key, "reason", why)
+			return !w.follow(false)
 		}
-	}()
-	return out, nil
+	}
+	w.audit.Reset(c.cfg.PeerAudit)
+	return false
+}
+
+// follow switches the store's watch to the peer records (compact) or to
+// the whole prefix. It returns false when the new watch could not start.
+func (w *PeerWatch) follow(compact bool) bool {
+	c, key := w.c, w.key
+	w.compact = compact
+	w.wcancel()
+	for range w.ch { // the store's watch ends with its context
+	}
+	prefix := networkPrefix(key)
+	if compact {
+		prefix = configKey(key)
+		w.audit.Reset(c.cfg.PeerAudit)
+	} else {
+		w.audit.Stop()
+	}
+	wctx, wcancel := context.WithCancel(w.ctx)
+	ch, err := c.store.Watch(wctx, prefix)
+	if err != nil {
+		wcancel()
+		w.wcancel, w.ch = func() {}, nil
+		c.log.Error("peer watch stopped", "key", key, "error", err)
+		return false
+	}
+	w.wcancel, w.ch = wcancel, ch
+	c.log.Debug("peer watch switched", "key", key, "peer_records", compact)
+	return true
+}
+
+// Close ends the store's watch, waits for it, and forgets what the watch
+// recorded of the network.
+func (w *PeerWatch) Close() {
+	w.wcancel()
+	if w.ch != nil {
+		for range w.ch {
+		}
+	}
+	w.audit.Stop()
+	w.c.setOwned(w.key, nil)
+	w.c.setCachedConfig(w.key, cachedConfig{})
 }
 
 // samePeer compares two peers field by field.

@@ -29,18 +29,17 @@ func vxlanPeers(vni uint32, ps []cluster.Peer) []vxlan.Peer {
 
 // watchPeers keeps the kernel's peers of one logical network equal to the
 // desired peers the cluster state outputs, until ctx ends. A failed kernel
-// write is retried at the next change or after ResyncInterval.
+// write is retried at the next change or after ResyncInterval. It drives
+// the cluster's peer watch itself: one goroutine per network from the
+// store's snapshots to the kernel.
 func (d *Driver) watchPeers(ctx context.Context, l *logical) {
-	ch, err := d.cl.WatchPeers(ctx, l.rec.Key)
+	w, err := d.cl.NewPeerWatch(ctx, l.rec.Key)
 	if err != nil {
 		d.log.Error("peer watch stopped; peers of this network are no longer programmed: restart the plugin", "network", networkName(l.rec), "vni", l.rec.VNI, "error", err)
 		return
 	}
-	// Wait for the cluster's goroutine to end with the store's watch.
-	defer func() {
-		for range ch {
-		}
-	}()
+	// The store's watch ends with the cluster's.
+	defer w.Close()
 	// This network's peers leave the underlay allowlist with it.
 	defer d.allowVTEPs(context.WithoutCancel(ctx), l.rec.Key, nil)
 	var last []cluster.Peer
@@ -61,15 +60,24 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 		select {
 		case <-ctx.Done():
 			return
-		case ps, ok := <-ch:
-			if !ok {
+		case snap, ok := <-w.Snapshots():
+			ps, deliver, done := w.Snapshot(snap, ok)
+			if done {
 				return
+			}
+			if !deliver {
+				continue
 			}
 			last, have = ps, true
 			if arrived.IsZero() {
 				arrived = time.Now()
 			}
 			set = d.dp.UpdatePeers
+		case <-w.Audits():
+			if w.Audit() {
+				return
+			}
+			continue
 		case <-retry.C:
 		case <-resync.C:
 		}
