@@ -10,8 +10,10 @@
 // compare-and-set writes, the memberships (keyed by the host's HostID,
 // never its node name) and the watch; the data plane (package vxlan)
 // programs the kernel. For each logical network this host is a member of,
-// one goroutine takes the cluster's desired peers and hands them whole to
-// the data plane (SetPeers); the driver keeps no peer table of its own.
+// one goroutine drives the cluster's peer watch (cluster.PeerWatch: the
+// store's snapshots in, the desired peers out) and hands the peers whole
+// to the data plane (UpdatePeers, SetPeers); the driver keeps no peer
+// table of its own.
 // See package cluster for the key layout and the fencing rules.
 //
 // Several Docker networks of this host may be bound to one logical network
