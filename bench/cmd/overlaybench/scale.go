@@ -177,6 +177,19 @@ func kernelBaseline(t *runner, n int, vteps []netip.Addr) time.Duration {
 	return time.Since(start)
 }
 
+// readMems reads the memory of each plugin, failing the run on an error.
+func readMems(t *runner, plugins []*harness.Plugin) []memUsage {
+	out := make([]memUsage, 0, len(plugins))
+	for _, p := range plugins {
+		m, err := readMem(p.Pid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
 // memorySettle is how long the scale bench waits after its first memory
 // reading (1 s after the last peer) for its second, quiet one: more than
 // the plugin's releaseEvery (10 s) and one look (2 s).
@@ -191,14 +204,7 @@ func benchScale(t *runner, cfg *config, rep *report) {
 	ctx := t.Context()
 	c := harness.NewCluster(t, H+1, harness.ClusterOptions{Bin: cfg.bin, LogLevel: "info", Plugins: H, Env: cfg.pluginEnv})
 	time.Sleep(time.Second)
-	var idle []memUsage
-	for _, p := range c.Plugins[:H] {
-		m, err := readMem(p.Pid())
-		if err != nil {
-			t.Fatal(err)
-		}
-		idle = append(idle, m)
-	}
+	idle := readMems(t, c.Plugins[:H])
 
 	spec := harness.NetSpec{Subnet4: "10.64.0.0/22", Options: map[string]string{"name": "scale"}}
 	for _, kv := range strings.Split(os.Getenv("BENCH_NET_OPTS"), ",") { // experiments
@@ -291,25 +297,11 @@ func benchScale(t *runner, cfg *config, rep *report) {
 	}
 	steady := time.Since(start)
 	time.Sleep(time.Second)
-	var loaded []memUsage
-	for _, p := range c.Plugins[:H] {
-		m, err := readMem(p.Pid())
-		if err != nil {
-			t.Fatal(err)
-		}
-		loaded = append(loaded, m)
-	}
+	loaded := readMems(t, c.Plugins[:H])
 	// And once the plugins are quiet: a plugin returns a burst's free
 	// pages within a few seconds of the last allocation (plugin/memory.go).
 	time.Sleep(memorySettle)
-	var settled []memUsage
-	for _, p := range c.Plugins[:H] {
-		m, err := readMem(p.Pid())
-		if err != nil {
-			t.Fatal(err)
-		}
-		settled = append(settled, m)
-	}
+	settled := readMems(t, c.Plugins[:H])
 
 	// Restart host1's plugin (kill -9) while host0's container pings
 	// host1's every 10 ms.
