@@ -514,7 +514,8 @@ func (w *PeerWatch) Snapshot(snap []*kvstore.Pair, ok bool) (peers []Peer, deliv
 		c.log.Info("peer watch reads the endpoint records again", "key", key, "reason", why)
 		return nil, false, !w.follow(false)
 	}
-	if ok != w.compact && !w.follow(ok) {
+	// The snapshot proves the peer records: follow them from now on.
+	if !w.compact && ok && !w.follow(true) {
 		return nil, false, true
 	}
 	if w.sent && slices.EqualFunc(peers, w.last, samePeer) {
@@ -550,9 +551,7 @@ func (w *PeerWatch) Audit() (done bool) {
 func (w *PeerWatch) follow(compact bool) bool {
 	c, key := w.c, w.key
 	w.compact = compact
-	w.wcancel()
-	for range w.ch { // the store's watch ends with its context
-	}
+	w.stopStore()
 	prefix := networkPrefix(key)
 	if compact {
 		prefix = configKey(key)
@@ -564,7 +563,6 @@ func (w *PeerWatch) follow(compact bool) bool {
 	ch, err := c.store.Watch(wctx, prefix)
 	if err != nil {
 		wcancel()
-		w.wcancel, w.ch = func() {}, nil
 		c.log.Error("peer watch stopped", "key", key, "error", err)
 		return false
 	}
@@ -573,14 +571,23 @@ func (w *PeerWatch) follow(compact bool) bool {
 	return true
 }
 
+// stopStore ends the store's watch and waits for its goroutine (the
+// channel closes when it ends). Once stopped, ch is nil until follow
+// starts another.
+func (w *PeerWatch) stopStore() {
+	if w.ch == nil {
+		return
+	}
+	w.wcancel()
+	for range w.ch {
+	}
+	w.wcancel, w.ch = nil, nil
+}
+
 // Close ends the store's watch, waits for it, and forgets what the watch
 // recorded of the network.
 func (w *PeerWatch) Close() {
-	w.wcancel()
-	if w.ch != nil {
-		for range w.ch {
-		}
-	}
+	w.stopStore()
 	w.audit.Stop()
 	w.c.setOwned(w.key, nil)
 	w.c.setCachedConfig(w.key, cachedConfig{})

@@ -38,7 +38,7 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 		d.log.Error("peer watch stopped; peers of this network are no longer programmed: restart the plugin", "network", networkName(l.rec), "vni", l.rec.VNI, "error", err)
 		return
 	}
-	// The store's watch ends with the cluster's.
+	// Close ends the store's watch and waits for it.
 	defer w.Close()
 	// This network's peers leave the underlay allowlist with it.
 	defer d.allowVTEPs(context.WithoutCancel(ctx), l.rec.Key, nil)

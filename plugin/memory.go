@@ -34,12 +34,12 @@ const (
 // After a burst (a thousand attaches, a restart's reconcile) the heap
 // keeps the pages the burst grew it by: the runtime returns free pages
 // only above about 110 % of the collector's next target, which GOGC=50
-// puts at 1.5 times the live heap plus half the goroutine stacks. Once the plugin is quiet
-// (less than releaseQuiet allocated since the last look) while more than
-// releaseAbove, or a quarter of the live heap, is free, the free pages go
-// back to the system at once (debug.FreeOSMemory: one collection, then
-// the release), at most once per releaseEvery. A busy plugin is left to
-// the runtime's own pacing.
+// puts at 1.5 times the live heap plus half the goroutine stacks. Once
+// the plugin is quiet (less than releaseQuiet allocated since the last
+// look) while more than releaseAbove, or a quarter of the live heap, is
+// free, the free pages go back to the system at once (debug.FreeOSMemory:
+// one collection, then the release), at most once per releaseEvery. A
+// busy plugin is left to the runtime's own pacing.
 const (
 	releaseQuiet = 1 << 20
 	releaseAbove = 2 << 20
