@@ -3,8 +3,11 @@ package kvstore
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -13,10 +16,21 @@ import (
 
 // Defaults of ClaimConfig.
 const (
-	// DefaultSessionTTL is the claim session's TTL, Consul's minimum. A
-	// holder that stops renewing loses the key within 2×TTL (Consul may
-	// take up to twice the TTL to invalidate a session).
-	DefaultSessionTTL = 10 * time.Second
+	// DefaultClaimTTL is the TTL of the claim's health check: a holder
+	// that stops passing it (every TTL/3, at its agent) loses the key
+	// TTL after its last pass, when the agent marks the check critical
+	// and the servers invalidate the session.
+	DefaultClaimTTL = 10 * time.Second
+	// claimDeregisterAfter: an agent that outlives the holder removes the
+	// holder's service and check this long after the check went critical
+	// (a restarted holder registers them again).
+	claimDeregisterAfter = time.Hour
+	// claimServiceName is the agent service a claim's check belongs to,
+	// unless ClaimConfig.ServiceName names another.
+	claimServiceName = "consul-overlay"
+	// claimCheckOutput is what every pass writes: the same output each
+	// time, so a pass changes nothing the agent would send to the servers.
+	claimCheckOutput = "alive: holds its key in Consul KV"
 	// claimLockDelay is the session's lock-delay. Zero would be Consul's
 	// default of 15 s, during which a restarted host could not take its
 	// own key back; 1 ms is as good as none.
@@ -49,9 +63,17 @@ type ClaimConfig struct {
 	// Name of the Consul session, shown by `consul operator` and the UI.
 	// Zero: "consul-overlay".
 	Name string
-	// TTL of the session, at least 10s (Consul's minimum). The session is
-	// renewed every TTL/3. Zero: DefaultSessionTTL.
+	// TTL of the claim's health check, at least 10s; the check is passed
+	// every TTL/3. Zero: DefaultClaimTTL.
 	TTL time.Duration
+	// ServiceID names the agent service whose TTL check the session is
+	// bound to; unique per holder on one agent. Zero: derived from the
+	// key ("consul-overlay-claim-" and a hash of it).
+	ServiceID string
+	// ServiceName is that service's name. Zero: "consul-overlay".
+	ServiceName string
+	// ServiceMeta is that service's metadata.
+	ServiceMeta map[string]string
 	// Takeover is asked, with the holder's value, when the key is held by
 	// another session: true destroys that session and takes the key (the
 	// caller has proved the holder is a dead incarnation of itself). Nil:
@@ -60,27 +82,33 @@ type ClaimConfig struct {
 	// OnLost is called (from the claim's goroutine) when the session was
 	// invalidated or the key is no longer held by it; the claim then
 	// re-acquires the key until it succeeds or is released. OnRegained is
-	// called when it holds the key again, OnRenewError when a renewal
-	// failed without the session being known lost (an outage). Nil: not
-	// called.
+	// called when it holds the key again, OnCheckError when a pass of
+	// the check, a look at the session or a re-acquire failed without the
+	// session being known lost (an outage, a refusal). Nil: not called.
 	OnLost       func(err error)
 	OnRegained   func(session string)
-	OnRenewError func(err error)
+	OnCheckError func(err error)
 }
 
-// Claim is a key held by a Consul session that a goroutine renews for the
-// life of the claim. When the session is lost (TTL expired during an
-// outage, destroyed, the servers lost their state) it creates a new one and
-// acquires the key again. Behavior is release: when the holder dies, the
-// key stays with its last value and no session, which is how other hosts
-// tell a live holder from a dead one.
+// Claim is a key held by a Consul session for the life of the claim. The
+// session has no TTL: it is bound to the agent's serfHealth and to a TTL
+// check of an agent service that a goroutine passes every TTL/3. A pass
+// is served by the agent alone (it tells the servers only when the
+// check's status changes), so a live claim costs the servers nothing but
+// the blocking read of its key, where a TTL session costs a renewal at the
+// servers every TTL/3. The session ends when the holder stops passing
+// (the check goes critical TTL after the last pass), when the agent
+// leaves or fails, or when it is destroyed; the claim then creates a new
+// one and acquires the key again. Behavior is release: when the holder
+// dies, the key stays with its last value and no session, which is how
+// other hosts tell a live holder from a dead one.
 type Claim struct {
 	c    *Consul
 	key  string // full key
 	cfg  ClaimConfig
 	stop context.CancelFunc
 	done chan struct{}
-	// suspect wakes run for a full check (renew and read the key) when
+	// suspect wakes run for a full check (pass, read the session and the key) when
 	// the watch of the key saw it without this claim's session.
 	suspect chan struct{}
 
@@ -89,11 +117,14 @@ type Claim struct {
 	value   []byte
 }
 
-// Claim creates a TTL session (no health checks: liveness is the TTL
-// alone) and acquires key with value. If another live session holds the
-// key and cfg.Takeover does not allow taking it, Claim fails with a
-// *HeldError (errors.Is ErrHeld) and changes nothing in KV. A token without
-// session or key write permission fails with ErrPermissionDenied.
+// Claim registers (or registers again) the agent service cfg.ServiceID
+// with a passing TTL check, creates a session bound to that check and the
+// agent's serfHealth, and acquires key with value. If another live session
+// holds the key and cfg.Takeover does not allow taking it, Claim fails with
+// a *HeldError (errors.Is ErrHeld) and changes nothing in KV; the service
+// stays registered (it may be the holder's own, on a shared agent). A token
+// without service, session or key write permission fails with
+// ErrPermissionDenied.
 func (c *Consul) Claim(ctx context.Context, key string, value []byte, cfg ClaimConfig) (*Claim, error) {
 	if err := checkKey(key); err != nil {
 		return nil, err
@@ -102,10 +133,17 @@ func (c *Consul) Claim(ctx context.Context, key string, value []byte, cfg ClaimC
 		cfg.Name = "consul-overlay"
 	}
 	if cfg.TTL == 0 {
-		cfg.TTL = DefaultSessionTTL
+		cfg.TTL = DefaultClaimTTL
 	}
 	if cfg.TTL < 10*time.Second {
-		return nil, fmt.Errorf("consul claim %q: session ttl %s: want at least 10s", c.prefix+key, cfg.TTL)
+		return nil, fmt.Errorf("consul claim %q: check ttl %s: want at least 10s", c.prefix+key, cfg.TTL)
+	}
+	if cfg.ServiceName == "" {
+		cfg.ServiceName = claimServiceName
+	}
+	if cfg.ServiceID == "" {
+		sum := sha256.Sum256([]byte(c.prefix + key))
+		cfg.ServiceID = "consul-overlay-claim-" + hex.EncodeToString(sum[:8])
 	}
 	cl := &Claim{c: c, key: c.prefix + key, cfg: cfg, value: bytes.Clone(value), done: make(chan struct{}), suspect: make(chan struct{}, 1)}
 	id, err := cl.acquire(ctx)
@@ -155,8 +193,9 @@ func (cl *Claim) Update(ctx context.Context, value []byte) error {
 	return nil
 }
 
-// Release stops renewing, releases the key (keeping its value, with no
-// session) and destroys the session. Calling it twice is harmless.
+// Release stops passing the check, releases the key (keeping its value,
+// with no session), destroys the session and deregisters the claim's
+// service from the agent. Calling it twice is harmless.
 func (cl *Claim) Release(ctx context.Context) error {
 	cl.stop()
 	<-cl.done
@@ -176,6 +215,9 @@ func (cl *Claim) Release(ctx context.Context) error {
 	if err := cl.c.destroySession(ctx, id); err != nil {
 		errs = append(errs, err)
 	}
+	if err := cl.deregister(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
@@ -183,7 +225,15 @@ func (cl *Claim) Release(ctx context.Context) error {
 // session is destroyed.
 func (cl *Claim) acquire(ctx context.Context) (_ string, retErr error) {
 	c := cl.c
-	id, err := c.createSession(ctx, cl.cfg.Name, cl.cfg.TTL)
+	if err := cl.register(ctx); err != nil {
+		return "", err
+	}
+	// Registered again, a check keeps the status it had (critical, when
+	// this holder's previous incarnation died): pass it.
+	if err := cl.pass(ctx); err != nil {
+		return "", err
+	}
+	id, err := cl.createSession(ctx)
 	if err != nil {
 		return "", err
 	}
@@ -239,16 +289,16 @@ func (cl *Claim) acquire(ctx context.Context) (_ string, retErr error) {
 	}
 }
 
-// run renews the session every TTL/3; when the renewal finds the session
-// gone, or the watch of the key (watch) saw it not held by the session and
-// a check confirms it, it re-acquires.
+// run passes the check every TTL/3; when the watch of the key (watch) saw
+// it not held by the session, or a pass failed, and a look at the session
+// and the key (check) confirms the session or the key is lost, it
+// re-acquires.
 //
-// A renewal alone does not read the key: a session destroyed (a takeover,
-// servers that lost their state, an expired TTL) is what a renewal sees,
-// and a key deleted or released under a live session is what the watch
-// sees, with a blocking query that costs the server nothing while the key
-// does not change. Reading the key after every renewal cost a request per
-// host every TTL/3 for nothing.
+// A pass goes to the agent alone and reads nothing at the servers: a
+// session that ended (invalidated, destroyed, taken over) releases the
+// key, and a key deleted or released under a live session changes it;
+// the watch sees both, with a blocking query that costs the servers
+// nothing while the key does not change.
 func (cl *Claim) run(ctx context.Context) {
 	every := cl.cfg.TTL / 3
 	backoff := watchBackoffMin
@@ -276,8 +326,8 @@ func (cl *Claim) run(ctx context.Context) {
 			}
 			if err != nil {
 				backoff = min(2*backoff, claimRetryMax)
-				if cl.cfg.OnRenewError != nil {
-					cl.cfg.OnRenewError(err)
+				if cl.cfg.OnCheckError != nil {
+					cl.cfg.OnCheckError(err)
 				}
 				continue
 			}
@@ -308,8 +358,8 @@ func (cl *Claim) run(ctx context.Context) {
 				cl.cfg.OnLost(lost)
 			}
 		case err != nil:
-			if cl.cfg.OnRenewError != nil {
-				cl.cfg.OnRenewError(err)
+			if cl.cfg.OnCheckError != nil {
+				cl.cfg.OnCheckError(err)
 			}
 		}
 	}
@@ -318,8 +368,8 @@ func (cl *Claim) run(ctx context.Context) {
 // watch follows the key with blocking reads and wakes run (suspect) when
 // it shows the key missing or held by another session than the claim's
 // (or none) while the claim believes it holds it. run confirms with a
-// fresh renewal and read before it acts: a snapshot can be older than a
-// re-acquire.
+// fresh read of the session and the key before it acts: a snapshot can be
+// older than a re-acquire.
 func (cl *Claim) watch(ctx context.Context) {
 	var p *api.KVPair
 	query := func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
@@ -339,21 +389,30 @@ func (cl *Claim) watch(ctx context.Context) {
 	})
 }
 
-// check renews session id and, if read, reads the key: lost is non-nil
-// when the session is gone or no longer holds the key; err is an outage.
+// check passes the claim's check and, if read or the pass failed, reads
+// the session and the key: lost is non-nil when the session is gone or no
+// longer holds the key; err is an outage, or a pass the agent refused
+// while the session lives on.
 func (cl *Claim) check(ctx context.Context, id string, read bool) (lost, err error) {
 	c := cl.c
+	passErr := cl.pass(ctx)
+	if passErr == nil && !read {
+		return nil, nil
+	}
+	// A refused pass: the agent is unreachable, or it no longer has the
+	// check (restarted without its state, or it removed the check), in
+	// which case the servers end the session.
 	rctx, cancel, st := c.request(ctx, c.timeout)
-	entry, _, err := c.client.Session().Renew(id, (&api.WriteOptions{}).WithContext(rctx))
+	entry, _, err := c.client.Session().Info(id, (&api.QueryOptions{}).WithContext(rctx))
 	cancel()
 	if err != nil {
-		return nil, c.fail(ctx, st, "session renew", id, err)
+		return nil, errors.Join(passErr, c.fail(ctx, st, "session info", id, err))
 	}
 	if entry == nil {
 		return fmt.Errorf("consul claim %q: session %s invalidated", cl.key, id), nil
 	}
-	if !read {
-		return nil, nil
+	if passErr != nil {
+		return nil, passErr
 	}
 	p, err := c.holder(ctx, cl.key)
 	if err != nil {
@@ -390,19 +449,84 @@ func (c *Consul) acquireKey(ctx context.Context, full string, value []byte, sess
 	return ok, nil
 }
 
-func (c *Consul) createSession(ctx context.Context, name string, ttl time.Duration) (string, error) {
+// register registers the claim's service with its TTL check (passing
+// when new). Registering it again replaces the definition.
+func (cl *Claim) register(ctx context.Context) error {
+	c := cl.c
 	rctx, cancel, st := c.request(ctx, c.timeout)
 	defer cancel()
-	id, _, err := c.client.Session().CreateNoChecks(&api.SessionEntry{
-		Name:      name,
-		TTL:       ttl.String(),
-		Behavior:  api.SessionBehaviorRelease,
-		LockDelay: claimLockDelay,
-	}, (&api.WriteOptions{}).WithContext(rctx))
+	err := c.client.Agent().ServiceRegisterOpts(&api.AgentServiceRegistration{
+		ID:   cl.cfg.ServiceID,
+		Name: cl.cfg.ServiceName,
+		Meta: cl.cfg.ServiceMeta,
+		Check: &api.AgentServiceCheck{
+			CheckID:                        cl.cfg.ServiceID,
+			Name:                           "consul-overlay claim of " + cl.key,
+			TTL:                            cl.cfg.TTL.String(),
+			Status:                         api.HealthPassing,
+			Notes:                          "passed every " + (cl.cfg.TTL / 3).String() + " by the holder of " + cl.key + "; its Consul session, and so its hold of the key, ends when this check goes critical",
+			DeregisterCriticalServiceAfter: claimDeregisterAfter.String(),
+		},
+	}, api.ServiceRegisterOpts{ReplaceExistingChecks: true}.WithContext(rctx))
 	if err != nil {
-		return "", c.fail(ctx, st, "session create", name, err)
+		return c.fail(ctx, st, "agent service register", cl.cfg.ServiceID, err)
 	}
-	return id, nil
+	return nil
+}
+
+// pass passes the claim's check at the agent.
+func (cl *Claim) pass(ctx context.Context) error {
+	c := cl.c
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	if err := c.client.Agent().UpdateTTLOpts(cl.cfg.ServiceID, claimCheckOutput, api.HealthPassing, (&api.QueryOptions{}).WithContext(rctx)); err != nil {
+		return c.fail(ctx, st, "agent check pass", cl.cfg.ServiceID, err)
+	}
+	return nil
+}
+
+// deregister removes the claim's service and its check from the agent.
+func (cl *Claim) deregister(ctx context.Context) error {
+	c := cl.c
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	if err := c.client.Agent().ServiceDeregisterOpts(cl.cfg.ServiceID, (&api.QueryOptions{}).WithContext(rctx)); err != nil {
+		return c.fail(ctx, st, "agent service deregister", cl.cfg.ServiceID, err)
+	}
+	return nil
+}
+
+// createSession creates the claim's session, bound to the agent's
+// serfHealth and the claim's check. The agent sends a registration to the
+// servers right after answering it: until they have it, a session on the
+// check is refused ("Missing check", or the check still critical there
+// when it was registered again after a holder died), and tried again.
+func (cl *Claim) createSession(ctx context.Context) (string, error) {
+	c := cl.c
+	pause := 5 * time.Millisecond
+	deadline := time.Now().Add(c.timeout)
+	for {
+		rctx, cancel, st := c.request(ctx, c.timeout)
+		id, _, err := c.client.Session().Create(&api.SessionEntry{
+			Name:          cl.cfg.Name,
+			Behavior:      api.SessionBehaviorRelease,
+			LockDelay:     claimLockDelay,
+			NodeChecks:    []string{"serfHealth"},
+			ServiceChecks: []api.ServiceCheck{{ID: cl.cfg.ServiceID}},
+		}, (&api.WriteOptions{}).WithContext(rctx))
+		cancel()
+		if err == nil {
+			return id, nil
+		}
+		msg := err.Error()
+		if !(strings.Contains(msg, "Missing check") || strings.Contains(msg, "in critical state")) || time.Now().After(deadline) {
+			return "", c.fail(ctx, st, "session create", cl.cfg.Name, err)
+		}
+		if !sleepCtx(ctx, pause) {
+			return "", fmt.Errorf("consul claim %q: %w", cl.key, ctx.Err())
+		}
+		pause = min(2*pause, 200*time.Millisecond)
+	}
 }
 
 func (c *Consul) destroySession(ctx context.Context, id string) error {

@@ -3,6 +3,7 @@ package kvstore
 import (
 	"errors"
 	"net/http"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -106,6 +107,9 @@ func TestConsulClaim(t *testing.T) {
 		if info, _, err := raw.Session().Info(id, nil); err != nil || info != nil {
 			t.Fatalf("session %s not destroyed by Release: %+v, %v", id, info, err)
 		}
+		if svc, _, err := raw.Agent().Service(cl.cfg.ServiceID, nil); err == nil || svc != nil {
+			t.Fatalf("the claim's service %s still on the agent after Release: %+v, %v", cl.cfg.ServiceID, svc, err)
+		}
 		// A released key is free for the next holder at once.
 		cl2, err := s.Claim(bg(t), "hosts/a", []byte("v3"), ClaimConfig{})
 		if err != nil {
@@ -119,7 +123,7 @@ func TestConsulClaim(t *testing.T) {
 		var lost, regained atomic.Int32
 		regainedc := make(chan string, 4)
 		cl, err := s.Claim(bg(t), "hosts/a", []byte("v"), ClaimConfig{
-			TTL:        10 * time.Second, // renewed (and checked) every 3.3 s
+			TTL:        10 * time.Second, // passed every 3.3 s
 			OnLost:     func(error) { lost.Add(1) },
 			OnRegained: func(id string) { regained.Add(1); regainedc <- id },
 		})
@@ -210,11 +214,11 @@ func TestConsulClaim(t *testing.T) {
 		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
 		lostc := make(chan error, 4)
 		regainedc := make(chan string, 4)
-		var renewErrs atomic.Int32
+		var checkErrs atomic.Int32
 		old, err := s.Claim(bg(t), "hosts/a", []byte("old"), ClaimConfig{
 			OnLost:       func(err error) { lostc <- err },
 			OnRegained:   func(id string) { regainedc <- id },
-			OnRenewError: func(error) { renewErrs.Add(1) },
+			OnCheckError: func(error) { checkErrs.Add(1) },
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -239,8 +243,8 @@ func TestConsulClaim(t *testing.T) {
 		if p, err := s.Get(bg(t), "hosts/a"); err != nil || p.Session != taker.Session() || string(p.Value) != "new" {
 			t.Fatalf("taken-over key: %+v, %v; want value new held by %s", p, err, taker.Session())
 		}
-		if renewErrs.Load() == 0 {
-			t.Fatal("the refused re-acquire was not reported through OnRenewError")
+		if checkErrs.Load() == 0 {
+			t.Fatal("the refused re-acquire was not reported through OnCheckError")
 		}
 		if err := taker.Release(bg(t)); err != nil {
 			t.Fatal(err)
@@ -252,6 +256,109 @@ func TestConsulClaim(t *testing.T) {
 		}
 		if p, err := s.Get(bg(t), "hosts/a"); err != nil || p.Session != old.Session() {
 			t.Fatalf("after the taker's release: %+v, %v", p, err)
+		}
+	})
+
+	// The session has no TTL to renew at the servers: it is bound to the
+	// agent's serfHealth and to the claim's TTL check, which the holder
+	// passes at its agent.
+	t.Run("SessionBoundToTheAgentCheck", func(t *testing.T) {
+		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
+		cl, err := s.Claim(bg(t), "hosts/a", []byte("v"), ClaimConfig{ServiceID: "claim-test-" + randomHex(t), ServiceMeta: map[string]string{"host-id": "a"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Release(bg(t))
+		info, _, err := raw.Session().Info(cl.Session(), nil)
+		if err != nil || info == nil {
+			t.Fatalf("session %s: %+v, %v", cl.Session(), info, err)
+		}
+		if info.TTL != "" || !slices.Equal(info.NodeChecks, []string{"serfHealth"}) || len(info.ServiceChecks) != 1 || info.ServiceChecks[0].ID != cl.cfg.ServiceID {
+			t.Fatalf("session %+v: want no TTL, node check serfHealth and service check %s", info, cl.cfg.ServiceID)
+		}
+		svc, _, err := raw.Agent().Service(cl.cfg.ServiceID, nil)
+		if err != nil || svc.Service != "consul-overlay" || svc.Meta["host-id"] != "a" {
+			t.Fatalf("the claim's agent service: %+v, %v; want service consul-overlay with its meta", svc, err)
+		}
+		// Held across several passes (TTL/3 = 3.3 s) without a renewal.
+		time.Sleep(12 * time.Second)
+		checks, err := raw.Agent().Checks()
+		if err != nil || checks[cl.cfg.ServiceID] == nil || checks[cl.cfg.ServiceID].Status != api.HealthPassing {
+			t.Fatalf("the claim's check after 12 s: %+v, %v; want passing", checks[cl.cfg.ServiceID], err)
+		}
+		if p, err := s.Get(bg(t), "hosts/a"); err != nil || p.Session != info.ID || cl.Session() != info.ID {
+			t.Fatalf("after 12 s the key is %+v (%v), the claim's session %s; want both %s", p, err, cl.Session(), info.ID)
+		}
+	})
+
+	// A holder killed (nobody passes its check, nobody releases) loses the
+	// key once the check goes critical; the next holder registers the
+	// same check again and takes the key without a takeover.
+	t.Run("HolderThatStopsPassingLosesTheKey", func(t *testing.T) {
+		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
+		old, err := s.Claim(bg(t), "hosts/a", []byte("old"), ClaimConfig{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		oldID := old.Session()
+		old.stop()
+		<-old.done
+		stopped := time.Now()
+		for {
+			p, err := s.Get(bg(t), "hosts/a")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if p.Session == "" {
+				t.Logf("key released %s after its holder stopped passing (TTL %s)", time.Since(stopped).Round(100*time.Millisecond), DefaultClaimTTL)
+				break
+			}
+			if time.Since(stopped) > 2*DefaultClaimTTL+5*time.Second {
+				t.Fatalf("key still held by %s %s after its holder stopped passing", p.Session, time.Since(stopped).Round(time.Second))
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		if info, _, err := raw.Session().Info(oldID, nil); err != nil || info != nil {
+			t.Fatalf("the stopped holder's session %s: %+v, %v; want it ended", oldID, info, err)
+		}
+		cl, err := s.Claim(bg(t), "hosts/a", []byte("new"), ClaimConfig{})
+		if err != nil {
+			t.Fatalf("Claim after the holder died: %v", err)
+		}
+		defer cl.Release(bg(t))
+		if p, err := s.Get(bg(t), "hosts/a"); err != nil || p.Session != cl.Session() || string(p.Value) != "new" {
+			t.Fatalf("after the new claim: %+v, %v", p, err)
+		}
+	})
+
+	// An agent that forgets the check (restarted without its state, or a
+	// deregistration) ends the session: the claim registers the check
+	// again and takes the key back.
+	t.Run("CheckDeregisteredIsReacquired", func(t *testing.T) {
+		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
+		regainedc := make(chan string, 4)
+		cl, err := s.Claim(bg(t), "hosts/a", []byte("v"), ClaimConfig{OnRegained: func(id string) { regainedc <- id }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Release(bg(t))
+		first := cl.Session()
+		if err := raw.Agent().ServiceDeregister(cl.cfg.ServiceID); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case id := <-regainedc:
+			if id == first {
+				t.Fatalf("regained with the old session %s", id)
+			}
+		case <-time.After(15 * time.Second):
+			t.Fatal("claim not re-acquired within 15s of its check being deregistered")
+		}
+		if svc, _, err := raw.Agent().Service(cl.cfg.ServiceID, nil); err != nil || svc == nil {
+			t.Fatalf("the claim's service not registered again: %+v, %v", svc, err)
+		}
+		if p, err := s.Get(bg(t), "hosts/a"); err != nil || p.Session != cl.Session() {
+			t.Fatalf("after re-acquire: %+v, %v", p, err)
 		}
 	})
 

@@ -34,17 +34,23 @@
 // writes its host record and reads it back through Get and List at start).
 //
 // Claims (Consul only): Consul.Claim holds a key with a session of its
-// own: TTL-based (DefaultSessionTTL, 10 s; no health checks), behavior
-// release, lock-delay 1 ms, renewed every TTL/3 by a goroutine that also
-// checks the key is still held by it and, if the session or the key was
-// lost, creates a new session and acquires the key again. Claim refuses a
-// key held by another live session with a *HeldError (ErrHeld) carrying
-// the holder's value, without changing anything, unless the caller's
-// Takeover approves destroying that session. Release releases the key,
-// keeping its value with no session, and destroys the session. Pair.Session
-// shows the holding session to every reader: a key with a session belongs
-// to a live holder; without one, its holder stopped or died (Consul
-// invalidates a session at the latest 2×TTL after its last renewal).
+// own, bound to the agent's serfHealth and to a TTL check (DefaultClaimTTL,
+// 10 s) of an agent service of the claim's (ClaimConfig.ServiceID), with
+// no session TTL; behavior release, lock-delay 1 ms. A goroutine passes the
+// check every TTL/3 at the agent, which tells the servers only when the
+// check's status changes, so a held claim costs the servers one blocking
+// read of its key and nothing else (a TTL session costs a renewal at the
+// servers every TTL/3). The goroutine and that watch notice a lost session
+// or key and then create a new session and acquire the key again. Claim
+// refuses a key held by another live session with a *HeldError (ErrHeld)
+// carrying the holder's value, without changing anything in KV, unless the
+// caller's Takeover approves destroying that session. Release releases the
+// key, keeping its value with no session, destroys the session and
+// deregisters the service. Pair.Session shows the holding session to every
+// reader: a key with a session belongs to a live holder; without one, its
+// holder stopped or died (the check goes critical TTL after its last pass,
+// and the servers end the session at once; an agent that leaves or fails
+// ends it too).
 //
 // Key layout used through claims (the rest of the schema belongs to the
 // packages that write it):

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"consul-overlay/discovery"
 	"consul-overlay/internal/hostid"
 	"consul-overlay/kvstore"
 )
@@ -46,15 +47,17 @@ func buildVersion() string {
 // left by its own previous incarnation; a copied DATA_DIR has another lock
 // file, another machine another boot ID.
 type hostRecord struct {
-	ID         string     `json:"id"`
-	Node       string     `json:"node"`
-	VTEP       netip.Addr `json:"vtep"`
-	PID        int        `json:"pid"`
-	Started    time.Time  `json:"started"`
-	Version    string     `json:"version"`
-	BootID     string     `json:"boot_id,omitempty"`
-	LockFile   string     `json:"lock_file,omitempty"`
-	SessionTTL string     `json:"session_ttl,omitempty"`
+	ID       string     `json:"id"`
+	Node     string     `json:"node"`
+	VTEP     netip.Addr `json:"vtep"`
+	PID      int        `json:"pid"`
+	Started  time.Time  `json:"started"`
+	Version  string     `json:"version"`
+	BootID   string     `json:"boot_id,omitempty"`
+	LockFile string     `json:"lock_file,omitempty"`
+	// SessionTTL is the TTL of the check the host's session is bound to
+	// (kvstore.ClaimConfig.TTL; the name is from when the session had it).
+	SessionTTL string `json:"session_ttl,omitempty"`
 }
 
 // claimer is the Consul store's claim (the embedded store has none: there
@@ -65,6 +68,15 @@ type claimer interface {
 }
 
 var _ claimer = (*kvstore.Consul)(nil)
+
+// HostServiceName is the agent service of every host's liveness check:
+// `consul catalog services` lists the plugin's hosts under it, and
+// `/v1/health/service/consul-overlay-host` shows which are alive.
+const HostServiceName = "consul-overlay-host"
+
+// HostServiceID is the agent service (and check) ID of a host's liveness
+// check, the one its session is bound to.
+func HostServiceID(hostID string) string { return HostServiceName + "-" + hostID }
 
 // hostClaim is this host's record in the store, held for the life of the
 // process.
@@ -88,7 +100,7 @@ func claimHost(ctx context.Context, store kvstore.Store, rec hostRecord, dataDir
 	h := &hostClaim{store: store, key: hostsPrefix + rec.ID, rec: rec}
 	c, isConsul := store.(claimer)
 	if isConsul {
-		h.rec.SessionTTL = kvstore.DefaultSessionTTL.String()
+		h.rec.SessionTTL = kvstore.DefaultClaimTTL.String()
 	}
 	value, err := kvstore.Encode(h.rec)
 	if err != nil {
@@ -97,6 +109,11 @@ func claimHost(ctx context.Context, store kvstore.Store, rec hostRecord, dataDir
 	if isConsul {
 		cl, err := c.Claim(ctx, h.key, value, kvstore.ClaimConfig{
 			Name: "consul-overlay " + rec.Node,
+			// The host's liveness check on its agent: one per host, also
+			// on an agent that several hosts share.
+			ServiceID:   HostServiceID(rec.ID),
+			ServiceName: HostServiceName,
+			ServiceMeta: map[string]string{discovery.MetaHostID: rec.ID, discovery.MetaNode: rec.Node},
 			Takeover: func(holder []byte) bool {
 				var old hostRecord
 				if kvstore.Decode(holder, &old) != nil {
@@ -117,8 +134,8 @@ func claimHost(ctx context.Context, store kvstore.Store, rec hostRecord, dataDir
 			OnRegained: func(session string) {
 				log.Info("host record claimed again", "host_id", rec.ID, "session", session)
 			},
-			OnRenewError: func(err error) {
-				log.Warn("host record: renew failed, retrying", "host_id", rec.ID, "error", err)
+			OnCheckError: func(err error) {
+				log.Warn("host record: liveness check or session not confirmed, retrying", "host_id", rec.ID, "error", err)
 			},
 		})
 		if err != nil {
@@ -159,11 +176,11 @@ func claimError(prefix, key string, rec hostRecord, dataDir string, err error) e
 		}
 		return fmt.Errorf("host identity %s (%s) is already held by a live host, %s: this DATA_DIR is a copy of that host's (a copied directory or a cloned machine). "+
 			"Remove %s on this host to make it a new host, then start again. "+
-			"If it is this very host restarting on another boot, wait %s for the old session to expire",
-			rec.ID, filepath.Join(dataDir, hostid.IDFile), who, filepath.Join(dataDir, hostid.IDFile), 2*kvstore.DefaultSessionTTL)
+			"If it is this very host restarting on another boot, wait %s for the old session to end (its check %s goes critical when nobody passes it)",
+			rec.ID, filepath.Join(dataDir, hostid.IDFile), who, filepath.Join(dataDir, hostid.IDFile), 2*kvstore.DefaultClaimTTL, HostServiceID(rec.ID))
 	}
 	if errors.Is(err, kvstore.ErrPermissionDenied) {
-		return fmt.Errorf("claim host record %s%s: %w. The Consul token needs key_prefix %q { policy = \"write\" } and session_prefix \"\" { policy = \"write\" }", prefix, key, err, prefix)
+		return fmt.Errorf("claim host record %s%s: %w. The Consul token needs key_prefix %q { policy = \"write\" }, session_prefix \"\" { policy = \"write\" } and service_prefix \"\" { policy = \"write\" } (the host's liveness check, service %s)", prefix, key, err, prefix, HostServiceID(rec.ID))
 	}
 	return fmt.Errorf("claim host record %s%s: %w", prefix, key, err)
 }

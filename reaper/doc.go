@@ -4,7 +4,9 @@
 // # Liveness
 //
 // Every running plugin holds its host record hosts/<host-id> with a
-// Consul session (TTL 10 s, renewed; see kvstore.Consul.Claim). A host is
+// Consul session bound to its agent's serfHealth and to the host's TTL
+// check on that agent (10 s, passed by the plugin every 3.3 s; see
+// kvstore.Consul.Claim). A host is
 // alive while its record shows a session (kvstore.Pair.Session). A record
 // without one belongs to a plugin that stopped, crashed, or lost Consul:
 // a restart (kill -9, upgrade, engine restart) takes the record again

@@ -401,7 +401,8 @@ type Reaped struct {
 // Evict reaps host hostID now, whatever the grace period. A host whose
 // record is held by a live session is refused with ErrAlive unless force
 // is set (the operator knows better: a host cut off from its agent whose
-// session its agent still renews). An unknown host is ErrUnknownHost.
+// session its agent still keeps: a plugin cut off from Consul whose
+// check has not gone critical yet). An unknown host is ErrUnknownHost.
 func (r *Reaper) Evict(ctx context.Context, hostID string, force bool) (Reaped, error) {
 	if hostID == r.cfg.HostID {
 		return Reaped{}, fmt.Errorf("evict host %s: this is this host", hostID)

@@ -116,7 +116,7 @@ type Host struct {
 	VTEP string `json:"vtep"`
 	Self bool   `json:"self"`
 	// Alive: the host record is held by a Consul session, so the host's
-	// plugin is running and renewing it. Always false on the embedded
+	// plugin is running and passing its liveness check. Always false on the embedded
 	// store (there is no session).
 	Alive   bool      `json:"alive"`
 	Started time.Time `json:"started,omitzero"`

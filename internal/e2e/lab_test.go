@@ -458,7 +458,8 @@ func (i Instance) String() string {
 }
 
 // Instances lists the instances of every service in the catalog but
-// Consul's own, sorted.
+// Consul's own and the plugins' liveness checks (consul-overlay-host, one
+// per plugin while it runs), sorted.
 func (l *Lab) Instances(ctx context.Context) ([]Instance, error) {
 	var services map[string][]string
 	if err := l.consulGet(ctx, "/v1/catalog/services", &services); err != nil {
@@ -466,7 +467,7 @@ func (l *Lab) Instances(ctx context.Context) ([]Instance, error) {
 	}
 	var all []Instance
 	for name := range services {
-		if name == "consul" {
+		if name == "consul" || name == "consul-overlay-host" {
 			continue
 		}
 		var inst []Instance

@@ -94,7 +94,7 @@ func label(r *http.Request) (string, bool) {
 			p = "/v1/kv/…/" + parts[1]
 		}
 	}
-	for _, api := range []string{"/v1/session/info/", "/v1/session/renew/", "/v1/session/destroy/", "/v1/catalog/service/", "/v1/health/service/", "/v1/agent/service/"} {
+	for _, api := range []string{"/v1/session/info/", "/v1/session/renew/", "/v1/session/destroy/", "/v1/catalog/service/", "/v1/health/service/", "/v1/agent/service/", "/v1/agent/check/update/"} {
 		if strings.HasPrefix(p, api) {
 			p = api + "…"
 			break
@@ -176,12 +176,16 @@ func (m *consulMeter) openBlocking() map[string]int {
 	return out
 }
 
-// meterDiff is what happened between two snapshots.
+// meterDiff is what happened between two snapshots. agent counts the
+// requests to the agent API (/v1/agent/), which a host's own Consul agent
+// answers from its local state without asking the servers: a liveness
+// check's pass, the registrar's list of the agent's services. All hosts
+// share one agent here; on real hosts each has its own.
 type meterDiff struct {
-	secs            float64
-	total, blocking int64
-	bytes           int64
-	counts          map[string]int64
+	secs                   float64
+	total, blocking, agent int64
+	bytes                  int64
+	counts                 map[string]int64
 }
 
 func diffSnaps(a, b meterSnap) meterDiff {
@@ -193,12 +197,21 @@ func diffSnaps(a, b meterSnap) meterDiff {
 			if strings.HasSuffix(k, "(blocking)") {
 				d.blocking += n
 			}
+			if _, path, _ := strings.Cut(k, " "); strings.HasPrefix(path, "/v1/agent/") {
+				d.agent += n
+			}
 		}
 	}
 	return d
 }
 
 func (d meterDiff) rate() float64 { return float64(d.total) / d.secs }
+
+// serverShare is the share of the requests that reach the servers (all
+// but the agent API's) that are blocking queries.
+func (d meterDiff) serverShare() float64 {
+	return float64(d.blocking) / float64(max(1, d.total-d.agent))
+}
 
 // top lists the n most frequent kinds, "label ×count".
 func (d meterDiff) top(n int) string {
