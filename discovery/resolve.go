@@ -29,6 +29,13 @@ const (
 	MetaContainerName = "container-name"
 )
 
+// HostServiceName is the agent service of every host's liveness check (a
+// TTL check its session is bound to; see kvstore.Consul.Claim), one per
+// plugin, ID HostServiceName-<host-id>, Meta host-id and node. It carries
+// no managed-by: the registrar leaves it alone; the reaper removes a gone
+// host's.
+const HostServiceName = "consul-overlay-host"
+
 // CustomIDPrefix is put before every service ID that comes from a
 // container or its endpoint's options (SERVICE_ID, SERVICE_<port>_ID), so
 // that no container can name, and so overwrite or deregister, a service

@@ -69,10 +69,11 @@ type claimer interface {
 
 var _ claimer = (*kvstore.Consul)(nil)
 
-// HostServiceName is the agent service of every host's liveness check:
-// `consul catalog services` lists the plugin's hosts under it, and
-// `/v1/health/service/consul-overlay-host` shows which are alive.
-const HostServiceName = "consul-overlay-host"
+// HostServiceName (discovery.HostServiceName) is the agent service of
+// every host's liveness check: `consul catalog services` lists the
+// plugin's hosts under it, and `/v1/health/service/consul-overlay-host`
+// shows which are alive.
+const HostServiceName = discovery.HostServiceName
 
 // HostServiceID is the agent service (and check) ID of a host's liveness
 // check, the one its session is bound to.

@@ -25,11 +25,13 @@ type ConsulCatalog struct {
 
 var _ Catalog = ConsulCatalog{}
 
-// HostServices lists node's services managed by consul-overlay whose
-// Meta host-id is hostID.
+// HostServices lists node's services whose Meta host-id is hostID and
+// that are consul-overlay's: managed by it (containers'), or the host's
+// liveness check (discovery.HostServiceName).
 func (c ConsulCatalog) HostServices(ctx context.Context, node, hostID string) ([]Service, error) {
 	q := (&api.QueryOptions{
-		Filter: fmt.Sprintf("Meta[%q] == %q and Meta[%q] == %q", discovery.MetaHostID, hostID, discovery.MetaManagedBy, discovery.ManagedByValue),
+		Filter: fmt.Sprintf("Meta[%q] == %q and (Meta[%q] == %q or Service == %q)", discovery.MetaHostID, hostID,
+			discovery.MetaManagedBy, discovery.ManagedByValue, discovery.HostServiceName),
 	}).WithContext(ctx)
 	list, _, err := c.Client.Catalog().NodeServiceList(node, q)
 	if err != nil {

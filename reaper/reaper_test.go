@@ -215,6 +215,17 @@ func setup(t *testing.T, agent *testenv.ConsulAgent) *scenario {
 	s.bonlyVNI = n.VNI
 	registerService(t, s.a.store.Client(), "svc-a-"+e.prefix[7:15], "host-a")
 	registerService(t, s.b.store.Client(), "svc-b-"+e.prefix[7:15], "host-b")
+	// Each host's liveness check service, as the plugin registers it (no
+	// managed-by).
+	for _, h := range []string{"host-a", "host-b"} {
+		id := discovery.HostServiceName + "-" + h + "-" + e.prefix[7:15]
+		err := s.a.store.Client().Agent().ServiceRegister(&api.AgentServiceRegistration{ID: id, Name: discovery.HostServiceName,
+			Meta: map[string]string{discovery.MetaHostID: h}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = s.a.store.Client().Agent().ServiceDeregister(id) })
+	}
 	return s
 }
 
@@ -247,6 +258,9 @@ func (s *scenario) checkAUntouched(t *testing.T) {
 	}
 	if !serviceIDs(t, s.a.store.Client())["svc-a-"+s.e.prefix[7:15]] {
 		t.Errorf("A's service was deregistered")
+	}
+	if !serviceIDs(t, s.a.store.Client())[discovery.HostServiceName+"-host-a-"+s.e.prefix[7:15]] {
+		t.Errorf("A's liveness check service was deregistered")
 	}
 	if !exists(t, s.a.store, HostsPrefix+"host-a") {
 		t.Errorf("A's host record is gone")
@@ -307,6 +321,9 @@ func (s *scenario) checkBReapedBut(t *testing.T, skip string) {
 	}
 	if serviceIDs(t, st.Client())["svc-b-"+s.e.prefix[7:15]] {
 		t.Errorf("B's service is still registered")
+	}
+	if serviceIDs(t, st.Client())[discovery.HostServiceName+"-host-b-"+s.e.prefix[7:15]] {
+		t.Errorf("B's liveness check service is still registered")
 	}
 }
 
@@ -477,7 +494,7 @@ func testEvict(t *testing.T, agent *testenv.ConsulAgent) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rep.Cluster.Left) != 2 || len(rep.Cluster.Removed) != 1 || rep.IPAM.Addresses != 2 || rep.Services != 1 {
+	if len(rep.Cluster.Left) != 2 || len(rep.Cluster.Removed) != 1 || rep.IPAM.Addresses != 2 || rep.Services != 2 { // its container service and its liveness check
 		t.Errorf("evict report %+v", rep)
 	}
 	// B's claim takes its record again: a live host evicted by force

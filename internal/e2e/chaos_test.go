@@ -779,7 +779,9 @@ func (c *chaos) serverRestart(t *testing.T) {
 
 // partitionB (5): host B cut off from the Consul server (its packets to
 // and from the server dropped; the underlay to host A stays) for less than
-// HOST_GRACE, long enough for its session to expire: nothing of B is
+// HOST_GRACE, long enough for its session to end (when the servers take
+// B's agent for failed; one that still reaches A's agent by gossip keeps
+// it, and the session with it): nothing of B is
 // reclaimed until well past the moment the grace would have ended, its
 // containers keep running with their endpoints, and traffic between the
 // hosts loses nothing.
