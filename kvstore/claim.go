@@ -17,10 +17,16 @@ import (
 // Defaults of ClaimConfig.
 const (
 	// DefaultClaimTTL is the TTL of the claim's health check: a holder
-	// that stops passing it (every TTL/3, at its agent) loses the key
+	// that stops passing it (every TTL/6, at its agent) loses the key
 	// TTL after its last pass, when the agent marks the check critical
-	// and the servers invalidate the session.
-	DefaultClaimTTL = 10 * time.Second
+	// and the servers invalidate the session. 20 s is what a session
+	// with Consul's least TTL, 10 s renewed every 3.3 s, tolerated: the
+	// servers end one twice its TTL after its last renewal. A holder
+	// gets as long as before to pass again on an overloaded agent, and
+	// is taken for dead as soon as before.
+	DefaultClaimTTL = 20 * time.Second
+	// claimPassesPerTTL: the check is passed every TTL/6 (3.3 s).
+	claimPassesPerTTL = 6
 	// claimDeregisterAfter: an agent that outlives the holder removes the
 	// holder's service and check this long after the check went critical
 	// (a restarted holder registers them again).
@@ -64,7 +70,7 @@ type ClaimConfig struct {
 	// Zero: "consul-overlay".
 	Name string
 	// TTL of the claim's health check, at least 10s; the check is passed
-	// every TTL/3. Zero: DefaultClaimTTL.
+	// every TTL/6. Zero: DefaultClaimTTL.
 	TTL time.Duration
 	// ServiceID names the agent service whose TTL check the session is
 	// bound to; unique per holder on one agent. Zero: derived from the
@@ -92,11 +98,11 @@ type ClaimConfig struct {
 
 // Claim is a key held by a Consul session for the life of the claim. The
 // session has no TTL: it is bound to the agent's serfHealth and to a TTL
-// check of an agent service that a goroutine passes every TTL/3. A pass
+// check of an agent service that a goroutine passes every TTL/6. A pass
 // is served by the agent alone (it tells the servers only when the
 // check's status changes), so a live claim costs the servers nothing but
 // the blocking read of its key, where a TTL session costs a renewal at the
-// servers every TTL/3. The session ends when the holder stops passing
+// servers every 3.3 s. The session ends when the holder stops passing
 // (the check goes critical TTL after the last pass), when the agent
 // leaves or fails, or when it is destroyed; the claim then creates a new
 // one and acquires the key again. Behavior is release: when the holder
@@ -289,7 +295,7 @@ func (cl *Claim) acquire(ctx context.Context) (_ string, retErr error) {
 	}
 }
 
-// run passes the check every TTL/3; when the watch of the key (watch) saw
+// run passes the check every TTL/6; when the watch of the key (watch) saw
 // it not held by the session, or a pass failed, and a look at the session
 // and the key (check) confirms the session or the key is lost, it
 // re-acquires.
@@ -300,11 +306,15 @@ func (cl *Claim) acquire(ctx context.Context) (_ string, retErr error) {
 // the watch sees both, with a blocking query that costs the servers
 // nothing while the key does not change.
 func (cl *Claim) run(ctx context.Context) {
-	every := cl.cfg.TTL / 3
+	// Passes keep their pace from the start of the previous one: a pass
+	// the agent answers late (up to the request timeout) does not push
+	// the next one back.
+	every := cl.cfg.TTL / claimPassesPerTTL
 	backoff := watchBackoffMin
+	next := time.Now().Add(every)
 	for {
 		id := cl.Session()
-		wait := every
+		wait := time.Until(next)
 		if id == "" {
 			wait = backoff
 		}
@@ -332,6 +342,7 @@ func (cl *Claim) run(ctx context.Context) {
 				continue
 			}
 			backoff = watchBackoffMin
+			next = time.Now().Add(every)
 			cl.mu.Lock()
 			cl.session = nid
 			cl.mu.Unlock()
@@ -340,6 +351,7 @@ func (cl *Claim) run(ctx context.Context) {
 			}
 			continue
 		}
+		next = time.Now().Add(every)
 		lost, err := cl.check(ctx, id, read)
 		if ctx.Err() != nil {
 			return
@@ -464,7 +476,7 @@ func (cl *Claim) register(ctx context.Context) error {
 			Name:                           "consul-overlay claim of " + cl.key,
 			TTL:                            cl.cfg.TTL.String(),
 			Status:                         api.HealthPassing,
-			Notes:                          "passed every " + (cl.cfg.TTL / 3).String() + " by the holder of " + cl.key + "; its Consul session, and so its hold of the key, ends when this check goes critical",
+			Notes:                          "passed every " + (cl.cfg.TTL / claimPassesPerTTL).String() + " by the holder of " + cl.key + "; its Consul session, and so its hold of the key, ends when this check goes critical",
 			DeregisterCriticalServiceAfter: claimDeregisterAfter.String(),
 		},
 	}, api.ServiceRegisterOpts{ReplaceExistingChecks: true}.WithContext(rctx))

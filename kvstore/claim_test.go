@@ -123,7 +123,7 @@ func TestConsulClaim(t *testing.T) {
 		var lost, regained atomic.Int32
 		regainedc := make(chan string, 4)
 		cl, err := s.Claim(bg(t), "hosts/a", []byte("v"), ClaimConfig{
-			TTL:        10 * time.Second, // passed every 3.3 s
+			TTL:        10 * time.Second, // passed every 1.7 s
 			OnLost:     func(error) { lost.Add(1) },
 			OnRegained: func(id string) { regained.Add(1); regainedc <- id },
 		})
@@ -264,7 +264,7 @@ func TestConsulClaim(t *testing.T) {
 	// passes at its agent.
 	t.Run("SessionBoundToTheAgentCheck", func(t *testing.T) {
 		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
-		cl, err := s.Claim(bg(t), "hosts/a", []byte("v"), ClaimConfig{ServiceID: "claim-test-" + randomHex(t), ServiceMeta: map[string]string{"host-id": "a"}})
+		cl, err := s.Claim(bg(t), "hosts/a", []byte("v"), ClaimConfig{TTL: 10 * time.Second, ServiceID: "claim-test-" + randomHex(t), ServiceMeta: map[string]string{"host-id": "a"}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -280,7 +280,8 @@ func TestConsulClaim(t *testing.T) {
 		if err != nil || svc.Service != "consul-overlay" || svc.Meta["host-id"] != "a" {
 			t.Fatalf("the claim's agent service: %+v, %v; want service consul-overlay with its meta", svc, err)
 		}
-		// Held across several passes (TTL/3 = 3.3 s) without a renewal.
+		// Held past the check's TTL, across several passes (every 1.7 s),
+		// without a renewal.
 		time.Sleep(12 * time.Second)
 		checks, err := raw.Agent().Checks()
 		if err != nil || checks[cl.cfg.ServiceID] == nil || checks[cl.cfg.ServiceID].Status != api.HealthPassing {
@@ -296,7 +297,8 @@ func TestConsulClaim(t *testing.T) {
 	// same check again and takes the key without a takeover.
 	t.Run("HolderThatStopsPassingLosesTheKey", func(t *testing.T) {
 		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
-		old, err := s.Claim(bg(t), "hosts/a", []byte("old"), ClaimConfig{})
+		const ttl = 10 * time.Second
+		old, err := s.Claim(bg(t), "hosts/a", []byte("old"), ClaimConfig{TTL: ttl})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -310,10 +312,10 @@ func TestConsulClaim(t *testing.T) {
 				t.Fatal(err)
 			}
 			if p.Session == "" {
-				t.Logf("key released %s after its holder stopped passing (TTL %s)", time.Since(stopped).Round(100*time.Millisecond), DefaultClaimTTL)
+				t.Logf("key released %s after its holder stopped passing (TTL %s)", time.Since(stopped).Round(100*time.Millisecond), ttl)
 				break
 			}
-			if time.Since(stopped) > 2*DefaultClaimTTL+5*time.Second {
+			if time.Since(stopped) > ttl+10*time.Second {
 				t.Fatalf("key still held by %s %s after its holder stopped passing", p.Session, time.Since(stopped).Round(time.Second))
 			}
 			time.Sleep(200 * time.Millisecond)

@@ -35,12 +35,14 @@
 //
 // Claims (Consul only): Consul.Claim holds a key with a session of its
 // own, bound to the agent's serfHealth and to a TTL check (DefaultClaimTTL,
-// 10 s) of an agent service of the claim's (ClaimConfig.ServiceID), with
-// no session TTL; behavior release, lock-delay 1 ms. A goroutine passes the
-// check every TTL/3 at the agent, which tells the servers only when the
-// check's status changes, so a held claim costs the servers one blocking
-// read of its key and nothing else (a TTL session costs a renewal at the
-// servers every TTL/3). The goroutine and that watch notice a lost session
+// 20 s: as long as the servers took at most to end a session of Consul's
+// least TTL, 10 s) of an agent service of the claim's
+// (ClaimConfig.ServiceID), with no session TTL; behavior release,
+// lock-delay 1 ms. A goroutine passes the check every TTL/6 (3.3 s), paced
+// from the start of the previous pass, at the agent, which tells the
+// servers only when the check's status changes, so a held claim costs the
+// servers one blocking read of its key and nothing else (a TTL session
+// costs a renewal at the servers every 3.3 s). The goroutine and that watch notice a lost session
 // or key and then create a new session and acquire the key again. Claim
 // refuses a key held by another live session with a *HeldError (ErrHeld)
 // carrying the holder's value, without changing anything in KV, unless the

@@ -178,7 +178,7 @@ func claimError(prefix, key string, rec hostRecord, dataDir string, err error) e
 		return fmt.Errorf("host identity %s (%s) is already held by a live host, %s: this DATA_DIR is a copy of that host's (a copied directory or a cloned machine). "+
 			"Remove %s on this host to make it a new host, then start again. "+
 			"If it is this very host restarting on another boot, wait %s for the old session to end (its check %s goes critical when nobody passes it)",
-			rec.ID, filepath.Join(dataDir, hostid.IDFile), who, filepath.Join(dataDir, hostid.IDFile), 2*kvstore.DefaultClaimTTL, HostServiceID(rec.ID))
+			rec.ID, filepath.Join(dataDir, hostid.IDFile), who, filepath.Join(dataDir, hostid.IDFile), kvstore.DefaultClaimTTL+5*time.Second, HostServiceID(rec.ID))
 	}
 	if errors.Is(err, kvstore.ErrPermissionDenied) {
 		return fmt.Errorf("claim host record %s%s: %w. The Consul token needs key_prefix %q { policy = \"write\" }, session_prefix \"\" { policy = \"write\" } and service_prefix \"\" { policy = \"write\" } (the host's liveness check, service %s)", prefix, key, err, prefix, HostServiceID(rec.ID))

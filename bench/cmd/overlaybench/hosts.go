@@ -41,6 +41,11 @@ type hostsResult struct {
 	lostEvts  int // peers confirmed by dump because their event never came
 
 	attachRetries int // attaches of the burst tried again after a store timeout
+
+	// Over the whole size: writes of hosts-lost/ records (a live host saw
+	// a host record without its session: a host's liveness lapsed), and
+	// sessions created.
+	lostWrites, sessions int64
 }
 
 // benchHosts simulates many hosts (a namespace and a plugin process each,
@@ -97,6 +102,7 @@ func hostsOnce(t *runner, cfg *config, H int) hostsResult {
 	agent := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()),
 		testenv.WithArgs("-hcl", "limits { http_max_conns_per_client = 16384 }"))
 	meter := startConsulMeter(t, hosts[0], agent)
+	mStart := meter.snap()
 	consulPid := pidOfConsul(agent.NodeName)
 	if consulPid == 0 {
 		t.Fatalf("no process found for the consul agent %s", agent.NodeName)
@@ -327,7 +333,11 @@ func hostsOnce(t *runner, cfg *config, H int) hostsResult {
 		t.Fatalf("the new host never programmed its peers: %v", err)
 	}
 	r.join = joined.Sub(start)
-	r.joinLoad = diffSnaps(m0, meter.snap())
+	end := meter.snap()
+	r.joinLoad = diffSnaps(m0, end)
+	all := diffSnaps(mStart, end)
+	r.lostWrites = all.counts["PUT /v1/kv/…/hosts-lost"]
+	r.sessions = all.counts["PUT /v1/session/create"]
 	cj1, _ := cpuTime(plugins[H].Pid())
 	r.joinCPU = cj1 - cj0
 	return r
@@ -494,6 +504,8 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 	row("burst: bytes Consul answered per attach", func(r hostsResult) float64 { return float64(r.burstLoad.bytes) / 1024 / float64(r.hosts*r.perHost) }, kib)
 	row("burst: plugin CPU per host", func(r hostsResult) float64 { return r.pluginCPUBurst.Seconds() }, sf)
 	row("burst: Consul CPU", func(r hostsResult) float64 { return r.consulCPUBurst.Seconds() }, sf)
+	row("host records seen without their session (hosts-lost/ writes, whole run; 0: no host's liveness lapsed)", func(r hostsResult) float64 { return float64(r.lostWrites) }, num)
+	row("sessions created, whole run (2 per plugin start: the permission probe's and the host record's)", func(r hostsResult) float64 { return float64(r.sessions) }, num)
 	row("plugin RSS idle (mean)", func(r hostsResult) float64 { return r.rssIdle }, mib)
 	row("**plugin RSS loaded (max over hosts)**", func(r hostsResult) float64 { return r.rssMax }, mib)
 	row("plugin RSS loaded (mean)", func(r hostsResult) float64 { return r.rssMean }, mib)
