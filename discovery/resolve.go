@@ -36,6 +36,10 @@ const (
 // host's.
 const HostServiceName = "consul-overlay-host"
 
+// HostServiceID is the agent service (and check) ID of host hostID's
+// liveness check, the one its session is bound to.
+func HostServiceID(hostID string) string { return HostServiceName + "-" + hostID }
+
 // CustomIDPrefix is put before every service ID that comes from a
 // container or its endpoint's options (SERVICE_ID, SERVICE_<port>_ID), so
 // that no container can name, and so overwrite or deregister, a service

@@ -69,16 +69,6 @@ type claimer interface {
 
 var _ claimer = (*kvstore.Consul)(nil)
 
-// HostServiceName (discovery.HostServiceName) is the agent service of
-// every host's liveness check: `consul catalog services` lists the
-// plugin's hosts under it, and `/v1/health/service/consul-overlay-host`
-// shows which are alive.
-const HostServiceName = discovery.HostServiceName
-
-// HostServiceID is the agent service (and check) ID of a host's liveness
-// check, the one its session is bound to.
-func HostServiceID(hostID string) string { return HostServiceName + "-" + hostID }
-
 // hostClaim is this host's record in the store, held for the life of the
 // process.
 type hostClaim struct {
@@ -111,9 +101,10 @@ func claimHost(ctx context.Context, store kvstore.Store, rec hostRecord, dataDir
 		cl, err := c.Claim(ctx, h.key, value, kvstore.ClaimConfig{
 			Name: "consul-overlay " + rec.Node,
 			// The host's liveness check on its agent: one per host, also
-			// on an agent that several hosts share.
-			ServiceID:   HostServiceID(rec.ID),
-			ServiceName: HostServiceName,
+			// on an agent that several hosts share. `consul catalog
+			// services` lists the plugin's hosts under its name.
+			ServiceID:   discovery.HostServiceID(rec.ID),
+			ServiceName: discovery.HostServiceName,
 			ServiceMeta: map[string]string{discovery.MetaHostID: rec.ID, discovery.MetaNode: rec.Node},
 			Takeover: func(holder []byte) bool {
 				var old hostRecord
@@ -178,10 +169,10 @@ func claimError(prefix, key string, rec hostRecord, dataDir string, err error) e
 		return fmt.Errorf("host identity %s (%s) is already held by a live host, %s: this DATA_DIR is a copy of that host's (a copied directory or a cloned machine). "+
 			"Remove %s on this host to make it a new host, then start again. "+
 			"If it is this very host restarting on another boot, wait %s for the old session to end (its check %s goes critical when nobody passes it)",
-			rec.ID, filepath.Join(dataDir, hostid.IDFile), who, filepath.Join(dataDir, hostid.IDFile), kvstore.DefaultClaimTTL+5*time.Second, HostServiceID(rec.ID))
+			rec.ID, filepath.Join(dataDir, hostid.IDFile), who, filepath.Join(dataDir, hostid.IDFile), kvstore.DefaultClaimTTL+5*time.Second, discovery.HostServiceID(rec.ID))
 	}
 	if errors.Is(err, kvstore.ErrPermissionDenied) {
-		return fmt.Errorf("claim host record %s%s: %w. The Consul token needs key_prefix %q { policy = \"write\" }, session_prefix \"\" { policy = \"write\" } and service_prefix \"\" { policy = \"write\" } (the host's liveness check, service %s)", prefix, key, err, prefix, HostServiceID(rec.ID))
+		return fmt.Errorf("claim host record %s%s: %w. The Consul token needs key_prefix %q { policy = \"write\" }, session_prefix \"\" { policy = \"write\" } and service_prefix \"\" { policy = \"write\" } (the host's liveness check, service %s)", prefix, key, err, prefix, discovery.HostServiceID(rec.ID))
 	}
 	return fmt.Errorf("claim host record %s%s: %w", prefix, key, err)
 }

@@ -218,7 +218,7 @@ func setup(t *testing.T, agent *testenv.ConsulAgent) *scenario {
 	// Each host's liveness check service, as the plugin registers it (no
 	// managed-by).
 	for _, h := range []string{"host-a", "host-b"} {
-		id := discovery.HostServiceName + "-" + h + "-" + e.prefix[7:15]
+		id := discovery.HostServiceID(h + "-" + e.prefix[7:15])
 		err := s.a.store.Client().Agent().ServiceRegister(&api.AgentServiceRegistration{ID: id, Name: discovery.HostServiceName,
 			Meta: map[string]string{discovery.MetaHostID: h}})
 		if err != nil {
@@ -259,7 +259,7 @@ func (s *scenario) checkAUntouched(t *testing.T) {
 	if !serviceIDs(t, s.a.store.Client())["svc-a-"+s.e.prefix[7:15]] {
 		t.Errorf("A's service was deregistered")
 	}
-	if !serviceIDs(t, s.a.store.Client())[discovery.HostServiceName+"-host-a-"+s.e.prefix[7:15]] {
+	if !serviceIDs(t, s.a.store.Client())[discovery.HostServiceID("host-a-"+s.e.prefix[7:15])] {
 		t.Errorf("A's liveness check service was deregistered")
 	}
 	if !exists(t, s.a.store, HostsPrefix+"host-a") {
@@ -322,7 +322,7 @@ func (s *scenario) checkBReapedBut(t *testing.T, skip string) {
 	if serviceIDs(t, st.Client())["svc-b-"+s.e.prefix[7:15]] {
 		t.Errorf("B's service is still registered")
 	}
-	if serviceIDs(t, st.Client())[discovery.HostServiceName+"-host-b-"+s.e.prefix[7:15]] {
+	if serviceIDs(t, st.Client())[discovery.HostServiceID("host-b-"+s.e.prefix[7:15])] {
 		t.Errorf("B's liveness check service is still registered")
 	}
 }
