@@ -27,9 +27,10 @@ func docker(ctx context.Context, args ...string) (string, error) {
 	return strings.TrimSpace(string(out)), nil
 }
 
-// labEnv reads the lab's env file (lab/up.sh writes it) if the lab is up.
-func labEnv() map[string]string {
-	b, err := os.ReadFile(filepath.Join(labStateDir, "env"))
+// labEnv reads the env file of the lab whose state is in dir (lab/up.sh
+// writes it) if that lab is up.
+func labEnv(dir string) map[string]string {
+	b, err := os.ReadFile(filepath.Join(dir, "env"))
 	if err != nil {
 		return nil
 	}
@@ -86,7 +87,7 @@ func benchDocker(t *runner, cfg *config, rep *report) {
 	driver, how := "", ""
 	suffix := harness.RandomID()[:6]
 	var labels []string
-	if env := labEnv(); env != nil && env["LAB_PLUGIN"] != "" {
+	if env := labEnv(labStateDir); env != nil && env["LAB_PLUGIN"] != "" {
 		if en, _ := docker(ctx, "plugin", "inspect", "-f", "{{.Enabled}}", env["LAB_PLUGIN"]); en == "true" {
 			driver = env["LAB_PLUGIN"]
 			how = "the lab's plugin on host A (lab/up.sh: Consul through the local client agent)"
@@ -162,31 +163,9 @@ func benchDocker(t *runner, cfg *config, rep *report) {
 	create(ovIntName, 2, "--internal", "-d", driver, "--ipam-driver", driver, "-o", "name="+ovIntName)
 	create(brIntName, 3, "--internal")
 
-	runOnce := func(network string) (time.Duration, error) {
-		start := time.Now()
-		_, err := docker(ctx, "run", "--rm", "--network", network, benchImage, "true")
-		return time.Since(start), err
-	}
 	nets := []string{ovName, brName, ovIntName, brIntName}
-	for range 2 { // warm-up
-		for _, n := range nets {
-			if _, err := runOnce(n); err != nil {
-				t.Fatalf("docker run on %s: %v", n, err)
-			}
-		}
-	}
-	took := map[string][]time.Duration{}
-	for range cfg.dockerRuns {
-		for _, n := range nets {
-			d, err := runOnce(n)
-			if err != nil {
-				t.Fatalf("docker run on %s: %v", n, err)
-			}
-			took[n] = append(took[n], d)
-		}
-	}
-	od, bd := summarize(durationsMS(took[ovName])), summarize(durationsMS(took[brName]))
-	oid, bid := summarize(durationsMS(took[ovIntName])), summarize(durationsMS(took[brIntName]))
+	took := timeDockerRuns(t, "", benchImage, nets, cfg.dockerRuns)
+	od, bd, oid, bid := took[ovName], took[brName], took[ovIntName], took[brIntName]
 	sec := rep.section("docker run --rm (machine's engine)")
 	fmt.Fprintf(sec, "`docker run --rm --network N %s true`, %d runs per network after 2 warm-ups, networks alternating. "+
 		"consul-overlay: %s. Baseline: a user-defined bridge network on the same engine.\n\n", benchImage, cfg.dockerRuns, how)
@@ -202,6 +181,35 @@ func benchDocker(t *runner, cfg *config, rep *report) {
 		"(consul-overlay less consul-overlay --internal).\n",
 		fr(ratio(od.p50, bd.p50)), fr(ratio(od.mean, bd.mean)), fr(ratio(oid.p50, bid.p50)), fr(ratio(oid.mean, bid.mean)), f(od.p50-oid.p50))
 	rep.check("docker run --rm, consul-overlay ÷ bridge (p50)", fr(ratio(od.p50, bd.p50)), "≤ 1.05", ratio(od.p50, bd.p50) <= 1.05)
+}
+
+// timeDockerRuns times `docker run --rm` of a trivial container on each
+// network of the engine at host ("" for the machine's), the networks
+// alternating, after two warm-up rounds; a failed run fails the section.
+func timeDockerRuns(t *runner, host, image string, nets []string, runs int) map[string]dist {
+	ctx := t.Context()
+	runOnce := func(network string) (time.Duration, error) {
+		start := time.Now()
+		_, err := docker(ctx, hostArgs(host, "run", "--rm", "--network", network, image, "true")...)
+		return time.Since(start), err
+	}
+	took := map[string][]time.Duration{}
+	for round := range runs + 2 {
+		for _, n := range nets {
+			d, err := runOnce(n)
+			if err != nil {
+				t.Fatalf("docker run on %s: %v", n, err)
+			}
+			if round >= 2 { // the first two rounds warm up
+				took[n] = append(took[n], d)
+			}
+		}
+	}
+	out := map[string]dist{}
+	for n, ds := range took {
+		out[n] = summarize(durationsMS(ds))
+	}
+	return out
 }
 
 func (c *config) binOrDefault() string {

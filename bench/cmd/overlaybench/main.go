@@ -290,7 +290,10 @@ func runHeader(mode string, started time.Time, elapsed time.Duration, loadStart,
 		commit, runtime.Version(), consul, toolVersion("iperf3", "--version"), docker, toolVersion("ip", "-V"))
 	cmd := "make bench"
 	if strings.HasPrefix(mode, "quick") {
-		cmd = "BENCH_QUICK=1 make bench"
+		cmd = "BENCH_QUICK=1 " + cmd
+	}
+	if e := os.Getenv("LAB_ENGINE"); e != "" && e != "20.10" { // the lab of the swarm section
+		cmd = "LAB_ENGINE=" + e + " " + cmd
 	}
 	if only != "" {
 		cmd += " BENCH_ONLY=" + only

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -16,18 +17,32 @@ import (
 	"consul-overlay/internal/testenv"
 )
 
+// swarmLabState is the state directory of the lab the swarm section runs
+// on: the engine-20.10 lab (host A the machine's engine), or with
+// LAB_ENGINE=29 in the environment, as lab/up.sh takes it, the engine-29
+// lab (LAB_ID as there), both of whose engines live in namespaces.
+func swarmLabState() string {
+	if os.Getenv("LAB_ENGINE") == "29" {
+		return "/run/consul-overlay-lab-" + cmp.Or(os.Getenv("LAB_ID"), "29")
+	}
+	return labStateDir
+}
+
 // benchSwarm compares consul-overlay with Docker's own overlay driver on
 // the lab (lab/up.sh): host A is the machine's engine in its own
-// namespace, host B a second engine in a namespace, one underlay. Docker's
+// namespace (or with LAB_ENGINE=29 an engine 29 in a namespace), host B a
+// second engine in a namespace, one underlay. Docker's
 // overlay needs Swarm, so the section makes the two engines a two-node
 // Swarm for its duration (data path port 4790, so that Docker's VXLAN
 // sockets are not shared with consul-overlay's on 4789) and leaves it
 // afterwards. It uses the lab when it is up and owned by nobody else
 // ("bench" or "manual"); when the lab is down it brings it up (owner
-// "bench") and down again, except in quick mode.
+// "bench") and down again, except in quick mode. It also times `docker run
+// --rm` on host A on consul-overlay, Docker's overlay and a bridge network.
 func benchSwarm(t *runner, cfg *config, rep *report) {
 	ctx := t.Context()
-	env := labEnv()
+	stateDir := swarmLabState()
+	env := labEnv(stateDir)
 	if env == nil {
 		if cfg.quick {
 			t.Skip("the lab (lab/up.sh) is not up, and quick mode does not bring it up")
@@ -46,16 +61,17 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 				t.Logf("lab/down.sh: %v: %s", err, lastLines(string(out), 5))
 			}
 		})
-		if env = labEnv(); env == nil {
+		if env = labEnv(stateDir); env == nil {
 			t.Fatal("lab/up.sh succeeded but wrote no env file")
 		}
 	} else {
-		owner, _ := os.ReadFile(labStateDir + "/owner")
+		owner, _ := os.ReadFile(stateDir + "/owner")
 		if o := strings.TrimSpace(string(owner)); o != "bench" && o != "manual" && o != "" {
 			t.Skipf("the lab is up and in use by %q: not switching its engines into Swarm mode under it", o)
 		}
 	}
-	dockA := func(args ...string) (string, error) { return docker(ctx, args...) }
+	sockA := env["LAB_DOCKER_A"] // "" when host A is the machine's engine
+	dockA := func(args ...string) (string, error) { return docker(ctx, hostArgs(sockA, args...)...) }
 	dockB := func(args ...string) (string, error) {
 		return docker(ctx, append([]string{"-H", env["LAB_DOCKER_B"]}, args...)...)
 	}
@@ -71,18 +87,23 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 		}
 	}
 	a, b := env["LAB_ADDR_A"], env["LAB_ADDR_B"]
+	version := must(dockA("version", "--format", "{{.Server.Version}}"))
+	hostAIs := "host A is this machine's engine and namespace"
+	if sockA != "" {
+		hostAIs = "host A an engine in namespace " + env["LAB_NS_A"]
+	}
 	label, image, plugin := env["LAB_LABEL"], env["LAB_BUSYBOX"], env["LAB_PLUGIN"]
 
 	must(dockA("swarm", "init", "--advertise-addr", a, "--listen-addr", a+":2377", "--data-path-port", "4790",
 		"--default-addr-pool", "10.213.0.0/16", "--default-addr-pool-mask-length", "24"))
-	t.Cleanup(func() { _, _ = docker(context.Background(), "swarm", "leave", "--force") })
+	t.Cleanup(func() { _, _ = docker(context.Background(), hostArgs(sockA, "swarm", "leave", "--force")...) })
 	token := must(dockA("swarm", "join-token", "-q", "worker"))
 	must(dockB("swarm", "join", "--token", token, "--advertise-addr", b, "--listen-addr", b+":2377", a+":2377"))
 	t.Cleanup(func() { _, _ = docker(context.Background(), "-H", env["LAB_DOCKER_B"], "swarm", "leave", "--force") })
 	// Removing the ingress network before leaving: otherwise Docker 20.10
 	// keeps listing it, with its sandbox, until the engine restarts.
 	t.Cleanup(func() {
-		rm := exec.Command("docker", "network", "rm", "ingress")
+		rm := exec.Command("docker", hostArgs(sockA, "network", "rm", "ingress")...)
 		rm.Stdin = strings.NewReader("y\n")
 		_ = rm.Run()
 		time.Sleep(time.Second)
@@ -100,11 +121,11 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 	suffix := harness.RandomID()[:6]
 	swarmNet, coNet := "cobench-swarm-"+suffix, "cobench-co-"+suffix
 	must(dockA("network", "create", "-d", "overlay", "--attachable", "--subnet", "10.213.200.0/24", "--label", label, swarmNet))
-	t.Cleanup(func() { _, _ = docker(context.Background(), "network", "rm", swarmNet) })
+	t.Cleanup(func() { _, _ = docker(context.Background(), hostArgs(sockA, "network", "rm", swarmNet)...) })
 	for _, d := range []struct {
 		f    func(...string) (string, error)
 		host string
-	}{{dockA, ""}, {dockB, env["LAB_DOCKER_B"]}} {
+	}{{dockA, sockA}, {dockB, env["LAB_DOCKER_B"]}} {
 		must(d.f("network", "create", "-d", plugin, "--ipam-driver", plugin, "--subnet", "10.214.0.0/24", "-o", "name="+coNet, "--label", label, coNet))
 		host := d.host
 		t.Cleanup(func() { _, _ = docker(context.Background(), hostArgs(host, "network", "rm", coNet)...) })
@@ -129,8 +150,8 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 		}
 		return ctr{&testenv.NetNS{Name: "container " + name, Path: fmt.Sprintf("/proc/%d/ns/net", pid)}, ip}
 	}
-	sa, sb := start("", swarmNet, swarmNet+"-a"), start(env["LAB_DOCKER_B"], swarmNet, swarmNet+"-b")
-	ca, cb := start("", coNet, coNet+"-a"), start(env["LAB_DOCKER_B"], coNet, coNet+"-b")
+	sa, sb := start(sockA, swarmNet, swarmNet+"-a"), start(env["LAB_DOCKER_B"], swarmNet, swarmNet+"-b")
+	ca, cb := start(sockA, coNet, coNet+"-a"), start(env["LAB_DOCKER_B"], coNet, coNet+"-b")
 	for i, p := range [][2]ctr{{ca, cb}, {sa, sb}} {
 		if err := eventually(ctx, 60*time.Second, func() error {
 			_, err := nsRun(ctx, p[0].ns, "ping", "-n", "-c", "1", "-W", "1", p[1].ip.String())
@@ -144,6 +165,9 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 		}
 	}
 	hostA := &testenv.NetNS{Name: "host A", Path: "/proc/self/ns/net"}
+	if ns := env["LAB_NS_A"]; ns != "" {
+		hostA.Path = "/run/netns/" + ns
+	}
 	hostB := &testenv.NetNS{Name: "host B", Path: "/run/netns/" + env["LAB_NS_B"]}
 	ulMTU, _ := mtuOf(ctx, hostA, netip.MustParseAddr(a))
 	swMTU, _ := mtuOf(ctx, sa.ns, sa.ip)
@@ -168,22 +192,67 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 	})
 	measurePaths(t, cfg, paths)
 	sec := rep.section("Data plane on the lab: consul-overlay against Docker's overlay")
-	fmt.Fprintf(sec, "The lab (lab/up.sh): host A is this machine's engine and namespace, host B a second engine in a namespace, "+
+	fmt.Fprintf(sec, "The lab (lab/up.sh), engine %s: %s, host B a second engine in a namespace, "+
 		"joined by veths to a bridge in a switch namespace; Consul server and agents as in production. Docker's overlay: "+
 		"a two-node Swarm of the two engines made for this run (`docker swarm init --data-path-port 4790`), an attachable "+
 		"overlay network; consul-overlay: the lab's plugin on both engines. One busybox container per engine per network; "+
-		"iperf3 and ping run in their namespaces. %s\n\n", method(cfg))
+		"iperf3 and ping run in their namespaces. %s\n\n", version, hostAIs, method(cfg))
 	rows := pathTable(sec, paths, paths[2], paths[1], paths[0])
 	fmt.Fprintf(sec, "\n%s: the same containers, measured interleaved with the others, with `iptables -t raw -I PREROUTING "+
 		"-i vxbr+ -j NOTRACK` (and ip6tables) on both hosts during its rounds only, so that bridged overlay frames skip "+
 		"conntrack (they still cross the FORWARD chain through br_netfilter).\n\n", paths[3].name)
 	againstTable(sec, paths, rows, paths[3], paths[1], paths[2])
 	co, sw, un := rows[2], rows[1], rows[3]
-	rep.check("consul-overlay TCP, 4 streams, ÷ Docker overlay (lab)", r3(ratio(co.p4, sw.p4)), "≥ 1 (not below)", ratio(co.p4, sw.p4) >= 1)
-	rep.check("consul-overlay TCP, 1 stream, ÷ Docker overlay (lab)", r3(ratio(co.p1, sw.p1)), "≥ 1 (not below)", ratio(co.p1, sw.p1) >= 1)
-	rep.check("consul-overlay RTT avg − Docker overlay (lab)", fmt.Sprintf("%+.1f µs", co.avg-sw.avg), "≤ +3 µs", co.avg-sw.avg <= 3)
-	rep.info("consul-overlay untracked TCP 4 / 1 streams ÷ Docker overlay (lab)", fmt.Sprintf("%s / %s", r3(ratio(un.p4, sw.p4)), r3(ratio(un.p1, sw.p1))))
-	rep.info("consul-overlay untracked RTT avg − Docker overlay (lab)", fmt.Sprintf("%+.1f µs", un.avg-sw.avg))
+	lab := "lab, engine " + version
+	rep.check("consul-overlay TCP, 4 streams, ÷ Docker overlay ("+lab+")", r3(ratio(co.p4, sw.p4)), "≥ 1 (not below)", ratio(co.p4, sw.p4) >= 1)
+	rep.check("consul-overlay TCP, 1 stream, ÷ Docker overlay ("+lab+")", r3(ratio(co.p1, sw.p1)), "≥ 1 (not below)", ratio(co.p1, sw.p1) >= 1)
+	rep.check("consul-overlay RTT avg − Docker overlay ("+lab+")", fmt.Sprintf("%+.1f µs", co.avg-sw.avg), "≤ +3 µs", co.avg-sw.avg <= 3)
+	rep.info("consul-overlay untracked TCP 4 / 1 streams ÷ Docker overlay ("+lab+")", fmt.Sprintf("%s / %s", r3(ratio(un.p4, sw.p4)), r3(ratio(un.p1, sw.p1))))
+	rep.info("consul-overlay untracked RTT avg − Docker overlay ("+lab+")", fmt.Sprintf("%+.1f µs", un.avg-sw.avg))
+
+	// docker run --rm on host A: consul-overlay against Docker's overlay
+	// and a bridge network, and each --internal (no docker_gwbridge
+	// endpoint), so that Docker's cost of a network without a gateway
+	// shows apart from the driver's.
+	brNet, coInt, swInt, brInt := "cobench-br-"+suffix, coNet+"-int", swarmNet+"-int", "cobench-br-"+suffix+"-int"
+	for _, n := range []struct {
+		name string
+		args []string
+	}{
+		{brNet, []string{"--subnet", "10.215.1.0/24"}},
+		{coInt, []string{"--internal", "-d", plugin, "--ipam-driver", plugin, "--subnet", "10.215.2.0/24", "-o", "name=" + coInt}},
+		{swInt, []string{"--internal", "-d", "overlay", "--attachable", "--subnet", "10.213.201.0/24"}},
+		{brInt, []string{"--internal", "--subnet", "10.215.3.0/24"}},
+	} {
+		must(dockA(append(append([]string{"network", "create", "--label", label}, n.args...), n.name)...))
+		name := n.name
+		t.Cleanup(func() { _, _ = docker(context.Background(), hostArgs(sockA, "network", "rm", name)...) })
+	}
+	took := timeDockerRuns(t, sockA, image, []string{coNet, swarmNet, brNet, coInt, swInt, brInt}, cfg.dockerRuns)
+	cd, sd, bd := took[coNet], took[swarmNet], took[brNet]
+	cid, sid, bid := took[coInt], took[swInt], took[brInt]
+	dsec := rep.section("docker run --rm on the lab's host A (engine " + version + ")")
+	fmt.Fprintf(dsec, "`docker run --rm --network N %s true` on host A of the lab (%s), %d runs per network after 2 warm-ups, "+
+		"networks alternating, while the Swarm of the section above is up: consul-overlay (the lab's plugin, Consul through "+
+		"the host's agent), Docker's overlay (attachable) and a user-defined bridge network, each also `--internal`. Docker "+
+		"connects a container of a network without a gateway (both overlays) to docker_gwbridge, a second endpoint per "+
+		"run; an `--internal` network gets none.\n\n", image, hostAIs, cfg.dockerRuns)
+	fmt.Fprintln(dsec, "| Network | p50 ms | mean ms | max ms |")
+	fmt.Fprintln(dsec, "|---|---:|---:|---:|")
+	for _, r := range []struct {
+		name string
+		d    dist
+	}{{"consul-overlay", cd}, {"Docker overlay (Swarm)", sd}, {"bridge", bd},
+		{"consul-overlay, --internal", cid}, {"Docker overlay, --internal", sid}, {"bridge, --internal", bid}} {
+		fmt.Fprintf(dsec, "| %s | %s | %s | %s |\n", r.name, f(r.d.p50), f(r.d.mean), f(r.d.mx))
+	}
+	fmt.Fprintf(dsec, "\nAt p50: consul-overlay ÷ bridge %s, ÷ Docker overlay %s; both --internal: ÷ bridge %s, ÷ Docker overlay %s. "+
+		"The docker_gwbridge endpoint costs %s ms on consul-overlay and %s ms on Docker's overlay (each less its --internal twin).\n",
+		fr(ratio(cd.p50, bd.p50)), fr(ratio(cd.p50, sd.p50)), fr(ratio(cid.p50, bid.p50)), fr(ratio(cid.p50, sid.p50)),
+		f(cd.p50-cid.p50), f(sd.p50-sid.p50))
+	rep.check("docker run --rm, consul-overlay ÷ bridge (p50, "+lab+")", fr(ratio(cd.p50, bd.p50)), "≤ 1.05", ratio(cd.p50, bd.p50) <= 1.05)
+	rep.info("docker run --rm, consul-overlay ÷ Docker overlay (p50, "+lab+")", fr(ratio(cd.p50, sd.p50)))
+	rep.info("docker run --rm, both --internal, consul-overlay ÷ bridge (p50, "+lab+")", fr(ratio(cid.p50, bid.p50)))
 }
 
 // untrackBridged adds (op "-I") or deletes ("-D") on each host the raw
