@@ -117,8 +117,15 @@ type identity struct{ endpoint, mac string }
 
 func (i identity) present() bool { return i.endpoint != "" || i.mac != "" }
 
+// matches tells whether the request comes from the endpoint r was granted
+// to: by endpoint name when both have one (Docker v29+ sends it; another
+// container with the same --mac-address is not the same endpoint), by MAC
+// otherwise.
 func (i identity) matches(r *addrRecord) bool {
-	return (i.endpoint != "" && i.endpoint == r.Endpoint) || (i.mac != "" && strings.EqualFold(i.mac, r.MAC))
+	if i.endpoint != "" && r.Endpoint != "" {
+		return i.endpoint == r.Endpoint
+	}
+	return i.mac != "" && strings.EqualFold(i.mac, r.MAC)
 }
 
 // AllocateAddress hands out an address of a pool and returns it with the
@@ -297,10 +304,24 @@ func (d *Driver) allocStatic(ctx context.Context, op string, ref poolRef, st poo
 		case err != nil:
 			return netip.Addr{}, storeErr(op, err)
 		case id.present():
-			if rec.Kind == kindEndpoint && rec.Node == d.cfg.Node && id.matches(rec) && !rec.tombstone() {
-				return a, nil // the same endpoint asking again
+			if rec.Kind != kindEndpoint || rec.Node != d.cfg.Node || !id.matches(rec) || rec.tombstone() {
+				return netip.Addr{}, fmt.Errorf("%s: held by %s: %w", op, rec.holderNames(), ErrAddressInUse)
 			}
-			return netip.Addr{}, fmt.Errorf("%s: held by %s: %w", op, rec.holderNames(), ErrAddressInUse)
+			// The same endpoint asking again: Docker's retry, or the
+			// container started again under its name while the driver
+			// still has its earlier endpoint (gone with a plugin that was
+			// down), which the driver reclaims later. The record takes
+			// this request's MAC and time, so that the earlier endpoint's
+			// reclaim (fenced by MAC and creation time) no longer matches
+			// it and cannot free the address under the new endpoint.
+			if id.endpoint != "" {
+				rec.Endpoint = id.endpoint
+			}
+			if id.mac != "" {
+				rec.MAC = id.mac
+			}
+			rec.At = d.now()
+			ops = []kvstore.Op{fence, {Verb: kvstore.OpCAS, Key: key, Value: encode(rec), Index: pair.ModifyIndex}}
 		case rec.Kind == kindReserved:
 			if rec.Holders == nil {
 				rec.Holders = map[string]int{}

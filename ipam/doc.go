@@ -68,7 +68,11 @@
 //     with an endpoint identity (com.docker.network.endpoint.name, sent by
 //     Docker v29+, or com.docker.network.endpoint.macaddress, sent when the
 //     driver reports RequiresMACAddress) it is the endpoint's alone, and
-//     granted again only to the same endpoint of the same host (a retry);
+//     granted again only to the same endpoint of the same host (a retry,
+//     or the container started again under its name): the same name when
+//     both have one, else the same MAC. Granting it again rewrites the
+//     record with the request's MAC and time, so an earlier endpoint's
+//     reclaim (below) no longer matches it;
 //     without one it is an --aux-address, a reservation shared by every
 //     host of the network and counted per host like the gateway. Engines
 //     before v29 send no endpoint name, which is why GetCapabilities
@@ -222,7 +226,9 @@
 //     late release would free it.
 //
 // Sweep(ctx, bound), run every few minutes by the plugin, frees this
-// host's tombstones older than the grace period, and turns into tombstones
+// host's tombstones older than the grace period (except those Config.InUse
+// reports in use: an endpoint holds it, the reclaim was meant for an
+// earlier one; it is logged and kept), and turns into tombstones
 // this host's endpoint records older than the grace period that bound
 // reports unused: orphans of a RequestAddress whose answer never reached
 // Docker, or of a ReleaseAddress that was lost (Docker does not retry a

@@ -477,3 +477,88 @@ func init() {
 		scenario{"ReclaimRace", scenarioReclaimRace},
 	)
 }
+
+// scenarioRestartedUnderItsName: a container pinned to an address (--ip) is
+// started again under its name while the driver still has its earlier
+// endpoint (gone while the plugin was down). The new endpoint gets the
+// address; the earlier endpoint's reclaim, later, must not take it from
+// the new one, whether the MAC is new or the same (--mac-address), and a
+// tombstone of an address an endpoint holds is never freed by the sweep.
+// Another container with the same MAC but another name does not get it.
+func scenarioRestartedUnderItsName(t *testing.T, c *cluster) {
+	clk := newClock()
+	used := &inUse{}
+	a := clk.on(c.host("a", func(cfg *Config) { cfg.InUse = used.has }))
+	b := clk.on(c.host("b"))
+	p := mustPool(t, a, "10.44.0.0/24", "", false).PoolID
+	mustPool(t, b, "10.44.0.0/24", "", false)
+	const x, m1, m2 = "10.44.0.9", "02:00:00:00:04:01", "02:00:00:00:04:02"
+	xa := netip.MustParseAddr(x)
+	app := func(m string) map[string]string {
+		return map[string]string{EndpointNameOption: "app", MACAddressOption: m}
+	}
+
+	mustAddr(t, a, p, x, app(m1))
+	clk.advance(time.Second)
+	created1 := clk.now() // the first endpoint, E1
+	used.set(x, true)
+	clk.advance(time.Minute)
+	// Started again: new endpoint E2, new MAC, same name and --ip.
+	if got := hostOf(mustAddr(t, a, p, x, app(m2))); got != x {
+		t.Fatalf("restarted container got %s", got)
+	}
+	if r := c.addrRecord(p, x); r.MAC != m2 || r.Endpoint != "app" || !r.At.Equal(clk.now()) || r.tombstone() {
+		t.Fatalf("record after the restart: %+v, want E2's MAC and time", r)
+	}
+	clk.advance(time.Second)
+	created2 := clk.now()
+	// The driver reclaims the stale E1: E2's address stays E2's.
+	before := c.snapshot()
+	if err := a.ReclaimAddress(t.Context(), p, xa, Holder{MAC: m1, Created: created1}); err != nil {
+		t.Fatal(err)
+	}
+	c.unchanged(before, "E1's reclaim of the address E2 got again")
+
+	// Started once more with the same MAC (--mac-address): E3.
+	clk.advance(time.Minute)
+	mustAddr(t, a, p, x, app(m2))
+	before = c.snapshot()
+	if err := a.ReclaimAddress(t.Context(), p, xa, Holder{MAC: m2, Created: created2}); err != nil {
+		t.Fatal(err)
+	}
+	c.unchanged(before, "E2's reclaim (same MAC) of the address E3 got again")
+
+	// The same MAC under another name is another container.
+	if _, err := a.RequestAddress(&ipam.RequestAddressRequest{PoolID: p, Address: x,
+		Options: map[string]string{EndpointNameOption: "other", MACAddressOption: m2}}); !errors.Is(err, ErrAddressInUse) {
+		t.Fatalf("another container with the same MAC and --ip: %v, want address in use", err)
+	}
+
+	// Should a tombstone still land on an address an endpoint holds, the
+	// sweep keeps it: nobody else gets the address.
+	if err := a.ReclaimAddress(t.Context(), p, xa, Holder{MAC: m2, Created: clk.now()}); err != nil {
+		t.Fatal(err)
+	}
+	if !c.addrRecord(p, x).tombstone() {
+		t.Fatal("no tombstone to test the sweep with")
+	}
+	clk.advance(2 * time.Hour)
+	if n, err := a.Sweep(t.Context(), used.has); err != nil || n != 0 {
+		t.Fatalf("sweep of a tombstone an endpoint holds: freed %d, %v; want 0", n, err)
+	}
+	if _, err := b.RequestAddress(&ipam.RequestAddressRequest{PoolID: p, Address: x, Options: mac("02:00:00:00:04:03")}); !errors.Is(err, ErrAddressInUse) {
+		t.Fatalf("host b asking for the kept address: %v, want address in use", err)
+	}
+	// Once no endpoint holds it, the sweep frees it.
+	used.set(x, false)
+	if n, err := a.Sweep(t.Context(), used.has); err != nil || n != 1 {
+		t.Fatalf("sweep after the endpoint went: freed %d, %v; want 1", n, err)
+	}
+	mustReleasePool(t, a, p)
+	mustReleasePool(t, b, p)
+	c.empty()
+}
+
+func init() {
+	scenarios = append(scenarios, scenario{"RestartedUnderItsName", scenarioRestartedUnderItsName})
+}

@@ -189,6 +189,14 @@ func (d *Driver) sweepPool(ctx context.Context, ref poolRef, bound func(string, 
 			if now.Sub(rec.Reclaimed) < grace {
 				continue
 			}
+			if d.cfg.InUse != nil && d.cfg.InUse(ref.id(), a) {
+				// An endpoint of this host holds it: the reclaim was
+				// meant for an earlier holder. Keep it out of allocation;
+				// Docker's release of the endpoint frees it.
+				d.log.Warn("reclaimed address kept: an endpoint of this host holds it", "pool", ref.id(), "address", a,
+					"reclaimed_at", rec.Reclaimed, "mac", rec.MAC, "endpoint", rec.Endpoint)
+				continue
+			}
 			err := d.store.DeleteCAS(ctx, p.Key, p.ModifyIndex)
 			if errors.Is(err, kvstore.ErrConflict) || errors.Is(err, kvstore.ErrNotFound) {
 				continue
