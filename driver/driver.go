@@ -685,16 +685,25 @@ func (d *Driver) settleEndpoint(ctx context.Context, op string, rec cluster.Endp
 	defer cancel()
 	if txnErr != nil {
 		err := fmt.Errorf("%s: %w", op, txnErr)
-		if vethErr != nil {
-			return errors.Join(err, fmt.Errorf("%s: veth pair: %w", op, vethErr))
-		}
 		if known {
+			if vethErr != nil {
+				err = errors.Join(err, fmt.Errorf("%s: veth pair: %w", op, vethErr))
+			}
 			return err
 		}
-		if derr := d.dp.DeleteEndpoint(uctx, rec.ID); derr != nil {
+		if vethErr != nil {
+			err = errors.Join(err, fmt.Errorf("%s: veth pair: %w", op, vethErr))
+		} else if derr := d.dp.DeleteEndpoint(uctx, rec.ID); derr != nil {
 			// Not left to chance: the background removal retries.
 			d.bg.deleteVeth(rec.ID)
-			return errors.Join(err, fmt.Errorf("undo: remove its veth pair (retried in the background): %w", derr))
+			err = errors.Join(err, fmt.Errorf("undo: remove its veth pair (retried in the background): %w", derr))
+		}
+		if outcomeUnknown(txnErr) {
+			// The store may have applied the transaction without the
+			// answer reaching us: a record left behind would program
+			// this endpoint on every host and hold its address after
+			// Docker released it. Remove it as after a failed veth.
+			err = errors.Join(err, d.undoRecord(uctx, rec))
 		}
 		return err
 	}
@@ -702,17 +711,34 @@ func (d *Driver) settleEndpoint(ctx context.Context, op string, rec cluster.Endp
 	if known {
 		return err
 	}
-	if derr := d.cl.DeleteEndpoint(uctx, rec.NetworkKey, rec.ID); derr != nil {
-		// The record goes when the store answers again (catchUp); until
-		// then its addresses stay taken.
-		d.mu.Lock()
-		if d.endpoints[rec.ID] == nil {
-			d.endpoints[rec.ID] = &localEndpoint{rec: rec, left: true, removed: true}
-		}
-		d.mu.Unlock()
-		return errors.Join(err, fmt.Errorf("undo: remove its record (retried when the store answers): %w", derr))
+	return errors.Join(err, d.undoRecord(uctx, rec))
+}
+
+// outcomeUnknown tells whether a failed store write may have been applied
+// all the same: the store did not answer (unreachable, timed out), as
+// opposed to refusing it (a conflict, a missing network, another host's
+// record).
+func outcomeUnknown(err error) bool {
+	return errors.Is(err, kvstore.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)
+}
+
+// undoRecord removes the record of an endpoint whose CreateEndpoint
+// failed. If the store does not answer, the endpoint is kept as removed:
+// its record goes when the store answers again (catchUp), and until then
+// its addresses stay taken (AddressUsed).
+func (d *Driver) undoRecord(ctx context.Context, rec cluster.Endpoint) error {
+	derr := d.cl.DeleteEndpoint(ctx, rec.NetworkKey, rec.ID)
+	if derr == nil {
+		return nil
 	}
-	return err
+	d.mu.Lock()
+	if d.endpoints[rec.ID] == nil {
+		d.endpoints[rec.ID] = &localEndpoint{rec: rec, left: true, removed: true}
+	}
+	d.mu.Unlock()
+	d.log.Warn("record of a failed endpoint create not removed yet; removed when the store answers, its address held until then",
+		"endpoint", short(rec.ID), "address", endpointAddresses(rec), "error", derr)
+	return fmt.Errorf("undo: remove its record (retried when the store answers): %w", derr)
 }
 
 // DeleteEndpoint removes the endpoint's veth and its record. Unknown IDs

@@ -172,13 +172,18 @@ func TestStoreOutage(t *testing.T) {
 		}
 		return true
 	})
+	// ep1's address, and ep3's: its create's outcome was unknown (a
+	// transaction the store applied without answering looks the same).
 	waitFor(t, func() bool {
 		mu.Lock()
 		defer mu.Unlock()
-		return len(released) == 1
+		return len(released) == 2
 	})
-	if want := "ours 10.1.0.0/24 10.1.0.2"; released[0] != want {
-		t.Fatalf("released %v, want [%s]", released, want)
+	mu.Lock()
+	slices.Sort(released)
+	mu.Unlock()
+	if want := []string{"ours 10.1.0.0/24 10.1.0.2", "ours 10.1.0.0/24 10.1.0.9"}; !slices.Equal(released, want) {
+		t.Fatalf("released %v, want %v", released, want)
 	}
 	var ep2 bool
 	for _, k := range allKeys(t, store.Store) {
@@ -189,5 +194,106 @@ func TestStoreOutage(t *testing.T) {
 	}
 	if d.AddressUsed(netip.MustParsePrefix("10.1.0.0/24"), netip.MustParseAddr("10.1.0.2")) {
 		t.Fatal("ep1's address still counted as used after the catch-up")
+	}
+}
+
+// appliedStore commits the next transaction that creates an endpoint
+// record and then answers as if the store had not: ErrUnavailable, as a
+// Consul request that timed out after the servers committed it. With
+// thenDown the store is unreachable from that moment on.
+type appliedStore struct {
+	*outageStore
+	armed    atomic.Bool
+	thenDown bool
+}
+
+func (s *appliedStore) Txn(ctx context.Context, ops []kvstore.Op) error {
+	creates := slices.ContainsFunc(ops, func(o kvstore.Op) bool {
+		return o.Verb == kvstore.OpCreate && strings.Contains(o.Key, "/endpoints/")
+	})
+	if !creates || !s.armed.CompareAndSwap(true, false) {
+		return s.outageStore.Txn(ctx, ops)
+	}
+	if err := s.outageStore.Txn(ctx, ops); err != nil {
+		return err
+	}
+	if s.thenDown {
+		s.down.Store(true)
+	}
+	return fmt.Errorf("consul kv txn: %w: context deadline exceeded", kvstore.ErrUnavailable)
+}
+
+// TestCreateEndpointAppliedButUnanswered: a CreateEndpoint whose record the
+// store committed without the answer reaching the driver fails, and leaves
+// no record behind (no other host programs the endpoint, and Docker's
+// release of its address is not refused by a ghost): at once if the store
+// answers the undo, or, if the store is down by then, once it answers
+// again, the address held by the driver until then.
+func TestCreateEndpointAppliedButUnanswered(t *testing.T) {
+	old := catchUpInterval
+	catchUpInterval = 50 * time.Millisecond
+	t.Cleanup(func() { catchUpInterval = old })
+	for _, thenDown := range []bool{false, true} {
+		t.Run(fmt.Sprintf("thenDown=%v", thenDown), func(t *testing.T) {
+			inner := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
+			store := &appliedStore{outageStore: inner, thenDown: thenDown}
+			dp := newFake()
+			var mu sync.Mutex
+			var released []string
+			d, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true,
+				OwnsAddressSpace: func(s string) bool { return s == "ours" },
+				ReclaimAddress: func(_ context.Context, _ string, _ netip.Prefix, a netip.Addr, _ string, _ time.Time) error {
+					if inner.down.Load() {
+						return fmt.Errorf("release %s: %w", a, kvstore.ErrUnavailable)
+					}
+					mu.Lock()
+					defer mu.Unlock()
+					released = append(released, a.String())
+					return nil
+				}}, store, dp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d.Start()
+			t.Cleanup(func() { d.Close() })
+			<-d.Ready()
+			if err := d.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
+				t.Fatal(err)
+			}
+			store.armed.Store(true)
+			_, err = d.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: "ghost",
+				Interface: &network.EndpointInterface{Address: "10.1.0.5/24"}})
+			if err == nil || !strings.Contains(err.Error(), kvstore.ErrUnavailable.Error()) {
+				t.Fatalf("CreateEndpoint whose answer was lost: %v, want the store unavailable", err)
+			}
+			if store.armed.Load() {
+				t.Fatal("the endpoint's transaction never reached the store")
+			}
+			if _, n := dp.counts(); n != 0 {
+				t.Fatalf("%d veths after the failed CreateEndpoint, want 0", n)
+			}
+			ghost := func() bool {
+				return slices.ContainsFunc(allKeys(t, inner.Store), func(k string) bool { return strings.Contains(k, "ghost") })
+			}
+			addr, subnet := netip.MustParseAddr("10.1.0.5"), netip.MustParsePrefix("10.1.0.0/24")
+			if thenDown {
+				if !ghost() {
+					t.Fatal("the committed record is not in the store: the test commits nothing")
+				}
+				if !d.AddressUsed(subnet, addr) {
+					t.Fatal("the address of a record that could not be removed yet is free for IPAM")
+				}
+				inner.down.Store(false)
+				waitFor(t, func() bool {
+					mu.Lock()
+					defer mu.Unlock()
+					return len(released) == 1
+				})
+			}
+			waitFor(t, func() bool { return !ghost() })
+			if d.AddressUsed(subnet, addr) {
+				t.Fatal("the failed endpoint's address still counted as used")
+			}
+		})
 	}
 }
