@@ -43,6 +43,11 @@ func (c *Cluster) EvictHost(ctx context.Context, hostID string) (Evicted, error)
 	if hostID == c.cfg.HostID {
 		return ev, fmt.Errorf("evict host %s: this is this host", hostID)
 	}
+	if f, ok := kvstore.FenceOf(ctx); ok {
+		// Every write of the eviction holds only while the fence does
+		// (the reaper: the gone host's record is the one it judged).
+		c = &Cluster{cfg: c.cfg, log: c.log, store: kvstore.Fence(c.store, f), vtep: c.VTEP(), hook: c.hook}
+	}
 	pairs, err := c.store.List(ctx, "networks/")
 	if err != nil {
 		return ev, fmt.Errorf("evict host %s: list logical networks: %w", hostID, err)

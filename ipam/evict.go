@@ -42,6 +42,11 @@ func (d *Driver) EvictNode(ctx context.Context, node string) (Evicted, error) {
 		return ev, fmt.Errorf("evict host: no host ID: %w", ErrInvalidRequest)
 	}
 	as := d.as(node)
+	if f, ok := kvstore.FenceOf(ctx); ok {
+		// Every write of the eviction holds only while the fence does
+		// (the reaper: the gone host's record is the one it judged).
+		as.store = kvstore.Fence(as.store, f)
+	}
 	for _, space := range []string{LocalAddressSpace, GlobalAddressSpace} {
 		for _, v6 := range []bool{false, true} {
 			idx, _, err := d.readIndex(ctx, indexKey(space, v6))

@@ -357,7 +357,9 @@ func (d *Driver) reap(ctx context.Context, ref poolRef) (bool, error) {
 		}
 		conflict := false
 		for len(addrs) > 0 && !conflict {
-			n := min(len(addrs), kvstore.MaxTxnOps-1)
+			// One operation is the pool check, one is left for a fence
+			// (kvstore.Fence: the reaper evicting a gone host).
+			n := min(len(addrs), kvstore.MaxTxnOps-2)
 			ops := []kvstore.Op{{Verb: kvstore.OpCheckIndex, Key: mkey, Index: m}}
 			for _, p := range addrs[:n] {
 				ops = append(ops, kvstore.Op{Verb: kvstore.OpDeleteCAS, Key: p.Key, Index: p.ModifyIndex})

@@ -52,6 +52,8 @@ func TestConsul(t *testing.T) {
 	agent := testenv.StartConsul(t)
 
 	t.Run("Contract", func(t *testing.T) { runContract(t, consulBackend(agent)) })
+	t.Run("FencedContract", func(t *testing.T) { runContract(t, fencedBackend(consulBackend(agent)), "TxnInvalid") })
+	t.Run("Fence", func(t *testing.T) { testFence(t, consulBackend(agent)(t)) })
 
 	t.Run("Contention", func(t *testing.T) {
 		// 8 clients, as if on 8 hosts, 1,000 successful increments in all.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,8 +22,10 @@ type openFunc func(t *testing.T, prefix string) Store
 // newBackend returns an openFunc on a backing store private to test t.
 type newBackend func(t *testing.T) openFunc
 
-// runContract is the behaviour every Store must have.
-func runContract(t *testing.T, backend newBackend) {
+// runContract is the behaviour every Store must have; skip names tests a
+// wrapper cannot pass by design (a fenced store holds one operation fewer
+// per transaction).
+func runContract(t *testing.T, backend newBackend, skip ...string) {
 	tests := []struct {
 		name string
 		fn   func(t *testing.T, open openFunc)
@@ -43,6 +46,9 @@ func runContract(t *testing.T, backend newBackend) {
 		{"WatchEndsOnClose", testWatchEndsOnClose},
 	}
 	for _, tt := range tests {
+		if slices.Contains(skip, tt.name) {
+			continue
+		}
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, backend(t)) })
 	}
 }

@@ -31,6 +31,8 @@ func embeddedBackend(t *testing.T) openFunc {
 
 func TestEmbedded(t *testing.T) {
 	t.Run("Contract", func(t *testing.T) { runContract(t, embeddedBackend) })
+	t.Run("FencedContract", func(t *testing.T) { runContract(t, fencedBackend(embeddedBackend), "TxnInvalid") })
+	t.Run("Fence", func(t *testing.T) { testFence(t, embeddedBackend(t)) })
 	t.Run("Contention", func(t *testing.T) {
 		open := embeddedBackend(t)
 		stores := make([]Store, 8)

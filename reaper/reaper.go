@@ -448,8 +448,25 @@ func (r *Reaper) reap(ctx context.Context, h Host, force bool) (Reaped, error) {
 		}
 	}
 	log.Info("reaping gone host", "lost_since", h.LostSince, "grace", r.cfg.Grace, "alive", h.Alive)
+	if !force {
+		// Every write of the eviction is fenced on the host record being
+		// the one judged: a host that takes it back meanwhile (a new
+		// session writes it) stops the reap before its next write, so
+		// nothing it asserts again is taken from it.
+		ctx = kvstore.WithFence(ctx, kvstore.Op{Verb: kvstore.OpCheckIndex, Key: HostsPrefix + h.ID, Index: h.index})
+	}
+	cameBack := func(err error) bool {
+		if !errors.Is(err, kvstore.ErrFenced) {
+			return false
+		}
+		log.Warn("reap: the host came back while it was reaped; stopped before its next write (its own check finds what it lost)", "error", err)
+		return true
+	}
 	ev, err := r.cl.EvictHost(ctx, h.ID)
 	out.Cluster = ev
+	if cameBack(err) {
+		return out, nil
+	}
 	if err != nil {
 		return out, fmt.Errorf("reap host %s (%s): %w", h.ID, h.Node, err)
 	}
@@ -457,6 +474,9 @@ func (r *Reaper) reap(ctx context.Context, h Host, force bool) (Reaped, error) {
 	fault.Point("reap/after-cluster")
 	iv, err := r.ip.EvictNode(ctx, h.ID)
 	out.IPAM = iv
+	if cameBack(err) {
+		return out, nil
+	}
 	if err != nil {
 		return out, fmt.Errorf("reap host %s (%s): ipam: %w", h.ID, h.Node, err)
 	}

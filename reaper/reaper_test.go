@@ -339,6 +339,7 @@ func TestConsul(t *testing.T) {
 	t.Run("Reassert", func(t *testing.T) { testReassert(t, agent, false) })
 	t.Run("ReassertConflict", func(t *testing.T) { testReassert(t, agent, true) })
 	t.Run("RunFollowsWithoutPolling", func(t *testing.T) { testRunFollows(t, agent) })
+	t.Run("BackDuringReap", func(t *testing.T) { testBackDuringReap(t, agent) })
 }
 
 func testGoneHostReaped(t *testing.T, agent *testenv.ConsulAgent) {
@@ -762,6 +763,69 @@ func testRunFollows(t *testing.T, agent *testenv.ConsulAgent) {
 	})
 	if exists(t, s.a.store, "members/host-b") || exists(t, s.a.store, "networks/name-bonly/config") {
 		t.Fatal("B's host record reaped but not its cluster state")
+	}
+	s.checkAUntouched(t)
+}
+
+// evictHook runs before before the IPAM step of a reap.
+type evictHook struct {
+	ip     *ipam.Driver
+	before func()
+}
+
+func (e evictHook) EvictNode(ctx context.Context, node string) (ipam.Evicted, error) {
+	e.before()
+	return e.ip.EvictNode(ctx, node)
+}
+
+// testBackDuringReap: a host that takes its record back while it is being
+// reaped (between the cluster step and the IPAM step) keeps every address
+// and pool hold: the IPAM step's writes are fenced on the host record the
+// reaper judged, and the reap stops there, without error. The host's own
+// check then re-asserts what the cluster step removed.
+func testBackDuringReap(t *testing.T, agent *testenv.ConsulAgent) {
+	s := setup(t, agent)
+	ctx := bg(t)
+	local := s.localOf(t, s.b)
+	s.b.stop(t)
+	hook := evictHook{ip: s.a.ip, before: func() { s.b.claimRecord(t) }}
+	r, err := New(Config{HostID: s.a.id, Grace: grace, Now: s.e.clock.Now}, s.a.store, s.a.cl, hook,
+		ConsulCatalog{Client: s.a.store.Client(), LocalNode: s.agentNode})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := r.Evict(ctx, "host-b", false)
+	if err != nil {
+		t.Fatalf("reap of a host that came back during it: %v", err)
+	}
+	if rep.IPAM.Addresses != 0 || rep.IPAM.PoolHolds != 0 || rep.Services != 0 {
+		t.Errorf("reap went on after the host came back: %+v", rep)
+	}
+	for _, a := range []netip.Addr{s.addrB, s.addrBOnly} {
+		if _, holder, _, err := s.a.ip.AddressHolder(ctx, a); err != nil || holder != "host-b" {
+			t.Errorf("B's address %s: holder %q, %v", a, holder, err)
+		}
+	}
+	for _, subnet := range []string{"10.50.0.0/24", "10.60.0.0/24"} {
+		p, err := s.a.ip.PoolInfo(ctx, ipam.PoolID(ipam.LocalAddressSpace, netip.MustParsePrefix(subnet), netip.Prefix{}))
+		if err != nil || p.Holders["host-b"] != 1 {
+			t.Errorf("pool %s holders %v, %v", subnet, p.Holders, err)
+		}
+	}
+	if !exists(t, s.a.store, HostsPrefix+"host-b") {
+		t.Error("B's host record was removed")
+	}
+	if !serviceIDs(t, s.a.store.Client())["svc-b-"+s.e.prefix[7:15]] {
+		t.Error("B's service was deregistered")
+	}
+	// B's check re-asserts what the cluster step removed.
+	if _, err := Reassert(ctx, "host-b", s.b.node, s.b.cl, s.b.ip, local, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"members/host-b", "networks/name-bonly/config", "networks/name-app/endpoints/ep-b"} {
+		if !exists(t, s.a.store, k) {
+			t.Errorf("%s not back after B's re-assert", k)
+		}
 	}
 	s.checkAUntouched(t)
 }
