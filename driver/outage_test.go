@@ -297,3 +297,49 @@ func TestCreateEndpointAppliedButUnanswered(t *testing.T) {
 		})
 	}
 }
+
+// TestAddressUsedOnceReady: until the driver has restored its state it
+// cannot tell which addresses its endpoints hold, so IPAM's question
+// (may Docker's release free this address?) is answered "held" after the
+// wait; once restored, the endpoints' addresses are held and others not.
+func TestAddressUsedOnceReady(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.db")
+	store := &outageStore{Store: openStore(t, path)}
+	cfg := Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true}
+	d1, err := New(cfg, store, newFake())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d1.Start()
+	<-d1.Ready()
+	if err := d1.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d1.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: "ep1",
+		Interface: &network.EndpointInterface{Address: "10.1.0.2/24"}}); err != nil {
+		t.Fatal(err)
+	}
+	d1.Close()
+
+	// Restarted while the store does not answer: still restoring.
+	store.down.Store(true)
+	d2, err := New(cfg, store, newFake())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2.Start()
+	t.Cleanup(func() { d2.Close() })
+	subnet := netip.MustParsePrefix("10.1.0.0/24")
+	held, free := netip.MustParseAddr("10.1.0.2"), netip.MustParseAddr("10.1.0.7")
+	if !d2.AddressUsedOnceReady(subnet, free, 50*time.Millisecond) {
+		t.Fatal("a driver still restoring let a release through")
+	}
+	store.down.Store(false)
+	<-d2.Ready()
+	if !d2.AddressUsedOnceReady(subnet, held, time.Second) {
+		t.Error("the restored endpoint's address is not held")
+	}
+	if d2.AddressUsedOnceReady(subnet, free, time.Second) {
+		t.Error("an address no endpoint holds is held")
+	}
+}

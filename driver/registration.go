@@ -190,6 +190,28 @@ func (d *Driver) AddressUsed(subnet netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
+// AddressUsedOnceReady is AddressUsed once the driver has restored its
+// state; until then it cannot tell which addresses its endpoints hold. It
+// waits for the restore at most wait, and answers true if the driver is
+// still restoring: IPAM then ignores the release it asks about (its sweep
+// reclaims the address later if no endpoint holds it), where letting it
+// through could free the address of a running container (a very late
+// release meant for an earlier holder, sent as dockerd and the plugin
+// start).
+func (d *Driver) AddressUsedOnceReady(subnet netip.Prefix, a netip.Addr, wait time.Duration) bool {
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-d.ready:
+		return d.AddressUsed(subnet, a)
+	case <-t.C:
+	case <-d.ctx.Done():
+	}
+	d.log.Warn("release of an address while the driver is still restoring its state: kept; IPAM's sweep frees it later if no endpoint holds it",
+		"subnet", subnet, "address", a)
+	return true
+}
+
 // AddressMayBeUsed answers IPAM's sweep: false only when this host knows
 // that no endpoint uses a (the driver has restored its state, one of its
 // networks uses the subnet, and none of its endpoints holds a). An address

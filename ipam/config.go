@@ -110,10 +110,15 @@ type Config struct {
 	// DeleteEndpoint, so ReleaseAddress ignores the release of an address
 	// that InUse reports in use: it is a stale release meant for an earlier
 	// holder (a container reclaimed longer ago than Grace), and the current
-	// holder keeps its address. InUse must return false when it does not
-	// know (the release then frees the address, as without InUse), must not
-	// do I/O and must not call back into the Driver. poolID is as Docker
-	// sent it; ParsePoolID splits it. Zero: every release is honoured.
+	// holder keeps its address. InUse returns false for an address that is
+	// not the network driver's to know (another driver's network: the
+	// release then frees it, as without InUse); while the network driver
+	// cannot tell yet (restoring its state after a start) it may answer
+	// true: the release is then ignored, and Sweep reclaims the address
+	// later if nothing holds it. It must not do I/O (it may wait briefly
+	// for that restore) and must not call back into the Driver. poolID is
+	// as Docker sent it; ParsePoolID splits it. Zero: every release is
+	// honoured.
 	InUse func(poolID string, a netip.Addr) bool
 	// Logger receives debug lines for each store write. Zero: slog.Default().
 	Logger *slog.Logger

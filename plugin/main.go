@@ -321,6 +321,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	// registrar refer to each other (the registrar's Endpoints is the
 	// driver), and IPAM asks the driver which addresses its endpoints use.
 	var drv *driver.Driver
+	// How long Docker's ReleaseAddress waits for the driver's restore to
+	// tell whether an endpoint holds the address (see AddressUsedOnceReady).
+	const releaseWaitsForRestore = 5 * time.Second
 	// ipam's Node is the owner recorded on allocations: the unique host
 	// identity, never the human node name that hosts may share.
 	ip, err := ipam.New(ipam.Config{
@@ -328,7 +331,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		Grace: cfg.IPAMGrace,
 		InUse: func(poolID string, a netip.Addr) bool {
 			_, subnet, _, err := ipam.ParsePoolID(poolID)
-			return err == nil && drv != nil && drv.AddressUsed(subnet, a)
+			return err == nil && drv != nil && drv.AddressUsedOnceReady(subnet, a, releaseWaitsForRestore)
 		},
 		DefaultPoolV4:     cfg.PoolV4,
 		DefaultPoolV4Size: cfg.PoolV4Size,
