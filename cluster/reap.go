@@ -29,7 +29,7 @@ type Evicted struct {
 // network it was the last member of goes with its VNI and subnet
 // reservations (Leave's last-leaver path). Endpoint records of the host in
 // networks it is no member of (left by a crash) are removed too, then its
-// join records, last its members/<host-id> record. Other hosts' watches
+// join records; its members/<host-id> record goes first. Other hosts' watches
 // then withdraw its peers.
 //
 // Every write is the compare-and-set or transaction Leave makes, so two
@@ -85,6 +85,14 @@ func (c *Cluster) EvictHost(ctx context.Context, hostID string) (Evicted, error)
 	} else if err != nil {
 		return ev, err
 	}
+	// members/<id> goes first: an eviction stopped part way (a crash, or
+	// the reaper's fence when the host takes its record back) leaves it
+	// missing, which the host's own check (reaper.CheckSelf) reads as an
+	// eviction and repairs (reaper.Reassert), and which the next reap of a
+	// host still gone finishes.
+	if err := c.store.Delete(ctx, hostKey(hostID)); err != nil {
+		return ev, fmt.Errorf("evict host %s: remove %s: %w", hostID, hostKey(hostID), err)
+	}
 	var errs []error
 	for _, key := range keys {
 		m, member := members[key]
@@ -117,9 +125,6 @@ func (c *Cluster) EvictHost(ctx context.Context, hostID string) (Evicted, error)
 	}
 	if len(errs) > 0 {
 		return ev, errors.Join(errs...)
-	}
-	if err := c.store.Delete(ctx, hostKey(hostID)); err != nil {
-		return ev, fmt.Errorf("evict host %s: remove %s: %w", hostID, hostKey(hostID), err)
 	}
 	return ev, nil
 }

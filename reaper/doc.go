@@ -30,13 +30,18 @@
 // period end. Steady state costs each host one blocking query, no
 // polling; a host due to be reaped is judged again from a fresh Scan. Any
 // of the hosts, or several at once, reap it; every step is idempotent and
-// every write a compare-and-set or transaction:
+// every write a compare-and-set or transaction. Every write of steps 1 and
+// 2 is also fenced (kvstore.Fence) on the host record being the one the
+// pass judged: a host that takes its record back during the reap (a new
+// session writes it) stops the reap at the reaper's next write, which
+// fails with kvstore.ErrFenced; the reap ends there, logged, without error.
 //
-//  1. the cluster state (cluster.Cluster.EvictHost): its endpoint records
-//     and memberships go (other hosts' watches withdraw its peers); a
-//     network it was the last member of goes with its VNI and subnet
-//     reservations, by the same code as a last host's `network rm`; then
-//     members/<host-id>;
+//  1. the cluster state (cluster.Cluster.EvictHost): members/<host-id>
+//     first (so a reap stopped part way shows as an eviction to the host's
+//     own check), then its endpoint records and memberships (other hosts'
+//     watches withdraw its peers); a network it was the last member of
+//     goes with its VNI and subnet reservations, by the same code as a
+//     last host's `network rm`;
 //  2. IPAM (ipam.Driver.EvictNode): its addresses, its holds of gateways
 //     and aux addresses, its pool holds; pools nobody holds any more are
 //     removed;
@@ -59,9 +64,10 @@
 //
 // # Coming back
 //
-// A host that was only partitioned, and was reaped meanwhile, finds at its
-// next start or when its claim is regained that the store has nothing of
-// it while its kernel runs overlays. CheckSelf reports, for each of its
+// A host that was only partitioned, and was reaped meanwhile (or in part:
+// it came back during the reap), finds at its next start or when its claim
+// is regained that the store lacks its members/<host-id> while its kernel
+// runs overlays. CheckSelf reports, for each of its
 // running endpoints, whether its addresses are still this host's, free, or
 // held by another host; each conflict is logged at error level naming the
 // address and the holder. Reassert then takes back what is still free:

@@ -818,7 +818,18 @@ func testBackDuringReap(t *testing.T, agent *testenv.ConsulAgent) {
 	if !serviceIDs(t, s.a.store.Client())["svc-b-"+s.e.prefix[7:15]] {
 		t.Error("B's service was deregistered")
 	}
-	// B's check re-asserts what the cluster step removed.
+	// B's own check sees what the cluster step removed (members/host-b
+	// went first) and re-asserts it.
+	var eps []LocalEndpoint
+	for _, ln := range local {
+		for _, ep := range ln.Endpoints {
+			eps = append(eps, LocalEndpoint{ID: ep.ID, Network: ln.Network.Key, Addrs: []netip.Addr{netip.MustParsePrefix(ep.IPv4).Addr()}})
+		}
+	}
+	self, err := CheckSelf(ctx, "host-b", s.b.node, s.b.cl, s.b.ip, eps, nil)
+	if err != nil || !self.Evicted || len(self.Free) != 0 || len(self.Conflicts) != 0 {
+		t.Fatalf("B's check after the stopped reap: %+v, %v; want evicted, every address still its own", self, err)
+	}
 	if _, err := Reassert(ctx, "host-b", s.b.node, s.b.cl, s.b.ip, local, nil); err != nil {
 		t.Fatal(err)
 	}
