@@ -87,30 +87,38 @@ func (s *outageStore) Txn(ctx context.Context, ops []kvstore.Op) error {
 	return s.Store.Txn(ctx, ops)
 }
 
-// TestStoreOutage: while the store is unreachable, Join of an endpoint
-// whose record exists, Leave and DeleteEndpoint go on (the veth goes at
-// once); the removed endpoint keeps its address meanwhile; once the store
-// answers again the driver deletes its record and releases its address
-// without a restart, and nothing else changed.
-func TestStoreOutage(t *testing.T) {
+// releases records a driver's address reclaims, as "space subnet address".
+type releases struct {
+	mu  sync.Mutex
+	got []string
+}
+
+// list returns the reclaims so far, sorted.
+func (r *releases) list() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Sorted(slices.Values(r.got))
+}
+
+// startOutageDriver starts a driver of host "a" on store, ready, whose
+// address reclaims fail while down is set (the store unreachable) and are
+// recorded otherwise; catchUp runs every 50 ms during the test.
+func startOutageDriver(t *testing.T, store kvstore.Store, down *atomic.Bool) (*Driver, *fakeDataplane, *releases) {
+	t.Helper()
 	old := catchUpInterval
 	catchUpInterval = 50 * time.Millisecond
 	t.Cleanup(func() { catchUpInterval = old })
-
-	path := filepath.Join(t.TempDir(), "s.db")
-	store := &outageStore{Store: openStore(t, path)}
 	dp := newFake()
-	var mu sync.Mutex
-	var released []string
+	rel := &releases{}
 	d, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true,
 		OwnsAddressSpace: func(s string) bool { return s == "ours" },
-		ReclaimAddress: func(_ context.Context, space string, subnet netip.Prefix, a netip.Addr, mac string, _ time.Time) error {
-			if store.down.Load() {
+		ReclaimAddress: func(_ context.Context, space string, subnet netip.Prefix, a netip.Addr, _ string, _ time.Time) error {
+			if down.Load() {
 				return fmt.Errorf("release %s: %w", a, kvstore.ErrUnavailable)
 			}
-			mu.Lock()
-			defer mu.Unlock()
-			released = append(released, fmt.Sprintf("%s %s %s", space, subnet, a))
+			rel.mu.Lock()
+			defer rel.mu.Unlock()
+			rel.got = append(rel.got, fmt.Sprintf("%s %s %s", space, subnet, a))
 			return nil
 		}}, store, dp)
 	if err != nil {
@@ -119,6 +127,17 @@ func TestStoreOutage(t *testing.T) {
 	d.Start()
 	t.Cleanup(func() { d.Close() })
 	<-d.Ready()
+	return d, dp, rel
+}
+
+// TestStoreOutage: while the store is unreachable, Join of an endpoint
+// whose record exists, Leave and DeleteEndpoint go on (the veth goes at
+// once); the removed endpoint keeps its address meanwhile; once the store
+// answers again the driver deletes its record and releases its address
+// without a restart, and nothing else changed.
+func TestStoreOutage(t *testing.T) {
+	store := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
+	d, dp, rel := startOutageDriver(t, store, &store.down)
 	if err := d.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
 		t.Fatal(err)
 	}
@@ -153,7 +172,7 @@ func TestStoreOutage(t *testing.T) {
 		t.Fatal("the address of an endpoint whose record could not go yet is free for IPAM")
 	}
 	// Calls that need the store fail at once and name it.
-	_, err = d.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: "ep3",
+	_, err := d.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: "ep3",
 		Interface: &network.EndpointInterface{Address: "10.1.0.9/24"}})
 	if err == nil || !strings.Contains(err.Error(), kvstore.ErrUnavailable.Error()) {
 		t.Fatalf("CreateEndpoint during the outage: %v, want the store unavailable", err)
@@ -174,15 +193,8 @@ func TestStoreOutage(t *testing.T) {
 	})
 	// ep1's address, and ep3's: its create's outcome was unknown (a
 	// transaction the store applied without answering looks the same).
-	waitFor(t, func() bool {
-		mu.Lock()
-		defer mu.Unlock()
-		return len(released) == 2
-	})
-	mu.Lock()
-	slices.Sort(released)
-	mu.Unlock()
-	if want := []string{"ours 10.1.0.0/24 10.1.0.2", "ours 10.1.0.0/24 10.1.0.9"}; !slices.Equal(released, want) {
+	waitFor(t, func() bool { return len(rel.list()) == 2 })
+	if released, want := rel.list(), []string{"ours 10.1.0.0/24 10.1.0.2", "ours 10.1.0.0/24 10.1.0.9"}; !slices.Equal(released, want) {
 		t.Fatalf("released %v, want %v", released, want)
 	}
 	var ep2 bool
@@ -230,38 +242,16 @@ func (s *appliedStore) Txn(ctx context.Context, ops []kvstore.Op) error {
 // answers the undo, or, if the store is down by then, once it answers
 // again, the address held by the driver until then.
 func TestCreateEndpointAppliedButUnanswered(t *testing.T) {
-	old := catchUpInterval
-	catchUpInterval = 50 * time.Millisecond
-	t.Cleanup(func() { catchUpInterval = old })
 	for _, thenDown := range []bool{false, true} {
 		t.Run(fmt.Sprintf("thenDown=%v", thenDown), func(t *testing.T) {
 			inner := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
 			store := &appliedStore{outageStore: inner, thenDown: thenDown}
-			dp := newFake()
-			var mu sync.Mutex
-			var released []string
-			d, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true,
-				OwnsAddressSpace: func(s string) bool { return s == "ours" },
-				ReclaimAddress: func(_ context.Context, _ string, _ netip.Prefix, a netip.Addr, _ string, _ time.Time) error {
-					if inner.down.Load() {
-						return fmt.Errorf("release %s: %w", a, kvstore.ErrUnavailable)
-					}
-					mu.Lock()
-					defer mu.Unlock()
-					released = append(released, a.String())
-					return nil
-				}}, store, dp)
-			if err != nil {
-				t.Fatal(err)
-			}
-			d.Start()
-			t.Cleanup(func() { d.Close() })
-			<-d.Ready()
+			d, dp, rel := startOutageDriver(t, store, &inner.down)
 			if err := d.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
 				t.Fatal(err)
 			}
 			store.armed.Store(true)
-			_, err = d.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: "ghost",
+			_, err := d.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: "ghost",
 				Interface: &network.EndpointInterface{Address: "10.1.0.5/24"}})
 			if err == nil || !strings.Contains(err.Error(), kvstore.ErrUnavailable.Error()) {
 				t.Fatalf("CreateEndpoint whose answer was lost: %v, want the store unavailable", err)
@@ -284,11 +274,7 @@ func TestCreateEndpointAppliedButUnanswered(t *testing.T) {
 					t.Fatal("the address of a record that could not be removed yet is free for IPAM")
 				}
 				inner.down.Store(false)
-				waitFor(t, func() bool {
-					mu.Lock()
-					defer mu.Unlock()
-					return len(released) == 1
-				})
+				waitFor(t, func() bool { return len(rel.list()) == 1 })
 			}
 			waitFor(t, func() bool { return !ghost() })
 			if d.AddressUsed(subnet, addr) {
