@@ -817,6 +817,10 @@ type View struct {
 	// cannot read it, a changed identity or a lost embedded store; nothing
 	// should be removed on its word.
 	Proven bool
+	// HostRecord says members/<host-id> exists. A reap removes it first,
+	// so memberships without it are a reap stopped part way (the host
+	// came back during it, or the reaper crashed): the view is partial.
+	HostRecord bool
 	// Networks are the logical networks this host is a member of.
 	Networks []Network
 	// Endpoints are this host's endpoint records in those networks.
@@ -839,7 +843,7 @@ func (c *Cluster) View(ctx context.Context) (View, error) {
 	}()
 	pairs, err := c.store.List(ctx, "networks/")
 	if herr := <-hostErr; herr == nil {
-		v.Proven = true
+		v.Proven, v.HostRecord = true, true
 	} else if !errors.Is(herr, kvstore.ErrNotFound) {
 		return View{}, fmt.Errorf("read host record %q: %w", c.cfg.HostID, herr)
 	}

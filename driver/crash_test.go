@@ -487,3 +487,68 @@ func TestReclaimUnjoined(t *testing.T) {
 		t.Fatalf("endpoint records after the reclaim: %v, want held and joined", ids)
 	}
 }
+
+// TestPartialEvictionKeepsKernel: a reap of this host stopped part way
+// (the host came back during it) leaves memberships without the host
+// record (members/<id> goes first). Some networks may be gone from the
+// store while containers use them: the restarted driver treats the view
+// as a reaped host's (keeps the kernel, refuses calls, retries) instead of
+// reconciling the running overlays away; once the view is whole again it
+// starts.
+func TestPartialEvictionKeepsKernel(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.db")
+	store := openStore(t, path)
+	dp := newFake()
+	d := newTestDriver(t, store, "a", "192.0.2.1", dp)
+	mustCreate(t, d, "n1", "10.1.0.0/24")
+	if err := d.CreateNetwork(createReq("n2", map[string]interface{}{"name": "other"}, "10.2.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	dp.mu.Lock()
+	dp.inUse = map[string]bool{"0123456789ab": true}
+	dp.mu.Unlock()
+	// The reap's first write, then a stop: n2's membership gone too.
+	host, err := store.Get(context.Background(), "members/a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := store.Delete(context.Background(), "members/a"); err != nil {
+		t.Fatal(err)
+	}
+	cl, err := cluster.New(cluster.Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1")}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Leave(context.Background(), "name-other", "n2"); err != nil {
+		t.Fatal(err)
+	}
+
+	d2, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), CallTimeout: 300 * time.Millisecond, Shared: true}, store, dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2.Start()
+	t.Cleanup(func() { d2.Close() })
+	time.Sleep(time.Second)
+	select {
+	case <-d2.Ready():
+		t.Fatal("ready on a partial view")
+	default:
+	}
+	if n, _ := dp.counts(); n != 2 {
+		t.Fatalf("%d overlays in the kernel, want both kept (a container uses them)", n)
+	}
+	if err := d2.CreateNetwork(createReq("n9", nil, "10.9.0.0/24")); err == nil {
+		t.Fatal("a call on a partial view succeeded")
+	}
+	// The host record back (the host's re-assertion): it starts.
+	if err := store.Create(context.Background(), "members/a", host.Value); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-d2.Ready():
+	case <-time.After(15 * time.Second):
+		t.Fatal("not ready once the view was whole")
+	}
+}

@@ -67,7 +67,10 @@
 // A host that was only partitioned, and was reaped meanwhile (or in part:
 // it came back during the reap), finds at its next start or when its claim
 // is regained that the store lacks its members/<host-id> while its kernel
-// runs overlays. CheckSelf reports, for each of its
+// runs overlays. (A plugin restarted in that state treats memberships
+// without members/<host-id> as a reaped host's view: it keeps the kernel
+// and refuses calls while containers use its overlays, rather than
+// reconciling on a partial view.) CheckSelf reports, for each of its
 // running endpoints, whether its addresses are still this host's, free, or
 // held by another host; each conflict is logged at error level naming the
 // address and the holder. Reassert then takes back what is still free:
