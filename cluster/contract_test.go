@@ -46,6 +46,7 @@ func runContract(t *testing.T, backend newBackend) {
 		{"PeerRecords", testPeerRecords},
 		{"PeerRecordsOlderHost", testPeerRecordsOlderHost},
 		{"EvictPeerRecord", testEvictPeerRecord},
+		{"UnreadableConfig", testUnreadableConfig},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, backend(t)) })
@@ -667,5 +668,44 @@ func testSubnetOverlap(t *testing.T, open openFunc) {
 	}
 	if k := keys(t, a.store, "networks/"); !slices.Equal(k, []string{configKey("name-app"), peerRecordKey("name-app", "id-a")}) {
 		t.Fatalf("refused requests left keys: %v", k)
+	}
+}
+
+// testUnreadableConfig: a network record this build cannot read (a newer
+// release's schema, or damage) is not a removed network: a running watch
+// keeps the peers the last readable record gave, delivering no empty
+// list, and View refuses (the restart keeps its state and retries)
+// instead of removing this host's records of it.
+func testUnreadableConfig(t *testing.T, open openFunc) {
+	a := newHost(t, open, "id-a", "a", "192.0.2.1")
+	b := newHost(t, open, "id-b", "b", "192.0.2.2")
+	mustJoin(t, a, "name-app", "net-a", spec("10.1.0.0/24"))
+	mustJoin(t, b, "name-app", "net-b", spec("10.1.0.0/24"))
+	mustEndpoint(t, a, "name-app", "net-a", "ep-a", "10.1.0.2/24", "", "02:42:0a:01:00:02")
+	mustEndpoint(t, b, "name-app", "net-b", "ep-b", "10.1.0.3/24", "", "02:42:0a:01:00:03")
+	ctx, cancel := context.WithCancel(bg(t))
+	defer cancel()
+	wb, err := b.WatchPeers(ctx, "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 1 })
+	newer := []byte(`{"schema":2,"data":{}}`)
+	if err := a.store.Put(bg(t), configKey("name-app"), newer); err != nil {
+		t.Fatal(err)
+	}
+	// The watch sees the record change: nothing it delivers may be empty.
+	select {
+	case ps := <-wb:
+		if len(ps) == 0 {
+			t.Fatal("the watch withdrew every peer on an unreadable network record")
+		}
+	case <-time.After(2 * time.Second):
+	}
+	if _, err := b.View(bg(t)); err == nil || !errors.Is(err, kvstore.ErrSchema) {
+		t.Fatalf("View with an unreadable network record: %v, want ErrSchema", err)
+	}
+	if !hasKey(t, b.store, endpointKey("name-app", "ep-b")) {
+		t.Fatal("b's endpoint record was removed")
 	}
 }

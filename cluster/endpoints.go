@@ -503,6 +503,12 @@ func (w *PeerWatch) Snapshot(snap []*kvstore.Pair, ok bool) (peers []Peer, deliv
 	}
 	c, key := w.c, w.key
 	peers, ok, why := w.dec.peers(c.cfg.HostID, snap, w.compact)
+	if err := w.dec.unreadable; err != nil {
+		c.log.Warn("network record unreadable (a newer release wrote it, or it is damaged): peers kept as the last readable record gives them", "key", key, "error", err)
+		if !w.dec.config.ok {
+			return nil, false, false
+		}
+	}
 	c.setCachedConfig(key, w.dec.config)
 	if own, ok := w.dec.records[peerRecordKey(key, c.cfg.HostID)]; ok && own.ok {
 		c.setOwnPeers(key, own.rec, own.index)
@@ -605,6 +611,10 @@ type recordCache struct {
 	config    cachedConfig
 	endpoints map[string]cachedEndpoint
 	records   map[string]cachedRecord
+	// unreadable: the last snapshot's config record could not be decoded
+	// (a newer release wrote it, or it is damaged); config keeps the last
+	// readable one, and the peers are derived from that.
+	unreadable error
 }
 
 type cachedRecord struct {
@@ -715,10 +725,16 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 		switch {
 		case p.Key == cfgKey:
 			configSeen = true
+			rc.unreadable = nil
 			if rc.config.index != p.ModifyIndex || p.ModifyIndex == 0 {
 				var r Network
-				ok := kvstore.Decode(p.Value, &r) == nil
-				rc.config = cachedConfig{index: p.ModifyIndex, ok: ok, rec: r}
+				if err := kvstore.Decode(p.Value, &r); err != nil {
+					// Not a removal: keep what the last readable config
+					// says rather than withdraw every peer.
+					rc.unreadable = err
+				} else {
+					rc.config = cachedConfig{index: p.ModifyIndex, ok: true, rec: r}
+				}
 			}
 			found, rec = rc.config.ok, rc.config.rec
 		case strings.HasPrefix(p.Key, pprefix):
@@ -867,9 +883,15 @@ func (c *Cluster) View(ctx context.Context) (View, error) {
 		var rec Network
 		found := false
 		for _, p := range ps {
-			if p.Key == configKey(key) {
-				found = kvstore.Decode(p.Value, &rec) == nil
+			if p.Key != configKey(key) {
+				continue
 			}
+			if err := kvstore.Decode(p.Value, &rec); err != nil {
+				// Whether this host is a member cannot be told: acting on
+				// it could remove running networks and their records.
+				return View{}, fmt.Errorf("network record %s is unreadable (a newer release wrote it, or it is damaged): %w; this host keeps its state and retries", p.Key, err)
+			}
+			found = true
 		}
 		m, member := rec.Hosts[c.cfg.HostID]
 		var kept []Endpoint

@@ -524,7 +524,22 @@ func TestPartialEvictionKeepsKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	d2, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), CallTimeout: 300 * time.Millisecond, Shared: true}, store, dp)
+	// A host on a store without a reaper (the embedded store), or whose
+	// identity was just adopted from a version that wrote no members/
+	// record, starts on such a view as before.
+	d1, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), CallTimeout: 300 * time.Millisecond, Shared: true}, store, newFake())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d1.Start()
+	select {
+	case <-d1.Ready():
+	case <-time.After(15 * time.Second):
+		t.Fatal("a driver that cannot be reaped did not start on a view without its host record")
+	}
+	d1.Close()
+
+	d2, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), CallTimeout: 300 * time.Millisecond, Shared: true, Reapable: true}, store, dp)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -86,6 +86,13 @@ type Config struct {
 	OwnsAddressSpace func(space string) bool
 	// CallTimeout bounds one Docker request (default 10s).
 	CallTimeout time.Duration
+	// Reapable: other hosts may reap this one (a shared store with the
+	// reaper running), and its state is of this version's layout (not a
+	// host whose identity was just adopted from a version before host
+	// identities, which wrote no members/ record). Then a view with
+	// memberships but no members/<host-id> is a reap stopped part way,
+	// and the restore treats it as a reaped host's view.
+	Reapable bool
 	// VNIStart is the first VNI allocated automatically (default 4096,
 	// as Docker's overlay: below it lie the 802.1Q-sized ids users pick).
 	VNIStart uint32

@@ -137,7 +137,7 @@ func (d *Driver) restore(ctx context.Context) error {
 	// part way (it came back during it): some networks may be gone from
 	// the store while containers still use them. Reconciling on that view
 	// would tear them down; treat it as the view of a reaped host.
-	partial := v.Proven && !v.HostRecord
+	partial := d.cfg.Reapable && v.Proven && !v.HostRecord
 	if partial {
 		d.log.Error("the store shows some memberships of this host but not its host record: this host was being reaped while it was away and the reap stopped part way; treated as reaped",
 			"host", d.cfg.HostID, "node", d.cfg.Node, "networks", len(v.Networks))

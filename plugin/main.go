@@ -321,6 +321,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	// registrar refer to each other (the registrar's Endpoints is the
 	// driver), and IPAM asks the driver which addresses its endpoints use.
 	var drv *driver.Driver
+	_, consulStore := store.(*kvstore.Consul)
 	// How long Docker's ReleaseAddress waits for the driver's restore to
 	// tell whether an endpoint holds the address (see AddressUsedOnceReady).
 	const releaseWaitsForRestore = 5 * time.Second
@@ -364,6 +365,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		ReclaimAddress: func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr, mac string, created time.Time) error {
 			return ip.ReclaimAddress(ctx, ipam.PoolID(space, subnet, netip.Prefix{}), a, ipam.Holder{MAC: mac, Created: created})
 		},
+		// The reaper runs on a Consul store; a host whose identity was
+		// adopted now has no members/ record until its first check.
+		Reapable:        consulStore && legacy == "",
 		ObserveWatchLag: observeWatchLag,
 		PeerResync:      cfg.PeerResync,
 		LinkLocal:       linkLocal, // issue 14
