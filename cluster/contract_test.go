@@ -677,19 +677,8 @@ func testSubnetOverlap(t *testing.T, open openFunc) {
 // list, and View refuses (the restart keeps its state and retries)
 // instead of removing this host's records of it.
 func testUnreadableConfig(t *testing.T, open openFunc) {
-	a := newHost(t, open, "id-a", "a", "192.0.2.1")
-	b := newHost(t, open, "id-b", "b", "192.0.2.2")
-	mustJoin(t, a, "name-app", "net-a", spec("10.1.0.0/24"))
-	mustJoin(t, b, "name-app", "net-b", spec("10.1.0.0/24"))
-	mustEndpoint(t, a, "name-app", "net-a", "ep-a", "10.1.0.2/24", "", "02:42:0a:01:00:02")
+	a, b, wb := twoHostsWatching(t, open)
 	mustEndpoint(t, b, "name-app", "net-b", "ep-b", "10.1.0.3/24", "", "02:42:0a:01:00:03")
-	ctx, cancel := context.WithCancel(bg(t))
-	defer cancel()
-	wb, err := b.WatchPeers(ctx, "name-app")
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 1 })
 	newer := []byte(`{"schema":2,"data":{}}`)
 	if err := a.store.Put(bg(t), configKey("name-app"), newer); err != nil {
 		t.Fatal(err)
@@ -708,4 +697,24 @@ func testUnreadableConfig(t *testing.T, open openFunc) {
 	if !hasKey(t, b.store, endpointKey("name-app", "ep-b")) {
 		t.Fatal("b's endpoint record was removed")
 	}
+}
+
+// twoHostsWatching: hosts a and b in network name-app, a with endpoint
+// ep-a, and b's peer watch of it once it has delivered that one peer; the
+// watch ends with the test.
+func twoHostsWatching(t *testing.T, open openFunc) (a, b *host, wb <-chan []Peer) {
+	t.Helper()
+	a = newHost(t, open, "id-a", "a", "192.0.2.1")
+	b = newHost(t, open, "id-b", "b", "192.0.2.2")
+	mustJoin(t, a, "name-app", "net-a", spec("10.1.0.0/24"))
+	mustJoin(t, b, "name-app", "net-b", spec("10.1.0.0/24"))
+	mustEndpoint(t, a, "name-app", "net-a", "ep-a", "10.1.0.2/24", "", "02:42:0a:01:00:02")
+	ctx, cancel := context.WithCancel(bg(t))
+	t.Cleanup(cancel)
+	wb, err := b.WatchPeers(ctx, "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 1 })
+	return a, b, wb
 }

@@ -17,18 +17,7 @@ import (
 // peer field (what Join did before join records) delivers nothing; the
 // next delivery is the next real change.
 func testWatchSkipsUnchanged(t *testing.T, open openFunc) {
-	a := newHost(t, open, "id-a", "a", "192.0.2.1")
-	b := newHost(t, open, "id-b", "b", "192.0.2.2")
-	mustJoin(t, a, "name-app", "net-a", spec("10.1.0.0/24"))
-	mustJoin(t, b, "name-app", "net-b", spec("10.1.0.0/24"))
-	mustEndpoint(t, a, "name-app", "net-a", "ep-a", "10.1.0.2/24", "", "02:42:0a:01:00:02")
-	ctx, cancel := context.WithCancel(bg(t))
-	defer cancel()
-	wb, err := b.WatchPeers(ctx, "name-app")
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 1 })
+	a, b, wb := twoHostsWatching(t, open)
 	// b's own endpoint and a's rewritten record change none of b's peers.
 	mustEndpoint(t, b, "name-app", "net-b", "ep-b", "10.1.0.3/24", "", "02:42:0a:01:00:03")
 	if _, err := a.UpdateEndpoint(bg(t), "name-app", "ep-a", func(e *Endpoint) { e.Sandbox = "ctr" }); err != nil {

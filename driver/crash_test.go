@@ -251,18 +251,7 @@ func TestUnprovenViewKeepsKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { other.Close() })
-	d2, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), CallTimeout: 300 * time.Millisecond}, other, dp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d2.Start()
-	t.Cleanup(func() { d2.Close() })
-	time.Sleep(time.Second)
-	select {
-	case <-d2.Ready():
-		t.Fatal("ready on an unproven view")
-	default:
-	}
+	d2 := startNotReady(t, Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), CallTimeout: 300 * time.Millisecond}, other, dp, "an unproven view")
 	if n, _ := dp.counts(); n != 1 {
 		t.Fatal("the running overlay was removed on an empty view")
 	}
@@ -539,18 +528,7 @@ func TestPartialEvictionKeepsKernel(t *testing.T) {
 	}
 	d1.Close()
 
-	d2, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), CallTimeout: 300 * time.Millisecond, Shared: true, Reapable: true}, store, dp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d2.Start()
-	t.Cleanup(func() { d2.Close() })
-	time.Sleep(time.Second)
-	select {
-	case <-d2.Ready():
-		t.Fatal("ready on a partial view")
-	default:
-	}
+	d2 := startNotReady(t, Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), CallTimeout: 300 * time.Millisecond, Shared: true, Reapable: true}, store, dp, "a partial view")
 	if n, _ := dp.counts(); n != 2 {
 		t.Fatalf("%d overlays in the kernel, want both kept (a container uses them)", n)
 	}
@@ -566,4 +544,23 @@ func TestPartialEvictionKeepsKernel(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("not ready once the view was whole")
 	}
+}
+
+// startNotReady starts a driver and fails the test if it is ready within a
+// second: its restore must refuse the view (what).
+func startNotReady(t *testing.T, cfg Config, store kvstore.Store, dp Dataplane, what string) *Driver {
+	t.Helper()
+	d, err := New(cfg, store, dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Start()
+	t.Cleanup(func() { d.Close() })
+	time.Sleep(time.Second)
+	select {
+	case <-d.Ready():
+		t.Fatalf("ready on %s", what)
+	default:
+	}
+	return d
 }
