@@ -697,6 +697,12 @@ func testUnreadableConfig(t *testing.T, open openFunc) {
 	if !hasKey(t, b.store, endpointKey("name-app", "ep-b")) {
 		t.Fatal("b's endpoint record was removed")
 	}
+	// The record removed after it was unreadable: the network is gone,
+	// and its peers with it.
+	if err := a.store.Delete(bg(t), configKey("name-app")); err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 0 })
 }
 
 // twoHostsWatching: hosts a and b in network name-app, a with endpoint

@@ -721,11 +721,11 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 	eps := make([]Endpoint, 0, len(pairs))
 	seen := make(map[string]bool, len(pairs))
 	configSeen := false
+	rc.unreadable = nil
 	for _, p := range pairs {
 		switch {
 		case p.Key == cfgKey:
 			configSeen = true
-			rc.unreadable = nil
 			if rc.config.index != p.ModifyIndex || p.ModifyIndex == 0 {
 				var r Network
 				if err := kvstore.Decode(p.Value, &r); err != nil {
