@@ -680,7 +680,8 @@ const undoTimeout = 5 * time.Second
 // side by side: the record's transaction (txnErr) and the veth pair
 // (vethErr, of which EnsureEndpoint undid its own part). Nothing is left
 // half-created: a failed transaction takes the veth pair with it (removed
-// before the error returns), and a failed veth pair the record. known
+// before the error returns), and the record too when the store may have
+// applied it without answering; a failed veth pair takes the record. known
 // says this host had the endpoint before the call (a replay): the
 // transaction then wrote nothing new and the pair predates the call (a
 // container may hold it), so both stay.
@@ -692,18 +693,18 @@ func (d *Driver) settleEndpoint(ctx context.Context, op string, rec cluster.Endp
 	defer cancel()
 	if txnErr != nil {
 		err := fmt.Errorf("%s: %w", op, txnErr)
-		if known {
-			if vethErr != nil {
-				err = errors.Join(err, fmt.Errorf("%s: veth pair: %w", op, vethErr))
-			}
-			return err
-		}
 		if vethErr != nil {
 			err = errors.Join(err, fmt.Errorf("%s: veth pair: %w", op, vethErr))
-		} else if derr := d.dp.DeleteEndpoint(uctx, rec.ID); derr != nil {
-			// Not left to chance: the background removal retries.
-			d.bg.deleteVeth(rec.ID)
-			err = errors.Join(err, fmt.Errorf("undo: remove its veth pair (retried in the background): %w", derr))
+		}
+		if known {
+			return err
+		}
+		if vethErr == nil {
+			if derr := d.dp.DeleteEndpoint(uctx, rec.ID); derr != nil {
+				// Not left to chance: the background removal retries.
+				d.bg.deleteVeth(rec.ID)
+				err = errors.Join(err, fmt.Errorf("undo: remove its veth pair (retried in the background): %w", derr))
+			}
 		}
 		if outcomeUnknown(txnErr) {
 			// The store may have applied the transaction without the

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -169,12 +170,8 @@ func benchDocker(t *runner, cfg *config, rep *report) {
 	sec := rep.section("docker run --rm (machine's engine)")
 	fmt.Fprintf(sec, "`docker run --rm --network N %s true`, %d runs per network after 2 warm-ups, networks alternating. "+
 		"consul-overlay: %s. Baseline: a user-defined bridge network on the same engine.\n\n", benchImage, cfg.dockerRuns, how)
-	fmt.Fprintln(sec, "| Network | p50 ms | mean ms | max ms |")
-	fmt.Fprintln(sec, "|---|---:|---:|---:|")
-	fmt.Fprintf(sec, "| consul-overlay (%s) | %s | %s | %s |\n", driver, f(od.p50), f(od.mean), f(od.mx))
-	fmt.Fprintf(sec, "| bridge | %s | %s | %s |\n", f(bd.p50), f(bd.mean), f(bd.mx))
-	fmt.Fprintf(sec, "| consul-overlay, --internal | %s | %s | %s |\n", f(oid.p50), f(oid.mean), f(oid.mx))
-	fmt.Fprintf(sec, "| bridge, --internal | %s | %s | %s |\n", f(bid.p50), f(bid.mean), f(bid.mx))
+	runsTable(sec, []namedDist{{"consul-overlay (" + driver + ")", od}, {"bridge", bd},
+		{"consul-overlay, --internal", oid}, {"bridge, --internal", bid}})
 	fmt.Fprintf(sec, "\nRatio consul-overlay ÷ bridge: p50 %s, mean %s. Docker also connects a container of a network without "+
 		"a gateway (consul-overlay, like Docker's overlay) to docker_gwbridge, a second endpoint per run; an --internal network "+
 		"gets none. Without it (both networks --internal): p50 %s, mean %s; the docker_gwbridge endpoint costs %s ms at p50 "+
@@ -210,6 +207,21 @@ func timeDockerRuns(t *runner, host, image string, nets []string, runs int) map[
 		out[n] = summarize(durationsMS(ds))
 	}
 	return out
+}
+
+// namedDist is one row of runsTable.
+type namedDist struct {
+	name string
+	d    dist
+}
+
+// runsTable writes the `docker run` times of each network: p50, mean, max.
+func runsTable(w io.Writer, rows []namedDist) {
+	fmt.Fprintln(w, "| Network | p50 ms | mean ms | max ms |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|")
+	for _, r := range rows {
+		fmt.Fprintf(w, "| %s | %s | %s | %s |\n", r.name, f(r.d.p50), f(r.d.mean), f(r.d.mx))
+	}
 }
 
 func (c *config) binOrDefault() string {

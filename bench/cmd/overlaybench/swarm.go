@@ -237,15 +237,8 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 		"the host's agent), Docker's overlay (attachable) and a user-defined bridge network, each also `--internal`. Docker "+
 		"connects a container of a network without a gateway (both overlays) to docker_gwbridge, a second endpoint per "+
 		"run; an `--internal` network gets none.\n\n", image, hostAIs, cfg.dockerRuns)
-	fmt.Fprintln(dsec, "| Network | p50 ms | mean ms | max ms |")
-	fmt.Fprintln(dsec, "|---|---:|---:|---:|")
-	for _, r := range []struct {
-		name string
-		d    dist
-	}{{"consul-overlay", cd}, {"Docker overlay (Swarm)", sd}, {"bridge", bd},
-		{"consul-overlay, --internal", cid}, {"Docker overlay, --internal", sid}, {"bridge, --internal", bid}} {
-		fmt.Fprintf(dsec, "| %s | %s | %s | %s |\n", r.name, f(r.d.p50), f(r.d.mean), f(r.d.mx))
-	}
+	runsTable(dsec, []namedDist{{"consul-overlay", cd}, {"Docker overlay (Swarm)", sd}, {"bridge", bd},
+		{"consul-overlay, --internal", cid}, {"Docker overlay, --internal", sid}, {"bridge, --internal", bid}})
 	fmt.Fprintf(dsec, "\nAt p50: consul-overlay ÷ bridge %s, ÷ Docker overlay %s; both --internal: ÷ bridge %s, ÷ Docker overlay %s. "+
 		"The docker_gwbridge endpoint costs %s ms on consul-overlay and %s ms on Docker's overlay (each less its --internal twin).\n",
 		fr(ratio(cd.p50, bd.p50)), fr(ratio(cd.p50, sd.p50)), fr(ratio(cid.p50, bid.p50)), fr(ratio(cid.p50, sid.p50)),
