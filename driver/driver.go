@@ -123,7 +123,12 @@ type Config struct {
 	// snapshot replaced by a newer one before it was programmed counts
 	// from the first one's delivery).
 	ObserveWatchLag func(time.Duration)
-	Logger          *slog.Logger
+	// PendingDir keeps the endpoints Docker asked to delete until their
+	// record is gone, so that a restart finishes the deletion (see
+	// pending.go; the plugin uses DATA_DIR/deleting). Empty: kept in
+	// memory only.
+	PendingDir string
+	Logger     *slog.Logger
 }
 
 // Driver is consul-overlay's network driver: a thin adapter from Docker's
@@ -139,6 +144,7 @@ type Driver struct {
 	wg     sync.WaitGroup // watches and recovery
 	ready  chan struct{}  // closed once the state is restored from the store
 	bg     *background    // work off Docker's critical path (background.go)
+	pend   pending        // endpoints to delete, on disk (pending.go)
 
 	// opMu serialises network create, delete, prune and VTEP changes on
 	// this host, so a network is never built and torn down at once. Never
@@ -246,6 +252,7 @@ func New(cfg Config, store kvstore.Store, dp Dataplane) (*Driver, error) {
 		endpoints: map[string]*localEndpoint{},
 		allowed:   map[string]map[netip.Addr]bool{},
 		bg:        newBackground(),
+		pend:      pending{dir: cfg.PendingDir},
 	}, nil
 }
 
@@ -739,6 +746,7 @@ func (d *Driver) undoRecord(ctx context.Context, rec cluster.Endpoint) error {
 	if derr == nil {
 		return nil
 	}
+	d.markPending(rec.ID)
 	d.mu.Lock()
 	if d.endpoints[rec.ID] == nil {
 		d.endpoints[rec.ID] = &localEndpoint{rec: rec, left: true, removed: true}
@@ -768,8 +776,16 @@ func (d *Driver) DeleteEndpoint(req *network.DeleteEndpointRequest) error {
 		}
 		return nil
 	}
+	// Recorded first: whatever stops this call (the store, a kill -9),
+	// the deletion is finished later, by catchUp or at the next start.
+	d.markPending(req.EndpointID)
 	if err := d.deleteEndpoint(ctx, ep); err != nil {
 		if !errors.Is(err, kvstore.ErrUnavailable) || d.dp.DeleteEndpoint(ctx, req.EndpointID) != nil {
+			// Refused, or the kernel failed: the endpoint stays as it
+			// is, and so does Docker's view of it.
+			if cerr := d.pend.clear(req.EndpointID); cerr != nil {
+				d.log.Warn("mark of an endpoint to delete not removed from DATA_DIR", "endpoint", short(req.EndpointID), "error", cerr)
+			}
 			return fmt.Errorf("%s: %w", op, err)
 		}
 		// The kernel part is done and the container is gone: Docker's
@@ -787,13 +803,24 @@ func (d *Driver) DeleteEndpoint(req *network.DeleteEndpointRequest) error {
 	return nil
 }
 
+// markPending records on disk that endpoint id is to be deleted
+// (pending.go). A failure is logged: the deletion goes on, and only a
+// restart before its record is gone would bring the endpoint back.
+func (d *Driver) markPending(id string) {
+	if err := d.pend.mark(id); err != nil {
+		d.log.Error("endpoint to delete not recorded in DATA_DIR: if the plugin stops before its record is deleted, the next start restores it",
+			"endpoint", short(id), "error", err)
+	}
+}
+
 // catchUpInterval is how often catchUp retries the records of endpoints
 // removed while the store was unreachable.
 var catchUpInterval = 2 * time.Second
 
 // catchUp removes, once the store answers again, the records and addresses
 // of endpoints that DeleteEndpoint removed from this host while it did
-// not (the driver's own goroutine, started by Start; stops with Close).
+// not, and of those a restart found to delete (pending.go) (the driver's
+// own goroutine, started by Start; stops with Close).
 func (d *Driver) catchUp(ctx context.Context) {
 	t := time.NewTicker(catchUpInterval)
 	defer t.Stop()
@@ -817,7 +844,7 @@ func (d *Driver) catchUp(ctx context.Context) {
 			_, still := d.endpoints[id]
 			d.mu.Unlock()
 			if !still {
-				d.log.Info("record of an endpoint removed during a store outage deleted", "endpoint", short(id))
+				d.log.Info("record of an endpoint removed while the store did not answer deleted", "endpoint", short(id))
 			}
 		}
 	}
@@ -843,6 +870,9 @@ func (d *Driver) deleteEndpoint(ctx context.Context, ep *localEndpoint) error {
 		return err
 	}
 	d.point("deleteendpoint/after-record")
+	if err := d.pend.clear(id); err != nil {
+		d.log.Warn("mark of a deleted endpoint not removed from DATA_DIR; the next start removes it", "endpoint", short(id), "error", err)
+	}
 	d.mu.Lock()
 	delete(d.endpoints, id)
 	l := d.logicals[ep.rec.NetworkKey]

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -102,15 +103,18 @@ func (r *releases) list() []string {
 
 // startOutageDriver starts a driver of host "a" on store, ready, whose
 // address reclaims fail while down is set (the store unreachable) and are
-// recorded otherwise; catchUp runs every 50 ms during the test.
-func startOutageDriver(t *testing.T, store kvstore.Store, down *atomic.Bool) (*Driver, *fakeDataplane, *releases) {
+// recorded otherwise; catchUp runs every 50 ms during the test. dp is its
+// data plane (nil: a new fake) and pendingDir its Config.PendingDir.
+func startOutageDriver(t *testing.T, store kvstore.Store, down *atomic.Bool, dp *fakeDataplane, pendingDir string) (*Driver, *fakeDataplane, *releases) {
 	t.Helper()
 	old := catchUpInterval
 	catchUpInterval = 50 * time.Millisecond
 	t.Cleanup(func() { catchUpInterval = old })
-	dp := newFake()
+	if dp == nil {
+		dp = newFake()
+	}
 	rel := &releases{}
-	d, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true,
+	d, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true, PendingDir: pendingDir,
 		OwnsAddressSpace: func(s string) bool { return s == "ours" },
 		ReclaimAddress: func(_ context.Context, space string, subnet netip.Prefix, a netip.Addr, _ string, _ time.Time) error {
 			if down.Load() {
@@ -137,7 +141,7 @@ func startOutageDriver(t *testing.T, store kvstore.Store, down *atomic.Bool) (*D
 // without a restart, and nothing else changed.
 func TestStoreOutage(t *testing.T) {
 	store := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
-	d, dp, rel := startOutageDriver(t, store, &store.down)
+	d, dp, rel := startOutageDriver(t, store, &store.down, nil, "")
 	if err := d.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
 		t.Fatal(err)
 	}
@@ -209,6 +213,77 @@ func TestStoreOutage(t *testing.T) {
 	}
 }
 
+// TestDeletedEndpointStaysDeleted: an endpoint Docker deleted is not
+// brought back by a restart that comes before its record is gone: not
+// after a delete during a store outage, nor after a kill -9 in the middle
+// of a delete that Docker does not send again. The restarted driver
+// programs no veth and registers nothing for it, deletes its record and
+// join record, and releases its address, while the other endpoint stays.
+func TestDeletedEndpointStaysDeleted(t *testing.T) {
+	for _, how := range []string{"outage", "deleteendpoint/after-deregister", "deleteendpoint/after-veth"} {
+		t.Run(strings.ReplaceAll(how, "/", "_"), func(t *testing.T) {
+			store := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
+			dir := filepath.Join(t.TempDir(), PendingDirName)
+			d, dp, _ := startOutageDriver(t, store, &store.down, nil, dir)
+			if err := d.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
+				t.Fatal(err)
+			}
+			for i, id := range []string{"ep1", "ep2"} {
+				if _, err := d.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: id,
+					Interface: &network.EndpointInterface{Address: fmt.Sprintf("10.1.0.%d/24", i+2)}}); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := d.Join(&network.JoinRequest{NetworkID: "net-a", EndpointID: id, SandboxKey: "/var/run/docker/netns/" + id}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			waitFor(t, func() bool { return slices.Contains(allKeys(t, store.Store), "joins/a/ep1") })
+			if err := d.Leave(&network.LeaveRequest{NetworkID: "net-a", EndpointID: "ep1"}); err != nil {
+				t.Fatal(err)
+			}
+			del := func() error {
+				return d.DeleteEndpoint(&network.DeleteEndpointRequest{NetworkID: "net-a", EndpointID: "ep1"})
+			}
+			if how == "outage" {
+				store.down.Store(true)
+				if err := del(); err != nil {
+					t.Fatalf("DeleteEndpoint during the outage: %v", err)
+				}
+			} else if !crashAt(d, how, func() { _ = del() }) {
+				t.Fatalf("DeleteEndpoint never reached %s", how)
+			}
+			// The plugin stops (a kill -9: nothing more reaches the
+			// store), and starts again once the store answers.
+			d.Close()
+			store.down.Store(false)
+			d2, dp2, rel := startOutageDriver(t, store, &store.down, dp, dir)
+			ep1 := func() bool {
+				return slices.ContainsFunc(allKeys(t, store.Store), func(k string) bool { return strings.Contains(k, "ep1") })
+			}
+			waitFor(t, func() bool { return !ep1() && len(rel.list()) == 1 })
+			if got, want := rel.list(), []string{"ours 10.1.0.0/24 10.1.0.2"}; !slices.Equal(got, want) {
+				t.Fatalf("released %v, want %v", got, want)
+			}
+			dp2.mu.Lock()
+			_, veth1 := dp2.endpoints["ep1"]
+			_, veth2 := dp2.endpoints["ep2"]
+			dp2.mu.Unlock()
+			if veth1 || !veth2 {
+				t.Fatalf("after the restart: ep1's veth %v (want gone), ep2's %v (want kept)", veth1, veth2)
+			}
+			if d2.AddressUsed(netip.MustParsePrefix("10.1.0.0/24"), netip.MustParseAddr("10.1.0.2")) {
+				t.Fatal("the deleted endpoint's address still counted as used")
+			}
+			if !slices.Contains(allKeys(t, store.Store), "networks/name-app/endpoints/ep2") {
+				t.Fatal("ep2's record went with ep1's")
+			}
+			if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
+				t.Fatalf("marks left in %s: %v, %v", dir, ents, err)
+			}
+		})
+	}
+}
+
 // appliedStore commits the next transaction that creates an endpoint
 // record and then answers as if the store had not: ErrUnavailable, as a
 // Consul request that timed out after the servers committed it. With
@@ -246,7 +321,7 @@ func TestCreateEndpointAppliedButUnanswered(t *testing.T) {
 		t.Run(fmt.Sprintf("thenDown=%v", thenDown), func(t *testing.T) {
 			inner := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
 			store := &appliedStore{outageStore: inner, thenDown: thenDown}
-			d, dp, rel := startOutageDriver(t, store, &inner.down)
+			d, dp, rel := startOutageDriver(t, store, &inner.down, nil, "")
 			if err := d.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
 				t.Fatal(err)
 			}

@@ -174,6 +174,30 @@ func (d *Driver) restore(ctx context.Context) error {
 			return err
 		}
 	}
+	// Endpoints Docker asked to delete before the restart: restored as
+	// removed (no veth, no service, their addresses held) for catchUp to
+	// finish. A mark without a record is done with, once the view is
+	// proven to be this host's.
+	marked, err := d.pend.list()
+	if err != nil {
+		d.log.Error("endpoints to delete not read from DATA_DIR: endpoints deleted before the restart whose record is left are restored as live", "error", err)
+	}
+	var live, removed []cluster.Endpoint
+	for _, ep := range v.Endpoints {
+		if marked[ep.ID] {
+			removed = append(removed, ep)
+			delete(marked, ep.ID)
+		} else {
+			live = append(live, ep)
+		}
+	}
+	if v.Proven && !partial {
+		for id := range marked {
+			if err := d.pend.clear(id); err != nil {
+				d.log.Warn("mark of a deleted endpoint not removed from DATA_DIR", "endpoint", short(id), "error", err)
+			}
+		}
+	}
 	var state vxlan.State
 	for _, n := range v.Networks {
 		state.Networks = append(state.Networks, kernelNetwork(n))
@@ -183,7 +207,7 @@ func (d *Driver) restore(ctx context.Context) error {
 	for _, n := range v.Networks {
 		vniOf[n.Key] = n.VNI
 	}
-	for _, ep := range v.Endpoints {
+	for _, ep := range live {
 		mac, err := net.ParseMAC(ep.MAC)
 		if err != nil {
 			continue
@@ -194,7 +218,7 @@ func (d *Driver) restore(ctx context.Context) error {
 	if jr.err != nil {
 		return jr.err
 	}
-	if err := d.restoreJoins(ctx, v.Endpoints, jr.joins); err != nil {
+	if err := d.restoreJoins(ctx, live, jr.joins); err != nil {
 		return err
 	}
 	tJoins := time.Since(t1)
@@ -204,10 +228,16 @@ func (d *Driver) restore(ctx context.Context) error {
 		return fmt.Errorf("reconcile kernel: %w", err)
 	}
 	d.log.Debug("restore timing", "view", tView, "joins", tJoins, "reconcile", time.Since(t1), "total", time.Since(t0))
-	d.log.Info("state restored", "networks", len(v.Networks), "endpoints", len(v.Endpoints), "kernel_changes", fmt.Sprintf("%+v", ch))
+	d.log.Info("state restored", "networks", len(v.Networks), "endpoints", len(live), "kernel_changes", fmt.Sprintf("%+v", ch))
+	for _, ep := range removed {
+		d.log.Warn("endpoint deleted before the restart whose record is left: its record and addresses are released when the store answers", "endpoint", short(ep.ID), "address", endpointAddresses(ep))
+	}
 	d.mu.Lock()
-	for _, ep := range v.Endpoints {
+	for _, ep := range live {
 		d.endpoints[ep.ID] = &localEndpoint{rec: ep, left: false}
+	}
+	for _, ep := range removed {
+		d.endpoints[ep.ID] = &localEndpoint{rec: ep, left: true, removed: true}
 	}
 	d.mu.Unlock()
 	for _, n := range v.Networks {

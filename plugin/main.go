@@ -371,6 +371,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		ObserveWatchLag: observeWatchLag,
 		PeerResync:      cfg.PeerResync,
 		LinkLocal:       linkLocal, // issue 14
+		PendingDir:      filepath.Join(cfg.DataDir, driver.PendingDirName),
 		Logger:          log,
 	}
 	if reg != nil {
