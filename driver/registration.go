@@ -244,6 +244,29 @@ func (d *Driver) AddressMayBeUsed(subnet netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
+// NetworksBySubnet counts the Docker networks bound on this host by
+// subnet, for the subnets whose address space is consul-overlay's IPAM's
+// (OwnsAddressSpace): each took one hold of that subnet's pool (see
+// ipam.Driver.NodeHolds).
+func (d *Driver) NetworksBySubnet() map[netip.Prefix]int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := map[netip.Prefix]int{}
+	for _, l := range d.networks {
+		for i, s := range l.rec.Subnets {
+			p, err := netip.ParsePrefix(s)
+			if err != nil {
+				continue
+			}
+			if i < len(l.rec.Spaces) && d.cfg.OwnsAddressSpace != nil && !d.cfg.OwnsAddressSpace(l.rec.Spaces[i]) {
+				continue
+			}
+			out[p.Masked()]++
+		}
+	}
+	return out
+}
+
 // holds reports whether an endpoint record has address a in subnet.
 func holds(ep cluster.Endpoint, subnet netip.Prefix, a netip.Addr) bool {
 	for _, c := range []string{ep.IPv4, ep.IPv6} {

@@ -233,6 +233,43 @@ func (d *Driver) sweepPool(ctx context.Context, ref poolRef, bound func(string, 
 	return freed, nil
 }
 
+// NodeHolds counts this host's holds of each subnet's pool, the address
+// spaces summed: one per Docker network of this host, of any network
+// driver, whose RequestPool this IPAM answered and whose ReleasePool has
+// not come (or was lost: SweepPools drops those). The orphan sweep's
+// caller compares it with the network driver's own networks: a subnet
+// held more often than the driver has networks on it is also another
+// driver's network's, whose endpoints the driver does not see.
+func (d *Driver) NodeHolds(ctx context.Context) (map[netip.Prefix]int, error) {
+	out := map[netip.Prefix]int{}
+	for _, space := range []string{LocalAddressSpace, GlobalAddressSpace} {
+		seen := map[netip.Prefix]bool{}
+		for _, v6 := range []bool{false, true} {
+			idx, _, err := d.readIndex(ctx, indexKey(space, v6))
+			if err != nil {
+				return nil, storeErr("count pool holds", err)
+			}
+			for _, e := range idx.Pools {
+				if seen[e.Subnet] {
+					continue
+				}
+				seen[e.Subnet] = true
+				_, meta, err := d.readMeta(ctx, poolRef{space: space, subnet: e.Subnet, subPool: e.SubPool})
+				if errors.Is(err, kvstore.ErrNotFound) {
+					continue
+				}
+				if err != nil {
+					return nil, storeErr("count pool holds", err)
+				}
+				if n := meta.Holders[d.cfg.Node]; n > 0 {
+					out[e.Subnet.Masked()] += n
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
 // SweepPools drops this host's pool holds that no network uses: holds
 // taken by a RequestPool whose answer never reached Docker (a crash after
 // the commit; Docker's retry takes another hold), and holds whose

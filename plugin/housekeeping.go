@@ -48,10 +48,6 @@ func housekeeping(ctx context.Context, log *slog.Logger, drv *driver.Driver, ip 
 		return
 	case <-drv.Ready():
 	}
-	bound := func(poolID string, a netip.Addr) bool {
-		_, subnet, _, err := ipam.ParsePoolID(poolID)
-		return err != nil || drv.AddressMayBeUsed(subnet, a)
-	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -60,7 +56,7 @@ func housekeeping(ctx context.Context, log *slog.Logger, drv *driver.Driver, ip 
 		if n := drv.ReclaimUnjoined(ctx, ip.Grace()); n > 0 {
 			log.Info("reclaimed endpoints that never joined", "endpoints", n)
 		}
-		if n, err := ip.Sweep(ctx, bound); err != nil {
+		if n, err := ip.Sweep(ctx, orphanBound(ctx, log, drv, ip)); err != nil {
 			log.Warn("ipam sweep", "error", err)
 		} else if n > 0 {
 			log.Info("ipam sweep freed addresses", "freed", n)
@@ -73,6 +69,35 @@ func housekeeping(ctx context.Context, log *slog.Logger, drv *driver.Driver, ip 
 			return
 		case <-t.C:
 		}
+	}
+}
+
+// orphanBound is the orphan sweep's question (ipam.Driver.Sweep): may an
+// endpoint of this host use address a of pool poolID? The driver knows
+// only its own endpoints, so a subnet that this host holds more often
+// than the driver has networks on it (another driver's network using
+// consul-overlay's IPAM with the same subnet, or a network being created
+// or removed) is not the driver's alone: any of its addresses may be
+// used. The driver's count is taken before and after the holds are read
+// and the lower one used, so a network removed meanwhile hides no other.
+// Nil (orphans left alone) if the holds cannot be read.
+func orphanBound(ctx context.Context, log *slog.Logger, drv *driver.Driver, ip *ipam.Driver) func(poolID string, a netip.Addr) bool {
+	before := drv.NetworksBySubnet()
+	holds, err := ip.NodeHolds(ctx)
+	if err != nil {
+		log.Warn("ipam sweep: orphan addresses left alone this time", "error", err)
+		return nil
+	}
+	after := drv.NetworksBySubnet()
+	shared := map[netip.Prefix]bool{}
+	for s, n := range holds {
+		if n > min(before[s], after[s]) {
+			shared[s] = true
+		}
+	}
+	return func(poolID string, a netip.Addr) bool {
+		_, subnet, _, err := ipam.ParsePoolID(poolID)
+		return err != nil || shared[subnet.Masked()] || drv.AddressMayBeUsed(subnet, a)
 	}
 }
 
