@@ -50,45 +50,79 @@ const (
 // neighbour entries for the other side. It returns the two containers and
 // their addresses.
 func buildHandVXLAN(t *runner, hosts []*testenv.Host, mtu int) (ctr [2]*testenv.NetNS, addr [2]netip.Addr) {
+	return buildHand(t, [2]*testenv.Host{hosts[0], hosts[1]}, mtu, handLayout{vni: handVNI, net: 0, suffix: "0"})
+}
+
+// handLayout places one hand-built VXLAN: its VNI, its subnet
+// 10.211.<net>.0/24, the suffix of its device names, and whether each
+// host's bridge lives in a namespace of its own, as Docker's overlay
+// keeps it (the VXLAN device made in the host's namespace, so that its
+// socket is the host's, and moved there), rather than in the host's.
+type handLayout struct {
+	vni     int
+	net     byte
+	suffix  string
+	sandbox bool
+}
+
+// buildHand builds a hand-built VXLAN between two hosts (see
+// buildHandVXLAN) as l places it.
+//
+// Equivalent to, on host i (sandbox: the commands after the move run in
+// a new namespace SB): `ip link add hvx<s> mtu M type vxlan id VNI local
+// <host i> dstport 4789 nolearning proxy` [`&& ip link set hvx<s> netns
+// SB`], `ip link add hvbr<s> mtu M type bridge && ip link set hvx<s>
+// master hvbr<s> up && ip link add hvh<s> mtu M type veth peer name eth0
+// netns C && ip link set hvh<s> master hvbr<s> up`, and `bridge fdb add`
+// and `ip neigh add` of the other host's container on hvx<s>.
+func buildHand(t *runner, hosts [2]*testenv.Host, mtu int, l handLayout) (ctr [2]*testenv.NetNS, addr [2]netip.Addr) {
 	ctx := t.Context()
 	var macs [2]net.HardwareAddr
 	for i := range 2 {
 		ctr[i] = testenv.NewNetNS(t)
-		addr[i] = netip.AddrFrom4([4]byte{10, 211, 0, byte(i + 1)})
+		addr[i] = netip.AddrFrom4([4]byte{10, 211, l.net, byte(i + 1)})
 		m := make(net.HardwareAddr, 6)
 		_, _ = rand.Read(m)
 		m[0] = m[0]&0xfe | 0x02
 		macs[i] = m
 	}
 	m := fmt.Sprint(mtu)
-	for i, h := range hosts[:2] {
+	br, vx, vh := "hvbr"+l.suffix, "hvx"+l.suffix, "hvh"+l.suffix
+	for i, h := range hosts {
 		o := 1 - i
-		cmds := [][]string{
-			{"ip", "link", "add", "hvbr0", "mtu", m, "type", "bridge"},
-			{"ip", "link", "set", "hvbr0", "up"},
-			{"ip", "link", "add", "hvx0", "mtu", m, "type", "vxlan", "id", fmt.Sprint(handVNI), "local", h.Addr.String(),
-				"dstport", "4789", "nolearning", "proxy"},
-			{"ip", "link", "set", "hvx0", "master", "hvbr0", "up"},
-			{"ip", "link", "add", "hvh0", "mtu", m, "type", "veth", "peer", "name", "eth0", "mtu", m, "netns", ctr[i].Name},
-			{"ip", "link", "set", "hvh0", "master", "hvbr0", "up"},
-			{"bridge", "fdb", "add", macs[o].String(), "dev", "hvx0", "dst", hosts[o].Addr.String(), "self", "permanent"},
-			{"bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "hvx0", "dst", hosts[o].Addr.String(), "self", "permanent"},
-			{"ip", "neigh", "add", addr[o].String(), "lladdr", macs[o].String(), "dev", "hvx0", "nud", "permanent"},
-		}
-		for _, c := range cmds {
-			if out, err := nsRun(ctx, h.NS, c...); err != nil {
-				t.Fatalf("hand-built vxlan on host%d: %v\n%s", i, err, out)
+		run := func(ns *testenv.NetNS, cmds ...[]string) {
+			for _, c := range cmds {
+				if out, err := nsRun(ctx, ns, c...); err != nil {
+					t.Fatalf("hand-built vxlan on host%d: %v\n%s", i, err, out)
+				}
 			}
 		}
-		for _, c := range [][]string{
-			{"ip", "link", "set", "eth0", "address", macs[i].String()},
-			{"ip", "addr", "add", addr[i].String() + "/24", "dev", "eth0"},
-			{"ip", "link", "set", "eth0", "up"},
-		} {
-			if out, err := nsRun(ctx, ctr[i], c...); err != nil {
-				t.Fatalf("hand-built vxlan container %d: %v\n%s", i, err, out)
-			}
+		run(h.NS, []string{"ip", "link", "add", vx, "mtu", m, "type", "vxlan", "id", fmt.Sprint(l.vni), "local", h.Addr.String(),
+			"dstport", "4789", "nolearning", "proxy"})
+		at := h.NS
+		if l.sandbox {
+			at = testenv.NewNetNS(t)
+			run(h.NS, []string{"ip", "link", "set", vx, "netns", at.Name})
+			run(at, []string{"ip", "link", "set", "lo", "up"})
+		} else {
+			t.Cleanup(func() { _, _ = nsRun(context.Background(), h.NS, "ip", "link", "del", vx) })
+			t.Cleanup(func() { _, _ = nsRun(context.Background(), h.NS, "ip", "link", "del", br) })
 		}
+		run(at,
+			[]string{"ip", "link", "add", br, "mtu", m, "type", "bridge"},
+			[]string{"ip", "link", "set", br, "up"},
+			[]string{"ip", "link", "set", vx, "master", br, "up"},
+			[]string{"ip", "link", "add", vh, "mtu", m, "type", "veth", "peer", "name", "eth0", "mtu", m, "netns", ctr[i].Name},
+			[]string{"ip", "link", "set", vh, "master", br, "up"},
+			[]string{"bridge", "fdb", "add", macs[o].String(), "dev", vx, "dst", hosts[o].Addr.String(), "self", "permanent"},
+			[]string{"bridge", "fdb", "append", "00:00:00:00:00:00", "dev", vx, "dst", hosts[o].Addr.String(), "self", "permanent"},
+			[]string{"ip", "neigh", "add", addr[o].String(), "lladdr", macs[o].String(), "dev", vx, "nud", "permanent"},
+		)
+		run(ctr[i],
+			[]string{"ip", "link", "set", "eth0", "address", macs[i].String()},
+			[]string{"ip", "addr", "add", addr[i].String() + "/24", "dev", "eth0"},
+			[]string{"ip", "link", "set", "eth0", "up"},
+		)
 	}
 	return ctr, addr
 }

@@ -37,7 +37,10 @@ const intro = "# Benchmarks\n" +
 	"a namespace each would cost the machine, not the plugin, and changes nothing the plugin does.\n" +
 	"6. **Docker's overlay** (`swarm`): consul-overlay against Docker's own overlay driver on the two-engine lab " +
 	"(`lab/up.sh`), made a two-node Swarm for the run: the data plane (consul-overlay also with its bridged frames " +
-	"untracked, a raw-table NOTRACK on `vxbr+` on both hosts during those rounds only), and `docker run --rm` on " +
+	"untracked, a raw-table NOTRACK on `vxbr+` on both hosts during those rounds only; and, to tell where a gap " +
+	"comes from, one hand-built VXLAN three ways between the same hosts: its bridge in the host's namespace, in a " +
+	"namespace of its own as Docker's overlay keeps it, and in the host's namespace with Docker's embedded-DNS NAT " +
+	"rules in both containers' namespaces), and `docker run --rm` on " +
 	"host A on consul-overlay, Docker's overlay and a bridge network, each also `--internal`. It runs on the " +
 	"engine-20.10 lab (host A the machine's engine), or with `LAB_ENGINE=29` in the environment on the engine-29 " +
 	"lab (`make engine`; both hosts an engine 29.8.1 in a namespace). It uses the lab when it is up and not owned " +

@@ -172,6 +172,44 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 	ulMTU, _ := mtuOf(ctx, hostA, netip.MustParseAddr(a))
 	swMTU, _ := mtuOf(ctx, sa.ns, sa.ip)
 	coMTU, _ := mtuOf(ctx, ca.ns, ca.ip)
+	// Where the gap to Docker's overlay comes from: the same hand-built
+	// VXLAN twice on the lab's hosts, its bridge in the host's namespace
+	// (consul-overlay's layout, let through dockerd's FORWARD policy by
+	// one rule as consul-overlay's firewall does) and in a namespace of
+	// its own (Docker's overlay's layout).
+	labHosts := [2]*testenv.Host{{NS: hostA, Addr: netip.MustParseAddr(a)}, {NS: hostB, Addr: netip.MustParseAddr(b)}}
+	hhCtr, hhAddr := buildHand(t, labHosts, coMTU, handLayout{vni: handVNI + 1, net: 1, suffix: "1"})
+	if err := acceptBridged(ctx, "-I", "hvbr1", hostA, hostB); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = acceptBridged(context.Background(), "-D", "hvbr1", hostA, hostB) })
+	hsCtr, hsAddr := buildHand(t, labHosts, coMTU, handLayout{vni: handVNI + 2, net: 2, suffix: "2", sandbox: true})
+	// And the first layout again with what Docker puts in every
+	// container's namespace on a user-defined network: the NAT rules of
+	// its embedded DNS server, which turn conntrack on there for all the
+	// container's traffic (both overlays' containers carry them).
+	hnCtr, hnAddr := buildHand(t, labHosts, coMTU, handLayout{vni: handVNI + 3, net: 3, suffix: "3"})
+	if err := acceptBridged(ctx, "-I", "hvbr3", hostA, hostB); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = acceptBridged(context.Background(), "-D", "hvbr3", hostA, hostB) })
+	for _, c := range hnCtr {
+		if err := dockerDNSNAT(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for where, p := range map[string]struct {
+		from *testenv.NetNS
+		to   netip.Addr
+	}{"the host's namespace": {hhCtr[0], hhAddr[1]}, "a namespace of its own": {hsCtr[0], hsAddr[1]},
+		"the host's namespace (containers with Docker's DNS NAT)": {hnCtr[0], hnAddr[1]}} {
+		if err := eventually(ctx, 10*time.Second, func() error {
+			_, err := nsRun(ctx, p.from, "ping", "-n", "-c", "1", "-W", "1", p.to.String())
+			return err
+		}); err != nil {
+			t.Fatalf("the hand-built VXLAN with its bridge in %s carries no traffic between the lab's hosts: %v", where, err)
+		}
+	}
 	paths := []*dataPath{
 		{name: "lab underlay (host A to host B)", mtu: ulMTU, client: hostA, server: hostB, dst: netip.MustParseAddr(b)},
 		{name: "Docker overlay (Swarm)", mtu: swMTU, client: sa.ns, server: sb.ns, dst: sb.ip},
@@ -184,6 +222,9 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 		{name: "consul-overlay (lab), bridged frames untracked", mtu: coMTU, client: ca.ns, server: cb.ns, dst: cb.ip,
 			setup:    func(ctx context.Context) error { return untrackBridged(ctx, "-I", hostA, hostB) },
 			teardown: func(ctx context.Context) error { return untrackBridged(ctx, "-D", hostA, hostB) }},
+		{name: "hand-built VXLAN, bridge in the host's namespace", mtu: coMTU, client: hhCtr[0], server: hhCtr[1], dst: hhAddr[1]},
+		{name: "hand-built VXLAN, bridge in a namespace of its own", mtu: coMTU, client: hsCtr[0], server: hsCtr[1], dst: hsAddr[1]},
+		{name: "hand-built VXLAN, bridge in the host's namespace, containers with Docker's DNS NAT", mtu: coMTU, client: hnCtr[0], server: hnCtr[1], dst: hnAddr[1]},
 	}
 	// Left behind by an interrupted run, a rule would skew later runs.
 	t.Cleanup(func() {
@@ -202,13 +243,34 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 		"-i vxbr+ -j NOTRACK` (and ip6tables) on both hosts during its rounds only, so that bridged overlay frames skip "+
 		"conntrack (they still cross the FORWARD chain through br_netfilter).\n\n", paths[3].name)
 	againstTable(sec, paths, rows, paths[3], paths[1], paths[2])
+	fmt.Fprintf(sec, "\nThe two hand-built paths are one VXLAN built with iproute2 (buildHand) twice, the same device settings "+
+		"and MTU as consul-overlay's: once with each host's bridge in the host's namespace, where dockerd's rules and "+
+		"conntrack see bridged frames (one `-I FORWARD -i hvbr1 -m physdev --physdev-is-bridged -j ACCEPT` lets them through, "+
+		"as consul-overlay's firewall does), and once with the bridge in a namespace of its own, the VXLAN device made in "+
+		"the host's namespace and moved there, as Docker's overlay does. The third is the first with, in both containers' "+
+		"namespaces, the NAT rules Docker gives every container of a user-defined network for its embedded DNS server "+
+		"(`iptables -t nat -A OUTPUT -d 127.0.0.11/32 -p udp --dport 53 -j DNAT ...` and their SNAT twins, for udp and tcp), "+
+		"which turn conntrack on in the container's namespace: the containers of both overlays carry them.\n\n")
+	againstTable(sec, paths, rows, paths[5], paths[4], paths[1], paths[2])
+	againstTable(sec, paths, rows, paths[2], paths[6], paths[4])
 	co, sw, un := rows[2], rows[1], rows[3]
+	hh, hs, hn := rows[4], rows[5], rows[6]
 	lab := "lab, engine " + version
 	rep.check("consul-overlay TCP, 4 streams, ÷ Docker overlay ("+lab+")", r3(ratio(co.p4, sw.p4)), "≥ 1 (not below)", ratio(co.p4, sw.p4) >= 1)
 	rep.check("consul-overlay TCP, 1 stream, ÷ Docker overlay ("+lab+")", r3(ratio(co.p1, sw.p1)), "≥ 1 (not below)", ratio(co.p1, sw.p1) >= 1)
 	rep.check("consul-overlay RTT avg − Docker overlay ("+lab+")", fmt.Sprintf("%+.1f µs", co.avg-sw.avg), "≤ +3 µs", co.avg-sw.avg <= 3)
 	rep.info("consul-overlay untracked TCP 4 / 1 streams ÷ Docker overlay ("+lab+")", fmt.Sprintf("%s / %s", r3(ratio(un.p4, sw.p4)), r3(ratio(un.p1, sw.p1))))
 	rep.info("consul-overlay untracked RTT avg − Docker overlay ("+lab+")", fmt.Sprintf("%+.1f µs", un.avg-sw.avg))
+	rep.info("hand-built VXLAN, bridge in its own namespace ÷ in the host's: TCP 4 / 1 streams, RTT Δ ("+lab+")",
+		fmt.Sprintf("%s / %s, %+.1f µs", r3(ratio(hs.p4, hh.p4)), r3(ratio(hs.p1, hh.p1)), hs.avg-hh.avg))
+	rep.info("consul-overlay ÷ hand-built VXLAN, bridge in the host's namespace: TCP 4 / 1 streams, RTT Δ ("+lab+")",
+		fmt.Sprintf("%s / %s, %+.1f µs", r3(ratio(co.p4, hh.p4)), r3(ratio(co.p1, hh.p1)), co.avg-hh.avg))
+	rep.info("hand-built VXLAN, bridge in its own namespace ÷ Docker overlay: TCP 4 / 1 streams, RTT Δ ("+lab+")",
+		fmt.Sprintf("%s / %s, %+.1f µs", r3(ratio(hs.p4, sw.p4)), r3(ratio(hs.p1, sw.p1)), hs.avg-sw.avg))
+	rep.info("hand-built VXLAN, host's namespace, with ÷ without Docker's DNS NAT in the containers: TCP 4 / 1 streams, RTT Δ ("+lab+")",
+		fmt.Sprintf("%s / %s, %+.1f µs", r3(ratio(hn.p4, hh.p4)), r3(ratio(hn.p1, hh.p1)), hn.avg-hh.avg))
+	rep.info("consul-overlay ÷ hand-built VXLAN, host's namespace, containers with Docker's DNS NAT: TCP 4 / 1 streams, RTT Δ ("+lab+")",
+		fmt.Sprintf("%s / %s, %+.1f µs", r3(ratio(co.p4, hn.p4)), r3(ratio(co.p1, hn.p1)), co.avg-hn.avg))
 
 	// docker run --rm on host A: consul-overlay against Docker's overlay
 	// and a bridge network, and each --internal (no docker_gwbridge
@@ -262,6 +324,42 @@ func untrackBridged(ctx context.Context, op string, hosts ...*testenv.NetNS) err
 				"-m", "comment", "--comment", "cobench-untracked", "-j", "NOTRACK")
 			errs = append(errs, err)
 		}
+	}
+	return errors.Join(errs...)
+}
+
+// acceptBridged adds (op "-I") or deletes ("-D") on each host the rule
+// that lets frames bridged by bridge through dockerd's FORWARD policy.
+//
+// Equivalent to: `iptables -I FORWARD -i <bridge> -m physdev
+// --physdev-is-bridged -m comment --comment cobench-hand -j ACCEPT`.
+func acceptBridged(ctx context.Context, op, bridge string, hosts ...*testenv.NetNS) error {
+	var errs []error
+	for _, h := range hosts {
+		_, err := nsRun(ctx, h, "iptables", "-w", op, "FORWARD", "-i", bridge, "-m", "physdev", "--physdev-is-bridged",
+			"-m", "comment", "--comment", "cobench-hand", "-j", "ACCEPT")
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// dockerDNSNAT gives a container namespace the NAT rules Docker gives a
+// container of a user-defined network for its embedded DNS server at
+// 127.0.0.11 (the ports are the resolver's, any will do here).
+//
+// Equivalent to: `iptables -t nat -A OUTPUT -d 127.0.0.11/32 -p udp
+// --dport 53 -j DNAT --to-destination 127.0.0.11:5353`, `iptables -t nat
+// -A POSTROUTING -s 127.0.0.11/32 -p udp --sport 5353 -j SNAT --to-source
+// :53`, and the same for tcp.
+func dockerDNSNAT(ctx context.Context, ns *testenv.NetNS) error {
+	var errs []error
+	for _, proto := range []string{"udp", "tcp"} {
+		_, err := nsRun(ctx, ns, "iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-d", "127.0.0.11/32", "-p", proto,
+			"--dport", "53", "-j", "DNAT", "--to-destination", "127.0.0.11:5353")
+		errs = append(errs, err)
+		_, err = nsRun(ctx, ns, "iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", "127.0.0.11/32", "-p", proto,
+			"--sport", "5353", "-j", "SNAT", "--to-source", ":53")
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
