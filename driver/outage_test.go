@@ -404,3 +404,47 @@ func TestAddressUsedOnceReady(t *testing.T) {
 		t.Error("an address no endpoint holds is held")
 	}
 }
+
+// TestMarkedButInUseKept: a mark to delete an endpoint whose interface a
+// container holds (the kernel has the last word) does not take it away at
+// the next start: the endpoint is restored live, its record and veth
+// stay, and the mark goes.
+func TestMarkedButInUseKept(t *testing.T) {
+	store := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
+	dir := filepath.Join(t.TempDir(), PendingDirName)
+	d, dp, _ := startOutageDriver(t, store, &store.down, nil, dir)
+	if err := d.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: "ep1",
+		Interface: &network.EndpointInterface{Address: "10.1.0.2/24"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Join(&network.JoinRequest{NetworkID: "net-a", EndpointID: "ep1", SandboxKey: "/var/run/docker/netns/x"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := (pending{dir: dir}).mark("ep1"); err != nil {
+		t.Fatal(err)
+	}
+	dp.mu.Lock()
+	if dp.inUse == nil {
+		dp.inUse = map[string]bool{}
+	}
+	dp.inUse["ep1"] = true
+	dp.mu.Unlock()
+	d.Close()
+	d2, dp2, rel := startOutageDriver(t, store, &store.down, dp, dir)
+	time.Sleep(5 * catchUpInterval)
+	if !slices.Contains(allKeys(t, store.Store), "networks/name-app/endpoints/ep1") || len(rel.list()) != 0 {
+		t.Fatalf("the endpoint a container holds was deleted: keys %v, released %v", allKeys(t, store.Store), rel.list())
+	}
+	dp2.mu.Lock()
+	_, veth := dp2.endpoints["ep1"]
+	dp2.mu.Unlock()
+	if !veth || !d2.AddressUsed(netip.MustParsePrefix("10.1.0.0/24"), netip.MustParseAddr("10.1.0.2")) {
+		t.Fatalf("the endpoint a container holds is not restored live: veth %v", veth)
+	}
+	if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
+		t.Fatalf("mark left in %s: %v, %v", dir, ents, err)
+	}
+}

@@ -184,12 +184,26 @@ func (d *Driver) restore(ctx context.Context) error {
 	}
 	var live, removed []cluster.Endpoint
 	for _, ep := range v.Endpoints {
-		if marked[ep.ID] {
-			removed = append(removed, ep)
-			delete(marked, ep.ID)
-		} else {
+		if !marked[ep.ID] {
 			live = append(live, ep)
+			continue
 		}
+		delete(marked, ep.ID)
+		// The kernel has the last word: an interface a container holds
+		// is a live container's, whatever the mark says.
+		// Unsure (the kernel did not answer): kept, and so is the mark,
+		// for the next start to look again.
+		if inUse, err := d.dp.EndpointInUse(ep.ID); err != nil || inUse {
+			d.log.Warn("endpoint marked for deletion whose interface a container holds, or the kernel did not say: kept", "endpoint", short(ep.ID), "in_use", inUse, "error", err)
+			if inUse {
+				if err := d.pend.clear(ep.ID); err != nil {
+					d.log.Warn("mark of a kept endpoint not removed from DATA_DIR", "endpoint", short(ep.ID), "error", err)
+				}
+			}
+			live = append(live, ep)
+			continue
+		}
+		removed = append(removed, ep)
 	}
 	if v.Proven && !partial {
 		for id := range marked {
