@@ -134,6 +134,21 @@ func startOutageDriver(t *testing.T, store kvstore.Store, down *atomic.Bool, dp 
 	return d, dp, rel
 }
 
+// appNetwork creates network net-a ("app", 10.1.0.0/24) on d and, in it,
+// endpoints ids at 10.1.0.2, 10.1.0.3 and so on.
+func appNetwork(t *testing.T, d *Driver, ids ...string) {
+	t.Helper()
+	if err := d.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	for i, id := range ids {
+		if _, err := d.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: id,
+			Interface: &network.EndpointInterface{Address: fmt.Sprintf("10.1.0.%d/24", i+2)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestStoreOutage: while the store is unreachable, Join of an endpoint
 // whose record exists, Leave and DeleteEndpoint go on (the veth goes at
 // once); the removed endpoint keeps its address meanwhile; once the store
@@ -142,15 +157,7 @@ func startOutageDriver(t *testing.T, store kvstore.Store, down *atomic.Bool, dp 
 func TestStoreOutage(t *testing.T) {
 	store := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
 	d, dp, rel := startOutageDriver(t, store, &store.down, nil, "")
-	if err := d.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
-		t.Fatal(err)
-	}
-	for i, id := range []string{"ep1", "ep2"} {
-		if _, err := d.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: id,
-			Interface: &network.EndpointInterface{Address: fmt.Sprintf("10.1.0.%d/24", i+2)}}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	appNetwork(t, d, "ep1", "ep2")
 	if _, err := d.Join(&network.JoinRequest{NetworkID: "net-a", EndpointID: "ep1", SandboxKey: "/var/run/docker/netns/x"}); err != nil {
 		t.Fatal(err)
 	}
@@ -225,14 +232,8 @@ func TestDeletedEndpointStaysDeleted(t *testing.T) {
 			store := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
 			dir := filepath.Join(t.TempDir(), PendingDirName)
 			d, dp, _ := startOutageDriver(t, store, &store.down, nil, dir)
-			if err := d.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
-				t.Fatal(err)
-			}
-			for i, id := range []string{"ep1", "ep2"} {
-				if _, err := d.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: id,
-					Interface: &network.EndpointInterface{Address: fmt.Sprintf("10.1.0.%d/24", i+2)}}); err != nil {
-					t.Fatal(err)
-				}
+			appNetwork(t, d, "ep1", "ep2")
+			for _, id := range []string{"ep1", "ep2"} {
 				if _, err := d.Join(&network.JoinRequest{NetworkID: "net-a", EndpointID: id, SandboxKey: "/var/run/docker/netns/" + id}); err != nil {
 					t.Fatal(err)
 				}
@@ -413,13 +414,7 @@ func TestMarkedButInUseKept(t *testing.T) {
 	store := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
 	dir := filepath.Join(t.TempDir(), PendingDirName)
 	d, dp, _ := startOutageDriver(t, store, &store.down, nil, dir)
-	if err := d.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := d.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: "ep1",
-		Interface: &network.EndpointInterface{Address: "10.1.0.2/24"}}); err != nil {
-		t.Fatal(err)
-	}
+	appNetwork(t, d, "ep1")
 	if _, err := d.Join(&network.JoinRequest{NetworkID: "net-a", EndpointID: "ep1", SandboxKey: "/var/run/docker/netns/x"}); err != nil {
 		t.Fatal(err)
 	}
