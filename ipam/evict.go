@@ -47,21 +47,8 @@ func (d *Driver) EvictNode(ctx context.Context, node string) (Evicted, error) {
 		// (the reaper: the gone host's record is the one it judged).
 		as.store = kvstore.Fence(as.store, f)
 	}
-	for _, space := range []string{LocalAddressSpace, GlobalAddressSpace} {
-		for _, v6 := range []bool{false, true} {
-			idx, _, err := d.readIndex(ctx, indexKey(space, v6))
-			if err != nil {
-				return ev, storeErr("evict host "+node, err)
-			}
-			for _, e := range idx.Pools {
-				ref := poolRef{space: space, subnet: e.Subnet, subPool: e.SubPool}
-				if err := as.evictPool(ctx, ref, &ev); err != nil {
-					return ev, err
-				}
-			}
-		}
-	}
-	return ev, nil
+	err := d.eachPool(ctx, "evict host "+node, func(ref poolRef) error { return as.evictPool(ctx, ref, &ev) })
+	return ev, err
 }
 
 // as returns a Driver that acts as host node on the same store: its

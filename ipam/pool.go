@@ -433,6 +433,26 @@ func (r *poolRecord) pool(space string) Pool {
 	}
 }
 
+// eachPool calls fn with every pool the indexes list, of both address
+// spaces and both families, and stops at fn's first error, which it
+// returns as is; a failed index read is returned as storeErr(op, err).
+func (d *Driver) eachPool(ctx context.Context, op string, fn func(poolRef) error) error {
+	for _, space := range []string{LocalAddressSpace, GlobalAddressSpace} {
+		for _, v6 := range []bool{false, true} {
+			idx, _, err := d.readIndex(ctx, indexKey(space, v6))
+			if err != nil {
+				return storeErr(op, err)
+			}
+			for _, e := range idx.Pools {
+				if err := fn(poolRef{space: space, subnet: e.Subnet, subPool: e.SubPool}); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
 func (d *Driver) readIndex(ctx context.Context, key string) (poolIndex, uint64, error) {
 	var idx poolIndex
 	pair, err := d.store.Get(ctx, key)

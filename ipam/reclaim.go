@@ -131,23 +131,12 @@ func (d *Driver) ReclaimAddress(ctx context.Context, poolID string, a netip.Addr
 // plenty); it lists every address record of the store, so not much more
 // often than that.
 func (d *Driver) Sweep(ctx context.Context, bound func(poolID string, a netip.Addr) bool) (freed int, err error) {
-	for _, space := range []string{LocalAddressSpace, GlobalAddressSpace} {
-		for _, v6 := range []bool{false, true} {
-			idx, _, err := d.readIndex(ctx, indexKey(space, v6))
-			if err != nil {
-				return freed, storeErr("sweep addresses", err)
-			}
-			for _, e := range idx.Pools {
-				ref := poolRef{space: space, subnet: e.Subnet, subPool: e.SubPool}
-				n, err := d.sweepPool(ctx, ref, bound)
-				freed += n
-				if err != nil {
-					return freed, err
-				}
-			}
-		}
-	}
-	return freed, nil
+	err = d.eachPool(ctx, "sweep addresses", func(ref poolRef) error {
+		n, err := d.sweepPool(ctx, ref, bound)
+		freed += n
+		return err
+	})
+	return freed, err
 }
 
 func (d *Driver) sweepPool(ctx context.Context, ref poolRef, bound func(string, netip.Addr) bool) (freed int, err error) {
@@ -241,31 +230,31 @@ func (d *Driver) sweepPool(ctx context.Context, ref poolRef, bound func(string, 
 // held more often than the driver has networks on it is also another
 // driver's network's, whose endpoints the driver does not see.
 func (d *Driver) NodeHolds(ctx context.Context) (map[netip.Prefix]int, error) {
+	const op = "count pool holds"
 	out := map[netip.Prefix]int{}
-	for _, space := range []string{LocalAddressSpace, GlobalAddressSpace} {
-		seen := map[netip.Prefix]bool{}
-		for _, v6 := range []bool{false, true} {
-			idx, _, err := d.readIndex(ctx, indexKey(space, v6))
-			if err != nil {
-				return nil, storeErr("count pool holds", err)
-			}
-			for _, e := range idx.Pools {
-				if seen[e.Subnet] {
-					continue
-				}
-				seen[e.Subnet] = true
-				_, meta, err := d.readMeta(ctx, poolRef{space: space, subnet: e.Subnet, subPool: e.SubPool})
-				if errors.Is(err, kvstore.ErrNotFound) {
-					continue
-				}
-				if err != nil {
-					return nil, storeErr("count pool holds", err)
-				}
-				if n := meta.Holders[d.cfg.Node]; n > 0 {
-					out[e.Subnet.Masked()] += n
-				}
-			}
+	// One meta record per subnet of a space, however many entries
+	// (sub-pools) the index has for it.
+	seen := map[poolRef]bool{}
+	err := d.eachPool(ctx, op, func(ref poolRef) error {
+		meta := poolRef{space: ref.space, subnet: ref.subnet}
+		if seen[meta] {
+			return nil
 		}
+		seen[meta] = true
+		_, rec, err := d.readMeta(ctx, ref)
+		if errors.Is(err, kvstore.ErrNotFound) {
+			return nil
+		}
+		if err != nil {
+			return storeErr(op, err)
+		}
+		if n := rec.Holders[d.cfg.Node]; n > 0 {
+			out[ref.subnet.Masked()] += n
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
 }
@@ -289,22 +278,12 @@ func (d *Driver) NodeHolds(ctx context.Context) (map[netip.Prefix]int, error) {
 // with no holder is removed as ReleasePool would. dropped counts the
 // holds dropped. Call it with Sweep.
 func (d *Driver) SweepPools(ctx context.Context, uses func(poolID string) (n int, known bool)) (dropped int, err error) {
-	for _, space := range []string{LocalAddressSpace, GlobalAddressSpace} {
-		for _, v6 := range []bool{false, true} {
-			idx, _, err := d.readIndex(ctx, indexKey(space, v6))
-			if err != nil {
-				return dropped, storeErr("sweep pools", err)
-			}
-			for _, e := range idx.Pools {
-				n, err := d.sweepHolds(ctx, poolRef{space: space, subnet: e.Subnet, subPool: e.SubPool}, uses)
-				dropped += n
-				if err != nil {
-					return dropped, err
-				}
-			}
-		}
-	}
-	return dropped, nil
+	err = d.eachPool(ctx, "sweep pools", func(ref poolRef) error {
+		n, err := d.sweepHolds(ctx, ref, uses)
+		dropped += n
+		return err
+	})
+	return dropped, err
 }
 
 func (d *Driver) sweepHolds(ctx context.Context, ref poolRef, uses func(string) (int, bool)) (int, error) {
