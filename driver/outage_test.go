@@ -265,10 +265,7 @@ func TestDeletedEndpointStaysDeleted(t *testing.T) {
 			if got, want := rel.list(), []string{"ours 10.1.0.0/24 10.1.0.2"}; !slices.Equal(got, want) {
 				t.Fatalf("released %v, want %v", got, want)
 			}
-			dp2.mu.Lock()
-			_, veth1 := dp2.endpoints["ep1"]
-			_, veth2 := dp2.endpoints["ep2"]
-			dp2.mu.Unlock()
+			veth1, veth2 := dp2.hasEndpoint("ep1"), dp2.hasEndpoint("ep2")
 			if veth1 || !veth2 {
 				t.Fatalf("after the restart: ep1's veth %v (want gone), ep2's %v (want kept)", veth1, veth2)
 			}
@@ -278,9 +275,7 @@ func TestDeletedEndpointStaysDeleted(t *testing.T) {
 			if !slices.Contains(allKeys(t, store.Store), "networks/name-app/endpoints/ep2") {
 				t.Fatal("ep2's record went with ep1's")
 			}
-			if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
-				t.Fatalf("marks left in %s: %v, %v", dir, ents, err)
-			}
+			noMarks(t, dir)
 		})
 	}
 }
@@ -433,13 +428,17 @@ func TestMarkedButInUseKept(t *testing.T) {
 	if !slices.Contains(allKeys(t, store.Store), "networks/name-app/endpoints/ep1") || len(rel.list()) != 0 {
 		t.Fatalf("the endpoint a container holds was deleted: keys %v, released %v", allKeys(t, store.Store), rel.list())
 	}
-	dp2.mu.Lock()
-	_, veth := dp2.endpoints["ep1"]
-	dp2.mu.Unlock()
+	veth := dp2.hasEndpoint("ep1")
 	if !veth || !d2.AddressUsed(netip.MustParsePrefix("10.1.0.0/24"), netip.MustParseAddr("10.1.0.2")) {
 		t.Fatalf("the endpoint a container holds is not restored live: veth %v", veth)
 	}
+	noMarks(t, dir)
+}
+
+// noMarks fails the test if the pending directory dir holds anything.
+func noMarks(t *testing.T, dir string) {
+	t.Helper()
 	if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
-		t.Fatalf("mark left in %s: %v, %v", dir, ents, err)
+		t.Fatalf("marks left in %s: %v, %v", dir, ents, err)
 	}
 }
