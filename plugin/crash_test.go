@@ -167,10 +167,7 @@ func phasesFor(point string) []armPhase {
 }
 
 func TestCrash(t *testing.T) {
-	testenv.RequireRoot(t)
-	if _, err := exec.LookPath("nsenter"); err != nil {
-		testenv.Missing(t, "nsenter", "apt-get install util-linux")
-	}
+	requireNsenter(t)
 	points := findFaultPoints(t)
 	env := newCrashEnv(t)
 

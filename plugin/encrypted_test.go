@@ -4,7 +4,6 @@ import (
 	"encoding/base64"
 	"fmt"
 	"os"
-	"os/exec"
 	"regexp"
 	"strings"
 	"testing"
@@ -24,10 +23,7 @@ import (
 // refused with a clear error and leaves nothing in the store; the test
 // then reports the missing prerequisite.
 func TestProtocolEncrypted(t *testing.T) {
-	testenv.RequireRoot(t)
-	if _, err := exec.LookPath("nsenter"); err != nil {
-		testenv.Missing(t, "nsenter", "apt-get install util-linux")
-	}
+	requireNsenter(t)
 	hosts := testenv.NewUnderlay(t, 3, testenv.UnderlayOptions{})
 	consul := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()))
 	prefix := "co-enc-" + randomID()[:8] + "/"

@@ -39,6 +39,16 @@ var (
 	buildErr  error
 )
 
+// requireNsenter fails (under CI) or skips a protocol test that cannot
+// run here: it needs root, and nsenter to run commands in the test hosts.
+func requireNsenter(t *testing.T) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	if _, err := exec.LookPath("nsenter"); err != nil {
+		testenv.Missing(t, "nsenter", "apt-get install util-linux")
+	}
+}
+
 // pluginBinary builds the plugin once per test run.
 func pluginBinary(t *testing.T) string {
 	t.Helper()

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -57,14 +56,6 @@ func (p *pluginProc) stopWithin(t *testing.T, d time.Duration) {
 		t.Fatalf("plugin %s still running %s after SIGTERM", p.name, d)
 	}
 	t.Logf("plugin %s ended %s after SIGTERM", p.name, time.Since(start).Round(time.Millisecond))
-}
-
-func requireNsenter(t *testing.T) {
-	t.Helper()
-	testenv.RequireRoot(t)
-	if _, err := exec.LookPath("nsenter"); err != nil {
-		testenv.Missing(t, "nsenter", "apt-get install util-linux")
-	}
 }
 
 // TestInstanceSameDataDir: a second instance on a running one's DATA_DIR

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"strings"
 	"testing"
 
@@ -16,10 +15,7 @@ import (
 // state change is logged once at info under the documented keys (README,
 // "Logs"), naming the network by its name.
 func TestLogsJSON(t *testing.T) {
-	testenv.RequireRoot(t)
-	if _, err := exec.LookPath("nsenter"); err != nil {
-		testenv.Missing(t, "nsenter", "apt-get install util-linux")
-	}
+	requireNsenter(t)
 	hosts := testenv.NewUnderlay(t, 1, testenv.UnderlayOptions{})
 	consul := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()))
 	prefix := "co-test-" + randomID()[:8] + "/"

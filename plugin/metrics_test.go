@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -91,10 +90,7 @@ func sample(text, name string, labels ...string) (sum float64, found bool) {
 }
 
 func TestMetricsScrape(t *testing.T) {
-	testenv.RequireRoot(t)
-	if _, err := exec.LookPath("nsenter"); err != nil {
-		testenv.Missing(t, "nsenter", "apt-get install util-linux")
-	}
+	requireNsenter(t)
 	hosts := testenv.NewUnderlay(t, 2, testenv.UnderlayOptions{})
 	consul := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()))
 	prefix := "co-test-" + randomID()[:8] + "/"

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"os/exec"
 	"slices"
 	"strings"
 	"syscall"
@@ -23,10 +22,7 @@ type cluster struct {
 
 func newCluster(t *testing.T, n int) *cluster {
 	t.Helper()
-	testenv.RequireRoot(t)
-	if _, err := exec.LookPath("nsenter"); err != nil {
-		testenv.Missing(t, "nsenter", "apt-get install util-linux")
-	}
+	requireNsenter(t)
 	c := &cluster{prefix: "co-test-" + randomID()[:8] + "/"}
 	c.hosts = testenv.NewUnderlay(t, n, testenv.UnderlayOptions{})
 	// One Consul for the cluster, reachable over the underlay.

@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -26,10 +25,7 @@ import (
 // hosts: peers are programmed between them, and removing the network on
 // one leaves the other's containers and records alone.
 func TestProtocolSharedAgent(t *testing.T) {
-	testenv.RequireRoot(t)
-	if _, err := exec.LookPath("nsenter"); err != nil {
-		testenv.Missing(t, "nsenter", "apt-get install util-linux")
-	}
+	requireNsenter(t)
 	hosts := testenv.NewUnderlay(t, 2, testenv.UnderlayOptions{})
 	agent := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()))
 	prefix := "co-test-" + randomID()[:8] + "/"

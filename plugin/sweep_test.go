@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"net/netip"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -19,10 +18,7 @@ import (
 // and hands them out twice. An orphan of a subnet only the driver uses is
 // still freed (the sweep ran).
 func TestSweepLeavesOtherDriversAddresses(t *testing.T) {
-	testenv.RequireRoot(t)
-	if _, err := exec.LookPath("nsenter"); err != nil {
-		testenv.Missing(t, "nsenter", "apt-get install util-linux")
-	}
+	requireNsenter(t)
 	hosts := testenv.NewUnderlay(t, 1, testenv.UnderlayOptions{})
 	p := startPluginEnv(t, "host0", hosts[0], "", "", "IPAM_GRACE=1s")
 
