@@ -173,26 +173,27 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 	swMTU, _ := mtuOf(ctx, sa.ns, sa.ip)
 	coMTU, _ := mtuOf(ctx, ca.ns, ca.ip)
 	// Where the gap to Docker's overlay comes from: the same hand-built
-	// VXLAN twice on the lab's hosts, its bridge in the host's namespace
-	// (consul-overlay's layout, let through dockerd's FORWARD policy by
-	// one rule as consul-overlay's firewall does) and in a namespace of
-	// its own (Docker's overlay's layout).
+	// VXLAN three times on the lab's hosts. Its bridge in the host's
+	// namespace (consul-overlay's layout, let through dockerd's FORWARD
+	// policy by one rule as consul-overlay's firewall does), in a
+	// namespace of its own (Docker's overlay's layout), and in the host's
+	// namespace again with what Docker puts in every container's namespace
+	// on a user-defined network: the NAT rules of its embedded DNS server,
+	// which turn conntrack on there for all the container's traffic (both
+	// overlays' containers carry them).
 	labHosts := [2]*testenv.Host{{NS: hostA, Addr: netip.MustParseAddr(a)}, {NS: hostB, Addr: netip.MustParseAddr(b)}}
-	hhCtr, hhAddr := buildHand(t, labHosts, coMTU, handLayout{vni: handVNI + 1, net: 1, suffix: "1"})
-	if err := acceptBridged(ctx, "-I", "hvbr1", hostA, hostB); err != nil {
-		t.Fatal(err)
+	inHostNS := func(net byte) ([2]*testenv.NetNS, [2]netip.Addr) {
+		suffix := fmt.Sprint(net)
+		ctr, addr := buildHand(t, labHosts, coMTU, handLayout{vni: handVNI + int(net), net: net, suffix: suffix})
+		if err := acceptBridged(ctx, "-I", "hvbr"+suffix, hostA, hostB); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = acceptBridged(context.Background(), "-D", "hvbr"+suffix, hostA, hostB) })
+		return ctr, addr
 	}
-	t.Cleanup(func() { _ = acceptBridged(context.Background(), "-D", "hvbr1", hostA, hostB) })
+	hhCtr, hhAddr := inHostNS(1)
 	hsCtr, hsAddr := buildHand(t, labHosts, coMTU, handLayout{vni: handVNI + 2, net: 2, suffix: "2", sandbox: true})
-	// And the first layout again with what Docker puts in every
-	// container's namespace on a user-defined network: the NAT rules of
-	// its embedded DNS server, which turn conntrack on there for all the
-	// container's traffic (both overlays' containers carry them).
-	hnCtr, hnAddr := buildHand(t, labHosts, coMTU, handLayout{vni: handVNI + 3, net: 3, suffix: "3"})
-	if err := acceptBridged(ctx, "-I", "hvbr3", hostA, hostB); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = acceptBridged(context.Background(), "-D", "hvbr3", hostA, hostB) })
+	hnCtr, hnAddr := inHostNS(3)
 	for _, c := range hnCtr {
 		if err := dockerDNSNAT(ctx, c); err != nil {
 			t.Fatal(err)
@@ -243,7 +244,7 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 		"-i vxbr+ -j NOTRACK` (and ip6tables) on both hosts during its rounds only, so that bridged overlay frames skip "+
 		"conntrack (they still cross the FORWARD chain through br_netfilter).\n\n", paths[3].name)
 	againstTable(sec, paths, rows, paths[3], paths[1], paths[2])
-	fmt.Fprintf(sec, "\nThe two hand-built paths are one VXLAN built with iproute2 (buildHand) twice, the same device settings "+
+	fmt.Fprintf(sec, "\nThe hand-built paths are one VXLAN built with iproute2 (buildHand), the same device settings "+
 		"and MTU as consul-overlay's: once with each host's bridge in the host's namespace, where dockerd's rules and "+
 		"conntrack see bridged frames (one `-I FORWARD -i hvbr1 -m physdev --physdev-is-bridged -j ACCEPT` lets them through, "+
 		"as consul-overlay's firewall does), and once with the bridge in a namespace of its own, the VXLAN device made in "+
