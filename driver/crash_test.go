@@ -234,7 +234,8 @@ func TestPhantomNetwork(t *testing.T) {
 // TestUnprovenViewKeepsKernel: a store that shows nothing of this host
 // (another prefix here) while the kernel holds an overlay: nothing is
 // removed, calls fail with what to check, and the driver becomes ready
-// once the store proves the view.
+// once the store proves the view. The overlay goes only once no container
+// uses it.
 func TestUnprovenViewKeepsKernel(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "s.db")
 	dp := newFake()
@@ -269,9 +270,18 @@ func TestUnprovenViewKeepsKernel(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("not ready after the view was proven")
 	}
-	// Proven and empty: the stray overlay goes.
+	// Proven and empty, but a container holds an endpoint the view does
+	// not list: still kept. Once no container does, a restart removes it.
+	if n, _ := dp.counts(); n != 1 {
+		t.Fatal("the running overlay was removed on a proven view that misses its endpoint")
+	}
+	d2.Close()
+	dp.mu.Lock()
+	dp.inUse = nil
+	dp.mu.Unlock()
+	newTestDriver(t, other, "a", "192.0.2.1", dp)
 	if n, _ := dp.counts(); n != 0 {
-		t.Fatal("stray overlay kept on a proven view")
+		t.Fatal("stray overlay kept on a proven view once no container uses it")
 	}
 }
 

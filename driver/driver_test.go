@@ -115,16 +115,19 @@ func (f *fakeDataplane) Reconcile(_ context.Context, s vxlan.State) (vxlan.Chang
 		f.networks[n.VNI] = n
 		want[n.VNI] = true
 	}
+	// KeepStrays: what is listed is ensured, nothing is removed.
 	for vni := range f.networks {
-		if !want[vni] {
+		if !want[vni] && !s.KeepStrays {
 			delete(f.networks, vni)
 		}
 	}
-	f.endpoints = map[string]vxlan.Endpoint{}
+	if !s.KeepStrays {
+		f.endpoints = map[string]vxlan.Endpoint{}
+		f.peers = map[string]vxlan.Peer{}
+	}
 	for _, ep := range s.Endpoints {
 		f.endpoints[ep.ID] = ep
 	}
-	f.peers = map[string]vxlan.Peer{}
 	for _, p := range s.Peers {
 		f.peers[peerID(p)] = p
 	}

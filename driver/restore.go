@@ -213,6 +213,22 @@ func (d *Driver) restore(ctx context.Context) error {
 		}
 	}
 	var state vxlan.State
+	// A proven view still misses what the store lost (an eviction whose
+	// re-assertion failed part way, a network created while a reap was
+	// stopping, a restored snapshot): a container holding an endpoint the
+	// view does not list would lose its network to the reconcile. Then
+	// nothing is removed this time, and the error names the endpoints.
+	if v.Proven && !partial {
+		unknown, err := d.unrecordedInUse(live)
+		if err != nil {
+			return err
+		}
+		if len(unknown) > 0 {
+			state.KeepStrays = true
+			d.log.Error("containers use endpoints of this host that the store has no record of (lost in an eviction, or a store restored from an older snapshot): keeping every overlay and endpoint in the kernel; other hosts do not reach these containers and their addresses are not held: remove and recreate them",
+				"host", d.cfg.HostID, "endpoints", unknown)
+		}
+	}
 	for _, n := range v.Networks {
 		state.Networks = append(state.Networks, kernelNetwork(n))
 		state.Peers = append(state.Peers, vxlanPeers(n.VNI, v.Peers[n.Key])...)
@@ -261,6 +277,27 @@ func (d *Driver) restore(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// unrecordedInUse lists the endpoints (first 10 characters of their IDs,
+// as the kernel names them) whose interface a container holds but that
+// are not among live.
+func (d *Driver) unrecordedInUse(live []cluster.Endpoint) ([]string, error) {
+	inUse, err := d.dp.EndpointsInUse()
+	if err != nil {
+		return nil, fmt.Errorf("list endpoints in use in the kernel: %w", err)
+	}
+	known := make(map[string]bool, len(live))
+	for _, ep := range live {
+		known[vxlan.EndpointKey(ep.ID)] = true
+	}
+	var unknown []string
+	for _, k := range inUse {
+		if !known[k] {
+			unknown = append(unknown, k)
+		}
+	}
+	return unknown, nil
 }
 
 // restoreJoins gives the restored endpoint records what Join learned

@@ -358,23 +358,43 @@ func (m *Manager) EndpointInUse(id string) (bool, error) {
 	if host == nil || host.Type() != "veth" {
 		return false, nil
 	}
+	var lookupErr error
+	away := peerAway(host, endpointKey(id), func(index int) (string, bool, error) {
+		l, err := retryDump(func() (netlink.Link, error) { return m.nl.LinkByIndex(index) })
+		if isNotFound(err) {
+			return "", false, nil
+		}
+		if err != nil {
+			lookupErr = fmt.Errorf("endpoint in use %s: get peer link %d: %w", endpointKey(id), index, err)
+			return "", false, lookupErr
+		}
+		return l.Attrs().Name, true, nil
+	})
+	if lookupErr != nil {
+		return false, lookupErr
+	}
+	return away, nil
+}
+
+// peerAway reports whether the container end of veth host (endpoint key
+// key) has left the namespace. lookup finds a link of the namespace by
+// index: its name, whether it exists, and an error when the kernel did not
+// say (then false).
+func peerAway(host netlink.Link, key string, lookup func(index int) (string, bool, error)) bool {
 	// IFLA_LINK_NETNSID: the kernel reports the peer's namespace only when
 	// it is not ours.
 	if host.Attrs().NetNsID >= 0 {
-		return true, nil
+		return true
 	}
 	// No namespace id (an older kernel, or no id assigned): the peer is
 	// away if no link of this namespace has its index.
 	peer := host.Attrs().ParentIndex
 	if peer == 0 {
-		return false, nil
+		return false
 	}
-	l, err := retryDump(func() (netlink.Link, error) { return m.nl.LinkByIndex(peer) })
-	if isNotFound(err) {
-		return true, nil
-	}
+	name, found, err := lookup(peer)
 	if err != nil {
-		return false, fmt.Errorf("endpoint in use %s: get peer link %d: %w", endpointKey(id), peer, err)
+		return false
 	}
-	return l.Attrs().Name != ContainerIfName(id), nil
+	return !found || name != contPrefix+key
 }

@@ -115,6 +115,10 @@ func HostIfName(endpointID string) string { return hostPrefix + endpointKey(endp
 // it into the container and renames it: vxc-<first 10 characters of the ID>.
 func ContainerIfName(endpointID string) string { return contPrefix + endpointKey(endpointID) }
 
+// EndpointKey is the part of an endpoint ID that names its links, as
+// EndpointsInUse lists it.
+func EndpointKey(id string) string { return endpointKey(id) }
+
 // endpointKey is the part of an endpoint ID that names its links. Two IDs
 // sharing their first 10 characters would share links; Docker's 64-hex IDs
 // make that a 1 in 2^40 event per pair on one host.

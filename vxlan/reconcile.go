@@ -291,8 +291,10 @@ func (m *Manager) OwnedNetworks() ([]uint32, error) {
 // EndpointsInUse lists the endpoint keys (the first 10 characters of the
 // endpoint IDs) of the veth pairs in this namespace whose container end
 // has left it: a running container uses each (see EndpointInUse). Before
-// removing overlays the store no longer shows, the driver asks whether
-// any container would lose its network.
+// removing overlays or endpoints the store does not show, the driver asks
+// whether any container would lose its network. Links of another owner
+// are left out: they are never ours to remove. One dump of the
+// namespace's links answers for all of them.
 //
 // Equivalent to: `ip -d link show` listing the vxh-* links whose peer is
 // in another namespace ("link-netnsid").
@@ -303,17 +305,20 @@ func (m *Manager) EndpointsInUse() ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("endpoints in use: %w", err)
 	}
+	names := make(map[int]string, len(links))
+	for _, l := range links {
+		names[l.Attrs().Index] = l.Attrs().Name
+	}
 	var keys []string
 	for _, l := range links {
 		key, ok := strings.CutPrefix(l.Attrs().Name, hostPrefix)
-		if !ok || l.Type() != "veth" {
+		if !ok || l.Type() != "veth" || m.foreign(l) != nil {
 			continue
 		}
-		inUse, err := m.EndpointInUse(key)
-		if err != nil {
-			return nil, err
-		}
-		if inUse {
+		if peerAway(l, key, func(index int) (string, bool, error) {
+			name, ok := names[index]
+			return name, ok, nil
+		}) {
 			keys = append(keys, key)
 		}
 	}
