@@ -401,6 +401,53 @@ func TestAddressUsedOnceReady(t *testing.T) {
 	}
 }
 
+// TestAddressInContainer: IPAM grants an address again to a request that
+// names its record's endpoint only if no running container holds it. The
+// driver says so from its endpoints and the kernel: an endpoint's address
+// is in a container while the kernel says its interface is; still
+// restoring, it cannot tell and answers yes.
+func TestAddressInContainer(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.db")
+	store := &outageStore{Store: openStore(t, path)}
+	cfg := Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true}
+	d1 := newHostDriver(t, store, "a", "a", "192.0.2.1", newFake())
+	if err := d1.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d1.CreateEndpoint(epReq("net-a", "ep1", "10.1.0.2/24")); err != nil {
+		t.Fatal(err)
+	}
+	d1.Close()
+
+	store.down.Store(true)
+	dp := newFake()
+	d2, err := New(cfg, store, dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2.Start()
+	t.Cleanup(func() { d2.Close() })
+	subnet := netip.MustParsePrefix("10.1.0.0/24")
+	held, free := netip.MustParseAddr("10.1.0.2"), netip.MustParseAddr("10.1.0.7")
+	if !d2.AddressInContainer(subnet, free, 50*time.Millisecond) {
+		t.Fatal("a driver still restoring said no container holds an address")
+	}
+	store.down.Store(false)
+	<-d2.Ready()
+	if d2.AddressInContainer(subnet, held, time.Second) {
+		t.Error("an endpoint whose interface no container holds (its container gone) counts as in a container")
+	}
+	dp.mu.Lock()
+	dp.inUse = map[string]bool{"ep1": true}
+	dp.mu.Unlock()
+	if !d2.AddressInContainer(subnet, held, time.Second) {
+		t.Error("the address of an endpoint whose interface a container holds is not in a container")
+	}
+	if d2.AddressInContainer(subnet, free, time.Second) {
+		t.Error("an address no endpoint holds is in a container")
+	}
+}
+
 // TestMarkedButInUseKept: a mark to delete an endpoint whose interface a
 // container holds (the kernel has the last word) does not take it away at
 // the next start: the endpoint is restored live, its record and veth

@@ -212,6 +212,49 @@ func (d *Driver) AddressUsedOnceReady(subnet netip.Prefix, a netip.Addr, wait ti
 	return true
 }
 
+// AddressInContainer tells whether a running container of this host holds
+// address a of the subnet: an endpoint of this host has it and the kernel
+// says a container holds the endpoint's interface. IPAM asks it before it
+// grants an address again to a request that names the endpoint its record
+// was granted to: Docker's retry, or a container started again under its
+// name, whose earlier endpoint's interface went with its old container;
+// but `docker rename` renames a running container's endpoint without
+// telling IPAM, and a new container under the old name must not get the
+// renamed one's address. When it cannot tell (still restoring after wait,
+// or the kernel did not answer) it answers true: the request fails,
+// naming the holder, and nothing is handed out twice.
+func (d *Driver) AddressInContainer(subnet netip.Prefix, a netip.Addr, wait time.Duration) bool {
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-d.ready:
+	case <-t.C:
+		d.log.Warn("address asked for again while the driver is still restoring its state: refused, as a running container may hold it", "subnet", subnet, "address", a)
+		return true
+	case <-d.ctx.Done():
+		return true
+	}
+	var ids []string
+	d.mu.Lock()
+	for id, ep := range d.endpoints {
+		if holds(ep.rec, subnet, a) {
+			ids = append(ids, id)
+		}
+	}
+	d.mu.Unlock()
+	for _, id := range ids {
+		inUse, err := d.dp.EndpointInUse(id)
+		if err != nil {
+			d.log.Warn("address asked for again: the kernel did not say whether a container holds its endpoint; refused", "endpoint", short(id), "address", a, "error", err)
+			return true
+		}
+		if inUse {
+			return true
+		}
+	}
+	return false
+}
+
 // AddressMayBeUsed answers IPAM's sweep: false only when this host knows
 // that no endpoint uses a (the driver has restored its state, one of its
 // networks uses the subnet, and none of its endpoints holds a). An address

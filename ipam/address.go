@@ -307,6 +307,9 @@ func (d *Driver) allocStatic(ctx context.Context, op string, ref poolRef, st poo
 			if rec.Kind != kindEndpoint || rec.Node != d.cfg.Node || !id.matches(rec) || rec.tombstone() {
 				return netip.Addr{}, fmt.Errorf("%s: held by %s: %w", op, rec.holderNames(), ErrAddressInUse)
 			}
+			if d.cfg.InContainer != nil && d.cfg.InContainer(ref.id(), a) {
+				return netip.Addr{}, fmt.Errorf("%s: held by %s, and a running container of this host has it (renamed since?): %w", op, rec.holderNames(), ErrAddressInUse)
+			}
 			// The same endpoint asking again: Docker's retry, or the
 			// container started again under its name while the driver
 			// still has its earlier endpoint (gone with a plugin that was

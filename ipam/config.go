@@ -120,6 +120,15 @@ type Config struct {
 	// as Docker sent it; ParsePoolID splits it. Zero: every release is
 	// honoured.
 	InUse func(poolID string, a netip.Addr) bool
+	// InContainer, if set, reports whether a running container of this
+	// host holds address a of pool poolID now (the network driver asks the
+	// kernel), true when that cannot be told. A request for an explicit
+	// address that names the endpoint the address was granted to (Docker's
+	// retry, or the container started again under its name) gets it again
+	// only while no container holds it: `docker rename` renames a running
+	// container's endpoint without telling IPAM, so a new container under
+	// the old name is another endpoint (ErrAddressInUse). nil: not asked.
+	InContainer func(poolID string, a netip.Addr) bool
 	// Logger receives debug lines for each store write. Zero: slog.Default().
 	Logger *slog.Logger
 }

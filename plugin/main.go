@@ -334,6 +334,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 			_, subnet, _, err := ipam.ParsePoolID(poolID)
 			return err == nil && drv != nil && drv.AddressUsedOnceReady(subnet, a, releaseWaitsForRestore)
 		},
+		InContainer: func(poolID string, a netip.Addr) bool {
+			_, subnet, _, err := ipam.ParsePoolID(poolID)
+			return err != nil || drv == nil || drv.AddressInContainer(subnet, a, releaseWaitsForRestore)
+		},
 		DefaultPoolV4:     cfg.PoolV4,
 		DefaultPoolV4Size: cfg.PoolV4Size,
 		DefaultPoolV6:     cfg.PoolV6,

@@ -236,6 +236,49 @@ func TestDockerManagedPlugin(t *testing.T) {
 		}
 	})
 
+	t.Run("renamed container keeps its address", func(t *testing.T) {
+		// docker rename renames a running container's endpoint without
+		// telling IPAM. A new container under the old name with the same
+		// --ip is another endpoint: it must not get the address the
+		// renamed one still runs with. (Engines 29 and later send the
+		// container's name with the address request, which IPAM took for
+		// the same endpoint asking again; earlier ones send no name.)
+		c3, c3old, c4 := netName+"-c3", netName+"-c3-old", netName+"-c4"
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			Docker(ctx, "rm", "-f", c3, c3old, c4)
+		})
+		ip3 := netip.AddrFrom4([4]byte{10, 123, byte(third), 200})
+		if _, err := Docker(ctx, "run", "-d", "--name", c3, "--network", netName, "--ip", ip3.String(),
+			BusyboxImage, "sleep", "3600"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Docker(ctx, "rename", c3, c3old); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := Docker(ctx, "run", "-d", "--name", c3, "--network", netName, "--ip", ip3.String(),
+			BusyboxImage, "sleep", "3600"); err == nil {
+			t.Fatalf("a second container got %s, which the renamed %s still runs with: %s", ip3, c3old, out)
+		} else if !strings.Contains(err.Error(), ip3.String()) {
+			t.Errorf("the refusal does not name the address %s: %v", ip3, err)
+		}
+		if err := ping(ctx, c1, ip3.String()); err != nil {
+			t.Errorf("the renamed container is not reachable at %s: %v", ip3, err)
+		}
+		// Once it is gone, the address is free again.
+		if _, err := Docker(ctx, "rm", "-f", c3, c3old); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Docker(ctx, "run", "-d", "--name", c4, "--network", netName, "--ip", ip3.String(),
+			BusyboxImage, "sleep", "3600"); err != nil {
+			t.Errorf("%s not handed out again once the container that had it is removed: %v", ip3, err)
+		}
+		if _, err := Docker(ctx, "rm", "-f", c4); err != nil {
+			t.Error(err)
+		}
+	})
+
 	// Teardown, checked: containers and network first, then the plugin.
 	if _, err := Docker(ctx, "rm", "-f", c1, c2); err != nil {
 		t.Error(err)
