@@ -34,8 +34,13 @@ type Driver struct {
 	// here.
 	started time.Time
 
-	mu    sync.Mutex            // guards cache
+	mu    sync.Mutex            // guards cache and surplus
 	cache map[string]cachedPool // by pool ID
+	// surplus holds, by pool ID, the index of the pool record at the
+	// sweep that last found this host holding the pool more often than
+	// its networks use it (SweepPools: dropped only when the next sweep
+	// finds the same record).
+	surplus map[string]uint64
 }
 
 // New returns a Driver for the host cfg.Node that keeps its pools and

@@ -259,6 +259,27 @@ func (d *Driver) NodeHolds(ctx context.Context) (map[netip.Prefix]int, error) {
 	return out, nil
 }
 
+// surplusSeen records that a sweep found pool id held in surplus with its
+// record at index (0: not in surplus) and reports whether the previous
+// sweep found the same.
+func (d *Driver) surplusSeen(id string, index uint64) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if index == 0 {
+		delete(d.surplus, id)
+		return false
+	}
+	if d.surplus[id] == index {
+		delete(d.surplus, id)
+		return true
+	}
+	if d.surplus == nil {
+		d.surplus = map[string]uint64{}
+	}
+	d.surplus[id] = index
+	return false
+}
+
 // SweepPools drops this host's pool holds that no network uses: holds
 // taken by a RequestPool whose answer never reached Docker (a crash after
 // the commit; Docker's retry takes another hold), and holds whose
@@ -274,8 +295,12 @@ func (d *Driver) NodeHolds(ctx context.Context) (map[netip.Prefix]int, error) {
 // networks using this IPAM. A node's holds are compared only once its last
 // hold is older than the grace period, so a network whose RequestPool has
 // been answered but which Docker has not finished creating is never taken
-// for a leak. Surplus holds are dropped by compare-and-set; a pool left
-// with no holder is removed as ReleasePool would. dropped counts the
+// for a leak. A surplus is dropped only when a second sweep finds it with
+// the pool record unchanged: Docker stops listing a network it deletes
+// before it sends that network's ReleasePool, so a surplus seen once may
+// be a hold on its way out, whose ReleasePool would then take a live
+// network's hold. Surplus holds are dropped by compare-and-set; a pool
+// left with no holder is removed as ReleasePool would. dropped counts the
 // holds dropped. Call it with Sweep.
 func (d *Driver) SweepPools(ctx context.Context, uses func(poolID string) (n int, known bool)) (dropped int, err error) {
 	err = d.eachPool(ctx, "sweep pools", func(ref poolRef) error {
@@ -297,6 +322,7 @@ func (d *Driver) sweepHolds(ctx context.Context, ref poolRef, uses func(string) 
 	}
 	n := rec.Holders[d.cfg.Node]
 	if n == 0 || rec.SubPool != ref.subPool {
+		d.surplusSeen(ref.id(), 0)
 		return 0, nil
 	}
 	at, ok := rec.HeldAt[d.cfg.Node]
@@ -304,10 +330,20 @@ func (d *Driver) sweepHolds(ctx context.Context, ref poolRef, uses func(string) 
 		at = d.started
 	}
 	if d.now().Sub(at) < d.cfg.Grace {
+		d.surplusSeen(ref.id(), 0)
 		return 0, nil
 	}
 	u, known := uses(ref.id())
 	if !known || u >= n {
+		d.surplusSeen(ref.id(), 0)
+		return 0, nil
+	}
+	// Docker lists no network it is deleting, and sends the network's
+	// ReleasePool after that: a surplus seen once may be a hold on its
+	// way out. Dropped only if the next sweep finds the pool record
+	// unchanged, which that ReleasePool would have changed.
+	if !d.surplusSeen(ref.id(), pair.ModifyIndex) {
+		d.log.Debug("pool held more often than networks use it; dropped at the next sweep if nothing changes", "pool", ref.id(), "held", n, "used", u)
 		return 0, nil
 	}
 	if u <= 0 {
