@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"strings"
@@ -151,13 +152,17 @@ type Driver struct {
 	// held across a watch. Lock order: opMu before mu.
 	opMu sync.Mutex
 
-	// mu guards networks, logicals, endpoints, restoreErr and the ids of
-	// each logical. Never held across store or netlink I/O.
+	// mu guards networks, logicals, endpoints, leaves, restoreErr and the
+	// ids of each logical. Never held across store or netlink I/O.
 	mu         sync.Mutex
 	networks   map[string]*logical // by Docker NetworkID
 	logicals   map[string]*logical // by logical key
 	endpoints  map[string]*localEndpoint
 	restoreErr error // why the last restore failed, for callers
+	// leaves are the memberships that failed CreateNetworks may have left
+	// in the store, by Docker NetworkID, with their logical key: catchUp
+	// removes them once the store answers (undoJoin).
+	leaves map[string]string
 
 	// allowMu guards the underlay allowlist's bookkeeping: the peer VTEPs
 	// of each logical network, the union last applied, and whether the
@@ -250,6 +255,7 @@ func New(cfg Config, store kvstore.Store, dp Dataplane) (*Driver, error) {
 		networks:  map[string]*logical{},
 		logicals:  map[string]*logical{},
 		endpoints: map[string]*localEndpoint{},
+		leaves:    map[string]string{},
 		allowed:   map[string]map[netip.Addr]bool{},
 		bg:        newBackground(),
 		pend:      pending{dir: cfg.PendingDir},
@@ -390,13 +396,24 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 		}
 		return fmt.Errorf("%s: already exists as logical network %s", op, l.rec.Label())
 	}
+	d.mu.Lock()
+	delete(d.leaves, req.NetworkID) // asked again: this call decides
+	d.mu.Unlock()
 
 	rec, err := d.cl.Join(ctx, key, req.NetworkID, cluster.NetworkSpec{
 		Name: opts.name, VNI: opts.vni, MTU: opts.mtu, Internal: opts.internal,
 		Subnets: opts.subnets, Gateways: opts.gateways, Spaces: opts.spaces, Options: opts.generic,
 	})
 	if err != nil {
-		return fmt.Errorf("%s: %w", op, err)
+		err = fmt.Errorf("%s: %w", op, err)
+		if outcomeUnknown(err) {
+			// The store may have applied the membership without the
+			// answer reaching us. Docker stores no network for a failed
+			// create and never deletes it: the membership, and with a
+			// new network its VNI and subnets, would stay taken.
+			err = errors.Join(err, d.undoJoin(ctx, key, req.NetworkID))
+		}
+		return err
 	}
 	defer func() {
 		if retErr != nil {
@@ -417,6 +434,51 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 	d.bind(req.NetworkID, rec, time.Now())
 	d.log.Info("network created", netAttrs(rec, req.NetworkID, "subnets", rec.Subnets, "host", d.cfg.HostID)...)
 	return nil
+}
+
+// undoJoin removes Docker network id from logical network key after a
+// CreateNetwork whose membership write may have been applied unanswered.
+// If the store does not answer, catchUp retries it. Caller holds d.opMu.
+func (d *Driver) undoJoin(ctx context.Context, key, id string) error {
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
+	defer cancel()
+	err := d.cl.Leave(uctx, key, id)
+	if err == nil {
+		return nil
+	}
+	d.mu.Lock()
+	d.leaves[id] = key
+	d.mu.Unlock()
+	d.log.Warn("membership of a failed network create not removed yet; removed when the store answers",
+		"network", key, "network_id", short(id), "error", err)
+	return fmt.Errorf("undo: leave logical network %q (retried when the store answers): %w", key, err)
+}
+
+// finishLeaves retries the undoJoins the store did not answer (catchUp). A
+// network Docker created under the ID since is left alone.
+func (d *Driver) finishLeaves(ctx context.Context) {
+	d.mu.Lock()
+	n := len(d.leaves)
+	d.mu.Unlock()
+	if n == 0 {
+		return
+	}
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	d.mu.Lock()
+	leaves := maps.Clone(d.leaves)
+	d.mu.Unlock()
+	for id, key := range leaves {
+		if d.network(id) == nil {
+			if err := d.cl.Leave(ctx, key, id); err != nil {
+				continue
+			}
+			d.log.Info("membership of a failed network create removed", "network", key, "network_id", short(id))
+		}
+		d.mu.Lock()
+		delete(d.leaves, id)
+		d.mu.Unlock()
+	}
 }
 
 // kernelNetwork is the data-plane description of a logical network.
@@ -819,8 +881,9 @@ var catchUpInterval = 2 * time.Second
 
 // catchUp removes, once the store answers again, the records and addresses
 // of endpoints that DeleteEndpoint removed from this host while it did
-// not, and of those a restart found to delete (pending.go) (the driver's
-// own goroutine, started by Start; stops with Close).
+// not, and of those a restart found to delete (pending.go), and the
+// memberships failed network creates may have left (undoJoin) (the
+// driver's own goroutine, started by Start; stops with Close).
 func (d *Driver) catchUp(ctx context.Context) {
 	t := time.NewTicker(catchUpInterval)
 	defer t.Stop()
@@ -830,6 +893,7 @@ func (d *Driver) catchUp(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		d.finishLeaves(ctx)
 		var ids []string
 		d.mu.Lock()
 		for id, ep := range d.endpoints {
