@@ -174,6 +174,9 @@ func (d *Driver) ReassertPool(ctx context.Context, space string, subnet netip.Pr
 	if err != nil {
 		return "", err
 	}
+	if !subnet.IsValid() {
+		return "", fmt.Errorf("take pool again: no subnet: %w", ErrInvalidRequest)
+	}
 	subnet = subnet.Masked()
 	op := fmt.Sprintf("take pool %s again", subnet)
 	idx, _, err := d.readIndex(ctx, indexKey(space, subnet.Addr().Is6()))
@@ -221,6 +224,10 @@ func (d *Driver) ReassertAddress(ctx context.Context, poolID string, a netip.Add
 	ref, err := parsePoolID(poolID)
 	if err != nil {
 		return err
+	}
+	if !a.IsValid() {
+		// AllocateAddress would hand out any free address instead.
+		return fmt.Errorf("take an address of pool %s again: no address: %w", poolID, ErrInvalidRequest)
 	}
 	_, rec, err := d.getAddr(ctx, ref, a)
 	switch {

@@ -2,6 +2,7 @@ package ipam
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"sync"
 	"testing"
@@ -112,4 +113,20 @@ func scenarioEvictNodeLastHolder(t *testing.T, c *cluster) {
 		t.Errorf("evicted %+v", ev)
 	}
 	c.empty()
+}
+
+// Reassert calls without an address or subnet are refused: AllocateAddress
+// and RequestPool would hand out any free one instead.
+func TestReassertRefusesZero(t *testing.T) {
+	d, err := New(Config{Node: "h1", Logger: testLogger()}, newMemStore())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := mustPool(t, d, "10.9.0.0/24", "", false).PoolID
+	if err := d.ReassertAddress(t.Context(), p, netip.Addr{}, ""); !errors.Is(err, ErrInvalidRequest) {
+		t.Errorf("ReassertAddress without an address: %v, want ErrInvalidRequest", err)
+	}
+	if id, err := d.ReassertPool(t.Context(), LocalAddressSpace, netip.Prefix{}, netip.Addr{}); !errors.Is(err, ErrInvalidRequest) {
+		t.Errorf("ReassertPool without a subnet: %q, %v, want ErrInvalidRequest", id, err)
+	}
 }
