@@ -470,7 +470,11 @@ func (d *Driver) finishLeaves(ctx context.Context) {
 	d.mu.Unlock()
 	for id, key := range leaves {
 		if d.network(id) == nil {
-			if err := d.cl.Leave(ctx, key, id); err != nil {
+			// Bounded: network calls wait for opMu meanwhile.
+			lctx, cancel := context.WithTimeout(ctx, undoTimeout)
+			err := d.cl.Leave(lctx, key, id)
+			cancel()
+			if err != nil {
 				continue
 			}
 			d.log.Info("membership of a failed network create removed", "network", key, "network_id", short(id))
