@@ -325,6 +325,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	// How long Docker's ReleaseAddress waits for the driver's restore to
 	// tell whether an endpoint holds the address (see AddressUsedOnceReady).
 	const releaseWaitsForRestore = 5 * time.Second
+	if cfg.IPAMGrace < time.Minute {
+		// The sweep takes an unused address older than the grace for a
+		// crash's orphan: Docker's RequestAddress comes before its
+		// CreateEndpoint, and a slow store can stretch that gap.
+		log.Warn("IPAM_GRACE below a minute: an address may be freed between Docker's address request and its endpoint's creation, and handed out twice; meant for tests", "ipam_grace", cfg.IPAMGrace)
+	}
 	// ipam's Node is the owner recorded on allocations: the unique host
 	// identity, never the human node name that hosts may share.
 	ip, err := ipam.New(ipam.Config{
