@@ -423,8 +423,9 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 		}
 	}()
 	d.point("createnetwork/after-membership")
-	if enc := encryptedNetwork(rec.Options); enc != opts.encrypted {
-		return fmt.Errorf("%s: logical network %s exists with encrypted=%t, the request asks for encrypted=%t: %w", op, rec.Label(), enc, opts.encrypted, cluster.ErrIncompatible)
+	if diff := differingSettings(rec, opts); len(diff) > 0 {
+		return fmt.Errorf("%s: logical network %s exists with other settings (%s): create it with the same options, or another -o name: %w",
+			op, rec.Label(), strings.Join(diff, "; "), cluster.ErrIncompatible)
 	}
 
 	if _, err := d.dp.EnsureNetwork(ctx, kernelNetwork(rec)); err != nil {

@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"github.com/docker/go-plugins-helpers/network"
+
+	"consul-overlay/cluster"
 )
 
 // Option keys Docker puts in CreateNetwork's Options map.
@@ -181,6 +183,40 @@ func parseEncrypted(v string) (bool, error) {
 		return false, fmt.Errorf("option encrypted=%q: want true or false", v)
 	}
 	return b, nil
+}
+
+// differingSettings lists the settings of a CreateNetwork (o) that differ
+// from the logical network rec it joins:
+// every host of a logical network programs its bridge and registers its
+// containers from the one record, so a host that asked for another
+// (--internal, consul_api, register, service_prefix, encrypted) would get
+// the first host's silently, for example the Consul API reachable from
+// containers of a network that did not ask for it. Each difference reads
+// "setting=recorded, this request asked".
+func differingSettings(rec cluster.Network, o *networkOptions) []string {
+	var out []string
+	differs := func(name string, recorded, asked any) {
+		if recorded != asked {
+			out = append(out, fmt.Sprintf("%s=%v, this request %v", name, recorded, asked))
+		}
+	}
+	boolOpt := func(m map[string]string, k string, def bool) bool {
+		v, ok := m[k]
+		if !ok {
+			return def
+		}
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return def
+		}
+		return b
+	}
+	differs("internal", rec.Internal, o.internal)
+	differs("encrypted", encryptedNetwork(rec.Options), o.encrypted)
+	differs(optConsulAPI, boolOpt(rec.Options, optConsulAPI, false), boolOpt(o.generic, optConsulAPI, false))
+	differs(optRegister, boolOpt(rec.Options, optRegister, true), boolOpt(o.generic, optRegister, true))
+	differs(optServicePrefix, fmt.Sprintf("%q", rec.Options[optServicePrefix]), fmt.Sprintf("%q", o.generic[optServicePrefix]))
+	return out
 }
 
 // encryptedNetwork reports whether a logical network's record asks for
