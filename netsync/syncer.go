@@ -64,13 +64,16 @@ type Syncer struct {
 	driver string // resolved driver name ("" until known)
 
 	// State of the run loop; touched only by Run's goroutine.
-	specs        map[string]cluster.SpecPair
-	haveSpecs    bool
-	known        map[string]string    // name → ID of a cluster-wide network seen here
-	matched      map[string]string    // network ID → incarnation it matched
-	own          map[string]bool      // IDs this syncer created
-	removing     map[string]bool      // IDs this syncer removed (their destroy is ours)
-	retiredSeen  map[string]bool      // incarnations seen or made retired
+	specs       map[string]cluster.SpecPair
+	haveSpecs   bool
+	known       map[string]string // name → ID of a cluster-wide network seen here
+	matched     map[string]string // network ID → incarnation it matched
+	own         map[string]bool   // IDs this syncer created
+	removing    map[string]bool   // IDs this syncer removed (their destroy is ours)
+	retiredSeen map[string]bool   // incarnations seen or made retired
+	// toRetire: name → incarnation a user removed here whose retirement
+	// the store did not take yet; each pass tries again.
+	toRetire     map[string]string
 	missingSince map[string]time.Time // name → when a known network was first missed
 	reported     map[string]string    // dedup key → last message logged once
 
@@ -117,7 +120,7 @@ func New(cfg Config, store kvstore.Store, engine Engine) (*Syncer, error) {
 	return &Syncer{
 		cfg: cfg, log: cfg.Logger, store: store, engine: engine,
 		specs: map[string]cluster.SpecPair{}, known: map[string]string{}, matched: map[string]string{},
-		own: map[string]bool{}, removing: map[string]bool{}, retiredSeen: map[string]bool{},
+		own: map[string]bool{}, removing: map[string]bool{}, retiredSeen: map[string]bool{}, toRetire: map[string]string{},
 		missingSince: map[string]time.Time{}, reported: map[string]string{},
 		conflicts: map[string]Conflict{}, ready: make(chan struct{}),
 	}, nil
@@ -337,13 +340,23 @@ func (s *Syncer) handleEvent(ctx context.Context, ev dockerapi.Event) {
 	}
 	// A user removed the network here: retire it cluster-wide.
 	s.retiredSeen[inc] = true
+	s.retire(ctx, name, inc)
+}
+
+// retire retires incarnation inc of cluster-wide network name, which a
+// user removed here; if the store does not take it, every pass tries again
+// (a user's rm must not be undone by the other hosts, nor by this host's
+// next start).
+func (s *Syncer) retire(ctx context.Context, name, inc string) {
 	done, err := cluster.RetireSpec(ctx, s.store, name, inc, s.cfg.Node)
 	if err != nil {
-		s.log.Error("cluster-wide network removed here, but retiring it in the cluster failed; other hosts keep it", "network", name, "error", err)
+		s.toRetire[name] = inc
+		s.log.Error("cluster-wide network removed here, but retiring it in the cluster failed; other hosts keep it until a retry succeeds (every pass)", "network", name, "error", err)
 		return
 	}
+	delete(s.toRetire, name)
 	if done {
-		s.log.Info("cluster-wide network removed by a user here: retired on every host", "network", name, "network_id", id)
+		s.log.Info("cluster-wide network removed by a user here: retired on every host", "network", name)
 	}
 }
 
@@ -356,6 +369,9 @@ func (s *Syncer) pass(ctx context.Context) error {
 		}
 		s.driver = d
 		s.log.Info("cluster-wide networks: this plugin's driver name on the engine", "driver", d)
+	}
+	for _, name := range slices.Sorted(maps.Keys(s.toRetire)) {
+		s.retire(ctx, name, s.toRetire[name])
 	}
 	nets, err := s.engine.ListNetworkDetails(ctx)
 	if err != nil {

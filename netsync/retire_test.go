@@ -1,0 +1,85 @@
+package netsync
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"consul-overlay/cluster"
+	"consul-overlay/internal/testenv"
+	"consul-overlay/kvstore"
+)
+
+// flakySpecs fails writes of specs/ while fail is set (a Consul leader
+// election, a timeout), and passes everything else through.
+type flakySpecs struct {
+	kvstore.Store
+	fail atomic.Bool
+}
+
+var errNoLeader = errors.New("Unexpected response code: 500 (rpc error making call: No cluster leader)")
+
+func (f *flakySpecs) CAS(ctx context.Context, key string, value []byte, index uint64) error {
+	if f.fail.Load() && strings.HasPrefix(key, cluster.SpecsPrefix) {
+		return errNoLeader
+	}
+	return f.Store.CAS(ctx, key, value, index)
+}
+
+// TestRetireRetried: a user's `docker network rm web` on host b succeeds
+// but retiring the spec fails (a store error at that moment, here a
+// leader election). The syncer tries again at each pass, so once the
+// store answers the network is retired on every host; it never tried
+// again, and the hosts disagreed for good (and b's next start would have
+// created it again, undoing the user's rm).
+func TestRetireRetried(t *testing.T) {
+	agent := testenv.StartConsul(t)
+	c := &cl{t: t, addr: agent.Addr, prefix: "netsync-retire/"}
+	a := c.host("a", "co")
+
+	real := c.open()
+	flaky := &flakySpecs{Store: real}
+	clu, err := cluster.New(cluster.Config{HostID: "id-b", Node: "b", VTEP: netip.MustParseAddr("192.0.2.200")}, real)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &host{name: "b", store: flaky, engine: newFakeEngine("co", clu), logs: &syncBuf{}}
+	b.start(t)
+
+	a.userCreate(t, "web", "10.99.50.0/24", nil, nil)
+	testenv.Eventually(t, 3*time.Second, func() error { return has(b, "web", "") })
+	time.Sleep(1500 * time.Millisecond) // b matched it in a pass
+
+	flaky.fail.Store(true)
+	if err := b.engine.RemoveNetwork(context.Background(), "web"); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 3*time.Second, func() error {
+		if !strings.Contains(b.logs.String(), "retiring it in the cluster failed") {
+			return fmt.Errorf("no retire failure logged yet")
+		}
+		return nil
+	})
+	flaky.fail.Store(false)
+
+	// The store answers again: the next passes retire it, and every
+	// host removes it.
+	testenv.Eventually(t, 15*time.Second, func() error {
+		if _, ok := a.engine.get("web"); ok {
+			return fmt.Errorf("host a still has web after the user removed it on host b")
+		}
+		sp, err := cluster.GetSpec(context.Background(), a.store, "web")
+		if err == nil && !sp.Spec.Retired {
+			return fmt.Errorf("the spec of web is still live")
+		}
+		return nil
+	})
+	if _, ok := b.engine.get("web"); ok {
+		t.Error("host b has web again after the user removed it there")
+	}
+}
