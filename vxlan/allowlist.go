@@ -163,6 +163,9 @@ func (m *Manager) allowVTEP(vtep netip.Addr, ch *Changes) error {
 // RETURN` for each new VTEP and `-D CONSUL-OVERLAY-INPUT …` for each VTEP
 // no longer allowed.
 func (m *Manager) SetAllowedVTEPs(ctx context.Context, vteps []netip.Addr) error {
+	// Under the lock: SetVTEP changes the local VTEP.
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	set := map[netip.Addr]bool{}
 	for _, v := range vteps {
 		v = v.Unmap()
@@ -176,8 +179,6 @@ func (m *Manager) SetAllowedVTEPs(ctx context.Context, vteps []netip.Addr) error
 		}
 		set[v] = true
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	m.fw.explicit = set
 	if !m.fw.enabled() {
 		return nil
@@ -205,7 +206,11 @@ var countersRE = regexp.MustCompile(` -c (\d+) \d+`)
 // Equivalent to: `iptables -S CONSUL-OVERLAY-INPUT -v` and reading the
 // `-c <packets> <bytes>` of `-p udp -m udp --dport 4789 … -j DROP`.
 func (m *Manager) VXLANDrops() (packets uint64, err error) {
-	bin := m.fw.underlayBin(m.cfg.VTEP.Is6())
+	// The command and the VTEP under the lock (flavour re-detection and
+	// SetVTEP change them); the command runs without it.
+	m.mu.Lock()
+	bin, port := m.fw.underlayBin(m.cfg.VTEP.Is6()), m.cfg.Port
+	m.mu.Unlock()
 	if bin == "" {
 		return 0, ErrNoUnderlayFilter
 	}
@@ -218,7 +223,7 @@ func (m *Manager) VXLANDrops() (packets uint64, err error) {
 		}
 		return 0, fmt.Errorf("vxlan drops: %w", err)
 	}
-	return sumDrops(out, m.cfg.Port), nil
+	return sumDrops(out, port), nil
 }
 
 // sumDrops adds the packet counters of the VXLAN drop rules for port in
