@@ -32,7 +32,9 @@ import (
 // With desired.KeepStrays, desired is not taken as complete: the listed
 // networks, endpoints and peers are ensured (the peers are added to the
 // known ones) and nothing is removed: no link, no neighbour or FDB entry,
-// no rule. Use it when the caller cannot prove its view is complete.
+// no rule. Use it when the caller cannot prove its view is complete. A
+// desired state with an item that fails validation (reported in the
+// error) is treated alike: that item is listed, so nothing is removed.
 //
 // It carries on past failures, joins them into the error, and returns the
 // writes it made: a second call on an unchanged kernel returns zero
@@ -76,7 +78,10 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 		}
 		listed = append(listed, vniPeer{p.VNI, k})
 	}
-	keep := desired.KeepStrays
+	// A listed item that fails validation is still listed: taking the
+	// rest for the whole truth would remove it (a running container's
+	// veth pair, say). Nothing is removed then; the error says why.
+	keep := desired.KeepStrays || len(errs) > 0
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
