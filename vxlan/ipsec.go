@@ -515,6 +515,14 @@ func (m *Manager) mangle(ctx context.Context, bin string, args ...string) (strin
 // CONSUL-OVERLAY-ESP-IN with `-d 192.0.2.11/32 … -m policy --dir in --pol
 // none … -j DROP`.
 func (m *Manager) syncESPRules(ctx context.Context, ch *Changes) error {
+	return m.syncESP(ctx, ch, false)
+}
+
+// syncESP is syncESPRules; with addOnly (Reconcile with KeepStrays) it
+// adds the missing rules and removes none: a rule of an encrypted network
+// the caller did not list is kept with the network's overlay, whose
+// packets would otherwise leave in plain text. Caller holds m.mu.
+func (m *Manager) syncESP(ctx context.Context, ch *Changes, addOnly bool) error {
 	bin := m.fw.underlayBin(m.cfg.VTEP.Is6())
 	if bin == "" {
 		if len(m.sec.encrypted) > 0 {
@@ -575,6 +583,9 @@ func (m *Manager) syncESPRules(ctx context.Context, ch *Changes) error {
 				delete(want, text)
 				continue
 			}
+			if addOnly {
+				continue
+			}
 			if _, err := m.mangle(ctx, bin, slices.Concat([]string{"-D", c.chain}, fields)...); err != nil && !exitCode1(err) {
 				errs = append(errs, err)
 				continue
@@ -614,7 +625,7 @@ func (m *Manager) reconcileIPsec(ctx context.Context, nets map[uint32]Network, k
 		}
 	}
 	if keep {
-		return errors.Join(m.syncESPRules(ctx, ch), m.syncXfrmKeep(ch))
+		return errors.Join(m.syncESP(ctx, ch, true), m.syncXfrmKeep(ch))
 	}
 	return errors.Join(m.syncESPRules(ctx, ch), m.syncXfrm(ch))
 }
