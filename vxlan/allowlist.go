@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/vishvananda/netlink"
 )
 
 // InputChain is the filter-table chain, jumped to from the top of INPUT,
@@ -125,7 +127,46 @@ func (m *Manager) wantVTEPs() map[netip.Addr]bool {
 			want[v] = true
 		}
 	}
+	for _, set := range m.kept {
+		for v := range set {
+			want[v] = true
+		}
+	}
 	return want
+}
+
+// keepVTEPs records the VTEPs that the FDB entries of this owner's VXLAN
+// devices not in nets send to (m.kept), from Reconcile's dump of the
+// kernel: with KeepStrays those overlays stay, and so must their peers'
+// place in the underlay allowlist, or the kept entries send where replies
+// are dropped. Caller holds m.mu; m.snap is the dump.
+func (m *Manager) keepVTEPs(nets map[uint32]Network) {
+	if m.snap == nil {
+		return
+	}
+	for _, l := range m.snap.links {
+		vx, ok := l.(*netlink.Vxlan)
+		if !ok || !m.owns(l) {
+			continue
+		}
+		vni := uint32(vx.VxlanId)
+		if _, listed := nets[vni]; listed {
+			continue
+		}
+		for _, n := range m.snap.fdb[l.Attrs().Index] {
+			a, ok := netip.AddrFromSlice(n.IP)
+			if !ok || !a.Unmap().IsValid() || a.Unmap() == m.cfg.VTEP {
+				continue
+			}
+			if m.kept == nil {
+				m.kept = map[uint32]map[netip.Addr]bool{}
+			}
+			if m.kept[vni] == nil {
+				m.kept[vni] = map[netip.Addr]bool{}
+			}
+			m.kept[vni][a.Unmap()] = true
+		}
+	}
 }
 
 // allowVTEP makes the underlay filter accept VXLAN from vtep, before an

@@ -180,6 +180,11 @@ type Manager struct {
 	peers map[uint32]*peerSet
 	// sec is the encryption state (ipsec.go); guarded by mu.
 	sec ipsecState
+	// kept holds, per VNI, the VTEPs the FDB entries of an overlay send
+	// to that a Reconcile with KeepStrays kept without being given it:
+	// they stay in the underlay allowlist (wantVTEPs) until a complete
+	// Reconcile or the network's DeleteNetwork; guarded by mu.
+	kept map[uint32]map[netip.Addr]bool
 	// inKernel is the peer set the last successful sync of each network
 	// left in its VXLAN device (syncPeerEntries); guarded by mu.
 	inKernel map[uint32]kernelPeers

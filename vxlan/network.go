@@ -424,6 +424,7 @@ func (m *Manager) DeleteNetwork(ctx context.Context, vni uint32) error {
 	var ch Changes
 	err := m.deleteNetwork(ctx, vni, &ch)
 	delete(m.peers, vni)
+	delete(m.kept, vni)
 	if ch.Total() > 0 {
 		m.log.Info("network deleted", "vni", vni, "changes", ch.Total())
 	}

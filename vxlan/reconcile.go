@@ -169,6 +169,11 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 		m.snap = d
 		defer func() { m.snap = nil }()
 	}
+	if keep {
+		m.keepVTEPs(nets)
+	} else {
+		m.kept = nil
+	}
 	phase("dump")
 	// Strays first: a stray device may hold a VNI or a name we need.
 	if !keep {
