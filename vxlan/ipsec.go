@@ -406,15 +406,36 @@ func (m *Manager) syncXfrm(ch *Changes) error {
 	}
 	havePol := map[netip.Addr]bool{}
 	haveBlock := false
+	self := netip.PrefixFrom(local, local.BitLen())
+	// The block policy of the local VTEP goes in before any other is
+	// removed: one that selects an earlier VTEP (SetVTEP) does not cover
+	// the packets sent from the new one, which would leave in plain text
+	// while no peer policy exists.
+	for i := range pols {
+		p := &pols[i]
+		src, _ := prefixOf(p.Src)
+		dst, _ := prefixOf(p.Dst)
+		if block != nil && p.Mark != nil && p.Mark.Value == mark.Value && p.Dir == netlink.XFRM_DIR_OUT &&
+			p.Action == netlink.XFRM_POLICY_BLOCK && dst.Bits() == 0 && src == self {
+			haveBlock = true
+		}
+	}
+	if block != nil && !haveBlock {
+		if err := m.nl.XfrmPolicyUpdate(block); err != nil {
+			errs = append(errs, fmt.Errorf("ipsec: add block policy: %w", err))
+		} else {
+			ch.IPsec++
+		}
+	}
 	for i := range pols {
 		p := &pols[i]
 		if p.Mark == nil || p.Mark.Value != mark.Value || p.Dir != netlink.XFRM_DIR_OUT {
 			continue
 		}
+		src, _ := prefixOf(p.Src)
 		dst, _ := prefixOf(p.Dst)
 		switch {
-		case p.Action == netlink.XFRM_POLICY_BLOCK && block != nil && dst.Bits() == 0:
-			haveBlock = true
+		case p.Action == netlink.XFRM_POLICY_BLOCK && block != nil && dst.Bits() == 0 && src == self:
 			continue
 		case dst.IsSingleIP() && wantPol[dst.Addr()] != nil && samePolicy(p, wantPol[dst.Addr()]):
 			havePol[dst.Addr()] = true
@@ -430,13 +451,6 @@ func (m *Manager) syncXfrm(ch *Changes) error {
 		}
 		ch.IPsec++
 		m.log.Debug("xfrm policy removed", "peer", dst)
-	}
-	if block != nil && !haveBlock {
-		if err := m.nl.XfrmPolicyUpdate(block); err != nil {
-			errs = append(errs, fmt.Errorf("ipsec: add block policy: %w", err))
-		} else {
-			ch.IPsec++
-		}
 	}
 	for p, pol := range wantPol {
 		if havePol[p] {
