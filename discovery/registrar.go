@@ -361,7 +361,13 @@ func (r *Registrar) apply(ctx context.Context) error {
 		}
 		if sid, ok := anyKey(r.orphans); ok {
 			delete(r.orphans, sid)
-			claimed := r.claimedLocked(sid)
+			claimer, claimed := r.claimerLocked(sid)
+			if claimed {
+				// Another endpoint wrote this ID too: the agent may hold
+				// the leaving one's registration; the claimer's goes in
+				// again.
+				r.dirty[claimer] = true
+			}
 			r.mu.Unlock()
 			if claimed {
 				continue
@@ -437,15 +443,15 @@ func (r *Registrar) write(ctx context.Context, id string, e *entry, regs []*api.
 	return nil
 }
 
-// claimedLocked reports whether a live entry owns service ID sid. Caller
-// holds mu.
-func (r *Registrar) claimedLocked(sid string) bool {
-	for _, e := range r.eps {
+// claimerLocked returns a live entry (its endpoint ID) that owns service
+// ID sid, if any. Caller holds mu.
+func (r *Registrar) claimerLocked(sid string) (string, bool) {
+	for id, e := range r.eps {
 		if slices.Contains(e.ids, sid) {
-			return true
+			return id, true
 		}
 	}
-	return false
+	return "", false
 }
 
 // owner is this host's identity in service Meta.
@@ -680,6 +686,12 @@ func (r *Registrar) compare(services map[string]*api.AgentService) {
 	owner := map[string]string{}
 	for id, e := range r.eps {
 		for _, reg := range buildServices(r.owner(), e.ep, e.info) {
+			// Two endpoints asking for one service ID (SERVICE_ID on a
+			// container of two networks): the one set first keeps it,
+			// whatever the map's order, so passes do not flip it.
+			if o, ok := owner[reg.ID]; ok && r.eps[o].seq < e.seq {
+				continue
+			}
 			want[reg.ID] = reg
 			owner[reg.ID] = id
 		}
@@ -691,6 +703,13 @@ func (r *Registrar) compare(services map[string]*api.AgentService) {
 		case !ok:
 			missing++
 			r.dirty[owner[sid]] = true
+		case !r.owner().owns(svc):
+			// Another host's now (the agent lost ours and the other host
+			// registered it first): it is no longer one this run wrote,
+			// so the next write looks it up and leaves it alone.
+			if e := r.eps[owner[sid]]; e != nil {
+				e.ids = slices.DeleteFunc(slices.Clone(e.ids), func(id string) bool { return id == sid })
+			}
 		case !sameService(svc, reg):
 			differ++
 			r.dirty[owner[sid]] = true
