@@ -61,19 +61,8 @@ func TestDuplicateServiceIDAfterLeave(t *testing.T) {
 // from then on every anti-entropy pass of either host overwrote the
 // other's.
 func TestSharedAgentAfterAgentLoss(t *testing.T) {
-	agent := testenv.StartConsul(t)
-	client := agentClient(t, agent)
+	client, r1, r2, d1, d2 := sharedAgent(t)
 	ctx := context.Background()
-
-	d1, d2 := &fakeDriver{}, &fakeDriver{}
-	r1, err := New(Config{Node: "shared", HostID: "h1", Agent: client, Endpoints: d1, Logger: testLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r2, err := New(Config{Node: "shared", HostID: "h2", Agent: client, Endpoints: d2, Logger: testLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
 	s1 := Endpoint{ID: endpointID(920), Network: "n", IPv4: loopback(92), Register: true, Options: map[string]string{"SERVICE_ID": "same"}}
 	s2 := Endpoint{ID: endpointID(921), Network: "n", IPv4: loopback(93), Register: true, Options: map[string]string{"SERVICE_ID": "same"}}
 	sid := CustomIDPrefix + "same"

@@ -102,19 +102,8 @@ func TestForeignServiceID(t *testing.T) {
 // removes the other's services, a service ID one holds is not taken over
 // by the other, and one host leaving removes only its own.
 func TestSharedAgentHostID(t *testing.T) {
-	agent := testenv.StartConsul(t)
-	client := agentClient(t, agent)
+	client, r1, r2, d1, d2 := sharedAgent(t)
 	ctx := context.Background()
-
-	d1, d2 := &fakeDriver{}, &fakeDriver{}
-	r1, err := New(Config{Node: "shared", HostID: "h1", Agent: client, Endpoints: d1, Logger: testLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r2, err := New(Config{Node: "shared", HostID: "h2", Agent: client, Endpoints: d2, Logger: testLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
 	a1 := Endpoint{ID: endpointID(700), Network: "n", IPv4: loopback(70), Register: true}
 	s1 := Endpoint{ID: endpointID(701), Network: "n", IPv4: loopback(71), Register: true, Options: map[string]string{"SERVICE_ID": "same"}}
 	a2 := Endpoint{ID: endpointID(710), Network: "n", IPv4: loopback(72), Register: true}
@@ -156,4 +145,21 @@ func TestSharedAgentHostID(t *testing.T) {
 	if got, want := sortedKeys(allServices(t, client)), []string{a2.ID}; !slices.Equal(got, want) {
 		t.Errorf("after h1 left: agent services %v, want %v", got, want)
 	}
+}
+
+// sharedAgent starts an agent and the registrars of two hosts, h1 and h2,
+// that share it (and its node name), each following its own fake driver.
+func sharedAgent(t *testing.T) (*api.Client, *Registrar, *Registrar, *fakeDriver, *fakeDriver) {
+	t.Helper()
+	client := agentClient(t, testenv.StartConsul(t))
+	d1, d2 := &fakeDriver{}, &fakeDriver{}
+	r1, err := New(Config{Node: "shared", HostID: "h1", Agent: client, Endpoints: d1, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, err := New(Config{Node: "shared", HostID: "h2", Agent: client, Endpoints: d2, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return client, r1, r2, d1, d2
 }

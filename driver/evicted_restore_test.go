@@ -97,11 +97,7 @@ func localOf(t *testing.T, d *Driver) ([]reaper.LocalNetwork, []reaper.LocalEndp
 // still miss what the store lost.
 func TestRestoreKeepsEndpointWhoseRecordIsLost(t *testing.T) {
 	ctx := context.Background()
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	dp := newFake()
-	reapable := func(c *Config) { c.Reapable = true }
-	a := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, reapable)
-	mustCreate(t, a, "n1", "10.1.0.0/24")
+	store, dp, reapable, a := reapableHost(t)
 	for _, ep := range []struct{ id, addr string }{{"ep1", "10.1.0.2/24"}, {"ep2", "10.1.0.3/24"}} {
 		if _, err := a.CreateEndpoint(epReq("n1", ep.id, ep.addr)); err != nil {
 			t.Fatal(err)
@@ -167,11 +163,7 @@ func TestRestoreKeepsEndpointWhoseRecordIsLost(t *testing.T) {
 // VNI that other's removal freed; that is the eviction's doing.)
 func TestRestoreKeepsEndpointWhoseNetworkIsLost(t *testing.T) {
 	ctx := context.Background()
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	dp := newFake()
-	reapable := func(c *Config) { c.Reapable = true }
-	a := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, reapable)
-	mustCreate(t, a, "n1", "10.1.0.0/24")
+	store, dp, reapable, a := reapableHost(t)
 	if err := a.CreateNetwork(createReq("n2", map[string]interface{}{"name": "other"}, "10.2.0.0/24")); err != nil {
 		t.Fatal(err)
 	}
@@ -217,4 +209,17 @@ func TestRestoreKeepsEndpointWhoseNetworkIsLost(t *testing.T) {
 	if !dp.hasEndpoint("ep-other") {
 		t.Fatal("the restart removed the veth of ep-other, which a running container holds: its network's membership was missing from a proven view")
 	}
+}
+
+// reapableHost starts driver a of a reapable host on a new store and fake
+// data plane, with network n1 (10.1.0.0/24), and returns the option that
+// makes its restarts reapable too.
+func reapableHost(t *testing.T) (kvstore.Store, *fakeDataplane, func(*Config), *Driver) {
+	t.Helper()
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	dp := newFake()
+	reapable := func(c *Config) { c.Reapable = true }
+	a := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, reapable)
+	mustCreate(t, a, "n1", "10.1.0.0/24")
+	return store, dp, reapable, a
 }

@@ -355,37 +355,37 @@ func TestCreateEndpointAppliedButUnanswered(t *testing.T) {
 	}
 }
 
-// TestAddressUsedOnceReady: until the driver has restored its state it
-// cannot tell which addresses its endpoints hold, so IPAM's question
-// (may Docker's release free this address?) is answered "held" after the
-// wait; once restored, the endpoints' addresses are held and others not.
-func TestAddressUsedOnceReady(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "s.db")
-	store := &outageStore{Store: openStore(t, path)}
-	cfg := Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true}
-	d1, err := New(cfg, store, newFake())
-	if err != nil {
-		t.Fatal(err)
-	}
-	d1.Start()
-	<-d1.Ready()
+// restoringDriver records network app (10.1.0.0/24) with endpoint ep1 at
+// 10.1.0.2 on a store, then starts a driver of the same host on dp while
+// the store does not answer: it is still restoring when it returns. Set
+// store.down to false to let it finish.
+func restoringDriver(t *testing.T, dp *fakeDataplane) (*Driver, *outageStore) {
+	t.Helper()
+	store := &outageStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
+	d1 := newHostDriver(t, store, "a", "a", "192.0.2.1", newFake())
 	if err := d1.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := d1.CreateEndpoint(&network.CreateEndpointRequest{NetworkID: "net-a", EndpointID: "ep1",
-		Interface: &network.EndpointInterface{Address: "10.1.0.2/24"}}); err != nil {
+	if _, err := d1.CreateEndpoint(epReq("net-a", "ep1", "10.1.0.2/24")); err != nil {
 		t.Fatal(err)
 	}
 	d1.Close()
-
-	// Restarted while the store does not answer: still restoring.
 	store.down.Store(true)
-	d2, err := New(cfg, store, newFake())
+	d2, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true}, store, dp)
 	if err != nil {
 		t.Fatal(err)
 	}
 	d2.Start()
 	t.Cleanup(func() { d2.Close() })
+	return d2, store
+}
+
+// TestAddressUsedOnceReady: until the driver has restored its state it
+// cannot tell which addresses its endpoints hold, so IPAM's question
+// (may Docker's release free this address?) is answered "held" after the
+// wait; once restored, the endpoints' addresses are held and others not.
+func TestAddressUsedOnceReady(t *testing.T) {
+	d2, store := restoringDriver(t, newFake())
 	subnet := netip.MustParsePrefix("10.1.0.0/24")
 	held, free := netip.MustParseAddr("10.1.0.2"), netip.MustParseAddr("10.1.0.7")
 	if !d2.AddressUsedOnceReady(subnet, free, 50*time.Millisecond) {
@@ -407,26 +407,8 @@ func TestAddressUsedOnceReady(t *testing.T) {
 // is in a container while the kernel says its interface is; still
 // restoring, it cannot tell and answers yes.
 func TestAddressInContainer(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "s.db")
-	store := &outageStore{Store: openStore(t, path)}
-	cfg := Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true}
-	d1 := newHostDriver(t, store, "a", "a", "192.0.2.1", newFake())
-	if err := d1.CreateNetwork(createReq("net-a", map[string]interface{}{"name": "app"}, "10.1.0.0/24")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := d1.CreateEndpoint(epReq("net-a", "ep1", "10.1.0.2/24")); err != nil {
-		t.Fatal(err)
-	}
-	d1.Close()
-
-	store.down.Store(true)
 	dp := newFake()
-	d2, err := New(cfg, store, dp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d2.Start()
-	t.Cleanup(func() { d2.Close() })
+	d2, store := restoringDriver(t, dp)
 	subnet := netip.MustParsePrefix("10.1.0.0/24")
 	held, free := netip.MustParseAddr("10.1.0.2"), netip.MustParseAddr("10.1.0.7")
 	if !d2.AddressInContainer(subnet, free, 50*time.Millisecond) {
