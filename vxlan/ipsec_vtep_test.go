@@ -21,11 +21,7 @@ func TestSetVTEPMovesBlockPolicy(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
 	h := newHosts(t, 2, testenv.UnderlayOptions{})[0]
-	// The policies need no ESP in the kernel (TestIPsecRulesAndPolicies):
-	// take the probe as passed so the run does not depend on esp4.
-	h.m.mu.Lock()
-	h.m.sec.didProbe, h.m.sec.probed = true, nil
-	h.m.mu.Unlock()
+	probePassed(h.m)
 	n := Network{VNI: 0x7b1, Encrypted: true}
 	if _, err := h.m.EnsureNetwork(ctx, n); err != nil {
 		t.Fatal(err)
