@@ -127,10 +127,26 @@ func (d *Driver) restore(ctx context.Context) error {
 		j, err := d.cl.Joins(ctx)
 		joinsCh <- joinsRead{j, err}
 	}()
+	// And the endpoints containers hold, from the kernel (one link dump):
+	// whatever the view, none of them is removed unless the view lists
+	// it.
+	type inUseRead struct {
+		keys []string
+		err  error
+	}
+	inUseCh := make(chan inUseRead, 1)
+	go func() {
+		k, err := d.dp.EndpointsInUse()
+		inUseCh <- inUseRead{k, err}
+	}()
 	v, err := d.cl.View(ctx)
 	jr := <-joinsCh
+	iu := <-inUseCh
 	if err != nil {
 		return err
+	}
+	if iu.err != nil {
+		return fmt.Errorf("list endpoints in use in the kernel: %w", iu.err)
 	}
 	tView := time.Since(t0)
 	// Memberships without the host record: a reap of this host stopped
@@ -147,10 +163,7 @@ func (d *Driver) restore(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("list overlays in the kernel: %w", err)
 		}
-		inUse, err := d.dp.EndpointsInUse()
-		if err != nil {
-			return fmt.Errorf("list endpoints in use in the kernel: %w", err)
-		}
+		inUse := iu.keys
 		if len(vnis) > 0 && len(inUse) == 0 {
 			// No container would lose its network: the overlays are what
 			// a host reaped while it was away (a crash, a long partition)
@@ -219,11 +232,7 @@ func (d *Driver) restore(ctx context.Context) error {
 	// view does not list would lose its network to the reconcile. Then
 	// nothing is removed this time, and the error names the endpoints.
 	if v.Proven && !partial {
-		unknown, err := d.unrecordedInUse(live)
-		if err != nil {
-			return err
-		}
-		if len(unknown) > 0 {
+		if unknown := unrecorded(iu.keys, live); len(unknown) > 0 {
 			state.KeepStrays = true
 			d.log.Error("containers use endpoints of this host that the store has no record of (lost in an eviction, or a store restored from an older snapshot): keeping every overlay and endpoint in the kernel; other hosts do not reach these containers and their addresses are not held: remove and recreate them",
 				"host", d.cfg.HostID, "endpoints", unknown)
@@ -279,14 +288,9 @@ func (d *Driver) restore(ctx context.Context) error {
 	return nil
 }
 
-// unrecordedInUse lists the endpoints (first 10 characters of their IDs,
-// as the kernel names them) whose interface a container holds but that
-// are not among live.
-func (d *Driver) unrecordedInUse(live []cluster.Endpoint) ([]string, error) {
-	inUse, err := d.dp.EndpointsInUse()
-	if err != nil {
-		return nil, fmt.Errorf("list endpoints in use in the kernel: %w", err)
-	}
+// unrecorded lists the endpoint keys of inUse (the endpoints containers
+// hold, as the kernel names them: EndpointsInUse) that are not among live.
+func unrecorded(inUse []string, live []cluster.Endpoint) []string {
 	known := make(map[string]bool, len(live))
 	for _, ep := range live {
 		known[vxlan.EndpointKey(ep.ID)] = true
@@ -297,7 +301,7 @@ func (d *Driver) unrecordedInUse(live []cluster.Endpoint) ([]string, error) {
 			unknown = append(unknown, k)
 		}
 	}
-	return unknown, nil
+	return unknown
 }
 
 // restoreJoins gives the restored endpoint records what Join learned
