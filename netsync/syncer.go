@@ -350,11 +350,18 @@ func (s *Syncer) handleEvent(ctx context.Context, ev dockerapi.Event) {
 func (s *Syncer) retire(ctx context.Context, name, inc string) {
 	done, err := cluster.RetireSpec(ctx, s.store, name, inc, s.cfg.Node)
 	if err != nil {
+		if _, retry := s.toRetire[name]; retry {
+			s.log.Debug("retiring a cluster-wide network removed here failed again", "network", name, "error", err)
+		} else {
+			s.log.Error("cluster-wide network removed here, but retiring it in the cluster failed; other hosts keep it until a retry succeeds (every pass)", "network", name, "error", err)
+		}
 		s.toRetire[name] = inc
-		s.log.Error("cluster-wide network removed here, but retiring it in the cluster failed; other hosts keep it until a retry succeeds (every pass)", "network", name, "error", err)
 		return
 	}
-	delete(s.toRetire, name)
+	if _, retried := s.toRetire[name]; retried {
+		delete(s.toRetire, name)
+		s.log.Info("cluster-wide network removed here retired in the cluster after all", "network", name)
+	}
 	if done {
 		s.log.Info("cluster-wide network removed by a user here: retired on every host", "network", name)
 	}
