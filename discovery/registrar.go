@@ -703,7 +703,7 @@ func (r *Registrar) compare(services map[string]*api.AgentService) {
 		case !ok:
 			missing++
 			r.dirty[owner[sid]] = true
-		case !r.owner().owns(svc):
+		case !r.owner().mayReplace(svc, owner[sid]):
 			// Another host's now (the agent lost ours and the other host
 			// registered it first): it is no longer one this run wrote,
 			// so the next write looks it up and leaves it alone.
