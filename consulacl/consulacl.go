@@ -234,6 +234,11 @@ func sessionWrite(ctx context.Context, client *api.Client, name string) Result {
 	return r
 }
 
+// probeCleanupTimeout bounds the removal of a probe service whose
+// registration got no answer, which runs even when the probe's own
+// context has expired.
+const probeCleanupTimeout = 5 * time.Second
+
 func serviceWrite(ctx context.Context, client *api.Client, id, hostID string) Result {
 	r := Result{Perm: PermServiceWrite, Rule: RuleServiceWrite}
 	reg := &api.AgentServiceRegistration{
@@ -243,8 +248,15 @@ func serviceWrite(ctx context.Context, client *api.Client, id, hostID string) Re
 	if err := client.Agent().ServiceRegisterOpts(reg, api.ServiceRegisterOpts{}.WithContext(ctx)); err != nil {
 		if Denied(err) {
 			r.Err = &PermissionError{Op: fmt.Sprintf("register services (probe service %q)", ProbeServiceName), Rule: r.Rule, Err: err}
-		} else {
-			r.Err = fmt.Errorf("consul agent service register (probe %s): %w", id, err)
+			return r
+		}
+		r.Err = fmt.Errorf("consul agent service register (probe %s): %w", id, err)
+		// No answer (a timeout) is not no registration: the agent may
+		// have taken it, and nothing else would remove it.
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), probeCleanupTimeout)
+		defer cancel()
+		if err := client.Agent().ServiceDeregisterOpts(id, (&api.QueryOptions{}).WithContext(dctx)); err != nil {
+			r.Cleanup = fmt.Errorf("deregister the probe service %s, which the agent may have registered: %w", id, err)
 		}
 		return r
 	}

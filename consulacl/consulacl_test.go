@@ -5,8 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 
@@ -196,5 +199,51 @@ func TestCheckUnreachable(t *testing.T) {
 	rs := Check(context.Background(), c, Options{KeyPrefix: "x/", AgentRead: true, HostID: "x"})
 	if len(rs) != 1 || rs[0].Err == nil || Denied(rs[0].Err) || !Unreachable(rs[0].Err) {
 		t.Errorf("results %+v, want one unreachable", rs)
+	}
+}
+
+// TestServiceProbeUnansweredRemoved: a probe registration the agent does
+// not answer in time may have been taken all the same (a slow agent under
+// load): the probe removes it anyway, or the probe service stays in the
+// agent and its catalog, where nothing else would remove it.
+func TestServiceProbeUnansweredRemoved(t *testing.T) {
+	var (
+		mu           sync.Mutex
+		registered   bool
+		deregistered string
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/v1/agent/service/register":
+			mu.Lock()
+			registered = true
+			mu.Unlock()
+			time.Sleep(300 * time.Millisecond) // taken, answered too late
+		case strings.HasPrefix(r.URL.Path, "/v1/agent/service/deregister/"):
+			mu.Lock()
+			deregistered = strings.TrimPrefix(r.URL.Path, "/v1/agent/service/deregister/")
+			mu.Unlock()
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	client, err := api.NewClient(&api.Config{Address: strings.TrimPrefix(srv.URL, "http://")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	r := serviceWrite(ctx, client, "consul-overlay-probe-h1", "h1")
+	if r.Err == nil {
+		t.Fatal("an unanswered probe registration reported no error")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !registered {
+		t.Fatal("the probe never reached the agent")
+	}
+	if deregistered != "consul-overlay-probe-h1" {
+		t.Errorf("probe service whose registration got no answer not removed (deregistered %q): %v", deregistered, r.Err)
 	}
 }
