@@ -358,43 +358,37 @@ func (m *Manager) EndpointInUse(id string) (bool, error) {
 	if host == nil || host.Type() != "veth" {
 		return false, nil
 	}
-	var lookupErr error
-	away := peerAway(host, endpointKey(id), func(index int) (string, bool, error) {
+	return peerAway(host, endpointKey(id), func(index int) (string, bool, error) {
 		l, err := retryDump(func() (netlink.Link, error) { return m.nl.LinkByIndex(index) })
 		if isNotFound(err) {
 			return "", false, nil
 		}
 		if err != nil {
-			lookupErr = fmt.Errorf("endpoint in use %s: get peer link %d: %w", endpointKey(id), index, err)
-			return "", false, lookupErr
+			return "", false, fmt.Errorf("endpoint in use %s: get peer link %d: %w", endpointKey(id), index, err)
 		}
 		return l.Attrs().Name, true, nil
 	})
-	if lookupErr != nil {
-		return false, lookupErr
-	}
-	return away, nil
 }
 
 // peerAway reports whether the container end of veth host (endpoint key
 // key) has left the namespace. lookup finds a link of the namespace by
 // index: its name, whether it exists, and an error when the kernel did not
-// say (then false).
-func peerAway(host netlink.Link, key string, lookup func(index int) (string, bool, error)) bool {
+// say, which peerAway returns.
+func peerAway(host netlink.Link, key string, lookup func(index int) (string, bool, error)) (bool, error) {
 	// IFLA_LINK_NETNSID: the kernel reports the peer's namespace only when
 	// it is not ours.
 	if host.Attrs().NetNsID >= 0 {
-		return true
+		return true, nil
 	}
 	// No namespace id (an older kernel, or no id assigned): the peer is
 	// away if no link of this namespace has its index.
 	peer := host.Attrs().ParentIndex
 	if peer == 0 {
-		return false
+		return false, nil
 	}
 	name, found, err := lookup(peer)
 	if err != nil {
-		return false
+		return false, err
 	}
-	return !found || name != contPrefix+key
+	return !found || name != contPrefix+key, nil
 }

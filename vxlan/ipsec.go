@@ -406,17 +406,20 @@ func (m *Manager) syncXfrm(ch *Changes) error {
 	}
 	havePol := map[netip.Addr]bool{}
 	haveBlock := false
+	// ownBlock: p is the block policy this sync wants, of the local VTEP.
 	self := netip.PrefixFrom(local, local.BitLen())
+	ownBlock := func(p *netlink.XfrmPolicy) bool {
+		src, _ := prefixOf(p.Src)
+		dst, _ := prefixOf(p.Dst)
+		return block != nil && p.Mark != nil && p.Mark.Value == mark.Value && p.Dir == netlink.XFRM_DIR_OUT &&
+			p.Action == netlink.XFRM_POLICY_BLOCK && dst.Bits() == 0 && src == self
+	}
 	// The block policy of the local VTEP goes in before any other is
 	// removed: one that selects an earlier VTEP (SetVTEP) does not cover
 	// the packets sent from the new one, which would leave in plain text
 	// while no peer policy exists.
 	for i := range pols {
-		p := &pols[i]
-		src, _ := prefixOf(p.Src)
-		dst, _ := prefixOf(p.Dst)
-		if block != nil && p.Mark != nil && p.Mark.Value == mark.Value && p.Dir == netlink.XFRM_DIR_OUT &&
-			p.Action == netlink.XFRM_POLICY_BLOCK && dst.Bits() == 0 && src == self {
+		if ownBlock(&pols[i]) {
 			haveBlock = true
 		}
 	}
@@ -432,10 +435,9 @@ func (m *Manager) syncXfrm(ch *Changes) error {
 		if p.Mark == nil || p.Mark.Value != mark.Value || p.Dir != netlink.XFRM_DIR_OUT {
 			continue
 		}
-		src, _ := prefixOf(p.Src)
 		dst, _ := prefixOf(p.Dst)
 		switch {
-		case p.Action == netlink.XFRM_POLICY_BLOCK && block != nil && dst.Bits() == 0 && src == self:
+		case ownBlock(p):
 			continue
 		case dst.IsSingleIP() && wantPol[dst.Addr()] != nil && samePolicy(p, wantPol[dst.Addr()]):
 			havePol[dst.Addr()] = true
