@@ -191,31 +191,24 @@ func parseEncrypted(v string) (bool, error) {
 // containers from the one record, so a host that asked for another
 // (--internal, consul_api, register, service_prefix, encrypted) would get
 // the first host's silently, for example the Consul API reachable from
-// containers of a network that did not ask for it. Each difference reads
-// "setting=recorded, this request asked".
+// containers of a network that did not ask for it. Both sides are read as
+// the data plane (kernelNetwork) and the registrar (serviceEndpoint) read
+// a record. Each difference reads "setting=recorded, this request asked".
 func differingSettings(rec cluster.Network, o *networkOptions) []string {
+	asked := cluster.Network{Internal: o.internal, Options: o.generic}
+	hk, ak := kernelNetwork(rec), kernelNetwork(asked)
+	hs, as := serviceEndpoint(rec, &cluster.Endpoint{}), serviceEndpoint(asked, &cluster.Endpoint{})
 	var out []string
-	differs := func(name string, recorded, asked any) {
-		if recorded != asked {
-			out = append(out, fmt.Sprintf("%s=%v, this request %v", name, recorded, asked))
+	differs := func(name string, recorded, wanted any) {
+		if recorded != wanted {
+			out = append(out, fmt.Sprintf("%s=%v, this request %v", name, recorded, wanted))
 		}
 	}
-	boolOpt := func(m map[string]string, k string, def bool) bool {
-		v, ok := m[k]
-		if !ok {
-			return def
-		}
-		b, err := strconv.ParseBool(v)
-		if err != nil {
-			return def
-		}
-		return b
-	}
-	differs("internal", rec.Internal, o.internal)
-	differs("encrypted", encryptedNetwork(rec.Options), o.encrypted)
-	differs(optConsulAPI, boolOpt(rec.Options, optConsulAPI, false), boolOpt(o.generic, optConsulAPI, false))
-	differs(optRegister, boolOpt(rec.Options, optRegister, true), boolOpt(o.generic, optRegister, true))
-	differs(optServicePrefix, fmt.Sprintf("%q", rec.Options[optServicePrefix]), fmt.Sprintf("%q", o.generic[optServicePrefix]))
+	differs("internal", hk.Internal, ak.Internal)
+	differs("encrypted", hk.Encrypted, ak.Encrypted)
+	differs(optConsulAPI, hk.ConsulAPI, ak.ConsulAPI)
+	differs(optRegister, hs.Register, as.Register)
+	differs(optServicePrefix, fmt.Sprintf("%q", hs.ServicePrefix), fmt.Sprintf("%q", as.ServicePrefix))
 	return out
 }
 

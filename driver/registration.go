@@ -190,6 +190,20 @@ func (d *Driver) AddressUsed(subnet netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
+// readyWithin waits at most wait for the driver to have restored its state
+// and reports whether it has (false also once the driver is closing).
+func (d *Driver) readyWithin(wait time.Duration) bool {
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-d.ready:
+		return true
+	case <-t.C:
+	case <-d.ctx.Done():
+	}
+	return false
+}
+
 // AddressUsedOnceReady is AddressUsed once the driver has restored its
 // state; until then it cannot tell which addresses its endpoints hold. It
 // waits for the restore at most wait, and answers true if the driver is
@@ -199,13 +213,8 @@ func (d *Driver) AddressUsed(subnet netip.Prefix, a netip.Addr) bool {
 // release meant for an earlier holder, sent as dockerd and the plugin
 // start).
 func (d *Driver) AddressUsedOnceReady(subnet netip.Prefix, a netip.Addr, wait time.Duration) bool {
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	select {
-	case <-d.ready:
+	if d.readyWithin(wait) {
 		return d.AddressUsed(subnet, a)
-	case <-t.C:
-	case <-d.ctx.Done():
 	}
 	d.log.Warn("release of an address while the driver is still restoring its state: kept; IPAM's sweep frees it later if no endpoint holds it",
 		"subnet", subnet, "address", a)
@@ -224,14 +233,8 @@ func (d *Driver) AddressUsedOnceReady(subnet netip.Prefix, a netip.Addr, wait ti
 // or the kernel did not answer) it answers true: the request fails,
 // naming the holder, and nothing is handed out twice.
 func (d *Driver) AddressInContainer(subnet netip.Prefix, a netip.Addr, wait time.Duration) bool {
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	select {
-	case <-d.ready:
-	case <-t.C:
+	if !d.readyWithin(wait) {
 		d.log.Warn("address asked for again while the driver is still restoring its state: refused, as a running container may hold it", "subnet", subnet, "address", a)
-		return true
-	case <-d.ctx.Done():
 		return true
 	}
 	var ids []string
