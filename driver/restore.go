@@ -148,6 +148,10 @@ func (d *Driver) restore(ctx context.Context) error {
 	if iu.err != nil {
 		return fmt.Errorf("list endpoints in use in the kernel: %w", iu.err)
 	}
+	held := make(map[string]bool, len(iu.keys)) // by vxlan.EndpointKey
+	for _, k := range iu.keys {
+		held[k] = true
+	}
 	tView := time.Since(t0)
 	// Memberships without the host record: a reap of this host stopped
 	// part way (it came back during it): some networks may be gone from
@@ -203,15 +207,12 @@ func (d *Driver) restore(ctx context.Context) error {
 		}
 		delete(marked, ep.ID)
 		// The kernel has the last word: an interface a container holds
-		// is a live container's, whatever the mark says.
-		// Unsure (the kernel did not answer): kept, and so is the mark,
-		// for the next start to look again.
-		if inUse, err := d.dp.EndpointInUse(ep.ID); err != nil || inUse {
-			d.log.Warn("endpoint marked for deletion whose interface a container holds, or the kernel did not say: kept", "endpoint", short(ep.ID), "in_use", inUse, "error", err)
-			if inUse {
-				if err := d.pend.clear(ep.ID); err != nil {
-					d.log.Warn("mark of a kept endpoint not removed from DATA_DIR", "endpoint", short(ep.ID), "error", err)
-				}
+		// is a live container's, whatever the mark says. (A kernel that
+		// did not answer failed the restore above, marks kept.)
+		if held[vxlan.EndpointKey(ep.ID)] {
+			d.log.Warn("endpoint marked for deletion whose interface a container holds: kept", "endpoint", short(ep.ID))
+			if err := d.pend.clear(ep.ID); err != nil {
+				d.log.Warn("mark of a kept endpoint not removed from DATA_DIR", "endpoint", short(ep.ID), "error", err)
 			}
 			live = append(live, ep)
 			continue
@@ -257,9 +258,7 @@ func (d *Driver) restore(ctx context.Context) error {
 	if jr.err != nil {
 		return jr.err
 	}
-	if err := d.restoreJoins(ctx, live, jr.joins); err != nil {
-		return err
-	}
+	d.restoreJoins(ctx, live, jr.joins, held)
 	tJoins := time.Since(t1)
 	t1 = time.Now()
 	ch, err := d.dp.Reconcile(ctx, state)
@@ -309,8 +308,10 @@ func unrecorded(inUse []string, live []cluster.Endpoint) []string {
 // records of endpoints that are gone. An endpoint without one whose
 // interface a container holds joined all the same (the plugin stopped
 // before its join record was written): it is marked joined, so the
-// registrar keeps its service and the unjoined sweep leaves it alone.
-func (d *Driver) restoreJoins(ctx context.Context, eps []cluster.Endpoint, joins map[string]cluster.Joined) error {
+// registrar keeps its service and the unjoined sweep leaves it alone. held
+// are the endpoints whose interface a container holds, by
+// vxlan.EndpointKey.
+func (d *Driver) restoreJoins(ctx context.Context, eps []cluster.Endpoint, joins map[string]cluster.Joined, held map[string]bool) {
 	for i := range eps {
 		ep := &eps[i]
 		j, ok := joins[ep.ID]
@@ -324,11 +325,7 @@ func (d *Driver) restoreJoins(ctx context.Context, eps []cluster.Endpoint, joins
 		if ep.Sandbox != "" {
 			continue
 		}
-		inUse, err := d.dp.EndpointInUse(ep.ID)
-		if err != nil {
-			return fmt.Errorf("endpoint %s: is its interface in use: %w", short(ep.ID), err)
-		}
-		if inUse {
+		if held[vxlan.EndpointKey(ep.ID)] {
 			ep.Sandbox = "joined" // container unknown, as joined() names it
 		}
 	}
@@ -337,7 +334,6 @@ func (d *Driver) restoreJoins(ctx context.Context, eps []cluster.Endpoint, joins
 			d.log.Warn("join record of a removed endpoint not deleted", "endpoint", short(id), "error", err)
 		}
 	}
-	return nil
 }
 
 // staleVTEP reports whether the view publishes another VTEP for this host
