@@ -259,17 +259,19 @@ func (d *Driver) NodeHolds(ctx context.Context) (map[netip.Prefix]int, error) {
 	return out, nil
 }
 
+// noSurplus records that a sweep found pool id not held in surplus.
+func (d *Driver) noSurplus(id string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.surplus, id)
+}
+
 // surplusSeen records that a sweep found pool id held in surplus with its
-// record at index (0: not in surplus) and reports whether the previous
-// sweep found the same.
+// record at index, and reports whether the previous sweep found the same.
 func (d *Driver) surplusSeen(id string, index uint64) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if index == 0 {
-		delete(d.surplus, id)
-		return false
-	}
-	if d.surplus[id] == index {
+	if prev, ok := d.surplus[id]; ok && prev == index {
 		delete(d.surplus, id)
 		return true
 	}
@@ -322,7 +324,7 @@ func (d *Driver) sweepHolds(ctx context.Context, ref poolRef, uses func(string) 
 	}
 	n := rec.Holders[d.cfg.Node]
 	if n == 0 || rec.SubPool != ref.subPool {
-		d.surplusSeen(ref.id(), 0)
+		d.noSurplus(ref.id())
 		return 0, nil
 	}
 	at, ok := rec.HeldAt[d.cfg.Node]
@@ -330,12 +332,12 @@ func (d *Driver) sweepHolds(ctx context.Context, ref poolRef, uses func(string) 
 		at = d.started
 	}
 	if d.now().Sub(at) < d.cfg.Grace {
-		d.surplusSeen(ref.id(), 0)
+		d.noSurplus(ref.id())
 		return 0, nil
 	}
 	u, known := uses(ref.id())
 	if !known || u >= n {
-		d.surplusSeen(ref.id(), 0)
+		d.noSurplus(ref.id())
 		return 0, nil
 	}
 	// Docker lists no network it is deleting, and sends the network's
