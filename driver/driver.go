@@ -173,6 +173,10 @@ type Driver struct {
 	allowDirty     bool
 	allowPrune     *time.Timer // pending pruneVTEPs, if any
 
+	// held is taken per endpoint ID by deleteEndpoint and WhileJoined, so
+	// an endpoint is never re-recorded while it is being removed.
+	held keyedLock
+
 	// crashAt, when set by tests, is asked at each fault point; true
 	// makes the call stop there as a crash would (a panic that skips the
 	// undo steps).
@@ -926,6 +930,8 @@ func (d *Driver) catchUp(ctx context.Context) {
 // waits for them, and what a crash leaves is removed at the next start.
 func (d *Driver) deleteEndpoint(ctx context.Context, ep *localEndpoint) error {
 	id := ep.rec.ID
+	unlock := d.held.lock(id)
+	defer unlock()
 	if d.cfg.Registrar != nil {
 		d.cfg.Registrar.Deregister(id)
 	}

@@ -88,10 +88,11 @@ func localOf(t *testing.T, d *Driver) ([]reaper.LocalNetwork, []reaper.LocalEndp
 // eviction). It comes back while still running; its liveness check
 // re-asserts its state (reaper.Reassert), and the store fails the one
 // write of ep2's record. members/a is back (Reassert's Join) and ep2's
-// address is this host's again (ReassertAddress), so every later check
-// (reaper.CheckSelf: Evicted false, nothing Free; plugin/reaper.go returns
-// early) finds nothing to re-assert: ep2's record is never written again.
-// Then the plugin restarts (an upgrade, a kill -9): the view is proven
+// address is this host's again (ReassertAddress), so the eviction check
+// (reaper.CheckSelf: Evicted false, nothing Free) finds nothing; only the
+// records check, every few minutes, writes ep2's record again
+// (TestHealWritesLostEndpointRecord). Before it runs, the plugin restarts
+// (an upgrade, a kill -9): the view is proven
 // (members/a, the membership) and ep2 is not in it. The restart must keep
 // the veth of ep2, which a running container holds: a proven view can
 // still miss what the store lost.
@@ -122,7 +123,7 @@ func TestRestoreKeepsEndpointWhoseRecordIsLost(t *testing.T) {
 
 	// a is back: its check re-asserts; one record write fails.
 	local, leps := localOf(t, a)
-	if _, err := reaper.Reassert(ctx, "a", "a", flakyRejoiner{Cluster: a.cl, fail: "ep2"}, ipam, local, nil); err == nil {
+	if _, err := reaper.Reassert(ctx, "a", "a", flakyRejoiner{Cluster: a.cl, fail: "ep2"}, ipam, a, local, nil); err == nil {
 		t.Fatal("the re-assertion failed nothing: the test injects nothing")
 	}
 	// The next checks: what plugin/reaper.go's check decides on.
@@ -131,7 +132,7 @@ func TestRestoreKeepsEndpointWhoseRecordIsLost(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !rep.Evicted && len(rep.Free) == 0 {
-		t.Logf("CheckSelf: evicted=%v free=%v held=%v: the plugin's check returns early, ep2's record is never re-asserted", rep.Evicted, rep.Free, rep.Held)
+		t.Logf("CheckSelf: evicted=%v free=%v held=%v: only the records check re-asserts ep2", rep.Evicted, rep.Free, rep.Held)
 	}
 	if hasKey(t, store, "networks/name-app/endpoints/ep2") {
 		t.Fatal("ep2's record is in the store: the test lost nothing")
@@ -155,12 +156,13 @@ func TestRestoreKeepsEndpointWhoseRecordIsLost(t *testing.T) {
 // tick after the session changed, up to 10 s, or 5 min later if that
 // check failed), Docker creates a network on a (docker network create,
 // compose up, netsync): cluster.Join's ensureHost writes members/a again.
-// From then on the check sees members/a and every address held by a
-// (IPAM was not evicted), so the membership of other is never
-// re-asserted, and the restore's partial-reap guard, which keys on
-// members/a, does not see it. The next restart must keep the veth of the
-// running container all the same. (The create of network third took the
-// VNI that other's removal freed; that is the eviction's doing.)
+// From then on the eviction check sees members/a and every address held
+// by a (IPAM was not evicted), and the restore's partial-reap guard, which
+// keys on members/a, does not see the loss. The records check finds it but
+// cannot write it back: the create of network third took the VNI that
+// other's removal freed (the eviction's doing), and the check says so at
+// error level. The next restart must keep the veth of the running
+// container all the same.
 func TestRestoreKeepsEndpointWhoseNetworkIsLost(t *testing.T) {
 	ctx := context.Background()
 	store, dp, reapable, a := reapableHost(t)

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	clusterstate "consul-overlay/cluster"
-	"consul-overlay/discovery"
 	"consul-overlay/ipam"
 	"consul-overlay/kvstore"
 	"consul-overlay/reaper"
@@ -43,23 +42,14 @@ func hostGrace(getenv func(string) string) (time.Duration, error) {
 	return d, nil
 }
 
-// heldEndpointer is the driver's view of the endpoints this host runs.
-type heldEndpointer interface {
+// runningState is what the liveness check reads of the driver
+// (*driver.Driver): when it is restored, what it runs (its logical
+// networks by Docker network ID, its joined endpoints), and the guard that
+// keeps re-asserted state in step with what still runs (reaper.Holder).
+type runningState interface {
 	Ready() <-chan struct{}
-	HeldEndpoints(ctx context.Context) ([]discovery.Endpoint, error)
-}
-
-// localStater is what the driver must offer for this host to re-assert
-// its state after it was evicted while away: its logical networks by
-// Docker NetworkID (the record as it last read it) and the endpoint
-// records of its joined endpoints.
-//
-// WIRING (driver): func (d *Driver) LocalState(ctx context.Context)
-// (map[string]cluster.Network, []cluster.Endpoint, error). Asserted at run
-// time: without it an evicted host is detected and reported, not
-// re-asserted.
-type localStater interface {
 	LocalState(ctx context.Context) (map[string]clusterstate.Network, []clusterstate.Endpoint, error)
+	reaper.Holder
 }
 
 // localNetworks groups the driver's state by logical network.
@@ -97,8 +87,9 @@ const selfCheckEvery = 30
 
 // startLiveness runs, until the returned stop is called, the reaper of
 // gone hosts (reaper.Run: a watch of the host records and a pass every
-// reaper.DefaultInterval) and this host's check
-// that it was not evicted while it was away: at start once the driver has
+// reaper.DefaultInterval) and this host's check of its own state
+// (reaper.Heal: was it evicted while it was away, did the store lose any
+// of its records; what runs is re-asserted): at start once the driver has
 // restored its state, whenever its host record is held by a new session
 // (regained after a loss), and every few minutes. With the embedded store
 // (one host) it does nothing.
@@ -110,7 +101,7 @@ const selfCheckEvery = 30
 //		return err
 //	}
 //	defer stopLive()
-func startLiveness(ctx context.Context, log *slog.Logger, store kvstore.Store, hc *hostClaim, drv heldEndpointer, ip *ipam.Driver, node, hostID string, vtep netip.Addr) (stop func(), err error) {
+func startLiveness(ctx context.Context, log *slog.Logger, store kvstore.Store, hc *hostClaim, drv runningState, ip *ipam.Driver, node, hostID string, vtep netip.Addr) (stop func(), err error) {
 	c, ok := store.(*kvstore.Consul)
 	if !ok || hc == nil || hc.claim == nil {
 		return func() {}, nil
@@ -137,35 +128,17 @@ func startLiveness(ctx context.Context, log *slog.Logger, store kvstore.Store, h
 		return nil, err
 	}
 	check := func(ctx context.Context) {
-		held, err := drv.HeldEndpoints(ctx)
-		if err != nil {
-			log.Warn("liveness: list this host's endpoints", "error", err)
-			return
-		}
-		local := make([]reaper.LocalEndpoint, 0, len(held))
-		for _, ep := range held {
-			local = append(local, reaper.LocalEndpoint{ID: ep.ID, Network: ep.Network, Addrs: []netip.Addr{ep.IPv4, ep.IPv6}})
-		}
-		rep, err := reaper.CheckSelf(ctx, hostID, node, cl, ip, local, log)
-		if err != nil {
-			log.Warn("liveness: check whether this host was evicted", "error", err)
-			return
-		}
-		if !rep.Evicted && len(rep.Free) == 0 {
-			return
-		}
-		ls, ok := drv.(localStater)
-		if !ok {
-			log.Error("this driver cannot re-assert its state after an eviction; recreate the containers listed above", "host_id", hostID)
-			return
-		}
-		nets, eps, err := ls.LocalState(ctx)
+		nets, eps, err := drv.LocalState(ctx)
 		if err != nil {
 			log.Warn("liveness: read the driver's state", "error", err)
 			return
 		}
-		if _, err := reaper.Reassert(ctx, hostID, node, cl, ip, localNetworks(nets, eps), log); err != nil {
-			log.Error("liveness: re-assert this host's state after an eviction", "host_id", hostID, "error", err)
+		h, err := reaper.Heal(ctx, hostID, node, cl, ip, drv, localNetworks(nets, eps), log)
+		switch {
+		case err != nil && h.Reasserted != nil:
+			log.Error("liveness: re-assert this host's state", "host_id", hostID, "error", err)
+		case err != nil:
+			log.Warn("liveness: check this host's state in the store", "error", err)
 		}
 	}
 	lctx, cancel := context.WithCancel(ctx)

@@ -615,7 +615,7 @@ func testReassert(t *testing.T, agent *testenv.ConsulAgent, conflict bool) {
 	}
 	s.b.claimRecord(t)
 	for round := 0; round < 2; round++ { // idempotent
-		rep, err := Reassert(ctx, "host-b", s.b.node, s.b.cl, s.b.ip, local, nil)
+		rep, err := Reassert(ctx, "host-b", s.b.node, s.b.cl, s.b.ip, nil, local, nil)
 		if err != nil {
 			t.Fatalf("round %d: %v", round, err)
 		}
@@ -830,7 +830,7 @@ func testBackDuringReap(t *testing.T, agent *testenv.ConsulAgent) {
 	if err != nil || !self.Evicted || len(self.Free) != 0 || len(self.Conflicts) != 0 {
 		t.Fatalf("B's check after the stopped reap: %+v, %v; want evicted, every address still its own", self, err)
 	}
-	if _, err := Reassert(ctx, "host-b", s.b.node, s.b.cl, s.b.ip, local, nil); err != nil {
+	if _, err := Reassert(ctx, "host-b", s.b.node, s.b.cl, s.b.ip, nil, local, nil); err != nil {
 		t.Fatal(err)
 	}
 	for _, k := range []string{"members/host-b", "networks/name-bonly/config", "networks/name-app/endpoints/ep-b"} {

@@ -63,9 +63,11 @@ type Reasserted struct {
 // the conflict is logged at error level, naming the address and the other
 // holder, and reported. Every step is idempotent (a replayed join, an
 // existing record, an address this host holds change nothing), so it is
-// safe to run whenever CheckSelf finds something missing. Errors of one
-// network do not stop the others; they are joined.
-func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaimer, local []LocalNetwork, log *slog.Logger) (Reasserted, error) {
+// safe to run whenever CheckSelf or CheckRecords finds something missing.
+// Each write is made through held (see Holder), so nothing removed since
+// local was read is written back. Errors of one network do not stop the
+// others; they are joined.
+func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaimer, held Holder, local []LocalNetwork, log *slog.Logger) (Reasserted, error) {
 	var out Reasserted
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -108,7 +110,15 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 		slices.Sort(ids)
 		joined := false
 		for _, id := range ids {
-			if _, err := cl.Join(ctx, n.Key, id, spec); err != nil {
+			bound, err := whileBound(held, id, func() error {
+				_, err := cl.Join(ctx, n.Key, id, spec)
+				return err
+			})
+			if !bound {
+				log.Info("not re-asserting a network removed since the check", "network", netName(n), "network_id", id)
+				continue
+			}
+			if err != nil {
 				log.Error("cannot join a running network again", "network", netName(n), "vni", n.VNI, "network_id", id, "error", err)
 				errs = append(errs, fmt.Errorf("re-assert network %s: %w", n.Label(), err))
 				continue
@@ -119,47 +129,90 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 		if !joined {
 			continue
 		}
-	endpoints:
 		for _, ep := range ln.Endpoints {
-			for _, cidr := range []string{ep.IPv4, ep.IPv6} {
-				if cidr == "" {
-					continue
-				}
-				p, err := netip.ParsePrefix(cidr)
-				if err != nil {
-					errs = append(errs, fmt.Errorf("re-assert endpoint %s: address %q: %w", ep.ID, cidr, err))
-					continue endpoints
-				}
-				poolID := pools[p.Masked()]
-				if poolID == "" {
-					errs = append(errs, fmt.Errorf("re-assert endpoint %s: address %s is in no subnet of network %s", ep.ID, p, n.Label()))
-					continue endpoints
-				}
-				err = ip.ReassertAddress(ctx, poolID, p.Addr(), ep.MAC)
-				if errors.Is(err, ipam.ErrAddressInUse) {
-					_, holder, hep, _ := ip.AddressHolder(ctx, p.Addr())
-					c := Conflict{Endpoint: ep.ID, Network: n.Key, Addr: p.Addr(), Pool: poolID, Holder: holder, HolderEndpoint: hep}
-					out.Conflicts = append(out.Conflicts, c)
-					log.Error("address conflict: a container of this host runs with an address another host holds now (this host was evicted while it was away); its endpoint is not recorded again: stop or reconnect this container, or the other one",
-						"address", p.Addr(), "endpoint", ep.ID, "network", netName(n), "pool", poolID, "other_host", holder, "other_endpoint", hep)
-					continue endpoints
-				}
-				if err != nil {
-					errs = append(errs, fmt.Errorf("re-assert endpoint %s: %w", ep.ID, err))
-					continue endpoints
-				}
+			var c *Conflict
+			running, err := whileJoined(held, ep.ID, func() error {
+				var err error
+				c, err = reassertEndpoint(ctx, cl, ip, n, pools, ep)
+				return err
+			})
+			switch {
+			case !running:
+				log.Info("not re-asserting an endpoint removed since the check", "endpoint", ep.ID, "network", netName(n))
+			case err != nil:
+				log.Error("cannot re-assert a running endpoint", "endpoint", ep.ID, "network", netName(n), "error", err)
+				errs = append(errs, err)
+			case c != nil:
+				out.Conflicts = append(out.Conflicts, *c)
+				log.Error("address conflict: a container of this host runs with an address another host holds now (this host was evicted while it was away); its endpoint is not recorded again: stop or reconnect this container, or the other one",
+					"address", c.Addr, "endpoint", ep.ID, "network", netName(n), "pool", c.Pool, "other_host", c.Holder, "other_endpoint", c.HolderEndpoint)
+			default:
+				out.Endpoints++
 			}
-			ep.NetworkKey = n.Key
-			if _, err := cl.CreateEndpoint(ctx, ep); err != nil {
-				log.Error("cannot record a running endpoint again", "endpoint", ep.ID, "network", netName(n), "error", err)
-				errs = append(errs, fmt.Errorf("re-assert endpoint %s: %w", ep.ID, err))
-				continue
-			}
-			out.Endpoints++
 		}
 		log.Info("re-asserted a running network after an eviction", "network", netName(n), "vni", n.VNI, "networks", ids, "endpoints", len(ln.Endpoints))
 	}
 	return out, errors.Join(errs...)
+}
+
+// reassertEndpoint takes ep's addresses again from their pools (pools: by
+// subnet) and records it in network n. An address another host holds now
+// is returned as a conflict, and ep is not recorded.
+func reassertEndpoint(ctx context.Context, cl Rejoiner, ip Reclaimer, n cluster.Network, pools map[netip.Prefix]string, ep cluster.Endpoint) (*Conflict, error) {
+	for _, cidr := range []string{ep.IPv4, ep.IPv6} {
+		if cidr == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(cidr)
+		if err != nil {
+			return nil, fmt.Errorf("re-assert endpoint %s: address %q: %w", ep.ID, cidr, err)
+		}
+		poolID := pools[p.Masked()]
+		if poolID == "" {
+			return nil, fmt.Errorf("re-assert endpoint %s: address %s is in no subnet of network %s", ep.ID, p, n.Label())
+		}
+		err = ip.ReassertAddress(ctx, poolID, p.Addr(), ep.MAC)
+		if errors.Is(err, ipam.ErrAddressInUse) {
+			_, holder, hep, _ := ip.AddressHolder(ctx, p.Addr())
+			return &Conflict{Endpoint: ep.ID, Network: n.Key, Addr: p.Addr(), Pool: poolID, Holder: holder, HolderEndpoint: hep}, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("re-assert endpoint %s: %w", ep.ID, err)
+		}
+	}
+	ep.NetworkKey = n.Key
+	if _, err := cl.CreateEndpoint(ctx, ep); err != nil {
+		return nil, fmt.Errorf("re-assert endpoint %s: record in network %s: %w", ep.ID, n.Label(), err)
+	}
+	return nil, nil
+}
+
+// Holder keeps what Reassert writes back in step with what still runs
+// (*driver.Driver): a membership is written only while its Docker network
+// is bound, an endpoint's addresses and record only while it is joined,
+// and the driver holds off their removal meanwhile. The local state
+// Reassert is given was read before; a `docker network rm` or `docker rm`
+// since would otherwise leave a membership, a record and an address that
+// nobody removes.
+type Holder interface {
+	WhileBound(networkID string, fn func() error) (bound bool, err error)
+	WhileJoined(endpointID string, fn func() error) (joined bool, err error)
+}
+
+// whileBound runs fn through h, or at once when h is nil.
+func whileBound(h Holder, networkID string, fn func() error) (bool, error) {
+	if h == nil {
+		return true, fn()
+	}
+	return h.WhileBound(networkID, fn)
+}
+
+// whileJoined runs fn through h, or at once when h is nil.
+func whileJoined(h Holder, endpointID string, fn func() error) (bool, error) {
+	if h == nil {
+		return true, fn()
+	}
+	return h.WhileJoined(endpointID, fn)
 }
 
 // specOf is the request that re-creates network n as it was.

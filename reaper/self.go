@@ -2,12 +2,15 @@ package reaper
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 
 	"consul-overlay/cluster"
 	"consul-overlay/ipam"
+	"consul-overlay/kvstore"
 )
 
 // LocalEndpoint is an endpoint this host's kernel runs (a joined
@@ -108,4 +111,132 @@ func CheckSelf(ctx context.Context, hostID, node string, cl HostRecorder, ip Add
 			"host", hostID, "node", node, "endpoints", len(local), "addresses_free", len(rep.Free), "addresses_taken_by_others", len(rep.Conflicts))
 	}
 	return rep, nil
+}
+
+// RecordReader reads a logical network's records (*cluster.Cluster).
+type RecordReader interface {
+	Network(ctx context.Context, key string) (cluster.Network, error)
+	Endpoints(ctx context.Context, key string) ([]cluster.Endpoint, error)
+}
+
+var _ RecordReader = (*cluster.Cluster)(nil)
+
+// Lost is what the store no longer records of this host's running state.
+type Lost struct {
+	// NetworkIDs are bound Docker networks whose membership is gone.
+	NetworkIDs []string
+	// Endpoints are joined endpoints whose record is gone.
+	Endpoints []string
+}
+
+// Empty reports whether nothing is lost.
+func (l Lost) Empty() bool { return len(l.NetworkIDs) == 0 && len(l.Endpoints) == 0 }
+
+// CheckRecords compares what this host runs (local, as its driver holds
+// it) with what the store records of it: each bound Docker network must
+// be in its logical network's membership of this host, and each joined
+// endpoint must have its record. What CheckSelf cannot see is found here:
+// a record lost while the host record and the addresses stayed (a
+// re-assertion that failed on one write, a reap stopped part way, an
+// operator's delete). Until it is written again, the other hosts do not
+// reach those containers, and a restart cannot tell them from strays. What
+// is lost is logged at error level; Reassert writes it again. It reads one
+// record and one list per logical network.
+func CheckRecords(ctx context.Context, hostID string, cl RecordReader, local []LocalNetwork, log *slog.Logger) (Lost, error) {
+	var lost Lost
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	for _, ln := range local {
+		key := ln.Network.Key
+		rec, err := cl.Network(ctx, key)
+		if err != nil && !errors.Is(err, kvstore.ErrNotFound) {
+			return Lost{}, fmt.Errorf("check the records of network %s: %w", ln.Network.Label(), err)
+		}
+		m := rec.Hosts[hostID]
+		var gone []string
+		for _, id := range ln.NetworkIDs {
+			if !slices.Contains(m.NetworkIDs, id) {
+				gone = append(gone, id)
+			}
+		}
+		recorded := map[string]bool{}
+		if len(ln.Endpoints) != 0 {
+			eps, err := cl.Endpoints(ctx, key)
+			if err != nil {
+				return Lost{}, fmt.Errorf("check the records of network %s: %w", ln.Network.Label(), err)
+			}
+			for _, ep := range eps {
+				if ep.HostID == hostID {
+					recorded[ep.ID] = true
+				}
+			}
+		}
+		var unrecorded []string
+		for _, ep := range ln.Endpoints {
+			if !recorded[ep.ID] {
+				unrecorded = append(unrecorded, ep.ID)
+			}
+		}
+		if len(gone) == 0 && len(unrecorded) == 0 {
+			continue
+		}
+		log.Error("the store lost records of what this host runs: the other hosts do not reach these containers until they are written again (re-asserting them now)",
+			"host", hostID, "network", netName(ln.Network), "network_ids_without_membership", gone, "endpoints_without_record", unrecorded)
+		lost.NetworkIDs = append(lost.NetworkIDs, gone...)
+		lost.Endpoints = append(lost.Endpoints, unrecorded...)
+	}
+	return lost, nil
+}
+
+// Cluster is what Heal reads and writes of the cluster state
+// (*cluster.Cluster).
+type Cluster interface {
+	HostRecorder
+	RecordReader
+	Rejoiner
+}
+
+var _ Cluster = (*cluster.Cluster)(nil)
+
+// Healed says what Heal found and did.
+type Healed struct {
+	Self SelfReport
+	Lost Lost
+	// Reasserted is set when Heal re-asserted this host's state.
+	Reasserted *Reasserted
+}
+
+// Heal is this host's periodic check of its own state in the store: it
+// runs CheckSelf (was this host evicted, are its addresses still its own)
+// and, when that finds nothing, CheckRecords (are its memberships and
+// endpoint records all there), and re-asserts what runs (Reassert, through
+// held) when either finds something missing. local is what the driver
+// runs, read just before.
+func Heal(ctx context.Context, hostID, node string, cl Cluster, ip Reclaimer, held Holder, local []LocalNetwork, log *slog.Logger) (Healed, error) {
+	var h Healed
+	var eps []LocalEndpoint
+	for _, ln := range local {
+		for _, ep := range ln.Endpoints {
+			le := LocalEndpoint{ID: ep.ID, Network: netName(ln.Network)}
+			for _, cidr := range []string{ep.IPv4, ep.IPv6} {
+				if p, err := netip.ParsePrefix(cidr); err == nil {
+					le.Addrs = append(le.Addrs, p.Addr())
+				}
+			}
+			eps = append(eps, le)
+		}
+	}
+	var err error
+	if h.Self, err = CheckSelf(ctx, hostID, node, cl, ip, eps, log); err != nil {
+		return h, err
+	}
+	if !h.Self.Evicted && len(h.Self.Free) == 0 {
+		if h.Lost, err = CheckRecords(ctx, hostID, cl, local, log); err != nil || h.Lost.Empty() {
+			return h, err
+		}
+	}
+	r, err := Reassert(ctx, hostID, node, cl, ip, held, local, log)
+	h.Reasserted = &r
+	return h, err
 }
