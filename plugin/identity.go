@@ -47,14 +47,18 @@ func buildVersion() string {
 // left by its own previous incarnation; a copied DATA_DIR has another lock
 // file, another machine another boot ID.
 type hostRecord struct {
-	ID       string     `json:"id"`
-	Node     string     `json:"node"`
-	VTEP     netip.Addr `json:"vtep"`
-	PID      int        `json:"pid"`
-	Started  time.Time  `json:"started"`
-	Version  string     `json:"version"`
-	BootID   string     `json:"boot_id,omitempty"`
-	LockFile string     `json:"lock_file,omitempty"`
+	ID   string `json:"id"`
+	Node string `json:"node"`
+	// AgentNode is the local Consul agent's node name, which the host's
+	// services are registered under, when the agent answered at start:
+	// the reaper deregisters a gone host's services there.
+	AgentNode string     `json:"agent_node,omitempty"`
+	VTEP      netip.Addr `json:"vtep"`
+	PID       int        `json:"pid"`
+	Started   time.Time  `json:"started"`
+	Version   string     `json:"version"`
+	BootID    string     `json:"boot_id,omitempty"`
+	LockFile  string     `json:"lock_file,omitempty"`
 	// SessionTTL is the TTL of the check the host's session is bound to
 	// (kvstore.ClaimConfig.TTL; the name is from when the session had it).
 	SessionTTL string `json:"session_ttl,omitempty"`

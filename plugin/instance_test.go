@@ -365,3 +365,20 @@ func TestVTEPChangeRepublished(t *testing.T) {
 		t.Fatalf("host record updated %s after the change, want within 1s", took)
 	}
 }
+
+// TestHostRecordNamesAgentNode: a plugin whose NODE_NAME differs from its
+// Consul agent's node name writes the agent's name in its host record:
+// its services are registered there, and a reaper deregisters them there
+// once the host is gone (reaper testServicesUnderAgentNode).
+func TestHostRecordNamesAgentNode(t *testing.T) {
+	requireNsenter(t)
+	hosts := testenv.NewUnderlay(t, 1, testenv.UnderlayOptions{})
+	agent := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()))
+	prefix := "co-agentnode-" + randomID()[:8] + "/"
+	a := startPluginEnv(t, "host0", hosts[0], agent.Addr, prefix, "NODE_NAME=web-1")
+	a.mustWork(t)
+	rec, _ := hostRecordOf(t, agent, prefix, readHostID(t, a.data))
+	if rec.Node != "web-1" || rec.AgentNode != agent.NodeName {
+		t.Fatalf("host record node %q, agent node %q; want web-1 and the agent's %q", rec.Node, rec.AgentNode, agent.NodeName)
+	}
+}

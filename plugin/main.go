@@ -252,6 +252,13 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		PID: os.Getpid(), Started: time.Now().UTC().Truncate(time.Second), Version: buildVersion(),
 		BootID: hostid.BootID(), LockFile: lock.File(),
 	}
+	if agentName != nil {
+		// Where the registrar's services go: the reaper of another host
+		// looks for them there once this one is gone.
+		if n, err := agentName(); err == nil && n != node {
+			rec.AgentNode = n
+		}
+	}
 	var hc *hostClaim
 	for wait := 100 * time.Millisecond; ; wait = min(2*wait, claimRetryMax) {
 		if hc, err = claimHost(ctx, store, rec, cfg.DataDir, log); err == nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -89,12 +90,16 @@ type Catalog interface {
 
 // Host is one host as the store shows it.
 type Host struct {
-	ID      string     `json:"id"`
-	Node    string     `json:"node"`
-	VTEP    netip.Addr `json:"vtep,omitzero"`
-	PID     int        `json:"pid,omitempty"`
-	Started time.Time  `json:"started,omitzero"`
-	Version string     `json:"version,omitempty"`
+	ID   string `json:"id"`
+	Node string `json:"node"`
+	// AgentNode is the node name of the Consul agent the host registered
+	// its services on, when it differs from Node (NODE_NAME set to
+	// another name, or the agent renamed since the name was kept).
+	AgentNode string     `json:"agent_node,omitempty"`
+	VTEP      netip.Addr `json:"vtep,omitzero"`
+	PID       int        `json:"pid,omitempty"`
+	Started   time.Time  `json:"started,omitzero"`
+	Version   string     `json:"version,omitempty"`
 	// Alive: the record is held by a session.
 	Alive   bool   `json:"alive"`
 	Session string `json:"session,omitempty"`
@@ -110,14 +115,27 @@ type Host struct {
 	index uint64 // ModifyIndex of hosts/<id>
 }
 
+// hostNodes are the catalog nodes host h's services may be on: its agent's
+// node, and Node when it differs.
+func hostNodes(h Host) []string {
+	var out []string
+	for _, n := range []string{h.AgentNode, h.Node} {
+		if n != "" && !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
 // hostRecord is the part of the plugin's hosts/<id> record we read.
 type hostRecord struct {
-	ID      string     `json:"id"`
-	Node    string     `json:"node"`
-	VTEP    netip.Addr `json:"vtep"`
-	PID     int        `json:"pid"`
-	Started time.Time  `json:"started"`
-	Version string     `json:"version"`
+	ID        string     `json:"id"`
+	Node      string     `json:"node"`
+	AgentNode string     `json:"agent_node"`
+	VTEP      netip.Addr `json:"vtep"`
+	PID       int        `json:"pid"`
+	Started   time.Time  `json:"started"`
+	Version   string     `json:"version"`
 }
 
 // lostRecord is hosts-lost/<id>.
@@ -207,7 +225,7 @@ func (r *Reaper) view(pairs, lpairs []*kvstore.Pair) ([]Host, map[string]*kvstor
 		if err := kvstore.Decode(p.Value, &rec); err != nil {
 			r.log.Warn("unreadable host record", "key", p.Key, "error", err)
 		}
-		h := Host{ID: id, Node: rec.Node, VTEP: rec.VTEP, PID: rec.PID, Started: rec.Started, Version: rec.Version,
+		h := Host{ID: id, Node: rec.Node, AgentNode: rec.AgentNode, VTEP: rec.VTEP, PID: rec.PID, Started: rec.Started, Version: rec.Version,
 			Alive: p.Session != "", Session: p.Session, index: p.ModifyIndex}
 		if lp := lost[id]; lp != nil && !h.Alive {
 			var l lostRecord
@@ -482,18 +500,22 @@ func (r *Reaper) reap(ctx context.Context, h Host, force bool) (Reaped, error) {
 	}
 	log.Info("reap: address and pool holds released", "addresses", iv.Addresses, "shared_holds", iv.SharedHolds, "pool_holds", iv.PoolHolds, "pools_removed", iv.PoolsRemoved)
 	fault.Point("reap/after-ipam")
-	if r.cat != nil && h.Node != "" {
-		svcs, err := r.cat.HostServices(ctx, h.Node, h.ID)
-		if err != nil {
-			return out, fmt.Errorf("reap host %s (%s): list its services: %w", h.ID, h.Node, err)
-		}
-		for _, s := range svcs {
-			if err := r.cat.Deregister(ctx, s); err != nil {
-				return out, fmt.Errorf("reap host %s (%s): deregister service %s: %w", h.ID, h.Node, s.ID, err)
+	if r.cat != nil {
+		// The services are on the agent's node; a record of a version
+		// that did not write it names only Node.
+		for _, node := range hostNodes(h) {
+			svcs, err := r.cat.HostServices(ctx, node, h.ID)
+			if err != nil {
+				return out, fmt.Errorf("reap host %s (%s): list its services on node %q: %w", h.ID, h.Node, node, err)
 			}
-			out.Services++
+			for _, s := range svcs {
+				if err := r.cat.Deregister(ctx, s); err != nil {
+					return out, fmt.Errorf("reap host %s (%s): deregister service %s: %w", h.ID, h.Node, s.ID, err)
+				}
+				out.Services++
+			}
 		}
-		log.Info("reap: services deregistered", "services", out.Services)
+		log.Info("reap: services deregistered", "services", out.Services, "agent_node", h.AgentNode)
 	}
 	fault.Point("reap/after-services")
 	err = r.store.DeleteCAS(ctx, HostsPrefix+h.ID, h.index)

@@ -55,10 +55,13 @@ type env struct {
 // record, cluster view and IPAM.
 type testHost struct {
 	id, node string
-	store    *kvstore.Consul
-	claim    *kvstore.Claim
-	cl       *cluster.Cluster
-	ip       *ipam.Driver
+	// agentNode, when set, is written as the record's agent_node (the
+	// plugin's NODE_NAME differs from its agent's node name).
+	agentNode string
+	store     *kvstore.Consul
+	claim     *kvstore.Claim
+	cl        *cluster.Cluster
+	ip        *ipam.Driver
 }
 
 const grace = time.Minute
@@ -93,7 +96,7 @@ func (e *env) host(t *testing.T, id, node, vtep string) *testHost {
 
 func (h *testHost) claimRecord(t *testing.T) {
 	t.Helper()
-	val, err := kvstore.Encode(hostRecord{ID: h.id, Node: h.node, PID: 1, Started: time.Now().UTC()})
+	val, err := kvstore.Encode(hostRecord{ID: h.id, Node: h.node, AgentNode: h.agentNode, PID: 1, Started: time.Now().UTC()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -340,6 +343,42 @@ func TestConsul(t *testing.T) {
 	t.Run("ReassertConflict", func(t *testing.T) { testReassert(t, agent, true) })
 	t.Run("RunFollowsWithoutPolling", func(t *testing.T) { testRunFollows(t, agent) })
 	t.Run("BackDuringReap", func(t *testing.T) { testBackDuringReap(t, agent) })
+	t.Run("ServicesUnderAgentNode", func(t *testing.T) { testServicesUnderAgentNode(t, agent) })
+}
+
+// testServicesUnderAgentNode: host B runs with NODE_NAME web-1 while its
+// agent's node is another name, so its registrar's services are on the
+// agent's node. Once B is gone, the reaper removes them there: looked up
+// under web-1 they were never found, and on a shared agent that outlives B
+// they kept answering DNS for containers that no longer run.
+func testServicesUnderAgentNode(t *testing.T, agent *testenv.ConsulAgent) {
+	e := newEnv(t, agent)
+	ctx := bg(t)
+	a := e.host(t, "host-a", agent.NodeName, "192.0.2.1")
+	b := e.host(t, "host-b", "web-1", "192.0.2.2")
+	b.agentNode = agent.NodeName
+	if err := b.claim.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	b.claimRecord(t)
+	b.join(t, "app", "10.51.0.0/24", "ep-b")
+	svc := "svc-b-" + e.prefix[7:15]
+	registerService(t, b.store.Client(), svc, "host-b")
+	r := a.reaper(t, e, agent.NodeName)
+	b.stop(t)
+	if err := r.Scan(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Add(grace + time.Second)
+	if err := r.Scan(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if exists(t, a.store, "members/host-b") {
+		t.Fatal("B was not reaped")
+	}
+	if serviceIDs(t, a.store.Client())[svc] {
+		t.Error("B's service is still registered on its agent's node: the reaper looked for it under NODE_NAME (web-1) only")
+	}
 }
 
 func testGoneHostReaped(t *testing.T, agent *testenv.ConsulAgent) {
