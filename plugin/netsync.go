@@ -31,12 +31,15 @@ const (
 type netSyncSettings struct {
 	on    bool
 	fixed string // DRIVER_NAME, "" to learn it
+	// getenv is the process's environment, which tells this instance
+	// from others when several plugins serve the socket (driverName).
+	getenv func(string) string
 }
 
 // netSyncFromEnv reads the settings at start, before anything is served,
 // so a bad value stops the plugin before it touches the kernel.
 func netSyncFromEnv(getenv func(string) string) (netSyncSettings, error) {
-	st := netSyncSettings{on: true, fixed: strings.TrimSpace(getenv(envDriverName))}
+	st := netSyncSettings{on: true, fixed: strings.TrimSpace(getenv(envDriverName)), getenv: getenv}
 	if v := strings.TrimSpace(getenv(envClusterNetworks)); v != "" {
 		b, err := strconv.ParseBool(v)
 		if err != nil {
@@ -68,7 +71,7 @@ func startNetSync(ctx context.Context, log *slog.Logger, st netSyncSettings, sto
 			if st.fixed != "" {
 				return st.fixed, nil
 			}
-			return driverName(ctx, docker, socket)
+			return driverName(ctx, docker, socket, st.getenv)
 		},
 	}, store, docker)
 	if err != nil {
@@ -82,31 +85,57 @@ func startNetSync(ctx context.Context, log *slog.Logger, st netSyncSettings, sto
 
 // driverName learns the name this plugin's network driver has on the
 // engine: the managed plugin that serves a network driver on a socket of
-// this name (the enabled one when there are several: while this plugin
-// starts, the engine may not list it as enabled yet), else, when no managed
-// plugin has that socket (a standalone daemon), the socket's name.
-func driverName(ctx context.Context, docker *dockerapi.Client, socket string) (string, error) {
+// this name, else, when no managed plugin has that socket (a standalone
+// daemon), the socket's name. When several do (two instances under two
+// aliases, or two versions during an upgrade), the ones whose settings
+// are not this process's environment (getenv) are other instances; of
+// those left, the enabled one (while this plugin starts, the engine may
+// not list it as enabled yet, so an instance is never taken for another
+// on that alone). Otherwise it fails, and the caller asks again later.
+func driverName(ctx context.Context, docker *dockerapi.Client, socket string, getenv func(string) string) (string, error) {
 	ps, err := docker.Plugins(ctx)
 	if err != nil {
 		return "", err
 	}
 	base := filepath.Base(socket)
-	var all, enabled []string
+	var all, mine, enabled []string
 	for _, p := range ps {
-		if p.Socket == base && slices.Contains(p.Types, "docker.networkdriver/1.0") {
-			all = append(all, p.Name)
-			if p.Enabled {
-				enabled = append(enabled, p.Name)
-			}
+		if p.Socket != base || !slices.Contains(p.Types, "docker.networkdriver/1.0") {
+			continue
+		}
+		all = append(all, p.Name)
+		if !sameSettings(p.Env, getenv) {
+			continue
+		}
+		mine = append(mine, p.Name)
+		if p.Enabled {
+			enabled = append(enabled, p.Name)
 		}
 	}
 	switch {
-	case len(enabled) == 1:
-		return enabled[0], nil
-	case len(all) == 1:
-		return all[0], nil
 	case len(all) == 0:
 		return strings.TrimSuffix(base, ".sock"), nil
+	case len(all) == 1:
+		return all[0], nil
+	case len(mine) == 1:
+		return mine[0], nil
+	case len(mine) > 1 && len(enabled) == 1:
+		return enabled[0], nil
 	}
-	return "", fmt.Errorf("several plugins serve %s (%s): set %s to the one this is", base, strings.Join(all, ", "), envDriverName)
+	return "", fmt.Errorf("several plugins serve %s (%s) and their settings do not tell which one this is: set %s to the one this is", base, strings.Join(all, ", "), envDriverName)
+}
+
+// sameSettings reports whether every setting of env ("NAME=value") has
+// its value in getenv: a managed plugin's process runs with them.
+func sameSettings(env []string, getenv func(string) string) bool {
+	if getenv == nil {
+		return true
+	}
+	for _, kv := range env {
+		name, value, _ := strings.Cut(kv, "=")
+		if getenv(name) != value {
+			return false
+		}
+	}
+	return true
 }

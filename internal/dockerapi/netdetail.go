@@ -174,6 +174,9 @@ type Plugin struct {
 	Socket string
 	// Types are the interfaces it implements ("docker.networkdriver/1.0").
 	Types []string
+	// Env are its settings ("NAME=value"), as `docker plugin set` left
+	// them: the environment its process runs with.
+	Env []string
 }
 
 // Plugins lists the managed plugins.
@@ -187,13 +190,16 @@ func (c *Client) Plugins(ctx context.Context) ([]Plugin, error) {
 				Types  []string
 			}
 		}
+		Settings struct {
+			Env []string
+		}
 	}
 	if err := c.call(ctx, http.MethodGet, "/plugins", &raw); err != nil {
 		return nil, fmt.Errorf("docker list plugins: %w", err)
 	}
 	out := make([]Plugin, 0, len(raw))
 	for _, r := range raw {
-		out = append(out, Plugin{Name: r.Name, Enabled: r.Enabled, Socket: r.Config.Interface.Socket, Types: r.Config.Interface.Types})
+		out = append(out, Plugin{Name: r.Name, Enabled: r.Enabled, Socket: r.Config.Interface.Socket, Types: r.Config.Interface.Types, Env: r.Settings.Env})
 	}
 	return out, nil
 }
