@@ -34,6 +34,9 @@ type fakeEngine struct {
 	// engine's name check is best effort, and two creates of one name
 	// that overlap both succeed.
 	noNameCheck bool
+	// stopped counts the stopped containers attached to each network, by
+	// ID: the inspect's Containers does not count them.
+	stopped map[string]int
 }
 
 type fakeSub struct {
@@ -42,7 +45,7 @@ type fakeSub struct {
 }
 
 func newFakeEngine(driver string, cl *cluster.Cluster) *fakeEngine {
-	return &fakeEngine{driver: driver, cl: cl, nets: map[string]*dockerapi.NetworkDetail{}, subs: map[int]*fakeSub{}, creates: map[string]int{}}
+	return &fakeEngine{driver: driver, cl: cl, nets: map[string]*dockerapi.NetworkDetail{}, subs: map[int]*fakeSub{}, creates: map[string]int{}, stopped: map[string]int{}}
 }
 
 var errEngineDown = fmt.Errorf("dial unix /fake.sock: connection refused")
@@ -228,6 +231,32 @@ func (e *fakeEngine) Events(ctx context.Context, since time.Time, filters map[st
 		}
 	})
 	return s.ch, s.errc, nil
+}
+
+func (e *fakeEngine) NetworkContainers(ctx context.Context, id, _ string) (int, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.down {
+		return 0, errEngineDown
+	}
+	n, ok := e.nets[id]
+	if !ok {
+		return 0, nil
+	}
+	return n.Containers + e.stopped[id], nil
+}
+
+// stop stands for containers attached to network name stopping (delta >
+// 0: they leave the inspect's count and stay attached) or being removed
+// once stopped (delta < 0).
+func (e *fakeEngine) stop(name string, delta int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	n := e.byName(name)
+	if delta > 0 {
+		n.Containers -= delta
+	}
+	e.stopped[n.ID] += delta
 }
 
 // connect and disconnect stand for containers joining and leaving.

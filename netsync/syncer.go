@@ -27,6 +27,9 @@ type Engine interface {
 	InspectNetworkDetail(ctx context.Context, id string) (dockerapi.NetworkDetail, error)
 	CreateNetwork(ctx context.Context, req dockerapi.NetworkCreate) (string, error)
 	RemoveNetwork(ctx context.Context, id string) error
+	// NetworkContainers counts the containers attached to a network (by
+	// ID and name), created and stopped ones included.
+	NetworkContainers(ctx context.Context, id, name string) (int, error)
 	Events(ctx context.Context, since time.Time, filters map[string][]string) (<-chan dockerapi.Event, <-chan error, error)
 }
 
@@ -614,6 +617,16 @@ func (s *Syncer) removeUnused(ctx context.Context, n dockerapi.NetworkDetail, ms
 	}
 	if d.Containers > 0 {
 		return false, nil
+	}
+	// The inspect counts running containers only; the engine lets a
+	// network go under stopped ones, which then cannot start again (a
+	// `docker compose stop` on this host, then a `network rm` elsewhere).
+	if c, err := s.engine.NetworkContainers(ctx, n.ID, n.Name); err != nil || c > 0 {
+		if err == nil {
+			s.once("stopped/"+n.ID, "cluster-wide network kept on this host: stopped containers are attached to it; remove them, or the network, to let it go",
+				fmt.Errorf("network %q: ID %s: %d stopped containers", n.Name, n.ID, c))
+		}
+		return false, err
 	}
 	s.removing[n.ID] = true
 	if err := s.engine.RemoveNetwork(ctx, n.ID); err != nil {

@@ -32,6 +32,7 @@ func TestSyncer(t *testing.T) {
 	}{
 		{"CreatePropagates", testCreatePropagates},
 		{"RemoveRetiresKeepsUsed", testRemoveRetires},
+		{"RetireKeepsStoppedContainers", testRetireKeepsStopped},
 		{"ConflictOneWinner", testConflict},
 		{"SameSettingsIdempotent", testSameSettings},
 		{"LateHost", testLateHost},
@@ -279,6 +280,34 @@ func testRemoveRetires(t *testing.T, c *cl) {
 		}
 		return nil
 	})
+}
+
+// testRetireKeepsStopped: a user removes a cluster-wide network on B while
+// A's only container on it is stopped (`docker compose stop`). The
+// engine's inspect counts running containers only, and it lets a network
+// go under stopped ones, which then cannot start ("network not found"):
+// A keeps the network until the container is removed.
+func testRetireKeepsStopped(t *testing.T, c *cl) {
+	a := c.host("a", "co")
+	b := c.host("b", "co")
+	a.userCreate(t, "web", "10.99.12.0/24", nil, nil)
+	testenv.Eventually(t, 2*time.Second, func() error { return has(b, "web", "") })
+	a.engine.connect("web", 1)
+	a.engine.stop("web", 1)
+	if err := b.engine.RemoveNetwork(context.Background(), "web"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second) // A's syncer has seen the retirement
+	if err := has(a, "web", ""); err != nil {
+		t.Fatalf("A removed the network its stopped container is attached to: %v", err)
+	}
+	sp, err := cluster.GetSpec(context.Background(), a.store, "web")
+	if err != nil || !sp.Spec.Retired {
+		t.Fatalf("spec %+v, %v; want retired", sp.Spec, err)
+	}
+	// The stopped container is removed: the network goes from A.
+	a.engine.stop("web", -1)
+	testenv.Eventually(t, 3*time.Second, func() error { return lacks(a, "web") })
 }
 
 func testConflict(t *testing.T, c *cl) {

@@ -343,6 +343,25 @@ func (c *Client) List(ctx context.Context) ([]Summary, error) {
 	return out, nil
 }
 
+// NetworkContainers counts the containers attached to network id (named
+// name), created and stopped ones included: the engine's network inspect
+// lists only running ones, and a stopped container of a removed network
+// cannot start again. A container created and never started names the
+// network only by name, so the filter has both.
+func (c *Client) NetworkContainers(ctx context.Context, id, name string) (int, error) {
+	f, err := json.Marshal(map[string][]string{"network": {id, name}})
+	if err != nil {
+		return 0, err
+	}
+	var raw []struct {
+		ID string `json:"Id"`
+	}
+	if err := c.call(ctx, http.MethodGet, "/containers/json?all=true&filters="+url.QueryEscape(string(f)), &raw); err != nil {
+		return 0, fmt.Errorf("docker list containers of network %s: %w", id, err)
+	}
+	return len(raw), nil
+}
+
 // Info returns the engine's identity (GET /info).
 func (c *Client) Info(ctx context.Context) (Info, error) {
 	var raw struct {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -161,5 +162,44 @@ func TestEngineInfoNetworks(t *testing.T) {
 	}
 	if a := list[i].Networks; len(a) != 1 || a[0].Name != "none" || a[0].EndpointID != "" || (a[0].NetworkID != "" && a[0].NetworkID != n.ID) {
 		t.Errorf("created container's attachments %+v, want none (ID %s or empty) without an endpoint", a, n.ID)
+	}
+}
+
+// TestEngineNetworkContainers: the engine's network inspect counts running
+// containers only; NetworkContainers counts a created (never started) and
+// a stopped container too, which the engine would let a network removal
+// strand.
+func TestEngineNetworkContainers(t *testing.T) {
+	c := realEngine(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	name := "dockerapi-test-users-" + strings.ReplaceAll(time.Now().Format("150405.000"), ".", "")
+	id, err := c.CreateNetwork(ctx, NetworkCreate{Name: name, Driver: "bridge", Internal: true,
+		IPAM: NetworkIPAM{Config: []NetworkIPAMConfig{{Subnet: "10.213.77.0/24"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.RemoveNetwork(context.Background(), id) })
+	if n, err := c.NetworkContainers(ctx, id, name); err != nil || n != 0 {
+		t.Fatalf("NetworkContainers of a new network = %d, %v; want 0", n, err)
+	}
+	cid, _ := createContainer(t, "--network", name)
+	d, err := c.InspectNetworkDetail(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := c.NetworkContainers(ctx, id, name)
+	if err != nil || n != 1 {
+		t.Fatalf("NetworkContainers = %d, %v; want 1 (the created container; inspect counts %d)", n, err, d.Containers)
+	}
+	// Started and stopped: attached by ID now, and still not running.
+	if out, err := exec.CommandContext(ctx, "docker", "start", cid).CombinedOutput(); err != nil {
+		t.Fatalf("docker start: %v: %s", err, out)
+	}
+	if out, err := exec.CommandContext(ctx, "docker", "stop", "-t", "0", cid).CombinedOutput(); err != nil {
+		t.Fatalf("docker stop: %v: %s", err, out)
+	}
+	if n, err := c.NetworkContainers(ctx, id, name); err != nil || n != 1 {
+		t.Fatalf("NetworkContainers with the container stopped = %d, %v; want 1", n, err)
 	}
 }
