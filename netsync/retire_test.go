@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -81,5 +83,59 @@ func TestRetireRetried(t *testing.T) {
 	})
 	if _, ok := b.engine.get("web"); ok {
 		t.Error("host b has web again after the user removed it there")
+	}
+}
+
+// TestRetireRetriedAfterRestart: as TestRetireRetried, but host b's plugin
+// is killed while the store still refuses the retirement, and starts again
+// once it answers. The removal is on disk (Config.RetireFile): the new
+// syncer retires the network instead of creating it again from its live
+// spec, which undid the user's rm on b and kept it on every other host.
+func TestRetireRetriedAfterRestart(t *testing.T) {
+	agent := testenv.StartConsul(t)
+	c := &cl{t: t, addr: agent.Addr, prefix: "netsync-retire-restart/"}
+	a := c.host("a", "co")
+
+	real := c.open()
+	flaky := &flakySpecs{Store: real}
+	clu, err := cluster.New(cluster.Config{HostID: "id-b", Node: "b", VTEP: netip.MustParseAddr("192.0.2.200")}, real)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(t.TempDir(), "netsync-retiring.json")
+	b := &host{name: "b", store: flaky, engine: newFakeEngine("co", clu), logs: &syncBuf{}, retireFile: file}
+	b.start(t)
+
+	a.userCreate(t, "web", "10.99.51.0/24", nil, nil)
+	testenv.Eventually(t, 3*time.Second, func() error { return has(b, "web", "") })
+	time.Sleep(1500 * time.Millisecond) // b matched it in a pass
+
+	flaky.fail.Store(true)
+	if err := b.engine.RemoveNetwork(context.Background(), "web"); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 3*time.Second, func() error {
+		if !strings.Contains(b.logs.String(), "retiring it in the cluster failed") {
+			return fmt.Errorf("no retire failure logged yet")
+		}
+		return nil
+	})
+	b.stop() // the plugin killed
+	flaky.fail.Store(false)
+	b2 := &host{name: "b", store: flaky, engine: b.engine, logs: &syncBuf{}, retireFile: file}
+	b2.start(t)
+
+	testenv.Eventually(t, 15*time.Second, func() error {
+		if _, ok := a.engine.get("web"); ok {
+			return fmt.Errorf("host a still has web after the user removed it on host b")
+		}
+		return nil
+	})
+	time.Sleep(1500 * time.Millisecond)
+	if _, ok := b2.engine.get("web"); ok {
+		t.Error("host b has web again after the user removed it there: its restart created it from the live spec")
+	}
+	if _, err := os.Stat(file); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the retire file is left after the store took the retirement: %v", err)
 	}
 }

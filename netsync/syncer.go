@@ -2,10 +2,12 @@ package netsync
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -53,7 +55,12 @@ type Config struct {
 	// without its destroy event, waits for the event before it is created
 	// again from the spec (default 2s).
 	GoneGrace time.Duration
-	Logger    *slog.Logger
+	// RetireFile, when set, keeps on disk the networks a user removed
+	// here whose retirement the store has not taken yet (DATA_DIR), so a
+	// restart retries it instead of creating them again from their live
+	// spec. "" keeps them in memory only.
+	RetireFile string
+	Logger     *slog.Logger
 }
 
 // Syncer keeps one host's engine and the cluster's specs in step (see the
@@ -120,13 +127,23 @@ func New(cfg Config, store kvstore.Store, engine Engine) (*Syncer, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Syncer{
+	s := &Syncer{
 		cfg: cfg, log: cfg.Logger, store: store, engine: engine,
 		specs: map[string]cluster.SpecPair{}, known: map[string]string{}, matched: map[string]string{},
 		own: map[string]bool{}, removing: map[string]bool{}, retiredSeen: map[string]bool{}, toRetire: map[string]string{},
 		missingSince: map[string]time.Time{}, reported: map[string]string{},
 		conflicts: map[string]Conflict{}, ready: make(chan struct{}),
-	}, nil
+	}
+	pending, err := loadRetiring(cfg.RetireFile)
+	if err != nil {
+		return nil, err
+	}
+	for name, inc := range pending {
+		s.toRetire[name] = inc
+		s.retiredSeen[inc] = true
+		s.log.Warn("cluster-wide network removed here before the last stop, its retirement not taken by the store yet: retrying", "network", name)
+	}
+	return s, nil
 }
 
 // Ready is closed after the first complete pass (engine and store caught
@@ -351,23 +368,83 @@ func (s *Syncer) handleEvent(ctx context.Context, ev dockerapi.Event) {
 // (a user's rm must not be undone by the other hosts, nor by this host's
 // next start).
 func (s *Syncer) retire(ctx context.Context, name, inc string) {
+	if s.toRetire[name] != inc {
+		// Recorded before it is tried: a kill -9 before the store takes
+		// it leaves the record, and the next start retries.
+		s.toRetire[name] = inc
+		s.saveRetiring()
+	}
 	done, err := cluster.RetireSpec(ctx, s.store, name, inc, s.cfg.Node)
 	if err != nil {
-		if _, retry := s.toRetire[name]; retry {
+		if s.reported["retire/"+name] == inc {
 			s.log.Debug("retiring a cluster-wide network removed here failed again", "network", name, "error", err)
 		} else {
+			s.reported["retire/"+name] = inc
 			s.log.Error("cluster-wide network removed here, but retiring it in the cluster failed; other hosts keep it until a retry succeeds (every pass)", "network", name, "error", err)
 		}
-		s.toRetire[name] = inc
 		return
 	}
-	if _, retried := s.toRetire[name]; retried {
-		delete(s.toRetire, name)
+	delete(s.toRetire, name)
+	s.saveRetiring()
+	if _, retried := s.reported["retire/"+name]; retried {
+		delete(s.reported, "retire/"+name)
 		s.log.Info("cluster-wide network removed here retired in the cluster after all", "network", name)
 	}
 	if done {
 		s.log.Info("cluster-wide network removed by a user here: retired on every host", "network", name)
 	}
+}
+
+// saveRetiring writes toRetire to Config.RetireFile. A failure is logged:
+// the retry goes on in memory, and only a restart before it succeeds
+// would create the network here again.
+func (s *Syncer) saveRetiring() {
+	if s.cfg.RetireFile == "" {
+		return
+	}
+	if err := saveRetiring(s.cfg.RetireFile, s.toRetire); err != nil {
+		s.log.Error("networks to retire not recorded in DATA_DIR: if the plugin stops before the store takes them, the next start creates them here again", "file", s.cfg.RetireFile, "error", err)
+	}
+}
+
+// loadRetiring reads the networks to retire (name → incarnation) from
+// file; a missing file is none.
+func loadRetiring(file string) (map[string]string, error) {
+	if file == "" {
+		return nil, nil
+	}
+	b, err := os.ReadFile(file)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("netsync: read the networks to retire: %w", err)
+	}
+	var m map[string]string
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("netsync: networks to retire in %s: %w (remove the file to drop them)", file, err)
+	}
+	return m, nil
+}
+
+// saveRetiring replaces file with m (removes it when m is empty), through
+// a rename, so a crash leaves the old list or the new one.
+func saveRetiring(file string, m map[string]string) error {
+	if len(m) == 0 {
+		if err := os.Remove(file); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
+	b, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	tmp := file + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, file)
 }
 
 // pass is one full reconciliation of the engine's networks with the specs.

@@ -61,13 +61,14 @@ type cl struct {
 
 // host is one host: its store client, fake engine and syncer.
 type host struct {
-	name   string
-	store  kvstore.Store
-	engine *fakeEngine
-	syncer *Syncer
-	logs   *syncBuf
-	cancel context.CancelFunc
-	done   chan struct{}
+	name       string
+	retireFile string // netsync.Config.RetireFile
+	store      kvstore.Store
+	engine     *fakeEngine
+	syncer     *Syncer
+	logs       *syncBuf
+	cancel     context.CancelFunc
+	done       chan struct{}
 }
 
 type syncBuf struct {
@@ -116,7 +117,7 @@ func (h *host) start(t *testing.T) {
 	s, err := New(Config{
 		HostID: "id-" + h.name, Node: h.name,
 		DriverName: func(context.Context) (string, error) { return driver, nil },
-		Resync:     time.Second, Logger: log,
+		Resync:     time.Second, Logger: log, RetireFile: h.retireFile,
 	}, h.store, h.engine)
 	if err != nil {
 		t.Fatal(err)

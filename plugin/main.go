@@ -210,6 +210,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	if err != nil {
 		return err
 	}
+	syncSettings.retireFile = filepath.Join(cfg.DataDir, "netsync-retiring.json")
 	inst, err := hostid.ListenInstance(ccfg.Prefix, storeName,
 		fmt.Sprintf("DATA_DIR %s, socket %s", cfg.DataDir, cfg.Socket))
 	if err != nil {

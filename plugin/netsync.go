@@ -34,6 +34,9 @@ type netSyncSettings struct {
 	// getenv is the process's environment, which tells this instance
 	// from others when several plugins serve the socket (driverName).
 	getenv func(string) string
+	// retireFile keeps the user's removals the store has not taken yet
+	// (DATA_DIR/netsync-retiring.json; netsync.Config.RetireFile).
+	retireFile string
 }
 
 // netSyncFromEnv reads the settings at start, before anything is served,
@@ -66,7 +69,7 @@ func startNetSync(ctx context.Context, log *slog.Logger, st netSyncSettings, sto
 		return func() {}, nil
 	}
 	s, err := netsync.New(netsync.Config{
-		HostID: hostID, Node: node, Logger: log,
+		HostID: hostID, Node: node, Logger: log, RetireFile: st.retireFile,
 		DriverName: func(ctx context.Context) (string, error) {
 			if st.fixed != "" {
 				return st.fixed, nil
