@@ -99,3 +99,37 @@ func TestSharedAgentAfterAgentLoss(t *testing.T) {
 		t.Errorf("h1 registered over h2's service %s (now %v): it skipped the ownership lookup for an ID it had written before", sid, meta)
 	}
 }
+
+// TestRefusedForgottenWhenEndpointGoes: the memory that a service ID was
+// refused (held by another host's service on a shared agent) goes with the
+// endpoint that asked for it; it grew with every such endpoint before.
+func TestRefusedForgottenWhenEndpointGoes(t *testing.T) {
+	client, r1, r2, d1, d2 := sharedAgent(t)
+	ctx := context.Background()
+	s1 := Endpoint{ID: endpointID(930), Network: "n", IPv4: loopback(94), Register: true, Options: map[string]string{"SERVICE_ID": "taken"}}
+	s2 := Endpoint{ID: endpointID(931), Network: "n", IPv4: loopback(95), Register: true, Options: map[string]string{"SERVICE_ID": "taken"}}
+	d1.set(s1)
+	if err := r1.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	d2.set(s2)
+	if err := r2.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if s := allServices(t, client)[CustomIDPrefix+"taken"]; s == nil || s.Meta[MetaHostID] != "h1" {
+		t.Fatalf("setup: the ID is %+v, want h1's", s)
+	}
+	r2.mu.Lock()
+	n := len(r2.refused)
+	r2.mu.Unlock()
+	if n != 1 {
+		t.Fatalf("setup: h2 remembers %d refused IDs, want 1", n)
+	}
+	r2.Deregister(s2.ID)
+	r2.mu.Lock()
+	n = len(r2.refused)
+	r2.mu.Unlock()
+	if n != 0 {
+		t.Errorf("h2 still remembers %d refused IDs after the endpoint that asked went", n)
+	}
+}

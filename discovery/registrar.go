@@ -118,7 +118,7 @@ type Registrar struct {
 	meta      map[string]*dockerapi.Container // container metadata by the first 12 hex digits of its ID
 	inspectOn map[string]bool                 // container IDs queued for inspection
 	agentDown bool                            // a write failed; re-assert everything after the next success
-	refused   map[string]bool                 // service IDs held by someone else, already logged
+	refused   map[string]string               // service IDs held by someone else, already logged → the endpoint refused
 
 	// Engine pinning; guarded by syncMu (only Sync uses them).
 	enginePinned   string // the pinned engine ID when EngineIDFile is empty
@@ -183,7 +183,7 @@ func New(cfg Config) (*Registrar, error) {
 		orphans:   map[string]bool{},
 		meta:      map[string]*dockerapi.Container{},
 		inspectOn: map[string]bool{},
-		refused:   map[string]bool{},
+		refused:   map[string]string{},
 	}, nil
 }
 
@@ -230,6 +230,11 @@ func (r *Registrar) Deregister(endpointID string) {
 // Caller holds mu.
 func (r *Registrar) dropLocked(endpointID string) {
 	r.gone[endpointID] = time.Now()
+	for sid, id := range r.refused {
+		if id == endpointID {
+			delete(r.refused, sid)
+		}
+	}
 	e := r.eps[endpointID]
 	if e == nil {
 		return
@@ -488,8 +493,8 @@ func (r *Registrar) mayRegister(ctx context.Context, endpointID string, reg *api
 		return true, nil
 	}
 	r.mu.Lock()
-	logged := r.refused[reg.ID]
-	r.refused[reg.ID] = true
+	_, logged := r.refused[reg.ID]
+	r.refused[reg.ID] = endpointID
 	r.mu.Unlock()
 	if !logged {
 		r.log.Warn("service ID is held by a service this host did not register; leaving it alone",

@@ -538,7 +538,58 @@ func (s *Syncer) pass(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	s.forget(nets)
 	return errors.Join(errs...)
+}
+
+// forget drops what the syncer remembers of networks and specs that are
+// gone (nets: the engine's networks at this pass), so its memory does not
+// grow with every network the engine ever had: the conflict of a name
+// this engine no longer has leaves Status, and the once-only messages of
+// gone networks and specs are forgotten.
+func (s *Syncer) forget(nets []dockerapi.NetworkDetail) {
+	ids := make(map[string]bool, len(nets))
+	names := map[string]bool{}
+	for _, n := range nets {
+		ids[n.ID] = true
+		names[n.Name] = true
+	}
+	incs := map[string]bool{}
+	for _, sp := range s.specs {
+		incs[sp.Spec.Incarnation] = true
+	}
+	for _, inc := range s.toRetire {
+		incs[inc] = true
+	}
+	for inc := range s.retiredSeen {
+		if !incs[inc] {
+			delete(s.retiredSeen, inc)
+		}
+	}
+	for key := range s.reported {
+		kind, v, _ := strings.Cut(key, "/")
+		switch kind {
+		case "conflict", "duplicate", "stopped":
+			if !ids[v] {
+				delete(s.reported, key)
+			}
+		case "taken", "published":
+			if _, ok := s.specs[v]; !ok {
+				delete(s.reported, key)
+			}
+		case "retire":
+			if _, ok := s.toRetire[v]; !ok {
+				delete(s.reported, key)
+			}
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name := range s.conflicts {
+		if !names[name] {
+			delete(s.conflicts, name)
+		}
+	}
 }
 
 // keeper picks which of two networks of one name on this engine the
