@@ -209,6 +209,9 @@ type localEndpoint struct {
 	// Join hands the names back without asking the kernel again, as
 	// Docker's bridge driver does. Any other Join ensures the pair.
 	vethMade bool
+	// linkLocal is set by the Join that gave the container its route to
+	// the link-local address (linkLocalRoute), cleared by Leave.
+	linkLocal bool
 }
 
 var _ network.Driver = (*Driver)(nil)
@@ -1029,12 +1032,27 @@ func (d *Driver) Leave(req *network.LeaveRequest) error {
 	d.mu.Lock()
 	ep := d.endpoints[req.EndpointID]
 	var l *logical
+	var routeLost []string // the container's endpoints left without the route
 	if ep != nil {
 		ep.left = true
 		ep.vethMade = false
 		l = d.networks[req.NetworkID]
+		if ep.linkLocal {
+			ep.linkLocal = false
+			for _, other := range d.endpoints {
+				if other != ep && !other.left && other.rec.Sandbox == ep.rec.Sandbox {
+					routeLost = append(routeLost, short(other.rec.ID))
+				}
+			}
+		}
 	}
 	d.mu.Unlock()
+	if len(routeLost) > 0 {
+		// libnetwork takes one route to the /32 per container: it went
+		// with this interface, and no other network can add it now.
+		d.log.Warn("the container left the consul-overlay network that carried its route to the link-local address: it no longer reaches it (Consul DNS and API) through its other consul-overlay networks until it restarts",
+			"endpoint", short(req.EndpointID), "address", d.cfg.LinkLocal, "container_endpoints", routeLost)
+	}
 	if d.cfg.Registrar != nil {
 		d.cfg.Registrar.Deregister(req.EndpointID)
 	}

@@ -49,5 +49,6 @@ func (d *Driver) linkLocalRoute(ep *localEndpoint, sandboxKey string) *network.S
 		}
 		ep.rec.Sandbox = sandbox
 	}
+	ep.linkLocal = true
 	return &network.StaticRoute{Destination: netip.PrefixFrom(d.cfg.LinkLocal, 32).String(), RouteType: routeConnected}
 }

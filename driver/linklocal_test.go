@@ -1,8 +1,12 @@
 package driver
 
 import (
+	"bytes"
+	"log/slog"
 	"net/netip"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -96,4 +100,69 @@ func TestParseConsulAPIOption(t *testing.T) {
 			t.Errorf("consul_api=%q: error %v, want ok %v", tc.v, err, tc.ok)
 		}
 	}
+}
+
+// TestLeaveOfLinkLocalEndpointWarns: a container on two consul-overlay
+// networks has its route to the link-local address on the first one only
+// (libnetwork takes one route to a /32). Disconnecting that network takes
+// the route with it, and the container no longer reaches Consul's DNS and
+// API there: the plugin says so, naming the container's other endpoint.
+// Leaving the other network says nothing.
+func TestLeaveOfLinkLocalEndpointWarns(t *testing.T) {
+	var logs syncBuffer
+	d, err := New(Config{HostID: "a", VTEP: netip.MustParseAddr("192.0.2.1"), LinkLocal: netip.MustParseAddr("169.254.1.1"),
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))},
+		openStore(t, filepath.Join(t.TempDir(), "s.db")), newFake())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Start()
+	t.Cleanup(func() { d.Close() })
+	<-d.Ready()
+	mustCreate(t, d, "n1", "10.1.0.0/24")
+	if err := d.CreateNetwork(createReq("n2", map[string]interface{}{"name": "other"}, "10.2.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	for _, ep := range []struct{ net, id, addr string }{{"n1", "ep1", "10.1.0.2/24"}, {"n2", "ep2", "10.2.0.2/24"}} {
+		if _, err := d.CreateEndpoint(epReq(ep.net, ep.id, ep.addr)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.Join(&network.JoinRequest{NetworkID: ep.net, EndpointID: ep.id, SandboxKey: "/var/run/docker/netns/c1c1c1c1c1c1"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const warning = "no longer reaches it"
+	if err := d.Leave(&network.LeaveRequest{NetworkID: "n2", EndpointID: "ep2"}); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(logs.String(), warning) {
+		t.Fatalf("leaving the network without the route warned:\n%s", logs.String())
+	}
+	if _, err := d.Join(&network.JoinRequest{NetworkID: "n2", EndpointID: "ep2", SandboxKey: "/var/run/docker/netns/c1c1c1c1c1c1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Leave(&network.LeaveRequest{NetworkID: "n1", EndpointID: "ep1"}); err != nil {
+		t.Fatal(err)
+	}
+	if out := logs.String(); !strings.Contains(out, warning) || !strings.Contains(out, "ep2") {
+		t.Errorf("leaving the network that carried the route logged no warning naming ep2:\n%s", out)
+	}
+}
+
+// syncBuffer is a log sink safe for the driver's goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
