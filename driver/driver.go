@@ -854,9 +854,22 @@ func (d *Driver) DeleteEndpoint(req *network.DeleteEndpointRequest) error {
 	// the deletion is finished later, by catchUp or at the next start.
 	d.markPending(req.EndpointID)
 	if err := d.deleteEndpoint(ctx, ep); err != nil {
-		if !errors.Is(err, kvstore.ErrUnavailable) || d.dp.DeleteEndpoint(ctx, req.EndpointID) != nil {
-			// Refused, or the kernel failed: the endpoint stays as it
-			// is, and so does Docker's view of it.
+		if !errors.Is(err, kvstore.ErrUnavailable) {
+			// The store refused the record's deletion (a permission, a
+			// conflict storm): the service and the veth went before it
+			// (deleteEndpoint), so the endpoint is removed here; its
+			// record and addresses follow when the store takes the
+			// deletion (catchUp retries, the mark stays for a restart).
+			d.mu.Lock()
+			ep.left, ep.removed = true, true
+			d.mu.Unlock()
+			d.log.Error("endpoint removed from this host, but the store refused to delete its record: the other hosts keep it as a peer and its addresses stay held until the deletion succeeds (retried every few seconds)",
+				"endpoint", short(req.EndpointID), "address", endpointAddresses(ep.rec), "error", err)
+			return fmt.Errorf("%s: %w", op, err)
+		}
+		if d.dp.DeleteEndpoint(ctx, req.EndpointID) != nil {
+			// The kernel failed: the endpoint stays as it is, and so
+			// does Docker's view of it.
 			if cerr := d.pend.clear(req.EndpointID); cerr != nil {
 				d.log.Warn("mark of an endpoint to delete not removed from DATA_DIR", "endpoint", short(req.EndpointID), "error", cerr)
 			}

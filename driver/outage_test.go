@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -470,4 +471,71 @@ func noMarks(t *testing.T, dir string) {
 	if ents, err := os.ReadDir(dir); err != nil || len(ents) != 0 {
 		t.Fatalf("marks left in %s: %v, %v", dir, ents, err)
 	}
+}
+
+// denyStore refuses, while deny is set, every write to endpoint records,
+// as Consul does for a token whose KV rule was narrowed.
+type denyStore struct {
+	kvstore.Store
+	deny atomic.Bool
+}
+
+func (s *denyStore) Txn(ctx context.Context, ops []kvstore.Op) error {
+	if s.deny.Load() {
+		for _, op := range ops {
+			if strings.Contains(op.Key, "/endpoints/") {
+				return fmt.Errorf("consul kv txn: %w: 403 (Permission denied: token lacks key:write on %q)", kvstore.ErrPermissionDenied, op.Key)
+			}
+		}
+	}
+	return s.Store.Txn(ctx, ops)
+}
+
+func (s *denyStore) DeleteCAS(ctx context.Context, key string, index uint64) error {
+	if s.deny.Load() && strings.Contains(key, "/endpoints/") {
+		return fmt.Errorf("consul kv delete %q: %w: 403", key, kvstore.ErrPermissionDenied)
+	}
+	return s.Store.DeleteCAS(ctx, key, index)
+}
+
+// TestDeleteEndpointRefusedFinishesLater: the store refuses to delete an
+// endpoint's record (the token's KV rule narrowed). Its service and veth
+// are gone by then, so the call fails naming the refusal, and the endpoint
+// is removed on this host with its addresses still held; once the store
+// takes the deletion, the record goes and the address is released,
+// without a restart. Before, the endpoint stayed live in memory with its
+// mark cleared: its record and address stayed until a restart, and every
+// other host kept it as a peer.
+func TestDeleteEndpointRefusedFinishesLater(t *testing.T) {
+	store := &denyStore{Store: openStore(t, filepath.Join(t.TempDir(), "s.db"))}
+	var down atomic.Bool
+	dir := filepath.Join(t.TempDir(), PendingDirName)
+	d, dp, rel := startOutageDriver(t, store, &down, nil, dir)
+	appNetwork(t, d, "ep1", "ep2")
+	if _, err := d.Join(&network.JoinRequest{NetworkID: "net-a", EndpointID: "ep1", SandboxKey: "/var/run/docker/netns/ep1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Leave(&network.LeaveRequest{NetworkID: "net-a", EndpointID: "ep1"}); err != nil {
+		t.Fatal(err)
+	}
+	store.deny.Store(true)
+	err := d.DeleteEndpoint(&network.DeleteEndpointRequest{NetworkID: "net-a", EndpointID: "ep1"})
+	if err == nil || !errors.Is(err, kvstore.ErrPermissionDenied) || !strings.Contains(err.Error(), "ep1") {
+		t.Fatalf("DeleteEndpoint refused by the store: %v; want an error naming ep1 and the refusal", err)
+	}
+	waitFor(t, func() bool { return !dp.hasEndpoint("ep1") })
+	if !d.AddressUsed(netip.MustParsePrefix("10.1.0.0/24"), netip.MustParseAddr("10.1.0.2")) {
+		t.Fatal("the address of the endpoint whose record is left is free to hand out")
+	}
+	store.deny.Store(false)
+	waitFor(t, func() bool {
+		return !slices.Contains(allKeys(t, store.Store), "networks/name-app/endpoints/ep1") && len(rel.list()) == 1
+	})
+	if d.AddressUsed(netip.MustParsePrefix("10.1.0.0/24"), netip.MustParseAddr("10.1.0.2")) {
+		t.Fatal("the deleted endpoint's address still counted as used")
+	}
+	if !dp.hasEndpoint("ep2") || !slices.Contains(allKeys(t, store.Store), "networks/name-app/endpoints/ep2") {
+		t.Fatal("ep2 went with ep1")
+	}
+	noMarks(t, dir)
 }
