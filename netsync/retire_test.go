@@ -43,30 +43,7 @@ func TestRetireRetried(t *testing.T) {
 	agent := testenv.StartConsul(t)
 	c := &cl{t: t, addr: agent.Addr, prefix: "netsync-retire/"}
 	a := c.host("a", "co")
-
-	real := c.open()
-	flaky := &flakySpecs{Store: real}
-	clu, err := cluster.New(cluster.Config{HostID: "id-b", Node: "b", VTEP: netip.MustParseAddr("192.0.2.200")}, real)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &host{name: "b", store: flaky, engine: newFakeEngine("co", clu), logs: &syncBuf{}}
-	b.start(t)
-
-	a.userCreate(t, "web", "10.99.50.0/24", nil, nil)
-	testenv.Eventually(t, 3*time.Second, func() error { return has(b, "web", "") })
-	time.Sleep(1500 * time.Millisecond) // b matched it in a pass
-
-	flaky.fail.Store(true)
-	if err := b.engine.RemoveNetwork(context.Background(), "web"); err != nil {
-		t.Fatal(err)
-	}
-	testenv.Eventually(t, 3*time.Second, func() error {
-		if !strings.Contains(b.logs.String(), "retiring it in the cluster failed") {
-			return fmt.Errorf("no retire failure logged yet")
-		}
-		return nil
-	})
+	b, flaky := removedWhileStoreRefuses(t, c, a, "10.99.50.0/24", "")
 	flaky.fail.Store(false)
 
 	// The store answers again: the next passes retire it, and every
@@ -95,31 +72,8 @@ func TestRetireRetriedAfterRestart(t *testing.T) {
 	agent := testenv.StartConsul(t)
 	c := &cl{t: t, addr: agent.Addr, prefix: "netsync-retire-restart/"}
 	a := c.host("a", "co")
-
-	real := c.open()
-	flaky := &flakySpecs{Store: real}
-	clu, err := cluster.New(cluster.Config{HostID: "id-b", Node: "b", VTEP: netip.MustParseAddr("192.0.2.200")}, real)
-	if err != nil {
-		t.Fatal(err)
-	}
 	file := filepath.Join(t.TempDir(), "netsync-retiring.json")
-	b := &host{name: "b", store: flaky, engine: newFakeEngine("co", clu), logs: &syncBuf{}, retireFile: file}
-	b.start(t)
-
-	a.userCreate(t, "web", "10.99.51.0/24", nil, nil)
-	testenv.Eventually(t, 3*time.Second, func() error { return has(b, "web", "") })
-	time.Sleep(1500 * time.Millisecond) // b matched it in a pass
-
-	flaky.fail.Store(true)
-	if err := b.engine.RemoveNetwork(context.Background(), "web"); err != nil {
-		t.Fatal(err)
-	}
-	testenv.Eventually(t, 3*time.Second, func() error {
-		if !strings.Contains(b.logs.String(), "retiring it in the cluster failed") {
-			return fmt.Errorf("no retire failure logged yet")
-		}
-		return nil
-	})
+	b, flaky := removedWhileStoreRefuses(t, c, a, "10.99.51.0/24", file)
 	b.stop() // the plugin killed
 	flaky.fail.Store(false)
 	b2 := &host{name: "b", store: flaky, engine: b.engine, logs: &syncBuf{}, retireFile: file}
@@ -138,4 +92,36 @@ func TestRetireRetriedAfterRestart(t *testing.T) {
 	if _, err := os.Stat(file); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the retire file is left after the store took the retirement: %v", err)
 	}
+}
+
+// removedWhileStoreRefuses starts host b, whose store refuses spec writes
+// on demand (retireFile: its Config.RetireFile), lets host a create
+// network web (subnet) and b take it, then has a user remove web on b
+// while the store refuses the retirement, and waits for b to log that.
+func removedWhileStoreRefuses(t *testing.T, c *cl, a *host, subnet, retireFile string) (*host, *flakySpecs) {
+	t.Helper()
+	real := c.open()
+	flaky := &flakySpecs{Store: real}
+	clu, err := cluster.New(cluster.Config{HostID: "id-b", Node: "b", VTEP: netip.MustParseAddr("192.0.2.200")}, real)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &host{name: "b", store: flaky, engine: newFakeEngine("co", clu), logs: &syncBuf{}, retireFile: retireFile}
+	b.start(t)
+
+	a.userCreate(t, "web", subnet, nil, nil)
+	testenv.Eventually(t, 3*time.Second, func() error { return has(b, "web", "") })
+	time.Sleep(1500 * time.Millisecond) // b matched it in a pass
+
+	flaky.fail.Store(true)
+	if err := b.engine.RemoveNetwork(context.Background(), "web"); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 3*time.Second, func() error {
+		if !strings.Contains(b.logs.String(), "retiring it in the cluster failed") {
+			return fmt.Errorf("no retire failure logged yet")
+		}
+		return nil
+	})
+	return b, flaky
 }
