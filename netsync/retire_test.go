@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -124,4 +125,29 @@ func removedWhileStoreRefuses(t *testing.T, c *cl, a *host, subnet, retireFile s
 		return nil
 	})
 	return b, flaky
+}
+
+// TestUnreadableRetireFile: a retire file that cannot be read is said at
+// error level, naming it, and the syncer starts all the same: cluster-wide
+// networks are not worth stopping the plugin for.
+func TestUnreadableRetireFile(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "netsync-retiring.json")
+	if err := os.WriteFile(file, []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	store, err := kvstore.NewEmbedded(kvstore.EmbeddedConfig{Path: filepath.Join(dir, "s.db"), Prefix: "t/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	logs := &syncBuf{}
+	s, err := New(Config{HostID: "h", RetireFile: file, DriverName: func(context.Context) (string, error) { return "co", nil },
+		Logger: slog.New(slog.NewTextHandler(logs, nil))}, store, newFakeEngine("co", nil))
+	if err != nil || s == nil {
+		t.Fatalf("New with an unreadable retire file: %v", err)
+	}
+	if out := logs.String(); !strings.Contains(out, "level=ERROR") || !strings.Contains(out, file) {
+		t.Errorf("the unreadable file was not logged at error level naming it:\n%s", out)
+	}
 }

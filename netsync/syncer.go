@@ -136,7 +136,9 @@ func New(cfg Config, store kvstore.Store, engine Engine) (*Syncer, error) {
 	}
 	pending, err := loadRetiring(cfg.RetireFile)
 	if err != nil {
-		return nil, err
+		// The syncer runs without them: only networks a user removed
+		// while the store refused, if any, may be created here again.
+		s.log.Error("networks to retire not read from DATA_DIR; a network removed here before the last stop may be created here again from its spec", "error", err)
 	}
 	for name, inc := range pending {
 		s.toRetire[name] = inc

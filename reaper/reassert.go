@@ -150,7 +150,7 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 				out.Endpoints++
 			}
 		}
-		log.Info("re-asserted a running network after an eviction", "network", netName(n), "vni", n.VNI, "networks", ids, "endpoints", len(ln.Endpoints))
+		log.Info("re-asserted a running network", "network", netName(n), "vni", n.VNI, "networks", ids, "endpoints", len(ln.Endpoints))
 	}
 	return out, errors.Join(errs...)
 }
