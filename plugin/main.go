@@ -495,7 +495,8 @@ func (l lateEndpoints) ReclaimEndpoint(ctx context.Context, id string) {
 
 // openStore opens Consul when CONSUL_HTTP_ADDR is set (useConsul), else
 // the embedded store in DATA_DIR. agentName asks the local Consul agent
-// for its node name (nil without Consul).
+// for its node name (nil without Consul), once: the node name and the
+// host record's agent node share its answer.
 func openStore(ctx context.Context, cfg Config, ccfg kvstore.ConsulConfig, useConsul bool, log *slog.Logger) (kvstore.Store, bool, func() (string, error), error) {
 	if useConsul {
 		c, err := kvstore.NewConsul(ccfg)
@@ -503,11 +504,11 @@ func openStore(ctx context.Context, cfg Config, ccfg kvstore.ConsulConfig, useCo
 			return nil, false, nil, fmt.Errorf("consul store: %w", err)
 		}
 		log.Info("state store: consul", "address", c.Address(), "prefix", ccfg.Prefix)
-		agentName := func() (string, error) {
+		agentName := sync.OnceValues(func() (string, error) {
 			ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 			defer cancel()
 			return c.NodeName(ctx)
-		}
+		})
 		return c, true, agentName, nil
 	}
 	// The DATA_DIR lock is held, so nothing else of ours has the file
