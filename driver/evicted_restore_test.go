@@ -11,6 +11,7 @@ import (
 	"github.com/docker/go-plugins-helpers/network"
 
 	"consul-overlay/cluster"
+	"consul-overlay/ipam"
 	"consul-overlay/kvstore"
 	"consul-overlay/reaper"
 )
@@ -31,10 +32,13 @@ func (f flakyRejoiner) CreateEndpoint(ctx context.Context, ep cluster.Endpoint) 
 }
 
 // reassertIPAM models ipam.Driver for Reassert and CheckSelf: ReassertAddress
-// makes this host the holder of an address, AddressHolder reports it.
+// makes this host the holder of an address, AddressHolder reports it,
+// ReassertPool records the holds asked for.
 type reassertIPAM struct {
 	mu   sync.Mutex
 	held map[netip.Addr]string
+	// pools: the holds ReassertPool was asked for, by subnet.
+	pools map[netip.Prefix]int
 }
 
 func (f *reassertIPAM) AddressHolder(_ context.Context, a netip.Addr) (string, string, string, error) {
@@ -43,8 +47,14 @@ func (f *reassertIPAM) AddressHolder(_ context.Context, a netip.Addr) (string, s
 	return "pool", f.held[a], "", nil
 }
 
-func (f *reassertIPAM) ReassertPool(_ context.Context, space string, subnet netip.Prefix, _ netip.Addr) (string, error) {
-	return space + "/" + subnet.String(), nil
+func (f *reassertIPAM) ReassertPool(_ context.Context, want ipam.PoolHolds) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.pools == nil {
+		f.pools = map[netip.Prefix]int{}
+	}
+	f.pools[want.Subnet] = want.Holds
+	return want.Space + "/" + want.Subnet.String(), nil
 }
 
 func (f *reassertIPAM) ReassertAddress(_ context.Context, _ string, a netip.Addr, _ string) error {

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"maps"
 	"net/netip"
 	"slices"
 	"testing"
@@ -162,7 +163,9 @@ func TestReassertSkipsEndpointRemovedSinceRead(t *testing.T) {
 
 // TestReassertSkipsNetworkRemovedSinceRead: the check reads what host a
 // runs, then `docker network rm` removes network other before the
-// re-assertion writes: its membership is not written back.
+// re-assertion writes: its membership is not written back, and its pool
+// hold is not taken again (its ReleasePool, which follows, would not
+// release it).
 func TestReassertSkipsNetworkRemovedSinceRead(t *testing.T) {
 	ctx := context.Background()
 	store, _, _, a := reapableHost(t)
@@ -186,5 +189,9 @@ func TestReassertSkipsNetworkRemovedSinceRead(t *testing.T) {
 	}
 	if rec, err := a.cl.Network(ctx, "name-other"); err == nil {
 		t.Errorf("network other was written back after docker network rm removed it: %+v", rec.Hosts)
+	}
+	want := map[netip.Prefix]int{netip.MustParsePrefix("10.1.0.0/24"): 1}
+	if !maps.Equal(ipam.pools, want) {
+		t.Errorf("pool holds re-asserted %v, want %v (none for the removed network's 10.2.0.0/24)", ipam.pools, want)
 	}
 }

@@ -57,6 +57,25 @@ func (d *Driver) WhileBound(networkID string, fn func() error) (bool, error) {
 	return true, fn()
 }
 
+// WhileBoundAll runs fn with those of networkIDs that are bound on this
+// host, with network create, delete and prune held off. The liveness check
+// counts the pool holds this host's networks need through it
+// (reaper.Reassert): a network removed since the check read the driver's
+// state is not counted, and one counted releases its hold afterwards.
+func (d *Driver) WhileBoundAll(networkIDs []string, fn func(bound []string) error) error {
+	d.opMu.Lock()
+	defer d.opMu.Unlock()
+	d.mu.Lock()
+	bound := make([]string, 0, len(networkIDs))
+	for _, id := range networkIDs {
+		if _, ok := d.networks[id]; ok {
+			bound = append(bound, id)
+		}
+	}
+	d.mu.Unlock()
+	return fn(bound)
+}
+
 // WhileJoined runs fn while endpoint id is joined on this host (a running
 // container's, not left, not being removed), with its removal held off,
 // and reports whether it was joined. The liveness check re-asserts an

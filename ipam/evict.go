@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"consul-overlay/kvstore"
@@ -162,20 +163,42 @@ func (d *Driver) AddressHolder(ctx context.Context, a netip.Addr) (poolID, holde
 	return "", "", "", nil
 }
 
-// ReassertPool makes sure this host holds the pool of subnet in space,
-// and its gateway if gateway is valid, for a host that was evicted while
-// it was away and whose networks still run: a missing hold is taken again
-// (the pool created again if nobody holds it), an existing one is kept. It
-// returns the pool's ID. A gateway held now as another address is
-// ErrAddressInUse. (A pool that was removed is created again without the
-// ip-range it may have had: the network record does not keep it.)
-func (d *Driver) ReassertPool(ctx context.Context, space string, subnet netip.Prefix, gateway netip.Addr) (string, error) {
-	space, err := resolveSpace(space)
+// PoolHolds is what this host's running networks need of one pool: how
+// many of them use it (each took one hold with its RequestPool) and, per
+// gateway, how many of them use that gateway (each took one hold of it
+// with its RequestAddress).
+type PoolHolds struct {
+	Space  string // "" is LocalAddressSpace
+	Subnet netip.Prefix
+	// Holds: this host's networks on the pool (at least 1).
+	Holds int
+	// Gateways: this host's networks using each gateway address.
+	Gateways map[netip.Addr]int
+}
+
+// ReassertPool makes sure this host holds the pool of want.Subnet at least
+// want.Holds times, and each gateway of want.Gateways at least as often as
+// that many networks use it, for a host whose networks still run but
+// whose holds the store lost (an eviction while it was away, a hold lost
+// on its own): missing holds are taken again (the pool created again if
+// nobody holds it), existing ones are kept, and a surplus is left to
+// SweepPools. Holds are counted, not just present: with one hold for two
+// networks, the first network's ReleasePool would remove the pool, and
+// with it the addresses of the second, still running. It returns the
+// pool's ID. A gateway held now as another address is ErrAddressInUse. (A
+// pool that was removed is created again without the ip-range it may have
+// had: the network record does not keep it.)
+func (d *Driver) ReassertPool(ctx context.Context, want PoolHolds) (string, error) {
+	space, err := resolveSpace(want.Space)
 	if err != nil {
 		return "", err
 	}
+	subnet := want.Subnet
 	if !subnet.IsValid() {
 		return "", fmt.Errorf("take pool again: no subnet: %w", ErrInvalidRequest)
+	}
+	if want.Holds < 1 {
+		return "", fmt.Errorf("take pool %s again: %d holds: %w", subnet, want.Holds, ErrInvalidRequest)
 	}
 	subnet = subnet.Masked()
 	op := fmt.Sprintf("take pool %s again", subnet)
@@ -184,32 +207,48 @@ func (d *Driver) ReassertPool(ctx context.Context, space string, subnet netip.Pr
 		return "", storeErr(op, err)
 	}
 	ref := poolRef{space: space, subnet: subnet}
-	held := false
+	held := 0
 	if e, ok := idx.find(subnet); ok {
 		ref.subPool = e.SubPool
 		_, meta, err := d.readMeta(ctx, ref)
 		if err != nil && !errors.Is(err, kvstore.ErrNotFound) {
 			return "", storeErr(op, err)
 		}
-		held = err == nil && meta.Holders[d.cfg.Node] > 0
+		if err == nil {
+			held = meta.Holders[d.cfg.Node]
+		}
 	}
-	if !held {
+	for n := held; n < want.Holds; n++ {
 		p, err := d.AllocatePool(ctx, PoolRequest{AddressSpace: space, Pool: subnet, SubPool: ref.subPool, V6: subnet.Addr().Is6()})
 		if err != nil {
 			return "", err
 		}
 		ref.subPool = p.SubPool
-		d.log.Info("pool held again after an eviction", "pool", p.ID)
 	}
-	if gateway.IsValid() {
-		_, rec, err := d.getAddr(ctx, ref, gateway)
+	if held < want.Holds {
+		d.log.Info("pool held again", "pool", ref.id(), "held", held, "holds", want.Holds)
+	}
+	gws := make([]netip.Addr, 0, len(want.Gateways))
+	for gw := range want.Gateways {
+		gws = append(gws, gw)
+	}
+	slices.SortFunc(gws, netip.Addr.Compare)
+	for _, gw := range gws {
+		_, rec, err := d.getAddr(ctx, ref, gw)
 		if err != nil && !errors.Is(err, kvstore.ErrNotFound) {
 			return "", storeErr(op, err)
 		}
-		if err != nil || !rec.shared() || rec.Holders[d.cfg.Node] == 0 {
-			if _, err := d.AllocateAddress(ctx, AddressRequest{PoolID: ref.id(), Address: gateway, Gateway: true}); err != nil {
+		have := 0
+		if err == nil && rec.shared() {
+			have = rec.Holders[d.cfg.Node]
+		}
+		for n := have; n < want.Gateways[gw]; n++ {
+			if _, err := d.AllocateAddress(ctx, AddressRequest{PoolID: ref.id(), Address: gw, Gateway: true}); err != nil {
 				return ref.id(), err
 			}
+		}
+		if have < want.Gateways[gw] {
+			d.log.Info("gateway held again", "pool", ref.id(), "gateway", gw, "held", have, "holds", want.Gateways[gw])
 		}
 	}
 	return ref.id(), nil

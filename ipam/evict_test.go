@@ -126,7 +126,7 @@ func TestReassertRefusesZero(t *testing.T) {
 	if err := d.ReassertAddress(t.Context(), p, netip.Addr{}, ""); !errors.Is(err, ErrInvalidRequest) {
 		t.Errorf("ReassertAddress without an address: %v, want ErrInvalidRequest", err)
 	}
-	if id, err := d.ReassertPool(t.Context(), LocalAddressSpace, netip.Prefix{}, netip.Addr{}); !errors.Is(err, ErrInvalidRequest) {
+	if id, err := d.ReassertPool(t.Context(), PoolHolds{Space: LocalAddressSpace, Holds: 1}); !errors.Is(err, ErrInvalidRequest) {
 		t.Errorf("ReassertPool without a subnet: %q, %v, want ErrInvalidRequest", id, err)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -341,6 +342,7 @@ func TestConsul(t *testing.T) {
 	t.Run("ReapResumes", func(t *testing.T) { testReapResumes(t, agent) })
 	t.Run("Reassert", func(t *testing.T) { testReassert(t, agent, false) })
 	t.Run("ReassertConflict", func(t *testing.T) { testReassert(t, agent, true) })
+	t.Run("ReassertCountsHolds", func(t *testing.T) { testReassertCountsHolds(t, agent) })
 	t.Run("RunFollowsWithoutPolling", func(t *testing.T) { testRunFollows(t, agent) })
 	t.Run("BackDuringReap", func(t *testing.T) { testBackDuringReap(t, agent) })
 	t.Run("ServicesUnderAgentNode", func(t *testing.T) { testServicesUnderAgentNode(t, agent) })
@@ -696,6 +698,73 @@ func testReassert(t *testing.T, agent *testenv.ConsulAgent, conflict bool) {
 		t.Errorf("gateway holders %s", holder)
 	}
 	s.checkAUntouched(t)
+}
+
+// testReassertCountsHolds: B runs two Docker networks on one subnet (two
+// pool holds, two gateway holds) and is evicted. Its re-assertion takes
+// both holds of each again, so `docker network rm` of one (its
+// ReleaseAddress of the gateway, its ReleasePool) leaves the pool and the
+// other network's addresses in place. With one hold, that release removed
+// the pool and every address record in it while the other network still
+// ran: its addresses could be handed out a second time.
+func testReassertCountsHolds(t *testing.T, agent *testenv.ConsulAgent) {
+	s := setup(t, agent)
+	ctx := bg(t)
+	subnet := netip.MustParsePrefix("10.50.0.0/24")
+	gw := netip.MustParseAddr("10.50.0.1")
+	// B's second Docker network on "app": its own pool and gateway hold.
+	second := "docker-app2-host-b"
+	n, err := s.b.cl.Network(ctx, "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec, err := specOf(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.b.cl.Join(ctx, "name-app", second, spec); err != nil {
+		t.Fatal(err)
+	}
+	pool, err := s.b.ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.b.ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: pool.ID, Gateway: true}); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := s.a.ip.PoolInfo(ctx, pool.ID); err != nil || p.Holders["host-b"] != 2 {
+		t.Fatalf("before the eviction B holds pool %s %d times (%v), want 2", pool.ID, p.Holders["host-b"], err)
+	}
+	local := s.localOf(t, s.b)
+	s.b.stop(t)
+	r := s.a.reaper(t, s.e, s.agentNode)
+	if _, err := r.Evict(ctx, "host-b", false); err != nil {
+		t.Fatal(err)
+	}
+	s.b.claimRecord(t)
+	if _, err := Reassert(ctx, "host-b", s.b.node, s.b.cl, s.b.ip, nil, local, nil); err != nil {
+		t.Fatal(err)
+	}
+	p, err := s.a.ip.PoolInfo(ctx, pool.ID)
+	if err != nil || p.Holders["host-b"] != 2 {
+		t.Fatalf("after the re-assertion B holds pool %s %d times (%v), want 2: one per network", pool.ID, p.Holders["host-b"], err)
+	}
+	if err := s.b.ip.FreeAddress(ctx, pool.ID, gw); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.b.ip.FreePool(ctx, pool.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, holder, _, err := s.a.ip.AddressHolder(ctx, s.addrB); err != nil || holder != "host-b" {
+		t.Errorf("after one of B's two networks released the pool, ep-b's address %s is held by %q, %v; want host-b", s.addrB, holder, err)
+	}
+	if _, holder, _, err := s.a.ip.AddressHolder(ctx, gw); err != nil || !strings.Contains(holder, `"host-b"`) {
+		t.Errorf("after one of B's two networks released the gateway, its holders are %s, %v; want host-b still", holder, err)
+	}
+	p, err = s.a.ip.PoolInfo(ctx, pool.ID)
+	if err != nil || p.Holders["host-b"] != 1 {
+		t.Errorf("after one release B holds pool %s %d times (%v), want 1", pool.ID, p.Holders["host-b"], err)
+	}
 }
 
 // A reap cut short (a crash after its first step, or after the host

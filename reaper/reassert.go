@@ -33,7 +33,7 @@ type Rejoiner interface {
 // Reclaimer takes this host's IPAM holds again (*ipam.Driver).
 type Reclaimer interface {
 	AddressOwner
-	ReassertPool(ctx context.Context, space string, subnet netip.Prefix, gateway netip.Addr) (string, error)
+	ReassertPool(ctx context.Context, want ipam.PoolHolds) (string, error)
 	ReassertAddress(ctx context.Context, poolID string, a netip.Addr, mac string) error
 }
 
@@ -55,7 +55,8 @@ type Reasserted struct {
 
 // Reassert re-creates the state of a host that was evicted while it was
 // away (a partition longer than the grace period) and whose containers
-// still run: for each local network, its pool and gateway holds, its
+// still run: for each local network, its pool and gateway holds (as many
+// as its bound Docker networks took, see reassertPools), its
 // membership under each Docker network ID (the network is created again,
 // with its VNI, if no host has it now), and for each endpoint whose
 // addresses are still free or this host's, its addresses and its record.
@@ -74,34 +75,33 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 	}
 	log = log.With("host", hostID, "node", node)
 	var errs []error
-	for _, ln := range local {
-		n := ln.Network
-		spec, err := specOf(n)
+	specs := make([]cluster.NetworkSpec, len(local))
+	valid := make([]bool, len(local))
+	for i, ln := range local {
+		spec, err := specOf(ln.Network)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		pools := map[netip.Prefix]string{}
+		specs[i], valid[i] = spec, true
+	}
+	pools, err := reassertPools(ctx, ip, held, local, specs, valid, log)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for i, ln := range local {
+		n := ln.Network
+		spec := specs[i]
+		if !valid[i] {
+			continue
+		}
 		ok := true
-		for i, s := range spec.Subnets {
-			space := ""
-			if i < len(spec.Spaces) {
-				space = spec.Spaces[i]
-			}
-			var gw netip.Addr
-			for _, g := range spec.Gateways {
-				if s.Contains(g.Addr()) {
-					gw = g.Addr()
-				}
-			}
-			id, err := ip.ReassertPool(ctx, space, s, gw)
-			if err != nil {
-				log.Error("cannot take this host's pool of a running network again", "network", netName(n), "subnet", s, "gateway", gw, "error", err)
-				errs = append(errs, fmt.Errorf("re-assert network %s: pool %s: %w", n.Label(), s, err))
+		for j, s := range spec.Subnets {
+			if pools[poolKeyOf(spec, j)] == "" {
+				log.Info("not re-asserting a network whose pool is not held", "network", netName(n), "subnet", s)
 				ok = false
 				break
 			}
-			pools[s] = id
 		}
 		if !ok {
 			continue
@@ -133,7 +133,7 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 			var c *Conflict
 			running, err := whileJoined(held, ep.ID, func() error {
 				var err error
-				c, err = reassertEndpoint(ctx, cl, ip, n, pools, ep)
+				c, err = reassertEndpoint(ctx, cl, ip, n, spec, pools, ep)
 				return err
 			})
 			switch {
@@ -158,7 +158,7 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 // reassertEndpoint takes ep's addresses again from their pools (pools: by
 // subnet) and records it in network n. An address another host holds now
 // is returned as a conflict, and ep is not recorded.
-func reassertEndpoint(ctx context.Context, cl Rejoiner, ip Reclaimer, n cluster.Network, pools map[netip.Prefix]string, ep cluster.Endpoint) (*Conflict, error) {
+func reassertEndpoint(ctx context.Context, cl Rejoiner, ip Reclaimer, n cluster.Network, spec cluster.NetworkSpec, pools map[poolKey]string, ep cluster.Endpoint) (*Conflict, error) {
 	for _, cidr := range []string{ep.IPv4, ep.IPv6} {
 		if cidr == "" {
 			continue
@@ -167,7 +167,12 @@ func reassertEndpoint(ctx context.Context, cl Rejoiner, ip Reclaimer, n cluster.
 		if err != nil {
 			return nil, fmt.Errorf("re-assert endpoint %s: address %q: %w", ep.ID, cidr, err)
 		}
-		poolID := pools[p.Masked()]
+		poolID := ""
+		for j, s := range spec.Subnets {
+			if s.Masked() == p.Masked() {
+				poolID = pools[poolKeyOf(spec, j)]
+			}
+		}
 		if poolID == "" {
 			return nil, fmt.Errorf("re-assert endpoint %s: address %s is in no subnet of network %s", ep.ID, p, n.Label())
 		}
@@ -187,6 +192,95 @@ func reassertEndpoint(ctx context.Context, cl Rejoiner, ip Reclaimer, n cluster.
 	return nil, nil
 }
 
+// poolKey names a pool: its address space ("" resolved) and subnet.
+type poolKey struct {
+	space  string
+	subnet netip.Prefix
+}
+
+// poolKeyOf is the pool of spec's subnet i.
+func poolKeyOf(spec cluster.NetworkSpec, i int) poolKey {
+	space := ""
+	if i < len(spec.Spaces) {
+		space = spec.Spaces[i]
+	}
+	if space == "" {
+		space = ipam.LocalAddressSpace
+	}
+	return poolKey{space: space, subnet: spec.Subnets[i].Masked()}
+}
+
+// reassertPools takes again the pool and gateway holds of the local
+// networks that are still bound, as many as they use: one per Docker
+// network on a pool (two networks on one subnet hold it twice), and one
+// per network using a gateway. Network create and delete are held off
+// meanwhile (Holder.WhileBoundAll), so a network removed since local was
+// read is not counted and a hold written here is released by its network's
+// ReleasePool. It returns each pool's ID; a pool that could not be held
+// is missing, its error logged and joined.
+func reassertPools(ctx context.Context, ip Reclaimer, held Holder, local []LocalNetwork, specs []cluster.NetworkSpec, valid []bool, log *slog.Logger) (map[poolKey]string, error) {
+	var ids []string
+	for i, ln := range local {
+		if valid[i] {
+			ids = append(ids, ln.NetworkIDs...)
+		}
+	}
+	pools := map[poolKey]string{}
+	var errs []error
+	err := whileBoundAll(held, ids, func(bound []string) error {
+		isBound := map[string]bool{}
+		for _, id := range bound {
+			isBound[id] = true
+		}
+		want := map[poolKey]*ipam.PoolHolds{}
+		var keys []poolKey
+		for i, ln := range local {
+			if !valid[i] {
+				continue
+			}
+			nets := 0
+			for _, id := range ln.NetworkIDs {
+				if isBound[id] {
+					nets++
+				}
+			}
+			if nets == 0 {
+				continue
+			}
+			spec := specs[i]
+			for j, s := range spec.Subnets {
+				k := poolKeyOf(spec, j)
+				w := want[k]
+				if w == nil {
+					w = &ipam.PoolHolds{Space: k.space, Subnet: k.subnet, Gateways: map[netip.Addr]int{}}
+					want[k] = w
+					keys = append(keys, k)
+				}
+				w.Holds += nets
+				for _, g := range spec.Gateways {
+					if s.Contains(g.Addr()) {
+						w.Gateways[g.Addr()] += nets
+					}
+				}
+			}
+		}
+		for _, k := range keys {
+			id, err := ip.ReassertPool(ctx, *want[k])
+			if err != nil {
+				log.Error("cannot take this host's pool of a running network again", "space", k.space, "subnet", k.subnet, "holds", want[k].Holds, "error", err)
+				errs = append(errs, fmt.Errorf("re-assert pool %s: %w", k.subnet, err))
+				continue
+			}
+			pools[k] = id
+		}
+		return nil
+	})
+	if err != nil {
+		errs = append(errs, err)
+	}
+	return pools, errors.Join(errs...)
+}
+
 // Holder keeps what Reassert writes back in step with what still runs
 // (*driver.Driver): a membership is written only while its Docker network
 // is bound, an endpoint's addresses and record only while it is joined,
@@ -196,6 +290,9 @@ func reassertEndpoint(ctx context.Context, cl Rejoiner, ip Reclaimer, n cluster.
 // nobody removes.
 type Holder interface {
 	WhileBound(networkID string, fn func() error) (bound bool, err error)
+	// WhileBoundAll runs fn with those of networkIDs that are bound, with
+	// network create and delete held off.
+	WhileBoundAll(networkIDs []string, fn func(bound []string) error) error
 	WhileJoined(endpointID string, fn func() error) (joined bool, err error)
 }
 
@@ -205,6 +302,15 @@ func whileBound(h Holder, networkID string, fn func() error) (bool, error) {
 		return true, fn()
 	}
 	return h.WhileBound(networkID, fn)
+}
+
+// whileBoundAll runs fn through h, or at once with every ID when h is
+// nil.
+func whileBoundAll(h Holder, networkIDs []string, fn func(bound []string) error) error {
+	if h == nil {
+		return fn(networkIDs)
+	}
+	return h.WhileBoundAll(networkIDs, fn)
 }
 
 // whileJoined runs fn through h, or at once when h is nil.
