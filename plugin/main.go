@@ -329,6 +329,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	// registrar refer to each other (the registrar's Endpoints is the
 	// driver), and IPAM asks the driver which addresses its endpoints use.
 	var drv *driver.Driver
+	var ip *ipam.Driver
 	_, consulStore := store.(*kvstore.Consul)
 	// How long Docker's ReleaseAddress waits for the driver's restore to
 	// tell whether an endpoint holds the address (see AddressUsedOnceReady).
@@ -341,7 +342,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	}
 	// ipam's Node is the owner recorded on allocations: the unique host
 	// identity, never the human node name that hosts may share.
-	ip, err := ipam.New(ipam.Config{
+	ip, err = ipam.New(ipam.Config{
 		Node:  hostID,
 		Grace: cfg.IPAMGrace,
 		InUse: func(poolID string, a netip.Addr) bool {
@@ -349,8 +350,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 			return err == nil && drv != nil && drv.AddressUsedOnceReady(subnet, a, releaseWaitsForRestore)
 		},
 		InContainer: func(poolID string, a netip.Addr) bool {
-			_, subnet, _, err := ipam.ParsePoolID(poolID)
-			return err != nil || drv == nil || drv.AddressInContainer(subnet, a, releaseWaitsForRestore)
+			if drv == nil {
+				return true
+			}
+			return addressInContainer(log, drv, ip, hostID, poolID, a, releaseWaitsForRestore)
 		},
 		DefaultPoolV4:     cfg.PoolV4,
 		DefaultPoolV4Size: cfg.PoolV4Size,
