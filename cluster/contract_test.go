@@ -46,6 +46,7 @@ func runContract(t *testing.T, backend newBackend) {
 		{"PeerRecords", testPeerRecords},
 		{"PeerRecordsOlderHost", testPeerRecordsOlderHost},
 		{"EvictPeerRecord", testEvictPeerRecord},
+		{"DeleteWithStaleCache", testDeleteWithStaleCache},
 		{"UnreadableConfig", testUnreadableConfig},
 	}
 	for _, tt := range tests {

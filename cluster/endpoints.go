@@ -226,13 +226,24 @@ func (c *Cluster) DeleteEndpoint(ctx context.Context, key, id string) error {
 			return fmt.Errorf("remove endpoint record %s: %w", id, err)
 		}
 		listed := prIndex != 0 && pr.lists(id)
-		if listed {
+		switch {
+		case listed:
 			pr = pr.without(id)
 			pop, err := c.peerOp(key, pr, prIndex)
 			if err != nil {
 				return err
 			}
 			ops = append(ops, pop)
+		case prIndex != 0:
+			// Not listed as far as the cache knows: only if the record
+			// still is as cached. A cache refilled by a late snapshot of
+			// the peer watch (after a forget) can hold a record from
+			// before this endpoint was listed; the delete would then
+			// leave it listed, and the other hosts would keep its
+			// entries, pointing its address at a container that is gone.
+			ops = append(ops, kvstore.Op{Verb: kvstore.OpCheckIndex, Key: peerRecordKey(key, c.cfg.HostID), Index: prIndex})
+		default:
+			ops = append(ops, kvstore.Op{Verb: kvstore.OpCheckNotExists, Key: peerRecordKey(key, c.cfg.HostID)})
 		}
 		at, err := kvstore.TxnIndex(ctx, c.store, ops)
 		if err == nil {
@@ -256,9 +267,11 @@ func (c *Cluster) DeleteEndpoint(ctx context.Context, key, id string) error {
 }
 
 // unlistOwnPeer removes endpoint id from this host's peer record of key,
-// if it lists it. The caller holds the network's peer lock.
+// if it lists it. The caller holds the network's peer lock. The record is
+// read from the store, not the cache (see DeleteEndpoint).
 func (c *Cluster) unlistOwnPeer(ctx context.Context, key, id string) error {
 	for attempt := 0; attempt < maxCASAttempts; attempt++ {
+		c.forgetOwnPeers(key)
 		pr, prIndex, err := c.ownPeerRecord(ctx, key)
 		if err != nil {
 			return fmt.Errorf("remove endpoint %s from the peer record: %w", id, err)

@@ -134,6 +134,50 @@ func testPeerRecords(t *testing.T, open openFunc) {
 	}
 }
 
+// testDeleteWithStaleCache: this host's cached peer record is older than
+// the store's (the cache was forgotten after a conflict and a late
+// snapshot of the peer watch refilled it from before ep-2 was listed).
+// DeleteEndpoint of ep-2 must still take it out of the peer record: the
+// other hosts program the peer records, and a listed endpoint that is
+// gone keeps its address pointing at this host.
+func testDeleteWithStaleCache(t *testing.T, open openFunc) {
+	a := newHost(t, open, "id-a", "a", "192.0.2.1")
+	mustJoin(t, a, "name-app", "net-a", spec("10.1.0.0/24"))
+	mustEndpoint(t, a, "name-app", "net-a", "ep-1", "10.1.0.2/24", "", "02:42:0a:01:00:02")
+	p, err := a.store.Get(bg(t), peerRecordKey("name-app", "id-a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, err := decodePeerRecord(p.Value)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldIndex := p.ModifyIndex
+	mustEndpoint(t, a, "name-app", "net-a", "ep-2", "10.1.0.3/24", "", "02:42:0a:01:00:03")
+	a.forgetOwnPeers("name-app")
+	a.setOwnPeers("name-app", old, oldIndex)
+	if err := a.DeleteEndpoint(bg(t), "name-app", "ep-2"); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := peerRecord(t, a.store, "name-app", "id-a"); r.lists("ep-2") || !r.lists("ep-1") {
+		t.Fatalf("after DeleteEndpoint of ep-2 with a stale cache, a's peer record lists %v; want ep-1 only", r.Endpoints)
+	}
+	// An endpoint record already gone (an older version removed it)
+	// while the peer record lists it and the cache says it does not.
+	mustEndpoint(t, a, "name-app", "net-a", "ep-3", "10.1.0.4/24", "", "02:42:0a:01:00:04")
+	if err := a.store.Delete(bg(t), endpointKey("name-app", "ep-3")); err != nil {
+		t.Fatal(err)
+	}
+	a.forgetOwnPeers("name-app")
+	a.setOwnPeers("name-app", old, oldIndex)
+	if err := a.DeleteEndpoint(bg(t), "name-app", "ep-3"); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := peerRecord(t, a.store, "name-app", "id-a"); r.lists("ep-3") {
+		t.Fatalf("after DeleteEndpoint of ep-3 (record gone) with a stale cache, a's peer record lists %v", r.Endpoints)
+	}
+}
+
 // testPeerRecordsOlderHost: a member that writes endpoint records only (a
 // host running an older version) is read from its endpoint records, as
 // long as it has no peer record, and again when its peer record and its
