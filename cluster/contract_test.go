@@ -40,6 +40,7 @@ func runContract(t *testing.T, backend newBackend) {
 		{"JoinRecords", testJoinRecords},
 		{"CreateEndpointCachedConfig", testCreateEndpointCachedConfig},
 		{"SetVTEP", testSetVTEP},
+		{"SetVTEPDuringCreate", testSetVTEPDuringCreate},
 		{"SeveralNetworkIDs", testSeveralNetworkIDs},
 		{"View", testView},
 		{"SubnetOverlap", testSubnetOverlap},
@@ -565,6 +566,76 @@ func testSetVTEP(t *testing.T, open openFunc) {
 	// Again: nothing to do.
 	if err := a.SetVTEP(bg(t), newAddr); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// txnGate holds the first transaction that creates key until release is
+// closed, after closing held.
+type txnGate struct {
+	kvstore.Store
+	key     string
+	once    sync.Once
+	held    chan struct{}
+	release chan struct{}
+}
+
+func (g *txnGate) TxnIndex(ctx context.Context, ops []kvstore.Op) (uint64, error) {
+	for _, op := range ops {
+		if op.Verb == kvstore.OpCreate && op.Key == g.key {
+			g.once.Do(func() {
+				close(g.held)
+				<-g.release
+			})
+		}
+	}
+	return kvstore.TxnIndex(ctx, g.Store, ops)
+}
+
+// testSetVTEPDuringCreate: a CreateEndpoint that read the old VTEP is
+// still writing when SetVTEP runs. Both records end with the new VTEP:
+// before, SetVTEP rewrote the peer record under the create, whose retry
+// then wrote the old VTEP back into it and into the new endpoint record,
+// and the other hosts sent this host's traffic to an address it no longer
+// has.
+func testSetVTEPDuringCreate(t *testing.T, open openFunc) {
+	g := &txnGate{Store: open(t), key: endpointKey("name-app", "ep-2"), held: make(chan struct{}), release: make(chan struct{})}
+	c, err := New(Config{HostID: "id-a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1")}, g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &host{Cluster: c, store: g}
+	mustJoin(t, a, "name-app", "net-a", spec("10.1.0.0/24"))
+	mustEndpoint(t, a, "name-app", "net-a", "ep-1", "10.1.0.2/24", "", "02:42:0a:01:00:02")
+	created := make(chan error, 1)
+	go func() {
+		_, err := a.CreateEndpoint(bg(t), Endpoint{ID: "ep-2", NetworkKey: "name-app", NetworkID: "net-a", IPv4: "10.1.0.3/24", MAC: "02:42:0a:01:00:03"})
+		created <- err
+	}()
+	<-g.held
+	newAddr := netip.MustParseAddr("192.0.2.11")
+	set := make(chan error, 1)
+	go func() { set <- a.SetVTEP(bg(t), newAddr) }()
+	// SetVTEP finishes first (before) or waits for the create (now).
+	select {
+	case err := <-set:
+		set <- err
+	case <-time.After(300 * time.Millisecond):
+	}
+	close(g.release)
+	if err := <-created; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-set; err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := peerRecord(t, g, "name-app", "id-a"); r.VTEP != newAddr.String() || !r.lists("ep-2") {
+		t.Errorf("peer record after SetVTEP raced CreateEndpoint: vtep %s, endpoints %v; want %s and ep-2 listed", r.VTEP, r.Endpoints, newAddr)
+	}
+	for _, id := range []string{"ep-1", "ep-2"} {
+		ep, _, err := a.getEndpoint(bg(t), "name-app", id)
+		if err != nil || ep.VTEP != newAddr.String() {
+			t.Errorf("endpoint record %s: vtep %s (%v), want %s", id, ep.VTEP, err, newAddr)
+		}
 	}
 }
 

@@ -29,7 +29,6 @@ func (c *Cluster) CreateEndpoint(ctx context.Context, ep Endpoint) (Endpoint, er
 	key := ep.NetworkKey
 	ep.HostID = c.cfg.HostID
 	ep.Node = c.cfg.Node
-	ep.VTEP = c.VTEP().String()
 	ep.Created = time.Now().UTC()
 	// The first attempt checks against the config the peer watch last
 	// saw, if it shows the membership: the transaction's index check
@@ -46,6 +45,9 @@ func (c *Cluster) CreateEndpoint(ctx context.Context, ep Endpoint) (Endpoint, er
 		if err := ctx.Err(); err != nil {
 			return Endpoint{}, err
 		}
+		// Read under the peer lock, each attempt: SetVTEP rewrites the
+		// network's records under it (see republishVTEP).
+		ep.VTEP = c.VTEP().String()
 		var rec Network
 		var index uint64
 		if useCache {
@@ -1009,6 +1011,43 @@ func (c *Cluster) SetVTEP(ctx context.Context, addr netip.Addr) error {
 	if err != nil {
 		return errors.Join(append(errs, fmt.Errorf("set vtep: list networks: %w", err))...)
 	}
+	// Network by network, under the network's peer lock, from a list made
+	// under it: CreateEndpoint and UpdateEndpoint read the VTEP and write
+	// under that lock, so a record one of them wrote with the old VTEP
+	// before this took the lock is in the list and rewritten, and one
+	// written after reads the new VTEP. (Unlocked, a CreateEndpoint that
+	// had read the old VTEP could write it after this rewrote the
+	// network's records.)
+	var keys []string
+	for _, p := range pairs {
+		k, _, ok := strings.Cut(strings.TrimPrefix(p.Key, "networks/"), "/")
+		if ok && !slices.Contains(keys, k) {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	for _, key := range keys {
+		errs = append(errs, c.republishVTEP(ctx, key, vtep)...)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("set vtep %s: %w", vtep, err)
+	}
+	c.log.Info("vtep republished", "vtep", vtep)
+	return nil
+}
+
+// republishVTEP rewrites this host's membership, peer record and
+// endpoint records of logical network key with vtep, under the network's
+// peer lock.
+func (c *Cluster) republishVTEP(ctx context.Context, key, vtep string) []error {
+	mu := c.peerLock(key)
+	mu.Lock()
+	defer mu.Unlock()
+	pairs, err := c.store.List(ctx, networkPrefix(key))
+	if err != nil {
+		return []error{fmt.Errorf("set vtep: list network %q: %w", key, err)}
+	}
+	var errs []error
 	for _, p := range pairs {
 		switch {
 		case strings.HasSuffix(p.Key, "/config"):
@@ -1069,11 +1108,7 @@ func (c *Cluster) SetVTEP(ctx context.Context, addr netip.Addr) error {
 			}))
 		}
 	}
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("set vtep %s: %w", vtep, err)
-	}
-	c.log.Info("vtep republished", "vtep", vtep)
-	return nil
+	return errs
 }
 
 // casLoop rewrites key with fn by compare-and-set until it sticks. fn
