@@ -239,11 +239,22 @@ func sessionWrite(ctx context.Context, client *api.Client, name string) Result {
 // context has expired.
 const probeCleanupTimeout = 5 * time.Second
 
+// probeReapAfter is how long the agent keeps a probe service whose check
+// is critical before it removes it (Consul's least is one minute).
+const probeReapAfter = time.Minute
+
 func serviceWrite(ctx context.Context, client *api.Client, id, hostID string) Result {
 	r := Result{Perm: PermServiceWrite, Rule: RuleServiceWrite}
 	reg := &api.AgentServiceRegistration{
 		ID: id, Name: ProbeServiceName,
 		Meta: map[string]string{discovery.MetaManagedBy: discovery.ManagedByValue, discovery.MetaHostID: hostID},
+		// A backstop: should the removal below get no answer too, the
+		// agent removes the probe itself once its check (a TTL nobody
+		// passes) has been critical for probeReapAfter.
+		Check: &api.AgentServiceCheck{
+			CheckID: id + "-ttl", Name: "consul-overlay permission probe", TTL: "10s",
+			DeregisterCriticalServiceAfter: probeReapAfter.String(),
+		},
 	}
 	if err := client.Agent().ServiceRegisterOpts(reg, api.ServiceRegisterOpts{}.WithContext(ctx)); err != nil {
 		if Denied(err) {
@@ -260,7 +271,12 @@ func serviceWrite(ctx context.Context, client *api.Client, id, hostID string) Re
 		}
 		return r
 	}
-	if err := client.Agent().ServiceDeregisterOpts(id, (&api.QueryOptions{}).WithContext(ctx)); err != nil {
+	// Its own time, not what the registration left of the probe's: an
+	// agent slow to register is slow to deregister too, and a removal
+	// cut short leaves the probe service registered.
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), probeCleanupTimeout)
+	defer cancel()
+	if err := client.Agent().ServiceDeregisterOpts(id, (&api.QueryOptions{}).WithContext(dctx)); err != nil {
 		if Denied(err) {
 			r.Err = &PermissionError{Op: fmt.Sprintf("deregister services (probe service %s, left registered)", id), Rule: r.Rule, Err: err}
 		} else {

@@ -2,6 +2,7 @@ package consulacl
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -245,5 +246,53 @@ func TestServiceProbeUnansweredRemoved(t *testing.T) {
 	}
 	if deregistered != "consul-overlay-probe-h1" {
 		t.Errorf("probe service whose registration got no answer not removed (deregistered %q): %v", deregistered, r.Err)
+	}
+}
+
+// TestServiceProbeRemovedAfterSlowRegistration: the registration is
+// answered just before the probe's time is up, and the removal takes
+// longer than what is left of it. The probe service is removed all the
+// same, and it carries a check that makes the agent remove it should the
+// removal fail (a doctor run on a loaded host left it registered).
+func TestServiceProbeRemovedAfterSlowRegistration(t *testing.T) {
+	var (
+		mu           sync.Mutex
+		reg          api.AgentServiceRegistration
+		deregistered string
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/v1/agent/service/register":
+			mu.Lock()
+			_ = json.NewDecoder(r.Body).Decode(&reg)
+			mu.Unlock()
+			time.Sleep(80 * time.Millisecond)
+		case strings.HasPrefix(r.URL.Path, "/v1/agent/service/deregister/"):
+			time.Sleep(100 * time.Millisecond)
+			mu.Lock()
+			deregistered = strings.TrimPrefix(r.URL.Path, "/v1/agent/service/deregister/")
+			mu.Unlock()
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	client, err := api.NewClient(&api.Config{Address: strings.TrimPrefix(srv.URL, "http://")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 150*time.Millisecond)
+	defer cancel()
+	r := serviceWrite(ctx, client, "consul-overlay-probe-h1", "h1")
+	if r.Err != nil || r.Cleanup != nil {
+		t.Errorf("probe: error %v, cleanup %v; want neither", r.Err, r.Cleanup)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if deregistered != "consul-overlay-probe-h1" {
+		t.Errorf("probe service not removed (deregistered %q)", deregistered)
+	}
+	if c := reg.Check; c == nil || c.TTL == "" || c.DeregisterCriticalServiceAfter == "" {
+		t.Errorf("probe registered with check %+v; want a TTL check the agent removes it after", c)
 	}
 }
