@@ -118,9 +118,12 @@ type Claim struct {
 	// the watch of the key saw it without this claim's session.
 	suspect chan struct{}
 
-	mu      sync.Mutex // guards session and value
+	mu      sync.Mutex // guards session, value and beforeWrite
 	session string     // "" while lost
 	value   []byte
+	// beforeWrite, if set (tests), runs in acquire between its read of
+	// value and its write of the key.
+	beforeWrite func()
 }
 
 // Claim registers (or registers again) the agent service cfg.ServiceID
@@ -152,7 +155,7 @@ func (c *Consul) Claim(ctx context.Context, key string, value []byte, cfg ClaimC
 		cfg.ServiceID = "consul-overlay-claim-" + hex.EncodeToString(sum[:8])
 	}
 	cl := &Claim{c: c, key: c.prefix + key, cfg: cfg, value: bytes.Clone(value), done: make(chan struct{}), suspect: make(chan struct{}, 1)}
-	id, err := cl.acquire(ctx)
+	id, _, err := cl.acquire(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -227,21 +230,21 @@ func (cl *Claim) Release(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// acquire creates a session and acquires the key with it; on failure the
-// session is destroyed.
-func (cl *Claim) acquire(ctx context.Context) (_ string, retErr error) {
+// acquire creates a session and acquires the key with it, and returns the
+// session and the value it wrote; on failure the session is destroyed.
+func (cl *Claim) acquire(ctx context.Context) (_ string, written []byte, retErr error) {
 	c := cl.c
 	if err := cl.register(ctx); err != nil {
-		return "", err
+		return "", nil, err
 	}
 	// Registered again, a check keeps the status it had (critical, when
 	// this holder's previous incarnation died): pass it.
 	if err := cl.pass(ctx); err != nil {
-		return "", err
+		return "", nil, err
 	}
 	id, err := cl.createSession(ctx)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	defer func() {
 		if retErr != nil {
@@ -252,35 +255,38 @@ func (cl *Claim) acquire(ctx context.Context) (_ string, retErr error) {
 			}
 		}
 	}()
-	cl.mu.Lock()
-	value := cl.value
-	cl.mu.Unlock()
 	// A few rounds: a key whose holder just released it can still be in
 	// its lock-delay, and a taken-over session needs one more try.
 	for try := 0; ; try++ {
 		tookOver := false
+		cl.mu.Lock()
+		value, hook := cl.value, cl.beforeWrite
+		cl.mu.Unlock()
+		if hook != nil {
+			hook()
+		}
 		ok, err := c.acquireKey(ctx, cl.key, value, id)
 		if err != nil {
-			return "", err
+			return "", nil, err
 		}
 		if ok {
-			return id, nil
+			return id, value, nil
 		}
 		holder, err := c.holder(ctx, cl.key)
 		if err != nil {
-			return "", err
+			return "", nil, err
 		}
 		if holder != nil && holder.Session != "" && holder.Session != id {
 			if cl.cfg.Takeover == nil || !cl.cfg.Takeover(holder.Value) {
-				return "", &HeldError{Key: cl.key, Session: holder.Session, Value: holder.Value}
+				return "", nil, &HeldError{Key: cl.key, Session: holder.Session, Value: holder.Value}
 			}
 			if err := c.destroySession(ctx, holder.Session); err != nil {
-				return "", fmt.Errorf("consul claim %q: take over from stale session %s: %w", cl.key, holder.Session, err)
+				return "", nil, fmt.Errorf("consul claim %q: take over from stale session %s: %w", cl.key, holder.Session, err)
 			}
 			tookOver = true
 		}
 		if try >= 10 {
-			return "", fmt.Errorf("consul claim %q: acquire refused %d times (lock-delay of a previous holder?)", cl.key, try+1)
+			return "", nil, fmt.Errorf("consul claim %q: acquire refused %d times (lock-delay of a previous holder?)", cl.key, try+1)
 		}
 		// After a take-over only our own sessions' lock-delay stands in
 		// the way (claimLockDelay): try again at once (issue 16: the
@@ -290,7 +296,7 @@ func (cl *Claim) acquire(ctx context.Context) (_ string, retErr error) {
 			pause = 2 * claimLockDelay
 		}
 		if !sleepCtx(ctx, pause) {
-			return "", fmt.Errorf("consul claim %q: %w", cl.key, ctx.Err())
+			return "", nil, fmt.Errorf("consul claim %q: %w", cl.key, ctx.Err())
 		}
 	}
 }
@@ -330,7 +336,7 @@ func (cl *Claim) run(ctx context.Context) {
 			read = true
 		}
 		if id == "" {
-			nid, err := cl.acquire(ctx)
+			nid, written, err := cl.acquire(ctx)
 			if ctx.Err() != nil {
 				return
 			}
@@ -345,7 +351,22 @@ func (cl *Claim) run(ctx context.Context) {
 			next = time.Now().Add(every)
 			cl.mu.Lock()
 			cl.session = nid
+			var uerr error
+			if !bytes.Equal(written, cl.value) {
+				// An Update during the re-acquire (it only kept its
+				// value, as no session held the key): write it now.
+				ok, err := cl.c.acquireKey(ctx, cl.key, cl.value, nid)
+				switch {
+				case err != nil:
+					uerr = fmt.Errorf("consul claim %q: write the value updated during the re-acquire: %w", cl.key, err)
+				case !ok:
+					uerr = fmt.Errorf("consul claim %q: write the value updated during the re-acquire: session %s no longer holds it", cl.key, nid)
+				}
+			}
 			cl.mu.Unlock()
+			if uerr != nil && cl.cfg.OnCheckError != nil {
+				cl.cfg.OnCheckError(uerr)
+			}
 			if cl.cfg.OnRegained != nil {
 				cl.cfg.OnRegained(nid)
 			}

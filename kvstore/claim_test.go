@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -160,6 +161,43 @@ func TestConsulClaim(t *testing.T) {
 		}
 		if p, err := s.Get(bg(t), "hosts/a"); err != nil || p.Session != cl.Session() || string(p.Value) != "v" {
 			t.Fatalf("after the key was deleted: %+v, %v", p, err)
+		}
+	})
+
+	// An Update while the claim is being re-acquired (its session lost)
+	// only keeps the value; the re-acquire had read the old one. The
+	// value updated is what the key holds once re-acquired.
+	t.Run("UpdateDuringReacquireKept", func(t *testing.T) {
+		s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "claim-" + randomHex(t)})
+		regainedc := make(chan string, 4)
+		cl, err := s.Claim(bg(t), "hosts/a", []byte("v1"), ClaimConfig{
+			TTL:        10 * time.Second,
+			OnRegained: func(id string) { regainedc <- id },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cl.Release(bg(t))
+		var once sync.Once
+		cl.mu.Lock()
+		cl.beforeWrite = func() {
+			once.Do(func() {
+				if err := cl.Update(bg(t), []byte("v2")); err != nil {
+					t.Errorf("update while lost: %v", err)
+				}
+			})
+		}
+		cl.mu.Unlock()
+		if _, err := raw.Session().Destroy(cl.Session(), nil); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-regainedc:
+		case <-time.After(10 * time.Second):
+			t.Fatal("claim not re-acquired within 10s of its session being destroyed")
+		}
+		if p, err := s.Get(bg(t), "hosts/a"); err != nil || string(p.Value) != "v2" || p.Session != cl.Session() {
+			t.Fatalf("after the re-acquire the key holds %q (session %q, %v), want the updated v2 under %q", p.Value, p.Session, err, cl.Session())
 		}
 	})
 
