@@ -106,6 +106,71 @@ func (f *firewall) ensureInput(ctx context.Context, port int, v6 bool, want map[
 	return k, nil
 }
 
+// underlayAdded is what one sync inserted into the underlay filter: the
+// RETURN rules of vteps and, with drop, the drop rule.
+type underlayAdded struct {
+	vteps []netip.Addr
+	drop  bool
+}
+
+// removeUnderlay removes the underlay rules of a, where they are, from the
+// underlay's command: the undo of a failed EnsureNetwork, which leaves the
+// rules that were there before it (other networks' peers, SetAllowedVTEPs)
+// alone. The removed VTEPs are no longer known to be allowed. Caller holds
+// Manager.mu.
+//
+// Equivalent to: `iptables -D CONSUL-OVERLAY-INPUT -s 192.0.2.12/32 -p udp
+// -m udp --dport 4789 -m comment --comment <mark> -j RETURN` for each VTEP
+// of a, and `iptables -D CONSUL-OVERLAY-INPUT -p udp -m udp --dport 4789 -m
+// comment --comment <mark> -j DROP` with a.drop.
+func (f *firewall) removeUnderlay(ctx context.Context, port int, v6 bool, a underlayAdded) (int, error) {
+	ul := f.underlayBin(v6)
+	if ul == "" || (len(a.vteps) == 0 && !a.drop) {
+		return 0, nil
+	}
+	gone := map[netip.Addr]bool{}
+	for _, v := range a.vteps {
+		gone[v] = true
+	}
+	one := &firewall{log: f.log, bins: []string{ul}, restore: f.restore}
+	k, err := one.each(ctx, func(bin string) (batch, error) {
+		l, err := f.list(ctx, bin, "filter")
+		if err != nil {
+			return nil, err
+		}
+		lines, _ := l.chain("filter", InputChain)
+		var b batch
+		for _, line := range lines {
+			r := parseRule(line)
+			if !r.marked || r.comment != f.mark || r.value("--dport") != strconv.Itoa(port) || len(r.ifaces) > 0 || r.value("-d") != "" {
+				continue // another owner's, or not a VXLAN rule
+			}
+			src, target := r.value("-s"), r.value("-j")
+			p, perr := netip.ParsePrefix(src)
+			switch {
+			case src == "" && target == "DROP" && a.drop:
+			case src != "" && target == "RETURN" && perr == nil && p.IsSingleIP() && gone[p.Addr()]:
+			default:
+				continue
+			}
+			b.add(slices.Concat([]string{"-D", InputChain}, r.fields)...)
+		}
+		return b, nil
+	})
+	switch {
+	case err != nil:
+		f.allowed = nil // unknown: read back next time
+	case f.allowed != nil:
+		for v := range gone {
+			delete(f.allowed, v)
+		}
+	}
+	if err != nil {
+		return k, fmt.Errorf("underlay filter: %w", err)
+	}
+	return k, nil
+}
+
 func sortedAddrs(s map[netip.Addr]bool) []netip.Addr {
 	out := make([]netip.Addr, 0, len(s))
 	for a := range s {

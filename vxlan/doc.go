@@ -46,7 +46,11 @@
 // given in Config). A network's MTU is that minus 50 bytes on an IPv4
 // underlay and 70 on an IPv6 one (inner Ethernet, VXLAN, UDP and outer IP
 // headers), unless the network overrides it. A packet too big for it fails
-// at the sender with "message too long" instead of vanishing.
+// at the sender with "message too long" instead of vanishing. A lower MTU
+// is not applied to the bridge and VXLAN device while a running
+// container's veth is on the bridge (its end keeps the larger MTU, whose
+// frames the bridge would drop): the MTU in force is kept, logged at error
+// level and returned, until no container uses the network on this host.
 //
 // # Ownership and restarts
 //

@@ -75,6 +75,12 @@ func newHosts(t *testing.T, n int, opts testenv.UnderlayOptions) []*testHost {
 // namespace, as another plugin instance (or a restarted one) would.
 func (h *testHost) manager(t *testing.T, owner string) *Manager {
 	t.Helper()
+	return h.managerLog(t, owner, testLogger(t).With("host", h.Addr, "owner", owner))
+}
+
+// managerLog is manager with the given logger.
+func (h *testHost) managerLog(t *testing.T, owner string, log *slog.Logger) *Manager {
+	t.Helper()
 	cfg := Config{
 		VTEP:           h.Addr,
 		IPTables:       nsWrapper(t, h.NS, "iptables"),
@@ -82,7 +88,7 @@ func (h *testHost) manager(t *testing.T, owner string) *Manager {
 		Sysctl:         "-",
 		NoTrackBridged: true, // the NOTRACK rule is exercised and counted too
 		Owner:          owner,
-		Logger:         testLogger(t).With("host", h.Addr, "owner", owner),
+		Logger:         log,
 	}
 	m, err := NewAt(cfg, h.NS.Path)
 	if err != nil {

@@ -461,6 +461,9 @@ type fwSpec struct {
 	v6       bool
 	vteps    map[netip.Addr]bool
 	prune    bool
+	// added, if set, collects the underlay rules the sync inserts, so
+	// that a failed EnsureNetwork removes exactly those (removeUnderlay).
+	added *underlayAdded
 
 	// bridges get their own rules as their Network says (internal,
 	// ConsulAPI); gone bridges lose theirs; complete: bridges is every
@@ -632,6 +635,86 @@ func (f *firewall) sync(ctx context.Context, s fwSpec) (int, error) {
 	return changes, err
 }
 
+// migrateOwn moves this owner's rules from the commands of old (the
+// iptables flavour used so far) to f's (the one chosen now): each rule of
+// ours in FirewallChain, InputChain and the raw table's PREROUTING that
+// f's command of the same family lacks is appended there in old's order,
+// with the chains and jumps (planBase); then removeOwn removes ours from
+// old. Copied first because our DROP rules filter in either flavour:
+// removed first, they would leave a window; if the copy fails, old keeps
+// them. The ESP chains' rules (ipsec.go) stay where they are: they mark
+// an encrypted network's packets in either flavour. Caller holds
+// Manager.mu.
+func (f *firewall) migrateOwn(ctx context.Context, old *firewall) (int, error) {
+	changes := 0
+	for _, ob := range old.bins {
+		from, err := old.list(ctx, ob, "filter", "raw")
+		if err != nil {
+			return changes, err
+		}
+		to := ""
+		for _, b := range f.bins {
+			if f.v6[b] == old.v6[ob] {
+				to = b
+			}
+		}
+		if to == "" {
+			continue // no command of the family now: nothing to copy to
+		}
+		one := &firewall{log: f.log, bins: []string{to}, restore: f.restore}
+		k, err := one.each(ctx, func(bin string) (batch, error) {
+			l, err := f.list(ctx, bin, "filter", "raw")
+			if err != nil {
+				return nil, err
+			}
+			var b batch
+			f.planBase(&b, l)
+			for _, c := range []struct{ table, chain string }{{"filter", FirewallChain}, {"filter", InputChain}, {"raw", "PREROUTING"}} {
+				have, _ := l.chain(c.table, c.chain)
+				lines, _ := from.chain(c.table, c.chain)
+				for _, line := range lines {
+					if r := parseRule(line); r.marked && r.comment == f.mark && !slices.Contains(have, line) {
+						b.addIn(c.table, slices.Concat([]string{"-A", c.chain}, r.fields)...)
+					}
+				}
+			}
+			return b, nil
+		})
+		changes += k
+		if err != nil {
+			return changes, err
+		}
+	}
+	k, err := old.removeOwn(ctx)
+	return changes + k, err
+}
+
+// removeOwn removes every rule of this owner from the commands f runs:
+// the underlay filter, the FORWARD rules, the internal networks' and
+// link-local INPUT rules and the NOTRACK rule, in one transaction per
+// command. The shared chains and jumps stay, as everywhere. Caller holds
+// Manager.mu.
+//
+// Equivalent to: `iptables -D CONSUL-OVERLAY-INPUT …`, `iptables -D
+// CONSUL-OVERLAY …` and `iptables -t raw -D PREROUTING …` for each rule
+// with our mark, through `iptables-restore --noflush`.
+func (f *firewall) removeOwn(ctx context.Context) (int, error) {
+	s := fwSpec{shared: sharedDrop, complete: true}
+	return f.each(ctx, func(bin string) (batch, error) {
+		l, err := f.list(ctx, bin, "filter", "raw")
+		if err != nil {
+			return nil, err
+		}
+		var b batch
+		lines, _ := l.chain("filter", InputChain)
+		f.planUnderlay(&b, bin, false, lines, s) // not the underlay's command: all of ours go
+		f.planForward(&b, l, s)
+		f.planInput(&b, bin, l, s)
+		f.planRaw(&b, l, s)
+		return b, nil
+	})
+}
+
 // planBase makes both chains exist and be jumped to from FORWARD (after
 // DOCKER-USER) and INPUT (first).
 func (f *firewall) planBase(b *batch, l listing) {
@@ -679,10 +762,16 @@ func (f *firewall) planUnderlay(b *batch, bin string, isUL bool, lines []string,
 	for _, v := range sortedAddrs(s.vteps) {
 		if !have[v] {
 			b.add(slices.Concat([]string{"-I", InputChain, "1"}, allowRule(v, s.port, f.mark))...)
+			if s.added != nil {
+				s.added.vteps = append(s.added.vteps, v)
+			}
 		}
 	}
 	if !haveDrop {
 		b.add(slices.Concat([]string{"-A", InputChain}, vxlanDropRule(s.port, f.mark))...)
+		if s.added != nil {
+			s.added.drop = true
+		}
 	}
 	for v := range s.vteps {
 		have[v] = true

@@ -227,11 +227,39 @@ func (m *Manager) espState(k IPsecKey, src, dst netip.Addr) *netlink.XfrmState {
 	}
 }
 
+// ownIPsecDevices checks that the network's bridge and VXLAN device, where
+// they exist, carry no other owner's mark: the VNI's packets are then
+// that owner's, and a state, policy or ESP rule of ours for it would mark
+// and block or drop them. It reads the kernel, not Reconcile's dump: it
+// runs beside the dump. Caller holds m.mu.
+//
+// Equivalent to: `ip -d link show vxbr-0a1b; ip -d link show vx-0a1b`
+// and comparing their alias with ours.
+func (m *Manager) ownIPsecDevices(vni uint32) error {
+	for _, name := range []string{BridgeName(vni), VXLANName(vni)} {
+		l, err := retryDump(func() (netlink.Link, error) { return m.nl.LinkByName(name) })
+		if isNotFound(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("ipsec of network (vni %d): get link %q: %w", vni, name, err)
+		}
+		if err := m.foreign(l); err != nil {
+			return fmt.Errorf("ipsec of network (vni %d): device %q is not ours, no xfrm state, policy or esp rule for it: %w", vni, name, err)
+		}
+	}
+	return nil
+}
+
 // ensureIPsecNetwork records vni as encrypted and installs what keeps it
 // from leaving or entering in plain text: the ESP chains' rules of the
 // VNI and the block policy. ensureNetwork calls it before it creates the
-// VXLAN device. Caller holds m.mu.
+// VXLAN device. A network whose devices are another owner's is refused
+// before anything is written. Caller holds m.mu.
 func (m *Manager) ensureIPsecNetwork(ctx context.Context, vni uint32, ch *Changes) error {
+	if err := m.ownIPsecDevices(vni); err != nil {
+		return fmt.Errorf("ensure network (vni %d): %w", vni, err)
+	}
 	if err := m.probeIPsec(); err != nil {
 		return fmt.Errorf("ensure network (vni %d): %w", vni, err)
 	}
@@ -625,25 +653,35 @@ func (m *Manager) syncESP(ctx context.Context, ch *Changes, addOnly bool) error 
 
 // reconcileIPsec is Reconcile's part: the encrypted networks become those
 // of nets (with keep, the listed ones are added), and states, policies and
-// rules follow. Caller holds m.mu.
+// rules follow. A network whose devices are another owner's is left out:
+// ensureNetworkFW reports it. Caller holds m.mu.
 func (m *Manager) reconcileIPsec(ctx context.Context, nets map[uint32]Network, keep bool, ch *Changes) error {
 	if !keep || m.sec.encrypted == nil {
 		m.sec.encrypted = map[uint32]bool{}
 	}
+	var errs []error
 	for vni, n := range nets {
-		if n.Encrypted {
-			m.sec.encrypted[vni] = true
+		if !n.Encrypted {
+			continue
 		}
+		// A failed lookup is no proof of another owner: the network
+		// stays encrypted, so its packets never leave in plain text.
+		if err := m.ownIPsecDevices(vni); errors.Is(err, ErrForeign) {
+			continue
+		} else if err != nil {
+			errs = append(errs, err)
+		}
+		m.sec.encrypted[vni] = true
 	}
 	if len(m.sec.encrypted) > 0 {
 		if err := m.probeIPsec(); err != nil {
-			return err
+			return errors.Join(append(errs, err)...)
 		}
 	}
 	if keep {
-		return errors.Join(m.syncESP(ctx, ch, true), m.syncXfrmKeep(ch))
+		return errors.Join(append(errs, m.syncESP(ctx, ch, true), m.syncXfrmKeep(ch))...)
 	}
-	return errors.Join(m.syncESPRules(ctx, ch), m.syncXfrm(ch))
+	return errors.Join(append(errs, m.syncESPRules(ctx, ch), m.syncXfrm(ch))...)
 }
 
 // syncXfrmKeep is syncXfrm for Reconcile with KeepStrays: it only runs when

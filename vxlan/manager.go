@@ -99,7 +99,7 @@ type Network struct {
 type NetworkInfo struct {
 	Bridge string // vxbr-<vni %06x>
 	VXLAN  string // vx-<vni %06x>
-	MTU    int
+	MTU    int    // in force: higher than asked while containers keep it (keptMTU)
 }
 
 // Endpoint is the desired state of one local endpoint.

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -22,8 +23,11 @@ var networkSteps = []string{
 // EnsureNetwork makes the network's bridge and VXLAN device exist, match n
 // and be up, installs its firewall rules and programs the peers already
 // known for its VNI. A device that already matches is kept as it is, so
-// calling it again never disturbs traffic. If a step fails, whatever this
-// call created is removed again.
+// calling it again never disturbs traffic: an MTU lower than the
+// bridge's is not applied while a running container's veth is on the
+// bridge (keptMTU; logged at error level), and NetworkInfo.MTU is the MTU
+// in force. If a step fails, whatever this call created is removed again,
+// the firewall rules it added included.
 func (m *Manager) EnsureNetwork(ctx context.Context, n Network) (NetworkInfo, error) {
 	if err := validVNI(n.VNI); err != nil {
 		return NetworkInfo{}, fmt.Errorf("ensure network: %w", err)
@@ -95,9 +99,21 @@ func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, f
 		}
 		// Last undo: rules are undone only for a bridge this call
 		// creates: on an existing network they protect running
-		// containers. The shared rules go if no bridge of ours is left.
+		// containers. The shared rules go if no bridge of ours is left,
+		// and the underlay rules this call added (a peer's VTEP, the drop
+		// rule of a first network) go too; those that were there stay.
+		var added underlayAdded
 		if existing == nil {
-			undo = append(undo, func() error { return m.releaseFirewall(context.WithoutCancel(ctx), info.Bridge, ch) })
+			undo = append(undo, func() error {
+				ctx := context.WithoutCancel(ctx)
+				err := m.releaseFirewall(ctx, info.Bridge, ch)
+				k, uerr := m.fw.removeUnderlay(ctx, m.cfg.Port, m.cfg.VTEP.Is6(), added)
+				ch.Rules += k
+				if uerr != nil {
+					uerr = fmt.Errorf("firewall rules of %q: %w", info.Bridge, uerr)
+				}
+				return errors.Join(err, uerr)
+			})
 		}
 		if m.cfg.LinkLocal.IsValid() {
 			if err := m.step("firewall-linklocal"); err != nil {
@@ -105,7 +121,7 @@ func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, f
 			}
 		}
 		s := m.fwSpec(map[string]Network{info.Bridge: n}, sharedWant)
-		s.underlay = true
+		s.underlay, s.added = true, &added
 		k, err := m.fw.sync(ctx, s)
 		ch.Rules += k
 		if err != nil {
@@ -123,6 +139,15 @@ func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, f
 		}
 	}
 
+	kept, err := m.keptMTU(info.Bridge, mtu)
+	if err != nil {
+		return info, fmt.Errorf("ensure network (vni %d): %w", n.VNI, err)
+	}
+	if kept != mtu {
+		m.log.Error("network mtu not lowered: running containers use the network on this host; it takes effect once none does",
+			"vni", n.VNI, "link", info.Bridge, "asked_mtu", mtu, "kept_mtu", kept)
+		mtu, info.MTU = kept, kept
+	}
 	br, created, err := m.ensureBridge(n, mtu, ch)
 	if created {
 		undo = append(undo, func() error { return m.deleteLink(br) })
@@ -149,6 +174,44 @@ func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, f
 		}
 	}
 	return info, nil
+}
+
+// keptMTU is the MTU the network's links get when mtu is asked: mtu,
+// unless it is lower than the MTU of the existing bridge br and a running
+// container's veth is on it. Then the bridge's MTU is kept: the
+// container's end keeps the larger MTU it was created with, and frames of
+// that size would be dropped at the lowered bridge and VXLAN device. A
+// veth whose container end is still in this namespace belongs to no
+// running container. Caller holds m.mu.
+//
+// Equivalent to: `ip -d link show master vxbr-0a1b` and looking for
+// vxh-* links whose peer is in another namespace ("link-netnsid").
+func (m *Manager) keptMTU(br string, mtu int) (int, error) {
+	l, err := m.linkByName(br)
+	if err != nil || l == nil || m.foreign(l) != nil || l.Attrs().MTU <= mtu {
+		return mtu, err
+	}
+	links, err := m.linkList()
+	if err != nil {
+		return mtu, err
+	}
+	names := make(map[int]string, len(links))
+	for _, p := range links {
+		names[p.Attrs().Index] = p.Attrs().Name
+	}
+	for _, p := range links {
+		key, ok := strings.CutPrefix(p.Attrs().Name, hostPrefix)
+		if !ok || p.Attrs().MasterIndex != l.Attrs().Index || p.Type() != "veth" || m.foreign(p) != nil {
+			continue
+		}
+		if away, _ := peerAway(p, key, func(index int) (string, bool, error) {
+			name, ok := names[index]
+			return name, ok, nil
+		}); away {
+			return l.Attrs().MTU, nil
+		}
+	}
+	return mtu, nil
 }
 
 // ensureBridge makes the network's bridge exist with our alias, the MTU,
