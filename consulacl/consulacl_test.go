@@ -208,22 +208,47 @@ func TestCheckUnreachable(t *testing.T) {
 // load): the probe removes it anyway, or the probe service stays in the
 // agent and its catalog, where nothing else would remove it.
 func TestServiceProbeUnansweredRemoved(t *testing.T) {
-	var (
-		mu           sync.Mutex
-		registered   bool
-		deregistered string
-	)
+	agent, client := newFakeAgent(t, 300*time.Millisecond, 0) // taken, answered too late
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	r := serviceWrite(ctx, client, "consul-overlay-probe-h1", "h1")
+	if r.Err == nil {
+		t.Fatal("an unanswered probe registration reported no error")
+	}
+	reg, deregistered := agent.seen()
+	if reg == nil {
+		t.Fatal("the probe never reached the agent")
+	}
+	if deregistered != "consul-overlay-probe-h1" {
+		t.Errorf("probe service whose registration got no answer not removed (deregistered %q): %v", deregistered, r.Err)
+	}
+}
+
+// fakeAgent answers the agent's service register and deregister after
+// the given delays, and records what it was sent.
+type fakeAgent struct {
+	mu           sync.Mutex
+	reg          *api.AgentServiceRegistration
+	deregistered string
+}
+
+func newFakeAgent(t *testing.T, registerDelay, deregisterDelay time.Duration) (*fakeAgent, *api.Client) {
+	t.Helper()
+	f := &fakeAgent{}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.URL.Path == "/v1/agent/service/register":
-			mu.Lock()
-			registered = true
-			mu.Unlock()
-			time.Sleep(300 * time.Millisecond) // taken, answered too late
+			var reg api.AgentServiceRegistration
+			_ = json.NewDecoder(r.Body).Decode(&reg)
+			f.mu.Lock()
+			f.reg = &reg
+			f.mu.Unlock()
+			time.Sleep(registerDelay)
 		case strings.HasPrefix(r.URL.Path, "/v1/agent/service/deregister/"):
-			mu.Lock()
-			deregistered = strings.TrimPrefix(r.URL.Path, "/v1/agent/service/deregister/")
-			mu.Unlock()
+			time.Sleep(deregisterDelay)
+			f.mu.Lock()
+			f.deregistered = strings.TrimPrefix(r.URL.Path, "/v1/agent/service/deregister/")
+			f.mu.Unlock()
 		default:
 			http.NotFound(w, r)
 		}
@@ -233,20 +258,15 @@ func TestServiceProbeUnansweredRemoved(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
-	defer cancel()
-	r := serviceWrite(ctx, client, "consul-overlay-probe-h1", "h1")
-	if r.Err == nil {
-		t.Fatal("an unanswered probe registration reported no error")
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	if !registered {
-		t.Fatal("the probe never reached the agent")
-	}
-	if deregistered != "consul-overlay-probe-h1" {
-		t.Errorf("probe service whose registration got no answer not removed (deregistered %q): %v", deregistered, r.Err)
-	}
+	return f, client
+}
+
+// seen is the registration received (nil: none) and the service ID
+// deregistered.
+func (f *fakeAgent) seen() (*api.AgentServiceRegistration, string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.reg, f.deregistered
 }
 
 // TestServiceProbeRemovedAfterSlowRegistration: the registration is
@@ -255,44 +275,18 @@ func TestServiceProbeUnansweredRemoved(t *testing.T) {
 // same, and it carries a check that makes the agent remove it should the
 // removal fail (a doctor run on a loaded host left it registered).
 func TestServiceProbeRemovedAfterSlowRegistration(t *testing.T) {
-	var (
-		mu           sync.Mutex
-		reg          api.AgentServiceRegistration
-		deregistered string
-	)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch {
-		case r.URL.Path == "/v1/agent/service/register":
-			mu.Lock()
-			_ = json.NewDecoder(r.Body).Decode(&reg)
-			mu.Unlock()
-			time.Sleep(80 * time.Millisecond)
-		case strings.HasPrefix(r.URL.Path, "/v1/agent/service/deregister/"):
-			time.Sleep(100 * time.Millisecond)
-			mu.Lock()
-			deregistered = strings.TrimPrefix(r.URL.Path, "/v1/agent/service/deregister/")
-			mu.Unlock()
-		default:
-			http.NotFound(w, r)
-		}
-	}))
-	t.Cleanup(srv.Close)
-	client, err := api.NewClient(&api.Config{Address: strings.TrimPrefix(srv.URL, "http://")})
-	if err != nil {
-		t.Fatal(err)
-	}
+	agent, client := newFakeAgent(t, 80*time.Millisecond, 100*time.Millisecond)
 	ctx, cancel := context.WithTimeout(t.Context(), 150*time.Millisecond)
 	defer cancel()
 	r := serviceWrite(ctx, client, "consul-overlay-probe-h1", "h1")
 	if r.Err != nil || r.Cleanup != nil {
 		t.Errorf("probe: error %v, cleanup %v; want neither", r.Err, r.Cleanup)
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	reg, deregistered := agent.seen()
 	if deregistered != "consul-overlay-probe-h1" {
 		t.Errorf("probe service not removed (deregistered %q)", deregistered)
 	}
-	if c := reg.Check; c == nil || c.TTL == "" || c.DeregisterCriticalServiceAfter == "" {
-		t.Errorf("probe registered with check %+v; want a TTL check the agent removes it after", c)
+	if reg == nil || reg.Check == nil || reg.Check.TTL == "" || reg.Check.DeregisterCriticalServiceAfter == "" {
+		t.Errorf("probe registered as %+v; want a TTL check the agent removes it after", reg)
 	}
 }
