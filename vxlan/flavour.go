@@ -24,9 +24,7 @@ import (
 // IP6Tables both ""), the Manager asks each flavour's save command what it
 // holds and programs the one that holds dockerd's chains (DOCKER,
 // DOCKER-USER, ...), or else the one with more rules, or else the nft one,
-// the default of current distributions. The plugin's own chains and rules
-// are not counted (pluginRule): they show where it wrote before, not what
-// the host uses now. The plugin's rootfs carries both
+// the default of current distributions. The plugin's rootfs carries both
 // (scripts/plugin-rootfs.sh).
 //
 // A managed plugin may start before dockerd has set its chains up (at
@@ -42,7 +40,7 @@ type flavourState struct {
 	name                string // "nft" or "legacy"
 	iptables, ip6tables string // its commands, "" when missing
 	dockerChains        int    // chains named DOCKER*
-	rules               int    // rules ("-A" lines) other than the plugin's own
+	rules               int    // rules ("-A" lines)
 }
 
 // flavourChoice is the flavour chosen, and why.
@@ -132,34 +130,12 @@ func (d *flavourDetector) probe(ctx context.Context) []flavourState {
 			switch {
 			case strings.HasPrefix(line, ":DOCKER"):
 				st.dockerChains++
-			case strings.HasPrefix(line, "-A ") && !pluginRule(line):
+			case strings.HasPrefix(line, "-A "):
 				st.rules++
 			}
 		}
 	}
 	return states
-}
-
-// pluginRule reports whether an `-A` line of a save command is a
-// consul-overlay instance's own (of any owner): a rule of its chains
-// (FirewallChain, InputChain, the ESP chains), a jump to them, or a rule
-// with its mark. They say which flavour the plugin used, not which the
-// host's firewall uses: counted, a restarted plugin would follow its own
-// old rules after dockerd moved to the other flavour.
-func pluginRule(line string) bool {
-	f := strings.Fields(line)
-	if len(f) < 2 {
-		return false
-	}
-	if strings.HasPrefix(f[1], FirewallChain) {
-		return true
-	}
-	r := parseRule(line)
-	if strings.HasPrefix(r.value("-j"), FirewallChain) {
-		return true
-	}
-	_, ours := ownerOfMark(r.comment)
-	return r.marked && ours
 }
 
 // chooseFlavour picks among the probed flavours; ok is false when there is
@@ -288,7 +264,7 @@ func newDetectedFirewall(ctx context.Context, log *slog.Logger, d *flavourDetect
 
 // redetect makes a provisional flavour choice again (caller holds
 // Manager.mu): once a flavour holds rules, its commands are used from then
-// on, and this owner's rules move from the flavour used so far to it.
+// on.
 func (f *firewall) redetect(ctx context.Context) {
 	if f.detector == nil || f.flavour.settled {
 		return
@@ -297,22 +273,11 @@ func (f *firewall) redetect(ctx context.Context) {
 	if !ok || !c.settled {
 		return
 	}
-	from := f.flavour.name
-	old := &firewall{log: f.log, mark: f.mark, bins: f.bins, v6: f.v6, restore: f.restore, save: f.save}
+	if c.name != f.flavour.name {
+		f.log.Warn("firewall flavour changed now that the host's firewall holds rules: rules written so far in the other flavour stay there, ineffective",
+			"from", f.flavour.name, "to", c.name)
+	}
 	f.flavour = c
 	f.useCommands(c.commands())
 	f.allowed = nil // the new flavour's INPUT rules are unknown
-	if c.name == from {
-		return
-	}
-	// The rules written so far would stay in the other flavour, managed
-	// by nobody: they move to this one.
-	k, err := f.migrateOwn(ctx, old)
-	if err != nil {
-		f.log.Warn("firewall flavour changed now that the host's firewall holds rules; this instance's rules not all moved from the other flavour",
-			"from", from, "to", c.name, "changes", k, "error", err)
-		return
-	}
-	f.log.Info("firewall flavour changed now that the host's firewall holds rules; this instance's rules moved from the other flavour",
-		"from", from, "to", c.name, "changes", k)
 }
