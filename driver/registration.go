@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -311,6 +312,46 @@ func (d *Driver) NetworksBySubnet() map[netip.Prefix]int {
 		}
 	}
 	return out
+}
+
+// NetworksOn counts the Docker networks bound on this host whose subnet
+// is subnet in IPAM address space space (each holds that pool once) and,
+// if gateway is valid, whose gateway on it is gateway (each holds the
+// gateway once): the floor below which IPAM must not release this host's
+// holds (ipam.Config.MinHolds). A subnet recorded without its space
+// counts for every space of consul-overlay's IPAM: counting too many only
+// keeps a hold, which the pool sweep drops. known is false when the
+// driver has not restored its state within wait.
+func (d *Driver) NetworksOn(space string, subnet netip.Prefix, gateway netip.Addr, wait time.Duration) (n int, known bool) {
+	if !d.readyWithin(wait) {
+		return 0, false
+	}
+	subnet = subnet.Masked()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, l := range d.networks {
+		for i, s := range l.rec.Subnets {
+			p, err := netip.ParsePrefix(s)
+			if err != nil || p.Masked() != subnet {
+				continue
+			}
+			sp := ""
+			if i < len(l.rec.Spaces) {
+				sp = l.rec.Spaces[i]
+			}
+			if sp != space && (sp != "" || d.cfg.OwnsAddressSpace == nil || !d.cfg.OwnsAddressSpace(space)) {
+				continue
+			}
+			if gateway.IsValid() && !slices.ContainsFunc(l.rec.Gateways, func(g string) bool {
+				gp, err := netip.ParsePrefix(g)
+				return err == nil && gp.Addr() == gateway
+			}) {
+				continue
+			}
+			n++
+		}
+	}
+	return n, true
 }
 
 // holds reports whether an endpoint record has address a in subnet.
