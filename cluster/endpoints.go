@@ -273,8 +273,7 @@ func (c *Cluster) DeleteEndpoint(ctx context.Context, key, id string) error {
 // read from the store, not the cache (see DeleteEndpoint).
 func (c *Cluster) unlistOwnPeer(ctx context.Context, key, id string) error {
 	for attempt := 0; attempt < maxCASAttempts; attempt++ {
-		c.forgetOwnPeers(key)
-		pr, prIndex, err := c.ownPeerRecord(ctx, key)
+		pr, prIndex, err := c.storedOwnPeerRecord(ctx, key)
 		if err != nil {
 			return fmt.Errorf("remove endpoint %s from the peer record: %w", id, err)
 		}

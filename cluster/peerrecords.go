@@ -192,6 +192,12 @@ func (c *Cluster) ownPeerRecord(ctx context.Context, key string) (PeerRecord, ui
 	if ok {
 		return op.rec, op.index, nil
 	}
+	return c.storedOwnPeerRecord(ctx, key)
+}
+
+// storedOwnPeerRecord is ownPeerRecord read from the store, whatever the
+// cache holds.
+func (c *Cluster) storedOwnPeerRecord(ctx context.Context, key string) (PeerRecord, uint64, error) {
 	p, err := c.store.Get(ctx, peerRecordKey(key, c.cfg.HostID))
 	if errors.Is(err, kvstore.ErrNotFound) {
 		return PeerRecord{}, 0, nil

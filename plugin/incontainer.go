@@ -13,7 +13,7 @@ import (
 // (*driver.Driver).
 type endpointAddresses interface {
 	AddressInContainer(subnet netip.Prefix, a netip.Addr, wait time.Duration) bool
-	NetworksBySubnet() map[netip.Prefix]int
+	NetworksOn(space string, subnet netip.Prefix, gateway netip.Addr, wait time.Duration) (int, bool)
 }
 
 // poolReader reads a pool's holders (*ipam.Driver).
@@ -35,17 +35,24 @@ type poolReader interface {
 // running container's address out twice. So is it when the pool cannot
 // be read.
 func addressInContainer(log *slog.Logger, drv endpointAddresses, ip poolReader, hostID, poolID string, a netip.Addr, wait time.Duration) bool {
-	_, subnet, _, err := ipam.ParsePoolID(poolID)
+	space, subnet, _, err := ipam.ParsePoolID(poolID)
 	if err != nil || drv == nil {
 		return true
 	}
 	if drv.AddressInContainer(subnet, a, wait) {
 		return true
 	}
-	subnet = subnet.Masked()
 	// The lower of two counts around the read: a network removed meanwhile
-	// hides no other driver's network.
-	before := drv.NetworksBySubnet()[subnet]
+	// hides no other driver's network. Counted in the pool's address
+	// space, as its holds are.
+	count := func() int {
+		n, known := drv.NetworksOn(space, subnet, netip.Addr{}, wait)
+		if !known {
+			return 0 // unknown: taken for another driver's, refused
+		}
+		return n
+	}
+	before := count()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	p, err := ip.PoolInfo(ctx, poolID)
@@ -53,7 +60,7 @@ func addressInContainer(log *slog.Logger, drv endpointAddresses, ip poolReader, 
 		log.Warn("address asked for again: cannot read its pool to tell whether another network driver's container may hold it; refused", "pool", poolID, "address", a, "error", err)
 		return true
 	}
-	nets := min(before, drv.NetworksBySubnet()[subnet])
+	nets := min(before, count())
 	if held := p.Holders[hostID]; nets == 0 || held > nets {
 		log.Warn("address asked for again on a subnet that another network driver's network on this host may use (it uses consul-overlay's IPAM; consul-overlay cannot see its containers): refused, as a running container may hold it (renamed since?)",
 			"pool", poolID, "address", a, "pool_holds", held, "consul_overlay_networks", nets)

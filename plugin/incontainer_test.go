@@ -23,7 +23,9 @@ func (f *fakeEndpoints) AddressInContainer(_ netip.Prefix, a netip.Addr, _ time.
 	return f.inUse[a]
 }
 
-func (f *fakeEndpoints) NetworksBySubnet() map[netip.Prefix]int { return f.nets }
+func (f *fakeEndpoints) NetworksOn(_ string, subnet netip.Prefix, _ netip.Addr, _ time.Duration) (int, bool) {
+	return f.nets[subnet], true
+}
 
 // TestAddressInContainerOtherDrivers: a container on a macvlan (or bridge)
 // network that uses consul-overlay's IPAM runs with --ip X under name web;
