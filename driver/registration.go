@@ -316,12 +316,9 @@ func (d *Driver) NetworksBySubnet() map[netip.Prefix]int {
 
 // NetworksOn counts the Docker networks bound on this host whose subnet
 // is subnet in IPAM address space space (each holds that pool once) and,
-// if gateway is valid, whose gateway on it is gateway (each holds the
-// gateway once): the floor below which IPAM must not release this host's
-// holds (ipam.Config.MinHolds). A subnet recorded without its space
-// counts for every space of consul-overlay's IPAM: counting too many only
-// keeps a hold, which the pool sweep drops. known is false when the
-// driver has not restored its state within wait.
+// if gateway is valid, whose gateway on it is gateway. A subnet recorded
+// without its space counts for every space of consul-overlay's IPAM.
+// known is false when the driver has not restored its state within wait.
 func (d *Driver) NetworksOn(space string, subnet netip.Prefix, gateway netip.Addr, wait time.Duration) (n int, known bool) {
 	if !d.readyWithin(wait) {
 		return 0, false

@@ -535,13 +535,6 @@ func (d *Driver) FreeAddress(ctx context.Context, poolID string, a netip.Addr) e
 			ops = []kvstore.Op{{Verb: kvstore.OpDeleteCAS, Key: key, Index: pair.ModifyIndex}}
 		} else {
 			n := rec.Holders[d.cfg.Node]
-			if n > 0 && rec.Kind == kindGateway && d.cfg.MinHolds != nil {
-				if used := d.cfg.MinHolds(ref.id(), a); n-1 < used {
-					d.log.Warn("release of a gateway hold ignored: this host would hold the gateway fewer times than its networks on the pool use it",
-						"pool", ref.id(), "gateway", a, "holds", n, "networks", used)
-					return nil
-				}
-			}
 			switch {
 			case n == 0:
 				return nil

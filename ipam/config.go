@@ -120,20 +120,6 @@ type Config struct {
 	// as Docker sent it; ParsePoolID splits it. Zero: every release is
 	// honoured.
 	InUse func(poolID string, a netip.Addr) bool
-	// MinHolds, if set, is the number of this host's networks the network
-	// driver has bound on pool poolID now (a invalid), or, for a valid a,
-	// on the pool with a as their gateway. A ReleasePool, or a gateway's
-	// ReleaseAddress, that would leave this host fewer holds than that is
-	// ignored (logged): Docker releases a network's pool after its
-	// DeleteNetwork, and a hold count that fell short of the networks (an
-	// eviction whose re-assertion raced a network create or delete, a hold
-	// lost in a crash) would otherwise remove the pool, and the addresses
-	// of the networks still running, with the last release of another.
-	// SweepPools drops a surplus this leaves. While the network driver
-	// cannot tell yet (restoring after a start) it may answer a large
-	// number: the release is kept for the sweep. It must not do I/O and
-	// must not call back into the Driver. Zero: every release is honoured.
-	MinHolds func(poolID string, a netip.Addr) int
 	// InContainer, if set, reports whether a running container of this
 	// host holds address a of pool poolID now (the network driver asks the
 	// kernel), true when that cannot be told. A request for an explicit

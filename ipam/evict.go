@@ -59,7 +59,6 @@ func (d *Driver) as(node string) *Driver {
 	cfg := d.cfg
 	cfg.Node = node
 	cfg.InUse = nil
-	cfg.MinHolds = nil // the network driver counts this host's networks, not node's
 	return &Driver{cfg: cfg, store: d.store, log: d.log.With("evicted_host", node), now: d.now, started: d.started, cache: map[string]cachedPool{}}
 }
 

@@ -281,13 +281,6 @@ func (d *Driver) FreePool(ctx context.Context, poolID string) error {
 			}
 			return nil
 		}
-		if d.cfg.MinHolds != nil {
-			if used := d.cfg.MinHolds(ref.id(), netip.Addr{}); n-1 < used {
-				d.log.Warn("release of a pool hold ignored: this host would hold the pool fewer times than its networks on it use it; the pool sweep drops a surplus later",
-					"pool", ref.id(), "holds", n, "networks", used)
-				return nil
-			}
-		}
 		if n == 1 {
 			delete(rec.Holders, d.cfg.Node)
 			delete(rec.HeldAt, d.cfg.Node)

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -349,19 +348,6 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		InUse: func(poolID string, a netip.Addr) bool {
 			_, subnet, _, err := ipam.ParsePoolID(poolID)
 			return err == nil && drv != nil && drv.AddressUsedOnceReady(subnet, a, releaseWaitsForRestore)
-		},
-		MinHolds: func(poolID string, a netip.Addr) int {
-			space, subnet, _, err := ipam.ParsePoolID(poolID)
-			if err != nil || drv == nil {
-				return 0
-			}
-			n, known := drv.NetworksOn(space, subnet, a, releaseWaitsForRestore)
-			if !known {
-				// Still restoring: the release is kept for the pool
-				// sweep rather than risk a running network's pool.
-				return math.MaxInt
-			}
-			return n
 		},
 		InContainer: func(poolID string, a netip.Addr) bool {
 			if drv == nil {

@@ -9,9 +9,8 @@ import (
 	"github.com/docker/go-plugins-helpers/network"
 )
 
-// TestNetworksOn: the floor of IPAM's releases (ipam.Config.MinHolds)
-// counts this host's bound networks on a pool of a space, and on a
-// gateway of it; a network removed no longer counts.
+// TestNetworksOn counts this host's bound networks on a pool of a space,
+// and on a gateway of it; a network removed no longer counts.
 func TestNetworksOn(t *testing.T) {
 	store := openStore(t, filepath.Join(t.TempDir(), "state.db"))
 	d := newTestDriver(t, store, "a", "192.0.2.1", newFake())
