@@ -142,18 +142,12 @@ func (f *firewall) removeUnderlay(ctx context.Context, port int, v6 bool, a unde
 		var b batch
 		for _, line := range lines {
 			r := parseRule(line)
-			if !r.marked || r.comment != f.mark || r.value("--dport") != strconv.Itoa(port) || len(r.ifaces) > 0 || r.value("-d") != "" {
-				continue // another owner's, or not a VXLAN rule
+			if !f.ownUnderlayRule(r) || r.value("--dport") != strconv.Itoa(port) {
+				continue // another owner's, another port's, or not a VXLAN rule
 			}
-			src, target := r.value("-s"), r.value("-j")
-			p, perr := netip.ParsePrefix(src)
-			switch {
-			case src == "" && target == "DROP" && a.drop:
-			case src != "" && target == "RETURN" && perr == nil && p.IsSingleIP() && gone[p.Addr()]:
-			default:
-				continue
+			if vtep, drop := underlayTarget(r); (drop && a.drop) || (vtep.IsValid() && gone[vtep]) {
+				b.add(slices.Concat([]string{"-D", InputChain}, r.fields)...)
 			}
-			b.add(slices.Concat([]string{"-D", InputChain}, r.fields)...)
 		}
 		return b, nil
 	})

@@ -635,6 +635,28 @@ func (f *firewall) sync(ctx context.Context, s fwSpec) (int, error) {
 	return changes, err
 }
 
+// ownUnderlayRule reports whether r, a rule of InputChain, is one of this
+// owner's underlay filter rules (a VXLAN port's, for no interface and no
+// destination), of any port.
+func (f *firewall) ownUnderlayRule(r chainRule) bool {
+	return r.marked && r.comment == f.mark && r.value("--dport") != "" && len(r.ifaces) == 0 && r.value("-d") == ""
+}
+
+// underlayTarget tells what an underlay filter rule does: drop for the
+// drop rule, vtep for a RETURN that allows one VTEP; neither for any other.
+func underlayTarget(r chainRule) (vtep netip.Addr, drop bool) {
+	src, target := r.value("-s"), r.value("-j")
+	switch {
+	case src == "" && target == "DROP":
+		return netip.Addr{}, true
+	case src != "" && target == "RETURN":
+		if p, err := netip.ParsePrefix(src); err == nil && p.IsSingleIP() {
+			return p.Addr(), false
+		}
+	}
+	return netip.Addr{}, false
+}
+
 // planBase makes both chains exist and be jumped to from FORWARD (after
 // DOCKER-USER) and INPUT (first).
 func (f *firewall) planBase(b *batch, l listing) {
@@ -656,20 +678,16 @@ func (f *firewall) planUnderlay(b *batch, bin string, isUL bool, lines []string,
 	dport := strconv.Itoa(s.port)
 	for _, line := range lines {
 		r := parseRule(line)
-		if !r.marked || r.comment != f.mark || r.value("--dport") == "" || len(r.ifaces) > 0 || r.value("-d") != "" {
+		if !f.ownUnderlayRule(r) {
 			continue // another owner's, or not a VXLAN rule
 		}
-		src, target := r.value("-s"), r.value("-j")
 		var keep bool
 		if isUL && r.value("--dport") == dport {
-			switch {
-			case src == "" && target == "DROP":
+			switch vtep, drop := underlayTarget(r); {
+			case drop:
 				keep, haveDrop = true, true
-			case src != "" && target == "RETURN":
-				p, err := netip.ParsePrefix(src)
-				if err == nil && p.IsSingleIP() && (s.vteps[p.Addr()] || !s.prune) {
-					keep, have[p.Addr()] = true, true
-				}
+			case vtep.IsValid() && (s.vteps[vtep] || !s.prune):
+				keep, have[vtep] = true, true
 			}
 		}
 		if !keep {
