@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -315,11 +314,11 @@ func (d *Driver) NetworksBySubnet() map[netip.Prefix]int {
 }
 
 // NetworksOn counts the Docker networks bound on this host whose subnet
-// is subnet in IPAM address space space (each holds that pool once) and,
-// if gateway is valid, whose gateway on it is gateway. A subnet recorded
-// without its space counts for every space of consul-overlay's IPAM.
-// known is false when the driver has not restored its state within wait.
-func (d *Driver) NetworksOn(space string, subnet netip.Prefix, gateway netip.Addr, wait time.Duration) (n int, known bool) {
+// is subnet in IPAM address space space (each holds that pool once). A
+// subnet recorded without its space counts for every space of
+// consul-overlay's IPAM. known is false when the driver has not restored
+// its state within wait.
+func (d *Driver) NetworksOn(space string, subnet netip.Prefix, wait time.Duration) (n int, known bool) {
 	if !d.readyWithin(wait) {
 		return 0, false
 	}
@@ -336,16 +335,9 @@ func (d *Driver) NetworksOn(space string, subnet netip.Prefix, gateway netip.Add
 			if i < len(l.rec.Spaces) {
 				sp = l.rec.Spaces[i]
 			}
-			if sp != space && (sp != "" || d.cfg.OwnsAddressSpace == nil || !d.cfg.OwnsAddressSpace(space)) {
-				continue
+			if sp == space || sp == "" && d.cfg.OwnsAddressSpace != nil && d.cfg.OwnsAddressSpace(space) {
+				n++
 			}
-			if gateway.IsValid() && !slices.ContainsFunc(l.rec.Gateways, func(g string) bool {
-				gp, err := netip.ParsePrefix(g)
-				return err == nil && gp.Addr() == gateway
-			}) {
-				continue
-			}
-			n++
 		}
 	}
 	return n, true

@@ -13,7 +13,7 @@ import (
 // (*driver.Driver).
 type endpointAddresses interface {
 	AddressInContainer(subnet netip.Prefix, a netip.Addr, wait time.Duration) bool
-	NetworksOn(space string, subnet netip.Prefix, gateway netip.Addr, wait time.Duration) (int, bool)
+	NetworksOn(space string, subnet netip.Prefix, wait time.Duration) (int, bool)
 }
 
 // poolReader reads a pool's holders (*ipam.Driver).
@@ -46,7 +46,7 @@ func addressInContainer(log *slog.Logger, drv endpointAddresses, ip poolReader, 
 	// hides no other driver's network. Counted in the pool's address
 	// space, as its holds are.
 	count := func() int {
-		n, known := drv.NetworksOn(space, subnet, netip.Addr{}, wait)
+		n, known := drv.NetworksOn(space, subnet, wait)
 		if !known {
 			return 0 // unknown: taken for another driver's, refused
 		}

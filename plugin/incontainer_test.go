@@ -23,7 +23,7 @@ func (f *fakeEndpoints) AddressInContainer(_ netip.Prefix, a netip.Addr, _ time.
 	return f.inUse[a]
 }
 
-func (f *fakeEndpoints) NetworksOn(_ string, subnet netip.Prefix, _ netip.Addr, _ time.Duration) (int, bool) {
+func (f *fakeEndpoints) NetworksOn(_ string, subnet netip.Prefix, _ time.Duration) (int, bool) {
 	return f.nets[subnet], true
 }
 

@@ -95,15 +95,17 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 		if !valid[i] {
 			continue
 		}
-		ok := true
+		// This network's pools by subnet.
+		netPools := map[netip.Prefix]string{}
 		for j, s := range spec.Subnets {
-			if pools[poolKeyOf(spec, j)] == "" {
+			id := pools[poolKeyOf(spec, j)]
+			if id == "" {
 				log.Info("not re-asserting a network whose pool is not held", "network", netName(n), "subnet", s)
-				ok = false
 				break
 			}
+			netPools[s.Masked()] = id
 		}
-		if !ok {
+		if len(netPools) != len(spec.Subnets) {
 			continue
 		}
 		ids := slices.Clone(ln.NetworkIDs)
@@ -133,7 +135,7 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 			var c *Conflict
 			running, err := whileJoined(held, ep.ID, func() error {
 				var err error
-				c, err = reassertEndpoint(ctx, cl, ip, n, spec, pools, ep)
+				c, err = reassertEndpoint(ctx, cl, ip, n, netPools, ep)
 				return err
 			})
 			switch {
@@ -158,7 +160,7 @@ func Reassert(ctx context.Context, hostID, node string, cl Rejoiner, ip Reclaime
 // reassertEndpoint takes ep's addresses again from their pools (pools: by
 // subnet) and records it in network n. An address another host holds now
 // is returned as a conflict, and ep is not recorded.
-func reassertEndpoint(ctx context.Context, cl Rejoiner, ip Reclaimer, n cluster.Network, spec cluster.NetworkSpec, pools map[poolKey]string, ep cluster.Endpoint) (*Conflict, error) {
+func reassertEndpoint(ctx context.Context, cl Rejoiner, ip Reclaimer, n cluster.Network, pools map[netip.Prefix]string, ep cluster.Endpoint) (*Conflict, error) {
 	for _, cidr := range []string{ep.IPv4, ep.IPv6} {
 		if cidr == "" {
 			continue
@@ -167,12 +169,7 @@ func reassertEndpoint(ctx context.Context, cl Rejoiner, ip Reclaimer, n cluster.
 		if err != nil {
 			return nil, fmt.Errorf("re-assert endpoint %s: address %q: %w", ep.ID, cidr, err)
 		}
-		poolID := ""
-		for j, s := range spec.Subnets {
-			if s.Masked() == p.Masked() {
-				poolID = pools[poolKeyOf(spec, j)]
-			}
-		}
+		poolID := pools[p.Masked()]
 		if poolID == "" {
 			return nil, fmt.Errorf("re-assert endpoint %s: address %s is in no subnet of network %s", ep.ID, p, n.Label())
 		}
@@ -215,9 +212,13 @@ func poolKeyOf(spec cluster.NetworkSpec, i int) poolKey {
 // network on a pool (two networks on one subnet hold it twice), and one
 // per network using a gateway. Network create and delete are held off
 // meanwhile (Holder.WhileBoundAll), so a network removed since local was
-// read is not counted and a hold written here is released by its network's
-// ReleasePool. It returns each pool's ID; a pool that could not be held
-// is missing, its error logged and joined.
+// read is not counted. Docker's IPAM calls come outside the driver's: a
+// network whose release came before its DeleteNetwork is still counted
+// (a hold too many, which SweepPools drops), and one whose RequestPool
+// came before its CreateNetwork is not (its hold is taken for another
+// network: a hold too few, a race left open). It returns
+// each pool's ID; a pool that could not be held is missing, its error
+// logged and joined.
 func reassertPools(ctx context.Context, ip Reclaimer, held Holder, local []LocalNetwork, specs []cluster.NetworkSpec, valid []bool, log *slog.Logger) (map[poolKey]string, error) {
 	var ids []string
 	for i, ln := range local {
