@@ -17,6 +17,7 @@ import (
 	"consul-overlay/cluster"
 	"consul-overlay/discovery"
 	"consul-overlay/internal/fault"
+	"consul-overlay/ipam"
 	"consul-overlay/kvstore"
 	"consul-overlay/vxlan"
 )
@@ -115,6 +116,15 @@ type Config struct {
 	// creation time: an address that another container holds now is left
 	// alone (nil: addresses are kept).
 	ReclaimAddress func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr, mac string, created time.Time) error
+	// HoldPool makes sure this host holds an IPAM pool, and each of its
+	// gateways, at least as often as want says
+	// (ipam.Driver.ReassertPool): CreateNetwork asks for one hold per
+	// Docker network bound on the pool, the new one counted (nil: not
+	// checked). A re-assertion after an eviction counts only bound
+	// networks, so it misses the hold of a network whose RequestPool came
+	// before its CreateNetwork; that network's ReleasePool would later
+	// remove the pool, and the addresses, of a network still running.
+	HoldPool func(ctx context.Context, want ipam.PoolHolds) error
 	// LinkLocal is the well-known address (see package linklocal): every
 	// endpoint with an IPv4 address gets a connected route to it at Join
 	// (invalid: none).
@@ -402,6 +412,9 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 			return nil // replayed request
 		}
 		return fmt.Errorf("%s: already exists as logical network %s", op, l.rec.Label())
+	}
+	if err := d.holdPools(ctx, opts); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
 	}
 	d.mu.Lock()
 	delete(d.leaves, req.NetworkID) // asked again: this call decides

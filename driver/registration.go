@@ -13,6 +13,7 @@ import (
 
 	"consul-overlay/cluster"
 	"consul-overlay/discovery"
+	"consul-overlay/ipam"
 )
 
 // endpointOptions keeps the endpoint's own driver options (docker run
@@ -322,9 +323,16 @@ func (d *Driver) NetworksOn(space string, subnet netip.Prefix, wait time.Duratio
 	if !d.readyWithin(wait) {
 		return 0, false
 	}
-	subnet = subnet.Masked()
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	n, _ = d.networksOn(space, subnet.Masked(), netip.Addr{})
+	return n, true
+}
+
+// networksOn counts the Docker networks bound on this host on pool subnet
+// (masked) of IPAM address space space, and those of them whose gateway
+// there is gw. Caller holds d.mu.
+func (d *Driver) networksOn(space string, subnet netip.Prefix, gw netip.Addr) (n, onGateway int) {
 	for _, l := range d.networks {
 		for i, s := range l.rec.Subnets {
 			p, err := netip.ParsePrefix(s)
@@ -335,12 +343,57 @@ func (d *Driver) NetworksOn(space string, subnet netip.Prefix, wait time.Duratio
 			if i < len(l.rec.Spaces) {
 				sp = l.rec.Spaces[i]
 			}
-			if sp == space || sp == "" && d.cfg.OwnsAddressSpace != nil && d.cfg.OwnsAddressSpace(space) {
-				n++
+			if sp != space && (sp != "" || d.cfg.OwnsAddressSpace == nil || !d.cfg.OwnsAddressSpace(space)) {
+				continue
+			}
+			n++
+			for _, g := range l.rec.Gateways {
+				if a, err := netip.ParsePrefix(g); err == nil && gw.IsValid() && a.Addr() == gw {
+					onGateway++
+					break
+				}
 			}
 		}
 	}
-	return n, true
+	return n, onGateway
+}
+
+// holdPools makes sure, before a new network is bound, that this host
+// holds each of its pools, and each gateway, once per Docker network on
+// it, the new one counted (Config.HoldPool). Normally Docker's
+// RequestPool and RequestAddress took those holds already and nothing is
+// written. After an eviction they may be short: the re-assertion counts
+// bound networks only, and this network's RequestPool came before. A
+// surplus (a network on the pool being removed, released but not unbound
+// yet) is left to the IPAM's sweep. Caller holds d.opMu, so no network is
+// bound or unbound meanwhile.
+func (d *Driver) holdPools(ctx context.Context, opts *networkOptions) error {
+	if d.cfg.HoldPool == nil {
+		return nil
+	}
+	for i, subnet := range opts.subnets {
+		space := opts.spaces[i]
+		if d.cfg.OwnsAddressSpace != nil && !d.cfg.OwnsAddressSpace(space) {
+			continue
+		}
+		var gw netip.Addr
+		for _, g := range opts.gateways {
+			if subnet.Contains(g.Addr()) {
+				gw = g.Addr()
+			}
+		}
+		d.mu.Lock()
+		n, onGW := d.networksOn(space, subnet, gw)
+		d.mu.Unlock()
+		want := ipam.PoolHolds{Space: space, Subnet: subnet, Holds: n + 1}
+		if gw.IsValid() {
+			want.Gateways = map[netip.Addr]int{gw: onGW + 1}
+		}
+		if err := d.cfg.HoldPool(ctx, want); err != nil {
+			return fmt.Errorf("hold pool %s for each of this host's %d networks on it: %w", subnet, n+1, err)
+		}
+	}
+	return nil
 }
 
 // holds reports whether an endpoint record has address a in subnet.

@@ -216,7 +216,8 @@ func poolKeyOf(spec cluster.NetworkSpec, i int) poolKey {
 // network whose release came before its DeleteNetwork is still counted
 // (a hold too many, which SweepPools drops), and one whose RequestPool
 // came before its CreateNetwork is not (its hold is taken for another
-// network: a hold too few, a race left open). It returns
+// network: a hold too few, which that CreateNetwork takes, see the
+// driver's Config.HoldPool). It returns
 // each pool's ID; a pool that could not be held is missing, its error
 // logged and joined.
 func reassertPools(ctx context.Context, ip Reclaimer, held Holder, local []LocalNetwork, specs []cluster.NetworkSpec, valid []bool, log *slog.Logger) (map[poolKey]string, error) {
