@@ -139,7 +139,15 @@ type Config struct {
 	// pending.go; the plugin uses DATA_DIR/deleting). Empty: kept in
 	// memory only.
 	PendingDir string
-	Logger     *slog.Logger
+	// SnapshotPath keeps a copy of the driver's networks and endpoints
+	// (see snapshot.go; the plugin uses DATA_DIR/driver-state.json), used
+	// only by a restart after this host was evicted while containers run.
+	// Empty: none.
+	SnapshotPath string
+	// StoreTag names the store (its address and prefix): a copy written
+	// on another store is not used.
+	StoreTag string
+	Logger   *slog.Logger
 }
 
 // Driver is consul-overlay's network driver: a thin adapter from Docker's
@@ -156,6 +164,8 @@ type Driver struct {
 	ready  chan struct{}  // closed once the state is restored from the store
 	bg     *background    // work off Docker's critical path (background.go)
 	pend   pending        // endpoints to delete, on disk (pending.go)
+	// snapKick asks for the state copy to be written (snapshot.go).
+	snapKick chan struct{}
 
 	// opMu serialises network create, delete, prune and VTEP changes on
 	// this host, so a network is never built and torn down at once. Never
@@ -276,6 +286,7 @@ func New(cfg Config, store kvstore.Store, dp Dataplane) (*Driver, error) {
 		allowed:   map[string]map[netip.Addr]bool{},
 		bg:        newBackground(),
 		pend:      pending{dir: cfg.PendingDir},
+		snapKick:  make(chan struct{}, 1),
 	}, nil
 }
 
@@ -301,6 +312,11 @@ func (d *Driver) Start() {
 				d.restoreErr = nil
 				d.mu.Unlock()
 				close(d.ready)
+				d.wg.Add(1)
+				go func() {
+					defer d.wg.Done()
+					d.writeSnapshots(d.ctx)
+				}()
 				d.catchUp(d.ctx)
 				return
 			}
@@ -536,6 +552,7 @@ func (d *Driver) bind(id string, rec cluster.Network, at time.Time) {
 	}
 	l.ids[id] = at
 	d.networks[id] = l
+	d.snapshotChanged()
 }
 
 // DeleteNetwork unbinds the Docker network from its logical network; the
@@ -582,6 +599,7 @@ func (d *Driver) deleteNetwork(ctx context.Context, id string) error {
 		delete(d.logicals, l.rec.Key)
 	}
 	d.mu.Unlock()
+	d.snapshotChanged()
 	if last {
 		l.cancel()
 		<-l.done
@@ -762,6 +780,7 @@ func (d *Driver) CreateEndpoint(req *network.CreateEndpointRequest) (*network.Cr
 		d.endpoints[rec.ID] = &localEndpoint{rec: rec, vethMade: true}
 	}
 	d.mu.Unlock()
+	d.snapshotChanged()
 	d.log.Info("endpoint created", netAttrs(l.rec, req.NetworkID, "endpoint", short(rec.ID), "address", endpointAddresses(rec), "mac", rec.MAC, "host", d.cfg.HostID)...)
 	return resp, nil
 }
@@ -981,6 +1000,7 @@ func (d *Driver) deleteEndpoint(ctx context.Context, ep *localEndpoint) error {
 	delete(d.endpoints, id)
 	l := d.logicals[ep.rec.NetworkKey]
 	d.mu.Unlock()
+	d.snapshotChanged()
 	name := ep.rec.NetworkKey
 	if l != nil {
 		name = networkName(l.rec)

@@ -57,6 +57,7 @@ func (d *Driver) joined(l *logical, ep *localEndpoint, req *network.JoinRequest)
 	}
 	rec := ep.rec
 	d.mu.Unlock()
+	d.snapshotChanged()
 	j.NetworkKey = rec.NetworkKey
 	d.bg.setJoined(rec.ID, &j)
 	d.point("join/after-record")

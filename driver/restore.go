@@ -109,9 +109,12 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 // starts the peer watches.
 //
 // It never trusts an empty view: if the store shows nothing of this host
-// (no host record, no membership) while the kernel holds overlays, the
-// store is not the one this host used (another KV_PREFIX, a token that
-// cannot read it, another host identity, a lost embedded store). It then
+// (no host record, no membership) while containers use its overlays, the
+// host was evicted while it was away, or the store is not the one this
+// host used (another KV_PREFIX, a token that cannot read it, another host
+// identity, a lost embedded store). The state copy in DATA_DIR tells: one
+// this host wrote on this store gives the networks and endpoints, and the
+// restore keeps everything in the kernel (snapshot.go). Without one it
 // keeps every overlay, logs the error and fails, so Start retries. Only a
 // proven view reconciles the kernel, removing overlays the store does not
 // list.
@@ -162,6 +165,7 @@ func (d *Driver) restore(ctx context.Context) error {
 		d.log.Error("the store shows some memberships of this host but not its host record: this host was being reaped while it was away and the reap stopped part way; treated as reaped",
 			"host", d.cfg.HostID, "node", d.cfg.Node, "networks", len(v.Networks))
 	}
+	fromCopy := false
 	if !v.Proven || partial {
 		vnis, err := d.dp.Networks(ctx)
 		if err != nil {
@@ -175,6 +179,14 @@ func (d *Driver) restore(ctx context.Context) error {
 			d.log.Error("the store shows nothing of this host (reaped while it was away?) and no container uses its overlays in the kernel: removing them; Docker networks of this host bound to them must be removed and created again",
 				"host", d.cfg.HostID, "node", d.cfg.Node, "vni", vnis)
 		} else if len(vnis) > 0 {
+			nets, eps, ok := d.restoreFromSnapshot(&v, held)
+			if ok {
+				fromCopy = true
+				d.log.Error("the store shows nothing of this host (evicted while it was away?) but containers use its overlays: networks and endpoints taken from the state copy in DATA_DIR, everything in the kernel kept; the liveness check writes them back to the store, and reports addresses other hosts took meanwhile",
+					"host", d.cfg.HostID, "node", d.cfg.Node, "networks", nets, "endpoints", eps, "in_use", inUse)
+			}
+		}
+		if len(vnis) > 0 && len(inUse) > 0 && !fromCopy {
 			err := fmt.Errorf("%w (host ID %q, node %q) but the kernel holds %d overlay networks (vni %v): containers use endpoints %v: keeping them and retrying; check that KV_PREFIX and the host identity are the ones this host ran with, that the Consul token can read the prefix, and that the embedded store's state.db is still in DATA_DIR; if this host was reaped while it was away, its containers' addresses may be another's now: remove these containers",
 				errUnproven, d.cfg.HostID, d.cfg.Node, len(vnis), vnis, inUse)
 			d.log.Error("state not restored: the store does not show this host", "error", err)
@@ -227,12 +239,13 @@ func (d *Driver) restore(ctx context.Context) error {
 		}
 	}
 	var state vxlan.State
+	state.KeepStrays = fromCopy
 	// A proven view still misses what the store lost (an eviction whose
 	// re-assertion failed part way, a network created while a reap was
 	// stopping, a restored snapshot): a container holding an endpoint the
 	// view does not list would lose its network to the reconcile. Then
 	// nothing is removed this time, and the error names the endpoints.
-	if v.Proven && !partial {
+	if v.Proven && !partial || fromCopy {
 		if unknown := unrecorded(iu.keys, live); len(unknown) > 0 {
 			state.KeepStrays = true
 			d.log.Error("containers use endpoints of this host that the store has no record of (lost in an eviction, or a store restored from an older snapshot): keeping every overlay and endpoint in the kernel; other hosts do not reach these containers and their addresses are not held: remove and recreate them",

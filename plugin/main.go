@@ -397,7 +397,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		PeerResync:      cfg.PeerResync,
 		LinkLocal:       linkLocal, // issue 14
 		PendingDir:      filepath.Join(cfg.DataDir, driver.PendingDirName),
+		StoreTag:        "kv_prefix=" + ccfg.Prefix, // the Consul address may be written another way next time
 		Logger:          log,
+	}
+	if dcfg.Reapable {
+		// A restart after an eviction takes what containers run from it.
+		dcfg.SnapshotPath = filepath.Join(cfg.DataDir, driver.SnapshotName)
 	}
 	if reg != nil {
 		dcfg.Registrar = reg

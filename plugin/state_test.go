@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -138,6 +139,82 @@ func TestProtocolForeignView(t *testing.T) {
 			t.Fatal(fmt.Errorf("network rm: %w", err))
 		}
 	}
+}
+
+// TestRestartAfterEviction: host A is evicted (`consul-overlay evict
+// --force` from host B, as for a host cut off longer than HOST_GRACE) while
+// its plugin is down, with a container running. The restarted plugin finds
+// nothing of A in the store while that container holds its endpoint: it
+// takes its state from DATA_DIR/driver-state.json, serves, and its
+// liveness check writes the network and the endpoint back, so B reaches
+// the container again. Before, it refused every call until the container
+// was removed.
+func TestRestartAfterEviction(t *testing.T) {
+	c := newCluster(t, 2)
+	a, b := c.plugins[0], c.plugins[1]
+	spec := netSpec{subnet4: "10.43.0.0/24", opts: map[string]string{"name": "ev"}}
+	na, err := a.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nb, err := b.createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, cb := na.run(t), nb.run(t)
+	eventually(t, 10*time.Second, func() error { return cb.ping(t, ca.addr4.Addr(), 1) })
+	epKey := c.prefix + "networks/name-ev/endpoints/" + ca.eid
+	if !slices.Contains(kvKeys(t, c.consul, c.prefix), epKey) {
+		t.Fatalf("no record %s of A's container", epKey)
+	}
+	id, err := os.ReadFile(filepath.Join(a.data, "host-id"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // the state copy follows within a fraction of a second
+	a.stop(syscall.SIGKILL)
+	cmd := exec.Command("nsenter", "--net="+c.hosts[1].NS.Path, pluginBinary(t), "evict", "--force", strings.TrimSpace(string(id)))
+	cmd.Env = append(os.Environ(), "CONSUL_HTTP_ADDR="+c.consul.Addr, "KV_PREFIX="+c.prefix)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("evict A: %v\n%s", err, out)
+	}
+	if slices.Contains(kvKeys(t, c.consul, c.prefix), epKey) {
+		t.Fatal("the eviction left A's endpoint record: the test proves nothing")
+	}
+
+	a.start()
+	// It restores (a Leave of an unknown endpoint waits for that) and its
+	// liveness check writes back what it runs: B reaches the container.
+	eventually(t, 30*time.Second, func() error {
+		return a.call("/NetworkDriver.Leave", map[string]any{"NetworkID": na.id, "EndpointID": randomID()}, nil)
+	})
+	eventually(t, 30*time.Second, func() error {
+		if !slices.Contains(kvKeys(t, c.consul, c.prefix), epKey) {
+			return fmt.Errorf("record %s not written back", epKey)
+		}
+		return cb.ping(t, ca.addr4.Addr(), 1)
+	})
+	// And it serves: a second container on A.
+	ca2 := na.run(t)
+	eventually(t, 10*time.Second, func() error { return cb.ping(t, ca2.addr4.Addr(), 1) })
+	log, _ := os.ReadFile(a.logf)
+	if !strings.Contains(string(log), "taken from the state copy") {
+		t.Errorf("the log does not say the state came from the copy:\n%s", tail(string(log), 20))
+	}
+	for _, x := range []*container{ca, ca2, cb} {
+		x.remove(t)
+	}
+	for _, n := range []*dockerNet{na, nb} {
+		if err := n.remove(); err != nil {
+			t.Fatal(fmt.Errorf("network rm: %w", err))
+		}
+	}
+	eventually(t, 10*time.Second, func() error {
+		if keys := stateKeys(t, c.consul, c.prefix); len(keys) > 0 {
+			return fmt.Errorf("keys left after teardown: %v", keys)
+		}
+		return nil
+	})
 }
 
 // TestVTEPChangePeersFollow moves host A to a new underlay address (the
