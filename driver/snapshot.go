@@ -41,7 +41,7 @@ const SnapshotName = "driver-state.json"
 const (
 	snapshotSchema = 1
 	snapshotDelay  = 200 * time.Millisecond
-	snapshotEvery  = 10 * time.Second
+	snapshotEvery  = time.Minute
 )
 
 // snapshot is the file's content.
