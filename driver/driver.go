@@ -1160,6 +1160,7 @@ func (d *Driver) SetVTEP(ctx context.Context, addr netip.Addr) error {
 		ep.rec.VTEP = addr.String()
 	}
 	d.mu.Unlock()
+	d.snapshotChanged()
 	return errors.Join(errs...)
 }
 

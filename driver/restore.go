@@ -165,7 +165,13 @@ func (d *Driver) restore(ctx context.Context) error {
 		d.log.Error("the store shows some memberships of this host but not its host record: this host was being reaped while it was away and the reap stopped part way; treated as reaped",
 			"host", d.cfg.HostID, "node", d.cfg.Node, "networks", len(v.Networks))
 	}
-	fromCopy := false
+	// The state copy in DATA_DIR (snapshot.go) fills in what the view
+	// lacks when containers hold endpoints it does not show: a view
+	// without this host (evicted while it was away), or a proven one a
+	// re-assertion cut short left incomplete.
+	var copyOf *snapshot
+	var inKernel []uint32
+	var unproven error
 	if !v.Proven || partial {
 		vnis, err := d.dp.Networks(ctx)
 		if err != nil {
@@ -179,18 +185,19 @@ func (d *Driver) restore(ctx context.Context) error {
 			d.log.Error("the store shows nothing of this host (reaped while it was away?) and no container uses its overlays in the kernel: removing them; Docker networks of this host bound to them must be removed and created again",
 				"host", d.cfg.HostID, "node", d.cfg.Node, "vni", vnis)
 		} else if len(vnis) > 0 {
-			nets, eps, ok := d.restoreFromSnapshot(&v, held)
-			if ok {
-				fromCopy = true
-				d.log.Error("the store shows nothing of this host (evicted while it was away?) but containers use its overlays: networks and endpoints taken from the state copy in DATA_DIR, everything in the kernel kept; the liveness check writes them back to the store, and reports addresses other hosts took meanwhile",
-					"host", d.cfg.HostID, "node", d.cfg.Node, "networks", nets, "endpoints", eps, "in_use", inUse)
+			unproven = fmt.Errorf("%w (host ID %q, node %q) but the kernel holds %d overlay networks (vni %v): containers use endpoints %v: keeping them and retrying; check that KV_PREFIX and the host identity are the ones this host ran with, that the Consul token can read the prefix, and that the embedded store's state.db is still in DATA_DIR; if this host was reaped while it was away, its containers' addresses may be another's now: remove these containers",
+				errUnproven, d.cfg.HostID, d.cfg.Node, len(vnis), vnis, inUse)
+			if s, ok := d.usableSnapshot(); ok {
+				copyOf, inKernel = &s, vnis
 			}
 		}
-		if len(vnis) > 0 && len(inUse) > 0 && !fromCopy {
-			err := fmt.Errorf("%w (host ID %q, node %q) but the kernel holds %d overlay networks (vni %v): containers use endpoints %v: keeping them and retrying; check that KV_PREFIX and the host identity are the ones this host ran with, that the Consul token can read the prefix, and that the embedded store's state.db is still in DATA_DIR; if this host was reaped while it was away, its containers' addresses may be another's now: remove these containers",
-				errUnproven, d.cfg.HostID, d.cfg.Node, len(vnis), vnis, inUse)
-			d.log.Error("state not restored: the store does not show this host", "error", err)
-			return err
+	} else if d.cfg.Reapable && d.cfg.SnapshotPath != "" && len(unrecorded(iu.keys, v.Endpoints)) > 0 {
+		if s, ok := d.usableSnapshot(); ok {
+			vnis, err := d.dp.Networks(ctx)
+			if err != nil {
+				return fmt.Errorf("list overlays in the kernel: %w", err)
+			}
+			copyOf, inKernel = &s, vnis
 		}
 	}
 	// Started on a new underlay address (a reboot with a new lease):
@@ -202,6 +209,19 @@ func (d *Driver) restore(ctx context.Context) error {
 		if v, err = d.cl.View(ctx); err != nil {
 			return err
 		}
+	}
+	fromCopy := false
+	if copyOf != nil {
+		nets, eps := mergeSnapshot(&v, *copyOf, d.cfg.HostID, d.cfg.Node, d.cfg.VTEP.String(), held, inKernel)
+		if len(nets) > 0 || len(eps) > 0 {
+			fromCopy = true
+			d.log.Error("containers use endpoints of this host that the store does not show (evicted while it was away?): networks and endpoints taken from the state copy in DATA_DIR, everything in the kernel kept; the liveness check writes them back to the store, and reports addresses other hosts took meanwhile",
+				"host", d.cfg.HostID, "node", d.cfg.Node, "networks", nets, "endpoints", eps, "in_use", iu.keys)
+		}
+	}
+	if unproven != nil && !fromCopy {
+		d.log.Error("state not restored: the store does not show this host", "error", unproven)
+		return unproven
 	}
 	// Endpoints Docker asked to delete before the restart: restored as
 	// removed (no veth, no service, their addresses held) for catchUp to

@@ -9,7 +9,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/docker/go-plugins-helpers/network"
+
 	"consul-overlay/cluster"
+	"consul-overlay/kvstore"
 	"consul-overlay/reaper"
 )
 
@@ -122,7 +125,7 @@ func TestSnapshotMerge(t *testing.T) {
 	stored.VNI = 5000
 	v := cluster.View{Networks: []cluster.Network{stored}, Endpoints: []cluster.Endpoint{{ID: "ep3", NetworkKey: "name-other", MAC: "stored"}}}
 	held := map[string]bool{"ep1": true, "ep3": true, "ep4": true}
-	nets, eps := mergeSnapshot(&v, s, "a", "node-a", held)
+	nets, eps := mergeSnapshot(&v, s, "a", "node-a", "192.0.2.7", held, []uint32{4096, 4097})
 	if strings.Join(nets, ",") != "name-app" || strings.Join(eps, ",") != "ep1" {
 		t.Errorf("added networks %v and endpoints %v, want name-app and ep1 (ep2 held by no container, ep3 in the view, ep4's network unknown)", nets, eps)
 	}
@@ -130,7 +133,7 @@ func TestSnapshotMerge(t *testing.T) {
 		t.Errorf("networks %+v: the store's record of other must stay", v.Networks)
 	}
 	m, ok := v.Networks[1].Member("a")
-	if !ok || m.Node != "node-a" || len(m.NetworkIDs) != 1 || m.NetworkIDs[0] != "n1" {
+	if !ok || m.Node != "node-a" || m.VTEP != "192.0.2.7" || len(m.NetworkIDs) != 1 || m.NetworkIDs[0] != "n1" {
 		t.Errorf("a's membership of app from the copy: %+v %t", m, ok)
 	}
 	if _, ok := app.Hosts["a"]; ok {
@@ -138,5 +141,173 @@ func TestSnapshotMerge(t *testing.T) {
 	}
 	if v.Endpoints[0].MAC != "stored" {
 		t.Error("the store's record of ep3 was replaced")
+	}
+	if v.Endpoints[1].VTEP != "192.0.2.7" {
+		t.Errorf("ep1 added with vtep %q, want the one the host runs with", v.Endpoints[1].VTEP)
+	}
+	// A network whose overlay the kernel no longer has is not added.
+	v = cluster.View{}
+	if nets, _ := mergeSnapshot(&v, s, "a", "node-a", "192.0.2.7", held, []uint32{4097}); strings.Join(nets, ",") != "name-other" {
+		t.Errorf("added %v with only other's overlay in the kernel, want name-other", nets)
+	}
+}
+
+// copyHost starts host a with its state copy at path, on store.
+func copyHost(t *testing.T, store kvstore.Store, dp *fakeDataplane, path, vtep string) *Driver {
+	t.Helper()
+	return newHostDriver(t, store, "a", "a", vtep, dp, func(c *Config) { c.Reapable, c.SnapshotPath, c.StoreTag = true, path, "p" })
+}
+
+// waitCopy waits until the copy at path holds want.
+func waitCopy(t *testing.T, path, want string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b, _ := os.ReadFile(path)
+		if strings.Contains(string(b), want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the state copy lacks %s after 5 s: %s", want, b)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// evictedWith closes d, marks eps as held by containers, and evicts a.
+func evictedWith(t *testing.T, d *Driver, store kvstore.Store, dp *fakeDataplane, eps ...string) {
+	t.Helper()
+	d.Close()
+	dp.mu.Lock()
+	dp.inUse = map[string]bool{}
+	for _, ep := range eps {
+		dp.inUse[ep] = true
+	}
+	dp.mu.Unlock()
+	evict(t, store)
+}
+
+// restored checks that d restored networks nets and endpoints eps.
+func restored(t *testing.T, d *Driver, nets, eps int) {
+	t.Helper()
+	n, e, err := d.LocalState(context.Background())
+	if err != nil || len(n) != nets || len(e) != eps {
+		t.Errorf("restored %d networks and %d endpoints (%v), want %d and %d", len(n), len(e), err, nets, eps)
+	}
+}
+
+// TestSnapshotAcrossVTEPChange: a host whose underlay address changed
+// (at run time, or a restart on a new lease) republishes it at restore and
+// reads the view again; the copy's networks and endpoints must survive
+// that, carry the new address, and stay in the copy.
+func TestSnapshotAcrossVTEPChange(t *testing.T) {
+	for _, runtime := range []bool{false, true} {
+		t.Run(map[bool]string{false: "restart", true: "runtime"}[runtime], func(t *testing.T) {
+			store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+			dp := newFake()
+			path := filepath.Join(t.TempDir(), SnapshotName)
+			a := copyHost(t, store, dp, path, "192.0.2.1")
+			mustCreate(t, a, "n1", "10.1.0.0/24")
+			joinedEndpoint(t, a, "n1", "ep1", "10.1.0.2/24")
+			if runtime {
+				if err := a.SetVTEP(context.Background(), netip.MustParseAddr("192.0.2.7")); err != nil {
+					t.Fatal(err)
+				}
+				waitCopy(t, path, `"vtep":"192.0.2.7"`)
+			} else {
+				waitCopy(t, path, `"id":"ep1"`)
+			}
+			evictedWith(t, a, store, dp, "ep1")
+			b := copyHost(t, store, dp, path, "192.0.2.7")
+			restored(t, b, 1, 1)
+			_, eps, _ := b.LocalState(context.Background())
+			if len(eps) == 1 && eps[0].VTEP != "192.0.2.7" {
+				t.Errorf("ep1 restored with vtep %s, want 192.0.2.7", eps[0].VTEP)
+			}
+			b.Close()
+			if b, _ := os.ReadFile(path); !strings.Contains(string(b), `"id":"ep1"`) {
+				t.Errorf("the copy lost ep1: %s", b)
+			}
+		})
+	}
+}
+
+// TestSnapshotSkipsNetworkGoneFromKernel: network other was removed just
+// before a kill -9, before the copy followed. The restart must not build
+// it again, bind it, or hand it to the re-assertion.
+func TestSnapshotSkipsNetworkGoneFromKernel(t *testing.T) {
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	dp := newFake()
+	path := filepath.Join(t.TempDir(), SnapshotName)
+	a := copyHost(t, store, dp, path, "192.0.2.1")
+	mustCreate(t, a, "n1", "10.1.0.0/24")
+	if err := a.CreateNetwork(createReq("n2", map[string]interface{}{"name": "other"}, "10.2.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	joinedEndpoint(t, a, "n1", "ep1", "10.1.0.2/24")
+	waitCopy(t, path, "name-other")
+	waitCopy(t, path, `"id":"ep1"`)
+	before, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}); err != nil {
+		t.Fatal(err)
+	}
+	evictedWith(t, a, store, dp, "ep1")
+	if err := os.WriteFile(path, before, 0o600); err != nil { // the copy from before the delete
+		t.Fatal(err)
+	}
+	b := copyHost(t, store, dp, path, "192.0.2.1")
+	if n, _ := dp.counts(); n != 1 {
+		t.Errorf("%d overlays in the kernel, want 1: the removed network was built again", n)
+	}
+	nets, _, _ := b.LocalState(context.Background())
+	if _, ok := nets["n2"]; ok || len(nets) != 1 {
+		t.Errorf("restored networks %v, want n1 only", nets)
+	}
+}
+
+// TestSnapshotFillsIncompleteView: the re-assertion after an eviction
+// wrote network app back (and with it members/a, which proves the view)
+// and the plugin stopped before network other. The restart's view is
+// proven but misses other and its container's endpoint: the copy fills
+// them in instead of leaving them out, and out of the copy, for good.
+func TestSnapshotFillsIncompleteView(t *testing.T) {
+	ctx := context.Background()
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	dp := newFake()
+	path := filepath.Join(t.TempDir(), SnapshotName)
+	a := copyHost(t, store, dp, path, "192.0.2.1")
+	mustCreate(t, a, "n1", "10.1.0.0/24")
+	if err := a.CreateNetwork(createReq("n2", map[string]interface{}{"name": "other"}, "10.2.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	joinedEndpoint(t, a, "n1", "ep1", "10.1.0.2/24")
+	joinedEndpoint(t, a, "n2", "ep2", "10.2.0.2/24")
+	waitCopy(t, path, `"id":"ep2"`)
+	local, _ := localOf(t, a)
+	evictedWith(t, a, store, dp, "ep1", "ep2")
+	var app []reaper.LocalNetwork
+	for _, ln := range local {
+		if ln.Network.Key == "name-app" {
+			app = append(app, ln)
+		}
+	}
+	cl, err := cluster.New(cluster.Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1")}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reaper.Reassert(ctx, "a", "a", cl, &reassertIPAM{held: map[netip.Addr]string{}}, nil, app, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.Get(ctx, "members/a"); err != nil || hasKey(t, store, "networks/name-other/config") {
+		t.Fatalf("the re-assertion of app alone did not leave a proven view without other (members/a: %v): the test proves nothing", err)
+	}
+	b := copyHost(t, store, dp, path, "192.0.2.1")
+	restored(t, b, 2, 2)
+	b.Close()
+	if c, _ := os.ReadFile(path); !strings.Contains(string(c), `"id":"ep2"`) || !strings.Contains(string(c), "name-other") {
+		t.Errorf("the copy lost network other or ep2: %s", c)
 	}
 }
