@@ -34,10 +34,7 @@ func TestCreateAfterReassertHoldsPoolPerNetwork(t *testing.T) {
 	a := newHostDriver(t, store, "a", "a", "192.0.2.1", newFake(), func(c *Config) {
 		c.Reapable = true
 		c.OwnsAddressSpace = ip.Owns
-		c.HoldPool = func(ctx context.Context, want ipam.PoolHolds) error {
-			_, err := ip.ReassertPool(ctx, want)
-			return err
-		}
+		c.HoldPool = ip.HoldPool
 	})
 	subnet := netip.MustParsePrefix("10.1.0.0/24")
 	gw := netip.MustParseAddr("10.1.0.1")
@@ -87,6 +84,9 @@ func TestCreateAfterReassertHoldsPoolPerNetwork(t *testing.T) {
 
 	poolID := requestPool()
 	create("n1")
+	if p, g := holds(); p != 1 || g != 1 {
+		t.Fatalf("after an ordinary create a holds the pool %d times and the gateway %d times, want 1 and 1", p, g)
+	}
 	epNet, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: poolID, MAC: "02:42:0a:01:00:02"})
 	if err != nil {
 		t.Fatal(err)

@@ -254,6 +254,50 @@ func (d *Driver) ReassertPool(ctx context.Context, want PoolHolds) (string, erro
 	return ref.id(), nil
 }
 
+// HoldPool is ReassertPool for a network being created (the driver's
+// Config.HoldPool): this host normally holds the pool and the gateway as
+// often as want says already (Docker's RequestPool and RequestAddress
+// took them), so it first reads the pool record and the gateway's record
+// at once, and goes the way of ReassertPool only when a hold is short.
+func (d *Driver) HoldPool(ctx context.Context, want PoolHolds) error {
+	space, err := resolveSpace(want.Space)
+	if err != nil {
+		return err
+	}
+	if !want.Subnet.IsValid() || want.Holds < 1 || len(want.Gateways) > 1 {
+		_, err := d.ReassertPool(ctx, want) // its errors
+		return err
+	}
+	ref := poolRef{space: space, subnet: want.Subnet.Masked()}
+	var gw netip.Addr
+	for a := range want.Gateways {
+		gw = a
+	}
+	gwHeld := make(chan int, 1)
+	go func() {
+		if !gw.IsValid() {
+			gwHeld <- 0
+			return
+		}
+		n := -1 // unknown: ReassertPool reads it again
+		if _, rec, err := d.getAddr(ctx, ref, gw); err == nil && rec.shared() {
+			n = rec.Holders[d.cfg.Node]
+		}
+		gwHeld <- n
+	}()
+	_, meta, err := d.readMeta(ctx, ref)
+	held := -1
+	if err == nil {
+		held = meta.Holders[d.cfg.Node]
+	}
+	g := <-gwHeld
+	if held >= want.Holds && (!gw.IsValid() || g >= want.Gateways[gw]) {
+		return nil
+	}
+	_, err = d.ReassertPool(ctx, want)
+	return err
+}
+
 // ReassertAddress takes address a of pool poolID again for this host's
 // endpoint with MAC mac, for a host that was evicted while it was away: if
 // this host holds it, nothing changes; if it is free, it is claimed again

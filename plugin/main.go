@@ -386,10 +386,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		ReclaimAddress: func(ctx context.Context, space string, subnet netip.Prefix, a netip.Addr, mac string, created time.Time) error {
 			return ip.ReclaimAddress(ctx, ipam.PoolID(space, subnet, netip.Prefix{}), a, ipam.Holder{MAC: mac, Created: created})
 		},
-		HoldPool: func(ctx context.Context, want ipam.PoolHolds) error {
-			_, err := ip.ReassertPool(ctx, want)
-			return err
-		},
+		HoldPool: ip.HoldPool,
 		// The reaper runs on a Consul store; a host whose identity was
 		// adopted now has no members/ record until its first check.
 		Reapable:        consulStore && legacy == "",
