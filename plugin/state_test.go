@@ -171,7 +171,12 @@ func TestRestartAfterEviction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(time.Second) // the state copy follows within a fraction of a second
+	eventually(t, 5*time.Second, func() error { // the state copy follows
+		if b, err := os.ReadFile(filepath.Join(a.data, "driver-state.json")); err != nil || !strings.Contains(string(b), ca.eid) {
+			return fmt.Errorf("no endpoint %s in the state copy: %v", ca.eid, err)
+		}
+		return nil
+	})
 	a.stop(syscall.SIGKILL)
 	cmd := exec.Command("nsenter", "--net="+c.hosts[1].NS.Path, pluginBinary(t), "evict", "--force", strings.TrimSpace(string(id)))
 	cmd.Env = append(os.Environ(), "CONSUL_HTTP_ADDR="+c.consul.Addr, "KV_PREFIX="+c.prefix)
