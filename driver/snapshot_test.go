@@ -158,6 +158,17 @@ func copyHost(t *testing.T, store kvstore.Store, dp *fakeDataplane, path, vtep s
 	return newHostDriver(t, store, "a", "a", vtep, dp, func(c *Config) { c.Reapable, c.SnapshotPath, c.StoreTag = true, path, "p" })
 }
 
+// twoNetworks creates networks app (n1, with container ep1) and other
+// (n2) on d.
+func twoNetworks(t *testing.T, d *Driver) {
+	t.Helper()
+	mustCreate(t, d, "n1", "10.1.0.0/24")
+	if err := d.CreateNetwork(createReq("n2", map[string]interface{}{"name": "other"}, "10.2.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	joinedEndpoint(t, d, "n1", "ep1", "10.1.0.2/24")
+}
+
 // waitCopy waits until the copy at path holds want.
 func waitCopy(t *testing.T, path, want string) {
 	t.Helper()
@@ -240,11 +251,7 @@ func TestSnapshotSkipsNetworkGoneFromKernel(t *testing.T) {
 	dp := newFake()
 	path := filepath.Join(t.TempDir(), SnapshotName)
 	a := copyHost(t, store, dp, path, "192.0.2.1")
-	mustCreate(t, a, "n1", "10.1.0.0/24")
-	if err := a.CreateNetwork(createReq("n2", map[string]interface{}{"name": "other"}, "10.2.0.0/24")); err != nil {
-		t.Fatal(err)
-	}
-	joinedEndpoint(t, a, "n1", "ep1", "10.1.0.2/24")
+	twoNetworks(t, a)
 	waitCopy(t, path, "name-other")
 	waitCopy(t, path, `"id":"ep1"`)
 	before, err := os.ReadFile(path)
@@ -279,11 +286,7 @@ func TestSnapshotFillsIncompleteView(t *testing.T) {
 	dp := newFake()
 	path := filepath.Join(t.TempDir(), SnapshotName)
 	a := copyHost(t, store, dp, path, "192.0.2.1")
-	mustCreate(t, a, "n1", "10.1.0.0/24")
-	if err := a.CreateNetwork(createReq("n2", map[string]interface{}{"name": "other"}, "10.2.0.0/24")); err != nil {
-		t.Fatal(err)
-	}
-	joinedEndpoint(t, a, "n1", "ep1", "10.1.0.2/24")
+	twoNetworks(t, a)
 	joinedEndpoint(t, a, "n2", "ep2", "10.2.0.2/24")
 	waitCopy(t, path, `"id":"ep2"`)
 	local, _ := localOf(t, a)

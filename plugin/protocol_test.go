@@ -46,6 +46,23 @@ func (c *cluster) snapshot(t *testing.T) string {
 	return b.String()
 }
 
+// connected creates network spec on hosts 0 and 1, runs a container on
+// each, and waits until the second reaches the first.
+func (c *cluster) connected(t *testing.T, spec netSpec) (na, nb *dockerNet, ca, cb *container) {
+	t.Helper()
+	na, err := c.plugins[0].createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nb, err = c.plugins[1].createNetwork(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, cb = na.run(t), nb.run(t)
+	eventually(t, 10*time.Second, func() error { return cb.ping(t, ca.addr4.Addr(), 1) })
+	return na, nb, ca, cb
+}
+
 func TestProtocolMultiHost(t *testing.T) {
 	c := newCluster(t, 3)
 	a, b, x := c.plugins[0], c.plugins[1], c.plugins[2]
@@ -259,18 +276,8 @@ func (c *cluster) appVNI(t *testing.T) uint32 {
 
 func TestProtocolRestart(t *testing.T) {
 	c := newCluster(t, 2)
-	a, b := c.plugins[0], c.plugins[1]
-	spec := netSpec{subnet4: "10.40.0.0/24", opts: map[string]string{"name": "restart"}}
-	na, err := a.createNetwork(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nb, err := b.createNetwork(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, cb := na.run(t), nb.run(t)
-	eventually(t, 10*time.Second, func() error { return ca.ping(t, cb.addr4.Addr(), 1) })
+	b := c.plugins[1]
+	na, nb, ca, cb := c.connected(t, netSpec{subnet4: "10.40.0.0/24", opts: map[string]string{"name": "restart"}})
 
 	// A continuous ping across hosts while host b's plugin is killed and
 	// restarted: the kernel state must carry every packet.
@@ -321,7 +328,7 @@ func TestProtocolRestart(t *testing.T) {
 		t.Fatalf("connectivity lost while Consul is down: %v", err)
 	}
 	start := time.Now()
-	_, err = b.createNetwork(netSpec{subnet4: "10.41.0.0/24", opts: map[string]string{"name": "down"}})
+	_, err := b.createNetwork(netSpec{subnet4: "10.41.0.0/24", opts: map[string]string{"name": "down"}})
 	if err == nil || !strings.Contains(err.Error(), "unavailable") {
 		t.Fatalf("create network with Consul down: %v, want a store-unavailable error", err)
 	}

@@ -151,26 +151,13 @@ func TestProtocolForeignView(t *testing.T) {
 // was removed.
 func TestRestartAfterEviction(t *testing.T) {
 	c := newCluster(t, 2)
-	a, b := c.plugins[0], c.plugins[1]
-	spec := netSpec{subnet4: "10.43.0.0/24", opts: map[string]string{"name": "ev"}}
-	na, err := a.createNetwork(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nb, err := b.createNetwork(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, cb := na.run(t), nb.run(t)
-	eventually(t, 10*time.Second, func() error { return cb.ping(t, ca.addr4.Addr(), 1) })
+	a := c.plugins[0]
+	na, nb, ca, cb := c.connected(t, netSpec{subnet4: "10.43.0.0/24", opts: map[string]string{"name": "ev"}})
 	epKey := c.prefix + "networks/name-ev/endpoints/" + ca.eid
 	if !slices.Contains(kvKeys(t, c.consul, c.prefix), epKey) {
 		t.Fatalf("no record %s of A's container", epKey)
 	}
-	id, err := os.ReadFile(filepath.Join(a.data, "host-id"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	id := readHostID(t, a.data)
 	eventually(t, 5*time.Second, func() error { // the state copy follows
 		if b, err := os.ReadFile(filepath.Join(a.data, "driver-state.json")); err != nil || !strings.Contains(string(b), ca.eid) {
 			return fmt.Errorf("no endpoint %s in the state copy: %v", ca.eid, err)
@@ -178,7 +165,7 @@ func TestRestartAfterEviction(t *testing.T) {
 		return nil
 	})
 	a.stop(syscall.SIGKILL)
-	cmd := exec.Command("nsenter", "--net="+c.hosts[1].NS.Path, pluginBinary(t), "evict", "--force", strings.TrimSpace(string(id)))
+	cmd := exec.Command("nsenter", "--net="+c.hosts[1].NS.Path, pluginBinary(t), "evict", "--force", id)
 	cmd.Env = append(os.Environ(), "CONSUL_HTTP_ADDR="+c.consul.Addr, "KV_PREFIX="+c.prefix)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("evict A: %v\n%s", err, out)
@@ -281,18 +268,8 @@ func TestVTEPChangePeersFollow(t *testing.T) {
 // its identity, restores the network and serves it.
 func TestUpgradeAdoptsLegacyIdentity(t *testing.T) {
 	c := newCluster(t, 2)
-	a, b := c.plugins[0], c.plugins[1]
-	spec := netSpec{subnet4: "10.44.0.0/24", opts: map[string]string{"name": "up"}}
-	na, err := a.createNetwork(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nb, err := b.createNetwork(spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, cb := na.run(t), nb.run(t)
-	eventually(t, 10*time.Second, func() error { return cb.ping(t, ca.addr4.Addr(), 1) })
+	a := c.plugins[0]
+	na, nb, ca, cb := c.connected(t, netSpec{subnet4: "10.44.0.0/24", opts: map[string]string{"name": "up"}})
 
 	// Turn A's records into what the earlier version wrote: membership and
 	// endpoints keyed by node name ("host0"), no host-id, no members/ or
