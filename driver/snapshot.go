@@ -104,6 +104,12 @@ func (d *Driver) writeSnapshots(ctx context.Context) {
 	if d.cfg.SnapshotPath == "" {
 		return
 	}
+	// Temporary files a kill -9 left in the middle of a write.
+	if old, _ := filepath.Glob(filepath.Join(filepath.Dir(d.cfg.SnapshotPath), "."+filepath.Base(d.cfg.SnapshotPath)+".*")); len(old) > 0 {
+		for _, f := range old {
+			os.Remove(f)
+		}
+	}
 	var last []byte
 	write := func() {
 		b, err := d.takeSnapshot()

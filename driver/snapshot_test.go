@@ -35,6 +35,11 @@ func TestRestartAfterEvictionUsesSnapshot(t *testing.T) {
 	withCopy := func(tag string) func(*Config) {
 		return func(c *Config) { c.Reapable, c.SnapshotPath, c.StoreTag = true, path, tag }
 	}
+	// A write a kill -9 cut short left its temporary file.
+	leftover := filepath.Join(filepath.Dir(path), "."+SnapshotName+".123")
+	if err := os.WriteFile(leftover, []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	a := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, withCopy("prefix-1"))
 	mustCreate(t, a, "n1", "10.1.0.0/24")
 	if err := a.CreateNetwork(createReq("n2", map[string]interface{}{"name": "other"}, "10.2.0.0/24")); err != nil {
@@ -55,6 +60,9 @@ func TestRestartAfterEvictionUsesSnapshot(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	a.Close()
+	if _, err := os.Stat(leftover); err == nil {
+		t.Error("the temporary file of a cut-short write is left")
+	}
 	dp.mu.Lock()
 	dp.inUse = map[string]bool{"ep1": true, "ep2": true}
 	dp.mu.Unlock()
