@@ -200,6 +200,10 @@ func (d *Driver) restore(ctx context.Context) error {
 			copyOf, inKernel = &s, vnis
 		}
 	}
+	if unproven != nil && copyOf == nil {
+		d.log.Error("state not restored: the store does not show this host", "error", unproven)
+		return unproven
+	}
 	// Started on a new underlay address (a reboot with a new lease):
 	// republish it, or the other hosts keep sending to the old one.
 	if stale := staleVTEP(d.cfg.HostID, d.cfg.VTEP.String(), v); stale {
@@ -212,7 +216,19 @@ func (d *Driver) restore(ctx context.Context) error {
 	}
 	fromCopy := false
 	if copyOf != nil {
-		nets, eps := mergeSnapshot(&v, *copyOf, d.cfg.HostID, d.cfg.Node, d.cfg.VTEP.String(), held, inKernel)
+		// A network of the copy the store has again under another VNI
+		// (reaped, then created again elsewhere) is not this host's any
+		// more: its peers are not the old overlay's.
+		copyOf.Networks = slices.DeleteFunc(copyOf.Networks, func(sn snapshotNetwork) bool {
+			rec, err := d.cl.Network(ctx, sn.Network.Key)
+			if err == nil && rec.VNI != sn.Network.VNI {
+				d.log.Error("a network of the state copy was created again in the store while this host was away: not taken from the copy",
+					"network", sn.Network.Key, "vni", sn.Network.VNI, "store_vni", rec.VNI)
+				return true
+			}
+			return false
+		})
+		nets, eps := mergeSnapshot(&v, *copyOf, d.cfg.HostID, d.cfg.Node, d.cfg.VTEP.String(), held, inKernel, !v.Proven || partial)
 		if len(nets) > 0 || len(eps) > 0 {
 			fromCopy = true
 			d.log.Error("containers use endpoints of this host that the store does not show (evicted while it was away?): networks and endpoints taken from the state copy in DATA_DIR, everything in the kernel kept; the liveness check writes them back to the store, and reports addresses other hosts took meanwhile",

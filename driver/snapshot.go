@@ -196,52 +196,123 @@ func (d *Driver) loadSnapshot() (s snapshot, ok bool, err error) {
 	return s, true, nil
 }
 
-// mergeSnapshot adds to view v what the copy s holds and v does not: its
-// networks whose overlay the kernel still has (inKernel, by VNI), with
-// this host's membership as the copy has it, and the endpoints of the
-// copy whose interface a container holds (held, by vxlan.EndpointKey).
-// This host's VTEP in what it adds is vtep, the one it runs with now. It
-// returns the keys of the networks added and the IDs of the endpoints
-// added.
-func mergeSnapshot(v *cluster.View, s snapshot, hostID, node, vtep string, held map[string]bool, inKernel []uint32) (nets, eps []string) {
-	have := map[string]bool{}
-	for _, n := range v.Networks {
-		have[n.Key] = true
-	}
-	for _, sn := range s.Networks {
-		n := sn.Network
-		if have[n.Key] || len(sn.NetworkIDs) == 0 || !slices.Contains(inKernel, n.VNI) {
-			continue // a network removed just before a kill -9 is not built again
-		}
-		hosts := make(map[string]cluster.Member, len(n.Hosts)+1)
-		for h, m := range n.Hosts {
-			hosts[h] = m
-		}
-		m := hosts[hostID]
-		m.NetworkIDs = slices.Clone(sn.NetworkIDs)
-		if m.Node == "" {
-			m.Node = node
-		}
-		m.VTEP = vtep
-		hosts[hostID] = m
-		n.Hosts = hosts
-		v.Networks = append(v.Networks, n)
-		have[n.Key] = true
-		nets = append(nets, n.Key)
-	}
+// mergeSnapshot adds to view v what the copy s holds and v does not, for
+// the endpoints of the copy whose interface a container holds (held, by
+// vxlan.EndpointKey): each such endpoint, its logical network with this
+// host's membership as the copy has it if v lacks the network, and its
+// Docker network in this host's membership if v has the network (same key
+// and VNI: a re-assertion gives it a new incarnation) without it. With all, an unproven view (this host evicted
+// while it was away), the copy's networks no container uses are added too,
+// as Docker still has them. A network whose overlay the kernel no longer
+// has (inKernel, by VNI: removed just before a kill -9), or whose VNI a
+// network of v uses under another key, is not added. This host's VTEP in
+// what it adds is vtep, the one it runs with now. It returns the keys of
+// the networks added or changed and the IDs of the endpoints added.
+func mergeSnapshot(v *cluster.View, s snapshot, hostID, node, vtep string, held map[string]bool, inKernel []uint32, all bool) (nets, eps []string) {
 	known := map[string]bool{}
 	for _, ep := range v.Endpoints {
 		known[ep.ID] = true
 	}
+	// The copy's endpoints to add, by network key, and their Docker
+	// networks.
+	add := map[string][]cluster.Endpoint{}
 	for _, ep := range s.Endpoint {
-		if known[ep.ID] || !have[ep.NetworkKey] || !held[vxlan.EndpointKey(ep.ID)] {
+		if !known[ep.ID] && held[vxlan.EndpointKey(ep.ID)] {
+			add[ep.NetworkKey] = append(add[ep.NetworkKey], ep)
+		}
+	}
+	idx := map[string]int{}
+	vnis := map[uint32]string{}
+	for i, n := range v.Networks {
+		idx[n.Key] = i
+		vnis[n.VNI] = n.Key
+	}
+	taken := map[string]bool{}
+	for _, sn := range s.Networks {
+		n := sn.Network
+		want := add[n.Key]
+		if len(sn.NetworkIDs) == 0 || !slices.Contains(inKernel, n.VNI) || (len(want) == 0 && !all) {
+			delete(add, n.Key)
 			continue
 		}
-		ep.VTEP = vtep
-		v.Endpoints = append(v.Endpoints, ep)
-		eps = append(eps, ep.ID)
+		// The Docker networks of the endpoints to add, or all the copy's.
+		ids := sn.NetworkIDs
+		if !all {
+			ids = nil
+			for _, ep := range want {
+				if slices.Contains(sn.NetworkIDs, ep.NetworkID) && !slices.Contains(ids, ep.NetworkID) {
+					ids = append(ids, ep.NetworkID)
+				}
+			}
+		}
+		i, ok := idx[n.Key]
+		switch {
+		case ok && v.Networks[i].VNI != n.VNI:
+			delete(add, n.Key) // another network under that key now
+			continue
+		case ok:
+			m, member := v.Networks[i].Hosts[hostID]
+			if !member {
+				m = cluster.Member{Node: node, VTEP: vtep}
+			}
+			var missing []string
+			for _, id := range ids {
+				if !slices.Contains(m.NetworkIDs, id) {
+					missing = append(missing, id)
+				}
+			}
+			taken[n.Key] = true
+			if len(missing) == 0 {
+				continue
+			}
+			m.NetworkIDs = append(slices.Clone(m.NetworkIDs), missing...)
+			v.Networks[i].Hosts = withMember(v.Networks[i].Hosts, hostID, m)
+		default:
+			if k, used := vnis[n.VNI]; used && k != n.Key {
+				delete(add, n.Key) // the VNI is another network's now
+				continue
+			}
+			m := n.Hosts[hostID]
+			m.NetworkIDs = slices.Clone(ids)
+			if m.Node == "" {
+				m.Node = node
+			}
+			m.VTEP = vtep
+			n.Hosts = withMember(n.Hosts, hostID, m)
+			v.Networks = append(v.Networks, n)
+			idx[n.Key] = len(v.Networks) - 1
+			vnis[n.VNI] = n.Key
+			taken[n.Key] = true
+		}
+		nets = append(nets, n.Key)
 	}
+	for key, want := range add {
+		i, ok := idx[key]
+		if !ok || !taken[key] {
+			continue
+		}
+		bound := v.Networks[i].Hosts[hostID].NetworkIDs
+		for _, ep := range want {
+			if !slices.Contains(bound, ep.NetworkID) {
+				continue
+			}
+			ep.VTEP = vtep
+			v.Endpoints = append(v.Endpoints, ep)
+			eps = append(eps, ep.ID)
+		}
+	}
+	slices.Sort(eps)
 	return nets, eps
+}
+
+// withMember returns a copy of hosts with m as host id's membership.
+func withMember(hosts map[string]cluster.Member, id string, m cluster.Member) map[string]cluster.Member {
+	out := make(map[string]cluster.Member, len(hosts)+1)
+	for h, x := range hosts {
+		out[h] = x
+	}
+	out[id] = m
+	return out
 }
 
 // usableSnapshot returns the state copy if this host wrote it on this

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -117,46 +118,105 @@ func TestRestartAfterEvictionUsesSnapshot(t *testing.T) {
 	joinedEndpoint(t, b, "n1", "ep3", "10.1.0.4/24")
 }
 
-// TestSnapshotMerge: the copy adds what the view lacks (a network, the
-// endpoints containers hold) and never replaces what the store shows.
+// TestSnapshotMerge: the copy adds what the view lacks for the endpoints
+// containers hold (their network, their Docker network in this host's
+// membership, the endpoint), everything it has for a view without this
+// host, and never replaces or duplicates what the store shows.
 func TestSnapshotMerge(t *testing.T) {
-	app := cluster.Network{Key: "name-app", VNI: 4096, Hosts: map[string]cluster.Member{"b": {Node: "b"}}}
-	other := cluster.Network{Key: "name-other", VNI: 4097}
+	app := cluster.Network{Key: "name-app", Incarnation: "i1", VNI: 4096, Hosts: map[string]cluster.Member{"b": {Node: "b"}}}
+	other := cluster.Network{Key: "name-other", Incarnation: "i2", VNI: 4097}
+	idle := cluster.Network{Key: "name-idle", Incarnation: "i3", VNI: 4098}
 	s := snapshot{
-		Networks: []snapshotNetwork{{Network: app, NetworkIDs: []string{"n1"}}, {Network: other, NetworkIDs: []string{"n2"}}},
+		Networks: []snapshotNetwork{
+			{Network: app, NetworkIDs: []string{"n1", "n3"}},
+			{Network: other, NetworkIDs: []string{"n2"}},
+			{Network: idle, NetworkIDs: []string{"n4"}},
+		},
 		Endpoint: []cluster.Endpoint{
-			{ID: "ep1", NetworkKey: "name-app"}, {ID: "ep2", NetworkKey: "name-app"},
-			{ID: "ep3", NetworkKey: "name-other"}, {ID: "ep4", NetworkKey: "name-gone"},
+			{ID: "ep1", NetworkKey: "name-app", NetworkID: "n1", Incarnation: "i1"},
+			{ID: "ep2", NetworkKey: "name-app", NetworkID: "n1", Incarnation: "i1"},
+			{ID: "ep3", NetworkKey: "name-other", NetworkID: "n2", Incarnation: "i2"},
+			{ID: "ep4", NetworkKey: "name-gone", NetworkID: "n9", Incarnation: "i9"},
+			{ID: "ep5", NetworkKey: "name-app", NetworkID: "n3", Incarnation: "i1"},
 		},
 	}
-	stored := other
-	stored.VNI = 5000
-	v := cluster.View{Networks: []cluster.Network{stored}, Endpoints: []cluster.Endpoint{{ID: "ep3", NetworkKey: "name-other", MAC: "stored"}}}
-	held := map[string]bool{"ep1": true, "ep3": true, "ep4": true}
-	nets, eps := mergeSnapshot(&v, s, "a", "node-a", "192.0.2.7", held, []uint32{4096, 4097})
-	if strings.Join(nets, ",") != "name-app" || strings.Join(eps, ",") != "ep1" {
-		t.Errorf("added networks %v and endpoints %v, want name-app and ep1 (ep2 held by no container, ep3 in the view, ep4's network unknown)", nets, eps)
+	held := map[string]bool{"ep1": true, "ep3": true, "ep4": true, "ep5": true}
+	kernel := []uint32{4096, 4097, 4098}
+	member := func(n cluster.Network, ids ...string) cluster.Network {
+		n.Hosts = map[string]cluster.Member{"a": {Node: "node-a", NetworkIDs: ids}}
+		return n
 	}
-	if len(v.Networks) != 2 || v.Networks[0].VNI != 5000 {
-		t.Errorf("networks %+v: the store's record of other must stay", v.Networks)
-	}
-	m, ok := v.Networks[1].Member("a")
-	if !ok || m.Node != "node-a" || m.VTEP != "192.0.2.7" || len(m.NetworkIDs) != 1 || m.NetworkIDs[0] != "n1" {
-		t.Errorf("a's membership of app from the copy: %+v %t", m, ok)
-	}
-	if _, ok := app.Hosts["a"]; ok {
-		t.Error("the merge wrote into the copy's record")
-	}
-	if v.Endpoints[0].MAC != "stored" {
-		t.Error("the store's record of ep3 was replaced")
-	}
-	if v.Endpoints[1].VTEP != "192.0.2.7" {
-		t.Errorf("ep1 added with vtep %q, want the one the host runs with", v.Endpoints[1].VTEP)
-	}
-	// A network whose overlay the kernel no longer has is not added.
-	v = cluster.View{}
-	if nets, _ := mergeSnapshot(&v, s, "a", "node-a", "192.0.2.7", held, []uint32{4097}); strings.Join(nets, ",") != "name-other" {
-		t.Errorf("added %v with only other's overlay in the kernel, want name-other", nets)
+	for _, c := range []struct {
+		name       string
+		view       cluster.View
+		all        bool
+		kernel     []uint32
+		nets, eps  string
+		membership string // a's Docker networks of app after the merge
+	}{
+		{name: "proven view without app", view: cluster.View{
+			Networks:  []cluster.Network{member(other, "n2")},
+			Endpoints: []cluster.Endpoint{{ID: "ep3", NetworkKey: "name-other", MAC: "stored"}},
+		}, kernel: kernel, nets: "name-app", eps: "ep1,ep5", membership: "n1,n3"},
+		{name: "proven view whose app lacks n3", view: cluster.View{
+			Networks:  []cluster.Network{member(app, "n1"), member(other, "n2")},
+			Endpoints: []cluster.Endpoint{{ID: "ep1", NetworkKey: "name-app", NetworkID: "n1"}, {ID: "ep3", NetworkKey: "name-other"}},
+		}, kernel: kernel, nets: "name-app", eps: "ep5", membership: "n1,n3"},
+		{name: "view without a", all: true, kernel: kernel, nets: "name-app,name-other,name-idle", eps: "ep1,ep3,ep5", membership: "n1,n3"},
+		{name: "app gone from the kernel", all: true, kernel: []uint32{4097}, nets: "name-other", eps: "ep3"},
+		{name: "app's VNI is another network's", view: cluster.View{
+			Networks: []cluster.Network{{Key: "name-new", Incarnation: "i7", VNI: 4096}},
+		}, all: true, kernel: kernel, nets: "name-other,name-idle", eps: "ep3"},
+		{name: "app created again", view: cluster.View{
+			Networks: []cluster.Network{{Key: "name-app", Incarnation: "i8", VNI: 5000}},
+		}, all: true, kernel: kernel, nets: "name-other,name-idle", eps: "ep3"},
+		{name: "app re-asserted", view: cluster.View{
+			Networks: []cluster.Network{member(cluster.Network{Key: "name-app", Incarnation: "i9", VNI: 4096}, "n1")},
+		}, kernel: kernel, nets: "name-app,name-other", eps: "ep1,ep3,ep5", membership: "n1,n3"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			v := c.view
+			v.Networks, v.Endpoints = slices.Clone(v.Networks), slices.Clone(v.Endpoints)
+			nets, eps := mergeSnapshot(&v, s, "a", "node-a", "192.0.2.7", held, c.kernel, c.all)
+			if strings.Join(nets, ",") != c.nets || strings.Join(eps, ",") != c.eps {
+				t.Errorf("added networks %v and endpoints %v, want %s and %s", nets, eps, c.nets, c.eps)
+			}
+			vnis := map[uint32]bool{}
+			for _, n := range v.Networks {
+				if vnis[n.VNI] {
+					t.Errorf("vni %d listed twice: %+v", n.VNI, v.Networks)
+				}
+				vnis[n.VNI] = true
+				if n.Key == "name-app" && n.VNI == 4096 {
+					m, ok := n.Member("a")
+					if !ok || m.Node != "node-a" || strings.Join(m.NetworkIDs, ",") != c.membership {
+						t.Errorf("a's membership of app: %+v %t, want Docker networks %s", m, ok, c.membership)
+					}
+					if _, ok := n.Hosts["b"]; !ok && c.view.Networks == nil {
+						t.Error("b's membership of app lost")
+					}
+				}
+				if n.Key == "name-app" && n.Incarnation == "i8" && n.VNI != 5000 {
+					t.Errorf("the store's app replaced: %+v", n)
+				}
+			}
+			seen := map[string]bool{}
+			for i, ep := range v.Endpoints {
+				if seen[ep.ID] {
+					t.Errorf("endpoint %s listed twice", ep.ID)
+				}
+				seen[ep.ID] = true
+				if i < len(c.view.Endpoints) && ep.MAC != c.view.Endpoints[i].MAC {
+					t.Errorf("the store's record of %s was replaced", ep.ID)
+				}
+				if slices.Contains(eps, ep.ID) && ep.VTEP != "192.0.2.7" {
+					t.Errorf("%s added with vtep %q, want the one the host runs with", ep.ID, ep.VTEP)
+				}
+			}
+			if _, ok := app.Hosts["a"]; ok {
+				t.Error("the merge wrote into the copy's record")
+			}
+		})
 	}
 }
 
@@ -320,5 +380,112 @@ func TestSnapshotFillsIncompleteView(t *testing.T) {
 	b.Close()
 	if c, _ := os.ReadFile(path); !strings.Contains(string(c), `"id":"ep2"`) || !strings.Contains(string(c), "name-other") {
 		t.Errorf("the copy lost network other or ep2: %s", c)
+	}
+}
+
+// TestSnapshotBindsSecondDockerNetwork: Docker networks n1 and n3 of one
+// logical network run a container each; after an eviction the liveness
+// check re-asserted n1 and was cut short before n3. The restart's proven
+// view binds app to n1 only: the copy must bind n3 too, or its container's
+// endpoint is restored on a Docker network the host does not have, and the
+// next re-assertion leaves it out (its address free for another host).
+func TestSnapshotBindsSecondDockerNetwork(t *testing.T) {
+	ctx := context.Background()
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	dp := newFake()
+	path := filepath.Join(t.TempDir(), SnapshotName)
+	a := copyHost(t, store, dp, path, "192.0.2.1")
+	mustCreate(t, a, "n1", "10.1.0.0/24")
+	mustCreate(t, a, "n3", "10.1.0.0/24")
+	joinedEndpoint(t, a, "n1", "ep1", "10.1.0.2/24")
+	joinedEndpoint(t, a, "n3", "ep3", "10.1.0.3/24")
+	waitCopy(t, path, `"id":"ep3"`)
+	local, _ := localOf(t, a)
+	evictedWith(t, a, store, dp, "ep1", "ep3")
+	for i := range local { // the re-assertion's part for n1
+		local[i].NetworkIDs = []string{"n1"}
+		local[i].Endpoints = slices.DeleteFunc(local[i].Endpoints, func(ep cluster.Endpoint) bool { return ep.NetworkID != "n1" })
+	}
+	cl, err := cluster.New(cluster.Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1")}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reaper.Reassert(ctx, "a", "a", cl, &reassertIPAM{held: map[netip.Addr]string{}}, nil, local, nil); err != nil {
+		t.Fatal(err)
+	}
+	b := copyHost(t, store, dp, path, "192.0.2.1")
+	restored(t, b, 2, 2)
+	nets, _, _ := b.LocalState(ctx)
+	if nets["n3"].Key != "name-app" {
+		t.Errorf("n3 bound to %q after the restart, want name-app", nets["n3"].Key)
+	}
+	// The next re-assertion writes n3 and ep3 back.
+	local, _ = localOf(t, b)
+	if _, err := reaper.Reassert(ctx, "a", "a", b.cl, &reassertIPAM{held: map[netip.Addr]string{}}, b, local, nil); err != nil {
+		t.Fatal(err)
+	}
+	rec, err := b.cl.Network(ctx, "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := rec.Member("a"); !slices.Contains(m.NetworkIDs, "n3") || !hasKey(t, store, "networks/name-app/endpoints/ep3") {
+		t.Errorf("n3 (%v) or ep3 not written back by the re-assertion", m.NetworkIDs)
+	}
+}
+
+// TestSnapshotSkipsNetworkCreatedAgain: a was app's only member, was
+// evicted while away, and the reap removed app; host b created app again
+// (same name: same key, another incarnation and VNI). At a's restart the
+// copy's app is not a's any more: taking it would program the new app's
+// peers into a's old overlay. a keeps its kernel, refuses, and says so.
+func TestSnapshotSkipsNetworkCreatedAgain(t *testing.T) {
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	dp := newFake()
+	path := filepath.Join(t.TempDir(), SnapshotName)
+	a := copyHost(t, store, dp, path, "192.0.2.1")
+	mustCreate(t, a, "n1", "10.1.0.0/24")
+	joinedEndpoint(t, a, "n1", "ep1", "10.1.0.2/24")
+	waitCopy(t, path, `"id":"ep1"`)
+	evictedWith(t, a, store, dp, "ep1")
+	b := newHostDriver(t, store, "b", "b", "192.0.2.2", newFake())
+	if err := b.CreateNetwork(createReq("nb", map[string]interface{}{"name": "app", "vni": "5000"}, "10.1.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	joinedEndpoint(t, b, "nb", "epb", "10.1.0.2/24")
+
+	a2, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true,
+		OwnsAddressSpace: func(s string) bool { return s == "ours" }, Reapable: true, SnapshotPath: path, StoreTag: "p"}, store, dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a2.Start()
+	t.Cleanup(func() { a2.Close() })
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		a2.mu.Lock()
+		rerr := a2.restoreErr
+		a2.mu.Unlock()
+		if rerr != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a's restore neither failed nor said why after 5 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	select {
+	case <-a2.Ready():
+		t.Error("a serves with a network the store has as another's")
+	default:
+	}
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	if len(dp.networks) != 1 {
+		t.Errorf("a's kernel has %d overlays, want its one kept", len(dp.networks))
+	}
+	for _, p := range dp.peers {
+		if p.VTEP.String() == "192.0.2.2" {
+			t.Errorf("a programs b's peer %s (vni %d) into its old overlay", p.IP, p.VNI)
+		}
 	}
 }
