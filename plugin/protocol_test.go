@@ -201,20 +201,16 @@ func TestProtocolMultiHost(t *testing.T) {
 	// crash) is accepted and shares the overlay; removing it keeps the
 	// overlay for the first.
 	t.Run("a second Docker network of one logical network shares its overlay", func(t *testing.T) {
-		n := nets[2]
 		before := ourLinks(t, c.hosts[2])
-		id := randomID()
-		x.must("/NetworkDriver.CreateNetwork", map[string]any{
-			"NetworkID": id,
-			"Options": map[string]any{
-				"com.docker.network.generic":     map[string]string{"name": "app"},
-				"com.docker.network.enable_ipv6": true,
-				"com.docker.network.enable_ipv4": true,
-			},
-			"IPv4Data": []map[string]any{{"AddressSpace": n.space, "Pool": n.subnet4, "Gateway": n.gw4}},
-			"IPv6Data": []map[string]any{{"AddressSpace": n.space, "Pool": n.subnet6, "Gateway": n.gw6}},
-		}, nil)
-		x.must("/NetworkDriver.DeleteNetwork", map[string]any{"NetworkID": id}, nil)
+		// As Docker does it: pool and gateway from IPAM, CreateNetwork;
+		// then DeleteNetwork, gateway and pool released.
+		second, err := x.createNetwork(spec)
+		if err != nil {
+			t.Fatalf("host2: second Docker network of app: %v", err)
+		}
+		if err := second.remove(); err != nil {
+			t.Fatalf("host2: remove the second Docker network of app: %v", err)
+		}
 		if after := ourLinks(t, c.hosts[2]); !slices.Equal(before, after) {
 			t.Fatalf("links of host2 changed: %v, then %v", before, after)
 		}
