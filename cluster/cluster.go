@@ -391,6 +391,12 @@ func (c *Cluster) checkSubnetsFree(ctx context.Context, key string, subnets []ne
 	return nil
 }
 
+// VNIOwner returns the key of the logical network that reserves vni in the
+// store, "" if none does.
+func (c *Cluster) VNIOwner(ctx context.Context, vni uint32) (string, error) {
+	return c.vniOwner(ctx, vni)
+}
+
 func (c *Cluster) vniOwner(ctx context.Context, vni uint32) (string, error) {
 	p, err := c.store.Get(ctx, vniKey(vni))
 	if errors.Is(err, kvstore.ErrNotFound) {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"consul-overlay/cluster"
+	"consul-overlay/kvstore"
 	"consul-overlay/vxlan"
 )
 
@@ -216,18 +217,29 @@ func (d *Driver) restore(ctx context.Context) error {
 	}
 	fromCopy := false
 	if copyOf != nil {
-		// A network of the copy the store has again under another VNI
-		// (reaped, then created again elsewhere) is not this host's any
-		// more: its peers are not the old overlay's.
-		copyOf.Networks = slices.DeleteFunc(copyOf.Networks, func(sn snapshotNetwork) bool {
-			rec, err := d.cl.Network(ctx, sn.Network.Key)
-			if err == nil && rec.VNI != sn.Network.VNI {
-				d.log.Error("a network of the state copy was created again in the store while this host was away: not taken from the copy",
-					"network", sn.Network.Key, "vni", sn.Network.VNI, "store_vni", rec.VNI)
-				return true
+		// A network of the copy that is not this host's any more: the
+		// store has its key again under another VNI (reaped, then created
+		// again elsewhere), or gives its VNI to another key (freed by the
+		// reap, taken by the next network created elsewhere; the view
+		// lists only this host's networks, so mergeSnapshot cannot tell).
+		// Taking it would program another network's peers into the old
+		// overlay, or serve one the re-assertion can never write back. A
+		// store that does not answer leaves the restore unsure: it fails
+		// and is retried, the kernel kept.
+		var kept []snapshotNetwork
+		for _, sn := range copyOf.Networks {
+			why, err := d.copyNetworkGone(ctx, sn.Network)
+			if err != nil {
+				return fmt.Errorf("check network %s of the state copy against the store: %w", sn.Network.Key, err)
 			}
-			return false
-		})
+			if why != "" {
+				d.log.Error("a network of the state copy is another's in the store now: not taken from the copy",
+					"network", sn.Network.Key, "vni", sn.Network.VNI, "reason", why)
+				continue
+			}
+			kept = append(kept, sn)
+		}
+		copyOf.Networks = kept
 		nets, eps := mergeSnapshot(&v, *copyOf, d.cfg.HostID, d.cfg.Node, d.cfg.VTEP.String(), held, inKernel, !v.Proven || partial)
 		if len(nets) > 0 || len(eps) > 0 {
 			fromCopy = true
@@ -480,4 +492,25 @@ func (d *Driver) pruneVTEPs() {
 	ctx, cancel := context.WithTimeout(d.ctx, d.cfg.CallTimeout)
 	defer cancel()
 	d.applyAllowed(ctx, d.allowedUnion())
+}
+
+// copyNetworkGone says why network n of the state copy is another's in the
+// store now ("" if it is not): its key recorded under another VNI, or its
+// VNI reserved by another key.
+func (d *Driver) copyNetworkGone(ctx context.Context, n cluster.Network) (string, error) {
+	rec, err := d.cl.Network(ctx, n.Key)
+	switch {
+	case err == nil && rec.VNI != n.VNI:
+		return fmt.Sprintf("created again with vni %d", rec.VNI), nil
+	case err != nil && !errors.Is(err, kvstore.ErrNotFound):
+		return "", err
+	}
+	owner, err := d.cl.VNIOwner(ctx, n.VNI)
+	if err != nil {
+		return "", err
+	}
+	if owner != "" && owner != n.Key {
+		return fmt.Sprintf("vni %d reserved by %s", n.VNI, owner), nil
+	}
+	return "", nil
 }

@@ -460,23 +460,8 @@ func TestSnapshotSkipsNetworkCreatedAgain(t *testing.T) {
 	}
 	a2.Start()
 	t.Cleanup(func() { a2.Close() })
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		a2.mu.Lock()
-		rerr := a2.restoreErr
-		a2.mu.Unlock()
-		if rerr != nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("a's restore neither failed nor said why after 5 s")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	select {
-	case <-a2.Ready():
+	if restoreServes(t, a2) {
 		t.Error("a serves with a network the store has as another's")
-	default:
 	}
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
@@ -488,4 +473,112 @@ func TestSnapshotSkipsNetworkCreatedAgain(t *testing.T) {
 			t.Errorf("a programs b's peer %s (vni %d) into its old overlay", p.IP, p.VNI)
 		}
 	}
+}
+
+// restoreServes waits until d's restore is done: true if it serves, false
+// if it failed (refused, kernel kept).
+func restoreServes(t *testing.T, d *Driver) bool {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		select {
+		case <-d.Ready():
+			return true
+		default:
+		}
+		d.mu.Lock()
+		rerr := d.restoreErr
+		d.mu.Unlock()
+		if rerr != nil {
+			return false
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the restore neither served nor failed after 5 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestSnapshotSkipsNetworkWhoseVNIWasTaken: the reap of a freed the VNI of
+// its network, and the next network created elsewhere (web, another name
+// and subnet) took it: the lowest free VNI. The view lists only a's own
+// networks, so only the store's VNI reservation tells. Taking the copy's
+// network would serve an overlay the re-assertion can never write back
+// (its VNI is web's), and one a join of web on a would share. Found by
+// review (helper-45).
+func TestSnapshotSkipsNetworkWhoseVNIWasTaken(t *testing.T) {
+	web := func(t *testing.T, store kvstore.Store, vni uint32) {
+		t.Helper()
+		b := newHostDriver(t, store, "b", "b", "192.0.2.2", newFake())
+		if err := b.CreateNetwork(createReq("nb", map[string]interface{}{"name": "web"}, "10.5.0.0/24")); err != nil {
+			t.Fatal(err)
+		}
+		if rec, err := b.cl.Network(context.Background(), "name-web"); err != nil || rec.VNI != vni {
+			t.Fatalf("web has vni %d (%v), want %d, freed by the reap: the test proves nothing", rec.VNI, err, vni)
+		}
+	}
+	t.Run("evicted", func(t *testing.T) {
+		store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+		dp := newFake()
+		path := filepath.Join(t.TempDir(), SnapshotName)
+		a := copyHost(t, store, dp, path, "192.0.2.1")
+		mustCreate(t, a, "n1", "10.1.0.0/24")
+		joinedEndpoint(t, a, "n1", "ep1", "10.1.0.2/24")
+		waitCopy(t, path, `"id":"ep1"`)
+		local, _ := localOf(t, a)
+		evictedWith(t, a, store, dp, "ep1")
+		web(t, store, local[0].Network.VNI)
+		a2, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true,
+			OwnsAddressSpace: func(s string) bool { return s == "ours" }, Reapable: true, SnapshotPath: path, StoreTag: "p"}, store, dp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a2.Start()
+		t.Cleanup(func() { a2.Close() })
+		if restoreServes(t, a2) {
+			nets, _, _ := a2.LocalState(context.Background())
+			t.Errorf("a serves app from the copy with web's vni: %v", nets)
+		}
+		if !dp.hasEndpoint("ep1") {
+			t.Error("ep1's veth removed while its container holds it")
+		}
+	})
+	t.Run("proven view", func(t *testing.T) {
+		ctx := context.Background()
+		store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+		dp := newFake()
+		path := filepath.Join(t.TempDir(), SnapshotName)
+		a := copyHost(t, store, dp, path, "192.0.2.1")
+		twoNetworks(t, a)
+		joinedEndpoint(t, a, "n2", "ep2", "10.2.0.2/24")
+		waitCopy(t, path, `"id":"ep2"`)
+		local, _ := localOf(t, a)
+		evictedWith(t, a, store, dp, "ep1", "ep2")
+		// The re-assertion wrote app back and stopped before other.
+		var app []reaper.LocalNetwork
+		var otherVNI uint32
+		for _, ln := range local {
+			if ln.Network.Key == "name-app" {
+				app = append(app, ln)
+			} else {
+				otherVNI = ln.Network.VNI
+			}
+		}
+		cl, err := cluster.New(cluster.Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1")}, store)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := reaper.Reassert(ctx, "a", "a", cl, &reassertIPAM{held: map[netip.Addr]string{}}, nil, app, nil); err != nil {
+			t.Fatal(err)
+		}
+		web(t, store, otherVNI)
+		a2 := copyHost(t, store, dp, path, "192.0.2.1")
+		nets, _, _ := a2.LocalState(ctx)
+		if n, ok := nets["n2"]; ok {
+			t.Errorf("n2 bound to %s with vni %d, which the store gives web", n.Key, n.VNI)
+		}
+		if !dp.hasEndpoint("ep2") {
+			t.Error("ep2's veth removed while its container holds it")
+		}
+	})
 }
