@@ -315,10 +315,7 @@ func TestSnapshotAcrossVTEPChange(t *testing.T) {
 // before a kill -9, before the copy followed. The restart must not build
 // it again, bind it, or hand it to the re-assertion.
 func TestSnapshotSkipsNetworkGoneFromKernel(t *testing.T) {
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	dp := newFake()
-	path := filepath.Join(t.TempDir(), SnapshotName)
-	a := copyHost(t, store, dp, path, "192.0.2.1")
+	store, dp, path, a := copySetup(t)
 	twoNetworks(t, a)
 	waitCopy(t, path, "name-other")
 	waitCopy(t, path, `"id":"ep1"`)
@@ -350,28 +347,7 @@ func TestSnapshotSkipsNetworkGoneFromKernel(t *testing.T) {
 // them in instead of leaving them out, and out of the copy, for good.
 func TestSnapshotFillsIncompleteView(t *testing.T) {
 	ctx := context.Background()
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	dp := newFake()
-	path := filepath.Join(t.TempDir(), SnapshotName)
-	a := copyHost(t, store, dp, path, "192.0.2.1")
-	twoNetworks(t, a)
-	joinedEndpoint(t, a, "n2", "ep2", "10.2.0.2/24")
-	waitCopy(t, path, `"id":"ep2"`)
-	local, _ := localOf(t, a)
-	evictedWith(t, a, store, dp, "ep1", "ep2")
-	var app []reaper.LocalNetwork
-	for _, ln := range local {
-		if ln.Network.Key == "name-app" {
-			app = append(app, ln)
-		}
-	}
-	cl, err := cluster.New(cluster.Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1")}, store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := reaper.Reassert(ctx, "a", "a", cl, &reassertIPAM{held: map[netip.Addr]string{}}, nil, app, nil); err != nil {
-		t.Fatal(err)
-	}
+	store, dp, path, _ := appReasserted(t)
 	if _, err := store.Get(ctx, "members/a"); err != nil || hasKey(t, store, "networks/name-other/config") {
 		t.Fatalf("the re-assertion of app alone did not leave a proven view without other (members/a: %v): the test proves nothing", err)
 	}
@@ -391,10 +367,7 @@ func TestSnapshotFillsIncompleteView(t *testing.T) {
 // next re-assertion leaves it out (its address free for another host).
 func TestSnapshotBindsSecondDockerNetwork(t *testing.T) {
 	ctx := context.Background()
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	dp := newFake()
-	path := filepath.Join(t.TempDir(), SnapshotName)
-	a := copyHost(t, store, dp, path, "192.0.2.1")
+	store, dp, path, a := copySetup(t)
 	mustCreate(t, a, "n1", "10.1.0.0/24")
 	mustCreate(t, a, "n3", "10.1.0.0/24")
 	joinedEndpoint(t, a, "n1", "ep1", "10.1.0.2/24")
@@ -406,13 +379,7 @@ func TestSnapshotBindsSecondDockerNetwork(t *testing.T) {
 		local[i].NetworkIDs = []string{"n1"}
 		local[i].Endpoints = slices.DeleteFunc(local[i].Endpoints, func(ep cluster.Endpoint) bool { return ep.NetworkID != "n1" })
 	}
-	cl, err := cluster.New(cluster.Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1")}, store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := reaper.Reassert(ctx, "a", "a", cl, &reassertIPAM{held: map[netip.Addr]string{}}, nil, local, nil); err != nil {
-		t.Fatal(err)
-	}
+	reassertPart(t, store, local)
 	b := copyHost(t, store, dp, path, "192.0.2.1")
 	restored(t, b, 2, 2)
 	nets, _, _ := b.LocalState(ctx)
@@ -439,10 +406,7 @@ func TestSnapshotBindsSecondDockerNetwork(t *testing.T) {
 // copy's app is not a's any more: taking it would program the new app's
 // peers into a's old overlay. a keeps its kernel, refuses, and says so.
 func TestSnapshotSkipsNetworkCreatedAgain(t *testing.T) {
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	dp := newFake()
-	path := filepath.Join(t.TempDir(), SnapshotName)
-	a := copyHost(t, store, dp, path, "192.0.2.1")
+	store, dp, path, a := copySetup(t)
 	mustCreate(t, a, "n1", "10.1.0.0/24")
 	joinedEndpoint(t, a, "n1", "ep1", "10.1.0.2/24")
 	waitCopy(t, path, `"id":"ep1"`)
@@ -453,14 +417,7 @@ func TestSnapshotSkipsNetworkCreatedAgain(t *testing.T) {
 	}
 	joinedEndpoint(t, b, "nb", "epb", "10.1.0.2/24")
 
-	a2, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true,
-		OwnsAddressSpace: func(s string) bool { return s == "ours" }, Reapable: true, SnapshotPath: path, StoreTag: "p"}, store, dp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a2.Start()
-	t.Cleanup(func() { a2.Close() })
-	if restoreServes(t, a2) {
+	if _, ok := restarted(t, store, dp, path); ok {
 		t.Error("a serves with a network the store has as another's")
 	}
 	dp.mu.Lock()
@@ -475,22 +432,30 @@ func TestSnapshotSkipsNetworkCreatedAgain(t *testing.T) {
 	}
 }
 
-// restoreServes waits until d's restore is done: true if it serves, false
-// if it failed (refused, kernel kept).
-func restoreServes(t *testing.T, d *Driver) bool {
+// restarted starts host a again on store and dp with its copy at path
+// and waits until its restore is done: ok if it serves, not if it failed
+// (refused, kernel kept).
+func restarted(t *testing.T, store kvstore.Store, dp *fakeDataplane, path string) (d *Driver, ok bool) {
 	t.Helper()
+	d, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true,
+		OwnsAddressSpace: func(s string) bool { return s == "ours" }, Reapable: true, SnapshotPath: path, StoreTag: "p"}, store, dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Start()
+	t.Cleanup(func() { d.Close() })
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		select {
 		case <-d.Ready():
-			return true
+			return d, true
 		default:
 		}
 		d.mu.Lock()
 		rerr := d.restoreErr
 		d.mu.Unlock()
 		if rerr != nil {
-			return false
+			return d, false
 		}
 		if time.Now().After(deadline) {
 			t.Fatal("the restore neither served nor failed after 5 s")
@@ -518,24 +483,14 @@ func TestSnapshotSkipsNetworkWhoseVNIWasTaken(t *testing.T) {
 		}
 	}
 	t.Run("evicted", func(t *testing.T) {
-		store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-		dp := newFake()
-		path := filepath.Join(t.TempDir(), SnapshotName)
-		a := copyHost(t, store, dp, path, "192.0.2.1")
+		store, dp, path, a := copySetup(t)
 		mustCreate(t, a, "n1", "10.1.0.0/24")
 		joinedEndpoint(t, a, "n1", "ep1", "10.1.0.2/24")
 		waitCopy(t, path, `"id":"ep1"`)
 		local, _ := localOf(t, a)
 		evictedWith(t, a, store, dp, "ep1")
 		web(t, store, local[0].Network.VNI)
-		a2, err := New(Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true,
-			OwnsAddressSpace: func(s string) bool { return s == "ours" }, Reapable: true, SnapshotPath: path, StoreTag: "p"}, store, dp)
-		if err != nil {
-			t.Fatal(err)
-		}
-		a2.Start()
-		t.Cleanup(func() { a2.Close() })
-		if restoreServes(t, a2) {
+		if a2, ok := restarted(t, store, dp, path); ok {
 			nets, _, _ := a2.LocalState(context.Background())
 			t.Errorf("a serves app from the copy with web's vni: %v", nets)
 		}
@@ -545,32 +500,7 @@ func TestSnapshotSkipsNetworkWhoseVNIWasTaken(t *testing.T) {
 	})
 	t.Run("proven view", func(t *testing.T) {
 		ctx := context.Background()
-		store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-		dp := newFake()
-		path := filepath.Join(t.TempDir(), SnapshotName)
-		a := copyHost(t, store, dp, path, "192.0.2.1")
-		twoNetworks(t, a)
-		joinedEndpoint(t, a, "n2", "ep2", "10.2.0.2/24")
-		waitCopy(t, path, `"id":"ep2"`)
-		local, _ := localOf(t, a)
-		evictedWith(t, a, store, dp, "ep1", "ep2")
-		// The re-assertion wrote app back and stopped before other.
-		var app []reaper.LocalNetwork
-		var otherVNI uint32
-		for _, ln := range local {
-			if ln.Network.Key == "name-app" {
-				app = append(app, ln)
-			} else {
-				otherVNI = ln.Network.VNI
-			}
-		}
-		cl, err := cluster.New(cluster.Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1")}, store)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := reaper.Reassert(ctx, "a", "a", cl, &reassertIPAM{held: map[netip.Addr]string{}}, nil, app, nil); err != nil {
-			t.Fatal(err)
-		}
+		store, dp, path, otherVNI := appReasserted(t)
 		web(t, store, otherVNI)
 		a2 := copyHost(t, store, dp, path, "192.0.2.1")
 		nets, _, _ := a2.LocalState(ctx)
@@ -581,4 +511,52 @@ func TestSnapshotSkipsNetworkWhoseVNIWasTaken(t *testing.T) {
 			t.Error("ep2's veth removed while its container holds it")
 		}
 	})
+}
+
+// copySetup opens a store and a fake kernel and starts host a on them with
+// its state copy.
+func copySetup(t *testing.T) (kvstore.Store, *fakeDataplane, string, *Driver) {
+	t.Helper()
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	dp := newFake()
+	path := filepath.Join(t.TempDir(), SnapshotName)
+	return store, dp, path, copyHost(t, store, dp, path, "192.0.2.1")
+}
+
+// reassertPart re-asserts networks local of host a, as a liveness check
+// cut short after them would have.
+func reassertPart(t *testing.T, store kvstore.Store, local []reaper.LocalNetwork) {
+	t.Helper()
+	cl, err := cluster.New(cluster.Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1")}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reaper.Reassert(context.Background(), "a", "a", cl, &reassertIPAM{held: map[netip.Addr]string{}}, nil, local, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// appReasserted runs networks app (n1, container ep1) and other (n2,
+// container ep2) on host a with its state copy, evicts a, and re-asserts
+// app only: a liveness check cut short before other. It returns other's
+// VNI.
+func appReasserted(t *testing.T) (kvstore.Store, *fakeDataplane, string, uint32) {
+	t.Helper()
+	store, dp, path, a := copySetup(t)
+	twoNetworks(t, a)
+	joinedEndpoint(t, a, "n2", "ep2", "10.2.0.2/24")
+	waitCopy(t, path, `"id":"ep2"`)
+	local, _ := localOf(t, a)
+	evictedWith(t, a, store, dp, "ep1", "ep2")
+	var app []reaper.LocalNetwork
+	var otherVNI uint32
+	for _, ln := range local {
+		if ln.Network.Key == "name-app" {
+			app = append(app, ln)
+		} else {
+			otherVNI = ln.Network.VNI
+		}
+	}
+	reassertPart(t, store, app)
+	return store, dp, path, otherVNI
 }
