@@ -295,7 +295,7 @@ func (c *Cluster) create(ctx context.Context, key, networkID string, s NetworkSp
 	}
 	vni := s.VNI
 	if vni != 0 {
-		if owner, err := c.vniOwner(ctx, vni); err != nil {
+		if owner, err := c.VNIOwner(ctx, vni); err != nil {
 			return rec, err
 		} else if owner != "" && owner != key {
 			return rec, fmt.Errorf("vni %d is taken by logical network %q: choose another -o vni or leave it out: %w", vni, owner, ErrIncompatible)
@@ -394,10 +394,6 @@ func (c *Cluster) checkSubnetsFree(ctx context.Context, key string, subnets []ne
 // VNIOwner returns the key of the logical network that reserves vni in the
 // store, "" if none does.
 func (c *Cluster) VNIOwner(ctx context.Context, vni uint32) (string, error) {
-	return c.vniOwner(ctx, vni)
-}
-
-func (c *Cluster) vniOwner(ctx context.Context, vni uint32) (string, error) {
 	p, err := c.store.Get(ctx, vniKey(vni))
 	if errors.Is(err, kvstore.ErrNotFound) {
 		return "", nil

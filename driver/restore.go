@@ -240,7 +240,10 @@ func (d *Driver) restore(ctx context.Context) error {
 			kept = append(kept, sn)
 		}
 		copyOf.Networks = kept
-		nets, eps := mergeSnapshot(&v, *copyOf, d.cfg.HostID, d.cfg.Node, d.cfg.VTEP.String(), held, inKernel, !v.Proven || partial)
+		// All of the copy for a view without this host (the copy was
+		// read for it, unproven set); for a proven one, what held
+		// endpoints need.
+		nets, eps := mergeSnapshot(&v, *copyOf, d.cfg.HostID, d.cfg.Node, d.cfg.VTEP.String(), held, inKernel, unproven != nil)
 		if len(nets) > 0 || len(eps) > 0 {
 			fromCopy = true
 			d.log.Error("containers use endpoints of this host that the store does not show (evicted while it was away?): networks and endpoints taken from the state copy in DATA_DIR, everything in the kernel kept; the liveness check writes them back to the store, and reports addresses other hosts took meanwhile",

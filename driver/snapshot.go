@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -201,13 +202,14 @@ func (d *Driver) loadSnapshot() (s snapshot, ok bool, err error) {
 // vxlan.EndpointKey): each such endpoint, its logical network with this
 // host's membership as the copy has it if v lacks the network, and its
 // Docker network in this host's membership if v has the network (same key
-// and VNI: a re-assertion gives it a new incarnation) without it. With all, an unproven view (this host evicted
-// while it was away), the copy's networks no container uses are added too,
-// as Docker still has them. A network whose overlay the kernel no longer
-// has (inKernel, by VNI: removed just before a kill -9), or whose VNI a
-// network of v uses under another key, is not added. This host's VTEP in
-// what it adds is vtep, the one it runs with now. It returns the keys of
-// the networks added or changed and the IDs of the endpoints added.
+// and VNI: a re-assertion gives it a new incarnation) without it. With
+// all, for an unproven view (this host evicted while it was away), the
+// copy's networks no container uses are added too, as Docker still has
+// them. A network whose overlay the kernel no longer has (inKernel, by
+// VNI: removed just before a kill -9), or whose VNI a network of v uses
+// under another key, is not added. This host's VTEP in what it adds is
+// vtep, the one it runs with now. It returns the keys of the networks
+// added or changed and the IDs of the endpoints added.
 func mergeSnapshot(v *cluster.View, s snapshot, hostID, node, vtep string, held map[string]bool, inKernel []uint32, all bool) (nets, eps []string) {
 	known := map[string]bool{}
 	for _, ep := range v.Endpoints {
@@ -227,12 +229,11 @@ func mergeSnapshot(v *cluster.View, s snapshot, hostID, node, vtep string, held 
 		idx[n.Key] = i
 		vnis[n.VNI] = n.Key
 	}
-	taken := map[string]bool{}
+	taken := map[string]bool{} // the copy's networks merged: their endpoints in add go in
 	for _, sn := range s.Networks {
 		n := sn.Network
 		want := add[n.Key]
 		if len(sn.NetworkIDs) == 0 || !slices.Contains(inKernel, n.VNI) || (len(want) == 0 && !all) {
-			delete(add, n.Key)
 			continue
 		}
 		// The Docker networks of the endpoints to add, or all the copy's.
@@ -248,8 +249,7 @@ func mergeSnapshot(v *cluster.View, s snapshot, hostID, node, vtep string, held 
 		i, ok := idx[n.Key]
 		switch {
 		case ok && v.Networks[i].VNI != n.VNI:
-			delete(add, n.Key) // another network under that key now
-			continue
+			continue // another network under that key now
 		case ok:
 			m, member := v.Networks[i].Hosts[hostID]
 			if !member {
@@ -269,8 +269,7 @@ func mergeSnapshot(v *cluster.View, s snapshot, hostID, node, vtep string, held 
 			v.Networks[i].Hosts = withMember(v.Networks[i].Hosts, hostID, m)
 		default:
 			if k, used := vnis[n.VNI]; used && k != n.Key {
-				delete(add, n.Key) // the VNI is another network's now
-				continue
+				continue // the VNI is another network's now
 			}
 			m := n.Hosts[hostID]
 			m.NetworkIDs = slices.Clone(ids)
@@ -287,10 +286,10 @@ func mergeSnapshot(v *cluster.View, s snapshot, hostID, node, vtep string, held 
 		nets = append(nets, n.Key)
 	}
 	for key, want := range add {
-		i, ok := idx[key]
-		if !ok || !taken[key] {
+		if !taken[key] {
 			continue
 		}
+		i := idx[key]
 		bound := v.Networks[i].Hosts[hostID].NetworkIDs
 		for _, ep := range want {
 			if !slices.Contains(bound, ep.NetworkID) {
@@ -308,9 +307,7 @@ func mergeSnapshot(v *cluster.View, s snapshot, hostID, node, vtep string, held 
 // withMember returns a copy of hosts with m as host id's membership.
 func withMember(hosts map[string]cluster.Member, id string, m cluster.Member) map[string]cluster.Member {
 	out := make(map[string]cluster.Member, len(hosts)+1)
-	for h, x := range hosts {
-		out[h] = x
-	}
+	maps.Copy(out, hosts)
 	out[id] = m
 	return out
 }
