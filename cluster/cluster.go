@@ -143,6 +143,10 @@ type NetworkSpec struct {
 	Gateways []netip.Prefix
 	Spaces   []string // IPAM address space of each subnet
 	Options  map[string]string
+	// Avoid are VNIs an allocated VNI must not be (0 in VNI): overlays
+	// this host keeps in its kernel for containers of a network it no
+	// longer serves. A network other hosts already have keeps its VNI.
+	Avoid []uint32
 }
 
 // Join adds Docker network networkID of this host to the logical network
@@ -302,7 +306,7 @@ func (c *Cluster) create(ctx context.Context, key, networkID string, s NetworkSp
 		}
 	} else {
 		var err error
-		if vni, err = c.freeVNI(ctx); err != nil {
+		if vni, err = c.freeVNI(ctx, s.Avoid); err != nil {
 			return rec, err
 		}
 	}
@@ -408,14 +412,18 @@ func (c *Cluster) VNIOwner(ctx context.Context, vni uint32) (string, error) {
 	return v.Key, nil
 }
 
-// freeVNI picks the lowest unreserved VNI from VNIStart. The caller claims
-// it with a create-only write, so a race costs a retry, never a duplicate.
-func (c *Cluster) freeVNI(ctx context.Context) (uint32, error) {
+// freeVNI picks the lowest unreserved VNI from VNIStart that is not in
+// avoid. The caller claims it with a create-only write, so a race costs a
+// retry, never a duplicate.
+func (c *Cluster) freeVNI(ctx context.Context, avoid []uint32) (uint32, error) {
 	pairs, err := c.store.List(ctx, "vnis/")
 	if err != nil {
 		return 0, fmt.Errorf("list reserved vnis: %w", err)
 	}
-	used := make(map[uint32]bool, len(pairs))
+	used := make(map[uint32]bool, len(pairs)+len(avoid))
+	for _, v := range avoid {
+		used[v] = true
+	}
 	for _, p := range pairs {
 		n, err := strconv.ParseUint(strings.TrimPrefix(p.Key, "vnis/"), 10, 32)
 		if err == nil {

@@ -8,6 +8,7 @@ import (
 	"maps"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -52,6 +53,9 @@ type Dataplane interface {
 	// EndpointsInUse lists the endpoints (first 10 characters of their
 	// IDs) whose interface a container holds.
 	EndpointsInUse() ([]string, error)
+	// NetworksInUse is EndpointsInUse by the VNI of the overlay each is
+	// a port of.
+	NetworksInUse() (map[uint32][]string, error)
 	// SetAllowedVTEPs replaces the set of underlay addresses whose VXLAN
 	// packets the host accepts.
 	SetAllowedVTEPs(ctx context.Context, vteps []netip.Addr) error
@@ -183,6 +187,11 @@ type Driver struct {
 	// in the store, by Docker NetworkID, with their logical key: catchUp
 	// removes them once the store answers (undoJoin).
 	leaves map[string]string
+	// strays are the VNIs of the overlays the last restore kept in the
+	// kernel without a network to serve them (KeepStrays): running
+	// containers of a network this host no longer has may use them, and
+	// no other network may have them while they do (strayVNIs).
+	strays map[uint32]bool
 
 	// allowMu guards the underlay allowlist's bookkeeping: the peer VTEPs
 	// of each logical network, the union last applied, and whether the
@@ -429,6 +438,13 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 		}
 		return fmt.Errorf("%s: already exists as logical network %s", op, l.rec.Label())
 	}
+	busy, err := d.strayVNIs()
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	if keys := busy[opts.vni]; opts.vni != 0 && len(keys) > 0 {
+		return fmt.Errorf("%s: option vni=%d: %s", op, opts.vni, strayInUse(opts.vni, keys))
+	}
 	if err := d.holdPools(ctx, opts); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
@@ -439,6 +455,7 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 	rec, err := d.cl.Join(ctx, key, req.NetworkID, cluster.NetworkSpec{
 		Name: opts.name, VNI: opts.vni, MTU: opts.mtu, Internal: opts.internal,
 		Subnets: opts.subnets, Gateways: opts.gateways, Spaces: opts.spaces, Options: opts.generic,
+		Avoid: slices.Collect(maps.Keys(busy)),
 	})
 	if err != nil {
 		err = fmt.Errorf("%s: %w", op, err)
@@ -464,6 +481,11 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 			op, rec.Label(), strings.Join(diff, "; "), cluster.ErrIncompatible)
 	}
 
+	if keys := busy[rec.VNI]; len(keys) > 0 {
+		// Another host gave the network this VNI (it was free in the
+		// store): sharing the overlay would join the two networks.
+		return fmt.Errorf("%s: logical network %s has vni %d: %s", op, rec.Label(), rec.VNI, strayInUse(rec.VNI, keys))
+	}
 	if _, err := d.dp.EnsureNetwork(ctx, kernelNetwork(rec)); err != nil {
 		return fmt.Errorf("%s: build overlay for logical network %s (vni %d): %w", op, rec.Label(), rec.VNI, err)
 	}
@@ -471,6 +493,42 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 	d.bind(req.NetworkID, rec, time.Now())
 	d.log.Info("network created", netAttrs(rec, req.NetworkID, "subnets", rec.Subnets, "host", d.cfg.HostID)...)
 	return nil
+}
+
+// strayVNIs returns, by VNI, the endpoints (vxlan.EndpointKey) that
+// running containers hold on the overlays the last restore kept without a
+// network (Driver.strays); a stray none uses any more is forgotten, and a
+// network may have its VNI (EnsureNetwork takes the overlay over). One
+// link dump, and only while there are strays. Caller holds d.opMu.
+func (d *Driver) strayVNIs() (map[uint32][]string, error) {
+	d.mu.Lock()
+	n := len(d.strays)
+	d.mu.Unlock()
+	if n == 0 {
+		return nil, nil
+	}
+	byVNI, err := d.dp.NetworksInUse()
+	if err != nil {
+		return nil, fmt.Errorf("cannot tell which overlays kept in the kernel for running containers are in use: %w", err)
+	}
+	busy := map[uint32][]string{}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for vni := range d.strays {
+		if keys := byVNI[vni]; len(keys) > 0 {
+			busy[vni] = keys
+		} else {
+			delete(d.strays, vni)
+		}
+	}
+	return busy, nil
+}
+
+// strayInUse says why a network cannot have vni: containers hold endpoints
+// keys of an overlay kept for a network this host no longer serves.
+func strayInUse(vni uint32, keys []string) string {
+	return fmt.Sprintf("this host keeps an overlay with vni %d for running containers of a network it no longer serves (the store gave it up while the host was away; see the log at the last start), endpoints %v: one overlay would join the two networks. Remove those containers (docker network inspect lists endpoint IDs; these are their first 10 characters), then create the network again",
+		vni, keys)
 }
 
 // undoJoin removes Docker network id from logical network key after a

@@ -180,6 +180,19 @@ func (f *fakeDataplane) EndpointsInUse() ([]string, error) {
 	return keys, nil
 }
 
+// NetworksInUse lists the endpoints inUse marks by their network's VNI.
+func (f *fakeDataplane) NetworksInUse() (map[uint32][]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	byVNI := map[uint32][]string{}
+	for id, in := range f.inUse {
+		if ep, ok := f.endpoints[id]; ok && in {
+			byVNI[ep.VNI] = append(byVNI[ep.VNI], id[:min(len(id), 10)])
+		}
+	}
+	return byVNI, nil
+}
+
 func (f *fakeDataplane) peerIPs() []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -329,12 +329,33 @@ func (d *Driver) restore(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("reconcile kernel: %w", err)
 	}
+	// What the reconcile kept without a network: no other network may
+	// have these VNIs while containers use them (strayVNIs).
+	var strays map[uint32]bool
+	if state.KeepStrays {
+		vnis, err := d.dp.Networks(ctx)
+		if err != nil {
+			return fmt.Errorf("list overlays in the kernel: %w", err)
+		}
+		strays = map[uint32]bool{}
+		for _, vni := range vnis {
+			strays[vni] = true
+		}
+		for _, n := range state.Networks {
+			delete(strays, n.VNI)
+		}
+		if len(strays) > 0 {
+			d.log.Warn("overlays kept in the kernel without a network of this host: no network is given their VNIs while containers use them",
+				"vni", slices.Sorted(maps.Keys(strays)))
+		}
+	}
 	d.log.Debug("restore timing", "view", tView, "joins", tJoins, "reconcile", time.Since(t1), "total", time.Since(t0))
 	d.log.Info("state restored", "networks", len(v.Networks), "endpoints", len(live), "kernel_changes", fmt.Sprintf("%+v", ch))
 	for _, ep := range removed {
 		d.log.Warn("endpoint deleted before the restart whose record is left: its record and addresses are released when the store answers", "endpoint", short(ep.ID), "address", endpointAddresses(ep))
 	}
 	d.mu.Lock()
+	d.strays = strays
 	for _, ep := range live {
 		d.endpoints[ep.ID] = &localEndpoint{rec: ep, left: false}
 	}

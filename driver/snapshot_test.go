@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -509,6 +510,12 @@ func TestSnapshotSkipsNetworkWhoseVNIWasTaken(t *testing.T) {
 		}
 		if !dp.hasEndpoint("ep2") {
 			t.Error("ep2's veth removed while its container holds it")
+		}
+		// Nor does a's own network web share the overlay ep2's
+		// container holds (TestStrayOverlayVNIKept).
+		err := a2.CreateNetwork(createReq("nw", map[string]interface{}{"name": "web"}, "10.5.0.0/24"))
+		if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("vni %d", otherVNI)) {
+			t.Errorf("a joining web: %v, want a refusal naming vni %d", err, otherVNI)
 		}
 	})
 }

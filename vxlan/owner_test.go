@@ -342,6 +342,15 @@ func TestEndpointInUse(t *testing.T) {
 		if slices.Contains(keys, id[:10]) != want || (!want && len(keys) != 0) {
 			t.Errorf("%s: EndpointsInUse %v, want %s listed: %v", what, keys, id[:10], want)
 		}
+		// NetworksInUse lists them under the overlay whose bridge they are
+		// ports of.
+		byVNI, err := h.m.NetworksInUse()
+		if err != nil {
+			t.Fatalf("%s: NetworksInUse: %v", what, err)
+		}
+		if slices.Contains(byVNI[vni], id[:10]) != want || (!want && len(byVNI) != 0) {
+			t.Errorf("%s: NetworksInUse %v, want %s listed under vni %d: %v", what, byVNI, id[:10], vni, want)
+		}
 	}
 	idle := Endpoint{ID: strings.Repeat("ef", 32), VNI: vni, MAC: MACFromIP(addr("10.90.0.9"))}
 	inUse("no links", idle.ID, false)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"regexp"
 	"slices"
 	"strings"
@@ -309,17 +310,54 @@ func (m *Manager) OwnedNetworks() ([]uint32, error) {
 // Equivalent to: `ip -d link show` listing the vxh-* links whose peer is
 // in another namespace ("link-netnsid").
 func (m *Manager) EndpointsInUse() ([]string, error) {
+	inUse, err := m.inUse()
+	if err != nil {
+		return nil, fmt.Errorf("endpoints in use: %w", err)
+	}
+	return slices.Sorted(maps.Keys(inUse)), nil
+}
+
+// NetworksInUse is EndpointsInUse by overlay: the VNI of the bridge each
+// endpoint in use is a port of, and its keys, sorted. An endpoint on no
+// overlay bridge of this owner is left out. The driver asks it before it
+// gives a VNI to a network, so that an overlay it kept for running
+// containers of a network it no longer serves is not shared with another.
+//
+// Equivalent to: EndpointsInUse, each with the vxbr-* link `ip -d link
+// show` names as its "master".
+func (m *Manager) NetworksInUse() (map[uint32][]string, error) {
+	inUse, err := m.inUse()
+	if err != nil {
+		return nil, fmt.Errorf("networks in use: %w", err)
+	}
+	byVNI := map[uint32][]string{}
+	for _, key := range slices.Sorted(maps.Keys(inUse)) {
+		if vni := inUse[key]; vni != 0 {
+			byVNI[vni] = append(byVNI[vni], key)
+		}
+	}
+	return byVNI, nil
+}
+
+// inUse maps the key of each endpoint in use (EndpointsInUse) to the VNI
+// of the overlay bridge of this owner it is a port of (0: none), from one
+// link dump.
+func (m *Manager) inUse() (map[string]uint32, error) {
 	m.mu.Lock()
 	links, err := m.linkList()
 	m.mu.Unlock()
 	if err != nil {
-		return nil, fmt.Errorf("endpoints in use: %w", err)
+		return nil, err
 	}
 	names := make(map[int]string, len(links))
+	bridges := map[int]uint32{}
 	for _, l := range links {
 		names[l.Attrs().Index] = l.Attrs().Name
+		if vni, ok := vniFromName(bridgeNameRE, l.Attrs().Name); ok && m.owns(l) {
+			bridges[l.Attrs().Index] = vni
+		}
 	}
-	var keys []string
+	inUse := map[string]uint32{}
 	for _, l := range links {
 		key, ok := strings.CutPrefix(l.Attrs().Name, hostPrefix)
 		if !ok || l.Type() != "veth" || m.foreign(l) != nil {
@@ -330,9 +368,8 @@ func (m *Manager) EndpointsInUse() ([]string, error) {
 			name, ok := names[index]
 			return name, ok, nil
 		}); away {
-			keys = append(keys, key)
+			inUse[key] = bridges[l.Attrs().MasterIndex]
 		}
 	}
-	slices.Sort(keys)
-	return keys, nil
+	return inUse, nil
 }
