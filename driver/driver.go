@@ -438,12 +438,12 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 		}
 		return fmt.Errorf("%s: already exists as logical network %s", op, l.rec.Label())
 	}
-	busy, err := d.strayVNIs()
+	taken, err := d.takenVNIs(key)
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	if keys := busy[opts.vni]; opts.vni != 0 && len(keys) > 0 {
-		return fmt.Errorf("%s: option vni=%d: %s", op, opts.vni, strayInUse(opts.vni, keys))
+	if why, ok := taken[opts.vni]; opts.vni != 0 && ok {
+		return fmt.Errorf("%s: option vni=%d: %s", op, opts.vni, why)
 	}
 	if err := d.holdPools(ctx, opts); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
@@ -455,7 +455,7 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 	rec, err := d.cl.Join(ctx, key, req.NetworkID, cluster.NetworkSpec{
 		Name: opts.name, VNI: opts.vni, MTU: opts.mtu, Internal: opts.internal,
 		Subnets: opts.subnets, Gateways: opts.gateways, Spaces: opts.spaces, Options: opts.generic,
-		Avoid: slices.Collect(maps.Keys(busy)),
+		Avoid: slices.Collect(maps.Keys(taken)),
 	})
 	if err != nil {
 		err = fmt.Errorf("%s: %w", op, err)
@@ -481,10 +481,10 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 			op, rec.Label(), strings.Join(diff, "; "), cluster.ErrIncompatible)
 	}
 
-	if keys := busy[rec.VNI]; len(keys) > 0 {
+	if why, ok := taken[rec.VNI]; ok {
 		// Another host gave the network this VNI (it was free in the
 		// store): sharing the overlay would join the two networks.
-		return fmt.Errorf("%s: logical network %s has vni %d: %s", op, rec.Label(), rec.VNI, strayInUse(rec.VNI, keys))
+		return fmt.Errorf("%s: logical network %s has vni %d: %s", op, rec.Label(), rec.VNI, why)
 	}
 	if _, err := d.dp.EnsureNetwork(ctx, kernelNetwork(rec)); err != nil {
 		return fmt.Errorf("%s: build overlay for logical network %s (vni %d): %w", op, rec.Label(), rec.VNI, err)
@@ -495,40 +495,47 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 	return nil
 }
 
-// strayVNIs returns, by VNI, the endpoints (vxlan.EndpointKey) that
-// running containers hold on the overlays the last restore kept without a
-// network (Driver.strays); a stray none uses any more is forgotten, and a
-// network may have its VNI (EnsureNetwork takes the overlay over). One
-// link dump, and only while there are strays. Caller holds d.opMu.
-func (d *Driver) strayVNIs() (map[uint32][]string, error) {
+// takenVNIs returns the VNIs no network but logical network key may have
+// on this host, each with the reason: the overlays of this host's other
+// logical networks (the store frees their VNIs when it reaps this host
+// while it is away, before the liveness check writes them back), and
+// those the last restore kept without a network (Driver.strays) while a
+// container holds an endpoint on them. Sharing one would join two
+// networks on one link, and the removal of either would take the other's
+// overlay. A stray no container uses any more is forgotten: a network may
+// have its VNI, and EnsureNetwork takes the overlay over. One link dump,
+// only while there are strays. Caller holds d.opMu.
+func (d *Driver) takenVNIs(key string) (map[uint32]string, error) {
+	taken := map[uint32]string{}
 	d.mu.Lock()
+	for k, l := range d.logicals {
+		if k != key {
+			taken[l.rec.VNI] = fmt.Sprintf("this host runs logical network %s on vni %d (the store gave it up while this host was away; the liveness check writes it back)", l.rec.Label(), l.rec.VNI)
+		}
+	}
 	n := len(d.strays)
 	d.mu.Unlock()
 	if n == 0 {
-		return nil, nil
+		return taken, nil
 	}
 	byVNI, err := d.dp.NetworksInUse()
 	if err != nil {
 		return nil, fmt.Errorf("cannot tell which overlays kept in the kernel for running containers are in use: %w", err)
 	}
-	busy := map[uint32][]string{}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for vni := range d.strays {
-		if keys := byVNI[vni]; len(keys) > 0 {
-			busy[vni] = keys
-		} else {
+		keys := byVNI[vni]
+		if len(keys) == 0 {
 			delete(d.strays, vni)
+			continue
+		}
+		if _, ok := taken[vni]; !ok {
+			taken[vni] = fmt.Sprintf("this host keeps an overlay with vni %d for running containers of a network it no longer serves (the store gave it up while the host was away; see the log at the last start), endpoints %v: one overlay would join the two networks. Remove those containers (docker network inspect lists endpoint IDs; these are their first 10 characters), then create the network again",
+				vni, keys)
 		}
 	}
-	return busy, nil
-}
-
-// strayInUse says why a network cannot have vni: containers hold endpoints
-// keys of an overlay kept for a network this host no longer serves.
-func strayInUse(vni uint32, keys []string) string {
-	return fmt.Sprintf("this host keeps an overlay with vni %d for running containers of a network it no longer serves (the store gave it up while the host was away; see the log at the last start), endpoints %v: one overlay would join the two networks. Remove those containers (docker network inspect lists endpoint IDs; these are their first 10 characters), then create the network again",
-		vni, keys)
+	return taken, nil
 }
 
 // undoJoin removes Docker network id from logical network key after a
