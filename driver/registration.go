@@ -326,15 +326,50 @@ func (d *Driver) NetworksOn(space string, subnet netip.Prefix, wait time.Duratio
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	n, _ = d.networksOn(space, subnet.Masked(), netip.Addr{})
+	n, _ = d.networksOn(space, subnet.Masked(), netip.Addr{}, nil)
 	return n, true
+}
+
+// KeptHolds is the IPAM's Config.Kept: how many holds of pool poolID (gw
+// invalid), or of its gateway gw, this host's releases must leave. Each
+// Docker network bound on it that has endpoints holds the pool once, and
+// its gateway once: Docker removes a network only once it has none, so a
+// release that would leave fewer is not such a network's. It is a
+// release sent again by a retried removal (engine 20.10 sends a
+// network's releases before its DeleteNetwork, and again when that failed
+// and the removal is tried again), or the release of a network unbound
+// just before a re-assertion counted the holds (engine 29 sends them
+// after its DeleteNetwork). Honoured, it would remove the pool, and with
+// it the address records of running containers.
+func (d *Driver) KeptHolds(poolID string, gw netip.Addr) int {
+	space, subnet, _, err := ipam.ParsePoolID(poolID)
+	if err != nil {
+		return 0
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	used := map[string]bool{}
+	for _, ep := range d.endpoints {
+		if !ep.removed {
+			used[ep.rec.NetworkID] = true
+		}
+	}
+	n, onGateway := d.networksOn(space, subnet.Masked(), gw, used)
+	if gw.IsValid() {
+		return onGateway
+	}
+	return n
 }
 
 // networksOn counts the Docker networks bound on this host on pool subnet
 // (masked) of IPAM address space space, and those of them whose gateway
-// there is gw. Caller holds d.mu.
-func (d *Driver) networksOn(space string, subnet netip.Prefix, gw netip.Addr) (n, onGateway int) {
-	for _, l := range d.networks {
+// there is gw; with only set, the networks whose ID it has. Caller holds
+// d.mu.
+func (d *Driver) networksOn(space string, subnet netip.Prefix, gw netip.Addr, only map[string]bool) (n, onGateway int) {
+	for id, l := range d.networks {
+		if only != nil && !only[id] {
+			continue
+		}
 		for i, s := range l.rec.Subnets {
 			p, err := netip.ParsePrefix(s)
 			if err != nil || p.Masked() != subnet {
@@ -384,7 +419,7 @@ func (d *Driver) holdPools(ctx context.Context, opts *networkOptions) error {
 			}
 		}
 		d.mu.Lock()
-		n, onGW := d.networksOn(space, subnet, gw)
+		n, onGW := d.networksOn(space, subnet, gw, nil)
 		d.mu.Unlock()
 		want := ipam.PoolHolds{Space: space, Subnet: subnet, Holds: n + 1}
 		if gw.IsValid() {

@@ -129,6 +129,18 @@ type Config struct {
 	// container's endpoint without telling IPAM, so a new container under
 	// the old name is another endpoint (ErrAddressInUse). nil: not asked.
 	InContainer func(poolID string, a netip.Addr) bool
+	// Kept, if set, reports how many holds of pool poolID (gw invalid), or
+	// of its gateway gw, this host must keep: one per network of this host
+	// on the pool (using gw) that has endpoints, since Docker releases a
+	// network's pool only once it has none. A ReleasePool, or a release of
+	// the gateway, that would leave fewer is not such a network's, and is
+	// ignored: engine 20.10 sends the releases of `docker network rm`
+	// before its DeleteNetwork and sends them again when the removal is
+	// tried again after DeleteNetwork failed; engine 29 sends them after
+	// DeleteNetwork, and a re-assertion between the two counted that
+	// network out already. It must not do I/O nor call back into the
+	// Driver. nil: every release is honoured.
+	Kept func(poolID string, gw netip.Addr) int
 	// Logger receives debug lines for each store write. Zero: slog.Default().
 	Logger *slog.Logger
 }

@@ -59,6 +59,7 @@ func (d *Driver) as(node string) *Driver {
 	cfg := d.cfg
 	cfg.Node = node
 	cfg.InUse = nil
+	cfg.Kept = nil
 	return &Driver{cfg: cfg, store: d.store, log: d.log.With("evicted_host", node), now: d.now, started: d.started, cache: map[string]cachedPool{}}
 }
 

@@ -281,6 +281,13 @@ func (d *Driver) FreePool(ctx context.Context, poolID string) error {
 			}
 			return nil
 		}
+		if d.cfg.Kept != nil {
+			if kept := d.cfg.Kept(poolID, netip.Addr{}); n-1 < kept {
+				d.log.Warn("release of a pool ignored: this host's networks with endpoints use it (a release sent again by a retried removal, or one a re-assertion counted out)",
+					"pool", poolID, "holds", n, "kept", kept)
+				return nil
+			}
+		}
 		if n == 1 {
 			delete(rec.Holders, d.cfg.Node)
 			delete(rec.HeldAt, d.cfg.Node)

@@ -355,6 +355,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 			}
 			return addressInContainer(log, drv, ip, hostID, poolID, a, releaseWaitsForRestore)
 		},
+		Kept: func(poolID string, gw netip.Addr) int {
+			if drv == nil {
+				return 0
+			}
+			return drv.KeptHolds(poolID, gw)
+		},
 		DefaultPoolV4:     cfg.PoolV4,
 		DefaultPoolV4Size: cfg.PoolV4Size,
 		DefaultPoolV6:     cfg.PoolV6,
