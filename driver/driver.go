@@ -190,8 +190,13 @@ type Driver struct {
 	// strays are the VNIs of the overlays the last restore kept in the
 	// kernel without a network to serve them (KeepStrays): running
 	// containers of a network this host no longer has may use them, and
-	// no other network may have them while they do (strayVNIs).
+	// no other network may have them while they do (takenVNIs).
 	strays map[uint32]bool
+	// unrecorded are the endpoints (vxlan.EndpointKey) containers held
+	// at the last restore that the store has no record of: their
+	// addresses are unknown here, so the orphan sweep frees none while
+	// any of them is in use (AddressMayBeUsed).
+	unrecorded []string
 
 	// allowMu guards the underlay allowlist's bookkeeping: the peer VTEPs
 	// of each logical network, the union last applied, and whether the

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -271,6 +272,9 @@ func (d *Driver) AddressMayBeUsed(subnet netip.Prefix, a netip.Addr) bool {
 	default:
 		return true
 	}
+	if d.unrecordedInUse() {
+		return true
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	known := false
@@ -499,4 +503,30 @@ func (d *Driver) ReclaimUnjoined(ctx context.Context, olderThan time.Duration) i
 		}
 	}
 	return n
+}
+
+// unrecordedInUse tells whether a container still holds one of the
+// endpoints the last restore kept without a record (Driver.unrecorded);
+// once none does, they are forgotten. A kernel that does not answer
+// counts as in use.
+func (d *Driver) unrecordedInUse() bool {
+	d.mu.Lock()
+	keys := slices.Clone(d.unrecorded)
+	d.mu.Unlock()
+	if len(keys) == 0 {
+		return false
+	}
+	inUse, err := d.dp.EndpointsInUse()
+	if err != nil {
+		return true
+	}
+	for _, k := range keys {
+		if slices.Contains(inUse, k) {
+			return true
+		}
+	}
+	d.mu.Lock()
+	d.unrecorded = nil
+	d.mu.Unlock()
+	return false
 }

@@ -3,10 +3,12 @@ package driver
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/docker/go-plugins-helpers/network"
 
@@ -206,5 +208,84 @@ func TestReleaseRepeatedAfterFailedDeleteNetwork(t *testing.T) {
 	}
 	if _, holder, _, err := ip.AddressHolder(ctx, epNet.Addr()); err != nil || holder != "a" {
 		t.Errorf("after docker network rm n2 (twice), ep1's address %s (n1 and its container still run) is held by %q (%v); want a", epNet.Addr(), holder, err)
+	}
+}
+
+// TestUnrecordedEndpointAddressNotSwept: a container holds
+// endpoint ep2 on network app while the store lost ep2's record (an
+// eviction's re-assertion that failed on it, a store restored from an
+// older snapshot); the plugin restarts before the records check wrote it
+// back. The restore keeps ep2's veth (KeepStrays) but not the endpoint,
+// so AddressMayBeUsed answers false for its address: app is this host's
+// and no endpoint it knows holds it. IPAM's orphan sweep turns ep2's
+// address record into a tombstone after the grace period and frees it
+// after another: it is handed out again, on the same overlay, while ep2's
+// container runs with it.
+func TestUnrecordedEndpointAddressNotSwept(t *testing.T) {
+	ctx := context.Background()
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	ip, err := ipam.New(ipam.Config{Node: "a", Grace: 20 * time.Millisecond}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp := newFake()
+	opts := func(c *Config) {
+		c.OwnsAddressSpace = ip.Owns
+		c.HoldPool = ip.HoldPool
+	}
+	a := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts)
+	subnet := netip.MustParsePrefix("10.1.0.0/24")
+	p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true}); err != nil {
+		t.Fatal(err)
+	}
+	req := createReq("n1", map[string]interface{}{"name": "app"}, subnet.String())
+	req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
+	if err := a.CreateNetwork(req); err != nil {
+		t.Fatal(err)
+	}
+	var addrs []netip.Prefix
+	for i, id := range []string{"ep1", "ep2"} {
+		pfx, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, MAC: fmt.Sprintf("02:42:0a:01:00:%02x", i+2)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		addrs = append(addrs, pfx)
+		joinedEndpoint(t, a, "n1", id, pfx.String())
+	}
+	a.Close()
+	dp.mu.Lock()
+	dp.inUse = map[string]bool{"ep1": true, "ep2": true}
+	dp.mu.Unlock()
+	key := "networks/name-app/endpoints/ep2"
+	if !hasKey(t, store, key) {
+		t.Fatalf("no %s: the test proves nothing", key)
+	}
+	if err := store.Delete(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+
+	b := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts)
+	if !dp.hasEndpoint("ep2") {
+		t.Fatal("ep2's veth removed while its container holds it")
+	}
+	bound := func(poolID string, a netip.Addr) bool {
+		_, s, _, err := ipam.ParsePoolID(poolID)
+		return err != nil || b.AddressMayBeUsed(s, a)
+	}
+	for i := 0; i < 3; i++ {
+		time.Sleep(30 * time.Millisecond)
+		if _, err := ip.Sweep(ctx, bound); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, holder, _, err := ip.AddressHolder(ctx, addrs[1].Addr()); err != nil || holder != "a" {
+		t.Errorf("ep2's address %s, which its running container holds, is held by %q (%v) after the sweeps; want a", addrs[1].Addr(), holder, err)
+	}
+	if got, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Address: addrs[1].Addr(), MAC: "02:42:0a:01:00:99"}); err == nil {
+		t.Errorf("ep2's address handed out again (%s) while ep2's container runs with it", got)
 	}
 }

@@ -296,8 +296,10 @@ func (d *Driver) restore(ctx context.Context) error {
 	// stopping, a restored snapshot): a container holding an endpoint the
 	// view does not list would lose its network to the reconcile. Then
 	// nothing is removed this time, and the error names the endpoints.
+	var unknownKept []string
 	if v.Proven && !partial || fromCopy {
 		if unknown := unrecorded(iu.keys, live); len(unknown) > 0 {
+			unknownKept = unknown
 			state.KeepStrays = true
 			d.log.Error("containers use endpoints of this host that the store has no record of (lost in an eviction, or a store restored from an older snapshot): keeping every overlay and endpoint in the kernel; other hosts do not reach these containers and their addresses are not held: remove and recreate them",
 				"host", d.cfg.HostID, "endpoints", unknown)
@@ -356,6 +358,7 @@ func (d *Driver) restore(ctx context.Context) error {
 	}
 	d.mu.Lock()
 	d.strays = strays
+	d.unrecorded = unknownKept
 	for _, ep := range live {
 		d.endpoints[ep.ID] = &localEndpoint{rec: ep, left: false}
 	}
