@@ -2,11 +2,9 @@ package driver
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -28,113 +26,41 @@ import (
 // can be handed out a second time. The IPAM ignores the releases
 // (Config.Kept, KeptHolds): n1 has an endpoint, so it keeps one hold.
 func TestReassertBetweenDeleteNetworkAndRelease(t *testing.T) {
-	ctx := context.Background()
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	var a *Driver
-	ip, err := ipam.New(ipam.Config{Node: "a", Kept: func(poolID string, gw netip.Addr) int { return a.KeptHolds(poolID, gw) }}, store) // as plugin/main.go wires it
-	if err != nil {
-		t.Fatal(err)
-	}
-	a = newHostDriver(t, store, "a", "a", "192.0.2.1", newFake(), func(c *Config) {
-		c.Reapable = true
-		c.OwnsAddressSpace = ip.Owns
-		c.HoldPool = ip.HoldPool
-	})
-	subnet := netip.MustParsePrefix("10.1.0.0/24")
-	gw := netip.MustParseAddr("10.1.0.1")
-	requestPool := func() string {
-		t.Helper()
-		p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true}); err != nil {
-			t.Fatal(err)
-		}
-		return p.ID
-	}
-	create := func(id string) {
-		t.Helper()
-		req := createReq(id, map[string]interface{}{"name": "app"}, subnet.String())
-		req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
-		if err := a.CreateNetwork(req); err != nil {
-			t.Fatal(err)
-		}
-	}
-	holds := func() (pool, gateway int) {
-		t.Helper()
-		p, err := ip.PoolInfo(ctx, ipam.PoolID(ipam.LocalAddressSpace, subnet, netip.Prefix{}))
-		if err != nil {
-			return 0, 0
-		}
-		pairs, err := store.List(ctx, "")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var rec struct {
-			Holders map[string]int `json:"holders"`
-		}
-		for _, kv := range pairs {
-			if strings.Contains(kv.Key, "/addr/") && strings.HasSuffix(kv.Key, "/"+gw.String()) {
-				if err := json.Unmarshal(kv.Value, &rec); err != nil {
-					t.Fatalf("%s: %v", kv.Key, err)
-				}
-			}
-		}
-		return p.Holders["a"], rec.Holders["a"]
-	}
-
-	poolID := requestPool()
-	create("n1")
-	epNet, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: poolID, MAC: "02:42:0a:01:00:02"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	joinedEndpoint(t, a, "n1", "ep1", epNet.String())
-	requestPool()
-	create("n2")
-	if p, g := holds(); p != 2 || g != 2 {
+	h := newPoolHost(t, true, func(c *Config) { c.Reapable = true })
+	poolID := h.requestPool()
+	h.create("n1")
+	ep := h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02").Addr()
+	h.requestPool()
+	h.create("n2")
+	if p, g := h.holds(); p != 2 || g != 2 {
 		t.Fatalf("with n1 and n2 a holds the pool %d times and the gateway %d times, want 2 and 2", p, g)
 	}
-
-	evict(t, store)
-	r, err := ipam.New(ipam.Config{Node: "r"}, store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := r.EvictNode(ctx, "a"); err != nil {
-		t.Fatal(err)
-	}
+	h.evicted()
 
 	// docker network rm n2 on engine 29: DeleteNetwork first ...
-	if err := a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}); err != nil {
+	if err := h.a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}); err != nil {
 		t.Fatal(err)
 	}
 	// ... the liveness check's re-assertion ...
-	local, _ := localOf(t, a)
-	if _, err := reaper.Reassert(ctx, "a", "a", a.cl, ip, a, local, nil); err != nil {
+	local, _ := localOf(t, h.a)
+	if _, err := reaper.Reassert(h.ctx, "a", "a", h.a.cl, h.ip, h.a, local, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, holder, _, err := ip.AddressHolder(ctx, epNet.Addr()); err != nil || holder != "a" {
-		t.Fatalf("after the re-assertion ep1's address is held by %q (%v): the test proves nothing", holder, err)
+	if holder := h.heldBy(ep); holder != "a" {
+		t.Fatalf("after the re-assertion ep1's address is held by %q: the test proves nothing", holder)
 	}
 	// ... then n2's ReleaseAddress of the gateway and its ReleasePool.
-	if err := ip.FreeAddress(ctx, poolID, gw); err != nil {
-		t.Fatal(err)
+	h.release(poolID)
+	if holder := h.heldBy(ep); holder != "a" {
+		t.Errorf("after docker network rm n2, ep1's address %s (n1 and its container still run) is held by %q; want a", ep, holder)
 	}
-	if err := ip.FreePool(ctx, poolID); err != nil {
-		t.Fatal(err)
-	}
-	if _, holder, _, err := ip.AddressHolder(ctx, epNet.Addr()); err != nil || holder != "a" {
-		t.Errorf("after docker network rm n2, ep1's address %s (n1 and its container still run) is held by %q (%v); want a", epNet.Addr(), holder, err)
-	}
-	if p, g := holds(); p != 1 || g != 1 {
+	if p, g := h.holds(); p != 1 || g != 1 {
 		t.Errorf("after docker network rm n2, a holds the pool %d times and the gateway %d times, want 1 and 1 (n1's)", p, g)
 	}
-	// And another container gets ep1's address.
-	if p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet}); err == nil {
-		if got, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Address: epNet.Addr(), MAC: "02:42:0a:01:00:99"}); err == nil {
-			t.Errorf("ep1's address %s handed out again (%s) while ep1's container runs", epNet.Addr(), got)
+	// And no other container gets ep1's address.
+	if p, err := h.ip.AllocatePool(h.ctx, ipam.PoolRequest{Pool: h.subnet}); err == nil {
+		if got, err := h.ip.AllocateAddress(h.ctx, ipam.AddressRequest{PoolID: p.ID, Address: ep, MAC: "02:42:0a:01:00:99"}); err == nil {
+			t.Errorf("ep1's address %s handed out again (%s) while ep1's container runs", ep, got)
 		}
 	}
 }
@@ -150,64 +76,28 @@ func TestReassertBetweenDeleteNetworkAndRelease(t *testing.T) {
 // record, while n1 and ep1's container still run. The IPAM ignores the
 // second releases (Config.Kept, KeptHolds).
 func TestReleaseRepeatedAfterFailedDeleteNetwork(t *testing.T) {
-	ctx := context.Background()
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	var a *Driver
-	ip, err := ipam.New(ipam.Config{Node: "a", Kept: func(poolID string, gw netip.Addr) int { return a.KeptHolds(poolID, gw) }}, store) // as plugin/main.go wires it
-	if err != nil {
-		t.Fatal(err)
-	}
-	a = newHostDriver(t, store, "a", "a", "192.0.2.1", newFake(), func(c *Config) {
-		c.OwnsAddressSpace = ip.Owns
-		c.HoldPool = ip.HoldPool
-	})
-	subnet := netip.MustParsePrefix("10.1.0.0/24")
-	gw := netip.MustParseAddr("10.1.0.1")
+	h := newPoolHost(t, true)
 	var poolID string
 	for _, id := range []string{"n1", "n2"} {
-		p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
-		if err != nil {
-			t.Fatal(err)
-		}
-		poolID = p.ID
-		if _, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true}); err != nil {
-			t.Fatal(err)
-		}
-		req := createReq(id, map[string]interface{}{"name": "app"}, subnet.String())
-		req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
-		if err := a.CreateNetwork(req); err != nil {
-			t.Fatal(err)
-		}
+		poolID = h.requestPool()
+		h.create(id)
 	}
-	epNet, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: poolID, MAC: "02:42:0a:01:00:02"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	joinedEndpoint(t, a, "n1", "ep1", epNet.String())
+	ep := h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02").Addr()
 
-	rm := func() {
-		t.Helper()
-		if err := ip.FreeAddress(ctx, poolID, gw); err != nil {
-			t.Fatal(err)
-		}
-		if err := ip.FreePool(ctx, poolID); err != nil {
-			t.Fatal(err)
-		}
-	}
-	rm()
-	if !crashAt(a, "deletenetwork/after-endpoints", func() { a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}) }) {
+	h.release(poolID)
+	if !crashAt(h.a, "deletenetwork/after-endpoints", func() { h.a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}) }) {
 		t.Fatal("DeleteNetwork did not stop: the test proves nothing")
 	}
-	if a.network("n2") == nil {
+	if h.a.network("n2") == nil {
 		t.Fatal("n2 unbound by the failed DeleteNetwork: the test proves nothing")
 	}
 	// docker network rm n2 again.
-	rm()
-	if err := a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}); err != nil {
+	h.release(poolID)
+	if err := h.a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}); err != nil {
 		t.Fatal(err)
 	}
-	if _, holder, _, err := ip.AddressHolder(ctx, epNet.Addr()); err != nil || holder != "a" {
-		t.Errorf("after docker network rm n2 (twice), ep1's address %s (n1 and its container still run) is held by %q (%v); want a", epNet.Addr(), holder, err)
+	if holder := h.heldBy(ep); holder != "a" {
+		t.Errorf("after docker network rm n2 (twice), ep1's address %s (n1 and its container still run) is held by %q; want a", ep, holder)
 	}
 }
 
