@@ -447,9 +447,6 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 	if err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	if why, ok := taken[opts.vni]; opts.vni != 0 && ok {
-		return fmt.Errorf("%s: option vni=%d: %s", op, opts.vni, why)
-	}
 	if err := d.holdPools(ctx, opts); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
@@ -487,8 +484,10 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 	}
 
 	if why, ok := taken[rec.VNI]; ok {
-		// Another host gave the network this VNI (it was free in the
-		// store): sharing the overlay would join the two networks.
+		// The store gave the network this VNI (free there: another
+		// host's allocation, or -o vni=): sharing the overlay would
+		// join the two networks. (Normally the store refuses the VNI
+		// of a network this host runs itself.)
 		return fmt.Errorf("%s: logical network %s has vni %d: %s", op, rec.Label(), rec.VNI, why)
 	}
 	if _, err := d.dp.EnsureNetwork(ctx, kernelNetwork(rec)); err != nil {
