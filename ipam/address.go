@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"strings"
@@ -159,7 +160,7 @@ func (d *Driver) AllocateAddress(ctx context.Context, req AddressRequest) (netip
 	case req.Gateway:
 		a, err = d.allocGateway(ctx, op, ref, st, req.Address)
 	case req.Address.IsValid():
-		a, err = d.allocStatic(ctx, op, ref, st, req.Address, id)
+		a, err = d.allocStatic(ctx, op, ref, st, req.Address, id, req.reassert)
 	default:
 		a, err = d.allocNext(ctx, op, ref, st, id)
 	}
@@ -280,7 +281,7 @@ func (d *Driver) allocGateway(ctx context.Context, op string, ref poolRef, st po
 // exclusive (granted again only to the same endpoint of the same host);
 // without one it is a reservation (an --aux-address) shared by every host
 // of the network and counted per host.
-func (d *Driver) allocStatic(ctx context.Context, op string, ref poolRef, st poolState, a netip.Addr, id identity) (netip.Addr, error) {
+func (d *Driver) allocStatic(ctx context.Context, op string, ref poolRef, st poolState, a netip.Addr, id identity, reassert bool) (netip.Addr, error) {
 	key := addrKey(ref.space, ref.subnet, a)
 	mkey := metaKey(ref.space, ref.subnet)
 	for attempt := 0; attempt < maxAttempts; attempt++ {
@@ -295,6 +296,10 @@ func (d *Driver) allocStatic(ctx context.Context, op string, ref poolRef, st poo
 		var ops []kvstore.Op
 		switch {
 		case errors.Is(err, kvstore.ErrNotFound):
+			if id.present() && !reassert && d.heldHere(ref, a) {
+				d.log.Warn("address not handed out: an endpoint of this host has it, whose record the store lost (evicted while away?)", "pool", ref.id(), "address", a)
+				return netip.Addr{}, fmt.Errorf("%s: an endpoint of this host has it, whose record the store lost (evicted while away?): %w", op, ErrAddressInUse)
+			}
 			if id.present() {
 				rec = &addrRecord{Kind: kindEndpoint, Node: d.cfg.Node, Endpoint: id.endpoint, MAC: id.mac, At: d.now()}
 			} else {
@@ -368,6 +373,7 @@ func (d *Driver) allocNext(ctx context.Context, op string, ref poolRef, st poolS
 	val := encode(rec)
 	cand := sp.next(st.cursor)
 	var taken map[netip.Addr]bool // from the last listing, plus claims lost since
+	here := map[netip.Addr]bool{} // free in the store, but an endpoint of this host has them
 	streak := 0
 	for attempt := 0; attempt < maxAddrAttempts; attempt++ {
 		if taken != nil || streak >= probeLimit {
@@ -380,12 +386,22 @@ func (d *Driver) allocNext(ctx context.Context, op string, ref poolRef, st poolS
 				if taken, err = d.listTaken(ctx, op, ref); err != nil {
 					return netip.Addr{}, err
 				}
+				maps.Copy(taken, here)
 				streak = 0
 				if a, ok = walkFree(sp, cand, taken); !ok {
 					return netip.Addr{}, fmt.Errorf("%s: all addresses of %s are in use: %w", op, spanName(ref), ErrPoolExhausted)
 				}
 			}
 			cand = a
+		}
+		if d.heldHere(ref, cand) {
+			here[cand] = true
+			if taken != nil {
+				taken[cand] = true
+			}
+			streak++
+			cand = sp.next(cand)
+			continue
 		}
 		ops := []kvstore.Op{
 			{Verb: kvstore.OpCheckIndex, Key: mkey, Index: st.metaIdx},
@@ -431,6 +447,12 @@ func (d *Driver) allocNext(ctx context.Context, op string, ref poolRef, st poolS
 		st.cursor = st2.cursor
 	}
 	return netip.Addr{}, fmt.Errorf("%s: gave up after %d claims lost to other hosts: %w", op, maxAddrAttempts, kvstore.ErrConflict)
+}
+
+// heldHere reports whether an endpoint of this host has address a of the
+// pool (Config.Held).
+func (d *Driver) heldHere(ref poolRef, a netip.Addr) bool {
+	return d.cfg.Held != nil && d.cfg.Held(ref.id(), a)
 }
 
 // scatter is the window a host picks its next candidate from after losing

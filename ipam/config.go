@@ -129,6 +129,16 @@ type Config struct {
 	// container's endpoint without telling IPAM, so a new container under
 	// the old name is another endpoint (ErrAddressInUse). nil: not asked.
 	InContainer func(poolID string, a netip.Addr) bool
+	// Held, if set, reports whether an endpoint of this host's network
+	// driver has address a of pool poolID now, from memory (no I/O, no
+	// wait). An address that has no record but that Held reports is not
+	// handed out: the store lost its record (an eviction while this host
+	// was away, before the re-assertion took it back) while a container of
+	// this host runs with it. The next free address is handed out instead,
+	// and a request for it as an explicit address is ErrAddressInUse.
+	// ReassertAddress, which takes it back for that endpoint, does not ask.
+	// nil: not asked.
+	Held func(poolID string, a netip.Addr) bool
 	// Kept, if set, reports how many holds of pool poolID (gw invalid), or
 	// of its gateway gw, this host must keep: one per network of this host
 	// on the pool (using gw) that has endpoints, since Docker releases a

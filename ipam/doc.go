@@ -102,6 +102,11 @@
 //   - A tombstone is never handed out: not by the cursor, not as an
 //     explicit address (ErrAddressInUse, naming it reclaimed), not even to
 //     the endpoint it was reclaimed from.
+//   - An address without a record that Config.Held reports an endpoint of
+//     this host has (the store lost its record: an eviction while the
+//     host was away, before the re-assertion takes it back) is not handed
+//     out either: the cursor skips it, an explicit request for it is
+//     ErrAddressInUse. Only ReassertAddress takes it, for that endpoint.
 //
 // Errors wrap the sentinels ErrPoolExhausted, ErrPoolOverlap,
 // ErrAddressInUse, ErrAddressOutOfRange, ErrUnknownPool and

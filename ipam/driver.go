@@ -107,6 +107,9 @@ type AddressRequest struct {
 	// makes an explicit address exclusive (see doc.go).
 	Endpoint string
 	MAC      string
+	// reassert: ReassertAddress taking an endpoint's address back for it
+	// (Config.Held is not asked).
+	reassert bool
 }
 
 // GetCapabilities implements ipam.Ipam.

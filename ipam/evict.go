@@ -322,7 +322,7 @@ func (d *Driver) ReassertAddress(ctx context.Context, poolID string, a netip.Add
 	case !errors.Is(err, kvstore.ErrNotFound):
 		return storeErr(fmt.Sprintf("read address %s of pool %s", a, poolID), err)
 	}
-	if _, err := d.AllocateAddress(ctx, AddressRequest{PoolID: poolID, Address: a, MAC: mac}); err != nil {
+	if _, err := d.AllocateAddress(ctx, AddressRequest{PoolID: poolID, Address: a, MAC: mac, reassert: true}); err != nil {
 		return err
 	}
 	d.log.Info("address held again after an eviction", "pool", poolID, "address", a, "mac", mac)

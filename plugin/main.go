@@ -355,6 +355,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 			}
 			return addressInContainer(log, drv, ip, hostID, poolID, a, releaseWaitsForRestore)
 		},
+		Held: func(poolID string, a netip.Addr) bool {
+			_, subnet, _, err := ipam.ParsePoolID(poolID)
+			return err == nil && drv != nil && drv.AddressUsed(subnet, a)
+		},
 		Kept: func(poolID string, gw netip.Addr) int {
 			if drv == nil {
 				return 0

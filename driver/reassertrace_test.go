@@ -1,0 +1,146 @@
+package driver
+
+import (
+	"context"
+	"net/netip"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/docker/go-plugins-helpers/network"
+
+	"consul-overlay/cluster"
+	"consul-overlay/ipam"
+	"consul-overlay/reaper"
+)
+
+// joinHook is a reaper.Rejoiner that runs after each Join: what Docker
+// does on this host while the re-assertion runs.
+type joinHook struct {
+	*cluster.Cluster
+	after func()
+}
+
+func (j joinHook) Join(ctx context.Context, key, networkID string, spec cluster.NetworkSpec) (cluster.Network, error) {
+	n, err := j.Cluster.Join(ctx, key, networkID, spec)
+	if err == nil && j.after != nil {
+		j.after()
+	}
+	return n, err
+}
+
+// TestReassertRaceNewContainerGetsRunningAddress: host a alone runs
+// network app (n1, container ep1 with 10.1.0.2) and is evicted while it
+// is away: its membership, ep1's record, its address and the pool (a was
+// its only holder) go. Back, the liveness check re-asserts: the pool (a
+// new pool record, no cursor), the gateway, the membership, then ep1's
+// address. Between the membership and ep1's address, `docker run
+// --network app` on a: RequestAddress hands out the first free address
+// after the gateway, 10.1.0.2, ep1's, and CreateEndpoint and Join succeed
+// (the membership is back). The re-assertion of ep1's address then finds
+// it held by this host and takes it for its own: two containers of a run
+// with 10.1.0.2 on one overlay, and nothing is reported.
+func TestReassertRaceNewContainerGetsRunningAddress(t *testing.T) {
+	reassertRace(t, false)
+}
+
+// TestReassertRaceNewContainerGetsRunningAddressStatic: as
+// TestReassertRaceNewContainerGetsRunningAddress, the new container asking
+// for ep1's address (docker run --ip 10.1.0.2): its record is gone, so it
+// is granted.
+func TestReassertRaceNewContainerGetsRunningAddressStatic(t *testing.T) {
+	reassertRace(t, true)
+}
+
+func reassertRace(t *testing.T, static bool) {
+	ctx := context.Background()
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	var a *Driver
+	ip, err := ipam.New(ipam.Config{Node: "a",
+		Kept: func(poolID string, gw netip.Addr) int { return a.KeptHolds(poolID, gw) },
+		InUse: func(poolID string, x netip.Addr) bool {
+			_, s, _, err := ipam.ParsePoolID(poolID)
+			return err == nil && a.AddressUsed(s, x)
+		},
+		Held: func(poolID string, x netip.Addr) bool {
+			_, s, _, err := ipam.ParsePoolID(poolID)
+			return err == nil && a.AddressUsed(s, x)
+		},
+	}, store) // as plugin/main.go wires it
+	if err != nil {
+		t.Fatal(err)
+	}
+	a = newHostDriver(t, store, "a", "a", "192.0.2.1", newFake(), func(c *Config) {
+		c.Reapable = true
+		c.OwnsAddressSpace = ip.Owns
+		c.HoldPool = ip.HoldPool
+	})
+	subnet := netip.MustParsePrefix("10.1.0.0/24")
+	p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true}); err != nil {
+		t.Fatal(err)
+	}
+	req := createReq("n1", map[string]interface{}{"name": "app"}, subnet.String())
+	req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
+	if err := a.CreateNetwork(req); err != nil {
+		t.Fatal(err)
+	}
+	ep1, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, MAC: "02:42:0a:01:00:02"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	joinedEndpoint(t, a, "n1", "ep1", ep1.String())
+
+	// The eviction comes minutes later: the IPAM's view of the pool
+	// from ep1's allocation (reused for a second) has expired.
+	time.Sleep(1100 * time.Millisecond)
+	evict(t, store)
+	r, err := ipam.New(ipam.Config{Node: "r"}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.EvictNode(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, holder, _, err := ip.AddressHolder(ctx, ep1.Addr()); err != nil || holder != "" {
+		t.Fatalf("after the eviction ep1's address is held by %q (%v): the test proves nothing", holder, err)
+	}
+
+	// docker run --network app on a, while the re-assertion runs.
+	var ep2 netip.Prefix
+	run := func() {
+		req := ipam.AddressRequest{PoolID: p.ID, MAC: "02:42:0a:01:00:99"}
+		if static {
+			req.Address = ep1.Addr()
+		}
+		x, err := ip.AllocateAddress(ctx, req)
+		if err != nil {
+			return // refused: nothing handed out
+		}
+		if _, err := a.CreateEndpoint(epReq("n1", "ep2", x.String())); err != nil {
+			ip.FreeAddress(ctx, p.ID, x.Addr()) // Docker's rollback
+			return
+		}
+		if _, err := a.Join(&network.JoinRequest{NetworkID: "n1", EndpointID: "ep2", SandboxKey: "/var/run/docker/netns/ep2"}); err != nil {
+			t.Fatal(err)
+		}
+		ep2 = x
+	}
+	local, _ := localOf(t, a)
+	rep, err := reaper.Reassert(ctx, "a", "a", joinHook{Cluster: a.cl, after: run}, ip, a, local, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ep2.IsValid() {
+		if static {
+			return // refused
+		}
+		t.Fatal("docker run during the re-assertion failed: the test proves nothing")
+	}
+	if ep2.Addr() == ep1.Addr() {
+		t.Errorf("the new container ep2 got %s, the address ep1's running container has (re-assertion: %d endpoints, conflicts %v)", ep2, rep.Endpoints, rep.Conflicts)
+	}
+}
