@@ -197,6 +197,9 @@ type Driver struct {
 	// addresses are unknown here, so the orphan sweep frees none while
 	// any of them is in use (AddressMayBeUsed).
 	unrecorded []string
+	// unrecordedSeen is when a container was last found holding one of
+	// them (unrecordedInUse).
+	unrecordedSeen time.Time
 
 	// allowMu guards the underlay allowlist's bookkeeping: the peer VTEPs
 	// of each logical network, the union last applied, and whether the
@@ -514,7 +517,7 @@ func (d *Driver) takenVNIs(key string) (map[uint32]string, error) {
 	d.mu.Lock()
 	for k, l := range d.logicals {
 		if k != key {
-			taken[l.rec.VNI] = fmt.Sprintf("this host runs logical network %s on vni %d (the store gave it up while this host was away; the liveness check writes it back)", l.rec.Label(), l.rec.VNI)
+			taken[l.rec.VNI] = fmt.Sprintf("this host runs logical network %s on vni %d, which the store no longer reserves for it (reaped while this host was away?): one overlay would join the two networks", l.rec.Label(), l.rec.VNI)
 		}
 	}
 	n := len(d.strays)

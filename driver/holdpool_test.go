@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/docker/go-plugins-helpers/network"
 
@@ -22,7 +23,7 @@ import (
 // before n2's CreateNetwork. The re-assertion counts bound networks (n1)
 // and finds the one hold it wants, n2's. n2's CreateNetwork must take the
 // hold n1 lost, or `docker network rm n2` (its ReleaseAddress of the
-// gateway and its ReleasePool, before its DeleteNetwork as engine 20.10
+// gateway and its ReleasePool, before its DeleteNetwork as engine 29
 // sends them) removes the pool and ep1's address while n1 still runs: the
 // address could then be handed out a second time.
 func TestCreateAfterReassertHoldsPoolPerNetwork(t *testing.T) {
@@ -48,7 +49,7 @@ func TestCreateAfterReassertHoldsPoolPerNetwork(t *testing.T) {
 		t.Errorf("with n1 and n2 bound, a holds the pool %d times and the gateway %d times, want 2 and 2", p, g)
 	}
 
-	// docker network rm n2, as engine 20.10 sends it.
+	// docker network rm n2, as engine 29 sends it.
 	h.release(poolID)
 	if err := h.a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}); err != nil {
 		t.Fatal(err)
@@ -70,9 +71,13 @@ type poolHost struct {
 	store  kvstore.Store
 	ip     *ipam.Driver
 	a      *Driver
+	dp     *fakeDataplane
 	subnet netip.Prefix
 	gw     netip.Addr
 }
+
+// keptWait is how long the tests' KeptHolds waits for a restore.
+const keptWait = 200 * time.Millisecond
 
 // newPoolHost starts it. With kept, the IPAM asks the driver how many
 // holds a release must leave (Config.Kept), as plugin/main.go wires it;
@@ -83,13 +88,14 @@ func newPoolHost(t *testing.T, kept bool, opts ...func(*Config)) *poolHost {
 		subnet: netip.MustParsePrefix("10.1.0.0/24"), gw: netip.MustParseAddr("10.1.0.1")}
 	cfg := ipam.Config{Node: "a"}
 	if kept {
-		cfg.Kept = func(poolID string, gw netip.Addr) int { return h.a.KeptHolds(poolID, gw) }
+		cfg.Kept = func(poolID string, gw netip.Addr) int { return h.a.KeptHolds(poolID, gw, keptWait) }
 	}
 	var err error
 	if h.ip, err = ipam.New(cfg, h.store); err != nil {
 		t.Fatal(err)
 	}
-	h.a = newHostDriver(t, h.store, "a", "a", "192.0.2.1", newFake(), append([]func(*Config){func(c *Config) {
+	h.dp = newFake()
+	h.a = newHostDriver(t, h.store, "a", "a", "192.0.2.1", h.dp, append([]func(*Config){func(c *Config) {
 		c.OwnsAddressSpace = h.ip.Owns
 		c.HoldPool = h.ip.HoldPool
 	}}, opts...)...)
@@ -132,8 +138,9 @@ func (h *poolHost) release(poolID string) {
 	}
 }
 
-// endpoint is a container's endpoint id on network netID: its address
-// from the pool, CreateEndpoint and Join.
+// endpoint is a running container's endpoint id on network netID: its
+// address from the pool, CreateEndpoint and Join, and its interface moved
+// into the container.
 func (h *poolHost) endpoint(poolID, netID, id, mac string) netip.Prefix {
 	h.t.Helper()
 	a, err := h.ip.AllocateAddress(h.ctx, ipam.AddressRequest{PoolID: poolID, MAC: mac})
@@ -141,6 +148,12 @@ func (h *poolHost) endpoint(poolID, netID, id, mac string) netip.Prefix {
 		h.t.Fatal(err)
 	}
 	joinedEndpoint(h.t, h.a, netID, id, a.String())
+	h.dp.mu.Lock()
+	if h.dp.inUse == nil {
+		h.dp.inUse = map[string]bool{}
+	}
+	h.dp.inUse[id] = true
+	h.dp.mu.Unlock()
 	return a
 }
 

@@ -57,7 +57,7 @@ func reassertRace(t *testing.T, static bool) {
 	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
 	var a *Driver
 	ip, err := ipam.New(ipam.Config{Node: "a",
-		Kept: func(poolID string, gw netip.Addr) int { return a.KeptHolds(poolID, gw) },
+		Kept: func(poolID string, gw netip.Addr) int { return a.KeptHolds(poolID, gw, keptWait) },
 		InUse: func(poolID string, x netip.Addr) bool {
 			_, s, _, err := ipam.ParsePoolID(poolID)
 			return err == nil && a.AddressUsed(s, x)

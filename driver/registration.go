@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"math"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -15,6 +17,7 @@ import (
 	"consul-overlay/cluster"
 	"consul-overlay/discovery"
 	"consul-overlay/ipam"
+	"consul-overlay/vxlan"
 )
 
 // endpointOptions keeps the endpoint's own driver options (docker run
@@ -338,31 +341,76 @@ func (d *Driver) NetworksOn(space string, subnet netip.Prefix, wait time.Duratio
 // invalid), or of its gateway gw, this host's releases must leave. Each
 // Docker network bound on it that has endpoints holds the pool once, and
 // its gateway once: Docker removes a network only once it has none, so a
-// release that would leave fewer is not such a network's. It is a
-// release sent again by a retried removal (engine 20.10 sends a
-// network's releases before its DeleteNetwork, and again when that failed
-// and the removal is tried again), or the release of a network unbound
-// just before a re-assertion counted the holds (engine 29 sends them
-// after its DeleteNetwork). Honoured, it would remove the pool, and with
-// it the address records of running containers.
-func (d *Driver) KeptHolds(poolID string, gw netip.Addr) int {
+// release that would leave fewer is not such a network's. It is one sent
+// again: engines 28 and 29 send a network's releases before its
+// DeleteNetwork (moby daemon/libnetwork/network.go, Network.delete), and
+// again when the DeleteNetwork failed and the removal is tried again. Or
+// a re-assertion after an eviction counted that network out already (an
+// engine that releases after DeleteNetwork, as PROTOCOL.md has it).
+// Honoured, it would remove the pool, and with it the address records of
+// running containers.
+//
+// An endpoint counts while a container holds its interface (the kernel
+// says so: one link dump, only when a network on the pool has endpoints;
+// a kernel that does not answer counts them all), or while this process
+// made its veth and Docker has not joined it yet: an endpoint Docker
+// dropped while the plugin was down, which the restart took back from
+// its record, does not keep the pool of the network Docker is removing.
+// Until the driver has restored its state (waiting at most wait) it
+// cannot tell, and every hold is kept: IPAM's pool sweep drops a hold no
+// network uses later.
+func (d *Driver) KeptHolds(poolID string, gw netip.Addr, wait time.Duration) int {
 	space, subnet, _, err := ipam.ParsePoolID(poolID)
 	if err != nil {
 		return 0
 	}
+	if !d.readyWithin(wait) {
+		d.log.Warn("release of a pool or of its gateway while the driver is still restoring its state: kept; IPAM's pool sweep drops the hold later if no network uses it",
+			"pool", poolID, "gateway", gw)
+		return math.MaxInt
+	}
+	count := func(only map[string]bool) int {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		n, onGateway := d.networksOn(space, subnet.Masked(), gw, only)
+		if gw.IsValid() {
+			return onGateway
+		}
+		return n
+	}
+	used := map[string]bool{}       // networks with an endpoint that counts
+	unsure := map[string][]string{} // networks with endpoints to ask the kernel about
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	used := map[string]bool{}
-	for _, ep := range d.endpoints {
-		if !ep.removed {
+	for id, ep := range d.endpoints {
+		switch {
+		case ep.removed:
+		case ep.vethMade:
 			used[ep.rec.NetworkID] = true
+		default:
+			unsure[ep.rec.NetworkID] = append(unsure[ep.rec.NetworkID], vxlan.EndpointKey(id))
 		}
 	}
-	n, onGateway := d.networksOn(space, subnet.Masked(), gw, used)
-	if gw.IsValid() {
-		return onGateway
+	d.mu.Unlock()
+	all := maps.Clone(used)
+	for id := range unsure {
+		all[id] = true
 	}
-	return n
+	if len(unsure) == 0 || count(all) == count(used) {
+		return count(used)
+	}
+	inUse, err := d.dp.EndpointsInUse()
+	if err != nil {
+		return count(all)
+	}
+	for id, keys := range unsure {
+		for _, k := range keys {
+			if slices.Contains(inUse, k) {
+				used[id] = true
+				break
+			}
+		}
+	}
+	return count(used)
 }
 
 // networksOn counts the Docker networks bound on this host on pool subnet
@@ -505,6 +553,10 @@ func (d *Driver) ReclaimUnjoined(ctx context.Context, olderThan time.Duration) i
 	return n
 }
 
+// unrecordedRecheck is how long a finding that a container holds an
+// unrecorded endpoint is taken as still true.
+const unrecordedRecheck = 2 * time.Second
+
 // unrecordedInUse tells whether a container still holds one of the
 // endpoints the last restore kept without a record (Driver.unrecorded);
 // once none does, they are forgotten. A kernel that does not answer
@@ -512,9 +564,14 @@ func (d *Driver) ReclaimUnjoined(ctx context.Context, olderThan time.Duration) i
 func (d *Driver) unrecordedInUse() bool {
 	d.mu.Lock()
 	keys := slices.Clone(d.unrecorded)
+	recent := time.Since(d.unrecordedSeen) < unrecordedRecheck
 	d.mu.Unlock()
 	if len(keys) == 0 {
 		return false
+	}
+	if recent {
+		// A sweep asks once per address: one link dump answers them all.
+		return true
 	}
 	inUse, err := d.dp.EndpointsInUse()
 	if err != nil {
@@ -522,6 +579,9 @@ func (d *Driver) unrecordedInUse() bool {
 	}
 	for _, k := range keys {
 		if slices.Contains(inUse, k) {
+			d.mu.Lock()
+			d.unrecordedSeen = time.Now()
+			d.mu.Unlock()
 			return true
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,8 +18,9 @@ import (
 // TestReassertBetweenDeleteNetworkAndRelease: host a runs n1
 // (container ep1) and n2 on one subnet (holds 2, gateway 2) and is
 // evicted while it is away (its pool holds, gateway holds and addresses
-// go). Back, `docker network rm n2` on engine 29 sends DeleteNetwork
-// first, then ReleaseAddress of the gateway and ReleasePool. The liveness
+// go). Back, `docker network rm n2` on an engine that sends DeleteNetwork
+// first, then ReleaseAddress of the gateway and ReleasePool (PROTOCOL.md;
+// engines 28 and 29 release first). The liveness
 // check's re-assertion runs in between: it counts the bound networks (n1)
 // and takes one pool hold and one gateway hold. n2's releases then drop
 // them: the gateway record and the pool go, and with the pool ep1's
@@ -37,7 +39,7 @@ func TestReassertBetweenDeleteNetworkAndRelease(t *testing.T) {
 	}
 	h.evicted()
 
-	// docker network rm n2 on engine 29: DeleteNetwork first ...
+	// docker network rm n2, DeleteNetwork first ...
 	if err := h.a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}); err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +69,7 @@ func TestReassertBetweenDeleteNetworkAndRelease(t *testing.T) {
 
 // TestReleaseRepeatedAfterFailedDeleteNetwork: n1 (container
 // ep1) and n2 on one subnet of host a: pool and gateway held twice.
-// `docker network rm n2` on engine 20.10 sends ReleaseAddress of the
+// `docker network rm n2` on engine 29 sends ReleaseAddress of the
 // gateway and ReleasePool first, then DeleteNetwork; DeleteNetwork fails
 // (the store elects a leader, the plugin is still restoring after a
 // restart: an answer, so Docker does not retry it) and Docker keeps n2.
@@ -177,5 +179,215 @@ func TestUnrecordedEndpointAddressNotSwept(t *testing.T) {
 	}
 	if got, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Address: addrs[1].Addr(), MAC: "02:42:0a:01:00:99"}); err == nil {
 		t.Errorf("ep2's address handed out again (%s) while ep2's container runs with it", got)
+	}
+}
+
+// TestStaleEndpointKeepsNoReleasedPool: host a runs n1 with container
+// ep1. The plugin is killed (-9) and ep1's container stops while it is
+// down: Docker's forced DeleteEndpoint for ep1 fails and Docker forgets
+// the endpoint. The restarted plugin takes ep1 back from its record as a
+// live endpoint. `docker network rm n1` (Docker has no endpoint on it):
+// the releases first (engines 28 and 29), then DeleteNetwork, which
+// removes ep1. ep1's interface is gone from the kernel, so it does not
+// keep the pool: the releases are honoured, and the subnet can be used
+// again at once with another gateway.
+func TestStaleEndpointKeepsNoReleasedPool(t *testing.T) {
+	h := newPoolHost(t, true)
+	poolID := h.requestPool()
+	h.create("n1")
+	ep := h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02")
+
+	// kill -9; ep1's container stops while the plugin is down.
+	h.a.Close()
+	h.dp.mu.Lock()
+	h.dp.inUse = nil
+	h.dp.mu.Unlock()
+	h.a = newHostDriver(t, h.store, "a", "a", "192.0.2.1", h.dp, func(c *Config) {
+		c.OwnsAddressSpace = h.ip.Owns
+		c.HoldPool = h.ip.HoldPool
+	})
+
+	// docker network rm n1: releases, then DeleteNetwork.
+	if err := h.ip.FreeAddress(h.ctx, poolID, ep.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	h.release(poolID)
+	if err := h.a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n1"}); err != nil {
+		t.Fatal(err)
+	}
+	if info, err := h.ip.PoolInfo(h.ctx, poolID); err == nil {
+		t.Errorf("after docker network rm n1 (its only network) pool %s is still held: holders %v", poolID, info.Holders)
+	}
+	// docker network create --subnet 10.1.0.0/24 --gateway 10.1.0.254.
+	p, err := h.ip.AllocatePool(h.ctx, ipam.PoolRequest{Pool: h.subnet})
+	if err != nil {
+		t.Fatalf("docker network create --subnet %s after the rm: %v", h.subnet, err)
+	}
+	if _, err := h.ip.AllocateAddress(h.ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true, Address: netip.MustParseAddr("10.1.0.254")}); err != nil {
+		t.Errorf("docker network create --subnet %s --gateway 10.1.0.254 right after the rm: %v", h.subnet, err)
+	}
+}
+
+// TestKeptHoldsWhileRestoring: n1 (container ep1) and n2 on one subnet of
+// host a. The plugin restarts and its restore does not finish (its store
+// calls fail, the IPAM's do not). `docker network rm n2`: the releases
+// (n2's own), then DeleteNetwork, which fails; the user tries again while
+// the restore still runs, and the releases come a second time. The
+// driver cannot tell yet which networks have endpoints, so KeptHolds
+// keeps every hold: ep1's pool and address stay.
+func TestKeptHoldsWhileRestoring(t *testing.T) {
+	ctx := context.Background()
+	base := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	store := &outageStore{Store: base}
+	var cur *Driver
+	ip, err := ipam.New(ipam.Config{Node: "a",
+		Kept: func(poolID string, gw netip.Addr) int { return cur.KeptHolds(poolID, gw, keptWait) },
+	}, base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts := func(c *Config) {
+		c.OwnsAddressSpace = ip.Owns
+		c.HoldPool = ip.HoldPool
+		c.CallTimeout = 200 * time.Millisecond
+	}
+	dp := newFake()
+	cur = newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts)
+	subnet := netip.MustParsePrefix("10.1.0.0/24")
+	gw := netip.MustParseAddr("10.1.0.1")
+	var poolID string
+	for _, id := range []string{"n1", "n2"} {
+		p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
+		if err != nil {
+			t.Fatal(err)
+		}
+		poolID = p.ID
+		if _, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true}); err != nil {
+			t.Fatal(err)
+		}
+		req := createReq(id, map[string]interface{}{"name": "app"}, subnet.String())
+		req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
+		if err := cur.CreateNetwork(req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	epNet, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: poolID, MAC: "02:42:0a:01:00:02"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	joinedEndpoint(t, cur, "n1", "ep1", epNet.String())
+	dp.mu.Lock()
+	dp.inUse = map[string]bool{"ep1": true}
+	dp.mu.Unlock()
+
+	cur.Close()
+	store.down.Store(true)
+	cfg := Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true}
+	opts(&cfg)
+	d2, err := New(cfg, store, dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2.Start()
+	t.Cleanup(func() { d2.Close() })
+	cur = d2
+
+	rm := func() error {
+		t.Helper()
+		if err := ip.FreeAddress(ctx, poolID, gw); err != nil {
+			t.Fatal(err)
+		}
+		if err := ip.FreePool(ctx, poolID); err != nil {
+			t.Fatal(err)
+		}
+		return d2.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"})
+	}
+	if err := rm(); err == nil {
+		t.Fatal("DeleteNetwork succeeded while restoring: the test proves nothing")
+	}
+	_ = rm() // docker network rm n2 again, still restoring
+	store.down.Store(false)
+	<-d2.Ready()
+	if err := d2.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, holder, _, err := ip.AddressHolder(ctx, epNet.Addr()); err != nil || holder != "a" {
+		t.Errorf("after docker network rm n2 (twice, while the plugin restored), ep1's address %s (n1 and its container still run) is held by %q (%v); want a", epNet.Addr(), holder, err)
+	}
+	if p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet}); err == nil {
+		if got, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Address: epNet.Addr(), MAC: "02:42:0a:01:00:99"}); err == nil {
+			t.Errorf("ep1's address %s handed out again (%s) while ep1's container runs", epNet.Addr(), got)
+		}
+	}
+}
+
+// countingDataplane counts EndpointsInUse calls (one link dump each, under
+// the vxlan Manager's lock, on a real host).
+type countingDataplane struct {
+	*fakeDataplane
+	dumps atomic.Int32
+}
+
+func (c *countingDataplane) EndpointsInUse() ([]string, error) {
+	c.dumps.Add(1)
+	return c.fakeDataplane.EndpointsInUse()
+}
+
+// TestUnrecordedSweepDumpsOnce: while a container holds an endpoint the
+// restart kept without a record, IPAM's orphan sweep of 40 addresses
+// asks AddressMayBeUsed 40 times; one link dump answers them all.
+func TestUnrecordedSweepDumpsOnce(t *testing.T) {
+	ctx := context.Background()
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	ip, err := ipam.New(ipam.Config{Node: "a", Grace: 10 * time.Millisecond}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp := &countingDataplane{fakeDataplane: newFake()}
+	opts := func(c *Config) {
+		c.OwnsAddressSpace = ip.Owns
+		c.HoldPool = ip.HoldPool
+	}
+	a := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts)
+	subnet := netip.MustParsePrefix("10.1.0.0/24")
+	p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := createReq("n1", map[string]interface{}{"name": "app"}, subnet.String())
+	req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
+	if err := a.CreateNetwork(req); err != nil {
+		t.Fatal(err)
+	}
+	const n = 40
+	for i := 0; i < n; i++ {
+		pfx, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, MAC: fmt.Sprintf("02:42:0a:01:00:%02x", i+2)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		joinedEndpoint(t, a, "n1", fmt.Sprintf("ep%d", i), pfx.String())
+	}
+	a.Close()
+	dp.mu.Lock()
+	dp.inUse = map[string]bool{}
+	for i := 0; i < n; i++ {
+		dp.inUse[fmt.Sprintf("ep%d", i)] = true
+	}
+	dp.mu.Unlock()
+	if err := store.Delete(ctx, "networks/name-app/endpoints/ep0"); err != nil {
+		t.Fatal(err)
+	}
+	b := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts)
+	time.Sleep(20 * time.Millisecond)
+	dp.dumps.Store(0)
+	bound := func(poolID string, a netip.Addr) bool {
+		_, s, _, err := ipam.ParsePoolID(poolID)
+		return err != nil || b.AddressMayBeUsed(s, a)
+	}
+	if _, err := ip.Sweep(ctx, bound); err != nil {
+		t.Fatal(err)
+	}
+	if got := dp.dumps.Load(); got > 1 {
+		t.Errorf("one orphan sweep of %d addresses did %d link dumps, want at most 1", n, got)
 	}
 }

@@ -194,3 +194,22 @@ func TestEvictedRestoredNetworkVNINotShared(t *testing.T) {
 		t.Errorf("fresh got vni %d, the overlay of app that a restored from its copy and ep1's container uses", v)
 	}
 }
+
+// TestExplicitVNIOfRunningNetwork: `docker network create -o name=other
+// -o vni=<app's>` on host a, which runs app (nothing reaped), is refused
+// by the store, which names app as the VNI's holder, not with a reason
+// about a store that gave the VNI up.
+func TestExplicitVNIOfRunningNetwork(t *testing.T) {
+	ctx := context.Background()
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	a := newHostDriver(t, store, "a", "a", "192.0.2.1", newFake())
+	mustCreate(t, a, "n1", "10.1.0.0/24")
+	app, err := a.cl.Network(ctx, "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = a.CreateNetwork(createReq("n2", map[string]interface{}{"name": "other", optVNI: fmt.Sprint(app.VNI)}, "10.2.0.0/24"))
+	if err == nil || !strings.Contains(err.Error(), "taken by logical network \"name-app\"") {
+		t.Errorf("-o vni=%d of app: %v, want the store's refusal naming app", app.VNI, err)
+	}
+}

@@ -144,12 +144,11 @@ type Config struct {
 	// on the pool (using gw) that has endpoints, since Docker releases a
 	// network's pool only once it has none. A ReleasePool, or a release of
 	// the gateway, that would leave fewer is not such a network's, and is
-	// ignored: engine 20.10 sends the releases of `docker network rm`
-	// before its DeleteNetwork and sends them again when the removal is
-	// tried again after DeleteNetwork failed; engine 29 sends them after
-	// DeleteNetwork, and a re-assertion between the two counted that
-	// network out already. It must not do I/O nor call back into the
-	// Driver. nil: every release is honoured.
+	// ignored: engines 28 and 29 send the releases of `docker network rm`
+	// before its DeleteNetwork and send them again when the removal is
+	// tried again after DeleteNetwork failed; and a re-assertion after an
+	// eviction may have counted the network out already. It must not call
+	// back into the Driver. nil: every release is honoured.
 	Kept func(poolID string, gw netip.Addr) int
 	// Logger receives debug lines for each store write. Zero: slog.Default().
 	Logger *slog.Logger

@@ -363,7 +363,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 			if drv == nil {
 				return 0
 			}
-			return drv.KeptHolds(poolID, gw)
+			return drv.KeptHolds(poolID, gw, releaseWaitsForRestore)
 		},
 		DefaultPoolV4:     cfg.PoolV4,
 		DefaultPoolV4Size: cfg.PoolV4Size,

@@ -217,10 +217,10 @@ func poolKeyOf(spec cluster.NetworkSpec, i int) poolKey {
 // (a hold too many, which SweepPools drops), one whose RequestPool came
 // before its CreateNetwork is not (its hold is taken for another network:
 // a hold too few, which that CreateNetwork takes, see the driver's
-// Config.HoldPool), and one unbound whose releases come after (engine
-// 29) is not counted either: the IPAM ignores those releases where they
-// would leave fewer holds than the networks with endpoints on the pool
-// use (ipam Config.Kept). It returns
+// Config.HoldPool), and one unbound whose releases come after it (an
+// engine that releases after DeleteNetwork) is not counted either: the
+// IPAM ignores those releases where they would leave fewer holds than the
+// networks with endpoints on the pool use (ipam Config.Kept). It returns
 // each pool's ID; a pool that could not be held is missing, its error
 // logged and joined.
 func reassertPools(ctx context.Context, ip Reclaimer, held Holder, local []LocalNetwork, specs []cluster.NetworkSpec, valid []bool, log *slog.Logger) (map[poolKey]string, error) {
