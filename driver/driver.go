@@ -246,6 +246,11 @@ type localEndpoint struct {
 	// Join hands the names back without asking the kernel again, as
 	// Docker's bridge driver does. Any other Join ensures the pair.
 	vethMade bool
+	// joinedHere is set by a Join of this process and cleared by Leave:
+	// Docker moves the interface into the container only after Join
+	// answers, so until then the kernel does not show it in use
+	// (KeptHolds).
+	joinedHere bool
 	// linkLocal is set by the Join that gave the container its route to
 	// the link-local address (linkLocalRoute), cleared by Leave.
 	linkLocal bool
@@ -1105,6 +1110,7 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 	if ep != nil {
 		mac, made = ep.rec.MAC, ep.vethMade
 		ep.vethMade = false
+		ep.joinedHere = true
 	}
 	d.mu.Unlock()
 	if ep == nil {
@@ -1154,6 +1160,7 @@ func (d *Driver) Leave(req *network.LeaveRequest) error {
 	if ep != nil {
 		ep.left = true
 		ep.vethMade = false
+		ep.joinedHere = false
 		l = d.networks[req.NetworkID]
 		if ep.linkLocal {
 			ep.linkLocal = false

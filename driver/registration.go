@@ -353,7 +353,8 @@ func (d *Driver) NetworksOn(space string, subnet netip.Prefix, wait time.Duratio
 // An endpoint counts while a container holds its interface (the kernel
 // says so: one link dump, only when a network on the pool has endpoints;
 // a kernel that does not answer counts them all), or while this process
-// made its veth and Docker has not joined it yet: an endpoint Docker
+// made its veth or joined it and Docker has not left it (Docker moves the
+// interface into the container only after Join answers): an endpoint Docker
 // dropped while the plugin was down, which the restart took back from
 // its record, does not keep the pool of the network Docker is removing.
 // Until the driver has restored its state (waiting at most wait) it
@@ -384,7 +385,7 @@ func (d *Driver) KeptHolds(poolID string, gw netip.Addr, wait time.Duration) int
 	for id, ep := range d.endpoints {
 		switch {
 		case ep.removed:
-		case ep.vethMade:
+		case ep.vethMade, ep.joinedHere:
 			used[ep.rec.NetworkID] = true
 		default:
 			unsure[ep.rec.NetworkID] = append(unsure[ep.rec.NetworkID], vxlan.EndpointKey(id))

@@ -391,3 +391,43 @@ func TestUnrecordedSweepDumpsOnce(t *testing.T) {
 		t.Errorf("one orphan sweep of %d addresses did %d link dumps, want at most 1", n, got)
 	}
 }
+
+// TestKeptHoldsCountsJoinedEndpointBeforeMove: n1 and n2 on one subnet of
+// host a (pool and gateway held twice). `docker network rm n2`: the
+// releases (2 -> 1), then DeleteNetwork, which stops part way; Docker
+// keeps n2. A container starts on n1: CreateEndpoint, then Join, which
+// clears vethMade; Docker has not moved the interface into the
+// container yet (it does so right after Join answers), so the kernel
+// does not report it in use. `docker network rm n2` again: its releases
+// come a second time. KeptHolds counts no endpoint on n1 (not vethMade,
+// not in a container yet) and lets them take n1's last holds: the pool
+// goes with ep1's address record, and the address is handed out again
+// while ep1's container is starting with it.
+func TestKeptHoldsCountsJoinedEndpointBeforeMove(t *testing.T) {
+	h := newPoolHost(t, true)
+	var poolID string
+	for _, id := range []string{"n1", "n2"} {
+		poolID = h.requestPool()
+		h.create(id)
+	}
+	h.release(poolID)
+	if !crashAt(h.a, "deletenetwork/after-endpoints", func() { h.a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}) }) {
+		t.Fatal("DeleteNetwork did not stop: the test proves nothing")
+	}
+	// docker run --network n1: address, CreateEndpoint, Join; the
+	// interface is not in the container yet (dp.inUse not set).
+	a, err := h.ip.AllocateAddress(h.ctx, ipam.AddressRequest{PoolID: poolID, MAC: "02:42:0a:01:00:02"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	joinedEndpoint(t, h.a, "n1", "ep1", a.String())
+
+	// docker network rm n2 again.
+	h.release(poolID)
+	if holder := h.heldBy(a.Addr()); holder != "a" {
+		t.Errorf("after docker network rm n2 (twice) while ep1 was joining n1, ep1's address %s is held by %q; want a", a.Addr(), holder)
+	}
+	if pool, gw := h.holds(); pool != 1 || gw != 1 {
+		t.Errorf("n1 (joining container ep1) holds pool %d, gateway %d; want 1 and 1", pool, gw)
+	}
+}
