@@ -19,6 +19,10 @@ const (
 	// failed claim means another host took that address (or changed the
 	// pool) at the same moment.
 	maxAddrAttempts = 1024
+	// maxHeldSkips bounds the addresses Config.Held reports that one
+	// request skips without spending an attempt: more than the endpoints
+	// of one host, so a Held gone wrong still ends the walk of a /64.
+	maxHeldSkips = 1 << 16
 	// probeLimit is how many taken addresses in a row are probed one by one
 	// before the pool's address records are listed to find a free one.
 	probeLimit = 8
@@ -374,7 +378,7 @@ func (d *Driver) allocNext(ctx context.Context, op string, ref poolRef, st poolS
 	cand := sp.next(st.cursor)
 	var taken map[netip.Addr]bool // from the last listing, plus claims lost since
 	here := map[netip.Addr]bool{} // free in the store, but an endpoint of this host has them
-	streak := 0
+	streak, skips := 0, 0
 	for attempt := 0; attempt < maxAddrAttempts; attempt++ {
 		if taken != nil || streak >= probeLimit {
 			a, ok := netip.Addr{}, false
@@ -395,12 +399,19 @@ func (d *Driver) allocNext(ctx context.Context, op string, ref poolRef, st poolS
 			cand = a
 		}
 		if d.heldHere(ref, cand) {
+			// Not a claim lost to another host: it costs no attempt
+			// (each held address is skipped once, so the walk ends),
+			// and once the records are listed no new listing either.
 			here[cand] = true
 			if taken != nil {
 				taken[cand] = true
+			} else {
+				streak++
 			}
-			streak++
 			cand = sp.next(cand)
+			if skips++; skips <= maxHeldSkips {
+				attempt--
+			}
 			continue
 		}
 		ops := []kvstore.Op{
