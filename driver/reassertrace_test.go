@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/netip"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 	"consul-overlay/cluster"
 	"consul-overlay/ipam"
 	"consul-overlay/reaper"
+	"consul-overlay/vxlan"
 )
 
 // joinHook is a reaper.Rejoiner that runs after each Join: what Docker
@@ -62,6 +64,7 @@ func reassertRace(t *testing.T, static bool) {
 			_, s, _, err := ipam.ParsePoolID(poolID)
 			return err == nil && a.AddressUsed(s, x)
 		},
+		HeldReady: func() error { return a.WaitRestored(keptWait) },
 		Held: func(poolID string, x netip.Addr) bool {
 			_, s, _, err := ipam.ParsePoolID(poolID)
 			return err == nil && a.AddressUsed(s, x)
@@ -142,5 +145,115 @@ func reassertRace(t *testing.T, static bool) {
 	}
 	if ep2.Addr() == ep1.Addr() {
 		t.Errorf("the new container ep2 got %s, the address ep1's running container has (re-assertion: %d endpoints, conflicts %v)", ep2, rep.Endpoints, rep.Conflicts)
+	}
+}
+
+// gatedDataplane holds Reconcile (the restore's kernel step, long on a
+// host with many endpoints) while block is set, until gate closes.
+type gatedDataplane struct {
+	*fakeDataplane
+	block atomic.Bool
+	gate  chan struct{}
+}
+
+func (g *gatedDataplane) Reconcile(ctx context.Context, s vxlan.State) (vxlan.Changes, error) {
+	if g.block.Load() {
+		<-g.gate
+	}
+	return g.fakeDataplane.Reconcile(ctx, s)
+}
+
+// TestHeldWhileRestoring: host a runs n1 with container ep1
+// (10.1.0.2); host b holds the pool too. The plugin of a is killed (-9),
+// and while it is down the store loses ep1's address record (a's IPAM
+// holds and addresses are evicted). The plugin restarts; while its
+// restore runs (the kernel reconcile of a busy host), `docker run --ip
+// 10.1.0.2` on a: the record is gone, and a driver that has not loaded
+// its endpoints yet cannot say that ep1 has it. The request fails
+// (Config.HeldReady) instead of handing ep1's address out again.
+func TestHeldWhileRestoring(t *testing.T) {
+	ctx := context.Background()
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	var cur atomic.Pointer[Driver]
+	ip, err := ipam.New(ipam.Config{Node: "a",
+		HeldReady: func() error { return cur.Load().WaitRestored(keptWait) },
+		Held: func(poolID string, x netip.Addr) bool { // as plugin/main.go wires it
+			_, s, _, err := ipam.ParsePoolID(poolID)
+			d := cur.Load()
+			return err == nil && d != nil && d.AddressUsed(s, x)
+		},
+	}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp := &gatedDataplane{fakeDataplane: newFake(), gate: make(chan struct{})}
+	opts := func(c *Config) {
+		c.OwnsAddressSpace = ip.Owns
+		c.HoldPool = ip.HoldPool
+	}
+	cur.Store(newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts))
+	subnet := netip.MustParsePrefix("10.1.0.0/24")
+	p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true}); err != nil {
+		t.Fatal(err)
+	}
+	req := createReq("n1", map[string]interface{}{"name": "app"}, subnet.String())
+	req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
+	if err := cur.Load().CreateNetwork(req); err != nil {
+		t.Fatal(err)
+	}
+	ep1, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, MAC: "02:42:0a:01:00:02"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	joinedEndpoint(t, cur.Load(), "n1", "ep1", ep1.String())
+	dp.mu.Lock()
+	dp.inUse = map[string]bool{"ep1": true}
+	dp.mu.Unlock()
+	ipb, err := ipam.New(ipam.Config{Node: "b"}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ipb.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet}); err != nil {
+		t.Fatal(err)
+	}
+
+	// kill -9; the store loses a's IPAM holds and addresses meanwhile.
+	cur.Load().Close()
+	r, err := ipam.New(ipam.Config{Node: "r"}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.EvictNode(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, holder, _, err := ip.AddressHolder(ctx, ep1.Addr()); err != nil || holder != "" {
+		t.Fatalf("ep1's address held by %q (%v) after the eviction: the test proves nothing", holder, err)
+	}
+
+	// The plugin restarts; its restore is in the kernel reconcile.
+	dp.block.Store(true)
+	cfg := Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true}
+	opts(&cfg)
+	d2, err := New(cfg, store, dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.Store(d2)
+	d2.Start()
+	t.Cleanup(func() { d2.Close() })
+	defer close(dp.gate)
+	time.Sleep(100 * time.Millisecond)
+	select {
+	case <-d2.Ready():
+		t.Fatal("restore finished: the test proves nothing")
+	default:
+	}
+	// docker run --ip 10.1.0.2 on a.
+	if got, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Address: ep1.Addr(), MAC: "02:42:0a:01:00:99"}); err == nil {
+		t.Errorf("ep1's address %s handed out again (%s) while ep1's container runs and the driver restores", ep1.Addr(), got)
 	}
 }

@@ -196,6 +196,22 @@ func (d *Driver) AddressUsed(subnet netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
+// WaitRestored waits at most wait for the driver to have restored its
+// state: until then it does not know its endpoints (AddressUsed). The
+// error says so, for the IPAM's Config.HeldReady.
+func (d *Driver) WaitRestored(wait time.Duration) error {
+	if d.readyWithin(wait) {
+		return nil
+	}
+	d.mu.Lock()
+	why := d.restoreErr
+	d.mu.Unlock()
+	if why != nil {
+		return fmt.Errorf("consul-overlay is still restoring its state, so it cannot tell which addresses its containers have: %v; try again", why)
+	}
+	return errors.New("consul-overlay is still restoring its state, so it cannot tell which addresses its containers have (is Consul reachable?); try again")
+}
+
 // readyWithin waits at most wait for the driver to have restored its state
 // and reports whether it has (false also once the driver is closing).
 func (d *Driver) readyWithin(wait time.Duration) bool {

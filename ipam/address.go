@@ -147,6 +147,12 @@ func (d *Driver) AllocateAddress(ctx context.Context, req AddressRequest) (netip
 			return netip.Prefix{}, fmt.Errorf("%s: not a usable address of %s (outside it, or its network or broadcast address): %w", op, ref.subnet, ErrAddressOutOfRange)
 		}
 	}
+	if d.cfg.Held != nil && d.cfg.HeldReady != nil && !req.Gateway && !req.reassert {
+		// Held may be asked: it must know this host's endpoints.
+		if err := d.cfg.HeldReady(); err != nil {
+			return netip.Prefix{}, fmt.Errorf("%s: %w", op, err)
+		}
+	}
 	dynamic := !req.Gateway && !req.Address.IsValid()
 	st, cached := poolState{}, false
 	if dynamic {

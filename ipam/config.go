@@ -139,6 +139,12 @@ type Config struct {
 	// ReassertAddress, which takes it back for that endpoint, does not ask.
 	// nil: not asked.
 	Held func(poolID string, a netip.Addr) bool
+	// HeldReady, if set, is called once by an address request that may
+	// ask Held, first: it waits (bounded) until Held can answer, and its
+	// error fails the request (a network driver still restoring its state
+	// does not know its endpoints yet, and would let a running container's
+	// address be handed out). nil: Held answers at once.
+	HeldReady func() error
 	// Kept, if set, reports how many holds of pool poolID (gw invalid), or
 	// of its gateway gw, this host must keep: one per network of this host
 	// on the pool (using gw) that has endpoints, since Docker releases a

@@ -355,6 +355,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 			}
 			return addressInContainer(log, drv, ip, hostID, poolID, a, releaseWaitsForRestore)
 		},
+		HeldReady: func() error {
+			if drv == nil {
+				return errors.New("consul-overlay's network driver is not started yet; try again")
+			}
+			return drv.WaitRestored(releaseWaitsForRestore)
+		},
 		Held: func(poolID string, a netip.Addr) bool {
 			_, subnet, _, err := ipam.ParsePoolID(poolID)
 			return err == nil && drv != nil && drv.AddressUsed(subnet, a)
