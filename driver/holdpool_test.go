@@ -27,7 +27,7 @@ import (
 // sends them) removes the pool and ep1's address while n1 still runs: the
 // address could then be handed out a second time.
 func TestCreateAfterReassertHoldsPoolPerNetwork(t *testing.T) {
-	h := newPoolHost(t, false, func(c *Config) { c.Reapable = true })
+	h := newPoolHost(t, poolOpts{noKept: true, driver: []func(*Config){func(c *Config) { c.Reapable = true }}})
 	poolID := h.requestPool()
 	h.create("n1")
 	if p, g := h.holds(); p != 1 || g != 1 {
@@ -68,26 +68,45 @@ func TestCreateAfterReassertHoldsPoolPerNetwork(t *testing.T) {
 type poolHost struct {
 	t      *testing.T
 	ctx    context.Context
-	store  kvstore.Store
+	store  kvstore.Store // the IPAM's, and the driver's unless poolOpts.store
 	ip     *ipam.Driver
 	a      *Driver
 	dp     *fakeDataplane
+	opts   poolOpts
 	subnet netip.Prefix
 	gw     netip.Addr
 }
 
-// keptWait is how long the tests' KeptHolds waits for a restore.
+// poolOpts changes what newPoolHost starts.
+type poolOpts struct {
+	noKept bool                              // the IPAM without Config.Kept: what the driver's own part does
+	grace  time.Duration                     // the IPAM's Config.Grace (0: its default)
+	store  func(kvstore.Store) kvstore.Store // the driver's store, around the IPAM's
+	dp     func(*fakeDataplane) Dataplane    // the driver's data plane, around the fake
+	driver []func(*Config)
+}
+
+// keptWait is how long the tests' IPAM hooks wait for a restore.
 const keptWait = 200 * time.Millisecond
 
-// newPoolHost starts it. With kept, the IPAM asks the driver how many
-// holds a release must leave (Config.Kept), as plugin/main.go wires it;
-// without, the test sees what the driver's own part does.
-func newPoolHost(t *testing.T, kept bool, opts ...func(*Config)) *poolHost {
+// newPoolHost starts it, the IPAM asking the driver as plugin/main.go
+// wires them (Config.Kept, InUse, HeldReady and Held).
+func newPoolHost(t *testing.T, o poolOpts) *poolHost {
 	t.Helper()
-	h := &poolHost{t: t, ctx: context.Background(), store: openStore(t, filepath.Join(t.TempDir(), "s.db")),
+	h := &poolHost{t: t, ctx: context.Background(), store: openStore(t, filepath.Join(t.TempDir(), "s.db")), opts: o,
 		subnet: netip.MustParsePrefix("10.1.0.0/24"), gw: netip.MustParseAddr("10.1.0.1")}
-	cfg := ipam.Config{Node: "a"}
-	if kept {
+	cfg := ipam.Config{Node: "a", Grace: o.grace,
+		InUse: func(poolID string, a netip.Addr) bool {
+			_, subnet, _, err := ipam.ParsePoolID(poolID)
+			return err == nil && h.a.AddressUsedOnceReady(subnet, a, keptWait)
+		},
+		HeldReady: func() error { return h.a.WaitRestored(keptWait) },
+		Held: func(poolID string, a netip.Addr) bool {
+			_, subnet, _, err := ipam.ParsePoolID(poolID)
+			return err == nil && h.a.AddressUsed(subnet, a)
+		},
+	}
+	if !o.noKept {
 		cfg.Kept = func(poolID string, gw netip.Addr) int { return h.a.KeptHolds(poolID, gw, keptWait) }
 	}
 	var err error
@@ -95,11 +114,100 @@ func newPoolHost(t *testing.T, kept bool, opts ...func(*Config)) *poolHost {
 		t.Fatal(err)
 	}
 	h.dp = newFake()
-	h.a = newHostDriver(t, h.store, "a", "a", "192.0.2.1", h.dp, append([]func(*Config){func(c *Config) {
-		c.OwnsAddressSpace = h.ip.Owns
-		c.HoldPool = h.ip.HoldPool
-	}}, opts...)...)
+	h.a = h.start()
 	return h
+}
+
+// start starts host a's driver on the host's store and data plane, as a
+// restart does, and waits for its restore.
+func (h *poolHost) start() *Driver {
+	h.t.Helper()
+	d := h.newDriver()
+	d.Start()
+	h.t.Cleanup(func() { d.Close() })
+	select {
+	case <-d.Ready():
+	case <-time.After(5 * time.Second):
+		h.t.Fatal("driver did not restore")
+	}
+	return d
+}
+
+// newDriver is host a's driver, not started.
+func (h *poolHost) newDriver() *Driver {
+	h.t.Helper()
+	store, dp := h.store, Dataplane(h.dp)
+	if h.opts.store != nil {
+		store = h.opts.store(store)
+	}
+	if h.opts.dp != nil {
+		dp = h.opts.dp(h.dp)
+	}
+	cfg := Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true,
+		OwnsAddressSpace: h.ip.Owns, HoldPool: h.ip.HoldPool}
+	for _, o := range h.opts.driver {
+		o(&cfg)
+	}
+	d, err := New(cfg, store, dp)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return d
+}
+
+// restarted stops host a's driver (a kill -9: nothing is cleaned up) and
+// starts another; the containers whose keys are given still run.
+func (h *poolHost) restarted(running ...string) {
+	h.t.Helper()
+	h.a.Close()
+	h.running(running...)
+	h.a = h.start()
+}
+
+// running makes the fake kernel show exactly the given endpoints' interfaces
+// in containers.
+func (h *poolHost) running(ids ...string) {
+	h.dp.mu.Lock()
+	defer h.dp.mu.Unlock()
+	h.dp.inUse = map[string]bool{}
+	for _, id := range ids {
+		h.dp.inUse[id] = true
+	}
+}
+
+// network is Docker's creation of network id: RequestPool, the gateway's
+// RequestAddress, CreateNetwork. It returns the pool's ID.
+func (h *poolHost) network(id string) string {
+	h.t.Helper()
+	p := h.requestPool()
+	h.create(id)
+	return p
+}
+
+// sweep is one pass of IPAM's orphan sweep, asking the driver as the
+// plugin's housekeeping does.
+func (h *poolHost) sweep() {
+	h.t.Helper()
+	bound := func(poolID string, a netip.Addr) bool {
+		_, s, _, err := ipam.ParsePoolID(poolID)
+		return err != nil || h.a.AddressMayBeUsed(s, a)
+	}
+	if _, err := h.ip.Sweep(h.ctx, bound); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// notHandedOut checks that address a is handed out to no other
+// container.
+func (h *poolHost) notHandedOut(a netip.Addr, what string) {
+	h.t.Helper()
+	p, err := h.ip.AllocatePool(h.ctx, ipam.PoolRequest{Pool: h.subnet})
+	if err != nil {
+		return
+	}
+	if got, err := h.ip.AllocateAddress(h.ctx, ipam.AddressRequest{PoolID: p.ID, Address: a, MAC: "02:42:0a:01:00:99"}); err == nil {
+		h.t.Errorf("%s's address %s handed out again (%s) while %s's container runs", what, a, got, what)
+	}
 }
 
 // requestPool is Docker's RequestPool and gateway RequestAddress for one
@@ -149,11 +257,11 @@ func (h *poolHost) endpoint(poolID, netID, id, mac string) netip.Prefix {
 	}
 	joinedEndpoint(h.t, h.a, netID, id, a.String())
 	h.dp.mu.Lock()
+	defer h.dp.mu.Unlock()
 	if h.dp.inUse == nil {
 		h.dp.inUse = map[string]bool{}
 	}
 	h.dp.inUse[id] = true
-	h.dp.mu.Unlock()
 	return a
 }
 

@@ -3,7 +3,6 @@ package driver
 import (
 	"context"
 	"net/netip"
-	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -55,85 +54,40 @@ func TestReassertRaceNewContainerGetsRunningAddressStatic(t *testing.T) {
 }
 
 func reassertRace(t *testing.T, static bool) {
-	ctx := context.Background()
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	var a *Driver
-	ip, err := ipam.New(ipam.Config{Node: "a",
-		Kept: func(poolID string, gw netip.Addr) int { return a.KeptHolds(poolID, gw, keptWait) },
-		InUse: func(poolID string, x netip.Addr) bool {
-			_, s, _, err := ipam.ParsePoolID(poolID)
-			return err == nil && a.AddressUsed(s, x)
-		},
-		HeldReady: func() error { return a.WaitRestored(keptWait) },
-		Held: func(poolID string, x netip.Addr) bool {
-			_, s, _, err := ipam.ParsePoolID(poolID)
-			return err == nil && a.AddressUsed(s, x)
-		},
-	}, store) // as plugin/main.go wires it
-	if err != nil {
-		t.Fatal(err)
-	}
-	a = newHostDriver(t, store, "a", "a", "192.0.2.1", newFake(), func(c *Config) {
-		c.Reapable = true
-		c.OwnsAddressSpace = ip.Owns
-		c.HoldPool = ip.HoldPool
-	})
-	subnet := netip.MustParsePrefix("10.1.0.0/24")
-	p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true}); err != nil {
-		t.Fatal(err)
-	}
-	req := createReq("n1", map[string]interface{}{"name": "app"}, subnet.String())
-	req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
-	if err := a.CreateNetwork(req); err != nil {
-		t.Fatal(err)
-	}
-	ep1, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, MAC: "02:42:0a:01:00:02"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	joinedEndpoint(t, a, "n1", "ep1", ep1.String())
+	h := newPoolHost(t, poolOpts{driver: []func(*Config){func(c *Config) { c.Reapable = true }}})
+	poolID := h.network("n1")
+	ep1 := h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02")
 
 	// The eviction comes minutes later: the IPAM's view of the pool
 	// from ep1's allocation (reused for a second) has expired.
 	time.Sleep(1100 * time.Millisecond)
-	evict(t, store)
-	r, err := ipam.New(ipam.Config{Node: "r"}, store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := r.EvictNode(ctx, "a"); err != nil {
-		t.Fatal(err)
-	}
-	if _, holder, _, err := ip.AddressHolder(ctx, ep1.Addr()); err != nil || holder != "" {
-		t.Fatalf("after the eviction ep1's address is held by %q (%v): the test proves nothing", holder, err)
+	h.evicted()
+	if holder := h.heldBy(ep1.Addr()); holder != "" {
+		t.Fatalf("after the eviction ep1's address is held by %q: the test proves nothing", holder)
 	}
 
 	// docker run --network app on a, while the re-assertion runs.
 	var ep2 netip.Prefix
 	run := func() {
-		req := ipam.AddressRequest{PoolID: p.ID, MAC: "02:42:0a:01:00:99"}
+		req := ipam.AddressRequest{PoolID: poolID, MAC: "02:42:0a:01:00:99"}
 		if static {
 			req.Address = ep1.Addr()
 		}
-		x, err := ip.AllocateAddress(ctx, req)
+		x, err := h.ip.AllocateAddress(h.ctx, req)
 		if err != nil {
 			return // refused: nothing handed out
 		}
-		if _, err := a.CreateEndpoint(epReq("n1", "ep2", x.String())); err != nil {
-			ip.FreeAddress(ctx, p.ID, x.Addr()) // Docker's rollback
+		if _, err := h.a.CreateEndpoint(epReq("n1", "ep2", x.String())); err != nil {
+			h.ip.FreeAddress(h.ctx, poolID, x.Addr()) // Docker's rollback
 			return
 		}
-		if _, err := a.Join(&network.JoinRequest{NetworkID: "n1", EndpointID: "ep2", SandboxKey: "/var/run/docker/netns/ep2"}); err != nil {
+		if _, err := h.a.Join(&network.JoinRequest{NetworkID: "n1", EndpointID: "ep2", SandboxKey: "/var/run/docker/netns/ep2"}); err != nil {
 			t.Fatal(err)
 		}
 		ep2 = x
 	}
-	local, _ := localOf(t, a)
-	rep, err := reaper.Reassert(ctx, "a", "a", joinHook{Cluster: a.cl, after: run}, ip, a, local, nil)
+	local, _ := localOf(t, h.a)
+	rep, err := reaper.Reassert(h.ctx, "a", "a", joinHook{Cluster: h.a.cl, after: run}, h.ip, h.a, local, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,88 +126,51 @@ func (g *gatedDataplane) Reconcile(ctx context.Context, s vxlan.State) (vxlan.Ch
 // its endpoints yet cannot say that ep1 has it. The request fails
 // (Config.HeldReady) instead of handing ep1's address out again.
 func TestHeldWhileRestoring(t *testing.T) {
-	ctx := context.Background()
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	var cur atomic.Pointer[Driver]
-	ip, err := ipam.New(ipam.Config{Node: "a",
-		HeldReady: func() error { return cur.Load().WaitRestored(keptWait) },
-		Held: func(poolID string, x netip.Addr) bool { // as plugin/main.go wires it
-			_, s, _, err := ipam.ParsePoolID(poolID)
-			d := cur.Load()
-			return err == nil && d != nil && d.AddressUsed(s, x)
-		},
-	}, store)
+	var dp *gatedDataplane
+	h := newPoolHost(t, poolOpts{dp: func(f *fakeDataplane) Dataplane {
+		if dp == nil {
+			dp = &gatedDataplane{fakeDataplane: f, gate: make(chan struct{})}
+		}
+		return dp
+	}})
+	poolID := h.network("n1")
+	ep1 := h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02").Addr()
+	ipb, err := ipam.New(ipam.Config{Node: "b"}, h.store)
 	if err != nil {
 		t.Fatal(err)
 	}
-	dp := &gatedDataplane{fakeDataplane: newFake(), gate: make(chan struct{})}
-	opts := func(c *Config) {
-		c.OwnsAddressSpace = ip.Owns
-		c.HoldPool = ip.HoldPool
-	}
-	cur.Store(newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts))
-	subnet := netip.MustParsePrefix("10.1.0.0/24")
-	p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true}); err != nil {
-		t.Fatal(err)
-	}
-	req := createReq("n1", map[string]interface{}{"name": "app"}, subnet.String())
-	req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
-	if err := cur.Load().CreateNetwork(req); err != nil {
-		t.Fatal(err)
-	}
-	ep1, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, MAC: "02:42:0a:01:00:02"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	joinedEndpoint(t, cur.Load(), "n1", "ep1", ep1.String())
-	dp.mu.Lock()
-	dp.inUse = map[string]bool{"ep1": true}
-	dp.mu.Unlock()
-	ipb, err := ipam.New(ipam.Config{Node: "b"}, store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ipb.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet}); err != nil {
+	if _, err := ipb.AllocatePool(h.ctx, ipam.PoolRequest{Pool: h.subnet}); err != nil {
 		t.Fatal(err)
 	}
 
 	// kill -9; the store loses a's IPAM holds and addresses meanwhile.
-	cur.Load().Close()
-	r, err := ipam.New(ipam.Config{Node: "r"}, store)
+	h.a.Close()
+	r, err := ipam.New(ipam.Config{Node: "r"}, h.store)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.EvictNode(ctx, "a"); err != nil {
+	if _, err := r.EvictNode(h.ctx, "a"); err != nil {
 		t.Fatal(err)
 	}
-	if _, holder, _, err := ip.AddressHolder(ctx, ep1.Addr()); err != nil || holder != "" {
-		t.Fatalf("ep1's address held by %q (%v) after the eviction: the test proves nothing", holder, err)
+	if holder := h.heldBy(ep1); holder != "" {
+		t.Fatalf("ep1's address held by %q after the eviction: the test proves nothing", holder)
 	}
 
 	// The plugin restarts; its restore is in the kernel reconcile.
 	dp.block.Store(true)
-	cfg := Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true}
-	opts(&cfg)
-	d2, err := New(cfg, store, dp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cur.Store(d2)
-	d2.Start()
-	t.Cleanup(func() { d2.Close() })
+	d := h.newDriver()
+	h.a = d
+	d.Start()
+	t.Cleanup(func() { d.Close() })
 	defer close(dp.gate)
 	time.Sleep(100 * time.Millisecond)
 	select {
-	case <-d2.Ready():
+	case <-d.Ready():
 		t.Fatal("restore finished: the test proves nothing")
 	default:
 	}
 	// docker run --ip 10.1.0.2 on a.
-	if got, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Address: ep1.Addr(), MAC: "02:42:0a:01:00:99"}); err == nil {
-		t.Errorf("ep1's address %s handed out again (%s) while ep1's container runs and the driver restores", ep1.Addr(), got)
+	if got, err := h.ip.AllocateAddress(h.ctx, ipam.AddressRequest{PoolID: poolID, Address: ep1, MAC: "02:42:0a:01:00:99"}); err == nil {
+		t.Errorf("ep1's address %s handed out again (%s) while ep1's container runs and the driver restores", ep1, got)
 	}
 }

@@ -1,10 +1,8 @@
 package driver
 
 import (
-	"context"
 	"fmt"
 	"net/netip"
-	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -12,6 +10,7 @@ import (
 	"github.com/docker/go-plugins-helpers/network"
 
 	"consul-overlay/ipam"
+	"consul-overlay/kvstore"
 	"consul-overlay/reaper"
 )
 
@@ -28,12 +27,10 @@ import (
 // can be handed out a second time. The IPAM ignores the releases
 // (Config.Kept, KeptHolds): n1 has an endpoint, so it keeps one hold.
 func TestReassertBetweenDeleteNetworkAndRelease(t *testing.T) {
-	h := newPoolHost(t, true, func(c *Config) { c.Reapable = true })
-	poolID := h.requestPool()
-	h.create("n1")
+	h := newPoolHost(t, poolOpts{driver: []func(*Config){func(c *Config) { c.Reapable = true }}})
+	poolID := h.network("n1")
 	ep := h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02").Addr()
-	h.requestPool()
-	h.create("n2")
+	h.network("n2")
 	if p, g := h.holds(); p != 2 || g != 2 {
 		t.Fatalf("with n1 and n2 a holds the pool %d times and the gateway %d times, want 2 and 2", p, g)
 	}
@@ -59,12 +56,7 @@ func TestReassertBetweenDeleteNetworkAndRelease(t *testing.T) {
 	if p, g := h.holds(); p != 1 || g != 1 {
 		t.Errorf("after docker network rm n2, a holds the pool %d times and the gateway %d times, want 1 and 1 (n1's)", p, g)
 	}
-	// And no other container gets ep1's address.
-	if p, err := h.ip.AllocatePool(h.ctx, ipam.PoolRequest{Pool: h.subnet}); err == nil {
-		if got, err := h.ip.AllocateAddress(h.ctx, ipam.AddressRequest{PoolID: p.ID, Address: ep, MAC: "02:42:0a:01:00:99"}); err == nil {
-			t.Errorf("ep1's address %s handed out again (%s) while ep1's container runs", ep, got)
-		}
-	}
+	h.notHandedOut(ep, "ep1")
 }
 
 // TestReleaseRepeatedAfterFailedDeleteNetwork: n1 (container
@@ -78,12 +70,9 @@ func TestReassertBetweenDeleteNetworkAndRelease(t *testing.T) {
 // record, while n1 and ep1's container still run. The IPAM ignores the
 // second releases (Config.Kept, KeptHolds).
 func TestReleaseRepeatedAfterFailedDeleteNetwork(t *testing.T) {
-	h := newPoolHost(t, true)
-	var poolID string
-	for _, id := range []string{"n1", "n2"} {
-		poolID = h.requestPool()
-		h.create(id)
-	}
+	h := newPoolHost(t, poolOpts{})
+	poolID := h.network("n1")
+	h.network("n2")
 	ep := h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02").Addr()
 
 	h.release(poolID)
@@ -114,72 +103,29 @@ func TestReleaseRepeatedAfterFailedDeleteNetwork(t *testing.T) {
 // after another: it is handed out again, on the same overlay, while ep2's
 // container runs with it.
 func TestUnrecordedEndpointAddressNotSwept(t *testing.T) {
-	ctx := context.Background()
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	ip, err := ipam.New(ipam.Config{Node: "a", Grace: 20 * time.Millisecond}, store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dp := newFake()
-	opts := func(c *Config) {
-		c.OwnsAddressSpace = ip.Owns
-		c.HoldPool = ip.HoldPool
-	}
-	a := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts)
-	subnet := netip.MustParsePrefix("10.1.0.0/24")
-	p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true}); err != nil {
-		t.Fatal(err)
-	}
-	req := createReq("n1", map[string]interface{}{"name": "app"}, subnet.String())
-	req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
-	if err := a.CreateNetwork(req); err != nil {
-		t.Fatal(err)
-	}
-	var addrs []netip.Prefix
-	for i, id := range []string{"ep1", "ep2"} {
-		pfx, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, MAC: fmt.Sprintf("02:42:0a:01:00:%02x", i+2)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		addrs = append(addrs, pfx)
-		joinedEndpoint(t, a, "n1", id, pfx.String())
-	}
-	a.Close()
-	dp.mu.Lock()
-	dp.inUse = map[string]bool{"ep1": true, "ep2": true}
-	dp.mu.Unlock()
+	h := newPoolHost(t, poolOpts{grace: 20 * time.Millisecond})
+	poolID := h.network("n1")
+	h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02")
+	ep2 := h.endpoint(poolID, "n1", "ep2", "02:42:0a:01:00:03").Addr()
 	key := "networks/name-app/endpoints/ep2"
-	if !hasKey(t, store, key) {
+	if !hasKey(t, h.store, key) {
 		t.Fatalf("no %s: the test proves nothing", key)
 	}
-	if err := store.Delete(ctx, key); err != nil {
+	if err := h.store.Delete(h.ctx, key); err != nil {
 		t.Fatal(err)
 	}
-
-	b := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts)
-	if !dp.hasEndpoint("ep2") {
+	h.restarted("ep1", "ep2")
+	if !h.dp.hasEndpoint("ep2") {
 		t.Fatal("ep2's veth removed while its container holds it")
-	}
-	bound := func(poolID string, a netip.Addr) bool {
-		_, s, _, err := ipam.ParsePoolID(poolID)
-		return err != nil || b.AddressMayBeUsed(s, a)
 	}
 	for i := 0; i < 3; i++ {
 		time.Sleep(30 * time.Millisecond)
-		if _, err := ip.Sweep(ctx, bound); err != nil {
-			t.Fatal(err)
-		}
+		h.sweep()
 	}
-	if _, holder, _, err := ip.AddressHolder(ctx, addrs[1].Addr()); err != nil || holder != "a" {
-		t.Errorf("ep2's address %s, which its running container holds, is held by %q (%v) after the sweeps; want a", addrs[1].Addr(), holder, err)
+	if holder := h.heldBy(ep2); holder != "a" {
+		t.Errorf("ep2's address %s, which its running container holds, is held by %q after the sweeps; want a", ep2, holder)
 	}
-	if got, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Address: addrs[1].Addr(), MAC: "02:42:0a:01:00:99"}); err == nil {
-		t.Errorf("ep2's address handed out again (%s) while ep2's container runs with it", got)
-	}
+	h.notHandedOut(ep2, "ep2")
 }
 
 // TestStaleEndpointKeepsNoReleasedPool: host a runs n1 with container
@@ -192,20 +138,12 @@ func TestUnrecordedEndpointAddressNotSwept(t *testing.T) {
 // keep the pool: the releases are honoured, and the subnet can be used
 // again at once with another gateway.
 func TestStaleEndpointKeepsNoReleasedPool(t *testing.T) {
-	h := newPoolHost(t, true)
-	poolID := h.requestPool()
-	h.create("n1")
+	h := newPoolHost(t, poolOpts{})
+	poolID := h.network("n1")
 	ep := h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02")
 
 	// kill -9; ep1's container stops while the plugin is down.
-	h.a.Close()
-	h.dp.mu.Lock()
-	h.dp.inUse = nil
-	h.dp.mu.Unlock()
-	h.a = newHostDriver(t, h.store, "a", "a", "192.0.2.1", h.dp, func(c *Config) {
-		c.OwnsAddressSpace = h.ip.Owns
-		c.HoldPool = h.ip.HoldPool
-	})
+	h.restarted()
 
 	// docker network rm n1: releases, then DeleteNetwork.
 	if err := h.ip.FreeAddress(h.ctx, poolID, ep.Addr()); err != nil {
@@ -236,89 +174,46 @@ func TestStaleEndpointKeepsNoReleasedPool(t *testing.T) {
 // driver cannot tell yet which networks have endpoints, so KeptHolds
 // keeps every hold: ep1's pool and address stay.
 func TestKeptHoldsWhileRestoring(t *testing.T) {
-	ctx := context.Background()
-	base := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	store := &outageStore{Store: base}
-	var cur *Driver
-	ip, err := ipam.New(ipam.Config{Node: "a",
-		Kept: func(poolID string, gw netip.Addr) int { return cur.KeptHolds(poolID, gw, keptWait) },
-	}, base)
-	if err != nil {
-		t.Fatal(err)
-	}
-	opts := func(c *Config) {
-		c.OwnsAddressSpace = ip.Owns
-		c.HoldPool = ip.HoldPool
-		c.CallTimeout = 200 * time.Millisecond
-	}
-	dp := newFake()
-	cur = newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts)
-	subnet := netip.MustParsePrefix("10.1.0.0/24")
-	gw := netip.MustParseAddr("10.1.0.1")
-	var poolID string
-	for _, id := range []string{"n1", "n2"} {
-		p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
-		if err != nil {
-			t.Fatal(err)
-		}
-		poolID = p.ID
-		if _, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true}); err != nil {
-			t.Fatal(err)
-		}
-		req := createReq(id, map[string]interface{}{"name": "app"}, subnet.String())
-		req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
-		if err := cur.CreateNetwork(req); err != nil {
-			t.Fatal(err)
-		}
-	}
-	epNet, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: poolID, MAC: "02:42:0a:01:00:02"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	joinedEndpoint(t, cur, "n1", "ep1", epNet.String())
-	dp.mu.Lock()
-	dp.inUse = map[string]bool{"ep1": true}
-	dp.mu.Unlock()
+	var store *outageStore
+	h := newPoolHost(t, poolOpts{
+		store: func(s kvstore.Store) kvstore.Store {
+			if store == nil {
+				store = &outageStore{Store: s}
+			}
+			return store
+		},
+		driver: []func(*Config){func(c *Config) { c.CallTimeout = 200 * time.Millisecond }},
+	})
+	poolID := h.network("n1")
+	h.network("n2")
+	ep := h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02").Addr()
 
-	cur.Close()
+	// The plugin restarts; its restore cannot finish while its store
+	// does not answer (the IPAM's does).
+	h.a.Close()
 	store.down.Store(true)
-	cfg := Config{HostID: "a", Node: "a", VTEP: netip.MustParseAddr("192.0.2.1"), Shared: true}
-	opts(&cfg)
-	d2, err := New(cfg, store, dp)
-	if err != nil {
-		t.Fatal(err)
-	}
-	d2.Start()
-	t.Cleanup(func() { d2.Close() })
-	cur = d2
-
+	d := h.newDriver()
+	d.Start()
+	t.Cleanup(func() { d.Close() })
+	h.a = d
 	rm := func() error {
 		t.Helper()
-		if err := ip.FreeAddress(ctx, poolID, gw); err != nil {
-			t.Fatal(err)
-		}
-		if err := ip.FreePool(ctx, poolID); err != nil {
-			t.Fatal(err)
-		}
-		return d2.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"})
+		h.release(poolID)
+		return d.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"})
 	}
 	if err := rm(); err == nil {
 		t.Fatal("DeleteNetwork succeeded while restoring: the test proves nothing")
 	}
 	_ = rm() // docker network rm n2 again, still restoring
 	store.down.Store(false)
-	<-d2.Ready()
-	if err := d2.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}); err != nil {
+	<-d.Ready()
+	if err := d.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}); err != nil {
 		t.Fatal(err)
 	}
-	if _, holder, _, err := ip.AddressHolder(ctx, epNet.Addr()); err != nil || holder != "a" {
-		t.Errorf("after docker network rm n2 (twice, while the plugin restored), ep1's address %s (n1 and its container still run) is held by %q (%v); want a", epNet.Addr(), holder, err)
+	if holder := h.heldBy(ep); holder != "a" {
+		t.Errorf("after docker network rm n2 (twice, while the plugin restored), ep1's address %s (n1 and its container still run) is held by %q; want a", ep, holder)
 	}
-	if p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet}); err == nil {
-		if got, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, Address: epNet.Addr(), MAC: "02:42:0a:01:00:99"}); err == nil {
-			t.Errorf("ep1's address %s handed out again (%s) while ep1's container runs", epNet.Addr(), got)
-		}
-	}
+	h.notHandedOut(ep, "ep1")
 }
 
 // countingDataplane counts EndpointsInUse calls (one link dump each, under
@@ -337,56 +232,23 @@ func (c *countingDataplane) EndpointsInUse() ([]string, error) {
 // restart kept without a record, IPAM's orphan sweep of 40 addresses
 // asks AddressMayBeUsed 40 times; one link dump answers them all.
 func TestUnrecordedSweepDumpsOnce(t *testing.T) {
-	ctx := context.Background()
-	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
-	ip, err := ipam.New(ipam.Config{Node: "a", Grace: 10 * time.Millisecond}, store)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dp := &countingDataplane{fakeDataplane: newFake()}
-	opts := func(c *Config) {
-		c.OwnsAddressSpace = ip.Owns
-		c.HoldPool = ip.HoldPool
-	}
-	a := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts)
-	subnet := netip.MustParsePrefix("10.1.0.0/24")
-	p, err := ip.AllocatePool(ctx, ipam.PoolRequest{Pool: subnet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	req := createReq("n1", map[string]interface{}{"name": "app"}, subnet.String())
-	req.IPv4Data[0].AddressSpace = ipam.LocalAddressSpace
-	if err := a.CreateNetwork(req); err != nil {
-		t.Fatal(err)
-	}
+	var dp *countingDataplane
+	h := newPoolHost(t, poolOpts{grace: 10 * time.Millisecond,
+		dp: func(f *fakeDataplane) Dataplane { dp = &countingDataplane{fakeDataplane: f}; return dp }})
+	poolID := h.network("n1")
 	const n = 40
+	var ids []string
 	for i := 0; i < n; i++ {
-		pfx, err := ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: p.ID, MAC: fmt.Sprintf("02:42:0a:01:00:%02x", i+2)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		joinedEndpoint(t, a, "n1", fmt.Sprintf("ep%d", i), pfx.String())
+		ids = append(ids, fmt.Sprintf("ep%d", i))
+		h.endpoint(poolID, "n1", ids[i], fmt.Sprintf("02:42:0a:01:00:%02x", i+2))
 	}
-	a.Close()
-	dp.mu.Lock()
-	dp.inUse = map[string]bool{}
-	for i := 0; i < n; i++ {
-		dp.inUse[fmt.Sprintf("ep%d", i)] = true
-	}
-	dp.mu.Unlock()
-	if err := store.Delete(ctx, "networks/name-app/endpoints/ep0"); err != nil {
+	if err := h.store.Delete(h.ctx, "networks/name-app/endpoints/ep0"); err != nil {
 		t.Fatal(err)
 	}
-	b := newHostDriver(t, store, "a", "a", "192.0.2.1", dp, opts)
+	h.restarted(ids...)
 	time.Sleep(20 * time.Millisecond)
 	dp.dumps.Store(0)
-	bound := func(poolID string, a netip.Addr) bool {
-		_, s, _, err := ipam.ParsePoolID(poolID)
-		return err != nil || b.AddressMayBeUsed(s, a)
-	}
-	if _, err := ip.Sweep(ctx, bound); err != nil {
-		t.Fatal(err)
-	}
+	h.sweep()
 	if got := dp.dumps.Load(); got > 1 {
 		t.Errorf("one orphan sweep of %d addresses did %d link dumps, want at most 1", n, got)
 	}
@@ -404,18 +266,15 @@ func TestUnrecordedSweepDumpsOnce(t *testing.T) {
 // goes with ep1's address record, and the address is handed out again
 // while ep1's container is starting with it.
 func TestKeptHoldsCountsJoinedEndpointBeforeMove(t *testing.T) {
-	h := newPoolHost(t, true)
-	var poolID string
-	for _, id := range []string{"n1", "n2"} {
-		poolID = h.requestPool()
-		h.create(id)
-	}
+	h := newPoolHost(t, poolOpts{})
+	poolID := h.network("n1")
+	h.network("n2")
 	h.release(poolID)
 	if !crashAt(h.a, "deletenetwork/after-endpoints", func() { h.a.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n2"}) }) {
 		t.Fatal("DeleteNetwork did not stop: the test proves nothing")
 	}
 	// docker run --network n1: address, CreateEndpoint, Join; the
-	// interface is not in the container yet (dp.inUse not set).
+	// interface is not in the container yet.
 	a, err := h.ip.AllocateAddress(h.ctx, ipam.AddressRequest{PoolID: poolID, MAC: "02:42:0a:01:00:02"})
 	if err != nil {
 		t.Fatal(err)
