@@ -147,8 +147,11 @@ func (d *Driver) AllocateAddress(ctx context.Context, req AddressRequest) (netip
 			return netip.Prefix{}, fmt.Errorf("%s: not a usable address of %s (outside it, or its network or broadcast address): %w", op, ref.subnet, ErrAddressOutOfRange)
 		}
 	}
-	if d.cfg.Held != nil && d.cfg.HeldReady != nil && !req.Gateway && !req.reassert {
-		// Held may be asked: it must know this host's endpoints.
+	if d.cfg.Held != nil && d.cfg.HeldReady != nil && !req.Gateway && !req.reassert &&
+		(!req.Address.IsValid() || req.Endpoint != "" || req.MAC != "") {
+		// Held may be asked (the next free address, or an explicit one
+		// for an endpoint; not an --aux-address): it must know this
+		// host's endpoints.
 		if err := d.cfg.HeldReady(); err != nil {
 			return netip.Prefix{}, fmt.Errorf("%s: %w", op, err)
 		}
