@@ -127,12 +127,14 @@ func (g *gatedDataplane) Reconcile(ctx context.Context, s vxlan.State) (vxlan.Ch
 // (Config.HeldReady) instead of handing ep1's address out again.
 func TestHeldWhileRestoring(t *testing.T) {
 	var dp *gatedDataplane
-	h := newPoolHost(t, poolOpts{dp: func(f *fakeDataplane) Dataplane {
-		if dp == nil {
-			dp = &gatedDataplane{fakeDataplane: f, gate: make(chan struct{})}
-		}
-		return dp
-	}})
+	h := newPoolHost(t, poolOpts{
+		driver: []func(*Config){func(c *Config) { c.CallTimeout = keptWait }}, // WaitRestored waits as long
+		dp: func(f *fakeDataplane) Dataplane {
+			if dp == nil {
+				dp = &gatedDataplane{fakeDataplane: f, gate: make(chan struct{})}
+			}
+			return dp
+		}})
 	poolID := h.network("n1")
 	ep1 := h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02").Addr()
 	ipb, err := ipam.New(ipam.Config{Node: "b"}, h.store)

@@ -196,11 +196,14 @@ func (d *Driver) AddressUsed(subnet netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
-// WaitRestored waits at most wait for the driver to have restored its
-// state: until then it does not know its endpoints (AddressUsed). The
-// error says so, for the IPAM's Config.HeldReady.
+// WaitRestored waits for the driver to have restored its state, at most
+// wait or as long as the driver's own calls wait for it (CallTimeout),
+// whichever is longer: until then it does not know its endpoints
+// (AddressUsed), and an address request must not give up on a restore
+// that the CreateEndpoint after it would wait for. The error says so, for
+// the IPAM's Config.HeldReady.
 func (d *Driver) WaitRestored(wait time.Duration) error {
-	if d.readyWithin(wait) {
+	if d.readyWithin(max(wait, d.cfg.CallTimeout)) {
 		return nil
 	}
 	d.mu.Lock()

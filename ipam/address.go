@@ -147,12 +147,8 @@ func (d *Driver) AllocateAddress(ctx context.Context, req AddressRequest) (netip
 			return netip.Prefix{}, fmt.Errorf("%s: not a usable address of %s (outside it, or its network or broadcast address): %w", op, ref.subnet, ErrAddressOutOfRange)
 		}
 	}
-	if d.cfg.Held != nil && d.cfg.HeldReady != nil && !req.Gateway && !req.reassert &&
-		(!req.Address.IsValid() || req.Endpoint != "" || req.MAC != "") {
-		// Held may be asked (the next free address, or an explicit one
-		// for an endpoint; not an --aux-address): it must know this
-		// host's endpoints.
-		if err := d.cfg.HeldReady(); err != nil {
+	if !req.heldReady {
+		if err := d.heldReady(req); err != nil {
 			return netip.Prefix{}, fmt.Errorf("%s: %w", op, err)
 		}
 	}
@@ -181,6 +177,20 @@ func (d *Driver) AllocateAddress(ctx context.Context, req AddressRequest) (netip
 		return netip.Prefix{}, err
 	}
 	return netip.PrefixFrom(a, ref.subnet.Bits()), nil
+}
+
+// heldReady calls Config.HeldReady for a request that may ask Held (the
+// next free address, or an explicit one for an endpoint; not a gateway,
+// an --aux-address or ReassertAddress): Held must know this host's
+// endpoints.
+func (d *Driver) heldReady(req AddressRequest) error {
+	if d.cfg.Held == nil || d.cfg.HeldReady == nil || req.Gateway || req.reassert {
+		return nil
+	}
+	if req.Address.IsValid() && req.Endpoint == "" && req.MAC == "" {
+		return nil
+	}
+	return d.cfg.HeldReady()
 }
 
 func (d *Driver) getAddr(ctx context.Context, ref poolRef, a netip.Addr) (*kvstore.Pair, *addrRecord, error) {

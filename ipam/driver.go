@@ -110,6 +110,9 @@ type AddressRequest struct {
 	// reassert: ReassertAddress taking an endpoint's address back for it
 	// (Config.Held is not asked).
 	reassert bool
+	// heldReady: Config.HeldReady has answered already (RequestAddress
+	// waits for it before its store calls' timeout starts).
+	heldReady bool
 }
 
 // GetCapabilities implements ipam.Ipam.
@@ -156,6 +159,11 @@ func (d *Driver) RequestAddress(r *ipam.RequestAddressRequest) (*ipam.RequestAdd
 	if err != nil {
 		return nil, fmt.Errorf("request address: %w", err)
 	}
+	// The wait for the network driver's restore is not the store's time.
+	if err := d.heldReady(req); err != nil {
+		return nil, fmt.Errorf("request address in pool %s: %w", r.PoolID, err)
+	}
+	req.heldReady = true
 	ctx, cancel := context.WithTimeout(context.Background(), d.cfg.Timeout)
 	defer cancel()
 	a, err := d.AllocateAddress(ctx, req)
