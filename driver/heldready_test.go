@@ -1,8 +1,11 @@
 package driver
 
 import (
+	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/docker/go-plugins-helpers/network"
 
 	"consul-overlay/ipam"
 )
@@ -44,4 +47,60 @@ func TestDockerRunWhileRestoreWithinCallTimeout(t *testing.T) {
 		t.Fatalf("docker run while the restore takes %s (the driver's calls wait %s): its address request failed: %v", 2*keptWait, 5*keptWait, err)
 	}
 	joinedEndpoint(t, d, "n1", "ep2", a.String())
+}
+
+// TestNetworkRmWhileRestore: the plugin restarts and its restore takes
+// longer than the two releases of `docker network rm n1` wait for it
+// (KeptHolds: 5 s each in plugin/main.go, here keptWait), n1 being the
+// pool's last network, then DeleteNetwork waits for the restore and
+// unbinds n1 (engine 29's order). The releases, kept while the driver
+// could not tell, are applied once it has restored (Config.Restored): the
+// pool goes, and `docker network create --subnet 10.1.0.0/24 --gateway
+// 10.1.0.254` works, instead of failing until the pool sweep.
+func TestNetworkRmWhileRestore(t *testing.T) {
+	var dp *gatedDataplane
+	h := newPoolHost(t, poolOpts{
+		driver: []func(*Config){func(c *Config) { c.CallTimeout = 5 * keptWait }},
+		dp: func(f *fakeDataplane) Dataplane {
+			if dp == nil {
+				dp = &gatedDataplane{fakeDataplane: f, gate: make(chan struct{})}
+			}
+			return dp
+		}})
+	poolID := h.network("n1")
+
+	// kill -9; the plugin restarts and its restore takes longer than the
+	// two releases wait, less than DeleteNetwork does.
+	h.a.Close()
+	dp.block.Store(true)
+	d := h.newDriver()
+	h.a = d
+	d.Start()
+	t.Cleanup(func() { d.Close() })
+	time.AfterFunc(3*keptWait, func() { close(dp.gate) })
+
+	// docker network rm n1: releases, then DeleteNetwork.
+	h.release(poolID)
+	if err := d.DeleteNetwork(&network.DeleteNetworkRequest{NetworkID: "n1"}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		p, g := h.holds()
+		if p == 0 && g == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after docker network rm of the pool's last network, a holds the pool %d times and its gateway %d times; want 0 and 0", p, g)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// docker network create --subnet 10.1.0.0/24 --gateway 10.1.0.254.
+	p, err := h.ip.AllocatePool(h.ctx, ipam.PoolRequest{Pool: h.subnet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.ip.AllocateAddress(h.ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true, Address: netip.MustParseAddr("10.1.0.254")}); err != nil {
+		t.Errorf("docker network create with another gateway after the rm: %v", err)
+	}
 }

@@ -108,6 +108,7 @@ func newPoolHost(t *testing.T, o poolOpts) *poolHost {
 	}
 	if !o.noKept {
 		cfg.Kept = func(poolID string, gw netip.Addr) int { return h.a.KeptHolds(poolID, gw, keptWait) }
+		cfg.Restored = func() <-chan struct{} { return h.a.Ready() }
 	}
 	var err error
 	if h.ip, err = ipam.New(cfg, h.store); err != nil {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"math"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -377,17 +376,15 @@ func (d *Driver) NetworksOn(space string, subnet netip.Prefix, wait time.Duratio
 // dropped while the plugin was down, which the restart took back from
 // its record, does not keep the pool of the network Docker is removing.
 // Until the driver has restored its state (waiting at most wait) it
-// cannot tell, and every hold is kept: IPAM's pool sweep drops a hold no
-// network uses later.
+// cannot tell: ipam.KeptUnknown, and the IPAM applies the release once
+// the restore is done (Config.Restored, Ready).
 func (d *Driver) KeptHolds(poolID string, gw netip.Addr, wait time.Duration) int {
 	space, subnet, _, err := ipam.ParsePoolID(poolID)
 	if err != nil {
 		return 0
 	}
 	if !d.readyWithin(wait) {
-		d.log.Warn("release of a pool or of its gateway while the driver is still restoring its state: kept; IPAM's pool sweep drops the hold later if no network uses it",
-			"pool", poolID, "gateway", gw)
-		return math.MaxInt
+		return ipam.KeptUnknown
 	}
 	count := func(only map[string]bool) int {
 		d.mu.Lock()

@@ -589,6 +589,9 @@ func (d *Driver) FreeAddress(ctx context.Context, poolID string, a netip.Addr) e
 			n := rec.Holders[d.cfg.Node]
 			if n > 0 && rec.Kind == kindGateway && d.cfg.Kept != nil {
 				if kept := d.cfg.Kept(poolID, a); n-1 < kept {
+					if d.deferRelease(kept, "gateway", poolID, a, func(ctx context.Context) error { return d.FreeAddress(ctx, poolID, a) }) {
+						return nil
+					}
 					d.log.Warn("release of a gateway ignored: this host's networks with endpoints use it (a release sent again by a retried removal, or one a re-assertion counted out)",
 						"pool", ref.id(), "address", a, "holds", n, "kept", kept)
 					return nil

@@ -3,6 +3,7 @@ package ipam
 import (
 	"fmt"
 	"log/slog"
+	"math"
 	"net/netip"
 	"time"
 )
@@ -45,6 +46,11 @@ const (
 	// usable address (the subnet-router anycast address is excluded).
 	MaxPrefixLenV6 = 127
 )
+
+// KeptUnknown is Config.Kept's answer when it cannot tell yet (the
+// network driver is still restoring its state): every hold is kept, and
+// the release is applied once Config.Restored says Kept can tell.
+const KeptUnknown = math.MaxInt
 
 // Defaults for the zero values of Config.
 var (
@@ -156,6 +162,11 @@ type Config struct {
 	// eviction may have counted the network out already. It must not call
 	// back into the Driver. nil: every release is honoured.
 	Kept func(poolID string, gw netip.Addr) int
+	// Restored, if set, is closed once Kept can tell (the network driver
+	// has restored its state). A release Kept answers KeptUnknown for is
+	// applied then, Kept asked again; nil: such a release is ignored, and
+	// the pool sweep drops a hold no network uses.
+	Restored func() <-chan struct{}
 	// Logger receives debug lines for each store write. Zero: slog.Default().
 	Logger *slog.Logger
 }

@@ -3,7 +3,9 @@ package ipam
 import (
 	"context"
 	"net/netip"
+	"sync"
 	"testing"
+	"time"
 )
 
 // TestReleaseKeepsHoldsInUse: a ReleasePool, or a release of the gateway,
@@ -45,5 +47,43 @@ func TestReleaseKeepsHoldsInUse(t *testing.T) {
 	kept = 0 // its endpoints are gone
 	mustRelease(t, a, p, g)
 	mustReleasePool(t, a, p)
+	c.empty()
+}
+
+// TestReleaseDeferredUntilRestored: while Config.Kept cannot tell
+// (KeptUnknown), a ReleasePool and a release of the gateway change
+// nothing; once Config.Restored is closed they are applied, Kept asked
+// again.
+func TestReleaseDeferredUntilRestored(t *testing.T) {
+	s := newMemStore()
+	var mu sync.Mutex
+	kept := KeptUnknown
+	restored := make(chan struct{})
+	a, err := New(Config{Node: "a", Logger: testLogger(),
+		Kept: func(string, netip.Addr) int {
+			mu.Lock()
+			defer mu.Unlock()
+			return kept
+		},
+		Restored: func() <-chan struct{} { return restored },
+	}, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &cluster{t: t, inspect: s}
+	p := mustPool(t, a, "10.17.0.0/24", "", false).PoolID
+	g := mustAddr(t, a, p, "", gw)
+	before := c.snapshot()
+	mustRelease(t, a, p, g)
+	mustReleasePool(t, a, p)
+	c.unchanged(before, "releases while Kept cannot tell")
+	mu.Lock()
+	kept = 0
+	mu.Unlock()
+	close(restored)
+	deadline := time.Now().Add(5 * time.Second)
+	for len(c.snapshot()) != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
 	c.empty()
 }

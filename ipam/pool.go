@@ -249,6 +249,29 @@ func (d *Driver) allocAutoPool(ctx context.Context, space string, v6 bool) (Pool
 	return Pool{}, fmt.Errorf("%s: gave up after %d concurrent updates: %w", op, maxAttempts, kvstore.ErrConflict)
 }
 
+// deferRelease applies a release of a pool (gw invalid) or of its
+// gateway gw again, with f, once Config.Restored says Kept can tell: kept
+// is Kept's answer, and only KeptUnknown defers. It reports whether it
+// deferred. A kill -9 before then loses the deferred release; the pool
+// sweep drops the hold then.
+func (d *Driver) deferRelease(kept int, what, poolID string, gw netip.Addr, f func(ctx context.Context) error) bool {
+	if kept != KeptUnknown || d.cfg.Restored == nil {
+		return false
+	}
+	d.log.Warn("release of a "+what+" deferred until the network driver has restored its state: it cannot tell yet which of this host's networks still use it",
+		"pool", poolID, "gateway", gw)
+	restored := d.cfg.Restored()
+	go func() {
+		<-restored
+		ctx, cancel := context.WithTimeout(context.Background(), d.cfg.Timeout)
+		defer cancel()
+		if err := f(ctx); err != nil {
+			d.log.Error("deferred release failed: the pool sweep drops the hold if no network uses it", "pool", poolID, "gateway", gw, "error", err)
+		}
+	}()
+	return true
+}
+
 // FreePool releases this host's hold on a pool. The pool and every key under
 // it are removed when no host holds it any more. Releasing a pool this host
 // does not hold, or that does not exist, changes nothing and succeeds.
@@ -283,6 +306,9 @@ func (d *Driver) FreePool(ctx context.Context, poolID string) error {
 		}
 		if d.cfg.Kept != nil {
 			if kept := d.cfg.Kept(poolID, netip.Addr{}); n-1 < kept {
+				if d.deferRelease(kept, "pool", poolID, netip.Addr{}, func(ctx context.Context) error { return d.FreePool(ctx, poolID) }) {
+					return nil
+				}
 				d.log.Warn("release of a pool ignored: this host's networks with endpoints use it (a release sent again by a retried removal, or one a re-assertion counted out)",
 					"pool", poolID, "holds", n, "kept", kept)
 				return nil

@@ -365,6 +365,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 			_, subnet, _, err := ipam.ParsePoolID(poolID)
 			return err == nil && drv != nil && drv.AddressUsed(subnet, a)
 		},
+		Restored: func() <-chan struct{} { return drv.Ready() },
 		Kept: func(poolID string, gw netip.Addr) int {
 			if drv == nil {
 				return 0
