@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"path/filepath"
 	"strings"
@@ -288,6 +289,22 @@ func (h *poolHost) heldBy(a netip.Addr) string {
 		h.t.Fatal(err)
 	}
 	return holder
+}
+
+// poolKeysLeft tells whether the store has any key of the pool.
+func (h *poolHost) poolKeysLeft() bool {
+	h.t.Helper()
+	pairs, err := h.store.List(h.ctx, "ipam/")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	dir := fmt.Sprintf("/pool/%s_%d/", h.subnet.Addr(), h.subnet.Bits())
+	for _, kv := range pairs {
+		if strings.Contains(kv.Key, dir) {
+			return true
+		}
+	}
+	return false
 }
 
 // holds counts a's holds of the pool and of its gateway (0 for a pool or
