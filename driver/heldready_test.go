@@ -20,25 +20,12 @@ import (
 // did before HeldReady. Docker does not retry it; a `--restart always`
 // container that dockerd starts at boot stays down.
 func TestDockerRunWhileRestoreWithinCallTimeout(t *testing.T) {
-	var dp *gatedDataplane
-	h := newPoolHost(t, poolOpts{
-		driver: []func(*Config){func(c *Config) { c.CallTimeout = 5 * keptWait }},
-		dp: func(f *fakeDataplane) Dataplane {
-			if dp == nil {
-				dp = &gatedDataplane{fakeDataplane: f, gate: make(chan struct{})}
-			}
-			return dp
-		}})
+	h, dp := slowRestoreHost(t, 5*keptWait)
 	poolID := h.network("n1")
 	h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02")
 
 	// kill -9; the plugin restarts and its restore takes 2*keptWait.
-	h.a.Close()
-	dp.block.Store(true)
-	d := h.newDriver()
-	h.a = d
-	d.Start()
-	t.Cleanup(func() { d.Close() })
+	d := h.slowRestart(dp)
 	time.AfterFunc(2*keptWait, func() { close(dp.gate) })
 
 	// docker run --network n1: RequestAddress, CreateEndpoint, Join.
@@ -58,25 +45,12 @@ func TestDockerRunWhileRestoreWithinCallTimeout(t *testing.T) {
 // pool goes, and `docker network create --subnet 10.1.0.0/24 --gateway
 // 10.1.0.254` works, instead of failing until the pool sweep.
 func TestNetworkRmWhileRestore(t *testing.T) {
-	var dp *gatedDataplane
-	h := newPoolHost(t, poolOpts{
-		driver: []func(*Config){func(c *Config) { c.CallTimeout = 5 * keptWait }},
-		dp: func(f *fakeDataplane) Dataplane {
-			if dp == nil {
-				dp = &gatedDataplane{fakeDataplane: f, gate: make(chan struct{})}
-			}
-			return dp
-		}})
+	h, dp := slowRestoreHost(t, 5*keptWait)
 	poolID := h.network("n1")
 
 	// kill -9; the plugin restarts and its restore takes longer than the
 	// two releases wait, less than DeleteNetwork does.
-	h.a.Close()
-	dp.block.Store(true)
-	d := h.newDriver()
-	h.a = d
-	d.Start()
-	t.Cleanup(func() { d.Close() })
+	d := h.slowRestart(dp)
 	time.AfterFunc(3*keptWait, func() { close(dp.gate) })
 
 	// docker network rm n1: releases, then DeleteNetwork.
@@ -106,4 +80,35 @@ func TestNetworkRmWhileRestore(t *testing.T) {
 	if _, err := h.ip.AllocateAddress(h.ctx, ipam.AddressRequest{PoolID: p.ID, Gateway: true, Address: netip.MustParseAddr("10.1.0.254")}); err != nil {
 		t.Errorf("docker network create with another gateway after the rm: %v", err)
 	}
+}
+
+// slowRestoreHost is newPoolHost whose data plane holds the kernel step of
+// a restore while it is told to (a busy host's reconcile), and whose
+// driver's calls wait callTimeout for a restore.
+func slowRestoreHost(t *testing.T, callTimeout time.Duration) (*poolHost, *gatedDataplane) {
+	t.Helper()
+	var dp *gatedDataplane
+	h := newPoolHost(t, poolOpts{
+		driver: []func(*Config){func(c *Config) { c.CallTimeout = callTimeout }},
+		dp: func(f *fakeDataplane) Dataplane {
+			if dp == nil {
+				dp = &gatedDataplane{fakeDataplane: f, gate: make(chan struct{})}
+			}
+			return dp
+		}})
+	return h, dp
+}
+
+// slowRestart stops host a's driver (a kill -9: nothing is cleaned up) and
+// starts another, whose restore waits in the kernel step until dp's gate
+// is closed. It does not wait for the restore.
+func (h *poolHost) slowRestart(dp *gatedDataplane) *Driver {
+	h.t.Helper()
+	h.a.Close()
+	dp.block.Store(true)
+	d := h.newDriver()
+	h.a = d
+	d.Start()
+	h.t.Cleanup(func() { d.Close() })
+	return d
 }

@@ -126,15 +126,7 @@ func (g *gatedDataplane) Reconcile(ctx context.Context, s vxlan.State) (vxlan.Ch
 // its endpoints yet cannot say that ep1 has it. The request fails
 // (Config.HeldReady) instead of handing ep1's address out again.
 func TestHeldWhileRestoring(t *testing.T) {
-	var dp *gatedDataplane
-	h := newPoolHost(t, poolOpts{
-		driver: []func(*Config){func(c *Config) { c.CallTimeout = keptWait }}, // WaitRestored waits as long
-		dp: func(f *fakeDataplane) Dataplane {
-			if dp == nil {
-				dp = &gatedDataplane{fakeDataplane: f, gate: make(chan struct{})}
-			}
-			return dp
-		}})
+	h, dp := slowRestoreHost(t, keptWait) // WaitRestored waits as long
 	poolID := h.network("n1")
 	ep1 := h.endpoint(poolID, "n1", "ep1", "02:42:0a:01:00:02").Addr()
 	ipb, err := ipam.New(ipam.Config{Node: "b"}, h.store)
@@ -159,11 +151,7 @@ func TestHeldWhileRestoring(t *testing.T) {
 	}
 
 	// The plugin restarts; its restore is in the kernel reconcile.
-	dp.block.Store(true)
-	d := h.newDriver()
-	h.a = d
-	d.Start()
-	t.Cleanup(func() { d.Close() })
+	d := h.slowRestart(dp)
 	defer close(dp.gate)
 	time.Sleep(100 * time.Millisecond)
 	select {
