@@ -412,19 +412,21 @@ func (d *Driver) KeptHolds(poolID string, gw netip.Addr, wait time.Duration) int
 	for id := range unsure {
 		all[id] = true
 	}
-	if len(unsure) == 0 || count(all) == count(used) {
-		return count(used)
+	known := count(used)
+	if len(unsure) == 0 || count(all) == known {
+		return known
 	}
-	inUse, err := d.dp.EndpointsInUse()
+	keys, err := d.dp.EndpointsInUse()
 	if err != nil {
 		return count(all)
 	}
-	for id, keys := range unsure {
-		for _, k := range keys {
-			if slices.Contains(inUse, k) {
-				used[id] = true
-				break
-			}
+	inUse := make(map[string]bool, len(keys))
+	for _, k := range keys {
+		inUse[k] = true
+	}
+	for id, eps := range unsure {
+		if slices.ContainsFunc(eps, func(k string) bool { return inUse[k] }) {
+			used[id] = true
 		}
 	}
 	return count(used)

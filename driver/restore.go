@@ -332,7 +332,7 @@ func (d *Driver) restore(ctx context.Context) error {
 		return fmt.Errorf("reconcile kernel: %w", err)
 	}
 	// What the reconcile kept without a network: no other network may
-	// have these VNIs while containers use them (strayVNIs).
+	// have these VNIs while containers use them (takenVNIs).
 	var strays map[uint32]bool
 	if state.KeepStrays {
 		vnis, err := d.dp.Networks(ctx)
