@@ -143,9 +143,11 @@ type NetworkSpec struct {
 	Gateways []netip.Prefix
 	Spaces   []string // IPAM address space of each subnet
 	Options  map[string]string
-	// Avoid are VNIs an allocated VNI must not be (0 in VNI): overlays
-	// this host keeps in its kernel for containers of a network it no
-	// longer serves. A network other hosts already have keeps its VNI.
+	// Avoid are VNIs an allocated VNI must not be (0 in VNI): the
+	// overlays of this host's other networks (the store may have freed
+	// their VNIs in a reap) and those it keeps in its kernel for
+	// containers of a network it no longer serves. A network other hosts
+	// already have keeps its VNI.
 	Avoid []uint32
 }
 
