@@ -107,7 +107,10 @@
 // existed. The chain and the FORWARD jump are shared by all owners and
 // never removed (an empty chain costs nothing; removing it would race with
 // another instance). The commands are configurable; without them the
-// package logs a warning and carries on.
+// package picks the iptables flavour (nft or legacy) that holds dockerd's
+// rules, and moves its rules there if dockerd's appear in the other
+// flavour after its first writes (flavour.go); without any command it logs
+// a warning and carries on.
 //
 // # Encryption
 //

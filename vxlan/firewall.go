@@ -97,9 +97,11 @@ type firewall struct {
 
 	// detector chose the iptables flavour (flavour.go), nil when the
 	// commands were configured; flavour is its choice, made again by
-	// redetect until settled.
+	// Manager.watchFlavour until settled. moveFrom is the flavour our
+	// rules still have to be moved out of (nil: none).
 	detector *flavourDetector
 	flavour  flavourChoice
+	moveFrom *flavourChoice
 }
 
 // legacyOwner reports whether uncommented rules in our chain are ours: the
@@ -237,7 +239,7 @@ func (f *firewall) apply(ctx context.Context, bin string, b batch) (int, error) 
 	}
 	if r := f.restore[bin]; r != "" {
 		var in strings.Builder
-		for _, table := range []string{"filter", "raw"} {
+		for _, table := range []string{"filter", "raw", "mangle"} {
 			var lines []string
 			for _, w := range b {
 				if w.table == table {
@@ -589,7 +591,6 @@ func (f *firewall) sync(ctx context.Context, s fwSpec) (int, error) {
 	if !f.enabled() {
 		return 0, nil
 	}
-	f.redetect(ctx)
 	ul := ""
 	if s.underlay {
 		ul = f.underlayBin(s.v6)

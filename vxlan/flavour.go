@@ -5,7 +5,9 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -27,10 +29,17 @@ import (
 // the default of current distributions. The plugin's rootfs carries both
 // (scripts/plugin-rootfs.sh).
 //
-// A managed plugin may start before dockerd has set its chains up (at
-// boot): while neither flavour holds any rule, the choice is provisional
-// and is made again before each firewall write (ensureBase, ensureInput),
-// until a flavour holds rules.
+// A managed plugin starts before dockerd sets its chains up (at boot,
+// dockerd starts its plugins before its networking): while neither flavour
+// holds a rule of anyone but consul-overlay, the choice is provisional. A
+// Manager then makes it again in the background (watchFlavour: after 1 s,
+// doubling to 30 s, for ten minutes), and once a flavour other than the
+// provisional one holds dockerd's rules, it moves its rules there: all of
+// them written in the new flavour, then its own removed from the old one
+// (moveFirewall). Rules of consul-overlay do not count: the provisional
+// flavour holds them from the first write on, and counting them made that
+// first write settle the choice, on a legacy host in the flavour dockerd
+// does not use.
 
 // flavourNames are the flavours, the default first.
 var flavourNames = []string{"nft", "legacy"}
@@ -130,12 +139,20 @@ func (d *flavourDetector) probe(ctx context.Context) []flavourState {
 			switch {
 			case strings.HasPrefix(line, ":DOCKER"):
 				st.dockerChains++
-			case strings.HasPrefix(line, "-A "):
+			case strings.HasPrefix(line, "-A ") && !consulOverlayRule(line):
 				st.rules++
 			}
 		}
 	}
 	return states
+}
+
+// consulOverlayRule reports whether a saved rule is consul-overlay's, of
+// any owner: in or jumping to one of its chains, or carrying an owner mark
+// as its comment. The probe does not count them.
+func consulOverlayRule(line string) bool {
+	return strings.Contains(line, FirewallChain) ||
+		strings.Contains(line, "--comment "+OwnerAlias) || strings.Contains(line, `--comment "`+OwnerAlias)
 }
 
 // chooseFlavour picks among the probed flavours; ok is false when there is
@@ -262,22 +279,193 @@ func newDetectedFirewall(ctx context.Context, log *slog.Logger, d *flavourDetect
 	return f
 }
 
-// redetect makes a provisional flavour choice again (caller holds
-// Manager.mu): once a flavour holds rules, its commands are used from then
-// on.
-func (f *firewall) redetect(ctx context.Context) {
-	if f.detector == nil || f.flavour.settled {
-		return
+// flavourWatch is how watchFlavour paces its checks.
+type flavourWatch struct {
+	first, most time.Duration // the first wait, doubled up to most
+	window      time.Duration // how long the choice stays open
+}
+
+var defaultFlavourWatch = flavourWatch{first: time.Second, most: 30 * time.Second, window: 10 * time.Minute}
+
+// watchFlavour makes a provisional flavour choice again in the background
+// until it is settled, and moves this owner's rules when the host's
+// firewall turns out to use the other flavour (recheckFlavour). After the
+// window, a choice still provisional is kept. It ends with Close.
+func (m *Manager) watchFlavour(w flavourWatch) {
+	go func() {
+		deadline := time.Now().Add(w.window)
+		wait := w.first
+		for {
+			t := time.NewTimer(wait)
+			select {
+			case <-m.done:
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			wait = min(2*wait, w.most)
+			if m.recheckFlavour(context.Background(), !time.Now().Before(deadline)) {
+				return
+			}
+		}
+	}()
+}
+
+// recheckFlavour makes the firewall flavour choice again; it reports
+// whether the choice is settled and nothing is left to move. final keeps a
+// choice that is still provisional.
+func (m *Manager) recheckFlavour(ctx context.Context, final bool) bool {
+	m.mu.Lock()
+	f := m.fw
+	done := f.detector == nil || (f.flavour.settled && f.moveFrom == nil)
+	pending := f.moveFrom != nil
+	m.mu.Unlock()
+	if done {
+		return true
 	}
-	c, ok := f.detector.detect(ctx, true)
-	if !ok || !c.settled {
-		return
+	var c flavourChoice
+	if !pending {
+		// The save commands only read: the probe runs without the lock.
+		ok := false
+		if c, ok = f.detector.detect(ctx, true); !ok {
+			return true // no flavour-named command left: nothing to choose
+		}
 	}
-	if c.name != f.flavour.name {
-		f.log.Warn("firewall flavour changed now that the host's firewall holds rules: rules written so far in the other flavour stay there, ineffective",
-			"from", f.flavour.name, "to", c.name)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if f != m.fw {
+		return true
 	}
-	f.flavour = c
-	f.useCommands(c.commands())
-	f.allowed = nil // the new flavour's INPUT rules are unknown
+	if !pending {
+		switch {
+		case !c.settled && !final:
+			return false
+		case !c.settled:
+			f.flavour.settled = true
+			m.log.Info("firewall flavour kept: no flavour holds rules of anyone else after the watch window", "flavour", f.flavour.name)
+			return true
+		case c.name == f.flavour.name:
+			f.flavour = c
+			m.log.Info("firewall flavour confirmed now that the host's firewall holds rules", "flavour", c.name, "reason", c.reason)
+			return true
+		}
+		old := f.flavour
+		m.log.Warn("firewall flavour changed now that the host's firewall holds rules: moving this instance's rules to it",
+			"from", old.name, "to", c.name, "reason", c.reason)
+		f.flavour, f.moveFrom = c, &old
+		f.useCommands(c.commands())
+		f.allowed = nil // the new flavour's underlay rules are unknown
+	}
+	if err := m.moveFirewall(ctx, *f.moveFrom); err != nil {
+		m.log.Error("firewall rules not moved to the host's flavour yet: overlay traffic may be dropped by dockerd's rules until they are (retried)",
+			"from", f.moveFrom.name, "to", f.flavour.name, "error", err)
+		return false
+	}
+	m.log.Info("firewall rules moved", "from", f.moveFrom.name, "to", f.flavour.name)
+	f.moveFrom = nil
+	return true
+}
+
+// moveFirewall writes every rule of this owner in the current flavour,
+// then removes this owner's rules from the flavour old: the rules of every
+// overlay bridge of ours in the kernel (an internal network's and a
+// Consul API network's as the old flavour holds them), the shared ones,
+// the underlay filter and the IPsec marks. The new rules are in place
+// before the old go, so isolation never lapses. Caller holds m.mu.
+func (m *Manager) moveFirewall(ctx context.Context, old flavourChoice) error {
+	ipt, ip6t := old.commands()
+	prev := newFirewall(m.log, ipt, ip6t)
+	prev.mark = m.mark
+	listings := map[string]listing{}
+	for _, bin := range prev.bins {
+		l, err := prev.list(ctx, bin, "filter", "raw", "mangle")
+		if err != nil {
+			return fmt.Errorf("list the %s flavour's rules: %w", old.name, err)
+		}
+		listings[bin] = l
+	}
+	links, err := m.linkList()
+	if err != nil {
+		return err
+	}
+	bridges := map[string]Network{}
+	for _, l := range links {
+		if name := l.Attrs().Name; m.owns(l) && bridgeNameRE.MatchString(name) {
+			bridges[name] = prev.heldNetwork(listings, name, m.cfg.LinkLocal)
+		}
+	}
+	sh := sharedWant
+	if len(bridges) == 0 {
+		sh = sharedDrop
+	}
+	s := m.fwSpec(bridges, sh)
+	s.underlay = len(bridges) > 0
+	var ch Changes
+	if _, err := m.fw.sync(ctx, s); err != nil {
+		return err
+	}
+	if len(m.sec.encrypted) > 0 {
+		if err := m.syncESPRules(ctx, &ch); err != nil {
+			return err
+		}
+	}
+	_, err = prev.each(ctx, func(bin string) (batch, error) {
+		l, err := prev.list(ctx, bin, "filter", "raw", "mangle")
+		if err != nil {
+			return nil, err
+		}
+		return prev.planPurge(l), nil
+	})
+	return err
+}
+
+// heldNetwork is the Network whose rules the listings hold for bridge br:
+// Internal if its internal rules are there, ConsulAPI if its Consul API
+// rule is.
+func (f *firewall) heldNetwork(listings map[string]listing, br string, ll netip.Addr) Network {
+	_, drop := internalRules(br, f.mark)
+	internal := strings.Join(drop, " ")
+	api := ""
+	if ll.IsValid() {
+		api = strings.Join(linkLocalAPIRule(ll, br, f.mark), " ")
+	}
+	var n Network
+	for _, l := range listings {
+		lines, _ := l.chain("filter", InputChain)
+		for _, line := range lines {
+			switch strings.Join(parseRule(line).fields, " ") {
+			case internal:
+				n.Internal = true
+			case api:
+				n.ConsulAPI = api != ""
+			}
+		}
+	}
+	return n
+}
+
+// planPurge plans the removal of every rule of this owner from one
+// command's listing: its FORWARD and INPUT chains' rules, the NOTRACK rule
+// and the IPsec marks. The chains and the jumps to them stay: they are
+// shared by every owner and never removed.
+func (f *firewall) planPurge(l listing) batch {
+	var b batch
+	for _, c := range []struct{ table, chain string }{
+		{"filter", FirewallChain}, {"filter", InputChain}, {"raw", "PREROUTING"},
+		{"mangle", ESPOutChain}, {"mangle", ESPInChain},
+	} {
+		lines, _ := l.chain(c.table, c.chain)
+		for _, line := range lines {
+			r := parseRule(line)
+			if c.chain == FirewallChain && !f.ours(r, c.chain) || c.chain != FirewallChain && (!r.marked || r.comment != f.mark) {
+				continue
+			}
+			fields := make([]string, len(r.fields))
+			for i, x := range r.fields {
+				fields[i] = strings.Trim(x, `"`) // the u32 expression; no field has a space
+			}
+			b.addIn(c.table, slices.Concat([]string{"-D", c.chain}, fields)...)
+		}
+	}
+	return b
 }

@@ -7,8 +7,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"consul-overlay/internal/testenv"
 )
@@ -146,5 +148,136 @@ func TestFirewallLegacyFlavour(t *testing.T) {
 		if strings.Contains(r, " --comment "+m.mark+" ") {
 			t.Errorf("iptables-nft has a rule of the legacy host's owner: %s", r)
 		}
+	}
+}
+
+// The probe counts no rule of consul-overlay's: a flavour that holds only
+// the rules of the plugin's own first write (at boot, before dockerd set
+// its chains up) leaves the choice provisional.
+func TestProbeIgnoresOwnRules(t *testing.T) {
+	saved := map[string]string{
+		"iptables-nft-save": strings.Join([]string{
+			"*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":" + FirewallChain + " - [0:0]", ":" + InputChain + " - [0:0]",
+			"-A INPUT -j " + InputChain,
+			"-A FORWARD -j " + FirewallChain,
+			"-A " + FirewallChain + " -i vxbr-+ -m physdev --physdev-is-bridged -m comment --comment consul-overlay -j ACCEPT",
+			"-A " + InputChain + " -p udp -m udp --dport 4789 -m comment --comment \"consul-overlay-x\" -j DROP",
+			"COMMIT", "*raw", "-A PREROUTING -i vxbr-+ -m comment --comment consul-overlay-y -j NOTRACK", "COMMIT",
+		}, "\n"),
+		"iptables-legacy-save": "*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n",
+	}
+	d := &flavourDetector{
+		log: testLogger(t),
+		lookPath: func(name string) (string, error) {
+			if strings.HasPrefix(name, "ip6") {
+				return "", exec.ErrNotFound
+			}
+			return name, nil
+		},
+		save: func(_ context.Context, bin string) (string, error) { return saved[bin], nil },
+	}
+	c, ok := d.detect(t.Context(), false)
+	if !ok || c.name != "nft" || c.settled {
+		t.Fatalf("choice %q settled %t ok %t (%s), want provisional nft", c.name, c.settled, ok, c.reason)
+	}
+	// The administrator's own rule counts.
+	saved["iptables-legacy-save"] += "*filter\n-A INPUT -s 10.0.0.0/8 -j ACCEPT\nCOMMIT\n"
+	if c, _ := d.detect(t.Context(), false); c.name != "legacy" || !c.settled {
+		t.Fatalf("choice %q settled %t (%s), want legacy settled", c.name, c.settled, c.reason)
+	}
+}
+
+// A legacy host at boot: the plugin starts before dockerd has written any
+// rule, so its first writes go to the provisional flavour, nft. Once
+// dockerd's chains and FORWARD policy DROP appear in the legacy flavour,
+// the Manager moves its rules there (and out of nft), and the overlay's
+// bridged traffic, which the DROP policy would otherwise drop, flows.
+// Before, the Manager's own first write settled the choice on nft for
+// good.
+func TestFirewallFlavourMovesAtBoot(t *testing.T) {
+	t.Parallel()
+	hosts := newHosts(t, 2, testenv.UnderlayOptions{})
+	h0 := hosts[0]
+	lookPath := flavourWrappers(t, h0)
+	if strings.TrimSpace(h0.NS.MustRun(t, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables")) != "1" {
+		h0.NS.MustRun(t, "sysctl", "-w", "net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1")
+	}
+	m := h0.manager(t, "boot")
+	m.fw = newDetectedFirewall(context.Background(), m.log, &flavourDetector{log: m.log, lookPath: lookPath, save: runSave})
+	m.fw.mark = m.mark
+	if m.fw.flavour.name != "nft" || m.fw.flavour.settled {
+		t.Fatalf("flavour %q settled %t (%s), want provisional nft", m.fw.flavour.name, m.fw.flavour.settled, m.fw.flavour.reason)
+	}
+
+	const vni, vniInternal = 0x33, 0x34
+	n := Network{VNI: vni, Gateways: []netip.Prefix{pfx("10.33.0.1/24"), pfx("fd00:33::1/64")}}
+	internal := Network{VNI: vniInternal, Gateways: []netip.Prefix{pfx("10.34.0.1/24")}, Internal: true}
+	for _, nw := range []Network{n, internal} {
+		if _, err := m.EnsureNetwork(t.Context(), nw); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := hosts[1].m.EnsureNetwork(t.Context(), nw); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a1 := h0.runWith(t, m, vni, []netip.Prefix{pfx("10.33.0.2/24"), pfx("fd00:33::2/64")})
+	a2 := hosts[1].run(t, vni, []netip.Prefix{pfx("10.33.0.3/24"), pfx("fd00:33::3/64")})
+	a1.announce(t, hosts[1])
+	a2.announceTo(t, m)
+	mustPing(t, a1.ns, addr("10.33.0.3"))
+	ours := func(cmd string) []string {
+		var out []string
+		for _, chain := range []string{FirewallChain, InputChain} {
+			o, _ := h0.NS.Run(t, cmd, "-w", "-S", chain)
+			for _, l := range strings.Split(o, "\n") {
+				if strings.HasPrefix(l, "-A ") && strings.Contains(l, " --comment "+m.mark+" ") {
+					out = append(out, l)
+				}
+			}
+		}
+		return out
+	}
+	before := ours("iptables-nft")
+	if len(before) == 0 {
+		t.Fatal("no rule of ours in the provisional flavour")
+	}
+	if len(ours("iptables-legacy")) != 0 {
+		t.Fatal("rules of ours in the legacy flavour before dockerd started")
+	}
+
+	// dockerd starts, on a legacy host.
+	for _, cmd := range []string{"iptables-legacy", "ip6tables-legacy"} {
+		iptables(t, h0, cmd, "-N", "DOCKER")
+		iptables(t, h0, cmd, "-N", "DOCKER-USER")
+		iptables(t, h0, cmd, "-A", "DOCKER-USER", "-j", "RETURN")
+		iptables(t, h0, cmd, "-A", "FORWARD", "-j", "DOCKER-USER")
+		iptables(t, h0, cmd, "-P", "FORWARD", "DROP")
+	}
+	m.watchFlavour(flavourWatch{first: 20 * time.Millisecond, most: 100 * time.Millisecond, window: time.Minute})
+	testenv.Eventually(t, 30*time.Second, func() error {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if m.fw.flavour.name != "legacy" || m.fw.moveFrom != nil {
+			return fmt.Errorf("flavour %q, move pending %t", m.fw.flavour.name, m.fw.moveFrom != nil)
+		}
+		return nil
+	})
+	if got := ours("iptables-nft"); len(got) != 0 {
+		t.Errorf("rules of ours left in the nft flavour: %q", got)
+	}
+	after := ours("iptables-legacy")
+	slices.Sort(before)
+	slices.Sort(after)
+	if !slices.Equal(before, after) {
+		t.Errorf("legacy holds\n%s\nwant what nft held\n%s", strings.Join(after, "\n"), strings.Join(before, "\n"))
+	}
+	if len(ours("ip6tables-legacy")) == 0 || len(ours("ip6tables-nft")) != 0 {
+		t.Errorf("ip6tables: legacy %q, nft %q", ours("ip6tables-legacy"), ours("ip6tables-nft"))
+	}
+	mustPing(t, a1.ns, addr("10.33.0.3"))
+	mustPing(t, a1.ns, addr("fd00:33::3"))
+	fa, _ := forwardRules(m.mark)
+	if n := ruleCounter(t, h0, "iptables-legacy", "-A "+FirewallChain+" "+strings.Join(fa, " ")); n == 0 {
+		t.Error("our ACCEPT rule in the legacy flavour saw no packets")
 	}
 }

@@ -169,6 +169,7 @@ type Manager struct {
 	rt        *routeSocket // the attach path's requests (rtnl.go)
 	ownHandle bool
 	closeOnce sync.Once
+	done      chan struct{} // closed by Close: background work ends
 	fw        *firewall
 	mtu       int        // underlay MTU
 	announce  *announcer // nil: no gratuitous ARPs (a Manager on a foreign handle)
@@ -280,6 +281,7 @@ func newManager(cfg Config, h *netlink.Handle) (*Manager, error) {
 		mark:  OwnerMark(cfg.Owner),
 		log:   cfg.Logger,
 		nl:    h,
+		done:  make(chan struct{}),
 		peers: map[uint32]*peerSet{},
 	}
 	m.mtu = cfg.UnderlayMTU
@@ -303,6 +305,9 @@ func newManager(cfg Config, h *netlink.Handle) (*Manager, error) {
 	}
 	m.fw.mark = m.mark
 	m.fw.notrack = cfg.NoTrackBridged
+	if h != nil && m.fw.detector != nil && !m.fw.flavour.settled {
+		m.watchFlavour(defaultFlavourWatch)
+	}
 	switch cfg.Sysctl {
 	case "-":
 	case "":
@@ -317,6 +322,7 @@ func newManager(cfg Config, h *netlink.Handle) (*Manager, error) {
 // nothing.
 func (m *Manager) Close() error {
 	m.closeOnce.Do(func() {
+		close(m.done)
 		m.announce.close()
 		if m.ownHandle {
 			m.nl.Close()
