@@ -165,7 +165,11 @@ type Config struct {
 	// Restored, if set, is closed once Kept can tell (the network driver
 	// has restored its state). A release Kept answers KeptUnknown for is
 	// applied then, Kept asked again; nil: such a release is ignored, and
-	// the pool sweep drops a hold no network uses.
+	// the pool sweep drops a hold no network uses. Docker's releases
+	// (ReleaseAddress, ReleasePool) first wait for it, at most Timeout,
+	// before their own Timeout starts: InUse and Kept wait for the same
+	// restore, and a restore that ends late in that wait left the store
+	// too little of the call's time.
 	Restored func() <-chan struct{}
 	// Logger receives debug lines for each store write. Zero: slog.Default().
 	Logger *slog.Logger

@@ -148,6 +148,7 @@ func (d *Driver) ReleasePool(r *ipam.ReleasePoolRequest) error {
 	if r == nil {
 		return fmt.Errorf("release pool: empty request: %w", ErrInvalidRequest)
 	}
+	d.awaitRestored()
 	ctx, cancel := context.WithTimeout(context.Background(), d.cfg.Timeout)
 	defer cancel()
 	return d.FreePool(ctx, r.PoolID)
@@ -182,9 +183,25 @@ func (d *Driver) ReleaseAddress(r *ipam.ReleaseAddressRequest) error {
 	if err != nil {
 		return fmt.Errorf("release address in pool %q: %w", r.PoolID, err)
 	}
+	d.awaitRestored()
 	ctx, cancel := context.WithTimeout(context.Background(), d.cfg.Timeout)
 	defer cancel()
 	return d.FreeAddress(ctx, r.PoolID, a)
+}
+
+// awaitRestored waits, at most Config.Timeout, for the network driver's
+// restore (Config.Restored) before a release's store time starts: its
+// InUse and Kept answers wait for the same restore.
+func (d *Driver) awaitRestored() {
+	if d.cfg.Restored == nil {
+		return
+	}
+	t := time.NewTimer(d.cfg.Timeout)
+	defer t.Stop()
+	select {
+	case <-d.cfg.Restored():
+	case <-t.C:
+	}
 }
 
 // decodePoolRequest turns Docker's strings into a PoolRequest.

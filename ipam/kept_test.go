@@ -2,10 +2,15 @@ package ipam
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"sync"
 	"testing"
 	"time"
+
+	"consul-overlay/kvstore"
+
+	"github.com/docker/go-plugins-helpers/ipam"
 )
 
 // TestReleaseKeepsHoldsInUse: a ReleasePool, or a release of the gateway,
@@ -86,4 +91,78 @@ func TestReleaseDeferredUntilRestored(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	c.empty()
+}
+
+// slowStore is a memStore whose reads and transactions take delay, or
+// fail when the context ends first.
+type slowStore struct {
+	*memStore
+	delay time.Duration
+}
+
+func (s slowStore) wait(ctx context.Context) error {
+	select {
+	case <-time.After(s.delay):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s slowStore) Get(ctx context.Context, key string) (*kvstore.Pair, error) {
+	if err := s.wait(ctx); err != nil {
+		return nil, err
+	}
+	return s.memStore.Get(ctx, key)
+}
+
+func (s slowStore) Txn(ctx context.Context, ops []kvstore.Op) error {
+	if err := s.wait(ctx); err != nil {
+		return err
+	}
+	return s.memStore.Txn(ctx, ops)
+}
+
+// A release that arrives while the network driver restores waits for the
+// restore before its store time starts: a restore that ends late in the
+// wait of InUse (as plugin/main.go's hook waits) no longer leaves the
+// store too little of the call's timeout. Before, the release failed with
+// the deadline and its hold stayed until the sweep.
+func TestReleaseStoreTimeAfterRestore(t *testing.T) {
+	s := newMemStore()
+	restored := make(chan struct{})
+	inUse := func(string, netip.Addr) bool {
+		select { // the driver's AddressUsedOnceReady: wait, then answer
+		case <-restored:
+		case <-time.After(5 * time.Second):
+			return true
+		}
+		return false
+	}
+	a, err := New(Config{Node: "a", Logger: testLogger(), Timeout: time.Second, InUse: inUse,
+		Restored: func() <-chan struct{} { return restored }}, slowStore{s, 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := mustPool(t, a, "10.18.0.0/24", "", false).PoolID
+	addr := mustAddr(t, a, p, "", ep("web"))
+	slow, err := New(Config{Node: "a", Logger: testLogger(), Timeout: time.Second, InUse: inUse,
+		Restored: func() <-chan struct{} { return restored }}, slowStore{s, 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		time.Sleep(800 * time.Millisecond)
+		close(restored)
+	}()
+	if err := slow.ReleaseAddress(&ipam.ReleaseAddressRequest{PoolID: p, Address: addr}); err != nil {
+		t.Fatalf("release of %s while restoring: %v", addr, err)
+	}
+	ref, err := parsePoolID(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get(t.Context(), addrKey(ref.space, ref.subnet, netip.MustParseAddr(hostOf(addr)))); !errors.Is(err, kvstore.ErrNotFound) {
+		t.Fatalf("%s after its release: %v, want no record", addr, err)
+	}
 }
