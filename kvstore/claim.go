@@ -41,6 +41,10 @@ const (
 	// default of 15 s, during which a restarted host could not take its
 	// own key back; 1 ms is as good as none.
 	claimLockDelay = time.Millisecond
+	// claimTouchesPerTTL: while the claim holds no session it writes its
+	// key anew (touch) every TTL/2 (10 s), three times within the least
+	// grace period a reaper gives a host whose key has no session (30 s).
+	claimTouchesPerTTL = 2
 	// claimRetryMax bounds the backoff of re-acquiring a lost claim.
 	claimRetryMax = 2 * time.Second
 )
@@ -318,6 +322,7 @@ func (cl *Claim) run(ctx context.Context) {
 	every := cl.cfg.TTL / claimPassesPerTTL
 	backoff := watchBackoffMin
 	next := time.Now().Add(every)
+	var touched time.Time // last touch while lost; zero: touch at once
 	for {
 		id := cl.Session()
 		wait := time.Until(next)
@@ -336,6 +341,18 @@ func (cl *Claim) run(ctx context.Context) {
 			read = true
 		}
 		if id == "" {
+			if touched.IsZero() || time.Since(touched) >= cl.cfg.TTL/claimTouchesPerTTL {
+				// A failed touch is tried again at the next round (the
+				// backoff, at most claimRetryMax): a host whose writes
+				// reach the store again writes its record within seconds.
+				if err := cl.touch(ctx); err != nil {
+					if ctx.Err() == nil && cl.cfg.OnCheckError != nil {
+						cl.cfg.OnCheckError(err)
+					}
+				} else {
+					touched = time.Now()
+				}
+			}
 			nid, written, err := cl.acquire(ctx)
 			if ctx.Err() != nil {
 				return
@@ -348,6 +365,7 @@ func (cl *Claim) run(ctx context.Context) {
 				continue
 			}
 			backoff = watchBackoffMin
+			touched = time.Time{}
 			next = time.Now().Add(every)
 			cl.mu.Lock()
 			cl.session = nid
@@ -397,6 +415,50 @@ func (cl *Claim) run(ctx context.Context) {
 		}
 	}
 }
+
+// touch writes the claim's value to the key anew, without a session,
+// while the claim holds none: a compare-and-set on the key as read (or a
+// create, when it is missing), and nothing when another session holds it.
+// A holder whose session ended and cannot start a new one may still reach
+// the store: its agent cut off from the servers' gossip (serfHealth
+// critical at the servers: no session bound to it is granted) while its
+// RPC goes through, so its plugin goes on allocating addresses and writing
+// records. Readers take a key without a session for a dead holder's, and
+// the key's ModifyIndex changing for a holder that is back (reaper: the
+// grace period counts again, and a reap in progress stops at its next
+// write), so a holder that can still write is never reaped while it runs.
+// A holder cut off from the store cannot touch, and is reaped as before.
+func (cl *Claim) touch(ctx context.Context) error {
+	c := cl.c
+	p, err := c.holder(ctx, cl.key)
+	if err != nil {
+		return err
+	}
+	var index uint64
+	if p != nil {
+		if p.Session != "" {
+			return nil // another session's (a takeover refused): not ours to write
+		}
+		index = p.ModifyIndex
+	}
+	cl.mu.Lock()
+	value := cl.value
+	cl.mu.Unlock()
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	defer cancel()
+	// Consul applies a write that changes nothing of the entry as a
+	// no-op, its ModifyIndex unchanged: only the first touch after the
+	// release would count. The flags (which nothing else reads) carry the
+	// time of the touch, so each one changes the entry. A CAS lost to
+	// another write leaves the key changed all the same.
+	if _, _, err := c.kv.CAS(&api.KVPair{Key: cl.key, Value: value, Flags: touchFlags(), ModifyIndex: index}, (&api.WriteOptions{}).WithContext(rctx)); err != nil {
+		return c.fail(ctx, st, "kv cas (touch without a session)", cl.key, err)
+	}
+	return nil
+}
+
+// touchFlags is the flags a touch writes: the time, never 0 (no flags).
+func touchFlags() uint64 { return uint64(time.Now().UnixNano()) | 1 }
 
 // watch follows the key with blocking reads and wakes run (suspect) when
 // it shows the key missing or held by another session than the claim's

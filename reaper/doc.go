@@ -19,6 +19,13 @@
 // record again (or writes it anew: its ModifyIndex changes) cancels the
 // count: its hosts-lost record is deleted (delete-if-unchanged), or
 // replaced by compare-and-set if the record lost its session again since.
+// A plugin whose session ended but that still reaches the store (its
+// agent cut off from the servers' gossip while its RPC works: Consul
+// grants no session bound to a critical serfHealth, yet serves its KV
+// writes) writes its record anew, without a session, every 10 s while it
+// tries to take a session again (kvstore.Claim): its ModifyIndex changes,
+// so the count starts again and a reap under way stops. A host that still
+// writes to the store is never reaped; only one cut off from it is.
 //
 // # Reaping
 //

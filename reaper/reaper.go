@@ -402,6 +402,15 @@ func (r *Reaper) markLost(ctx context.Context, h Host, lp *kvstore.Pair) error {
 	if err != nil {
 		return fmt.Errorf("record host %s (%s) lost: %w", h.ID, h.Node, err)
 	}
+	if lp != nil {
+		// The record was written again since the count began, and has
+		// no session now: the host was alive meanwhile. A host that
+		// reaches the store without a session (its agent cut off from
+		// the servers' gossip) writes it every 10 s and is never gone.
+		r.log.Warn("host record written again without a session: the host is alive but holds no Consul session (its agent cut off from the servers' gossip?); the grace period starts again",
+			"host", h.ID, "node", h.Node, "grace", r.cfg.Grace, "gone_at", r.cfg.Now().Add(r.cfg.Grace).UTC())
+		return nil
+	}
 	r.log.Info("host record has no session: the host is gone unless it comes back within the grace period",
 		"host", h.ID, "node", h.Node, "grace", r.cfg.Grace, "gone_at", r.cfg.Now().Add(r.cfg.Grace).UTC())
 	return nil
