@@ -58,7 +58,7 @@ func TestHealWritesLostEndpointRecord(t *testing.T) {
 		t.Fatal("ep2's record is in the store: the test lost nothing")
 	}
 
-	h, err := reaper.Heal(ctx, "a", "a", a.cl, ipam, a, local, nil)
+	h, err := reaper.Heal(ctx, "a", "a", a.cl, ipam, a, nil, local, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +72,7 @@ func TestHealWritesLostEndpointRecord(t *testing.T) {
 		t.Fatal("ep2's record was not written again: the other hosts never reach its running container")
 	}
 	// Nothing lost any more: the next check writes nothing.
-	h, err = reaper.Heal(ctx, "a", "a", a.cl, ipam, a, local, nil)
+	h, err = reaper.Heal(ctx, "a", "a", a.cl, ipam, a, nil, local, nil)
 	if err != nil || !h.Lost.Empty() || h.Reasserted != nil {
 		t.Errorf("second check: %+v, %v; want nothing lost, nothing re-asserted", h, err)
 	}
@@ -101,7 +101,7 @@ func TestHealWritesLostMembership(t *testing.T) {
 	ipam := &reassertIPAM{held: map[netip.Addr]string{netip.MustParseAddr("10.2.0.2"): "a"}}
 	local, _ := localOf(t, a)
 
-	h, err := reaper.Heal(ctx, "a", "a", a.cl, ipam, a, local, nil)
+	h, err := reaper.Heal(ctx, "a", "a", a.cl, ipam, a, nil, local, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -416,6 +416,34 @@ func (cl *Claim) run(ctx context.Context) {
 	}
 }
 
+// Touch writes the claim's value to its key anew, so that the key's
+// ModifyIndex changes: through the claim's session while it holds one,
+// else without a session as the claim does on its own while it holds none
+// (see touch). A reaper fences every write of a reap on the host record's
+// ModifyIndex: a host that is about to write back what a reap may be
+// removing right now (its re-assertion) touches its record first, and a
+// reap judged on the record as it was stops before its next write.
+func (cl *Claim) Touch(ctx context.Context) error {
+	cl.mu.Lock()
+	id := cl.session
+	if id != "" {
+		// As Update does, under cl.mu: a value it sets meanwhile is not
+		// overwritten with an older one.
+		ok, err := cl.c.acquireKeyFlags(ctx, cl.key, cl.value, id, touchFlags())
+		cl.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		if ok {
+			return nil
+		}
+		// Lost meanwhile: the claim notices and takes it again.
+	} else {
+		cl.mu.Unlock()
+	}
+	return cl.touch(ctx)
+}
+
 // touch writes the claim's value to the key anew, without a session,
 // while the claim holds none: a compare-and-set on the key as read (or a
 // create, when it is missing), and nothing when another session holds it.
@@ -535,9 +563,14 @@ func (c *Consul) holder(ctx context.Context, full string) (*api.KVPair, error) {
 }
 
 func (c *Consul) acquireKey(ctx context.Context, full string, value []byte, session string) (bool, error) {
+	return c.acquireKeyFlags(ctx, full, value, session, 0)
+}
+
+// acquireKeyFlags is acquireKey writing flags too (see touchFlags).
+func (c *Consul) acquireKeyFlags(ctx context.Context, full string, value []byte, session string, flags uint64) (bool, error) {
 	rctx, cancel, st := c.request(ctx, c.timeout)
 	defer cancel()
-	ok, _, err := c.kv.Acquire(&api.KVPair{Key: full, Value: value, Session: session}, (&api.WriteOptions{}).WithContext(rctx))
+	ok, _, err := c.kv.Acquire(&api.KVPair{Key: full, Value: value, Flags: flags, Session: session}, (&api.WriteOptions{}).WithContext(rctx))
 	if err != nil {
 		return false, c.fail(ctx, st, "kv acquire", full, err)
 	}

@@ -24,8 +24,11 @@ var (
 )
 
 // Pair is one key and its value. Key is relative to the store's prefix.
-// ModifyIndex changes on every write of the key; it is what CAS and
-// DeleteCAS compare against. Session is the Consul session holding the
+// ModifyIndex changes on every write that changes the key; it is what CAS
+// and DeleteCAS compare against. (Consul applies a write that leaves the
+// value, flags and session as they were as a no-op: the ModifyIndex stays.
+// A writer that must be seen to write changes something: Claim's touch
+// writes the time in the flags.) Session is the Consul session holding the
 // key (see Consul.Claim), "" when none does and always in the embedded
 // store.
 type Pair struct {

@@ -133,7 +133,7 @@ func startLiveness(ctx context.Context, log *slog.Logger, store kvstore.Store, h
 			log.Warn("liveness: read the driver's state", "error", err)
 			return
 		}
-		h, err := reaper.Heal(ctx, hostID, node, cl, ip, drv, localNetworks(nets, eps), log)
+		h, err := reaper.Heal(ctx, hostID, node, cl, ip, drv, hc.claim.Touch, localNetworks(nets, eps), log)
 		switch {
 		case err != nil && h.Reasserted != nil:
 			log.Error("liveness: re-assert this host's state", "host_id", hostID, "error", err)

@@ -80,7 +80,10 @@
 // reconciling on a partial view.) CheckSelf reports, for each of its
 // running endpoints, whether its addresses are still this host's, free, or
 // held by another host; each conflict is logged at error level naming the
-// address and the holder. Reassert then takes back what is still free:
+// address and the holder. Heal writes the host record anew first
+// (kvstore.Claim.Touch), so a reap of this host still under way stops
+// before its next write instead of removing what is written back. Reassert
+// then takes back what is still free:
 // its pool and gateway holds, its memberships (a network no host has any
 // more is created again with its VNI), its addresses and its endpoint
 // records. An endpoint whose address another host holds now is not

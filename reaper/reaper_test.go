@@ -345,6 +345,7 @@ func TestConsul(t *testing.T) {
 	t.Run("ReassertCountsHolds", func(t *testing.T) { testReassertCountsHolds(t, agent) })
 	t.Run("RunFollowsWithoutPolling", func(t *testing.T) { testRunFollows(t, agent) })
 	t.Run("BackDuringReap", func(t *testing.T) { testBackDuringReap(t, agent) })
+	t.Run("HealDuringReap", func(t *testing.T) { testHealDuringReap(t, agent) })
 	t.Run("ServicesUnderAgentNode", func(t *testing.T) { testServicesUnderAgentNode(t, agent) })
 }
 

@@ -213,7 +213,17 @@ type Healed struct {
 // endpoint records all there), and re-asserts what runs (Reassert, through
 // held) when either finds something missing. local is what the driver
 // runs, read just before.
-func Heal(ctx context.Context, hostID, node string, cl Cluster, ip Reclaimer, held Holder, local []LocalNetwork, log *slog.Logger) (Healed, error) {
+//
+// Before it re-asserts anything it calls announce (nil: none), which
+// writes this host's record anew (the plugin: kvstore.Claim.Touch). What
+// is missing may be missing because a reap of this host is under way (a
+// host cut off past the grace period, back in the middle of it): the
+// reap's writes are fenced on the host record it judged, so once the
+// record changed it stops before its next write, and cannot free
+// addresses or remove records Reassert writes back after. Without that, a
+// check that ran before the claim wrote the record again re-asserted what
+// the reap's next step removed. If announce fails, nothing is re-asserted.
+func Heal(ctx context.Context, hostID, node string, cl Cluster, ip Reclaimer, held Holder, announce func(context.Context) error, local []LocalNetwork, log *slog.Logger) (Healed, error) {
 	var h Healed
 	var eps []LocalEndpoint
 	for _, ln := range local {
@@ -234,6 +244,11 @@ func Heal(ctx context.Context, hostID, node string, cl Cluster, ip Reclaimer, he
 	if !h.Self.Evicted && len(h.Self.Free) == 0 {
 		if h.Lost, err = CheckRecords(ctx, hostID, cl, local, log); err != nil || h.Lost.Empty() {
 			return h, err
+		}
+	}
+	if announce != nil {
+		if err := announce(ctx); err != nil {
+			return h, fmt.Errorf("write this host's record before re-asserting its state (a reap of it under way must stop first): %w", err)
 		}
 	}
 	r, err := Reassert(ctx, hostID, node, cl, ip, held, local, log)
