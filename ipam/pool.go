@@ -390,9 +390,10 @@ func (d *Driver) reap(ctx context.Context, ref poolRef) (bool, error) {
 		}
 		conflict := false
 		for len(addrs) > 0 && !conflict {
-			// One operation is the pool check, one is left for a fence
-			// (kvstore.Fence: the reaper evicting a gone host).
-			n := min(len(addrs), kvstore.MaxTxnOps-2)
+			// One operation is the pool check; two are left for fences:
+			// the reaper's evicting a gone host (kvstore.Fence) and this
+			// host's own (kvstore.OwnFenced), which each add one.
+			n := min(len(addrs), kvstore.MaxTxnOps-3)
 			ops := []kvstore.Op{{Verb: kvstore.OpCheckIndex, Key: mkey, Index: m}}
 			for _, p := range addrs[:n] {
 				ops = append(ops, kvstore.Op{Verb: kvstore.OpDeleteCAS, Key: p.Key, Index: p.ModifyIndex})

@@ -115,6 +115,7 @@ type ClaimConfig struct {
 type Claim struct {
 	c    *Consul
 	key  string // full key
+	rel  string // key without the store's prefix (OwnFenced's operations)
 	cfg  ClaimConfig
 	stop context.CancelFunc
 	done chan struct{}
@@ -122,9 +123,13 @@ type Claim struct {
 	// the watch of the key saw it without this claim's session.
 	suspect chan struct{}
 
-	mu      sync.Mutex // guards session, value and beforeWrite
+	mu      sync.Mutex // guards session, unheld, value and beforeWrite
 	session string     // "" while lost
-	value   []byte
+	// unheld is a session a fenced write (OwnFenced) found no longer
+	// holding the key, while session may still name it: run has not seen
+	// the loss yet (its watch of the key retries with a backoff).
+	unheld string
+	value  []byte
 	// beforeWrite, if set (tests), runs in acquire between its read of
 	// value and its write of the key.
 	beforeWrite func()
@@ -158,7 +163,7 @@ func (c *Consul) Claim(ctx context.Context, key string, value []byte, cfg ClaimC
 		sum := sha256.Sum256([]byte(c.prefix + key))
 		cfg.ServiceID = "consul-overlay-claim-" + hex.EncodeToString(sum[:8])
 	}
-	cl := &Claim{c: c, key: c.prefix + key, cfg: cfg, value: bytes.Clone(value), done: make(chan struct{}), suspect: make(chan struct{}, 1)}
+	cl := &Claim{c: c, key: c.prefix + key, rel: key, cfg: cfg, value: bytes.Clone(value), done: make(chan struct{}), suspect: make(chan struct{}, 1)}
 	id, _, err := cl.acquire(ctx)
 	if err != nil {
 		return nil, err
@@ -442,6 +447,99 @@ func (cl *Claim) Touch(ctx context.Context) error {
 		cl.mu.Unlock()
 	}
 	return cl.touch(ctx)
+}
+
+// OwnFenced returns s with every write made conditional on this host's
+// record, the key cl holds: each write goes in one transaction whose
+// first operation is the fence, so it is applied only with it. s must use
+// the prefix of the store cl was claimed on; reads go to s unchanged.
+//
+// While the claim holds its session, the fence checks that the session
+// still holds the key (check-session): no extra request, the write is one
+// transaction as before. While it holds none (lost and not taken again, or
+// released), the fence writes the key anew, without a session, as touch
+// does (a compare-and-set on the key as read, the time in its flags): one
+// read more per write, only then.
+//
+// A reaper judges a host on its record without a session and fences every
+// write of the reap on the record's ModifyIndex (package reaper). A write
+// of the host applied with its fence therefore either finds the record
+// held by the session (written since any judgement made on it without
+// one: a reap under way is already stopped), or writes the record itself,
+// in the same transaction, which stops the reap before its next write. So
+// nothing the host writes once it reaches the store again (an address
+// for `docker run`) can be freed by a reap of it still under way, whatever
+// the claim knew: its view of its session may be stale for seconds after
+// a reconnection (run learns of a loss from its watch, which retries with
+// a backoff), and a write refused because the session no longer holds the
+// key marks that session as not holding it (the claim also wakes to take
+// the key again) and is sent again with a touch as its fence. A write that
+// fails its own condition while the fence held fails as on s.
+func OwnFenced(s Store, cl *Claim) Store { return &fenced{Store: s, src: ownFence{cl}} }
+
+// ownFence is OwnFenced's fence source.
+type ownFence struct{ cl *Claim }
+
+func (o ownFence) op(ctx context.Context) (Op, error) {
+	cl := o.cl
+	deadline := time.Now().Add(cl.c.timeout)
+	for pause := 10 * time.Millisecond; ; pause = min(2*pause, claimRetryMax) {
+		cl.mu.Lock()
+		id, unheld, value := cl.session, cl.unheld, cl.value
+		cl.mu.Unlock()
+		if id != "" && id != unheld {
+			return Op{Verb: OpCheckSession, Key: cl.rel, Session: id}, nil
+		}
+		p, err := cl.c.holder(ctx, cl.key)
+		if err != nil {
+			return Op{}, err
+		}
+		switch {
+		case p == nil:
+			// Removed (the last step of a reap): written again.
+			return Op{Verb: OpCAS, Key: cl.rel, Value: value, Flags: touchFlags()}, nil
+		case p.Session == "":
+			return Op{Verb: OpCAS, Key: cl.rel, Value: value, Flags: touchFlags(), Index: p.ModifyIndex}, nil
+		case p.Session == cl.Session():
+			return Op{Verb: OpCheckSession, Key: cl.rel, Session: p.Session}, nil
+		}
+		// Held by a session the claim does not know yet: its re-acquire
+		// has not returned (or another instance holds the key, and the
+		// claim refuses it).
+		if time.Now().After(deadline) {
+			return Op{}, fmt.Errorf("consul claim %q: %w: held by session %s, not this claim's", cl.key, ErrUnavailable, p.Session)
+		}
+		if !sleepCtx(ctx, pause) {
+			return Op{}, fmt.Errorf("consul claim %q: %w", cl.key, ctx.Err())
+		}
+	}
+}
+
+func (o ownFence) refused(ctx context.Context, _ Store, f Op, err error) (bool, error) {
+	cl := o.cl
+	p, herr := cl.c.holder(ctx, cl.key)
+	if herr != nil {
+		return false, errors.Join(err, herr)
+	}
+	if f.Verb == OpCheckSession {
+		if p != nil && p.Session == f.Session {
+			return false, err // the fence held
+		}
+		cl.mu.Lock()
+		if cl.session == f.Session {
+			cl.unheld = f.Session
+		}
+		cl.mu.Unlock()
+		select {
+		case cl.suspect <- struct{}{}: // run confirms the loss and takes the key again
+		default:
+		}
+		return true, nil
+	}
+	if (p == nil && f.Index == 0) || (p != nil && p.Session == "" && p.ModifyIndex == f.Index) {
+		return false, err // the fence held: the touch was rolled back with the rest
+	}
+	return true, nil
 }
 
 // touch writes the claim's value to the key anew, without a session,

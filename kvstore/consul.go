@@ -288,11 +288,11 @@ func (c *Consul) TxnIndex(ctx context.Context, ops []Op) (uint64, error) {
 		full := c.prefix + op.Key
 		switch op.Verb {
 		case OpSet:
-			tops = append(tops, &api.KVTxnOp{Verb: api.KVSet, Key: full, Value: op.Value})
+			tops = append(tops, &api.KVTxnOp{Verb: api.KVSet, Key: full, Value: op.Value, Flags: op.Flags})
 		case OpCreate:
-			tops = append(tops, &api.KVTxnOp{Verb: api.KVCAS, Key: full, Value: op.Value, Index: 0})
+			tops = append(tops, &api.KVTxnOp{Verb: api.KVCAS, Key: full, Value: op.Value, Flags: op.Flags, Index: 0})
 		case OpCAS:
-			tops = append(tops, &api.KVTxnOp{Verb: api.KVCAS, Key: full, Value: op.Value, Index: op.Index})
+			tops = append(tops, &api.KVTxnOp{Verb: api.KVCAS, Key: full, Value: op.Value, Flags: op.Flags, Index: op.Index})
 		case OpDelete:
 			tops = append(tops, &api.KVTxnOp{Verb: api.KVDelete, Key: full})
 		case OpDeleteCAS:
@@ -303,6 +303,8 @@ func (c *Consul) TxnIndex(ctx context.Context, ops []Op) (uint64, error) {
 			tops = append(tops, &api.KVTxnOp{Verb: api.KVCheckIndex, Key: full, Index: op.Index})
 		case OpCheckNotExists:
 			tops = append(tops, &api.KVTxnOp{Verb: api.KVCheckNotExists, Key: full})
+		case OpCheckSession:
+			tops = append(tops, &api.KVTxnOp{Verb: api.KVCheckSession, Key: full, Session: op.Session})
 		}
 	}
 	name := fmt.Sprintf("%d ops, first %q", len(ops), c.prefix+ops[0].Key)

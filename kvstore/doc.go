@@ -52,7 +52,10 @@
 // reader: a key with a session belongs to a live holder; without one, its
 // holder stopped or died (the check goes critical TTL after its last pass,
 // and the servers end the session at once; an agent that leaves or fails
-// ends it too).
+// ends it too). OwnFenced makes a holder's writes depend on its claim:
+// each goes in a transaction that checks the session still holds the key
+// (check-session, no extra request) or, while the claim holds none, writes
+// the key anew (a touch) with it.
 //
 // Key layout used through claims (the rest of the schema belongs to the
 // packages that write it):

@@ -378,6 +378,8 @@ func (w *writeTx) apply(op Op, full string) error {
 			return conflict("key exists")
 		}
 		return nil
+	case OpCheckSession:
+		return conflict("no key is held by a session in the embedded store")
 	}
 	return fmt.Errorf("embedded %v %q: unknown verb", op.Verb, full)
 }

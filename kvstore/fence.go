@@ -35,11 +35,35 @@ func FenceOf(ctx context.Context) (Op, bool) {
 // with ErrFenced; one refused for its own condition fails as it does on s
 // (ErrConflict, or ErrNotFound for DeleteCAS of a missing key). Reads go
 // to s unchanged. A transaction may then hold MaxTxnOps-1 operations.
-func Fence(s Store, fence Op) Store { return &fenced{Store: s, fence: fence} }
+func Fence(s Store, fence Op) Store { return &fenced{Store: s, src: staticFence(fence)} }
+
+// fenceSource gives a fenced store the operation that goes first in each
+// of its transactions, and judges a transaction refused with it.
+type fenceSource interface {
+	// op is the fence to send with the next transaction.
+	op(ctx context.Context) (Op, error)
+	// refused is called when a transaction sent with fence f failed with
+	// ErrConflict (err): it returns err itself when the fence held (the
+	// operations' own condition failed), retry when the transaction is
+	// to be sent again with a fresh op, or another error to return.
+	refused(ctx context.Context, s Store, f Op, err error) (retry bool, _ error)
+}
+
+// staticFence is Fence's: one condition, checked again after a refusal.
+type staticFence Op
+
+func (f staticFence) op(context.Context) (Op, error) { return Op(f), nil }
+
+func (f staticFence) refused(ctx context.Context, s Store, _ Op, err error) (bool, error) {
+	if held, herr := holds(ctx, s, Op(f)); herr == nil && !held {
+		return false, fmt.Errorf("%w: %q changed (%v)", ErrFenced, f.Key, err)
+	}
+	return false, err
+}
 
 type fenced struct {
 	Store
-	fence Op
+	src fenceSource
 }
 
 func (f *fenced) Put(ctx context.Context, key string, value []byte) error {
@@ -74,31 +98,46 @@ func (f *fenced) Txn(ctx context.Context, ops []Op) error {
 	return err
 }
 
+// fencedTries bounds how often a fenced transaction is sent again with a
+// fresh fence (OwnFenced: the claim's state changed under it).
+const fencedTries = 8
+
 // TxnIndex keeps the store's write index (see the package's TxnIndex).
 func (f *fenced) TxnIndex(ctx context.Context, ops []Op) (uint64, error) {
 	if len(ops) >= MaxTxnOps {
 		return 0, fmt.Errorf("fenced transaction of %d operations: at most %d", len(ops), MaxTxnOps-1)
 	}
-	at, err := TxnIndex(ctx, f.Store, append([]Op{f.fence}, ops...))
-	if err == nil || !errors.Is(err, ErrConflict) {
-		return at, err
+	for try := 1; ; try++ {
+		fence, err := f.src.op(ctx)
+		if err != nil {
+			return 0, err
+		}
+		at, err := TxnIndex(ctx, f.Store, append([]Op{fence}, ops...))
+		if err == nil || !errors.Is(err, ErrConflict) {
+			return at, err
+		}
+		retry, err := f.src.refused(ctx, f.Store, fence, err)
+		if !retry {
+			return 0, err
+		}
+		if try >= fencedTries {
+			return 0, fmt.Errorf("%w: fence on %q: the key kept changing under %d tries", ErrUnavailable, fence.Key, try)
+		}
 	}
-	if held, herr := f.holds(ctx); herr == nil && !held {
-		return 0, fmt.Errorf("%w: %q changed (%v)", ErrFenced, f.fence.Key, err)
-	}
-	return 0, err
 }
 
-// holds reads whether the fence's condition is still true.
-func (f *fenced) holds(ctx context.Context) (bool, error) {
-	p, err := f.Store.Get(ctx, f.fence.Key)
+// holds reads whether fence's condition is true now.
+func holds(ctx context.Context, s Store, fence Op) (bool, error) {
+	p, err := s.Get(ctx, fence.Key)
 	switch {
 	case errors.Is(err, ErrNotFound):
-		return f.fence.Verb == OpCheckNotExists, nil
+		return fence.Verb == OpCheckNotExists, nil
 	case err != nil:
 		return false, err
-	case f.fence.Verb == OpCheckIndex:
-		return p.ModifyIndex == f.fence.Index, nil
+	case fence.Verb == OpCheckIndex:
+		return p.ModifyIndex == fence.Index, nil
+	case fence.Verb == OpCheckSession:
+		return p.Session == fence.Session, nil
 	default:
 		return false, nil
 	}

@@ -73,6 +73,8 @@ func (v OpVerb) String() string {
 		return "check-index"
 	case OpCheckNotExists:
 		return "check-not-exists"
+	case OpCheckSession:
+		return "check-session"
 	}
 	return fmt.Sprintf("OpVerb(%d)", int(v))
 }
@@ -82,7 +84,7 @@ func checkOps(ops []Op) error {
 		return fmt.Errorf("txn of %d operations: more than %d", len(ops), MaxTxnOps)
 	}
 	for i, op := range ops {
-		if op.Verb < OpSet || op.Verb > OpCheckNotExists {
+		if op.Verb < OpSet || op.Verb > OpCheckSession {
 			return fmt.Errorf("txn op %d: unknown verb %v", i, op.Verb)
 		}
 		if err := checkKey(op.Key); err != nil {

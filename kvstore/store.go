@@ -56,6 +56,10 @@ const (
 	OpCheckIndex
 	// OpCheckNotExists fails the transaction if Key exists.
 	OpCheckNotExists
+	// OpCheckSession fails the transaction unless Key is held by Session
+	// (Consul's check-session; the embedded store has no sessions, so
+	// it always fails there).
+	OpCheckSession
 )
 
 // Op is one operation of an atomic transaction.
@@ -64,6 +68,13 @@ type Op struct {
 	Key   string
 	Value []byte
 	Index uint64
+	// Session is the session OpCheckSession checks.
+	Session string
+	// Flags are written with Value by OpSet, OpCreate and OpCAS (Consul;
+	// the embedded store keeps none). A write that changes neither value
+	// nor flags is a no-op, its ModifyIndex unchanged: Claim's touches
+	// write the time here to be seen.
+	Flags uint64
 }
 
 // MaxTxnOps is the most operations one Txn call accepts (Consul's limit

@@ -318,9 +318,20 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return err
 	}
 	defer stopIPsec()
+	// This host's own writes (IPAM, the driver's records, the cluster-wide
+	// networks) go with a fence on its host record (kvstore.OwnFenced):
+	// held by its session, or written anew in the same transaction. A
+	// reap of this host under way (it came back past the grace period)
+	// stops before it can free or remove anything written from now on,
+	// even in the seconds before the claim learns its session is gone.
+	// With the session held this costs nothing: the same one request.
+	own := store
+	if hc.claim != nil {
+		own = kvstore.OwnFenced(store, hc.claim)
+	}
 	// OPS hook (issue 18): metrics on METRICS_ADDR; the drivers get the
-	// metered store and data plane (store and dp themselves when off).
-	mstore, mdp, stopMetrics, err := startMetrics(ctx, log, store, dp, ownerTag(ccfg.Prefix, storeName))
+	// metered store and data plane (own and dp themselves when off).
+	mstore, mdp, stopMetrics, err := startMetrics(ctx, log, own, dp, ownerTag(ccfg.Prefix, storeName))
 	if err != nil {
 		return err
 	}

@@ -110,7 +110,9 @@ func startLiveness(ctx context.Context, log *slog.Logger, store kvstore.Store, h
 	if err != nil {
 		return nil, err
 	}
-	cl, err := clusterstate.New(clusterstate.Config{HostID: hostID, Node: node, VTEP: vtep, Logger: log}, store)
+	// Its writes (Heal's re-assertions, this host's reaps of others) go
+	// with this host's own fence, as the driver's (see run).
+	cl, err := clusterstate.New(clusterstate.Config{HostID: hostID, Node: node, VTEP: vtep, Logger: log}, kvstore.OwnFenced(store, hc.claim))
 	if err != nil {
 		return nil, err
 	}

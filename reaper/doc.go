@@ -42,6 +42,14 @@
 // pass judged: a host that takes its record back during the reap (a new
 // session writes it) stops the reap at the reaper's next write, which
 // fails with kvstore.ErrFenced; the reap ends there, logged, without error.
+// The host's own writes are fenced the other way (kvstore.OwnFenced, how
+// the plugin wires its IPAM, driver and cluster view): each checks that
+// its session holds its record or, without one, writes the record in the
+// same transaction. So a write the host makes once it reaches the store
+// again (an address for `docker run` in the seconds before its claim
+// notices the session is gone and writes the record) either fails or
+// stops the reap before its next write: a reap never frees what the host
+// wrote after it was judged.
 //
 //  1. the cluster state (cluster.Cluster.EvictHost): members/<host-id>
 //     first (so a reap stopped part way shows as an eviction to the host's

@@ -76,3 +76,70 @@ func testHealDuringReap(t *testing.T, agent *testenv.ConsulAgent) {
 		}
 	}
 }
+
+// testAllocateDuringReap: host B was cut off past the grace period and is
+// being reaped when it reaches the store again, between the reap's
+// cluster step and its IPAM step. Before its claim has written its host
+// record again (at its next round, up to 2 s, or later while its watch of
+// the key still shows it the session it had), Docker asks B for an
+// address for a new container, and B hands it out: the record is B's, in
+// the store. The reap goes on, fenced on B's host record as it judged it,
+// which nothing has changed: its IPAM step frees every address of B, the
+// new one too, and the next host that asks is granted it while B's
+// container starts with it. B's own writes are fenced on its record
+// (kvstore.OwnFenced): a write finds its session holding the record, or
+// writes the record anew in the same transaction, and the reap stops
+// before its next write.
+func testAllocateDuringReap(t *testing.T, agent *testenv.ConsulAgent) {
+	s := setup(t, agent)
+	ctx := bg(t)
+	s.b.stop(t)
+	pool := ipam.PoolID(ipam.LocalAddressSpace, netip.MustParsePrefix("10.50.0.0/24"), netip.Prefix{})
+	var fresh netip.Addr
+	hook := evictHook{ip: s.a.ip, before: func() {
+		if exists(t, s.a.store, "members/host-b") {
+			t.Error("setup: the hook runs before the cluster step")
+		}
+		a, err := s.b.ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: pool, Endpoint: "ep-b-new", MAC: "02:00:00:00:00:0b"})
+		if err != nil {
+			t.Errorf("B's allocation for docker run during the reap: %v", err)
+			return
+		}
+		fresh = a.Addr()
+	}}
+	r, err := New(Config{HostID: s.a.id, Grace: grace, Now: s.e.clock.Now}, s.a.store, s.a.cl, hook,
+		ConsulCatalog{Client: s.a.store.Client(), LocalNode: s.agentNode})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Evict(ctx, "host-b", false); err != nil {
+		t.Fatal(err)
+	}
+	if !fresh.IsValid() {
+		t.Fatal("setup: B allocated nothing during the reap")
+	}
+	for _, x := range []struct {
+		what string
+		a    netip.Addr
+	}{{"new endpoint ep-b-new", fresh}, {"running endpoint ep-b", s.addrB}, {"running endpoint ep-b2", s.addrBOnly}} {
+		_, holder, _, err := s.a.ip.AddressHolder(ctx, x.a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if holder == "host-b" {
+			continue
+		}
+		t.Errorf("address %s of B's %s: holder %q after the reap", x.a, x.what, holder)
+		if x.a == s.addrBOnly {
+			continue // its pool is gone with B's hold
+		}
+		if got, err := s.a.ip.AllocateAddress(ctx, ipam.AddressRequest{PoolID: pool, Address: x.a, Endpoint: "ep-a-new", MAC: "02:00:00:00:0a:03"}); err == nil {
+			t.Errorf("address %s handed out twice: to B's %s and to A's new endpoint (%s)", x.a, x.what, got)
+		} else if !errors.Is(err, ipam.ErrAddressInUse) {
+			t.Fatal(err)
+		}
+	}
+	if !exists(t, s.a.store, HostsPrefix+"host-b") {
+		t.Error("B's host record was removed")
+	}
+}

@@ -59,6 +59,7 @@ type testHost struct {
 	// agentNode, when set, is written as the record's agent_node (the
 	// plugin's NODE_NAME differs from its agent's node name).
 	agentNode string
+	vtep      netip.Addr
 	store     *kvstore.Consul
 	claim     *kvstore.Claim
 	cl        *cluster.Cluster
@@ -82,15 +83,7 @@ func (e *env) host(t *testing.T, id, node, vtep string) *testHost {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close() })
-	h := &testHost{id: id, node: node, store: s}
-	h.cl, err = cluster.New(cluster.Config{HostID: id, Node: node, VTEP: netip.MustParseAddr(vtep)}, s)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.ip, err = ipam.New(ipam.Config{Node: id}, s)
-	if err != nil {
-		t.Fatal(err)
-	}
+	h := &testHost{id: id, node: node, store: s, vtep: netip.MustParseAddr(vtep)}
 	h.claimRecord(t)
 	return h
 }
@@ -107,6 +100,18 @@ func (h *testHost) claimRecord(t *testing.T) {
 	}
 	cl := h.claim
 	t.Cleanup(func() { _ = cl.Release(context.Background()) })
+	// As the plugin wires them (plugin/main.go): the host's cluster view
+	// and IPAM write through its own fence on its record; a new claim is a
+	// new plugin process, with its own.
+	own := kvstore.OwnFenced(h.store, h.claim)
+	h.cl, err = cluster.New(cluster.Config{HostID: h.id, Node: h.node, VTEP: h.vtep}, own)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.ip, err = ipam.New(ipam.Config{Node: h.id}, own)
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // stop is the plugin stopping or dying: the record stays, without a
@@ -346,6 +351,7 @@ func TestConsul(t *testing.T) {
 	t.Run("RunFollowsWithoutPolling", func(t *testing.T) { testRunFollows(t, agent) })
 	t.Run("BackDuringReap", func(t *testing.T) { testBackDuringReap(t, agent) })
 	t.Run("HealDuringReap", func(t *testing.T) { testHealDuringReap(t, agent) })
+	t.Run("AllocateDuringReap", func(t *testing.T) { testAllocateDuringReap(t, agent) })
 	t.Run("ServicesUnderAgentNode", func(t *testing.T) { testServicesUnderAgentNode(t, agent) })
 }
 
