@@ -198,12 +198,12 @@ func (m *Manager) wantVTEPs() map[netip.Addr]bool {
 // devices not in nets send to (m.kept), from Reconcile's dump of the
 // kernel: with KeepStrays those overlays stay, and so must their peers'
 // place in the underlay allowlist, or the kept entries send where replies
-// are dropped. Caller holds m.mu; m.snap is the dump.
+// are dropped. Caller holds m.mu; m.host.snap is the dump.
 func (m *Manager) keepVTEPs(nets map[uint32]Network) {
-	if m.snap == nil {
+	if m.host.snap == nil {
 		return
 	}
-	for _, l := range m.snap.links {
+	for _, l := range m.host.snap.links {
 		vx, ok := l.(*netlink.Vxlan)
 		if !ok || !m.owns(l) {
 			continue
@@ -212,7 +212,7 @@ func (m *Manager) keepVTEPs(nets map[uint32]Network) {
 		if _, listed := nets[vni]; listed {
 			continue
 		}
-		for _, n := range m.snap.fdb[l.Attrs().Index] {
+		for _, n := range m.host.snap.fdb[l.Attrs().Index] {
 			a, ok := netip.AddrFromSlice(n.IP)
 			if !ok || !a.Unmap().IsValid() || a.Unmap() == m.cfg.VTEP {
 				continue

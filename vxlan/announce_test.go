@@ -30,7 +30,7 @@ func TestPeerMACChangeAnnounced(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	if m.announce == nil {
+	if m.host.announce == nil {
 		t.Fatal("New made no announcer")
 	}
 	newMAC := net.HardwareAddr{0x02, 0, 0, 0, 0, 0x99}

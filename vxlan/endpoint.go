@@ -78,7 +78,7 @@ func (m *Manager) CreateEndpoint(ctx context.Context, ep Endpoint) (EndpointInfo
 // createEndpoint is CreateEndpoint with m.mu held, counting into ch.
 func (m *Manager) createEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, retErr error) {
 	op := fmt.Sprintf("create endpoint %s (vni %d)", endpointKey(ep.ID), ep.VNI)
-	br, err := m.linkByName(BridgeName(ep.VNI))
+	br, err := m.host.linkByName(BridgeName(ep.VNI))
 	if err != nil {
 		return info, fmt.Errorf("%s: %w", op, err)
 	}
@@ -112,7 +112,7 @@ func (m *Manager) createEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, retErr error) {
 	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
 	op := fmt.Sprintf("ensure endpoint %s (vni %d)", endpointKey(ep.ID), ep.VNI)
-	br, err := m.linkByName(BridgeName(ep.VNI))
+	br, err := m.host.linkByName(BridgeName(ep.VNI))
 	if err != nil {
 		return info, fmt.Errorf("%s: %w", op, err)
 	}
@@ -135,7 +135,7 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		retErr = fmt.Errorf("%s: %w", op, retErr)
 	}()
 
-	host, err := m.linkByName(hostName)
+	host, err := m.host.linkByName(hostName)
 	if err != nil {
 		return info, err
 	}
@@ -146,13 +146,13 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 	}
 	if host != nil && host.Type() != "veth" {
 		m.log.Warn("replacing link that is not a veth", "link", hostName, "type", host.Type(), "endpoint", endpointKey(ep.ID))
-		if err := m.deleteLink(host); err != nil {
+		if err := m.host.deleteLink(host); err != nil {
 			return info, err
 		}
 		ch.Links++
 		host = nil
 	}
-	cont, err := m.linkByName(contName)
+	cont, err := m.host.linkByName(contName)
 	if err != nil {
 		return info, err
 	}
@@ -165,7 +165,7 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		if cont != nil {
 			// A container end without its host end is not a pair of ours.
 			m.log.Warn("removing unpaired link", "link", contName, "type", cont.Type(), "endpoint", endpointKey(ep.ID))
-			if err := m.deleteLink(cont); err != nil {
+			if err := m.host.deleteLink(cont); err != nil {
 				return info, err
 			}
 			ch.Links++
@@ -174,14 +174,14 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 			return info, err
 		}
 		// By name: the pair may exist even if the lookup below fails.
-		undo = append(undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
-		if host, err = m.linkByName(hostName); err == nil && host == nil {
+		undo = append(undo, func() error { _, err := m.host.deleteLinkByName(hostName); return err })
+		if host, err = m.host.linkByName(hostName); err == nil && host == nil {
 			err = fmt.Errorf("veth %q gone after creation", hostName)
 		}
 		if err != nil {
 			return info, err
 		}
-		if cont, err = m.linkByName(contName); err != nil {
+		if cont, err = m.host.linkByName(contName); err != nil {
 			return info, err
 		}
 	}
@@ -192,19 +192,19 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 			if err := m.step("veth-alias"); err != nil {
 				return info, err
 			}
-			if err := m.setAlias(cont); err != nil {
+			if err := m.host.setAlias(cont); err != nil {
 				return info, err
 			}
 			ch.LinkAttrs++
 		}
 		if cont.Attrs().MTU != mtu {
-			if err := m.setMTU(cont, mtu); err != nil {
+			if err := m.host.setMTU(cont, mtu); err != nil {
 				return info, err
 			}
 			ch.LinkAttrs++
 		}
 		if cont.Attrs().HardwareAddr.String() != ep.MAC.String() {
-			m.snap.forget(cont)
+			m.host.snap.forget(cont)
 			if err := m.nl.LinkSetHardwareAddr(cont, ep.MAC); err != nil {
 				return info, fmt.Errorf("set mac of %q to %s: %w", contName, ep.MAC, err)
 			}
@@ -217,13 +217,13 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		if err := m.step("veth-alias"); err != nil {
 			return info, err
 		}
-		if err := m.setAlias(host); err != nil {
+		if err := m.host.setAlias(host); err != nil {
 			return info, err
 		}
 		ch.LinkAttrs++
 	}
 	if host.Attrs().MTU != mtu {
-		if err := m.setMTU(host, mtu); err != nil {
+		if err := m.host.setMTU(host, mtu); err != nil {
 			return info, err
 		}
 		ch.LinkAttrs++
@@ -232,7 +232,7 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		if err := m.step("veth-master"); err != nil {
 			return info, err
 		}
-		if err := m.setMaster(host, br); err != nil {
+		if err := m.host.setMaster(host, br); err != nil {
 			return info, err
 		}
 		ch.LinkAttrs++
@@ -241,7 +241,7 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		if err := m.step("veth-up"); err != nil {
 			return info, err
 		}
-		if err := m.setUp(host); err != nil {
+		if err := m.host.setUp(host); err != nil {
 			return info, err
 		}
 		ch.LinkAttrs++
@@ -265,12 +265,12 @@ func (m *Manager) createPair(ep Endpoint, br netlink.Link, ch *Changes, undo *[]
 	if err := m.addVeth(ep, br.Attrs().MTU, br.Attrs().Index, ch); err != nil {
 		return false, err
 	}
-	*undo = append(*undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
+	*undo = append(*undo, func() error { _, err := m.host.deleteLinkByName(hostName); return err })
 	if err := m.step("veth-alias"); err != nil {
 		return true, err
 	}
 	for _, name := range []string{contName, hostName} {
-		if err := m.setAlias(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}}); err != nil {
+		if err := m.host.setAlias(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}}); err != nil {
 			return true, err
 		}
 	}
@@ -292,7 +292,7 @@ func (m *Manager) addVeth(ep Endpoint, mtu, master int, ch *Changes) error {
 	if err := m.step("veth"); err != nil {
 		return err
 	}
-	err := m.rt.addVethPair(vethPair{name: hostName, peer: contName, mtu: mtu, master: master, mac: ep.MAC})
+	err := m.host.rt.addVethPair(vethPair{name: hostName, peer: contName, mtu: mtu, master: master, mac: ep.MAC})
 	if err != nil {
 		return fmt.Errorf("create veth %q/%q: %w", hostName, contName, err)
 	}
@@ -317,7 +317,7 @@ func (m *Manager) DeleteEndpoint(ctx context.Context, id string) error {
 	var errs []error
 	deleted := 0
 	for _, name := range []string{HostIfName(id), ContainerIfName(id)} {
-		ok, err := m.deleteLinkByName(name)
+		ok, err := m.host.deleteLinkByName(name)
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -351,7 +351,7 @@ func (m *Manager) EndpointInUse(id string) (bool, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	host, err := m.linkByName(HostIfName(id))
+	host, err := m.host.linkByName(HostIfName(id))
 	if err != nil {
 		return false, fmt.Errorf("endpoint in use %s: %w", endpointKey(id), err)
 	}

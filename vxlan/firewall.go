@@ -947,7 +947,7 @@ func (m *Manager) releaseFirewall(ctx context.Context, br string, ch *Changes) e
 	if !m.fw.enabled() {
 		return nil
 	}
-	links, err := m.linkList()
+	links, err := m.host.linkList()
 	if err != nil {
 		return err
 	}

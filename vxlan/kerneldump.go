@@ -37,7 +37,7 @@ type kernelDump struct {
 func (m *Manager) dumpKernel(links []netlink.Link) (*kernelDump, error) {
 	if links == nil {
 		var err error
-		if links, err = m.linkList(); err != nil {
+		if links, err = m.host.linkList(); err != nil {
 			return nil, err
 		}
 	}

@@ -68,7 +68,7 @@ func linkLocalLabel(br string) string { return br + ":ll" }
 func (m *Manager) syncLinkLocalAddr(br netlink.Link, ch *Changes) error {
 	name := br.Attrs().Name
 	label := linkLocalLabel(name)
-	have, ok := m.snap.addrList(br, netlink.FAMILY_V4)
+	have, ok := m.host.snap.addrList(br, netlink.FAMILY_V4)
 	if !ok {
 		var err error
 		if have, err = retryDump(func() ([]netlink.Addr, error) { return m.nl.AddrList(br, netlink.FAMILY_V4) }); err != nil {
@@ -86,7 +86,7 @@ func (m *Manager) syncLinkLocalAddr(br netlink.Link, ch *Changes) error {
 			present = true
 			continue
 		}
-		m.snap.forgetAddrs(br)
+		m.host.snap.forgetAddrs(br)
 		if err := m.nl.AddrDel(br, &a); err != nil && !isNotFound(err) && !errors.Is(err, unix.EADDRNOTAVAIL) {
 			return fmt.Errorf("remove link-local address %s from %q: %w", p, name, err)
 		}
@@ -100,7 +100,7 @@ func (m *Manager) syncLinkLocalAddr(br netlink.Link, ch *Changes) error {
 		return err
 	}
 	a := &netlink.Addr{IPNet: &net.IPNet{IP: m.cfg.LinkLocal.AsSlice(), Mask: net.CIDRMask(32, 32)}, Label: label}
-	m.snap.forgetAddrs(br)
+	m.host.snap.forgetAddrs(br)
 	if err := m.nl.AddrReplace(br, a); err != nil {
 		return fmt.Errorf("add link-local address %s to %q: %w", want, name, err)
 	}

@@ -165,13 +165,12 @@ type Manager struct {
 	cfg       Config
 	mark      string // OwnerMark(cfg.Owner): our links' alias, our rules' comment
 	log       *slog.Logger
-	nl        *netlink.Handle
-	rt        *routeSocket // the attach path's requests (rtnl.go)
+	nl        *netlink.Handle // host.nl: xfrm, the underlay, and what is host-wide
+	host      *netNS          // the namespace the Manager programs (layout.go)
 	ownHandle bool
 	closeOnce sync.Once
 	fw        *firewall
-	mtu       int        // underlay MTU
-	announce  *announcer // nil: no gratuitous ARPs (a Manager on a foreign handle)
+	mtu       int // underlay MTU
 
 	// mu serialises all kernel programming and guards peers.
 	mu sync.Mutex
@@ -188,9 +187,6 @@ type Manager struct {
 	// inKernel is the peer set the last successful sync of each network
 	// left in its VXLAN device (syncPeerEntries); guarded by mu.
 	inKernel map[uint32]kernelPeers
-	// snap is Reconcile's dump of the kernel's tables while it runs, nil
-	// otherwise (kerneldump.go); guarded by mu.
-	snap *kernelDump
 	// perDevice, set by tests, makes Reconcile read each device's tables
 	// on its own instead of dumping them once.
 	perDevice bool
@@ -209,7 +205,7 @@ func New(cfg Config) (*Manager, error) {
 	}
 	// The packet socket belongs to the caller's namespace, as the netlink
 	// sockets do; NewAt's Manager sends no announcements.
-	if m.announce, err = newAnnouncer(); err != nil {
+	if m.host.announce, err = newAnnouncer(); err != nil {
 		m.log.Warn("remote endpoints will not be announced", "error", err)
 	}
 	return m, nil
@@ -248,7 +244,7 @@ func open(cfg Config, ns netns.NsHandle) (*Manager, error) {
 		h.Close()
 		return nil, err
 	}
-	m.ownHandle, m.rt = true, rt
+	m.ownHandle, m.host.rt = true, rt
 	return m, nil
 }
 
@@ -282,6 +278,7 @@ func newManager(cfg Config, h *netlink.Handle) (*Manager, error) {
 		nl:    h,
 		peers: map[uint32]*peerSet{},
 	}
+	m.host = &netNS{m: m, nl: h, fd: netns.None()}
 	m.mtu = cfg.UnderlayMTU
 	if m.mtu == 0 {
 		mtu, link, err := m.underlayMTU()
@@ -317,11 +314,7 @@ func newManager(cfg Config, h *netlink.Handle) (*Manager, error) {
 // nothing.
 func (m *Manager) Close() error {
 	m.closeOnce.Do(func() {
-		m.announce.close()
-		if m.ownHandle {
-			m.nl.Close()
-		}
-		m.rt.close()
+		m.host.close(m.ownHandle)
 	})
 	return nil
 }

@@ -76,7 +76,7 @@ func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, f
 	// VXLAN device exists, and the bridge's rules need no bridge. One
 	// listing and at most one transaction per command.
 	if m.fw.enabled() && !fwDone {
-		existing, err := m.linkByName(info.Bridge)
+		existing, err := m.host.linkByName(info.Bridge)
 		if err != nil {
 			return info, err
 		}
@@ -84,7 +84,7 @@ func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, f
 		for _, name := range []string{info.Bridge, info.VXLAN} {
 			l := existing
 			if name == info.VXLAN {
-				if l, err = m.linkByName(name); err != nil {
+				if l, err = m.host.linkByName(name); err != nil {
 					return info, err
 				}
 			}
@@ -150,14 +150,14 @@ func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, f
 	}
 	br, created, err := m.ensureBridge(n, mtu, ch)
 	if created {
-		undo = append(undo, func() error { return m.deleteLink(br) })
+		undo = append(undo, func() error { return m.host.deleteLink(br) })
 	}
 	if err != nil {
 		return info, err
 	}
 	vx, vxCreated, err := m.ensureVXLAN(n.VNI, mtu, br, ch)
 	if vxCreated {
-		undo = append(undo, func() error { return m.deleteLink(vx) })
+		undo = append(undo, func() error { return m.host.deleteLink(vx) })
 	}
 	if err != nil {
 		return info, err
@@ -187,11 +187,11 @@ func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, f
 // Equivalent to: `ip -d link show master vxbr-0a1b` and looking for
 // vxh-* links whose peer is in another namespace ("link-netnsid").
 func (m *Manager) keptMTU(br string, mtu int) (int, error) {
-	l, err := m.linkByName(br)
+	l, err := m.host.linkByName(br)
 	if err != nil || l == nil || m.foreign(l) != nil || l.Attrs().MTU <= mtu {
 		return mtu, err
 	}
-	links, err := m.linkList()
+	links, err := m.host.linkList()
 	if err != nil {
 		return mtu, err
 	}
@@ -224,7 +224,7 @@ func (m *Manager) keptMTU(br string, mtu int) (int, error) {
 // link set vxbr-0a1b up`.
 func (m *Manager) ensureBridge(n Network, mtu int, ch *Changes) (br netlink.Link, created bool, err error) {
 	name := BridgeName(n.VNI)
-	br, err = m.linkByName(name)
+	br, err = m.host.linkByName(name)
 	if err != nil {
 		return nil, false, err
 	}
@@ -235,7 +235,7 @@ func (m *Manager) ensureBridge(n Network, mtu int, ch *Changes) (br netlink.Link
 	}
 	if br != nil && br.Type() != "bridge" {
 		m.log.Warn("replacing link that is not a bridge", "link", name, "type", br.Type(), "vni", n.VNI)
-		if err := m.deleteLink(br); err != nil {
+		if err := m.host.deleteLink(br); err != nil {
 			return nil, false, err
 		}
 		ch.Links++
@@ -253,7 +253,7 @@ func (m *Manager) ensureBridge(n Network, mtu int, ch *Changes) (br netlink.Link
 		}
 		ch.Links++
 		m.log.Debug("bridge created", "link", name, "vni", n.VNI)
-		if br, err = m.linkByName(name); err != nil || br == nil {
+		if br, err = m.host.linkByName(name); err != nil || br == nil {
 			return nil, false, fmt.Errorf("create bridge %q (vni %d): gone after creation: %w", name, n.VNI, err)
 		}
 		created = true
@@ -262,13 +262,13 @@ func (m *Manager) ensureBridge(n Network, mtu int, ch *Changes) (br netlink.Link
 		if err := m.step("bridge-alias"); err != nil {
 			return br, created, err
 		}
-		if err := m.setAlias(br); err != nil {
+		if err := m.host.setAlias(br); err != nil {
 			return br, created, err
 		}
 		ch.LinkAttrs++
 	}
 	if br.Attrs().MTU != mtu {
-		if err := m.setMTU(br, mtu); err != nil {
+		if err := m.host.setMTU(br, mtu); err != nil {
 			return br, created, err
 		}
 		ch.LinkAttrs++
@@ -280,7 +280,7 @@ func (m *Manager) ensureBridge(n Network, mtu int, ch *Changes) (br netlink.Link
 		if err := m.step("bridge-up"); err != nil {
 			return br, created, err
 		}
-		if err := m.setUp(br); err != nil {
+		if err := m.host.setUp(br); err != nil {
 			return br, created, err
 		}
 		ch.LinkAttrs++
@@ -296,7 +296,7 @@ func (m *Manager) ensureBridge(n Network, mtu int, ch *Changes) (br netlink.Link
 // del <other> dev vxbr-0a1b`.
 func (m *Manager) syncBridgeAddrs(br netlink.Link, want []netip.Prefix, ch *Changes) error {
 	name := br.Attrs().Name
-	have, ok := m.snap.addrList(br, netlink.FAMILY_ALL)
+	have, ok := m.host.snap.addrList(br, netlink.FAMILY_ALL)
 	if !ok {
 		var err error
 		if have, err = retryDump(func() ([]netlink.Addr, error) { return m.nl.AddrList(br, netlink.FAMILY_ALL) }); err != nil {
@@ -313,7 +313,7 @@ func (m *Manager) syncBridgeAddrs(br netlink.Link, want []netip.Prefix, ch *Chan
 			present[p] = true
 			continue
 		}
-		m.snap.forgetAddrs(br)
+		m.host.snap.forgetAddrs(br)
 		if err := m.nl.AddrDel(br, &a); err != nil && !isNotFound(err) && !errors.Is(err, unix.EADDRNOTAVAIL) {
 			return fmt.Errorf("remove address %s from %q: %w", p, name, err)
 		}
@@ -331,7 +331,7 @@ func (m *Manager) syncBridgeAddrs(br netlink.Link, want []netip.Prefix, ch *Chan
 		if p.Addr().Is6() {
 			a.Flags = unix.IFA_F_NODAD
 		}
-		m.snap.forgetAddrs(br)
+		m.host.snap.forgetAddrs(br)
 		if err := m.nl.AddrReplace(br, a); err != nil {
 			return fmt.Errorf("add address %s to %q: %w", p, name, err)
 		}
@@ -390,7 +390,7 @@ func (m *Manager) vxlanMismatch(l netlink.Link, vni uint32) string {
 // consul-overlay-<owner> master vxbr-0a1b up`.
 func (m *Manager) ensureVXLAN(vni uint32, mtu int, br netlink.Link, ch *Changes) (vx netlink.Link, created bool, err error) {
 	name := VXLANName(vni)
-	vx, err = m.linkByName(name)
+	vx, err = m.host.linkByName(name)
 	if err != nil {
 		return nil, false, err
 	}
@@ -400,7 +400,7 @@ func (m *Manager) ensureVXLAN(vni uint32, mtu int, br netlink.Link, ch *Changes)
 		}
 		if diff := m.vxlanMismatch(vx, vni); diff != "" {
 			m.log.Warn("replacing vxlan device", "link", name, "vni", vni, "difference", diff)
-			if err := m.deleteLink(vx); err != nil {
+			if err := m.host.deleteLink(vx); err != nil {
 				return nil, false, err
 			}
 			ch.Links++
@@ -432,7 +432,7 @@ func (m *Manager) ensureVXLAN(vni uint32, mtu int, br netlink.Link, ch *Changes)
 		}
 		ch.Links++
 		m.log.Debug("vxlan created", "link", name, "vni", vni, "vtep", m.cfg.VTEP, "port", m.cfg.Port)
-		if vx, err = m.linkByName(name); err != nil || vx == nil {
+		if vx, err = m.host.linkByName(name); err != nil || vx == nil {
 			return nil, false, fmt.Errorf("create vxlan %q (vni %d): gone after creation: %w", name, vni, err)
 		}
 		created = true
@@ -441,13 +441,13 @@ func (m *Manager) ensureVXLAN(vni uint32, mtu int, br netlink.Link, ch *Changes)
 		if err := m.step("vxlan-alias"); err != nil {
 			return vx, created, err
 		}
-		if err := m.setAlias(vx); err != nil {
+		if err := m.host.setAlias(vx); err != nil {
 			return vx, created, err
 		}
 		ch.LinkAttrs++
 	}
 	if vx.Attrs().MTU != mtu {
-		if err := m.setMTU(vx, mtu); err != nil {
+		if err := m.host.setMTU(vx, mtu); err != nil {
 			return vx, created, err
 		}
 		ch.LinkAttrs++
@@ -456,7 +456,7 @@ func (m *Manager) ensureVXLAN(vni uint32, mtu int, br netlink.Link, ch *Changes)
 		if err := m.step("vxlan-master"); err != nil {
 			return vx, created, err
 		}
-		if err := m.setMaster(vx, br); err != nil {
+		if err := m.host.setMaster(vx, br); err != nil {
 			return vx, created, err
 		}
 		ch.LinkAttrs++
@@ -465,7 +465,7 @@ func (m *Manager) ensureVXLAN(vni uint32, mtu int, br netlink.Link, ch *Changes)
 		if err := m.step("vxlan-up"); err != nil {
 			return vx, created, err
 		}
-		if err := m.setUp(vx); err != nil {
+		if err := m.host.setUp(vx); err != nil {
 			return vx, created, err
 		}
 		ch.LinkAttrs++
@@ -503,7 +503,7 @@ func (m *Manager) deleteNetwork(ctx context.Context, vni uint32, ch *Changes) er
 	delete(m.inKernel, vni)
 	var errs []error
 	brName := BridgeName(vni)
-	br, err := m.linkByName(brName)
+	br, err := m.host.linkByName(brName)
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -511,13 +511,13 @@ func (m *Manager) deleteNetwork(ctx context.Context, vni uint32, ch *Changes) er
 		br = nil // another owner's bridge: its ports are not ours either
 	}
 	if br != nil {
-		links, err := m.linkList()
+		links, err := m.host.linkList()
 		if err != nil {
 			errs = append(errs, err)
 		}
 		for _, l := range links {
 			if l.Attrs().MasterIndex == br.Attrs().Index && hostNameRE.MatchString(l.Attrs().Name) && m.deletable(l) {
-				if err := m.deleteLink(l); err != nil {
+				if err := m.host.deleteLink(l); err != nil {
 					errs = append(errs, err)
 					continue
 				}
@@ -526,7 +526,7 @@ func (m *Manager) deleteNetwork(ctx context.Context, vni uint32, ch *Changes) er
 		}
 	}
 	for _, name := range []string{VXLANName(vni), brName} {
-		deleted, err := m.deleteLinkByName(name)
+		deleted, err := m.host.deleteLinkByName(name)
 		if err != nil {
 			errs = append(errs, err)
 		}

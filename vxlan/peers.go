@@ -236,7 +236,7 @@ func (m *Manager) DeletePeer(ctx context.Context, p Peer) error {
 // and programmed when we ensure it, never written into another instance's
 // device.
 func (m *Manager) ownVXLAN(vni uint32) (netlink.Link, error) {
-	vx, err := m.linkByName(VXLANName(vni))
+	vx, err := m.host.linkByName(VXLANName(vni))
 	if err != nil || vx == nil {
 		return nil, err
 	}
@@ -303,7 +303,7 @@ func (m *Manager) setNeigh(vx netlink.Link, ip netip.Addr, mac [6]byte, ch *Chan
 	// Tell the local containers, which may hold an old MAC for this
 	// address, through the bridge the VXLAN device is enslaved to.
 	if br := vx.Attrs().MasterIndex; br > 0 {
-		if err := m.announce.garp(br, ip, n.HardwareAddr); err != nil {
+		if err := m.host.announce.garp(br, ip, n.HardwareAddr); err != nil {
 			m.log.Warn("announce peer", "link", vx.Attrs().Name, "peer", ip, "error", err)
 		}
 	}
@@ -453,7 +453,7 @@ func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll, delta bo
 	// What the kernel holds.
 	// Reconcile's snapshot when it stands for this device's tables.
 	list := func(fam int) ([]netlink.Neigh, error) {
-		if ns, ok := m.snap.entries(idx, fam); ok {
+		if ns, ok := m.host.snap.entries(idx, fam); ok {
 			return ns, nil
 		}
 		return retryDump(func() ([]netlink.Neigh, error) { return m.nl.NeighList(idx, fam) })
@@ -475,7 +475,7 @@ func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll, delta bo
 	haveFDB := map[[6]byte][]netip.Addr{}
 	fdbs, err := list(unix.AF_BRIDGE)
 	// Read once: what this call writes is not in the snapshot.
-	m.snap.forgetEntries(vx)
+	m.host.snap.forgetEntries(vx)
 	if err != nil {
 		return fmt.Errorf("list fdb of %q: %w", name, err)
 	}

@@ -157,7 +157,7 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 	var links []netlink.Link
 	if !keep {
 		var err error
-		if links, err = m.linkList(); err != nil {
+		if links, err = m.host.linkList(); err != nil {
 			<-fwWait
 			return ch, errors.Join(append(errs, err)...)
 		}
@@ -167,8 +167,8 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 	} else if d, err := m.dumpKernel(links); err != nil {
 		m.log.Warn("kernel tables not read at once; reading them device by device", "error", err)
 	} else {
-		m.snap = d
-		defer func() { m.snap = nil }()
+		m.host.snap = d
+		defer func() { m.host.snap = nil }()
 	}
 	if keep {
 		m.keepVTEPs(nets)
@@ -230,7 +230,7 @@ func (m *Manager) removeStrays(links []netlink.Link, nets map[uint32]Network, ep
 	var errs []error
 	del := func(l netlink.Link, why string) {
 		m.log.Info("removing stray link", "link", l.Attrs().Name, "reason", why)
-		if err := m.deleteLink(l); err != nil {
+		if err := m.host.deleteLink(l); err != nil {
 			errs = append(errs, err)
 			return
 		}
@@ -280,7 +280,7 @@ func (m *Manager) removeStrays(links []netlink.Link, nets map[uint32]Network, ep
 func (m *Manager) OwnedNetworks() ([]uint32, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	links, err := m.linkList()
+	links, err := m.host.linkList()
 	if err != nil {
 		return nil, fmt.Errorf("owned networks: %w", err)
 	}
@@ -344,7 +344,7 @@ func (m *Manager) NetworksInUse() (map[uint32][]string, error) {
 // link dump.
 func (m *Manager) inUse() (map[string]uint32, error) {
 	m.mu.Lock()
-	links, err := m.linkList()
+	links, err := m.host.linkList()
 	m.mu.Unlock()
 	if err != nil {
 		return nil, err

@@ -30,7 +30,7 @@ func TestReconcileKeepsListedInvalidEndpoint(t *testing.T) {
 		Endpoints: []Endpoint{{ID: c.id, VNI: n.VNI, MAC: nil}}, // listed, but its MAC is missing
 	})
 	t.Logf("Reconcile error (expected, the endpoint is invalid): %v", err)
-	if l, _ := h.m.linkByName(HostIfName(c.id)); l == nil {
+	if l, _ := h.m.host.linkByName(HostIfName(c.id)); l == nil {
 		t.Errorf("the veth of endpoint %s, listed in the desired state and used by a running container, was removed", endpointKey(c.id))
 	}
 	if out, err := ping(t, c.ns, addr("10.75.0.1"), 2); err != nil {
