@@ -942,20 +942,22 @@ func (m *Manager) fwSpec(bridges map[string]Network, sh shared) fwSpec {
 }
 
 // releaseFirewall removes the rules of bridge br (gone or going), and the
-// shared rules if no other bridge of ours is left. Caller holds m.mu.
+// shared rules if no other bridge of ours is left in either namespace. Caller holds m.mu.
 func (m *Manager) releaseFirewall(ctx context.Context, br string, ch *Changes) error {
 	if !m.fw.enabled() {
 		return nil
 	}
-	links, err := m.host.linkList()
-	if err != nil {
-		return err
-	}
 	sh := sharedDrop
-	for _, l := range links {
-		if name := l.Attrs().Name; name != br && m.owns(l) && bridgeNameRE.MatchString(name) {
-			sh = sharedKeep
-			break
+	for _, ns := range m.namespaces() {
+		links, err := ns.linkList()
+		if err != nil {
+			return err
+		}
+		for _, l := range links {
+			if name := l.Attrs().Name; name != br && m.owns(l) && bridgeNameRE.MatchString(name) {
+				sh = sharedKeep
+				break
+			}
 		}
 	}
 	s := m.fwSpec(nil, sh)

@@ -54,12 +54,12 @@ func TestReconcileDumpSameAsPerDevice(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		must(h.m.setNeigh(vx0, addr("10.71.0.99"), stray, &ch))                                   // stray neighbour
-		must(h.m.setNeigh(vx0, addr("10.71.0.100"), stray, &ch))                                  // wrong MAC
-		must(h.m.setFDB(vx0, stray, addr("198.51.100.9"), &ch))                                   // stray FDB entry
-		must(h.m.delFDB(vx1, [6]byte(MACFromIP(addr("10.71.1.101"))), addr("198.51.100.2"), &ch)) // missing FDB entry
-		must(h.m.delFDB(vx1, [6]byte{}, addr("198.51.100.1"), &ch))                               // missing flood entry
-		must(h.m.delNeigh(vx1, addr("10.71.1.102"), &ch))                                         // missing neighbour
+		must(h.m.setNeigh(h.m.host, vx0, addr("10.71.0.99"), stray, &ch))                                   // stray neighbour
+		must(h.m.setNeigh(h.m.host, vx0, addr("10.71.0.100"), stray, &ch))                                  // wrong MAC
+		must(h.m.setFDB(h.m.host, vx0, stray, addr("198.51.100.9"), &ch))                                   // stray FDB entry
+		must(h.m.delFDB(h.m.host, vx1, [6]byte(MACFromIP(addr("10.71.1.101"))), addr("198.51.100.2"), &ch)) // missing FDB entry
+		must(h.m.delFDB(h.m.host, vx1, [6]byte{}, addr("198.51.100.1"), &ch))                               // missing flood entry
+		must(h.m.delNeigh(h.m.host, vx1, addr("10.71.1.102"), &ch))                                         // missing neighbour
 		br1 := link(t, h, BridgeName(0x7101))
 		must(hh.AddrDel(br1, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("10.71.1.1").To4(), Mask: net.CIDRMask(24, 32)}}))
 		must(hh.AddrAdd(br1, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("10.79.9.1").To4(), Mask: net.CIDRMask(24, 32)}}))

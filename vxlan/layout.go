@@ -149,3 +149,66 @@ func (ns *netNS) setUp(l netlink.Link) error {
 	ns.m.log.Debug("link up", "link", l.Attrs().Name)
 	return nil
 }
+
+// namespaces lists the namespaces the Manager programs: the host's, then
+// the data plane's if it has one.
+func (m *Manager) namespaces() []*netNS {
+	if m.dp == nil {
+		return []*netNS{m.host}
+	}
+	return []*netNS{m.host, m.dp}
+}
+
+// nsOf returns the namespace that holds, or is to hold, network vni's
+// bridge and VXLAN device: the host's if either of them is there (a
+// network made before the data-plane namespace was configured keeps its
+// layout: the kernel refuses to move a bridge, and rebuilding it would
+// take its containers' links down), otherwise the data plane's if the
+// Manager has one. Caller holds m.mu.
+//
+// Equivalent to: `ip link show vxbr-0a1b; ip link show vx-0a1b` in the
+// host's namespace.
+func (m *Manager) nsOf(vni uint32) (*netNS, error) {
+	if m.dp == nil {
+		return m.host, nil
+	}
+	for _, name := range []string{BridgeName(vni), VXLANName(vni)} {
+		l, err := m.host.linkByName(name)
+		if err != nil {
+			return nil, err
+		}
+		if l != nil {
+			return m.host, nil
+		}
+	}
+	return m.dp, nil
+}
+
+// awayCheck returns a function that reports whether the container end of
+// veth host (a vxh- link of namespace ns, one of links, the namespace's
+// dump; endpoint key key) has left the host's namespace, where
+// EnsureEndpoint creates it: a container uses it. In the host's namespace
+// that is peerAway on the same dump. In the data-plane namespace the
+// container end is always elsewhere, so the host's namespace is asked
+// whether it still holds it: one more dump, of the host's links.
+func (m *Manager) awayCheck(ns *netNS, links []netlink.Link) (func(host netlink.Link, key string) bool, error) {
+	if ns.dp {
+		hostLinks, err := m.host.linkList()
+		if err != nil {
+			return nil, err
+		}
+		links = hostLinks
+	}
+	names := make(map[int]string, len(links))
+	for _, l := range links {
+		names[l.Attrs().Index] = l.Attrs().Name
+	}
+	return func(host netlink.Link, key string) bool {
+		// The names come from the dump: no lookup fails.
+		away, _ := peerAway(host, key, ns.dp, func(index int) (string, bool, error) {
+			name, ok := names[index]
+			return name, ok, nil
+		})
+		return away
+	}, nil
+}
