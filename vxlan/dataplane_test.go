@@ -361,3 +361,127 @@ func TestDataplaneEndpointInUse(t *testing.T) {
 		t.Errorf("%s left in %s", info.HostIf, got)
 	}
 }
+
+// The firewall of networks in the data-plane namespace is on their gateway
+// links: with the host's FORWARD policy ACCEPT and forwarding on (the
+// worst case), nothing is routed through the host from one overlay into
+// another; an internal network's containers do not reach the host, which
+// still reaches them; the well-known address answers DNS on every
+// network and the API only on a network with ConsulAPI. Everything goes
+// with the last network.
+func TestDataplaneFirewall(t *testing.T) {
+	t.Parallel()
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, true)[0]
+	m := h.linkLocalManager(t, testLinkLocal)
+	for _, cmd := range []string{"iptables", "ip6tables"} {
+		iptables(t, h, cmd, "-P", "FORWARD", "ACCEPT")
+	}
+	h.NS.MustRun(t, "sysctl", "-w", "net.ipv4.ip_forward=1")
+	const vniAPI, vniInt, vniB = 0x41, 0x42, 0x43
+	nets := []Network{
+		{VNI: vniAPI, ConsulAPI: true, Gateways: []netip.Prefix{pfx("10.41.0.1/24")}},
+		{VNI: vniInt, Internal: true, Gateways: []netip.Prefix{pfx("10.42.0.1/24")}},
+		{VNI: vniB, Gateways: []netip.Prefix{pfx("10.43.0.1/24")}},
+	}
+	for _, n := range nets {
+		if _, err := m.EnsureNetwork(t.Context(), n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, cmd := range []string{"iptables", "ip6tables"} {
+		want := []string{
+			"-A CONSUL-OVERLAY -i vxbr-+ -m physdev --physdev-is-bridged -m comment --comment consul-overlay -j ACCEPT",
+			"-A CONSUL-OVERLAY -o vxbr-+ -m comment --comment consul-overlay -j DROP",
+			"-A CONSUL-OVERLAY -i vxbr-+ -m comment --comment consul-overlay -j DROP",
+			"-A CONSUL-OVERLAY -o vxg-+ -m comment --comment consul-overlay -j DROP",
+			"-A CONSUL-OVERLAY -i vxg-+ -m comment --comment consul-overlay -j DROP",
+		}
+		if got := fwRules(t, h, cmd); !slices.Equal(got, want) {
+			t.Errorf("%s rules:\n%s\nwant:\n%s", cmd, strings.Join(got, "\n"), strings.Join(want, "\n"))
+		}
+	}
+	input := iptables(t, h, "iptables", "-S", InputChain)
+	for _, r := range []string{
+		"-A CONSUL-OVERLAY-INPUT -d 169.254.1.1/32 -i vxg-000041 -p tcp -m tcp --dport 8500 -m comment --comment consul-overlay -j RETURN",
+		"-A CONSUL-OVERLAY-INPUT -d 169.254.1.1/32 -i vxg-+ -p udp -m udp --dport 53 -m comment --comment consul-overlay -j RETURN",
+		"-A CONSUL-OVERLAY-INPUT -d 169.254.1.1/32 -i vxg-+ -p tcp -m tcp --dport 8500 -m comment --comment consul-overlay -j REJECT --reject-with tcp-reset",
+		"-A CONSUL-OVERLAY-INPUT -i vxg-000042 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment consul-overlay -j RETURN",
+		"-A CONSUL-OVERLAY-INPUT -i vxg-000042 -m comment --comment consul-overlay -j DROP",
+	} {
+		if !strings.Contains(input, r) {
+			t.Errorf("no rule %q in\n%s", r, input)
+		}
+	}
+	if strings.Contains(input, "vxbr-00004") {
+		t.Errorf("a rule of a bridge in the data-plane namespace in\n%s", input)
+	}
+
+	ll := testLinkLocal.String()
+	serveIn(t, h.NS, "udp", ll+":53")
+	serveIn(t, h.NS, "tcp", ll+":8500")
+	serveIn(t, h.NS, "tcp", "0.0.0.0:2222")
+	cAPI := h.runWith(t, m, vniAPI, []netip.Prefix{pfx("10.41.0.2/24")}, addr("10.41.0.1"))
+	cInt := h.runWith(t, m, vniInt, []netip.Prefix{pfx("10.42.0.2/24")})
+	cB := h.runWith(t, m, vniB, []netip.Prefix{pfx("10.43.0.2/24")}, addr("10.43.0.1"))
+	for _, c := range []*container{cAPI, cInt, cB} {
+		c.ns.MustRun(t, "ip", "route", "add", ll+"/32", "dev", "eth0", "scope", "link")
+	}
+
+	mustPing(t, cAPI.ns, addr("10.41.0.1")) // the host, from an ordinary network
+	mustPing(t, h.NS, addr("10.42.0.2"))    // the host to an internal network's container
+	mustNotPing(t, cInt.ns, addr("10.42.0.1"))
+	mustNotPing(t, cB.ns, addr("10.41.0.2")) // routed from one overlay into another
+	routed := ruleCounter(t, h, "iptables", "-A CONSUL-OVERLAY -o vxg-+ -m comment --comment consul-overlay -j DROP") +
+		ruleCounter(t, h, "iptables", "-A CONSUL-OVERLAY -i vxg-+ -m comment --comment consul-overlay -j DROP")
+	if routed == 0 {
+		t.Error("packets routed from one overlay into another were not dropped by our rules")
+	}
+	for _, tc := range []struct {
+		who           string
+		ns            *testenv.NetNS
+		network, port string
+		want          string
+	}{
+		{"consul_api network", cAPI.ns, "udp", "53", "ok"},
+		{"consul_api network", cAPI.ns, "tcp", "8500", "ok"},
+		{"consul_api network", cAPI.ns, "tcp", "2222", "timeout"},
+		{"internal network", cInt.ns, "udp", "53", "ok"},
+		{"internal network", cInt.ns, "tcp", "8500", "refused"},
+		{"ordinary network", cB.ns, "udp", "53", "ok"},
+		{"ordinary network", cB.ns, "tcp", "8500", "refused"},
+	} {
+		if got := reach(t, tc.ns, tc.network, ll+":"+tc.port); got != tc.want {
+			t.Errorf("%s → %s:%s/%s: %s, want %s", tc.who, ll, tc.port, tc.network, got, tc.want)
+		}
+	}
+	vxg := link(t, h, "vxg-000041")
+	as, err := h.NS.Handle().AddrList(vxg, netlink.FAMILY_V4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, a := range as {
+		got = append(got, a.IPNet.String()+" "+a.Label)
+	}
+	slices.Sort(got)
+	if want := []string{"10.41.0.1/24 vxg-000041", "169.254.1.1/32 vxg-000041:ll"}; !slices.Equal(got, want) {
+		t.Errorf("vxg-000041 addresses %q, want %q", got, want)
+	}
+
+	for _, n := range nets {
+		if err := m.DeleteNetwork(t.Context(), n.VNI); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, cmd := range []string{"iptables", "ip6tables"} {
+		if got := fwRules(t, h, cmd); len(got) != 0 {
+			t.Errorf("%s rules after the last network:\n%s", cmd, strings.Join(got, "\n"))
+		}
+	}
+	if got := linkLocalRules(t, h); len(got) != 0 {
+		t.Errorf("link-local rules after the last network:\n%s", strings.Join(got, "\n"))
+	}
+	if got := iptables(t, h, "iptables", "-S", InputChain); strings.Contains(got, "vxg-") {
+		t.Errorf("rules of a gateway link after the last network:\n%s", got)
+	}
+}

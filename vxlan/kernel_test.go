@@ -601,11 +601,11 @@ func testRollback(t *testing.T, owner, neighbour string, dp bool) {
 	var baseOther ownerState
 	if neighbour != "" {
 		baseOther = snapshot(t, h, neighbour)
-		wantLinks := 4 // vx, vxbr, vxh, vxc
+		wantLinks, wantRules := 4, 3 // vx, vxbr, vxh, vxc; the FORWARD rules
 		if dp {
-			wantLinks = 6 // and vxp, vxg
+			wantLinks, wantRules = 6, 5 // and vxp, vxg; and the gateway links' DROPs
 		}
-		if len(baseOther.Links) != wantLinks || len(baseFDB) == 0 || len(baseRules["iptables"]) != 3 {
+		if len(baseOther.Links) != wantLinks || len(baseFDB) == 0 || len(baseRules["iptables"]) != wantRules {
 			t.Fatalf("neighbour's network not set up: %+v", baseOther)
 		}
 	}

@@ -22,7 +22,12 @@ var testLinkLocal = netip.MustParseAddr("169.254.1.1")
 // linkLocalManager is h's manager with the well-known address ll.
 func (h *testHost) linkLocalManager(t *testing.T, ll netip.Addr) *Manager {
 	t.Helper()
+	dp := ""
+	if h.dp != nil {
+		dp = h.dp.Path
+	}
 	m, err := NewAt(Config{
+		DataplaneNS:    dp,
 		VTEP:           h.Addr,
 		IPTables:       nsWrapper(t, h.NS, "iptables"),
 		IP6Tables:      nsWrapper(t, h.NS, "ip6tables"),

@@ -123,7 +123,7 @@ func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, f
 		if existing == nil {
 			undo = append(undo, func() error {
 				ctx := context.WithoutCancel(ctx)
-				err := m.releaseFirewall(ctx, info.Bridge, ch)
+				err := m.releaseFirewall(ctx, n.VNI, ch)
 				k, uerr := m.fw.removeUnderlay(ctx, m.cfg.Port, m.cfg.VTEP.Is6(), added)
 				ch.Rules += k
 				if uerr != nil {
@@ -137,7 +137,11 @@ func (m *Manager) ensureNetworkFW(ctx context.Context, n Network, keepEntries, f
 				return info, err
 			}
 		}
-		s := m.fwSpec(map[string]Network{info.Bridge: n}, sharedWant)
+		iface := info.Bridge
+		if ns.dp {
+			iface = info.Gateway
+		}
+		s := m.fwSpec(map[string]Network{iface: n}, sharedWant)
 		s.underlay, s.added = true, &added
 		k, err := m.fw.sync(ctx, s)
 		ch.Rules += k
@@ -699,7 +703,7 @@ func (m *Manager) deleteNetwork(ctx context.Context, vni uint32, ch *Changes) er
 			}
 		}
 	}
-	if err := m.releaseFirewall(ctx, brName, ch); err != nil {
+	if err := m.releaseFirewall(ctx, vni, ch); err != nil {
 		errs = append(errs, err)
 	}
 	if err := m.dropIPsecNetwork(ctx, vni, ch); err != nil {

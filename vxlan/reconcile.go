@@ -112,9 +112,13 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 	// one depends on the other (issue 16: 50-180 ms of a restart).
 	var spec fwSpec
 	if m.fw.enabled() {
+		hostLinks, err := m.hostLinkNames()
+		if err != nil {
+			return Changes{}, errors.Join(append(errs, fmt.Errorf("firewall: %w", err))...)
+		}
 		bridges := map[string]Network{}
 		for vni, n := range nets {
-			bridges[BridgeName(vni)] = n
+			bridges[fwIface(vni, hostLinks)] = n
 		}
 		sh := sharedWant
 		switch {
