@@ -485,3 +485,97 @@ func TestDataplaneFirewall(t *testing.T) {
 		t.Errorf("rules of a gateway link after the last network:\n%s", got)
 	}
 }
+
+// Reconcile repairs a network in the data-plane namespace: a gateway pair
+// and a VXLAN device deleted by hand, an endpoint's host end off the
+// bridge, a stale FDB entry and strays of ours in the data-plane namespace;
+// links that are not ours stay. KeepStrays with nothing listed removes
+// nothing; an empty state removes everything of ours from both namespaces.
+func TestDataplaneReconcile(t *testing.T) {
+	t.Parallel()
+	hosts, n, c1, c2 := twoContainersIn(t, true)
+	h0 := hosts[0]
+	dh, hh := h0.dp.Handle(), h0.NS.Handle()
+	want := reconcileState(n, c1, c2)
+	if ch, err := h0.m.Reconcile(t.Context(), want); err != nil || ch != (Changes{}) {
+		t.Fatalf("Reconcile of a correct kernel: %+v, %v", ch, err)
+	}
+
+	mustPing(t, h0.NS, addr("10.40.0.2"))
+	for _, l := range []netlink.Link{link(t, h0, "vxg-000abc"), link(t, h0, "vx-000abc")} {
+		_, ns := linkIn(t, h0, l.Attrs().Name)
+		if err := ns.Handle().LinkDel(l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := dh.LinkSetNoMaster(link(t, h0, HostIfName(c1.id))); err != nil {
+		t.Fatal(err)
+	}
+	mk := func(h *netlink.Handle, l netlink.Link, alias bool) {
+		t.Helper()
+		if err := h.LinkAdd(l); err != nil {
+			t.Fatalf("add %s: %v", l.Attrs().Name, err)
+		}
+		if alias {
+			if err := h.LinkSetAlias(l, OwnerAlias); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	mk(dh, &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "vxbr-00beef"}}, true)
+	mk(dh, &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "vxh-dead00beef"}, PeerName: "vxp-00beef"}, true)
+	mk(dh, &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br-0123456789ab"}}, true)
+	mk(hh, &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "vxg-00cafe"}, PeerName: "veth7654321"}, false)
+	mustNotPing(t, h0.NS, addr("10.40.0.2"))
+
+	ch, err := h0.m.Reconcile(t.Context(), want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("changes: %+v", ch)
+	if ch.Links < 4 || ch.Addrs < 2 || ch.FDB == 0 || ch.Neighbours == 0 {
+		t.Errorf("changes %+v: want the gateway pair, the device, the strays, the addresses and entries counted", ch)
+	}
+	wantNames := []string{"dp/br-0123456789ab", "dp/" + HostIfName(c1.id), "dp/vx-000abc", "dp/vxbr-000abc", "dp/vxp-000abc",
+		"veth7654321", "vxg-000abc", "vxg-00cafe"}
+	slices.Sort(wantNames)
+	if names := linkNames(t, h0); !slices.Equal(names, wantNames) {
+		t.Errorf("links after reconcile:\n%v\nwant\n%v", names, wantNames)
+	}
+	br := link(t, h0, "vxbr-000abc")
+	for _, name := range []string{"vx-000abc", "vxp-000abc", HostIfName(c1.id)} {
+		if l := link(t, h0, name); l.Attrs().MasterIndex != br.Attrs().Index {
+			t.Errorf("%s not on the bridge", name)
+		}
+	}
+	if got := globalAddrs(t, h0.NS, "vxg-000abc"); !slices.Equal(got, []string{"10.40.0.1/24", "fd00:40::1/64"}) {
+		t.Errorf("vxg-000abc addresses %v", got)
+	}
+	m2 := c2.mac.String()
+	if e := entries(t, h0, n.VNI); !slices.Equal(e.fdb, []string{"00:00:00:00:00:00 192.0.2.2", m2 + " 192.0.2.2"}) ||
+		!slices.Equal(e.neigh, []string{"10.40.0.3 " + m2, "fd00:40::3 " + m2}) {
+		t.Errorf("entries after reconcile: %+v", e)
+	}
+	mustPing(t, c1.ns, addr("10.40.0.3"))
+	mustPing(t, h0.NS, addr("10.40.0.2"))
+	if ch, err := h0.m.Reconcile(t.Context(), want); err != nil || ch != (Changes{}) {
+		t.Errorf("second Reconcile: %+v, %v", ch, err)
+	}
+
+	before := linkNames(t, h0)
+	if ch, err := h0.m.Reconcile(t.Context(), State{KeepStrays: true}); err != nil || ch.Links != 0 {
+		t.Errorf("Reconcile with KeepStrays and nothing listed: %+v, %v", ch, err)
+	}
+	if names := linkNames(t, h0); !slices.Equal(names, before) {
+		t.Errorf("links after KeepStrays: %v, want %v", names, before)
+	}
+	if _, err := h0.m.Reconcile(t.Context(), State{}); err != nil {
+		t.Fatal(err)
+	}
+	if names := linkNames(t, h0); !slices.Equal(names, []string{"dp/br-0123456789ab", "veth7654321", "vxg-00cafe"}) {
+		t.Errorf("links after an empty reconcile: %v", names)
+	}
+	if _, err := c1.ns.Handle().LinkByName("eth0"); err == nil {
+		t.Error("the container's eth0 outlived its endpoint's removal")
+	}
+}

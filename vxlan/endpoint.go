@@ -323,8 +323,9 @@ func (m *Manager) addVeth(ns *netNS, ep Endpoint, mtu, master int, ch *Changes) 
 
 // DeleteEndpoint removes an endpoint's veth pair, also when Docker has
 // already moved the container end into a container (deleting the host end
-// deletes both), in both namespaces. It is idempotent: an endpoint without links is success.
-// Links that carry another owner's mark are left alone (logged).
+// deletes both), in both namespaces. It is idempotent: an endpoint without
+// links is success. Links that carry another owner's mark are left alone
+// (logged).
 //
 // Equivalent to: `ip link del vxh-0123456789`.
 func (m *Manager) DeleteEndpoint(ctx context.Context, id string) error {

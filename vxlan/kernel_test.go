@@ -259,8 +259,16 @@ func TestFirewall(t *testing.T) {
 // A container on another VNI, with addresses in the same subnet, reaches
 // neither the first network's local nor its remote containers.
 func TestIsolation(t *testing.T) {
-	t.Parallel()
-	hosts := newHosts(t, 2, testenv.UnderlayOptions{})
+	for _, lay := range layouts {
+		t.Run(lay.name, func(t *testing.T) {
+			t.Parallel()
+			testIsolation(t, lay.dp)
+		})
+	}
+}
+
+func testIsolation(t *testing.T, dp bool) {
+	hosts := newHostsIn(t, 2, testenv.UnderlayOptions{}, dp)
 	const vniA, vniB = 0x100, 0x200
 	for _, h := range hosts {
 		for _, vni := range []uint32{vniA, vniB} {
@@ -290,8 +298,16 @@ func TestIsolation(t *testing.T) {
 // behind the VTEP; removal is idempotent; a duplicate IP falls back to the
 // earlier peer; peers added before their network are programmed with it.
 func TestPeerEntries(t *testing.T) {
-	t.Parallel()
-	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	for _, lay := range layouts {
+		t.Run(lay.name, func(t *testing.T) {
+			t.Parallel()
+			testPeerEntries(t, lay.dp)
+		})
+	}
+}
+
+func testPeerEntries(t *testing.T, dp bool) {
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
 	ctx := t.Context()
 	const vni = 0x77
 	v1, v2 := addr("192.0.2.2"), addr("192.0.2.3")
@@ -519,8 +535,16 @@ func TestReconcile(t *testing.T) {
 // Reconcile on a correct kernel does not drop a single packet of a running
 // container.
 func TestReconcileKeepsTraffic(t *testing.T) {
-	t.Parallel()
-	hosts, n, c1, c2 := twoContainers(t)
+	for _, lay := range layouts {
+		t.Run(lay.name, func(t *testing.T) {
+			t.Parallel()
+			testReconcileKeepsTraffic(t, lay.dp)
+		})
+	}
+}
+
+func testReconcileKeepsTraffic(t *testing.T, dp bool) {
+	hosts, n, c1, c2 := twoContainersIn(t, dp)
 	want := reconcileState(n, c1, c2)
 	cmd := c1.ns.Command(t.Context(), "ping", "-n", "-q", "-i", "0.05", "-c", "100", "-W", "1", "10.40.0.3")
 	var out strings.Builder
