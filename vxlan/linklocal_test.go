@@ -303,8 +303,16 @@ func TestLinkLocal(t *testing.T) {
 // A failure while programming the address undoes the new network whole,
 // the host-wide rules included.
 func TestLinkLocalRollback(t *testing.T) {
-	t.Parallel()
-	hosts := newHosts(t, 1, testenv.UnderlayOptions{})
+	for _, lay := range layouts {
+		t.Run(lay.name, func(t *testing.T) {
+			t.Parallel()
+			testLinkLocalRollback(t, lay.dp)
+		})
+	}
+}
+
+func testLinkLocalRollback(t *testing.T, dp bool) {
+	hosts := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)
 	h := hosts[0]
 	for _, step := range []string{"bridge-linklocal", "firewall-linklocal"} {
 		t.Run(step, func(t *testing.T) {
