@@ -13,9 +13,7 @@ import (
 // bridge, and a local container that had the old MAC cached switches at
 // once instead of when its entry expires.
 func TestPeerMACChangeAnnounced(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) { testPeerMACChangeAnnounced(t, lay.dp) })
-	}
+	inLayouts(t, false, testPeerMACChangeAnnounced)
 }
 
 func testPeerMACChangeAnnounced(t *testing.T, dp bool) {

@@ -18,9 +18,7 @@ import (
 // (a replay) or a stray container end takes EnsureEndpoint's path and is
 // kept or repaired; another owner's link is refused and left alone.
 func TestCreateEndpoint(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) { testCreateEndpoint(t, lay.dp) })
-	}
+	inLayouts(t, false, testCreateEndpoint)
 }
 
 func testCreateEndpoint(t *testing.T, dp bool) {

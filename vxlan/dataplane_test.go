@@ -436,12 +436,7 @@ func TestDataplaneFirewall(t *testing.T) {
 	if routed == 0 {
 		t.Error("packets routed from one overlay into another were not dropped by our rules")
 	}
-	for _, tc := range []struct {
-		who           string
-		ns            *testenv.NetNS
-		network, port string
-		want          string
-	}{
+	checkReach(t, ll, []reachCase{
 		{"consul_api network", cAPI.ns, "udp", "53", "ok"},
 		{"consul_api network", cAPI.ns, "tcp", "8500", "ok"},
 		{"consul_api network", cAPI.ns, "tcp", "2222", "timeout"},
@@ -449,11 +444,7 @@ func TestDataplaneFirewall(t *testing.T) {
 		{"internal network", cInt.ns, "tcp", "8500", "refused"},
 		{"ordinary network", cB.ns, "udp", "53", "ok"},
 		{"ordinary network", cB.ns, "tcp", "8500", "refused"},
-	} {
-		if got := reach(t, tc.ns, tc.network, ll+":"+tc.port); got != tc.want {
-			t.Errorf("%s → %s:%s/%s: %s, want %s", tc.who, ll, tc.port, tc.network, got, tc.want)
-		}
-	}
+	})
 	vxg := link(t, h, "vxg-000041")
 	as, err := h.NS.Handle().AddrList(vxg, netlink.FAMILY_V4)
 	if err != nil {

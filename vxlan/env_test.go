@@ -35,6 +35,19 @@ var layouts = []struct {
 	dp   bool
 }{{"host", false}, {"dataplane", true}}
 
+// inLayouts runs test once in each layout, as subtests named after it
+// (in parallel with parallel).
+func inLayouts(t *testing.T, parallel bool, test func(t *testing.T, dp bool)) {
+	for _, lay := range layouts {
+		t.Run(lay.name, func(t *testing.T) {
+			if parallel {
+				t.Parallel()
+			}
+			test(t, lay.dp)
+		})
+	}
+}
+
 // requireKernel stops the test unless it can build namespaces and run the
 // commands the kernel tests use.
 func requireKernel(t *testing.T) {

@@ -335,9 +335,7 @@ func startCapture(t *testing.T, h *testHost, vnis ...uint32) (c *capture, stop f
 // and removing the network removes every state, policy and rule.
 // In both layouts.
 func TestEncryptedOverlay(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) { testEncryptedOverlay(t, lay.dp) })
-	}
+	inLayouts(t, false, testEncryptedOverlay)
 }
 
 func testEncryptedOverlay(t *testing.T, dp bool) {
@@ -515,9 +513,7 @@ func testEncryptedOverlay(t *testing.T, dp bool) {
 // untouched; with the rules and policies removed, both pass again. In
 // both layouts: the VXLAN socket is the host's in either.
 func TestEncryptedVNIMarking(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) { testEncryptedVNIMarking(t, lay.dp) })
-	}
+	inLayouts(t, false, testEncryptedVNIMarking)
 }
 
 func testEncryptedVNIMarking(t *testing.T, dp bool) {

@@ -259,12 +259,7 @@ func TestFirewall(t *testing.T) {
 // A container on another VNI, with addresses in the same subnet, reaches
 // neither the first network's local nor its remote containers.
 func TestIsolation(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testIsolation(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testIsolation)
 }
 
 func testIsolation(t *testing.T, dp bool) {
@@ -298,12 +293,7 @@ func testIsolation(t *testing.T, dp bool) {
 // behind the VTEP; removal is idempotent; a duplicate IP falls back to the
 // earlier peer; peers added before their network are programmed with it.
 func TestPeerEntries(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testPeerEntries(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testPeerEntries)
 }
 
 func testPeerEntries(t *testing.T, dp bool) {
@@ -535,12 +525,7 @@ func TestReconcile(t *testing.T) {
 // Reconcile on a correct kernel does not drop a single packet of a running
 // container.
 func TestReconcileKeepsTraffic(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testReconcileKeepsTraffic(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testReconcileKeepsTraffic)
 }
 
 func testReconcileKeepsTraffic(t *testing.T, dp bool) {
@@ -727,12 +712,7 @@ func testRollback(t *testing.T, owner, neighbour string, dp bool) {
 // The MTU follows the underlay (jumbo frames) and a per-network override,
 // on every link of the network.
 func TestMTUOnLinks(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testMTUOnLinks(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testMTUOnLinks)
 }
 
 func testMTUOnLinks(t *testing.T, dp bool) {

@@ -18,12 +18,7 @@ import (
 // wrong, missing and stray, bridge addresses missing and stray, a port
 // off its bridge, devices down, a stray veth pair of ours.
 func TestReconcileDumpSameAsPerDevice(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testReconcileDumpSameAsPerDevice(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testReconcileDumpSameAsPerDevice)
 }
 
 func testReconcileDumpSameAsPerDevice(t *testing.T, dp bool) {

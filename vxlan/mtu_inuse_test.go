@@ -63,12 +63,7 @@ func (r *records) at(level slog.Level) []map[string]string {
 // In both layouts: in the data-plane layout the veth's container end is
 // looked for in the host's namespace.
 func TestMTULoweredInUse(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testMTULoweredInUse(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testMTULoweredInUse)
 }
 
 func testMTULoweredInUse(t *testing.T, dp bool) {

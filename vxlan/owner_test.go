@@ -318,12 +318,7 @@ func TestReconcileKeepStrays(t *testing.T) {
 // EndpointInUse is true exactly while the container end is in another
 // namespace.
 func TestEndpointInUse(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testEndpointInUse(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testEndpointInUse)
 }
 
 func testEndpointInUse(t *testing.T, dp bool) {

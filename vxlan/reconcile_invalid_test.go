@@ -13,12 +13,7 @@ import (
 // in the error and must not be removed as a stray: a running container
 // holds its veth pair. (It was.)
 func TestReconcileKeepsListedInvalidEndpoint(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testReconcileKeepsListedInvalidEndpoint(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testReconcileKeepsListedInvalidEndpoint)
 }
 
 func testReconcileKeepsListedInvalidEndpoint(t *testing.T, dp bool) {

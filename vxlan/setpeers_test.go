@@ -15,12 +15,7 @@ import (
 // network exists, differences only, invalid peers skipped and reported,
 // an empty list removes all.
 func TestSetPeers(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testSetPeers(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testSetPeers)
 }
 
 func testSetPeers(t *testing.T, dp bool) {
@@ -106,12 +101,7 @@ func testSetPeers(t *testing.T, dp bool) {
 // SetVTEP moves a host's VXLAN devices to a new underlay address: once the
 // other host's peers follow, containers ping again.
 func TestSetVTEP(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testSetVTEP(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testSetVTEP)
 }
 
 func testSetVTEP(t *testing.T, dp bool) {

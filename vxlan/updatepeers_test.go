@@ -16,12 +16,7 @@ import (
 // and with SetPeers on another gives the same neighbour and FDB entries
 // after every step.
 func TestUpdatePeersSameAsSetPeers(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testUpdatePeersSameAsSetPeers(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testUpdatePeersSameAsSetPeers)
 }
 
 func testUpdatePeersSameAsSetPeers(t *testing.T, dp bool) {
@@ -75,12 +70,7 @@ func testUpdatePeersSameAsSetPeers(t *testing.T, dp bool) {
 // puts it back. A device made anew (the network deleted and ensured
 // again) is read, not trusted.
 func TestUpdatePeersRepairedBySetPeers(t *testing.T) {
-	for _, lay := range layouts {
-		t.Run(lay.name, func(t *testing.T) {
-			t.Parallel()
-			testUpdatePeersRepairedBySetPeers(t, lay.dp)
-		})
-	}
+	inLayouts(t, true, testUpdatePeersRepairedBySetPeers)
 }
 
 func testUpdatePeersRepairedBySetPeers(t *testing.T, dp bool) {
