@@ -991,7 +991,7 @@ func (m *Manager) fwSpec(bridges map[string]Network, sh shared) fwSpec {
 		shared:   sh,
 		ll:       m.cfg.LinkLocal,
 		notrack:  m.fw.notrack,
-		gateways: m.cfg.DataplaneNS != "",
+		gateways: m.dp != nil,
 	}
 }
 
