@@ -3,6 +3,7 @@ package vxlan
 import (
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -568,5 +569,27 @@ func TestDataplaneReconcile(t *testing.T) {
 	}
 	if _, err := c1.ns.Handle().LinkByName("eth0"); err == nil {
 		t.Error("the container's eth0 outlived its endpoint's removal")
+	}
+}
+
+// A data-plane namespace that cannot be opened, or that is the Manager's
+// own namespace, is refused at once: no Manager is made.
+func TestDataplaneNSRefused(t *testing.T) {
+	t.Parallel()
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, false)[0]
+	for _, tc := range []struct{ name, path, want string }{
+		{"missing", filepath.Join(t.TempDir(), "none"), "open data-plane namespace"},
+		{"the manager's own", h.NS.Path, "is the Manager's own namespace"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := NewAt(Config{VTEP: h.Addr, IPTables: "-", IP6Tables: "-", Sysctl: "-", DataplaneNS: tc.path}, h.NS.Path)
+			if err == nil {
+				m.Close()
+				t.Fatalf("NewAt with data-plane namespace %s: no error", tc.path)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q, want it to say %q", err, tc.want)
+			}
+		})
 	}
 }
