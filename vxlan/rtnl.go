@@ -64,7 +64,8 @@ func (r *routeSocket) request(typ uint16, flags int) *nl.NetlinkRequest {
 // namespace peerNS names (IFLA_NET_NS_FD; 0 or netns.None(): the
 // request's). The peer cannot be brought up by the same request: the
 // kernel configures it before it pairs the two, and a veth without its
-// peer refuses to open (ENOTCONN, checked on 6.18).
+// peer refuses to open (ENOTCONN, in either namespace; checked with
+// iproute2 on 6.18).
 type vethPair struct {
 	name, peer string
 	mtu        int
