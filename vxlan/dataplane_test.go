@@ -593,3 +593,46 @@ func TestDataplaneNSRefused(t *testing.T) {
 		})
 	}
 }
+
+// A VXLAN device of ours in the data-plane namespace whose UDP socket is
+// that namespace's (made there, not by the host's socket) cannot reach the
+// underlay: EnsureNetwork replaces it with one whose socket is the host's.
+func TestDataplaneVXLANSocketReplaced(t *testing.T) {
+	t.Parallel()
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, true)[0]
+	const vni = 0x71
+	dh := h.dp.Handle()
+	wrong := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: VXLANName(vni)}, VxlanId: vni, SrcAddr: h.Addr.AsSlice(), Port: DefaultPort, Proxy: true}
+	if err := dh.LinkAdd(wrong); err != nil {
+		t.Fatal(err)
+	}
+	if err := dh.LinkSetAlias(wrong, OwnerAlias); err != nil {
+		t.Fatal(err)
+	}
+	if err := dh.LinkSetUp(wrong); err != nil { // the socket opens with the device
+		t.Fatal(err)
+	}
+	if ports := udpPorts(t, h.dp); !slices.Contains(ports, fmt.Sprint(DefaultPort)) {
+		t.Fatalf("the device made in the data-plane namespace has no socket there: %v", ports)
+	}
+	before := link(t, h, VXLANName(vni)).Attrs().Index
+	ch := Changes{}
+	h.m.mu.Lock()
+	_, err := h.m.ensureNetwork(t.Context(), Network{VNI: vni}, false, &ch)
+	h.m.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vx := link(t, h, VXLANName(vni)); vx.Attrs().Index == before || vx.Attrs().NetNsID < 0 || inNS(t, h, VXLANName(vni)) != "dp" {
+		t.Errorf("vxlan device not replaced: index %d (was %d), link-netnsid %d", vx.Attrs().Index, before, vx.Attrs().NetNsID)
+	}
+	if ports := udpPorts(t, h.dp); len(ports) != 0 {
+		t.Errorf("data-plane namespace's UDP sockets %v, want none", ports)
+	}
+	if ports := udpPorts(t, h.NS); !slices.Contains(ports, fmt.Sprint(DefaultPort)) {
+		t.Errorf("host's UDP sockets %v: no %d", ports, DefaultPort)
+	}
+	if ch, err := h.m.Reconcile(t.Context(), State{Networks: []Network{{VNI: vni}}}); err != nil || ch != (Changes{}) {
+		t.Errorf("Reconcile after the replacement: %+v, %v", ch, err)
+	}
+}

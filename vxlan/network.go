@@ -248,9 +248,10 @@ func (m *Manager) keptMTU(ns *netNS, br string, mtu int) (int, error) {
 
 // ensureBridge makes the network's bridge exist in namespace ns with our
 // alias, the MTU, exactly the gateway addresses (none in the data-plane
-// namespace: the gateway link carries them), and up. created reports whether this call
-// created it (br is then set even on error, for the undo). A link of the
-// name that carries another owner's mark is left alone: *ForeignLinkError.
+// namespace: the gateway link carries them), and up. created reports
+// whether this call created it (br is then set even on error, for the
+// undo). A link of the name that carries another owner's mark is left
+// alone: *ForeignLinkError.
 //
 // Equivalent to: `ip link add vxbr-0a1b type bridge && ip link set vxbr-0a1b
 // alias consul-overlay-<owner> && ip addr replace 10.10.0.1/24 dev vxbr-0a1b && ip
@@ -393,8 +394,9 @@ func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
 }
 
 // vxlanMismatch says how an existing VXLAN device differs from what we
-// want, or "" if it matches.
-func (m *Manager) vxlanMismatch(l netlink.Link, vni uint32) string {
+// want, or "" if it matches. dp: the device is in the data-plane
+// namespace, where its UDP socket must still be the host's.
+func (m *Manager) vxlanMismatch(l netlink.Link, vni uint32, dp bool) string {
 	vx, ok := l.(*netlink.Vxlan)
 	if !ok {
 		return fmt.Sprintf("type %s, want vxlan", l.Type())
@@ -413,6 +415,10 @@ func (m *Manager) vxlanMismatch(l netlink.Link, vni uint32) string {
 		return "proxy off, want on"
 	case vx.VtepDevIndex != 0:
 		return fmt.Sprintf("bound to link %d, want unbound", vx.VtepDevIndex)
+	case dp && vx.NetNsID < 0:
+		// IFLA_LINK_NETNSID: the kernel names the namespace of the
+		// device's UDP socket only when it is not the device's own.
+		return "udp socket in the data-plane namespace, want the host's"
 	}
 	return ""
 }
@@ -439,7 +445,7 @@ func (m *Manager) ensureVXLAN(ns *netNS, vni uint32, mtu int, br netlink.Link, c
 		if err := m.foreign(vx); err != nil {
 			return nil, false, fmt.Errorf("ensure vxlan (vni %d): %w", vni, err)
 		}
-		if diff := m.vxlanMismatch(vx, vni); diff != "" {
+		if diff := m.vxlanMismatch(vx, vni, ns.dp); diff != "" {
 			m.log.Warn("replacing vxlan device", "link", name, "vni", vni, "difference", diff)
 			if err := ns.deleteLink(vx); err != nil {
 				return nil, false, err
