@@ -198,32 +198,34 @@ func (m *Manager) wantVTEPs() map[netip.Addr]bool {
 // devices not in nets send to (m.kept), from Reconcile's dump of the
 // kernel: with KeepStrays those overlays stay, and so must their peers'
 // place in the underlay allowlist, or the kept entries send where replies
-// are dropped. Caller holds m.mu; m.snap is the dump.
+// are dropped. Caller holds m.mu; m.host.snap is the dump.
 func (m *Manager) keepVTEPs(nets map[uint32]Network) {
-	if m.snap == nil {
-		return
-	}
-	for _, l := range m.snap.links {
-		vx, ok := l.(*netlink.Vxlan)
-		if !ok || !m.owns(l) {
+	for _, ns := range m.namespaces() {
+		if ns.snap == nil {
 			continue
 		}
-		vni := uint32(vx.VxlanId)
-		if _, listed := nets[vni]; listed {
-			continue
-		}
-		for _, n := range m.snap.fdb[l.Attrs().Index] {
-			a, ok := netip.AddrFromSlice(n.IP)
-			if !ok || !a.Unmap().IsValid() || a.Unmap() == m.cfg.VTEP {
+		for _, l := range ns.snap.links {
+			vx, ok := l.(*netlink.Vxlan)
+			if !ok || !m.owns(l) {
 				continue
 			}
-			if m.kept == nil {
-				m.kept = map[uint32]map[netip.Addr]bool{}
+			vni := uint32(vx.VxlanId)
+			if _, listed := nets[vni]; listed {
+				continue
 			}
-			if m.kept[vni] == nil {
-				m.kept[vni] = map[netip.Addr]bool{}
+			for _, n := range ns.snap.fdb[l.Attrs().Index] {
+				a, ok := netip.AddrFromSlice(n.IP)
+				if !ok || !a.Unmap().IsValid() || a.Unmap() == m.cfg.VTEP {
+					continue
+				}
+				if m.kept == nil {
+					m.kept = map[uint32]map[netip.Addr]bool{}
+				}
+				if m.kept[vni] == nil {
+					m.kept[vni] = map[netip.Addr]bool{}
+				}
+				m.kept[vni][a.Unmap()] = true
 			}
-			m.kept[vni][a.Unmap()] = true
 		}
 	}
 }

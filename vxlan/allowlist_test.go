@@ -40,6 +40,9 @@ func (h *testHost) restoreManager(t *testing.T, owner string) *Manager {
 		Owner:          owner,
 		Logger:         testLogger(t).With("host", h.Addr, "owner", owner),
 	}
+	if h.dp != nil {
+		cfg.DataplaneNS = h.dp.Path
+	}
 	m, err := NewAt(cfg, h.NS.Path)
 	if err != nil {
 		t.Fatal(err)

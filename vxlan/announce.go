@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
 
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -27,6 +29,39 @@ func newAnnouncer() (*announcer, error) {
 		return nil, fmt.Errorf("open packet socket for gratuitous ARP: %w", err)
 	}
 	return &announcer{fd: fd}, nil
+}
+
+// newAnnouncerIn opens the packet socket in namespace ns, on a locked
+// thread that returns to its own namespace (or, if it cannot, ends with its
+// goroutine, which makes the runtime throw the thread away).
+func newAnnouncerIn(ns netns.NsHandle) (*announcer, error) {
+	type result struct {
+		a   *announcer
+		err error
+	}
+	c := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			c <- result{nil, fmt.Errorf("open packet socket for gratuitous ARP: %w", err)}
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(ns); err != nil {
+			runtime.UnlockOSThread()
+			c <- result{nil, fmt.Errorf("open packet socket for gratuitous ARP: enter namespace: %w", err)}
+			return
+		}
+		a, err := newAnnouncer()
+		if netns.Set(orig) == nil {
+			runtime.UnlockOSThread()
+		}
+		c <- result{a, err}
+	}()
+	r := <-c
+	return r.a, r.err
 }
 
 func (a *announcer) close() {

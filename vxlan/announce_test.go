@@ -13,24 +13,33 @@ import (
 // bridge, and a local container that had the old MAC cached switches at
 // once instead of when its entry expires.
 func TestPeerMACChangeAnnounced(t *testing.T) {
-	hosts, _, c1, c2 := twoContainers(t)
+	inLayouts(t, false, testPeerMACChangeAnnounced)
+}
+
+func testPeerMACChangeAnnounced(t *testing.T, dp bool) {
+	hosts, _, c1, c2 := twoContainersIn(t, dp)
 	before, err := c1.ns.Run(t, "ip", "neigh", "show", "10.40.0.3")
 	if err != nil || !strings.Contains(before, c2.mac.String()) {
 		t.Fatalf("c1's neighbour entry for c2 before: %q %v", before, err)
 	}
 
 	// A Manager made by New inside host0's namespace owns a packet socket
-	// there (a Manager on a foreign handle sends nothing).
+	// there, and one in its data-plane namespace (a Manager on a foreign
+	// handle sends nothing).
+	cfg := Config{VTEP: hosts[0].Addr, IPTables: "-", IP6Tables: "-", Sysctl: "-", Logger: testLogger(t)}
+	if dp {
+		cfg.DataplaneNS = hosts[0].dp.Path
+	}
 	var m *Manager
 	if err := hosts[0].NS.Do(func() error {
 		var err error
-		m, err = New(Config{VTEP: hosts[0].Addr, IPTables: "-", IP6Tables: "-", Sysctl: "-", Logger: testLogger(t)})
+		m, err = New(cfg)
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
-	if m.announce == nil {
+	if m.host.announce == nil || dp && m.dp.announce == nil {
 		t.Fatal("New made no announcer")
 	}
 	newMAC := net.HardwareAddr{0x02, 0, 0, 0, 0, 0x99}

@@ -18,21 +18,29 @@ import (
 // (a replay) or a stray container end takes EnsureEndpoint's path and is
 // kept or repaired; another owner's link is refused and left alone.
 func TestCreateEndpoint(t *testing.T) {
-	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	inLayouts(t, false, testCreateEndpoint)
+}
+
+func testCreateEndpoint(t *testing.T, dp bool) {
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
 	ctx := t.Context()
 	const vni = 0x57
 	if _, err := h.m.EnsureNetwork(ctx, Network{VNI: vni, Gateways: []netip.Prefix{pfx("10.57.0.1/24")}}); err != nil {
 		t.Fatal(err)
 	}
-	nlh := h.NS.Handle()
-	br, err := nlh.LinkByName(BridgeName(vni))
+	nlh := h.NS.Handle() // the container end's namespace
+	hh := nlh            // the host end's and the bridge's
+	if dp {
+		hh = h.dp.Handle()
+	}
+	br, err := hh.LinkByName(BridgeName(vni))
 	if err != nil {
 		t.Fatal(err)
 	}
 	ep := Endpoint{ID: strings.Repeat("57", 32), VNI: vni, MAC: MACFromIP(addr("10.57.0.2"))}
 	check := func(what string) {
 		t.Helper()
-		host, err := nlh.LinkByName(HostIfName(ep.ID))
+		host, err := hh.LinkByName(HostIfName(ep.ID))
 		if err != nil {
 			t.Fatalf("%s: host end: %v", what, err)
 		}
@@ -82,19 +90,19 @@ func TestCreateEndpoint(t *testing.T) {
 	check("created")
 	// A replay keeps the pair (same index) and a detached host end is
 	// put back on the bridge.
-	host, _ := nlh.LinkByName(HostIfName(ep.ID))
-	if err := nlh.LinkSetNoMaster(host); err != nil {
+	host, _ := hh.LinkByName(HostIfName(ep.ID))
+	if err := hh.LinkSetNoMaster(host); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := h.m.CreateEndpoint(ctx, ep); err != nil {
 		t.Fatal(err)
 	}
 	check("replayed")
-	if again, _ := nlh.LinkByName(HostIfName(ep.ID)); again.Attrs().Index != host.Attrs().Index {
+	if again, _ := hh.LinkByName(HostIfName(ep.ID)); again.Attrs().Index != host.Attrs().Index {
 		t.Fatal("a replay replaced the pair")
 	}
 	// A stray container end without its host end is replaced by a pair.
-	if err := nlh.LinkDel(host); err != nil {
+	if err := hh.LinkDel(host); err != nil {
 		t.Fatal(err)
 	}
 	if err := nlh.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "stray57"}, PeerName: ContainerIfName(ep.ID)}); err != nil {
@@ -114,7 +122,7 @@ func TestCreateEndpoint(t *testing.T) {
 	if _, err := h.m.CreateEndpoint(ctx, oep); !errors.As(err, &fe) {
 		t.Fatalf("CreateEndpoint over another owner's pair: %v", err)
 	}
-	if l, err := nlh.LinkByName(HostIfName(oep.ID)); err != nil || l.Attrs().Alias != OwnerMark("other") {
+	if l, err := hh.LinkByName(HostIfName(oep.ID)); err != nil || l.Attrs().Alias != OwnerMark("other") {
 		t.Fatalf("other owner's pair touched: %v", err)
 	}
 }

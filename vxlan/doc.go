@@ -5,8 +5,9 @@
 //
 // # Topology
 //
-// All devices live in the host namespace, so they survive a plugin
-// restart. Per network (VNI v, printed as 6 hex digits):
+// Without Config.DataplaneNS all devices live in the host namespace, so
+// they survive a plugin restart. Per network (VNI v, printed as 6 hex
+// digits):
 //
 //	container ns          host ns
 //	 eth0 ──veth── vxh-<id10> ─┐
@@ -19,6 +20,36 @@
 // goes on the bridge, the container end stays in the host namespace with
 // the endpoint's MAC until Docker moves it into the container and renames
 // it. Both ends get the network's MTU; Docker does not set one.
+//
+// With Config.DataplaneNS (docs/dataplane-namespace.md), a network created
+// from then on has its bridge, VXLAN device and endpoint host ends in that
+// namespace, the data plane's, where the host's iptables hooks do not see
+// its bridged frames:
+//
+//	container ns        data-plane ns                         host ns
+//	 eth0 ──veth── vxh-<id10> ─┐
+//	                           ├─ vxbr-<v> (bridge, no address)
+//	 eth0 ──veth── vxh-<id10> ─┤
+//	                           ├─ vxp-<v> ──veth── vxg-<v>  (gateway addresses, well-known /32)
+//	                           └─ vx-<v>  (VXLAN device; its UDP socket is the host's)
+//
+// The VXLAN device is created by a request on the host's socket that names
+// the data-plane namespace, so the kernel opens its UDP socket in the
+// host's namespace (the underlay, its port and its allowlist stay there)
+// and puts the device in the other; its neighbour and FDB entries are
+// written there. An endpoint's pair is one request in the data-plane
+// namespace whose container end (vxc-<id10>) is created in the host's,
+// where Docker looks for it. The gateway pair vxp-<v>/vxg-<v> keeps the
+// host on-link with the network's containers: vxg-<v> carries what the
+// bridge carries in the other layout. A network whose bridge or VXLAN
+// device is in the host's namespace stays there (the kernel does not move
+// a bridge between namespaces, and rebuilding it would take its
+// containers' links down), so a Manager reconciles both layouts and finds
+// each network where it is; only new networks go to the data-plane
+// namespace. Reconcile, the Delete calls, EndpointInUse, EndpointsInUse,
+// NetworksInUse, OwnedNetworks, ForeignOwners and InspectDataplane read
+// both namespaces. The Manager keeps a netlink handle and a route socket
+// bound to each (layout.go); the caller keeps the namespace alive (NSPin).
 //
 // # Static peers, no flooding
 //
@@ -95,7 +126,9 @@
 // # Firewall
 //
 // With dockerd running, FORWARD's policy is DROP and br_netfilter sends
-// bridged frames through iptables. The package keeps a chain
+// bridged frames through iptables (in the host's namespace: a network in
+// the data-plane namespace meets the host's hooks only on its gateway
+// link, and its rules are on vxg-<v>, firewall.go). The package keeps a chain
 // CONSUL-OVERLAY, jumped to from the top of FORWARD, with three rules per
 // bridge in iptables and ip6tables: bridged traffic within the network is
 // accepted; anything routed into or out of the bridge is dropped, which
@@ -124,7 +157,7 @@
 // # The well-known address
 //
 // Config.LinkLocal (the well-known address, linklocal.go) adds a labelled
-// /32 on every bridge and, in CONSUL-OVERLAY-INPUT, the rules that let only
+// /32 on every bridge (gateway link, in the data-plane layout) and, in CONSUL-OVERLAY-INPUT, the rules that let only
 // the host and the overlays' containers reach its DNS and Consul API ports.
 //
 // # Kernel tweaks
@@ -135,6 +168,7 @@
 // # Concurrency
 //
 // A Manager serialises its calls with one mutex; kernel writes are quick.
-// It uses a netlink handle bound to its namespace, never switching the
-// namespace of a goroutine.
+// It uses netlink handles bound to its namespaces, never switching the
+// namespace of a goroutine (New opens the data-plane namespace's packet
+// socket on a locked thread that returns to its namespace).
 package vxlan

@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -78,7 +79,11 @@ func (m *Manager) CreateEndpoint(ctx context.Context, ep Endpoint) (EndpointInfo
 // createEndpoint is CreateEndpoint with m.mu held, counting into ch.
 func (m *Manager) createEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, retErr error) {
 	op := fmt.Sprintf("create endpoint %s (vni %d)", endpointKey(ep.ID), ep.VNI)
-	br, err := m.linkByName(BridgeName(ep.VNI))
+	ns, err := m.nsOf(ep.VNI)
+	if err != nil {
+		return info, fmt.Errorf("%s: %w", op, err)
+	}
+	br, err := ns.linkByName(BridgeName(ep.VNI))
 	if err != nil {
 		return info, fmt.Errorf("%s: %w", op, err)
 	}
@@ -87,7 +92,7 @@ func (m *Manager) createEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 	}
 	info = EndpointInfo{HostIf: HostIfName(ep.ID), ContainerIf: ContainerIfName(ep.ID), MTU: br.Attrs().MTU}
 	var undo []func() error
-	created, err := m.createPair(ep, br, ch, &undo)
+	created, err := m.createPair(ns, ep, br, ch, &undo)
 	if err == nil {
 		return info, nil
 	}
@@ -102,7 +107,10 @@ func (m *Manager) createEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 	return info, fmt.Errorf("%s: %w", op, err)
 }
 
-// ensureEndpoint is EnsureEndpoint with m.mu held, counting into ch.
+// ensureEndpoint is EnsureEndpoint with m.mu held, counting into ch. The
+// host end is in the namespace of the network's bridge, the container end
+// in the host's (the data-plane layout: `ip -n DP link add vxh-… type veth
+// peer name vxc-… netns HOST`).
 //
 // Equivalent to: `ip link add vxh-0123456789 mtu 1450 type veth peer name
 // vxc-0123456789 mtu 1450 address 02:42:0a:0a:00:02 && ip link set
@@ -112,7 +120,11 @@ func (m *Manager) createEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, retErr error) {
 	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
 	op := fmt.Sprintf("ensure endpoint %s (vni %d)", endpointKey(ep.ID), ep.VNI)
-	br, err := m.linkByName(BridgeName(ep.VNI))
+	ns, err := m.nsOf(ep.VNI)
+	if err != nil {
+		return info, fmt.Errorf("%s: %w", op, err)
+	}
+	br, err := ns.linkByName(BridgeName(ep.VNI))
 	if err != nil {
 		return info, fmt.Errorf("%s: %w", op, err)
 	}
@@ -135,7 +147,7 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		retErr = fmt.Errorf("%s: %w", op, retErr)
 	}()
 
-	host, err := m.linkByName(hostName)
+	host, err := ns.linkByName(hostName)
 	if err != nil {
 		return info, err
 	}
@@ -146,13 +158,13 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 	}
 	if host != nil && host.Type() != "veth" {
 		m.log.Warn("replacing link that is not a veth", "link", hostName, "type", host.Type(), "endpoint", endpointKey(ep.ID))
-		if err := m.deleteLink(host); err != nil {
+		if err := ns.deleteLink(host); err != nil {
 			return info, err
 		}
 		ch.Links++
 		host = nil
 	}
-	cont, err := m.linkByName(contName)
+	cont, err := m.host.linkByName(contName)
 	if err != nil {
 		return info, err
 	}
@@ -165,47 +177,47 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		if cont != nil {
 			// A container end without its host end is not a pair of ours.
 			m.log.Warn("removing unpaired link", "link", contName, "type", cont.Type(), "endpoint", endpointKey(ep.ID))
-			if err := m.deleteLink(cont); err != nil {
+			if err := m.host.deleteLink(cont); err != nil {
 				return info, err
 			}
 			ch.Links++
 		}
-		if err := m.addVeth(ep, mtu, br.Attrs().Index, ch); err != nil {
+		if err := m.addVeth(ns, ep, mtu, br.Attrs().Index, ch); err != nil {
 			return info, err
 		}
 		// By name: the pair may exist even if the lookup below fails.
-		undo = append(undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
-		if host, err = m.linkByName(hostName); err == nil && host == nil {
+		undo = append(undo, func() error { _, err := ns.deleteLinkByName(hostName); return err })
+		if host, err = ns.linkByName(hostName); err == nil && host == nil {
 			err = fmt.Errorf("veth %q gone after creation", hostName)
 		}
 		if err != nil {
 			return info, err
 		}
-		if cont, err = m.linkByName(contName); err != nil {
+		if cont, err = m.host.linkByName(contName); err != nil {
 			return info, err
 		}
 	}
 
-	// Container end: only while it is still in this namespace.
+	// Container end: only while it is still in the host's namespace.
 	if cont != nil {
 		if !m.owns(cont) {
 			if err := m.step("veth-alias"); err != nil {
 				return info, err
 			}
-			if err := m.setAlias(cont); err != nil {
+			if err := m.host.setAlias(cont); err != nil {
 				return info, err
 			}
 			ch.LinkAttrs++
 		}
 		if cont.Attrs().MTU != mtu {
-			if err := m.setMTU(cont, mtu); err != nil {
+			if err := m.host.setMTU(cont, mtu); err != nil {
 				return info, err
 			}
 			ch.LinkAttrs++
 		}
 		if cont.Attrs().HardwareAddr.String() != ep.MAC.String() {
-			m.snap.forget(cont)
-			if err := m.nl.LinkSetHardwareAddr(cont, ep.MAC); err != nil {
+			m.host.snap.forget(cont)
+			if err := m.host.nl.LinkSetHardwareAddr(cont, ep.MAC); err != nil {
 				return info, fmt.Errorf("set mac of %q to %s: %w", contName, ep.MAC, err)
 			}
 			m.log.Debug("link mac set", "link", contName, "mac", ep.MAC)
@@ -217,13 +229,13 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		if err := m.step("veth-alias"); err != nil {
 			return info, err
 		}
-		if err := m.setAlias(host); err != nil {
+		if err := ns.setAlias(host); err != nil {
 			return info, err
 		}
 		ch.LinkAttrs++
 	}
 	if host.Attrs().MTU != mtu {
-		if err := m.setMTU(host, mtu); err != nil {
+		if err := ns.setMTU(host, mtu); err != nil {
 			return info, err
 		}
 		ch.LinkAttrs++
@@ -232,7 +244,7 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		if err := m.step("veth-master"); err != nil {
 			return info, err
 		}
-		if err := m.setMaster(host, br); err != nil {
+		if err := ns.setMaster(host, br); err != nil {
 			return info, err
 		}
 		ch.LinkAttrs++
@@ -241,7 +253,7 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 		if err := m.step("veth-up"); err != nil {
 			return info, err
 		}
-		if err := m.setUp(host); err != nil {
+		if err := ns.setUp(host); err != nil {
 			return info, err
 		}
 		ch.LinkAttrs++
@@ -251,8 +263,9 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 
 // createPair creates the endpoint's veth pair as ensureEndpoint would
 // from nothing, without looking the names up before: the pair with its
-// MTU, MAC, the host end up and on the bridge, in one request; then both
-// ends marked, by name. It reports whether it created the pair; an error
+// MTU, MAC, the host end up and on the bridge of namespace ns, the
+// container end in the host's namespace, in one request; then both ends
+// marked, by name. It reports whether it created the pair; an error
 // wrapping unix.EEXIST means that a name exists and nothing was made. Undo
 // steps for what it made go into undo. Caller holds m.mu.
 //
@@ -260,25 +273,27 @@ func (m *Manager) ensureEndpoint(ep Endpoint, ch *Changes) (info EndpointInfo, r
 // type veth peer name vxc-0123456789 mtu 1450 address 02:42:0a:0a:00:02 &&
 // ip link set vxc-0123456789 alias consul-overlay && ip link set
 // vxh-0123456789 alias consul-overlay`.
-func (m *Manager) createPair(ep Endpoint, br netlink.Link, ch *Changes, undo *[]func() error) (bool, error) {
+func (m *Manager) createPair(ns *netNS, ep Endpoint, br netlink.Link, ch *Changes, undo *[]func() error) (bool, error) {
 	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
-	if err := m.addVeth(ep, br.Attrs().MTU, br.Attrs().Index, ch); err != nil {
+	if err := m.addVeth(ns, ep, br.Attrs().MTU, br.Attrs().Index, ch); err != nil {
 		return false, err
 	}
-	*undo = append(*undo, func() error { _, err := m.deleteLinkByName(hostName); return err })
+	*undo = append(*undo, func() error { _, err := ns.deleteLinkByName(hostName); return err })
 	if err := m.step("veth-alias"); err != nil {
 		return true, err
 	}
-	for _, name := range []string{contName, hostName} {
-		if err := m.setAlias(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}}); err != nil {
-			return true, err
-		}
+	if err := m.host.setAlias(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: contName}}); err != nil {
+		return true, err
+	}
+	if err := ns.setAlias(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostName}}); err != nil {
+		return true, err
 	}
 	ch.LinkAttrs += 2
 	return true, nil
 }
 
-// addVeth creates endpoint ep's veth pair in one request: both ends at
+// addVeth creates endpoint ep's veth pair in one request on namespace
+// ns's socket, the container end in the host's namespace: both ends at
 // mtu, ep's MAC on the container end, the host end up and on the bridge
 // with index master (the host end carries nothing until it is on the
 // bridge, and the container end stays down until Docker configures it).
@@ -287,12 +302,16 @@ func (m *Manager) createPair(ep Endpoint, br netlink.Link, ch *Changes, undo *[]
 //
 // Equivalent to: `ip link add vxh-0123456789 mtu 1450 master vxbr-0a1b up
 // type veth peer name vxc-0123456789 mtu 1450 address 02:42:0a:0a:00:02`.
-func (m *Manager) addVeth(ep Endpoint, mtu, master int, ch *Changes) error {
+func (m *Manager) addVeth(ns *netNS, ep Endpoint, mtu, master int, ch *Changes) error {
 	hostName, contName := HostIfName(ep.ID), ContainerIfName(ep.ID)
 	if err := m.step("veth"); err != nil {
 		return err
 	}
-	err := m.rt.addVethPair(vethPair{name: hostName, peer: contName, mtu: mtu, master: master, mac: ep.MAC})
+	v := vethPair{name: hostName, peer: contName, mtu: mtu, master: master, mac: ep.MAC, peerNS: netns.None()}
+	if ns.dp {
+		v.peerNS = m.host.fd // where Docker looks for it
+	}
+	err := ns.rt.addVethPair(v)
 	if err != nil {
 		return fmt.Errorf("create veth %q/%q: %w", hostName, contName, err)
 	}
@@ -304,8 +323,9 @@ func (m *Manager) addVeth(ep Endpoint, mtu, master int, ch *Changes) error {
 
 // DeleteEndpoint removes an endpoint's veth pair, also when Docker has
 // already moved the container end into a container (deleting the host end
-// deletes both). It is idempotent: an endpoint without links is success.
-// Links that carry another owner's mark are left alone (logged).
+// deletes both), in both namespaces. It is idempotent: an endpoint without
+// links is success. Links that carry another owner's mark are left alone
+// (logged).
 //
 // Equivalent to: `ip link del vxh-0123456789`.
 func (m *Manager) DeleteEndpoint(ctx context.Context, id string) error {
@@ -316,8 +336,8 @@ func (m *Manager) DeleteEndpoint(ctx context.Context, id string) error {
 	defer m.mu.Unlock()
 	var errs []error
 	deleted := 0
-	for _, name := range []string{HostIfName(id), ContainerIfName(id)} {
-		ok, err := m.deleteLinkByName(name)
+	del := func(ns *netNS, name string) {
+		ok, err := ns.deleteLinkByName(name)
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -325,6 +345,11 @@ func (m *Manager) DeleteEndpoint(ctx context.Context, id string) error {
 			deleted++
 		}
 	}
+	if m.dp != nil {
+		del(m.dp, HostIfName(id))
+	}
+	del(m.host, HostIfName(id))
+	del(m.host, ContainerIfName(id))
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("delete endpoint %s: %w", endpointKey(id), err)
 	}
@@ -335,8 +360,9 @@ func (m *Manager) DeleteEndpoint(ctx context.Context, id string) error {
 }
 
 // EndpointInUse reports whether the endpoint's veth pair is in use by a
-// container: its host end exists in this namespace and the other end is
-// no longer here (Docker moved it into a container's namespace). While it
+// container: its host end exists (in the host's or the data-plane
+// namespace) and the other end is no longer in the host's namespace
+// (Docker moved it into a container's namespace). While it
 // is, the endpoint must not be reclaimed, whatever the store says. A pair
 // whose container end is still in this namespace (not joined yet, or left)
 // or that does not exist is not in use. The owner of the links does not
@@ -351,15 +377,24 @@ func (m *Manager) EndpointInUse(id string) (bool, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	host, err := m.linkByName(HostIfName(id))
-	if err != nil {
-		return false, fmt.Errorf("endpoint in use %s: %w", endpointKey(id), err)
+	var host netlink.Link
+	ns := m.host
+	for _, ns = range m.namespaces() {
+		var err error
+		if host, err = ns.linkByName(HostIfName(id)); err != nil {
+			return false, fmt.Errorf("endpoint in use %s: %w", endpointKey(id), err)
+		}
+		if host != nil {
+			break
+		}
 	}
 	if host == nil || host.Type() != "veth" {
 		return false, nil
 	}
-	return peerAway(host, endpointKey(id), func(index int) (string, bool, error) {
-		l, err := retryDump(func() (netlink.Link, error) { return m.nl.LinkByIndex(index) })
+	// The container end is looked for in the host's namespace, where
+	// EnsureEndpoint leaves it.
+	return peerAway(host, endpointKey(id), ns.dp, func(index int) (string, bool, error) {
+		l, err := retryDump(func() (netlink.Link, error) { return m.host.nl.LinkByIndex(index) })
 		if isNotFound(err) {
 			return "", false, nil
 		}
@@ -371,17 +406,20 @@ func (m *Manager) EndpointInUse(id string) (bool, error) {
 }
 
 // peerAway reports whether the container end of veth host (endpoint key
-// key) has left the namespace. lookup finds a link of the namespace by
-// index: its name, whether it exists, and an error when the kernel did not
-// say, which peerAway returns.
-func peerAway(host netlink.Link, key string, lookup func(index int) (string, bool, error)) (bool, error) {
+// key) has left the host's namespace. lookup finds a link of the host's
+// namespace by index: its name, whether it exists, and an error when the
+// kernel did not say, which peerAway returns. With crossNS the host end is
+// in the data-plane namespace, whose view of its peer is always of another
+// namespace: only the lookup tells.
+func peerAway(host netlink.Link, key string, crossNS bool, lookup func(index int) (string, bool, error)) (bool, error) {
 	// IFLA_LINK_NETNSID: the kernel reports the peer's namespace only when
 	// it is not ours.
-	if host.Attrs().NetNsID >= 0 {
+	if host.Attrs().NetNsID >= 0 && !crossNS {
 		return true, nil
 	}
-	// No namespace id (an older kernel, or no id assigned): the peer is
-	// away if no link of this namespace has its index.
+	// No namespace id (an older kernel, or no id assigned), or a host end
+	// in the data-plane namespace: the peer is away if no link of the
+	// host's namespace has its index and name.
 	peer := host.Attrs().ParentIndex
 	if peer == 0 {
 		return false, nil

@@ -23,6 +23,29 @@ import (
 type testHost struct {
 	*testenv.Host
 	m *Manager
+	// dp is the host's data-plane namespace (Config.DataplaneNS) of the
+	// Managers that manager makes; nil: none, every device in NS.
+	dp *testenv.NetNS
+}
+
+// layouts are the two layouts the kernel tests run in: every device in
+// the host's namespace, and new networks in a data-plane namespace.
+var layouts = []struct {
+	name string
+	dp   bool
+}{{"host", false}, {"dataplane", true}}
+
+// inLayouts runs test once in each layout, as subtests named after it
+// (in parallel with parallel).
+func inLayouts(t *testing.T, parallel bool, test func(t *testing.T, dp bool)) {
+	for _, lay := range layouts {
+		t.Run(lay.name, func(t *testing.T) {
+			if parallel {
+				t.Parallel()
+			}
+			test(t, lay.dp)
+		})
+	}
 }
 
 // requireKernel stops the test unless it can build namespaces and run the
@@ -61,10 +84,20 @@ func nsWrapper(t *testing.T, ns *testenv.NetNS, cmd string) string {
 // iptables commands run in the host's namespace.
 func newHosts(t *testing.T, n int, opts testenv.UnderlayOptions) []*testHost {
 	t.Helper()
+	return newHostsIn(t, n, opts, false)
+}
+
+// newHostsIn is newHosts; with dp each host gets a data-plane namespace,
+// which its Managers put new networks in.
+func newHostsIn(t *testing.T, n int, opts testenv.UnderlayOptions, dp bool) []*testHost {
+	t.Helper()
 	requireKernel(t)
 	var hosts []*testHost
 	for _, h := range testenv.NewUnderlay(t, n, opts) {
 		th := &testHost{Host: h}
+		if dp {
+			th.dp = testenv.NewNetNS(t)
+		}
 		th.m = th.manager(t, "")
 		hosts = append(hosts, th)
 	}
@@ -89,6 +122,9 @@ func (h *testHost) managerLog(t *testing.T, owner string, log *slog.Logger) *Man
 		NoTrackBridged: true, // the NOTRACK rule is exercised and counted too
 		Owner:          owner,
 		Logger:         log,
+	}
+	if h.dp != nil {
+		cfg.DataplaneNS = h.dp.Path
 	}
 	m, err := NewAt(cfg, h.NS.Path)
 	if err != nil {
@@ -183,30 +219,56 @@ func mustNotPing(t *testing.T, ns *testenv.NetNS, dst netip.Addr) {
 }
 
 // linkNames lists the links of h's namespace other than lo and the
-// underlay.
+// underlay, and those of its data-plane namespace (prefixed "dp/").
 func linkNames(t *testing.T, h *testHost) []string {
 	t.Helper()
-	ls, err := h.NS.Handle().LinkList()
-	if err != nil {
-		t.Fatal(err)
-	}
 	var names []string
-	for _, l := range ls {
-		if n := l.Attrs().Name; n != "lo" && n != h.Link {
-			names = append(names, n)
+	for _, ns := range h.namespaces() {
+		ls, err := ns.Handle().LinkList()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range ls {
+			if n := l.Attrs().Name; n != "lo" && n != h.Link {
+				if ns != h.NS {
+					n = "dp/" + n
+				}
+				names = append(names, n)
+			}
 		}
 	}
 	slices.Sort(names)
 	return names
 }
 
+// namespaces are h's namespace and its data-plane namespace if it has one.
+func (h *testHost) namespaces() []*testenv.NetNS {
+	if h.dp == nil {
+		return []*testenv.NetNS{h.NS}
+	}
+	return []*testenv.NetNS{h.NS, h.dp}
+}
+
+// link is the named link of h's namespace or, if it has none, of its
+// data-plane namespace.
 func link(t *testing.T, h *testHost, name string) netlink.Link {
 	t.Helper()
-	l, err := h.NS.Handle().LinkByName(name)
-	if err != nil {
-		t.Fatalf("link %s: %v", name, err)
-	}
+	l, _ := linkIn(t, h, name)
 	return l
+}
+
+// linkIn is link with the namespace that holds it.
+func linkIn(t *testing.T, h *testHost, name string) (netlink.Link, *testenv.NetNS) {
+	t.Helper()
+	var err error
+	for _, ns := range h.namespaces() {
+		var l netlink.Link
+		if l, err = ns.Handle().LinkByName(name); err == nil {
+			return l, ns
+		}
+	}
+	t.Fatalf("link %s: %v", name, err)
+	return nil, nil
 }
 
 // kernelEntries is what a VXLAN device holds: neighbour entries "ip mac"
@@ -218,8 +280,8 @@ type kernelEntries struct {
 
 func entries(t *testing.T, h *testHost, vni uint32) kernelEntries {
 	t.Helper()
-	hh := h.NS.Handle()
-	vx := link(t, h, VXLANName(vni))
+	vx, ns := linkIn(t, h, VXLANName(vni))
+	hh := ns.Handle()
 	var k kernelEntries
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
 		ns, err := hh.NeighList(vx.Attrs().Index, fam)
@@ -279,9 +341,13 @@ type ownerState struct {
 func snapshot(t *testing.T, h *testHost, owner string) ownerState {
 	t.Helper()
 	mark := OwnerMark(owner)
-	ls, err := h.NS.Handle().LinkList()
-	if err != nil {
-		t.Fatal(err)
+	var ls []netlink.Link
+	for _, ns := range h.namespaces() {
+		nls, err := ns.Handle().LinkList()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls = append(ls, nls...)
 	}
 	s := ownerState{Entries: map[string]kernelEntries{}}
 	for _, l := range ls {

@@ -52,6 +52,18 @@ const FirewallChain = "CONSUL-OVERLAY"
 // Those replies are addressed to the host, so NOTRACK (which skips only
 // what is not for a local address) leaves them tracked.
 //
+// A network in the data-plane namespace (Config.DataplaneNS) meets the
+// host's hooks only on its gateway link vxg-<vni>, the host's way in and
+// out of it: its bridged frames never cross the host's namespace. With a
+// data-plane namespace the shared rules also hold
+//
+//	-A CONSUL-OVERLAY -o vxg-+ -m comment --comment <mark> -j DROP     (nothing routed in)
+//	-A CONSUL-OVERLAY -i vxg-+ -m comment --comment <mark> -j DROP     (nothing routed out)
+//
+// and the link-local wildcard rules (linklocal.go) for -i vxg-+; the
+// per-network INPUT rules (internal, API) of such a network name its
+// gateway link instead of its bridge (fwIface).
+//
 // Our FORWARD jump sits after DOCKER-USER so that administrators' rules
 // there see overlay traffic, as they see Docker's own bridges'; dockerd
 // puts its jumps back at the top when it starts, which keeps that order.
@@ -441,8 +453,19 @@ func (r chainRule) withoutComment() string {
 // networks costs four processes, and an EnsureNetwork of an ordinary
 // network two (the listings).
 
-// wildcard is the interface match of every overlay bridge.
-const wildcard = bridgePrefix + "+"
+// wildcard is the interface match of every overlay bridge;
+// gatewayWildcard of every gateway link of a network in the data-plane
+// namespace, the host's side of it.
+const (
+	wildcard        = bridgePrefix + "+"
+	gatewayWildcard = gatewayPrefix + "+"
+)
+
+// netIface reports whether name is the interface of one network in the
+// host's namespace: its bridge or its gateway link.
+func netIface(name string) bool {
+	return bridgeNameRE.MatchString(name) || gatewayNameRE.MatchString(name)
+}
 
 // shared says what a sync does with the rules every bridge of an owner
 // shares (the wildcard FORWARD rules, the link-local ones, NOTRACK).
@@ -469,7 +492,9 @@ type fwSpec struct {
 
 	// bridges get their own rules as their Network says (internal,
 	// ConsulAPI); gone bridges lose theirs; complete: bridges is every
-	// bridge of ours, the rules of any other go.
+	// bridge of ours, the rules of any other go. A "bridge" is the
+	// network's interface in the host's namespace: its bridge, or its
+	// gateway link (vxg-<vni>) in the data-plane layout.
 	bridges  map[string]Network
 	gone     map[string]bool
 	complete bool
@@ -477,6 +502,10 @@ type fwSpec struct {
 	shared  shared
 	ll      netip.Addr // the link-local address (invalid: none)
 	notrack bool       // raw-table NOTRACK of bridged overlay traffic
+	// gateways: the shared rules include those of the gateway links
+	// (gatewayForwardRules, linkLocalGatewayRules): the Manager has a
+	// data-plane namespace.
+	gateways bool
 }
 
 // forwardRules are the shared FORWARD rules: bridged frames of any
@@ -491,6 +520,19 @@ func forwardRules(mark string) (accept []string, drops [][]string) {
 			slices.Concat([]string{"-o", wildcard}, c, []string{"-j", "DROP"}),
 			slices.Concat([]string{"-i", wildcard}, c, []string{"-j", "DROP"}),
 		}
+}
+
+// gatewayForwardRules are the shared FORWARD rules of the gateway links
+// (vxg-+) of the networks in the data-plane namespace: everything routed
+// into or out of such a network through the host is dropped. No frame of
+// theirs is bridged in the host's namespace, so there is no ACCEPT.
+// Appended, after the bridges' ACCEPT.
+func gatewayForwardRules(mark string) [][]string {
+	c := []string{"-m", "comment", "--comment", mark}
+	return [][]string{
+		slices.Concat([]string{"-o", gatewayWildcard}, c, []string{"-j", "DROP"}),
+		slices.Concat([]string{"-i", gatewayWildcard}, c, []string{"-j", "DROP"}),
+	}
 }
 
 // notrackRule is the raw-table rule that keeps bridged overlay traffic out
@@ -724,6 +766,9 @@ func (f *firewall) planUnderlay(b *batch, bin string, isUL bool, lines []string,
 // bridges go.
 func (f *firewall) planForward(b *batch, l listing, s fwSpec) {
 	accept, drops := forwardRules(f.mark)
+	if s.gateways {
+		drops = append(drops, gatewayForwardRules(f.mark)...)
+	}
 	want := map[string]bool{}
 	if s.shared == sharedWant {
 		for _, r := range append([][]string{accept}, drops...) {
@@ -744,7 +789,7 @@ func (f *firewall) planForward(b *batch, l listing, s fwSpec) {
 		}
 		del := s.shared != sharedKeep
 		for _, i := range r.ifaces {
-			if s.gone[i] || (s.complete && bridgeNameRE.MatchString(i) && !hasBridge(s.bridges, i)) {
+			if s.gone[i] || (s.complete && netIface(i) && !hasBridge(s.bridges, i)) {
 				del = true
 			}
 		}
@@ -784,7 +829,7 @@ func (f *firewall) planInput(b *batch, bin string, l listing, s fwSpec) {
 			wants = append(wants, want{replies, true}, want{drop, false})
 		}
 	}
-	var reject string
+	var rejects []string
 	ll := s.ll
 	if f.v6[bin] {
 		ll = netip.Addr{} // the address is IPv4
@@ -793,7 +838,12 @@ func (f *firewall) planInput(b *batch, bin string, l listing, s fwSpec) {
 		if s.shared == sharedWant {
 			host, drop := linkLocalHostRules(ll, f.mark)
 			wr := linkLocalWildcardRules(ll, f.mark)
-			reject = strings.Join(wr[2], " ")
+			rejects = append(rejects, strings.Join(wr[2], " "))
+			if s.gateways {
+				gr := linkLocalGatewayRules(ll, f.mark)
+				rejects = append(rejects, strings.Join(gr[2], " "))
+				wr = append(wr, gr...)
+			}
 			for _, r := range append(wr, host) {
 				wants = append(wants, want{r, true})
 			}
@@ -818,8 +868,8 @@ func (f *firewall) planInput(b *batch, bin string, l listing, s fwSpec) {
 		cur = netip.PrefixFrom(ll, 32).String()
 	}
 	have := map[string]bool{}
-	rejectAt := -1
-	var apiSeen []chainRule // our API RETURNs, in chain order, with their index
+	rejectAt, rejectsSeen := -1, 0 // the first wildcard REJECT of ours, how many there are
+	var apiSeen []chainRule        // our API RETURNs, in chain order, with their index
 	var apiIdx []int
 	for i, line := range lines {
 		r := parseRule(line)
@@ -833,8 +883,11 @@ func (f *firewall) planInput(b *batch, bin string, l listing, s fwSpec) {
 		text := strings.Join(r.fields, " ")
 		if wanted[text] && !have[text] {
 			have[text] = true
-			if text == reject {
-				rejectAt = i
+			if slices.Contains(rejects, text) {
+				if rejectAt < 0 {
+					rejectAt = i
+				}
+				rejectsSeen++
 			}
 			if apiReturns[text] {
 				apiSeen, apiIdx = append(apiSeen, r), append(apiIdx, i)
@@ -849,16 +902,16 @@ func (f *firewall) planInput(b *batch, bin string, l listing, s fwSpec) {
 		switch {
 		case s.gone[iface]:
 			del = true
-		case bridgeNameRE.MatchString(iface) && hasBridge(s.bridges, iface):
+		case netIface(iface) && hasBridge(s.bridges, iface):
 			del = true // a rule of a bridge we plan: not wanted
-		case bridgeNameRE.MatchString(iface) && s.complete:
+		case netIface(iface) && s.complete:
 			del = true // a bridge not desired
 		case dst == "":
 			// an internal network's rule of a bridge we do not plan
 		case s.shared == sharedKeep:
 		case dst != cur, s.shared == sharedDrop:
 			del = true
-		case !bridgeNameRE.MatchString(iface):
+		case !netIface(iface):
 			del = true // a host-wide or wildcard rule that differs
 		case r.value("--dport") != strconv.Itoa(LinkLocalAPIPort) || r.value("-j") != "RETURN":
 			del = true // an older version's per-bridge DNS or REJECT rule: the wildcard covers it
@@ -871,7 +924,7 @@ func (f *firewall) planInput(b *batch, bin string, l listing, s fwSpec) {
 	// follows it, or that the REJECT inserted now would precede, is
 	// inserted again above it in the same transaction.
 	for k, r := range apiSeen {
-		if reject != "" && (rejectAt < 0 || apiIdx[k] > rejectAt) {
+		if len(rejects) > 0 && (rejectsSeen < len(rejects) || apiIdx[k] > rejectAt) {
 			b.add(slices.Concat([]string{"-D", InputChain}, r.fields)...)
 			delete(have, strings.Join(r.fields, " "))
 		}
@@ -932,35 +985,68 @@ func (f *firewall) planRaw(b *batch, l listing, s fwSpec) {
 // Caller holds m.mu.
 func (m *Manager) fwSpec(bridges map[string]Network, sh shared) fwSpec {
 	return fwSpec{
-		port:    m.cfg.Port,
-		v6:      m.cfg.VTEP.Is6(),
-		vteps:   m.wantVTEPs(),
-		bridges: bridges,
-		shared:  sh,
-		ll:      m.cfg.LinkLocal,
-		notrack: m.fw.notrack,
+		port:     m.cfg.Port,
+		v6:       m.cfg.VTEP.Is6(),
+		vteps:    m.wantVTEPs(),
+		bridges:  bridges,
+		shared:   sh,
+		ll:       m.cfg.LinkLocal,
+		notrack:  m.fw.notrack,
+		gateways: m.dp != nil,
 	}
 }
 
-// releaseFirewall removes the rules of bridge br (gone or going), and the
-// shared rules if no other bridge of ours is left. Caller holds m.mu.
-func (m *Manager) releaseFirewall(ctx context.Context, br string, ch *Changes) error {
+// fwIface is the interface the firewall rules of network vni name: its
+// bridge, or its gateway link when its bridge is in the data-plane
+// namespace. hostLinks, the names of the host's links, tells which (nil:
+// a Manager without a data-plane namespace, the bridge).
+func fwIface(vni uint32, hostLinks map[string]bool) string {
+	if hostLinks == nil || hostLinks[BridgeName(vni)] || hostLinks[VXLANName(vni)] {
+		return BridgeName(vni)
+	}
+	return GatewayName(vni)
+}
+
+// hostLinkNames are the names of the host's links when the Manager has a
+// data-plane namespace (fwIface), nil otherwise. Caller holds m.mu.
+func (m *Manager) hostLinkNames() (map[string]bool, error) {
+	if m.dp == nil {
+		return nil, nil
+	}
+	links, err := m.host.linkList()
+	if err != nil {
+		return nil, err
+	}
+	names := make(map[string]bool, len(links))
+	for _, l := range links {
+		names[l.Attrs().Name] = true
+	}
+	return names, nil
+}
+
+// releaseFirewall removes the rules of network vni (gone or going), on its
+// bridge and on its gateway link, and the shared rules if no other bridge
+// of ours is left in either namespace. Caller holds m.mu.
+func (m *Manager) releaseFirewall(ctx context.Context, vni uint32, ch *Changes) error {
+	br := BridgeName(vni)
 	if !m.fw.enabled() {
 		return nil
 	}
-	links, err := m.linkList()
-	if err != nil {
-		return err
-	}
 	sh := sharedDrop
-	for _, l := range links {
-		if name := l.Attrs().Name; name != br && m.owns(l) && bridgeNameRE.MatchString(name) {
-			sh = sharedKeep
-			break
+	for _, ns := range m.namespaces() {
+		links, err := ns.linkList()
+		if err != nil {
+			return err
+		}
+		for _, l := range links {
+			if name := l.Attrs().Name; name != br && m.owns(l) && bridgeNameRE.MatchString(name) {
+				sh = sharedKeep
+				break
+			}
 		}
 	}
 	s := m.fwSpec(nil, sh)
-	s.gone = map[string]bool{br: true}
+	s.gone = map[string]bool{br: true, GatewayName(vni): true}
 	k, err := m.fw.sync(ctx, s)
 	ch.Rules += k
 	if err != nil {

@@ -368,8 +368,9 @@ func (m *Manager) recheckFlavour(ctx context.Context, final bool) bool {
 
 // moveFirewall writes every rule of this owner in the current flavour,
 // then removes this owner's rules from the flavour old: the rules of every
-// overlay bridge of ours in the kernel (an internal network's and a
-// Consul API network's as the old flavour holds them), the shared ones,
+// network of ours in the kernel (its bridge's, or its gateway link's in
+// the data-plane layout; an internal network's and a Consul API network's
+// as the old flavour holds them), the shared ones,
 // the underlay filter and the IPsec marks. The new rules are in place
 // before the old go, so isolation never lapses. Caller holds m.mu.
 func (m *Manager) moveFirewall(ctx context.Context, old flavourChoice) error {
@@ -384,13 +385,15 @@ func (m *Manager) moveFirewall(ctx context.Context, old flavourChoice) error {
 		}
 		listings[bin] = l
 	}
-	links, err := m.linkList()
+	links, err := m.host.linkList()
 	if err != nil {
 		return err
 	}
+	// Each network's interface in the host's namespace: its bridge, or
+	// its gateway link when it is in the data-plane namespace.
 	bridges := map[string]Network{}
 	for _, l := range links {
-		if name := l.Attrs().Name; m.owns(l) && bridgeNameRE.MatchString(name) {
+		if name := l.Attrs().Name; m.owns(l) && netIface(name) {
 			bridges[name] = prev.heldNetwork(listings, name, m.cfg.LinkLocal)
 		}
 	}
@@ -419,7 +422,8 @@ func (m *Manager) moveFirewall(ctx context.Context, old flavourChoice) error {
 	return err
 }
 
-// heldNetwork is the Network whose rules the listings hold for bridge br:
+// heldNetwork is the Network whose rules the listings hold for interface
+// br (a bridge, or a gateway link):
 // Internal if its internal rules are there, ConsulAPI if its Consul API
 // rule is.
 func (f *firewall) heldNetwork(listings map[string]listing, br string, ll netip.Addr) Network {

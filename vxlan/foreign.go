@@ -9,13 +9,27 @@ import (
 
 // ForeignOwners lists the links that carry another consul-overlay
 // instance's mark, by that instance's owner ("" is the default instance):
-// overlays this Manager will never touch. A plugin that finds some at
-// start, and none of its own, was most likely restarted with another
-// KV_PREFIX or store, and says so.
+// overlays this Manager will never touch, in its namespace and its
+// data-plane namespace. A plugin that finds some at start, and none of its
+// own, was most likely restarted with another KV_PREFIX or store, and says
+// so.
 //
 // Equivalent to: `ip -o link show | grep 'alias consul-overlay'`.
 func (m *Manager) ForeignOwners() (map[string][]string, error) {
-	return ForeignOwners(m.nl, m.cfg.Owner)
+	out := map[string][]string{}
+	for _, ns := range m.namespaces() {
+		o, err := ForeignOwners(ns.nl, m.cfg.Owner)
+		if err != nil {
+			return nil, err
+		}
+		for owner, names := range o {
+			out[owner] = append(out[owner], names...)
+		}
+	}
+	for _, names := range out {
+		sort.Strings(names)
+	}
+	return out, nil
 }
 
 // ForeignOwners is Manager.ForeignOwners without a Manager (whose creation

@@ -19,7 +19,12 @@ type KernelNetwork struct {
 	VXLAN  string `json:"vxlan,omitempty"`  // vx-<vni>, "" when missing
 	Bridge string `json:"bridge,omitempty"` // vxbr-<vni>, "" when missing
 	MTU    int    `json:"mtu,omitempty"`    // the VXLAN device's MTU
-	Up     bool   `json:"up"`               // the VXLAN device is up
+	// Dataplane: the bridge and the VXLAN device are in the data-plane
+	// namespace (InspectDataplane), Gateway the link in the host's
+	// namespace that carries the network's gateway addresses.
+	Dataplane bool   `json:"dataplane,omitempty"`
+	Gateway   string `json:"gateway,omitempty"` // vxg-<vni>, "" when missing or not in that layout
+	Up        bool   `json:"up"`                // the VXLAN device is up
 	// Ports are the host ends of local endpoints (vxh-<id10>) on the
 	// bridge: this host's endpoints of the network.
 	Ports []string `json:"ports,omitempty"`
@@ -56,6 +61,17 @@ const FloodMAC = "00:00:00:00:00:00"
 // Equivalent to: `ip -d link show`, `ip neigh show dev vx-0a1b nud
 // permanent` and `bridge fdb show dev vx-0a1b self`.
 func Inspect(h *netlink.Handle, owner string) ([]KernelNetwork, error) {
+	return InspectDataplane(h, nil, owner)
+}
+
+// InspectDataplane is Inspect of a Manager with a data-plane namespace
+// (Config.DataplaneNS): h is bound to the host's namespace (nil: the
+// caller's), dp to the data-plane namespace (nil: none, which is Inspect).
+// A network is reported once, wherever its devices are; Dataplane says
+// they are in dp, Gateway names its gateway link in h's namespace.
+//
+// Equivalent to: Inspect in each namespace (`ip -n DP ...` for the second).
+func InspectDataplane(h, dp *netlink.Handle, owner string) ([]KernelNetwork, error) {
 	if h == nil {
 		var err error
 		if h, err = netlink.NewHandle(); err != nil {
@@ -63,12 +79,32 @@ func Inspect(h *netlink.Handle, owner string) ([]KernelNetwork, error) {
 		}
 		defer h.Close()
 	}
+	nets := map[uint32]*KernelNetwork{}
+	if err := inspectNS(h, owner, false, nets); err != nil {
+		return nil, err
+	}
+	if dp != nil {
+		if err := inspectNS(dp, owner, true, nets); err != nil {
+			return nil, fmt.Errorf("data-plane namespace: %w", err)
+		}
+	}
+	out := make([]KernelNetwork, 0, len(nets))
+	for _, n := range nets {
+		sort.Strings(n.Ports)
+		out = append(out, *n)
+	}
+	slices.SortFunc(out, func(a, b KernelNetwork) int { return int(a.VNI) - int(b.VNI) })
+	return out, nil
+}
+
+// inspectNS adds what the namespace h is bound to holds of owner's
+// overlays to nets; dp: it is the data-plane namespace.
+func inspectNS(h *netlink.Handle, owner string, dp bool, nets map[uint32]*KernelNetwork) error {
 	mark := OwnerMark(owner)
 	links, err := retryDump(h.LinkList)
 	if err != nil {
-		return nil, fmt.Errorf("list links: %w", err)
+		return fmt.Errorf("list links: %w", err)
 	}
-	nets := map[uint32]*KernelNetwork{}
 	get := func(vni uint32) *KernelNetwork {
 		n := nets[vni]
 		if n == nil {
@@ -90,10 +126,16 @@ func Inspect(h *netlink.Handle, owner string) ([]KernelNetwork, error) {
 		if vni, ok := vniFromName(vxlanNameRE, a.Name); ok {
 			n := get(vni)
 			n.VXLAN, n.MTU, n.Up = a.Name, a.MTU, isUp(l)
+			n.Dataplane = n.Dataplane || dp
 			vxs = append(vxs, l)
 		}
 		if vni, ok := vniFromName(bridgeNameRE, a.Name); ok {
-			get(vni).Bridge = a.Name
+			n := get(vni)
+			n.Bridge = a.Name
+			n.Dataplane = n.Dataplane || dp
+		}
+		if vni, ok := vniFromName(gatewayNameRE, a.Name); ok && !dp {
+			get(vni).Gateway = a.Name
 		}
 	}
 	for _, l := range links {
@@ -112,16 +154,10 @@ func Inspect(h *netlink.Handle, owner string) ([]KernelNetwork, error) {
 		vni, _ := vniFromName(vxlanNameRE, vx.Attrs().Name)
 		n := nets[vni]
 		if err := inspectEntries(h, vx, n); err != nil {
-			return nil, err
+			return err
 		}
 	}
-	out := make([]KernelNetwork, 0, len(nets))
-	for _, n := range nets {
-		sort.Strings(n.Ports)
-		out = append(out, *n)
-	}
-	slices.SortFunc(out, func(a, b KernelNetwork) int { return int(a.VNI) - int(b.VNI) })
-	return out, nil
+	return nil
 }
 
 // inspectEntries reads the entries of one VXLAN device with the filters

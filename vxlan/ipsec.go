@@ -228,24 +228,26 @@ func (m *Manager) espState(k IPsecKey, src, dst netip.Addr) *netlink.XfrmState {
 }
 
 // ownIPsecDevices checks that the network's bridge and VXLAN device, where
-// they exist, carry no other owner's mark: the VNI's packets are then
-// that owner's, and a state, policy or ESP rule of ours for it would mark
-// and block or drop them. It reads the kernel, not Reconcile's dump: it
+// they exist (in either namespace), carry no other owner's mark: the VNI's
+// packets are then that owner's, and a state, policy or ESP rule of ours
+// for it would mark and block or drop them. It reads the kernel, not Reconcile's dump: it
 // runs beside the dump. Caller holds m.mu.
 //
 // Equivalent to: `ip -d link show vxbr-0a1b; ip -d link show vx-0a1b`
 // and comparing their alias with ours.
 func (m *Manager) ownIPsecDevices(vni uint32) error {
-	for _, name := range []string{BridgeName(vni), VXLANName(vni)} {
-		l, err := retryDump(func() (netlink.Link, error) { return m.nl.LinkByName(name) })
-		if isNotFound(err) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("ipsec of network (vni %d): get link %q: %w", vni, name, err)
-		}
-		if err := m.foreign(l); err != nil {
-			return fmt.Errorf("ipsec of network (vni %d): device %q is not ours, no xfrm state, policy or esp rule for it: %w", vni, name, err)
+	for _, ns := range m.namespaces() {
+		for _, name := range []string{BridgeName(vni), VXLANName(vni)} {
+			l, err := retryDump(func() (netlink.Link, error) { return ns.nl.LinkByName(name) })
+			if isNotFound(err) {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("ipsec of network (vni %d): get link %q: %w", vni, name, err)
+			}
+			if err := m.foreign(l); err != nil {
+				return fmt.Errorf("ipsec of network (vni %d): device %q is not ours, no xfrm state, policy or esp rule for it: %w", vni, name, err)
+			}
 		}
 	}
 	return nil

@@ -333,9 +333,14 @@ func startCapture(t *testing.T, h *testHost, vnis ...uint32) (c *capture, stop f
 // encrypted VNI is dropped even from an allowed VTEP), a key rotation
 // during a 20 ms ping loses nothing, a restarted Manager keeps the states,
 // and removing the network removes every state, policy and rule.
+// In both layouts.
 func TestEncryptedOverlay(t *testing.T) {
+	inLayouts(t, false, testEncryptedOverlay)
+}
+
+func testEncryptedOverlay(t *testing.T, dp bool) {
 	ctx := t.Context()
-	hosts := newHosts(t, 3, testenv.UnderlayOptions{})
+	hosts := newHostsIn(t, 3, testenv.UnderlayOptions{}, dp)
 	h0, h1, h2 := hosts[0], hosts[1], hosts[2] // h2: plain network only
 	requireESP(t, h0.m)
 	h0.m = h0.restoreManager(t, "")
@@ -505,10 +510,15 @@ func TestEncryptedOverlay(t *testing.T) {
 // the encrypted VNI is marked on output (the MARK rule counts it) and held
 // by the block policy, and dropped on input when it comes in plain (the
 // DROP rule counts it), while another VNI between the same hosts passes
-// untouched; with the rules and policies removed, both pass again.
+// untouched; with the rules and policies removed, both pass again. In
+// both layouts: the VXLAN socket is the host's in either.
 func TestEncryptedVNIMarking(t *testing.T) {
+	inLayouts(t, false, testEncryptedVNIMarking)
+}
+
+func testEncryptedVNIMarking(t *testing.T, dp bool) {
 	ctx := t.Context()
-	hosts := newHosts(t, 2, testenv.UnderlayOptions{})
+	hosts := newHostsIn(t, 2, testenv.UnderlayOptions{}, dp)
 	h0, h1 := hosts[0], hosts[1]
 	const enc, plain = 0x5e4, 0x5e5
 	for _, h := range hosts {

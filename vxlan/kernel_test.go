@@ -19,9 +19,10 @@ import (
 
 // Two hosts, one dual-stack network, a container on each: they ping each
 // other over VXLAN with IPv4 and IPv6 overlay addresses, the host reaches
-// its own endpoint through the bridge's gateway address, and the MTU is
-// exact: a full-size packet passes, one byte more with DF fails at the
-// sender instead of vanishing.
+// its own endpoint through the bridge's gateway address (the gateway link
+// in the data-plane layout), and the MTU is exact: a full-size packet
+// passes, one byte more with DF fails at the sender instead of vanishing.
+// In both layouts.
 func TestOverlayPing(t *testing.T) {
 	for _, tt := range []struct {
 		name    string
@@ -31,18 +32,33 @@ func TestOverlayPing(t *testing.T) {
 		{"ipv4 underlay", false, 1450},
 		{"ipv6 underlay", true, 1430},
 	} {
-		t.Run(tt.name, func(t *testing.T) {
-			t.Parallel()
-			hosts := newHosts(t, 2, testenv.UnderlayOptions{IPv6: tt.v6})
+		for _, lay := range layouts {
+			t.Run(tt.name+"/"+lay.name, func(t *testing.T) {
+				t.Parallel()
+				testOverlayPing(t, tt.v6, tt.wantMTU, lay.dp)
+			})
+		}
+	}
+}
+
+func testOverlayPing(t *testing.T, v6 bool, wantMTU int, dp bool) {
+	tt := struct{ wantMTU int }{wantMTU}
+	{
+		{
+			hosts := newHostsIn(t, 2, testenv.UnderlayOptions{IPv6: v6}, dp)
 			const vni = 0x1234
 			nw := Network{VNI: vni, Gateways: []netip.Prefix{pfx("10.10.0.1/24"), pfx("fd00:10::1/64")}}
+			want := NetworkInfo{Bridge: "vxbr-001234", VXLAN: "vx-001234", MTU: tt.wantMTU}
+			if dp {
+				want.Gateway = "vxg-001234"
+			}
 			for _, h := range hosts {
 				info, err := h.m.EnsureNetwork(t.Context(), nw)
 				if err != nil {
 					t.Fatal(err)
 				}
-				if info != (NetworkInfo{Bridge: "vxbr-001234", VXLAN: "vx-001234", MTU: tt.wantMTU}) {
-					t.Fatalf("NetworkInfo %+v", info)
+				if info != want {
+					t.Fatalf("NetworkInfo %+v, want %+v", info, want)
 				}
 			}
 			c1 := hosts[0].run(t, vni, []netip.Prefix{pfx("10.10.0.2/24"), pfx("fd00:10::2/64")})
@@ -117,7 +133,7 @@ func TestOverlayPing(t *testing.T) {
 					}
 				}
 			})
-		})
+		}
 	}
 }
 
@@ -243,8 +259,11 @@ func TestFirewall(t *testing.T) {
 // A container on another VNI, with addresses in the same subnet, reaches
 // neither the first network's local nor its remote containers.
 func TestIsolation(t *testing.T) {
-	t.Parallel()
-	hosts := newHosts(t, 2, testenv.UnderlayOptions{})
+	inLayouts(t, true, testIsolation)
+}
+
+func testIsolation(t *testing.T, dp bool) {
+	hosts := newHostsIn(t, 2, testenv.UnderlayOptions{}, dp)
 	const vniA, vniB = 0x100, 0x200
 	for _, h := range hosts {
 		for _, vni := range []uint32{vniA, vniB} {
@@ -274,8 +293,11 @@ func TestIsolation(t *testing.T) {
 // behind the VTEP; removal is idempotent; a duplicate IP falls back to the
 // earlier peer; peers added before their network are programmed with it.
 func TestPeerEntries(t *testing.T) {
-	t.Parallel()
-	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	inLayouts(t, true, testPeerEntries)
+}
+
+func testPeerEntries(t *testing.T, dp bool) {
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
 	ctx := t.Context()
 	const vni = 0x77
 	v1, v2 := addr("192.0.2.2"), addr("192.0.2.3")
@@ -359,7 +381,12 @@ func reconcileState(nw Network, local *container, remote *container) State {
 
 // twoContainers builds a network on two hosts with one container each.
 func twoContainers(t *testing.T) ([]*testHost, Network, *container, *container) {
-	hosts := newHosts(t, 2, testenv.UnderlayOptions{})
+	return twoContainersIn(t, false)
+}
+
+// twoContainersIn is twoContainers; with dp in the data-plane layout.
+func twoContainersIn(t *testing.T, dp bool) ([]*testHost, Network, *container, *container) {
+	hosts := newHostsIn(t, 2, testenv.UnderlayOptions{}, dp)
 	n := Network{VNI: 0xabc, Gateways: []netip.Prefix{pfx("10.40.0.1/24"), pfx("fd00:40::1/64")}}
 	for _, h := range hosts {
 		if _, err := h.m.EnsureNetwork(t.Context(), n); err != nil {
@@ -415,10 +442,10 @@ func TestReconcile(t *testing.T) {
 	mk(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "veth1234567"}, PeerName: "veth7654321"}, true)
 	vx := link(t, h0, "vx-000abc")
 	var ch0 Changes
-	if err := h0.m.setFDB(vx, [6]byte{2, 0x42, 0xde, 0xad, 0xbe, 0xef}, addr("192.0.2.9"), &ch0); err != nil {
+	if err := h0.m.setFDB(h0.m.host, vx, [6]byte{2, 0x42, 0xde, 0xad, 0xbe, 0xef}, addr("192.0.2.9"), &ch0); err != nil {
 		t.Fatal(err)
 	}
-	if err := h0.m.setNeigh(vx, addr("10.40.0.99"), [6]byte{2, 0x42, 0xde, 0xad, 0xbe, 0xef}, &ch0); err != nil {
+	if err := h0.m.setNeigh(h0.m.host, vx, addr("10.40.0.99"), [6]byte{2, 0x42, 0xde, 0xad, 0xbe, 0xef}, &ch0); err != nil {
 		t.Fatal(err)
 	}
 	iptables(t, h0, "iptables", "-A", FirewallChain, "-o", "vxbr-00beef", "-j", "DROP")
@@ -498,8 +525,11 @@ func TestReconcile(t *testing.T) {
 // Reconcile on a correct kernel does not drop a single packet of a running
 // container.
 func TestReconcileKeepsTraffic(t *testing.T) {
-	t.Parallel()
-	hosts, n, c1, c2 := twoContainers(t)
+	inLayouts(t, true, testReconcileKeepsTraffic)
+}
+
+func testReconcileKeepsTraffic(t *testing.T, dp bool) {
+	hosts, n, c1, c2 := twoContainersIn(t, dp)
 	want := reconcileState(n, c1, c2)
 	cmd := c1.ns.Command(t.Context(), "ping", "-n", "-q", "-i", "0.05", "-c", "100", "-W", "1", "10.40.0.3")
 	var out strings.Builder
@@ -533,16 +563,18 @@ func TestRollback(t *testing.T) {
 		{"default owner", "", ""},
 		{"owner beside another", "r1", "r2"},
 	} {
-		t.Run(tt.name, func(t *testing.T) {
-			t.Parallel()
-			testRollback(t, tt.owner, tt.neighbour)
-		})
+		for _, lay := range layouts {
+			t.Run(tt.name+"/"+lay.name, func(t *testing.T) {
+				t.Parallel()
+				testRollback(t, tt.owner, tt.neighbour, lay.dp)
+			})
+		}
 	}
 }
 
-func testRollback(t *testing.T, owner, neighbour string) {
-	th := newHosts(t, 1, testenv.UnderlayOptions{})[0]
-	h := &testHost{Host: th.Host, m: th.manager(t, owner)}
+func testRollback(t *testing.T, owner, neighbour string, dp bool) {
+	th := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
+	h := &testHost{Host: th.Host, dp: th.dp, m: th.manager(t, owner)}
 	ctx := t.Context()
 	const vni = 0x55
 	n := Network{VNI: vni, Gateways: []netip.Prefix{pfx("10.50.0.1/24"), pfx("fd00:50::1/64")}}
@@ -561,9 +593,11 @@ func testRollback(t *testing.T, owner, neighbour string) {
 	}
 	fdbDsts := func() []string {
 		var out []string
-		for _, l := range strings.Split(h.NS.MustRun(t, "bridge", "fdb", "show"), "\n") {
-			if strings.Contains(l, "dst") {
-				out = append(out, l)
+		for _, ns := range h.namespaces() {
+			for _, l := range strings.Split(ns.MustRun(t, "bridge", "fdb", "show"), "\n") {
+				if strings.Contains(l, "dst") {
+					out = append(out, l)
+				}
 			}
 		}
 		return out
@@ -576,7 +610,11 @@ func testRollback(t *testing.T, owner, neighbour string) {
 	var baseOther ownerState
 	if neighbour != "" {
 		baseOther = snapshot(t, h, neighbour)
-		if len(baseOther.Links) != 4 || len(baseFDB) == 0 || len(baseRules["iptables"]) != 3 {
+		wantLinks, wantRules := 4, 3 // vx, vxbr, vxh, vxc; the FORWARD rules
+		if dp {
+			wantLinks, wantRules = 6, 5 // and vxp, vxg; and the gateway links' DROPs
+		}
+		if len(baseOther.Links) != wantLinks || len(baseFDB) == 0 || len(baseRules["iptables"]) != wantRules {
 			t.Fatalf("neighbour's network not set up: %+v", baseOther)
 		}
 	}
@@ -612,7 +650,11 @@ func testRollback(t *testing.T, owner, neighbour string) {
 			sameState(t, "step "+step+": neighbour", snapshot(t, h, neighbour), baseOther)
 		}
 	}
-	for _, step := range networkSteps {
+	steps := networkSteps
+	if dp {
+		steps = slices.Concat(networkSteps, gatewaySteps)
+	}
+	for _, step := range steps {
 		t.Run("network/"+step, func(t *testing.T) {
 			var hit bool
 			h.m.failAt = failAt(step, &hit)
@@ -670,8 +712,11 @@ func testRollback(t *testing.T, owner, neighbour string) {
 // The MTU follows the underlay (jumbo frames) and a per-network override,
 // on every link of the network.
 func TestMTUOnLinks(t *testing.T) {
-	t.Parallel()
-	h := newHosts(t, 1, testenv.UnderlayOptions{MTU: 9000})[0]
+	inLayouts(t, true, testMTUOnLinks)
+}
+
+func testMTUOnLinks(t *testing.T, dp bool) {
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{MTU: 9000}, dp)[0]
 	for _, tt := range []struct {
 		net  Network
 		want int
@@ -691,7 +736,11 @@ func TestMTUOnLinks(t *testing.T) {
 			if info.MTU != tt.want || ep.MTU != tt.want {
 				t.Errorf("info mtu %d, endpoint mtu %d, want %d", info.MTU, ep.MTU, tt.want)
 			}
-			for _, name := range []string{info.Bridge, info.VXLAN, ep.HostIf, ep.ContainerIf} {
+			names := []string{info.Bridge, info.VXLAN, ep.HostIf, ep.ContainerIf}
+			if dp {
+				names = append(names, info.Gateway, PortName(tt.net.VNI))
+			}
+			for _, name := range names {
 				if got := link(t, h, name).Attrs().MTU; got != tt.want {
 					t.Errorf("%s mtu %d, want %d", name, got, tt.want)
 				}
@@ -702,7 +751,11 @@ func TestMTUOnLinks(t *testing.T) {
 	if _, err := h.m.EnsureNetwork(t.Context(), Network{VNI: 2, MTU: 1200}); err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"vxbr-000002", "vx-000002"} {
+	names := []string{"vxbr-000002", "vx-000002"}
+	if dp {
+		names = append(names, "vxg-000002", "vxp-000002")
+	}
+	for _, name := range names {
 		if got := link(t, h, name).Attrs().MTU; got != 1200 {
 			t.Errorf("%s mtu %d after override change, want 1200", name, got)
 		}

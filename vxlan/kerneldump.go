@@ -18,7 +18,8 @@ import (
 // write forgets the link's addresses, so a later read of that object asks
 // the kernel, as it did without a snapshot. A link the snapshot does not
 // hold is looked up in the kernel too (one created since). Caller holds
-// m.mu for the snapshot's whole life.
+// m.mu for the snapshot's whole life. Each namespace has its own
+// (netNS.snap).
 type kernelDump struct {
 	links  map[string]netlink.Link // by name
 	valid  map[int]bool            // link indexes whose tables still stand for the kernel
@@ -28,16 +29,16 @@ type kernelDump struct {
 	addrOK map[int]bool            // link indexes whose addresses still stand for the kernel
 }
 
-// dumpKernel dumps the namespace's tables: links (links, when the
+// dumpKernel dumps namespace ns's tables: links (links, when the
 // caller already listed them), addresses, neighbours and FDB, one dump
 // each.
 //
 // Equivalent to: `ip -d link show`, `ip addr show`, `ip neigh show` and
 // `bridge fdb show`, once each.
-func (m *Manager) dumpKernel(links []netlink.Link) (*kernelDump, error) {
+func (ns *netNS) dumpKernel(links []netlink.Link) (*kernelDump, error) {
 	if links == nil {
 		var err error
-		if links, err = m.linkList(); err != nil {
+		if links, err = ns.linkList(); err != nil {
 			return nil, err
 		}
 	}
@@ -55,7 +56,7 @@ func (m *Manager) dumpKernel(links []netlink.Link) (*kernelDump, error) {
 		s.valid[a.Index] = true
 		s.addrOK[a.Index] = true
 	}
-	addrs, err := retryDump(func() ([]netlink.Addr, error) { return m.nl.AddrList(nil, netlink.FAMILY_ALL) })
+	addrs, err := retryDump(func() ([]netlink.Addr, error) { return ns.nl.AddrList(nil, netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, fmt.Errorf("list addresses: %w", err)
 	}
@@ -63,7 +64,7 @@ func (m *Manager) dumpKernel(links []netlink.Link) (*kernelDump, error) {
 		s.addrs[a.LinkIndex] = append(s.addrs[a.LinkIndex], a)
 	}
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		ns, err := retryDump(func() ([]netlink.Neigh, error) { return m.nl.NeighList(0, fam) })
+		ns, err := retryDump(func() ([]netlink.Neigh, error) { return ns.nl.NeighList(0, fam) })
 		if err != nil {
 			return nil, fmt.Errorf("list neighbours: %w", err)
 		}
@@ -71,7 +72,7 @@ func (m *Manager) dumpKernel(links []netlink.Link) (*kernelDump, error) {
 			s.neighs[n.LinkIndex] = append(s.neighs[n.LinkIndex], n)
 		}
 	}
-	fdb, err := retryDump(func() ([]netlink.Neigh, error) { return m.nl.NeighList(0, unix.AF_BRIDGE) })
+	fdb, err := retryDump(func() ([]netlink.Neigh, error) { return ns.nl.NeighList(0, unix.AF_BRIDGE) })
 	if err != nil {
 		return nil, fmt.Errorf("list fdb: %w", err)
 	}

@@ -18,9 +18,17 @@ import (
 // wrong, missing and stray, bridge addresses missing and stray, a port
 // off its bridge, devices down, a stray veth pair of ours.
 func TestReconcileDumpSameAsPerDevice(t *testing.T) {
-	t.Parallel()
-	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	inLayouts(t, true, testReconcileDumpSameAsPerDevice)
+}
+
+func testReconcileDumpSameAsPerDevice(t *testing.T, dp bool) {
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
 	hh := h.NS.Handle()
+	// The devices' namespace, and the link that carries the addresses.
+	dh, gwName := hh, BridgeName
+	if dp {
+		dh, gwName = h.dp.Handle(), GatewayName
+	}
 	ctx := t.Context()
 	var want State
 	for i := range 3 {
@@ -48,27 +56,31 @@ func TestReconcileDumpSameAsPerDevice(t *testing.T) {
 		var ch Changes
 		vx0, vx1, vx2 := link(t, h, VXLANName(0x7100)), link(t, h, VXLANName(0x7101)), link(t, h, VXLANName(0x7102))
 		stray := [6]byte{2, 0x42, 0xde, 0xad, 0xbe, 0xef}
+		vxNS := h.m.host
+		if dp {
+			vxNS = h.m.dp
+		}
 		must := func(err error) {
 			t.Helper()
 			if err != nil {
 				t.Fatal(err)
 			}
 		}
-		must(h.m.setNeigh(vx0, addr("10.71.0.99"), stray, &ch))                                   // stray neighbour
-		must(h.m.setNeigh(vx0, addr("10.71.0.100"), stray, &ch))                                  // wrong MAC
-		must(h.m.setFDB(vx0, stray, addr("198.51.100.9"), &ch))                                   // stray FDB entry
-		must(h.m.delFDB(vx1, [6]byte(MACFromIP(addr("10.71.1.101"))), addr("198.51.100.2"), &ch)) // missing FDB entry
-		must(h.m.delFDB(vx1, [6]byte{}, addr("198.51.100.1"), &ch))                               // missing flood entry
-		must(h.m.delNeigh(vx1, addr("10.71.1.102"), &ch))                                         // missing neighbour
-		br1 := link(t, h, BridgeName(0x7101))
+		must(h.m.setNeigh(vxNS, vx0, addr("10.71.0.99"), stray, &ch))                                   // stray neighbour
+		must(h.m.setNeigh(vxNS, vx0, addr("10.71.0.100"), stray, &ch))                                  // wrong MAC
+		must(h.m.setFDB(vxNS, vx0, stray, addr("198.51.100.9"), &ch))                                   // stray FDB entry
+		must(h.m.delFDB(vxNS, vx1, [6]byte(MACFromIP(addr("10.71.1.101"))), addr("198.51.100.2"), &ch)) // missing FDB entry
+		must(h.m.delFDB(vxNS, vx1, [6]byte{}, addr("198.51.100.1"), &ch))                               // missing flood entry
+		must(h.m.delNeigh(vxNS, vx1, addr("10.71.1.102"), &ch))                                         // missing neighbour
+		br1 := link(t, h, gwName(0x7101))
 		must(hh.AddrDel(br1, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("10.71.1.1").To4(), Mask: net.CIDRMask(24, 32)}}))
 		must(hh.AddrAdd(br1, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("10.79.9.1").To4(), Mask: net.CIDRMask(24, 32)}}))
-		must(hh.LinkSetNoMaster(link(t, h, HostIfName(want.Endpoints[4].ID))))
-		must(hh.LinkSetDown(link(t, h, HostIfName(want.Endpoints[5].ID))))
-		must(hh.LinkSetDown(vx2))
+		must(dh.LinkSetNoMaster(link(t, h, HostIfName(want.Endpoints[4].ID))))
+		must(dh.LinkSetDown(link(t, h, HostIfName(want.Endpoints[5].ID))))
+		must(dh.LinkSetDown(vx2))
 		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "vxh-dead00beef"}, PeerName: "vxc-dead00beef"}
-		must(hh.LinkAdd(veth))
-		must(hh.LinkSetAlias(veth, OwnerAlias))
+		must(dh.LinkAdd(veth))
+		must(dh.LinkSetAlias(veth, OwnerAlias))
 	}
 	type result struct {
 		ch    Changes
@@ -93,13 +105,13 @@ func TestReconcileDumpSameAsPerDevice(t *testing.T) {
 		}
 		r := result{ch: ch, state: snapshot(t, h, "")}
 		for _, n := range want.Networks {
-			as, err := hh.AddrList(link(t, h, BridgeName(n.VNI)), netlink.FAMILY_ALL)
+			as, err := hh.AddrList(link(t, h, gwName(n.VNI)), netlink.FAMILY_ALL)
 			if err != nil {
 				t.Fatal(err)
 			}
 			for _, a := range as {
 				if !a.IP.IsLinkLocalUnicast() {
-					r.addrs = append(r.addrs, BridgeName(n.VNI)+" "+a.IPNet.String())
+					r.addrs = append(r.addrs, gwName(n.VNI)+" "+a.IPNet.String())
 				}
 			}
 		}

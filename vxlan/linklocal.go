@@ -68,7 +68,7 @@ func linkLocalLabel(br string) string { return br + ":ll" }
 func (m *Manager) syncLinkLocalAddr(br netlink.Link, ch *Changes) error {
 	name := br.Attrs().Name
 	label := linkLocalLabel(name)
-	have, ok := m.snap.addrList(br, netlink.FAMILY_V4)
+	have, ok := m.host.snap.addrList(br, netlink.FAMILY_V4)
 	if !ok {
 		var err error
 		if have, err = retryDump(func() ([]netlink.Addr, error) { return m.nl.AddrList(br, netlink.FAMILY_V4) }); err != nil {
@@ -86,7 +86,7 @@ func (m *Manager) syncLinkLocalAddr(br netlink.Link, ch *Changes) error {
 			present = true
 			continue
 		}
-		m.snap.forgetAddrs(br)
+		m.host.snap.forgetAddrs(br)
 		if err := m.nl.AddrDel(br, &a); err != nil && !isNotFound(err) && !errors.Is(err, unix.EADDRNOTAVAIL) {
 			return fmt.Errorf("remove link-local address %s from %q: %w", p, name, err)
 		}
@@ -100,7 +100,7 @@ func (m *Manager) syncLinkLocalAddr(br netlink.Link, ch *Changes) error {
 		return err
 	}
 	a := &netlink.Addr{IPNet: &net.IPNet{IP: m.cfg.LinkLocal.AsSlice(), Mask: net.CIDRMask(32, 32)}, Label: label}
-	m.snap.forgetAddrs(br)
+	m.host.snap.forgetAddrs(br)
 	if err := m.nl.AddrReplace(br, a); err != nil {
 		return fmt.Errorf("add link-local address %s to %q: %w", want, name, err)
 	}
@@ -114,7 +114,20 @@ func (m *Manager) syncLinkLocalAddr(br netlink.Link, ch *Changes) error {
 // TCP pass, the API port is refused at once (a network with ConsulAPI has
 // a linkLocalAPIRule above it).
 func linkLocalWildcardRules(ll netip.Addr, mark string) [][]string {
-	d := []string{"-d", netip.PrefixFrom(ll, 32).String(), "-i", wildcard}
+	return linkLocalRulesOn(ll, mark, wildcard)
+}
+
+// linkLocalGatewayRules are linkLocalWildcardRules for every gateway link
+// (vxg-+) of the networks in the data-plane namespace, through which
+// their containers reach the host.
+func linkLocalGatewayRules(ll netip.Addr, mark string) [][]string {
+	return linkLocalRulesOn(ll, mark, gatewayWildcard)
+}
+
+// linkLocalRulesOn are the rules of address ll for the interfaces iface
+// matches.
+func linkLocalRulesOn(ll netip.Addr, mark, iface string) [][]string {
+	d := []string{"-d", netip.PrefixFrom(ll, 32).String(), "-i", iface}
 	c := []string{"-m", "comment", "--comment", mark}
 	return [][]string{
 		slices.Concat(d, linkLocalPort("udp", LinkLocalDNSPort), c, []string{"-j", "RETURN"}),
@@ -143,8 +156,9 @@ func linkLocalHostRules(ll netip.Addr, mark string) (host, drop []string) {
 		slices.Concat(d, c, []string{"-j", "DROP"})
 }
 
-// ensureLinkLocal puts the well-known address on a network's bridge (its
-// rules are the firewall sync's). Caller holds m.mu; the bridge exists.
+// ensureLinkLocal puts the well-known address on a network's bridge, or
+// its gateway link in the data-plane layout (its rules are the firewall
+// sync's). Caller holds m.mu; the link exists in the host's namespace.
 func (m *Manager) ensureLinkLocal(br netlink.Link, ch *Changes) error {
 	return m.syncLinkLocalAddr(br, ch)
 }

@@ -22,7 +22,12 @@ var testLinkLocal = netip.MustParseAddr("169.254.1.1")
 // linkLocalManager is h's manager with the well-known address ll.
 func (h *testHost) linkLocalManager(t *testing.T, ll netip.Addr) *Manager {
 	t.Helper()
+	dp := ""
+	if h.dp != nil {
+		dp = h.dp.Path
+	}
 	m, err := NewAt(Config{
+		DataplaneNS:    dp,
 		VTEP:           h.Addr,
 		IPTables:       nsWrapper(t, h.NS, "iptables"),
 		IP6Tables:      nsWrapper(t, h.NS, "ip6tables"),
@@ -217,12 +222,7 @@ func TestLinkLocal(t *testing.T) {
 	h1.NS.MustRun(t, "ip", "route", "add", ll+"/32", "via", h0.Addr.String())
 	mustPing(t, h1.NS, h0.Addr)
 
-	for _, tc := range []struct {
-		who           string
-		ns            *testenv.NetNS
-		network, port string
-		want          string
-	}{
+	checkReach(t, ll, []reachCase{
 		{"consul_api network", cAPI.ns, "udp", "53", "ok"},
 		{"consul_api network", cAPI.ns, "tcp", "53", "ok"},
 		{"consul_api network", cAPI.ns, "tcp", "8500", "ok"},
@@ -237,11 +237,7 @@ func TestLinkLocal(t *testing.T) {
 		{"underlay", h1.NS, "tcp", "53", "timeout"},
 		{"underlay", h1.NS, "tcp", "8500", "timeout"},
 		{"underlay", h1.NS, "tcp", "2222", "timeout"},
-	} {
-		if got := reach(t, tc.ns, tc.network, ll+":"+tc.port); got != tc.want {
-			t.Errorf("%s → %s:%s/%s: %s, want %s", tc.who, ll, tc.port, tc.network, got, tc.want)
-		}
-	}
+	})
 	// The underlay host does reach the host's own address.
 	if got := reach(t, h1.NS, "tcp", h0.Addr.String()+":2222"); got != "ok" {
 		t.Errorf("underlay → %s:2222: %s, want ok (the test's control)", h0.Addr, got)
@@ -295,11 +291,34 @@ func TestLinkLocal(t *testing.T) {
 	}
 }
 
+// reachCase is one probe of checkReach: from who (in ns), a connection
+// over network (udp, tcp) to the well-known address's port gives want
+// ("ok", "refused" or "timeout", as reach says).
+type reachCase struct {
+	who           string
+	ns            *testenv.NetNS
+	network, port string
+	want          string
+}
+
+// checkReach probes the well-known address ll as each case says.
+func checkReach(t *testing.T, ll string, cases []reachCase) {
+	t.Helper()
+	for _, tc := range cases {
+		if got := reach(t, tc.ns, tc.network, ll+":"+tc.port); got != tc.want {
+			t.Errorf("%s → %s:%s/%s: %s, want %s", tc.who, ll, tc.port, tc.network, got, tc.want)
+		}
+	}
+}
+
 // A failure while programming the address undoes the new network whole,
 // the host-wide rules included.
 func TestLinkLocalRollback(t *testing.T) {
-	t.Parallel()
-	hosts := newHosts(t, 1, testenv.UnderlayOptions{})
+	inLayouts(t, true, testLinkLocalRollback)
+}
+
+func testLinkLocalRollback(t *testing.T, dp bool) {
+	hosts := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)
 	h := hosts[0]
 	for _, step := range []string{"bridge-linklocal", "firewall-linklocal"} {
 		t.Run(step, func(t *testing.T) {

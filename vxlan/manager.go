@@ -11,6 +11,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // ErrNotFound reports that an object a call depends on does not exist, for
@@ -65,6 +66,17 @@ type Config struct {
 	// plugin's default: BRIDGE_CONNTRACK=true): tracked, and a NOTRACK rule
 	// of this owner left from before is removed.
 	NoTrackBridged bool
+	// DataplaneNS is the path of a network namespace (for example
+	// /run/consul-overlay/<name>, pinned by NSPin, as this process sees
+	// it) that gets the bridge, the VXLAN device and the endpoints' host
+	// ends of every network created from now on, out of reach of the host's
+	// iptables hooks (docs/dataplane-namespace.md). The VXLAN device's UDP
+	// socket, the endpoints' container ends and a gateway link per network
+	// (vxg-<vni>, with the gateway and well-known addresses) stay in the
+	// Manager's namespace. A network whose bridge or VXLAN device is in the
+	// Manager's namespace stays there: the kernel does not move a bridge.
+	// "": none, every device in the Manager's namespace.
+	DataplaneNS string
 	// Logger receives debug lines for each kernel write and info lines
 	// for lifecycle events (nil: discard).
 	Logger *slog.Logger
@@ -100,6 +112,10 @@ type NetworkInfo struct {
 	Bridge string // vxbr-<vni %06x>
 	VXLAN  string // vx-<vni %06x>
 	MTU    int    // in force: higher than asked while containers keep it (keptMTU)
+	// Gateway is the gateway link in the host's namespace, vxg-<vni
+	// %06x>, of a network whose bridge and VXLAN device are in the
+	// data-plane namespace; "" when they are in the host's.
+	Gateway string
 }
 
 // Endpoint is the desired state of one local endpoint.
@@ -165,14 +181,14 @@ type Manager struct {
 	cfg       Config
 	mark      string // OwnerMark(cfg.Owner): our links' alias, our rules' comment
 	log       *slog.Logger
-	nl        *netlink.Handle
-	rt        *routeSocket // the attach path's requests (rtnl.go)
+	nl        *netlink.Handle // host.nl: xfrm, the underlay, and what is host-wide
+	host      *netNS          // the namespace the Manager programs (layout.go)
+	dp        *netNS          // Config.DataplaneNS; nil: none
 	ownHandle bool
 	closeOnce sync.Once
 	done      chan struct{} // closed by Close: background work ends
 	fw        *firewall
-	mtu       int        // underlay MTU
-	announce  *announcer // nil: no gratuitous ARPs (a Manager on a foreign handle)
+	mtu       int // underlay MTU
 
 	// mu serialises all kernel programming and guards peers.
 	mu sync.Mutex
@@ -189,9 +205,6 @@ type Manager struct {
 	// inKernel is the peer set the last successful sync of each network
 	// left in its VXLAN device (syncPeerEntries); guarded by mu.
 	inKernel map[uint32]kernelPeers
-	// snap is Reconcile's dump of the kernel's tables while it runs, nil
-	// otherwise (kerneldump.go); guarded by mu.
-	snap *kernelDump
 	// perDevice, set by tests, makes Reconcile read each device's tables
 	// on its own instead of dumping them once.
 	perDevice bool
@@ -210,8 +223,13 @@ func New(cfg Config) (*Manager, error) {
 	}
 	// The packet socket belongs to the caller's namespace, as the netlink
 	// sockets do; NewAt's Manager sends no announcements.
-	if m.announce, err = newAnnouncer(); err != nil {
+	if m.host.announce, err = newAnnouncer(); err != nil {
 		m.log.Warn("remote endpoints will not be announced", "error", err)
+	}
+	if m.dp != nil {
+		if m.dp.announce, err = newAnnouncerIn(m.dp.fd); err != nil {
+			m.log.Warn("remote endpoints will not be announced in the data-plane namespace", "error", err)
+		}
 	}
 	return m, nil
 }
@@ -249,8 +267,54 @@ func open(cfg Config, ns netns.NsHandle) (*Manager, error) {
 		h.Close()
 		return nil, err
 	}
-	m.ownHandle, m.rt = true, rt
+	m.ownHandle, m.host.rt = true, rt
+	if cfg.DataplaneNS != "" {
+		if err := m.openDataplane(ns, cfg.DataplaneNS); err != nil {
+			m.Close()
+			return nil, err
+		}
+	}
 	return m, nil
+}
+
+// openDataplane opens the sockets of the data-plane namespace at path, and
+// keeps both namespaces open for the requests that name one from the
+// other: the host's is ns (netns.None(): the caller's).
+func (m *Manager) openDataplane(ns netns.NsHandle, path string) (retErr error) {
+	var err error
+	if ns == netns.None() {
+		m.host.fd, err = netns.Get()
+	} else {
+		var fd int
+		fd, err = unix.FcntlInt(uintptr(ns), unix.F_DUPFD_CLOEXEC, 0)
+		m.host.fd = netns.NsHandle(fd)
+	}
+	if err != nil {
+		m.host.fd = netns.None()
+		return fmt.Errorf("vxlan: open the host's network namespace: %w", err)
+	}
+	dp := &netNS{m: m, fd: netns.None(), dp: true}
+	defer func() {
+		if retErr != nil {
+			dp.close(true)
+		}
+	}()
+	if dp.fd, err = netns.GetFromPath(path); err != nil {
+		dp.fd = netns.None()
+		return fmt.Errorf("vxlan: open data-plane namespace %s: %w", path, err)
+	}
+	if dp.fd.Equal(m.host.fd) {
+		return fmt.Errorf("vxlan: data-plane namespace %s is the Manager's own namespace", path)
+	}
+	if dp.nl, err = netlink.NewHandleAt(dp.fd); err != nil {
+		return fmt.Errorf("vxlan: open netlink handle in data-plane namespace %s: %w", path, err)
+	}
+	if dp.rt, err = openRouteSocket(dp.fd); err != nil {
+		return fmt.Errorf("vxlan: data-plane namespace %s: %w", path, err)
+	}
+	m.dp = dp
+	m.log.Info("data-plane namespace opened", "path", path)
+	return nil
 }
 
 // newManager returns a Manager that programs the namespace h is bound to
@@ -284,6 +348,7 @@ func newManager(cfg Config, h *netlink.Handle) (*Manager, error) {
 		done:  make(chan struct{}),
 		peers: map[uint32]*peerSet{},
 	}
+	m.host = &netNS{m: m, nl: h, fd: netns.None()}
 	m.mtu = cfg.UnderlayMTU
 	if m.mtu == 0 {
 		mtu, link, err := m.underlayMTU()
@@ -323,11 +388,8 @@ func newManager(cfg Config, h *netlink.Handle) (*Manager, error) {
 func (m *Manager) Close() error {
 	m.closeOnce.Do(func() {
 		close(m.done)
-		m.announce.close()
-		if m.ownHandle {
-			m.nl.Close()
-		}
-		m.rt.close()
+		m.dp.close(true)
+		m.host.close(m.ownHandle)
 	})
 	return nil
 }

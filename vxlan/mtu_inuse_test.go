@@ -60,11 +60,16 @@ func (r *records) at(level slog.Level) []map[string]string {
 // end keeps the larger one, whose frames the bridge would drop), says so
 // at error level, and reports the MTU in force. Once no container uses
 // the network, the lower MTU takes effect.
+// In both layouts: in the data-plane layout the veth's container end is
+// looked for in the host's namespace.
 func TestMTULoweredInUse(t *testing.T) {
-	t.Parallel()
-	th := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	inLayouts(t, true, testMTULoweredInUse)
+}
+
+func testMTULoweredInUse(t *testing.T, dp bool) {
+	th := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
 	rec := newRecords(testLogger(t).Handler())
-	h := &testHost{Host: th.Host}
+	h := &testHost{Host: th.Host, dp: th.dp}
 	h.m = th.managerLog(t, "mtu", slog.New(rec))
 	ctx := t.Context()
 	const vni = 0x58
@@ -74,7 +79,15 @@ func TestMTULoweredInUse(t *testing.T) {
 	}
 	c := h.run(t, vni, []netip.Prefix{pfx("10.58.0.2/24")})
 	mtus := func() [2]int {
-		return [2]int{link(t, h, BridgeName(vni)).Attrs().MTU, link(t, h, VXLANName(vni)).Attrs().MTU}
+		m := [2]int{link(t, h, BridgeName(vni)).Attrs().MTU, link(t, h, VXLANName(vni)).Attrs().MTU}
+		if dp { // the gateway pair follows the bridge
+			for _, name := range []string{GatewayName(vni), PortName(vni)} {
+				if got := link(t, h, name).Attrs().MTU; got != m[0] {
+					t.Errorf("%s mtu %d, the bridge's %d", name, got, m[0])
+				}
+			}
+		}
+		return m
 	}
 
 	n.MTU = 1300

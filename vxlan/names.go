@@ -30,6 +30,10 @@ const (
 	bridgePrefix = "vxbr-"
 	hostPrefix   = "vxh-"
 	contPrefix   = "vxc-"
+	// The gateway pair of a network in the data-plane namespace: vxp- on
+	// the bridge, vxg- in the host's namespace.
+	portPrefix    = "vxp-"
+	gatewayPrefix = "vxg-"
 
 	// endpointNameLen is how many characters of an endpoint ID go into
 	// its link names: "vxh-" + 10 = 14, within IFNAMSIZ-1 = 15.
@@ -40,11 +44,16 @@ const (
 )
 
 var (
-	vxlanNameRE  = regexp.MustCompile(`^vx-([0-9a-f]{6})$`)
-	bridgeNameRE = regexp.MustCompile(`^vxbr-([0-9a-f]{6})$`)
-	hostNameRE   = regexp.MustCompile(`^vxh-([0-9A-Za-z]{10})$`)
-	contNameRE   = regexp.MustCompile(`^vxc-([0-9A-Za-z]{10})$`)
-	endpointIDRE = regexp.MustCompile(`^[0-9A-Za-z]{10}`)
+	vxlanNameRE   = regexp.MustCompile(`^vx-([0-9a-f]{6})$`)
+	bridgeNameRE  = regexp.MustCompile(`^vxbr-([0-9a-f]{6})$`)
+	portNameRE    = regexp.MustCompile(`^vxp-([0-9a-f]{6})$`)
+	gatewayNameRE = regexp.MustCompile(`^vxg-([0-9a-f]{6})$`)
+	hostNameRE    = regexp.MustCompile(`^vxh-([0-9A-Za-z]{10})$`)
+	contNameRE    = regexp.MustCompile(`^vxc-([0-9A-Za-z]{10})$`)
+	// networkNameREs are the names of a network's links, in either
+	// namespace.
+	networkNameREs = []*regexp.Regexp{vxlanNameRE, bridgeNameRE, gatewayNameRE, portNameRE}
+	endpointIDRE   = regexp.MustCompile(`^[0-9A-Za-z]{10}`)
 	// ownerRE keeps the owner mark free of characters that iptables -S
 	// would quote, so rules read back exactly as they were written.
 	ownerRE = regexp.MustCompile(`^[0-9A-Za-z_-]*$`)
@@ -106,6 +115,15 @@ func VXLANName(vni uint32) string { return fmt.Sprintf("%s%06x", vxlanPrefix, vn
 
 // BridgeName is the name of the bridge of a network: vxbr-<vni %06x>.
 func BridgeName(vni uint32) string { return fmt.Sprintf("%s%06x", bridgePrefix, vni) }
+
+// GatewayName is the name of the host's end of a network's gateway pair
+// (a network in the data-plane namespace): vxg-<vni %06x>. It carries the
+// gateway addresses and the well-known address.
+func GatewayName(vni uint32) string { return fmt.Sprintf("%s%06x", gatewayPrefix, vni) }
+
+// PortName is the name of the bridge's end of a network's gateway pair,
+// in the data-plane namespace: vxp-<vni %06x>.
+func PortName(vni uint32) string { return fmt.Sprintf("%s%06x", portPrefix, vni) }
 
 // HostIfName is the name of an endpoint's host-side veth end, the one on
 // the network's bridge: vxh-<first 10 characters of the endpoint ID>.

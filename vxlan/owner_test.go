@@ -318,8 +318,11 @@ func TestReconcileKeepStrays(t *testing.T) {
 // EndpointInUse is true exactly while the container end is in another
 // namespace.
 func TestEndpointInUse(t *testing.T) {
-	t.Parallel()
-	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	inLayouts(t, true, testEndpointInUse)
+}
+
+func testEndpointInUse(t *testing.T, dp bool) {
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
 	ctx := t.Context()
 	const vni = 0x500
 	if _, err := h.m.EnsureNetwork(ctx, Network{VNI: vni}); err != nil {

@@ -177,7 +177,7 @@ func (m *Manager) AddPeer(ctx context.Context, p Peer) error {
 			return fmt.Errorf("add peer %s (vni %d): %w", p.IP, p.VNI, err)
 		}
 	}
-	vx, err := m.ownVXLAN(p.VNI)
+	vx, ns, err := m.ownVXLAN(p.VNI)
 	if err != nil {
 		return fmt.Errorf("add peer %s (vni %d): %w", p.IP, p.VNI, err)
 	}
@@ -186,7 +186,7 @@ func (m *Manager) AddPeer(ctx context.Context, p Peer) error {
 		return nil
 	}
 	var ch Changes
-	if err := m.applyPeer(vx, set, k, true, &ch); err != nil {
+	if err := m.applyPeer(ns, vx, set, k, true, &ch); err != nil {
 		return fmt.Errorf("add peer %s (vni %d, vtep %s): %w", p.IP, p.VNI, k.vtep, err)
 	}
 	return nil
@@ -212,7 +212,7 @@ func (m *Manager) DeletePeer(ctx context.Context, p Peer) error {
 	if len(set.peers) == 0 {
 		delete(m.peers, p.VNI)
 	}
-	vx, err := m.ownVXLAN(p.VNI)
+	vx, ns, err := m.ownVXLAN(p.VNI)
 	if err != nil {
 		return fmt.Errorf("delete peer %s (vni %d): %w", p.IP, p.VNI, err)
 	}
@@ -220,7 +220,7 @@ func (m *Manager) DeletePeer(ctx context.Context, p Peer) error {
 		return nil
 	}
 	var ch Changes
-	if err := m.applyPeer(vx, set, k, false, &ch); err != nil {
+	if err := m.applyPeer(ns, vx, set, k, false, &ch); err != nil {
 		return fmt.Errorf("delete peer %s (vni %d, vtep %s): %w", p.IP, p.VNI, k.vtep, err)
 	}
 	if m.sec.encrypted[p.VNI] {
@@ -231,43 +231,48 @@ func (m *Manager) DeletePeer(ctx context.Context, p Peer) error {
 	return nil
 }
 
-// ownVXLAN returns the VXLAN device of vni, or nil if there is none or it
+// ownVXLAN returns the VXLAN device of vni and its namespace, or nil if
+// there is none or it
 // belongs to another owner: peers of a network we do not hold are kept
 // and programmed when we ensure it, never written into another instance's
 // device.
-func (m *Manager) ownVXLAN(vni uint32) (netlink.Link, error) {
-	vx, err := m.linkByName(VXLANName(vni))
+func (m *Manager) ownVXLAN(vni uint32) (netlink.Link, *netNS, error) {
+	ns, err := m.nsOf(vni)
+	if err != nil {
+		return nil, nil, err
+	}
+	vx, err := ns.linkByName(VXLANName(vni))
 	if err != nil || vx == nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := m.foreign(vx); err != nil {
 		m.log.Debug("peer not programmed", "vni", vni, "reason", err)
-		return nil, nil
+		return nil, nil, nil
 	}
-	return vx, nil
+	return vx, ns, nil
 }
 
 // applyPeer brings the three kernel entries that peer k touches in line
 // with set. On add the FDB goes first so a resolved neighbour always has a
 // path; on delete the neighbour goes first.
-func (m *Manager) applyPeer(vx netlink.Link, set *peerSet, k peerKey, adding bool, ch *Changes) error {
+func (m *Manager) applyPeer(ns *netNS, vx netlink.Link, set *peerSet, k peerKey, adding bool, ch *Changes) error {
 	neigh := func() error {
 		if mac, ok := set.neighFor(k.ip); ok {
-			return m.setNeigh(vx, k.ip, mac, ch)
+			return m.setNeigh(ns, vx, k.ip, mac, ch)
 		}
-		return m.delNeigh(vx, k.ip, ch)
+		return m.delNeigh(ns, vx, k.ip, ch)
 	}
 	fdb := func() error {
 		if vtep, ok := set.fdbFor(k.mac); ok {
-			return m.setFDB(vx, k.mac, vtep, ch)
+			return m.setFDB(ns, vx, k.mac, vtep, ch)
 		}
-		return m.delFDB(vx, k.mac, k.vtep, ch)
+		return m.delFDB(ns, vx, k.mac, k.vtep, ch)
 	}
 	flood := func() error {
 		if set.hasVTEP(k.vtep) {
-			return m.appendFlood(vx, k.vtep, ch)
+			return m.appendFlood(ns, vx, k.vtep, ch)
 		}
-		return m.delFDB(vx, [6]byte{}, k.vtep, ch)
+		return m.delFDB(ns, vx, [6]byte{}, k.vtep, ch)
 	}
 	order := []func() error{flood, fdb, neigh}
 	if !adding {
@@ -293,9 +298,9 @@ func ipFamily(a netip.Addr) int {
 //
 // Equivalent to: `ip neigh replace 10.10.0.3 lladdr 02:42:0a:0a:00:03 dev
 // vx-0a1b nud permanent`.
-func (m *Manager) setNeigh(vx netlink.Link, ip netip.Addr, mac [6]byte, ch *Changes) error {
+func (m *Manager) setNeigh(ns *netNS, vx netlink.Link, ip netip.Addr, mac [6]byte, ch *Changes) error {
 	n := &netlink.Neigh{LinkIndex: vx.Attrs().Index, Family: ipFamily(ip), State: netlink.NUD_PERMANENT, IP: ip.AsSlice(), HardwareAddr: net.HardwareAddr(mac[:])}
-	if err := m.nl.NeighSet(n); err != nil {
+	if err := ns.nl.NeighSet(n); err != nil {
 		return fmt.Errorf("set neighbour %s lladdr %s: %w", ip, n.HardwareAddr, err)
 	}
 	ch.Neighbours++
@@ -303,7 +308,7 @@ func (m *Manager) setNeigh(vx netlink.Link, ip netip.Addr, mac [6]byte, ch *Chan
 	// Tell the local containers, which may hold an old MAC for this
 	// address, through the bridge the VXLAN device is enslaved to.
 	if br := vx.Attrs().MasterIndex; br > 0 {
-		if err := m.announce.garp(br, ip, n.HardwareAddr); err != nil {
+		if err := ns.announce.garp(br, ip, n.HardwareAddr); err != nil {
 			m.log.Warn("announce peer", "link", vx.Attrs().Name, "peer", ip, "error", err)
 		}
 	}
@@ -313,9 +318,9 @@ func (m *Manager) setNeigh(vx netlink.Link, ip netip.Addr, mac [6]byte, ch *Chan
 // delNeigh removes a neighbour entry; not-found is success.
 //
 // Equivalent to: `ip neigh del 10.10.0.3 dev vx-0a1b`.
-func (m *Manager) delNeigh(vx netlink.Link, ip netip.Addr, ch *Changes) error {
+func (m *Manager) delNeigh(ns *netNS, vx netlink.Link, ip netip.Addr, ch *Changes) error {
 	n := &netlink.Neigh{LinkIndex: vx.Attrs().Index, Family: ipFamily(ip), IP: ip.AsSlice()}
-	if err := m.nl.NeighDel(n); err != nil {
+	if err := ns.nl.NeighDel(n); err != nil {
 		if isNotFound(err) {
 			return nil
 		}
@@ -330,9 +335,9 @@ func (m *Manager) delNeigh(vx netlink.Link, ip netip.Addr, ch *Changes) error {
 //
 // Equivalent to: `bridge fdb replace 02:42:0a:0a:00:03 dev vx-0a1b dst
 // 192.0.2.12 self permanent`.
-func (m *Manager) setFDB(vx netlink.Link, mac [6]byte, vtep netip.Addr, ch *Changes) error {
+func (m *Manager) setFDB(ns *netNS, vx netlink.Link, mac [6]byte, vtep netip.Addr, ch *Changes) error {
 	n := fdbEntry(vx.Attrs().Index, mac, vtep)
-	if err := m.nl.NeighSet(n); err != nil {
+	if err := ns.nl.NeighSet(n); err != nil {
 		return fmt.Errorf("set fdb %s dst %s: %w", n.HardwareAddr, vtep, err)
 	}
 	ch.FDB++
@@ -345,12 +350,12 @@ func (m *Manager) setFDB(vx netlink.Link, mac [6]byte, vtep netip.Addr, ch *Chan
 //
 // Equivalent to: `bridge fdb append 00:00:00:00:00:00 dev vx-0a1b dst
 // 192.0.2.12 self permanent`.
-func (m *Manager) appendFlood(vx netlink.Link, vtep netip.Addr, ch *Changes) error {
+func (m *Manager) appendFlood(ns *netNS, vx netlink.Link, vtep netip.Addr, ch *Changes) error {
 	if err := m.allowVTEP(vtep, ch); err != nil { // its replies must pass the underlay filter
 		return err
 	}
 	n := fdbEntry(vx.Attrs().Index, [6]byte{}, vtep)
-	if err := m.nl.NeighAppend(n); err != nil {
+	if err := ns.nl.NeighAppend(n); err != nil {
 		return fmt.Errorf("append fdb 00:00:00:00:00:00 dst %s: %w", vtep, err)
 	}
 	ch.FDB++
@@ -363,9 +368,9 @@ func (m *Manager) appendFlood(vx netlink.Link, vtep netip.Addr, ch *Changes) err
 //
 // Equivalent to: `bridge fdb del 02:42:0a:0a:00:03 dev vx-0a1b dst
 // 192.0.2.12 self`.
-func (m *Manager) delFDB(vx netlink.Link, mac [6]byte, vtep netip.Addr, ch *Changes) error {
+func (m *Manager) delFDB(ns *netNS, vx netlink.Link, mac [6]byte, vtep netip.Addr, ch *Changes) error {
 	n := fdbEntry(vx.Attrs().Index, mac, vtep)
-	if err := m.nl.NeighDel(n); err != nil {
+	if err := ns.nl.NeighDel(n); err != nil {
 		if isNotFound(err) {
 			return nil
 		}
@@ -396,8 +401,8 @@ func fdbEntry(idx int, mac [6]byte, vtep netip.Addr) *netlink.Neigh {
 // `bridge fdb show dev vx-0a1b self` with the peers, then the `ip neigh
 // del`, `bridge fdb del`, `bridge fdb append`, `bridge fdb replace` and
 // `ip neigh replace` commands above for the differences.
-func (m *Manager) syncPeers(vx netlink.Link, vni uint32, delta bool, ch *Changes) error {
-	return m.syncPeerEntries(vx, vni, false, delta, ch)
+func (m *Manager) syncPeers(ns *netNS, vx netlink.Link, vni uint32, delta bool, ch *Changes) error {
+	return m.syncPeerEntries(ns, vx, vni, false, delta, ch)
 }
 
 // kernelPeers is what the last successful sync of a network's peers left
@@ -416,7 +421,7 @@ type kernelPeers struct {
 // as the network): a change then costs the writes it needs. SetPeers
 // reads the tables always, so what another tool changed is repaired by
 // the next resync.
-func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll, delta bool, ch *Changes) (retErr error) {
+func (m *Manager) syncPeerEntries(ns *netNS, vx netlink.Link, vni uint32, keepAll, delta bool, ch *Changes) (retErr error) {
 	set := m.peers[vni]
 	if set == nil {
 		set = newPeerSet()
@@ -448,15 +453,15 @@ func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll, delta bo
 		for v := range old.vteps {
 			haveFDB[zero] = append(haveFDB[zero], v)
 		}
-		return m.writePeerEntries(vx, set, haveNeigh, haveFDB, keepAll, ch)
+		return m.writePeerEntries(ns, vx, set, haveNeigh, haveFDB, keepAll, ch)
 	}
 	// What the kernel holds.
 	// Reconcile's snapshot when it stands for this device's tables.
 	list := func(fam int) ([]netlink.Neigh, error) {
-		if ns, ok := m.snap.entries(idx, fam); ok {
+		if ns, ok := ns.snap.entries(idx, fam); ok {
 			return ns, nil
 		}
-		return retryDump(func() ([]netlink.Neigh, error) { return m.nl.NeighList(idx, fam) })
+		return retryDump(func() ([]netlink.Neigh, error) { return ns.nl.NeighList(idx, fam) })
 	}
 	haveNeigh := map[netip.Addr][6]byte{}
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
@@ -475,7 +480,7 @@ func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll, delta bo
 	haveFDB := map[[6]byte][]netip.Addr{}
 	fdbs, err := list(unix.AF_BRIDGE)
 	// Read once: what this call writes is not in the snapshot.
-	m.snap.forgetEntries(vx)
+	ns.snap.forgetEntries(vx)
 	if err != nil {
 		return fmt.Errorf("list fdb of %q: %w", name, err)
 	}
@@ -492,13 +497,13 @@ func (m *Manager) syncPeerEntries(vx netlink.Link, vni uint32, keepAll, delta bo
 		mac := [6]byte(n.HardwareAddr)
 		haveFDB[mac] = append(haveFDB[mac], vtep.Unmap())
 	}
-	return m.writePeerEntries(vx, set, haveNeigh, haveFDB, keepAll, ch)
+	return m.writePeerEntries(ns, vx, set, haveNeigh, haveFDB, keepAll, ch)
 }
 
 // writePeerEntries makes the device's entries those set implies, given
 // what it holds: its permanent neighbours (IP to MAC) and its own FDB
 // entries (MAC to VTEPs; the all-zeros MAC holds the flood list).
-func (m *Manager) writePeerEntries(vx netlink.Link, set *peerSet, haveNeigh map[netip.Addr][6]byte, haveFDB map[[6]byte][]netip.Addr, keepAll bool, ch *Changes) error {
+func (m *Manager) writePeerEntries(ns *netNS, vx netlink.Link, set *peerSet, haveNeigh map[netip.Addr][6]byte, haveFDB map[[6]byte][]netip.Addr, keepAll bool, ch *Changes) error {
 	name := vx.Attrs().Name
 	step := m.stepOnce("peers")
 
@@ -507,7 +512,7 @@ func (m *Manager) writePeerEntries(vx netlink.Link, set *peerSet, haveNeigh map[
 		if _, ok := set.byIP[ip]; ok || keepAll {
 			continue
 		}
-		if err := m.delNeigh(vx, ip, ch); err != nil {
+		if err := m.delNeigh(ns, vx, ip, ch); err != nil {
 			return fmt.Errorf("%q: %w", name, err)
 		}
 	}
@@ -524,7 +529,7 @@ func (m *Manager) writePeerEntries(vx netlink.Link, set *peerSet, haveNeigh map[
 			if keep || keepAll {
 				continue
 			}
-			if err := m.delFDB(vx, mac, v, ch); err != nil {
+			if err := m.delFDB(ns, vx, mac, v, ch); err != nil {
 				return fmt.Errorf("%q: %w", name, err)
 			}
 		}
@@ -542,7 +547,7 @@ func (m *Manager) writePeerEntries(vx netlink.Link, set *peerSet, haveNeigh map[
 		if err := step(); err != nil {
 			return err
 		}
-		if err := m.appendFlood(vx, v, ch); err != nil {
+		if err := m.appendFlood(ns, vx, v, ch); err != nil {
 			return fmt.Errorf("%q: %w", name, err)
 		}
 	}
@@ -554,7 +559,7 @@ func (m *Manager) writePeerEntries(vx netlink.Link, set *peerSet, haveNeigh map[
 		if err := step(); err != nil {
 			return err
 		}
-		if err := m.setFDB(vx, mac, want, ch); err != nil {
+		if err := m.setFDB(ns, vx, mac, want, ch); err != nil {
 			return fmt.Errorf("%q: %w", name, err)
 		}
 	}
@@ -566,7 +571,7 @@ func (m *Manager) writePeerEntries(vx netlink.Link, set *peerSet, haveNeigh map[
 		if err := step(); err != nil {
 			return err
 		}
-		if err := m.setNeigh(vx, ip, want, ch); err != nil {
+		if err := m.setNeigh(ns, vx, ip, want, ch); err != nil {
 			return fmt.Errorf("%q: %w", name, err)
 		}
 	}

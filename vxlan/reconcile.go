@@ -112,9 +112,13 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 	// one depends on the other (issue 16: 50-180 ms of a restart).
 	var spec fwSpec
 	if m.fw.enabled() {
+		hostLinks, err := m.hostLinkNames()
+		if err != nil {
+			return Changes{}, errors.Join(append(errs, fmt.Errorf("firewall: %w", err))...)
+		}
 		bridges := map[string]Network{}
 		for vni, n := range nets {
-			bridges[BridgeName(vni)] = n
+			bridges[fwIface(vni, hostLinks)] = n
 		}
 		sh := sharedWant
 		switch {
@@ -152,23 +156,27 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 		fwTook[1] = time.Since(t) - fwTook[0]
 	}()
 
-	// One dump of the kernel's tables for every network and endpoint
-	// (kerneldump.go); without it each device is read on its own.
-	var links []netlink.Link
-	if !keep {
-		var err error
-		if links, err = m.linkList(); err != nil {
-			<-fwWait
-			return ch, errors.Join(append(errs, err)...)
+	// One dump of the kernel's tables of each namespace for every network
+	// and endpoint (kerneldump.go); without it each device is read on its
+	// own.
+	nss := m.namespaces()
+	links := make([][]netlink.Link, len(nss))
+	for i, ns := range nss {
+		if !keep {
+			var err error
+			if links[i], err = ns.linkList(); err != nil {
+				<-fwWait
+				return ch, errors.Join(append(errs, fmt.Errorf("%s: %w", ns.where(), err))...)
+			}
 		}
-	}
-	if m.perDevice {
-		// tests: the reads of EnsureNetwork and EnsureEndpoint
-	} else if d, err := m.dumpKernel(links); err != nil {
-		m.log.Warn("kernel tables not read at once; reading them device by device", "error", err)
-	} else {
-		m.snap = d
-		defer func() { m.snap = nil }()
+		if m.perDevice {
+			// tests: the reads of EnsureNetwork and EnsureEndpoint
+		} else if d, err := ns.dumpKernel(links[i]); err != nil {
+			m.log.Warn("kernel tables not read at once; reading them device by device", "ns", ns.where(), "error", err)
+		} else {
+			ns.snap = d
+			defer func() { ns.snap = nil }()
+		}
 	}
 	if keep {
 		m.keepVTEPs(nets)
@@ -178,7 +186,9 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 	phase("dump")
 	// Strays first: a stray device may hold a VNI or a name we need.
 	if !keep {
-		errs = append(errs, m.removeStrays(links, nets, eps, &ch)...)
+		for i, ns := range nss {
+			errs = append(errs, m.removeStrays(ns, links[i], nets, eps, &ch)...)
+		}
 	}
 	phase("strays")
 	<-fwWait
@@ -221,16 +231,16 @@ func (c *Changes) add(o Changes) {
 	c.IPsec += o.IPsec
 }
 
-// removeStrays deletes links that carry both of our ownership marks (an
-// exact name and our owner's alias) but belong to no desired network or
-// endpoint. Links of other owners, and links without a mark, stay.
+// removeStrays deletes the links of namespace ns (links, its dump) that
+// carry both of our ownership marks (an exact name and our owner's alias)
+// but belong to no desired network or endpoint. Links of other owners, and links without a mark, stay.
 // A container end that Docker moved away is not in this namespace; it goes
 // with its host end.
-func (m *Manager) removeStrays(links []netlink.Link, nets map[uint32]Network, eps map[string]Endpoint, ch *Changes) []error {
+func (m *Manager) removeStrays(ns *netNS, links []netlink.Link, nets map[uint32]Network, eps map[string]Endpoint, ch *Changes) []error {
 	var errs []error
 	del := func(l netlink.Link, why string) {
-		m.log.Info("removing stray link", "link", l.Attrs().Name, "reason", why)
-		if err := m.deleteLink(l); err != nil {
+		m.log.Info("removing stray link", "link", l.Attrs().Name, "ns", ns.where(), "reason", why)
+		if err := ns.deleteLink(l); err != nil {
 			errs = append(errs, err)
 			return
 		}
@@ -257,7 +267,7 @@ func (m *Manager) removeStrays(links []netlink.Link, nets map[uint32]Network, ep
 		if a.Alias != m.mark {
 			continue
 		}
-		for _, re := range []*regexp.Regexp{vxlanNameRE, bridgeNameRE} {
+		for _, re := range networkNameREs {
 			vni, ok := vniFromName(re, a.Name)
 			if !ok {
 				continue
@@ -271,8 +281,9 @@ func (m *Manager) removeStrays(links []netlink.Link, nets map[uint32]Network, ep
 }
 
 // OwnedNetworks lists, sorted, the VNIs of the overlays of this owner that
-// the kernel holds: every VNI with a VXLAN device or bridge named after it
-// that carries this owner's mark. A caller compares it with its store to
+// the kernel holds: every VNI with a VXLAN device, bridge or gateway link
+// named after it that carries this owner's mark, in the host's or the
+// data-plane namespace. A caller compares it with its store to
 // see overlays the store does not list (before reconciling them away).
 //
 // Equivalent to: `ip -d link show` filtered on the names vx-<6 hex> and
@@ -280,18 +291,20 @@ func (m *Manager) removeStrays(links []netlink.Link, nets map[uint32]Network, ep
 func (m *Manager) OwnedNetworks() ([]uint32, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	links, err := m.linkList()
-	if err != nil {
-		return nil, fmt.Errorf("owned networks: %w", err)
-	}
 	var vnis []uint32
-	for _, l := range links {
-		if !m.owns(l) {
-			continue
+	for _, ns := range m.namespaces() {
+		links, err := ns.linkList()
+		if err != nil {
+			return nil, fmt.Errorf("owned networks: %s: %w", ns.where(), err)
 		}
-		for _, re := range []*regexp.Regexp{vxlanNameRE, bridgeNameRE} {
-			if vni, ok := vniFromName(re, l.Attrs().Name); ok && !slices.Contains(vnis, vni) {
-				vnis = append(vnis, vni)
+		for _, l := range links {
+			if !m.owns(l) {
+				continue
+			}
+			for _, re := range networkNameREs {
+				if vni, ok := vniFromName(re, l.Attrs().Name); ok && !slices.Contains(vnis, vni) {
+					vnis = append(vnis, vni)
+				}
 			}
 		}
 	}
@@ -341,34 +354,34 @@ func (m *Manager) NetworksInUse() (map[uint32][]string, error) {
 
 // inUse maps the key of each endpoint in use (EndpointsInUse) to the VNI
 // of the overlay bridge of this owner it is a port of (0: none), from one
-// link dump.
+// link dump of each namespace.
 func (m *Manager) inUse() (map[string]uint32, error) {
 	m.mu.Lock()
-	links, err := m.linkList()
-	m.mu.Unlock()
-	if err != nil {
-		return nil, err
-	}
-	names := make(map[int]string, len(links))
-	bridges := map[int]uint32{}
-	for _, l := range links {
-		names[l.Attrs().Index] = l.Attrs().Name
-		if vni, ok := vniFromName(bridgeNameRE, l.Attrs().Name); ok && m.owns(l) {
-			bridges[l.Attrs().Index] = vni
-		}
-	}
+	defer m.mu.Unlock()
 	inUse := map[string]uint32{}
-	for _, l := range links {
-		key, ok := strings.CutPrefix(l.Attrs().Name, hostPrefix)
-		if !ok || l.Type() != "veth" || m.foreign(l) != nil {
-			continue
+	for _, ns := range m.namespaces() {
+		links, err := ns.linkList()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", ns.where(), err)
 		}
-		// The names come from the dump: no lookup fails.
-		if away, _ := peerAway(l, key, func(index int) (string, bool, error) {
-			name, ok := names[index]
-			return name, ok, nil
-		}); away {
-			inUse[key] = bridges[l.Attrs().MasterIndex]
+		away, err := m.awayCheck(ns, links)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", ns.where(), err)
+		}
+		bridges := map[int]uint32{}
+		for _, l := range links {
+			if vni, ok := vniFromName(bridgeNameRE, l.Attrs().Name); ok && m.owns(l) {
+				bridges[l.Attrs().Index] = vni
+			}
+		}
+		for _, l := range links {
+			key, ok := strings.CutPrefix(l.Attrs().Name, hostPrefix)
+			if !ok || l.Type() != "veth" || m.foreign(l) != nil {
+				continue
+			}
+			if away(l, key) {
+				inUse[key] = bridges[l.Attrs().MasterIndex]
+			}
 		}
 	}
 	return inUse, nil

@@ -13,9 +13,12 @@ import (
 // in the error and must not be removed as a stray: a running container
 // holds its veth pair. (It was.)
 func TestReconcileKeepsListedInvalidEndpoint(t *testing.T) {
-	t.Parallel()
+	inLayouts(t, true, testReconcileKeepsListedInvalidEndpoint)
+}
+
+func testReconcileKeepsListedInvalidEndpoint(t *testing.T, dp bool) {
 	ctx := t.Context()
-	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
 	n := Network{VNI: 0x7d1, Gateways: []netip.Prefix{pfx("10.75.0.1/24")}}
 	if _, err := h.m.EnsureNetwork(ctx, n); err != nil {
 		t.Fatal(err)
@@ -30,7 +33,7 @@ func TestReconcileKeepsListedInvalidEndpoint(t *testing.T) {
 		Endpoints: []Endpoint{{ID: c.id, VNI: n.VNI, MAC: nil}}, // listed, but its MAC is missing
 	})
 	t.Logf("Reconcile error (expected, the endpoint is invalid): %v", err)
-	if l, _ := h.m.linkByName(HostIfName(c.id)); l == nil {
+	if where := inNS(t, h, HostIfName(c.id)); where == "" {
 		t.Errorf("the veth of endpoint %s, listed in the desired state and used by a running container, was removed", endpointKey(c.id))
 	}
 	if out, err := ping(t, c.ns, addr("10.75.0.1"), 2); err != nil {

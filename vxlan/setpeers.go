@@ -104,12 +104,12 @@ func (m *Manager) setPeers(vni uint32, peers []Peer, delta bool) (Changes, error
 		}
 	}
 	// Only this owner's device: another instance's is left alone.
-	vx, err := m.ownVXLAN(vni)
+	vx, ns, err := m.ownVXLAN(vni)
 	if err != nil {
 		return ch, errors.Join(append(errs, fmt.Errorf("set peers (vni %d): %w", vni, err))...)
 	}
 	if vx != nil {
-		if err := m.syncPeers(vx, vni, delta, &ch); err != nil {
+		if err := m.syncPeers(ns, vx, vni, delta, &ch); err != nil {
 			errs = append(errs, fmt.Errorf("set peers (vni %d): %w", vni, err))
 		}
 	}
@@ -210,7 +210,7 @@ func (m *Manager) updateInPlace(vni uint32, keys []peerKey) (ch Changes, done bo
 	if len(added) == 0 && len(removed) == 0 {
 		return ch, true, nil
 	}
-	vx, err := m.ownVXLAN(vni)
+	vx, ns, err := m.ownVXLAN(vni)
 	if err != nil || vx == nil || vx.Attrs().Index != last.index {
 		return ch, false, nil
 	}
@@ -259,21 +259,21 @@ func (m *Manager) updateInPlace(vni uint32, keys []peerKey) (ch Changes, done bo
 	var zero [6]byte
 	for ip, before := range ips {
 		if _, still := set.neighFor(ip); before.ok && !still {
-			if err := m.delNeigh(vx, ip, &ch); err != nil {
+			if err := m.delNeigh(ns, vx, ip, &ch); err != nil {
 				return fail(err)
 			}
 		}
 	}
 	for mac, before := range macs {
 		if now, ok := set.fdbFor(mac); before.ok && (!ok || now != before.vtep) {
-			if err := m.delFDB(vx, mac, before.vtep, &ch); err != nil {
+			if err := m.delFDB(ns, vx, mac, before.vtep, &ch); err != nil {
 				return fail(err)
 			}
 		}
 	}
 	for v, before := range vteps {
 		if before && !set.hasVTEP(v) {
-			if err := m.delFDB(vx, zero, v, &ch); err != nil {
+			if err := m.delFDB(ns, vx, zero, v, &ch); err != nil {
 				return fail(err)
 			}
 		}
@@ -284,7 +284,7 @@ func (m *Manager) updateInPlace(vni uint32, keys []peerKey) (ch Changes, done bo
 			if err := step(); err != nil {
 				return fail(err)
 			}
-			if err := m.appendFlood(vx, v, &ch); err != nil {
+			if err := m.appendFlood(ns, vx, v, &ch); err != nil {
 				return fail(err)
 			}
 		}
@@ -294,7 +294,7 @@ func (m *Manager) updateInPlace(vni uint32, keys []peerKey) (ch Changes, done bo
 			if err := step(); err != nil {
 				return fail(err)
 			}
-			if err := m.setFDB(vx, mac, now, &ch); err != nil {
+			if err := m.setFDB(ns, vx, mac, now, &ch); err != nil {
 				return fail(err)
 			}
 		}
@@ -304,7 +304,7 @@ func (m *Manager) updateInPlace(vni uint32, keys []peerKey) (ch Changes, done bo
 			if err := step(); err != nil {
 				return fail(err)
 			}
-			if err := m.setNeigh(vx, ip, now, &ch); err != nil {
+			if err := m.setNeigh(ns, vx, ip, now, &ch); err != nil {
 				return fail(err)
 			}
 		}

@@ -15,8 +15,11 @@ import (
 // network exists, differences only, invalid peers skipped and reported,
 // an empty list removes all.
 func TestSetPeers(t *testing.T) {
-	t.Parallel()
-	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	inLayouts(t, true, testSetPeers)
+}
+
+func testSetPeers(t *testing.T, dp bool) {
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
 	ctx := t.Context()
 	const vni = 0x78
 	v1, v2 := addr("192.0.2.2"), addr("192.0.2.3")
@@ -80,7 +83,8 @@ func TestSetPeers(t *testing.T) {
 	check("empty list", nil, nil)
 	// A peer the kernel holds but the set does not (written behind our
 	// back) goes too.
-	if err := h.NS.Handle().NeighSet(&netlink.Neigh{LinkIndex: link(t, h, VXLANName(vni)).Attrs().Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT, IP: net.ParseIP("10.0.0.77"), HardwareAddr: m2}); err != nil {
+	vx, vxNS := linkIn(t, h, VXLANName(vni))
+	if err := vxNS.Handle().NeighSet(&netlink.Neigh{LinkIndex: vx.Attrs().Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT, IP: net.ParseIP("10.0.0.77"), HardwareAddr: m2}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := h.m.SetPeers(ctx, vni, nil); err != nil {
@@ -97,8 +101,11 @@ func TestSetPeers(t *testing.T) {
 // SetVTEP moves a host's VXLAN devices to a new underlay address: once the
 // other host's peers follow, containers ping again.
 func TestSetVTEP(t *testing.T) {
-	t.Parallel()
-	hosts, n, c1, c2 := twoContainers(t)
+	inLayouts(t, true, testSetVTEP)
+}
+
+func testSetVTEP(t *testing.T, dp bool) {
+	hosts, n, c1, c2 := twoContainersIn(t, dp)
 	newAddr := addr("192.0.2.101")
 	ul, err := hosts[0].NS.Handle().LinkByName(hosts[0].Link)
 	if err != nil {

@@ -16,8 +16,11 @@ import (
 // and with SetPeers on another gives the same neighbour and FDB entries
 // after every step.
 func TestUpdatePeersSameAsSetPeers(t *testing.T) {
-	t.Parallel()
-	hs := newHosts(t, 2, testenv.UnderlayOptions{})
+	inLayouts(t, true, testUpdatePeersSameAsSetPeers)
+}
+
+func testUpdatePeersSameAsSetPeers(t *testing.T, dp bool) {
+	hs := newHostsIn(t, 2, testenv.UnderlayOptions{}, dp)
 	upd, set := hs[0], hs[1]
 	ctx := t.Context()
 	const vni = 0x79
@@ -67,8 +70,11 @@ func TestUpdatePeersSameAsSetPeers(t *testing.T) {
 // puts it back. A device made anew (the network deleted and ensured
 // again) is read, not trusted.
 func TestUpdatePeersRepairedBySetPeers(t *testing.T) {
-	t.Parallel()
-	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
+	inLayouts(t, true, testUpdatePeersRepairedBySetPeers)
+}
+
+func testUpdatePeersRepairedBySetPeers(t *testing.T, dp bool) {
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
 	ctx := t.Context()
 	const vni = 0x7a
 	if _, err := h.m.EnsureNetwork(ctx, Network{VNI: vni}); err != nil {
@@ -90,7 +96,8 @@ func TestUpdatePeersRepairedBySetPeers(t *testing.T) {
 		t.Fatal(err)
 	}
 	neigh("first list", n1, n2)
-	if out, err := h.NS.Run(t, "ip", "neigh", "del", "10.122.0.2", "dev", VXLANName(vni)); err != nil {
+	_, vxNS := linkIn(t, h, VXLANName(vni))
+	if out, err := vxNS.Run(t, "ip", "neigh", "del", "10.122.0.2", "dev", VXLANName(vni)); err != nil {
 		t.Fatalf("ip neigh del: %v: %s", err, out)
 	}
 	if _, err := h.m.UpdatePeers(ctx, vni, []Peer{p1, p2, p3}); err != nil {
