@@ -83,20 +83,10 @@ func flavourWrappers(t *testing.T, h *testHost) func(string) (string, error) {
 // traffic flows through the DROP policy.
 func TestFirewallLegacyFlavour(t *testing.T) {
 	t.Parallel()
-	hosts := newHosts(t, 2, testenv.UnderlayOptions{})
+	hosts, lookPath := flavourHosts(t)
 	h0 := hosts[0]
-	lookPath := flavourWrappers(t, h0)
-	if strings.TrimSpace(h0.NS.MustRun(t, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables")) != "1" {
-		h0.NS.MustRun(t, "sysctl", "-w", "net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1")
-	}
 	// dockerd's FORWARD on a legacy host.
-	for _, cmd := range []string{"iptables-legacy", "ip6tables-legacy"} {
-		iptables(t, h0, cmd, "-N", "DOCKER")
-		iptables(t, h0, cmd, "-N", "DOCKER-USER")
-		iptables(t, h0, cmd, "-A", "DOCKER-USER", "-j", "RETURN")
-		iptables(t, h0, cmd, "-A", "FORWARD", "-j", "DOCKER-USER")
-		iptables(t, h0, cmd, "-P", "FORWARD", "DROP")
-	}
+	legacyDockerd(t, h0)
 
 	// The control: the nft flavour (what the plugin's rootfs had alone)
 	// programs rules that do not help.
@@ -119,8 +109,7 @@ func TestFirewallLegacyFlavour(t *testing.T) {
 	// The Manager that detects the flavour (another owner in the same
 	// namespace, so the control's rules stay apart).
 	m := h0.manager(t, "flv")
-	m.fw = newDetectedFirewall(context.Background(), m.log, &flavourDetector{log: m.log, lookPath: lookPath, save: runSave})
-	m.fw.mark = m.mark
+	detectFlavour(m, lookPath)
 	if m.fw.flavour.name != "legacy" || !m.fw.flavour.settled {
 		t.Fatalf("flavour %q settled %t (%s), want legacy", m.fw.flavour.name, m.fw.flavour.settled, m.fw.flavour.reason)
 	}
@@ -196,15 +185,10 @@ func TestProbeIgnoresOwnRules(t *testing.T) {
 // good.
 func TestFirewallFlavourMovesAtBoot(t *testing.T) {
 	t.Parallel()
-	hosts := newHosts(t, 2, testenv.UnderlayOptions{})
+	hosts, lookPath := flavourHosts(t)
 	h0 := hosts[0]
-	lookPath := flavourWrappers(t, h0)
-	if strings.TrimSpace(h0.NS.MustRun(t, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables")) != "1" {
-		h0.NS.MustRun(t, "sysctl", "-w", "net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1")
-	}
 	m := h0.manager(t, "boot")
-	m.fw = newDetectedFirewall(context.Background(), m.log, &flavourDetector{log: m.log, lookPath: lookPath, save: runSave})
-	m.fw.mark = m.mark
+	detectFlavour(m, lookPath)
 	if m.fw.flavour.name != "nft" || m.fw.flavour.settled {
 		t.Fatalf("flavour %q settled %t (%s), want provisional nft", m.fw.flavour.name, m.fw.flavour.settled, m.fw.flavour.reason)
 	}
@@ -246,13 +230,7 @@ func TestFirewallFlavourMovesAtBoot(t *testing.T) {
 	}
 
 	// dockerd starts, on a legacy host.
-	for _, cmd := range []string{"iptables-legacy", "ip6tables-legacy"} {
-		iptables(t, h0, cmd, "-N", "DOCKER")
-		iptables(t, h0, cmd, "-N", "DOCKER-USER")
-		iptables(t, h0, cmd, "-A", "DOCKER-USER", "-j", "RETURN")
-		iptables(t, h0, cmd, "-A", "FORWARD", "-j", "DOCKER-USER")
-		iptables(t, h0, cmd, "-P", "FORWARD", "DROP")
-	}
+	legacyDockerd(t, h0)
 	m.watchFlavour(flavourWatch{first: 20 * time.Millisecond, most: 100 * time.Millisecond, window: time.Minute})
 	testenv.Eventually(t, 30*time.Second, func() error {
 		m.mu.Lock()
@@ -280,4 +258,38 @@ func TestFirewallFlavourMovesAtBoot(t *testing.T) {
 	if n := ruleCounter(t, h0, "iptables-legacy", "-A "+FirewallChain+" "+strings.Join(fa, " ")); n == 0 {
 		t.Error("our ACCEPT rule in the legacy flavour saw no packets")
 	}
+}
+
+// flavourHosts is two hosts whose first bridges through iptables (as with
+// dockerd, br_netfilter on), and a lookPath that finds both flavours'
+// commands run in it.
+func flavourHosts(t *testing.T) ([]*testHost, func(string) (string, error)) {
+	t.Helper()
+	hosts := newHosts(t, 2, testenv.UnderlayOptions{})
+	h0 := hosts[0]
+	lookPath := flavourWrappers(t, h0)
+	if strings.TrimSpace(h0.NS.MustRun(t, "sysctl", "-n", "net.bridge.bridge-nf-call-iptables")) != "1" {
+		h0.NS.MustRun(t, "sysctl", "-w", "net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1")
+	}
+	return hosts, lookPath
+}
+
+// legacyDockerd writes what dockerd writes on a legacy host: its chains
+// and FORWARD policy DROP in the legacy flavour.
+func legacyDockerd(t *testing.T, h *testHost) {
+	t.Helper()
+	for _, cmd := range []string{"iptables-legacy", "ip6tables-legacy"} {
+		iptables(t, h, cmd, "-N", "DOCKER")
+		iptables(t, h, cmd, "-N", "DOCKER-USER")
+		iptables(t, h, cmd, "-A", "DOCKER-USER", "-j", "RETURN")
+		iptables(t, h, cmd, "-A", "FORWARD", "-j", "DOCKER-USER")
+		iptables(t, h, cmd, "-P", "FORWARD", "DROP")
+	}
+}
+
+// detectFlavour gives m the firewall a Manager not told its commands has:
+// the flavour chosen from what each holds, through lookPath.
+func detectFlavour(m *Manager, lookPath func(string) (string, error)) {
+	m.fw = newDetectedFirewall(context.Background(), m.log, &flavourDetector{log: m.log, lookPath: lookPath, save: runSave})
+	m.fw.mark = m.mark
 }
