@@ -45,7 +45,7 @@ clean:
 # `docker plugin enable $(PLUGIN_NAME):$(PLUGIN_TAG)`; networks use the
 # driver name with its tag: -d $(PLUGIN_NAME):$(PLUGIN_TAG).
 plugin: build
-	scripts/plugin.sh $(BIN)/consul-overlay $(PLUGIN_NAME):$(PLUGIN_TAG)
+	PLUGIN_DATAPLANE=$(PLUGIN_DATAPLANE) scripts/plugin.sh $(BIN)/consul-overlay $(PLUGIN_NAME):$(PLUGIN_TAG)
 
 # The tests' container image, FROM scratch with Debian's busybox-static.
 .PHONY: busybox-image

@@ -146,6 +146,13 @@ done
 for ns in "${namespaces[@]}"; do
 	ns_exists "$ns" && ip netns delete "$ns"
 done
+# The data-plane namespaces of LAB_DATAPLANE=1 (lab/up.sh): their pins
+# hold them (and any container link left in them) past the plugins.
+for pin in /run/consul-overlay/lab${LAB_ID:+-$LAB_ID}-a /run/consul-overlay/lab${LAB_ID:+-$LAB_ID}-b; do
+	[[ -e $pin ]] || continue
+	umount -l "$pin" 2>/dev/null
+	rm -f "$pin"
+done
 # Its peer was in the switch namespace, so it is normally gone already.
 [[ -z $LAB_NS_A ]] && ip link del "$LAB_LINK_A" 2>/dev/null
 unmount_under "$LAB_STATE"

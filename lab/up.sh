@@ -235,9 +235,14 @@ up_engine_a() {
 		DOCKER_HOST=$LAB_DOCKER_A "$LAB_ROOT/scripts/busybox-image.sh" "$LAB_BUSYBOX" >&2
 	fi
 	local conf=$LAB_ROOT/build/plugin/config.json
-	if [[ ! -s $conf || $LAB_ROOT/bin/consul-overlay -nt $conf ]] || ! docker_a plugin inspect "$LAB_PLUGIN" >/dev/null 2>&1; then
+	# LAB_DATAPLANE=1: the plugin built with the data-plane namespace's
+	# privileges, and installed with DATAPLANE_NAMESPACE (install_plugin).
+	local want_dp=0 have_dp=0
+	[[ ${LAB_DATAPLANE:-} == 1 ]] && want_dp=1
+	grep -q CAP_SYS_PTRACE "$conf" 2>/dev/null && have_dp=1
+	if [[ ! -s $conf || $LAB_ROOT/bin/consul-overlay -nt $conf || $want_dp != "$have_dp" ]] || ! docker_a plugin inspect "$LAB_PLUGIN" >/dev/null 2>&1; then
 		log "host A: scripts/plugin.sh"
-		DOCKER_HOST=$LAB_DOCKER_A "$LAB_ROOT/scripts/plugin.sh" "$LAB_ROOT/bin/consul-overlay" "$LAB_PLUGIN" >&2
+		DOCKER_HOST=$LAB_DOCKER_A PLUGIN_DATAPLANE=$want_dp "$LAB_ROOT/scripts/plugin.sh" "$LAB_ROOT/bin/consul-overlay" "$LAB_PLUGIN" >&2
 		# A new plugin build: push it again (up_plugins).
 		plugin_fresh=1
 	fi
@@ -318,6 +323,15 @@ install_plugin() {
 	else
 		settings=("VTEP_ADDR=$LAB_ADDR_B" "NODE_NAME=$LAB_NODE_B" "data.source=$LAB_DATA/b/plugin-data"
 			"docker-sock.source=$LAB_STATE/b" "LINKLOCAL_CONSUL_DNS=$LAB_ADDR_B:$LAB_DNS_PORT")
+	fi
+	if [[ ${LAB_DATAPLANE:-} == 1 ]]; then
+		# Each host's own namespace (both pins are in this machine's
+		# /run/consul-overlay), pinned through its engine's pid: this
+		# machine's /proc/1 cannot be opened.
+		local pidfile=/var/run/docker.pid
+		[[ $host == B ]] && pidfile=$LAB_STATE/b/docker.pid
+		[[ $host == A && -n $LAB_NS_A ]] && pidfile=$LAB_STATE/a/docker.pid
+		settings+=("DATAPLANE_NAMESPACE=lab${LAB_ID:+-$LAB_ID}-${host,,}" "HOST_PID=$(<"$pidfile")")
 	fi
 	"$@" plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1 || true
 	log "host $host: docker plugin install --alias $LAB_PLUGIN $LAB_REMOTE"

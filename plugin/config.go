@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -57,11 +58,28 @@ type Config struct {
 	// release, and how old an address nobody uses must be before it is
 	// taken for an orphan of a crash (IPAM_GRACE, default 1h).
 	IPAMGrace time.Duration
+	// DataplaneNS, if set, is the name of a network namespace of the
+	// plugin's own, pinned at /run/consul-overlay/<name> in the host's
+	// mount namespace, that gets new networks' bridges, VXLAN devices and
+	// endpoint ports (DATAPLANE_NAMESPACE: false, the default, for none;
+	// true for the owner's mark, consul-overlay or consul-overlay-<owner>;
+	// or a name of its own, for two plugins of one machine that are
+	// different hosts, as the lab's are; docs/dataplane-namespace.md).
+	DataplaneNS string
+	// HostPID is a process whose mount namespace and root are the host's
+	// and that outlives the plugin (HOST_PID, default 1: the host's init,
+	// which the managed plugin sees with pidhost). Only the data-plane
+	// namespace's pin uses it.
+	HostPID int
 
 	// IPAM defaults for networks created without --subnet.
 	PoolV4, PoolV6         netip.Prefix
 	PoolV4Size, PoolV6Size int
 }
+
+// dataplaneNameRE is a name DATAPLANE_NAMESPACE may give the namespace's
+// pin (besides true and false, whose other spellings ParseBool takes).
+var dataplaneNameRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
 // Defaults for settings left empty.
 const (
@@ -160,6 +178,25 @@ func loadConfig(getenv func(string) string) (Config, error) {
 			return c, fmt.Errorf("BRIDGE_CONNTRACK=%q: want true or false", v)
 		}
 		c.TrackBridged = b
+	}
+	if v := strings.TrimSpace(getenv("DATAPLANE_NAMESPACE")); v != "" {
+		b, err := strconv.ParseBool(v)
+		switch {
+		case err == nil && b:
+			c.DataplaneNS = "true" // the owner's mark, known once the store is
+		case err == nil:
+		case dataplaneNameRE.MatchString(v):
+			c.DataplaneNS = v
+		default:
+			return c, fmt.Errorf("DATAPLANE_NAMESPACE=%q: want true, false, or a name of up to 64 letters, digits, '-' or '_'", v)
+		}
+	}
+	if v := strings.TrimSpace(getenv("HOST_PID")); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			return c, fmt.Errorf("HOST_PID=%q: want a process ID, like 1", v)
+		}
+		c.HostPID = n
 	}
 	c.IPAMGrace = ipam.DefaultGrace
 	if v := strings.TrimSpace(getenv("IPAM_GRACE")); v != "" {

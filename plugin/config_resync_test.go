@@ -62,3 +62,40 @@ func TestConfigBridgeConntrack(t *testing.T) {
 		}
 	}
 }
+
+// TestConfigDataplaneNamespace: DATAPLANE_NAMESPACE is off unless set;
+// true names the owner's namespace, a name its own; HOST_PID is a pid.
+func TestConfigDataplaneNamespace(t *testing.T) {
+	for _, tc := range []struct {
+		v, pid string
+		want   string
+		bad    string // the setting the error must name
+	}{
+		{v: "", want: ""},
+		{v: "false", want: ""},
+		{v: "0", want: ""},
+		{v: "true", want: "true"},
+		{v: "1", want: "true"},
+		{v: "lab-a", want: "lab-a", pid: "4242"},
+		{v: "a/b", bad: "DATAPLANE_NAMESPACE"},
+		{v: "true", pid: "0", bad: "HOST_PID"},
+		{v: "true", pid: "x", bad: "HOST_PID"},
+	} {
+		env := map[string]string{"DATAPLANE_NAMESPACE": tc.v, "HOST_PID": tc.pid, "DOCKER_HOST": "none"}
+		c, err := loadConfig(func(k string) string { return env[k] })
+		switch {
+		case tc.bad != "" && (err == nil || !strings.Contains(err.Error(), tc.bad)):
+			t.Errorf("%q %q: err %v, want one naming %s", tc.v, tc.pid, err, tc.bad)
+		case tc.bad == "" && err != nil:
+			t.Errorf("%q: %v", tc.v, err)
+		case tc.bad == "" && c.DataplaneNS != tc.want:
+			t.Errorf("%q: %q, want %q", tc.v, c.DataplaneNS, tc.want)
+		}
+	}
+	if got := dataplanePath("true", ""); got != "/run/consul-overlay/consul-overlay" {
+		t.Errorf("path of the default owner's namespace: %s", got)
+	}
+	if got := dataplanePath("lab-a", "x"); got != "/run/consul-overlay/lab-a" {
+		t.Errorf("path of a named namespace: %s", got)
+	}
+}

@@ -75,7 +75,25 @@ func doctorMain(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	dcfg.Status = func(ctx context.Context) (*status.Report, error) { return status.Collect(ctx, scfg) }
-	dcfg.Foreign = func() (map[string][]string, error) { return vxlan.ForeignOwners(nil, owner) }
+	dcfg.Foreign = func() (map[string][]string, error) {
+		foreign, err := vxlan.ForeignOwners(nil, owner)
+		if err != nil {
+			return nil, err
+		}
+		dp, err := readDataplane(cfg, owner)
+		if err != nil || dp == nil {
+			return foreign, err
+		}
+		defer dp.Close()
+		more, err := vxlan.ForeignOwners(dp, owner)
+		if foreign == nil {
+			foreign = map[string][]string{}
+		}
+		for o, links := range more {
+			foreign[o] = append(foreign[o], links...)
+		}
+		return foreign, err
+	}
 
 	r, err := doctor.Run(context.Background(), dcfg)
 	if err != nil {

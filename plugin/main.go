@@ -291,7 +291,26 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return err
 	}
 	defer stopLinkLocal()
-	dp, err := vxlan.New(vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Owner: ownerTag(ccfg.Prefix, storeName), LinkLocal: linkLocal, NoTrackBridged: !cfg.TrackBridged, Firewall: fwDetect, Logger: log})
+	owner := ownerTag(ccfg.Prefix, storeName)
+	vcfg := vxlan.Config{VTEP: vtep, Port: cfg.VXLANPort, Sysctl: cfg.SysctlRoot, Owner: owner, LinkLocal: linkLocal, NoTrackBridged: !cfg.TrackBridged, Firewall: fwDetect, Logger: log}
+	// What the metrics read of the kernel: both namespaces with a
+	// data-plane namespace.
+	inspect := func() ([]vxlan.KernelNetwork, error) { return vxlan.Inspect(nil, owner) }
+	if cfg.DataplaneNS != "" {
+		dpns, closeDP, err := openDataplane(ctx, log, cfg.DataplaneNS, cfg.HostPID, owner)
+		if err != nil {
+			return err
+		}
+		defer closeDP()
+		dph, err := dpns.handle()
+		if err != nil {
+			return fmt.Errorf("data-plane namespace %s: %w", dpns.path, err)
+		}
+		defer dph.Close()
+		vcfg.DataplaneNS = dpns.procPath()
+		inspect = func() ([]vxlan.KernelNetwork, error) { return vxlan.InspectDataplane(nil, dph, owner) }
+	}
+	dp, err := vxlan.New(vcfg)
 	if err != nil {
 		return fmt.Errorf("data plane: %w", err)
 	}
@@ -331,7 +350,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 	}
 	// OPS hook (issue 18): metrics on METRICS_ADDR; the drivers get the
 	// metered store and data plane (own and dp themselves when off).
-	mstore, mdp, stopMetrics, err := startMetrics(ctx, log, own, dp, ownerTag(ccfg.Prefix, storeName))
+	mstore, mdp, stopMetrics, err := startMetrics(ctx, log, own, dp, inspect)
 	if err != nil {
 		return err
 	}

@@ -55,14 +55,14 @@ func meterRegistrar(log *slog.Logger, reg *discovery.Registrar) {
 // ones when metrics are on, store and dp themselves when off. store stays
 // the one for everything that needs the concrete store (the host claim,
 // the registrar). stop waits for the server to end.
-func startMetrics(ctx context.Context, log *slog.Logger, store kvstore.Store, dp *vxlan.Manager, owner string) (kvstore.Store, driver.Dataplane, func(), error) {
+func startMetrics(ctx context.Context, log *slog.Logger, store kvstore.Store, dp *vxlan.Manager, inspect func() ([]vxlan.KernelNetwork, error)) (kvstore.Store, driver.Dataplane, func(), error) {
 	addr := strings.TrimSpace(os.Getenv(metricsAddrEnv))
 	if addr == "" {
 		return store, dp, func() {}, nil
 	}
 	m := metrics.New()
 	err := m.RegisterState(metrics.State{
-		Networks:     func(context.Context) ([]metrics.NetworkStats, error) { return kernelStats(owner) },
+		Networks:     func(context.Context) ([]metrics.NetworkStats, error) { return kernelStats(inspect) },
 		Pools:        (&poolCounter{store: store, every: poolCountEvery}).count,
 		UnderlayDrop: dp.VXLANDrops,
 	})
@@ -121,8 +121,8 @@ func (d meteredDataplane) SetVTEP(ctx context.Context, vtep netip.Addr, nets []v
 // kernelStats counts, per overlay of this owner, the local endpoints
 // (bridge ports), the programmed peers (neighbour entries) and the remote
 // VTEPs (flood entries), from the kernel: what is, not what should be.
-func kernelStats(owner string) ([]metrics.NetworkStats, error) {
-	nets, err := vxlan.Inspect(nil, owner)
+func kernelStats(inspect func() ([]vxlan.KernelNetwork, error)) ([]metrics.NetworkStats, error) {
+	nets, err := inspect()
 	if err != nil {
 		return nil, err
 	}

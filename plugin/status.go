@@ -124,7 +124,16 @@ func readOnlyStatusConfig(cfg Config, ccfg kvstore.ConsulConfig, useConsul bool,
 		}
 	}
 	owner = ownerTag(ccfg.Prefix, storeName)
-	scfg.Kernel = func() ([]vxlan.KernelNetwork, error) { return vxlan.Inspect(nil, owner) }
+	scfg.Kernel = func() ([]vxlan.KernelNetwork, error) {
+		dp, err := readDataplane(cfg, owner)
+		if err != nil {
+			return nil, err
+		}
+		if dp != nil {
+			defer dp.Close()
+		}
+		return vxlan.InspectDataplane(nil, dp, owner)
+	}
 	return scfg, owner, closeStore
 }
 

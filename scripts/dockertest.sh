@@ -59,7 +59,7 @@ cd "$root"
 go test -c -o "$LAB_STATE/dockertest.test" ./internal/dockertest/
 cd "$root/internal/dockertest"
 rc=0
-in_ns "$LAB_NS_A" env CI=true DOCKER_HOST="$LAB_DOCKER_A" DOCKERD_LOG="$LAB_STATE/dockerd-a.log" \
+in_ns "$LAB_NS_A" env CI=true DOCKER_HOST="$LAB_DOCKER_A" DOCKERD_LOG="$LAB_STATE/dockerd-a.log" DOCKERD_PIDFILE="$LAB_STATE/a/docker.pid" \
 	CONSUL_BIN="${CONSUL_BIN:-$root/bin/consul}" \
 	"$LAB_STATE/dockertest.test" -test.v -test.count=1 -test.timeout 20m \
 	-test.run "${DOCKERTEST_RUN:-.}" || rc=$?

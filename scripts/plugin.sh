@@ -10,7 +10,8 @@
 #   5. an existing plugin of that name is removed (docker plugin rm -f) and
 #      docker plugin create makes the new one.
 # Then: docker plugin set NAME:TAG KEY=VALUE...; docker plugin enable NAME:TAG.
-# BUILD_DIR overrides build/ (the tests use their own).
+# BUILD_DIR overrides build/ (the tests use their own). PLUGIN_DATAPLANE=1
+# builds the plugin with the privileges DATAPLANE_NAMESPACE=true needs.
 set -euo pipefail
 
 if (($# < 1 || $# > 2)); then
@@ -41,6 +42,16 @@ rm -rf "$build/plugin"
 mkdir -p "$build/plugin/rootfs"
 docker export "$cid" | tar -x -C "$build/plugin/rootfs"
 cp "$root/config.json" "$build/plugin/config.json"
+if [[ ${PLUGIN_DATAPLANE:-} == 1 ]]; then
+	# The data-plane namespace's privileges (DATAPLANE_NAMESPACE=true,
+	# docs/dataplane-namespace.md): the host's pids, to reach the host's
+	# mount namespace through /proc/1, and the capabilities to pin the
+	# namespace there. Not in the default plugin, which does not use them.
+	sed -i -e 's/"pidhost": false/"pidhost": true/' \
+		-e 's/"CAP_NET_RAW"$/"CAP_NET_RAW", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"/' "$build/plugin/config.json"
+	grep -q '"pidhost": true' "$build/plugin/config.json" && grep -q CAP_SYS_PTRACE "$build/plugin/config.json" ||
+		{ echo "plugin.sh: config.json: could not add the data-plane privileges" >&2; exit 1; }
+fi
 
 docker plugin rm -f "$ref" >/dev/null 2>&1 || true
 docker plugin create "$ref" "$build/plugin" >/dev/null

@@ -3,6 +3,7 @@ package dockertest
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -11,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -102,15 +104,31 @@ func RepoRoot() (string, error) { return testenv.ModuleRoot() }
 // BuildPlugin runs `make plugin` in root for ref (NAME:TAG): it builds
 // bin/consul-overlay and creates the plugin, disabled, replacing one of the
 // same name. buildDir is the scratch directory for the rootfs (BUILD_DIR of
-// scripts/plugin.sh).
-func BuildPlugin(ctx context.Context, root, ref, buildDir string) error {
+// scripts/plugin.sh); vars are more make variables (PLUGIN_DATAPLANE=1).
+func BuildPlugin(ctx context.Context, root, ref, buildDir string, vars ...string) error {
 	name, tag, ok := strings.Cut(ref, ":")
 	if !ok {
 		return fmt.Errorf("plugin reference %q: want NAME:TAG", ref)
 	}
-	_, err := run(ctx, root, []string{"BUILD_DIR=" + buildDir}, "make", "--no-print-directory",
-		"plugin", "PLUGIN_NAME="+name, "PLUGIN_TAG="+tag)
+	_, err := run(ctx, root, []string{"BUILD_DIR=" + buildDir}, "make", append([]string{"--no-print-directory",
+		"plugin", "PLUGIN_NAME=" + name, "PLUGIN_TAG=" + tag}, vars...)...)
 	return err
+}
+
+// EnginePID is the pid of the engine under test: the one in DOCKERD_PIDFILE
+// (scripts/dockertest.sh sets it for its engine), else the machine's
+// engine's /var/run/docker.pid.
+func EnginePID() (int, error) {
+	f := cmp.Or(os.Getenv("DOCKERD_PIDFILE"), "/var/run/docker.pid")
+	b, err := os.ReadFile(f)
+	if err != nil {
+		return 0, fmt.Errorf("the engine's pid (set DOCKERD_PIDFILE): %w", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, fmt.Errorf("the engine's pid in %s: %w", f, err)
+	}
+	return pid, nil
 }
 
 // BuildBusybox runs `make busybox-image` in root; quick when the image exists.

@@ -20,45 +20,15 @@ import (
 // and a container removed while the plugin was down is reclaimed by the
 // next anti-entropy pass.
 func TestDockerRegistration(t *testing.T) {
-	Require(t)
-	root, err := RepoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := t.Context()
-	requireBusybox(t)
-	if err := BuildBusybox(ctx, root); err != nil {
-		t.Fatalf("make busybox-image: %v", err)
-	}
 	agent := testenv.StartConsul(t)
 	consul, err := api.NewClient(&api.Config{Address: agent.Addr})
 	if err != nil {
 		t.Fatal(err)
 	}
 	prefix := "co-dtreg-" + fmt.Sprint(rand.Uint32()) + "/"
-
-	ref := UniqueName("consul-overlay-dockertest:r")
-	if err := BuildPlugin(ctx, root, ref, t.TempDir()); err != nil {
-		t.Fatalf("make plugin: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		Docker(ctx, "plugin", "disable", "-f", ref)
-		Docker(ctx, "plugin", "rm", "-f", ref)
-	})
-	engine, err := EngineSettings()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Docker(ctx, append([]string{"plugin", "set", ref, "data.source=" + t.TempDir(), "LOG_LEVEL=debug",
-		"CONSUL_HTTP_ADDR=" + agent.Addr, "KV_PREFIX=" + prefix, "ANTI_ENTROPY_INTERVAL=2s", "IPAM_GRACE=4s"}, engine...)...); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Docker(ctx, "plugin", "enable", "--timeout", "30", ref); err != nil {
-		t.Fatal(err)
-	}
-	id, _ := Docker(ctx, "plugin", "inspect", "-f", "{{.Id}}", ref)
+	ref, id := testPlugin(t, "consul-overlay-dockertest:r", nil,
+		"CONSUL_HTTP_ADDR="+agent.Addr, "KV_PREFIX="+prefix, "ANTI_ENTROPY_INTERVAL=2s", "IPAM_GRACE=4s")
+	ctx := t.Context()
 
 	netName := UniqueName("codr-")
 	third := 1 + rand.IntN(254)
