@@ -98,13 +98,12 @@ func readDataplane(cfg Config, owner string) (*netlink.Handle, error) {
 		return nil, nil
 	}
 	path := dataplanePath(cfg.DataplaneNS, owner)
-	pid := cfg.HostPID
-	if pid == 0 {
-		pid = 1
-	}
 	var errs []error
-	for _, p := range []string{filepath.Join("/proc", strconv.Itoa(pid), "root", path), path} {
-		ns, err := netns.GetFromPath(p)
+	for _, open := range []func() (netns.NsHandle, error){
+		func() (netns.NsHandle, error) { return vxlan.NSPin{HostPID: cfg.HostPID}.OpenNS(path) },
+		func() (netns.NsHandle, error) { return netns.GetFromPath(path) },
+	} {
+		ns, err := open()
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -112,7 +111,7 @@ func readDataplane(cfg Config, owner string) (*netlink.Handle, error) {
 		defer ns.Close()
 		h, err := netlink.NewHandleAt(ns)
 		if err != nil {
-			return nil, fmt.Errorf("data-plane namespace %s: %w", p, err)
+			return nil, fmt.Errorf("data-plane namespace %s: %w", path, err)
 		}
 		return h, nil
 	}

@@ -70,7 +70,7 @@ func (p NSPin) EnsureNS(path string) (netns.NsHandle, error) {
 	if !filepath.IsAbs(path) {
 		return netns.None(), fmt.Errorf("pin network namespace %q: path is not absolute", path)
 	}
-	ns, err := openNetNS(p.hostPath(path))
+	ns, err := p.OpenNS(path)
 	if err == nil {
 		return ns, nil
 	}
@@ -90,6 +90,13 @@ func (p NSPin) EnsureNS(path string) (netns.NsHandle, error) {
 		return netns.None(), err
 	}
 	return ns, nil
+}
+
+// OpenNS returns the network namespace pinned at path (absolute, in the
+// host's mount namespace) without creating one: an error that is
+// os.ErrNotExist when nothing is there. The caller closes the handle.
+func (p NSPin) OpenNS(path string) (netns.NsHandle, error) {
+	return openNetNS(p.hostPath(path))
 }
 
 // Pin makes path (absolute, in the host's mount namespace) a bind mount of
