@@ -211,9 +211,11 @@ func testPlugin(t *testing.T, prefix string, vars []string, settings ...string) 
 		t.Fatalf("make busybox-image: %v", err)
 	}
 	ref = UniqueName(prefix)
+	start := time.Now()
 	if err := BuildPlugin(ctx, root, ref, t.TempDir(), vars...); err != nil {
 		t.Fatalf("make plugin %v: %v", vars, err)
 	}
+	t.Logf("make plugin %s: %s", ref, time.Since(start).Round(time.Millisecond))
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
@@ -227,9 +229,11 @@ func testPlugin(t *testing.T, prefix string, vars []string, settings ...string) 
 	if _, err := Docker(ctx, append(append([]string{"plugin", "set", ref, "data.source=" + t.TempDir(), "LOG_LEVEL=debug"}, settings...), engine...)...); err != nil {
 		t.Fatal(err)
 	}
+	start = time.Now()
 	if _, err := Docker(ctx, "plugin", "enable", "--timeout", "30", ref); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("docker plugin enable: %s", time.Since(start).Round(time.Millisecond))
 	if id, err = Docker(ctx, "plugin", "inspect", "-f", "{{.Id}}", ref); err != nil {
 		t.Fatal(err)
 	}

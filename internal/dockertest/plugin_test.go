@@ -25,17 +25,7 @@ import (
 // that no consul-overlay link or iptables rule is left on the host.
 func TestDockerManagedPlugin(t *testing.T) {
 	Require(t)
-	root, err := RepoRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx := t.Context()
-
-	requireBusybox(t)
-	if err := BuildBusybox(ctx, root); err != nil {
-		t.Fatalf("make busybox-image: %v", err)
-	}
-
 	before, err := HostLinks(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -44,46 +34,16 @@ func TestDockerManagedPlugin(t *testing.T) {
 	// A plugin of our own, so an installed consul-overlay:latest is left
 	// alone, with its own data directory (the embedded store is locked by
 	// whichever plugin opened it).
-	ref := UniqueName("consul-overlay-dockertest:t")
-	buildDir, dataDir := t.TempDir(), t.TempDir()
-	start := time.Now()
-	if err := BuildPlugin(ctx, root, ref, buildDir); err != nil {
-		t.Fatalf("make plugin: %v", err)
-	}
-	t.Logf("make plugin %s: %s", ref, time.Since(start).Round(time.Millisecond))
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		Docker(ctx, "plugin", "disable", "-f", ref)
-		Docker(ctx, "plugin", "rm", "-f", ref)
-	})
-	id, err := Docker(ctx, "plugin", "inspect", "-f", "{{.Id}}", ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-
+	ref, id := testPlugin(t, "consul-overlay-dockertest:t", nil)
 	netName := UniqueName("codt-")
 	c1, c2 := netName+"-c1", netName+"-c2"
-	// Runs before the removals registered above (cleanups run last first),
-	// so the plugin can still be inspected.
+	// Runs before the plugin's removal (cleanups run last first), so the
+	// plugin can still be inspected.
 	t.Cleanup(func() {
 		if t.Failed() {
 			dump(t, ref, id, netName, c1, c2)
 		}
 	})
-
-	engine, err := EngineSettings()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Docker(ctx, append([]string{"plugin", "set", ref, "data.source=" + dataDir, "LOG_LEVEL=debug"}, engine...)...); err != nil {
-		t.Fatal(err)
-	}
-	start = time.Now()
-	if _, err := Docker(ctx, "plugin", "enable", "--timeout", "30", ref); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("docker plugin enable: %s", time.Since(start).Round(time.Millisecond))
 
 	// A managed plugin's driver names carry the tag: -d NAME:TAG.
 	third := 1 + rand.IntN(254)
