@@ -105,6 +105,16 @@ type Network struct {
 	// ConsulAPI lets the network's containers reach the Consul API port
 	// of Config.LinkLocal; without it their connections there are reset.
 	ConsulAPI bool
+	// Egress makes this host the way out of the network for its own
+	// containers, as Docker's bridge network is (the driver then gives
+	// containers the IPv4 gateway and Docker adds no docker_gwbridge
+	// endpoint): FORWARD lets what they start through to anywhere but
+	// another overlay or a Docker bridge (docker+, br-+), with its
+	// replies, and POSTROUTING masquerades it behind the host's address
+	// (firewall.go, egressRules). IPv4 only; not with Internal, nor with
+	// Config.NoTrackBridged for a bridge in the host's namespace (the
+	// masquerade needs the connection tracked).
+	Egress bool
 }
 
 // NetworkInfo describes the links of an ensured network.
