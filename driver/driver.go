@@ -601,7 +601,7 @@ func (d *Driver) finishLeaves(ctx context.Context) {
 
 // kernelNetwork is the data-plane description of a logical network.
 func kernelNetwork(rec cluster.Network) vxlan.Network {
-	n := vxlan.Network{VNI: rec.VNI, MTU: rec.MTU, Internal: rec.Internal, Encrypted: encryptedNetwork(rec.Options), ConsulAPI: consulAPI(rec)}
+	n := vxlan.Network{VNI: rec.VNI, MTU: rec.MTU, Internal: rec.Internal, Encrypted: encryptedNetwork(rec.Options), ConsulAPI: consulAPI(rec), Egress: egress(rec)}
 	for _, g := range rec.Gateways {
 		if p, err := netip.ParsePrefix(g); err == nil {
 			n.Gateways = append(n.Gateways, p)
@@ -1089,9 +1089,14 @@ func (d *Driver) deleteEndpoint(ctx context.Context, ep *localEndpoint) error {
 // Join hands the container end of the endpoint's veth pair to Docker.
 // CreateEndpoint made the pair; EnsureEndpoint checks it (three lookups, no
 // write) and creates or repairs it if it is missing (an endpoint created
-// by an older version, or a pair lost since). No gateway is returned, so
-// Docker attaches docker_gwbridge for outbound traffic and -p, as it does
-// for its own overlay.
+// by an older version, or a pair lost since). On a network of the default
+// egress no gateway is returned, so Docker attaches docker_gwbridge for
+// outbound traffic and -p, as it does for its own overlay. On an
+// egress=host network Join returns the network's IPv4 gateway (on the
+// bridge, or on the gateway link, of every host) with
+// DisableGatewayService: Docker programs "default via <gateway>" and adds
+// no docker_gwbridge endpoint, and the host routes and masquerades the
+// container's traffic (vxlan.Network.Egress).
 func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 	op := fmt.Sprintf("join endpoint %s", short(req.EndpointID))
 	ctx, cancel, err := d.callCtx(op)
@@ -1102,6 +1107,16 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 	l, err := d.knownNetwork(op, req.NetworkID)
 	if err != nil {
 		return nil, err
+	}
+	var gateway netip.Addr
+	if egress(l.rec) {
+		// Checked before anything is marked joined: CreateNetwork refuses
+		// egress=host without an IPv4 gateway, so only a damaged record
+		// lands here.
+		if gateway = ipv4Gateway(l.rec); !gateway.IsValid() {
+			return nil, fmt.Errorf("%s: consul-overlay network %s (Docker network %s) has egress=%s but no IPv4 gateway in its record (gateways %v): the container would have no way out",
+				op, l.rec.Label(), short(req.NetworkID), egressHost, l.rec.Gateways)
+		}
 	}
 	d.mu.Lock()
 	ep := d.endpoints[req.EndpointID]
@@ -1136,10 +1151,17 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 	}
 	d.point("join/after-veth")
 	resp := &network.JoinResponse{InterfaceName: network.InterfaceName{SrcName: ifname, DstPrefix: "eth"}}
+	if gateway.IsValid() {
+		// IPv4 only: no GatewayIPv6, so an IPv6 container has no IPv6
+		// default route (DisableGatewayService keeps docker_gwbridge
+		// away for both).
+		resp.Gateway = gateway.String()
+		resp.DisableGatewayService = true
+	}
 	if r := d.linkLocalRoute(ep, req.SandboxKey); r != nil {
 		resp.StaticRoutes = append(resp.StaticRoutes, r)
 	}
-	d.log.Info("endpoint joined", netAttrs(l.rec, req.NetworkID, "endpoint", short(req.EndpointID), "link", ifname, "linklocal_route", len(resp.StaticRoutes) > 0)...)
+	d.log.Info("endpoint joined", netAttrs(l.rec, req.NetworkID, "endpoint", short(req.EndpointID), "link", ifname, "linklocal_route", len(resp.StaticRoutes) > 0, "gateway", resp.Gateway)...)
 	d.joined(l, ep, req)
 	return resp, nil
 }
@@ -1258,10 +1280,33 @@ func (d *Driver) DiscoverNew(*network.DiscoveryNotification) error { return nil 
 // DiscoverDelete: see DiscoverNew.
 func (d *Driver) DiscoverDelete(*network.DiscoveryNotification) error { return nil }
 
-// ProgramExternalConnectivity: outbound traffic and published ports go
-// through docker_gwbridge, which Docker manages.
-func (d *Driver) ProgramExternalConnectivity(*network.ProgramExternalConnectivityRequest) error {
-	return nil
+// ProgramExternalConnectivity is called on the endpoint that became the
+// container's gateway, with the sandbox's options. On a network of the
+// default egress that is never a consul-overlay endpoint (Join returns no
+// gateway): outbound traffic and published ports go through
+// docker_gwbridge, which Docker manages. An egress=host network is the
+// container's way out, but consul-overlay publishes no ports: a container
+// with published ports (-p, or -P with exposed ports) is refused rather
+// than started with ports that answer nothing. Docker then undoes the
+// join (Leave, DeleteEndpoint), and restores the external connectivity
+// of the gateway it had before, if any.
+func (d *Driver) ProgramExternalConnectivity(req *network.ProgramExternalConnectivityRequest) error {
+	ports := publishedPorts(req.Options[optPortMap])
+	if len(ports) == 0 {
+		return nil
+	}
+	op := fmt.Sprintf("program external connectivity of endpoint %s", short(req.EndpointID))
+	_, cancel, err := d.callCtx(op)
+	if err != nil {
+		return err
+	}
+	cancel()
+	l := d.network(req.NetworkID)
+	if l == nil || !egress(l.rec) {
+		return nil
+	}
+	return fmt.Errorf("%s: published ports (-p %s) are not supported on consul-overlay network %s (Docker network %s) with egress=%s: publish them through a bridge network, or create the network without -o egress=%s",
+		op, strings.Join(ports, ", -p "), l.rec.Label(), short(req.NetworkID), egressHost, egressHost)
 }
 
 // RevokeExternalConnectivity: see ProgramExternalConnectivity.

@@ -333,6 +333,7 @@ func FuzzCreateNetworkRequest(f *testing.F) {
 	f.Add(`{"NetworkID":"x","Options":{"com.docker.network.generic":{"name":"app","vni":"7"}},"IPv4Data":[{"AddressSpace":"ours","Pool":"10.0.0.0/24","Gateway":"10.0.0.1/24"}]}`)
 	f.Add(`{"Options":{"com.docker.network.generic":"oops","com.docker.network.internal":"true"}}`)
 	f.Add(`{"IPv6Data":[{"Pool":"fd00::/64","Gateway":"fd00::1/64"},null]}`)
+	f.Add(`{"Options":{"com.docker.network.generic":{"egress":"host"},"com.docker.network.internal":true},"IPv4Data":[{"Pool":"10.0.0.0/24","Gateway":"10.0.0.1/24"}]}`)
 	f.Fuzz(func(t *testing.T, body string) {
 		var req network.CreateNetworkRequest
 		if json.Unmarshal([]byte(body), &req) != nil {
@@ -344,6 +345,9 @@ func FuzzCreateNetworkRequest(f *testing.F) {
 		}
 		if o.vni > maxVNI || (o.mtu != 0 && o.mtu < minMTUv4) {
 			t.Fatalf("accepted out-of-range options %+v", o)
+		}
+		if o.egress && (o.internal || !hasIPv4Gateway(o.gateways)) {
+			t.Fatalf("accepted egress=host on an internal network or one without an IPv4 gateway: %+v", o)
 		}
 		if _, err := cluster.Key(o.name, o.subnets); err == nil && o.name != "" && !cluster.ValidName(o.name) {
 			t.Fatalf("accepted bad name %q", o.name)

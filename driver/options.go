@@ -31,6 +31,17 @@ const (
 	// optConsulAPI lets the network's containers reach the host's Consul
 	// API on the well-known address (port 8500).
 	optConsulAPI = "consul_api"
+	// optEgress says how the network's containers get out: egressDocker
+	// (the default, as Docker's overlay: Docker adds an endpoint on
+	// docker_gwbridge) or egressHost (each host routes and masquerades its
+	// own containers' IPv4 traffic, and Join gives them its gateway).
+	optEgress = "egress"
+)
+
+// The values of -o egress.
+const (
+	egressDocker = "docker"
+	egressHost   = "host"
 )
 
 // Limits for user-supplied values.
@@ -52,10 +63,13 @@ type networkOptions struct {
 	// encrypted: -o encrypted (Docker's overlay takes it without a
 	// value) or -o encrypted=true: VXLAN in IPsec ESP between the hosts.
 	encrypted bool
-	generic   map[string]string
-	subnets   []netip.Prefix // IPv4 first, as Docker sends them
-	gateways  []netip.Prefix
-	spaces    []string // IPAM address spaces, one per subnet
+	// egress: -o egress=host, this host is the way out of the network for
+	// its containers.
+	egress   bool
+	generic  map[string]string
+	subnets  []netip.Prefix // IPv4 first, as Docker sends them
+	gateways []netip.Prefix
+	spaces   []string // IPAM address spaces, one per subnet
 }
 
 // parseNetworkOptions validates CreateNetwork's options and IPAM data. Any
@@ -97,6 +111,12 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 			if _, err := strconv.ParseBool(v); err != nil {
 				return nil, fmt.Errorf("option consul_api=%q: want true or false", v)
 			}
+		case optEgress:
+			b, err := parseEgress(v)
+			if err != nil {
+				return nil, err
+			}
+			o.egress = b
 		case optServicePrefix:
 			if strings.ContainsAny(v, " /") {
 				return nil, fmt.Errorf("option service_prefix=%q: no spaces or slashes in a service name", v)
@@ -122,7 +142,10 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 	}
 	if len(unknown) > 0 {
 		sort.Strings(unknown)
-		return nil, fmt.Errorf("unknown option %s: consul-overlay takes -o name=, vni=, mtu= (or %s), register=, service_prefix=, encrypted=, consul_api=", strings.Join(unknown, ", "), optDockerMTU)
+		return nil, fmt.Errorf("unknown option %s: consul-overlay takes -o name=, vni=, mtu= (or %s), register=, service_prefix=, encrypted=, consul_api=, egress=", strings.Join(unknown, ", "), optDockerMTU)
+	}
+	if o.egress && o.internal {
+		return nil, fmt.Errorf("option egress=%s: an --internal network has no way out; create it without one of them", egressHost)
 	}
 
 	for _, list := range [][]*network.IPAMData{req.IPv4Data, req.IPv6Data} {
@@ -144,6 +167,9 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 				o.gateways = append(o.gateways, g)
 			}
 		}
+	}
+	if o.egress && !hasIPv4Gateway(o.gateways) {
+		return nil, fmt.Errorf("option egress=%s: the network has no IPv4 gateway for its containers to route through (egress is IPv4 only; an IPv6-only network cannot have it)", egressHost)
 	}
 	if o.mtu != 0 {
 		min := minMTUv4
@@ -185,15 +211,37 @@ func parseEncrypted(v string) (bool, error) {
 	return b, nil
 }
 
+// parseEgress reads -o egress: true for egressHost, false for
+// egressDocker.
+func parseEgress(v string) (bool, error) {
+	switch strings.TrimSpace(v) {
+	case egressDocker:
+		return false, nil
+	case egressHost:
+		return true, nil
+	}
+	return false, fmt.Errorf("option egress=%q: want %s (the default: Docker's docker_gwbridge) or %s (this host routes and masquerades the containers' IPv4 traffic)", v, egressDocker, egressHost)
+}
+
+// egressName is the -o egress value of an egress setting, for messages.
+func egressName(host bool) string {
+	if host {
+		return egressHost
+	}
+	return egressDocker
+}
+
 // differingSettings lists the settings of a CreateNetwork (o) that differ
 // from the logical network rec it joins:
 // every host of a logical network programs its bridge and registers its
 // containers from the one record, so a host that asked for another
-// (--internal, consul_api, register, service_prefix, encrypted) would get
-// the first host's silently, for example the Consul API reachable from
-// containers of a network that did not ask for it. Both sides are read as
-// the data plane (kernelNetwork) and the registrar (serviceEndpoint) read
-// a record. Each difference reads "setting=recorded, this request asked".
+// (--internal, consul_api, egress, register, service_prefix, encrypted)
+// would get the first host's silently, for example the Consul API
+// reachable from containers of a network that did not ask for it, or
+// containers masqueraded by the host (egress=host) when their network
+// asked for docker_gwbridge. Both sides are read as the data plane
+// (kernelNetwork) and the registrar (serviceEndpoint) read a record. Each
+// difference reads "setting=recorded, this request asked".
 func differingSettings(rec cluster.Network, o *networkOptions) []string {
 	asked := cluster.Network{Internal: o.internal, Options: o.generic}
 	hk, ak := kernelNetwork(rec), kernelNetwork(asked)
@@ -207,6 +255,7 @@ func differingSettings(rec cluster.Network, o *networkOptions) []string {
 	differs("internal", hk.Internal, ak.Internal)
 	differs("encrypted", hk.Encrypted, ak.Encrypted)
 	differs(optConsulAPI, hk.ConsulAPI, ak.ConsulAPI)
+	differs(optEgress, egressName(hk.Egress), egressName(ak.Egress))
 	differs(optRegister, hs.Register, as.Register)
 	differs(optServicePrefix, fmt.Sprintf("%q", hs.ServicePrefix), fmt.Sprintf("%q", as.ServicePrefix))
 	return out

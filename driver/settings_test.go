@@ -13,8 +13,8 @@ import (
 // TestJoinWithOtherSettingsRefused: every host of a logical network
 // programs its bridge and registers its containers from the one record,
 // so a host that creates the network with other settings than the record
-// (--internal, consul_api, register, service_prefix, encrypted) is
-// refused, naming the setting, instead of silently getting the first
+// (--internal, consul_api, egress, register, service_prefix, encrypted)
+// is refused, naming the setting, instead of silently getting the first
 // host's: a network created without consul_api must not let its
 // containers reach the Consul API because another host asked for it.
 func TestJoinWithOtherSettingsRefused(t *testing.T) {
@@ -24,6 +24,8 @@ func TestJoinWithOtherSettingsRefused(t *testing.T) {
 		bInt    bool
 	}{
 		{"consul_api", map[string]interface{}{"consul_api": "true"}, nil, false},
+		{"egress", map[string]interface{}{"egress": "host"}, nil, false},
+		{"egress", nil, map[string]interface{}{"egress": "host"}, false},
 		{"internal", nil, nil, true},
 		{"register", nil, map[string]interface{}{"register": "false"}, false},
 		{"service_prefix", map[string]interface{}{"service_prefix": "x-"}, nil, false},
