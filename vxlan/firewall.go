@@ -52,6 +52,11 @@ const FirewallChain = "CONSUL-OVERLAY"
 // Those replies are addressed to the host, so NOTRACK (which skips only
 // what is not for a local address) leaves them tracked.
 //
+// A network with Network.Egress (IPv4 only) gets its own FORWARD rules
+// above the shared ones (egressRules: replies in; out to anywhere but
+// another overlay or a Docker bridge) and a masquerade rule per subnet
+// in the nat table's POSTROUTING (masqueradeRules).
+//
 // A network in the data-plane namespace (Config.DataplaneNS) meets the
 // host's hooks only on its gateway link vxg-<vni>, the host's way in and
 // out of it: its bridged frames never cross the host's namespace. With a
@@ -251,7 +256,7 @@ func (f *firewall) apply(ctx context.Context, bin string, b batch) (int, error) 
 	}
 	if r := f.restore[bin]; r != "" {
 		var in strings.Builder
-		for _, table := range []string{"filter", "raw", "mangle"} {
+		for _, table := range []string{"filter", "raw", "mangle", "nat"} {
 			var lines []string
 			for _, w := range b {
 				if w.table == table {
@@ -444,8 +449,9 @@ func (r chainRule) withoutComment() string {
 
 // The rule set is constant-size: the FORWARD rules are three wildcard
 // rules for every overlay bridge (vxbr-+), and so are the link-local
-// rules; only an internal network (two INPUT rules) and a network with
-// Network.ConsulAPI (one INPUT rule) add rules of their own. Every write of
+// rules; only an internal network (two INPUT rules), a network with
+// Network.ConsulAPI (one INPUT rule) and one with Network.Egress (six
+// FORWARD rules and a nat rule) add rules of their own. Every write of
 // one call (EnsureNetwork, DeleteNetwork, Reconcile, SetAllowedVTEPs) is
 // planned from one listing per command (`iptables-save`, one process) and
 // written in one `iptables-restore --noflush` transaction per command,
@@ -532,6 +538,103 @@ func gatewayForwardRules(mark string) [][]string {
 	return [][]string{
 		slices.Concat([]string{"-o", gatewayWildcard}, c, []string{"-j", "DROP"}),
 		slices.Concat([]string{"-i", gatewayWildcard}, c, []string{"-j", "DROP"}),
+	}
+}
+
+// egressRules are the FORWARD rules of a network with Network.Egress,
+// whose interface in the host's namespace is iface, in chain order; they
+// are inserted above the shared rules. The replies to what its containers
+// started come back in; what they start goes out to anywhere but into
+// another overlay (vxbr-+, vxg-+) or one of Docker's bridge networks
+// (docker0, docker_gwbridge, br-<id>), as a container of Docker's own
+// bridge network is kept off the others. The DROPs spare bridged frames
+// (-i and -o the same bridge under br_netfilter), which the shared ACCEPT
+// passes wherever it stands.
+//
+//	-A CONSUL-OVERLAY -o vxbr-0a1b -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment <mark> -j ACCEPT
+//	-A CONSUL-OVERLAY -i vxbr-0a1b -o vxbr-+ -m physdev ! --physdev-is-bridged -m comment --comment <mark> -j DROP
+//	(the same for -o vxg-+, -o docker+ and -o br-+)
+//	-A CONSUL-OVERLAY -i vxbr-0a1b -m comment --comment <mark> -j ACCEPT
+func egressRules(iface, mark string) [][]string {
+	c := []string{"-m", "comment", "--comment", mark}
+	out := [][]string{slices.Concat([]string{"-o", iface, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"}, c, []string{"-j", "ACCEPT"})}
+	for _, o := range []string{wildcard, gatewayWildcard, "docker+", "br-+"} {
+		out = append(out, slices.Concat([]string{"-i", iface, "-o", o, "-m", "physdev", "!", "--physdev-is-bridged"}, c, []string{"-j", "DROP"}))
+	}
+	return append(out, slices.Concat([]string{"-i", iface}, c, []string{"-j", "ACCEPT"}))
+}
+
+// egressIface is the network interface whose egressRules r is one of, ""
+// when it is none.
+func egressIface(r chainRule, mark string) string {
+	for _, i := range r.ifaces {
+		if !netIface(i) {
+			continue
+		}
+		text := strings.Join(r.fields, " ")
+		for _, e := range egressRules(i, mark) {
+			if strings.Join(e, " ") == text {
+				return i
+			}
+		}
+	}
+	return ""
+}
+
+// masqueradeRules are the nat-table POSTROUTING rules of a network with
+// Network.Egress: what its containers send out of the host through any
+// other interface leaves with the host's address, one rule per IPv4
+// subnet (the masked Gateways).
+//
+//	-t nat -A POSTROUTING -s 10.10.0.0/24 ! -o vxbr-0a1b -m comment --comment <mark> -j MASQUERADE
+func masqueradeRules(iface string, n Network, mark string) [][]string {
+	var out [][]string
+	for _, g := range n.Gateways {
+		if !g.Addr().Is4() {
+			continue
+		}
+		out = append(out, []string{"-s", g.Masked().String(), "!", "-o", iface, "-m", "comment", "--comment", mark, "-j", "MASQUERADE"})
+	}
+	return out
+}
+
+// planNat plans the masquerade rules of the networks with Egress (IPv4
+// commands only); as planForward, a rule of an interface neither planned
+// nor gone stays unless the spec is complete.
+func (f *firewall) planNat(b *batch, bin string, l listing, s fwSpec) {
+	want := map[string][]string{}
+	var order []string
+	if !f.v6[bin] && s.shared != sharedDrop {
+		for _, br := range sortedBridges(s.bridges) {
+			if n := s.bridges[br]; n.Egress {
+				for _, r := range masqueradeRules(br, n, f.mark) {
+					text := strings.Join(r, " ")
+					want[text], order = r, append(order, text)
+				}
+			}
+		}
+	}
+	have := map[string]bool{}
+	lines, _ := l.chain("nat", "POSTROUTING")
+	for _, line := range lines {
+		r := parseRule(line)
+		if !r.marked || r.comment != f.mark {
+			continue
+		}
+		text := strings.Join(r.fields, " ")
+		if want[text] != nil && !have[text] {
+			have[text] = true
+			continue
+		}
+		i := r.value("-o")
+		if s.shared == sharedDrop || s.gone[i] || hasBridge(s.bridges, i) || s.complete && netIface(i) {
+			b.addIn("nat", slices.Concat([]string{"-D", "POSTROUTING"}, r.fields)...)
+		}
+	}
+	for _, text := range order {
+		if !have[text] {
+			b.addIn("nat", slices.Concat([]string{"-A", "POSTROUTING"}, want[text])...)
+		}
 	}
 }
 
@@ -645,6 +748,9 @@ func (f *firewall) sync(ctx context.Context, s fwSpec) (int, error) {
 	if s.shared != sharedKeep {
 		tables = append(tables, "raw")
 	}
+	if s.bridges != nil || s.gone != nil || s.shared != sharedKeep {
+		tables = append(tables, "nat")
+	}
 	var next map[netip.Addr]bool // written by the underlay command's plan only
 	changes, err := f.eachParallel(ctx, func(bin string) (batch, error) {
 		l, err := f.list(ctx, bin, tables...)
@@ -661,8 +767,9 @@ func (f *firewall) sync(ctx context.Context, s fwSpec) (int, error) {
 				next = n
 			}
 		}
-		f.planForward(&b, l, s)
+		f.planForward(&b, bin, l, s)
 		f.planInput(&b, bin, l, s)
+		f.planNat(&b, bin, l, s)
 		if s.shared != sharedKeep {
 			f.planRaw(&b, l, s)
 		}
@@ -764,7 +871,7 @@ func (f *firewall) planUnderlay(b *batch, bin string, isUL bool, lines []string,
 // the wildcard rules (per-bridge rules of older versions go: the wildcard
 // covers them), with sharedDrop none, with sharedKeep the rules of gone
 // bridges go.
-func (f *firewall) planForward(b *batch, l listing, s fwSpec) {
+func (f *firewall) planForward(b *batch, bin string, l listing, s fwSpec) {
 	accept, drops := forwardRules(f.mark)
 	if s.gateways {
 		drops = append(drops, gatewayForwardRules(f.mark)...)
@@ -775,6 +882,15 @@ func (f *firewall) planForward(b *batch, l listing, s fwSpec) {
 			want[strings.Join(r, " ")] = true
 		}
 	}
+	// egressOf tells the interface whose egress rules a rule is, if it
+	// is one; egressSeen collects them in chain order.
+	egressOf := map[string]string{}
+	for _, br := range sortedBridges(s.bridges) {
+		for _, r := range egressRules(br, f.mark) {
+			egressOf[strings.Join(r, " ")] = br
+		}
+	}
+	egressSeen := map[string][]string{}
 	have := map[string]bool{}
 	lines, _ := l.chain("filter", FirewallChain)
 	for _, line := range lines {
@@ -787,6 +903,19 @@ func (f *firewall) planForward(b *batch, l listing, s fwSpec) {
 			have[text] = true
 			continue
 		}
+		if i := egressIface(r, f.mark); i != "" {
+			// Another network's egress rules stay unless it is gone;
+			// a planned network's are checked as a whole below.
+			switch br, planned := egressOf[text]; {
+			case s.gone[i], s.complete && !hasBridge(s.bridges, i), s.shared == sharedDrop:
+				b.add(slices.Concat([]string{"-D", FirewallChain}, r.fields)...)
+			case planned && s.bridges[br].Egress && !f.v6[bin]:
+				egressSeen[br] = append(egressSeen[br], text)
+			case hasBridge(s.bridges, i):
+				b.add(slices.Concat([]string{"-D", FirewallChain}, r.fields)...)
+			}
+			continue
+		}
 		del := s.shared != sharedKeep
 		for _, i := range r.ifaces {
 			if s.gone[i] || (s.complete && netIface(i) && !hasBridge(s.bridges, i)) {
@@ -795,6 +924,29 @@ func (f *firewall) planForward(b *batch, l listing, s fwSpec) {
 		}
 		if del {
 			b.add(slices.Concat([]string{"-D", FirewallChain}, r.fields)...)
+		}
+	}
+	// Each egress network's rules, exactly and in order, above the shared
+	// DROPs: a set that is not whole is written again, at the top.
+	if !f.v6[bin] && s.shared != sharedDrop {
+		for _, br := range sortedBridges(s.bridges) {
+			if !s.bridges[br].Egress {
+				continue
+			}
+			rules := egressRules(br, f.mark)
+			texts := make([]string, len(rules))
+			for i, r := range rules {
+				texts[i] = strings.Join(r, " ")
+			}
+			if slices.Equal(egressSeen[br], texts) {
+				continue
+			}
+			for _, t := range egressSeen[br] {
+				b.add(slices.Concat([]string{"-D", FirewallChain}, strings.Fields(t))...)
+			}
+			for i := len(rules) - 1; i >= 0; i-- {
+				b.add(slices.Concat([]string{"-I", FirewallChain, "1"}, rules[i])...)
+			}
 		}
 	}
 	if s.shared != sharedWant {

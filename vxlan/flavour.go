@@ -379,7 +379,7 @@ func (m *Manager) moveFirewall(ctx context.Context, old flavourChoice) error {
 	prev.mark = m.mark
 	listings := map[string]listing{}
 	for _, bin := range prev.bins {
-		l, err := prev.list(ctx, bin, "filter", "raw", "mangle")
+		l, err := prev.list(ctx, bin, "filter", "raw", "mangle", "nat")
 		if err != nil {
 			return fmt.Errorf("list the %s flavour's rules: %w", old.name, err)
 		}
@@ -413,7 +413,7 @@ func (m *Manager) moveFirewall(ctx context.Context, old flavourChoice) error {
 		}
 	}
 	_, err = prev.each(ctx, func(bin string) (batch, error) {
-		l, err := prev.list(ctx, bin, "filter", "raw", "mangle")
+		l, err := prev.list(ctx, bin, "filter", "raw", "mangle", "nat")
 		if err != nil {
 			return nil, err
 		}
@@ -425,7 +425,8 @@ func (m *Manager) moveFirewall(ctx context.Context, old flavourChoice) error {
 // heldNetwork is the Network whose rules the listings hold for interface
 // br (a bridge, or a gateway link):
 // Internal if its internal rules are there, ConsulAPI if its Consul API
-// rule is.
+// rule is, Egress (with the subnets as Gateways) if its masquerade rules
+// are.
 func (f *firewall) heldNetwork(listings map[string]listing, br string, ll netip.Addr) Network {
 	_, drop := internalRules(br, f.mark)
 	internal := strings.Join(drop, " ")
@@ -444,6 +445,16 @@ func (f *firewall) heldNetwork(listings map[string]listing, br string, ll netip.
 				n.ConsulAPI = api != ""
 			}
 		}
+		lines, _ = l.chain("nat", "POSTROUTING")
+		for _, line := range lines {
+			r := parseRule(line)
+			if !r.marked || r.comment != f.mark || r.value("-o") != br || r.value("-j") != "MASQUERADE" {
+				continue
+			}
+			if p, err := netip.ParsePrefix(r.value("-s")); err == nil && !slices.Contains(n.Gateways, p) {
+				n.Egress, n.Gateways = true, append(n.Gateways, p)
+			}
+		}
 	}
 	return n
 }
@@ -456,7 +467,7 @@ func (f *firewall) planPurge(l listing) batch {
 	var b batch
 	for _, c := range []struct{ table, chain string }{
 		{"filter", FirewallChain}, {"filter", InputChain}, {"raw", "PREROUTING"},
-		{"mangle", ESPOutChain}, {"mangle", ESPInChain},
+		{"mangle", ESPOutChain}, {"mangle", ESPInChain}, {"nat", "POSTROUTING"},
 	} {
 		lines, _ := l.chain(c.table, c.chain)
 		for _, line := range lines {

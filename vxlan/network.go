@@ -38,6 +38,15 @@ func (m *Manager) EnsureNetwork(ctx context.Context, n Network) (NetworkInfo, er
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if n.Egress {
+		ns, err := m.nsOf(n.VNI)
+		if err != nil {
+			return NetworkInfo{}, fmt.Errorf("ensure network (vni %d): %w", n.VNI, err)
+		}
+		if err := m.egressRefused(n, ns.dp); err != nil {
+			return NetworkInfo{}, fmt.Errorf("ensure network (vni %d): %w", n.VNI, err)
+		}
+	}
 	var ch Changes
 	info, err := m.ensureNetwork(ctx, n, false, &ch)
 	if err != nil {
@@ -47,6 +56,22 @@ func (m *Manager) EnsureNetwork(ctx context.Context, n Network) (NetworkInfo, er
 		m.log.Info("network ensured", "vni", n.VNI, "link", info.VXLAN, "bridge", info.Bridge, "mtu", info.MTU, "changes", ch.Total())
 	}
 	return info, nil
+}
+
+// egressRefused says why network n cannot have Egress on this host (dp:
+// its bridge is in the data-plane namespace), nil when it can.
+func (m *Manager) egressRefused(n Network, dp bool) error {
+	switch {
+	case n.Internal:
+		return errors.New("egress on an internal network: an internal network has no way out")
+	case !m.fw.enabled():
+		return errors.New("egress without iptables: the masquerade and forwarding rules need it")
+	case m.fw.notrack && !dp:
+		return errors.New("egress with bridged traffic untracked (BRIDGE_CONNTRACK=false): the masquerade needs it tracked")
+	case m.cfg.Sysctl != "-" && forwardingOff(m.cfg.Sysctl):
+		return errors.New("egress with IPv4 forwarding off (net.ipv4.ip_forward=0): dockerd turns it on unless started with --ip-forward=false")
+	}
+	return nil
 }
 
 // ensureNetwork is EnsureNetwork with m.mu held, counting into ch. With

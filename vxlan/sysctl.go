@@ -61,3 +61,18 @@ func raiseGCThresh(root string, log *slog.Logger) {
 		log.Info("neighbour table limit raised", "sysctl", name, "from", cur, "to", s.want)
 	}
 }
+
+// forwardingOff tells whether IPv4 forwarding is off in the sysctl tree
+// root ("" for /proc/sys): a network with Egress routes nothing then.
+// dockerd turns it on when it starts (its --ip-forward, on by default).
+// A value that cannot be read counts as on: the check is a courtesy, the
+// traffic itself tells.
+//
+// Equivalent to: `sysctl -n net.ipv4.ip_forward` = 0.
+func forwardingOff(root string) bool {
+	if root == "" {
+		root = "/proc/sys"
+	}
+	b, err := os.ReadFile(filepath.Join(root, "net/ipv4/ip_forward"))
+	return err == nil && strings.TrimSpace(string(b)) == "0"
+}

@@ -359,7 +359,7 @@ COMMIT
 		parseListing(l, "", save)
 		var b batch
 		f.planBase(&b, l)
-		f.planForward(&b, l, spec)
+		f.planForward(&b, "iptables", l, spec)
 		f.planInput(&b, "iptables", l, spec)
 		f.planRaw(&b, l, spec)
 		var out []string

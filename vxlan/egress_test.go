@@ -1,0 +1,238 @@
+package vxlan
+
+import (
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"consul-overlay/internal/testenv"
+)
+
+// egressManager is h's Manager for egress networks: as h.m, with bridged
+// traffic tracked (the masquerade needs it in the host's layout).
+func (h *testHost) egressManager(t *testing.T) *Manager {
+	t.Helper()
+	dp := ""
+	if h.dp != nil {
+		dp = h.dp.Path
+	}
+	m, err := NewAt(Config{
+		DataplaneNS: dp,
+		VTEP:        h.Addr,
+		IPTables:    nsWrapper(t, h.NS, "iptables"),
+		IP6Tables:   nsWrapper(t, h.NS, "ip6tables"),
+		Sysctl:      "-",
+		Logger:      testLogger(t).With("host", h.Addr),
+	}, h.NS.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+// outside joins a new namespace to h's by a veth pair named name (h's
+// end) on the /30 p: h's end gets p's first address, the namespace's end
+// the second, and the namespace has no other route. It stands for the
+// world beyond the host (or, with a bridge, one of Docker's bridge
+// networks): what an overlay's container sends there is answered only if
+// the host masqueraded it.
+func outside(t *testing.T, h *testHost, name string, p netip.Prefix, bridge string) (*testenv.NetNS, netip.Addr) {
+	t.Helper()
+	o := testenv.NewNetNS(t)
+	hostAddr := p.Addr().Next()
+	far := hostAddr.Next()
+	h.NS.MustRun(t, "ip", "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", o.Name)
+	iface := name
+	if bridge != "" {
+		h.NS.MustRun(t, "ip", "link", "add", bridge, "type", "bridge")
+		h.NS.MustRun(t, "ip", "link", "set", name, "master", bridge)
+		h.NS.MustRun(t, "ip", "link", "set", bridge, "up")
+		iface = bridge
+	}
+	h.NS.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(hostAddr, p.Bits()).String(), "dev", iface)
+	h.NS.MustRun(t, "ip", "link", "set", name, "up")
+	o.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(far, p.Bits()).String(), "dev", "eth0")
+	o.MustRun(t, "ip", "link", "set", "eth0", "up")
+	o.MustRun(t, "ip", "link", "set", "lo", "up")
+	return o, far
+}
+
+// A network with Egress is its containers' way out: under dockerd's
+// FORWARD policy DROP what they start reaches a host beyond this one that
+// has no route back to the overlay (so it was masqueraded), while a
+// network without Egress stays cut off, the egress network's containers
+// reach neither another overlay nor a Docker bridge network, and its
+// bridged traffic still flows. Another network's EnsureNetwork and a
+// complete Reconcile keep its rules; DeleteNetwork removes them.
+func TestEgress(t *testing.T) {
+	t.Parallel()
+	inLayouts(t, true, testEgress)
+}
+
+func testEgress(t *testing.T, dp bool) {
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
+	m := h.egressManager(t)
+	iptables(t, h, "iptables", "-P", "FORWARD", "DROP")
+	h.NS.MustRun(t, "sysctl", "-w", "net.ipv4.ip_forward=1")
+	_, world := outside(t, h, "egw0", pfx("10.47.9.0/30"), "")
+	_, dockerC := outside(t, h, "egd0", pfx("10.47.9.4/30"), "br-egtest")
+
+	const vniOut, vniIn = 0x46, 0x48
+	egress := Network{VNI: vniOut, Egress: true, Gateways: []netip.Prefix{pfx("10.46.0.1/24")}}
+	plain := Network{VNI: vniIn, Gateways: []netip.Prefix{pfx("10.48.0.1/24")}}
+	for _, n := range []Network{egress, plain} { // the second keeps the first's rules
+		if _, err := m.EnsureNetwork(t.Context(), n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	iface := BridgeName(vniOut)
+	if dp {
+		iface = GatewayName(vniOut)
+	}
+	wantNat := "-A POSTROUTING -s 10.46.0.0/24 ! -o " + iface + " -m comment --comment consul-overlay -j MASQUERADE"
+	checkEgressRules := func(when string) {
+		t.Helper()
+		var want []string
+		for _, r := range egressRules(iface, "consul-overlay") {
+			want = append(want, "-A "+FirewallChain+" "+strings.Join(r, " "))
+		}
+		// The set, whole and in order, above the shared DROPs.
+		got := fwRules(t, h, "iptables")
+		at, drops := slices.Index(got, want[0]), slices.Index(got, "-A CONSUL-OVERLAY -o vxbr-+ -m comment --comment consul-overlay -j DROP")
+		if at < 0 || at+len(want) > drops || !slices.Equal(got[at:at+len(want)], want) {
+			t.Errorf("%s: iptables rules:\n%s\nwant, above the shared DROPs:\n%s", when, strings.Join(got, "\n"), strings.Join(want, "\n"))
+		}
+		if got := fwRules(t, h, "ip6tables"); slices.ContainsFunc(got, func(r string) bool { return strings.Contains(r, iface) }) {
+			t.Errorf("%s: ip6tables rules of %s:\n%s", when, iface, strings.Join(got, "\n"))
+		}
+		if got := iptables(t, h, "iptables", "-t", "nat", "-S", "POSTROUTING"); !strings.Contains(got, wantNat) {
+			t.Errorf("%s: no %q in\n%s", when, wantNat, got)
+		}
+	}
+	checkEgressRules("after EnsureNetwork of both")
+
+	c1 := h.runWith(t, m, vniOut, []netip.Prefix{pfx("10.46.0.2/24")}, addr("10.46.0.1"))
+	c2 := h.runWith(t, m, vniOut, []netip.Prefix{pfx("10.46.0.3/24")}, addr("10.46.0.1"))
+	cPlain := h.runWith(t, m, vniIn, []netip.Prefix{pfx("10.48.0.2/24")}, addr("10.48.0.1"))
+
+	mustPing(t, c1.ns, world)                // out, masqueraded: the far end has no route back
+	mustPing(t, c1.ns, addr("10.46.0.3"))    // bridged, within the network
+	mustNotPing(t, cPlain.ns, world)         // no egress: cut off
+	mustNotPing(t, c1.ns, addr("10.48.0.2")) // into another overlay
+	mustNotPing(t, c2.ns, dockerC)           // into a Docker bridge network
+	drop := "-A " + FirewallChain + " " + strings.Join(egressRules(iface, "consul-overlay")[4], " ")
+	if n := ruleCounter(t, h, "iptables", drop); n == 0 {
+		t.Errorf("the ping into a Docker bridge network was not dropped by %q", drop)
+	}
+
+	st := State{Networks: []Network{egress, plain}}
+	for _, c := range []*container{c1, c2, cPlain} {
+		st.Endpoints = append(st.Endpoints, Endpoint{ID: c.id, VNI: c.vni, MAC: c.mac})
+	}
+	if _, err := m.Reconcile(t.Context(), st); err != nil {
+		t.Fatal(err)
+	}
+	checkEgressRules("after a complete Reconcile")
+	mustPing(t, c2.ns, world)
+
+	if err := m.DeleteNetwork(t.Context(), vniIn); err != nil {
+		t.Fatal(err)
+	}
+	checkEgressRules("after DeleteNetwork of the other network")
+	if err := m.DeleteNetwork(t.Context(), vniOut); err != nil {
+		t.Fatal(err)
+	}
+	if got := fwRules(t, h, "iptables"); len(got) != 0 {
+		t.Errorf("iptables rules after the last network:\n%s", strings.Join(got, "\n"))
+	}
+	if got := iptables(t, h, "iptables", "-t", "nat", "-S", "POSTROUTING"); strings.Contains(got, "consul-overlay") {
+		t.Errorf("masquerade rules after the last network:\n%s", got)
+	}
+}
+
+// EnsureNetwork refuses Egress where it could not work, naming why, and
+// leaves nothing behind: on an internal network, and with bridged traffic
+// untracked for a bridge in the host's namespace (in the data-plane
+// namespace the host's namespace only routes it, tracked).
+func TestEgressRefused(t *testing.T) {
+	t.Parallel()
+	inLayouts(t, true, func(t *testing.T, dp bool) {
+		h := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
+		gw := []netip.Prefix{pfx("10.46.0.1/24")}
+		_, err := h.egressManager(t).EnsureNetwork(t.Context(), Network{VNI: 0x46, Egress: true, Internal: true, Gateways: gw})
+		if err == nil || !strings.Contains(err.Error(), "internal") {
+			t.Errorf("internal network with egress: error %v, want one naming internal", err)
+		}
+		_, err = h.m.EnsureNetwork(t.Context(), Network{VNI: 0x47, Egress: true, Gateways: gw})
+		switch {
+		case dp && err != nil:
+			t.Errorf("egress in the data-plane namespace with NoTrackBridged: %v", err)
+		case !dp && (err == nil || !strings.Contains(err.Error(), "BRIDGE_CONNTRACK")):
+			t.Errorf("egress with NoTrackBridged: error %v, want one naming BRIDGE_CONNTRACK", err)
+		}
+		if !dp {
+			if got := linkNames(t, h); slices.ContainsFunc(got, func(n string) bool { return strings.Contains(n, "000046") || strings.Contains(n, "000047") }) {
+				t.Errorf("links after refused networks: %q", got)
+			}
+		}
+	})
+}
+
+// The egress plan, from listings: a set that lost a rule is written again
+// whole (its rules could not keep their order otherwise); an EnsureNetwork
+// of another network keeps a network's set and masquerade; a complete spec
+// drops those of a network it does not list; an ip6tables command gets
+// none; and the flavour move reads a network's Egress and subnet back from
+// its masquerade rule.
+func TestPlanEgress(t *testing.T) {
+	f := &firewall{log: slog.New(slog.DiscardHandler), mark: OwnerAlias, v6: map[string]bool{"ip6tables": true}}
+	br, other := "vxbr-000046", "vxbr-000047"
+	egress := Network{VNI: 0x46, Egress: true, Gateways: []netip.Prefix{pfx("10.46.0.1/24"), pfx("fd46::1/64")}}
+	listed := func(lines ...string) listing {
+		l := listing{}
+		parseListing(l, "", "*filter\n:"+FirewallChain+" - [0:0]\n"+strings.Join(lines, "\n")+"\nCOMMIT\n*nat\n:POSTROUTING ACCEPT [0:0]\n"+
+			"-A POSTROUTING -s 10.46.0.0/24 ! -o "+br+" -m comment --comment consul-overlay -j MASQUERADE\nCOMMIT\n")
+		return l
+	}
+	plan := func(bin string, l listing, s fwSpec) []string {
+		var b batch
+		f.planForward(&b, bin, l, s)
+		f.planNat(&b, bin, l, s)
+		var out []string
+		for _, w := range b {
+			out = append(out, w.table+": "+strings.Join(w.args, " "))
+		}
+		return out
+	}
+	var set []string
+	for _, r := range egressRules(br, OwnerAlias) {
+		set = append(set, "-A "+FirewallChain+" "+strings.Join(r, " "))
+	}
+	whole := listed(set...)
+	lost := listed(slices.Delete(slices.Clone(set), 2, 3)...)
+
+	if got := plan("iptables", whole, fwSpec{bridges: map[string]Network{br: egress}}); len(got) != 0 {
+		t.Errorf("whole set planned again:\n%s", strings.Join(got, "\n"))
+	}
+	got := plan("iptables", lost, fwSpec{bridges: map[string]Network{br: egress}})
+	if want := 2*len(set) - 1; len(got) != want || !strings.HasPrefix(got[len(got)-1], "filter: -I "+FirewallChain+" 1 -o "+br+" -m conntrack") {
+		t.Errorf("a set that lost a rule: plan\n%s\nwant %d deletes and the whole set inserted, its first rule last", strings.Join(got, "\n"), want)
+	}
+	if got := plan("iptables", whole, fwSpec{bridges: map[string]Network{other: {VNI: 0x47}}, shared: sharedWant}); slices.ContainsFunc(got, func(w string) bool { return strings.Contains(w, br) }) {
+		t.Errorf("another network's EnsureNetwork touches the egress network's rules:\n%s", strings.Join(got, "\n"))
+	}
+	got = plan("iptables", whole, fwSpec{bridges: map[string]Network{other: {VNI: 0x47}}, shared: sharedWant, complete: true})
+	if n := len(slices.DeleteFunc(slices.Clone(got), func(w string) bool { return !strings.Contains(w, "-D") || !strings.Contains(w, br) })); n != len(set)+1 {
+		t.Errorf("a complete spec without the egress network: plan\n%s\nwant its %d rules and its masquerade deleted", strings.Join(got, "\n"), len(set))
+	}
+	if got := plan("ip6tables", listing{}, fwSpec{bridges: map[string]Network{br: egress}}); len(got) != 0 {
+		t.Errorf("ip6tables plan for an egress network:\n%s", strings.Join(got, "\n"))
+	}
+	held := f.heldNetwork(map[string]listing{"iptables": whole}, br, netip.Addr{})
+	if !held.Egress || !slices.Equal(held.Gateways, []netip.Prefix{pfx("10.46.0.0/24")}) {
+		t.Errorf("held network %+v, want Egress with 10.46.0.0/24", held)
+	}
+}
