@@ -145,6 +145,14 @@ func TestDockerEgressHost(t *testing.T) {
 		}
 	})
 
+	// The masquerade names the subnet: seeing it here shows that the
+	// check after the removal looks at the right thing.
+	if rules, err := rulesNaming(ctx, subnet.String()); err != nil {
+		t.Error(err)
+	} else if len(rules) == 0 {
+		t.Errorf("no firewall rule names the subnet %s while the egress=host network is up", subnet)
+	}
+
 	if _, err := Docker(ctx, "rm", "-f", c1, c2); err != nil {
 		t.Error(err)
 	}
