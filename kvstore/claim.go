@@ -494,14 +494,13 @@ func (o ownFence) op(ctx context.Context) (Op, error) {
 		if err != nil {
 			return Op{}, err
 		}
-		switch {
-		case p == nil:
-			// Removed (the last step of a reap): written again.
-			return Op{Verb: OpCAS, Key: cl.rel, Value: value, Flags: touchFlags()}, nil
-		case p.Session == "":
-			return Op{Verb: OpCAS, Key: cl.rel, Value: value, Flags: touchFlags(), Index: p.ModifyIndex}, nil
-		case p.Session == cl.Session():
+		if p != nil && p.Session != "" && p.Session == cl.Session() {
 			return Op{Verb: OpCheckSession, Key: cl.rel, Session: p.Session}, nil
+		}
+		if op, ok := cl.touchOp(p, value); ok {
+			// Without a session, or removed (the last step of a reap):
+			// written again.
+			return op, nil
 		}
 		// Held by a session the claim does not know yet: its re-acquire
 		// has not returned (or another instance holds the key, and the
@@ -560,16 +559,13 @@ func (cl *Claim) touch(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	var index uint64
-	if p != nil {
-		if p.Session != "" {
-			return nil // another session's (a takeover refused): not ours to write
-		}
-		index = p.ModifyIndex
-	}
 	cl.mu.Lock()
 	value := cl.value
 	cl.mu.Unlock()
+	op, ok := cl.touchOp(p, value)
+	if !ok {
+		return nil // another session's (a takeover refused): not ours to write
+	}
 	rctx, cancel, st := c.request(ctx, c.timeout)
 	defer cancel()
 	// Consul applies a write that changes nothing of the entry as a
@@ -577,10 +573,25 @@ func (cl *Claim) touch(ctx context.Context) error {
 	// release would count. The flags (which nothing else reads) carry the
 	// time of the touch, so each one changes the entry. A CAS lost to
 	// another write leaves the key changed all the same.
-	if _, _, err := c.kv.CAS(&api.KVPair{Key: cl.key, Value: value, Flags: touchFlags(), ModifyIndex: index}, (&api.WriteOptions{}).WithContext(rctx)); err != nil {
+	if _, _, err := c.kv.CAS(&api.KVPair{Key: cl.key, Value: op.Value, Flags: op.Flags, ModifyIndex: op.Index}, (&api.WriteOptions{}).WithContext(rctx)); err != nil {
 		return c.fail(ctx, st, "kv cas (touch without a session)", cl.key, err)
 	}
 	return nil
+}
+
+// touchOp is the write of a touch of the key whose holder reads p (nil:
+// the key is missing) with the claim's value: a compare-and-set at p's
+// index, or a create; not ok when another session holds the key. touch
+// sends it alone, ownFence as the fence of a write.
+func (cl *Claim) touchOp(p *api.KVPair, value []byte) (op Op, ok bool) {
+	op = Op{Verb: OpCAS, Key: cl.rel, Value: value, Flags: touchFlags()}
+	if p != nil {
+		if p.Session != "" {
+			return Op{}, false
+		}
+		op.Index = p.ModifyIndex
+	}
+	return op, true
 }
 
 // touchFlags is the flags a touch writes: the time, never 0 (no flags).

@@ -30,19 +30,14 @@ func testHealDuringReap(t *testing.T, agent *testenv.ConsulAgent) {
 	local := s.localOf(t, s.b)
 	s.b.stop(t)
 	healed := false
-	hook := evictHook{ip: s.a.ip, before: func() {
+	hook := func() {
 		h, err := Heal(ctx, "host-b", s.b.node, s.b.cl, s.b.ip, nil, s.b.claim.Touch, local, nil)
 		if err != nil {
 			t.Errorf("B's check during the reap: %v", err)
 		}
 		healed = h.Reasserted != nil
-	}}
-	r, err := New(Config{HostID: s.a.id, Grace: grace, Now: s.e.clock.Now}, s.a.store, s.a.cl, hook,
-		ConsulCatalog{Client: s.a.store.Client(), LocalNode: s.agentNode})
-	if err != nil {
-		t.Fatal(err)
 	}
-	if _, err := r.Evict(ctx, "host-b", false); err != nil {
+	if _, err := s.reapB(t, hook); err != nil {
 		t.Fatal(err)
 	}
 	if !healed {
@@ -96,7 +91,7 @@ func testAllocateDuringReap(t *testing.T, agent *testenv.ConsulAgent) {
 	s.b.stop(t)
 	pool := ipam.PoolID(ipam.LocalAddressSpace, netip.MustParsePrefix("10.50.0.0/24"), netip.Prefix{})
 	var fresh netip.Addr
-	hook := evictHook{ip: s.a.ip, before: func() {
+	hook := func() {
 		if exists(t, s.a.store, "members/host-b") {
 			t.Error("setup: the hook runs before the cluster step")
 		}
@@ -106,13 +101,8 @@ func testAllocateDuringReap(t *testing.T, agent *testenv.ConsulAgent) {
 			return
 		}
 		fresh = a.Addr()
-	}}
-	r, err := New(Config{HostID: s.a.id, Grace: grace, Now: s.e.clock.Now}, s.a.store, s.a.cl, hook,
-		ConsulCatalog{Client: s.a.store.Client(), LocalNode: s.agentNode})
-	if err != nil {
-		t.Fatal(err)
 	}
-	if _, err := r.Evict(ctx, "host-b", false); err != nil {
+	if _, err := s.reapB(t, hook); err != nil {
 		t.Fatal(err)
 	}
 	if !fresh.IsValid() {
@@ -142,4 +132,17 @@ func testAllocateDuringReap(t *testing.T, agent *testenv.ConsulAgent) {
 	if !exists(t, s.a.store, HostsPrefix+"host-b") {
 		t.Error("B's host record was removed")
 	}
+}
+
+// reapB has A evict B at once, with before run between the reap's
+// cluster step and its IPAM step (evictHook), and returns the reap's
+// report.
+func (s *scenario) reapB(t *testing.T, before func()) (Reaped, error) {
+	t.Helper()
+	r, err := New(Config{HostID: s.a.id, Grace: grace, Now: s.e.clock.Now}, s.a.store, s.a.cl, evictHook{ip: s.a.ip, before: before},
+		ConsulCatalog{Client: s.a.store.Client(), LocalNode: s.agentNode})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.Evict(bg(t), "host-b", false)
 }

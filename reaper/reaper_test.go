@@ -903,13 +903,7 @@ func testBackDuringReap(t *testing.T, agent *testenv.ConsulAgent) {
 	ctx := bg(t)
 	local := s.localOf(t, s.b)
 	s.b.stop(t)
-	hook := evictHook{ip: s.a.ip, before: func() { s.b.claimRecord(t) }}
-	r, err := New(Config{HostID: s.a.id, Grace: grace, Now: s.e.clock.Now}, s.a.store, s.a.cl, hook,
-		ConsulCatalog{Client: s.a.store.Client(), LocalNode: s.agentNode})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rep, err := r.Evict(ctx, "host-b", false)
+	rep, err := s.reapB(t, func() { s.b.claimRecord(t) })
 	if err != nil {
 		t.Fatalf("reap of a host that came back during it: %v", err)
 	}

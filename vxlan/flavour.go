@@ -49,7 +49,8 @@ type flavourState struct {
 	name                string // "nft" or "legacy"
 	iptables, ip6tables string // its commands, "" when missing
 	dockerChains        int    // chains named DOCKER*
-	rules               int    // rules ("-A" lines)
+	rules               int    // rules ("-A" lines), consul-overlay's not counted
+	ours                int    // consul-overlay's rules, of any owner
 }
 
 // flavourChoice is the flavour chosen, and why.
@@ -58,6 +59,8 @@ type flavourChoice struct {
 	reason string
 	// settled: a flavour held rules; the choice is not made again.
 	settled bool
+	// others are the flavours not chosen, as probed.
+	others []flavourState
 }
 
 // flavourDetector makes the choice; lookPath and save are exec.LookPath
@@ -139,7 +142,9 @@ func (d *flavourDetector) probe(ctx context.Context) []flavourState {
 			switch {
 			case strings.HasPrefix(line, ":DOCKER"):
 				st.dockerChains++
-			case strings.HasPrefix(line, "-A ") && !consulOverlayRule(line):
+			case strings.HasPrefix(line, "-A ") && consulOverlayRule(line):
+				st.ours++
+			case strings.HasPrefix(line, "-A "):
 				st.rules++
 			}
 		}
@@ -158,6 +163,16 @@ func consulOverlayRule(line string) bool {
 // chooseFlavour picks among the probed flavours; ok is false when there is
 // none (no flavour-named iptables command: the caller keeps "iptables").
 func chooseFlavour(states []flavourState) (c flavourChoice, ok bool) {
+	c, ok = chooseAmong(states)
+	for _, st := range states {
+		if ok && st.name != c.name {
+			c.others = append(c.others, st)
+		}
+	}
+	return c, ok
+}
+
+func chooseAmong(states []flavourState) (c flavourChoice, ok bool) {
 	if len(states) == 0 {
 		return c, false
 	}
@@ -341,12 +356,14 @@ func (m *Manager) recheckFlavour(ctx context.Context, final bool) bool {
 		case !c.settled && !final:
 			return false
 		case !c.settled:
-			f.flavour.settled = true
+			f.flavour.settled, f.flavour.others = true, c.others
 			m.log.Info("firewall flavour kept: no flavour holds rules of anyone else after the watch window", "flavour", f.flavour.name)
+			m.purgeOtherFlavours(ctx)
 			return true
 		case c.name == f.flavour.name:
 			f.flavour = c
 			m.log.Info("firewall flavour confirmed now that the host's firewall holds rules", "flavour", c.name, "reason", c.reason)
+			m.purgeOtherFlavours(ctx)
 			return true
 		}
 		old := f.flavour
@@ -420,6 +437,39 @@ func (m *Manager) moveFirewall(ctx context.Context, old flavourChoice) error {
 		return prev.planPurge(l), nil
 	})
 	return err
+}
+
+// purgeOtherFlavours removes this owner's rules from the flavours not
+// chosen that held rules of consul-overlay when probed: left there by a
+// move that a kill -9 cut between its write and its purge, or by an
+// earlier run that chose the other flavour. Ineffective where the host's
+// firewall does not look, they are not harmless: a leftover DROP of
+// routed overlay traffic drops what an egress network sends out. Called
+// once the choice is settled; failures are logged. Caller holds m.mu.
+func (m *Manager) purgeOtherFlavours(ctx context.Context) {
+	for _, st := range m.fw.flavour.others {
+		if st.ours == 0 {
+			continue
+		}
+		ipt, ip6t := flavourChoice{flavourState: st}.commands()
+		prev := newFirewall(m.log, ipt, ip6t)
+		prev.mark = m.mark
+		k, err := prev.each(ctx, func(bin string) (batch, error) {
+			l, err := prev.list(ctx, bin, "filter", "raw", "mangle", "nat")
+			if err != nil {
+				return nil, err
+			}
+			return prev.planPurge(l), nil
+		})
+		switch {
+		case err != nil:
+			m.log.Error("rules of this instance left in the firewall flavour not chosen, not removed (retried at the next start)",
+				"flavour", st.name, "chosen", m.fw.flavour.name, "error", err)
+		case k > 0:
+			m.log.Warn("removed rules of this instance left in the firewall flavour not chosen (an earlier move cut short, or an earlier choice)",
+				"flavour", st.name, "chosen", m.fw.flavour.name, "rules", k)
+		}
+	}
 }
 
 // heldNetwork is the Network whose rules the listings hold for interface

@@ -293,3 +293,35 @@ func detectFlavour(m *Manager, lookPath func(string) (string, error)) {
 	m.fw = newDetectedFirewall(context.Background(), m.log, &flavourDetector{log: m.log, lookPath: lookPath, save: runSave})
 	m.fw.mark = m.mark
 }
+
+// Rules of this owner left in the flavour not chosen (a move cut short by
+// a kill -9 between its write and its purge) are removed once the choice
+// is settled; another owner's stay.
+func TestPurgeOtherFlavours(t *testing.T) {
+	t.Parallel()
+	hosts, lookPath := flavourHosts(t)
+	h0 := hosts[0]
+	m := h0.manager(t, "boot")
+	other := OwnerMark("other")
+	iptables(t, h0, "iptables-nft", "-N", FirewallChain)
+	for _, mark := range []string{m.mark, other} {
+		iptables(t, h0, "iptables-nft", "-A", FirewallChain, "-i", "vxbr-+", "-m", "comment", "--comment", mark, "-j", "DROP")
+		iptables(t, h0, "iptables-nft", "-t", "nat", "-A", "POSTROUTING", "-s", "10.46.0.0/24", "!", "-o", "vxbr-000046",
+			"-m", "comment", "--comment", mark, "-j", "MASQUERADE")
+	}
+	legacyDockerd(t, h0)
+	detectFlavour(m, lookPath)
+	if m.fw.flavour.name != "legacy" || !m.fw.flavour.settled {
+		t.Fatalf("flavour %q settled %t (%s), want legacy, settled", m.fw.flavour.name, m.fw.flavour.settled, m.fw.flavour.reason)
+	}
+	m.mu.Lock()
+	m.purgeOtherFlavours(t.Context())
+	m.mu.Unlock()
+	saved := h0.NS.MustRun(t, "iptables-nft-save")
+	if strings.Contains(saved, m.mark+" ") {
+		t.Errorf("rules of ours left in the nft flavour:\n%s", saved)
+	}
+	if strings.Count(saved, "--comment "+other+" ") != 2 {
+		t.Errorf("another owner's rules not both kept in the nft flavour:\n%s", saved)
+	}
+}

@@ -380,8 +380,16 @@ func newManager(cfg Config, h *netlink.Handle) (*Manager, error) {
 	}
 	m.fw.mark = m.mark
 	m.fw.notrack = cfg.NoTrackBridged
-	if h != nil && m.fw.detector != nil && !m.fw.flavour.settled {
+	switch {
+	case h == nil || m.fw.detector == nil:
+	case !m.fw.flavour.settled:
 		m.watchFlavour(defaultFlavourWatch)
+	case len(m.fw.flavour.others) > 0:
+		go func() {
+			m.mu.Lock()
+			defer m.mu.Unlock()
+			m.purgeOtherFlavours(context.Background())
+		}()
 	}
 	switch cfg.Sysctl {
 	case "-":
