@@ -82,6 +82,7 @@ func TestE2E(t *testing.T) {
 	s.run(t, "service-health", nil, s.serviceHealth)
 	s.run(t, "published-port", []string{"compose-up"}, s.publishedPort)
 	s.run(t, "outbound", []string{"compose-up"}, s.outbound)
+	s.run(t, "egress-host", nil, s.egressHost)
 	s.run(t, "status-doctor", []string{"compose-up"}, s.statusDoctor)
 	s.run(t, "once-create-rm", nil, s.onceCreateRm)
 	s.run(t, "once-conflict", nil, s.onceConflict)
