@@ -52,7 +52,10 @@ var ErrNoUnderlayFilter = errors.New("underlay filter disabled: no iptables comm
 // drop rule takes all VXLAN: the chain is installed before the first
 // VXLAN device is created (ensureNetwork), so there is no window at start,
 // and it is never flushed, so a restarted plugin keeps its members' traffic
-// flowing until it sets the list again.
+// flowing until it sets the list again. The owner's rules go with its last
+// network (DeleteNetwork, or a Reconcile to no network), with its last
+// VXLAN device: left, they would outlive the plugin and drop another
+// VXLAN user's traffic on the port.
 //
 // The drop covers the whole port, not one VNI: another VXLAN user on the
 // same port (for example Docker's swarm overlay on 4789) needs its hosts
@@ -283,6 +286,13 @@ func (m *Manager) SetAllowedVTEPs(ctx context.Context, vteps []netip.Addr) error
 	}
 	m.fw.explicit = set
 	if !m.fw.enabled() {
+		return nil
+	}
+	// The filter lives with the networks (releaseFirewall): without one
+	// the set waits for the first network's sync.
+	if has, err := m.hasOwnBridge(""); err != nil {
+		return fmt.Errorf("set allowed vteps: %w", err)
+	} else if !has {
 		return nil
 	}
 	k, err := m.fw.ensureInput(ctx, m.cfg.Port, m.cfg.VTEP.Is6(), m.wantVTEPs(), true)

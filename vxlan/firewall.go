@@ -766,6 +766,18 @@ func (f *firewall) sync(ctx context.Context, s fwSpec) (int, error) {
 			if n := f.planUnderlay(&b, bin, bin == ul, lines, s); bin == ul {
 				next = n
 			}
+		} else if s.shared == sharedDrop {
+			// No network of ours is left: nor is any VXLAN device of
+			// ours, and a filter left on the port would outlive the
+			// plugin (docker plugin rm) and drop another VXLAN user's
+			// traffic there. The first network's sync writes it again
+			// before its VXLAN device exists.
+			lines, _ := l.chain("filter", InputChain)
+			for _, line := range lines {
+				if r := parseRule(line); f.ownUnderlayRule(r) {
+					b.add(slices.Concat([]string{"-D", InputChain}, r.fields)...)
+				}
+			}
 		}
 		f.planForward(&b, bin, l, s)
 		f.planInput(&b, bin, l, s)
@@ -775,12 +787,11 @@ func (f *firewall) sync(ctx context.Context, s fwSpec) (int, error) {
 		}
 		return b, nil
 	})
-	if s.underlay {
-		if err != nil {
-			f.allowed = nil // unknown: read back next time
-		} else if ul != "" {
-			f.allowed = next
-		}
+	switch {
+	case s.underlay && err != nil, !s.underlay && s.shared == sharedDrop:
+		f.allowed = nil // unknown (or none): read back next time
+	case s.underlay && ul != "":
+		f.allowed = next
 	}
 	return changes, err
 }
@@ -1176,6 +1187,23 @@ func (m *Manager) hostLinkNames() (map[string]bool, error) {
 	return names, nil
 }
 
+// hasOwnBridge reports whether a bridge of this owner other than except
+// is in either namespace: a network of ours is left. Caller holds m.mu.
+func (m *Manager) hasOwnBridge(except string) (bool, error) {
+	for _, ns := range m.namespaces() {
+		links, err := ns.linkList()
+		if err != nil {
+			return false, err
+		}
+		for _, l := range links {
+			if name := l.Attrs().Name; name != except && m.owns(l) && bridgeNameRE.MatchString(name) {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
+}
+
 // releaseFirewall removes the rules of network vni (gone or going), on its
 // bridge and on its gateway link, and the shared rules if no other bridge
 // of ours is left in either namespace. Caller holds m.mu.
@@ -1185,17 +1213,10 @@ func (m *Manager) releaseFirewall(ctx context.Context, vni uint32, ch *Changes) 
 		return nil
 	}
 	sh := sharedDrop
-	for _, ns := range m.namespaces() {
-		links, err := ns.linkList()
-		if err != nil {
-			return err
-		}
-		for _, l := range links {
-			if name := l.Attrs().Name; name != br && m.owns(l) && bridgeNameRE.MatchString(name) {
-				sh = sharedKeep
-				break
-			}
-		}
+	if has, err := m.hasOwnBridge(br); err != nil {
+		return err
+	} else if has {
+		sh = sharedKeep
 	}
 	s := m.fwSpec(nil, sh)
 	s.gone = map[string]bool{br: true, GatewayName(vni): true}

@@ -254,6 +254,11 @@ func TestFirewall(t *testing.T) {
 			t.Errorf("%s rules after deleting the last network:\n%s", cmd, strings.Join(got, "\n"))
 		}
 	}
+	// Nor the underlay filter: it would outlive the plugin and drop
+	// another VXLAN user's traffic on the port.
+	if got := iptables(t, h0, "iptables", "-S", InputChain); strings.Contains(got, "--dport") {
+		t.Errorf("underlay filter after deleting the last network:\n%s", got)
+	}
 }
 
 // A container on another VNI, with addresses in the same subnet, reaches

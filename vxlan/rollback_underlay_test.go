@@ -10,11 +10,13 @@ import (
 	"consul-overlay/internal/testenv"
 )
 
-// A failed first EnsureNetwork removes the underlay rules it added (the
-// RETURN of a peer's VTEP known before the network, and the drop rule when
-// there was no underlay filter yet), at every step after the firewall's;
-// rules that were there before the call, such as an allowed VTEP of
-// SetAllowedVTEPs and the drop rule it installed, stay.
+// A failed EnsureNetwork of a new network removes the underlay rules it
+// added (the RETURN of a peer's VTEP known before the network, and the
+// drop rule when there was no underlay filter yet: no other network), at
+// every step after the firewall's; rules that were there before the call,
+// such as an allowed VTEP of SetAllowedVTEPs and the drop rule of another
+// network, stay. Without a network, SetAllowedVTEPs writes nothing: the
+// filter lives with the networks.
 func TestRollbackUnderlayFilter(t *testing.T) {
 	t.Parallel()
 	h := newHosts(t, 1, testenv.UnderlayOptions{})[0]
@@ -51,9 +53,16 @@ func TestRollbackUnderlayFilter(t *testing.T) {
 		failEach(t, inputRules(t, h, "iptables"))
 	})
 	t.Run("filter before", func(t *testing.T) {
-		// The allowlist holds the set VTEP and the known peer's; a peer
+		// Without a network the set waits; with another network the
+		// allowlist holds the set VTEP and the known peer's; a peer
 		// learnt afterwards is allowed only by the network's creation.
 		if err := h.m.SetAllowedVTEPs(ctx, []netip.Addr{addr("192.0.2.3")}); err != nil {
+			t.Fatal(err)
+		}
+		if got := inputRules(t, h, "iptables"); len(got) != 0 {
+			t.Fatalf("%s after SetAllowedVTEPs without a network:\n%s\nwant nothing", InputChain, strings.Join(got, "\n"))
+		}
+		if _, err := h.m.EnsureNetwork(ctx, Network{VNI: 0x58, Gateways: []netip.Prefix{pfx("10.58.0.1/24")}}); err != nil {
 			t.Fatal(err)
 		}
 		if err := h.m.AddPeer(ctx, Peer{VNI: vni, IP: addr("10.57.0.10"), MAC: MACFromIP(addr("10.57.0.10")), VTEP: addr("192.0.2.4")}); err != nil {
