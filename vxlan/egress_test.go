@@ -78,7 +78,7 @@ func testEgress(t *testing.T, dp bool) {
 	iptables(t, h, "iptables", "-P", "FORWARD", "DROP")
 	h.NS.MustRun(t, "sysctl", "-w", "net.ipv4.ip_forward=1")
 	_, world := outside(t, h, "egw0", pfx("10.47.9.0/30"), "")
-	_, dockerC := outside(t, h, "egd0", pfx("10.47.9.4/30"), "br-egtest")
+	dockerNS, dockerC := outside(t, h, "egd0", pfx("10.47.9.4/30"), "br-egtest")
 
 	const vniOut, vniIn = 0x46, 0x48
 	egress := Network{VNI: vniOut, Egress: true, Gateways: []netip.Prefix{pfx("10.46.0.1/24")}}
@@ -123,7 +123,17 @@ func testEgress(t *testing.T, dp bool) {
 	mustNotPing(t, cPlain.ns, world)         // no egress: cut off
 	mustNotPing(t, c1.ns, addr("10.48.0.2")) // into another overlay
 	mustNotPing(t, c2.ns, dockerC)           // into a Docker bridge network
-	drop := "-A " + FirewallChain + " " + strings.Join(egressRules(iface, "consul-overlay")[4], " ")
+	// ... but a port published there on the host's address (dockerd's
+	// DNAT, and its ACCEPT after our chain) answers, as it does to a
+	// container on docker_gwbridge.
+	serveIn(t, dockerNS, "tcp", dockerC.String()+":8080")
+	iptables(t, h, "iptables", "-t", "nat", "-A", "PREROUTING", "-d", "10.47.9.1", "-p", "tcp", "--dport", "18080",
+		"-j", "DNAT", "--to-destination", dockerC.String()+":8080")
+	iptables(t, h, "iptables", "-A", "FORWARD", "-d", dockerC.String(), "-o", "br-egtest", "-p", "tcp", "--dport", "8080", "-j", "ACCEPT")
+	if got := reach(t, c1.ns, "tcp", "10.47.9.1:18080"); got != "ok" {
+		t.Errorf("a port published on a Docker bridge network of the host: %s, want ok", got)
+	}
+	drop := "-A " + FirewallChain + " " + strings.Join(egressRules(iface, "consul-overlay")[5], " ")
 	if n := ruleCounter(t, h, "iptables", drop); n == 0 {
 		t.Errorf("the ping into a Docker bridge network was not dropped by %q", drop)
 	}

@@ -450,7 +450,7 @@ func (r chainRule) withoutComment() string {
 // The rule set is constant-size: the FORWARD rules are three wildcard
 // rules for every overlay bridge (vxbr-+), and so are the link-local
 // rules; only an internal network (two INPUT rules), a network with
-// Network.ConsulAPI (one INPUT rule) and one with Network.Egress (six
+// Network.ConsulAPI (one INPUT rule) and one with Network.Egress (seven
 // FORWARD rules and a nat rule) add rules of their own. Every write of
 // one call (EnsureNetwork, DeleteNetwork, Reconcile, SetAllowedVTEPs) is
 // planned from one listing per command (`iptables-save`, one process) and
@@ -547,17 +547,24 @@ func gatewayForwardRules(mark string) [][]string {
 // started come back in; what they start goes out to anywhere but into
 // another overlay (vxbr-+, vxg-+) or one of Docker's bridge networks
 // (docker0, docker_gwbridge, br-<id>), as a container of Docker's own
-// bridge network is kept off the others. The DROPs spare bridged frames
-// (-i and -o the same bridge under br_netfilter), which the shared ACCEPT
-// passes wherever it stands.
+// bridge network is kept off the others. A connection to an address of
+// the host that the nat table sent on (a port published with docker run
+// -p, on a bridge network of this host) leaves the chain, and dockerd's
+// own rules decide, as for a container on docker_gwbridge. The DROPs
+// spare bridged frames (-i and -o the same bridge under br_netfilter),
+// which the shared ACCEPT passes wherever it stands.
 //
 //	-A CONSUL-OVERLAY -o vxbr-0a1b -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment <mark> -j ACCEPT
+//	-A CONSUL-OVERLAY -i vxbr-0a1b -m conntrack --ctstate DNAT -m comment --comment <mark> -j RETURN
 //	-A CONSUL-OVERLAY -i vxbr-0a1b -o vxbr-+ -m physdev ! --physdev-is-bridged -m comment --comment <mark> -j DROP
 //	(the same for -o vxg-+, -o docker+ and -o br-+)
 //	-A CONSUL-OVERLAY -i vxbr-0a1b -m comment --comment <mark> -j ACCEPT
 func egressRules(iface, mark string) [][]string {
 	c := []string{"-m", "comment", "--comment", mark}
-	out := [][]string{slices.Concat([]string{"-o", iface, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"}, c, []string{"-j", "ACCEPT"})}
+	out := [][]string{
+		slices.Concat([]string{"-o", iface, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"}, c, []string{"-j", "ACCEPT"}),
+		slices.Concat([]string{"-i", iface, "-m", "conntrack", "--ctstate", "DNAT"}, c, []string{"-j", "RETURN"}),
+	}
 	for _, o := range []string{wildcard, gatewayWildcard, "docker+", "br-+"} {
 		out = append(out, slices.Concat([]string{"-i", iface, "-o", o, "-m", "physdev", "!", "--physdev-is-bridged"}, c, []string{"-j", "DROP"}))
 	}

@@ -109,8 +109,9 @@ type Network struct {
 	// containers, as Docker's bridge network is (the driver then gives
 	// containers the IPv4 gateway and Docker adds no docker_gwbridge
 	// endpoint): FORWARD lets what they start through to anywhere but
-	// another overlay or a Docker bridge (docker+, br-+), with its
-	// replies, and POSTROUTING masquerades it behind the host's address
+	// another overlay or a Docker bridge (docker+, br-+; a port published
+	// there on the host's address still answers), with its replies, and
+	// POSTROUTING masquerades it behind the host's address
 	// (firewall.go, egressRules). IPv4 only; not with Internal, nor with
 	// Config.NoTrackBridged for a bridge in the host's namespace (the
 	// masquerade needs the connection tracked).
