@@ -14,23 +14,7 @@ import (
 // traffic tracked (the masquerade needs it in the host's layout).
 func (h *testHost) egressManager(t *testing.T) *Manager {
 	t.Helper()
-	dp := ""
-	if h.dp != nil {
-		dp = h.dp.Path
-	}
-	m, err := NewAt(Config{
-		DataplaneNS: dp,
-		VTEP:        h.Addr,
-		IPTables:    nsWrapper(t, h.NS, "iptables"),
-		IP6Tables:   nsWrapper(t, h.NS, "ip6tables"),
-		Sysctl:      "-",
-		Logger:      testLogger(t).With("host", h.Addr),
-	}, h.NS.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
+	return h.managerWith(t, func(cfg *Config) { cfg.NoTrackBridged = false })
 }
 
 // outside joins a new namespace to h's by a veth pair named name (h's

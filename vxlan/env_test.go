@@ -114,18 +114,25 @@ func (h *testHost) manager(t *testing.T, owner string) *Manager {
 // managerLog is manager with the given logger.
 func (h *testHost) managerLog(t *testing.T, owner string, log *slog.Logger) *Manager {
 	t.Helper()
+	return h.managerWith(t, func(cfg *Config) { cfg.Owner, cfg.Logger = owner, log })
+}
+
+// managerWith is a new Manager of h's namespace (and its data-plane
+// namespace, if it has one) with the tests' settings, changed by set.
+func (h *testHost) managerWith(t *testing.T, set func(*Config)) *Manager {
+	t.Helper()
 	cfg := Config{
 		VTEP:           h.Addr,
 		IPTables:       nsWrapper(t, h.NS, "iptables"),
 		IP6Tables:      nsWrapper(t, h.NS, "ip6tables"),
 		Sysctl:         "-",
 		NoTrackBridged: true, // the NOTRACK rule is exercised and counted too
-		Owner:          owner,
-		Logger:         log,
+		Logger:         testLogger(t).With("host", h.Addr),
 	}
 	if h.dp != nil {
 		cfg.DataplaneNS = h.dp.Path
 	}
+	set(&cfg)
 	m, err := NewAt(cfg, h.NS.Path)
 	if err != nil {
 		t.Fatal(err)

@@ -22,25 +22,7 @@ var testLinkLocal = netip.MustParseAddr("169.254.1.1")
 // linkLocalManager is h's manager with the well-known address ll.
 func (h *testHost) linkLocalManager(t *testing.T, ll netip.Addr) *Manager {
 	t.Helper()
-	dp := ""
-	if h.dp != nil {
-		dp = h.dp.Path
-	}
-	m, err := NewAt(Config{
-		DataplaneNS:    dp,
-		VTEP:           h.Addr,
-		IPTables:       nsWrapper(t, h.NS, "iptables"),
-		IP6Tables:      nsWrapper(t, h.NS, "ip6tables"),
-		Sysctl:         "-",
-		NoTrackBridged: true, // the NOTRACK rule is exercised and counted too
-		LinkLocal:      ll,
-		Logger:         testLogger(t).With("host", h.Addr),
-	}, h.NS.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
+	return h.managerWith(t, func(cfg *Config) { cfg.LinkLocal = ll })
 }
 
 // linkLocalRules are the rules of InputChain in iptables with a -d match.
