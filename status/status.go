@@ -3,6 +3,7 @@ package status
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
@@ -86,6 +87,9 @@ type Network struct {
 	MTU       int  `json:"mtu"`
 	KernelMTU int  `json:"kernel_mtu,omitempty"`
 	Internal  bool `json:"internal,omitempty"`
+	// Options are the network's -o options (egress, consul_api,
+	// encrypted, register, ...) as its first host gave them.
+	Options map[string]string `json:"options,omitempty"`
 	// Member says this host is a member.
 	Member bool `json:"member"`
 	// Hosts are the member hosts' node names (or IDs where a name is
@@ -335,7 +339,7 @@ func hosts(self string, st cluster.State, pairs []*kvstore.Pair) []Host {
 // current incarnation of member hosts.
 func network(self string, n cluster.Network, all []cluster.Endpoint, joined map[string]bool) (Network, []cluster.Endpoint) {
 	out := Network{
-		Key: n.Key, Name: n.Name, VNI: n.VNI, MTU: n.MTU, Internal: n.Internal,
+		Key: n.Key, Name: n.Name, VNI: n.VNI, MTU: n.MTU, Internal: n.Internal, Options: maps.Clone(n.Options),
 		Subnets: slices.Clone(n.Subnets), Gateways: slices.Clone(n.Gateways),
 		Endpoints: []Endpoint{},
 	}

@@ -44,7 +44,8 @@ func fixture(t *testing.T) kvstore.Store {
 	t.Cleanup(func() { s.Close() })
 	put(t, s, "networks/name-app/config", cluster.Network{
 		Key: "name-app", Name: "app", Incarnation: "inc1", VNI: 4096, Subnets: []string{"10.1.0.0/24"},
-		Hosts: map[string]cluster.Member{self: {Node: "one", VTEP: "192.0.2.1"}, other: {Node: "two", VTEP: "192.0.2.2"}},
+		Options: map[string]string{"name": "app", "egress": "host", "consul_api": "true"},
+		Hosts:   map[string]cluster.Member{self: {Node: "one", VTEP: "192.0.2.1"}, other: {Node: "two", VTEP: "192.0.2.2"}},
 	})
 	put(t, s, "networks/name-app/endpoints/e1", cluster.Endpoint{ID: "e1aaaaaaaaaa", NetworkKey: "name-app", Incarnation: "inc1", HostID: self, Node: "one", VTEP: "192.0.2.1", IPv4: "10.1.0.2/24", MAC: "02:42:0a:01:00:02", Sandbox: "x"})
 	put(t, s, "networks/name-app/endpoints/e2", cluster.Endpoint{ID: "e2bbbbbbbbbb", NetworkKey: "name-app", Incarnation: "inc1", HostID: other, Node: "two", VTEP: "192.0.2.2", IPv4: "10.1.0.3/24", MAC: "02:42:0a:01:00:03"})
@@ -118,7 +119,8 @@ func TestCollectMatching(t *testing.T) {
 		t.Errorf("hosts %+v", r.Hosts)
 	}
 	var b bytes.Buffer
-	if err := WriteText(&b, r); err != nil || !strings.Contains(b.String(), "Drift: none") {
+	if err := WriteText(&b, r); err != nil || !strings.Contains(b.String(), "Drift: none") ||
+		!strings.Contains(b.String(), "    settings: consul_api=true, egress=host\n") {
 		t.Errorf("text output (%v):\n%s", err, b.String())
 	}
 	t.Logf("text output:\n%s", b.String())

@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -48,6 +50,9 @@ func WriteText(w io.Writer, r *Report) error {
 			member = ", this host is not a member"
 		}
 		fmt.Fprintf(w, "  %s  name %s  vni %d  subnets %s  mtu %s%s\n", n.Key, name, n.VNI, strings.Join(n.Subnets, ","), mtu, member)
+		if settings := networkSettings(n); settings != "" {
+			fmt.Fprintf(w, "    settings: %s\n", settings)
+		}
 		fmt.Fprintf(w, "    hosts: %s\n", strings.Join(n.Hosts, ", "))
 		fmt.Fprintf(w, "    endpoints: %d local, %d remote\n", n.LocalEndpoints, n.RemoteEndpoints)
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -112,4 +117,22 @@ func short(id string) string {
 		return id[:12]
 	}
 	return id
+}
+
+// networkSettings lists what sets the network apart: internal, and its -o
+// options other than those of its first line (name, vni, mtu), sorted;
+// "" for none.
+func networkSettings(n Network) string {
+	var out []string
+	if n.Internal {
+		out = append(out, "internal")
+	}
+	for _, k := range slices.Sorted(maps.Keys(n.Options)) {
+		switch k {
+		case "name", "vni", "mtu", "com.docker.network.driver.mtu":
+			continue
+		}
+		out = append(out, k+"="+n.Options[k])
+	}
+	return strings.Join(out, ", ")
 }
