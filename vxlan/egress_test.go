@@ -1,6 +1,7 @@
 package vxlan
 
 import (
+	"bytes"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -170,6 +171,16 @@ func TestEgressRefused(t *testing.T) {
 		if !dp {
 			if got := linkNames(t, h); slices.ContainsFunc(got, func(n string) bool { return strings.Contains(n, "000046") || strings.Contains(n, "000047") }) {
 				t.Errorf("links after refused networks: %q", got)
+			}
+			// A restart that finds the setting changed under an egress
+			// network keeps the network, and says so.
+			var logged bytes.Buffer
+			m := h.managerWith(t, func(cfg *Config) { cfg.Logger = slog.New(slog.NewTextHandler(&logged, nil)) })
+			if _, err := m.Reconcile(t.Context(), State{Networks: []Network{{VNI: 0x47, Egress: true, Gateways: gw}}}); err != nil {
+				t.Fatalf("reconcile of an egress network with bridged traffic untracked: %v", err)
+			}
+			if !slices.Contains(linkNames(t, h), BridgeName(0x47)) || !strings.Contains(logged.String(), "egress network without its way out") {
+				t.Errorf("reconcile of an egress network with bridged traffic untracked: links %q, log:\n%s", linkNames(t, h), logged.String())
 			}
 		}
 	})

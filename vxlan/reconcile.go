@@ -96,6 +96,20 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 		}
 		m.peers[p.vni].add(p.k)
 	}
+	// An egress network that can no longer have its way out (a setting
+	// changed across the restart) keeps everything it has, said loudly.
+	for vni, n := range nets {
+		if !n.Egress {
+			continue
+		}
+		ns, err := m.nsOf(vni)
+		if err == nil {
+			err = m.egressRefused(n, ns.dp)
+		}
+		if err != nil {
+			m.log.Error("egress network without its way out: its containers' traffic to the outside fails", "vni", vni, "error", err)
+		}
+	}
 	var ch Changes
 	var phases []any
 	last := time.Now()
