@@ -105,36 +105,7 @@ func TestDockerDataplaneNamespace(t *testing.T) {
 	}
 
 	// kill -9: Docker restarts the plugin; the namespace holds the links.
-	pid, err := pluginPID(nsName)
-	if err != nil {
-		t.Fatal(err)
-	}
-	type result struct {
-		out string
-		err error
-	}
-	flood := make(chan result, 1)
-	go func() {
-		out, err := Docker(ctx, "exec", c1, "ping", "-c", "30", "-i", "0.2", "-W", "1", ip2.String())
-		flood <- result{out, err}
-	}()
-	time.Sleep(time.Second)
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	r := <-flood
-	if r.err != nil || !strings.Contains(r.out, " 0% packet loss") {
-		t.Errorf("echo requests across a kill -9 of the plugin: %v\n%s", r.err, r.out)
-	}
-	if err := Eventually(ctx, 30*time.Second, func(context.Context) error {
-		p, err := pluginPID(nsName)
-		if err == nil && p == pid {
-			return fmt.Errorf("plugin pid still %d", p)
-		}
-		return err
-	}); err != nil {
-		t.Fatalf("plugin back after kill -9: %v", err)
-	}
+	pingThroughKill(ctx, t, id, c1, ip2.String())
 
 	// Disabled, nothing holds the namespace but its pin.
 	if _, err := Docker(ctx, "plugin", "disable", "-f", ref); err != nil {
@@ -169,29 +140,55 @@ func TestDockerDataplaneNamespace(t *testing.T) {
 	}
 }
 
-// pluginPID finds the plugin process whose DATAPLANE_NAMESPACE is name.
-func pluginPID(name string) (int, error) {
-	dirs, err := os.ReadDir("/proc")
+// pingThroughKill sends 30 echo requests, 0.2 s apart, from container to
+// dst while the plugin with ID id is killed with SIGKILL a second in; it
+// fails t unless every request is answered and Docker starts the plugin
+// again.
+func pingThroughKill(ctx context.Context, t *testing.T, id, container, dst string) {
+	t.Helper()
+	pid, err := pluginPIDByID(ctx, id)
 	if err != nil {
-		return 0, err
+		t.Fatal(err)
 	}
-	want := "DATAPLANE_NAMESPACE=" + name
-	for _, d := range dirs {
-		pid, err := strconv.Atoi(d.Name())
-		if err != nil {
-			continue
-		}
-		env, err := os.ReadFile(filepath.Join("/proc", d.Name(), "environ"))
-		if err != nil {
-			continue
-		}
-		for _, kv := range strings.Split(string(env), "\x00") {
-			if kv == want {
-				return pid, nil
-			}
-		}
+	type result struct {
+		out string
+		err error
 	}
-	return 0, fmt.Errorf("no process with %s", want)
+	flood := make(chan result, 1)
+	go func() {
+		out, err := Docker(ctx, "exec", container, "ping", "-c", "30", "-i", "0.2", "-W", "1", dst)
+		flood <- result{out, err}
+	}()
+	time.Sleep(time.Second)
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-flood; r.err != nil || !strings.Contains(r.out, " 0% packet loss") {
+		t.Errorf("echo requests from %s to %s across a kill -9 of the plugin: %v\n%s", container, dst, r.err, r.out)
+	}
+	if err := Eventually(ctx, 30*time.Second, func(ctx context.Context) error {
+		p, err := pluginPIDByID(ctx, id)
+		if err == nil && p == pid {
+			return fmt.Errorf("plugin pid still %d", p)
+		}
+		return err
+	}); err != nil {
+		t.Fatalf("plugin back after kill -9: %v", err)
+	}
+}
+
+// pluginPIDByID is the process of the managed plugin with ID id: the child
+// of the containerd shim that runs it (README, Troubleshooting).
+func pluginPIDByID(ctx context.Context, id string) (int, error) {
+	shim, err := run(ctx, "", nil, "pgrep", "-o", "-f", "--", "-id "+id)
+	if err != nil {
+		return 0, fmt.Errorf("no shim of plugin %s: %w", id, err)
+	}
+	child, err := run(ctx, "", nil, "pgrep", "-o", "-P", strings.TrimSpace(shim))
+	if err != nil {
+		return 0, fmt.Errorf("no process under the shim %s of plugin %s: %w", strings.TrimSpace(shim), id, err)
+	}
+	return strconv.Atoi(strings.TrimSpace(child))
 }
 
 // testPlugin requires the engine and the busybox image, builds a plugin of

@@ -6,9 +6,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -148,35 +146,7 @@ func TestDockerEgressHost(t *testing.T) {
 
 		// The way out outlives a kill -9 of the plugin, and the
 		// plugin's restore keeps it.
-		pid, err := pluginPIDByID(ctx, id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		type result struct {
-			out string
-			err error
-		}
-		flood := make(chan result, 1)
-		go func() {
-			out, err := Docker(ctx, "exec", c1, "ping", "-c", "30", "-i", "0.2", "-W", "1", nsAddr.String())
-			flood <- result{out, err}
-		}()
-		time.Sleep(time.Second)
-		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-			t.Fatal(err)
-		}
-		if r := <-flood; r.err != nil || !strings.Contains(r.out, " 0% packet loss") {
-			t.Errorf("echo requests out across a kill -9 of the plugin: %v\n%s", r.err, r.out)
-		}
-		if err := Eventually(ctx, 30*time.Second, func(ctx context.Context) error {
-			p, err := pluginPIDByID(ctx, id)
-			if err == nil && p == pid {
-				return fmt.Errorf("plugin pid still %d", p)
-			}
-			return err
-		}); err != nil {
-			t.Fatalf("plugin back after kill -9: %v", err)
-		}
+		pingThroughKill(ctx, t, id, c1, nsAddr.String())
 		if _, err := Docker(ctx, "network", "inspect", netName); err != nil {
 			t.Fatal(err)
 		}
@@ -313,18 +283,4 @@ func rulesNaming(ctx context.Context, s string) ([]string, error) {
 		}
 	}
 	return found, nil
-}
-
-// pluginPIDByID is the process of the managed plugin with ID id: the child
-// of the containerd shim that runs it (README, Troubleshooting).
-func pluginPIDByID(ctx context.Context, id string) (int, error) {
-	shim, err := run(ctx, "", nil, "pgrep", "-o", "-f", "--", "-id "+id)
-	if err != nil {
-		return 0, fmt.Errorf("no shim of plugin %s: %w", id, err)
-	}
-	child, err := run(ctx, "", nil, "pgrep", "-o", "-P", strings.TrimSpace(shim))
-	if err != nil {
-		return 0, fmt.Errorf("no process under the shim %s of plugin %s: %w", strings.TrimSpace(shim), id, err)
-	}
-	return strconv.Atoi(strings.TrimSpace(child))
 }
