@@ -152,6 +152,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		for _, c := range CheckSystem(ctx, cfg.System) {
 			r.add(c)
 		}
+		if st != nil {
+			for _, c := range CheckEgress(ctx, st, cfg.System) {
+				r.add(c)
+			}
+		}
 	}
 	if cfg.Foreign != nil {
 		r.add(checkForeign(cfg.Foreign))

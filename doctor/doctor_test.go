@@ -427,3 +427,32 @@ func TestRunPermissions(t *testing.T) {
 		t.Errorf("permissions probed with the store unreachable: %+v", r.Checks)
 	}
 }
+
+// A network with egress=host: PASS with forwarding on and its subnet
+// masqueraded; FAIL, with the fix, without either; nothing for a network
+// without it or of which this host is no member.
+func TestEgress(t *testing.T) {
+	st := twoHosts()
+	st.Networks[0].Subnets = []string{"10.31.0.0/24", "fd31::/64"}
+	st.Networks[0].Options = map[string]string{"egress": "host"}
+	st.Networks[2].Options = map[string]string{"egress": "host"} // not a member
+	s := healthySystem()
+	s.commands["iptables -w -t nat -S POSTROUTING"] = "-P POSTROUTING ACCEPT\n-A POSTROUTING -s 10.31.0.0/24 ! -o vxbr-001000 -m comment --comment consul-overlay -j MASQUERADE\n"
+	got := CheckEgress(context.Background(), st, s)
+	if len(got) != 1 || got[0].Result != Pass || got[0].Network != "doc" {
+		t.Fatalf("healthy: %+v", got)
+	}
+	s.sysctls["net.ipv4.ip_forward"] = "0"
+	if c := CheckEgress(context.Background(), st, s)[0]; c.Result != Fail || !strings.Contains(c.Message, "ip_forward") || c.Fix == "" {
+		t.Errorf("forwarding off: %+v", c)
+	}
+	s.sysctls["net.ipv4.ip_forward"] = "1"
+	s.commands["iptables -w -t nat -S POSTROUTING"] = "-P POSTROUTING ACCEPT\n"
+	if c := CheckEgress(context.Background(), st, s)[0]; c.Result != Fail || !strings.Contains(c.Message, "10.31.0.0/24") || !strings.Contains(c.Fix, "restart the plugin") {
+		t.Errorf("no masquerade: %+v", c)
+	}
+	st.Networks[0].Options = nil
+	if got := CheckEgress(context.Background(), st, s); len(got) != 0 {
+		t.Errorf("no egress network: %+v", got)
+	}
+}

@@ -5,13 +5,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
 
+	"consul-overlay/status"
 	"consul-overlay/vxlan"
 )
 
@@ -271,4 +274,65 @@ func checkForwardPolicy(ctx context.Context, s System) Check {
 		c.Message = fmt.Sprintf("bridge-nf-call-iptables is 1; FORWARD policy DROP: %v, jump to %s: %v", drop, vxlan.FirewallChain, jump)
 	}
 	return c
+}
+
+// CheckEgress checks each network of this host with -o egress=host: IPv4
+// forwarding on, and each IPv4 subnet masqueraded (the nat rule the plugin
+// writes with the network). Without either, its containers reach each
+// other but nothing beyond the overlay. None when no network has it.
+//
+// Equivalent to: `sysctl net.ipv4.ip_forward` and `iptables -t nat -S
+// POSTROUTING | grep -- "-s <subnet> .*MASQUERADE"`.
+func CheckEgress(ctx context.Context, st *status.Report, s System) []Check {
+	var out []Check
+	for _, n := range st.Networks {
+		if !n.Member || strings.TrimSpace(n.Options["egress"]) != "host" {
+			continue
+		}
+		name := n.Name
+		if name == "" {
+			name = n.Key
+		}
+		c := Check{Name: "egress", Network: name}
+		var missing []string
+		nat, natErr := s.Command(ctx, "iptables", "-w", "-t", "nat", "-S", "POSTROUTING")
+		for _, sub := range n.Subnets {
+			p, err := netip.ParsePrefix(sub)
+			if err != nil || !p.Addr().Is4() {
+				continue
+			}
+			if natErr == nil && !masqueraded(nat, p.Masked().String()) {
+				missing = append(missing, p.Masked().String())
+			}
+		}
+		fwd, fwdErr := s.Sysctl("net.ipv4.ip_forward")
+		switch {
+		case fwdErr == nil && fwd != "1":
+			c.Result = Fail
+			c.Message = fmt.Sprintf("network %s has egress=host but net.ipv4.ip_forward is %s: its containers cannot get out", name, fwd)
+			c.Fix = "sysctl -w net.ipv4.ip_forward=1 (dockerd sets it unless started with --ip-forward=false)"
+		case natErr != nil:
+			c.Result, c.Message = Warn, fmt.Sprintf("network %s has egress=host; its masquerade rule cannot be read: %v", name, natErr)
+		case len(missing) > 0:
+			c.Result = Fail
+			c.Message = fmt.Sprintf("network %s has egress=host but no masquerade rule for %s: its containers' traffic leaves with their own addresses, which nothing routes back", name, strings.Join(missing, ", "))
+			c.Fix = "restart the plugin (docker plugin disable -f, then enable): its restore writes the network's rules again"
+		default:
+			c.Result, c.Message = Pass, fmt.Sprintf("network %s has egress=host: forwarding on, its subnet masqueraded", name)
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// masqueraded reports whether nat (iptables -S output) masquerades source
+// subnet sub.
+func masqueraded(nat, sub string) bool {
+	for _, l := range strings.Split(nat, "\n") {
+		f := strings.Fields(l)
+		if i := slices.Index(f, "-s"); i >= 0 && i+1 < len(f) && f[i+1] == sub && slices.Contains(f, "MASQUERADE") {
+			return true
+		}
+	}
+	return false
 }
