@@ -132,7 +132,7 @@ else
 	down_host_a
 fi
 down_engine b
-for d in registry-a registry-b dnsd "consul-$LAB_NODE_A" "consul-$LAB_NODE_B" consul-lab-consul consul-lab-consul2 consul-lab-consul3; do
+for d in registry-a registry-b dnsd "consul-$LAB_NODE_A" "consul-$LAB_NODE_B" consul-lab-consul consul-lab-consul2 consul-lab-consul3 dataplane-a dataplane-b; do
 	stop_daemon "$d" 10
 done
 # Whatever still runs in the lab's namespaces (after a crash: engine B's

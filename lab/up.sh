@@ -326,12 +326,15 @@ install_plugin() {
 	fi
 	if [[ ${LAB_DATAPLANE:-} == 1 ]]; then
 		# Each host's own namespace (both pins are in this machine's
-		# /run/consul-overlay), pinned through its engine's pid: this
-		# machine's /proc/1 cannot be opened.
-		local pidfile=/var/run/docker.pid
-		[[ $host == B ]] && pidfile=$LAB_STATE/b/docker.pid
-		[[ $host == A && -n $LAB_NS_A ]] && pidfile=$LAB_STATE/a/docker.pid
-		settings+=("DATAPLANE_NAMESPACE=lab${LAB_ID:+-$LAB_ID}-${host,,}" "HOST_PID=$(<"$pidfile")")
+		# /run/consul-overlay), pinned through a process of the lab's
+		# that outlives the plugin, as HOST_PID must: this machine's
+		# /proc/1 cannot be opened, and the engine's pid is gone after
+		# an engine restart (lab/engine-b.sh), when the plugin starts
+		# again with the same settings. lab/down.sh stops it.
+		local holder=dataplane-${host,,} ns=$LAB_NS_B
+		[[ $host == A ]] && ns=$LAB_NS_A
+		pid_alive "$holder" || start_daemon "$holder" "$ns" sleep infinity
+		settings+=("DATAPLANE_NAMESPACE=lab${LAB_ID:+-$LAB_ID}-${host,,}" "HOST_PID=$(<"$LAB_STATE/$holder.pid")")
 	fi
 	"$@" plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1 || true
 	log "host $host: docker plugin install --alias $LAB_PLUGIN $LAB_REMOTE"

@@ -179,17 +179,26 @@ func ping(t *testing.T, h *Host, container string, addr netip.Addr) error {
 
 // bridgePorts checks that the ports of the network's bridge on h are its
 // VXLAN device and one veth per endpoint in ids, and remembers the names
-// for the leak check of teardown.
+// for the leak check of teardown. With a data-plane namespace (h.DataNS)
+// the bridge and its ports are there, with the gateway port vxp-<vni> as
+// one more port, and the gateway link vxg-<vni> is in h's namespace.
 func (s *suite) bridgePorts(ctx context.Context, h *Host, vni uint32, ids []string) error {
-	links, err := h.Links(ctx)
+	links, err := h.DataLinks(ctx)
 	if err != nil {
 		return err
 	}
 	br := vxlan.BridgeName(vni)
+	where := ""
+	if h.DataNS != "" {
+		where = " in " + h.DataNS
+	}
 	if _, ok := links[br]; !ok {
-		return fmt.Errorf("%s: no bridge %s", h, br)
+		return fmt.Errorf("%s: no bridge %s%s", h, br, where)
 	}
 	want := []string{vxlan.VXLANName(vni)}
+	if h.DataNS != "" {
+		want = append(want, vxlan.PortName(vni))
+	}
 	for _, id := range ids {
 		want = append(want, vxlan.HostIfName(id))
 	}
@@ -205,14 +214,30 @@ func (s *suite) bridgePorts(ctx context.Context, h *Host, vni uint32, ids []stri
 		s.seen[h][n] = true
 	}
 	if !slices.Equal(got, want) {
-		return fmt.Errorf("%s: ports of %s are %v, want %v", h, br, got, want)
+		return fmt.Errorf("%s: ports of %s%s are %v, want %v", h, br, where, got, want)
 	}
-	if h.NetNS != "" {
-		// Host B's namespace is the lab's alone: a veth of ours that is
-		// not on a bridge is a leak.
+	if h.DataNS != "" {
+		gw := vxlan.GatewayName(vni)
+		s.seen[h][gw] = true
+		hostLinks, err := h.Links(ctx)
+		if err != nil {
+			return err
+		}
+		if _, ok := hostLinks[gw]; !ok {
+			return fmt.Errorf("%s: no gateway link %s in its namespace", h, gw)
+		}
+		for _, n := range want {
+			if _, ok := hostLinks[n]; ok {
+				return fmt.Errorf("%s: %s in its namespace, want it only in the data-plane namespace %s", h, n, h.DataNS)
+			}
+		}
+	}
+	if h.NetNS != "" || h.DataNS != "" {
+		// Host B's namespace and the data-plane namespaces are the
+		// lab's alone: a veth of ours that is not on a bridge is a leak.
 		for name, master := range links {
 			if strings.HasPrefix(name, "vxh-") && master == "" {
-				return fmt.Errorf("%s: veth %s is on no bridge", h, name)
+				return fmt.Errorf("%s: veth %s%s is on no bridge", h, name, where)
 			}
 		}
 	}
@@ -644,11 +669,12 @@ func (s *suite) cliNetwork(t *testing.T) {
 			return fmt.Errorf("KV keys left after both hosts removed the network: %v", left)
 		}
 		for _, h := range l.Hosts() {
-			links, err := h.Links(ctx)
+			links, err := h.AllLinks(ctx)
 			if err != nil {
 				return err
 			}
-			for _, n := range []string{vxlan.BridgeName(vni), vxlan.VXLANName(vni), vxlan.HostIfName(ids(eps[h])[0])} {
+			for _, n := range []string{vxlan.BridgeName(vni), vxlan.VXLANName(vni), vxlan.HostIfName(ids(eps[h])[0]),
+				vxlan.GatewayName(vni), vxlan.PortName(vni)} {
 				if _, ok := links[n]; ok {
 					return fmt.Errorf("%s: link %s left after the network was removed", h, n)
 				}
@@ -1254,6 +1280,17 @@ func (s *suite) teardown(t *testing.T) {
 					leaked = append(leaked, n)
 				}
 			}
+			if h.DataNS != "" {
+				// The data-plane namespace is the lab's plugin's
+				// alone: any link of ours there is left over.
+				data, err := h.DataLinks(ctx)
+				if err != nil {
+					return err
+				}
+				for n := range data {
+					leaked = append(leaked, n+" (in "+h.DataNS+")")
+				}
+			}
 			if len(leaked) > 0 {
 				slices.Sort(leaked)
 				errs = append(errs, fmt.Errorf("%s: links left: %v", h, leaked))
@@ -1329,6 +1366,14 @@ func (s *suite) labDown(t *testing.T) {
 	for _, d := range []string{l.State, l.Data} {
 		if _, err := os.Stat(d); err == nil {
 			t.Errorf("directory %s left", d)
+		}
+	}
+	for _, h := range l.Hosts() {
+		if h.DataNS == "" {
+			continue
+		}
+		if _, err := os.Stat(h.DataNS); err == nil {
+			t.Errorf("%s: the pin of its data-plane namespace %s left", h, h.DataNS)
 		}
 	}
 	mounts, err := os.ReadFile("/proc/self/mountinfo")

@@ -28,6 +28,7 @@ import (
 
 	"consul-overlay/internal/dockertest"
 	"consul-overlay/internal/testenv"
+	"consul-overlay/vxlan"
 )
 
 // cmdTimeout bounds every command the suite runs unless its context has an
@@ -75,6 +76,14 @@ type Host struct {
 	Addr   netip.Addr // underlay address (VTEP), where its Consul agent answers DNS
 	NetNS  string     // network namespace name; "" for the host's own
 	Socket string     // DOCKER_HOST; "" for the default engine
+	// DataNS is the pin of the plugin's data-plane namespace
+	// (DATAPLANE_NAMESPACE, lab/up.sh with LAB_DATAPLANE=1), where its
+	// networks' bridges, VXLAN devices and endpoint ports are, while the
+	// gateway links vxg-<vni> stay in NetNS; "" when they are all in NetNS.
+	DataNS string
+	// PluginEnv is the plugin's settings that say where its data plane
+	// is (DATAPLANE_NAMESPACE, HOST_PID), for its binary run on the host.
+	PluginEnv []string
 }
 
 func (h *Host) String() string { return "host " + h.Name }
@@ -168,6 +177,57 @@ func loadLab(root string) (*Lab, error) {
 	return l, nil
 }
 
+// dataplaneDir is where the plugin pins its data-plane namespaces
+// (plugin/dataplane.go), in this machine's mount namespace.
+const dataplaneDir = "/run/consul-overlay"
+
+// readDataplane sets each host's DataNS and PluginEnv from its plugin's
+// settings, and checks them against LAB_DATAPLANE (lab/up.sh installs the
+// plugin with DATAPLANE_NAMESPACE and HOST_PID when it is 1), so that the
+// suite never checks one layout on a lab left up in the other.
+func (l *Lab) readDataplane(ctx context.Context) error {
+	want := os.Getenv("LAB_DATAPLANE") == "1"
+	var errs []error
+	for _, h := range l.Hosts() {
+		out, err := h.Docker(ctx, "plugin", "inspect", "-f", "{{json .Settings.Env}}", l.Plugin)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: the plugin's settings: %w", h, err))
+			continue
+		}
+		var env []string
+		if err := json.Unmarshal([]byte(out), &env); err != nil {
+			errs = append(errs, fmt.Errorf("%s: the plugin's settings: %w: %s", h, err, out))
+			continue
+		}
+		ns := ""
+		h.PluginEnv = nil
+		for _, kv := range env {
+			k, v, _ := strings.Cut(kv, "=")
+			switch k {
+			case "DATAPLANE_NAMESPACE":
+				ns = v
+				h.PluginEnv = append(h.PluginEnv, kv)
+			case "HOST_PID":
+				h.PluginEnv = append(h.PluginEnv, kv)
+			}
+		}
+		switch {
+		case ns == "" || ns == "false":
+			if want {
+				errs = append(errs, fmt.Errorf("%s: LAB_DATAPLANE=1 but the plugin has no DATAPLANE_NAMESPACE (a lab left up without it? lab/down.sh)", h))
+			}
+		case ns == "true" || strings.Contains(ns, "/"):
+			errs = append(errs, fmt.Errorf("%s: the plugin has DATAPLANE_NAMESPACE=%s, want the name lab/up.sh gives", h, ns))
+		default:
+			if !want {
+				errs = append(errs, fmt.Errorf("%s: the plugin has DATAPLANE_NAMESPACE=%s but LAB_DATAPLANE is not 1 (a lab left up with it? lab/down.sh)", h, ns))
+			}
+			h.DataNS = filepath.Join(dataplaneDir, ns)
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Hosts are both hosts, A first.
 func (l *Lab) Hosts() []*Host { return []*Host{l.A, l.B} }
 
@@ -247,6 +307,27 @@ func (h *Host) Run(ctx context.Context, name string, args ...string) (string, er
 	return run(ctx, nil, "nsenter", append([]string{"--net=/run/netns/" + h.NetNS, name}, args...)...)
 }
 
+// RunData runs a command in the namespace of the host's bridges, VXLAN
+// devices and endpoint ports: the data-plane namespace if the plugin has
+// one, the host's otherwise.
+func (h *Host) RunData(ctx context.Context, name string, args ...string) (string, error) {
+	if h.DataNS == "" {
+		return h.Run(ctx, name, args...)
+	}
+	return run(ctx, nil, "nsenter", append([]string{"--net=" + h.DataNS, name}, args...)...)
+}
+
+// GatewayLink is the link of network vni on h that carries its gateway
+// and the well-known addresses, and that the host's rules name: the
+// bridge, or with a data-plane namespace the gateway link vxg-<vni> in the
+// host's namespace.
+func (h *Host) GatewayLink(vni uint32) string {
+	if h.DataNS == "" {
+		return vxlan.BridgeName(vni)
+	}
+	return vxlan.GatewayName(vni)
+}
+
 // Get fetches url from the host's network namespace (busybox wget; its -T
 // option crashes in busybox 1.35, hence timeout).
 func (h *Host) Get(ctx context.Context, url string) (string, error) {
@@ -263,13 +344,55 @@ func (h *Host) ContainerGet(ctx context.Context, container, url string) (string,
 	return h.InContainer(ctx, container, "busybox", "timeout", "5", "wget", "-q", "-O", "-", url)
 }
 
-// Links lists the host's links whose names start with one of
-// dockertest.LinkPrefixes, with the name of their master ("" for none).
+// linkPrefixes are the name prefixes of the plugin's links: those of
+// dockertest.LinkPrefixes and, with a data-plane namespace, the gateway
+// link vxg-<vni> and its peer vxp-<vni>.
+var linkPrefixes = slices.Concat(dockertest.LinkPrefixes, []string{"vxg-", "vxp-"})
+
+// Links lists the links of the host's namespace whose names start with one
+// of linkPrefixes, with the name of their master ("" for none).
 func (h *Host) Links(ctx context.Context) (map[string]string, error) {
 	out, err := h.Run(ctx, "ip", "-o", "link", "show")
 	if err != nil {
 		return nil, err
 	}
+	return parseLinks(out), nil
+}
+
+// DataLinks lists the links of the namespace of the host's bridges (see
+// RunData) as Links does.
+func (h *Host) DataLinks(ctx context.Context) (map[string]string, error) {
+	out, err := h.RunData(ctx, "ip", "-o", "link", "show")
+	if err != nil {
+		return nil, err
+	}
+	return parseLinks(out), nil
+}
+
+// AllLinks lists the links of both namespaces (Links and DataLinks; one
+// when the host has no data-plane namespace): for the checks that nothing
+// of a network is left anywhere.
+func (h *Host) AllLinks(ctx context.Context) (map[string]string, error) {
+	links, err := h.Links(ctx)
+	if err != nil || h.DataNS == "" {
+		return links, err
+	}
+	data, err := h.DataLinks(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for n, m := range data {
+		if _, dup := links[n]; dup {
+			return nil, fmt.Errorf("%s: link %s in both its namespace and the data-plane namespace %s", h, n, h.DataNS)
+		}
+		links[n] = m
+	}
+	return links, nil
+}
+
+// parseLinks reads `ip -o link show`: the links named with one of
+// linkPrefixes, with their master's name.
+func parseLinks(out string) map[string]string {
 	links := map[string]string{}
 	for _, line := range strings.Split(out, "\n") {
 		// "12: vxh-0123456789@if11: <...> mtu 1450 qdisc noqueue master vxbr-1000 state UP ..."
@@ -278,7 +401,7 @@ func (h *Host) Links(ctx context.Context) (map[string]string, error) {
 			continue
 		}
 		name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
-		if !slices.ContainsFunc(dockertest.LinkPrefixes, func(p string) bool { return strings.HasPrefix(name, p) }) {
+		if !slices.ContainsFunc(linkPrefixes, func(p string) bool { return strings.HasPrefix(name, p) }) {
 			continue
 		}
 		master := ""
@@ -287,7 +410,7 @@ func (h *Host) Links(ctx context.Context) (map[string]string, error) {
 		}
 		links[name] = master
 	}
-	return links, nil
+	return links
 }
 
 // RulesMentioning returns the host's iptables-save and ip6tables-save lines
@@ -587,6 +710,16 @@ func runMain(m *testing.M) int {
 	cancel()
 	if err == nil {
 		theLab, err = loadLab(root)
+	}
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		err = theLab.readDataplane(ctx)
+		cancel()
+		for _, h := range theLab.Hosts() {
+			if h.DataNS != "" {
+				fmt.Fprintf(os.Stderr, "e2e: %s: data plane in %s (%s)\n", h, h.DataNS, strings.Join(h.PluginEnv, " "))
+			}
+		}
 	}
 	up := result{name: "lab-up", status: "PASS", took: time.Since(start)}
 	if err != nil {

@@ -111,9 +111,10 @@ func (s *suite) linkLocal(t *testing.T) {
 	}
 	for _, h := range l.Hosts() {
 		for _, vni := range vnis {
-			out, err := h.Run(ctx, "ip", "-4", "-o", "addr", "show", "dev", vxlan.BridgeName(vni))
+			gw := h.GatewayLink(vni)
+			out, err := h.Run(ctx, "ip", "-4", "-o", "addr", "show", "dev", gw)
 			if err != nil || !strings.Contains(out, llAddr+"/32") {
-				t.Errorf("%s: bridge %s does not carry %s/32: %v\n%s", h, vxlan.BridgeName(vni), llAddr, err, out)
+				t.Errorf("%s: %s does not carry %s/32: %v\n%s", h, gw, llAddr, err, out)
 			}
 		}
 	}
@@ -170,10 +171,11 @@ func (s *suite) linkLocal(t *testing.T) {
 	t.Logf("underlay: no port of %s reachable from a test host on the underlay (checked in %s)", llAddr, time.Since(start).Round(100*time.Millisecond))
 	s.linkLocalAgentDown(t)
 
-	// Tidy: the networks' bridges and every rule naming them go with them.
+	// Tidy: the networks' bridges (and gateway links) and every rule
+	// naming them go with them.
 	var bridges []string
 	for _, vni := range vnis {
-		bridges = append(bridges, vxlan.BridgeName(vni))
+		bridges = append(bridges, vxlan.BridgeName(vni), vxlan.GatewayName(vni), vxlan.PortName(vni))
 	}
 	start = time.Now()
 	down(ctx)
@@ -181,13 +183,13 @@ func (s *suite) linkLocal(t *testing.T) {
 	t.Logf("compose down on both hosts: %s", time.Since(start).Round(100*time.Millisecond))
 	for _, h := range l.Hosts() {
 		err := eventually(t, 20*time.Second, func(ctx context.Context) error {
-			links, err := h.Links(ctx)
+			links, err := h.AllLinks(ctx)
 			if err != nil {
 				return err
 			}
 			for _, b := range bridges {
 				if _, ok := links[b]; ok {
-					return fmt.Errorf("bridge %s left", b)
+					return fmt.Errorf("link %s left", b)
 				}
 			}
 			rules, err := h.RulesMentioning(ctx, bridges)

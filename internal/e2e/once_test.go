@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -340,10 +341,11 @@ func (s *suite) onceConflict(t *testing.T) {
 	} else {
 		t.Logf("%s logged the conflict (%s lines)", loser, out)
 	}
-	// `consul-overlay status` on the loser shows it.
-	out, err := loser.Run(ctx, "env", fmt.Sprintf("CONSUL_HTTP_ADDR=127.0.0.1:%d", l.HTTPPort),
-		"DATA_DIR="+filepath.Join(l.Data, strings.ToLower(loser.Name), "plugin-data"),
-		filepath.Join(l.Root, "bin", "consul-overlay"), "status")
+	// `consul-overlay status` on the loser shows it (run on the host with
+	// the settings that say where the plugin's data plane is).
+	out, err := loser.Run(ctx, "env", slices.Concat([]string{fmt.Sprintf("CONSUL_HTTP_ADDR=127.0.0.1:%d", l.HTTPPort),
+		"DATA_DIR=" + filepath.Join(l.Data, strings.ToLower(loser.Name), "plugin-data")}, loser.PluginEnv,
+		[]string{filepath.Join(l.Root, "bin", "consul-overlay"), "status"})...)
 	if want := "CONFLICT: host " + loser.Node; err != nil || !strings.Contains(out, want) {
 		t.Errorf("%s: consul-overlay status does not say %q (%v):\n%s", loser, want, err, out)
 	}

@@ -259,8 +259,8 @@ func (s *suite) statusDrift(t *testing.T, rep status.Report, note func(string, .
 	// value: a permanent neighbour, as `status` wants it).
 	t.Cleanup(func() {
 		ctx := context.WithoutCancel(ctx)
-		if out, _ := h.Run(ctx, "ip", "neigh", "show", ip, "dev", dev); !strings.Contains(out, "PERMANENT") {
-			if _, err := h.Run(ctx, "ip", "neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud", "permanent"); err != nil {
+		if out, _ := h.RunData(ctx, "ip", "neigh", "show", ip, "dev", dev); !strings.Contains(out, "PERMANENT") {
+			if _, err := h.RunData(ctx, "ip", "neigh", "replace", ip, "lladdr", mac, "dev", dev, "nud", "permanent"); err != nil {
 				t.Errorf("restore neighbour %s on %s: %v", ip, dev, err)
 			}
 		}
@@ -272,7 +272,7 @@ func (s *suite) statusDrift(t *testing.T, rep status.Report, note func(string, .
 	var deleted time.Time
 	var drift []status.Drift
 	for try := 1; ; try++ {
-		if _, err := h.Run(ctx, "ip", "neigh", "del", ip, "dev", dev); err != nil {
+		if _, err := h.RunData(ctx, "ip", "neigh", "del", ip, "dev", dev); err != nil {
 			t.Fatalf("%s: delete the neighbour entry by hand: %v", h, err)
 		}
 		deleted = time.Now()
@@ -310,7 +310,7 @@ func (s *suite) statusDrift(t *testing.T, rep status.Report, note func(string, .
 		t.Fatalf("%s: the drift is not repaired within the resync interval (%s) and 15s: %v", h, resync, err)
 	}
 	took := time.Since(deleted)
-	if out, _ := h.Run(ctx, "ip", "neigh", "show", ip, "dev", dev); !strings.Contains(out, mac) || !strings.Contains(out, "PERMANENT") {
+	if out, _ := h.RunData(ctx, "ip", "neigh", "show", ip, "dev", dev); !strings.Contains(out, mac) || !strings.Contains(out, "PERMANENT") {
 		t.Errorf("%s: status shows no drift but the neighbour entry is %q", h, out)
 	}
 	t.Logf("%s: repaired %s after the delete (PEER_RESYNC_INTERVAL %s)", h, took.Round(100*time.Millisecond), resync)
