@@ -88,14 +88,14 @@ func (d *dataplaneNS) handle() (*netlink.Handle, error) {
 	return netlink.NewHandleAt(d.ns)
 }
 
-// readDataplane opens owner's data-plane namespace for reading, without
-// creating it: through the host's root (HOST_PID) and, failing that, at
-// its path as this process sees it (a binary run on the host). nil when
-// DATAPLANE_NAMESPACE is off or no namespace is pinned. The caller closes
-// the handle.
-func readDataplane(cfg Config, owner string) (*netlink.Handle, error) {
+// openDataplaneNS opens the data-plane namespace of DATAPLANE_NAMESPACE
+// for status, doctor and the metrics: through HOST_PID's mount namespace
+// (NSPin.OpenNS, as the plugin does), or else at the path as this process
+// sees it (a standalone binary on the host). A zero handle and no error:
+// no setting, or no network made in it yet.
+func openDataplaneNS(cfg Config, owner string) (netns.NsHandle, error) {
 	if cfg.DataplaneNS == "" {
-		return nil, nil
+		return netns.None(), nil
 	}
 	path := dataplanePath(cfg.DataplaneNS, owner)
 	var errs []error
@@ -104,19 +104,28 @@ func readDataplane(cfg Config, owner string) (*netlink.Handle, error) {
 		func() (netns.NsHandle, error) { return netns.GetFromPath(path) },
 	} {
 		ns, err := open()
-		if err != nil {
-			errs = append(errs, err)
-			continue
+		if err == nil {
+			return ns, nil
 		}
-		defer ns.Close()
-		h, err := netlink.NewHandleAt(ns)
-		if err != nil {
-			return nil, fmt.Errorf("data-plane namespace %s: %w", path, err)
-		}
-		return h, nil
+		errs = append(errs, err)
 	}
 	if os.IsNotExist(errs[len(errs)-1]) {
-		return nil, nil // no network was made in it yet
+		return netns.None(), nil // no network was made in it yet
 	}
-	return nil, fmt.Errorf("data-plane namespace %s: %w", path, errors.Join(errs...))
+	return netns.None(), fmt.Errorf("data-plane namespace %s: %w", path, errors.Join(errs...))
+}
+
+// readDataplane is a netlink handle on the data-plane namespace
+// (openDataplaneNS), nil without one.
+func readDataplane(cfg Config, owner string) (*netlink.Handle, error) {
+	ns, err := openDataplaneNS(cfg, owner)
+	if err != nil || !ns.IsOpen() {
+		return nil, err
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return nil, fmt.Errorf("data-plane namespace %s: %w", dataplanePath(cfg.DataplaneNS, owner), err)
+	}
+	return h, nil
 }

@@ -5,12 +5,15 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"strings"
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/vishvananda/netns"
 
 	"consul-overlay/consulacl"
 	"consul-overlay/doctor"
@@ -66,6 +69,15 @@ func doctorMain(args []string, stdout, stderr io.Writer) int {
 	scfg, owner, closeStore := readOnlyStatusConfig(cfg, ccfg, useConsul, *timeout)
 	defer closeStore()
 	dcfg := doctor.Config{ProbeTimeout: *probeTimeout, System: doctor.HostSystem{}}
+	dpns, err := openDataplaneNS(cfg, owner)
+	if err != nil {
+		// The probes of its networks then WARN that they cannot be sent.
+		fmt.Fprintf(stderr, "consul-overlay doctor: %v: overlay probes only in the host's namespace\n", err)
+	}
+	if dpns.IsOpen() {
+		defer dpns.Close()
+		dcfg.Probe = dataplaneProbe(dpns)
+	}
 	if useConsul {
 		dcfg.ConsulTime = func(ctx context.Context) (time.Time, error) { return consulTime(ctx, ccfg) }
 		if c, ok := scfg.Store.(*kvstore.Consul); ok {
@@ -177,4 +189,33 @@ func consulTime(ctx context.Context, c kvstore.ConsulConfig) (time.Time, error) 
 		return time.Time{}, fmt.Errorf("no Date header in Consul's response")
 	}
 	return http.ParseTime(d)
+}
+
+// dataplaneProbe is doctor.SendProbe on the network's VXLAN device where
+// it is: in the host's namespace, or else in the data-plane namespace ns
+// (DATAPLANE_NAMESPACE), entered on a thread of its own that ends with
+// the probe (a goroutine that exits locked takes its thread with it, so
+// no other goroutine runs in that namespace).
+func dataplaneProbe(ns netns.NsHandle) doctor.ProbeFunc {
+	return func(ctx context.Context, t doctor.Target, size int, timeout time.Duration) (bool, error) {
+		if _, err := net.InterfaceByName(t.Device); err == nil {
+			return doctor.SendProbe(ctx, t, size, timeout)
+		}
+		type result struct {
+			ok  bool
+			err error
+		}
+		done := make(chan result, 1)
+		go func() {
+			runtime.LockOSThread() // never unlocked: see above
+			if err := netns.Set(ns); err != nil {
+				done <- result{false, fmt.Errorf("probe %s: enter the data-plane namespace: %w", t.Device, err)}
+				return
+			}
+			ok, err := doctor.SendProbe(ctx, t, size, timeout)
+			done <- result{ok, err}
+		}()
+		r := <-done
+		return r.ok, r.err
+	}
 }
