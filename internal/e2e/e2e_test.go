@@ -1004,19 +1004,9 @@ func (s *suite) publishedPort(t *testing.T) {
 // underlay address (ICMP).
 func (s *suite) outbound(t *testing.T) {
 	l := s.lab
-	url := fmt.Sprintf("http://%s:%d/v1/status/leader", l.ConsulServer, l.HTTPPort)
 	for _, h := range l.Hosts() {
 		c := appContainers[0]
-		err := eventually(t, 20*time.Second, func(ctx context.Context) error {
-			body, err := h.ContainerGet(ctx, c, url)
-			if err == nil && !strings.Contains(body, l.ConsulServer.String()) {
-				err = fmt.Errorf("body %q", body)
-			}
-			return err
-		})
-		if err != nil {
-			t.Errorf("%s: GET %s from %s: %v", h, url, c, err)
-		}
+		s.getLeader(t, h, c)
 		if err := ping(t, h, c, l.Other(h).Addr); err != nil {
 			t.Errorf("%s: ping %s (underlay of %s) from %s: %v", h, l.Other(h).Addr, l.Other(h), c, err)
 		}

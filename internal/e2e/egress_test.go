@@ -26,14 +26,7 @@ func (s *suite) egressHost(t *testing.T) {
 	name := dockertest.UniqueName("colab-egress-")
 	const subnet, gateway = "10.212.0.0/24", "10.212.0.1"
 	c := name + "-c"
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		for _, h := range l.Hosts() {
-			h.Docker(ctx, "rm", "-f", c)
-			h.Docker(ctx, "network", "rm", name)
-		}
-	})
+	l.removeOnCleanup(t, name, c)
 	addr := map[*Host]netip.Addr{}
 	for _, h := range l.Hosts() {
 		if _, err := h.Docker(ctx, "network", "create", "-d", l.Plugin, "--ipam-driver", l.Plugin,
@@ -49,7 +42,6 @@ func (s *suite) egressHost(t *testing.T) {
 		}
 		addr[h] = ip
 	}
-	url := fmt.Sprintf("http://%s:%d/v1/status/leader", l.ConsulServer, l.HTTPPort)
 	for _, h := range l.Hosts() {
 		links, err := h.InContainer(ctx, c, "ip", "-o", "link", "show")
 		if err != nil {
@@ -65,16 +57,7 @@ func (s *suite) egressHost(t *testing.T) {
 		if want := "default via " + gateway + " dev eth0"; !strings.HasPrefix(strings.TrimSpace(routes), want) || strings.Count(routes, "default") != 1 {
 			t.Errorf("%s: the container's default routes %q, want %q", h, routes, want)
 		}
-		err = eventually(t, 20*time.Second, func(ctx context.Context) error {
-			body, err := h.ContainerGet(ctx, c, url)
-			if err == nil && !strings.Contains(body, l.ConsulServer.String()) {
-				err = fmt.Errorf("body %q", body)
-			}
-			return err
-		})
-		if err != nil {
-			t.Errorf("%s: GET %s from %s: %v", h, url, c, err)
-		}
+		s.getLeader(t, h, c)
 		if err := ping(t, h, c, l.Other(h).Addr); err != nil {
 			t.Errorf("%s: ping %s (underlay of %s) from %s: %v", h, l.Other(h).Addr, l.Other(h), c, err)
 		}
@@ -96,5 +79,36 @@ func (s *suite) egressHost(t *testing.T) {
 		if len(rules) > 0 {
 			t.Errorf("%s: rules naming %s after network rm:\n%s", h, subnet, strings.Join(rules, "\n"))
 		}
+	}
+}
+
+// removeOnCleanup removes the container c and the network name from
+// every host when the test ends.
+func (l *Lab) removeOnCleanup(t *testing.T, name, c string) {
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		for _, h := range l.Hosts() {
+			h.Docker(ctx, "rm", "-f", c)
+			h.Docker(ctx, "network", "rm", name)
+		}
+	})
+}
+
+// getLeader: the container c on h reaches the Consul server's HTTP API
+// (its /v1/status/leader names the server) within 20 s.
+func (s *suite) getLeader(t *testing.T, h *Host, c string) {
+	t.Helper()
+	l := s.lab
+	url := fmt.Sprintf("http://%s:%d/v1/status/leader", l.ConsulServer, l.HTTPPort)
+	err := eventually(t, 20*time.Second, func(ctx context.Context) error {
+		body, err := h.ContainerGet(ctx, c, url)
+		if err == nil && !strings.Contains(body, l.ConsulServer.String()) {
+			err = fmt.Errorf("body %q", body)
+		}
+		return err
+	})
+	if err != nil {
+		t.Errorf("%s: GET %s from %s: %v", h, url, c, err)
 	}
 }

@@ -296,14 +296,7 @@ func (s *suite) internalNetwork(t *testing.T) {
 	name := dockertest.UniqueName("colab-int-")
 	subnet := netip.MustParsePrefix("10.213.0.0/24")
 	c := name + "-c"
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		for _, h := range l.Hosts() {
-			h.Docker(ctx, "rm", "-f", c)
-			h.Docker(ctx, "network", "rm", name)
-		}
-	})
+	l.removeOnCleanup(t, name, c)
 	for _, h := range l.Hosts() {
 		if _, err := h.Docker(ctx, "network", "create", "--internal", "-d", l.Plugin, "--ipam-driver", l.Plugin,
 			"--subnet", subnet.String(), "-o", "name="+name, "--label", l.Label, name); err != nil {
@@ -388,14 +381,7 @@ func (s *suite) publishedRemote(t *testing.T) {
 	name := dockertest.UniqueName("colab-pub-")
 	c := name + "-c"
 	port := freePort(t)
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		for _, h := range l.Hosts() {
-			h.Docker(ctx, "rm", "-f", c)
-			h.Docker(ctx, "network", "rm", name)
-		}
-	})
+	l.removeOnCleanup(t, name, c)
 	for _, h := range l.Hosts() {
 		if _, err := h.Docker(ctx, "network", "create", "-d", l.Plugin, "--ipam-driver", l.Plugin,
 			"--subnet", "10.215.0.0/24", "-o", "name="+name, "--label", l.Label, name); err != nil {
