@@ -48,12 +48,7 @@ func TestDockerDataplaneNamespace(t *testing.T) {
 
 	third := 1 + rand.IntN(254)
 	subnet := netip.MustParsePrefix(fmt.Sprintf("10.124.%d.0/24", third))
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		Docker(ctx, "rm", "-f", c1, c2, c3)
-		Docker(ctx, "network", "rm", netName)
-	})
+	removeOnCleanup(t, netName, c1, c2, c3)
 	if _, err := Docker(ctx, "network", "create", "-d", ref, "--ipam-driver", ref,
 		"--subnet", subnet.String(), netName); err != nil {
 		t.Fatal(err)
@@ -235,4 +230,15 @@ func testPlugin(t *testing.T, prefix string, vars []string, settings ...string) 
 		t.Fatal(err)
 	}
 	return ref, id
+}
+
+// removeOnCleanup removes the containers and then the network when the
+// test ends.
+func removeOnCleanup(t *testing.T, network string, containers ...string) {
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		Docker(ctx, append([]string{"rm", "-f"}, containers...)...)
+		Docker(ctx, "network", "rm", network)
+	})
 }

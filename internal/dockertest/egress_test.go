@@ -36,12 +36,7 @@ func TestDockerEgressHost(t *testing.T) {
 	})
 	subnet, outside := freeSubnets(t)
 	gateway := subnet.Addr().Next()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		Docker(ctx, "rm", "-f", c1, c2)
-		Docker(ctx, "network", "rm", netName)
-	})
+	removeOnCleanup(t, netName, c1, c2)
 	if _, err := Docker(ctx, "network", "create", "-d", ref, "--ipam-driver", ref,
 		"--subnet", subnet.String(), "-o", "egress=host", netName); err != nil {
 		t.Fatal(err)

@@ -49,12 +49,7 @@ func TestDockerManagedPlugin(t *testing.T) {
 	third := 1 + rand.IntN(254)
 	subnet := netip.MustParsePrefix(fmt.Sprintf("10.123.%d.0/24", third))
 	gateway := netip.AddrFrom4([4]byte{10, 123, byte(third), 1})
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		Docker(ctx, "rm", "-f", c1, c2)
-		Docker(ctx, "network", "rm", netName)
-	})
+	removeOnCleanup(t, netName, c1, c2)
 	if _, err := Docker(ctx, "network", "create", "-d", ref, "--ipam-driver", ref,
 		"--subnet", subnet.String(), netName); err != nil {
 		t.Fatal(err)
@@ -154,12 +149,7 @@ func TestDockerManagedPlugin(t *testing.T) {
 
 		// An --internal network reaches nothing outside.
 		inet, ic := netName+"-int", netName+"-ic"
-		t.Cleanup(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			Docker(ctx, "rm", "-f", ic)
-			Docker(ctx, "network", "rm", inet)
-		})
+		removeOnCleanup(t, inet, ic)
 		if _, err := Docker(ctx, "network", "create", "--internal", "-d", ref, "--ipam-driver", ref,
 			"--subnet", fmt.Sprintf("10.124.%d.0/24", third), inet); err != nil {
 			t.Fatal(err)
