@@ -1057,9 +1057,28 @@ func (s *suite) pluginRestart(t *testing.T) {
 		}
 
 		// A new container on the restarted host, reached from the other.
+		// The plugin may still be starting: its host record waits for
+		// the local agent to sync its check to the servers, which takes
+		// up to the agent's anti-entropy retry (about 15 s) after the
+		// agent itself restarted (linklocal); it says so, and a call
+		// waits 5 s for it. Such an answer is tried again, logged.
 		probe := appProject + "-probe"
-		if _, err := h.Docker(ctx, "run", "-d", "--name", probe, "--label", l.Label,
-			"--network", appNetwork, l.Image, "sleep", "600"); err != nil {
+		waited := time.Now()
+		var runErr error
+		err = eventually(t, 45*time.Second, func(ctx context.Context) error {
+			_, runErr = h.Docker(ctx, "run", "-d", "--name", probe, "--label", l.Label,
+				"--network", appNetwork, l.Image, "sleep", "600")
+			if runErr != nil && strings.Contains(runErr.Error(), "consul-overlay is starting") {
+				t.Logf("%s: the plugin is still starting after %s: %v", h, time.Since(waited).Round(time.Millisecond), runErr)
+				h.Docker(ctx, "rm", "-f", probe)
+				return runErr
+			}
+			return nil // started, or failed for another reason: runErr says
+		})
+		if err == nil {
+			err = runErr
+		}
+		if err != nil {
 			t.Fatalf("%s: a new container after the plugin restart: %v", h, err)
 		}
 		pip, _, err := h.ContainerAddr(ctx, probe, appNetwork)
