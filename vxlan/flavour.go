@@ -391,9 +391,7 @@ func (m *Manager) recheckFlavour(ctx context.Context, final bool) bool {
 // the underlay filter and the IPsec marks. The new rules are in place
 // before the old go, so isolation never lapses. Caller holds m.mu.
 func (m *Manager) moveFirewall(ctx context.Context, old flavourChoice) error {
-	ipt, ip6t := old.commands()
-	prev := newFirewall(m.log, ipt, ip6t)
-	prev.mark = m.mark
+	prev := m.flavourFirewall(old)
 	listings := map[string]listing{}
 	for _, bin := range prev.bins {
 		l, err := prev.list(ctx, bin, "filter", "raw", "mangle", "nat")
@@ -429,14 +427,29 @@ func (m *Manager) moveFirewall(ctx context.Context, old flavourChoice) error {
 			return err
 		}
 	}
-	_, err = prev.each(ctx, func(bin string) (batch, error) {
-		l, err := prev.list(ctx, bin, "filter", "raw", "mangle", "nat")
+	_, err = prev.purge(ctx)
+	return err
+}
+
+// flavourFirewall is a firewall of this owner in flavour c's commands,
+// for its rules there.
+func (m *Manager) flavourFirewall(c flavourChoice) *firewall {
+	ipt, ip6t := c.commands()
+	f := newFirewall(m.log, ipt, ip6t)
+	f.mark = m.mark
+	return f
+}
+
+// purge removes every rule of f's owner from f's commands (planPurge, from
+// a fresh listing each) and returns how many it removed.
+func (f *firewall) purge(ctx context.Context) (int, error) {
+	return f.each(ctx, func(bin string) (batch, error) {
+		l, err := f.list(ctx, bin, "filter", "raw", "mangle", "nat")
 		if err != nil {
 			return nil, err
 		}
-		return prev.planPurge(l), nil
+		return f.planPurge(l), nil
 	})
-	return err
 }
 
 // purgeOtherFlavours removes this owner's rules from the flavours not
@@ -451,16 +464,7 @@ func (m *Manager) purgeOtherFlavours(ctx context.Context) {
 		if st.ours == 0 {
 			continue
 		}
-		ipt, ip6t := flavourChoice{flavourState: st}.commands()
-		prev := newFirewall(m.log, ipt, ip6t)
-		prev.mark = m.mark
-		k, err := prev.each(ctx, func(bin string) (batch, error) {
-			l, err := prev.list(ctx, bin, "filter", "raw", "mangle", "nat")
-			if err != nil {
-				return nil, err
-			}
-			return prev.planPurge(l), nil
-		})
+		k, err := m.flavourFirewall(flavourChoice{flavourState: st}).purge(ctx)
 		switch {
 		case err != nil:
 			m.log.Error("rules of this instance left in the firewall flavour not chosen, not removed (retried at the next start)",

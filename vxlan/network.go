@@ -38,14 +38,8 @@ func (m *Manager) EnsureNetwork(ctx context.Context, n Network) (NetworkInfo, er
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if n.Egress {
-		ns, err := m.nsOf(n.VNI)
-		if err != nil {
-			return NetworkInfo{}, fmt.Errorf("ensure network (vni %d): %w", n.VNI, err)
-		}
-		if err := m.egressRefused(n, ns.dp); err != nil {
-			return NetworkInfo{}, fmt.Errorf("ensure network (vni %d): %w", n.VNI, err)
-		}
+	if err := m.egressRefused(n); err != nil {
+		return NetworkInfo{}, fmt.Errorf("ensure network (vni %d): %w", n.VNI, err)
 	}
 	var ch Changes
 	info, err := m.ensureNetwork(ctx, n, false, &ch)
@@ -58,15 +52,22 @@ func (m *Manager) EnsureNetwork(ctx context.Context, n Network) (NetworkInfo, er
 	return info, nil
 }
 
-// egressRefused says why network n cannot have Egress on this host (dp:
-// its bridge is in the data-plane namespace), nil when it can.
-func (m *Manager) egressRefused(n Network, dp bool) error {
+// egressRefused says why network n, which has Egress, cannot have it on
+// this host; nil when it can, or has none. Caller holds m.mu.
+func (m *Manager) egressRefused(n Network) error {
+	if !n.Egress {
+		return nil
+	}
+	ns, err := m.nsOf(n.VNI)
+	if err != nil {
+		return err
+	}
 	switch {
 	case n.Internal:
 		return errors.New("egress on an internal network: an internal network has no way out")
 	case !m.fw.enabled():
 		return errors.New("egress without iptables: the masquerade and forwarding rules need it")
-	case m.fw.notrack && !dp:
+	case m.fw.notrack && !ns.dp:
 		return errors.New("egress with bridged traffic untracked (BRIDGE_CONNTRACK=false): the masquerade needs it tracked")
 	case m.cfg.Sysctl != "-" && forwardingOff(m.cfg.Sysctl):
 		return errors.New("egress with IPv4 forwarding off (net.ipv4.ip_forward=0): dockerd turns it on unless started with --ip-forward=false")

@@ -99,14 +99,7 @@ func (m *Manager) Reconcile(ctx context.Context, desired State) (Changes, error)
 	// An egress network that can no longer have its way out (a setting
 	// changed across the restart) keeps everything it has, said loudly.
 	for vni, n := range nets {
-		if !n.Egress {
-			continue
-		}
-		ns, err := m.nsOf(vni)
-		if err == nil {
-			err = m.egressRefused(n, ns.dp)
-		}
-		if err != nil {
+		if err := m.egressRefused(n); err != nil {
 			m.log.Error("egress network without its way out: its containers' traffic to the outside fails", "vni", vni, "error", err)
 		}
 	}
