@@ -285,9 +285,19 @@ func checkForwardPolicy(ctx context.Context, s System) Check {
 // POSTROUTING | grep -- "-s <subnet> .*MASQUERADE"`.
 func CheckEgress(ctx context.Context, st *status.Report, s System) []Check {
 	var out []Check
+	var (
+		read           bool // the host's side is read once, for the first egress network
+		nat, fwd       string
+		natErr, fwdErr error
+	)
 	for _, n := range st.Networks {
 		if !n.Member || strings.TrimSpace(n.Options["egress"]) != "host" {
 			continue
+		}
+		if !read {
+			read = true
+			nat, natErr = s.Command(ctx, "iptables", "-w", "-t", "nat", "-S", "POSTROUTING")
+			fwd, fwdErr = s.Sysctl("net.ipv4.ip_forward")
 		}
 		name := n.Name
 		if name == "" {
@@ -295,7 +305,6 @@ func CheckEgress(ctx context.Context, st *status.Report, s System) []Check {
 		}
 		c := Check{Name: "egress", Network: name}
 		var missing []string
-		nat, natErr := s.Command(ctx, "iptables", "-w", "-t", "nat", "-S", "POSTROUTING")
 		for _, sub := range n.Subnets {
 			p, err := netip.ParsePrefix(sub)
 			if err != nil || !p.Addr().Is4() {
@@ -305,7 +314,6 @@ func CheckEgress(ctx context.Context, st *status.Report, s System) []Check {
 				missing = append(missing, p.Masked().String())
 			}
 		}
-		fwd, fwdErr := s.Sysctl("net.ipv4.ip_forward")
 		switch {
 		case fwdErr == nil && fwd != "1":
 			c.Result = Fail
