@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -71,16 +72,7 @@ func TestDockerDataplaneNamespace(t *testing.T) {
 		if err != nil {
 			t.Fatalf("links of the data-plane namespace %s: %v", pin, err)
 		}
-		var names []string
-		for _, line := range strings.Split(out, "\n") {
-			if f := strings.Fields(line); len(f) > 1 {
-				name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
-				if name != "lo" {
-					names = append(names, name)
-				}
-			}
-		}
-		return names
+		return slices.DeleteFunc(linkNames(out), func(name string) bool { return name == "lo" })
 	}
 	have := map[string]int{}
 	for _, l := range dpLinks() {

@@ -207,13 +207,7 @@ func HostLinks(ctx context.Context) (map[string]bool, error) {
 		return nil, err
 	}
 	links := map[string]bool{}
-	for _, line := range strings.Split(out, "\n") {
-		// "12: vxbr-1000: <BROADCAST,...>" or "13: vxh-ab@if12: ..."
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
+	for _, name := range linkNames(out) {
 		for _, p := range LinkPrefixes {
 			if strings.HasPrefix(name, p) {
 				links[name] = true
@@ -221,6 +215,19 @@ func HostLinks(ctx context.Context) (map[string]bool, error) {
 		}
 	}
 	return links, nil
+}
+
+// linkNames are the link names in `ip -o link show` output, in its order.
+func linkNames(out string) []string {
+	var names []string
+	for _, line := range strings.Split(out, "\n") {
+		// "12: vxbr-1000: <BROADCAST,...>" or "13: vxh-ab@if12: ..."
+		if f := strings.Fields(line); len(f) > 1 {
+			name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
+			names = append(names, name)
+		}
+	}
+	return names
 }
 
 // RulesMentioning returns the lines of iptables-save and ip6tables-save of

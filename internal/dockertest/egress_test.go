@@ -90,14 +90,7 @@ func TestDockerEgressHost(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var links []string
-		for _, line := range strings.Split(out, "\n") {
-			// "1: lo: <LOOPBACK,UP,...>" or "7: eth0@if8: <...>"
-			if f := strings.Fields(line); len(f) > 1 {
-				name, _, _ := strings.Cut(strings.TrimSuffix(f[1], ":"), "@")
-				links = append(links, name)
-			}
-		}
+		links := linkNames(out)
 		slices.Sort(links)
 		if !slices.Equal(links, []string{"eth0", "lo"}) {
 			t.Errorf("container's links %v, want lo and eth0 only", links)
