@@ -580,7 +580,15 @@ func (w *PeerWatch) follow(compact bool) bool {
 		w.audit.Stop()
 	}
 	wctx, wcancel := context.WithCancel(w.ctx)
-	ch, err := c.store.Watch(wctx, prefix)
+	watch := c.store.Watch
+	if compact {
+		// Every member's peer record comes with every change: on
+		// Consul, read only the records that changed (issue 16, scale).
+		watch = func(ctx context.Context, prefix string) (<-chan []*kvstore.Pair, error) {
+			return kvstore.WatchLean(ctx, c.store, prefix)
+		}
+	}
+	ch, err := watch(wctx, prefix)
 	if err != nil {
 		wcancel()
 		c.log.Error("peer watch stopped", "key", key, "error", err)

@@ -608,7 +608,7 @@ func (cl *Claim) watch(ctx context.Context) {
 		p, meta, err = cl.c.kv.Get(cl.key, q)
 		return meta, err
 	}
-	cl.c.follow(ctx, query, func() bool {
+	cl.c.follow(ctx, query, func(uint64) bool {
 		if id := cl.Session(); id != "" && (p == nil || p.Session != id) {
 			select {
 			case cl.suspect <- struct{}{}:

@@ -1,6 +1,7 @@
 package kvstore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -398,7 +399,7 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 		kvps, meta, err = c.kv.List(full, q)
 		return meta, err
 	}
-	c.follow(ctx, query, func() bool {
+	c.follow(ctx, query, func(uint64) bool {
 		snap := c.pairs(kvps)
 		kvps = nil // not kept through the next blocking query
 		if delivered && sameSums(last, snap, seed) {
@@ -427,11 +428,11 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 // follow runs a blocking query round after round until ctx ends or answer
 // returns false: query gets each round's options (the last index,
 // Consul's wait, a consistent read, the round's context) and answer sees
-// each successful round. A failed round is tried again after a growing
+// each successful round with the round's index. A failed round is tried again after a growing
 // backoff, as a plain read: the agent may come back as a new server whose
 // index is smaller than ours, and blocking on the old index would stall
 // for a whole wait time.
-func (c *Consul) follow(ctx context.Context, query func(q *api.QueryOptions) (*api.QueryMeta, error), answer func() bool) {
+func (c *Consul) follow(ctx context.Context, query func(q *api.QueryOptions) (*api.QueryMeta, error), answer func(index uint64) bool) {
 	var index uint64
 	backoff := watchBackoffMin
 	for {
@@ -455,7 +456,7 @@ func (c *Consul) follow(ctx context.Context, query func(q *api.QueryOptions) (*a
 		// return at once, forever. A smaller index than before means a
 		// new server: taking it is the reset.
 		index = max(meta.LastIndex, 1)
-		if !answer() {
+		if !answer(index) {
 			return
 		}
 	}
@@ -587,4 +588,231 @@ func sameSums(a []pairSum, ps []*Pair, seed maphash.Seed) bool {
 		}
 	}
 	return true
+}
+
+// leanFetchMost is how many changed keys WatchLean reads one by one; more
+// are read with one List of the prefix.
+const leanFetchMost = 8
+
+// WatchLean is Watch for a prefix whose snapshots are large and change a
+// key at a time (issue 16, scale: a network's peer records, which every
+// member host receives on every change). It delivers the same snapshots,
+// but reads only what changed: its blocking query lists the prefix's key
+// names, without values; one read-only transaction of check-index
+// operations then names the keys whose modify index moved, and those are
+// read one by one (or the whole prefix with one List when more than
+// leanFetchMost changed, after an outage, and when the index went back: a
+// new server). The keys it holds are the last List's, changed as the key
+// listings and reads say; a key that changes after the listing is read
+// newer, and the next listing's wake finds nothing more to read.
+//
+// The pairs of a snapshot are shared with the next snapshots, so a
+// receiver must not change them (the slice is its own).
+func (c *Consul) WatchLean(ctx context.Context, prefix string) (<-chan []*Pair, error) {
+	if err := checkListPrefix(prefix); err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, fmt.Errorf("consul watch %q at %s: store closed", c.prefix+prefix, c.addr)
+	}
+	out := make(chan []*Pair)
+	wctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(c.ctx, cancel)
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer close(out)
+		defer cancel()
+		defer stop()
+		c.watchLean(wctx, prefix, out)
+	}()
+	return out, nil
+}
+
+func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pair) {
+	full := c.prefix + prefix
+	var (
+		held      map[string]*Pair // by key, as the store names it (relative)
+		names     []string
+		last      uint64 // the last listing's index
+		relist    = true
+		delivered bool
+		pace      = watchEmptyPace
+	)
+	query := func(q *api.QueryOptions) (*api.QueryMeta, error) {
+		if q.WaitIndex == 0 {
+			relist = true // the first round, or the first after a failure
+		}
+		var meta *api.QueryMeta
+		var err error
+		names, meta, err = c.kv.Keys(full, "", q)
+		return meta, err
+	}
+	c.follow(ctx, query, func(index uint64) bool {
+		if index < last {
+			relist = true
+		}
+		changed, err := c.leanRefresh(ctx, prefix, &held, names, relist)
+		if err != nil {
+			if ctx.Err() != nil {
+				return false
+			}
+			// Read again from scratch at the next round; the store's
+			// outage is the blocking query's to wait out.
+			relist = true
+			return sleepCtx(ctx, watchBackoffMin)
+		}
+		relist, last = false, index
+		if delivered && !changed {
+			if len(names) == 0 {
+				// Consul answers a blocking query on an empty prefix at
+				// every write anywhere: pace those.
+				if !sleepCtx(ctx, pace) {
+					return false
+				}
+				pace = min(2*pace, watchEmptyPaceMax)
+			}
+			return true
+		}
+		pace = watchEmptyPace
+		snap := make([]*Pair, 0, len(held))
+		for _, p := range held {
+			snap = append(snap, p)
+		}
+		sort.Slice(snap, func(i, j int) bool { return snap[i].Key < snap[j].Key })
+		select {
+		case out <- snap:
+			delivered = true
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	})
+}
+
+// leanRefresh brings held (the pairs under prefix, by relative key) in line
+// with names, the prefix's keys as the last listing gave them (full keys):
+// a List when relist or when many changed, else the check-index
+// transaction and reads of what it names. changed says whether held
+// changed.
+func (c *Consul) leanRefresh(ctx context.Context, prefix string, held *map[string]*Pair, names []string, relist bool) (changed bool, err error) {
+	list := func() (bool, error) {
+		ps, err := c.List(ctx, prefix)
+		if err != nil {
+			return false, err
+		}
+		m := make(map[string]*Pair, len(ps))
+		same := *held != nil && len(*held) == len(ps)
+		for _, p := range ps {
+			m[p.Key] = p
+			if same {
+				o, ok := (*held)[p.Key]
+				same = ok && o.ModifyIndex == p.ModifyIndex && o.Session == p.Session && bytes.Equal(o.Value, p.Value)
+			}
+		}
+		*held = m
+		return !same, nil
+	}
+	if relist || *held == nil {
+		return list()
+	}
+	listed := make(map[string]bool, len(names))
+	var read []string
+	for _, n := range names {
+		if !strings.HasPrefix(n, c.prefix) || n == c.prefix {
+			continue
+		}
+		k := strings.TrimPrefix(n, c.prefix)
+		listed[k] = true
+		if _, ok := (*held)[k]; !ok {
+			read = append(read, k)
+		}
+	}
+	known := make(map[string]uint64, len(*held))
+	for k, p := range *held {
+		if !listed[k] {
+			delete(*held, k)
+			changed = true
+			continue
+		}
+		known[k] = p.ModifyIndex
+	}
+	if len(read) > leanFetchMost {
+		return list()
+	}
+	moved, err := c.Changed(ctx, known)
+	if err != nil {
+		return false, err
+	}
+	read = append(read, moved...)
+	if len(read) > leanFetchMost {
+		return list()
+	}
+	for _, k := range read {
+		p, err := c.Get(ctx, k)
+		switch {
+		case errors.Is(err, ErrNotFound):
+			if _, ok := (*held)[k]; ok {
+				delete(*held, k)
+				changed = true
+			}
+		case err != nil:
+			return false, err
+		default:
+			(*held)[k] = p
+			changed = true
+		}
+	}
+	return changed, nil
+}
+
+// Changed returns the keys of known whose modify index is no longer the
+// one given (or that no longer exist), from read-only transactions of
+// check-index operations (MaxTxnOps at a time): Consul answers a failed
+// check for every operation that failed, so the answer is as small as
+// the change.
+func (c *Consul) Changed(ctx context.Context, known map[string]uint64) ([]string, error) {
+	keys := make([]string, 0, len(known))
+	for k := range known {
+		if err := checkKey(k); err != nil {
+			return nil, err
+		}
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var out []string
+	for len(keys) > 0 {
+		chunk := keys[:min(len(keys), MaxTxnOps)]
+		keys = keys[len(chunk):]
+		ops := make(api.KVTxnOps, len(chunk))
+		for i, k := range chunk {
+			ops[i] = &api.KVTxnOp{Verb: api.KVCheckIndex, Key: c.prefix + k, Index: known[k]}
+		}
+		name := fmt.Sprintf("%d checks, first %q", len(chunk), c.prefix+chunk[0])
+		rctx, cancel, st := c.request(ctx, c.timeout)
+		ok, resp, _, err := c.kv.Txn(ops, (&api.QueryOptions{RequireConsistent: true}).WithContext(rctx))
+		cancel()
+		if err != nil {
+			return nil, c.fail(ctx, st, "txn", name, err)
+		}
+		if ok {
+			continue
+		}
+		what := txnErrors(resp)
+		if deniedByACL(what) {
+			return nil, fmt.Errorf("consul txn (%s) at %s: %w: %s", name, c.addr, ErrPermissionDenied, what)
+		}
+		if resp == nil || len(resp.Errors) == 0 {
+			return nil, fmt.Errorf("consul txn (%s) at %s: %w: failed without naming an operation", name, c.addr, ErrUnavailable)
+		}
+		for _, e := range resp.Errors {
+			if e.OpIndex < 0 || e.OpIndex >= len(chunk) {
+				return nil, fmt.Errorf("consul txn (%s) at %s: %w: error for operation %d of %d", name, c.addr, ErrUnavailable, e.OpIndex, len(chunk))
+			}
+			out = append(out, chunk[e.OpIndex])
+		}
+	}
+	return out, nil
 }

@@ -53,6 +53,7 @@ func TestConsul(t *testing.T) {
 
 	t.Run("Contract", func(t *testing.T) { runContract(t, consulBackend(agent)) })
 	t.Run("FencedContract", func(t *testing.T) { runContract(t, fencedBackend(consulBackend(agent)), "TxnInvalid") })
+	t.Run("LeanWatchContract", func(t *testing.T) { runContract(t, leanBackend(consulBackend(agent))) })
 	t.Run("Fence", func(t *testing.T) { testFence(t, consulBackend(agent)(t)) })
 
 	t.Run("Contention", func(t *testing.T) {

@@ -98,6 +98,12 @@ func (f *fenced) Txn(ctx context.Context, ops []Op) error {
 	return err
 }
 
+// WatchLean watches as the inner store does (see the package's
+// WatchLean): a fence guards writes only.
+func (f *fenced) WatchLean(ctx context.Context, prefix string) (<-chan []*Pair, error) {
+	return WatchLean(ctx, f.Store, prefix)
+}
+
 // fencedTries bounds how often a fenced transaction is sent again with a
 // fresh fence (OwnFenced: the claim's state changed under it).
 const fencedTries = 8

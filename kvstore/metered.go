@@ -88,8 +88,19 @@ func (m *metered) TxnIndex(ctx context.Context, ops []Op) (index uint64, err err
 // delivered snapshot as an update. The forwarding goroutine ends when the
 // inner channel closes (when ctx ends), so the contract is unchanged.
 func (m *metered) Watch(ctx context.Context, prefix string) (<-chan []*Pair, error) {
+	return m.watch(ctx, prefix, m.s.Watch)
+}
+
+// WatchLean is Watch through WatchLean of the inner store.
+func (m *metered) WatchLean(ctx context.Context, prefix string) (<-chan []*Pair, error) {
+	return m.watch(ctx, prefix, func(ctx context.Context, prefix string) (<-chan []*Pair, error) {
+		return WatchLean(ctx, m.s, prefix)
+	})
+}
+
+func (m *metered) watch(ctx context.Context, prefix string, watch func(context.Context, string) (<-chan []*Pair, error)) (<-chan []*Pair, error) {
 	start := time.Now()
-	in, err := m.s.Watch(ctx, prefix)
+	in, err := watch(ctx, prefix)
 	m.observe("watch", start, err)
 	if err != nil {
 		return nil, err

@@ -125,3 +125,17 @@ func TxnIndex(ctx context.Context, s Store, ops []Op) (uint64, error) {
 	}
 	return 0, s.Txn(ctx, ops)
 }
+
+// WatchLean is s.Watch(ctx, prefix) for a prefix whose snapshots are large
+// and change a key at a time: on Consul (and its metered wrapper) it
+// delivers the same snapshots but reads only the keys that changed (see
+// Consul.WatchLean); other stores watch as Watch does. A receiver must not
+// change the pairs it receives.
+func WatchLean(ctx context.Context, s Store, prefix string) (<-chan []*Pair, error) {
+	if l, ok := s.(interface {
+		WatchLean(context.Context, string) (<-chan []*Pair, error)
+	}); ok {
+		return l.WatchLean(ctx, prefix)
+	}
+	return s.Watch(ctx, prefix)
+}
