@@ -831,18 +831,22 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 	if !ok {
 		return nil, false, why
 	}
+	// Each record's peers are derived once (the records that changed
+	// since the last delivery now), and counted before the list is made,
+	// so that it is allocated once at its size.
 	n := 0
 	for _, h := range hosts {
-		n += len(rc.records[peerRecordKey(rc.key, h)].peers)
+		k := peerRecordKey(rc.key, h)
+		r := rc.records[k]
+		if r.peers == nil && len(r.rec.Endpoints) != 0 {
+			r.peers = r.rec.peers()
+			rc.records[k] = r
+		}
+		n += len(r.peers)
 	}
 	peers = make([]Peer, 0, n)
 	for _, h := range hosts {
-		r := rc.records[peerRecordKey(rc.key, h)]
-		if r.peers == nil && len(r.rec.Endpoints) != 0 {
-			r.peers = r.rec.peers()
-			rc.records[peerRecordKey(rc.key, h)] = r
-		}
-		peers = append(peers, r.peers...)
+		peers = append(peers, rc.records[peerRecordKey(rc.key, h)].peers...)
 	}
 	sortPeers(peers)
 	return peers, true, ""

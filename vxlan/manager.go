@@ -216,6 +216,10 @@ type Manager struct {
 	// inKernel is the peer set the last successful sync of each network
 	// left in its VXLAN device (syncPeerEntries); guarded by mu.
 	inKernel map[uint32]kernelPeers
+	// scratchKeys and scratchWant are setPeers' and updateInPlace's
+	// working space, reused from call to call (guarded by mu).
+	scratchKeys []peerKey
+	scratchWant map[peerKey]struct{}
 	// perDevice, set by tests, makes Reconcile read each device's tables
 	// on its own instead of dumping them once.
 	perDevice bool

@@ -43,7 +43,11 @@ func (m *Manager) setPeers(vni uint32, peers []Peer, delta bool) (Changes, error
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var errs []error
-	keys := make([]peerKey, 0, len(peers))
+	// The list is read into the Manager's scratch slice: nothing keeps
+	// it past the call, and a network of a thousand peers would otherwise
+	// allocate it at every change.
+	keys := m.scratchKeys[:0]
+	defer func() { m.scratchKeys = keys[:0] }()
 	for _, p := range peers {
 		if p.VNI != vni {
 			errs = append(errs, fmt.Errorf("peer %s: vni %d in the list of vni %d", p.IP, p.VNI, vni))
@@ -190,7 +194,12 @@ func (m *Manager) updateInPlace(vni uint32, keys []peerKey) (ch Changes, done bo
 	if set == nil || !known || last.set != set || m.sec.encrypted[vni] {
 		return ch, false, nil
 	}
-	want := make(map[peerKey]struct{}, len(keys))
+	if m.scratchWant == nil {
+		m.scratchWant = map[peerKey]struct{}{}
+	}
+	want := m.scratchWant
+	clear(want)
+	defer clear(want)
 	var added []peerKey
 	for _, k := range keys {
 		if _, dup := want[k]; dup {
