@@ -640,10 +640,14 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 		relist    = true
 		delivered bool
 		pace      = watchEmptyPace
+		backoff   = watchBackoffMin
 	)
 	query := func(q *api.QueryOptions) (*api.QueryMeta, error) {
 		if q.WaitIndex == 0 {
 			relist = true // the first round, or the first after a failure
+		}
+		if relist {
+			q.WaitIndex = 0 // a refresh that failed is tried again at once
 		}
 		var meta *api.QueryMeta
 		var err error
@@ -651,20 +655,29 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 		return meta, err
 	}
 	c.follow(ctx, query, func(index uint64) bool {
-		if index < last {
+		switch {
+		case index < last:
 			relist = true
+		case index == last && !relist && delivered:
+			// The wait ran out (Consul answers with the same index):
+			// nothing under the prefix changed.
+			return true
 		}
 		changed, err := c.leanRefresh(ctx, prefix, &held, names, relist)
 		if err != nil {
 			if ctx.Err() != nil {
 				return false
 			}
-			// Read again from scratch at the next round; the store's
-			// outage is the blocking query's to wait out.
+			// Read again from scratch at the next round, which does not
+			// wait for a change, after a growing backoff.
 			relist = true
-			return sleepCtx(ctx, watchBackoffMin)
+			if !sleepCtx(ctx, backoff) {
+				return false
+			}
+			backoff = min(2*backoff, watchBackoffMax)
+			return true
 		}
-		relist, last = false, index
+		relist, last, backoff = false, index, watchBackoffMin
 		if delivered && !changed {
 			if len(names) == 0 {
 				// Consul answers a blocking query on an empty prefix at

@@ -57,6 +57,11 @@ type countingProxy struct {
 	mu     sync.Mutex
 	counts map[string]int
 	bytes  int
+	// failTxn is how many of the next transactions are answered 500
+	// without reaching the agent.
+	failTxn int
+	// wait, when set, replaces every blocking query's wait.
+	wait string
 }
 
 func (c *countingProxy) take() (map[string]int, int) {
@@ -82,6 +87,12 @@ func startCountingProxy(t *testing.T, agent *testenv.ConsulAgent) (*countingProx
 	rp := httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: agent.Addr})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
+		c.mu.Lock()
+		if c.wait != "" && q.Has("wait") {
+			q.Set("wait", c.wait)
+			r.URL.RawQuery = q.Encode()
+		}
+		c.mu.Unlock()
 		var flags []string
 		for _, f := range []string{"keys", "recurse", "index"} {
 			if q.Has(f) {
@@ -91,6 +102,16 @@ func startCountingProxy(t *testing.T, agent *testenv.ConsulAgent) (*countingProx
 		name := r.Method + " " + r.URL.Path
 		if len(flags) > 0 {
 			name += "?" + strings.Join(flags, "&")
+		}
+		c.mu.Lock()
+		fail := r.URL.Path == "/v1/txn" && c.failTxn > 0
+		if fail {
+			c.failTxn--
+		}
+		c.mu.Unlock()
+		if fail {
+			http.Error(w, "injected failure", http.StatusInternalServerError)
+			return
 		}
 		var n int
 		rp.ServeHTTP(countingWriter{w, &n}, r)
@@ -152,6 +173,14 @@ func TestConsulWatchLean(t *testing.T) {
 		t.Errorf("one change of %d records of 2 kB answered %d bytes; want the names and one record", hosts, bytes)
 	}
 	t.Logf("one change of %d: %v, %d bytes answered", hosts, counts, bytes)
+
+	// A refresh that fails (the check transaction answered 500) is tried
+	// again at once, not after the next change.
+	proxy.mu.Lock()
+	proxy.failTxn = 1
+	proxy.mu.Unlock()
+	mustPut(t, w, "net/config/peers/h08", "8-changed")
+	want("after a failed refresh")
 
 	// Writes outside the prefix, next to it, and an unchanged value
 	// deliver nothing: the next snapshot is the next change's.
@@ -302,5 +331,46 @@ func TestWatchLeanThroughWrappers(t *testing.T) {
 	rec.mu.Unlock()
 	if last != "watch r/" {
 		t.Fatalf("WatchLean of a store without one called %q, want its Watch", last)
+	}
+}
+
+// TestConsulWatchLeanQuiet proves a lean watch whose blocking query runs
+// out of time, nothing having changed, asks Consul nothing else: between
+// changes its host costs the servers its blocking queries alone.
+func TestConsulWatchLeanQuiet(t *testing.T) {
+	agent := testenv.StartConsul(t)
+	root := "test-" + randomHex(t) + "/"
+	proxy, addr := startCountingProxy(t, agent)
+	proxy.mu.Lock()
+	proxy.wait = "100ms"
+	proxy.mu.Unlock()
+	s := newConsul(t, ConsulConfig{Address: addr, Prefix: root})
+	w := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: root})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for i := range 5 {
+		mustPut(t, w, fmt.Sprintf("net/config/peers/h%d", i), "v")
+	}
+	ch, err := WatchLean(ctx, s, "net/config")
+	if err != nil {
+		t.Fatal(err)
+	}
+	next(t, ch, 5*time.Second)
+	time.Sleep(100 * time.Millisecond)
+	proxy.take()
+	time.Sleep(time.Second)
+	counts, _ := proxy.take()
+	blocking := counts["GET /v1/kv/"+root+"net/config?keys&index"]
+	if blocking < 3 || len(counts) != 1 {
+		t.Fatalf("a quiet second of 100 ms waits made the requests %v, want only blocking key listings (at least 3)", counts)
+	}
+	select {
+	case snap := <-ch:
+		t.Fatalf("a quiet watch delivered %d pairs", len(snap))
+	default:
+	}
+	mustPut(t, w, "net/config/peers/h2", "changed")
+	if got := next(t, ch, 5*time.Second); render(got) != "net/config/peers/h0=v net/config/peers/h1=v net/config/peers/h2=changed net/config/peers/h3=v net/config/peers/h4=v" {
+		t.Fatalf("after the quiet second, a change delivered %q", render(got))
 	}
 }
