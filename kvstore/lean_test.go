@@ -334,16 +334,15 @@ func TestWatchLeanThroughWrappers(t *testing.T) {
 	}
 }
 
-// TestConsulWatchLeanQuiet proves a lean watch whose blocking query runs
-// out of time, nothing having changed, asks Consul nothing else: between
-// changes its host costs the servers its blocking queries alone.
+// TestConsulWatchLeanQuiet proves a lean watch of small values lists them
+// at every change (one request), switches to key listings once they grow,
+// and, its blocking query running out of time with nothing changed, asks
+// Consul nothing else: between changes its host costs the servers its
+// blocking queries alone.
 func TestConsulWatchLeanQuiet(t *testing.T) {
 	agent := testenv.StartConsul(t)
 	root := "test-" + randomHex(t) + "/"
 	proxy, addr := startCountingProxy(t, agent)
-	proxy.mu.Lock()
-	proxy.wait = "100ms"
-	proxy.mu.Unlock()
 	s := newConsul(t, ConsulConfig{Address: addr, Prefix: root})
 	w := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: root})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -358,6 +357,29 @@ func TestConsulWatchLeanQuiet(t *testing.T) {
 	next(t, ch, 5*time.Second)
 	time.Sleep(100 * time.Millisecond)
 	proxy.take()
+	mustPut(t, w, "net/config/peers/h1", "small")
+	next(t, ch, 5*time.Second)
+	time.Sleep(100 * time.Millisecond)
+	if counts, _ := proxy.take(); counts["GET /v1/kv/"+root+"net/config?recurse&index"] != 1 || len(counts) != 1 {
+		t.Fatalf("a change of small values made the requests %v, want one blocking List", counts)
+	}
+	big := strings.Repeat("x", leanListBelow/2)
+	var ops []Op
+	for i := range 5 {
+		ops = append(ops, Op{Verb: OpSet, Key: fmt.Sprintf("net/config/peers/h%d", i), Value: []byte(big)})
+	}
+	if err := w.Txn(ctx, ops); err != nil {
+		t.Fatal(err)
+	}
+	next(t, ch, 5*time.Second)
+	time.Sleep(100 * time.Millisecond)
+	proxy.mu.Lock()
+	proxy.wait = "100ms"
+	proxy.mu.Unlock()
+	mustPut(t, w, "net/config/peers/h0", "wake") // the long wait ends
+	next(t, ch, 5*time.Second)
+	time.Sleep(150 * time.Millisecond)
+	proxy.take()
 	time.Sleep(time.Second)
 	counts, _ := proxy.take()
 	blocking := counts["GET /v1/kv/"+root+"net/config?keys&index"]
@@ -370,7 +392,8 @@ func TestConsulWatchLeanQuiet(t *testing.T) {
 	default:
 	}
 	mustPut(t, w, "net/config/peers/h2", "changed")
-	if got := next(t, ch, 5*time.Second); render(got) != "net/config/peers/h0=v net/config/peers/h1=v net/config/peers/h2=changed net/config/peers/h3=v net/config/peers/h4=v" {
-		t.Fatalf("after the quiet second, a change delivered %q", render(got))
+	got := next(t, ch, 5*time.Second)
+	if len(got) != 5 || got[2].Key != "net/config/peers/h2" || string(got[2].Value) != "changed" || string(got[3].Value) != big {
+		t.Fatalf("after the quiet second, a change delivered %d pairs: %.40q", len(got), render(got))
 	}
 }

@@ -474,6 +474,9 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 	fmt.Fprintf(sec, "| … p99 of each single host | %s | |\n", strings.Join(mapR(rs, func(r hostsResult) string { return msf(summarize(r.convEach).p99) }), " | "))
 	row("per change: Consul requests", func(r hostsResult) float64 { return float64(r.convLoad.total) / float64(r.samples) }, num)
 	row("per change: bytes Consul answered", func(r hostsResult) float64 { return float64(r.convLoad.bytes) / 1024 / float64(r.samples) }, kib)
+	row("… of which the agent API's (the registrar's list of the agent's services: one agent for all hosts here, each host's own on real hosts)", func(r hostsResult) float64 {
+		return float64(r.convLoad.agentBytes) / 1024 / float64(r.samples)
+	}, kib)
 	row("per change: plugin CPU, mean per host", func(r hostsResult) float64 { return ms(r.pluginCPUPerChange) }, msf)
 	row("per change: plugin CPU, all hosts", func(r hostsResult) float64 { return ms(r.pluginCPUPerChange) * float64(r.hosts) }, msf)
 	row("per change: Consul CPU", func(r hostsResult) float64 { return ms(r.consulCPUPerChange) }, msf)

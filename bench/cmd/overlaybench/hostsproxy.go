@@ -33,6 +33,7 @@ type consulMeter struct {
 	trace    io.Writer        // BENCH_METER_TRACE's file, or nil
 	counts   map[string]int64 // by label, see label
 	bytes    int64
+	agentB   int64          // of bytes, the agent API's (see meterDiff)
 	inflight map[string]int // open blocking queries by client IP
 }
 
@@ -41,6 +42,7 @@ type meterSnap struct {
 	at     time.Time
 	counts map[string]int64
 	bytes  int64
+	agentB int64
 }
 
 // startConsulMeter listens on host's underlay address (a free port) inside
@@ -133,6 +135,9 @@ func (m *consulMeter) handler(next http.Handler) http.Handler {
 				cw.Header().Get("X-Consul-Index"), time.Since(start).Round(time.Microsecond))
 		}
 		m.bytes += cw.n
+		if strings.HasPrefix(r.URL.Path, "/v1/agent/") {
+			m.agentB += cw.n
+		}
 		if blocking {
 			m.inflight[ip]--
 		}
@@ -156,7 +161,7 @@ func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter 
 func (m *consulMeter) snap() meterSnap {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	s := meterSnap{at: time.Now(), counts: make(map[string]int64, len(m.counts)), bytes: m.bytes}
+	s := meterSnap{at: time.Now(), counts: make(map[string]int64, len(m.counts)), bytes: m.bytes, agentB: m.agentB}
 	for k, v := range m.counts {
 		s.counts[k] = v
 	}
@@ -184,12 +189,12 @@ func (m *consulMeter) openBlocking() map[string]int {
 type meterDiff struct {
 	secs                   float64
 	total, blocking, agent int64
-	bytes                  int64
+	bytes, agentBytes      int64
 	counts                 map[string]int64
 }
 
 func diffSnaps(a, b meterSnap) meterDiff {
-	d := meterDiff{secs: b.at.Sub(a.at).Seconds(), bytes: b.bytes - a.bytes, counts: map[string]int64{}}
+	d := meterDiff{secs: b.at.Sub(a.at).Seconds(), bytes: b.bytes - a.bytes, agentBytes: b.agentB - a.agentB, counts: map[string]int64{}}
 	for k, v := range b.counts {
 		if n := v - a.counts[k]; n > 0 {
 			d.counts[k] = n
