@@ -47,6 +47,7 @@ func runContract(t *testing.T, backend newBackend) {
 		{"PeerRecords", testPeerRecords},
 		{"PeerRecordsOlderHost", testPeerRecordsOlderHost},
 		{"EvictPeerRecord", testEvictPeerRecord},
+		{"LargeNetworkPeers", testLargeNetworkPeers},
 		{"DeleteWithStaleCache", testDeleteWithStaleCache},
 		{"UnreadableConfig", testUnreadableConfig},
 	}

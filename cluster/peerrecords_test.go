@@ -284,3 +284,53 @@ func TestPeerRecordLimit(t *testing.T) {
 		t.Fatalf("first peer record op %+v, %v", op, err)
 	}
 }
+
+// testLargeNetworkPeers follows a network whose peer records are larger
+// than a lean watch lists at each change (on Consul, the watch then reads
+// only the records that changed): a host's peers follow every endpoint
+// added and removed, a host joining with an endpoint and leaving.
+func testLargeNetworkPeers(t *testing.T, open openFunc) {
+	a := newHost(t, open, "id-a", "a", "192.0.2.1")
+	b := newHost(t, open, "id-b", "b", "192.0.2.2")
+	c := newHost(t, open, "id-c", "c", "192.0.2.3")
+	s := spec("10.4.0.0/22")
+	mustJoin(t, a, "name-app", "net-a", s)
+	mustJoin(t, b, "name-app", "net-b", s)
+	ctx, cancel := context.WithCancel(bg(t))
+	defer cancel()
+	wb, err := b.WatchPeers(ctx, "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 420 // 21 bytes each: over 8 KiB of peer record
+	id := func(i int) string { return fmt.Sprintf("%016x", i+1) + strings.Repeat("e", 48) }
+	addr := func(i int) string { return fmt.Sprintf("10.4.%d.%d/22", (i+2)/256, (i+2)%256) }
+	mac := func(i int) string { return fmt.Sprintf("02:42:0a:04:%02x:%02x", (i+2)/256, (i+2)%256) }
+	for i := range n {
+		mustEndpoint(t, a, "name-app", "net-a", id(i), addr(i), "", mac(i))
+	}
+	has := func(ps []Peer, host, ep string) bool {
+		return slices.ContainsFunc(ps, func(p Peer) bool {
+			return p.HostID == host && p.EndpointID != "" && strings.HasPrefix(ep, p.EndpointID)
+		})
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == n })
+	if err := a.DeleteEndpoint(bg(t), "name-app", id(7)); err != nil {
+		t.Fatal(err)
+	}
+	mustEndpoint(t, a, "name-app", "net-a", id(900), addr(900), "", mac(900))
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == n && has(ps, "id-a", id(900)) && !has(ps, "id-a", id(7)) })
+	mustJoin(t, c, "name-app", "net-c", s)
+	mustEndpoint(t, c, "name-app", "net-c", id(901), addr(901), "", mac(901))
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == n+1 && has(ps, "id-c", id(901)) })
+	if err := c.DeleteEndpoint(bg(t), "name-app", id(901)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Leave(bg(t), "name-app", "net-c"); err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == n && !has(ps, "id-c", id(901)) })
+	cancel()
+	for range wb { // closes when ctx ends
+	}
+}
