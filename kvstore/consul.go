@@ -365,6 +365,12 @@ func deniedByACL(what string) bool {
 // bounded backoff; it ends, closing the channel, when ctx is done or the
 // store is closed, cancelling its in-flight request.
 func (c *Consul) Watch(ctx context.Context, prefix string) (<-chan []*Pair, error) {
+	return c.startWatch(ctx, prefix, func(ctx context.Context, out chan<- []*Pair) { c.watch(ctx, c.prefix+prefix, out) })
+}
+
+// startWatch runs a watch of prefix in a goroutine of the store's until
+// ctx ends or the store is closed, closing its channel then.
+func (c *Consul) startWatch(ctx context.Context, prefix string, run func(ctx context.Context, out chan<- []*Pair)) (<-chan []*Pair, error) {
 	if err := checkListPrefix(prefix); err != nil {
 		return nil, err
 	}
@@ -382,7 +388,7 @@ func (c *Consul) Watch(ctx context.Context, prefix string) (<-chan []*Pair, erro
 		defer close(out)
 		defer cancel()
 		defer stop()
-		c.watch(wctx, c.prefix+prefix, out)
+		run(wctx, out)
 	}()
 	return out, nil
 }
@@ -609,26 +615,7 @@ const leanFetchMost = 8
 // The pairs of a snapshot are shared with the next snapshots, so a
 // receiver must not change them (the slice is its own).
 func (c *Consul) WatchLean(ctx context.Context, prefix string) (<-chan []*Pair, error) {
-	if err := checkListPrefix(prefix); err != nil {
-		return nil, err
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return nil, fmt.Errorf("consul watch %q at %s: store closed", c.prefix+prefix, c.addr)
-	}
-	out := make(chan []*Pair)
-	wctx, cancel := context.WithCancel(ctx)
-	stop := context.AfterFunc(c.ctx, cancel)
-	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
-		defer close(out)
-		defer cancel()
-		defer stop()
-		c.watchLean(wctx, prefix, out)
-	}()
-	return out, nil
+	return c.startWatch(ctx, prefix, func(ctx context.Context, out chan<- []*Pair) { c.watchLean(ctx, prefix, out) })
 }
 
 func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pair) {

@@ -124,17 +124,22 @@ func startCountingProxy(t *testing.T, agent *testenv.ConsulAgent) (*countingProx
 	return c, strings.TrimPrefix(srv.URL, "http://")
 }
 
+// leanSetup starts an agent and returns a counting proxy in front of it,
+// the test's key root, a store that goes through the proxy and one that
+// writes to the agent directly, as another host would.
+func leanSetup(t *testing.T) (*countingProxy, string, *Consul, *Consul) {
+	agent := testenv.StartConsul(t)
+	root := "test-" + randomHex(t) + "/"
+	proxy, addr := startCountingProxy(t, agent)
+	return proxy, root, newConsul(t, ConsulConfig{Address: addr, Prefix: root}), newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: root})
+}
+
 // TestConsulWatchLean proves that a lean watch delivers what List gives
 // after every kind of change, and that between its blocking listings of
 // key names it reads the values of the keys that changed only.
 func TestConsulWatchLean(t *testing.T) {
-	agent := testenv.StartConsul(t)
-	root := "test-" + randomHex(t) + "/"
-	proxy, addr := startCountingProxy(t, agent)
-	s := newConsul(t, ConsulConfig{Address: addr, Prefix: root})
-	w := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: root})
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
+	proxy, root, s, w := leanSetup(t)
+	ctx := t.Context()
 	const hosts = 30
 	big := strings.Repeat("x", 2000)
 	for i := range hosts {
@@ -248,7 +253,7 @@ func TestConsulWatchLean(t *testing.T) {
 func TestConsulChanged(t *testing.T) {
 	agent := testenv.StartConsul(t)
 	s := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: "test-" + randomHex(t) + "/"})
-	ctx := bg(t)
+	ctx := t.Context()
 	known := map[string]uint64{}
 	for i := range MaxTxnOps + 10 {
 		k := fmt.Sprintf("k/%03d", i)
@@ -340,13 +345,8 @@ func TestWatchLeanThroughWrappers(t *testing.T) {
 // Consul nothing else: between changes its host costs the servers its
 // blocking queries alone.
 func TestConsulWatchLeanQuiet(t *testing.T) {
-	agent := testenv.StartConsul(t)
-	root := "test-" + randomHex(t) + "/"
-	proxy, addr := startCountingProxy(t, agent)
-	s := newConsul(t, ConsulConfig{Address: addr, Prefix: root})
-	w := newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: root})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
+	proxy, root, s, w := leanSetup(t)
+	ctx := t.Context()
 	for i := range 5 {
 		mustPut(t, w, fmt.Sprintf("net/config/peers/h%d", i), "v")
 	}
