@@ -335,8 +335,8 @@ func (c *Consul) TxnIndex(ctx context.Context, ops []Op) (uint64, error) {
 		return index, nil
 	}
 	what := txnErrors(resp)
-	if deniedByACL(what) {
-		return 0, fmt.Errorf("consul txn (%s) at %s: %w: %s", name, c.addr, ErrPermissionDenied, what)
+	if err := c.txnDenied(name, what); err != nil {
+		return 0, err
 	}
 	return 0, fmt.Errorf("consul txn (%s): %w: %s", name, ErrConflict, what)
 }
@@ -350,6 +350,15 @@ func txnErrors(resp *api.KVTxnResponse) string {
 		msgs[i] = fmt.Sprintf("op %d: %s", e.OpIndex, e.What)
 	}
 	return strings.Join(msgs, "; ")
+}
+
+// txnDenied is the error of transaction name whose failure what is an
+// ACL refusal, or nil when it is not one.
+func (c *Consul) txnDenied(name, what string) error {
+	if !deniedByACL(what) {
+		return nil
+	}
+	return fmt.Errorf("consul txn (%s) at %s: %w: %s", name, c.addr, ErrPermissionDenied, what)
 }
 
 // deniedByACL tells an ACL refusal inside a rolled-back transaction, which
@@ -434,10 +443,10 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 // follow runs a blocking query round after round until ctx ends or answer
 // returns false: query gets each round's options (the last index,
 // Consul's wait, a consistent read, the round's context) and answer sees
-// each successful round with the round's index. A failed round is tried again after a growing
-// backoff, as a plain read: the agent may come back as a new server whose
-// index is smaller than ours, and blocking on the old index would stall
-// for a whole wait time.
+// each successful round with the round's index. A failed round is tried
+// again after a growing backoff, as a plain read: the agent may come back
+// as a new server whose index is smaller than ours, and blocking on the
+// old index would stall for a whole wait time.
 func (c *Consul) follow(ctx context.Context, query func(q *api.QueryOptions) (*api.QueryMeta, error), answer func(index uint64) bool) {
 	var index uint64
 	backoff := watchBackoffMin
@@ -610,7 +619,9 @@ const leanFetchMost = 8
 // leanFetchMost changed, after an outage, and when the index went back: a
 // new server). The keys it holds are the last List's, changed as the key
 // listings and reads say; a key that changes after the listing is read
-// newer, and the next listing's wake finds nothing more to read.
+// newer, and the next listing's wake finds nothing more to read. While the
+// values it holds are under leanListBelow, its blocking query lists them,
+// as Watch does.
 //
 // The pairs of a snapshot are shared with the next snapshots, so a
 // receiver must not change them (the slice is its own).
@@ -839,8 +850,8 @@ func (c *Consul) Changed(ctx context.Context, known map[string]uint64) ([]string
 			continue
 		}
 		what := txnErrors(resp)
-		if deniedByACL(what) {
-			return nil, fmt.Errorf("consul txn (%s) at %s: %w: %s", name, c.addr, ErrPermissionDenied, what)
+		if err := c.txnDenied(name, what); err != nil {
+			return nil, err
 		}
 		if resp == nil || len(resp.Errors) == 0 {
 			return nil, fmt.Errorf("consul txn (%s) at %s: %w: failed without naming an operation", name, c.addr, ErrUnavailable)

@@ -197,8 +197,7 @@ func (m *Manager) updateInPlace(vni uint32, keys []peerKey) (ch Changes, done bo
 	if m.scratchWant == nil {
 		m.scratchWant = map[peerKey]struct{}{}
 	}
-	want := m.scratchWant
-	clear(want)
+	want := m.scratchWant // empty: every call clears it on its way out
 	defer clear(want)
 	var added []peerKey
 	for _, k := range keys {
