@@ -108,6 +108,53 @@ func TestJoinRecordsRestart(t *testing.T) {
 	waitFor(t, func() bool { return !hasKey(t, store, "joins/a/ep1") })
 }
 
+// TestAdoptHeldAfterRestart: the plugin stopped after Join answered and
+// before the join record was written, and the restart read the kernel
+// before Docker moved the interface into the container: the endpoint is
+// restored unjoined. Once a container holds its interface it is joined (a
+// held endpoint with its join record), and the unjoined sweep keeps it;
+// an endpoint no container takes is still reclaimed.
+func TestAdoptHeldAfterRestart(t *testing.T) {
+	store := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	dp := newFake()
+	d := newTestDriver(t, store, "a", "192.0.2.1", dp)
+	mustCreate(t, d, "n1", "10.1.0.0/24")
+	for _, ep := range []struct{ id, addr string }{{"ep1", "10.1.0.2/24"}, {"orphan", "10.1.0.3/24"}} {
+		if _, err := d.CreateEndpoint(epReq("n1", ep.id, ep.addr)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d.Close()
+	d = newTestDriver(t, store, "a", "192.0.2.1", dp)
+	heldIDs := func() []string {
+		t.Helper()
+		eps, err := d.HeldEndpoints(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for _, e := range eps {
+			ids = append(ids, e.ID)
+		}
+		return ids
+	}
+	if ids := heldIDs(); len(ids) != 0 {
+		t.Fatalf("held endpoints before a container holds one: %v", ids)
+	}
+	// Docker moves ep1's interface into its container.
+	dp.mu.Lock()
+	dp.inUse = map[string]bool{"ep1": true}
+	dp.mu.Unlock()
+	waitFor(t, func() bool { return slices.Equal(heldIDs(), []string{"ep1"}) })
+	waitFor(t, func() bool { return hasKey(t, store, "joins/a/ep1") })
+	if n := d.ReclaimUnjoined(context.Background(), 0); n != 1 {
+		t.Fatalf("reclaimed %d endpoints, want the orphan alone", n)
+	}
+	if !hasKey(t, store, "networks/name-app/endpoints/ep1") || hasKey(t, store, "networks/name-app/endpoints/orphan") {
+		t.Fatalf("endpoint records after the sweep: %v, want ep1's alone", allKeys(t, store))
+	}
+}
+
 // TestDeleteEndpointVethInBackground: DeleteEndpoint answers before the
 // veth pair is removed; a removal that fails is retried until it sticks.
 func TestDeleteEndpointVethInBackground(t *testing.T) {

@@ -334,10 +334,14 @@ func (d *Driver) Start() {
 				d.restoreErr = nil
 				d.mu.Unlock()
 				close(d.ready)
-				d.wg.Add(1)
+				d.wg.Add(2)
 				go func() {
 					defer d.wg.Done()
 					d.writeSnapshots(d.ctx)
+				}()
+				go func() {
+					defer d.wg.Done()
+					d.watchAdopt(d.ctx)
 				}()
 				d.catchUp(d.ctx)
 				return

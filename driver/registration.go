@@ -540,17 +540,119 @@ func (d *Driver) LocalState(ctx context.Context) (map[string]cluster.Network, []
 	return nets, eps, nil
 }
 
+// adoptWindow is how long after a restore the driver looks, every
+// adoptEvery, for endpoints restored unjoined that a container takes
+// (adoptHeld): Docker moves the interface into the container as soon as
+// Join answers. The unjoined sweep looks again later.
+const (
+	adoptWindow = time.Minute
+	adoptEvery  = time.Second
+)
+
+// watchAdopt runs adoptHeld every adoptEvery for adoptWindow after the
+// restore, or until no endpoint is left to look at.
+func (d *Driver) watchAdopt(ctx context.Context) {
+	t := time.NewTicker(adoptEvery)
+	defer t.Stop()
+	end := time.Now().Add(adoptWindow)
+	for time.Now().Before(end) {
+		if _, waiting := d.adoptHeld(); waiting == 0 {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// adoptHeld marks joined each endpoint restored without a join (no join
+// record, and its interface not in a container at the restore) that a
+// container holds now: Join answered, the plugin stopped before its join
+// record was written, and Docker moved the interface into the container
+// after the restart read the kernel. Without this the container would run
+// unregistered, and the unjoined sweep would find its endpoint in use at
+// every pass. Its service is registered (the container is unknown, as when
+// the restore finds such an endpoint held; its ports are those of the
+// endpoint record) and its join record written. It returns how many it
+// adopted, and how many restored unjoined endpoints are left.
+func (d *Driver) adoptHeld() (adopted, waiting int) {
+	var ids []string
+	d.mu.Lock()
+	for id, ep := range d.endpoints {
+		if restoredUnjoined(ep) {
+			ids = append(ids, id)
+		}
+	}
+	d.mu.Unlock()
+	if len(ids) == 0 {
+		return 0, 0
+	}
+	keys, err := d.dp.EndpointsInUse()
+	if err != nil {
+		d.log.Warn("endpoints restored without a join: the kernel did not say whether containers hold them; asking again later", "endpoints", len(ids), "error", err)
+		return 0, len(ids)
+	}
+	inUse := make(map[string]bool, len(keys))
+	for _, k := range keys {
+		inUse[k] = true
+	}
+	for _, id := range ids {
+		if !inUse[vxlan.EndpointKey(id)] {
+			waiting++
+			continue
+		}
+		if d.adopt(id) {
+			adopted++
+		}
+	}
+	return adopted, waiting
+}
+
+// restoredUnjoined tells whether ep was restored without a join and has
+// not been joined, left or removed since. Caller holds d.mu.
+func restoredUnjoined(ep *localEndpoint) bool {
+	return ep.rec.Sandbox == "" && !ep.left && !ep.removed && !ep.vethMade && !ep.joinedHere
+}
+
+// adopt marks endpoint id joined (adoptHeld), with its removal held off,
+// and reports whether it did.
+func (d *Driver) adopt(id string) bool {
+	unlock := d.held.lock(id)
+	defer unlock()
+	d.mu.Lock()
+	ep := d.endpoints[id]
+	if ep == nil || !restoredUnjoined(ep) {
+		d.mu.Unlock()
+		return false
+	}
+	l := d.networks[ep.rec.NetworkID]
+	ep.rec.Sandbox = "joined" // container unknown, as restoreJoins names it
+	rec := ep.rec
+	d.mu.Unlock()
+	d.snapshotChanged()
+	d.bg.setJoined(id, &cluster.Joined{NetworkKey: rec.NetworkKey, Sandbox: rec.Sandbox, Ports: rec.Ports})
+	d.log.Warn("an endpoint restored without its join is held by a container now (the plugin stopped between Join's answer and Docker's move of the interface): joined, its service registered; the container's exposed ports are those Docker gave CreateEndpoint",
+		"endpoint", short(id), "address", endpointAddresses(rec))
+	if d.cfg.Registrar != nil && l != nil {
+		d.cfg.Registrar.Register(serviceEndpoint(l.rec, &rec))
+	}
+	return true
+}
+
 // ReclaimUnjoined reclaims, as ReclaimEndpoint does, this host's endpoints
 // that were created longer than olderThan ago and never joined: Docker
 // joins an endpoint right after creating it, so such a record is the
-// orphan of a crash whose rollback Docker never sent. It returns how many
-// it reclaimed.
+// orphan of a crash whose rollback Docker never sent. One that a container
+// holds is joined instead (adoptHeld). It returns how many it reclaimed.
 func (d *Driver) ReclaimUnjoined(ctx context.Context, olderThan time.Duration) int {
 	select {
 	case <-d.ready:
 	default:
 		return 0
 	}
+	d.adoptHeld()
 	var ids []string
 	d.mu.Lock()
 	for id, ep := range d.endpoints {

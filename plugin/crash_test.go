@@ -221,6 +221,26 @@ func TestCrash(t *testing.T) {
 	t.Run("kill-9", func(t *testing.T) {
 		runKill9(t, env)
 	})
+
+	// The plugin killed after Join answered and before its join record
+	// was written, restarted before the engine moved the interface: the
+	// container that runs is registered all the same, and its endpoint is
+	// not taken for an orphan.
+	t.Run("kill-9-after-join", func(t *testing.T) {
+		r := newCrashRun(t, env, scenario{})
+		n := r.networkCreate()
+		r.bUp()
+		r.killAfterJoin = true
+		c := r.containerRun(n, netip.Addr{})
+		if len(r.crashes) != 1 {
+			t.Fatalf("crashes: %v, want the kill after Join", r.crashes)
+		}
+		r.reachFromB(c)
+		r.containerStop(c)
+		r.bDown()
+		r.networkRemove(n)
+		r.checkClean()
+	})
 }
 
 // findFaultPoints returns the crash points of the module's source. A
@@ -546,6 +566,10 @@ type crashRun struct {
 	crashes []string // the calls during or after which A died
 	reached *bool    // set when A dies: the armed point was reached
 	kill9   *killer  // random kills, or nil
+	// killAfterJoin: the next Join's answer is followed by a kill -9 of A
+	// and a restart that restores its state before the engine moves the
+	// interface into the container.
+	killAfterJoin bool
 }
 
 // killer SIGKILLs A at random moments: with probability prob, a call on A
@@ -956,6 +980,32 @@ func (r *crashRun) tryContainerRun(c *container, static netip.Addr) (bool, error
 		return false, nil
 	}
 	r.checkAddrs("Join")
+	if r.killAfterJoin {
+		r.killAfterJoin = false
+		r.a.stop(syscall.SIGKILL)
+		r.crashes = append(r.crashes, "NetworkDriver.Join (after it answered, before the interface moved)")
+		// The kill came before the join record's write and the service's
+		// registration, both in the background (here they usually land
+		// first: they go as they would have).
+		for k := range r.keySet() {
+			if strings.HasPrefix(k, "joins/") && strings.HasSuffix(k, "/"+c.eid) {
+				if _, err := r.kv.Delete(r.prefix+k, nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		svcs, err := r.env.clients[0].Agent().ServicesWithFilter(fmt.Sprintf("Meta[\"endpoint-id\"] == %q", c.eid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for id := range svcs {
+			if err := r.env.clients[0].Agent().ServiceDeregister(id); err != nil {
+				t.Fatal(err)
+			}
+		}
+		r.restartA()
+		r.a.mustWork(t) // restored: the kernel read without the container
+	}
 	c.src = jr.InterfaceName.SrcName
 	if err := testenv.MoveAndConfigure(n.p.host.NS, c.ns, c.src, jr.InterfaceName.DstPrefix+"0", []netip.Prefix{c.addr4}); err != nil {
 		t.Fatalf("configure container interface %s: %v", c.src, err)
