@@ -120,15 +120,24 @@ func newServer(log *slog.Logger, nd network.Driver, id ipam.Ipam) *server {
 // errDecode marks a request body that is not the JSON the method takes.
 var errDecode = errors.New("malformed request")
 
-// call adapts a typed driver method to a route. An empty body decodes to
-// the zero request (Docker sends no body for argument-less calls).
+// errEmptyBody is a call that takes arguments sent without a body. The
+// engine does that when the plugin restarted under the call: its plugin
+// client retries a failed connection with the request body it already
+// spent on the first try (moby pkg/plugins, Client.callWithRetry).
+var errEmptyBody = fmt.Errorf("%w: empty request body (the engine resends a call without its body when the plugin restarted under it)", errDecode)
+
+// call adapts a typed driver method to a route. Every such method takes
+// arguments (Docker sends no body only for argument-less calls, which are
+// not routed through call), so an empty body is refused (errEmptyBody)
+// instead of being taken for a request that names nothing.
 func call[Req any](fn func(*Req) (any, error)) route {
 	return func(body []byte) (any, error) {
+		if len(bytes.TrimSpace(body)) == 0 {
+			return nil, errEmptyBody
+		}
 		req := new(Req)
-		if len(bytes.TrimSpace(body)) > 0 {
-			if err := json.Unmarshal(body, req); err != nil {
-				return nil, fmt.Errorf("%w: %v", errDecode, err)
-			}
+		if err := json.Unmarshal(body, req); err != nil {
+			return nil, fmt.Errorf("%w: %v", errDecode, err)
 		}
 		return fn(req)
 	}
@@ -169,6 +178,8 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // cause's sentinel; the error itself names the object.
 func errorHint(err error) string {
 	switch {
+	case errors.Is(err, errEmptyBody):
+		return "the plugin restarted while the engine sent this call, and the engine's retry lost the call's content: run the command again"
 	case errors.Is(err, errDecode):
 		return "the request does not match the plugin API: check that the Docker engine is a supported version"
 	case errors.Is(err, kvstore.ErrPermissionDenied):
