@@ -43,6 +43,13 @@ else
 	[[ -x $LAB_DOCKERD ]] || make --no-print-directory -C "$LAB_ROOT" engine >&2
 fi
 
+# LAB_DATA without LAB_STATE's owner: a lab that was never torn down (a
+# killed run, then a restart that emptied /run). Its Consul data and its
+# engines' networks would come back into this lab: tear it down first.
+if [[ ! -s $LAB_STATE/owner && -d $LAB_DATA ]]; then
+	log "$LAB_DATA is left from a lab that was never torn down: lab/down.sh first"
+	"$LAB_ROOT/lab/down.sh" >&2 || die "lab/down.sh failed: remove $LAB_DATA by hand"
+fi
 mkdir -p "$LAB_STATE" "$LAB_DATA"
 if [[ -s $LAB_STATE/owner && $(<"$LAB_STATE/owner") != "$owner" ]]; then
 	die "the lab is up, brought up by $(<"$LAB_STATE/owner"): lab/down.sh first"

@@ -12,7 +12,9 @@
 //
 // TestMain brings the lab up (lab/up.sh --owner e2e) and tears it down
 // afterwards (lab/down.sh --owner e2e), also after a failure or an
-// interrupt; E2E_KEEP_LAB=1 leaves it up for a look (lab/docker-b, lab/on-b).
+// interrupt; E2E_KEEP_LAB=1 leaves it up for a look (lab/docker-b, lab/on-b),
+// and the next run with it set goes on in that lab. Without it, a run first
+// tears down the e2e lab a killed run left.
 // TestE2E runs the scenarios in order, each a subtest that later ones may
 // depend on, and TestMain prints one summary line per scenario:
 //

@@ -706,7 +706,16 @@ func runMain(m *testing.M) int {
 
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	err = runScript(ctx, root, "up.sh", "--owner", owner)
+	if os.Getenv("E2E_KEEP_LAB") == "" {
+		// The suite tears its lab down when it ends: one still up is what
+		// a killed run left, whose Consul data and engines' networks would
+		// come back into this run. (down.sh leaves a lab of another owner
+		// up, and says so; it is quiet about a lab that is down.)
+		err = runScript(ctx, root, "down.sh", "--owner", owner)
+	}
+	if err == nil {
+		err = runScript(ctx, root, "up.sh", "--owner", owner)
+	}
 	cancel()
 	if err == nil {
 		theLab, err = loadLab(root)
