@@ -337,10 +337,13 @@ install_plugin() {
 		# that outlives the plugin, as HOST_PID must: this machine's
 		# /proc/1 cannot be opened, and the engine's pid is gone after
 		# an engine restart (lab/engine-b.sh), when the plugin starts
-		# again with the same settings. lab/down.sh stops it.
-		local holder=dataplane-${host,,} ns=$LAB_NS_B
-		[[ $host == A ]] && ns=$LAB_NS_A
-		pid_alive "$holder" || start_daemon "$holder" "$ns" sleep infinity
+		# again with the same settings. It stands for the host's init,
+		# which outlives its daemons: it runs outside the host's network
+		# namespace (HOST_PID names a mount namespace), so the chaos
+		# suite's lost host, every process of that namespace killed,
+		# comes back with it. lab/down.sh stops it.
+		local holder=dataplane-${host,,}
+		pid_alive "$holder" || start_daemon "$holder" "" sleep infinity
 		settings+=("DATAPLANE_NAMESPACE=lab${LAB_ID:+-$LAB_ID}-${host,,}" "HOST_PID=$(<"$LAB_STATE/$holder.pid")")
 	fi
 	"$@" plugin rm -f "$LAB_PLUGIN" >/dev/null 2>&1 || true

@@ -122,6 +122,9 @@ func (c *chaos) createNet(t *testing.T, name, subnet string) chaosNet {
 	for _, h := range l.Hosts() {
 		c.seen[h][vxlan.BridgeName(vni)] = true
 		c.seen[h][vxlan.VXLANName(vni)] = true
+		if h.DataNS != "" {
+			c.seen[h][vxlan.GatewayName(vni)] = true // the host's end of the bridge
+		}
 	}
 	return n
 }
@@ -230,7 +233,8 @@ func (c *chaos) waitConverged(t *testing.T, n chaosNet, within time.Duration) (t
 // leftovers removes n and everything on it and lists what is left of any
 // network once that settled (30 s): KV state of networks, addresses and
 // pools, lost-host records, service instances, links of ours on either
-// host (both are the lab's own namespaces on engine 29) and firewall rules
+// host (both are the lab's own namespaces on engine 29, and their
+// data-plane namespaces with LAB_DATAPLANE=1) and firewall rules
 // naming a link the suite saw.
 func (c *chaos) leftovers(t *testing.T, n chaosNet) []string {
 	ctx := t.Context()
@@ -256,7 +260,7 @@ func (c *chaos) leftovers(t *testing.T, n chaosNet) []string {
 			left = append(left, "service "+i.String())
 		}
 		for _, h := range c.lab.Hosts() {
-			links, err := h.Links(ctx)
+			links, err := h.AllLinks(ctx)
 			if err != nil {
 				return err
 			}
@@ -988,7 +992,7 @@ func (c *chaos) hostBLost(t *testing.T) {
 		if slices.Contains(addrs, ipB1.String()) {
 			errs = append(errs, fmt.Errorf("address %s of B still held", ipB1))
 		}
-		fdb, err := a.Run(ctx, "bridge", "fdb", "show", "dev", vxlan.VXLANName(n.vni))
+		fdb, err := a.RunData(ctx, "bridge", "fdb", "show", "dev", vxlan.VXLANName(n.vni))
 		if err != nil {
 			return err
 		}
@@ -1191,32 +1195,44 @@ func (c *chaos) fuzzSocket(t *testing.T) {
 			}
 			m["kv "+k] = string(e.Value)
 		}
-		links, err := b.Run(ctx, "ip", "-d", "-o", "link", "show")
-		if err != nil {
-			return nil, err
+		// The host's namespace, and the data-plane namespace's bridges,
+		// VXLAN devices and ports when the plugin has one.
+		type where struct {
+			tag string
+			run func(ctx context.Context, name string, args ...string) (string, error)
 		}
-		for _, line := range strings.Split(links, "\n") {
-			f := strings.Fields(line)
-			if len(f) > 1 {
-				name := strings.TrimSuffix(f[1], ":")
-				// Bridge and port timers tick; the rest is the link.
-				m["link "+name] = linkTimers.ReplaceAllString(strings.Join(f[2:], " "), "")
-			}
+		places := []where{{"", b.Run}}
+		if b.DataNS != "" {
+			places = append(places, where{"data ", b.RunData})
 		}
-		for _, argv := range [][]string{{"bridge", "fdb", "show"}, {"ip", "neigh", "show", "nud", "permanent"}, {"iptables-save"}} {
-			out, err := b.Run(ctx, argv[0], argv[1:]...)
+		for _, w := range places {
+			links, err := w.run(ctx, "ip", "-d", "-o", "link", "show")
 			if err != nil {
 				return nil, err
 			}
-			for _, line := range strings.Split(out, "\n") {
-				if strings.HasPrefix(line, "#") || strings.HasPrefix(line, ":") {
-					continue // iptables-save's comments and counters
+			for _, line := range strings.Split(links, "\n") {
+				f := strings.Fields(line)
+				if len(f) > 1 {
+					name := strings.TrimSuffix(f[1], ":")
+					// Bridge and port timers tick; the rest is the link.
+					m[w.tag+"link "+name] = linkTimers.ReplaceAllString(strings.Join(f[2:], " "), "")
 				}
-				if argv[0] == "bridge" && strings.Contains(line, " master ") &&
-					!strings.Contains(line, " permanent") && !strings.Contains(line, " static") {
-					continue // learned by a bridge from traffic, and aged out
+			}
+			for _, argv := range [][]string{{"bridge", "fdb", "show"}, {"ip", "neigh", "show", "nud", "permanent"}, {"iptables-save"}} {
+				out, err := w.run(ctx, argv[0], argv[1:]...)
+				if err != nil {
+					return nil, err
 				}
-				m[argv[0]+" "+line] = ""
+				for _, line := range strings.Split(out, "\n") {
+					if strings.HasPrefix(line, "#") || strings.HasPrefix(line, ":") {
+						continue // iptables-save's comments and counters
+					}
+					if argv[0] == "bridge" && strings.Contains(line, " master ") &&
+						!strings.Contains(line, " permanent") && !strings.Contains(line, " static") {
+						continue // learned by a bridge from traffic, and aged out
+					}
+					m[w.tag+argv[0]+" "+line] = ""
+				}
 			}
 		}
 		return m, nil
