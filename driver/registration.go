@@ -420,10 +420,7 @@ func (d *Driver) KeptHolds(poolID string, gw netip.Addr, wait time.Duration) int
 	if err != nil {
 		return count(all)
 	}
-	inUse := make(map[string]bool, len(keys))
-	for _, k := range keys {
-		inUse[k] = true
-	}
+	inUse := keySet(keys)
 	for id, eps := range unsure {
 		if slices.ContainsFunc(eps, func(k string) bool { return inUse[k] }) {
 			used[id] = true
@@ -594,10 +591,7 @@ func (d *Driver) adoptHeld() (adopted, waiting int) {
 		d.log.Warn("endpoints restored without a join: the kernel did not say whether containers hold them; asking again later", "endpoints", len(ids), "error", err)
 		return 0, len(ids)
 	}
-	inUse := make(map[string]bool, len(keys))
-	for _, k := range keys {
-		inUse[k] = true
-	}
+	inUse := keySet(keys)
 	for _, id := range ids {
 		if !inUse[vxlan.EndpointKey(id)] {
 			waiting++
@@ -608,6 +602,16 @@ func (d *Driver) adoptHeld() (adopted, waiting int) {
 		}
 	}
 	return adopted, waiting
+}
+
+// keySet is the set of the endpoint keys the kernel names
+// (EndpointsInUse).
+func keySet(keys []string) map[string]bool {
+	set := make(map[string]bool, len(keys))
+	for _, k := range keys {
+		set[k] = true
+	}
+	return set
 }
 
 // restoredUnjoined tells whether ep was restored without a join and has

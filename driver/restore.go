@@ -152,10 +152,7 @@ func (d *Driver) restore(ctx context.Context) error {
 	if iu.err != nil {
 		return fmt.Errorf("list endpoints in use in the kernel: %w", iu.err)
 	}
-	held := make(map[string]bool, len(iu.keys)) // by vxlan.EndpointKey
-	for _, k := range iu.keys {
-		held[k] = true
-	}
+	held := keySet(iu.keys) // by vxlan.EndpointKey
 	tView := time.Since(t0)
 	// Memberships without the host record: a reap of this host stopped
 	// part way (it came back during it): some networks may be gone from
