@@ -473,10 +473,21 @@ type PeerWatch struct {
 	wcancel context.CancelFunc
 	ch      <-chan []*kvstore.Pair
 	dec     *recordCache
-	last    []Peer
+	last    []Peer // Snapshot's last delivery
 	sent    bool
 	compact bool // following the config and the peer records
 	audit   *time.Timer
+	// The data plane entries Next last computed, and how they changed
+	// (peerdelta.go).
+	entries   map[dpEntry]int // entry → peers that give it
+	vteps     map[netip.Addr]int
+	delta     PeerDelta
+	full      []Peer   // the peers, once built (fullOK)
+	fullOK    bool     // full is the peers since the last change
+	hosts     []string // the members whose peer records give the peers (compact)
+	base      deltaBase
+	computed  bool // the last Next computed the peers
+	delivered bool // Next has delivered once
 }
 
 // NewPeerWatch starts following logical network key's records until ctx
@@ -510,17 +521,36 @@ func (w *PeerWatch) Audits() <-chan time.Time {
 // Snapshot handles one receive from Snapshots: it returns the peers to
 // deliver when they differ from the last ones (deliver), and done when the
 // watch ended (the store's channel closed, ctx ended, or a switch of the
-// store's watch failed).
+// store's watch failed). A caller that programs the data plane by the
+// difference uses Next instead.
 func (w *PeerWatch) Snapshot(snap []*kvstore.Pair, ok bool) (peers []Peer, deliver, done bool) {
+	if _, done := w.Next(snap, ok); done || !w.computed {
+		return nil, false, done
+	}
+	peers = w.Peers()
+	if w.sent && slices.EqualFunc(peers, w.last, samePeer) {
+		return nil, false, false
+	}
+	w.last, w.sent = peers, true
+	return peers, true, false
+}
+
+// Next handles one receive from Snapshots: deliver says the peers' data
+// plane entries changed (Delta has how; Peers and VTEPs what they are now),
+// or that these are the watch's first peers; done that the watch ended (as
+// for Snapshot). A snapshot that changed one host's peer record costs the
+// peers of that record, not of the network (issue 16, scale).
+func (w *PeerWatch) Next(snap []*kvstore.Pair, ok bool) (deliver, done bool) {
+	w.computed = false
 	if !ok {
-		return nil, false, true
+		return false, true
 	}
 	c, key := w.c, w.key
-	peers, ok, why := w.dec.peers(c.cfg.HostID, snap, w.compact)
+	rec, found, eps := w.dec.scan(snap)
 	if err := w.dec.unreadable; err != nil {
 		c.log.Warn("network record unreadable (a newer release wrote it, or it is damaged): peers kept as the last readable record gives them", "key", key, "error", err)
 		if !w.dec.config.ok {
-			return nil, false, false
+			return false, false
 		}
 	}
 	c.setCachedConfig(key, w.dec.config)
@@ -530,19 +560,39 @@ func (w *PeerWatch) Snapshot(snap []*kvstore.Pair, ok bool) (peers []Peer, deliv
 	if !w.compact {
 		c.setOwned(key, w.dec.ownedBy(c.cfg.HostID))
 	}
-	if w.compact && !ok {
+	incremental := w.compact && w.base.valid && w.base.configIndex == w.dec.config.index
+	w.base.valid = false // until the entries account for this scan
+	var hosts []string
+	valid, why := w.compact, ""
+	if found {
+		hosts = otherHosts(c.cfg.HostID, rec)
+		valid, why = w.dec.check(rec, hosts, eps, w.compact)
+	}
+	if w.compact && !valid {
 		c.log.Info("peer watch reads the endpoint records again", "key", key, "reason", why)
-		return nil, false, !w.follow(false)
+		return false, !w.follow(false)
 	}
+	switch {
+	case !found:
+		w.resetTo(nil, nil)
+	case !w.compact:
+		w.resetTo(DesiredPeers(c.cfg.HostID, rec, eps), nil)
+	case incremental:
+		w.advance(rec, hosts)
+	default:
+		w.resetTo(w.dec.list(hosts), hosts)
+	}
+	if w.compact && found {
+		w.base = deltaBase{valid: true, configIndex: w.dec.config.index}
+	}
+	w.computed = true
 	// The snapshot proves the peer records: follow them from now on.
-	if !w.compact && ok && !w.follow(true) {
-		return nil, false, true
+	if !w.compact && valid && !w.follow(true) {
+		return false, true
 	}
-	if w.sent && slices.EqualFunc(peers, w.last, samePeer) {
-		return nil, false, false
-	}
-	w.last, w.sent = peers, true
-	return peers, true, false
+	deliver = !w.delivered || len(w.delta.Removed) != 0 || len(w.delta.Added) != 0
+	w.delivered = true
+	return deliver, false
 }
 
 // Audit handles a receive from Audits: it reads the whole prefix and goes
@@ -637,6 +687,15 @@ type recordCache struct {
 	// (a newer release wrote it, or it is damaged); config keeps the last
 	// readable one, and the peers are derived from that.
 	unreadable error
+	// changed: the peer records the last scan found changed, added or
+	// gone, with what each gave before.
+	changed map[string]priorRecord
+}
+
+// priorRecord is what a peer record gave before a scan changed it.
+type priorRecord struct {
+	existed bool
+	peers   []Peer
 }
 
 type cachedRecord struct {
@@ -737,13 +796,32 @@ func newRecordCache(key string) *recordCache {
 // peer record of the incarnation, and (compact false) it lists exactly the
 // member's endpoint records. why names the first host for which not.
 func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (peers []Peer, ok bool, why string) {
+	rec, found, eps := rc.scan(pairs)
+	if !found {
+		return nil, compact, ""
+	}
+	hosts := otherHosts(self, rec)
+	ok, why = rc.check(rec, hosts, eps, compact)
+	if !compact {
+		return DesiredPeers(self, rec, eps), ok, why
+	}
+	if !ok {
+		return nil, false, why
+	}
+	return rc.list(hosts), true, ""
+}
+
+// scan reads a snapshot into the cache: it decodes the records whose
+// modify index changed, forgets those that are gone, and notes in
+// rc.changed what each changed peer record gave before. found says the
+// snapshot has a readable config (rec, the last readable one when the
+// snapshot's is not: see unreadable); eps are the endpoint records.
+func (rc *recordCache) scan(pairs []*kvstore.Pair) (rec Network, found bool, eps []Endpoint) {
 	cfgKey, prefix, pprefix := configKey(rc.key), endpointsPrefix(rc.key), peersPrefix(rc.key)
-	found := false
-	var rec Network
-	eps := make([]Endpoint, 0, len(pairs))
 	seen := make(map[string]bool, len(pairs))
 	configSeen := false
 	rc.unreadable = nil
+	clear(rc.changed)
 	for _, p := range pairs {
 		switch {
 		case p.Key == cfgKey:
@@ -763,6 +841,7 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 			seen[p.Key] = true
 			r, hit := rc.records[p.Key]
 			if !hit || r.index != p.ModifyIndex || p.ModifyIndex == 0 {
+				rc.noteChanged(p.Key, r, hit)
 				pr, err := decodePeerRecord(p.Value)
 				r = cachedRecord{index: p.ModifyIndex, ok: err == nil, rec: pr}
 				rc.records[p.Key] = r
@@ -785,18 +864,32 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 			delete(rc.endpoints, k)
 		}
 	}
-	for k := range rc.records {
+	for k, r := range rc.records {
 		if !seen[k] {
+			rc.noteChanged(k, r, true)
 			delete(rc.records, k)
 		}
 	}
 	if !configSeen {
 		rc.config = cachedConfig{}
 	}
-	if !found {
-		return nil, compact, ""
+	return rec, found, eps
+}
+
+// noteChanged records, the first time in a scan, what peer record k gave
+// before it changed.
+func (rc *recordCache) noteChanged(k string, before cachedRecord, existed bool) {
+	if _, noted := rc.changed[k]; noted {
+		return
 	}
-	ok, why = true, ""
+	if rc.changed == nil {
+		rc.changed = map[string]priorRecord{}
+	}
+	rc.changed[k] = priorRecord{existed: existed, peers: before.peers}
+}
+
+// otherHosts are rec's members but self, sorted.
+func otherHosts(self string, rec Network) []string {
 	hosts := make([]string, 0, len(rec.Hosts))
 	for h := range rec.Hosts {
 		if h != self {
@@ -804,6 +897,12 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 		}
 	}
 	slices.Sort(hosts)
+	return hosts
+}
+
+// check says whether the peer records of hosts may be read instead of
+// the endpoint records (see peers).
+func (rc *recordCache) check(rec Network, hosts []string, eps []Endpoint, compact bool) (ok bool, why string) {
 	var byHost map[string][]Endpoint // the full watch's records, by host
 	if !compact {
 		byHost = make(map[string][]Endpoint, len(hosts))
@@ -815,41 +914,43 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 		r, has := rc.records[peerRecordKey(rc.key, h)]
 		switch {
 		case !has || !r.ok:
-			ok, why = false, "host "+h+" has no peer record"
+			return false, "host " + h + " has no peer record"
 		case r.rec.HostID != h || r.rec.Incarnation != rec.Incarnation:
-			ok, why = false, "host "+h+" has a peer record of another incarnation"
+			return false, "host " + h + " has a peer record of another incarnation"
 		case !compact && !slices.Equal(r.rec.Endpoints, recordOf(h, rec.Incarnation, "", byHost[h]).Endpoints):
-			ok, why = false, "the peer record of host "+h+" does not list its endpoint records"
-		}
-		if !ok {
-			break
+			return false, "the peer record of host " + h + " does not list its endpoint records"
 		}
 	}
-	if !compact {
-		return DesiredPeers(self, rec, eps), ok, why
+	return true, ""
+}
+
+// hostPeers are the peers of host h's peer record, derived once per
+// version of the record.
+func (rc *recordCache) hostPeers(h string) []Peer {
+	k := peerRecordKey(rc.key, h)
+	r := rc.records[k]
+	if r.peers == nil && len(r.rec.Endpoints) != 0 {
+		r.peers = r.rec.peers()
+		rc.records[k] = r
 	}
-	if !ok {
-		return nil, false, why
-	}
+	return r.peers
+}
+
+// list is the peers of hosts' peer records, sorted (sortPeers).
+func (rc *recordCache) list(hosts []string) []Peer {
 	// Each record's peers are derived once (the records that changed
 	// since the last delivery now), and counted before the list is made,
 	// so that it is allocated once at its size.
 	n := 0
 	for _, h := range hosts {
-		k := peerRecordKey(rc.key, h)
-		r := rc.records[k]
-		if r.peers == nil && len(r.rec.Endpoints) != 0 {
-			r.peers = r.rec.peers()
-			rc.records[k] = r
-		}
-		n += len(r.peers)
+		n += len(rc.hostPeers(h))
 	}
-	peers = make([]Peer, 0, n)
+	peers := make([]Peer, 0, n)
 	for _, h := range hosts {
 		peers = append(peers, rc.records[peerRecordKey(rc.key, h)].peers...)
 	}
 	sortPeers(peers)
-	return peers, true, ""
+	return peers
 }
 
 // View is this host's part of the cluster state, read at start.

@@ -38,6 +38,9 @@ type Dataplane interface {
 	// UpdatePeers is SetPeers for a change of the list: it may compare
 	// with what the last call left instead of the kernel's tables.
 	UpdatePeers(ctx context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error)
+	// ChangePeers is UpdatePeers given as the difference from the last
+	// list; applied false: it wrote nothing, call UpdatePeers.
+	ChangePeers(ctx context.Context, vni uint32, removed, added []vxlan.Peer) (ch vxlan.Changes, applied bool, err error)
 	// Reconcile makes the kernel match a full description, removing
 	// strays.
 	Reconcile(ctx context.Context, desired vxlan.State) (vxlan.Changes, error)

@@ -35,6 +35,8 @@ type fakeDataplane struct {
 	allowed   []netip.Addr
 	// failDeletes makes that many DeleteEndpoint calls fail.
 	failDeletes int
+	// peerChanges counts the ChangePeers calls.
+	peerChanges int
 }
 
 // peerID identifies one programmed neighbour in the fake.
@@ -92,6 +94,18 @@ func (f *fakeDataplane) DeleteEndpoint(_ context.Context, id string) error {
 }
 func (f *fakeDataplane) UpdatePeers(ctx context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error) {
 	return f.SetPeers(ctx, vni, peers)
+}
+func (f *fakeDataplane) ChangePeers(_ context.Context, vni uint32, removed, added []vxlan.Peer) (vxlan.Changes, bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.peerChanges++
+	for _, p := range removed {
+		delete(f.peers, peerID(p))
+	}
+	for _, p := range added {
+		f.peers[peerID(p)] = p
+	}
+	return vxlan.Changes{}, true, nil
 }
 func (f *fakeDataplane) SetPeers(_ context.Context, vni uint32, peers []vxlan.Peer) (vxlan.Changes, error) {
 	f.mu.Lock()
@@ -431,6 +445,13 @@ func TestEndpointLifecycleAndPeers(t *testing.T) {
 		}
 	}
 	waitFor(t, func() bool { return len(dpB.peerIPs()) == 0 })
+	// After the first list, changes go to the data plane as differences.
+	dpB.mu.Lock()
+	changes := dpB.peerChanges
+	dpB.mu.Unlock()
+	if changes == 0 {
+		t.Fatal("host b wrote no change of its peers as a difference (ChangePeers)")
+	}
 
 	// Join of an unknown endpoint and calls on unknown networks are clear errors.
 	if _, err := a.Join(&network.JoinRequest{NetworkID: "net-a", EndpointID: "nope"}); err == nil || !strings.Contains(err.Error(), "unknown endpoint") {

@@ -43,8 +43,10 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 	defer w.Close()
 	// This network's peers leave the underlay allowlist with it.
 	defer d.allowVTEPs(context.WithoutCancel(ctx), l.rec.Key, nil)
-	var last []cluster.Peer
 	have := false
+	// inStep: the data plane holds the peers of the last delivery, set by
+	// this loop, so the next change is written as its difference.
+	inStep := false
 	var arrived time.Time // when the snapshot not yet programmed came
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
@@ -57,23 +59,22 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 	for {
 		// A change is written as such; a retry and a resync compare with
 		// the kernel's tables.
-		set := d.dp.SetPeers
+		change := false
 		select {
 		case <-ctx.Done():
 			return
 		case snap, ok := <-w.Snapshots():
-			ps, deliver, done := w.Snapshot(snap, ok)
+			deliver, done := w.Next(snap, ok)
 			if done {
 				return
 			}
 			if !deliver {
 				continue
 			}
-			last, have = ps, true
+			have, change = true, true
 			if arrived.IsZero() {
 				arrived = time.Now()
 			}
-			set = d.dp.UpdatePeers
 		case <-w.Audits():
 			if w.Audit() {
 				return
@@ -85,7 +86,8 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 		if !have {
 			continue
 		}
-		ch, err := set(ctx, l.rec.VNI, vxlanPeers(l.rec.VNI, last))
+		ch, err := d.programPeers(ctx, l.rec.VNI, w, change, inStep)
+		inStep = err == nil
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -99,10 +101,29 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 		}
 		arrived = time.Time{}
 		if ch.Total() > 0 {
-			d.log.Debug("peers programmed", "network", networkName(l.rec), "vni", l.rec.VNI, "peers", len(last), "changes", ch.Total())
+			d.log.Debug("peers programmed", "network", networkName(l.rec), "vni", l.rec.VNI, "changes", ch.Total())
 		}
-		d.allowVTEPs(ctx, l.rec.Key, last)
+		d.allowVTEPs(ctx, l.rec.Key, w.VTEPs())
 	}
+}
+
+// programPeers writes the peer watch's peers to the data plane: a change
+// as its difference when the data plane holds the peers before it
+// (inStep), else as the whole list compared with what the last call left;
+// a retry or a resync (change false) compares the whole list with the
+// kernel's tables.
+func (d *Driver) programPeers(ctx context.Context, vni uint32, w *cluster.PeerWatch, change, inStep bool) (vxlan.Changes, error) {
+	if !change {
+		return d.dp.SetPeers(ctx, vni, vxlanPeers(vni, w.Peers()))
+	}
+	if inStep {
+		delta := w.Delta()
+		ch, applied, err := d.dp.ChangePeers(ctx, vni, vxlanPeers(vni, delta.Removed), vxlanPeers(vni, delta.Added))
+		if applied {
+			return ch, err
+		}
+	}
+	return d.dp.UpdatePeers(ctx, vni, vxlanPeers(vni, w.Peers()))
 }
 
 // restore rebuilds the driver's view from the store (the networks this
@@ -437,8 +458,8 @@ func staleVTEP(hostID, vtep string, v cluster.View) bool {
 	return false
 }
 
-// allowVTEPs records the VTEPs of one logical network's desired peers (nil:
-// the network is gone here) and hands the union over all networks to the
+// allowVTEPs records set, the VTEPs of one logical network's desired peers
+// (empty: the network is gone here), and hands the union over all networks to the
 // data plane's underlay allowlist: VXLAN packets from any other underlay
 // address are dropped. A VTEP joins the allowlist at once; one that lost
 // its last peer here leaves it only after the peer resync interval
@@ -448,13 +469,9 @@ func staleVTEP(hostID, vtep string, v cluster.View) bool {
 // 25-35 ms of every convergence). A failure is retried at the next
 // change; the data plane allows a programmed peer's VTEP on its own, so a
 // failure never cuts off a peer, it only keeps a departed host allowed.
-func (d *Driver) allowVTEPs(ctx context.Context, key string, peers []cluster.Peer) {
+func (d *Driver) allowVTEPs(ctx context.Context, key string, set map[netip.Addr]bool) {
 	d.allowMu.Lock()
 	defer d.allowMu.Unlock()
-	set := map[netip.Addr]bool{}
-	for _, p := range peers {
-		set[p.VTEP] = true
-	}
 	if len(set) == 0 {
 		delete(d.allowed, key)
 	} else {

@@ -106,6 +106,14 @@ func (d meteredDataplane) UpdatePeers(ctx context.Context, vni uint32, peers []v
 	return ch, err
 }
 
+func (d meteredDataplane) ChangePeers(ctx context.Context, vni uint32, removed, added []vxlan.Peer) (vxlan.Changes, bool, error) {
+	ch, applied, err := d.Dataplane.ChangePeers(ctx, vni, removed, added)
+	if applied {
+		d.m.ObserveReconcile("peers", ch.Total(), err)
+	}
+	return ch, applied, err
+}
+
 func (d meteredDataplane) Reconcile(ctx context.Context, desired vxlan.State) (vxlan.Changes, error) {
 	ch, err := d.Dataplane.Reconcile(ctx, desired)
 	d.m.ObserveReconcile("full", ch.Total(), err)

@@ -215,6 +215,63 @@ func (m *Manager) updateInPlace(vni uint32, keys []peerKey) (ch Changes, done bo
 			removed = append(removed, k)
 		}
 	}
+	return m.applyDifference(vni, set, last, removed, added)
+}
+
+// ChangePeers is UpdatePeers given as the difference from the list of the
+// last call: removed are peers to take out, added peers to put in (a
+// PeerDelta of the cluster state). It applies them when the network's
+// peer set is the one the last sync left in the kernel, on the same
+// device, not encrypted, and the difference fits it: every removed peer in
+// the set (or one SetPeers would have refused), every added one valid and
+// not in it. Otherwise it writes nothing and returns applied false: call
+// UpdatePeers with the whole list. A change then costs its own entries,
+// not a pass over the network's peers (issue 16, scale).
+func (m *Manager) ChangePeers(ctx context.Context, vni uint32, removed, added []Peer) (ch Changes, applied bool, err error) {
+	if err := validVNI(vni); err != nil {
+		return ch, false, nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	set := m.peers[vni]
+	last, known := m.inKernel[vni]
+	if set == nil || !known || last.set != set || m.sec.encrypted[vni] {
+		return ch, false, nil
+	}
+	rm := make([]peerKey, 0, len(removed))
+	add := make([]peerKey, 0, len(added))
+	const gone, comes = 1, 2
+	seen := make(map[peerKey]int8, len(removed)+len(added))
+	for _, p := range removed {
+		k, err := m.checkPeer(p)
+		if err != nil || p.VNI != vni {
+			continue // never in the set
+		}
+		if _, ok := set.peers[k]; !ok || seen[k] != 0 {
+			return ch, false, nil
+		}
+		seen[k] = gone
+		rm = append(rm, k)
+	}
+	for _, p := range added {
+		k, err := m.checkPeer(p)
+		if err != nil || p.VNI != vni {
+			return ch, false, nil // SetPeers reports it
+		}
+		if _, ok := set.peers[k]; ok && seen[k] != gone || seen[k] == comes {
+			return ch, false, nil
+		}
+		seen[k] = comes
+		add = append(add, k)
+	}
+	return m.applyDifference(vni, set, last, rm, add)
+}
+
+// applyDifference changes set, the network's peers that the last sync
+// left in the kernel (last), by removed and added, and writes the
+// entries of the addresses, MACs and VTEPs they touch. done false: the
+// device changed, the full comparison must run. Caller holds m.mu.
+func (m *Manager) applyDifference(vni uint32, set *peerSet, last kernelPeers, removed, added []peerKey) (ch Changes, done bool, err error) {
 	if len(added) == 0 && len(removed) == 0 {
 		return ch, true, nil
 	}

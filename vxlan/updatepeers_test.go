@@ -1,6 +1,7 @@
 package vxlan
 
 import (
+	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -120,4 +121,101 @@ func testUpdatePeersRepairedBySetPeers(t *testing.T, dp bool) {
 		t.Fatal(err)
 	}
 	neigh("new device", n1, n3)
+}
+
+// ChangePeers leaves the kernel as SetPeers does: the random walk of
+// TestUpdatePeersSameAsSetPeers, each step given to one host as its
+// difference from the step before (UpdatePeers with the whole list when
+// it is not applied, as the driver does) and to the other with SetPeers.
+// A difference that does not fit the set (a peer removed that is not
+// there, one added that is) is not applied and writes nothing.
+func TestChangePeersSameAsSetPeers(t *testing.T) {
+	inLayouts(t, true, testChangePeersSameAsSetPeers)
+}
+
+func testChangePeersSameAsSetPeers(t *testing.T, dp bool) {
+	hs := newHostsIn(t, 2, testenv.UnderlayOptions{}, dp)
+	chg, set := hs[0], hs[1]
+	ctx := t.Context()
+	const vni = 0x7b
+	for _, h := range hs {
+		if _, err := h.m.EnsureNetwork(ctx, Network{VNI: vni}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vteps := []netip.Addr{addr("192.0.2.121"), addr("192.0.2.122"), addr("192.0.2.123")}
+	var pool []Peer
+	for i := range 12 {
+		ip := netip.AddrFrom4([4]byte{10, 123, 0, byte(2 + i%8)}) // IPs repeat: an address moves
+		mac := MACFromIP(netip.AddrFrom4([4]byte{10, 123, 1, byte(2 + i)}))
+		pool = append(pool, Peer{VNI: vni, IP: ip, MAC: mac, VTEP: vteps[i%3]})
+		if i%4 == 0 {
+			pool = append(pool, Peer{VNI: vni, IP: netip.MustParseAddr(fmt.Sprintf("fd7b::%d", i+2)), MAC: mac, VTEP: vteps[i%3]})
+		}
+	}
+	pool = append(pool, Peer{VNI: vni, IP: addr("10.123.0.20"), MAC: pool[0].MAC, VTEP: vteps[2]})
+	rng := rand.New(rand.NewPCG(123, 1))
+	var last []Peer
+	applied := 0
+	for step := range 61 { // the last step after an empty list, so the set is not empty
+		var list []Peer
+		for _, p := range pool {
+			if rng.IntN(3) > 0 {
+				list = append(list, p)
+			}
+		}
+		if step%15 == 14 {
+			list = nil
+		}
+		var removed, added []Peer
+		for _, p := range last {
+			if !slices.ContainsFunc(list, func(q Peer) bool { return sameEntry(p, q) }) {
+				removed = append(removed, p)
+			}
+		}
+		for _, p := range list {
+			if !slices.ContainsFunc(last, func(q Peer) bool { return sameEntry(p, q) }) {
+				added = append(added, p)
+			}
+		}
+		_, ok, err := chg.m.ChangePeers(ctx, vni, removed, added)
+		if err != nil {
+			t.Fatalf("step %d: ChangePeers: %v", step, err)
+		}
+		if ok {
+			applied++
+		} else if _, err := chg.m.UpdatePeers(ctx, vni, list); err != nil {
+			t.Fatalf("step %d: UpdatePeers: %v", step, err)
+		}
+		if _, err := set.m.SetPeers(ctx, vni, list); err != nil {
+			t.Fatalf("step %d: SetPeers: %v", step, err)
+		}
+		got, want := entries(t, chg, vni), entries(t, set, vni)
+		if !slices.Equal(got.neigh, want.neigh) || !slices.Equal(got.fdb, want.fdb) {
+			t.Fatalf("step %d (%d peers, applied %v): ChangePeers left\n%v\n%v\nSetPeers\n%v\n%v", step, len(list), ok, got.neigh, got.fdb, want.neigh, want.fdb)
+		}
+		last = list
+	}
+	// Not applied: only a step after an empty list (no set to change).
+	if applied < 50 {
+		t.Fatalf("ChangePeers applied %d of 61 steps, want the steps after a non-empty list", applied)
+	}
+	before := entries(t, chg, vni)
+	stranger := Peer{VNI: vni, IP: addr("10.123.9.9"), MAC: MACFromIP(addr("10.123.9.9")), VTEP: vteps[0]}
+	for name, d := range map[string][2][]Peer{
+		"a peer removed that is not there": {{stranger}, nil},
+		"a peer added that is there":       {nil, {last[0]}},
+		"an invalid peer added":            {nil, {{VNI: vni, IP: addr("10.123.9.8"), MAC: stranger.MAC}}},
+	} {
+		if _, ok, err := chg.m.ChangePeers(ctx, vni, d[0], append(d[1], stranger)); ok || err != nil {
+			t.Fatalf("%s: applied %v, %v; want not applied", name, ok, err)
+		}
+		if got := entries(t, chg, vni); !slices.Equal(got.neigh, before.neigh) || !slices.Equal(got.fdb, before.fdb) {
+			t.Fatalf("%s: the kernel changed:\n%v\n%v\nwant\n%v\n%v", name, got.neigh, got.fdb, before.neigh, before.fdb)
+		}
+	}
+}
+
+func sameEntry(p, q Peer) bool {
+	return p.IP == q.IP && bytes.Equal(p.MAC, q.MAC) && p.VTEP == q.VTEP
 }
