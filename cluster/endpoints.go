@@ -547,6 +547,8 @@ func (w *PeerWatch) Next(snap []*kvstore.Pair, ok bool) (deliver, done bool) {
 	}
 	c, key := w.c, w.key
 	rec, found, eps := w.dec.scan(snap)
+	incremental := w.compact && w.base.valid && w.base.configIndex == w.dec.config.index
+	w.base.valid = false // until the entries account for this scan
 	if err := w.dec.unreadable; err != nil {
 		c.log.Warn("network record unreadable (a newer release wrote it, or it is damaged): peers kept as the last readable record gives them", "key", key, "error", err)
 		if !w.dec.config.ok {
@@ -560,8 +562,6 @@ func (w *PeerWatch) Next(snap []*kvstore.Pair, ok bool) (deliver, done bool) {
 	if !w.compact {
 		c.setOwned(key, w.dec.ownedBy(c.cfg.HostID))
 	}
-	incremental := w.compact && w.base.valid && w.base.configIndex == w.dec.config.index
-	w.base.valid = false // until the entries account for this scan
 	var hosts []string
 	valid, why := w.compact, ""
 	if found {

@@ -11,9 +11,11 @@
 // never its node name) and the watch; the data plane (package vxlan)
 // programs the kernel. For each logical network this host is a member of,
 // one goroutine drives the cluster's peer watch (cluster.PeerWatch: the
-// store's snapshots in, the desired peers out) and hands the peers whole
-// to the data plane (UpdatePeers, SetPeers); the driver keeps no peer
-// table of its own.
+// store's snapshots in, the desired peers out) and hands a change to the
+// data plane as its difference (ChangePeers), or the peers whole when the
+// data plane cannot take the difference, at a retry and at the periodic
+// resync (UpdatePeers, SetPeers); the driver keeps no peer table of its
+// own.
 // See package cluster for the key layout and the fencing rules.
 //
 // Several Docker networks of this host may be bound to one logical network
