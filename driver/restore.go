@@ -458,10 +458,10 @@ func staleVTEP(hostID, vtep string, v cluster.View) bool {
 	return false
 }
 
-// allowVTEPs records set, the VTEPs of one logical network's desired peers
-// (empty: the network is gone here), and hands the union over all networks to the
-// data plane's underlay allowlist: VXLAN packets from any other underlay
-// address are dropped. A VTEP joins the allowlist at once; one that lost
+// allowVTEPs records set, the VTEPs of one logical network's desired
+// peers (empty: the network is gone here), and hands the union over all
+// networks to the data plane's underlay allowlist: VXLAN packets from any
+// other underlay address are dropped. A VTEP joins the allowlist at once; one that lost
 // its last peer here leaves it only after the peer resync interval
 // (pruneVTEPs), so that containers coming and going on another host cost
 // no firewall write, and a new one there is programmed without waiting

@@ -30,18 +30,7 @@ func testUpdatePeersSameAsSetPeers(t *testing.T, dp bool) {
 			t.Fatal(err)
 		}
 	}
-	vteps := []netip.Addr{addr("192.0.2.101"), addr("192.0.2.102"), addr("192.0.2.103")}
-	var pool []Peer
-	for i := range 12 {
-		ip := netip.AddrFrom4([4]byte{10, 79, 0, byte(2 + i%8)}) // IPs repeat: an address moves
-		mac := MACFromIP(netip.AddrFrom4([4]byte{10, 79, 1, byte(2 + i)}))
-		pool = append(pool, Peer{VNI: vni, IP: ip, MAC: mac, VTEP: vteps[i%3]})
-		if i%4 == 0 {
-			pool = append(pool, Peer{VNI: vni, IP: netip.MustParseAddr(fmt.Sprintf("fd79::%d", i+2)), MAC: mac, VTEP: vteps[i%3]})
-		}
-	}
-	// The same MAC behind another VTEP: the endpoint's host changed.
-	pool = append(pool, Peer{VNI: vni, IP: addr("10.79.0.20"), MAC: pool[0].MAC, VTEP: vteps[2]})
+	pool := peerPool(vni, 79, 101)
 	rng := rand.New(rand.NewPCG(79, 1))
 	for step := range 60 {
 		var list []Peer
@@ -143,17 +132,7 @@ func testChangePeersSameAsSetPeers(t *testing.T, dp bool) {
 			t.Fatal(err)
 		}
 	}
-	vteps := []netip.Addr{addr("192.0.2.121"), addr("192.0.2.122"), addr("192.0.2.123")}
-	var pool []Peer
-	for i := range 12 {
-		ip := netip.AddrFrom4([4]byte{10, 123, 0, byte(2 + i%8)}) // IPs repeat: an address moves
-		mac := MACFromIP(netip.AddrFrom4([4]byte{10, 123, 1, byte(2 + i)}))
-		pool = append(pool, Peer{VNI: vni, IP: ip, MAC: mac, VTEP: vteps[i%3]})
-		if i%4 == 0 {
-			pool = append(pool, Peer{VNI: vni, IP: netip.MustParseAddr(fmt.Sprintf("fd7b::%d", i+2)), MAC: mac, VTEP: vteps[i%3]})
-		}
-	}
-	pool = append(pool, Peer{VNI: vni, IP: addr("10.123.0.20"), MAC: pool[0].MAC, VTEP: vteps[2]})
+	pool := peerPool(vni, 123, 121)
 	rng := rand.New(rand.NewPCG(123, 1))
 	var last []Peer
 	applied := 0
@@ -201,7 +180,7 @@ func testChangePeersSameAsSetPeers(t *testing.T, dp bool) {
 		t.Fatalf("ChangePeers applied %d of 61 steps, want the steps after a non-empty list", applied)
 	}
 	before := entries(t, chg, vni)
-	stranger := Peer{VNI: vni, IP: addr("10.123.9.9"), MAC: MACFromIP(addr("10.123.9.9")), VTEP: vteps[0]}
+	stranger := Peer{VNI: vni, IP: addr("10.123.9.9"), MAC: MACFromIP(addr("10.123.9.9")), VTEP: pool[0].VTEP}
 	for name, d := range map[string][2][]Peer{
 		"a peer removed that is not there": {{stranger}, nil},
 		"a peer added that is there":       {nil, {last[0]}},
@@ -218,4 +197,22 @@ func testChangePeersSameAsSetPeers(t *testing.T, dp bool) {
 
 func sameEntry(p, q Peer) bool {
 	return p.IP == q.IP && bytes.Equal(p.MAC, q.MAC) && p.VTEP == q.VTEP
+}
+
+// peerPool is the peers a random walk draws from: 10.<net>.0.0/24
+// addresses that repeat (an address moves to another MAC), some IPv6 ones
+// beside them, behind three VTEPs from 192.0.2.<vtep>, and one MAC behind
+// a second VTEP (the endpoint's host changed).
+func peerPool(vni uint32, net, vtep byte) []Peer {
+	vteps := []netip.Addr{netip.AddrFrom4([4]byte{192, 0, 2, vtep}), netip.AddrFrom4([4]byte{192, 0, 2, vtep + 1}), netip.AddrFrom4([4]byte{192, 0, 2, vtep + 2})}
+	var pool []Peer
+	for i := range 12 {
+		ip := netip.AddrFrom4([4]byte{10, net, 0, byte(2 + i%8)})
+		mac := MACFromIP(netip.AddrFrom4([4]byte{10, net, 1, byte(2 + i)}))
+		pool = append(pool, Peer{VNI: vni, IP: ip, MAC: mac, VTEP: vteps[i%3]})
+		if i%4 == 0 {
+			pool = append(pool, Peer{VNI: vni, IP: netip.MustParseAddr(fmt.Sprintf("fd%02x::%d", net, i+2)), MAC: mac, VTEP: vteps[i%3]})
+		}
+	}
+	return append(pool, Peer{VNI: vni, IP: netip.AddrFrom4([4]byte{10, net, 0, 20}), MAC: pool[0].MAC, VTEP: vteps[2]})
 }
