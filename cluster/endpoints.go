@@ -688,14 +688,8 @@ type recordCache struct {
 	// readable one, and the peers are derived from that.
 	unreadable error
 	// changed: the peer records the last scan found changed, added or
-	// gone, with what each gave before.
-	changed map[string]priorRecord
-}
-
-// priorRecord is what a peer record gave before a scan changed it.
-type priorRecord struct {
-	existed bool
-	peers   []Peer
+	// gone, with the peers each gave before (nil: none, or never derived).
+	changed map[string][]Peer
 }
 
 type cachedRecord struct {
@@ -841,7 +835,7 @@ func (rc *recordCache) scan(pairs []*kvstore.Pair) (rec Network, found bool, eps
 			seen[p.Key] = true
 			r, hit := rc.records[p.Key]
 			if !hit || r.index != p.ModifyIndex || p.ModifyIndex == 0 {
-				rc.noteChanged(p.Key, r, hit)
+				rc.noteChanged(p.Key, r)
 				pr, err := decodePeerRecord(p.Value)
 				r = cachedRecord{index: p.ModifyIndex, ok: err == nil, rec: pr}
 				rc.records[p.Key] = r
@@ -866,7 +860,7 @@ func (rc *recordCache) scan(pairs []*kvstore.Pair) (rec Network, found bool, eps
 	}
 	for k, r := range rc.records {
 		if !seen[k] {
-			rc.noteChanged(k, r, true)
+			rc.noteChanged(k, r)
 			delete(rc.records, k)
 		}
 	}
@@ -878,14 +872,14 @@ func (rc *recordCache) scan(pairs []*kvstore.Pair) (rec Network, found bool, eps
 
 // noteChanged records, the first time in a scan, what peer record k gave
 // before it changed.
-func (rc *recordCache) noteChanged(k string, before cachedRecord, existed bool) {
+func (rc *recordCache) noteChanged(k string, before cachedRecord) {
 	if _, noted := rc.changed[k]; noted {
 		return
 	}
 	if rc.changed == nil {
-		rc.changed = map[string]priorRecord{}
+		rc.changed = map[string][]Peer{}
 	}
-	rc.changed[k] = priorRecord{existed: existed, peers: before.peers}
+	rc.changed[k] = before.peers
 }
 
 // otherHosts are rec's members but self, sorted.

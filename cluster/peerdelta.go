@@ -100,42 +100,43 @@ func (w *PeerWatch) resetTo(peers []Peer, hosts []string) {
 func (w *PeerWatch) advance(rec Network, hosts []string) {
 	w.delta = PeerDelta{}
 	self, pprefix := w.c.cfg.HostID, peersPrefix(w.key)
-	var changed []string
-	for k := range w.dec.changed {
+	type hostChange struct {
+		host     string
+		old, new []Peer
+	}
+	var changed []hostChange
+	for k, old := range w.dec.changed {
 		h := strings.TrimPrefix(k, pprefix)
 		if _, member := rec.Hosts[h]; member && h != self {
-			changed = append(changed, h)
+			changed = append(changed, hostChange{host: h, old: old, new: w.dec.hostPeers(h)})
 		}
 	}
 	if len(changed) == 0 {
 		return
 	}
-	slices.Sort(changed)
+	slices.SortFunc(changed, func(a, b hostChange) int { return strings.Compare(a.host, b.host) })
 	// An entry's count before the change, for each entry it touches.
 	touched := map[dpEntry]int{}
-	for _, h := range changed {
-		for _, p := range w.dec.changed[peerRecordKey(w.key, h)].peers {
+	count := func(ps []Peer, by int) {
+		for _, p := range ps {
 			e := entryOf(p)
 			if _, ok := touched[e]; !ok {
 				touched[e] = w.entries[e]
 			}
-			if w.entries[e]--; w.entries[e] <= 0 {
+			if w.entries[e] += by; w.entries[e] <= 0 {
 				delete(w.entries, e)
 			}
 		}
 	}
-	for _, h := range changed {
-		for _, p := range w.dec.hostPeers(h) {
-			e := entryOf(p)
-			if _, ok := touched[e]; !ok {
-				touched[e] = w.entries[e]
-			}
-			w.entries[e]++
-		}
+	for _, c := range changed {
+		count(c.old, -1)
+	}
+	for _, c := range changed {
+		count(c.new, +1)
 	}
 	// In the order of the peers: what went, then what came.
-	for _, h := range changed {
-		for _, p := range w.dec.changed[peerRecordKey(w.key, h)].peers {
+	for _, c := range changed {
+		for _, p := range c.old {
 			e := entryOf(p)
 			if n, ok := touched[e]; ok && n > 0 && w.entries[e] == 0 {
 				w.delta.Removed = append(w.delta.Removed, p)
@@ -144,8 +145,8 @@ func (w *PeerWatch) advance(rec Network, hosts []string) {
 			}
 		}
 	}
-	for _, h := range changed {
-		for _, p := range w.dec.hostPeers(h) {
+	for _, c := range changed {
+		for _, p := range c.new {
 			e := entryOf(p)
 			if n, ok := touched[e]; ok && n == 0 && w.entries[e] > 0 {
 				w.delta.Added = append(w.delta.Added, p)
