@@ -218,14 +218,17 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // listenUnix opens the plugin socket, replacing a stale one. A socket that
-// a live process answers on is another instance's: it is left alone and
+// a live process listens on is another instance's: it is left alone and
 // the error names that process. The directory is created if missing
 // (Docker looks in /run/docker/plugins).
 func listenUnix(path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("create socket directory %q: %w", filepath.Dir(path), err)
 	}
-	if pid, _, err := hostid.Peer(path); err == nil {
+	// A socket whose listener exited is stale even if a program that
+	// listener was starting still holds it (hostid.Exited): a new socket
+	// replaces the path.
+	if pid, _, err := hostid.Peer(path); err == nil && !hostid.Exited(pid) {
 		return nil, fmt.Errorf("socket %q is %w (pid %d): stop it, or set another SOCKET", path, hostid.ErrInUse, pid)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -28,6 +28,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -174,6 +175,44 @@ func tail(s string) string {
 	return s
 }
 
+// Exited reports whether pid names a process that no longer exists. The
+// owner of a lock or socket that exited while still holding it was killed
+// while starting a program: between fork and exec the child holds a copy
+// of every descriptor, close-on-exec ones included, so it keeps the
+// resource for the moment it takes to exec. pid 0 (unknown, or in a pid
+// namespace we cannot see) is not known to have exited.
+func Exited(pid int) bool {
+	return pid > 0 && errors.Is(unix.Kill(pid, 0), unix.ESRCH)
+}
+
+// releaseWait bounds the wait for a dead owner's child to let a resource
+// go (see Exited): it execs within milliseconds even on a loaded host.
+const releaseWait = 3 * time.Second
+
+// awaitRelease retries try while its error is busy, up to releaseWait,
+// and returns its last error.
+func awaitRelease(try func() error, busy func(error) bool) error {
+	deadline := time.Now().Add(releaseWait)
+	for {
+		err := try()
+		if !busy(err) || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// holder names the process holding a lock or socket in an ErrInUse error.
+func holder(pid int) string {
+	switch {
+	case pid == 0:
+		return "pid unknown"
+	case Exited(pid):
+		return fmt.Sprintf("pid %d, which has exited: a program it started still holds it", pid)
+	}
+	return fmt.Sprintf("pid %d", pid)
+}
+
 // DirLock is the exclusive lock on DATA_DIR/lock, held until Close (or
 // the process's death: the kernel drops a flock with its last descriptor).
 type DirLock struct {
@@ -194,17 +233,27 @@ func Lock(dir string) (*DirLock, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open lock %s: %w", path, err)
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			who := "pid unknown"
-			if b, rerr := os.ReadFile(path); rerr == nil {
-				if pid, perr := strconv.Atoi(strings.TrimSpace(string(b))); perr == nil && pid > 0 {
-					who = fmt.Sprintf("pid %d", pid)
-				}
+	flock := func() error { return unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) }
+	err = flock()
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		// The pid in the file is the holder's, written when it took the
+		// lock (a pid we cannot read waits for nothing).
+		pid := 0
+		if b, rerr := os.ReadFile(path); rerr == nil {
+			if n, perr := strconv.Atoi(strings.TrimSpace(string(b))); perr == nil && n > 0 {
+				pid = n
 			}
-			return nil, fmt.Errorf("DATA_DIR %s is %w (%s, holding %s): stop that instance, or give this one its own DATA_DIR", dir, ErrInUse, who, path)
 		}
+		if Exited(pid) {
+			err = awaitRelease(flock, func(err error) bool { return errors.Is(err, unix.EWOULDBLOCK) })
+		}
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("DATA_DIR %s is %w (%s, holding %s): stop that instance, or give this one its own DATA_DIR", dir, ErrInUse, holder(pid), path)
+		}
+	}
+	if err != nil {
+		f.Close()
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
 	var st unix.Stat_t

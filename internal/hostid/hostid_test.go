@@ -3,10 +3,14 @@ package hostid
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestLoad(t *testing.T) {
@@ -120,4 +124,108 @@ func TestLoadOrAdoptsLegacy(t *testing.T) {
 	if _, err := Read(t.TempDir()); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("Read of an empty DATA_DIR: %v, want not exist", err)
 	}
+}
+
+// TestDeadOwnersChild: an instance killed while it started a program
+// leaves its DATA_DIR lock and sockets with that program for a moment
+// (between fork and exec the child holds every descriptor, close-on-exec
+// ones too). The next instance takes each once the program lets go instead
+// of refusing to start; a live owner is still refused (TestLock,
+// TestListenInstance).
+func TestDeadOwnersChild(t *testing.T) {
+	if spec := os.Getenv("HOSTID_TEST_HOLDER"); spec != "" {
+		holdThroughChild(t, strings.Split(spec, "|"))
+		return
+	}
+	// Each resource from its own holder: the child lets all go at once,
+	// so a second take after a first that waited would prove nothing.
+	take := map[string]func(dir, path, prefix string) error{
+		"lock": func(dir, _, _ string) error {
+			l, err := Lock(dir)
+			if err == nil {
+				l.Close()
+			}
+			return err
+		},
+		"instance socket": func(_, _, prefix string) error {
+			in, err := ListenInstance(prefix, "store", "")
+			if err == nil {
+				in.Close()
+			}
+			return err
+		},
+	}
+	for name, take := range take {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, "plugin.sock")
+			prefix := fmt.Sprintf("hostid-dead-%d-%s/", os.Getpid(), name)
+			cmd := exec.Command(os.Args[0], "-test.run=^TestDeadOwnersChild$")
+			cmd.Env = append(os.Environ(), "HOSTID_TEST_HOLDER="+dir+"|"+path+"|"+prefix)
+			out, err := cmd.Output()
+			if err != nil {
+				t.Fatalf("holder process: %v\n%s", err, out)
+			}
+			var child int
+			if _, err := fmt.Sscanf(string(out), "child %d", &child); err != nil {
+				t.Fatalf("holder process said %q", out)
+			}
+			t.Cleanup(func() { _ = unix.Kill(child, unix.SIGKILL) })
+			owner := cmd.Process.Pid
+			if !Exited(owner) || Exited(child) {
+				t.Fatalf("Exited(owner %d) = %v, Exited(child %d) = %v; want true, false", owner, Exited(owner), child, Exited(child))
+			}
+			// Still held, for the dead owner: the plugin socket answers
+			// (listenUnix replaces it, its owner having exited) and the
+			// lock is taken.
+			if pid, _, err := Peer(path); err != nil || pid != owner {
+				t.Fatalf("Peer(%s) = %d, %v; want the exited owner %d (the child holds the socket)", path, pid, err, owner)
+			}
+			f, err := os.Open(filepath.Join(dir, LockFile))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); !errors.Is(err, unix.EWOULDBLOCK) {
+				t.Fatalf("flock while the child holds the lock: %v, want EWOULDBLOCK", err)
+			}
+			if err := take(dir, path, prefix); err != nil {
+				t.Fatalf("take the %s after its owner exited: %v", name, err)
+			}
+		})
+	}
+}
+
+// holdThroughChild is the holder process of TestDeadOwnersChild: it takes
+// the lock and both sockets, starts a child that inherits them, and exits
+// without closing anything.
+func holdThroughChild(t *testing.T, spec []string) {
+	dir, path, prefix := spec[0], spec[1], spec[2]
+	lock, err := Lock(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := ListenInstance(prefix, "store", "dead owner")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ul, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := []*os.File{lock.f}
+	for _, l := range []net.Listener{in.l, ul} {
+		f, err := l.(*net.UnixListener).File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, f)
+	}
+	child := exec.Command("sleep", "2")
+	child.ExtraFiles = files
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Printf("child %d\n", child.Process.Pid)
+	os.Exit(0)
 }

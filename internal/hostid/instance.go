@@ -29,13 +29,26 @@ type Instance struct {
 // its node name, DATA_DIR and socket).
 func ListenInstance(prefix, store, describe string) (*Instance, error) {
 	name := socketName(prefix, store)
-	l, err := net.Listen("unix", name)
+	var l net.Listener
+	listen := func() (err error) {
+		l, err = net.Listen("unix", name)
+		return err
+	}
+	inUse := func(err error) bool { return errors.Is(err, syscall.EADDRINUSE) }
+	err := listen()
+	if inUse(err) {
+		// An abstract name cannot be unlinked: a dead owner's child (see
+		// Exited) is waited out.
+		if pid, _, perr := Peer(name); perr == nil && Exited(pid) {
+			err = awaitRelease(listen, inUse)
+		}
+	}
 	if err != nil {
-		if !errors.Is(err, syscall.EADDRINUSE) {
+		if !inUse(err) {
 			return nil, fmt.Errorf("bind instance socket %s: %w", name, err)
 		}
 		pid, desc, perr := Peer(name)
-		who := fmt.Sprintf("pid %d", pid)
+		who := holder(pid)
 		if perr != nil {
 			who = fmt.Sprintf("pid unknown: %v", perr)
 		}
