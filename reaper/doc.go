@@ -61,7 +61,11 @@
 //     and aux addresses, its pool holds; pools nobody holds any more are
 //     removed;
 //  3. the catalog: the services of its node whose Meta host-id is the
-//     host's (with an agent shared by several hosts, only those);
+//     host's (with an agent shared by several hosts, only those). The
+//     catalog is not in the store and no fence reaches it, so the reap
+//     reads the host record again first and stops if the host took it
+//     back (the window left, that read to the deregistrations, the host's
+//     own anti-entropy mends within ANTI_ENTROPY_INTERVAL);
 //  4. hosts/<host-id>, by delete-if-unchanged on the index read when the
 //     pass began: a host that came back meanwhile keeps its new record;
 //  5. hosts-lost/<host-id>.

@@ -139,7 +139,14 @@ func testAllocateDuringReap(t *testing.T, agent *testenv.ConsulAgent) {
 // report.
 func (s *scenario) reapB(t *testing.T, before func()) (Reaped, error) {
 	t.Helper()
-	r, err := New(Config{HostID: s.a.id, Grace: grace, Now: s.e.clock.Now}, s.a.store, s.a.cl, evictHook{ip: s.a.ip, before: before},
+	return s.reapBHooked(t, before, func() {})
+}
+
+// reapBHooked is reapB with a second hook, run after the IPAM step (the
+// reap's last fenced write), before the reap turns to the services.
+func (s *scenario) reapBHooked(t *testing.T, beforeIPAM, afterIPAM func()) (Reaped, error) {
+	t.Helper()
+	r, err := New(Config{HostID: s.a.id, Grace: grace, Now: s.e.clock.Now}, s.a.store, s.a.cl, evictHook{ip: s.a.ip, before: beforeIPAM, after: afterIPAM},
 		ConsulCatalog{Client: s.a.store.Client(), LocalNode: s.agentNode})
 	if err != nil {
 		t.Fatal(err)

@@ -455,6 +455,20 @@ func (r *Reaper) Evict(ctx context.Context, hostID string, force bool) (Reaped, 
 	return Reaped{HostID: hostID}, fmt.Errorf("evict host %s: %w (--force removes what the store still holds of it)", hostID, ErrUnknownHost)
 }
 
+// stillJudged reports whether h's host record is still the one judged
+// lost: present, at the same index and without a session. False means
+// the host came back, or another host reaped it meanwhile.
+func (r *Reaper) stillJudged(ctx context.Context, h Host) (bool, error) {
+	p, err := r.store.Get(ctx, HostsPrefix+h.ID)
+	if errors.Is(err, kvstore.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("reap host %s (%s): %w", h.ID, h.Node, err)
+	}
+	return p.Session == "" && p.ModifyIndex == h.index, nil
+}
+
 // reap removes everything of host h; see the package doc for the order.
 // Unless force, it first checks that the host record is still the one
 // judged (same index, no session).
@@ -462,15 +476,12 @@ func (r *Reaper) reap(ctx context.Context, h Host, force bool) (Reaped, error) {
 	out := Reaped{HostID: h.ID, Node: h.Node}
 	log := r.log.With("host", h.ID, "node", h.Node)
 	if !force {
-		p, err := r.store.Get(ctx, HostsPrefix+h.ID)
-		if errors.Is(err, kvstore.ErrNotFound) {
-			return out, nil // reaped by another host meanwhile
-		}
+		judged, err := r.stillJudged(ctx, h)
 		if err != nil {
-			return out, fmt.Errorf("reap host %s (%s): %w", h.ID, h.Node, err)
+			return out, err
 		}
-		if p.Session != "" || p.ModifyIndex != h.index {
-			log.Info("host came back just before it was reaped; nothing reclaimed")
+		if !judged {
+			log.Info("host came back (or another host reaped it) just before it was reaped; nothing reclaimed")
 			return out, nil
 		}
 	}
@@ -509,6 +520,20 @@ func (r *Reaper) reap(ctx context.Context, h Host, force bool) (Reaped, error) {
 	}
 	log.Info("reap: address and pool holds released", "addresses", iv.Addresses, "shared_holds", iv.SharedHolds, "pool_holds", iv.PoolHolds, "pools_removed", iv.PoolsRemoved)
 	fault.Point("reap/after-ipam")
+	if r.cat != nil && !force {
+		// The catalog is not in the store, so the fence does not cover
+		// it: a host that came back since the last fenced write keeps
+		// its services (the window left is this read to the
+		// deregistrations, and the host's anti-entropy mends that).
+		judged, err := r.stillJudged(ctx, h)
+		if err != nil {
+			return out, err
+		}
+		if !judged {
+			log.Warn("reap: the host came back while it was reaped; stopped before its services (its own check finds what it lost)")
+			return out, nil
+		}
+	}
 	if r.cat != nil {
 		// The services are on the agent's node; a record of a version
 		// that did not write it names only Node.

@@ -350,6 +350,7 @@ func TestConsul(t *testing.T) {
 	t.Run("ReassertCountsHolds", func(t *testing.T) { testReassertCountsHolds(t, agent) })
 	t.Run("RunFollowsWithoutPolling", func(t *testing.T) { testRunFollows(t, agent) })
 	t.Run("BackDuringReap", func(t *testing.T) { testBackDuringReap(t, agent) })
+	t.Run("BackBeforeServices", func(t *testing.T) { testBackBeforeServices(t, agent) })
 	t.Run("HealDuringReap", func(t *testing.T) { testHealDuringReap(t, agent) })
 	t.Run("AllocateDuringReap", func(t *testing.T) { testAllocateDuringReap(t, agent) })
 	t.Run("ServicesUnderAgentNode", func(t *testing.T) { testServicesUnderAgentNode(t, agent) })
@@ -882,15 +883,42 @@ func testRunFollows(t *testing.T, agent *testenv.ConsulAgent) {
 	s.checkAUntouched(t)
 }
 
-// evictHook runs before before the IPAM step of a reap.
+// evictHook runs before before the IPAM step of a reap, and after (if
+// set) after it.
 type evictHook struct {
-	ip     *ipam.Driver
-	before func()
+	ip            *ipam.Driver
+	before, after func()
 }
 
 func (e evictHook) EvictNode(ctx context.Context, node string) (ipam.Evicted, error) {
 	e.before()
-	return e.ip.EvictNode(ctx, node)
+	ev, err := e.ip.EvictNode(ctx, node)
+	if e.after != nil {
+		e.after()
+	}
+	return ev, err
+}
+
+// testBackBeforeServices: a host that takes its record back after the
+// reap's last store write (its IPAM step) keeps its services, which are
+// in the catalog, not in the store, where no fence reaches: the reap
+// looks at the host record again before it lists them and stops.
+func testBackBeforeServices(t *testing.T, agent *testenv.ConsulAgent) {
+	s := setup(t, agent)
+	s.b.stop(t)
+	rep, err := s.reapBHooked(t, func() {}, func() { s.b.claimRecord(t) })
+	if err != nil {
+		t.Fatalf("reap of a host that came back during it: %v", err)
+	}
+	if rep.Services != 0 {
+		t.Errorf("reap deregistered %d services of a host that came back: %+v", rep.Services, rep)
+	}
+	if !serviceIDs(t, s.a.store.Client())["svc-b-"+s.e.prefix[7:15]] {
+		t.Error("B's service was deregistered")
+	}
+	if !exists(t, s.a.store, HostsPrefix+"host-b") {
+		t.Error("B's host record was removed")
+	}
 }
 
 // testBackDuringReap: a host that takes its record back while it is being
