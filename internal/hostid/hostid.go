@@ -208,7 +208,7 @@ func holder(pid int) string {
 	case pid == 0:
 		return "pid unknown"
 	case Exited(pid):
-		return fmt.Sprintf("pid %d, which has exited: a program it started still holds it", pid)
+		return fmt.Sprintf("pid %d, which is not running here: a program it started still holds it, or it runs in another pid namespace", pid)
 	}
 	return fmt.Sprintf("pid %d", pid)
 }
