@@ -62,12 +62,16 @@ func main() {
 	// The socket opens before anything slow: Docker gives a managed plugin
 	// about 9.5 s to listen and never retries a failed enable. Until the
 	// drivers are wired it answers with why it is not ready yet.
-	l, lerr := listenUnix(cfg.Socket)
+	l, exited, lerr := listenUnix(cfg.Socket)
 	if lerr != nil {
 		log.Error("consul-overlay cannot start", "error", errors.Join(err, lerr))
 		os.Exit(1)
 	}
 	log.Info("listening", "socket", cfg.Socket)
+	if exited != 0 {
+		log.Warn("the previous instance was killed while it started a program, which still held its socket: replaced",
+			"previous_pid", exited, "socket", cfg.Socket)
+	}
 	st := &startStatus{}
 	h := newSwitchHandler(limitedServer(log, func() error { return fmt.Errorf("%w: %s", errStarting, st.get()) }))
 	served := make(chan error, 1)
@@ -181,6 +185,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return err
 	}
 	defer lock.Close()
+	logWaited(log, "DATA_DIR lock", lock.Waited())
 	defer startMemoryLimit(ctx, os.Getenv)()                       // unless GOMEMLIMIT is set (plugin/memory.go)
 	stopPprof, err := startPprof(ctx, os.Getenv, cfg.DataDir, log) // debug only (plugin/pprof.go)
 	if err != nil {
@@ -217,6 +222,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger, h *switchHandler, st
 		return err
 	}
 	defer inst.Close()
+	logWaited(log, "instance socket", inst.Waited())
 
 	store, shared, agentName, err := openStore(ctx, cfg, ccfg, useConsul, log)
 	if err != nil {

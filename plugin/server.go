@@ -220,29 +220,44 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // listenUnix opens the plugin socket, replacing a stale one. A socket that
 // a live process listens on is another instance's: it is left alone and
 // the error names that process. The directory is created if missing
-// (Docker looks in /run/docker/plugins).
-func listenUnix(path string) (net.Listener, error) {
+// (Docker looks in /run/docker/plugins). exited is the pid of a listener
+// that had exited while a program it was starting still held the socket
+// (0: none); its socket was replaced.
+func listenUnix(path string) (l net.Listener, exited int, err error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("create socket directory %q: %w", filepath.Dir(path), err)
+		return nil, 0, fmt.Errorf("create socket directory %q: %w", filepath.Dir(path), err)
 	}
 	// A socket whose listener exited is stale even if a program that
 	// listener was starting still holds it (hostid.Exited): a new socket
 	// replaces the path.
-	if pid, _, err := hostid.Peer(path); err == nil && !hostid.Exited(pid) {
-		return nil, fmt.Errorf("socket %q is %w (pid %d): stop it, or set another SOCKET", path, hostid.ErrInUse, pid)
+	if pid, _, err := hostid.Peer(path); err == nil {
+		if !hostid.Exited(pid) {
+			return nil, 0, fmt.Errorf("socket %q is %w (pid %d): stop it, or set another SOCKET", path, hostid.ErrInUse, pid)
+		}
+		exited = pid
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("remove stale socket %q: %w", path, err)
+		return nil, 0, fmt.Errorf("remove stale socket %q: %w", path, err)
 	}
-	l, err := net.Listen("unix", path)
+	l, err = net.Listen("unix", path)
 	if err != nil {
-		return nil, fmt.Errorf("listen on %q: %w", path, err)
+		return nil, 0, fmt.Errorf("listen on %q: %w", path, err)
 	}
 	if err := os.Chmod(path, 0o660); err != nil {
 		l.Close()
-		return nil, fmt.Errorf("chmod socket %q: %w", path, err)
+		return nil, 0, fmt.Errorf("chmod socket %q: %w", path, err)
 	}
-	return l, nil
+	return l, exited, nil
+}
+
+// logWaited says that the previous instance was killed while it started a
+// program, which held what it held for a moment (hostid.Exited).
+func logWaited(log *slog.Logger, what string, w hostid.Waited) {
+	if w.Pid == 0 {
+		return
+	}
+	log.Warn("the previous instance was killed while it started a program, which held its "+what+" for a moment after it; taken once the program let it go",
+		"previous_pid", w.Pid, "waited", w.For.Round(time.Millisecond))
 }
 
 // startWait is how long a driver call made during start-up waits for the

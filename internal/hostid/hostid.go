@@ -190,16 +190,24 @@ func Exited(pid int) bool {
 const releaseWait = 3 * time.Second
 
 // awaitRelease retries try while its error is busy, up to releaseWait,
-// and returns its last error.
-func awaitRelease(try func() error, busy func(error) bool) error {
-	deadline := time.Now().Add(releaseWait)
+// and returns how long it waited and its last error.
+func awaitRelease(try func() error, busy func(error) bool) (time.Duration, error) {
+	start := time.Now()
 	for {
 		err := try()
-		if !busy(err) || time.Now().After(deadline) {
-			return err
+		if !busy(err) || time.Since(start) > releaseWait {
+			return time.Since(start), err
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// Waited says that a lock or socket was taken only after the process
+// holding it had exited (see Exited): Pid is that process (0: none), For
+// how long the taker waited for the program it had started to let go.
+type Waited struct {
+	Pid int
+	For time.Duration
 }
 
 // holder names the process holding a lock or socket in an ErrInUse error.
@@ -216,9 +224,10 @@ func holder(pid int) string {
 // DirLock is the exclusive lock on DATA_DIR/lock, held until Close (or
 // the process's death: the kernel drops a flock with its last descriptor).
 type DirLock struct {
-	f    *os.File
-	path string
-	file string // "<dev>:<inode>" of the lock file
+	f      *os.File
+	path   string
+	file   string // "<dev>:<inode>" of the lock file
+	waited Waited
 }
 
 // Lock takes the DATA_DIR lock without waiting and writes this process's
@@ -234,6 +243,7 @@ func Lock(dir string) (*DirLock, error) {
 		return nil, fmt.Errorf("open lock %s: %w", path, err)
 	}
 	flock := func() error { return unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) }
+	var waited Waited
 	err = flock()
 	if errors.Is(err, unix.EWOULDBLOCK) {
 		// The pid in the file is the holder's, written when it took the
@@ -245,7 +255,9 @@ func Lock(dir string) (*DirLock, error) {
 			}
 		}
 		if Exited(pid) {
-			err = awaitRelease(flock, func(err error) bool { return errors.Is(err, unix.EWOULDBLOCK) })
+			var d time.Duration
+			d, err = awaitRelease(flock, func(err error) bool { return errors.Is(err, unix.EWOULDBLOCK) })
+			waited = Waited{Pid: pid, For: d}
 		}
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			f.Close()
@@ -268,8 +280,11 @@ func Lock(dir string) (*DirLock, error) {
 			return nil, fmt.Errorf("write pid into lock %s: %w", path, err)
 		}
 	}
-	return &DirLock{f: f, path: path, file: fmt.Sprintf("%d:%d", st.Dev, st.Ino)}, nil
+	return &DirLock{f: f, path: path, file: fmt.Sprintf("%d:%d", st.Dev, st.Ino), waited: waited}, nil
 }
+
+// Waited reports whether the lock was taken from an exited holder's child.
+func (l *DirLock) Waited() Waited { return l.waited }
 
 // File names the lock file by device and inode: the same DATA_DIR seen
 // through another mount has the same name, a copy of it does not.

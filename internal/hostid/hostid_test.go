@@ -139,20 +139,22 @@ func TestDeadOwnersChild(t *testing.T) {
 	}
 	// Each resource from its own holder: the child lets all go at once,
 	// so a second take after a first that waited would prove nothing.
-	take := map[string]func(dir, path, prefix string) error{
-		"lock": func(dir, _, _ string) error {
+	take := map[string]func(dir, path, prefix string) (Waited, error){
+		"lock": func(dir, _, _ string) (Waited, error) {
 			l, err := Lock(dir)
-			if err == nil {
-				l.Close()
+			if err != nil {
+				return Waited{}, err
 			}
-			return err
+			defer l.Close()
+			return l.Waited(), nil
 		},
-		"instance socket": func(_, _, prefix string) error {
+		"instance socket": func(_, _, prefix string) (Waited, error) {
 			in, err := ListenInstance(prefix, "store", "")
-			if err == nil {
-				in.Close()
+			if err != nil {
+				return Waited{}, err
 			}
-			return err
+			defer in.Close()
+			return in.Waited(), nil
 		},
 	}
 	for name, take := range take {
@@ -189,8 +191,12 @@ func TestDeadOwnersChild(t *testing.T) {
 			if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); !errors.Is(err, unix.EWOULDBLOCK) {
 				t.Fatalf("flock while the child holds the lock: %v, want EWOULDBLOCK", err)
 			}
-			if err := take(dir, path, prefix); err != nil {
+			w, err := take(dir, path, prefix)
+			if err != nil {
 				t.Fatalf("take the %s after its owner exited: %v", name, err)
+			}
+			if w.Pid != owner || w.For <= 0 {
+				t.Errorf("Waited() = %+v, want the exited owner %d and the time waited", w, owner)
 			}
 		})
 	}

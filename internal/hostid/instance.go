@@ -16,9 +16,10 @@ import (
 // Instance is the bound instance socket. Whoever connects reads one line,
 // the owner's description, and is disconnected.
 type Instance struct {
-	l    net.Listener
-	name string
-	wg   sync.WaitGroup
+	l      net.Listener
+	name   string
+	wg     sync.WaitGroup
+	waited Waited
 }
 
 // ListenInstance binds the abstract unix socket of (prefix, store) in the
@@ -35,12 +36,15 @@ func ListenInstance(prefix, store, describe string) (*Instance, error) {
 		return err
 	}
 	inUse := func(err error) bool { return errors.Is(err, syscall.EADDRINUSE) }
+	var waited Waited
 	err := listen()
 	if inUse(err) {
 		// An abstract name cannot be unlinked: a dead owner's child (see
 		// Exited) is waited out.
 		if pid, _, perr := Peer(name); perr == nil && Exited(pid) {
-			err = awaitRelease(listen, inUse)
+			var d time.Duration
+			d, err = awaitRelease(listen, inUse)
+			waited = Waited{Pid: pid, For: d}
 		}
 	}
 	if err != nil {
@@ -57,7 +61,7 @@ func ListenInstance(prefix, store, describe string) (*Instance, error) {
 		}
 		return nil, fmt.Errorf("KV prefix %q of store %s is %w in this network namespace (%s): stop it, or give this one another KV_PREFIX", prefix, store, ErrInUse, who)
 	}
-	in := &Instance{l: l, name: name}
+	in := &Instance{l: l, name: name, waited: waited}
 	describe = strings.ReplaceAll(describe, "\n", " ")
 	in.wg.Add(1)
 	go func() {
@@ -74,6 +78,10 @@ func ListenInstance(prefix, store, describe string) (*Instance, error) {
 	}()
 	return in, nil
 }
+
+// Waited reports whether the socket was bound after an exited owner's
+// child let it go.
+func (in *Instance) Waited() Waited { return in.waited }
 
 // Name is the socket's abstract name ("@" for the leading NUL).
 func (in *Instance) Name() string { return in.name }
