@@ -189,14 +189,15 @@ func Exited(pid int) bool {
 // go (see Exited): it execs within milliseconds even on a loaded host.
 const releaseWait = 3 * time.Second
 
-// awaitRelease retries try while its error is busy, up to releaseWait,
-// and returns how long it waited and its last error.
-func awaitRelease(try func() error, busy func(error) bool) (time.Duration, error) {
+// awaitRelease retries try while its error is busy, up to releaseWait:
+// the resource is held by a child of pid, which has exited (see Exited).
+// It returns what it waited and try's last error.
+func awaitRelease(pid int, try func() error, busy func(error) bool) (Waited, error) {
 	start := time.Now()
 	for {
 		err := try()
 		if !busy(err) || time.Since(start) > releaseWait {
-			return time.Since(start), err
+			return Waited{Pid: pid, For: time.Since(start)}, err
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -255,9 +256,7 @@ func Lock(dir string) (*DirLock, error) {
 			}
 		}
 		if Exited(pid) {
-			var d time.Duration
-			d, err = awaitRelease(flock, func(err error) bool { return errors.Is(err, unix.EWOULDBLOCK) })
-			waited = Waited{Pid: pid, For: d}
+			waited, err = awaitRelease(pid, flock, func(err error) bool { return errors.Is(err, unix.EWOULDBLOCK) })
 		}
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			f.Close()

@@ -39,27 +39,28 @@ func ListenInstance(prefix, store, describe string) (*Instance, error) {
 	var waited Waited
 	err := listen()
 	if inUse(err) {
-		// An abstract name cannot be unlinked: a dead owner's child (see
-		// Exited) is waited out.
-		if pid, _, perr := Peer(name); perr == nil && Exited(pid) {
-			var d time.Duration
-			d, err = awaitRelease(listen, inUse)
-			waited = Waited{Pid: pid, For: d}
+		pid, desc, perr := Peer(name)
+		if perr == nil && Exited(pid) {
+			// An abstract name cannot be unlinked: a dead owner's child
+			// (see Exited) is waited out, and whoever holds the name
+			// after that is asked again.
+			if waited, err = awaitRelease(pid, listen, inUse); inUse(err) {
+				pid, desc, perr = Peer(name)
+			}
+		}
+		if inUse(err) {
+			who := holder(pid)
+			if perr != nil {
+				who = fmt.Sprintf("pid unknown: %v", perr)
+			}
+			if desc != "" {
+				who += ", " + desc
+			}
+			return nil, fmt.Errorf("KV prefix %q of store %s is %w in this network namespace (%s): stop it, or give this one another KV_PREFIX", prefix, store, ErrInUse, who)
 		}
 	}
 	if err != nil {
-		if !inUse(err) {
-			return nil, fmt.Errorf("bind instance socket %s: %w", name, err)
-		}
-		pid, desc, perr := Peer(name)
-		who := holder(pid)
-		if perr != nil {
-			who = fmt.Sprintf("pid unknown: %v", perr)
-		}
-		if desc != "" {
-			who += ", " + desc
-		}
-		return nil, fmt.Errorf("KV prefix %q of store %s is %w in this network namespace (%s): stop it, or give this one another KV_PREFIX", prefix, store, ErrInUse, who)
+		return nil, fmt.Errorf("bind instance socket %s: %w", name, err)
 	}
 	in := &Instance{l: l, name: name, waited: waited}
 	describe = strings.ReplaceAll(describe, "\n", " ")
