@@ -530,7 +530,7 @@ func (r *Reaper) reap(ctx context.Context, h Host, force bool) (Reaped, error) {
 			return out, err
 		}
 		if !judged {
-			log.Warn("reap: the host came back while it was reaped; stopped before its services (its own check finds what it lost)")
+			log.Warn("reap: the host's record changed while it was reaped (it came back, or another host reaped it); stopped before its services (a host that came back finds what it lost by its own check)")
 			return out, nil
 		}
 	}

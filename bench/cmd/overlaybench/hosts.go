@@ -46,6 +46,8 @@ type hostsResult struct {
 	// a host record without its session: a host's liveness lapsed), and
 	// sessions created.
 	lostWrites, sessions int64
+
+	floor floorResult // hostsfloor.go
 }
 
 // benchHosts simulates many hosts (a namespace and a plugin process each,
@@ -340,6 +342,13 @@ func hostsOnce(t *runner, cfg *config, H int) hostsResult {
 	r.sessions = all.counts["PUT /v1/session/create"]
 	cj1, _ := cpuTime(plugins[H].Pid())
 	r.joinCPU = cj1 - cj0
+
+	// The floor: the same change through the least a Consul watch can do.
+	t.Logf("%s %d hosts: floor", time.Now().Format(time.TimeOnly), H)
+	r.floor = hostsFloor(t, cfg, hosts, H, idx, evs, meter, consulPid)
+	if r.floor.err != "" {
+		t.Logf("%d hosts: floor: %s", H, r.floor.err)
+	}
 	return r
 }
 
@@ -456,8 +465,14 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 		"figure ∝ hosts^k from %d to %d hosts (1 is linear, 2 quadratic). The plugins' registrar compares its services "+
 		"with the agent's every %s instead of 30 s (ANTI_ENTROPY_INTERVAL, unless BENCH_PLUGIN_ENV sets it): the hosts share "+
 		"one agent, so each pass lists every host's services, which a host's own agent does not hold, and 50 such passes "+
-		"falling in a convergence window made its CPU per change vary by half.\n\n",
-		r0.perHost, r0.networks, r0.samples, r0.hosts, rl.hosts, hostsAntiEntropy)
+		"falling in a convergence window made its CPU per change vary by half. The floor: after the new host, the same "+
+		"number of changes through the least any design that learns of a change from Consul can do: one key, overwritten "+
+		"from the sample's host with the new peer, and on every host a watcher process (this program) holding one blocking "+
+		"GET of that key through the same proxy, which writes the peer's neighbour and FDB entries on the host's VXLAN "+
+		"device; measured by the same events, with the plugins still running. One shared key would lose changes made at "+
+		"once: it is a floor, not a design. Then Consul's CPU for one request of each kind, %d of each in turn with nothing "+
+		"changing (its CPU time counts in 10 ms ticks).\n\n",
+		r0.perHost, r0.networks, r0.samples, r0.hosts, rl.hosts, hostsAntiEntropy, costRounds)
 	fmt.Fprintf(sec, "| Figure | %s | Growth %d→%d |\n|---|%s---|\n", strings.Join(prefixAll(sizes, "", " hosts"), " | "), r0.hosts, rl.hosts, strings.Repeat("---:|", len(rs)))
 	row := func(name string, val func(r hostsResult) float64, format func(float64) string) {
 		var cells []string
@@ -475,6 +490,27 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 	row("**convergence p99: new endpoint on all other hosts**", func(r hostsResult) float64 { return summarize(r.conv).p99 }, msf)
 	row("convergence p50 / p99 of each single host", func(r hostsResult) float64 { return summarize(r.convEach).p50 }, msf)
 	fmt.Fprintf(sec, "| … p99 of each single host | %s | |\n", strings.Join(mapR(rs, func(r hostsResult) string { return msf(summarize(r.convEach).p99) }), " | "))
+	nanUnless := func(ok bool, x float64) float64 {
+		if !ok {
+			return math.NaN()
+		}
+		return x
+	}
+	row("floor, the least a Consul watch costs here: convergence p50 (one key overwritten with the peer, one watcher process a host holding one blocking GET of it and making the plugin's two kernel writes)", func(r hostsResult) float64 { return r.floor.p50() }, msf)
+	row("**floor: convergence p99**", func(r hostsResult) float64 { return r.floor.p99() }, msf)
+	row("convergence p50 ÷ floor p50", func(r hostsResult) float64 { return ratio(summarize(r.conv).p50, r.floor.p50()) }, fr)
+	row("convergence p99 ÷ floor p99", func(r hostsResult) float64 { return ratio(summarize(r.conv).p99, r.floor.p99()) }, fr)
+	row("floor per change: watcher CPU, mean per host", func(r hostsResult) float64 { return nanUnless(r.floor.done(), r.floor.cpuPerChange) }, msf)
+	row("floor per change: Consul CPU", func(r hostsResult) float64 { return nanUnless(r.floor.done(), r.floor.consulCPUPerChange) }, msf)
+	row("floor per change: Consul requests", func(r hostsResult) float64 { return nanUnless(r.floor.done(), r.floor.requestsPerChange) }, num)
+	for _, k := range costKinds {
+		row("Consul CPU for one request alone: "+k, func(r hostsResult) float64 {
+			if v, ok := r.floor.cost[k]; ok {
+				return v
+			}
+			return math.NaN()
+		}, func(x float64) string { return f(x) + " µs" })
+	}
 	row("per change: Consul requests", func(r hostsResult) float64 { return float64(r.convLoad.total) / float64(r.samples) }, num)
 	row("per change: bytes Consul answered", func(r hostsResult) float64 { return float64(r.convLoad.bytes) / 1024 / float64(r.samples) }, kib)
 	row("… of which the agent API's (the registrar's list of the agent's services: one agent for all hosts here, each host's own on real hosts)", func(r hostsResult) float64 {
@@ -526,6 +562,9 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 	for _, r := range rs {
 		fmt.Fprintf(sec, "- %d hosts: steady state (%.0f s) requests: %s. Per change: %s. Burst: %s.",
 			r.hosts, r.steadyLoad.secs, r.steadyLoad.top(6), r.convLoad.top(4), r.burstLoad.top(6))
+		if r.floor.err != "" {
+			fmt.Fprintf(sec, " Floor not measured: %s.", r.floor.err)
+		}
 		if r.lostEvts > 0 {
 			fmt.Fprintf(sec, " Peers seen by dump, their event lost: %d.", r.lostEvts)
 		}
@@ -544,6 +583,7 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 			float64(rl.steadyLoad.total-rl.steadyLoad.agent)/rl.steadyLoad.secs, float64(rl.steadyLoad.agent)/rl.steadyLoad.secs),
 		"≈ all (≥ 95 %)", share >= 0.95)
 	rep.check("plugin RSS per host (max)"+tag, fmt.Sprintf("%.1f MiB", rl.rssMax), "≤ 30 MiB", rl.rssMax <= 30)
+	rep.info("convergence floor p50 / p99 (one key, one blocking GET a host, the same kernel writes)"+tag, fmt.Sprintf("%s / %s ms", f(rl.floor.p50()), f(rl.floor.p99())))
 	rep.info("new host: CreateNetwork until all peers programmed"+tag, fmt.Sprintf("%.0f ms (%d peers)", ms(rl.join), rl.joinPeers))
 }
 

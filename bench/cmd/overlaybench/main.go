@@ -83,6 +83,9 @@ var benches = []bench{
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == floorWatchArg {
+		os.Exit(floorWatch(os.Args[2:])) // hostsfloor.go
+	}
 	quickEnv := os.Getenv("BENCH_QUICK")
 	quick := flag.Bool("quick", quickEnv != "" && quickEnv != "0", "fewer iterations, smaller scale (default from BENCH_QUICK)")
 	bin := flag.String("plugin", "bin/consul-overlay", "plugin binary, relative to the module root; built if missing")

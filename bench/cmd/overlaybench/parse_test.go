@@ -110,3 +110,21 @@ func TestUpdateFileKeepsOlderRunsBelow(t *testing.T) {
 		t.Fatalf("want marker, run 2, run 1 in that order:\n%s", s)
 	}
 }
+
+func TestParseFloorPeer(t *testing.T) {
+	ip, mac, vtep, err := parseFloorPeer("10.74.0.1 02:f1:00:00:00:01 192.168.90.3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ip.String() != "10.74.0.1" || mac.String() != "02:f1:00:00:00:01" || vtep.String() != "192.168.90.3" {
+		t.Errorf("parsed %s %s %s", ip, mac, vtep)
+	}
+	for _, bad := range []string{"", "10.74.0.1 02:f1:00:00:00:01", "x 02:f1:00:00:00:01 192.168.90.3", "10.74.0.1 nomac 192.168.90.3",
+		"10.74.0.1 02:f1:00:00:00:01:00:00 192.168.90.3", "fd00::1 02:f1:00:00:00:01 192.168.90.3", "10.74.0.1 02:f1:00:00:00:01 192.168.90.3 extra"} {
+		if _, _, _, err := parseFloorPeer(bad); err == nil {
+			t.Errorf("parseFloorPeer(%q) accepted", bad)
+		} else if !strings.Contains(err.Error(), "floor peer") {
+			t.Errorf("parseFloorPeer(%q): %v does not name the value", bad, err)
+		}
+	}
+}
