@@ -47,7 +47,8 @@ type hostsResult struct {
 	// sessions created.
 	lostWrites, sessions int64
 
-	floor floorResult // hostsfloor.go
+	floor  floorResult            // hostsfloor.go: shape key
+	shapes map[string]floorResult // the other shapes
 }
 
 // benchHosts simulates many hosts (a namespace and a plugin process each,
@@ -345,9 +346,17 @@ func hostsOnce(t *runner, cfg *config, H int) hostsResult {
 
 	// The floor: the same change through the least a Consul watch can do.
 	t.Logf("%s %d hosts: floor", time.Now().Format(time.TimeOnly), H)
-	r.floor = hostsFloor(t, cfg, hosts, H, idx, evs, meter, consulPid)
-	if r.floor.err != "" {
-		t.Logf("%d hosts: floor: %s", H, r.floor.err)
+	r.shapes = map[string]floorResult{}
+	for n, shape := range floorShapes {
+		fl := hostsFloor(t, cfg, hosts, H, idx, evs, meter, consulPid, shape, n)
+		if fl.err != "" {
+			t.Logf("%d hosts: floor %s: %s", H, shape, fl.err)
+		}
+		if shape == shapeKey {
+			r.floor = fl
+		} else {
+			r.shapes[shape] = fl
+		}
 	}
 	return r
 }
@@ -470,7 +479,12 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 		"from the sample's host with the new peer, and on every host a watcher process (this program) holding one blocking "+
 		"GET of that key through the same proxy, which writes the peer's neighbour and FDB entries on the host's VXLAN "+
 		"device; measured by the same events, with the plugins still running. One shared key would lose changes made at "+
-		"once: it is a floor, not a design. Then Consul's CPU for one request of each kind, %d of each in turn with nothing "+
+		"once: it is a floor, not a design. Two request shapes a design could use are measured the same way (each "+
+		"host's entry padded to a peer record's size): a key listing whose names carry each record's version (the writer "+
+		"renames its entry in the write's transaction) followed by a GET of the new name, and a list of one small stamp per "+
+		"host (written in the record's transaction) followed by a GET of the record whose stamp moved; and the plugin's own "+
+		"shape (a key listing, a check transaction of every record, a GET of the one that changed), to tell the requests' "+
+		"share of the plugin's figure from the rest. Then Consul's CPU for one request of each kind, %d of each in turn with nothing "+
 		"changing (its CPU time counts in 10 ms ticks).\n\n",
 		r0.perHost, r0.networks, r0.samples, r0.hosts, rl.hosts, hostsAntiEntropy, costRounds)
 	fmt.Fprintf(sec, "| Figure | %s | Growth %d→%d |\n|---|%s---|\n", strings.Join(prefixAll(sizes, "", " hosts"), " | "), r0.hosts, rl.hosts, strings.Repeat("---:|", len(rs)))
@@ -503,6 +517,18 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 	row("floor per change: watcher CPU, mean per host", func(r hostsResult) float64 { return nanUnless(r.floor.done(), r.floor.cpuPerChange) }, msf)
 	row("floor per change: Consul CPU", func(r hostsResult) float64 { return nanUnless(r.floor.done(), r.floor.consulCPUPerChange) }, msf)
 	row("floor per change: Consul requests", func(r hostsResult) float64 { return nanUnless(r.floor.done(), r.floor.requestsPerChange) }, num)
+	for _, sh := range []struct{ shape, what string }{
+		{shapeNames, "a blocking key listing whose names carry each record's version, then a GET of the new name"},
+		{shapeStamps, "a blocking list of one small stamp per host, then a GET of the record whose stamp moved"},
+		{shapeLean, "the plugin's own: a blocking key listing, a check transaction of every record, a GET of the one that changed"},
+	} {
+		get := func(r hostsResult) floorResult { return r.shapes[sh.shape] }
+		row("request shape, "+sh.what+" (a watcher process a host, the same kernel writes): convergence p50", func(r hostsResult) float64 { return get(r).p50() }, msf)
+		row("… its convergence p99", func(r hostsResult) float64 { return get(r).p99() }, msf)
+		row("… per change: watcher CPU, mean per host", func(r hostsResult) float64 { return nanUnless(get(r).done(), get(r).cpuPerChange) }, msf)
+		row("… per change: Consul CPU", func(r hostsResult) float64 { return nanUnless(get(r).done(), get(r).consulCPUPerChange) }, msf)
+		row("… per change: Consul requests", func(r hostsResult) float64 { return nanUnless(get(r).done(), get(r).requestsPerChange) }, num)
+	}
 	for _, k := range costKinds {
 		row("Consul CPU for one request alone: "+k, func(r hostsResult) float64 {
 			if v, ok := r.floor.cost[k]; ok {
@@ -564,6 +590,11 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 			r.hosts, r.steadyLoad.secs, r.steadyLoad.top(6), r.convLoad.top(4), r.burstLoad.top(6))
 		if r.floor.err != "" {
 			fmt.Fprintf(sec, " Floor not measured: %s.", r.floor.err)
+		}
+		for _, sh := range floorShapes[1:] {
+			if e := r.shapes[sh].err; e != "" {
+				fmt.Fprintf(sec, " Shape %s not measured: %s.", sh, e)
+			}
 		}
 		if r.lostEvts > 0 {
 			fmt.Fprintf(sec, " Peers seen by dump, their event lost: %d.", r.lostEvts)

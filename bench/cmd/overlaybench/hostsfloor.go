@@ -35,29 +35,123 @@ import (
 // floorWatchArg is the argument that makes overlaybench a floor watcher.
 const floorWatchArg = "floorwatch"
 
-// floorWatch is the watcher's process: floorwatch CONSUL_ADDR KEY IFINDEX.
-// It prints "ready" once it holds its first blocking query, then runs
-// until killed. The value it reads is "IP MAC VTEP".
+// Floor shapes: how a watcher learns of a change (see floorShapes).
+const (
+	shapeKey    = "key"    // one blocking GET of one key holding the peer
+	shapeNames  = "names"  // a blocking key listing whose names carry a version, then a GET of the new name
+	shapeStamps = "stamps" // a blocking list of one small stamp per host, then a GET of the record whose stamp moved
+	shapeLean   = "lean"   // the plugin's: a blocking key listing, a check transaction of every record, a GET of the changed one
+)
+
+// floorShapes are run in this order; the first is the floor.
+var floorShapes = []string{shapeKey, shapeNames, shapeStamps, shapeLean}
+
+// floorWatch is the watcher's process: floorwatch SHAPE CONSUL_ADDR KEY
+// IFINDEX. It prints "ready" once it holds its first blocking query, then
+// runs until killed. KEY is the key (shape key) or the prefix the writer
+// writes under; each peer read is "IP MAC VTEP" on its first line.
 func floorWatch(args []string) int {
-	if len(args) != 3 {
-		fmt.Fprintln(os.Stderr, "usage: overlaybench floorwatch CONSUL_ADDR KEY IFINDEX")
+	if len(args) != 4 || !slices.Contains(floorShapes, args[0]) {
+		fmt.Fprintf(os.Stderr, "usage: overlaybench floorwatch %s CONSUL_ADDR KEY IFINDEX\n", strings.Join(floorShapes, "|"))
 		return 2
 	}
+	shape, addr, key := args[0], args[1], args[2]
 	var idx int
-	if _, err := fmt.Sscan(args[2], &idx); err != nil || idx <= 0 {
-		fmt.Fprintf(os.Stderr, "floorwatch: interface index %q: not a positive number\n", args[2])
+	if _, err := fmt.Sscan(args[3], &idx); err != nil || idx <= 0 {
+		fmt.Fprintf(os.Stderr, "floorwatch: interface index %q: not a positive number\n", args[3])
 		return 2
 	}
-	c, err := api.NewClient(&api.Config{Address: args[0]})
+	// As the plugin's client (kvstore.NewConsul): no gzip.
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.DisableCompression = true
+	c, err := api.NewClient(&api.Config{Address: addr, HttpClient: &http.Client{Transport: tr}})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "floorwatch:", err)
 		return 1
 	}
 	kv := c.KV()
+	// wait is one blocking query; it returns the keys to read (nil: the
+	// value came with the answer, in val).
+	var (
+		names  map[string]bool   // shape names: the last listing
+		stamps map[string]uint64 // shape stamps: modify index by stamp key
+		held   map[string]uint64 // shape lean: modify index by record key
+	)
+	wait := func(last uint64) (read []string, val []byte, meta *api.QueryMeta, err error) {
+		q := &api.QueryOptions{WaitIndex: last, WaitTime: 30 * time.Second}
+		switch shape {
+		case shapeKey:
+			var p *api.KVPair
+			p, meta, err = kv.Get(key, q)
+			if p != nil {
+				val = p.Value
+			}
+		case shapeNames:
+			var ks []string
+			ks, meta, err = kv.Keys(key, "", q)
+			if err == nil {
+				seen := make(map[string]bool, len(ks))
+				for _, k := range ks {
+					seen[k] = true
+					if names != nil && !names[k] {
+						read = append(read, k)
+					}
+				}
+				names = seen
+			}
+		case shapeStamps:
+			var ps api.KVPairs
+			ps, meta, err = kv.List(key+"stamps/", q)
+			if err == nil {
+				seen := make(map[string]uint64, len(ps))
+				for _, p := range ps {
+					seen[p.Key] = p.ModifyIndex
+					if i, ok := stamps[p.Key]; stamps != nil && (!ok || i != p.ModifyIndex) {
+						read = append(read, key+"recs/"+strings.TrimPrefix(p.Key, key+"stamps/"))
+					}
+				}
+				stamps = seen
+			}
+		case shapeLean:
+			if held == nil {
+				var ps api.KVPairs
+				ps, meta, err = kv.List(key+"recs/", q)
+				if err == nil {
+					held = map[string]uint64{}
+					for _, p := range ps {
+						held[p.Key] = p.ModifyIndex
+					}
+				}
+				break
+			}
+			_, meta, err = kv.Keys(key+"recs/", "", q)
+			if err != nil || meta.LastIndex == last {
+				break
+			}
+			ops := make(api.KVTxnOps, 0, len(held))
+			for k, i := range held {
+				ops = append(ops, &api.KVTxnOp{Verb: api.KVCheckIndex, Key: k, Index: i})
+			}
+			slices.SortFunc(ops, func(a, b *api.KVTxnOp) int { return strings.Compare(a.Key, b.Key) })
+			ok, resp, _, terr := kv.Txn(ops, &api.QueryOptions{RequireConsistent: true})
+			if terr != nil {
+				err = terr
+				break
+			}
+			if !ok && resp != nil {
+				for _, e := range resp.Errors {
+					if e.OpIndex >= 0 && e.OpIndex < len(ops) {
+						read = append(read, ops[e.OpIndex].Key)
+					}
+				}
+			}
+		}
+		return read, val, meta, err
+	}
 	var last uint64
 	ready := false
 	for {
-		p, meta, err := kv.Get(args[1], &api.QueryOptions{WaitIndex: last, WaitTime: 30 * time.Second})
+		read, val, meta, err := wait(last)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "floorwatch:", err)
 			time.Sleep(100 * time.Millisecond)
@@ -65,7 +159,9 @@ func floorWatch(args []string) int {
 		}
 		if !ready {
 			ready = true
+			last = meta.LastIndex
 			fmt.Println("ready")
+			continue
 		}
 		if meta.LastIndex == last {
 			continue
@@ -75,11 +171,23 @@ func floorWatch(args []string) int {
 			continue
 		}
 		last = meta.LastIndex
-		if p == nil {
-			continue
+		if val != nil {
+			if err := floorProgram(idx, string(val)); err != nil {
+				fmt.Fprintln(os.Stderr, "floorwatch:", err)
+			}
 		}
-		if err := floorProgram(idx, string(p.Value)); err != nil {
-			fmt.Fprintln(os.Stderr, "floorwatch:", err)
+		for _, k := range read {
+			p, _, err := kv.Get(k, nil)
+			if err != nil || p == nil {
+				fmt.Fprintf(os.Stderr, "floorwatch: read %s: %v\n", k, err)
+				continue
+			}
+			if held != nil {
+				held[k] = p.ModifyIndex
+			}
+			if err := floorProgram(idx, string(p.Value)); err != nil {
+				fmt.Fprintln(os.Stderr, "floorwatch:", err)
+			}
 		}
 	}
 }
@@ -100,8 +208,10 @@ func floorProgram(idx int, v string) error {
 	return nil
 }
 
-// parseFloorPeer reads the floor key's value, "IP MAC VTEP" (IPv4).
+// parseFloorPeer reads the first line of a floor value, "IP MAC VTEP"
+// (IPv4); the rest pads it to a peer record's size.
 func parseFloorPeer(v string) (ip netip.Addr, mac net.HardwareAddr, vtep netip.Addr, err error) {
+	v, _, _ = strings.Cut(v, "\n")
 	fs := strings.Fields(v)
 	if len(fs) != 3 {
 		return ip, nil, vtep, fmt.Errorf("floor peer %q: want IP MAC VTEP", v)
@@ -162,28 +272,84 @@ func (fl floorResult) pct(p99 bool) float64 {
 // done says whether the phase finished (its other figures are zero if not).
 func (fl floorResult) done() bool { return fl.err == "" && len(fl.conv) > 0 }
 
-// hostsFloor runs the floor phase on hosts[:H] (their VXLAN devices idx,
-// their events evs), writing through the meter from the sample's host.
-func hostsFloor(t *runner, cfg *config, hosts []*testenv.Host, H int, idx []int, evs []*peerEvents, meter *consulMeter, consulPid int) (res floorResult) {
+// floorPad pads a floor value to about a peer record's size (20
+// endpoints of about 21 bytes).
+var floorPad = "\n" + strings.Repeat("p", 420)
+
+// hostsFloor runs the floor phase of one shape on hosts[:H] (their VXLAN
+// devices idx, their events evs), writing through the meter from the
+// sample's host; n is the shape's position (its peers' addresses).
+func hostsFloor(t *runner, cfg *config, hosts []*testenv.Host, H int, idx []int, evs []*peerEvents, meter *consulMeter, consulPid int, shape string, n int) (res floorResult) {
 	ctx := t.Context()
 	exe, err := os.Executable()
 	if err != nil {
 		res.err = err.Error()
 		return res
 	}
-	key := "co-floor-" + strings.ReplaceAll(time.Now().Format("150405.000"), ".", "") + "/change"
+	base := "co-floor-" + strings.ReplaceAll(time.Now().Format("150405.000"), ".", "") + "-" + shape + "/"
+	// Writers: one client per host, its connection made in the host's
+	// namespace, as the plugin's would be.
+	writers := make([]*api.KV, H)
+	for i := range H {
+		ns := hosts[i].NS
+		tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			var c net.Conn
+			err := ns.Do(func() error {
+				var err error
+				c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
+				return err
+			})
+			return c, err
+		}}
+		c, err := api.NewClient(&api.Config{Address: meter.Addr, HttpClient: &http.Client{Transport: tr}})
+		if err != nil {
+			res.err = err.Error()
+			return res
+		}
+		writers[i] = c.KV()
+	}
+	// Every host's entry exists before the watchers start.
+	name := func(i, version int) string { return fmt.Sprintf("%snames/host%d@%d", base, i, version) }
+	version := make([]int, H)
+	for i := range H {
+		var err error
+		switch shape {
+		case shapeNames:
+			_, err = writers[0].Put(&api.KVPair{Key: name(i, 0), Value: []byte(floorPad)}, nil)
+		case shapeLean:
+			_, err = writers[0].Put(&api.KVPair{Key: fmt.Sprintf("%srecs/host%d", base, i), Value: []byte(floorPad)}, nil)
+		case shapeStamps:
+			_, _, _, err = writers[0].Txn(api.KVTxnOps{
+				{Verb: api.KVSet, Key: fmt.Sprintf("%srecs/host%d", base, i), Value: []byte(floorPad)},
+				{Verb: api.KVSet, Key: fmt.Sprintf("%sstamps/host%d", base, i), Value: []byte("0")},
+			}, nil)
+		}
+		if err != nil {
+			res.err = fmt.Sprintf("%s: write host%d's entry: %v", shape, i, err)
+			return res
+		}
+	}
+	watchKey := base
+	if shape == shapeKey {
+		watchKey = base + "change"
+	} else if shape == shapeNames {
+		watchKey = base + "names/"
+	}
 	cmds := make([]*exec.Cmd, H)
-	t.Cleanup(func() {
-		for _, c := range cmds {
+	stop := func() {
+		for i, c := range cmds {
 			if c != nil && c.Process != nil {
 				_ = c.Process.Kill()
 				_ = c.Wait()
+				cmds[i] = nil
 			}
 		}
-	})
+	}
+	t.Cleanup(stop)
+	defer stop()
 	readyc := make(chan error, H)
 	for i := range H {
-		c := hosts[i].NS.Command(ctx, exe, floorWatchArg, meter.Addr, key, fmt.Sprint(idx[i]))
+		c := hosts[i].NS.Command(ctx, exe, floorWatchArg, shape, meter.Addr, watchKey, fmt.Sprint(idx[i]))
 		c.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		c.Stderr = t.logw
 		out, err := c.StdoutPipe()
@@ -224,27 +390,6 @@ func hostsFloor(t *runner, cfg *config, hosts []*testenv.Host, H int, idx []int,
 		}
 	}
 	res.watchers = H
-	// Writers: one client per host, its connection made in the host's
-	// namespace, as the plugin's would be.
-	writers := make([]*api.KV, H)
-	for i := range H {
-		ns := hosts[i].NS
-		tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			var c net.Conn
-			err := ns.Do(func() error {
-				var err error
-				c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
-				return err
-			})
-			return c, err
-		}}
-		c, err := api.NewClient(&api.Config{Address: meter.Addr, HttpClient: &http.Client{Transport: tr}})
-		if err != nil {
-			res.err = err.Error()
-			return res
-		}
-		writers[i] = c.KV()
-	}
 	pids := make([]int, H+1)
 	for i, c := range cmds {
 		pids[i] = c.Process.Pid
@@ -254,17 +399,35 @@ func hostsFloor(t *runner, cfg *config, hosts []*testenv.Host, H int, idx []int,
 	m0, c0 := meter.snap(), hostCPU(pids)
 	for s := range cfg.hostsSamples {
 		k := s % H
-		ip := netip.AddrFrom4([4]byte{10, 74, byte(s / 250), byte(s%250 + 1)})
-		mac := net.HardwareAddr{0x02, 0xf1, 0x00, 0x00, byte(s >> 8), byte(s)}
-		val := fmt.Sprintf("%s %s %s", ip, mac, hosts[k].Addr)
+		ip := netip.AddrFrom4([4]byte{10, byte(74 + n), byte(s / 250), byte(s%250 + 1)})
+		mac := net.HardwareAddr{0x02, 0xf1, byte(n), 0x00, byte(s >> 8), byte(s)}
+		val := []byte(fmt.Sprintf("%s %s %s", ip, mac, hosts[k].Addr) + floorPad)
 		t0 := time.Now()
-		if _, err := writers[k].Put(&api.KVPair{Key: key, Value: []byte(val)}, nil); err != nil {
-			res.err = fmt.Sprintf("sample %d: write %s: %v", s, key, err)
+		var err error
+		switch shape {
+		case shapeKey:
+			_, err = writers[k].Put(&api.KVPair{Key: watchKey, Value: val}, nil)
+		case shapeNames:
+			version[k]++
+			_, _, _, err = writers[k].Txn(api.KVTxnOps{
+				{Verb: api.KVDelete, Key: name(k, version[k]-1)},
+				{Verb: api.KVSet, Key: name(k, version[k]), Value: val},
+			}, nil)
+		case shapeLean:
+			_, err = writers[k].Put(&api.KVPair{Key: fmt.Sprintf("%srecs/host%d", base, k), Value: val}, nil)
+		case shapeStamps:
+			_, _, _, err = writers[k].Txn(api.KVTxnOps{
+				{Verb: api.KVSet, Key: fmt.Sprintf("%srecs/host%d", base, k), Value: val},
+				{Verb: api.KVSet, Key: fmt.Sprintf("%sstamps/host%d", base, k), Value: []byte(fmt.Sprint(s + 1))},
+			}, nil)
+		}
+		if err != nil {
+			res.err = fmt.Sprintf("%s sample %d: write: %v", shape, s, err)
 			return res
 		}
 		each, _, err := waitAllHosts(ctx, evs[:H], k, ip, mac, t0)
 		if err != nil {
-			res.err = fmt.Sprintf("sample %d (peer %s from host%d): %v", s, ip, k, err)
+			res.err = fmt.Sprintf("%s sample %d (peer %s from host%d): %v", shape, s, ip, k, err)
 			return res
 		}
 		res.conv = append(res.conv, slices.Max(each))
@@ -272,14 +435,16 @@ func hostsFloor(t *runner, cfg *config, hosts []*testenv.Host, H int, idx []int,
 		sleepCtx(ctx, 20*time.Millisecond)
 	}
 	m1, c1 := meter.snap(), hostCPU(pids)
-	res.cost = reqCost(t, writers[0], key, consulPid)
+	if shape == shapeKey {
+		res.cost = reqCost(t, writers[0], watchKey, consulPid)
+	}
 	load := diffSnaps(m0, m1)
 	pc, cc := cpuDiff(c0, c1)
-	n := float64(cfg.hostsSamples)
-	res.cpuPerChange = ms(pc) / n
-	res.consulCPUPerChange = ms(cc) / n
-	res.requestsPerChange = float64(load.total) / n
-	res.bytesPerChangeKiB = float64(load.bytes) / 1024 / n
+	ns := float64(cfg.hostsSamples)
+	res.cpuPerChange = ms(pc) / ns
+	res.consulCPUPerChange = ms(cc) / ns
+	res.requestsPerChange = float64(load.total) / ns
+	res.bytesPerChangeKiB = float64(load.bytes) / 1024 / ns
 	return res
 }
 
