@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"consul-overlay/internal/testenv"
 )
@@ -133,6 +134,77 @@ func testReconcileDumpSameAsPerDevice(t *testing.T, dp bool) {
 	for _, n := range want.Networks[:2] {
 		if e := entries(t, h, n.VNI); len(e.neigh) != 4 || len(e.fdb) != 4+2 {
 			t.Errorf("vni %#x: entries %+v, want 4 neighbours, 4 FDB entries and 2 flood destinations", n.VNI, e)
+		}
+	}
+}
+
+// A device's neighbour and FDB entries read with the kernel's filter
+// (neighDump) are exactly those the library's unfiltered dump gives for
+// it, for IPv4 and IPv6 neighbours and FDB, with other devices' entries
+// in the namespace (peers of three networks, endpoints on their bridges).
+func TestNeighDumpOneDevice(t *testing.T) {
+	inLayouts(t, true, testNeighDumpOneDevice)
+}
+
+func testNeighDumpOneDevice(t *testing.T, dp bool) {
+	h := newHostsIn(t, 1, testenv.UnderlayOptions{}, dp)[0]
+	ctx := t.Context()
+	var want State
+	for i := range 3 {
+		vni := uint32(0x7200 + i)
+		want.Networks = append(want.Networks, Network{VNI: vni, Gateways: []netip.Prefix{pfx(fmt.Sprintf("10.72.%d.1/24", i))}})
+		want.Endpoints = append(want.Endpoints, Endpoint{ID: fmt.Sprintf("%04x%06x%054x", 0x7200, vni, 0), VNI: vni, MAC: MACFromIP(addr(fmt.Sprintf("10.72.%d.10", i)))})
+		for j := range 3 + 2*i {
+			a := addr(fmt.Sprintf("10.72.%d.%d", i, 100+j))
+			want.Peers = append(want.Peers, Peer{VNI: vni, IP: a, MAC: MACFromIP(a), VTEP: addr(fmt.Sprintf("198.51.100.%d", 1+j%3))})
+		}
+	}
+	if _, err := h.m.Reconcile(ctx, want); err != nil {
+		t.Fatal(err)
+	}
+	vxNS := h.m.host
+	if dp {
+		vxNS = h.m.dp
+	}
+	// An IPv6 neighbour on each device, which the plugin's peers (IPv4
+	// here) do not give.
+	for i := range 3 {
+		vx := link(t, h, VXLANName(uint32(0x7200+i)))
+		n := &netlink.Neigh{LinkIndex: vx.Attrs().Index, Family: netlink.FAMILY_V6, State: netlink.NUD_PERMANENT,
+			IP: net.ParseIP(fmt.Sprintf("fd00:72:%d::5", i)), HardwareAddr: net.HardwareAddr{2, 0x72, 0, 0, 0, byte(i)}}
+		if err := vxNS.nl.NeighSet(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	key := func(n netlink.Neigh) string {
+		return fmt.Sprintf("%d %d %s %s %d %d", n.LinkIndex, n.Family, n.IP, n.HardwareAddr, n.State, n.Flags)
+	}
+	keys := func(ns []netlink.Neigh) []string {
+		out := make([]string, 0, len(ns))
+		for _, n := range ns {
+			out = append(out, key(n))
+		}
+		slices.Sort(out)
+		return out
+	}
+	for i := range 3 {
+		vx := link(t, h, VXLANName(uint32(0x7200+i)))
+		idx := vx.Attrs().Index
+		for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6, unix.AF_BRIDGE} {
+			got, err := vxNS.neighList(idx, fam)
+			if err != nil {
+				t.Fatalf("device %d family %d: %v", idx, fam, err)
+			}
+			lib, err := vxNS.nl.NeighList(idx, fam)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got) == 0 {
+				t.Errorf("device %s family %d: no entries", vx.Attrs().Name, fam)
+			}
+			if g, w := keys(got), keys(lib); !slices.Equal(g, w) {
+				t.Errorf("device %s family %d: filtered dump\n%v\nwant (the library's)\n%v", vx.Attrs().Name, fam, g, w)
+			}
 		}
 	}
 }

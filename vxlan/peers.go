@@ -461,7 +461,7 @@ func (m *Manager) syncPeerEntries(ns *netNS, vx netlink.Link, vni uint32, keepAl
 		if ns, ok := ns.snap.entries(idx, fam); ok {
 			return ns, nil
 		}
-		return retryDump(func() ([]netlink.Neigh, error) { return ns.nl.NeighList(idx, fam) })
+		return retryDump(func() ([]netlink.Neigh, error) { return ns.neighList(idx, fam) })
 	}
 	haveNeigh := map[netip.Addr][6]byte{}
 	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {

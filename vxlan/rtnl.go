@@ -5,13 +5,17 @@ import (
 	"fmt"
 	"net"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
 // routeSocket is a NETLINK_ROUTE socket of the Manager's namespace for the
-// two requests the netlink library spreads over several round trips: a
+// requests the netlink library does not make as the plugin needs them:
+// one device's neighbour or FDB entries, which the library asks of the
+// kernel for every device and filters itself (neighDump), and the two it
+// spreads over several round trips: a
 // veth pair created up, with its MTU, its peer's MAC and its master in one
 // message (the library looks the new link up after creating it and sends
 // the master in a request of its own), and a link's alias set by name
@@ -114,4 +118,56 @@ func (r *routeSocket) setAlias(name, alias string) error {
 	req.AddData(nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(name)))
 	req.AddData(nl.NewRtAttr(unix.IFLA_IFALIAS, []byte(alias)))
 	return r.execute(req)
+}
+
+// neighDump lists the neighbour (family unix.AF_INET or unix.AF_INET6)
+// or FDB (unix.AF_BRIDGE) entries of the device with index idx, asking
+// the kernel for that device's alone: NDA_IFINDEX for neighbours, the
+// link message's index for FDB (the bridge port filter of the kernel's
+// FDB dump, which also takes a device that is no port). The library's
+// NeighList asks for every device's and drops the others': with one
+// VXLAN device per network, the periodic resync of each network read the
+// whole namespace's tables (issue 16). A kernel that does not filter
+// answers with every device's entries, which are dropped here as before.
+// An interrupted dump returns what it read with netlink.ErrDumpInterrupted,
+// as the library does.
+//
+// Equivalent to: `ip neigh show dev vx-0a1b` or `bridge fdb show dev
+// vx-0a1b`.
+func (r *routeSocket) neighDump(idx, family int) ([]netlink.Neigh, error) {
+	if r == nil {
+		return nil, errNoRouteSocket
+	}
+	req := nl.NewNetlinkRequest(unix.RTM_GETNEIGH, unix.NLM_F_DUMP)
+	req.Sockets = r.sockets
+	if family == unix.AF_BRIDGE {
+		m := nl.NewIfInfomsg(unix.AF_BRIDGE)
+		m.Index = int32(idx)
+		req.AddData(m)
+	} else {
+		req.AddData(&netlink.Ndmsg{Family: uint8(family)})
+		req.AddData(nl.NewRtAttr(unix.NDA_IFINDEX, nl.Uint32Attr(uint32(idx))))
+	}
+	msgs, err := req.Execute(unix.NETLINK_ROUTE, unix.RTM_NEWNEIGH)
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return nil, err
+	}
+	var out []netlink.Neigh
+	for _, m := range msgs {
+		n, derr := netlink.NeighDeserialize(m)
+		if derr != nil || n.LinkIndex != idx || n.Family != family {
+			continue
+		}
+		out = append(out, *n)
+	}
+	return out, err
+}
+
+// neighList lists device idx's entries of family (see neighDump) on the
+// namespace's route socket, or with the library when it has none.
+func (ns *netNS) neighList(idx, family int) ([]netlink.Neigh, error) {
+	if ns.rt == nil {
+		return ns.nl.NeighList(idx, family)
+	}
+	return ns.rt.neighDump(idx, family)
 }
