@@ -230,13 +230,11 @@ func parseFloorPeer(v string) (ip netip.Addr, mac net.HardwareAddr, vtep netip.A
 
 // floorResult is what the floor phase measured at one size.
 type floorResult struct {
-	conv                []float64 // ms, per sample the slowest host
-	cpuPerChange        float64   // ms, per watcher (mean)
-	consulCPUPerChange  float64   // ms
-	requestsPerChange   float64
-	bytesPerChangeKiB   float64
-	err                 string // why the phase did not finish, if it did not
-	watchers, samplesOK int
+	conv               []float64 // ms, per sample the slowest host
+	cpuPerChange       float64   // ms, per watcher (mean)
+	consulCPUPerChange float64   // ms
+	requestsPerChange  float64
+	err                string // why the phase did not finish, if it did not
 
 	// Consul's CPU for one request of each kind a change costs, asked
 	// one after the other with nothing else changing (µs; see reqCost).
@@ -291,15 +289,9 @@ func hostsFloor(t *runner, cfg *config, hosts []*testenv.Host, H int, idx []int,
 	// namespace, as the plugin's would be.
 	writers := make([]*api.KV, H)
 	for i := range H {
-		ns := hosts[i].NS
+		path := hosts[i].NS.Path
 		tr := &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			var c net.Conn
-			err := ns.Do(func() error {
-				var err error
-				c, err = (&net.Dialer{}).DialContext(ctx, network, addr)
-				return err
-			})
-			return c, err
+			return testenv.DialIn(ctx, path, network, addr)
 		}}
 		c, err := api.NewClient(&api.Config{Address: meter.Addr, HttpClient: &http.Client{Transport: tr}})
 		if err != nil {
@@ -389,7 +381,6 @@ func hostsFloor(t *runner, cfg *config, hosts []*testenv.Host, H int, idx []int,
 			return res
 		}
 	}
-	res.watchers = H
 	pids := make([]int, H+1)
 	for i, c := range cmds {
 		pids[i] = c.Process.Pid
@@ -431,7 +422,6 @@ func hostsFloor(t *runner, cfg *config, hosts []*testenv.Host, H int, idx []int,
 			return res
 		}
 		res.conv = append(res.conv, slices.Max(each))
-		res.samplesOK++
 		sleepCtx(ctx, 20*time.Millisecond)
 	}
 	m1, c1 := meter.snap(), hostCPU(pids)
@@ -444,7 +434,6 @@ func hostsFloor(t *runner, cfg *config, hosts []*testenv.Host, H int, idx []int,
 	res.cpuPerChange = ms(pc) / ns
 	res.consulCPUPerChange = ms(cc) / ns
 	res.requestsPerChange = float64(load.total) / ns
-	res.bytesPerChangeKiB = float64(load.bytes) / 1024 / ns
 	return res
 }
 
