@@ -114,6 +114,10 @@ func New(cfg Config, store kvstore.Store) (*Cluster, error) {
 	if cfg.PeerAudit <= 0 {
 		cfg.PeerAudit = DefaultPeerAudit
 	}
+	// Every write of a network's config or peer records is stamped, so
+	// the peer watches read what changed without checking every record
+	// (kvstore/stamp.go).
+	store = kvstore.Stamped(store, stampRule)
 	return &Cluster{cfg: cfg, log: cfg.Logger, store: store, vtep: cfg.VTEP.Unmap()}, nil
 }
 

@@ -46,6 +46,7 @@ func runContract(t *testing.T, backend newBackend) {
 		{"SubnetOverlap", testSubnetOverlap},
 		{"PeerRecords", testPeerRecords},
 		{"PeerRecordsOlderHost", testPeerRecordsOlderHost},
+		{"PeerWatchUnstampedWrite", testPeerWatchUnstampedWrite},
 		{"EvictPeerRecord", testEvictPeerRecord},
 		{"LargeNetworkPeers", testLargeNetworkPeers},
 		{"DeleteWithStaleCache", testDeleteWithStaleCache},
@@ -116,13 +117,25 @@ func keys(t *testing.T, s kvstore.Store, prefix string) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	checkStamps(t, ps)
 	var out []string
 	for _, p := range ps {
+		if IsStamp(p.Key) {
+			continue
+		}
 		if !strings.HasPrefix(p.Key, "hosts/") && !strings.HasPrefix(p.Key, "members/") {
 			out = append(out, p.Key)
 		}
 	}
 	return out
+}
+
+// checkStamps fails on what StampErrors finds in ps (a List).
+func checkStamps(t *testing.T, ps []*kvstore.Pair) {
+	t.Helper()
+	for _, e := range StampErrors(ps) {
+		t.Error(e)
+	}
 }
 
 func network(t *testing.T, h *host, key string) Network {

@@ -36,6 +36,14 @@
 //	                                transaction as the endpoint records,
 //	                                with the membership, and what the peer
 //	                                watches read (see PeerRecord).
+//	networks/<key>/config.v@/<nonce>, networks/<key>/config.v/peers/<host-id>@/<nonce>
+//	                                The stamps of the config and of each
+//	                                peer record: empty keys, replaced with
+//	                                a new random nonce in the transaction
+//	                                of every write of their record (New
+//	                                wraps the store with kvstore.Stamped),
+//	                                so a peer watch's key listing names
+//	                                the records that changed.
 //	networks/<key>/endpoints/<id>   Endpoint: host ID, node, VTEP, the
 //	                                network's incarnation, Docker NetworkID,
 //	                                addresses, MAC, options, ports. Written

@@ -611,9 +611,42 @@ func (w *PeerWatch) Audit() (done bool) {
 			c.log.Warn("peer records disagree with the endpoint records (a host running an older version?); reading the endpoint records", "key", key, "reason", why)
 			return !w.follow(false)
 		}
+		if k, ok := w.behind(pairs); ok {
+			// The lean watch reads the records whose stamps changed; a
+			// write without a stamp (an older release's) in the same
+			// wake as another host's stamped one goes unseen until now.
+			c.log.Info("peer watch behind the store at the audit (a change in flight, or a peer record written without a stamp by an older release); reading the peer records again", "key", key, "record", k)
+			return !w.follow(true)
+		}
 	}
 	w.audit.Reset(c.cfg.PeerAudit)
 	return false
+}
+
+// behind says whether pairs (a List of the network's prefix) hold a config
+// or peer record other than the last snapshot's, and names one.
+func (w *PeerWatch) behind(pairs []*kvstore.Pair) (string, bool) {
+	cfgKey, pprefix := configKey(w.key), peersPrefix(w.key)
+	listed := 0
+	for _, p := range pairs {
+		switch {
+		case p.Key == cfgKey:
+			if p.ModifyIndex != w.dec.config.index {
+				return p.Key, true
+			}
+		case strings.HasPrefix(p.Key, pprefix):
+			listed++
+			if r, ok := w.dec.records[p.Key]; !ok || r.index != p.ModifyIndex {
+				return p.Key, true
+			}
+		}
+	}
+	if listed != len(w.dec.records) {
+		for k := range w.dec.records {
+			return k, true
+		}
+	}
+	return "", false
 }
 
 // follow switches the store's watch to the peer records (compact) or to

@@ -60,7 +60,85 @@ type PeerRecord struct {
 // records against the endpoint records.
 const DefaultPeerAudit = 5 * time.Minute
 
-func peersPrefix(key string) string         { return configKey(key) + "/peers/" }
+func peersPrefix(key string) string { return configKey(key) + "/peers/" }
+
+// stampRule stamps the keys a compact peer watch follows: a network's
+// config record and its peer records (kvstore.Stamped); the watch's
+// prefix is the config key.
+func stampRule(k string) (string, bool) {
+	rest, ok := strings.CutPrefix(k, "networks/")
+	if !ok {
+		return "", false
+	}
+	key, tail, ok := strings.Cut(rest, "/")
+	if !ok || key == "" {
+		return "", false
+	}
+	switch {
+	case tail == "config":
+	case strings.HasPrefix(tail, "config/peers/") && len(tail) > len("config/peers/") && !strings.Contains(tail[len("config/peers/"):], "/"):
+	default:
+		return "", false
+	}
+	return configKey(key), true
+}
+
+// parseStamp parses k as the stamp of a network's config or peer record
+// (kvstore.ParseStamp under the network's config key).
+func parseStamp(k string) (record, nonce string, ok bool) {
+	rest, found := strings.CutPrefix(k, "networks/")
+	if !found {
+		return "", "", false
+	}
+	key, _, _ := strings.Cut(rest, "/")
+	return kvstore.ParseStamp(configKey(key), k)
+}
+
+// IsStamp says whether k is the stamp of a network's config or peer
+// record, not a record.
+func IsStamp(k string) bool {
+	_, _, ok := parseStamp(k)
+	return ok
+}
+
+// StampErrors checks the stamps in ps (a List that covers the networks):
+// every stamped record has exactly one stamp, written with its last change
+// or after it, and every stamp stamps a listed record. Every write of
+// this release keeps that; a write of an older one leaves a record
+// without a stamp, or newer than it.
+func StampErrors(ps []*kvstore.Pair) []string {
+	index := map[string]uint64{}
+	for _, p := range ps {
+		if !IsStamp(p.Key) {
+			index[p.Key] = p.ModifyIndex
+		}
+	}
+	var errs []string
+	stamps := map[string]int{}
+	for _, p := range ps {
+		rec, nonce, stamp := parseStamp(p.Key)
+		if !stamp {
+			continue
+		}
+		at, ok := index[rec]
+		switch {
+		case rec == "" || nonce == "":
+			errs = append(errs, fmt.Sprintf("malformed stamp %q", p.Key))
+		case !ok:
+			errs = append(errs, fmt.Sprintf("stamp %q of %q, which is gone", p.Key, rec))
+		case p.ModifyIndex < at:
+			errs = append(errs, fmt.Sprintf("stamp %q (index %d) older than its record (index %d)", p.Key, p.ModifyIndex, at))
+		}
+		stamps[rec]++
+	}
+	for k := range index {
+		if _, ok := stampRule(k); ok && stamps[k] != 1 {
+			errs = append(errs, fmt.Sprintf("record %q has %d stamps, want 1", k, stamps[k]))
+		}
+	}
+	slices.Sort(errs)
+	return errs
+}
 func peerRecordKey(key, host string) string { return peersPrefix(key) + host }
 
 // peerEntry is ep's line in its host's peer record.

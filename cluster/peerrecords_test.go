@@ -28,6 +28,14 @@ func (s *watchRecorder) Watch(ctx context.Context, prefix string) (<-chan []*kvs
 	return s.Store.Watch(ctx, prefix)
 }
 
+// WatchLean records as Watch does and watches as the store's WatchLean.
+func (s *watchRecorder) WatchLean(ctx context.Context, prefix string) (<-chan []*kvstore.Pair, error) {
+	s.mu.Lock()
+	s.prefixes = append(s.prefixes, prefix)
+	s.mu.Unlock()
+	return kvstore.WatchLean(ctx, s.Store, prefix)
+}
+
 func (s *watchRecorder) TxnIndex(ctx context.Context, ops []kvstore.Op) (uint64, error) {
 	return kvstore.TxnIndex(ctx, s.Store, ops)
 }
@@ -242,6 +250,97 @@ func testPeerRecordsOlderHost(t *testing.T, open openFunc) {
 	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 3 })
 	if ws := wsb.watching(); ws != networkPrefix("name-app") {
 		t.Fatalf("with a downgraded member, b watches %q", ws)
+	}
+}
+
+// testPeerWatchUnstampedWrite: a peer record written without a stamp (a
+// host downgraded to a release before stamps) in the same transaction as
+// another host's stamped one, so that nothing in the key listing names
+// it, reaches the compact watch at the audit at the latest, and the watch
+// stays on the peer records.
+func testPeerWatchUnstampedWrite(t *testing.T, open openFunc) {
+	a := newHost(t, open, "id-a", "a", "192.0.2.1")
+	c := newHost(t, open, "id-c", "c", "192.0.2.3")
+	b, wsb := newWatchedHost(t, open, "id-b", "192.0.2.2")
+	for _, h := range []*host{a, b, c} {
+		mustJoin(t, h, "name-app", "net-"+h.HostID(), spec("10.1.0.0/24"))
+	}
+	mustEndpoint(t, a, "name-app", "net-id-a", "ep-a1", "10.1.0.2/24", "", "02:42:0a:01:00:02")
+	mustEndpoint(t, c, "name-app", "net-id-c", "ep-c1", "10.1.0.3/24", "", "02:42:0a:01:00:03")
+	// Enough of a's endpoints for the peer records to pass the size from
+	// which a lean watch lists key names (kvstore's leanListBelow, 8 KiB),
+	// written as a's release would.
+	raw := open(t)
+	inc := network(t, a, "name-app").Incarnation
+	const many = 450
+	pa, err := raw.Get(bg(t), peerRecordKey("name-app", "id-a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ra, err := decodePeerRecord(pa.Value)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var batch []kvstore.Op
+	for i := range many {
+		ep := Endpoint{ID: fmt.Sprintf("ep-m%03d", i), NetworkKey: "name-app", Incarnation: inc, NetworkID: "net-id-a", HostID: "id-a", Node: "a", VTEP: "192.0.2.1",
+			IPv4: fmt.Sprintf("10.1.%d.%d/16", 1+i/200, 1+i%200), MAC: fmt.Sprintf("02:42:0a:01:%02x:%02x", 1+i/200, 1+i%200)}
+		v, _ := kvstore.Encode(ep)
+		ra = ra.with(ep)
+		if batch = append(batch, kvstore.Op{Verb: kvstore.OpSet, Key: endpointKey("name-app", ep.ID), Value: v}); len(batch) == 60 || i == many-1 {
+			if err := raw.Txn(bg(t), batch); err != nil {
+				t.Fatal(err)
+			}
+			batch = nil
+		}
+	}
+	if err := a.store.CAS(bg(t), peerRecordKey("name-app", "id-a"), encodePeerRecord(ra), pa.ModifyIndex); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(bg(t))
+	defer cancel()
+	wb, err := b.WatchPeers(ctx, "name-app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 2+many })
+	waitWatching(t, wsb, configKey("name-app"))
+
+	// One transaction: a's new endpoint as this release writes it (the
+	// peer record stamped), c's as a downgraded c does (no stamp).
+	var ops []kvstore.Op
+	for _, e := range []struct {
+		host, vtep, id, addr, mac string
+		stamp                     bool
+	}{
+		{"id-a", "192.0.2.1", "ep-a2", "10.1.0.4/24", "02:42:0a:01:00:04", true},
+		{"id-c", "192.0.2.3", "ep-c2", "10.1.0.5/24", "02:42:0a:01:00:05", false},
+	} {
+		ep := Endpoint{ID: e.id, NetworkKey: "name-app", Incarnation: inc, NetworkID: "net-" + e.host, HostID: e.host, Node: e.host, VTEP: e.vtep, IPv4: e.addr, MAC: e.mac}
+		v, _ := kvstore.Encode(ep)
+		p, err := raw.Get(bg(t), peerRecordKey("name-app", e.host))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := decodePeerRecord(p.Value)
+		if err != nil {
+			t.Fatal(err)
+		}
+		key := peerRecordKey("name-app", e.host)
+		ops = append(ops,
+			kvstore.Op{Verb: kvstore.OpSet, Key: endpointKey("name-app", e.id), Value: v},
+			kvstore.Op{Verb: kvstore.OpCAS, Key: key, Value: encodePeerRecord(r.with(ep)), Index: p.ModifyIndex})
+		if e.stamp {
+			base := kvstore.StampBase(configKey("name-app"), key)
+			ops = append(ops, kvstore.Op{Verb: kvstore.OpDeleteTree, Key: base}, kvstore.Op{Verb: kvstore.OpSet, Key: base + "0123456789abcdef", Value: []byte{}})
+		}
+	}
+	if err := raw.Txn(bg(t), ops); err != nil {
+		t.Fatal(err)
+	}
+	waitPeers(t, wb, func(ps []Peer) bool { return len(ps) == 4+many })
+	if ws := wsb.watching(); ws != configKey("name-app") {
+		t.Fatalf("after an unstamped write, b watches %q", ws)
 	}
 }
 

@@ -306,6 +306,8 @@ func (c *Consul) TxnIndex(ctx context.Context, ops []Op) (uint64, error) {
 			tops = append(tops, &api.KVTxnOp{Verb: api.KVCheckNotExists, Key: full})
 		case OpCheckSession:
 			tops = append(tops, &api.KVTxnOp{Verb: api.KVCheckSession, Key: full, Session: op.Session})
+		case OpDeleteTree:
+			tops = append(tops, &api.KVTxnOp{Verb: api.KVDeleteTree, Key: full})
 		}
 	}
 	name := fmt.Sprintf("%d ops, first %q", len(ops), c.prefix+ops[0].Key)
@@ -613,15 +615,20 @@ const leanFetchMost = 8
 // key at a time (issue 16, scale: a network's peer records, which every
 // member host receives on every change). It delivers the same snapshots,
 // but reads only what changed: its blocking query lists the prefix's key
-// names, without values; one read-only transaction of check-index
-// operations then names the keys whose modify index moved, and those are
-// read one by one (or the whole prefix with one List when more than
-// leanFetchMost changed, after an outage, and when the index went back: a
-// new server). The keys it holds are the last List's, changed as the key
-// listings and reads say; a key that changes after the listing is read
-// newer, and the next listing's wake finds nothing more to read. While the
-// values it holds are under leanListBelow, its blocking query lists them,
-// as Watch does.
+// names, without values, and the stamps among them (stamp.go) name the
+// records that changed, which are read one by one (or the whole prefix
+// with one List when more than leanFetchMost changed, after an outage,
+// and when the index went back: a new server). Records the stamps cannot
+// vouch for are checked with one read-only transaction of check-index
+// operations, which names those whose modify index moved: a record
+// without a stamp (an older release wrote it), one whose stamp is older
+// than the record (a host downgraded to such a release), and every record
+// when a listing's index moved but no stamp did. The keys it holds are
+// the last List's, changed as the key listings and reads say; a key that
+// changes after the listing is read newer, and the next listing's wake
+// reads it again or finds nothing more to read. While the values it holds
+// are under leanListBelow, its blocking query lists them, as Watch does.
+// Snapshots carry the records, never the stamps.
 //
 // The pairs of a snapshot are shared with the next snapshots, so a
 // receiver must not change them (the slice is its own).
@@ -632,7 +639,7 @@ func (c *Consul) WatchLean(ctx context.Context, prefix string) (<-chan []*Pair, 
 func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pair) {
 	full := c.prefix + prefix
 	var (
-		held      map[string]*Pair // by key, as the store names it (relative)
+		st        = leanState{prefix: prefix}
 		names     []string
 		kvps      api.KVPairs
 		listing   bool   // this round's query reads the values
@@ -650,9 +657,9 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 			q.WaitIndex = 0 // a refresh that failed is tried again at once
 		}
 		// A prefix whose values are small is watched as Watch does: one
-		// request a change, where the key listing, its check and its
-		// reads are three.
-		listing = relist || heldBytes(held) < leanListBelow
+		// request a change, where the key listing and its reads are two
+		// or more.
+		listing = relist || st.bytes() < leanListBelow
 		var meta *api.QueryMeta
 		var err error
 		if listing {
@@ -665,7 +672,7 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 	c.follow(ctx, query, func(index uint64) bool {
 		var changed bool
 		if listing {
-			changed = setHeld(&held, c.pairs(kvps))
+			changed = st.set(c.pairs(kvps))
 			kvps = nil // not kept through the next blocking query
 		} else {
 			switch {
@@ -677,7 +684,7 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 				return true
 			}
 			var err error
-			changed, err = c.leanRefresh(ctx, prefix, &held, names, relist)
+			changed, err = c.leanRefresh(ctx, &st, names, relist)
 			if err != nil {
 				if ctx.Err() != nil {
 					return false
@@ -694,7 +701,7 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 		}
 		relist, last, backoff = false, index, watchBackoffMin
 		if delivered && !changed {
-			if len(held) == 0 {
+			if len(st.held) == 0 {
 				// Consul answers a blocking query on an empty prefix at
 				// every write anywhere: pace those.
 				if !sleepCtx(ctx, pace) {
@@ -705,8 +712,8 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 			return true
 		}
 		pace = watchEmptyPace
-		snap := make([]*Pair, 0, len(held))
-		for _, p := range held {
+		snap := make([]*Pair, 0, len(st.held))
+		for _, p := range st.held {
 			snap = append(snap, p)
 		}
 		sort.Slice(snap, func(i, j int) bool { return snap[i].Key < snap[j].Key })
@@ -722,80 +729,167 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 
 // leanListBelow is the size of a lean watch's values below which it lists
 // them at every change, as Watch does: the key listing saves bytes from
-// there on, and costs two more round trips a change (on the test machine,
+// there on, and costs a round trip more a change (on the test machine,
 // about 1.5 ms more at the median to program a peer on another host, and
-// twice the tail).
+// twice the tail, when it cost two).
 const leanListBelow = 8 << 10
 
-// heldBytes is the size of held's values.
-func heldBytes(held map[string]*Pair) int {
+// leanState is what a lean watch holds: the records under its prefix, by
+// key as the store names it (relative), stamps left out, and what it
+// knows of each record's stamp.
+type leanState struct {
+	prefix string
+	held   map[string]*Pair
+	stamps map[string]stampSeen
+}
+
+// stampSeen is a record's stamp as a lean watch last saw it.
+type stampSeen struct {
+	nonce string
+	// trusted: the record's changes come with a new stamp (its stamp was
+	// written with or after its last change), so an unchanged stamp
+	// means an unchanged record.
+	trusted bool
+}
+
+// bytes is the size of the records' values.
+func (st *leanState) bytes() int {
 	n := 0
-	for _, p := range held {
+	for _, p := range st.held {
 		n += len(p.Value)
 	}
 	return n
 }
 
-// setHeld makes held the pairs ps and says whether that changed it.
-func setHeld(held *map[string]*Pair, ps []*Pair) bool {
+// set makes the state the pairs ps (a List of the prefix, stamps
+// included) and says whether that changed the records. A record's stamp
+// is trusted when it is its only stamp and was written with the record's
+// last change or after it.
+func (st *leanState) set(ps []*Pair) bool {
 	m := make(map[string]*Pair, len(ps))
-	same := *held != nil && len(*held) == len(ps)
+	stamps := map[string][]*Pair{}
 	for _, p := range ps {
+		if rec, _, ok := ParseStamp(st.prefix, p.Key); ok {
+			if rec != "" {
+				stamps[rec] = append(stamps[rec], p)
+			}
+			continue
+		}
 		m[p.Key] = p
-		if same {
-			o, ok := (*held)[p.Key]
-			same = ok && o.ModifyIndex == p.ModifyIndex && o.Session == p.Session && bytes.Equal(o.Value, p.Value)
+	}
+	same := st.held != nil && len(st.held) == len(m)
+	if same {
+		for k, p := range m {
+			o, ok := st.held[k]
+			if same = ok && o.ModifyIndex == p.ModifyIndex && o.Session == p.Session && bytes.Equal(o.Value, p.Value); !same {
+				break
+			}
 		}
 	}
-	*held = m
+	st.held = m
+	st.stamps = make(map[string]stampSeen, len(m))
+	for k, p := range m {
+		if ss := stamps[k]; len(ss) == 1 {
+			_, nonce, _ := ParseStamp(st.prefix, ss[0].Key)
+			st.stamps[k] = stampSeen{nonce: nonce, trusted: ss[0].ModifyIndex >= p.ModifyIndex}
+		}
+	}
 	return !same
 }
 
-// leanRefresh brings held (the pairs under prefix, by relative key) in line
-// with names, the prefix's keys as the last listing gave them (full keys):
-// a List when relist or when many changed, else the check-index
-// transaction and reads of what it names. changed says whether held
-// changed.
-func (c *Consul) leanRefresh(ctx context.Context, prefix string, held *map[string]*Pair, names []string, relist bool) (changed bool, err error) {
+// leanRefresh brings the state in line with names, the prefix's keys as
+// the last listing gave them (full keys): a List when relist or when many
+// changed, else reads of the records whose stamps changed and of new
+// ones, after a check of those the stamps cannot vouch for (every record
+// when nothing in the listing explains its wake). changed says whether
+// the records changed.
+func (c *Consul) leanRefresh(ctx context.Context, st *leanState, names []string, relist bool) (changed bool, err error) {
 	list := func() (bool, error) {
-		ps, err := c.List(ctx, prefix)
+		ps, err := c.List(ctx, st.prefix)
 		if err != nil {
 			return false, err
 		}
-		return setHeld(held, ps), nil
+		return st.set(ps), nil
 	}
-	if relist || *held == nil {
+	if relist || st.held == nil {
 		return list()
 	}
 	listed := make(map[string]bool, len(names))
+	stampsOf := map[string][]string{} // record → the nonces listed
 	var read []string
 	for _, n := range names {
 		if !strings.HasPrefix(n, c.prefix) || n == c.prefix {
 			continue
 		}
 		k := strings.TrimPrefix(n, c.prefix)
+		if rec, nonce, ok := ParseStamp(st.prefix, k); ok {
+			if rec != "" {
+				stampsOf[rec] = append(stampsOf[rec], nonce)
+			}
+			continue
+		}
 		listed[k] = true
-		if _, ok := (*held)[k]; !ok {
+		if _, ok := st.held[k]; !ok {
 			read = append(read, k)
 		}
 	}
-	known := make(map[string]uint64, len(*held))
-	for k, p := range *held {
+	explained := len(read) > 0
+	for k := range st.held {
 		if !listed[k] {
-			delete(*held, k)
-			changed = true
-			continue
+			delete(st.held, k)
+			delete(st.stamps, k)
+			changed, explained = true, true
 		}
-		known[k] = p.ModifyIndex
+	}
+	fresh := map[string]string{} // records read for a new stamp → its nonce
+	for _, k := range read {
+		if ns := stampsOf[k]; len(ns) == 1 {
+			fresh[k] = ns[0]
+		}
+	}
+	suspect := map[string]uint64{} // records to check
+	for k, p := range st.held {
+		seen, has := st.stamps[k]
+		ns := stampsOf[k]
+		switch {
+		case len(ns) == 1 && (!has || ns[0] != seen.nonce):
+			read = append(read, k)
+			fresh[k] = ns[0]
+			explained = true
+		case has && seen.trusted && len(ns) == 1:
+			// The same stamp: the record did not change.
+		default:
+			if has && len(ns) != 1 {
+				delete(st.stamps, k) // its stamp went: vouches no more
+			}
+			suspect[k] = p.ModifyIndex
+		}
+	}
+	if !explained {
+		// The index moved and no name says why: a write without a stamp
+		// (an older release's), of a record the stamps vouched for.
+		for k, p := range st.held {
+			suspect[k] = p.ModifyIndex
+		}
 	}
 	if len(read) > leanFetchMost {
 		return list()
 	}
-	moved, err := c.Changed(ctx, known)
-	if err != nil {
-		return false, err
+	if len(suspect) > 0 {
+		moved, err := c.Changed(ctx, suspect)
+		if err != nil {
+			return false, err
+		}
+		for _, k := range moved {
+			if seen, ok := st.stamps[k]; ok && seen.trusted {
+				// It changed without a new stamp: a writer that does
+				// not stamp (a downgraded host). Checked from now on,
+				// until a new stamp comes.
+				st.stamps[k] = stampSeen{nonce: seen.nonce}
+			}
+		}
+		read = append(read, moved...)
 	}
-	read = append(read, moved...)
 	if len(read) > leanFetchMost {
 		return list()
 	}
@@ -803,15 +897,23 @@ func (c *Consul) leanRefresh(ctx context.Context, prefix string, held *map[strin
 		p, err := c.Get(ctx, k)
 		switch {
 		case errors.Is(err, ErrNotFound):
-			if _, ok := (*held)[k]; ok {
-				delete(*held, k)
+			if _, ok := st.held[k]; ok {
+				delete(st.held, k)
 				changed = true
 			}
+			delete(st.stamps, k)
 		case err != nil:
 			return false, err
 		default:
-			(*held)[k] = p
-			changed = true
+			if o, ok := st.held[k]; !ok || o.ModifyIndex != p.ModifyIndex || o.Session != p.Session || !bytes.Equal(o.Value, p.Value) {
+				// (Not so when an earlier read got this version: a
+				// change after the listing is read before its wake.)
+				st.held[k] = p
+				changed = true
+			}
+			if nonce, ok := fresh[k]; ok {
+				st.stamps[k] = stampSeen{nonce: nonce, trusted: true}
+			}
 		}
 	}
 	return changed, nil

@@ -39,6 +39,8 @@ func runContract(t *testing.T, backend newBackend, skip ...string) {
 		{"TxnApplies", testTxnApplies},
 		{"TxnConflictRollsBack", testTxnConflict},
 		{"TxnIndex", testTxnIndex},
+		{"DeleteTree", testDeleteTree},
+		{"Stamped", testStamped},
 		{"TxnInvalid", testTxnInvalid},
 		{"InvalidKeys", testInvalidKeys},
 		{"PrefixIsolation", testPrefixIsolation},

@@ -380,6 +380,18 @@ func (w *writeTx) apply(op Op, full string) error {
 		return nil
 	case OpCheckSession:
 		return conflict("no key is held by a session in the embedded store")
+	case OpDeleteTree:
+		var keys []string
+		c := w.kv.Cursor()
+		for k, _ := c.Seek([]byte(full)); k != nil && bytes.HasPrefix(k, []byte(full)); k, _ = c.Next() {
+			keys = append(keys, string(k))
+		}
+		for _, k := range keys {
+			if err := w.del(k); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	return fmt.Errorf("embedded %v %q: unknown verb", op.Verb, full)
 }

@@ -75,6 +75,8 @@ func (v OpVerb) String() string {
 		return "check-not-exists"
 	case OpCheckSession:
 		return "check-session"
+	case OpDeleteTree:
+		return "delete-tree"
 	}
 	return fmt.Sprintf("OpVerb(%d)", int(v))
 }
@@ -84,7 +86,7 @@ func checkOps(ops []Op) error {
 		return fmt.Errorf("txn of %d operations: more than %d", len(ops), MaxTxnOps)
 	}
 	for i, op := range ops {
-		if op.Verb < OpSet || op.Verb > OpCheckSession {
+		if op.Verb < OpSet || op.Verb > OpDeleteTree {
 			return fmt.Errorf("txn op %d: unknown verb %v", i, op.Verb)
 		}
 		if err := checkKey(op.Key); err != nil {

@@ -60,6 +60,10 @@ const (
 	// (Consul's check-session; the embedded store has no sessions, so
 	// it always fails there).
 	OpCheckSession
+	// OpDeleteTree deletes every key that starts with Key (Consul's
+	// delete-tree); none is not an error. Stamped writes use it to drop a
+	// record's old stamp (stamp.go).
+	OpDeleteTree
 )
 
 // Op is one operation of an atomic transaction.

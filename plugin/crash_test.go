@@ -1163,7 +1163,7 @@ func (r *crashRun) keySet() map[string]bool {
 	}
 	ks := map[string]bool{}
 	for _, k := range keys {
-		ks[strings.TrimPrefix(k, r.prefix)] = true
+		ks[stableKey(strings.TrimPrefix(k, r.prefix))] = true
 	}
 	return ks
 }

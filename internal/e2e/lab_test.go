@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -496,11 +497,17 @@ func (l *Lab) KVKeys(ctx context.Context) ([]string, error) {
 		return nil, nil
 	}
 	for i := range keys {
-		keys[i] = strings.TrimPrefix(keys[i], kvPrefix)
+		// A stamp's nonce (kvstore/stamp.go) as "*": a stamp is the same
+		// key from one write of its record to the next.
+		keys[i] = stampNonce.ReplaceAllString(strings.TrimPrefix(keys[i], kvPrefix), "${1}*")
 	}
 	slices.Sort(keys)
 	return keys, err
 }
+
+// stampNonce matches a stamp's nonce, a new one at every write of its
+// record.
+var stampNonce = regexp.MustCompile(`(/config\.v(/peers/[^/]+)?@/)[0-9a-f]{16}$`)
 
 // kvEntry is a KV pair as the Consul HTTP API returns it.
 type kvEntry struct {
