@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/docker/go-plugins-helpers/network"
 
@@ -208,5 +209,32 @@ func TestCloseFlushesBackground(t *testing.T) {
 	}
 	if !hasKey(t, store, "joins/a/ep1") {
 		t.Fatal("queued join record not written at Close")
+	}
+}
+
+// TestResyncDelay: a host's networks resync together (the same delay
+// whenever each network's watch started), within (0, every], again every
+// `every`, and hosts at phases of their own.
+func TestResyncDelay(t *testing.T) {
+	every := 30 * time.Second
+	now := time.Date(2026, 12, 7, 0, 0, 0, 123, time.UTC)
+	d := resyncDelay(now, every, "host-a")
+	if d <= 0 || d > every {
+		t.Fatalf("delay %v, want within (0, %v]", d, every)
+	}
+	// Another network's watch, started 7 s later, resyncs at the same time.
+	if d2 := resyncDelay(now.Add(7*time.Second), every, "host-a"); now.Add(d) != now.Add(7*time.Second+d2) && now.Add(d+every) != now.Add(7*time.Second+d2) {
+		t.Fatalf("two networks of a host resync at %v and %v", now.Add(d), now.Add(7*time.Second+d2))
+	}
+	// At the resync itself, the next is a whole interval later.
+	if d3 := resyncDelay(now.Add(d), every, "host-a"); d3 != every {
+		t.Fatalf("at the resync, the next in %v, want %v", d3, every)
+	}
+	phases := map[time.Duration]bool{}
+	for _, h := range []string{"host-a", "host-b", "host-c", "host-d", "host-e"} {
+		phases[resyncDelay(now, every, h)] = true
+	}
+	if len(phases) < 4 {
+		t.Fatalf("five hosts resync at %d distinct times, want them spread", len(phases))
 	}
 }

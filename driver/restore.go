@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"maps"
 	"net"
 	"net/netip"
@@ -54,7 +55,7 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 	// The peers are also re-applied now and then without a change in the
 	// store: SetPeers compares with the kernel, so an entry removed by
 	// hand (or by another tool) comes back.
-	resync := time.NewTicker(d.cfg.PeerResync)
+	resync := time.NewTimer(resyncDelay(time.Now(), d.cfg.PeerResync, d.cl.HostID()))
 	defer resync.Stop()
 	for {
 		// A change is written as such; a retry and a resync compare with
@@ -82,6 +83,7 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 			continue
 		case <-retry.C:
 		case <-resync.C:
+			resync.Reset(resyncDelay(time.Now(), d.cfg.PeerResync, d.cl.HostID()))
 		}
 		if !have {
 			continue
@@ -105,6 +107,22 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 		}
 		d.allowVTEPs(ctx, l.rec.Key, w.VTEPs())
 	}
+}
+
+// resyncDelay is the time from now until the host's next peer resync. The
+// resyncs of all the host's networks come together, at multiples of every
+// from a phase of the host's own (its ID's hash): the data plane then reads
+// the kernel's neighbour table once for them all (vxlan's shared dump),
+// and hosts sharing a machine or a Consul server do not all resync at once.
+func resyncDelay(now time.Time, every time.Duration, host string) time.Duration {
+	h := fnv.New64a()
+	h.Write([]byte(host))
+	phase := int64(h.Sum64() % uint64(every))
+	d := time.Duration(((phase-now.UnixNano()%int64(every))%int64(every) + int64(every)) % int64(every))
+	if d == 0 {
+		d = every
+	}
+	return d
 }
 
 // programPeers writes the peer watch's peers to the data plane: a change

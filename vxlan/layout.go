@@ -25,6 +25,11 @@ type netNS struct {
 	// none; a Manager made by NewAt).
 	announce *announcer
 	dp       bool // the data-plane namespace
+	// shares are the namespace's neighbour entries of every device by
+	// family, from one dump each, that the peer resyncs of its networks
+	// share (neighshare.go); guarded by m.mu.
+	shares     map[int]*neighShare
+	shareDumps int // dumps taken for shares, for tests
 }
 
 // where names the namespace in errors and logs.

@@ -300,6 +300,7 @@ func ipFamily(a netip.Addr) int {
 // vx-0a1b nud permanent`.
 func (m *Manager) setNeigh(ns *netNS, vx netlink.Link, ip netip.Addr, mac [6]byte, ch *Changes) error {
 	n := &netlink.Neigh{LinkIndex: vx.Attrs().Index, Family: ipFamily(ip), State: netlink.NUD_PERMANENT, IP: ip.AsSlice(), HardwareAddr: net.HardwareAddr(mac[:])}
+	ns.forgetShared(n.LinkIndex)
 	if err := ns.nl.NeighSet(n); err != nil {
 		return fmt.Errorf("set neighbour %s lladdr %s: %w", ip, n.HardwareAddr, err)
 	}
@@ -320,6 +321,7 @@ func (m *Manager) setNeigh(ns *netNS, vx netlink.Link, ip netip.Addr, mac [6]byt
 // Equivalent to: `ip neigh del 10.10.0.3 dev vx-0a1b`.
 func (m *Manager) delNeigh(ns *netNS, vx netlink.Link, ip netip.Addr, ch *Changes) error {
 	n := &netlink.Neigh{LinkIndex: vx.Attrs().Index, Family: ipFamily(ip), IP: ip.AsSlice()}
+	ns.forgetShared(n.LinkIndex)
 	if err := ns.nl.NeighDel(n); err != nil {
 		if isNotFound(err) {
 			return nil
@@ -460,6 +462,12 @@ func (m *Manager) syncPeerEntries(ns *netNS, vx netlink.Link, vni uint32, keepAl
 	list := func(fam int) ([]netlink.Neigh, error) {
 		if ns, ok := ns.snap.entries(idx, fam); ok {
 			return ns, nil
+		}
+		if fam != unix.AF_BRIDGE {
+			// The kernel walks its whole neighbour table for a dump of
+			// one device's: the networks' resyncs, which come together,
+			// share one dump (neighshare.go).
+			return ns.sharedNeighs(idx, fam)
 		}
 		return retryDump(func() ([]netlink.Neigh, error) { return ns.neighList(idx, fam) })
 	}
