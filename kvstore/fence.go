@@ -83,10 +83,16 @@ func (f *fenced) Delete(ctx context.Context, key string) error {
 }
 
 func (f *fenced) DeleteCAS(ctx context.Context, key string, index uint64) error {
-	err := f.Txn(ctx, []Op{{Verb: OpDeleteCAS, Key: key, Index: index}})
+	return deleteCASTxn(ctx, f.Store, f.Txn, key, index)
+}
+
+// deleteCASTxn is DeleteCAS of key sent as the transaction txn makes of
+// it, a wrapper's (fenced, stamped), reading s as the store's DeleteCAS
+// answers: a missing key is ErrNotFound, not ErrConflict.
+func deleteCASTxn(ctx context.Context, s Store, txn func(context.Context, []Op) error, key string, index uint64) error {
+	err := txn(ctx, []Op{{Verb: OpDeleteCAS, Key: key, Index: index}})
 	if errors.Is(err, ErrConflict) {
-		// As the store's DeleteCAS: a missing key is ErrNotFound.
-		if _, gerr := f.Store.Get(ctx, key); errors.Is(gerr, ErrNotFound) {
+		if _, gerr := s.Get(ctx, key); errors.Is(gerr, ErrNotFound) {
 			return fmt.Errorf("delete-cas %q (index %d): %w", key, index, ErrNotFound)
 		}
 	}

@@ -134,6 +134,36 @@ func leanSetup(t *testing.T) (*countingProxy, string, *Consul, *Consul) {
 	return proxy, root, newConsul(t, ConsulConfig{Address: addr, Prefix: root}), newConsul(t, ConsulConfig{Address: agent.Addr, Prefix: root})
 }
 
+// leanNet writes hosts records of 2 kB and a config under net/config
+// through writer, starts a lean watch of it on s and returns it, with want,
+// which receives the next snapshot and fails unless it is what List
+// through w gives (stamps left out).
+func leanNet(t *testing.T, s, w, writer Store, hosts int) (<-chan []*Pair, func(what string)) {
+	t.Helper()
+	ctx := t.Context()
+	big := strings.Repeat("x", 2000)
+	for i := range hosts {
+		mustPut(t, writer, fmt.Sprintf("net/config/peers/h%02d", i), fmt.Sprintf("%d-%s", i, big))
+	}
+	mustPut(t, writer, "net/config", "cfg")
+	ch, err := WatchLean(ctx, s, "net/config")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ch, func(what string) {
+		t.Helper()
+		got := next(t, ch, 5*time.Second)
+		list, err := w.List(ctx, "net/config")
+		if err != nil {
+			t.Fatal(err)
+		}
+		list = slices.DeleteFunc(list, func(p *Pair) bool { _, _, stamp := ParseStamp("net/config", p.Key); return stamp })
+		if render(got) != render(list) || !slices.EqualFunc(got, list, func(a, b *Pair) bool { return a.ModifyIndex == b.ModifyIndex }) {
+			t.Fatalf("%s: the watch delivered %d pairs unlike List's %d (or other indexes)", what, len(got), len(list))
+		}
+	}
+}
+
 // TestConsulWatchLean proves that a lean watch delivers what List gives
 // after every kind of change, and that between its blocking listings of
 // key names it reads the values of the keys that changed only.
@@ -141,27 +171,7 @@ func TestConsulWatchLean(t *testing.T) {
 	proxy, root, s, w := leanSetup(t)
 	ctx := t.Context()
 	const hosts = 30
-	big := strings.Repeat("x", 2000)
-	for i := range hosts {
-		mustPut(t, w, fmt.Sprintf("net/config/peers/h%02d", i), fmt.Sprintf("%d-%s", i, big))
-	}
-	mustPut(t, w, "net/config", "cfg")
-	ch, err := WatchLean(ctx, s, "net/config")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// want is what List gives; the watch must deliver exactly that.
-	want := func(what string) {
-		t.Helper()
-		got := next(t, ch, 5*time.Second)
-		list, err := w.List(ctx, "net/config")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if render(got) != render(list) || !slices.EqualFunc(got, list, func(a, b *Pair) bool { return a.ModifyIndex == b.ModifyIndex }) {
-			t.Fatalf("%s: the watch delivered %d pairs unlike List's %d (or other indexes)", what, len(got), len(list))
-		}
-	}
+	ch, want := leanNet(t, s, w, w, hosts)
 	want("first snapshot")
 	time.Sleep(100 * time.Millisecond) // the first listing is out
 	proxy.take()

@@ -3,8 +3,6 @@ package kvstore
 import (
 	"context"
 	"encoding/hex"
-	"errors"
-	"fmt"
 	"math/rand/v2"
 	"strings"
 )
@@ -121,14 +119,7 @@ func (s *stamped) DeleteCAS(ctx context.Context, key string, index uint64) error
 	if _, ok := s.rule(key); !ok {
 		return s.Store.DeleteCAS(ctx, key, index)
 	}
-	err := s.Txn(ctx, []Op{{Verb: OpDeleteCAS, Key: key, Index: index}})
-	if errors.Is(err, ErrConflict) {
-		// As the store's DeleteCAS: a missing key is ErrNotFound.
-		if _, gerr := s.Store.Get(ctx, key); errors.Is(gerr, ErrNotFound) {
-			return fmt.Errorf("delete-cas %q (index %d): %w", key, index, ErrNotFound)
-		}
-	}
-	return err
+	return deleteCASTxn(ctx, s.Store, s.Txn, key, index)
 }
 
 func (s *stamped) Txn(ctx context.Context, ops []Op) error {

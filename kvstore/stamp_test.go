@@ -215,29 +215,7 @@ func TestConsulWatchLeanStamped(t *testing.T) {
 		return "net/config", k == "net/config" || strings.HasPrefix(k, "net/config/peers/")
 	}
 	sw := Stamped(w, stamp) // a host of this release; w is an older one
-	const hosts = 30
-	big := strings.Repeat("x", 2000)
-	for i := range hosts {
-		mustPut(t, sw, fmt.Sprintf("net/config/peers/h%02d", i), fmt.Sprintf("%d-%s", i, big))
-	}
-	mustPut(t, sw, "net/config", "cfg")
-	ch, err := WatchLean(ctx, s, "net/config")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// want is what List gives without the stamps.
-	want := func(what string) {
-		t.Helper()
-		got := next(t, ch, 5*time.Second)
-		list, err := w.List(ctx, "net/config")
-		if err != nil {
-			t.Fatal(err)
-		}
-		list = slices.DeleteFunc(list, func(p *Pair) bool { _, _, stamp := ParseStamp("net/config", p.Key); return stamp })
-		if render(got) != render(list) || !slices.EqualFunc(got, list, func(a, b *Pair) bool { return a.ModifyIndex == b.ModifyIndex }) {
-			t.Fatalf("%s: the watch delivered %d pairs unlike List's %d (or other indexes)", what, len(got), len(list))
-		}
-	}
+	ch, want := leanNet(t, s, w, sw, 30)
 	settle := func() map[string]int {
 		time.Sleep(100 * time.Millisecond)
 		counts, _ := proxy.take()
