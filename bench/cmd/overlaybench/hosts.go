@@ -481,10 +481,11 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 		"device; measured by the same events, with the plugins still running. One shared key would lose changes made at "+
 		"once: it is a floor, not a design. Two request shapes a design could use are measured the same way (each "+
 		"host's entry padded to a peer record's size): a key listing whose names carry each record's version (the writer "+
-		"renames its entry in the write's transaction) followed by a GET of the new name, and a list of one small stamp per "+
-		"host (written in the record's transaction) followed by a GET of the record whose stamp moved; and the plugin's own "+
-		"shape (a key listing, a check transaction of every record, a GET of the one that changed), to tell the requests' "+
-		"share of the plugin's figure from the rest. Then Consul's CPU for one request of each kind, %d of each in turn with nothing "+
+		"renames its entry in the write's transaction) followed by a GET of the new name (the plugin's two requests since its records are stamped), and a list of one small stamp per "+
+		"host (written in the record's transaction) followed by a GET of the record whose stamp moved; and the plugin's "+
+		"shape before its records were stamped (a key listing, a check transaction of every record, a GET of the one that "+
+		"changed; still the shape for records an older release writes), to tell the requests' share of the plugin's figure "+
+		"from the rest. Then Consul's CPU for one request of each kind, %d of each in turn with nothing "+
 		"changing (its CPU time counts in 10 ms ticks).\n\n",
 		r0.perHost, r0.networks, r0.samples, r0.hosts, rl.hosts, hostsAntiEntropy, costRounds)
 	fmt.Fprintf(sec, "| Figure | %s | Growth %d→%d |\n|---|%s---|\n", strings.Join(prefixAll(sizes, "", " hosts"), " | "), r0.hosts, rl.hosts, strings.Repeat("---:|", len(rs)))
@@ -518,9 +519,9 @@ func hostsReport(cfg *config, rep *report, rs []hostsResult) {
 	row("floor per change: Consul CPU", func(r hostsResult) float64 { return nanUnless(r.floor.done(), r.floor.consulCPUPerChange) }, msf)
 	row("floor per change: Consul requests", func(r hostsResult) float64 { return nanUnless(r.floor.done(), r.floor.requestsPerChange) }, num)
 	for _, sh := range []struct{ shape, what string }{
-		{shapeNames, "a blocking key listing whose names carry each record's version, then a GET of the new name"},
+		{shapeNames, "a blocking key listing whose names carry each record's version, then a GET of the new name (the plugin's requests, its records stamped)"},
 		{shapeStamps, "a blocking list of one small stamp per host, then a GET of the record whose stamp moved"},
-		{shapeLean, "the plugin's own: a blocking key listing, a check transaction of every record, a GET of the one that changed"},
+		{shapeLean, "the plugin's before stamped records: a blocking key listing, a check transaction of every record, a GET of the one that changed"},
 	} {
 		get := func(r hostsResult) floorResult { return r.shapes[sh.shape] }
 		row("request shape, "+sh.what+" (a watcher process a host, the same kernel writes): convergence p50", func(r hostsResult) float64 { return get(r).p50() }, msf)

@@ -245,7 +245,7 @@ type floorResult struct {
 const (
 	costFloorGet = "the floor's GET of its key"
 	costKeys     = "key listing of the network's peer records (the lean watch's wake)"
-	costCheck    = "check transaction of every record (RequireConsistent, as the lean watch sends it)"
+	costCheck    = "check transaction of every record (RequireConsistent, as the lean watch sends it for records without stamps)"
 	costGet      = "GET of one peer record"
 	costList     = "List of the peer records with their values (the watch below 8 KiB of values)"
 )
