@@ -627,7 +627,7 @@ func (w *PeerWatch) Audit() (done bool) {
 // or peer record other than the last snapshot's, and names one.
 func (w *PeerWatch) behind(pairs []*kvstore.Pair) (string, bool) {
 	cfgKey, pprefix := configKey(w.key), peersPrefix(w.key)
-	listed := 0
+	listed := map[string]bool{}
 	for _, p := range pairs {
 		switch {
 		case p.Key == cfgKey:
@@ -635,15 +635,15 @@ func (w *PeerWatch) behind(pairs []*kvstore.Pair) (string, bool) {
 				return p.Key, true
 			}
 		case strings.HasPrefix(p.Key, pprefix):
-			listed++
+			listed[p.Key] = true
 			if r, ok := w.dec.records[p.Key]; !ok || r.index != p.ModifyIndex {
 				return p.Key, true
 			}
 		}
 	}
-	if listed != len(w.dec.records) {
-		for k := range w.dec.records {
-			return k, true
+	for k := range w.dec.records {
+		if !listed[k] {
+			return k, true // gone from the store, still in the watch
 		}
 	}
 	return "", false

@@ -60,23 +60,32 @@ type PeerRecord struct {
 // records against the endpoint records.
 const DefaultPeerAudit = 5 * time.Minute
 
-func peersPrefix(key string) string { return configKey(key) + "/peers/" }
+func peersPrefix(key string) string         { return configKey(key) + "/peers/" }
+func peerRecordKey(key, host string) string { return peersPrefix(key) + host }
+
+// networkOf splits k, a key under networks/, into the network's key and
+// the rest (ok false: not such a key).
+func networkOf(k string) (key, tail string, ok bool) {
+	rest, ok := strings.CutPrefix(k, "networks/")
+	if !ok {
+		return "", "", false
+	}
+	key, tail, ok = strings.Cut(rest, "/")
+	return key, tail, ok && key != ""
+}
 
 // stampRule stamps the keys a compact peer watch follows: a network's
 // config record and its peer records (kvstore.Stamped); the watch's
 // prefix is the config key.
 func stampRule(k string) (string, bool) {
-	rest, ok := strings.CutPrefix(k, "networks/")
+	key, tail, ok := networkOf(k)
 	if !ok {
 		return "", false
 	}
-	key, tail, ok := strings.Cut(rest, "/")
-	if !ok || key == "" {
-		return "", false
-	}
+	host, peer := strings.CutPrefix(tail, "config/peers/")
 	switch {
 	case tail == "config":
-	case strings.HasPrefix(tail, "config/peers/") && len(tail) > len("config/peers/") && !strings.Contains(tail[len("config/peers/"):], "/"):
+	case peer && host != "" && !strings.Contains(host, "/"):
 	default:
 		return "", false
 	}
@@ -86,11 +95,10 @@ func stampRule(k string) (string, bool) {
 // parseStamp parses k as the stamp of a network's config or peer record
 // (kvstore.ParseStamp under the network's config key).
 func parseStamp(k string) (record, nonce string, ok bool) {
-	rest, found := strings.CutPrefix(k, "networks/")
-	if !found {
+	key, _, ok := networkOf(k)
+	if !ok {
 		return "", "", false
 	}
-	key, _, _ := strings.Cut(rest, "/")
 	return kvstore.ParseStamp(configKey(key), k)
 }
 
@@ -107,39 +115,41 @@ func IsStamp(k string) bool {
 // this release keeps that; a write of an older one leaves a record
 // without a stamp, or newer than it.
 func StampErrors(ps []*kvstore.Pair) []string {
+	type stamp struct {
+		p          *kvstore.Pair
+		rec, nonce string
+	}
 	index := map[string]uint64{}
+	var stamps []stamp
 	for _, p := range ps {
-		if !IsStamp(p.Key) {
+		if rec, nonce, ok := parseStamp(p.Key); ok {
+			stamps = append(stamps, stamp{p, rec, nonce})
+		} else {
 			index[p.Key] = p.ModifyIndex
 		}
 	}
 	var errs []string
-	stamps := map[string]int{}
-	for _, p := range ps {
-		rec, nonce, stamp := parseStamp(p.Key)
-		if !stamp {
-			continue
-		}
-		at, ok := index[rec]
+	count := map[string]int{}
+	for _, st := range stamps {
+		at, ok := index[st.rec]
 		switch {
-		case rec == "" || nonce == "":
-			errs = append(errs, fmt.Sprintf("malformed stamp %q", p.Key))
+		case st.rec == "" || st.nonce == "":
+			errs = append(errs, fmt.Sprintf("malformed stamp %q", st.p.Key))
 		case !ok:
-			errs = append(errs, fmt.Sprintf("stamp %q of %q, which is gone", p.Key, rec))
-		case p.ModifyIndex < at:
-			errs = append(errs, fmt.Sprintf("stamp %q (index %d) older than its record (index %d)", p.Key, p.ModifyIndex, at))
+			errs = append(errs, fmt.Sprintf("stamp %q of %q, which is gone", st.p.Key, st.rec))
+		case st.p.ModifyIndex < at:
+			errs = append(errs, fmt.Sprintf("stamp %q (index %d) older than its record (index %d)", st.p.Key, st.p.ModifyIndex, at))
 		}
-		stamps[rec]++
+		count[st.rec]++
 	}
 	for k := range index {
-		if _, ok := stampRule(k); ok && stamps[k] != 1 {
-			errs = append(errs, fmt.Sprintf("record %q has %d stamps, want 1", k, stamps[k]))
+		if _, ok := stampRule(k); ok && count[k] != 1 {
+			errs = append(errs, fmt.Sprintf("record %q has %d stamps, want 1", k, count[k]))
 		}
 	}
 	slices.Sort(errs)
 	return errs
 }
-func peerRecordKey(key, host string) string { return peersPrefix(key) + host }
 
 // peerEntry is ep's line in its host's peer record.
 func peerEntry(ep Endpoint) string {

@@ -118,7 +118,8 @@ func resyncDelay(now time.Time, every time.Duration, host string) time.Duration 
 	h := fnv.New64a()
 	h.Write([]byte(host))
 	phase := int64(h.Sum64() % uint64(every))
-	d := time.Duration(((phase-now.UnixNano()%int64(every))%int64(every) + int64(every)) % int64(every))
+	// Both in [0, every): their difference plus every is positive.
+	d := time.Duration((phase - now.UnixNano()%int64(every) + int64(every)) % int64(every))
 	if d == 0 {
 		d = every
 	}

@@ -2,7 +2,7 @@ package kvstore
 
 import (
 	"context"
-	"encoding/hex"
+	"fmt"
 	"math/rand/v2"
 	"strings"
 )
@@ -63,11 +63,7 @@ func ParseStamp(prefix, key string) (record, nonce string, ok bool) {
 // newNonce is a stamp's nonce: 64 random bits, so a record's next stamp
 // differs from its last.
 func newNonce() string {
-	var b [8]byte
-	for i := range b {
-		b[i] = byte(rand.Uint32())
-	}
-	return hex.EncodeToString(b[:])
+	return fmt.Sprintf("%016x", rand.Uint64())
 }
 
 // StampRule maps a key to the lean prefix whose watch follows it (ok
