@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -712,11 +714,7 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 			return true
 		}
 		pace = watchEmptyPace
-		snap := make([]*Pair, 0, len(st.held))
-		for _, p := range st.held {
-			snap = append(snap, p)
-		}
-		sort.Slice(snap, func(i, j int) bool { return snap[i].Key < snap[j].Key })
+		snap := st.snapshot()
 		select {
 		case out <- snap:
 			delivered = true
@@ -741,6 +739,36 @@ type leanState struct {
 	prefix string
 	held   map[string]*Pair
 	stamps map[string]stampSeen
+	// names is the key listing the records and stamps are those of
+	// (full keys, sorted; nil after a List): the next listing is
+	// compared with it (quick).
+	names []string
+	// order is the records' keys, sorted, as the last snapshot had them.
+	order []string
+}
+
+// snapshot is the records sorted by key, in a slice of its own.
+func (st *leanState) snapshot() []*Pair {
+	snap := make([]*Pair, 0, len(st.held))
+	if len(st.order) == len(st.held) {
+		// The same number of keys, each held: the same keys.
+		for _, k := range st.order {
+			p, ok := st.held[k]
+			if !ok {
+				break
+			}
+			snap = append(snap, p)
+		}
+		if len(snap) == len(st.held) {
+			return snap
+		}
+		snap = snap[:0]
+	}
+	st.order = slices.Sorted(maps.Keys(st.held))
+	for _, k := range st.order {
+		snap = append(snap, st.held[k])
+	}
+	return snap
 }
 
 // stampSeen is a record's stamp as a lean watch last saw it.
@@ -786,7 +814,7 @@ func (st *leanState) set(ps []*Pair) bool {
 			}
 		}
 	}
-	st.held = m
+	st.held, st.names = m, nil
 	st.stamps = make(map[string]stampSeen, len(m))
 	for k, p := range m {
 		if ss := stamps[k]; len(ss) == 1 {
@@ -814,6 +842,17 @@ func (c *Consul) leanRefresh(ctx context.Context, st *leanState, names []string,
 	if relist || st.held == nil {
 		return list()
 	}
+	if !slices.IsSorted(names) {
+		slices.Sort(names)
+	}
+	if read, fresh, ok := st.quick(c.prefix, names); ok {
+		// Only stamps changed, each of a record the stamps vouch for.
+		if changed, err = c.leanRead(ctx, st, read, fresh); err == nil {
+			st.names = names
+		}
+		return changed, err
+	}
+	st.names = nil // until this refresh succeeds
 	listed := make(map[string]bool, len(names))
 	stampsOf := map[string][]string{} // record → the nonces listed
 	var read []string
@@ -893,6 +932,83 @@ func (c *Consul) leanRefresh(ctx context.Context, st *leanState, names []string,
 	if len(read) > leanFetchMost {
 		return list()
 	}
+	moved, err := c.leanRead(ctx, st, read, fresh)
+	if err != nil {
+		return false, err
+	}
+	st.names = names
+	return changed || moved, nil
+}
+
+// quick compares names, a sorted key listing, with the last one the state
+// holds: when they differ only by stamps replaced, one new stamp for each
+// of at most leanFetchMost records the stamps vouch for, every record
+// held is vouched for by its stamp, it returns the records to read and
+// their new stamps' nonces. ok false: leanRefresh's full comparison
+// decides (a record or a name came or went, a record is not vouched for,
+// the listing moved without a stamp changing, many records changed). It
+// saves that comparison's maps at every change.
+func (st *leanState) quick(full string, names []string) (read []string, fresh map[string]string, ok bool) {
+	if st.names == nil || len(st.stamps) != len(st.held) {
+		return nil, nil, false
+	}
+	for _, s := range st.stamps {
+		if !s.trusted {
+			return nil, nil, false
+		}
+	}
+	stampOf := func(n string) (rec, nonce string, ok bool) {
+		k, ok := strings.CutPrefix(n, full)
+		if !ok {
+			return "", "", false
+		}
+		rec, nonce, ok = ParseStamp(st.prefix, k)
+		if _, held := st.held[rec]; !ok || !held {
+			return "", "", false
+		}
+		return rec, nonce, true
+	}
+	old := st.names
+	var gone []string // the records whose stamps went
+	fresh = map[string]string{}
+	for i, j := 0, 0; i < len(old) || j < len(names); {
+		switch {
+		case j < len(names) && (i == len(old) || names[j] < old[i]):
+			rec, nonce, ok := stampOf(names[j])
+			if _, twice := fresh[rec]; !ok || twice {
+				return nil, nil, false
+			}
+			fresh[rec] = nonce
+			j++
+		case i < len(old) && (j == len(names) || old[i] < names[j]):
+			rec, nonce, ok := stampOf(old[i])
+			if !ok || st.stamps[rec].nonce != nonce {
+				return nil, nil, false
+			}
+			gone = append(gone, rec)
+			i++
+		default:
+			i++
+			j++
+		}
+	}
+	// Each stamp gone was its record's only one (the nonce held), so
+	// the records in gone are distinct: each must have a new stamp, and
+	// each new stamp must have replaced its record's old one.
+	if len(fresh) == 0 || len(fresh) != len(gone) || len(fresh) > leanFetchMost {
+		return nil, nil, false
+	}
+	for _, rec := range gone {
+		if _, ok := fresh[rec]; !ok {
+			return nil, nil, false
+		}
+	}
+	return gone, fresh, true
+}
+
+// leanRead reads the records read into the state, giving those in fresh
+// their new stamp, trusted; changed says whether the records changed.
+func (c *Consul) leanRead(ctx context.Context, st *leanState, read []string, fresh map[string]string) (changed bool, err error) {
 	for _, k := range read {
 		p, err := c.Get(ctx, k)
 		switch {

@@ -407,3 +407,70 @@ func TestConsulWatchLeanQuiet(t *testing.T) {
 		t.Fatalf("after the quiet second, a change delivered %d pairs: %.40q", len(got), render(got))
 	}
 }
+
+// TestLeanQuick: a listing that differs from the last one by records'
+// stamps replaced is read from those names alone; anything else (a name
+// that came or went, a record with two stamps, one whose stamp went with
+// no new one, a record not vouched for, no change at all) goes to the
+// full comparison.
+func TestLeanQuick(t *testing.T) {
+	const full, prefix = "p/", "n/config"
+	rec := func(h string) string { return prefix + "/peers/" + h }
+	stamp := func(r, nonce string) string { return full + StampBase(prefix, r) + nonce }
+	state := func() *leanState {
+		st := &leanState{prefix: prefix, held: map[string]*Pair{}, stamps: map[string]stampSeen{}}
+		for _, k := range []string{prefix, rec("a"), rec("b")} {
+			st.held[k] = &Pair{Key: k}
+			st.stamps[k] = stampSeen{nonce: "1", trusted: true}
+			st.names = append(st.names, full+k, stamp(k, "1"))
+		}
+		slices.Sort(st.names)
+		return st
+	}
+	listing := func(st *leanState, drop []string, add ...string) []string {
+		out := slices.DeleteFunc(slices.Clone(st.names), func(n string) bool { return slices.Contains(drop, n) })
+		out = append(out, add...)
+		slices.Sort(out)
+		return out
+	}
+	st := state()
+	read, fresh, ok := st.quick(full, listing(st, []string{stamp(rec("a"), "1"), stamp(prefix, "1")}, stamp(rec("a"), "2"), stamp(prefix, "3")))
+	slices.Sort(read)
+	if !ok || !slices.Equal(read, []string{prefix, rec("a")}) || fresh[rec("a")] != "2" || fresh[prefix] != "3" {
+		t.Fatalf("two stamps replaced: read %v, fresh %v, ok %v", read, fresh, ok)
+	}
+	for _, c := range []struct {
+		what  string
+		names func(st *leanState) []string
+	}{
+		{"nothing changed", func(st *leanState) []string { return listing(st, nil) }},
+		{"a record came", func(st *leanState) []string { return listing(st, nil, full+rec("c"), stamp(rec("c"), "1")) }},
+		{"a record went", func(st *leanState) []string {
+			return listing(st, []string{full + rec("b"), stamp(rec("b"), "1")})
+		}},
+		{"a second stamp", func(st *leanState) []string { return listing(st, nil, stamp(rec("a"), "2")) }},
+		{"a stamp went, another record's came", func(st *leanState) []string {
+			return listing(st, []string{stamp(rec("a"), "1")}, stamp(rec("b"), "2"))
+		}},
+		{"a stamp went", func(st *leanState) []string { return listing(st, []string{stamp(rec("a"), "1")}) }},
+		{"a stamp of a record not held", func(st *leanState) []string { return listing(st, nil, stamp(rec("z"), "1")) }},
+		{"a name outside the prefix", func(st *leanState) []string {
+			return listing(st, []string{stamp(rec("a"), "1")}, "q/"+StampBase(prefix, rec("a"))+"2")
+		}},
+	} {
+		st := state()
+		if read, _, ok := st.quick(full, c.names(st)); ok {
+			t.Errorf("%s: read %v from the names alone", c.what, read)
+		}
+	}
+	st = state()
+	st.stamps[rec("b")] = stampSeen{nonce: "1"}
+	if _, _, ok := st.quick(full, listing(st, []string{stamp(rec("a"), "1")}, stamp(rec("a"), "2"))); ok {
+		t.Error("a record the stamps do not vouch for: read from the names alone")
+	}
+	st = state()
+	st.names = nil
+	if _, _, ok := st.quick(full, listing(state(), []string{stamp(rec("a"), "1")}, stamp(rec("a"), "2"))); ok {
+		t.Error("no listing held (after a List): read from the names alone")
+	}
+}
