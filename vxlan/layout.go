@@ -139,6 +139,9 @@ func (ns *netNS) setMaster(l, br netlink.Link) error {
 	if err := ns.nl.LinkSetMasterByIndex(l, br.Attrs().Index); err != nil {
 		return fmt.Errorf("attach %q to bridge %q: %w", l.Attrs().Name, br.Attrs().Name, err)
 	}
+	// The link as held now says so too: a peer sync may keep it (its
+	// announcements go through the master).
+	l.Attrs().MasterIndex = br.Attrs().Index
 	ns.m.log.Debug("link attached", "link", l.Attrs().Name, "bridge", br.Attrs().Name)
 	return nil
 }

@@ -414,6 +414,13 @@ func (m *Manager) syncPeers(ns *netNS, vx netlink.Link, vni uint32, delta bool, 
 type kernelPeers struct {
 	index int // the device's
 	set   *peerSet
+	// The device and its namespace as that sync found them: a change
+	// written as a difference (applyDifference) writes to them without
+	// looking the device up again. A device removed since fails the
+	// write, and the full comparison runs; every path that replaces a
+	// device drops the record.
+	link netlink.Link
+	ns   *netNS
 }
 
 // syncPeerEntries is syncPeers; with keepAll it only adds and replaces
@@ -437,7 +444,7 @@ func (m *Manager) syncPeerEntries(ns *netNS, vx netlink.Link, vni uint32, keepAl
 			if m.inKernel == nil {
 				m.inKernel = map[uint32]kernelPeers{}
 			}
-			m.inKernel[vni] = kernelPeers{index: idx, set: set}
+			m.inKernel[vni] = kernelPeers{index: idx, set: set, link: vx, ns: ns}
 		}
 	}()
 	if delta && known && last.index == idx {

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+
+	"golang.org/x/sys/unix"
 )
 
 // SetPeers makes the remote peers of network vni exactly peers: the one
@@ -275,8 +277,8 @@ func (m *Manager) applyDifference(vni uint32, set *peerSet, last kernelPeers, re
 	if len(added) == 0 && len(removed) == 0 {
 		return ch, true, nil
 	}
-	vx, ns, err := m.ownVXLAN(vni)
-	if err != nil || vx == nil || vx.Attrs().Index != last.index {
+	vx, ns := last.link, last.ns
+	if vx == nil || ns == nil || vx.Attrs().Index != last.index {
 		return ch, false, nil
 	}
 	// What the entries the difference touches hold now.
@@ -319,6 +321,11 @@ func (m *Manager) applyDifference(vni uint32, set *peerSet, last kernelPeers, re
 	}
 	name := vx.Attrs().Name
 	fail := func(err error) (Changes, bool, error) {
+		if errors.Is(err, unix.ENODEV) {
+			// The device went since the last sync: not applied, the
+			// caller writes the whole list, looking the device up.
+			return ch, false, nil
+		}
 		return ch, true, fmt.Errorf("set peers (vni %d): %q: %w", vni, name, err)
 	}
 	var zero [6]byte
@@ -377,7 +384,7 @@ func (m *Manager) applyDifference(vni uint32, set *peerSet, last kernelPeers, re
 	if m.inKernel == nil {
 		m.inKernel = map[uint32]kernelPeers{}
 	}
-	m.inKernel[vni] = kernelPeers{index: last.index, set: set}
+	m.inKernel[vni] = kernelPeers{index: last.index, set: set, link: vx, ns: ns}
 	if ch.Total() > 0 {
 		m.log.Debug("peers set", "vni", vni, "peers", len(set.peers), "changes", ch.Total())
 	}

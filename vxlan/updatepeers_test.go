@@ -193,6 +193,30 @@ func testChangePeersSameAsSetPeers(t *testing.T, dp bool) {
 			t.Fatalf("%s: the kernel changed:\n%v\n%v\nwant\n%v\n%v", name, got.neigh, got.fdb, before.neigh, before.fdb)
 		}
 	}
+	// The device removed behind the Manager's back and made again: a
+	// difference is not applied to the device the last sync wrote (it
+	// is gone), and the whole list, written as the driver then does,
+	// fills the new one.
+	vx, ns := linkIn(t, chg, VXLANName(vni))
+	if err := ns.Handle().LinkDel(vx); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := chg.m.ChangePeers(ctx, vni, nil, []Peer{stranger}); ok || err != nil {
+		t.Fatalf("a difference for a device removed since: applied %v, %v; want not applied", ok, err)
+	}
+	if _, err := chg.m.EnsureNetwork(ctx, Network{VNI: vni}); err != nil {
+		t.Fatal(err)
+	}
+	list := append(slices.Clone(last), stranger)
+	if _, err := chg.m.UpdatePeers(ctx, vni, list); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := set.m.SetPeers(ctx, vni, list); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := entries(t, chg, vni), entries(t, set, vni); !slices.Equal(got.neigh, want.neigh) || !slices.Equal(got.fdb, want.fdb) {
+		t.Fatalf("after the device was made again: UpdatePeers left\n%v\n%v\nSetPeers\n%v\n%v", got.neigh, got.fdb, want.neigh, want.fdb)
+	}
 }
 
 func sameEntry(p, q Peer) bool {
