@@ -488,6 +488,18 @@ type PeerWatch struct {
 	base      deltaBase
 	computed  bool // the last Next computed the peers
 	delivered bool // Next has delivered once
+	// others is otherHosts of the config of modify index othersAt.
+	others   []string
+	othersAt uint64
+}
+
+// otherHosts is otherHosts of rec, the config the cache holds, made once
+// per version of it (the slice is shared: not to be changed).
+func (w *PeerWatch) otherHosts(rec Network) []string {
+	if at := w.dec.config.index; at == 0 || at != w.othersAt {
+		w.others, w.othersAt = otherHosts(w.c.cfg.HostID, rec), at
+	}
+	return w.others
 }
 
 // NewPeerWatch starts following logical network key's records until ctx
@@ -565,7 +577,7 @@ func (w *PeerWatch) Next(snap []*kvstore.Pair, ok bool) (deliver, done bool) {
 	var hosts []string
 	valid, why := w.compact, ""
 	if found {
-		hosts = otherHosts(c.cfg.HostID, rec)
+		hosts = w.otherHosts(rec)
 		valid, why = w.dec.check(rec, hosts, eps, w.compact)
 	}
 	if w.compact && !valid {
@@ -723,6 +735,17 @@ type recordCache struct {
 	// changed: the peer records the last scan found changed, added or
 	// gone, with the peers each gave before (nil: none, or never derived).
 	changed map[string][]Peer
+	// pprefix is peersPrefix(key); kbuf a buffer the lookups by host
+	// build a record's key in, so that they allocate nothing.
+	pprefix string
+	kbuf    []byte
+}
+
+// recordKey is host h's peer record key in kbuf; a map index of
+// string(recordKey(h)) allocates nothing.
+func (rc *recordCache) recordKey(h string) []byte {
+	rc.kbuf = append(append(rc.kbuf[:0], rc.pprefix...), h...)
+	return rc.kbuf
 }
 
 type cachedRecord struct {
@@ -813,7 +836,7 @@ func peerFields(ep Endpoint) Endpoint {
 }
 
 func newRecordCache(key string) *recordCache {
-	return &recordCache{key: key, endpoints: map[string]cachedEndpoint{}, records: map[string]cachedRecord{}}
+	return &recordCache{key: key, endpoints: map[string]cachedEndpoint{}, records: map[string]cachedRecord{}, pprefix: peersPrefix(key)}
 }
 
 // peers derives the desired peers from a snapshot: of networks/<key>/
@@ -844,8 +867,8 @@ func (rc *recordCache) peers(self string, pairs []*kvstore.Pair, compact bool) (
 // snapshot has a readable config (rec, the last readable one when the
 // snapshot's is not: see unreadable); eps are the endpoint records.
 func (rc *recordCache) scan(pairs []*kvstore.Pair) (rec Network, found bool, eps []Endpoint) {
-	cfgKey, prefix, pprefix := configKey(rc.key), endpointsPrefix(rc.key), peersPrefix(rc.key)
-	seen := make(map[string]bool, len(pairs))
+	cfgKey, prefix, pprefix := configKey(rc.key), endpointsPrefix(rc.key), rc.pprefix
+	nrec, neps := 0, 0 // the snapshot's peer and endpoint records
 	configSeen := false
 	rc.unreadable = nil
 	clear(rc.changed)
@@ -865,7 +888,7 @@ func (rc *recordCache) scan(pairs []*kvstore.Pair) (rec Network, found bool, eps
 			}
 			found, rec = rc.config.ok, rc.config.rec
 		case strings.HasPrefix(p.Key, pprefix):
-			seen[p.Key] = true
+			nrec++
 			r, hit := rc.records[p.Key]
 			if !hit || r.index != p.ModifyIndex || p.ModifyIndex == 0 {
 				rc.noteChanged(p.Key, r)
@@ -874,7 +897,7 @@ func (rc *recordCache) scan(pairs []*kvstore.Pair) (rec Network, found bool, eps
 				rc.records[p.Key] = r
 			}
 		case strings.HasPrefix(p.Key, prefix):
-			seen[p.Key] = true
+			neps++
 			e, hit := rc.endpoints[p.Key]
 			if !hit || e.index != p.ModifyIndex || p.ModifyIndex == 0 {
 				var ep Endpoint
@@ -886,15 +909,23 @@ func (rc *recordCache) scan(pairs []*kvstore.Pair) (rec Network, found bool, eps
 			}
 		}
 	}
-	for k := range rc.endpoints {
-		if !seen[k] {
-			delete(rc.endpoints, k)
+	// Each key of the snapshot is in the cache now: the cache holds
+	// others only if it holds more (a snapshot's keys are distinct).
+	if len(rc.endpoints) != neps || len(rc.records) != nrec {
+		seen := make(map[string]bool, len(pairs))
+		for _, p := range pairs {
+			seen[p.Key] = true
 		}
-	}
-	for k, r := range rc.records {
-		if !seen[k] {
-			rc.noteChanged(k, r)
-			delete(rc.records, k)
+		for k := range rc.endpoints {
+			if !seen[k] {
+				delete(rc.endpoints, k)
+			}
+		}
+		for k, r := range rc.records {
+			if !seen[k] {
+				rc.noteChanged(k, r)
+				delete(rc.records, k)
+			}
 		}
 	}
 	if !configSeen {
@@ -938,7 +969,7 @@ func (rc *recordCache) check(rec Network, hosts []string, eps []Endpoint, compac
 		}
 	}
 	for _, h := range hosts {
-		r, has := rc.records[peerRecordKey(rc.key, h)]
+		r, has := rc.records[string(rc.recordKey(h))]
 		switch {
 		case !has || !r.ok:
 			return false, "host " + h + " has no peer record"
@@ -954,11 +985,10 @@ func (rc *recordCache) check(rec Network, hosts []string, eps []Endpoint, compac
 // hostPeers are the peers of host h's peer record, derived once per
 // version of the record.
 func (rc *recordCache) hostPeers(h string) []Peer {
-	k := peerRecordKey(rc.key, h)
-	r := rc.records[k]
+	r := rc.records[string(rc.recordKey(h))]
 	if r.peers == nil && len(r.rec.Endpoints) != 0 {
 		r.peers = r.rec.peers()
-		rc.records[k] = r
+		rc.records[peerRecordKey(rc.key, h)] = r
 	}
 	return r.peers
 }
@@ -974,7 +1004,7 @@ func (rc *recordCache) list(hosts []string) []Peer {
 	}
 	peers := make([]Peer, 0, n)
 	for _, h := range hosts {
-		peers = append(peers, rc.records[peerRecordKey(rc.key, h)].peers...)
+		peers = append(peers, rc.records[string(rc.recordKey(h))].peers...)
 	}
 	sortPeers(peers)
 	return peers

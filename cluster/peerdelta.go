@@ -1,6 +1,8 @@
 package cluster
 
 import (
+	"bytes"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -19,14 +21,39 @@ import (
 // peers only. Delta is what appeared and what went; Peers builds the whole
 // list only when asked (a resync, a retry).
 
-// dpEntry is what a peer programs in the data plane.
+// dpEntry is what a peer programs in the data plane. An Ethernet MAC is
+// held in mac6 (is6), any other length in mac: made at every change for
+// each peer of the records that changed, an entry then allocates nothing.
 type dpEntry struct {
 	ip   netip.Addr
+	is6  bool
+	mac6 [6]byte
 	mac  string
 	vtep netip.Addr
 }
 
-func entryOf(p Peer) dpEntry { return dpEntry{ip: p.IP, mac: string(p.MAC), vtep: p.VTEP} }
+func entryOf(p Peer) dpEntry {
+	e := dpEntry{ip: p.IP, vtep: p.VTEP}
+	if e.is6 = len(p.MAC) == len(e.mac6); e.is6 {
+		copy(e.mac6[:], p.MAC)
+	} else {
+		e.mac = string(p.MAC)
+	}
+	return e
+}
+
+// hwaddr is the entry's MAC.
+func (e dpEntry) hwaddr() net.HardwareAddr {
+	if e.is6 {
+		return net.HardwareAddr(e.mac6[:])
+	}
+	return net.HardwareAddr(e.mac)
+}
+
+// sameEntry says whether p and q give the same data plane entries.
+func sameEntry(p, q Peer) bool {
+	return p.IP == q.IP && p.VTEP == q.VTEP && bytes.Equal(p.MAC, q.MAC)
+}
 
 // PeerDelta is how the data plane entries of a watch's peers changed since
 // its last delivery: Removed are entries no peer gives any more, Added
@@ -69,6 +96,19 @@ func (w *PeerWatch) VTEPs() map[netip.Addr]bool {
 	return out
 }
 
+// SameVTEPs says whether set is VTEPs (without making it).
+func (w *PeerWatch) SameVTEPs(set map[netip.Addr]bool) bool {
+	if len(set) != len(w.vteps) {
+		return false
+	}
+	for v := range w.vteps {
+		if !set[v] {
+			return false
+		}
+	}
+	return true
+}
+
 // resetTo makes peers the watch's peers, counted again from the list, and
 // the delta the difference with the entries before. hosts are the members
 // the list was built from (compact), kept for Peers.
@@ -88,7 +128,7 @@ func (w *PeerWatch) resetTo(peers []Peer, hosts []string) {
 	}
 	for e := range before {
 		if w.entries[e] == 0 {
-			w.delta.Removed = append(w.delta.Removed, Peer{IP: e.ip, MAC: []byte(e.mac), VTEP: e.vtep})
+			w.delta.Removed = append(w.delta.Removed, Peer{IP: e.ip, MAC: e.hwaddr(), VTEP: e.vtep})
 		}
 	}
 	w.full, w.fullOK, w.hosts = peers, true, hosts
@@ -115,8 +155,24 @@ func (w *PeerWatch) advance(rec Network, hosts []string) {
 		return
 	}
 	slices.SortFunc(changed, func(a, b hostChange) int { return strings.Compare(a.host, b.host) })
+	// The peers a record lists before and after its change are mostly
+	// the same, in the same order: those at both ends that give the same
+	// entries change no count and are left out.
+	for i, c := range changed {
+		for len(c.old) > 0 && len(c.new) > 0 && sameEntry(c.old[0], c.new[0]) {
+			c.old, c.new = c.old[1:], c.new[1:]
+		}
+		for len(c.old) > 0 && len(c.new) > 0 && sameEntry(c.old[len(c.old)-1], c.new[len(c.new)-1]) {
+			c.old, c.new = c.old[:len(c.old)-1], c.new[:len(c.new)-1]
+		}
+		changed[i] = c
+	}
 	// An entry's count before the change, for each entry it touches.
-	touched := map[dpEntry]int{}
+	n := 0
+	for _, c := range changed {
+		n += len(c.old) + len(c.new)
+	}
+	touched := make(map[dpEntry]int, n)
 	count := func(ps []Peer, by int) {
 		for _, p := range ps {
 			e := entryOf(p)

@@ -48,7 +48,8 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 	// inStep: the data plane holds the peers of the last delivery, set by
 	// this loop, so the next change is written as its difference.
 	inStep := false
-	var arrived time.Time // when the snapshot not yet programmed came
+	var arrived time.Time           // when the snapshot not yet programmed came
+	var allowed map[netip.Addr]bool // the VTEPs last handed to allowVTEPs
 	retry := time.NewTimer(time.Hour)
 	retry.Stop()
 	defer retry.Stop()
@@ -105,7 +106,11 @@ func (d *Driver) watchPeers(ctx context.Context, l *logical) {
 		if ch.Total() > 0 {
 			d.log.Debug("peers programmed", "network", networkName(l.rec), "vni", l.rec.VNI, "changes", ch.Total())
 		}
-		d.allowVTEPs(ctx, l.rec.Key, w.VTEPs())
+		// Most changes leave the network's VTEPs as they were.
+		if allowed == nil || !w.SameVTEPs(allowed) || d.allowRetry() {
+			allowed = w.VTEPs()
+			d.allowVTEPs(ctx, l.rec.Key, allowed)
+		}
 	}
 }
 
@@ -509,6 +514,14 @@ func (d *Driver) allowVTEPs(ctx context.Context, key string, set map[netip.Addr]
 		d.allowPrune = time.AfterFunc(d.cfg.PeerResync, d.pruneVTEPs)
 	}
 	d.applyAllowed(ctx, keep)
+}
+
+// allowRetry says whether the last allowlist update failed (the next
+// call of allowVTEPs writes it again).
+func (d *Driver) allowRetry() bool {
+	d.allowMu.Lock()
+	defer d.allowMu.Unlock()
+	return d.allowDirty
 }
 
 // allowedUnion is the union of every network's peer VTEPs. Caller holds
