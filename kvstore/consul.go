@@ -413,6 +413,7 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 		delivered bool
 		pace      = watchEmptyPace
 		seed      = maphash.MakeSeed()
+		note      = deliveredHook(ctx)
 	)
 	query := func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
 		kvps, meta, err = c.kv.List(full, q)
@@ -433,6 +434,7 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 		pace = watchEmptyPace
 		select {
 		case out <- snap:
+			note()
 			// Only a digest of what was delivered stays: the receiver
 			// owns the snapshot, and a watch of a network of a thousand
 			// endpoints no longer keeps a second copy of their records.
@@ -650,6 +652,7 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 		delivered bool
 		pace      = watchEmptyPace
 		backoff   = watchBackoffMin
+		note      = deliveredHook(ctx)
 	)
 	query := func(q *api.QueryOptions) (*api.QueryMeta, error) {
 		if q.WaitIndex == 0 {
@@ -717,6 +720,7 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 		snap := st.snapshot()
 		select {
 		case out <- snap:
+			note()
 			delivered = true
 			return true
 		case <-ctx.Done():

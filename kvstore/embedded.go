@@ -504,11 +504,13 @@ func (s *Embedded) Watch(ctx context.Context, prefix string) (<-chan []*Pair, er
 		}()
 		var last []*Pair
 		delivered := false
+		note := deliveredHook(ctx)
 		for {
 			snap, err := s.list(full)
 			if err == nil && (!delivered || !equalPairs(snap, last)) {
 				select {
 				case out <- clonePairs(snap):
+					note()
 					last, delivered = snap, true
 				case <-ctx.Done():
 					return

@@ -85,8 +85,9 @@ func (m *metered) TxnIndex(ctx context.Context, ops []Op) (index uint64, err err
 }
 
 // Watch reports the watch's start as a "watch" operation and each
-// delivered snapshot as an update. The forwarding goroutine ends when the
-// inner channel closes (when ctx ends), so the contract is unchanged.
+// delivered snapshot as an update: the inner store's watch calls the
+// observer after each snapshot it hands over (withDelivered), and its
+// channel is the caller's, with no goroutine between them.
 func (m *metered) Watch(ctx context.Context, prefix string) (<-chan []*Pair, error) {
 	return m.watch(ctx, prefix, m.s.Watch)
 }
@@ -100,23 +101,32 @@ func (m *metered) WatchLean(ctx context.Context, prefix string) (<-chan []*Pair,
 
 func (m *metered) watch(ctx context.Context, prefix string, watch func(context.Context, string) (<-chan []*Pair, error)) (<-chan []*Pair, error) {
 	start := time.Now()
-	in, err := watch(ctx, prefix)
+	ch, err := watch(withDelivered(ctx, m.obs.ObserveWatchUpdate), prefix)
 	m.observe("watch", start, err)
 	if err != nil {
 		return nil, err
 	}
-	out := make(chan []*Pair)
-	go func() {
-		defer close(out)
-		for snap := range in {
-			select {
-			case out <- snap:
-				m.obs.ObserveWatchUpdate()
-			case <-ctx.Done():
-			}
-		}
-	}()
-	return out, nil
+	return ch, nil
+}
+
+// deliveredKey is the context key of a watch's delivery hook: the
+// watches of this package call it after each snapshot they hand over, so
+// that Metered counts them without a goroutine between a watch and its
+// receiver (issue 16, scale: one wake-up less a change).
+type deliveredKey struct{}
+
+// withDelivered returns ctx carrying fn as the hook of the watches
+// started with it.
+func withDelivered(ctx context.Context, fn func()) context.Context {
+	return context.WithValue(ctx, deliveredKey{}, fn)
+}
+
+// deliveredHook is the hook ctx carries, or one that does nothing.
+func deliveredHook(ctx context.Context) func() {
+	if fn, ok := ctx.Value(deliveredKey{}).(func()); ok {
+		return fn
+	}
+	return func() {}
 }
 
 func (m *metered) Close() error { return m.s.Close() }
