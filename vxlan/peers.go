@@ -412,13 +412,13 @@ func (m *Manager) syncPeers(ns *netNS, vx netlink.Link, vni uint32, delta bool, 
 // changes any more (SetPeers makes a new one; the calls that change one in
 // place, AddPeer, DeletePeer, Reconcile and SetVTEP, drop the record).
 type kernelPeers struct {
-	index int // the device's
-	set   *peerSet
-	// The device and its namespace as that sync found them: a change
-	// written as a difference (applyDifference) writes to them without
-	// looking the device up again. A device removed since fails the
-	// write, and the full comparison runs; every path that replaces a
-	// device drops the record.
+	set *peerSet
+	// The device (its index is the device's the entries are on) and its
+	// namespace as that sync found them: a change written as a
+	// difference (applyDifference) writes to them without looking the
+	// device up again. A device removed since fails the write, and the
+	// full comparison runs; every path that replaces a device drops the
+	// record.
 	link netlink.Link
 	ns   *netNS
 }
@@ -444,10 +444,10 @@ func (m *Manager) syncPeerEntries(ns *netNS, vx netlink.Link, vni uint32, keepAl
 			if m.inKernel == nil {
 				m.inKernel = map[uint32]kernelPeers{}
 			}
-			m.inKernel[vni] = kernelPeers{index: idx, set: set, link: vx, ns: ns}
+			m.inKernel[vni] = kernelPeers{set: set, link: vx, ns: ns}
 		}
 	}()
-	if delta && known && last.index == idx {
+	if delta && known && last.link.Attrs().Index == idx {
 		old := last.set
 		haveNeigh := make(map[netip.Addr][6]byte, len(old.byIP))
 		for ip := range old.byIP {

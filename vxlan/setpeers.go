@@ -271,16 +271,14 @@ func (m *Manager) ChangePeers(ctx context.Context, vni uint32, removed, added []
 
 // applyDifference changes set, the network's peers that the last sync
 // left in the kernel (last), by removed and added, and writes the
-// entries of the addresses, MACs and VTEPs they touch. done false: the
-// device changed, the full comparison must run. Caller holds m.mu.
+// entries of the addresses, MACs and VTEPs they touch, on the device the
+// last sync wrote. done false: that device is gone, the full comparison
+// must run. Caller holds m.mu.
 func (m *Manager) applyDifference(vni uint32, set *peerSet, last kernelPeers, removed, added []peerKey) (ch Changes, done bool, err error) {
 	if len(added) == 0 && len(removed) == 0 {
 		return ch, true, nil
 	}
 	vx, ns := last.link, last.ns
-	if vx == nil || ns == nil || vx.Attrs().Index != last.index {
-		return ch, false, nil
-	}
 	// What the entries the difference touches hold now.
 	type neigh struct {
 		mac [6]byte
@@ -384,7 +382,7 @@ func (m *Manager) applyDifference(vni uint32, set *peerSet, last kernelPeers, re
 	if m.inKernel == nil {
 		m.inKernel = map[uint32]kernelPeers{}
 	}
-	m.inKernel[vni] = kernelPeers{index: last.index, set: set, link: vx, ns: ns}
+	m.inKernel[vni] = kernelPeers{set: set, link: vx, ns: ns}
 	if ch.Total() > 0 {
 		m.log.Debug("peers set", "vni", vni, "peers", len(set.peers), "changes", ch.Total())
 	}
