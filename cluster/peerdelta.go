@@ -1,7 +1,6 @@
 package cluster
 
 import (
-	"bytes"
 	"net"
 	"net/netip"
 	"slices"
@@ -48,11 +47,6 @@ func (e dpEntry) hwaddr() net.HardwareAddr {
 		return net.HardwareAddr(e.mac6[:])
 	}
 	return net.HardwareAddr(e.mac)
-}
-
-// sameEntry says whether p and q give the same data plane entries.
-func sameEntry(p, q Peer) bool {
-	return p.IP == q.IP && p.VTEP == q.VTEP && bytes.Equal(p.MAC, q.MAC)
 }
 
 // PeerDelta is how the data plane entries of a watch's peers changed since
@@ -159,10 +153,10 @@ func (w *PeerWatch) advance(rec Network, hosts []string) {
 	// the same, in the same order: those at both ends that give the same
 	// entries change no count and are left out.
 	for i, c := range changed {
-		for len(c.old) > 0 && len(c.new) > 0 && sameEntry(c.old[0], c.new[0]) {
+		for len(c.old) > 0 && len(c.new) > 0 && entryOf(c.old[0]) == entryOf(c.new[0]) {
 			c.old, c.new = c.old[1:], c.new[1:]
 		}
-		for len(c.old) > 0 && len(c.new) > 0 && sameEntry(c.old[len(c.old)-1], c.new[len(c.new)-1]) {
+		for len(c.old) > 0 && len(c.new) > 0 && entryOf(c.old[len(c.old)-1]) == entryOf(c.new[len(c.new)-1]) {
 			c.old, c.new = c.old[:len(c.old)-1], c.new[:len(c.new)-1]
 		}
 		changed[i] = c
