@@ -163,6 +163,32 @@ func (c *Consul) Get(ctx context.Context, key string) (*Pair, error) {
 	return c.pair(kvp), nil
 }
 
+// getSince is Get for a reader that needs key as it was at index since
+// or later (a lean watch's record, named changed by a consistent listing
+// at that index): it reads in Consul's default mode, which saves the
+// leader's check of its quorum, and takes the answer only when the key's
+// modify index is at least since. A server whose state is older (a
+// deposed leader, a restarted one still applying its log) cannot hold
+// that version (Raft applies the log in order), so its answer goes to
+// Get: so does a key not found, or changed at an earlier index (another
+// key's write moved the listing's index).
+func (c *Consul) getSince(ctx context.Context, key string, since uint64) (*Pair, error) {
+	if err := checkKey(key); err != nil {
+		return nil, err
+	}
+	full := c.prefix + key
+	rctx, cancel, st := c.request(ctx, c.timeout)
+	kvp, _, err := c.kv.Get(full, (&api.QueryOptions{}).WithContext(rctx))
+	cancel()
+	if err != nil {
+		return nil, c.fail(ctx, st, "kv get", full, err)
+	}
+	if kvp != nil && since > 0 && kvp.ModifyIndex >= since {
+		return c.pair(kvp), nil
+	}
+	return c.Get(ctx, key)
+}
+
 // List returns the pairs under prefix, sorted by key, in Consul's
 // consistent mode.
 func (c *Consul) List(ctx context.Context, prefix string) ([]*Pair, error) {
@@ -620,7 +646,8 @@ const leanFetchMost = 8
 // member host receives on every change). It delivers the same snapshots,
 // but reads only what changed: its blocking query lists the prefix's key
 // names, without values, and the stamps among them (stamp.go) name the
-// records that changed, which are read one by one (or the whole prefix
+// records that changed, which are read one by one (getSince: in Consul's
+// default mode, taken when as new as the listing; or the whole prefix
 // with one List when more than leanFetchMost changed, after an outage,
 // and when the index went back: a new server). Records the stamps cannot
 // vouch for are checked with one read-only transaction of check-index
@@ -689,7 +716,7 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 				return true
 			}
 			var err error
-			changed, err = c.leanRefresh(ctx, &st, names, relist)
+			changed, err = c.leanRefresh(ctx, &st, names, index, relist)
 			if err != nil {
 				if ctx.Err() != nil {
 					return false
@@ -835,7 +862,7 @@ func (st *leanState) set(ps []*Pair) bool {
 // ones, after a check of those the stamps cannot vouch for (every record
 // when nothing in the listing explains its wake). changed says whether
 // the records changed.
-func (c *Consul) leanRefresh(ctx context.Context, st *leanState, names []string, relist bool) (changed bool, err error) {
+func (c *Consul) leanRefresh(ctx context.Context, st *leanState, names []string, at uint64, relist bool) (changed bool, err error) {
 	list := func() (bool, error) {
 		ps, err := c.List(ctx, st.prefix)
 		if err != nil {
@@ -851,7 +878,7 @@ func (c *Consul) leanRefresh(ctx context.Context, st *leanState, names []string,
 	}
 	if read, fresh, ok := st.quick(c.prefix, names); ok {
 		// Only stamps changed, each of a record the stamps vouch for.
-		if changed, err = c.leanRead(ctx, st, read, fresh); err == nil {
+		if changed, err = c.leanRead(ctx, st, read, fresh, at); err == nil {
 			st.names = names
 		}
 		return changed, err
@@ -936,7 +963,7 @@ func (c *Consul) leanRefresh(ctx context.Context, st *leanState, names []string,
 	if len(read) > leanFetchMost {
 		return list()
 	}
-	moved, err := c.leanRead(ctx, st, read, fresh)
+	moved, err := c.leanRead(ctx, st, read, fresh, at)
 	if err != nil {
 		return false, err
 	}
@@ -1012,9 +1039,9 @@ func (st *leanState) quick(full string, names []string) (read []string, fresh ma
 
 // leanRead reads the records read into the state, giving those in fresh
 // their new stamp, trusted; changed says whether the records changed.
-func (c *Consul) leanRead(ctx context.Context, st *leanState, read []string, fresh map[string]string) (changed bool, err error) {
+func (c *Consul) leanRead(ctx context.Context, st *leanState, read []string, fresh map[string]string, at uint64) (changed bool, err error) {
 	for _, k := range read {
-		p, err := c.Get(ctx, k)
+		p, err := c.getSince(ctx, k, at)
 		switch {
 		case errors.Is(err, ErrNotFound):
 			if _, ok := st.held[k]; ok {

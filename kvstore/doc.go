@@ -12,7 +12,11 @@
 //     has applied its log (keys written since its last snapshot missing:
 //     a watch would withdraw live peers, a missing record pass for
 //     deleted), while in consistent mode it refuses them until it has
-//     caught up, which callers see as ErrUnavailable and retry.
+//     caught up, which callers see as ErrUnavailable and retry. One read
+//     is made in the default mode: a lean watch's read of a record its
+//     consistent listing named changed, taken only when the record's
+//     modify index is at least the listing's (a server behind cannot hold
+//     that version), else read again in the consistent mode.
 //   - Embedded: a local bbolt file for a single host without Consul. It
 //     keeps its own monotonically increasing modify index in the file, so
 //     CAS, DeleteCAS and Txn behave exactly as they do on Consul.

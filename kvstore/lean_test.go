@@ -62,13 +62,20 @@ type countingProxy struct {
 	failTxn int
 	// wait, when set, replaces every blocking query's wait.
 	wait string
+	// plain counts the requests read in Consul's default mode (without
+	// "consistent"), by the same names.
+	plain map[string]int
+	// stale answers a default-mode read of a path (/v1/kv/...) as a
+	// server behind the others would: with the body held (an earlier
+	// answer), or 404 when it is nil.
+	stale map[string][]byte
 }
 
 func (c *countingProxy) take() (map[string]int, int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	m, b := c.counts, c.bytes
-	c.counts, c.bytes = map[string]int{}, 0
+	c.counts, c.bytes, c.plain = map[string]int{}, 0, map[string]int{}
 	return m, b
 }
 
@@ -83,7 +90,7 @@ func (w countingWriter) Write(b []byte) (int, error) {
 }
 
 func startCountingProxy(t *testing.T, agent *testenv.ConsulAgent) (*countingProxy, string) {
-	c := &countingProxy{counts: map[string]int{}}
+	c := &countingProxy{counts: map[string]int{}, plain: map[string]int{}, stale: map[string][]byte{}}
 	rp := httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: agent.Addr})
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
@@ -108,13 +115,28 @@ func startCountingProxy(t *testing.T, agent *testenv.ConsulAgent) (*countingProx
 		if fail {
 			c.failTxn--
 		}
+		plain := !q.Has("consistent") && !q.Has("stale")
+		if plain {
+			c.plain[name]++
+		}
+		old, stale := c.stale[r.URL.Path]
+		stale = stale && plain && r.Method == http.MethodGet
 		c.mu.Unlock()
 		if fail {
 			http.Error(w, "injected failure", http.StatusInternalServerError)
 			return
 		}
 		var n int
-		rp.ServeHTTP(countingWriter{w, &n}, r)
+		switch {
+		case stale && old == nil:
+			w.Header().Set("X-Consul-Index", "1")
+			w.WriteHeader(http.StatusNotFound)
+		case stale:
+			w.Header().Set("Content-Type", "application/json")
+			n, _ = w.Write(old)
+		default:
+			rp.ServeHTTP(countingWriter{w, &n}, r)
+		}
 		c.mu.Lock()
 		c.counts[name]++
 		c.bytes += n

@@ -3,6 +3,8 @@ package kvstore
 import (
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"slices"
 	"strings"
 	"testing"
@@ -296,5 +298,61 @@ func TestConsulWatchLeanStamped(t *testing.T) {
 	// the second found it newer than its stamp.
 	if c := settle(); c[txn] != 2 || c[read("h15")] != 2 {
 		t.Fatalf("a stamped change, with a record newer than its stamp, made the requests %v (two watches), want a check and a read each", c)
+	}
+}
+
+// TestConsulWatchLeanReadsBehind proves that a lean watch reads a record
+// its listing named changed in Consul's default mode and takes the answer
+// only when it is at least as new as the listing: an answer from a
+// server behind the others (an older version, or the key missing, as a
+// restarted server still applying its log gives) is read again in the
+// consistent mode, and the snapshot holds the new version.
+func TestConsulWatchLeanReadsBehind(t *testing.T) {
+	proxy, root, s, w := leanSetup(t)
+	stamp := func(k string) (string, bool) {
+		return "net/config", k == "net/config" || strings.HasPrefix(k, "net/config/peers/")
+	}
+	sw := Stamped(w, stamp)
+	_, want := leanNet(t, s, w, sw, 30)
+	path := func(h string) string { return "/v1/kv/" + root + "net/config/peers/" + h }
+	settle := func() (map[string]int, map[string]int) {
+		time.Sleep(100 * time.Millisecond)
+		proxy.mu.Lock()
+		plain := proxy.plain
+		proxy.mu.Unlock()
+		counts, _ := proxy.take()
+		return counts, plain
+	}
+	want("first snapshot")
+	settle()
+
+	// A change read from an up-to-date server: one read, default mode.
+	mustPut(t, sw, "net/config/peers/h07", "7-changed")
+	want("after a stamped change")
+	if c, plain := settle(); c["GET "+path("h07")] != 1 || plain["GET "+path("h07")] != 1 {
+		t.Fatalf("a stamped change made the requests %v (%v in the default mode), want one read of h07 in the default mode", c, plain)
+	}
+
+	// The server answering the default-mode read is behind: it gives
+	// h08's version before the change, then (h09) no key at all.
+	resp, err := http.Get("http://" + w.addr + path("h08"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("reading h08 before its change: %d, %v", resp.StatusCode, err)
+	}
+	proxy.mu.Lock()
+	proxy.stale[path("h08")] = before
+	proxy.stale[path("h09")] = nil
+	proxy.mu.Unlock()
+	for _, h := range []string{"h08", "h09"} {
+		mustPut(t, sw, "net/config/peers/"+h, h+"-changed")
+		want("after a stamped change of " + h + ", read from a server behind")
+		if c, plain := settle(); c["GET "+path(h)] != 2 || plain["GET "+path(h)] != 1 {
+			t.Fatalf("a change of %s read from a server behind made the requests %v (%v in the default mode), want a read in the default mode and one in the consistent mode", h, c, plain)
+		}
 	}
 }
