@@ -147,20 +147,30 @@ func (c *Consul) NodeName(ctx context.Context) (string, error) {
 // Get returns the pair at key, or ErrNotFound. It reads in Consul's
 // consistent mode (see the package documentation).
 func (c *Consul) Get(ctx context.Context, key string) (*Pair, error) {
+	kvp, err := c.getKV(ctx, key, true)
+	if err != nil {
+		return nil, err
+	}
+	if kvp == nil {
+		return nil, fmt.Errorf("consul kv get %q: %w", c.prefix+key, ErrNotFound)
+	}
+	return c.pair(kvp), nil
+}
+
+// getKV reads key, in Consul's consistent mode or its default one (nil:
+// no such key).
+func (c *Consul) getKV(ctx context.Context, key string, consistent bool) (*api.KVPair, error) {
 	if err := checkKey(key); err != nil {
 		return nil, err
 	}
 	full := c.prefix + key
 	rctx, cancel, st := c.request(ctx, c.timeout)
 	defer cancel()
-	kvp, _, err := c.kv.Get(full, (&api.QueryOptions{RequireConsistent: true}).WithContext(rctx))
+	kvp, _, err := c.kv.Get(full, (&api.QueryOptions{RequireConsistent: consistent}).WithContext(rctx))
 	if err != nil {
 		return nil, c.fail(ctx, st, "kv get", full, err)
 	}
-	if kvp == nil {
-		return nil, fmt.Errorf("consul kv get %q: %w", full, ErrNotFound)
-	}
-	return c.pair(kvp), nil
+	return kvp, nil
 }
 
 // getSince is Get for a reader that needs key as it was at index since
@@ -173,15 +183,9 @@ func (c *Consul) Get(ctx context.Context, key string) (*Pair, error) {
 // Get: so does a key not found, or changed at an earlier index (another
 // key's write moved the listing's index).
 func (c *Consul) getSince(ctx context.Context, key string, since uint64) (*Pair, error) {
-	if err := checkKey(key); err != nil {
-		return nil, err
-	}
-	full := c.prefix + key
-	rctx, cancel, st := c.request(ctx, c.timeout)
-	kvp, _, err := c.kv.Get(full, (&api.QueryOptions{}).WithContext(rctx))
-	cancel()
+	kvp, err := c.getKV(ctx, key, false)
 	if err != nil {
-		return nil, c.fail(ctx, st, "kv get", full, err)
+		return nil, err
 	}
 	if kvp != nil && since > 0 && kvp.ModifyIndex >= since {
 		return c.pair(kvp), nil
