@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"math"
+	"runtime"
 	"runtime/debug"
 	"testing"
 	"time"
@@ -23,6 +24,32 @@ func TestApplyMemoryDefaults(t *testing.T) {
 	}
 	if got := debug.SetGCPercent(100); got != defaultGCPercent {
 		t.Fatalf("GOGC unset: GC percent %d, want %d", got, defaultGCPercent)
+	}
+}
+
+// TestHeapProfilingDefault: the runtime's heap profiling is off unless
+// the profiles are served (DEBUG_PPROF) or GODEBUG sets its rate.
+func TestHeapProfilingDefault(t *testing.T) {
+	old := runtime.MemProfileRate
+	oldGC := debug.SetGCPercent(100)
+	defer func() { runtime.MemProfileRate = old; debug.SetGCPercent(oldGC) }()
+	env := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+	for _, c := range []struct {
+		env  map[string]string
+		want int
+	}{
+		{nil, 0},
+		{map[string]string{"DEBUG_PPROF": "0"}, 0},
+		{map[string]string{"DEBUG_PPROF": "1"}, 4096},
+		{map[string]string{"DEBUG_PPROF": "true"}, 4096},
+		{map[string]string{"DEBUG_PPROF": "bogus"}, 4096}, // refused at start, with its reason
+		{map[string]string{"GODEBUG": "x=1,memprofilerate=1"}, 4096},
+	} {
+		runtime.MemProfileRate = 4096
+		applyMemoryDefaults(env(c.env))
+		if runtime.MemProfileRate != c.want {
+			t.Errorf("env %v: MemProfileRate %d, want %d", c.env, runtime.MemProfileRate, c.want)
+		}
 	}
 }
 
@@ -61,9 +88,10 @@ func TestReleaseDue(t *testing.T) {
 	}{
 		{"quiet after a burst", memSample{live: 6 * mib, free: 5 * mib, allocs: 500*mib + 100<<10}, time.Hour, true},
 		{"still busy", memSample{live: 6 * mib, free: 5 * mib, allocs: 520 * mib}, time.Hour, false},
-		{"little free", memSample{live: 6 * mib, free: 2 * mib, allocs: 500 * mib}, time.Hour, false},
-		{"free below a quarter of a large live heap", memSample{live: 40 * mib, free: 8 * mib, allocs: 500 * mib}, time.Hour, false},
-		{"free above a quarter of a large live heap", memSample{live: 40 * mib, free: 12 * mib, allocs: 500 * mib}, time.Hour, true},
+		{"quiet, 1.5 MiB free", memSample{live: 6 * mib, free: 3 * mib / 2, allocs: 500 * mib}, time.Hour, true},
+		{"little free", memSample{live: 6 * mib, free: 1 * mib, allocs: 500 * mib}, time.Hour, false},
+		{"free below an eighth of a large live heap", memSample{live: 40 * mib, free: 4 * mib, allocs: 500 * mib}, time.Hour, false},
+		{"free above an eighth of a large live heap", memSample{live: 40 * mib, free: 6 * mib, allocs: 500 * mib}, time.Hour, true},
 		{"released a moment ago", memSample{live: 6 * mib, free: 5 * mib, allocs: 500 * mib}, time.Second, false},
 		{"counter went back", memSample{live: 6 * mib, free: 5 * mib, allocs: 1}, time.Hour, false},
 	} {

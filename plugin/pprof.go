@@ -23,6 +23,17 @@ const envDebugPprof = "DEBUG_PPROF"
 // pprofSocket is the socket's name in DATA_DIR.
 const pprofSocket = "pprof.sock"
 
+// pprofEnabled says whether DEBUG_PPROF asks for the profiles (1 or
+// true); a value startPprof refuses counts as on, so that the runtime's
+// heap profiling stays on until the plugin has said why it stops.
+func pprofEnabled(getenv func(string) string) bool {
+	switch strings.ToLower(strings.TrimSpace(getenv(envDebugPprof))) {
+	case "", "0", "false":
+		return false
+	}
+	return true
+}
+
 // startPprof serves the profiles until ctx ends when DEBUG_PPROF is 1 or
 // true; else it does nothing.
 func startPprof(ctx context.Context, getenv func(string) string, dataDir string, log *slog.Logger) (stop func(), err error) {
