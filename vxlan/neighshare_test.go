@@ -94,6 +94,19 @@ func testSharedNeighDump(t *testing.T, dp bool) {
 	// seen once the dump is older than neighShareFor.
 	removeByHand(peers[vnis[1]][0])
 	time.Sleep(neighShareFor)
+	// Past its life the dump is no longer held (its entries and buffers
+	// go back to the heap).
+	held := func() int {
+		h.m.mu.Lock()
+		defer h.m.mu.Unlock()
+		return len(vxNS.shares)
+	}
+	for end := time.Now().Add(2 * time.Second); held() > 0 && time.Now().Before(end); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := held(); n > 0 {
+		t.Errorf("%d shared dumps still held after their life (%v)", n, neighShareFor)
+	}
 	resyncAll("resync after the dump's life")
 	if !has(peers[vnis[1]][0]) {
 		t.Fatal("an entry removed by hand was not repaired by a resync after the dump's life")
