@@ -41,9 +41,10 @@ const (
 // free, the free pages go back to the system at once (debug.FreeOSMemory:
 // one collection, then the release), at most once per releaseEvery. A
 // busy plugin is left to the runtime's own pacing. With 1,000 endpoints
-// in 100 networks a quiet plugin kept 1.5 to 2 MiB free, under the
-// 2 MiB this took before: 1 MiB returns it (BENCHMARKS.md, twenty-first
-// round), for one collection of a 6 MiB heap at most every releaseEvery.
+// in 100 networks a quiet plugin kept 1.6 to 2.9 MB free, mostly under
+// the 2 MiB this took before: 1 MiB returns it (BENCHMARKS.md,
+// twenty-first round), for one collection of a 6 MiB heap at most every
+// releaseEvery.
 const (
 	releaseQuiet = 1 << 20
 	releaseAbove = 1 << 20
@@ -55,10 +56,10 @@ const (
 // reports whether it set the default.
 //
 // It also turns the runtime's heap profiling off unless DEBUG_PPROF
-// serves the profiles or GODEBUG sets memprofilerate: Go samples an
-// allocation every 512 KiB by default and keeps a record of each
-// sampled call stack, never freed, in a table of its own outside the
-// heap. Nothing reads them unless the profiles are served, and with
+// serves the profiles or GODEBUG sets memprofilerate: by default Go
+// samples one allocation in about every 512 KiB allocated and keeps a
+// record of each sampled call stack, never freed, in a table of its own
+// outside the heap. Nothing reads them unless the profiles are served, and with
 // 1,000 endpoints in 100 networks they held about 0.6 MiB of the
 // plugin's resident set (BENCHMARKS.md, twenty-first round), growing
 // with every new call stack.

@@ -37,11 +37,10 @@ func pprofEnabled(getenv func(string) string) bool {
 // startPprof serves the profiles until ctx ends when DEBUG_PPROF is 1 or
 // true; else it does nothing.
 func startPprof(ctx context.Context, getenv func(string) string, dataDir string, log *slog.Logger) (stop func(), err error) {
-	switch v := strings.ToLower(strings.TrimSpace(getenv(envDebugPprof))); v {
-	case "", "0", "false":
+	if !pprofEnabled(getenv) {
 		return func() {}, nil
-	case "1", "true":
-	default:
+	}
+	if v := strings.ToLower(strings.TrimSpace(getenv(envDebugPprof))); v != "1" && v != "true" {
 		return nil, fmt.Errorf("%s=%q: want 1 or 0", envDebugPprof, v)
 	}
 	path := filepath.Join(dataDir, pprofSocket)

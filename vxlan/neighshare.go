@@ -53,9 +53,10 @@ func (ns *netNS) sharedNeighs(idx, fam int) ([]netlink.Neigh, error) {
 		ns.shares = map[int]*neighShare{}
 	}
 	ns.shares[fam] = s
-	// Past its life the dump serves nothing, yet it holds every device's
-	// entries and the netlink buffers they were parsed from (some 0.7 MiB
-	// with 1,000 peers) until the next resync: it is dropped then.
+	// Past its life the dump serves nothing, yet it would hold every
+	// device's entries and the netlink buffers they were parsed from
+	// (some 0.7 MiB with 1,000 peers) until the next resync: it is
+	// dropped when its life ends.
 	time.AfterFunc(neighShareFor, func() { ns.dropShare(fam, s) })
 	return s.byIdx[idx], nil
 }
