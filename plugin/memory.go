@@ -59,10 +59,10 @@ const (
 // serves the profiles or GODEBUG sets memprofilerate: by default Go
 // samples one allocation in about every 512 KiB allocated and keeps a
 // record of each sampled call stack, never freed, in a table of its own
-// outside the heap. Nothing reads them unless the profiles are served, and with
-// 1,000 endpoints in 100 networks they held about 0.6 MiB of the
-// plugin's resident set (BENCHMARKS.md, twenty-first round), growing
-// with every new call stack.
+// outside the heap. Nothing reads them unless the profiles are served,
+// and with 1,000 endpoints in 100 networks they held about 0.6 MiB of
+// the plugin's resident set (BENCHMARKS.md, twenty-first round),
+// growing with every new call stack.
 func applyMemoryDefaults(getenv func(string) string) bool {
 	if !pprofEnabled(getenv) && !strings.Contains(getenv("GODEBUG"), "memprofilerate=") {
 		runtime.MemProfileRate = 0
