@@ -605,7 +605,7 @@ func touchFlags() uint64 { return uint64(time.Now().UnixNano()) | 1 }
 func (cl *Claim) watch(ctx context.Context) {
 	var p *api.KVPair
 	query := func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
-		p, meta, err = cl.c.kv.Get(cl.key, q)
+		p, meta, err = cl.c.watchKV.Get(cl.key, q)
 		return meta, err
 	}
 	cl.c.follow(ctx, query, func(uint64) bool {

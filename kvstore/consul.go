@@ -3,6 +3,7 @@ package kvstore
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -48,6 +49,10 @@ type Consul struct {
 	client    *api.Client
 	kv        *api.KV
 	transport *http.Transport
+	// watchKV is kv on watchTransport: the blocking queries of watches
+	// (follow) run on the caller's goroutine alone.
+	watchKV   *api.KV
+	watchConn *watchTransport
 	addr      string // host:port, named in errors
 	prefix    string
 	timeout   time.Duration
@@ -110,11 +115,28 @@ func NewConsul(cfg ConsulConfig) (*Consul, error) {
 	if err != nil {
 		return nil, fmt.Errorf("new consul store for %s: %w", cfg.Address, err)
 	}
+	var wtls *tls.Config
+	if cfg.Scheme == "https" {
+		wtls = tlsCfg
+	}
+	wt := newWatchTransport(cfg.Address, tr.DialContext, wtls, cfg.Timeout, tr)
+	wt.proxy = tr.Proxy
+	watchClient, err := api.NewClient(&api.Config{
+		Address:    cfg.Address,
+		Scheme:     cfg.Scheme,
+		Token:      cfg.Token,
+		HttpClient: &http.Client{Transport: statusTransport{wt}},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("new consul store for %s: %w", cfg.Address, err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Consul{
 		client:    client,
 		kv:        client.KV(),
 		transport: tr,
+		watchKV:   watchClient.KV(),
+		watchConn: wt,
 		addr:      cfg.Address,
 		prefix:    cfg.Prefix,
 		timeout:   cfg.Timeout,
@@ -452,7 +474,7 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 		note      = deliveredHook(ctx)
 	)
 	query := func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
-		kvps, meta, err = c.kv.List(full, q)
+		kvps, meta, err = c.watchKV.List(full, q)
 		return meta, err
 	}
 	c.follow(ctx, query, func(uint64) bool {
@@ -539,6 +561,7 @@ func (c *Consul) Close() error {
 	c.cancel()
 	c.wg.Wait()
 	c.transport.CloseIdleConnections()
+	c.watchConn.CloseIdleConnections()
 	return nil
 }
 
@@ -705,9 +728,9 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 		var meta *api.QueryMeta
 		var err error
 		if listing {
-			kvps, meta, err = c.kv.List(full, q)
+			kvps, meta, err = c.watchKV.List(full, q)
 		} else {
-			names, meta, err = c.kv.Keys(full, "", q)
+			names, meta, err = c.watchKV.Keys(full, "", q)
 		}
 		return meta, err
 	}

@@ -1,0 +1,445 @@
+package kvstore
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"consul-overlay/internal/testenv"
+)
+
+// connCounter counts the connections a test server accepted.
+type connCounter struct{ n atomic.Int32 }
+
+func (c *connCounter) track(srv *httptest.Server) {
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			c.n.Add(1)
+		}
+	}
+}
+
+// blocked counts the requests to /block being served.
+var blocked atomic.Int32
+
+// watchTestServer serves /ok (a short answer), /big (an answer larger than
+// the connection's buffer, chunked), /close (an answer that closes the
+// connection) and /block (an answer only when release is closed).
+func watchTestServer(t *testing.T, tlsOn bool) (*httptest.Server, *connCounter, chan struct{}) {
+	t.Helper()
+	release := make(chan struct{})
+	mux := http.NewServeMux()
+	mux.HandleFunc("/ok", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok "+r.URL.RawQuery) })
+	mux.HandleFunc("/big", func(w http.ResponseWriter, r *http.Request) {
+		for range 64 {
+			io.WriteString(w, strings.Repeat("x", 1000))
+			w.(http.Flusher).Flush()
+		}
+	})
+	mux.HandleFunc("/close", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "close")
+		io.WriteString(w, "bye")
+	})
+	mux.HandleFunc("/block", func(w http.ResponseWriter, r *http.Request) {
+		blocked.Add(1)
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+		io.WriteString(w, "released")
+	})
+	srv := httptest.NewUnstartedServer(mux)
+	cc := &connCounter{}
+	cc.track(srv)
+	if tlsOn {
+		// An agent that offers HTTP/2 too, as Go's servers do over TLS.
+		srv.EnableHTTP2 = true
+		srv.StartTLS()
+	} else {
+		srv.Start()
+	}
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+		srv.Close()
+	})
+	return srv, cc, release
+}
+
+func newTestWatchTransport(t *testing.T, srv *httptest.Server, fallback http.RoundTripper) *watchTransport {
+	t.Helper()
+	u, err := url.Parse(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tlsCfg *tls.Config
+	if u.Scheme == "https" {
+		tlsCfg = srv.Client().Transport.(*http.Transport).TLSClientConfig.Clone()
+		tlsCfg.NextProtos = []string{"h2", "http/1.1"} // as the shared transport's config becomes
+	}
+	wt := newWatchTransport(u.Host, (&net.Dialer{Timeout: time.Second}).DialContext, tlsCfg, time.Second, fallback)
+	t.Cleanup(wt.CloseIdleConnections)
+	return wt
+}
+
+func get(t *testing.T, c *http.Client, ctx context.Context, u string) (string, error) {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
+
+// TestWatchTransportReuse: answers read to their end give their connection
+// back, over plain HTTP and TLS (HTTP/1.1 also where HTTP/2 is offered): a run of requests, short and long (chunked),
+// uses one connection; an answer that says Connection: close, or a body
+// closed before its end, costs no wrong answer after it.
+func TestWatchTransportReuse(t *testing.T) {
+	for _, tlsOn := range []bool{false, true} {
+		name := "http"
+		if tlsOn {
+			name = "https"
+		}
+		t.Run(name, func(t *testing.T) {
+			srv, cc, _ := watchTestServer(t, tlsOn)
+			c := &http.Client{Transport: newTestWatchTransport(t, srv, nil)}
+			ctx := context.Background()
+			for i := range 5 {
+				got, err := get(t, c, ctx, srv.URL+"/ok?i="+string(rune('0'+i)))
+				if err != nil || got != "ok i="+string(rune('0'+i)) {
+					t.Fatalf("request %d: %q, %v", i, got, err)
+				}
+				got, err = get(t, c, ctx, srv.URL+"/big")
+				if err != nil || len(got) != 64000 {
+					t.Fatalf("big answer %d: %d bytes, %v", i, len(got), err)
+				}
+			}
+			if n := cc.n.Load(); n != 1 {
+				t.Fatalf("10 requests in a row used %d connections, want 1", n)
+			}
+			if got, err := get(t, c, ctx, srv.URL+"/close"); err != nil || got != "bye" {
+				t.Fatalf("close answer: %q, %v", got, err)
+			}
+			// A body closed unread: drained, and the next answer is its own.
+			req, _ := http.NewRequest(http.MethodGet, srv.URL+"/big", nil)
+			resp, err := c.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 10)
+			if _, err := io.ReadFull(resp.Body, buf); err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if _, err := resp.Body.Read(buf); !errors.Is(err, errWatchConnClosed) {
+				t.Fatalf("read after close: %v, want %v", err, errWatchConnClosed)
+			}
+			if got, err := get(t, c, ctx, srv.URL+"/ok?after"); err != nil || got != "ok after" {
+				t.Fatalf("after a body closed early: %q, %v", got, err)
+			}
+			if n := cc.n.Load(); n != 2 {
+				t.Fatalf("connections: %d, want 2 (one more after Connection: close)", n)
+			}
+		})
+	}
+}
+
+// TestWatchTransportIdleClosed: a connection the server closed while it was
+// idle in the pool is replaced, and the request answered.
+func TestWatchTransportIdleClosed(t *testing.T) {
+	srv, cc, _ := watchTestServer(t, false)
+	c := &http.Client{Transport: newTestWatchTransport(t, srv, nil)}
+	ctx := context.Background()
+	if _, err := get(t, c, ctx, srv.URL+"/ok"); err != nil {
+		t.Fatal(err)
+	}
+	srv.CloseClientConnections()
+	if got, err := get(t, c, ctx, srv.URL+"/ok?again"); err != nil || got != "ok again" {
+		t.Fatalf("after the server closed the idle connection: %q, %v", got, err)
+	}
+	if n := cc.n.Load(); n != 2 {
+		t.Fatalf("connections: %d, want 2", n)
+	}
+}
+
+// TestWatchTransportCancel: a blocking request ends as soon as its context
+// does, with the context's error, and its connection is not reused.
+func TestWatchTransportCancel(t *testing.T) {
+	srv, cc, _ := watchTestServer(t, false)
+	c := &http.Client{Transport: newTestWatchTransport(t, srv, nil)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		_, err := get(t, c, ctx, srv.URL+"/block")
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	cancel()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled request: %v, want context.Canceled", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a cancelled request did not end")
+	}
+	// A deadline that passes while the answer's header is awaited.
+	dctx, dcancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer dcancel()
+	if _, err := get(t, c, dctx, srv.URL+"/block"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("request past its deadline: %v, want context.DeadlineExceeded", err)
+	}
+	if got, err := get(t, c, context.Background(), srv.URL+"/ok"); err != nil || got != "ok " {
+		t.Fatalf("after cancelled requests: %q, %v", got, err)
+	}
+	if n := cc.n.Load(); n != 3 {
+		t.Fatalf("connections: %d, want 3 (a cancelled request's connection is not reused)", n)
+	}
+}
+
+// TestWatchTransportGoroutines: what the transport is for. Requests held
+// open cost no goroutine of the transport's, where net/http's Transport runs
+// a reader and a writer a connection (counted the same way as a check).
+func TestWatchTransportGoroutines(t *testing.T) {
+	const held = 20
+	for _, tc := range []struct {
+		name string
+		rt   func(*httptest.Server) http.RoundTripper
+		want int
+	}{
+		{"watch transport", func(srv *httptest.Server) http.RoundTripper { return newTestWatchTransport(t, srv, nil) }, 0},
+		{"net/http transport", func(*httptest.Server) http.RoundTripper {
+			return &http.Transport{MaxIdleConnsPerHost: held}
+		}, 2 * held},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv, _, release := watchTestServer(t, false)
+			c := &http.Client{Transport: tc.rt(srv)}
+			errs := make(chan error, held)
+			for range held {
+				go func() {
+					got, err := get(t, c, context.Background(), srv.URL+"/block")
+					if err == nil && got != "released" {
+						err = errors.New("answer " + got)
+					}
+					errs <- err
+				}()
+			}
+			deadline := time.Now().Add(5 * time.Second)
+			for blocked.Load() < held && time.Now().Before(deadline) {
+				time.Sleep(5 * time.Millisecond)
+			}
+			if n := blocked.Load(); n < held {
+				t.Fatalf("%d of %d requests reached the server", n, held)
+			}
+			if n := transportGoroutines(); n != tc.want {
+				t.Fatalf("%d requests held open: %d goroutines of net/http's connections, want %d", held, n, tc.want)
+			}
+			close(release)
+			for range held {
+				if err := <-errs; err != nil {
+					t.Fatal(err)
+				}
+			}
+			blocked.Store(0)
+		})
+	}
+}
+
+// transportGoroutines counts the goroutines running net/http's client
+// connection loops.
+func transportGoroutines() int {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	return strings.Count(string(buf), "net/http.(*persistConn).readLoop(") + strings.Count(string(buf), "net/http.(*persistConn).writeLoop(")
+}
+
+// TestWatchTransportFallback: a request to another address, or one the
+// environment's proxy setting takes, goes to the fallback transport.
+func TestWatchTransportFallback(t *testing.T) {
+	srv, conns, _ := watchTestServer(t, false)
+	other, otherConns, _ := watchTestServer(t, false)
+	fb := &countingRT{base: http.DefaultTransport}
+	wt := newTestWatchTransport(t, srv, fb)
+	c := &http.Client{Transport: wt}
+	if got, err := get(t, c, context.Background(), other.URL+"/ok"); err != nil || got != "ok " {
+		t.Fatalf("other address: %q, %v", got, err)
+	}
+	if otherConns.n.Load() != 1 || fb.n.Load() != 1 || len(wt.idle) != 0 {
+		t.Fatalf("other address: %d connections to it, %d fallback requests, %d idle in the watch pool", otherConns.n.Load(), fb.n.Load(), len(wt.idle))
+	}
+	// A proxy setting that covers the agent: the shared transport, which
+	// applies it (this one reaches the server directly).
+	wt.proxy = func(*http.Request) (*url.URL, error) { return url.Parse(srv.URL) }
+	if got, err := get(t, c, context.Background(), srv.URL+"/ok?proxied"); err != nil || got != "ok proxied" {
+		t.Fatalf("proxied: %q, %v", got, err)
+	}
+	if fb.n.Load() != 2 || len(wt.idle) != 0 {
+		t.Fatalf("proxied: %d fallback requests, %d idle in the watch pool", fb.n.Load(), len(wt.idle))
+	}
+	wt.proxy = func(*http.Request) (*url.URL, error) { return nil, nil }
+	if got, err := get(t, c, context.Background(), srv.URL+"/ok?direct"); err != nil || got != "ok direct" {
+		t.Fatalf("direct: %q, %v", got, err)
+	}
+	if fb.n.Load() != 2 || len(wt.idle) != 1 || conns.n.Load() != 2 {
+		t.Fatalf("direct: %d fallback requests, %d idle in the watch pool, %d connections", fb.n.Load(), len(wt.idle), conns.n.Load())
+	}
+}
+
+// countingRT counts the requests it passes to base.
+type countingRT struct {
+	base http.RoundTripper
+	n    atomic.Int32
+}
+
+func (c *countingRT) RoundTrip(req *http.Request) (*http.Response, error) {
+	c.n.Add(1)
+	return c.base.RoundTrip(req)
+}
+
+// TestConsulTLS runs the store's contract against an agent that answers
+// over HTTPS only (with HTTP/2 offered, as Consul's API does over TLS),
+// the store checking the agent's certificate against CAFile: the watches'
+// own transport carries their blocking queries over TLS, the shared one the
+// rest.
+func TestConsulTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca, cert, key := writeTestCerts(t, dir)
+	port := freeTCPPort(t)
+	agent := testenv.StartConsul(t, testenv.WithArgs(
+		"-https-port", strconv.Itoa(port),
+		"-hcl", fmt.Sprintf(`tls { https { ca_file = %q  cert_file = %q  key_file = %q } }`, ca, cert, key)))
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	var stores []*Consul
+	backend := func(t *testing.T) openFunc {
+		root := "tls-" + randomHex(t) + "/"
+		return func(t *testing.T, prefix string) Store {
+			s := newConsul(t, ConsulConfig{Address: "https://" + addr, CAFile: ca, Prefix: root + prefix})
+			stores = append(stores, s)
+			return s
+		}
+	}
+	t.Run("Contract", func(t *testing.T) { runContract(t, backend) })
+	t.Run("LeanWatchContract", func(t *testing.T) { runContract(t, leanBackend(backend)) })
+	var dials int64
+	for _, s := range stores {
+		dials += s.watchConn.dials.Load()
+	}
+	if dials == 0 {
+		t.Fatalf("no watch used its own transport over TLS (%d stores)", len(stores))
+	}
+	// A store that does not trust the agent's certificate is refused.
+	s := newConsul(t, ConsulConfig{Address: "https://" + addr, Prefix: "tls-untrusted/"})
+	if _, err := s.List(bg(t), ""); err == nil {
+		t.Fatal("a store without the agent's CA listed keys over TLS")
+	}
+	_ = agent
+}
+
+// freeTCPPort is a loopback port free when asked.
+func freeTCPPort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// writeTestCerts writes a CA and a certificate for 127.0.0.1 it signed, as
+// PEM files in dir.
+func writeTestCerts(t *testing.T, dir string) (caFile, certFile, keyFile string) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "consul-overlay test CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		IsCA:                  true,
+		KeyUsage:              x509.KeyUsageCertSign,
+		BasicConstraintsValid: true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "server.dc1.consul"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		DNSNames:     []string{"localhost"},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caFile, certFile, keyFile = filepath.Join(dir, "ca.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	for _, f := range []struct {
+		path, kind string
+		der        []byte
+	}{{caFile, "CERTIFICATE", caDER}, {certFile, "CERTIFICATE", der}, {keyFile, "EC PRIVATE KEY", keyDER}} {
+		if err := os.WriteFile(f.path, pem.EncodeToMemory(&pem.Block{Type: f.kind, Bytes: f.der}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return caFile, certFile, keyFile
+}
