@@ -605,10 +605,10 @@ func touchFlags() uint64 { return uint64(time.Now().UnixNano()) | 1 }
 func (cl *Claim) watch(ctx context.Context) {
 	var p *api.KVPair
 	query := func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
-		p, meta, err = cl.c.watchKV.Get(cl.key, q)
+		p, meta, err = cl.c.kv.Get(cl.key, q)
 		return meta, err
 	}
-	cl.c.follow(ctx, query, func(uint64) bool {
+	cl.c.follow(onOwnConn(ctx), query, func(uint64) bool {
 		if id := cl.Session(); id != "" && (p == nil || p.Session != id) {
 			select {
 			case cl.suspect <- struct{}{}:

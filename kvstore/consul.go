@@ -49,9 +49,8 @@ type Consul struct {
 	client    *api.Client
 	kv        *api.KV
 	transport *http.Transport
-	// watchKV is kv on watchTransport: the blocking queries of watches
-	// (follow) run on the caller's goroutine alone.
-	watchKV   *api.KV
+	// watchConn carries the requests of the watches' own goroutines (see
+	// onOwnConn).
 	watchConn *watchTransport
 	addr      string // host:port, named in errors
 	prefix    string
@@ -104,28 +103,19 @@ func NewConsul(cfg ConsulConfig) (*Consul, error) {
 	// 2.1 MiB of resident set (BENCHMARKS.md, twenty-first round).
 	tr.WriteBufferSize = 1024
 	tr.ReadBufferSize = 1024
-	// The HTTP client and scheme are set here, so the library's
-	// environment defaults apply only to what is left empty (the token).
-	client, err := api.NewClient(&api.Config{
-		Address:    cfg.Address,
-		Scheme:     cfg.Scheme,
-		Token:      cfg.Token,
-		HttpClient: &http.Client{Transport: statusTransport{tr}},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("new consul store for %s: %w", cfg.Address, err)
-	}
 	var wtls *tls.Config
 	if cfg.Scheme == "https" {
 		wtls = tlsCfg
 	}
 	wt := newWatchTransport(cfg.Address, tr.DialContext, wtls, cfg.Timeout, tr)
 	wt.proxy = tr.Proxy
-	watchClient, err := api.NewClient(&api.Config{
+	// The HTTP client and scheme are set here, so the library's
+	// environment defaults apply only to what is left empty (the token).
+	client, err := api.NewClient(&api.Config{
 		Address:    cfg.Address,
 		Scheme:     cfg.Scheme,
 		Token:      cfg.Token,
-		HttpClient: &http.Client{Transport: statusTransport{wt}},
+		HttpClient: &http.Client{Transport: statusTransport{routeTransport{shared: tr, own: wt}}},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("new consul store for %s: %w", cfg.Address, err)
@@ -135,7 +125,6 @@ func NewConsul(cfg ConsulConfig) (*Consul, error) {
 		client:    client,
 		kv:        client.KV(),
 		transport: tr,
-		watchKV:   watchClient.KV(),
 		watchConn: wt,
 		addr:      cfg.Address,
 		prefix:    cfg.Prefix,
@@ -451,7 +440,7 @@ func (c *Consul) startWatch(ctx context.Context, prefix string, run func(ctx con
 		return nil, fmt.Errorf("consul watch %q at %s: store closed", c.prefix+prefix, c.addr)
 	}
 	out := make(chan []*Pair)
-	wctx, cancel := context.WithCancel(ctx)
+	wctx, cancel := context.WithCancel(onOwnConn(ctx))
 	stop := context.AfterFunc(c.ctx, cancel)
 	c.wg.Add(1)
 	go func() {
@@ -474,7 +463,7 @@ func (c *Consul) watch(ctx context.Context, full string, out chan<- []*Pair) {
 		note      = deliveredHook(ctx)
 	)
 	query := func(q *api.QueryOptions) (meta *api.QueryMeta, err error) {
-		kvps, meta, err = c.watchKV.List(full, q)
+		kvps, meta, err = c.kv.List(full, q)
 		return meta, err
 	}
 	c.follow(ctx, query, func(uint64) bool {
@@ -561,7 +550,7 @@ func (c *Consul) Close() error {
 	c.cancel()
 	c.wg.Wait()
 	c.transport.CloseIdleConnections()
-	c.watchConn.CloseIdleConnections()
+	c.watchConn.closeAll()
 	return nil
 }
 
@@ -728,9 +717,9 @@ func (c *Consul) watchLean(ctx context.Context, prefix string, out chan<- []*Pai
 		var meta *api.QueryMeta
 		var err error
 		if listing {
-			kvps, meta, err = c.watchKV.List(full, q)
+			kvps, meta, err = c.kv.List(full, q)
 		} else {
-			names, meta, err = c.watchKV.Keys(full, "", q)
+			names, meta, err = c.kv.Keys(full, "", q)
 		}
 		return meta, err
 	}

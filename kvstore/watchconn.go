@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -44,11 +45,64 @@ type watchTransport struct {
 	closed bool         // guarded by mu
 }
 
+// ownConnKey marks the context of a goroutine whose requests go through
+// the watch transport: a watch's, which holds a blocking query most of the
+// time and reads what changed between two.
+type ownConnKey struct{}
+
+// onOwnConn is ctx for requests that run on the caller's goroutine alone
+// (see watchTransport): the blocking queries of a watch and the reads its
+// goroutine makes between them.
+func onOwnConn(ctx context.Context) context.Context {
+	return context.WithValue(ctx, ownConnKey{}, true)
+}
+
+// routeTransport sends a request whose context onOwnConn marked to own,
+// the rest to shared.
+type routeTransport struct {
+	shared, own http.RoundTripper
+}
+
+func (r routeTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if own, _ := req.Context().Value(ownConnKey{}).(bool); own {
+		return r.own.RoundTrip(req)
+	}
+	return r.shared.RoundTrip(req)
+}
+
 // watchConn is one connection with its buffers.
 type watchConn struct {
 	net.Conn
-	br *bufio.Reader
-	bw *bufio.Writer
+	raw net.Conn // the TCP connection under TLS, or Conn
+	br  *bufio.Reader
+	bw  *bufio.Writer
+}
+
+// alive tells, without blocking, whether an idle connection is still open:
+// the agent sends nothing between answers, so anything to read (its end of
+// the connection, a TLS alert) means it closed it.
+func (wc *watchConn) alive() bool {
+	if wc.br.Buffered() > 0 {
+		return false
+	}
+	sc, ok := wc.raw.(syscall.Conn)
+	if !ok {
+		return true
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	alive := false
+	var b [1]byte
+	err = rc.Read(func(fd uintptr) bool {
+		// Nothing to read yet is the one answer of an open connection:
+		// data, its end (0 bytes) or an error are not.
+		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		alive = errors.Is(err, syscall.EAGAIN)
+		return true // never wait for the connection to become readable
+	})
+	return err == nil && alive
 }
 
 // longAgo is a deadline in the past: it ends a blocked read or write at once.
@@ -76,7 +130,8 @@ func newWatchTransport(addr string, dial func(context.Context, string, string) (
 // goroutine; the body is read from the connection as the caller reads it.
 // Cancelling req's context ends a request in flight at once. A connection
 // that sat idle and turns out closed by the agent before it answered anything
-// is replaced once by a new one, for a request without a body to send again.
+// is replaced once by a new one, for a request that can be sent again (see
+// rewound).
 func (t *watchTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if req.URL == nil || req.URL.Host != t.addr || (req.URL.Scheme == "https") != (t.tls != nil) {
 		return t.fallback.RoundTrip(req)
@@ -103,29 +158,66 @@ func (t *watchTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		if reused && !answered && attempt == 0 && (req.Body == nil || req.Body == http.NoBody) {
-			continue
+		if reused && !answered && attempt == 0 {
+			if again, ok := rewound(req); ok {
+				req = again
+				continue
+			}
 		}
 		return nil, err
 	}
 }
 
+// rewound is req ready to be sent again, as net/http's Transport would:
+// only a request that changes nothing (GET, HEAD), itself without a body, a
+// copy with a new body where the request can make one (GetBody). A write
+// (a transaction) is not sent twice: the agent may have applied it before
+// the connection failed.
+func rewound(req *http.Request) (*http.Request, bool) {
+	if req.Method != "" && req.Method != http.MethodGet && req.Method != http.MethodHead {
+		return nil, false
+	}
+	if req.Body == nil || req.Body == http.NoBody {
+		return req, true
+	}
+	if req.GetBody == nil {
+		return nil, false
+	}
+	body, err := req.GetBody()
+	if err != nil {
+		return nil, false
+	}
+	again := *req
+	again.Body = body
+	return &again, true
+}
+
 // get takes an idle connection (reused) or dials a new one.
 func (t *watchTransport) get(ctx context.Context) (wc *watchConn, reused bool, err error) {
-	t.mu.Lock()
-	if n := len(t.idle); n > 0 {
+	for {
+		t.mu.Lock()
+		n := len(t.idle)
+		if n == 0 {
+			t.mu.Unlock()
+			break
+		}
 		wc = t.idle[n-1]
 		t.idle[n-1] = nil
 		t.idle = t.idle[:n-1]
 		t.mu.Unlock()
-		return wc, true, nil
+		// One the agent closed while it waited (a restart, its idle
+		// timeout) is dropped here, as net/http's reader would have.
+		if wc.alive() {
+			return wc, true, nil
+		}
+		wc.Close()
 	}
-	t.mu.Unlock()
 	conn, err := t.dial(ctx, "tcp", t.addr)
 	if err != nil {
 		return nil, false, err
 	}
 	t.dials.Add(1)
+	raw := conn
 	if t.tls != nil {
 		tc := tls.Client(conn, t.tls)
 		hctx, cancel := context.WithTimeout(ctx, t.timeout)
@@ -138,7 +230,7 @@ func (t *watchTransport) get(ctx context.Context) (wc *watchConn, reused bool, e
 		conn = tc
 	}
 	// The buffers' sizes are the shared transport's (see NewConsul).
-	return &watchConn{Conn: conn, br: bufio.NewReaderSize(conn, 1024), bw: bufio.NewWriterSize(conn, 1024)}, false, nil
+	return &watchConn{Conn: conn, raw: raw, br: bufio.NewReaderSize(conn, 1024), bw: bufio.NewWriterSize(conn, 1024)}, false, nil
 }
 
 // exchange writes req on wc and reads the answer's header. answered tells
@@ -178,9 +270,9 @@ func (t *watchTransport) put(wc *watchConn) {
 	wc.Close()
 }
 
-// CloseIdleConnections closes the idle connections, and every one put back
-// from then on.
-func (t *watchTransport) CloseIdleConnections() {
+// closeAll closes the idle connections, and every one put back from then
+// on: the store is closed.
+func (t *watchTransport) closeAll() {
 	t.mu.Lock()
 	idle := t.idle
 	t.idle, t.closed = nil, true

@@ -1,6 +1,7 @@
 package kvstore
 
 import (
+	"bufio"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -102,7 +103,7 @@ func newTestWatchTransport(t *testing.T, srv *httptest.Server, fallback http.Rou
 		tlsCfg.NextProtos = []string{"h2", "http/1.1"} // as the shared transport's config becomes
 	}
 	wt := newWatchTransport(u.Host, (&net.Dialer{Timeout: time.Second}).DialContext, tlsCfg, time.Second, fallback)
-	t.Cleanup(wt.CloseIdleConnections)
+	t.Cleanup(wt.closeAll)
 	return wt
 }
 
@@ -176,20 +177,32 @@ func TestWatchTransportReuse(t *testing.T) {
 }
 
 // TestWatchTransportIdleClosed: a connection the server closed while it was
-// idle in the pool is replaced, and the request answered.
+// idle in the pool is dropped before use, for a read as for a write (which
+// is never sent twice: this is what spares it), over HTTP and TLS.
 func TestWatchTransportIdleClosed(t *testing.T) {
-	srv, cc, _ := watchTestServer(t, false)
-	c := &http.Client{Transport: newTestWatchTransport(t, srv, nil)}
-	ctx := context.Background()
-	if _, err := get(t, c, ctx, srv.URL+"/ok"); err != nil {
-		t.Fatal(err)
-	}
-	srv.CloseClientConnections()
-	if got, err := get(t, c, ctx, srv.URL+"/ok?again"); err != nil || got != "ok again" {
-		t.Fatalf("after the server closed the idle connection: %q, %v", got, err)
-	}
-	if n := cc.n.Load(); n != 2 {
-		t.Fatalf("connections: %d, want 2", n)
+	for _, tlsOn := range []bool{false, true} {
+		srv, cc, _ := watchTestServer(t, tlsOn)
+		c := &http.Client{Transport: newTestWatchTransport(t, srv, nil)}
+		ctx := context.Background()
+		if _, err := get(t, c, ctx, srv.URL+"/ok"); err != nil {
+			t.Fatal(err)
+		}
+		srv.CloseClientConnections()
+		time.Sleep(20 * time.Millisecond) // the close reaches our end
+		req, _ := http.NewRequest(http.MethodPost, srv.URL+"/ok?write", strings.NewReader("{}"))
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatalf("tls %v: a write after the server closed the idle connection: %v", tlsOn, err)
+		}
+		resp.Body.Close()
+		srv.CloseClientConnections()
+		time.Sleep(20 * time.Millisecond)
+		if got, err := get(t, c, ctx, srv.URL+"/ok?again"); err != nil || got != "ok again" {
+			t.Fatalf("tls %v: a read after the server closed the idle connection: %q, %v", tlsOn, got, err)
+		}
+		if n := cc.n.Load(); n != 3 {
+			t.Fatalf("tls %v: connections: %d, want 3", tlsOn, n)
+		}
 	}
 }
 
@@ -442,4 +455,104 @@ func writeTestCerts(t *testing.T, dir string) (caFile, certFile, keyFile string)
 		}
 	}
 	return caFile, certFile, keyFile
+}
+
+// TestWatchTransportRoute: requests whose context onOwnConn marked take the
+// watch transport, the rest the shared one.
+func TestWatchTransportRoute(t *testing.T) {
+	srv, _, _ := watchTestServer(t, false)
+	shared := &countingRT{base: http.DefaultTransport}
+	wt := newTestWatchTransport(t, srv, nil)
+	c := &http.Client{Transport: routeTransport{shared: shared, own: wt}}
+	if got, err := get(t, c, context.Background(), srv.URL+"/ok?shared"); err != nil || got != "ok shared" || shared.n.Load() != 1 || wt.dials.Load() != 0 {
+		t.Fatalf("unmarked: %q, %v; shared transport %d requests, watch transport %d connections", got, err, shared.n.Load(), wt.dials.Load())
+	}
+	if got, err := get(t, c, onOwnConn(context.Background()), srv.URL+"/ok?own"); err != nil || got != "ok own" || shared.n.Load() != 1 || wt.dials.Load() != 1 {
+		t.Fatalf("marked: %q, %v; shared transport %d requests, watch transport %d connections", got, err, shared.n.Load(), wt.dials.Load())
+	}
+}
+
+// TestWatchTransportResend: a connection that looked open but ends before
+// any answer to the request written on it (the agent closed it as the
+// request left) costs a read nothing: it is sent again on a new one; a
+// write is not sent twice.
+func TestWatchTransportResend(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var accepted atomic.Int32
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			n := accepted.Add(1)
+			go func() {
+				defer conn.Close()
+				br := bufio.NewReader(conn)
+				for i := 0; ; i++ {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					// Every connection but the last made answers its
+					// first request only, and closes on the second.
+					if i > 0 && n%2 == 1 {
+						return
+					}
+					io.WriteString(conn, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				}
+			}()
+		}
+	}()
+	wt := newWatchTransport(l.Addr().String(), (&net.Dialer{Timeout: time.Second}).DialContext, nil, time.Second, nil)
+	defer wt.closeAll()
+	c := &http.Client{Transport: wt}
+	base := "http://" + l.Addr().String()
+	do := func(method string) error {
+		var body io.Reader
+		if method == http.MethodPost {
+			body = strings.NewReader("{}")
+		}
+		req, _ := http.NewRequest(method, base+"/", body)
+		resp, err := c.Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err == nil && string(b) != "ok" {
+			err = errors.New("answer " + string(b))
+		}
+		return err
+	}
+	// Connection 1 answers, then closes on the read: sent again on 2.
+	if err := do(http.MethodGet); err != nil {
+		t.Fatal(err)
+	}
+	if err := do(http.MethodGet); err != nil {
+		t.Fatalf("a read whose connection closed before answering: %v", err)
+	}
+	if n := accepted.Load(); n != 2 {
+		t.Fatalf("connections: %d, want 2", n)
+	}
+	// Connection 2 answered and was kept; 3 answers, then closes on the
+	// write, which fails rather than go out twice.
+	wt.closeAll()
+	wt = newWatchTransport(l.Addr().String(), (&net.Dialer{Timeout: time.Second}).DialContext, nil, time.Second, nil)
+	defer wt.closeAll()
+	c.Transport = wt
+	if err := do(http.MethodPost); err != nil {
+		t.Fatal(err)
+	}
+	if err := do(http.MethodPost); err == nil {
+		t.Fatal("a write whose connection closed before answering was sent again")
+	}
+	if n := accepted.Load(); n != 3 {
+		t.Fatalf("connections: %d, want 3", n)
+	}
 }
