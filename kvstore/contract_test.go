@@ -467,16 +467,19 @@ func testPrefixIsolation(t *testing.T, open openFunc) {
 // watchGoroutines counts goroutines started by a method of this package's
 // stores (their "created by" frame), i.e. live watch loops.
 func watchGoroutines() int {
+	return strings.Count(allStacks(), "created by consul-overlay/kvstore.(*")
+}
+
+// allStacks is the stack of every goroutine.
+func allStacks() string {
 	buf := make([]byte, 1<<20)
 	for {
 		n := runtime.Stack(buf, true)
 		if n < len(buf) {
-			buf = buf[:n]
-			break
+			return string(buf[:n])
 		}
 		buf = make([]byte, 2*len(buf))
 	}
-	return strings.Count(string(buf), "created by consul-overlay/kvstore.(*")
 }
 
 // waitNoWatchGoroutines fails unless every watch goroutine ends within d.

@@ -3,25 +3,13 @@ package kvstore
 import (
 	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
-	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
-	"os"
-	"path/filepath"
-	"runtime"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -293,16 +281,8 @@ func TestWatchTransportGoroutines(t *testing.T) {
 // transportGoroutines counts the goroutines running net/http's client
 // connection loops.
 func transportGoroutines() int {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			buf = buf[:n]
-			break
-		}
-		buf = make([]byte, 2*len(buf))
-	}
-	return strings.Count(string(buf), "net/http.(*persistConn).readLoop(") + strings.Count(string(buf), "net/http.(*persistConn).writeLoop(")
+	stacks := allStacks()
+	return strings.Count(stacks, "net/http.(*persistConn).readLoop(") + strings.Count(stacks, "net/http.(*persistConn).writeLoop(")
 }
 
 // TestWatchTransportFallback: a request to another address, or one the
@@ -354,18 +334,12 @@ func (c *countingRT) RoundTrip(req *http.Request) (*http.Response, error) {
 // own transport carries their blocking queries over TLS, the shared one the
 // rest.
 func TestConsulTLS(t *testing.T) {
-	dir := t.TempDir()
-	ca, cert, key := writeTestCerts(t, dir)
-	port := freeTCPPort(t)
-	agent := testenv.StartConsul(t, testenv.WithArgs(
-		"-https-port", strconv.Itoa(port),
-		"-hcl", fmt.Sprintf(`tls { https { ca_file = %q  cert_file = %q  key_file = %q } }`, ca, cert, key)))
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	agent := testenv.StartConsul(t, testenv.WithHTTPS())
 	var stores []*Consul
 	backend := func(t *testing.T) openFunc {
 		root := "tls-" + randomHex(t) + "/"
 		return func(t *testing.T, prefix string) Store {
-			s := newConsul(t, ConsulConfig{Address: "https://" + addr, CAFile: ca, Prefix: root + prefix})
+			s := newConsul(t, ConsulConfig{Address: "https://" + agent.HTTPSAddr, CAFile: agent.CAFile, Prefix: root + prefix})
 			stores = append(stores, s)
 			return s
 		}
@@ -380,81 +354,10 @@ func TestConsulTLS(t *testing.T) {
 		t.Fatalf("no watch used its own transport over TLS (%d stores)", len(stores))
 	}
 	// A store that does not trust the agent's certificate is refused.
-	s := newConsul(t, ConsulConfig{Address: "https://" + addr, Prefix: "tls-untrusted/"})
+	s := newConsul(t, ConsulConfig{Address: "https://" + agent.HTTPSAddr, Prefix: "tls-untrusted/"})
 	if _, err := s.List(bg(t), ""); err == nil {
 		t.Fatal("a store without the agent's CA listed keys over TLS")
 	}
-	_ = agent
-}
-
-// freeTCPPort is a loopback port free when asked.
-func freeTCPPort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-// writeTestCerts writes a CA and a certificate for 127.0.0.1 it signed, as
-// PEM files in dir.
-func writeTestCerts(t *testing.T, dir string) (caFile, certFile, keyFile string) {
-	t.Helper()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "consul-overlay test CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IsCA:                  true,
-		KeyUsage:              x509.KeyUsageCertSign,
-		BasicConstraintsValid: true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caCert, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "server.dc1.consul"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
-		DNSNames:     []string{"localhost"},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caFile, certFile, keyFile = filepath.Join(dir, "ca.pem"), filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	for _, f := range []struct {
-		path, kind string
-		der        []byte
-	}{{caFile, "CERTIFICATE", caDER}, {certFile, "CERTIFICATE", der}, {keyFile, "EC PRIVATE KEY", keyDER}} {
-		if err := os.WriteFile(f.path, pem.EncodeToMemory(&pem.Block{Type: f.kind, Bytes: f.der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return caFile, certFile, keyFile
 }
 
 // TestWatchTransportRoute: requests whose context onOwnConn marked take the

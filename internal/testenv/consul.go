@@ -50,6 +50,10 @@ type ConsulAgent struct {
 	// LogPath is the file that collects the agent's stdout and stderr
 	// across restarts.
 	LogPath string
+	// HTTPSAddr is host:port of the HTTPS API, and CAFile the PEM file of
+	// the authority that signed its certificate (for 127.0.0.1 and
+	// localhost); both empty unless WithHTTPS.
+	HTTPSAddr, CAFile string
 
 	t     testing.TB
 	bin   string
@@ -67,6 +71,7 @@ type consulOptions struct {
 	nodeName  string
 	retryJoin []string
 	extra     []string
+	https     bool
 }
 
 // ConsulOption changes how StartConsul runs the agent.
@@ -96,6 +101,13 @@ func WithNodeName(name string) ConsulOption {
 // SerfLANAddr).
 func WithRetryJoin(addrs ...string) ConsulOption {
 	return func(o *consulOptions) { o.retryJoin = append(o.retryJoin, addrs...) }
+}
+
+// WithHTTPS also serves the HTTP API over TLS (HTTPSAddr), with a
+// certificate for 127.0.0.1 signed by an authority of the test's own
+// (CAFile).
+func WithHTTPS() ConsulOption {
+	return func(o *consulOptions) { o.https = true }
 }
 
 // WithArgs appends raw arguments to the agent's command line.
@@ -135,6 +147,13 @@ func StartConsul(t testing.TB, opts ...ConsulOption) *ConsulAgent {
 		bin:      bin,
 		netns:    o.netns,
 	}
+	var certFile, keyFile string
+	if o.https {
+		var err error
+		if a.CAFile, certFile, keyFile, err = writeTestCerts(dir); err != nil {
+			t.Fatalf("start consul agent: certificates: %v", err)
+		}
+	}
 	t.Cleanup(func() {
 		a.stop()
 		if t.Failed() {
@@ -149,6 +168,11 @@ func StartConsul(t testing.TB, opts ...ConsulOption) *ConsulAgent {
 			t.Fatalf("start consul agent: %v", err)
 		}
 		a.configure(o, ports)
+		if o.https {
+			a.HTTPSAddr = net.JoinHostPort(o.bind, strconv.Itoa(ports.https))
+			a.args = append(a.args, "-https-port", strconv.Itoa(ports.https), "-hcl",
+				fmt.Sprintf(`tls { https { ca_file = %q  cert_file = %q  key_file = %q } }`, a.CAFile, certFile, keyFile))
+		}
 		lastErr = a.start()
 		if lastErr == nil {
 			return a
@@ -200,7 +224,7 @@ func (a *ConsulAgent) DialContext(ctx context.Context, network, addr string) (ne
 }
 
 type consulPorts struct {
-	http, dns, server, serfLAN, serfWAN, grpc, grpcTLS int
+	http, dns, server, serfLAN, serfWAN, grpc, grpcTLS, https int
 }
 
 func (a *ConsulAgent) configure(o consulOptions, p consulPorts) {
@@ -431,7 +455,7 @@ func pickPorts(bind string, check bool) (consulPorts, error) {
 	portsMu.Lock()
 	defer portsMu.Unlock()
 	var got []int
-	for tries := 0; len(got) < 7; tries++ {
+	for tries := 0; len(got) < 8; tries++ {
 		if tries > 1000 {
 			return consulPorts{}, errors.New("no free ports found")
 		}
@@ -448,7 +472,7 @@ func pickPorts(bind string, check bool) (consulPorts, error) {
 	}
 	return consulPorts{
 		http: got[0], dns: got[1], server: got[2], serfLAN: got[3],
-		serfWAN: got[4], grpc: got[5], grpcTLS: got[6],
+		serfWAN: got[4], grpc: got[5], grpcTLS: got[6], https: got[7],
 	}, nil
 }
 

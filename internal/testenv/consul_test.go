@@ -113,7 +113,7 @@ func TestStartConsulTwoAgentsStopStart(t *testing.T) {
 
 func TestPickPortsDistinctUnderConcurrency(t *testing.T) {
 	const n = 8
-	seen := make(chan int, n*7)
+	seen := make(chan int, n*8)
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	for i := 0; i < n; i++ {
@@ -125,7 +125,7 @@ func TestPickPortsDistinctUnderConcurrency(t *testing.T) {
 				errs <- err
 				return
 			}
-			for _, port := range []int{p.http, p.dns, p.server, p.serfLAN, p.serfWAN, p.grpc, p.grpcTLS} {
+			for _, port := range []int{p.http, p.dns, p.server, p.serfLAN, p.serfWAN, p.grpc, p.grpcTLS, p.https} {
 				seen <- port
 			}
 		}()
@@ -146,8 +146,8 @@ func TestPickPortsDistinctUnderConcurrency(t *testing.T) {
 		}
 		dup[p] = true
 	}
-	if len(dup) != n*7 {
-		t.Fatalf("got %d ports, want %d", len(dup), n*7)
+	if len(dup) != n*8 {
+		t.Fatalf("got %d ports, want %d", len(dup), n*8)
 	}
 }
 
