@@ -23,25 +23,35 @@ const envDebugPprof = "DEBUG_PPROF"
 // pprofSocket is the socket's name in DATA_DIR.
 const pprofSocket = "pprof.sock"
 
+// pprofSetting reads DEBUG_PPROF, normalised (v): on for 1 or true, off
+// for empty, 0 or false, and neither (valid false) for anything else.
+func pprofSetting(getenv func(string) string) (v string, on, valid bool) {
+	switch v = strings.ToLower(strings.TrimSpace(getenv(envDebugPprof))); v {
+	case "", "0", "false":
+		return v, false, true
+	case "1", "true":
+		return v, true, true
+	}
+	return v, false, false
+}
+
 // pprofEnabled says whether DEBUG_PPROF asks for the profiles (1 or
 // true); a value startPprof refuses counts as on, so that the runtime's
 // heap profiling stays on until the plugin has said why it stops.
 func pprofEnabled(getenv func(string) string) bool {
-	switch strings.ToLower(strings.TrimSpace(getenv(envDebugPprof))) {
-	case "", "0", "false":
-		return false
-	}
-	return true
+	_, on, valid := pprofSetting(getenv)
+	return on || !valid
 }
 
 // startPprof serves the profiles until ctx ends when DEBUG_PPROF is 1 or
 // true; else it does nothing.
 func startPprof(ctx context.Context, getenv func(string) string, dataDir string, log *slog.Logger) (stop func(), err error) {
-	if !pprofEnabled(getenv) {
-		return func() {}, nil
-	}
-	if v := strings.ToLower(strings.TrimSpace(getenv(envDebugPprof))); v != "1" && v != "true" {
+	v, on, valid := pprofSetting(getenv)
+	if !valid {
 		return nil, fmt.Errorf("%s=%q: want 1 or 0", envDebugPprof, v)
+	}
+	if !on {
+		return func() {}, nil
 	}
 	path := filepath.Join(dataDir, pprofSocket)
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
