@@ -49,12 +49,12 @@ type Consul struct {
 	client    *api.Client
 	kv        *api.KV
 	transport *http.Transport
-	// watchConn carries the requests of the watches' own goroutines (see
+	// watchTr carries the requests of the watches' own goroutines (see
 	// onOwnConn).
-	watchConn *watchTransport
-	addr      string // host:port, named in errors
-	prefix    string
-	timeout   time.Duration
+	watchTr *watchTransport
+	addr    string // host:port, named in errors
+	prefix  string
+	timeout time.Duration
 
 	// ctx is cancelled by Close; it ends every Watch, and wg waits for them.
 	// mu orders wg.Add in Watch before Close's wg.Wait.
@@ -125,7 +125,7 @@ func NewConsul(cfg ConsulConfig) (*Consul, error) {
 		client:    client,
 		kv:        client.KV(),
 		transport: tr,
-		watchConn: wt,
+		watchTr:   wt,
 		addr:      cfg.Address,
 		prefix:    cfg.Prefix,
 		timeout:   cfg.Timeout,
@@ -550,7 +550,7 @@ func (c *Consul) Close() error {
 	c.cancel()
 	c.wg.Wait()
 	c.transport.CloseIdleConnections()
-	c.watchConn.closeAll()
+	c.watchTr.closeAll()
 	return nil
 }
 

@@ -348,7 +348,7 @@ func TestConsulTLS(t *testing.T) {
 	t.Run("LeanWatchContract", func(t *testing.T) { runContract(t, leanBackend(backend)) })
 	var dials int64
 	for _, s := range stores {
-		dials += s.watchConn.dials.Load()
+		dials += s.watchTr.dials.Load()
 	}
 	if dials == 0 {
 		t.Fatalf("no watch used its own transport over TLS (%d stores)", len(stores))
