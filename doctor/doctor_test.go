@@ -428,9 +428,9 @@ func TestRunPermissions(t *testing.T) {
 	}
 }
 
-// A network with egress=host: PASS with forwarding on and its subnet
-// masqueraded; FAIL, with the fix, without either; nothing for a network
-// without it or of which this host is no member.
+// A network with egress=host (or auto): PASS with forwarding on and its
+// subnet masqueraded; FAIL, with the fix, without either; nothing for a
+// network without it or of which this host is no member.
 func TestEgress(t *testing.T) {
 	st := twoHosts()
 	st.Networks[0].Subnets = []string{"10.31.0.0/24", "fd31::/64"}
@@ -450,6 +450,10 @@ func TestEgress(t *testing.T) {
 	s.commands["iptables -w -t nat -S POSTROUTING"] = "-P POSTROUTING ACCEPT\n"
 	if c := CheckEgress(context.Background(), st, s)[0]; c.Result != Fail || !strings.Contains(c.Message, "10.31.0.0/24") || !strings.Contains(c.Fix, "restart the plugin") {
 		t.Errorf("no masquerade: %+v", c)
+	}
+	st.Networks[0].Options = map[string]string{"egress": "auto"}
+	if c := CheckEgress(context.Background(), st, s); len(c) != 1 || c[0].Result != Fail || !strings.Contains(c[0].Message, "egress=auto") {
+		t.Errorf("egress=auto without its masquerade: %+v", c)
 	}
 	st.Networks[0].Options = nil
 	if got := CheckEgress(context.Background(), st, s); len(got) != 0 {

@@ -276,7 +276,8 @@ func checkForwardPolicy(ctx context.Context, s System) Check {
 	return c
 }
 
-// CheckEgress checks each network of this host with -o egress=host: IPv4
+// CheckEgress checks each network of this host with -o egress=host or
+// auto: IPv4
 // forwarding on, and each IPv4 subnet masqueraded (the nat rule the plugin
 // writes with the network). Without either, its containers reach each
 // other but nothing beyond the overlay. None when no network has it.
@@ -291,7 +292,8 @@ func CheckEgress(ctx context.Context, st *status.Report, s System) []Check {
 		natErr, fwdErr error
 	)
 	for _, n := range st.Networks {
-		if !n.Member || strings.TrimSpace(n.Options["egress"]) != "host" {
+		mode := strings.TrimSpace(n.Options["egress"])
+		if !n.Member || (mode != "host" && mode != "auto") {
 			continue
 		}
 		if !read {
@@ -317,16 +319,16 @@ func CheckEgress(ctx context.Context, st *status.Report, s System) []Check {
 		switch {
 		case fwdErr == nil && fwd != "1":
 			c.Result = Fail
-			c.Message = fmt.Sprintf("network %s has egress=host but net.ipv4.ip_forward is %s: its containers cannot get out", name, fwd)
+			c.Message = fmt.Sprintf("network %s has egress=%s but net.ipv4.ip_forward is %s: its containers cannot get out", name, mode, fwd)
 			c.Fix = "sysctl -w net.ipv4.ip_forward=1 (dockerd sets it unless started with --ip-forward=false)"
 		case natErr != nil:
-			c.Result, c.Message = Warn, fmt.Sprintf("network %s has egress=host; its masquerade rule cannot be read: %v", name, natErr)
+			c.Result, c.Message = Warn, fmt.Sprintf("network %s has egress=%s; its masquerade rule cannot be read: %v", name, mode, natErr)
 		case len(missing) > 0:
 			c.Result = Fail
-			c.Message = fmt.Sprintf("network %s has egress=host but no masquerade rule for %s: its containers' traffic leaves with their own addresses, which nothing routes back", name, strings.Join(missing, ", "))
+			c.Message = fmt.Sprintf("network %s has egress=%s but no masquerade rule for %s: its containers' traffic leaves with their own addresses, which nothing routes back", name, mode, strings.Join(missing, ", "))
 			c.Fix = "restart the plugin (docker plugin disable -f, then enable): its restore writes the network's rules again"
 		default:
-			c.Result, c.Message = Pass, fmt.Sprintf("network %s has egress=host: forwarding on, its subnet masqueraded", name)
+			c.Result, c.Message = Pass, fmt.Sprintf("network %s has egress=%s: forwarding on, its subnet masqueraded", name, mode)
 		}
 		out = append(out, c)
 	}

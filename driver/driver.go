@@ -1103,7 +1103,10 @@ func (d *Driver) deleteEndpoint(ctx context.Context, ep *localEndpoint) error {
 // bridge, or on the gateway link, of every host) with
 // DisableGatewayService: Docker programs "default via <gateway>" and adds
 // no docker_gwbridge endpoint, and the host routes and masquerades the
-// container's traffic (vxlan.Network.Egress).
+// container's traffic (vxlan.Network.Egress). On an egress=auto network
+// Join does the one for a container that publishes no port and the other
+// for one that does (the sandbox's port bindings come with Join), whose
+// ports Docker then publishes through docker_gwbridge.
 func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 	op := fmt.Sprintf("join endpoint %s", short(req.EndpointID))
 	ctx, cancel, err := d.callCtx(op)
@@ -1116,13 +1119,18 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 		return nil, err
 	}
 	var gateway netip.Addr
-	if egress(l.rec) {
+	mode := egressMode(l.rec)
+	var ports []string
+	if mode == egressAuto {
+		ports = publishedPorts(req.Options[optPortMap])
+	}
+	if egress(l.rec) && len(ports) == 0 {
 		// Checked before anything is marked joined: CreateNetwork refuses
-		// egress=host without an IPv4 gateway, so only a damaged record
-		// lands here.
+		// egress=host or auto without an IPv4 gateway, so only a damaged
+		// record lands here.
 		if gateway = ipv4Gateway(l.rec); !gateway.IsValid() {
 			return nil, fmt.Errorf("%s: consul-overlay network %s (Docker network %s) has egress=%s but no IPv4 gateway in its record (gateways %v): the container would have no way out",
-				op, l.rec.Label(), short(req.NetworkID), egressHost, l.rec.Gateways)
+				op, l.rec.Label(), short(req.NetworkID), mode, l.rec.Gateways)
 		}
 	}
 	d.mu.Lock()
@@ -1168,7 +1176,13 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 	if r := d.linkLocalRoute(ep, req.SandboxKey); r != nil {
 		resp.StaticRoutes = append(resp.StaticRoutes, r)
 	}
-	d.log.Info("endpoint joined", netAttrs(l.rec, req.NetworkID, "endpoint", short(req.EndpointID), "link", ifname, "linklocal_route", len(resp.StaticRoutes) > 0, "gateway", resp.Gateway)...)
+	attrs := []any{"endpoint", short(req.EndpointID), "link", ifname, "linklocal_route", len(resp.StaticRoutes) > 0, "gateway", resp.Gateway}
+	if len(ports) > 0 {
+		// egress=auto: Docker publishes them through docker_gwbridge,
+		// which is then the container's way out too.
+		attrs = append(attrs, "published_ports", ports, "egress", egressDocker)
+	}
+	d.log.Info("endpoint joined", netAttrs(l.rec, req.NetworkID, attrs...)...)
 	d.joined(l, ep, req)
 	return resp, nil
 }
@@ -1296,7 +1310,9 @@ func (d *Driver) DiscoverDelete(*network.DiscoveryNotification) error { return n
 // with published ports (-p, or -P with exposed ports) is refused rather
 // than started with ports that answer nothing. Docker then undoes the
 // join (Leave, DeleteEndpoint), and restores the external connectivity
-// of the gateway it had before, if any.
+// of the gateway it had before, if any. On an egress=auto network Join
+// gave a container with published ports no gateway, so only one whose
+// ports Join did not see would land here, and it is refused the same way.
 func (d *Driver) ProgramExternalConnectivity(req *network.ProgramExternalConnectivityRequest) error {
 	ports := publishedPorts(req.Options[optPortMap])
 	if len(ports) == 0 {
@@ -1312,8 +1328,13 @@ func (d *Driver) ProgramExternalConnectivity(req *network.ProgramExternalConnect
 	if l == nil || !egress(l.rec) {
 		return nil
 	}
-	return fmt.Errorf("%s: published ports (-p %s) are not supported on consul-overlay network %s (Docker network %s) with egress=%s: publish them through a bridge network, or create the network without -o egress=%s",
-		op, strings.Join(ports, ", -p "), l.rec.Label(), short(req.NetworkID), egressHost, egressHost)
+	mode := egressMode(l.rec)
+	hint := fmt.Sprintf("publish them through a bridge network, or create the network with -o egress=%s (Docker's docker_gwbridge publishes the ports of a container that publishes any) or without -o egress", egressAuto)
+	if mode == egressAuto {
+		hint = "Join saw no published port for this container and made the network its way out; publish them through a bridge network"
+	}
+	return fmt.Errorf("%s: published ports (-p %s) are not supported on consul-overlay network %s (Docker network %s) with egress=%s: %s",
+		op, strings.Join(ports, ", -p "), l.rec.Label(), short(req.NetworkID), mode, hint)
 }
 
 // RevokeExternalConnectivity: see ProgramExternalConnectivity.

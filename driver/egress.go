@@ -15,10 +15,27 @@ import (
 // port.
 const optPortMap = "com.docker.network.portmap"
 
-// egress tells whether the network was created with -o egress=host.
+// egress tells whether the network's hosts route and masquerade its
+// containers' traffic: -o egress=host, or auto (for the containers that
+// publish no port).
 func egress(rec cluster.Network) bool {
-	v, _ := parseEgress(rec.Options[optEgress])
-	return v
+	m := egressMode(rec)
+	return m == egressHost || m == egressAuto
+}
+
+// egressMode is the network's -o egress: egressDocker when its record has
+// none, or a value this release does not know (as an older release reads
+// one that came later).
+func egressMode(rec cluster.Network) string {
+	v, ok := rec.Options[optEgress]
+	if !ok {
+		return egressDocker
+	}
+	m, err := parseEgress(v)
+	if err != nil {
+		return egressDocker
+	}
+	return m
 }
 
 // hasIPv4Gateway tells whether one of gateways is an IPv4 address.

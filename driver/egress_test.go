@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -13,9 +14,9 @@ import (
 	"consul-overlay/cluster"
 )
 
-// TestParseEgressOption: -o egress takes docker (the default) or host;
-// anything else, and egress=host on an --internal network or one without
-// an IPv4 gateway, is refused naming the option.
+// TestParseEgressOption: -o egress takes docker (the default), host or
+// auto; anything else, and egress=host or auto on an --internal network or
+// one without an IPv4 gateway, is refused naming the option.
 func TestParseEgressOption(t *testing.T) {
 	cases := []struct {
 		name     string
@@ -23,14 +24,18 @@ func TestParseEgressOption(t *testing.T) {
 		internal bool
 		v6Only   bool
 		want     bool
+		mode     string // egressDocker when ""
 		wantErr  []string
 	}{
 		{name: "absent"},
 		{name: "docker", generic: map[string]interface{}{"egress": "docker"}},
-		{name: "host", generic: map[string]interface{}{"egress": "host"}, want: true},
-		{name: "host with spaces", generic: map[string]interface{}{"egress": " host "}, want: true},
+		{name: "host", generic: map[string]interface{}{"egress": "host"}, want: true, mode: egressHost},
+		{name: "host with spaces", generic: map[string]interface{}{"egress": " host "}, want: true, mode: egressHost},
+		{name: "auto", generic: map[string]interface{}{"egress": "auto"}, want: true, mode: egressAuto},
+		{name: "auto on an internal network", generic: map[string]interface{}{"egress": "auto"}, internal: true, wantErr: []string{"egress=auto", "--internal", "no way out"}},
+		{name: "auto without an IPv4 gateway", generic: map[string]interface{}{"egress": "auto"}, v6Only: true, wantErr: []string{"egress=auto", "no IPv4 gateway"}},
 		{name: "docker on an internal network", generic: map[string]interface{}{"egress": "docker"}, internal: true},
-		{name: "bad value", generic: map[string]interface{}{"egress": "nat"}, wantErr: []string{`egress="nat"`, "docker", "host"}},
+		{name: "bad value", generic: map[string]interface{}{"egress": "nat"}, wantErr: []string{`egress="nat"`, "docker", "host", "auto"}},
 		{name: "upper case", generic: map[string]interface{}{"egress": "HOST"}, wantErr: []string{`egress="HOST"`}},
 		{name: "empty", generic: map[string]interface{}{"egress": ""}, wantErr: []string{`egress=""`}},
 		{name: "host on an internal network", generic: map[string]interface{}{"egress": "host"}, internal: true, wantErr: []string{"egress=host", "--internal", "no way out"}},
@@ -65,12 +70,21 @@ func TestParseEgressOption(t *testing.T) {
 			if o.egress != tc.want {
 				t.Errorf("egress %v, want %v", o.egress, tc.want)
 			}
+			mode := tc.mode
+			if mode == "" {
+				mode = egressDocker
+			}
+			if o.egressMode != mode {
+				t.Errorf("egress mode %q, want %q", o.egressMode, mode)
+			}
 		})
 	}
 }
 
 // TestDifferingEgress: a host asking for another egress than the record's
-// is told which; egress=docker and no egress option are the same setting.
+// is told which; egress=docker and no egress option are the same setting,
+// and so is a value this release does not know (a later release's), which
+// it reads as the default.
 func TestDifferingEgress(t *testing.T) {
 	rec := func(opts map[string]string) cluster.Network { return cluster.Network{Options: opts} }
 	asked := func(generic map[string]string) *networkOptions {
@@ -87,6 +101,11 @@ func TestDifferingEgress(t *testing.T) {
 		{"absent and docker", nil, map[string]string{"egress": "docker"}, nil},
 		{"host and absent", map[string]string{"egress": "host"}, map[string]string{}, []string{"egress=host, this request docker"}},
 		{"absent and host", nil, map[string]string{"egress": "host"}, []string{"egress=docker, this request host"}},
+		{"both auto", map[string]string{"egress": "auto"}, map[string]string{"egress": "auto"}, nil},
+		{"auto and host", map[string]string{"egress": "auto"}, map[string]string{"egress": "host"}, []string{"egress=auto, this request host"}},
+		{"auto and absent", map[string]string{"egress": "auto"}, map[string]string{}, []string{"egress=auto, this request docker"}},
+		{"host and auto", map[string]string{"egress": "host"}, map[string]string{"egress": "auto"}, []string{"egress=host, this request auto"}},
+		{"a later release's value and absent", map[string]string{"egress": "later"}, map[string]string{}, nil},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -262,7 +281,7 @@ func TestEgressHostPublishedPortsRefused(t *testing.T) {
 		wantErr []string
 	}{
 		{"-p on egress=host", "ne", map[string]interface{}{optPortMap: portmapOption(t, p), "com.docker.network.endpoint.exposedports": exposed},
-			[]string{"ep-1", `"app"`, "ne", "-p 18080:80/tcp", "not supported", "egress=host", "bridge network", "without -o egress=host"}},
+			[]string{"ep-1", `"app"`, "ne", "-p 18080:80/tcp", "not supported", "egress=host", "bridge network", "-o egress=auto", "without -o egress"}},
 		{"-P on egress=host", "ne", map[string]interface{}{optPortMap: portmapOption(t, all)}, []string{"-p 53/udp", "egress=host"}},
 		{"no portmap", "ne", map[string]interface{}{"com.docker.network.endpoint.exposedports": exposed}, nil},
 		{"null portmap", "ne", map[string]interface{}{optPortMap: nil}, nil},
@@ -318,5 +337,75 @@ func TestPublishedPorts(t *testing.T) {
 		if !slices.Equal(got, tc.want) {
 			t.Errorf("publishedPorts(%s) = %q, want %q", tc.js, got, tc.want)
 		}
+	}
+}
+
+// TestEgressAutoJoin: on an egress=auto network the data plane is told the
+// network's egress, as for egress=host, and Join gives a container that
+// publishes no port the IPv4 gateway and keeps docker_gwbridge away, while
+// one that publishes a port (-p, -P, or a binding it cannot read) gets no
+// gateway, so that Docker connects it to docker_gwbridge, which publishes
+// its ports. ProgramExternalConnectivity, which Docker calls only on the
+// gateway's endpoint, refuses published ports there as on egress=host.
+func TestEgressAutoJoin(t *testing.T) {
+	dp := newFake()
+	d := newTestDriver(t, openStore(t, filepath.Join(t.TempDir(), "s.db")), "a", "192.0.2.1", dp)
+	if err := d.CreateNetwork(createReq("na", map[string]interface{}{"name": "auto", "egress": "auto"}, "10.4.0.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	dp.mu.Lock()
+	var egressNets int
+	for _, n := range dp.networks {
+		if n.Egress {
+			egressNets++
+		}
+	}
+	dp.mu.Unlock()
+	if egressNets != 1 {
+		t.Fatalf("data plane got %d networks with Egress, want the egress=auto one", egressNets)
+	}
+	const p = `[{"Proto":6,"IP":"","Port":80,"HostIP":"","HostPort":18080,"HostPortEnd":18080}]`
+	const all = `[{"Proto":17,"IP":"","Port":53,"HostIP":"","HostPort":0,"HostPortEnd":0}]`
+	exposed := portmapOption(t, `[{"Proto":6,"Port":80}]`)
+	cases := []struct {
+		name    string
+		options map[string]interface{}
+		gateway string
+	}{
+		{"no options", nil, "10.4.0.1"},
+		{"exposed ports only", map[string]interface{}{"com.docker.network.endpoint.exposedports": exposed}, "10.4.0.1"},
+		{"empty portmap", map[string]interface{}{optPortMap: portmapOption(t, `[]`)}, "10.4.0.1"},
+		{"-p", map[string]interface{}{optPortMap: portmapOption(t, p), "com.docker.network.endpoint.exposedports": exposed}, ""},
+		{"-P", map[string]interface{}{optPortMap: portmapOption(t, all)}, ""},
+		{"unreadable binding", map[string]interface{}{optPortMap: portmapOption(t, `"80"`)}, ""},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ep := fmt.Sprintf("ep-%d", i)
+			if _, err := d.CreateEndpoint(epReq("na", ep, fmt.Sprintf("10.4.0.%d/24", 10+i))); err != nil {
+				t.Fatal(err)
+			}
+			jr, err := d.Join(&network.JoinRequest{NetworkID: "na", EndpointID: ep, SandboxKey: "/var/run/docker/netns/abc", Options: tc.options})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if jr.Gateway != tc.gateway || jr.GatewayIPv6 != "" || jr.DisableGatewayService != (tc.gateway != "") {
+				t.Errorf("Join: Gateway %q, GatewayIPv6 %q, DisableGatewayService %v; want %q, \"\", %v",
+					jr.Gateway, jr.GatewayIPv6, jr.DisableGatewayService, tc.gateway, tc.gateway != "")
+			}
+		})
+	}
+	err := d.ProgramExternalConnectivity(&network.ProgramExternalConnectivityRequest{NetworkID: "na", EndpointID: "ep-0", Options: map[string]interface{}{optPortMap: portmapOption(t, p)}})
+	if err == nil {
+		t.Error("ProgramExternalConnectivity with published ports on the gateway's endpoint of an egress=auto network accepted")
+	} else {
+		for _, w := range []string{"ep-0", `"auto"`, "-p 18080:80/tcp", "egress=auto"} {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("error %q does not name %q", err, w)
+			}
+		}
+	}
+	if err := d.ProgramExternalConnectivity(&network.ProgramExternalConnectivityRequest{NetworkID: "na", EndpointID: "ep-0"}); err != nil {
+		t.Errorf("ProgramExternalConnectivity without published ports: %v", err)
 	}
 }

@@ -33,8 +33,10 @@ const (
 	optConsulAPI = "consul_api"
 	// optEgress says how the network's containers get out: egressDocker
 	// (the default, as Docker's overlay: Docker adds an endpoint on
-	// docker_gwbridge) or egressHost (each host routes and masquerades its
-	// own containers' IPv4 traffic, and Join gives them its gateway).
+	// docker_gwbridge), egressHost (each host routes and masquerades its
+	// own containers' IPv4 traffic, and Join gives them its gateway) or
+	// egressAuto (egressHost for a container that publishes no port,
+	// egressDocker for one that does).
 	optEgress = "egress"
 )
 
@@ -42,6 +44,7 @@ const (
 const (
 	egressDocker = "docker"
 	egressHost   = "host"
+	egressAuto   = "auto"
 )
 
 // Limits for user-supplied values.
@@ -63,13 +66,15 @@ type networkOptions struct {
 	// encrypted: -o encrypted (Docker's overlay takes it without a
 	// value) or -o encrypted=true: VXLAN in IPsec ESP between the hosts.
 	encrypted bool
-	// egress: -o egress=host, this host is the way out of the network for
-	// its containers.
-	egress   bool
-	generic  map[string]string
-	subnets  []netip.Prefix // IPv4 first, as Docker sends them
-	gateways []netip.Prefix
-	spaces   []string // IPAM address spaces, one per subnet
+	// egress: -o egress=host or auto, this host is the way out of the
+	// network for its containers (auto: for those that publish no port);
+	// egressMode is the value (egressDocker when not given).
+	egress     bool
+	egressMode string
+	generic    map[string]string
+	subnets    []netip.Prefix // IPv4 first, as Docker sends them
+	gateways   []netip.Prefix
+	spaces     []string // IPAM address spaces, one per subnet
 }
 
 // parseNetworkOptions validates CreateNetwork's options and IPAM data. Any
@@ -112,11 +117,11 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 				return nil, fmt.Errorf("option consul_api=%q: want true or false", v)
 			}
 		case optEgress:
-			b, err := parseEgress(v)
+			m, err := parseEgress(v)
 			if err != nil {
 				return nil, err
 			}
-			o.egress = b
+			o.egressMode, o.egress = m, m != egressDocker
 		case optServicePrefix:
 			if strings.ContainsAny(v, " /") {
 				return nil, fmt.Errorf("option service_prefix=%q: no spaces or slashes in a service name", v)
@@ -144,8 +149,11 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 		sort.Strings(unknown)
 		return nil, fmt.Errorf("unknown option %s: consul-overlay takes -o name=, vni=, mtu= (or %s), register=, service_prefix=, encrypted=, consul_api=, egress=", strings.Join(unknown, ", "), optDockerMTU)
 	}
+	if o.egressMode == "" {
+		o.egressMode = egressDocker
+	}
 	if o.egress && o.internal {
-		return nil, fmt.Errorf("option egress=%s: an --internal network has no way out; create it without one of them", egressHost)
+		return nil, fmt.Errorf("option egress=%s: an --internal network has no way out; create it without one of them", o.egressMode)
 	}
 
 	for _, list := range [][]*network.IPAMData{req.IPv4Data, req.IPv6Data} {
@@ -169,7 +177,7 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 		}
 	}
 	if o.egress && !hasIPv4Gateway(o.gateways) {
-		return nil, fmt.Errorf("option egress=%s: the network has no IPv4 gateway for its containers to route through (egress is IPv4 only; an IPv6-only network cannot have it)", egressHost)
+		return nil, fmt.Errorf("option egress=%s: the network has no IPv4 gateway for its containers to route through (egress is IPv4 only; an IPv6-only network cannot have it)", o.egressMode)
 	}
 	if o.mtu != 0 {
 		min := minMTUv4
@@ -211,24 +219,14 @@ func parseEncrypted(v string) (bool, error) {
 	return b, nil
 }
 
-// parseEgress reads -o egress: true for egressHost, false for
-// egressDocker.
-func parseEgress(v string) (bool, error) {
-	switch strings.TrimSpace(v) {
-	case egressDocker:
-		return false, nil
-	case egressHost:
-		return true, nil
+// parseEgress reads -o egress: egressDocker, egressHost or egressAuto.
+func parseEgress(v string) (string, error) {
+	switch m := strings.TrimSpace(v); m {
+	case egressDocker, egressHost, egressAuto:
+		return m, nil
 	}
-	return false, fmt.Errorf("option egress=%q: want %s (the default: Docker's docker_gwbridge) or %s (this host routes and masquerades the containers' IPv4 traffic)", v, egressDocker, egressHost)
-}
-
-// egressName is the -o egress value of an egress setting, for messages.
-func egressName(host bool) string {
-	if host {
-		return egressHost
-	}
-	return egressDocker
+	return "", fmt.Errorf("option egress=%q: want %s (the default: Docker's docker_gwbridge), %s (this host routes and masquerades the containers' IPv4 traffic) or %s (%s for a container that publishes no port, %s for one that does)",
+		v, egressDocker, egressHost, egressAuto, egressHost, egressDocker)
 }
 
 // differingSettings lists the settings of a CreateNetwork (o) that differ
@@ -255,7 +253,7 @@ func differingSettings(rec cluster.Network, o *networkOptions) []string {
 	differs("internal", hk.Internal, ak.Internal)
 	differs("encrypted", hk.Encrypted, ak.Encrypted)
 	differs(optConsulAPI, hk.ConsulAPI, ak.ConsulAPI)
-	differs(optEgress, egressName(hk.Egress), egressName(ak.Egress))
+	differs(optEgress, egressMode(rec), egressMode(asked))
 	differs(optRegister, hs.Register, as.Register)
 	differs(optServicePrefix, fmt.Sprintf("%q", hs.ServicePrefix), fmt.Sprintf("%q", as.ServicePrefix))
 	return out
