@@ -167,25 +167,32 @@ func benchDocker(t *runner, cfg *config, rep *report) {
 	// network's gateway and no docker_gwbridge endpoint, as on a bridge.
 	ovEgName := ovName + "-eg"
 	create(ovEgName, 4, "-d", driver, "--ipam-driver", driver, "-o", "name="+ovEgName, "-o", "egress=host")
+	// With -o egress=auto the same for a container that publishes no
+	// port, as this one.
+	ovAutoName := ovName + "-au"
+	create(ovAutoName, 5, "-d", driver, "--ipam-driver", driver, "-o", "name="+ovAutoName, "-o", "egress=auto")
 
-	nets := []string{ovName, brName, ovIntName, brIntName, ovEgName}
+	nets := []string{ovName, brName, ovIntName, brIntName, ovEgName, ovAutoName}
 	took := timeDockerRuns(t, "", benchImage, nets, cfg.dockerRuns)
-	od, bd, oid, bid, oed := took[ovName], took[brName], took[ovIntName], took[brIntName], took[ovEgName]
+	od, bd, oid, bid, oed, oad := took[ovName], took[brName], took[ovIntName], took[brIntName], took[ovEgName], took[ovAutoName]
 	sec := rep.section("docker run --rm (machine's engine)")
 	fmt.Fprintf(sec, "`docker run --rm --network N %s true`, %d runs per network after 2 warm-ups, networks alternating. "+
 		"consul-overlay: %s. Baseline: a user-defined bridge network on the same engine.\n\n", benchImage, cfg.dockerRuns, how)
 	runsTable(sec, []namedDist{{"consul-overlay (" + driver + ")", od}, {"bridge", bd},
-		{"consul-overlay, --internal", oid}, {"bridge, --internal", bid}, {"consul-overlay, -o egress=host", oed}})
+		{"consul-overlay, --internal", oid}, {"bridge, --internal", bid}, {"consul-overlay, -o egress=host", oed},
+		{"consul-overlay, -o egress=auto (a container without published ports)", oad}})
 	fmt.Fprintf(sec, "\nRatio consul-overlay ÷ bridge: p50 %s, mean %s. Docker also connects a container of a network without "+
 		"a gateway (consul-overlay, like Docker's overlay) to docker_gwbridge, a second endpoint per run; an --internal network "+
 		"gets none. Without it (both networks --internal): p50 %s, mean %s; the docker_gwbridge endpoint costs %s ms at p50 "+
 		"(consul-overlay less consul-overlay --internal). With -o egress=host (the host routes and masquerades the containers' "+
 		"traffic, no docker_gwbridge endpoint) ÷ bridge: p50 %s, mean %s; it saves %s ms at p50 (consul-overlay less "+
-		"consul-overlay -o egress=host).\n",
+		"consul-overlay -o egress=host). With -o egress=auto, for a container that publishes no port (one that does gets "+
+		"docker_gwbridge), ÷ bridge: p50 %s, mean %s.\n",
 		fr(ratio(od.p50, bd.p50)), fr(ratio(od.mean, bd.mean)), fr(ratio(oid.p50, bid.p50)), fr(ratio(oid.mean, bid.mean)), f(od.p50-oid.p50),
-		fr(ratio(oed.p50, bd.p50)), fr(ratio(oed.mean, bd.mean)), f(od.p50-oed.p50))
+		fr(ratio(oed.p50, bd.p50)), fr(ratio(oed.mean, bd.mean)), f(od.p50-oed.p50), fr(ratio(oad.p50, bd.p50)), fr(ratio(oad.mean, bd.mean)))
 	rep.check("docker run --rm, consul-overlay ÷ bridge (p50)", fr(ratio(od.p50, bd.p50)), "≤ 1.05", ratio(od.p50, bd.p50) <= 1.05)
 	rep.info("docker run --rm, consul-overlay -o egress=host ÷ bridge (p50)", fr(ratio(oed.p50, bd.p50)))
+	rep.info("docker run --rm, consul-overlay -o egress=auto ÷ bridge (p50; no published port)", fr(ratio(oad.p50, bd.p50)))
 }
 
 // timeDockerRuns times `docker run --rm` of a trivial container on each
