@@ -21,33 +21,13 @@ import (
 // the host and no address taken. Removing the network leaves no link and no firewall rule
 // naming its subnet.
 func TestDockerEgressHost(t *testing.T) {
-	before, err := HostLinks(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ref, id := testPlugin(t, "consul-overlay-dockertest:eg", nil)
+	e := newEgressNet(t, "consul-overlay-dockertest:eg", "codt-eg-", "host")
 	ctx := t.Context()
-	netName := UniqueName("codt-eg-")
-	c1, c2 := netName+"-c1", netName+"-c2"
-	t.Cleanup(func() {
-		if t.Failed() {
-			dump(t, ref, id, netName, c1, c2)
-		}
-	})
-	subnet, outside := freeSubnets(t)
-	gateway := subnet.Addr().Next()
-	removeOnCleanup(t, netName, c1, c2)
-	if _, err := Docker(ctx, "network", "create", "-d", ref, "--ipam-driver", ref,
-		"--subnet", subnet.String(), "-o", "egress=host", netName); err != nil {
-		t.Fatal(err)
-	}
-	withNetwork, err := HostLinks(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	id, netName, c1, c2 := e.id, e.name, e.c1, e.c2
+	gateway, withNetwork := e.gateway, e.withNetwork
 
 	// -p: refused, and the endpoint Docker made for it is gone again.
-	_, err = Docker(ctx, "run", "-d", "--name", c2, "--network", netName, "-p", "18080:80",
+	_, err := Docker(ctx, "run", "-d", "--name", c2, "--network", netName, "-p", "18080:80",
 		BusyboxImage, "httpd", "-f", "-p", "80", "-h", "/www")
 	if err == nil {
 		t.Errorf("docker run -p 18080:80 on an egress=host network started the container")
@@ -85,89 +65,165 @@ func TestDockerEgressHost(t *testing.T) {
 		BusyboxImage, "sleep", "3600"); err != nil {
 		t.Fatalf("a container on the address the refused one had: %v", err)
 	}
-	t.Run("no docker_gwbridge endpoint", func(t *testing.T) {
-		out, err := Docker(ctx, "exec", c1, "ip", "-o", "link", "show")
-		if err != nil {
-			t.Fatal(err)
-		}
-		links := linkNames(out)
-		slices.Sort(links)
-		if !slices.Equal(links, []string{"eth0", "lo"}) {
-			t.Errorf("container's links %v, want lo and eth0 only", links)
-		}
-		cid, err := Docker(ctx, "inspect", "-f", "{{.Id}}", c1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		// docker_gwbridge may not exist at all; if it does, the
-		// container must not be on it.
-		if gw, err := Docker(ctx, "network", "inspect", "-f", "{{json .Containers}}", "docker_gwbridge"); err == nil && strings.Contains(gw, cid) {
-			t.Errorf("docker_gwbridge has an endpoint of %s: %s", c1, gw)
-		}
-	})
-	t.Run("default via the gateway", func(t *testing.T) {
-		out, err := Docker(ctx, "exec", c1, "ip", "-4", "route", "show")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var defaults []string
-		for _, line := range strings.Split(out, "\n") {
-			if strings.HasPrefix(line, "default ") {
-				defaults = append(defaults, strings.TrimSpace(line))
-			}
-		}
-		want := fmt.Sprintf("default via %s dev eth0", gateway)
-		if len(defaults) != 1 || !strings.HasPrefix(defaults[0], want) {
-			t.Errorf("container's default routes %q, want one %q; routes:\n%s", defaults, want, out)
-		}
-	})
-	t.Run("masqueraded out", func(t *testing.T) {
-		name, nsAddr := outsideNS(t, outside)
-		// The outside answers the host's address only: without the
-		// masquerade the echo replies would have nowhere to go.
-		if out, err := run(ctx, "", nil, "ip", "netns", "exec", name, "ip", "route", "get", ip1.String()); err == nil {
-			t.Fatalf("the outside namespace has a route to the container's address %s, so the test proves nothing: %s", ip1, out)
-		}
-		if err := ping(ctx, c1, nsAddr.String()); err != nil {
-			t.Errorf("ping %s (outside the overlay, no route back to %s) from %s within 15 s: %v", nsAddr, subnet, c1, err)
-		}
+	t.Run("the host's way out, through a kill -9", func(t *testing.T) {
+		nsAddr := e.hostWayOut(t, c1, ip1)
 
 		// The way out outlives a kill -9 of the plugin, and the
 		// plugin's restore keeps it.
-		pingThroughKill(ctx, t, id, c1, nsAddr.String())
+		pingThroughKill(ctx, t, id, c1, nsAddr)
 		if _, err := Docker(ctx, "network", "inspect", netName); err != nil {
 			t.Fatal(err)
 		}
-		if err := ping(ctx, c1, nsAddr.String()); err != nil {
+		if err := ping(ctx, c1, nsAddr); err != nil {
 			t.Errorf("ping %s from %s after the plugin's restart: %v", nsAddr, c1, err)
 		}
 	})
 
-	// The masquerade names the subnet: seeing it here shows that the
-	// check after the removal looks at the right thing.
-	if rules, err := rulesNaming(ctx, subnet.String()); err != nil {
+	e.removeAll(t)
+}
+
+// egressNet is a test's plugin and its network of one -o egress, with
+// the names of two containers on it, and the host's links before the
+// network was made and after.
+type egressNet struct {
+	mode, ref, id, name, c1, c2 string
+	subnet, outside             netip.Prefix // freeSubnets'
+	gateway                     netip.Addr
+	before, withNetwork         map[string]bool
+}
+
+// newEgressNet installs a plugin (ref prefix as testPlugin's) and creates
+// a network named netPrefix<random> with -o egress=mode on a subnet of
+// freeSubnets; the network and its containers are removed when the test
+// ends, and dumped if it failed.
+func newEgressNet(t *testing.T, prefix, netPrefix, mode string) *egressNet {
+	t.Helper()
+	before, err := HostLinks(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &egressNet{mode: mode, before: before}
+	e.ref, e.id = testPlugin(t, prefix, nil)
+	ctx := t.Context()
+	e.name = UniqueName(netPrefix)
+	e.c1, e.c2 = e.name+"-c1", e.name+"-c2"
+	t.Cleanup(func() {
+		if t.Failed() {
+			dump(t, e.ref, e.id, e.name, e.c1, e.c2)
+		}
+	})
+	e.subnet, e.outside = freeSubnets(t)
+	e.gateway = e.subnet.Addr().Next()
+	removeOnCleanup(t, e.name, e.c1, e.c2)
+	if _, err := Docker(ctx, "network", "create", "-d", e.ref, "--ipam-driver", e.ref,
+		"--subnet", e.subnet.String(), "-o", "egress="+mode, e.name); err != nil {
+		t.Fatal(err)
+	}
+	if e.withNetwork, err = HostLinks(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// hostWayOut checks that container c, at ip on e's network, goes out
+// through its host: it has lo and eth0 only, no docker_gwbridge endpoint
+// and one default route, via the network's gateway, and it reaches an
+// address outside the overlay (outsideNS) whose namespace has no route
+// back to the overlay's subnet, so that the replies come back only
+// because the host masqueraded its traffic. It returns that address.
+func (e *egressNet) hostWayOut(t *testing.T, c string, ip netip.Addr) string {
+	t.Helper()
+	ctx := t.Context()
+	if l := containerLinks(t, c); !slices.Equal(l, []string{"eth0", "lo"}) {
+		t.Errorf("%s's links %v, want lo and eth0 only", c, l)
+	}
+	if onGWBridge(t, c) {
+		t.Errorf("docker_gwbridge has an endpoint of %s", c)
+	}
+	want := fmt.Sprintf("default via %s dev eth0", e.gateway)
+	if d := defaultRoutes(t, c); len(d) != 1 || !strings.HasPrefix(d[0], want) {
+		t.Errorf("%s's default routes %q, want one %q", c, d, want)
+	}
+	name, nsAddr := outsideNS(t, e.outside)
+	if out, err := run(ctx, "", nil, "ip", "netns", "exec", name, "ip", "route", "get", ip.String()); err == nil {
+		t.Fatalf("the outside namespace has a route to the container's address %s, so the test proves nothing: %s", ip, out)
+	}
+	if err := ping(ctx, c, nsAddr.String()); err != nil {
+		t.Errorf("ping %s (outside the overlay, no route back to %s) from %s within 15 s: %v", nsAddr, e.subnet, c, err)
+	}
+	return nsAddr.String()
+}
+
+// containerLinks are the names of container c's links, sorted.
+func containerLinks(t *testing.T, c string) []string {
+	t.Helper()
+	out, err := Docker(t.Context(), "exec", c, "ip", "-o", "link", "show")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := linkNames(out)
+	slices.Sort(l)
+	return l
+}
+
+// defaultRoutes are container c's IPv4 default routes.
+func defaultRoutes(t *testing.T, c string) []string {
+	t.Helper()
+	out, err := Docker(t.Context(), "exec", c, "ip", "-4", "route", "show")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d []string
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, "default ") {
+			d = append(d, strings.TrimSpace(line))
+		}
+	}
+	return d
+}
+
+// onGWBridge tells whether docker_gwbridge has an endpoint of container c
+// (false when docker_gwbridge does not exist).
+func onGWBridge(t *testing.T, c string) bool {
+	t.Helper()
+	cid, err := Docker(t.Context(), "inspect", "-f", "{{.Id}}", c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw, err := Docker(t.Context(), "network", "inspect", "-f", "{{json .Containers}}", "docker_gwbridge")
+	return err == nil && strings.Contains(gw, cid)
+}
+
+// removeAll checks that a firewall rule names the network's subnet (the
+// masquerade: seeing it shows that the check after the removal looks at
+// the right thing), removes the two containers and the network, and
+// checks that no link of the network and no rule naming its subnet is
+// left.
+func (e *egressNet) removeAll(t *testing.T) {
+	t.Helper()
+	ctx := t.Context()
+	if rules, err := rulesNaming(ctx, e.subnet.String()); err != nil {
 		t.Error(err)
 	} else if len(rules) == 0 {
-		t.Errorf("no firewall rule names the subnet %s while the egress=host network is up", subnet)
+		t.Errorf("no firewall rule names the subnet %s while the egress=%s network is up", e.subnet, e.mode)
 	}
-
-	if _, err := Docker(ctx, "rm", "-f", c1, c2); err != nil {
+	if _, err := Docker(ctx, "rm", "-f", e.c1, e.c2); err != nil {
 		t.Error(err)
 	}
-	if _, err := Docker(ctx, "network", "rm", netName); err != nil {
+	if _, err := Docker(ctx, "network", "rm", e.name); err != nil {
 		t.Error(err)
 	}
 	var ours []string
-	for l := range withNetwork {
-		if !before[l] {
+	for l := range e.withNetwork {
+		if !e.before[l] {
 			ours = append(ours, l)
 		}
 	}
-	assertGone(t, "after docker network rm", before, ours)
-	if rules, err := rulesNaming(ctx, subnet.String()); err != nil {
+	assertGone(t, "after docker network rm", e.before, ours)
+	if rules, err := rulesNaming(ctx, e.subnet.String()); err != nil {
 		t.Error(err)
 	} else if len(rules) > 0 {
-		t.Errorf("firewall rules naming the removed network's subnet %s:\n%s", subnet, strings.Join(rules, "\n"))
+		t.Errorf("firewall rules naming the removed network's subnet %s:\n%s", e.subnet, strings.Join(rules, "\n"))
 	}
 }
 

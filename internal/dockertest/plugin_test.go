@@ -170,18 +170,7 @@ func TestDockerManagedPlugin(t *testing.T) {
 		}
 	})
 	t.Run("published port", func(t *testing.T) {
-		url := fmt.Sprintf("http://127.0.0.1:%d/", port)
-		err := Eventually(ctx, 15*time.Second, func(ctx context.Context) error {
-			body, err := get(ctx, url)
-			if err != nil {
-				return err
-			}
-			if got, want := strings.TrimSpace(body), "consul-overlay-test"; got != want {
-				return fmt.Errorf("GET %s: body %q, want %q", url, got, want)
-			}
-			return nil
-		})
-		if err != nil {
+		if err := portAnswers(ctx, port); err != nil {
 			t.Errorf("-p 127.0.0.1:%d:80 to %s within 15 s: %v", port, c1, err)
 		}
 	})
@@ -287,6 +276,22 @@ func ping(ctx context.Context, from, to string) error {
 	return Eventually(ctx, 15*time.Second, func(ctx context.Context) error {
 		_, err := Docker(ctx, "exec", from, "ping", "-c", "1", "-W", "2", to)
 		return err
+	})
+}
+
+// portAnswers waits up to 15 s for the test image's httpd behind the
+// published port 127.0.0.1:port to answer with its page.
+func portAnswers(ctx context.Context, port int) error {
+	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
+	return Eventually(ctx, 15*time.Second, func(ctx context.Context) error {
+		body, err := get(ctx, url)
+		if err != nil {
+			return err
+		}
+		if got, want := strings.TrimSpace(body), "consul-overlay-test"; got != want {
+			return fmt.Errorf("GET %s: body %q, want %q", url, got, want)
+		}
+		return nil
 	})
 }
 
