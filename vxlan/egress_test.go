@@ -15,7 +15,10 @@ import (
 // traffic tracked (the masquerade needs it in the host's layout).
 func (h *testHost) egressManager(t *testing.T) *Manager {
 	t.Helper()
-	return h.managerWith(t, func(cfg *Config) { cfg.NoTrackBridged = false })
+	return h.managerWith(t, func(cfg *Config) {
+		cfg.NoTrackBridged = false
+		cfg.IPTables = nsWrapperWithRestore(t, h.NS, "iptables")
+	})
 }
 
 // outside joins a new namespace to h's by a veth pair named name (h's
@@ -84,11 +87,15 @@ func testEgress(t *testing.T, dp bool) {
 		for _, r := range egressRules(iface, "consul-overlay") {
 			want = append(want, "-A "+FirewallChain+" "+strings.Join(r, " "))
 		}
-		// The set, whole and in order, above the shared DROPs.
+		// The set, whole and in order, above the shared DROPs, and
+		// under the ACCEPT of bridged frames.
 		got := fwRules(t, h, "iptables")
 		at, drops := slices.Index(got, want[0]), slices.Index(got, "-A CONSUL-OVERLAY -o vxbr-+ -m comment --comment consul-overlay -j DROP")
 		if at < 0 || at+len(want) > drops || !slices.Equal(got[at:at+len(want)], want) {
 			t.Errorf("%s: iptables rules:\n%s\nwant, above the shared DROPs:\n%s", when, strings.Join(got, "\n"), strings.Join(want, "\n"))
+		}
+		if acc := slices.Index(got, "-A CONSUL-OVERLAY -i vxbr-+ -m physdev --physdev-is-bridged -m comment --comment consul-overlay -j ACCEPT"); acc != 0 {
+			t.Errorf("%s: the ACCEPT of bridged frames at %d, want it first:\n%s", when, acc, strings.Join(got, "\n"))
 		}
 		if got := fwRules(t, h, "ip6tables"); slices.ContainsFunc(got, func(r string) bool { return strings.Contains(r, iface) }) {
 			t.Errorf("%s: ip6tables rules of %s:\n%s", when, iface, strings.Join(got, "\n"))
@@ -98,6 +105,16 @@ func testEgress(t *testing.T, dp bool) {
 		}
 	}
 	checkEgressRules("after EnsureNetwork of both")
+	// A second egress network's set goes above the others: the ACCEPT
+	// moves back to the top.
+	egress2 := Network{VNI: 0x4a, Egress: true, Gateways: []netip.Prefix{pfx("10.74.0.1/24")}}
+	if _, err := m.EnsureNetwork(t.Context(), egress2); err != nil {
+		t.Fatal(err)
+	}
+	checkEgressRules("after EnsureNetwork of a second egress network")
+	if err := m.DeleteNetwork(t.Context(), egress2.VNI); err != nil {
+		t.Fatal(err)
+	}
 
 	c1 := h.runWith(t, m, vniOut, []netip.Prefix{pfx("10.46.0.2/24")}, addr("10.46.0.1"))
 	c2 := h.runWith(t, m, vniOut, []netip.Prefix{pfx("10.46.0.3/24")}, addr("10.46.0.1"))
@@ -236,6 +253,35 @@ func TestPlanEgress(t *testing.T) {
 	if got := plan("ip6tables", listing{}, fwSpec{bridges: map[string]Network{br: egress}}); len(got) != 0 {
 		t.Errorf("ip6tables plan for an egress network:\n%s", strings.Join(got, "\n"))
 	}
+
+	// The ACCEPT of bridged frames stays above every egress rule: moved
+	// in the same transaction when a set goes above it or sits there,
+	// left where it is when nothing would be (no restore command, or
+	// already first).
+	accept, drops := forwardRules(OwnerAlias)
+	acceptLine := "-A " + FirewallChain + " " + strings.Join(accept, " ")
+	var dropLines []string
+	for _, d := range drops {
+		dropLines = append(dropLines, "-A "+FirewallChain+" "+strings.Join(d, " "))
+	}
+	move := []string{"filter: -D " + FirewallChain + " " + strings.Join(accept, " "), "filter: -I " + FirewallChain + " 1 " + strings.Join(accept, " ")}
+	want := fwSpec{bridges: map[string]Network{br: egress}, shared: sharedWant}
+	f.restore = map[string]string{"iptables": "iptables-restore"}
+	got = plan("iptables", listed(slices.Concat([]string{acceptLine}, dropLines)...), want)
+	if len(got) != len(set)+2 || !slices.Equal(got[len(set):], move) {
+		t.Errorf("a new egress network under an ACCEPT: plan\n%s\nwant its set inserted, then the ACCEPT moved to the top", strings.Join(got, "\n"))
+	}
+	if got := plan("iptables", listed(slices.Concat(set, []string{acceptLine}, dropLines)...), want); !slices.Equal(got, move) {
+		t.Errorf("a whole set above the ACCEPT (an earlier release's order): plan\n%s\nwant the ACCEPT moved:\n%s", strings.Join(got, "\n"), strings.Join(move, "\n"))
+	}
+	if got := plan("iptables", listed(slices.Concat([]string{acceptLine}, set, dropLines)...), want); len(got) != 0 {
+		t.Errorf("the ACCEPT above a whole set: plan\n%s\nwant nothing", strings.Join(got, "\n"))
+	}
+	f.restore = nil
+	if got := plan("iptables", listed(slices.Concat(set, []string{acceptLine}, dropLines)...), want); len(got) != 0 {
+		t.Errorf("without iptables-restore: plan\n%s\nwant nothing (a move would leave bridged frames a gap)", strings.Join(got, "\n"))
+	}
+
 	held := f.heldNetwork(map[string]listing{"iptables": whole}, br, netip.Addr{})
 	if !held.Egress || !slices.Equal(held.Gateways, []netip.Prefix{pfx("10.46.0.0/24")}) {
 		t.Errorf("held network %+v, want Egress with 10.46.0.0/24", held)

@@ -80,6 +80,25 @@ func nsWrapper(t *testing.T, ns *testenv.NetNS, cmd string) string {
 	return path
 }
 
+// nsWrapperWithRestore is nsWrapper with the command's -restore and -save
+// beside it, as a host has them: the firewall then writes its rules in one
+// transaction per command.
+func nsWrapperWithRestore(t *testing.T, ns *testenv.NetNS, cmd string) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, c := range []string{cmd, cmd + "-restore", cmd + "-save"} {
+		bin, err := exec.LookPath(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		script := fmt.Sprintf("#!/bin/sh\nexec nsenter --net=%s %s \"$@\"\n", ns.Path, bin)
+		if err := os.WriteFile(filepath.Join(dir, c), []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return filepath.Join(dir, cmd)
+}
+
 // newHosts builds an underlay of n hosts, each with a Manager whose
 // iptables commands run in the host's namespace.
 func newHosts(t *testing.T, n int, opts testenv.UnderlayOptions) []*testHost {

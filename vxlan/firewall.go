@@ -53,9 +53,11 @@ const FirewallChain = "CONSUL-OVERLAY"
 // what is not for a local address) leaves them tracked.
 //
 // A network with Network.Egress (IPv4 only) gets its own FORWARD rules
-// above the shared ones (egressRules: replies in; out to anywhere but
-// another overlay or a Docker bridge) and a masquerade rule per subnet
-// in the nat table's POSTROUTING (masqueradeRules).
+// between the shared ACCEPT and the shared DROPs (egressRules: replies
+// in; out to anywhere but another overlay or a Docker bridge) and a
+// masquerade rule per subnet in the nat table's POSTROUTING
+// (masqueradeRules). The ACCEPT stays first, so that bridged frames do
+// not walk every egress network's rules (see planForward).
 //
 // A network in the data-plane namespace (Config.DataplaneNS) meets the
 // host's hooks only on its gateway link vxg-<vni>, the host's way in and
@@ -543,7 +545,8 @@ func gatewayForwardRules(mark string) [][]string {
 
 // egressRules are the FORWARD rules of a network with Network.Egress,
 // whose interface in the host's namespace is iface, in chain order; they
-// are inserted above the shared rules. The replies to what its containers
+// are inserted at the top, and the shared ACCEPT of bridged frames is put
+// back above them (planForward). The replies to what its containers
 // started come back in; what they start goes out to anywhere but into
 // another overlay (vxbr-+, vxg-+) or one of Docker's bridge networks
 // (docker0, docker_gwbridge, br-<id>), as a container of Docker's own
@@ -888,9 +891,18 @@ func (f *firewall) planUnderlay(b *batch, bin string, isUL bool, lines []string,
 // planForward plans our rules of FirewallChain: with sharedWant exactly
 // the wildcard rules (per-bridge rules of older versions go: the wildcard
 // covers them), with sharedDrop none, with sharedKeep the rules of gone
-// bridges go.
+// bridges go. With sharedWant the ACCEPT of bridged frames is also kept
+// above every egress network's rules: in the host's namespace every
+// bridged frame walks the chain, and each rule above the ACCEPT costs it
+// about 35 ns (BENCHMARKS.md, twenty-fourth round). It gives a bridged
+// frame the verdict their rules would: their first and last rules accept
+// it and their DROPs spare it.
 func (f *firewall) planForward(b *batch, bin string, l listing, s fwSpec) {
 	accept, drops := forwardRules(f.mark)
+	acceptText := strings.Join(accept, " ")
+	// egressAbove: a rule of an egress network that stays sits above
+	// our ACCEPT; sawAccept: the scan has passed the ACCEPT.
+	var egressAbove, sawAccept bool
 	if s.gateways {
 		drops = append(drops, gatewayForwardRules(f.mark)...)
 	}
@@ -919,6 +931,7 @@ func (f *firewall) planForward(b *batch, bin string, l listing, s fwSpec) {
 		text := strings.Join(r.fields, " ")
 		if want[text] && !have[text] {
 			have[text] = true
+			sawAccept = sawAccept || text == acceptText
 			continue
 		}
 		if i := egressIface(r, f.mark); i != "" {
@@ -929,8 +942,11 @@ func (f *firewall) planForward(b *batch, bin string, l listing, s fwSpec) {
 				b.add(slices.Concat([]string{"-D", FirewallChain}, r.fields)...)
 			case planned && s.bridges[br].Egress && !f.v6[bin]:
 				egressSeen[br] = append(egressSeen[br], text)
+				egressAbove = egressAbove || !sawAccept
 			case hasBridge(s.bridges, i):
 				b.add(slices.Concat([]string{"-D", FirewallChain}, r.fields)...)
+			default:
+				egressAbove = egressAbove || !sawAccept
 			}
 			continue
 		}
@@ -965,12 +981,22 @@ func (f *firewall) planForward(b *batch, bin string, l listing, s fwSpec) {
 			for i := len(rules) - 1; i >= 0; i-- {
 				b.add(slices.Concat([]string{"-I", FirewallChain, "1"}, rules[i])...)
 			}
+			egressAbove = true
 		}
 	}
 	if s.shared != sharedWant {
 		return
 	}
-	if !have[strings.Join(accept, " ")] {
+	switch {
+	case !have[acceptText]:
+		b.add(slices.Concat([]string{"-I", FirewallChain, "1"}, accept)...)
+	case egressAbove && f.restore[bin] != "":
+		// Moved to the top in the same transaction (iptables-restore
+		// applies a table's writes at once), so that no bridged frame
+		// meets the chain without it. Written one command at a time,
+		// the move would leave that gap, and the rules stay where they
+		// are.
+		b.add(slices.Concat([]string{"-D", FirewallChain}, accept)...)
 		b.add(slices.Concat([]string{"-I", FirewallChain, "1"}, accept)...)
 	}
 	for _, d := range drops {
