@@ -68,16 +68,7 @@ func testLogger(t *testing.T) *slog.Logger {
 // iptables in its own namespace, so the test points it at the host's.
 func nsWrapper(t *testing.T, ns *testenv.NetNS, cmd string) string {
 	t.Helper()
-	bin, err := exec.LookPath(cmd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), cmd)
-	script := fmt.Sprintf("#!/bin/sh\nexec nsenter --net=%s %s \"$@\"\n", ns.Path, bin)
-	if err := os.WriteFile(path, []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return path
+	return writeNSWrappers(t, ns, cmd)
 }
 
 // nsWrapperWithRestore is nsWrapper with the command's -restore and -save
@@ -85,8 +76,15 @@ func nsWrapper(t *testing.T, ns *testenv.NetNS, cmd string) string {
 // transaction per command.
 func nsWrapperWithRestore(t *testing.T, ns *testenv.NetNS, cmd string) string {
 	t.Helper()
+	return writeNSWrappers(t, ns, cmd, cmd+"-restore", cmd+"-save")
+}
+
+// writeNSWrappers writes, in a directory of their own, a script for each
+// command that runs it in ns, and returns the first one's path.
+func writeNSWrappers(t *testing.T, ns *testenv.NetNS, cmds ...string) string {
+	t.Helper()
 	dir := t.TempDir()
-	for _, c := range []string{cmd, cmd + "-restore", cmd + "-save"} {
+	for _, c := range cmds {
 		bin, err := exec.LookPath(c)
 		if err != nil {
 			t.Fatal(err)
@@ -96,7 +94,7 @@ func nsWrapperWithRestore(t *testing.T, ns *testenv.NetNS, cmd string) string {
 			t.Fatal(err)
 		}
 	}
-	return filepath.Join(dir, cmd)
+	return filepath.Join(dir, cmds[0])
 }
 
 // newHosts builds an underlay of n hosts, each with a Manager whose
