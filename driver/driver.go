@@ -1124,7 +1124,7 @@ func (d *Driver) Join(req *network.JoinRequest) (*network.JoinResponse, error) {
 	if mode == egressAuto {
 		ports = publishedPorts(req.Options[optPortMap])
 	}
-	if egress(l.rec) && len(ports) == 0 {
+	if hostEgress(mode) && len(ports) == 0 {
 		// Checked before anything is marked joined: CreateNetwork refuses
 		// egress=host or auto without an IPv4 gateway, so only a damaged
 		// record lands here.
@@ -1325,10 +1325,13 @@ func (d *Driver) ProgramExternalConnectivity(req *network.ProgramExternalConnect
 	}
 	cancel()
 	l := d.network(req.NetworkID)
-	if l == nil || !egress(l.rec) {
+	if l == nil {
 		return nil
 	}
 	mode := egressMode(l.rec)
+	if !hostEgress(mode) {
+		return nil
+	}
 	hint := fmt.Sprintf("publish them through a bridge network, or create the network with -o egress=%s (Docker's docker_gwbridge publishes the ports of a container that publishes any) or without -o egress", egressAuto)
 	if mode == egressAuto {
 		hint = "Join saw no published port for this container and made the network its way out; publish them through a bridge network"

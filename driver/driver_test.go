@@ -364,7 +364,7 @@ func FuzzCreateNetworkRequest(f *testing.F) {
 		if o.vni > maxVNI || (o.mtu != 0 && o.mtu < minMTUv4) {
 			t.Fatalf("accepted out-of-range options %+v", o)
 		}
-		if o.egress && (o.internal || !hasIPv4Gateway(o.gateways)) {
+		if hostEgress(o.egressMode) && (o.internal || !hasIPv4Gateway(o.gateways)) {
 			t.Fatalf("accepted egress=host on an internal network or one without an IPv4 gateway: %+v", o)
 		}
 		if _, err := cluster.Key(o.name, o.subnets); err == nil && o.name != "" && !cluster.ValidName(o.name) {

@@ -18,10 +18,11 @@ const optPortMap = "com.docker.network.portmap"
 // egress tells whether the network's hosts route and masquerade its
 // containers' traffic: -o egress=host, or auto (for the containers that
 // publish no port).
-func egress(rec cluster.Network) bool {
-	m := egressMode(rec)
-	return m == egressHost || m == egressAuto
-}
+func egress(rec cluster.Network) bool { return hostEgress(egressMode(rec)) }
+
+// hostEgress tells whether egress mode m makes the hosts a way out:
+// egressHost, or egressAuto (for the containers that publish no port).
+func hostEgress(m string) bool { return m == egressHost || m == egressAuto }
 
 // egressMode is the network's -o egress: egressDocker when its record has
 // none, or a value this release does not know (as an older release reads

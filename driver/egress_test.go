@@ -67,8 +67,8 @@ func TestParseEgressOption(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if o.egress != tc.want {
-				t.Errorf("egress %v, want %v", o.egress, tc.want)
+			if got := hostEgress(o.egressMode); got != tc.want {
+				t.Errorf("egress %v, want %v", got, tc.want)
 			}
 			mode := tc.mode
 			if mode == "" {
@@ -88,7 +88,7 @@ func TestParseEgressOption(t *testing.T) {
 func TestDifferingEgress(t *testing.T) {
 	rec := func(opts map[string]string) cluster.Network { return cluster.Network{Options: opts} }
 	asked := func(generic map[string]string) *networkOptions {
-		return &networkOptions{generic: generic, egress: generic[optEgress] == egressHost}
+		return &networkOptions{generic: generic}
 	}
 	cases := []struct {
 		name     string

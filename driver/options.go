@@ -66,10 +66,9 @@ type networkOptions struct {
 	// encrypted: -o encrypted (Docker's overlay takes it without a
 	// value) or -o encrypted=true: VXLAN in IPsec ESP between the hosts.
 	encrypted bool
-	// egress: -o egress=host or auto, this host is the way out of the
-	// network for its containers (auto: for those that publish no port);
-	// egressMode is the value (egressDocker when not given).
-	egress     bool
+	// egressMode: -o egress (egressDocker when not given); with host or
+	// auto this host is the way out of the network for its containers
+	// (auto: for those that publish no port, see hostEgress).
 	egressMode string
 	generic    map[string]string
 	subnets    []netip.Prefix // IPv4 first, as Docker sends them
@@ -80,7 +79,7 @@ type networkOptions struct {
 // parseNetworkOptions validates CreateNetwork's options and IPAM data. Any
 // unknown -o option is an error: a typo must not be silently ignored.
 func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, error) {
-	o := &networkOptions{generic: map[string]string{}}
+	o := &networkOptions{generic: map[string]string{}, egressMode: egressDocker}
 	if v, ok := req.Options[optGeneric]; ok && v != nil {
 		m, ok := v.(map[string]interface{})
 		if !ok {
@@ -121,7 +120,7 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 			if err != nil {
 				return nil, err
 			}
-			o.egressMode, o.egress = m, m != egressDocker
+			o.egressMode = m
 		case optServicePrefix:
 			if strings.ContainsAny(v, " /") {
 				return nil, fmt.Errorf("option service_prefix=%q: no spaces or slashes in a service name", v)
@@ -149,10 +148,7 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 		sort.Strings(unknown)
 		return nil, fmt.Errorf("unknown option %s: consul-overlay takes -o name=, vni=, mtu= (or %s), register=, service_prefix=, encrypted=, consul_api=, egress=", strings.Join(unknown, ", "), optDockerMTU)
 	}
-	if o.egressMode == "" {
-		o.egressMode = egressDocker
-	}
-	if o.egress && o.internal {
+	if hostEgress(o.egressMode) && o.internal {
 		return nil, fmt.Errorf("option egress=%s: an --internal network has no way out; create it without one of them", o.egressMode)
 	}
 
@@ -176,7 +172,7 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 			}
 		}
 	}
-	if o.egress && !hasIPv4Gateway(o.gateways) {
+	if hostEgress(o.egressMode) && !hasIPv4Gateway(o.gateways) {
 		return nil, fmt.Errorf("option egress=%s: the network has no IPv4 gateway for its containers to route through (egress is IPv4 only; an IPv6-only network cannot have it)", o.egressMode)
 	}
 	if o.mtu != 0 {

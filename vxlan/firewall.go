@@ -901,8 +901,9 @@ func (f *firewall) planForward(b *batch, bin string, l listing, s fwSpec) {
 	accept, drops := forwardRules(f.mark)
 	acceptText := strings.Join(accept, " ")
 	// egressAbove: a rule of an egress network that stays sits above
-	// our ACCEPT; sawAccept: the scan has passed the ACCEPT.
-	var egressAbove, sawAccept bool
+	// our ACCEPT (the scan, which marks the ACCEPT in have when it
+	// passes it, has not passed it yet).
+	var egressAbove bool
 	if s.gateways {
 		drops = append(drops, gatewayForwardRules(f.mark)...)
 	}
@@ -931,7 +932,6 @@ func (f *firewall) planForward(b *batch, bin string, l listing, s fwSpec) {
 		text := strings.Join(r.fields, " ")
 		if want[text] && !have[text] {
 			have[text] = true
-			sawAccept = sawAccept || text == acceptText
 			continue
 		}
 		if i := egressIface(r, f.mark); i != "" {
@@ -942,11 +942,11 @@ func (f *firewall) planForward(b *batch, bin string, l listing, s fwSpec) {
 				b.add(slices.Concat([]string{"-D", FirewallChain}, r.fields)...)
 			case planned && s.bridges[br].Egress && !f.v6[bin]:
 				egressSeen[br] = append(egressSeen[br], text)
-				egressAbove = egressAbove || !sawAccept
+				egressAbove = egressAbove || !have[acceptText]
 			case hasBridge(s.bridges, i):
 				b.add(slices.Concat([]string{"-D", FirewallChain}, r.fields)...)
 			default:
-				egressAbove = egressAbove || !sawAccept
+				egressAbove = egressAbove || !have[acceptText]
 			}
 			continue
 		}
