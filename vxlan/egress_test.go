@@ -168,7 +168,8 @@ func testEgress(t *testing.T, dp bool) {
 // EnsureNetwork refuses Egress where it could not work, naming why, and
 // leaves nothing behind: on an internal network, and with bridged traffic
 // untracked for a bridge in the host's namespace (in the data-plane
-// namespace the host's namespace only routes it, tracked).
+// namespace the host's namespace only routes it, tracked). EgressBlocked
+// says the same of a new network.
 func TestEgressRefused(t *testing.T) {
 	t.Parallel()
 	inLayouts(t, true, func(t *testing.T, dp bool) {
@@ -178,7 +179,16 @@ func TestEgressRefused(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "internal") {
 			t.Errorf("internal network with egress: error %v, want one naming internal", err)
 		}
+		// EgressBlocked, the driver's question for a new network's default,
+		// answers as EnsureNetwork would.
+		if err := h.egressManager(t).EgressBlocked(); err != nil {
+			t.Errorf("EgressBlocked with iptables and bridged traffic tracked: %v", err)
+		}
+		blocked := h.m.EgressBlocked()
 		_, err = h.m.EnsureNetwork(t.Context(), Network{VNI: 0x47, Egress: true, Gateways: gw})
+		if (blocked == nil) != (err == nil) {
+			t.Errorf("EgressBlocked %v, but EnsureNetwork of an egress network: %v", blocked, err)
+		}
 		switch {
 		case dp && err != nil:
 			t.Errorf("egress in the data-plane namespace with NoTrackBridged: %v", err)

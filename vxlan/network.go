@@ -58,16 +58,34 @@ func (m *Manager) egressRefused(n Network) error {
 	if !n.Egress {
 		return nil
 	}
+	if n.Internal {
+		return errors.New("egress on an internal network: an internal network has no way out")
+	}
 	ns, err := m.nsOf(n.VNI)
 	if err != nil {
 		return err
 	}
+	return m.egressBlocked(ns.dp)
+}
+
+// EgressBlocked says why a network created now could not have Egress on
+// this host (its bridge goes where the data-plane namespace setting puts
+// new networks); nil when it could. The driver asks it to choose a new
+// network's default egress.
+func (m *Manager) EgressBlocked() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.egressBlocked(m.dp != nil)
+}
+
+// egressBlocked says why a network whose bridge is in the data-plane
+// namespace (dp) or in the host's cannot have Egress on this host; nil
+// when it can.
+func (m *Manager) egressBlocked(dp bool) error {
 	switch {
-	case n.Internal:
-		return errors.New("egress on an internal network: an internal network has no way out")
 	case !m.fw.enabled():
 		return errors.New("egress without iptables: the masquerade and forwarding rules need it")
-	case m.fw.notrack && !ns.dp:
+	case m.fw.notrack && !dp:
 		return errors.New("egress with bridged traffic untracked (BRIDGE_CONNTRACK=false): the masquerade needs it tracked")
 	case m.cfg.Sysctl != "-" && forwardingOff(m.cfg.Sysctl):
 		return errors.New("egress with IPv4 forwarding off (net.ipv4.ip_forward=0): dockerd turns it on unless started with --ip-forward=false")
