@@ -170,6 +170,25 @@ func (r Network) Label() string {
 	return fmt.Sprintf("%q", r.Key)
 }
 
+// OptionEgressDefault is the key of a record's Options under which it
+// keeps the egress its first host chose for the network when that host's
+// user gave no -o egress (the driver's default). A key of its own rather
+// than "egress": a release that knows -o egress but not this default
+// reads such a network as having none (Docker's docker_gwbridge), as it
+// reads a network created before the default, instead of refusing its
+// own hosts, which give no -o egress either.
+const OptionEgressDefault = "egress_default"
+
+// Egress is the network's egress as recorded: the -o egress of its first
+// host, or the default that host chose (OptionEgressDefault); "" for
+// neither (a network created before either).
+func (r Network) Egress() string {
+	if v, ok := r.Options["egress"]; ok {
+		return v
+	}
+	return r.Options[OptionEgressDefault]
+}
+
 // Member returns hostID's membership.
 func (r Network) Member(hostID string) (Member, bool) {
 	m, ok := r.Hosts[hostID]

@@ -434,8 +434,8 @@ func TestRunPermissions(t *testing.T) {
 func TestEgress(t *testing.T) {
 	st := twoHosts()
 	st.Networks[0].Subnets = []string{"10.31.0.0/24", "fd31::/64"}
-	st.Networks[0].Options = map[string]string{"egress": "host"}
-	st.Networks[2].Options = map[string]string{"egress": "host"} // not a member
+	st.Networks[0].Egress = "host"
+	st.Networks[2].Egress = "host" // not a member
 	s := healthySystem()
 	s.commands["iptables -w -t nat -S POSTROUTING"] = "-P POSTROUTING ACCEPT\n-A POSTROUTING -s 10.31.0.0/24 ! -o vxbr-001000 -m comment --comment consul-overlay -j MASQUERADE\n"
 	got := CheckEgress(context.Background(), st, s)
@@ -451,11 +451,11 @@ func TestEgress(t *testing.T) {
 	if c := CheckEgress(context.Background(), st, s)[0]; c.Result != Fail || !strings.Contains(c.Message, "10.31.0.0/24") || !strings.Contains(c.Fix, "restart the plugin") {
 		t.Errorf("no masquerade: %+v", c)
 	}
-	st.Networks[0].Options = map[string]string{"egress": "auto"}
+	st.Networks[0].Egress = "auto" // given, or the default (status reads both)
 	if c := CheckEgress(context.Background(), st, s); len(c) != 1 || c[0].Result != Fail || !strings.Contains(c[0].Message, "egress=auto") {
 		t.Errorf("egress=auto without its masquerade: %+v", c)
 	}
-	st.Networks[0].Options = nil
+	st.Networks[0].Egress = ""
 	if got := CheckEgress(context.Background(), st, s); len(got) != 0 {
 		t.Errorf("no egress network: %+v", got)
 	}

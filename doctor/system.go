@@ -292,7 +292,7 @@ func CheckEgress(ctx context.Context, st *status.Report, s System) []Check {
 		natErr, fwdErr error
 	)
 	for _, n := range st.Networks {
-		mode := strings.TrimSpace(n.Options["egress"])
+		mode := strings.TrimSpace(n.Egress)
 		if !n.Member || (mode != "host" && mode != "auto") {
 			continue
 		}

@@ -56,6 +56,9 @@ type Dataplane interface {
 	// EndpointsInUse lists the endpoints (first 10 characters of their
 	// IDs) whose interface a container holds.
 	EndpointsInUse() ([]string, error)
+	// EgressBlocked says why a network created now could not have
+	// vxlan.Network.Egress on this host; nil when it could.
+	EgressBlocked() error
 	// NetworksInUse is EndpointsInUse by the VNI of the overlay each is
 	// a port of.
 	NetworksInUse() (map[uint32][]string, error)
@@ -469,9 +472,19 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 	delete(d.leaves, req.NetworkID) // asked again: this call decides
 	d.mu.Unlock()
 
+	// The record keeps the -o options; a new network without -o egress
+	// also its default (an existing one keeps its own, differingSettings).
+	options, egressWhy := opts.generic, ""
+	if !opts.egressGiven {
+		var m string
+		if m, egressWhy = defaultEgress(opts, d.dp.EgressBlocked); m != egressDocker {
+			options = maps.Clone(opts.generic)
+			options[cluster.OptionEgressDefault] = m
+		}
+	}
 	rec, err := d.cl.Join(ctx, key, req.NetworkID, cluster.NetworkSpec{
 		Name: opts.name, VNI: opts.vni, MTU: opts.mtu, Internal: opts.internal,
-		Subnets: opts.subnets, Gateways: opts.gateways, Spaces: opts.spaces, Options: opts.generic,
+		Subnets: opts.subnets, Gateways: opts.gateways, Spaces: opts.spaces, Options: options,
 		Avoid: slices.Collect(maps.Keys(taken)),
 	})
 	if err != nil {
@@ -510,7 +523,12 @@ func (d *Driver) CreateNetwork(req *network.CreateNetworkRequest) (retErr error)
 	}
 	d.point("createnetwork/after-kernel")
 	d.bind(req.NetworkID, rec, time.Now())
-	d.log.Info("network created", netAttrs(rec, req.NetworkID, "subnets", rec.Subnets, "host", d.cfg.HostID)...)
+	attrs := []any{"subnets", rec.Subnets, "host", d.cfg.HostID, "egress", egressMode(rec)}
+	if egressWhy != "" && rec.Egress() == "" {
+		// A network nobody chose an egress for: why it is not auto.
+		attrs = append(attrs, "egress_not_auto", egressWhy)
+	}
+	d.log.Info("network created", netAttrs(rec, req.NetworkID, attrs...)...)
 	return nil
 }
 
@@ -1302,8 +1320,8 @@ func (d *Driver) DiscoverNew(*network.DiscoveryNotification) error { return nil 
 func (d *Driver) DiscoverDelete(*network.DiscoveryNotification) error { return nil }
 
 // ProgramExternalConnectivity is called on the endpoint that became the
-// container's gateway, with the sandbox's options. On a network of the
-// default egress that is never a consul-overlay endpoint (Join returns no
+// container's gateway, with the sandbox's options. On an egress=docker
+// network that is never a consul-overlay endpoint (Join returns no
 // gateway): outbound traffic and published ports go through
 // docker_gwbridge, which Docker manages. An egress=host network is the
 // container's way out, but consul-overlay publishes no ports: a container
@@ -1332,7 +1350,7 @@ func (d *Driver) ProgramExternalConnectivity(req *network.ProgramExternalConnect
 	if !hostEgress(mode) {
 		return nil
 	}
-	hint := fmt.Sprintf("publish them through a bridge network, or create the network with -o egress=%s (Docker's docker_gwbridge publishes the ports of a container that publishes any) or without -o egress", egressAuto)
+	hint := fmt.Sprintf("publish them through a bridge network, or create the network with -o egress=%s (the default where the host can be the way out: Docker's docker_gwbridge publishes the ports of a container that publishes any) or -o egress=%s", egressAuto, egressDocker)
 	if mode == egressAuto {
 		hint = "Join saw no published port for this container and made the network its way out; publish them through a bridge network"
 	}

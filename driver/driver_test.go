@@ -37,6 +37,9 @@ type fakeDataplane struct {
 	failDeletes int
 	// peerChanges counts the ChangePeers calls.
 	peerChanges int
+	// egressBlocked is EgressBlocked's answer: nil, the host can be a
+	// network's way out (new networks default to egress=auto).
+	egressBlocked error
 }
 
 // peerID identifies one programmed neighbour in the fake.
@@ -53,6 +56,10 @@ func (f *fakeDataplane) EnsureNetwork(_ context.Context, n vxlan.Network) (vxlan
 	defer f.mu.Unlock()
 	if f.failNet != nil {
 		return vxlan.NetworkInfo{}, f.failNet
+	}
+	if n.Egress && f.egressBlocked != nil {
+		// As vxlan.Manager refuses it.
+		return vxlan.NetworkInfo{}, fmt.Errorf("ensure network (vni %d): %w", n.VNI, f.egressBlocked)
 	}
 	f.networks[n.VNI] = n
 	return vxlan.NetworkInfo{Bridge: vxlan.BridgeName(n.VNI), VXLAN: vxlan.VXLANName(n.VNI), MTU: f.maxMTU}, nil
@@ -163,6 +170,12 @@ func (f *fakeDataplane) SetVTEP(_ context.Context, vtep netip.Addr, nets []vxlan
 	return vxlan.Changes{}, nil
 }
 func (f *fakeDataplane) MaxMTU() int { return f.maxMTU }
+
+func (f *fakeDataplane) EgressBlocked() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.egressBlocked
+}
 
 // SetAllowedVTEPs records the underlay allowlist.
 func (f *fakeDataplane) SetAllowedVTEPs(_ context.Context, vteps []netip.Addr) error {
@@ -430,7 +443,9 @@ func TestEndpointLifecycleAndPeers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if jr.InterfaceName.SrcName != vxlan.ContainerIfName("ep1") || jr.InterfaceName.DstPrefix != "eth" || jr.Gateway != "" {
+	// The network's egress is the default, auto: a container without
+	// published ports goes out through its host's gateway.
+	if jr.InterfaceName.SrcName != vxlan.ContainerIfName("ep1") || jr.InterfaceName.DstPrefix != "eth" || jr.Gateway != "10.1.0.1" {
 		t.Fatalf("Join response %+v", jr)
 	}
 

@@ -24,19 +24,35 @@ func egress(rec cluster.Network) bool { return hostEgress(egressMode(rec)) }
 // egressHost, or egressAuto (for the containers that publish no port).
 func hostEgress(m string) bool { return m == egressHost || m == egressAuto }
 
-// egressMode is the network's -o egress: egressDocker when its record has
-// none, or a value this release does not know (as an older release reads
-// one that came later).
+// egressMode is the network's egress: its record's -o egress, or the
+// default its first host chose (cluster.Network.Egress); egressDocker
+// when it has neither, or a value this release does not know (as an
+// older release reads one that came later).
 func egressMode(rec cluster.Network) string {
-	v, ok := rec.Options[optEgress]
-	if !ok {
-		return egressDocker
-	}
-	m, err := parseEgress(v)
+	m, err := parseEgress(rec.Egress())
 	if err != nil {
 		return egressDocker
 	}
 	return m
+}
+
+// defaultEgress is the egress of a new network whose user gave no -o
+// egress: egressAuto when it can have it (an IPv4 gateway, not
+// --internal, and this host able to route and masquerade, see
+// vxlan.Manager.EgressBlocked), so that a container that publishes no
+// port goes out through its host without Docker's docker_gwbridge
+// endpoint; egressDocker otherwise, with the reason auto was not chosen.
+func defaultEgress(o *networkOptions, blocked func() error) (string, string) {
+	switch {
+	case o.internal:
+		return egressDocker, "--internal"
+	case !hasIPv4Gateway(o.gateways):
+		return egressDocker, "no IPv4 gateway"
+	}
+	if err := blocked(); err != nil {
+		return egressDocker, err.Error()
+	}
+	return egressAuto, ""
 }
 
 // hasIPv4Gateway tells whether one of gateways is an IPv4 address.

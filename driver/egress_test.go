@@ -82,14 +82,23 @@ func TestParseEgressOption(t *testing.T) {
 }
 
 // TestDifferingEgress: a host asking for another egress than the record's
-// is told which; egress=docker and no egress option are the same setting,
-// and so is a value this release does not know (a later release's), which
-// it reads as the default.
+// is told which; one that asks for none takes the record's, whatever it
+// is, the default its first host chose included (egress_default); a value
+// this release does not know (a later release's) reads as docker.
 func TestDifferingEgress(t *testing.T) {
 	rec := func(opts map[string]string) cluster.Network { return cluster.Network{Options: opts} }
 	asked := func(generic map[string]string) *networkOptions {
-		return &networkOptions{generic: generic}
+		o := &networkOptions{generic: generic, egressMode: egressDocker}
+		if v, ok := generic["egress"]; ok {
+			m, err := parseEgress(v)
+			if err != nil {
+				t.Fatal(err)
+			}
+			o.egressMode, o.egressGiven = m, true
+		}
+		return o
 	}
+	dflt := map[string]string{cluster.OptionEgressDefault: "auto"}
 	cases := []struct {
 		name     string
 		recorded map[string]string
@@ -99,13 +108,19 @@ func TestDifferingEgress(t *testing.T) {
 		{"both host", map[string]string{"egress": "host"}, map[string]string{"egress": "host"}, nil},
 		{"docker and absent", map[string]string{"egress": "docker"}, map[string]string{}, nil},
 		{"absent and docker", nil, map[string]string{"egress": "docker"}, nil},
-		{"host and absent", map[string]string{"egress": "host"}, map[string]string{}, []string{"egress=host, this request docker"}},
+		{"host and absent", map[string]string{"egress": "host"}, map[string]string{}, nil},
 		{"absent and host", nil, map[string]string{"egress": "host"}, []string{"egress=docker, this request host"}},
 		{"both auto", map[string]string{"egress": "auto"}, map[string]string{"egress": "auto"}, nil},
 		{"auto and host", map[string]string{"egress": "auto"}, map[string]string{"egress": "host"}, []string{"egress=auto, this request host"}},
-		{"auto and absent", map[string]string{"egress": "auto"}, map[string]string{}, []string{"egress=auto, this request docker"}},
+		{"auto and absent", map[string]string{"egress": "auto"}, map[string]string{}, nil},
+		{"auto and docker", map[string]string{"egress": "auto"}, map[string]string{"egress": "docker"}, []string{"egress=auto, this request docker"}},
 		{"host and auto", map[string]string{"egress": "host"}, map[string]string{"egress": "auto"}, []string{"egress=host, this request auto"}},
+		{"default auto and absent", dflt, map[string]string{}, nil},
+		{"default auto and auto", dflt, map[string]string{"egress": "auto"}, nil},
+		{"default auto and docker", dflt, map[string]string{"egress": "docker"}, []string{"egress=auto, this request docker"}},
+		{"default auto and host", dflt, map[string]string{"egress": "host"}, []string{"egress=auto, this request host"}},
 		{"a later release's value and absent", map[string]string{"egress": "later"}, map[string]string{}, nil},
+		{"a later release's value and docker", map[string]string{"egress": "later"}, map[string]string{"egress": "docker"}, nil},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -118,7 +133,8 @@ func TestDifferingEgress(t *testing.T) {
 }
 
 // egressDriver creates an egress=host network "ne" (name app, 10.1.0.0/24,
-// gateway 10.1.0.1) and a default one "nd" (10.2.0.0/24) on one driver.
+// gateway 10.1.0.1) and an egress=docker one "nd" (10.2.0.0/24) on one
+// driver.
 func egressDriver(t *testing.T) (*Driver, *fakeDataplane) {
 	t.Helper()
 	dp := newFake()
@@ -126,7 +142,7 @@ func egressDriver(t *testing.T) (*Driver, *fakeDataplane) {
 	if err := d.CreateNetwork(createReq("ne", map[string]interface{}{"name": "app", "egress": "host"}, "10.1.0.0/24")); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.CreateNetwork(createReq("nd", nil, "10.2.0.0/24")); err != nil {
+	if err := d.CreateNetwork(createReq("nd", map[string]interface{}{"egress": "docker"}, "10.2.0.0/24")); err != nil {
 		t.Fatal(err)
 	}
 	return d, dp
@@ -134,7 +150,7 @@ func egressDriver(t *testing.T) (*Driver, *fakeDataplane) {
 
 // TestEgressHostJoin: the data plane is told the network's egress, and
 // Join of an egress=host network's endpoint gives the container the IPv4
-// gateway, no IPv6 one, and keeps docker_gwbridge away; a default
+// gateway, no IPv6 one, and keeps docker_gwbridge away; an egress=docker
 // network's Join gives none of that.
 func TestEgressHostJoin(t *testing.T) {
 	d, dp := egressDriver(t)
@@ -268,7 +284,7 @@ func portmapOption(t *testing.T, js string) any {
 // TestEgressHostPublishedPortsRefused: ProgramExternalConnectivity of an
 // egress=host network's endpoint with published ports fails, naming the
 // endpoint, the network, the ports and the way out; without published
-// ports, or on a network of the default egress, it succeeds.
+// ports, or on an egress=docker network, it succeeds.
 func TestEgressHostPublishedPortsRefused(t *testing.T) {
 	d, _ := egressDriver(t)
 	const p = `[{"Proto":6,"IP":"","Port":80,"HostIP":"","HostPort":18080,"HostPortEnd":18080}]`
@@ -281,13 +297,13 @@ func TestEgressHostPublishedPortsRefused(t *testing.T) {
 		wantErr []string
 	}{
 		{"-p on egress=host", "ne", map[string]interface{}{optPortMap: portmapOption(t, p), "com.docker.network.endpoint.exposedports": exposed},
-			[]string{"ep-1", `"app"`, "ne", "-p 18080:80/tcp", "not supported", "egress=host", "bridge network", "-o egress=auto", "without -o egress"}},
+			[]string{"ep-1", `"app"`, "ne", "-p 18080:80/tcp", "not supported", "egress=host", "bridge network", "-o egress=auto", "-o egress=docker"}},
 		{"-P on egress=host", "ne", map[string]interface{}{optPortMap: portmapOption(t, all)}, []string{"-p 53/udp", "egress=host"}},
 		{"no portmap", "ne", map[string]interface{}{"com.docker.network.endpoint.exposedports": exposed}, nil},
 		{"null portmap", "ne", map[string]interface{}{optPortMap: nil}, nil},
 		{"empty portmap", "ne", map[string]interface{}{optPortMap: portmapOption(t, `[]`)}, nil},
 		{"no options", "ne", nil, nil},
-		{"-p on a default network", "nd", map[string]interface{}{optPortMap: portmapOption(t, p)}, nil},
+		{"-p on an egress=docker network", "nd", map[string]interface{}{optPortMap: portmapOption(t, p)}, nil},
 		{"-p on an unknown network", "nx", map[string]interface{}{optPortMap: portmapOption(t, p)}, nil},
 	}
 	for _, tc := range cases {

@@ -70,10 +70,13 @@ type networkOptions struct {
 	// auto this host is the way out of the network for its containers
 	// (auto: for those that publish no port, see hostEgress).
 	egressMode string
-	generic    map[string]string
-	subnets    []netip.Prefix // IPv4 first, as Docker sends them
-	gateways   []netip.Prefix
-	spaces     []string // IPAM address spaces, one per subnet
+	// egressGiven: the request gave -o egress. Without it a new network
+	// gets defaultEgress and an existing one keeps its record's.
+	egressGiven bool
+	generic     map[string]string
+	subnets     []netip.Prefix // IPv4 first, as Docker sends them
+	gateways    []netip.Prefix
+	spaces      []string // IPAM address spaces, one per subnet
 }
 
 // parseNetworkOptions validates CreateNetwork's options and IPAM data. Any
@@ -120,7 +123,7 @@ func parseNetworkOptions(req *network.CreateNetworkRequest) (*networkOptions, er
 			if err != nil {
 				return nil, err
 			}
-			o.egressMode = m
+			o.egressMode, o.egressGiven = m, true
 		case optServicePrefix:
 			if strings.ContainsAny(v, " /") {
 				return nil, fmt.Errorf("option service_prefix=%q: no spaces or slashes in a service name", v)
@@ -249,7 +252,11 @@ func differingSettings(rec cluster.Network, o *networkOptions) []string {
 	differs("internal", hk.Internal, ak.Internal)
 	differs("encrypted", hk.Encrypted, ak.Encrypted)
 	differs(optConsulAPI, hk.ConsulAPI, ak.ConsulAPI)
-	differs(optEgress, egressMode(rec), egressMode(asked))
+	if o.egressGiven {
+		// Without -o egress a host takes the network's, whatever it is
+		// (a default is chosen only for a new network).
+		differs(optEgress, egressMode(rec), o.egressMode)
+	}
 	differs(optRegister, hs.Register, as.Register)
 	differs(optServicePrefix, fmt.Sprintf("%q", hs.ServicePrefix), fmt.Sprintf("%q", as.ServicePrefix))
 	return out

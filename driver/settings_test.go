@@ -24,7 +24,7 @@ func TestJoinWithOtherSettingsRefused(t *testing.T) {
 		bInt    bool
 	}{
 		{"consul_api", map[string]interface{}{"consul_api": "true"}, nil, false},
-		{"egress", map[string]interface{}{"egress": "host"}, nil, false},
+		{"egress", map[string]interface{}{"egress": "host"}, map[string]interface{}{"egress": "docker"}, false},
 		{"egress", nil, map[string]interface{}{"egress": "host"}, false},
 		{"internal", nil, nil, true},
 		{"register", nil, map[string]interface{}{"register": "false"}, false},

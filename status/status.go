@@ -90,6 +90,9 @@ type Network struct {
 	// Options are the network's -o options (egress, consul_api,
 	// encrypted, register, ...) as its first host gave them.
 	Options map[string]string `json:"options,omitempty"`
+	// Egress is the network's egress: its -o egress, or the default its
+	// first host chose (options' egress_default); "" for neither (docker).
+	Egress string `json:"egress,omitempty"`
 	// Member says this host is a member.
 	Member bool `json:"member"`
 	// Hosts are the member hosts' node names (or IDs where a name is
@@ -339,7 +342,7 @@ func hosts(self string, st cluster.State, pairs []*kvstore.Pair) []Host {
 // current incarnation of member hosts.
 func network(self string, n cluster.Network, all []cluster.Endpoint, joined map[string]bool) (Network, []cluster.Endpoint) {
 	out := Network{
-		Key: n.Key, Name: n.Name, VNI: n.VNI, MTU: n.MTU, Internal: n.Internal, Options: maps.Clone(n.Options),
+		Key: n.Key, Name: n.Name, VNI: n.VNI, MTU: n.MTU, Internal: n.Internal, Options: maps.Clone(n.Options), Egress: n.Egress(),
 		Subnets: slices.Clone(n.Subnets), Gateways: slices.Clone(n.Gateways),
 		Endpoints: []Endpoint{},
 	}

@@ -55,7 +55,8 @@ func fixture(t *testing.T) kvstore.Store {
 	put(t, s, "networks/name-app/endpoints/e9", cluster.Endpoint{ID: "e9cccccccccc", NetworkKey: "name-app", Incarnation: "old", HostID: other, Node: "two", VTEP: "192.0.2.2", IPv4: "10.1.0.9/24", MAC: "02:42:0a:01:00:09"})
 	put(t, s, "networks/name-solo/config", cluster.Network{
 		Key: "name-solo", Name: "solo", Incarnation: "inc2", VNI: 4097, Subnets: []string{"10.2.0.0/24"},
-		Hosts: map[string]cluster.Member{third: {Node: "three", VTEP: "192.0.2.3"}},
+		Options: map[string]string{"name": "solo", cluster.OptionEgressDefault: "auto"},
+		Hosts:   map[string]cluster.Member{third: {Node: "three", VTEP: "192.0.2.3"}},
 	})
 	put(t, s, "members/"+self, cluster.Host{HostID: self, Node: "one", VTEP: "192.0.2.1"})
 	put(t, s, "hosts/"+other, hostRecord{ID: other, Node: "two", VTEP: "192.0.2.2", PID: 7})
@@ -100,7 +101,7 @@ func TestCollectMatching(t *testing.T) {
 	}
 	app, solo := r.Networks[0], r.Networks[1]
 	if app.Key != "name-app" || !app.Member || app.LocalEndpoints != 1 || app.RemoteEndpoints != 1 || len(app.Endpoints) != 2 ||
-		!slices.Equal(app.Hosts, []string{"one", "two"}) || app.KernelMTU != 1450 {
+		!slices.Equal(app.Hosts, []string{"one", "two"}) || app.KernelMTU != 1450 || app.Egress != "host" {
 		t.Errorf("app: %+v", app)
 	}
 	for _, ep := range app.Endpoints {
@@ -108,7 +109,7 @@ func TestCollectMatching(t *testing.T) {
 			t.Errorf("endpoint %s not shown joined (its record or its join record says it is)", ep.ID)
 		}
 	}
-	if solo.Member || solo.LocalEndpoints != 0 || !slices.Equal(solo.Hosts, []string{"three"}) {
+	if solo.Member || solo.LocalEndpoints != 0 || !slices.Equal(solo.Hosts, []string{"three"}) || solo.Egress != "auto" {
 		t.Errorf("solo: %+v", solo)
 	}
 	var nodes []string
@@ -120,7 +121,8 @@ func TestCollectMatching(t *testing.T) {
 	}
 	var b bytes.Buffer
 	if err := WriteText(&b, r); err != nil || !strings.Contains(b.String(), "Drift: none") ||
-		!strings.Contains(b.String(), "    settings: consul_api=true, egress=host\n") {
+		!strings.Contains(b.String(), "    settings: consul_api=true, egress=host\n") ||
+		!strings.Contains(b.String(), "    settings: egress=auto (default)\n") {
 		t.Errorf("text output (%v):\n%s", err, b.String())
 	}
 	t.Logf("text output:\n%s", b.String())

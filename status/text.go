@@ -9,6 +9,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"consul-overlay/cluster"
 )
 
 // WriteJSON writes the report as indented JSON.
@@ -130,6 +132,11 @@ func networkSettings(n Network) string {
 	for _, k := range slices.Sorted(maps.Keys(n.Options)) {
 		switch k {
 		case "name", "vni", "mtu", "com.docker.network.driver.mtu":
+			continue
+		case cluster.OptionEgressDefault:
+			if _, given := n.Options["egress"]; !given {
+				out = append(out, "egress="+n.Options[k]+" (default)")
+			}
 			continue
 		}
 		out = append(out, k+"="+n.Options[k])
