@@ -93,8 +93,8 @@ type egressNet struct {
 }
 
 // newEgressNet installs a plugin (ref prefix as testPlugin's) and creates
-// a network named netPrefix<random> with -o egress=mode on a subnet of
-// freeSubnets; the network and its containers are removed when the test
+// a network named netPrefix<random> with -o egress=mode (none when mode
+// is "": the default) on a subnet of freeSubnets; the network and its containers are removed when the test
 // ends, and dumped if it failed.
 func newEgressNet(t *testing.T, prefix, netPrefix, mode string) *egressNet {
 	t.Helper()
@@ -115,8 +115,13 @@ func newEgressNet(t *testing.T, prefix, netPrefix, mode string) *egressNet {
 	e.subnet, e.outside = freeSubnets(t)
 	e.gateway = e.subnet.Addr().Next()
 	removeOnCleanup(t, e.name, e.c1, e.c2)
-	if _, err := Docker(ctx, "network", "create", "-d", e.ref, "--ipam-driver", e.ref,
-		"--subnet", e.subnet.String(), "-o", "egress="+mode, e.name); err != nil {
+	args := []string{"network", "create", "-d", e.ref, "--ipam-driver", e.ref, "--subnet", e.subnet.String()}
+	if mode != "" {
+		args = append(args, "-o", "egress="+mode)
+	} else {
+		e.mode = "auto (the default)"
+	}
+	if _, err := Docker(ctx, append(args, e.name)...); err != nil {
 		t.Fatal(err)
 	}
 	if e.withNetwork, err = HostLinks(ctx); err != nil {

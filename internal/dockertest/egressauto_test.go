@@ -15,7 +15,18 @@ import (
 // other over the overlay. Removing the network leaves no link and no
 // firewall rule naming its subnet.
 func TestDockerEgressAuto(t *testing.T) {
-	e := newEgressNet(t, "consul-overlay-dockertest:ea", "codt-ea-", "auto")
+	egressAuto(t, newEgressNet(t, "consul-overlay-dockertest:ea", "codt-ea-", "auto"))
+}
+
+// TestDockerEgressDefault: a network created without -o egress is
+// egress=auto (this host can route and masquerade): everything
+// TestDockerEgressAuto proves holds for it.
+func TestDockerEgressDefault(t *testing.T) {
+	egressAuto(t, newEgressNet(t, "consul-overlay-dockertest:ed", "codt-ed-", ""))
+}
+
+// egressAuto is TestDockerEgressAuto on e's network.
+func egressAuto(t *testing.T, e *egressNet) {
 	ctx := t.Context()
 	netName, c1, c2, gateway := e.name, e.c1, e.c2, e.gateway
 	if _, err := Docker(ctx, "run", "-d", "--name", c1, "--network", netName,
@@ -26,7 +37,7 @@ func TestDockerEgressAuto(t *testing.T) {
 	if _, err := Docker(ctx, "run", "-d", "--name", c2, "--network", netName,
 		"-p", fmt.Sprintf("127.0.0.1:%d:80", port),
 		BusyboxImage, "httpd", "-f", "-p", "80", "-h", "/www"); err != nil {
-		t.Fatalf("docker run -p on an egress=auto network: %v", err)
+		t.Fatalf("docker run -p on an egress=%s network: %v", e.mode, err)
 	}
 	ip1, ip2 := containerIP(t, c1, netName), containerIP(t, c2, netName)
 

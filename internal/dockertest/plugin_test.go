@@ -117,8 +117,9 @@ func TestDockerManagedPlugin(t *testing.T) {
 	}
 	t.Run("outbound", func(t *testing.T) {
 		// "Outside" is a namespace of our own, routed from the host: the
-		// container reaches it through docker_gwbridge and its NAT, as it
-		// would reach the world. No packet leaves this machine.
+		// container reaches it through its host's masquerade (the default
+		// egress, auto: it publishes no port), as it would reach the
+		// world. No packet leaves this machine.
 		outside := testenv.NewNetNS(t)
 		hostIf, nsIf := "cooutv"+fmt.Sprint(third), "eth0"
 		hostAddr, nsAddr := fmt.Sprintf("198.18.%d.1", third), fmt.Sprintf("198.18.%d.2", third)
@@ -144,7 +145,7 @@ func TestDockerManagedPlugin(t *testing.T) {
 			}
 		}
 		if err := ping(ctx, c2, nsAddr); err != nil {
-			t.Errorf("ping %s (outside the overlay, through docker_gwbridge) from %s within 15 s: %v", nsAddr, c2, err)
+			t.Errorf("ping %s (outside the overlay, through the host) from %s within 15 s: %v", nsAddr, c2, err)
 		}
 
 		// An --internal network reaches nothing outside.

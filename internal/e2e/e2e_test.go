@@ -999,9 +999,10 @@ func (s *suite) publishedPort(t *testing.T) {
 	}
 }
 
-// outbound: containers reach addresses outside the overlay through
-// docker_gwbridge: the Consul server's HTTP API (TCP) and the other host's
-// underlay address (ICMP).
+// outbound: containers reach addresses outside the overlay through their
+// host (the default egress, auto, for containers that publish no port;
+// docker_gwbridge for one that does): the Consul server's HTTP API (TCP)
+// and the other host's underlay address (ICMP).
 func (s *suite) outbound(t *testing.T) {
 	l := s.lab
 	for _, h := range l.Hosts() {
