@@ -55,7 +55,9 @@ func NewCluster(t testing.TB, n int, o ClusterOptions) *Cluster {
 		o.Plugins = n
 	}
 	c := &Cluster{t: t, opt: o, Prefix: "co-bench-" + RandomID()[:8] + "/"}
-	c.Hosts = testenv.NewUnderlay(t, n, testenv.UnderlayOptions{MTU: o.MTU})
+	// Forwarding on, as dockerd leaves a host: the plugins' networks get
+	// the default egress of a real host (auto, with its firewall rules).
+	c.Hosts = testenv.NewUnderlay(t, n, testenv.UnderlayOptions{MTU: o.MTU, Forwarding: true})
 	c.Consul = testenv.StartConsul(t, testenv.WithNetNS(c.Hosts[0].NS.Path), testenv.WithBindAddr(c.Hosts[0].Addr.String()))
 	c.Plugins = make([]*Plugin, n)
 	for i := range o.Plugins {

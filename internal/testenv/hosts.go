@@ -18,6 +18,11 @@ type UnderlayOptions struct {
 	IPv6 bool
 	// MTU of the hosts' underlay links (0: 1500).
 	MTU int
+	// Forwarding turns IPv4 forwarding on in each host
+	// (net.ipv4.ip_forward=1), as dockerd does on a real host; the
+	// plugin's new networks then get their default egress, auto, as
+	// there.
+	Forwarding bool
 }
 
 // Host is one simulated machine: a network namespace joined to the
@@ -67,6 +72,9 @@ func NewUnderlay(t testing.TB, n int, opts UnderlayOptions) []*Host {
 		port := fmt.Sprintf("port%d", i)
 		if err := plugHost(h, port, opts.MTU, swh, int(swfd)); err != nil {
 			t.Fatalf("join host %d (%s) to the underlay: %v", i, h.Addr, err)
+		}
+		if opts.Forwarding {
+			h.NS.MustRun(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 		}
 		hosts[i] = h
 	}

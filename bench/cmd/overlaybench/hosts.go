@@ -99,7 +99,7 @@ func hostsOnce(t *runner, cfg *config, H int) hostsResult {
 	if bin == "" {
 		bin = harness.Build(t)
 	}
-	hosts := testenv.NewUnderlay(t, H+1, testenv.UnderlayOptions{})
+	hosts := testenv.NewUnderlay(t, H+1, testenv.UnderlayOptions{Forwarding: true}) // as dockerd leaves a host
 	// Every blocking query holds a connection, and all of them come from
 	// the meter: lift the agent's per-client limit (200).
 	agent := testenv.StartConsul(t, testenv.WithNetNS(hosts[0].NS.Path), testenv.WithBindAddr(hosts[0].Addr.String()),

@@ -278,7 +278,7 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 	// endpoint), so that Docker's cost of a network without a gateway
 	// shows apart from the driver's.
 	brNet, coInt, swInt, brInt := "cobench-br-"+suffix, coNet+"-int", swarmNet+"-int", "cobench-br-"+suffix+"-int"
-	coEg := coNet + "-eg"
+	coEg, coDk := coNet+"-eg", coNet+"-dk"
 	for _, n := range []struct {
 		name string
 		args []string
@@ -289,36 +289,42 @@ func benchSwarm(t *runner, cfg *config, rep *report) {
 		{brInt, []string{"--internal", "--subnet", "10.215.3.0/24"}},
 		// The host as the way out: no docker_gwbridge endpoint.
 		{coEg, []string{"-d", plugin, "--ipam-driver", plugin, "--subnet", "10.215.4.0/24", "-o", "name=" + coEg, "-o", "egress=host"}},
+		// Docker's way out, as for its own overlay: a docker_gwbridge
+		// endpoint per container (the default, auto, gives none to a
+		// container without published ports).
+		{coDk, []string{"-d", plugin, "--ipam-driver", plugin, "--subnet", "10.215.5.0/24", "-o", "name=" + coDk, "-o", "egress=docker"}},
 	} {
 		must(dockA(append(append([]string{"network", "create", "--label", label}, n.args...), n.name)...))
 		name := n.name
 		t.Cleanup(func() { _, _ = docker(context.Background(), hostArgs(sockA, "network", "rm", name)...) })
 	}
-	took := timeDockerRuns(t, sockA, image, []string{coNet, swarmNet, brNet, coInt, swInt, brInt, coEg}, cfg.dockerRuns)
+	took := timeDockerRuns(t, sockA, image, []string{coNet, swarmNet, brNet, coInt, swInt, brInt, coEg, coDk}, cfg.dockerRuns)
 	cd, sd, bd := took[coNet], took[swarmNet], took[brNet]
 	cid, sid, bid := took[coInt], took[swInt], took[brInt]
-	ced := took[coEg]
+	ced, cdd := took[coEg], took[coDk]
 	dsec := rep.section("docker run --rm on the lab's host A (engine " + version + ")")
 	fmt.Fprintf(dsec, "`docker run --rm --network N %s true` on host A of the lab (%s), %d runs per network after 2 warm-ups, "+
 		"networks alternating, while the Swarm of the section above is up: consul-overlay (the lab's plugin, Consul through "+
 		"the host's agent), Docker's overlay (attachable) and a user-defined bridge network, each also `--internal`, and "+
-		"consul-overlay with `-o egress=host`. Docker connects a container of a network without a gateway (both overlays) "+
-		"to docker_gwbridge, a second endpoint per run; an `--internal` network gets none, nor does an egress=host one "+
+		"consul-overlay with `-o egress=host` and with `-o egress=docker`. Docker connects a container of a network without a gateway "+
+		"(Docker's overlay, consul-overlay with egress=docker) to docker_gwbridge, a second endpoint per run; an `--internal` network "+
+		"gets none, nor does an egress=host one or one of the default egress, auto, for a container without published ports "+
 		"(its containers get the network's gateway; the host routes and masquerades their traffic).\n\n", image, hostAIs, cfg.dockerRuns)
 	runsTable(dsec, []namedDist{{"consul-overlay", cd}, {"Docker overlay (Swarm)", sd}, {"bridge", bd},
 		{"consul-overlay, --internal", cid}, {"Docker overlay, --internal", sid}, {"bridge, --internal", bid},
-		{"consul-overlay, -o egress=host", ced}})
+		{"consul-overlay, -o egress=host", ced}, {"consul-overlay, -o egress=docker", cdd}})
 	fmt.Fprintf(dsec, "\nAt p50: consul-overlay ÷ bridge %s, ÷ Docker overlay %s; both --internal: ÷ bridge %s, ÷ Docker overlay %s; "+
 		"consul-overlay -o egress=host ÷ bridge %s, ÷ Docker overlay %s. "+
 		"The docker_gwbridge endpoint costs %s ms on consul-overlay and %s ms on Docker's overlay (each less its --internal twin); "+
-		"-o egress=host saves %s ms on consul-overlay.\n",
+		"-o egress=host saves %s ms on consul-overlay; consul-overlay -o egress=docker ÷ Docker overlay %s.\n",
 		fr(ratio(cd.p50, bd.p50)), fr(ratio(cd.p50, sd.p50)), fr(ratio(cid.p50, bid.p50)), fr(ratio(cid.p50, sid.p50)),
 		fr(ratio(ced.p50, bd.p50)), fr(ratio(ced.p50, sd.p50)),
-		f(cd.p50-cid.p50), f(sd.p50-sid.p50), f(cd.p50-ced.p50))
+		f(cdd.p50-cid.p50), f(sd.p50-sid.p50), f(cdd.p50-ced.p50), fr(ratio(cdd.p50, sd.p50)))
 	rep.check("docker run --rm, consul-overlay ÷ bridge (p50, "+lab+")", fr(ratio(cd.p50, bd.p50)), "≤ 1.05", ratio(cd.p50, bd.p50) <= 1.05)
 	rep.info("docker run --rm, consul-overlay ÷ Docker overlay (p50, "+lab+")", fr(ratio(cd.p50, sd.p50)))
 	rep.info("docker run --rm, both --internal, consul-overlay ÷ bridge (p50, "+lab+")", fr(ratio(cid.p50, bid.p50)))
 	rep.info("docker run --rm, consul-overlay -o egress=host ÷ bridge (p50, "+lab+")", fr(ratio(ced.p50, bd.p50)))
+	rep.info("docker run --rm, consul-overlay -o egress=docker ÷ Docker overlay (p50, "+lab+")", fr(ratio(cdd.p50, sd.p50)))
 }
 
 // untrackBridged adds (op "-I") or deletes ("-D") on each host the raw
