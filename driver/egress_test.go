@@ -44,15 +44,7 @@ func TestParseEgressOption(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			req := createReq("n1", tc.generic, "10.1.0.0/24")
-			if tc.internal {
-				req.Options[optInternal] = true
-			}
-			if tc.v6Only {
-				req.IPv4Data = nil
-				req.IPv6Data = []*network.IPAMData{{AddressSpace: "ours", Pool: "fd00:1::/64", Gateway: "fd00:1::1/64"}}
-			}
-			o, err := parseNetworkOptions(req)
+			o, err := parseNetworkOptions(egressCreateReq(tc.generic, 1, tc.internal, tc.v6Only))
 			if tc.wantErr != nil {
 				if err == nil {
 					t.Fatalf("accepted %v, want an error naming %q", tc.generic, tc.wantErr)
@@ -79,6 +71,20 @@ func TestParseEgressOption(t *testing.T) {
 			}
 		})
 	}
+}
+
+// egressCreateReq is createReq of network n1 on 10.<third>.0.0/24,
+// --internal if internal, or IPv6-only on fd00:<third>::/64 if v6Only.
+func egressCreateReq(generic map[string]interface{}, third int, internal, v6Only bool) *network.CreateNetworkRequest {
+	req := createReq("n1", generic, fmt.Sprintf("10.%d.0.0/24", third))
+	if internal {
+		req.Options[optInternal] = true
+	}
+	if v6Only {
+		req.IPv4Data = nil
+		req.IPv6Data = []*network.IPAMData{{AddressSpace: "ours", Pool: fmt.Sprintf("fd00:%d::/64", third), Gateway: fmt.Sprintf("fd00:%d::1/64", third)}}
+	}
+	return req
 }
 
 // TestDifferingEgress: a host asking for another egress than the record's

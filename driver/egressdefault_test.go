@@ -77,15 +77,7 @@ func TestDefaultEgress(t *testing.T) {
 			dp := newFake()
 			dp.egressBlocked = tc.blocked
 			d := newTestDriver(t, openStore(t, filepath.Join(t.TempDir(), "s.db")), "a", "192.0.2.1", dp)
-			req := createReq("n1", tc.generic, "10.5.0.0/24")
-			if tc.internal {
-				req.Options[optInternal] = true
-			}
-			if tc.v6Only {
-				req.IPv4Data = nil
-				req.IPv6Data = []*network.IPAMData{{AddressSpace: "ours", Pool: "fd00:5::/64", Gateway: "fd00:5::1/64"}}
-			}
-			if err := d.CreateNetwork(req); err != nil {
+			if err := d.CreateNetwork(egressCreateReq(tc.generic, 5, tc.internal, tc.v6Only)); err != nil {
 				t.Fatal(err)
 			}
 			rec := d.network("n1").rec
