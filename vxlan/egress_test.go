@@ -264,10 +264,11 @@ func TestPlanEgress(t *testing.T) {
 		t.Errorf("ip6tables plan for an egress network:\n%s", strings.Join(got, "\n"))
 	}
 
-	// The ACCEPT of bridged frames stays above every egress rule: moved
-	// in the same transaction when a set goes above it or sits there,
-	// left where it is when nothing would be (no restore command, or
-	// already first).
+	// The ACCEPT of bridged frames stays above every egress rule: a new
+	// set goes right under it when it is first; otherwise the ACCEPT is
+	// moved in the same transaction when a set goes above it or sits
+	// there, and left where it is when nothing would be (no restore
+	// command, or already first).
 	accept, drops := forwardRules(OwnerAlias)
 	acceptLine := "-A " + FirewallChain + " " + strings.Join(accept, " ")
 	var dropLines []string
@@ -278,8 +279,17 @@ func TestPlanEgress(t *testing.T) {
 	want := fwSpec{bridges: map[string]Network{br: egress}, shared: sharedWant}
 	f.restore = map[string]string{"iptables": "iptables-restore"}
 	got = plan("iptables", listed(slices.Concat([]string{acceptLine}, dropLines)...), want)
-	if len(got) != len(set)+2 || !slices.Equal(got[len(set):], move) {
-		t.Errorf("a new egress network under an ACCEPT: plan\n%s\nwant its set inserted, then the ACCEPT moved to the top", strings.Join(got, "\n"))
+	if len(got) != len(set) || !slices.ContainsFunc(got, func(w string) bool { return strings.Contains(w, "-I "+FirewallChain+" 2 -i "+br+" -m comment") }) ||
+		!strings.HasPrefix(got[len(got)-1], "filter: -I "+FirewallChain+" 2 -o "+br+" -m conntrack") {
+		t.Errorf("a new egress network under an ACCEPT that is first: plan\n%s\nwant its set inserted right under it (position 2), its first rule last, and no move", strings.Join(got, "\n"))
+	}
+	var otherSet []string
+	for _, r := range egressRules(other, OwnerAlias) {
+		otherSet = append(otherSet, "-A "+FirewallChain+" "+strings.Join(r, " "))
+	}
+	got = plan("iptables", listed(slices.Concat(otherSet, []string{acceptLine}, dropLines)...), want)
+	if len(got) != len(set)+2 || !strings.HasPrefix(got[len(set)-1], "filter: -I "+FirewallChain+" 1 -o "+br+" -m conntrack") || !slices.Equal(got[len(set):], move) {
+		t.Errorf("a new egress network while another's set is above the ACCEPT: plan\n%s\nwant its set inserted at the top, then the ACCEPT moved there", strings.Join(got, "\n"))
 	}
 	if got := plan("iptables", listed(slices.Concat(set, []string{acceptLine}, dropLines)...), want); !slices.Equal(got, move) {
 		t.Errorf("a whole set above the ACCEPT (an earlier release's order): plan\n%s\nwant the ACCEPT moved:\n%s", strings.Join(got, "\n"), strings.Join(move, "\n"))

@@ -961,7 +961,16 @@ func (f *firewall) planForward(b *batch, bin string, l listing, s fwSpec) {
 		}
 	}
 	// Each egress network's rules, exactly and in order, above the shared
-	// DROPs: a set that is not whole is written again, at the top.
+	// DROPs: a set that is not whole is written again, at the top, or
+	// right under our ACCEPT when that is the chain's first rule and
+	// stays (no move then: an iptables-restore that deletes a rule by
+	// its text costs iptables-nft about 10 ms more, issue 16).
+	at := "1"
+	if len(lines) > 0 && s.shared != sharedDrop {
+		if r := parseRule(lines[0]); f.ours(r, FirewallChain) && strings.Join(r.fields, " ") == acceptText {
+			at = "2"
+		}
+	}
 	if !f.v6[bin] && s.shared != sharedDrop {
 		for _, br := range sortedBridges(s.bridges) {
 			if !s.bridges[br].Egress {
@@ -979,9 +988,9 @@ func (f *firewall) planForward(b *batch, bin string, l listing, s fwSpec) {
 				b.add(slices.Concat([]string{"-D", FirewallChain}, strings.Fields(t))...)
 			}
 			for i := len(rules) - 1; i >= 0; i-- {
-				b.add(slices.Concat([]string{"-I", FirewallChain, "1"}, rules[i])...)
+				b.add(slices.Concat([]string{"-I", FirewallChain, at}, rules[i])...)
 			}
-			egressAbove = true
+			egressAbove = egressAbove || at == "1"
 		}
 	}
 	if s.shared != sharedWant {
