@@ -170,6 +170,10 @@ func (r Network) Label() string {
 	return fmt.Sprintf("%q", r.Key)
 }
 
+// OptionEgress is the key of a record's Options that holds the -o egress
+// its first host gave.
+const OptionEgress = "egress"
+
 // OptionEgressDefault is the key of a record's Options under which it
 // keeps the egress its first host chose for the network when that host's
 // user gave no -o egress (the driver's default). A key of its own rather
@@ -183,10 +187,24 @@ const OptionEgressDefault = "egress_default"
 // host, or the default that host chose (OptionEgressDefault); "" for
 // neither (a network created before either).
 func (r Network) Egress() string {
-	if v, ok := r.Options["egress"]; ok {
+	return EgressOf(r.Options)
+}
+
+// EgressOf is Egress for a record's Options alone: OptionEgress, else
+// OptionEgressDefault.
+func EgressOf(options map[string]string) string {
+	if v, ok := options[OptionEgress]; ok {
 		return v
 	}
-	return r.Options[OptionEgressDefault]
+	return options[OptionEgressDefault]
+}
+
+// EgressDefaulted says whether options' egress is the first host's
+// default (OptionEgressDefault) rather than a given -o egress.
+func EgressDefaulted(options map[string]string) bool {
+	_, given := options[OptionEgress]
+	_, defaulted := options[OptionEgressDefault]
+	return defaulted && !given
 }
 
 // Member returns hostID's membership.

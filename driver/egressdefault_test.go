@@ -81,7 +81,7 @@ func TestDefaultEgress(t *testing.T) {
 				t.Fatal(err)
 			}
 			rec := d.network("n1").rec
-			given, hasGiven := rec.Options["egress"]
+			given, hasGiven := rec.Options[cluster.OptionEgress]
 			if given != tc.wantGiven || hasGiven != (tc.wantGiven != "") {
 				t.Errorf("record's egress %q (present %v), want %q", given, hasGiven, tc.wantGiven)
 			}

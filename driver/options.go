@@ -32,12 +32,13 @@ const (
 	// API on the well-known address (port 8500).
 	optConsulAPI = "consul_api"
 	// optEgress says how the network's containers get out: egressDocker
-	// (the default, as Docker's overlay: Docker adds an endpoint on
-	// docker_gwbridge), egressHost (each host routes and masquerades its
-	// own containers' IPv4 traffic, and Join gives them its gateway) or
-	// egressAuto (egressHost for a container that publishes no port,
-	// egressDocker for one that does).
-	optEgress = "egress"
+	// (as Docker's overlay: Docker adds an endpoint on docker_gwbridge),
+	// egressHost (each host routes and masquerades its own containers'
+	// IPv4 traffic, and Join gives them its gateway) or egressAuto
+	// (egressHost for a container that publishes no port, egressDocker for
+	// one that does). Without it a new network gets egressAuto where it
+	// can have it (defaultEgress).
+	optEgress = cluster.OptionEgress
 )
 
 // The values of -o egress.

@@ -134,7 +134,7 @@ func networkSettings(n Network) string {
 		case "name", "vni", "mtu", "com.docker.network.driver.mtu":
 			continue
 		case cluster.OptionEgressDefault:
-			if _, given := n.Options["egress"]; !given {
+			if cluster.EgressDefaulted(n.Options) {
 				out = append(out, "egress="+n.Options[k]+" (default)")
 			}
 			continue
