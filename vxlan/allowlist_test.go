@@ -387,10 +387,10 @@ func TestHostIsolation(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, cmd := range []string{"iptables", "ip6tables"} {
-		fwd := strings.Split(iptables(t, h0, cmd, "-S", "FORWARD"), "\n")
-		if fwd[1] != "-A FORWARD -j DOCKER-USER" || fwd[2] != "-A FORWARD -j "+FirewallChain {
-			t.Errorf("%s FORWARD %q: want DOCKER-USER's jump, then ours", cmd, fwd[1:3])
+		if fwd := strings.Split(iptables(t, h0, cmd, "-S", "FORWARD"), "\n"); fwd[1] != "-A FORWARD -j DOCKER-USER" {
+			t.Errorf("%s FORWARD %q: want DOCKER-USER's jump first", cmd, fwd[1:])
 		}
+		checkForwardJumps(t, h0, cmd, 1, "after EnsureNetwork")
 		want := []string{
 			fmt.Sprintf("-A %s -i vxbr-000071 -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment consul-overlay -j RETURN", InputChain),
 			fmt.Sprintf("-A %s -p udp -m udp --dport 4789 -m comment --comment consul-overlay -j DROP", InputChain),
@@ -576,13 +576,70 @@ func TestPlaceJump(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			var b batch
-			placeJump(&b, tt.lines, "FORWARD", FirewallChain)
+			placeJumps(&b, tt.lines, "FORWARD", FirewallChain, [][]string{nil})
 			var got []string
 			for _, w := range b {
 				got = append(got, strings.Join(w.args, " "))
 			}
 			if !slices.Equal(got, tt.want) {
 				t.Errorf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestPlaceForwardJumps checks FORWARD's four jumps (forwardJumps): put
+// in place of an earlier release's unconditional jump, which goes only
+// after they are in (written one command each, no packet misses the
+// chain), kept where they are in order after dockerd's jumps, and written
+// again, together, when one is missing, out of order or apart.
+func TestPlaceForwardJumps(t *testing.T) {
+	const (
+		user  = "-A FORWARD -j DOCKER-USER"
+		iso   = "-A FORWARD -j DOCKER-ISOLATION-STAGE-1"
+		plain = "-A FORWARD -j CONSUL-OVERLAY"
+		inBr  = "-A FORWARD -i vxbr-+ -j CONSUL-OVERLAY"
+		outBr = "-A FORWARD -o vxbr-+ -j CONSUL-OVERLAY"
+		inGw  = "-A FORWARD -i vxg-+ -j CONSUL-OVERLAY"
+		outGw = "-A FORWARD -o vxg-+ -j CONSUL-OVERLAY"
+	)
+	insertAt := func(at int) []string {
+		return []string{
+			fmt.Sprintf("-I FORWARD %d -i vxbr-+ -j CONSUL-OVERLAY", at),
+			fmt.Sprintf("-I FORWARD %d -o vxbr-+ -j CONSUL-OVERLAY", at+1),
+			fmt.Sprintf("-I FORWARD %d -i vxg-+ -j CONSUL-OVERLAY", at+2),
+			fmt.Sprintf("-I FORWARD %d -o vxg-+ -j CONSUL-OVERLAY", at+3),
+		}
+	}
+	deleteAll := []string{"-D FORWARD -i vxbr-+ -j CONSUL-OVERLAY", "-D FORWARD -o vxbr-+ -j CONSUL-OVERLAY",
+		"-D FORWARD -i vxg-+ -j CONSUL-OVERLAY", "-D FORWARD -o vxg-+ -j CONSUL-OVERLAY"}
+	for _, tt := range []struct {
+		name  string
+		lines []string
+		want  []string
+	}{
+		{"empty", nil, insertAt(1)},
+		{"in place without dockerd", []string{inBr, outBr, inGw, outGw, "-A FORWARD -i eth9 -j ACCEPT"}, nil},
+		{"in place after dockerd's jumps", []string{user, iso, inBr, outBr, inGw, outGw, "-A FORWARD -o docker0 -j DOCKER"}, nil},
+		{"an earlier release's jump", []string{user, plain, "-A FORWARD -o docker0 -j DOCKER"},
+			append(insertAt(2), "-D FORWARD -j CONSUL-OVERLAY")},
+		{"an earlier release's jump beside ours", []string{user, inBr, outBr, inGw, outGw, plain},
+			slices.Concat(deleteAll, insertAt(2), []string{"-D FORWARD -j CONSUL-OVERLAY"})},
+		{"one missing", []string{user, inBr, outBr, outGw},
+			slices.Concat([]string{deleteAll[0], deleteAll[1], deleteAll[3]}, insertAt(2))},
+		{"out of order", []string{user, outBr, inBr, inGw, outGw}, slices.Concat([]string{deleteAll[1], deleteAll[0], deleteAll[2], deleteAll[3]}, insertAt(2))},
+		{"apart", []string{user, inBr, outBr, "-A FORWARD -o docker0 -j DOCKER", inGw, outGw}, slices.Concat(deleteAll, insertAt(2))},
+		{"ahead of DOCKER-USER", []string{inBr, outBr, inGw, outGw, user}, slices.Concat(deleteAll, insertAt(2))},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var b batch
+			placeJumps(&b, tt.lines, "FORWARD", FirewallChain, forwardJumps())
+			var got []string
+			for _, w := range b {
+				got = append(got, strings.Join(w.args, " "))
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("got %q,\nwant %q", got, tt.want)
 			}
 		})
 	}

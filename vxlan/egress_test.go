@@ -65,7 +65,7 @@ func testEgress(t *testing.T, dp bool) {
 	m := h.egressManager(t)
 	iptables(t, h, "iptables", "-P", "FORWARD", "DROP")
 	h.NS.MustRun(t, "sysctl", "-w", "net.ipv4.ip_forward=1")
-	_, world := outside(t, h, "egw0", pfx("10.47.9.0/30"), "")
+	worldNS, world := outside(t, h, "egw0", pfx("10.47.9.0/30"), "")
 	dockerNS, dockerC := outside(t, h, "egd0", pfx("10.47.9.4/30"), "br-egtest")
 
 	const vniOut, vniIn = 0x46, 0x48
@@ -138,6 +138,21 @@ func testEgress(t *testing.T, dp bool) {
 	drop := "-A " + FirewallChain + " " + strings.Join(egressRules(iface, "consul-overlay")[5], " ")
 	if n := ruleCounter(t, h, "iptables", drop); n == 0 {
 		t.Errorf("the ping into a Docker bridge network was not dropped by %q", drop)
+	}
+	// Traffic the host forwards between two interfaces of no overlay (a
+	// Docker bridge network's, the world's) never enters our chain, so it
+	// walks none of the egress networks' rules; the overlay's did.
+	if n := forwardJumpPackets(t, h, "iptables"); n == 0 {
+		t.Errorf("FORWARD's jumps to %s sent no packet there after the overlay's traffic", FirewallChain)
+	}
+	worldNS.MustRun(t, "ip", "route", "add", "10.47.9.4/30", "via", "10.47.9.1")
+	dockerNS.MustRun(t, "ip", "route", "add", "10.47.9.0/30", "via", "10.47.9.5")
+	iptables(t, h, "iptables", "-A", "FORWARD", "-i", "egw0", "-o", "br-egtest", "-j", "ACCEPT")
+	iptables(t, h, "iptables", "-A", "FORWARD", "-i", "br-egtest", "-o", "egw0", "-j", "ACCEPT")
+	before := forwardJumpPackets(t, h, "iptables")
+	mustPing(t, dockerNS, world)
+	if after := forwardJumpPackets(t, h, "iptables"); after != before {
+		t.Errorf("a ping forwarded between a Docker bridge network and the world: FORWARD's jumps sent %d packets to %s, want none", after-before, FirewallChain)
 	}
 
 	st := State{Networks: []Network{egress, plain}}

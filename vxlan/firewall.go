@@ -18,7 +18,8 @@ import (
 )
 
 // FirewallChain is the filter-table chain, jumped to from FORWARD right
-// after dockerd's DOCKER-USER jump (first without dockerd), that holds the
+// after dockerd's DOCKER-USER jump (first without dockerd) for traffic in
+// or out of an overlay's interface (forwardJumps), that holds the
 // per-bridge rules.
 const FirewallChain = "CONSUL-OVERLAY"
 
@@ -33,7 +34,10 @@ const FirewallChain = "CONSUL-OVERLAY"
 // (<mark> is the owner mark, OwnerMark(Config.Owner)):
 //
 //	-A FORWARD -j DOCKER-USER                                                                         (dockerd's: the administrator's rules first)
-//	-A FORWARD -j CONSUL-OVERLAY                                                                      (shared, right after it)
+//	-A FORWARD -i vxbr-+ -j CONSUL-OVERLAY                                                            (shared, right after it,
+//	-A FORWARD -o vxbr-+ -j CONSUL-OVERLAY                                                             for traffic of an overlay
+//	-A FORWARD -i vxg-+ -j CONSUL-OVERLAY                                                              only: forwardJumps)
+//	-A FORWARD -o vxg-+ -j CONSUL-OVERLAY
 //	-A CONSUL-OVERLAY -i vxbr-+ -m physdev --physdev-is-bridged -m comment --comment <mark> -j ACCEPT (bridged: within its network)
 //	-A CONSUL-OVERLAY -o vxbr-+ -m comment --comment <mark> -j DROP                                   (nothing routed in)
 //	-A CONSUL-OVERLAY -i vxbr-+ -m comment --comment <mark> -j DROP                                   (nothing routed out)
@@ -71,7 +75,7 @@ const FirewallChain = "CONSUL-OVERLAY"
 // per-network INPUT rules (internal, API) of such a network name its
 // gateway link instead of its bridge (fwIface).
 //
-// Our FORWARD jump sits after DOCKER-USER so that administrators' rules
+// Our FORWARD jumps sit after DOCKER-USER so that administrators' rules
 // there see overlay traffic, as they see Docker's own bridges'; dockerd
 // puts its jumps back at the top when it starts, which keeps that order.
 //
@@ -355,24 +359,49 @@ func (f *firewall) eachParallel(ctx context.Context, plan func(bin string) (batc
 // on Docker's own bridges, or are the administrator's DOCKER-USER.
 var dockerJumpRE = regexp.MustCompile(`^-A [A-Z]+ -j DOCKER-[A-Z0-9-]+$`)
 
-// placeJump adds to b what makes `-A <from> -j <to>` appear exactly once
-// in from (listed as lines), right after dockerd's DOCKER-USER jump, or
-// first if there is none: administrators' rules in DOCKER-USER see overlay
-// traffic before we accept it, as they see Docker's own bridges'. Other
-// DOCKER-* jumps between DOCKER-USER and ours are fine (dockerd puts its
-// jumps back at the top when it restarts). A misplaced jump is deleted
-// and inserted in the same transaction, so no packet misses it.
-func placeJump(b *batch, lines []string, from, to string) {
-	jump := "-A " + from + " -j " + to
+// forwardJumps are the conditions of FORWARD's jumps to FirewallChain,
+// in chain order: one for each direction of each interface wildcard of
+// ours. Every rule of the chain names an interface that one of them
+// matches (a bridge, a gateway link or their wildcard), so the chain's
+// verdicts are those of one unconditional jump, but forwarded traffic
+// that touches no overlay (Docker's bridge networks, the host's own
+// routing) walks these four rules instead of every egress network's
+// seven (about 35 ns a rule; BENCHMARKS.md, twenty-sixth round). A packet
+// that both jumps match (in through one overlay, out through another)
+// meets the chain twice and gets the same verdict twice.
+func forwardJumps() [][]string {
+	return [][]string{{"-i", wildcard}, {"-o", wildcard}, {"-i", gatewayWildcard}, {"-o", gatewayWildcard}}
+}
+
+// placeJumps adds to b what makes the jumps `-A <from> <cond> -j <to>`,
+// one per cond of conds in that order, appear exactly once each in from
+// (listed as lines), together, right after dockerd's DOCKER-USER jump, or
+// first if there is none: administrators' rules in DOCKER-USER see
+// overlay traffic before we accept it, as they see Docker's own bridges'.
+// Other DOCKER-* jumps between DOCKER-USER and ours are fine (dockerd puts
+// its jumps back at the top when it restarts). The unconditional jump of
+// earlier releases goes when conds has conditions. Misplaced jumps are
+// deleted and inserted in the same transaction, so no packet misses
+// them; an unconditional jump that goes is deleted after the inserts,
+// which matters when the rules are written one command each.
+func placeJumps(b *batch, lines []string, from, to string, conds [][]string) {
+	want := make([]string, len(conds))
+	for i, c := range conds {
+		want[i] = strings.Join(slices.Concat([]string{"-A", from}, c, []string{"-j", to}), " ")
+	}
+	plain := "-A " + from + " -j " + to // the unconditional jump
 	user := slices.Index(lines, "-A "+from+" -j DOCKER-USER")
-	var at []int
+	var at []int // our jumps, wanted or not, in chain order
 	for i, l := range lines {
-		if l == jump {
+		if l == plain || slices.Contains(want, l) {
 			at = append(at, i)
 		}
 	}
-	if len(at) == 1 && at[0] > user {
+	if len(at) == len(want) && at[0] > user {
 		ok := true
+		for k, i := range at {
+			ok = ok && lines[i] == want[k] && i == at[0]+k
+		}
 		for _, l := range lines[user+1 : at[0]] {
 			ok = ok && dockerJumpRE.MatchString(l)
 		}
@@ -380,14 +409,24 @@ func placeJump(b *batch, lines []string, from, to string) {
 			return
 		}
 	}
-	pos := user + 1 // 0-based slot after DOCKER-USER among the remaining rules
+	pos := user + 1 // 0-based slot after DOCKER-USER once the wanted texts are deleted
+	var stale []int
 	for _, i := range at {
-		b.add("-D", from, "-j", to)
+		if lines[i] == plain && !slices.Contains(want, plain) {
+			stale = append(stale, i)
+			continue
+		}
+		b.add(slices.Concat([]string{"-D", from}, strings.Fields(lines[i])[2:])...)
 		if i < user {
 			pos--
 		}
 	}
-	b.add("-I", from, fmt.Sprint(pos+1), "-j", to)
+	for k, w := range want {
+		b.add(slices.Concat([]string{"-I", from, fmt.Sprint(pos + 1 + k)}, strings.Fields(w)[2:])...)
+	}
+	for range stale {
+		b.add("-D", from, "-j", to)
+	}
 }
 
 // internalRules are the INPUT rules of an internal network's bridge:
@@ -829,14 +868,17 @@ func underlayTarget(r chainRule) (vtep netip.Addr, drop bool) {
 }
 
 // planBase makes both chains exist and be jumped to from FORWARD (after
-// DOCKER-USER) and INPUT (first).
+// DOCKER-USER, forwardJumps) and INPUT (first, unconditionally).
 func (f *firewall) planBase(b *batch, l listing) {
-	for _, c := range []struct{ from, to string }{{"FORWARD", FirewallChain}, {"INPUT", InputChain}} {
+	for _, c := range []struct {
+		from, to string
+		conds    [][]string
+	}{{"FORWARD", FirewallChain, forwardJumps()}, {"INPUT", InputChain, [][]string{nil}}} {
 		if _, ok := l.chain("filter", c.to); !ok {
 			b.add("-N", c.to)
 		}
 		from, _ := l.chain("filter", c.from)
-		placeJump(b, from, c.from, c.to)
+		placeJumps(b, from, c.from, c.to, c.conds)
 	}
 }
 

@@ -161,6 +161,44 @@ func ruleCounter(t *testing.T, h *testHost, cmd, rule string) int {
 	return 0
 }
 
+// forwardJumpLines are FORWARD's jumps to our chain as `iptables -S`
+// lists them, in order (forwardJumps).
+func forwardJumpLines() []string {
+	var out []string
+	for _, c := range forwardJumps() {
+		out = append(out, strings.Join(slices.Concat([]string{"-A", "FORWARD"}, c, []string{"-j", FirewallChain}), " "))
+	}
+	return out
+}
+
+// checkForwardJumps fails the test unless FORWARD's rules, after the
+// first `at` of them, start with our jumps, in order.
+func checkForwardJumps(t *testing.T, h *testHost, cmd string, at int, when string) {
+	t.Helper()
+	fwd := strings.Split(strings.TrimSpace(iptables(t, h, cmd, "-S", "FORWARD")), "\n")[1:] // without -P
+	want := forwardJumpLines()
+	if len(fwd) < at+len(want) || !slices.Equal(fwd[at:at+len(want)], want) {
+		t.Errorf("%s: %s FORWARD:\n%s\nwant our jumps after its first %d rules:\n%s", when, cmd, strings.Join(fwd, "\n"), at, strings.Join(want, "\n"))
+	}
+}
+
+// forwardJumpPackets returns how many packets FORWARD's jumps to our
+// chain have sent there.
+func forwardJumpPackets(t *testing.T, h *testHost, cmd string) int {
+	t.Helper()
+	counters := regexp.MustCompile(` -c (\d+) \d+`)
+	sum := 0
+	for _, l := range strings.Split(iptables(t, h, cmd, "-S", "FORWARD", "-v"), "\n") {
+		m := counters.FindStringSubmatch(l)
+		if m == nil || !strings.HasPrefix(l, "-A FORWARD ") || !strings.HasSuffix(counters.ReplaceAllString(l, ""), " -j "+FirewallChain) {
+			continue
+		}
+		n, _ := strconv.Atoi(m[1])
+		sum += n
+	}
+	return sum
+}
+
 // With dockerd's FORWARD policy DROP and br_netfilter, bridged traffic
 // still flows because of our rules, while traffic routed through the host
 // from another network into the overlay is dropped by them.
@@ -192,10 +230,7 @@ func TestFirewall(t *testing.T) {
 	a2.announce(t, h0)
 
 	for _, cmd := range []string{"iptables", "ip6tables"} {
-		fwd := iptables(t, h0, cmd, "-S", "FORWARD")
-		if first := strings.Split(fwd, "\n")[1]; first != "-A FORWARD -j "+FirewallChain {
-			t.Errorf("%s: first FORWARD rule %q, want our jump", cmd, first)
-		}
+		checkForwardJumps(t, h0, cmd, 0, "after EnsureNetwork")
 		want := []string{
 			"-A CONSUL-OVERLAY -i vxbr-+ -m physdev --physdev-is-bridged -m comment --comment consul-overlay -j ACCEPT",
 			"-A CONSUL-OVERLAY -o vxbr-+ -m comment --comment consul-overlay -j DROP",
@@ -501,9 +536,7 @@ func TestReconcile(t *testing.T) {
 	if rules := fwRules(t, h0, "iptables"); slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, "00beef") }) {
 		t.Errorf("stale rule kept: %v", rules)
 	}
-	if first := strings.Split(iptables(t, h0, "iptables", "-S", "FORWARD"), "\n")[1]; first != "-A FORWARD -j "+FirewallChain {
-		t.Errorf("first FORWARD rule %q", first)
-	}
+	checkForwardJumps(t, h0, "iptables", 0, "after Reconcile")
 	mustPing(t, c1.ns, addr("10.40.0.3"))
 	mustPing(t, c1.ns, addr("fd00:40::3"))
 

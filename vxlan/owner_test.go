@@ -139,9 +139,7 @@ func TestOwnersShareNamespace(t *testing.T) {
 	sameState(t, "a after b's empty reconcile", snapshot(t, h0, "a"), snapA)
 	mustPing(t, ca0.ns, addr("10.60.0.3"))
 	for _, cmd := range []string{"iptables", "ip6tables"} {
-		if first := strings.Split(iptables(t, h0, cmd, "-S", "FORWARD"), "\n")[1]; first != "-A FORWARD -j "+FirewallChain {
-			t.Errorf("%s: first FORWARD rule %q, want the shared jump kept", cmd, first)
-		}
+		checkForwardJumps(t, h0, cmd, 0, "after b's empty reconcile (the shared jumps stay)")
 	}
 
 	// Now b may take the VNI a gives up, and a's reconcile leaves it.
@@ -236,6 +234,11 @@ func TestOwnerUpgrade(t *testing.T) {
 		}
 		if got := fwRules(t, h, cmd); !slices.Equal(got, want) {
 			t.Errorf("%s rules after upgrade:\n%s\nwant:\n%s", cmd, strings.Join(got, "\n"), strings.Join(want, "\n"))
+		}
+		// The old plugin's unconditional jump made way for ours.
+		checkForwardJumps(t, h, cmd, 0, "after upgrade")
+		if fwd := iptables(t, h, cmd, "-S", "FORWARD"); strings.Contains(fwd, "-A FORWARD -j "+FirewallChain+"\n") {
+			t.Errorf("%s: the old plugin's jump kept after upgrade:\n%s", cmd, fwd)
 		}
 	}
 	if ch, err := h.m.Reconcile(ctx, State{Networks: []Network{n}}); err != nil || ch != (Changes{}) {

@@ -373,6 +373,10 @@ COMMIT
 		"filter: -D CONSUL-OVERLAY -i vxbr-000010 -o vxbr-000010 -m comment --comment consul-overlay -j ACCEPT",
 		"filter: -D CONSUL-OVERLAY -i vxbr-000012 -o vxbr-000012 -j ACCEPT",
 		"filter: -I CONSUL-OVERLAY 1 -i vxbr-+ -m physdev --physdev-is-bridged -m comment --comment consul-overlay -j ACCEPT",
+		// An earlier release's unconditional jump makes way for ours.
+		"filter: -I FORWARD 1 -i vxbr-+ -j CONSUL-OVERLAY",
+		"filter: -I FORWARD 4 -o vxg-+ -j CONSUL-OVERLAY",
+		"filter: -D FORWARD -j CONSUL-OVERLAY",
 		"filter: -D CONSUL-OVERLAY-INPUT -d 169.254.1.1/32 -i vxbr-000010 -p udp -m udp --dport 53 -m comment --comment consul-overlay -j RETURN",
 		// The API RETURN moves above the REJECT inserted now.
 		"filter: -D CONSUL-OVERLAY-INPUT -d 169.254.1.1/32 -i vxbr-000010 -p tcp -m tcp --dport 8500 -m comment --comment consul-overlay -j RETURN",
@@ -403,7 +407,7 @@ COMMIT
 	}
 	in = append(in, strings.Join(drop, " "))
 	done := "*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING " + strings.Join(notrackRule(OwnerAlias), " ") + "\nCOMMIT\n*filter\n:INPUT ACCEPT\n:FORWARD DROP\n:CONSUL-OVERLAY -\n:CONSUL-OVERLAY-INPUT -\n" +
-		"-A INPUT -j CONSUL-OVERLAY-INPUT\n-A FORWARD -j CONSUL-OVERLAY\n" +
+		"-A INPUT -j CONSUL-OVERLAY-INPUT\n" + strings.Join(forwardJumpLines(), "\n") + "\n" +
 		"-A CONSUL-OVERLAY " + strings.Join(accept, " ") + "\n" +
 		"-A CONSUL-OVERLAY -i vxbr-000011 -o vxbr-000011 -m comment --comment consul-overlay-x -j ACCEPT\n" +
 		"-A CONSUL-OVERLAY " + strings.Join(drops[0], " ") + "\n-A CONSUL-OVERLAY " + strings.Join(drops[1], " ") + "\n"

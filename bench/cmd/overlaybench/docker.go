@@ -103,7 +103,7 @@ func benchDocker(t *runner, cfg *config, rep *report) {
 		if out, err := docker(ctx, "plugin", "ls", "--format", "{{.Name}} {{.Enabled}}"); err == nil && strings.Contains(out, "consul-overlay") && strings.Contains(out, "true") {
 			t.Skipf("a consul-overlay plugin is enabled on the engine (%s): not running a second instance next to it", out)
 		}
-		// The plugin leaves its (then empty) chain and FORWARD jump behind;
+		// The plugin leaves its (then empty) chain and FORWARD jumps behind;
 		// remove them if this run made them.
 		for _, bin := range []string{"iptables", "ip6tables"} {
 			if exec.Command(bin, "-w", "-S", "CONSUL-OVERLAY").Run() == nil {
@@ -114,7 +114,12 @@ func benchDocker(t *runner, cfg *config, rep *report) {
 				if err != nil || strings.Count(string(out), "\n") > 1 {
 					return
 				}
-				_ = exec.Command(bin, "-w", "-D", "FORWARD", "-j", "CONSUL-OVERLAY").Run()
+				fwd, _ := exec.Command(bin, "-w", "-S", "FORWARD").Output()
+				for _, l := range strings.Split(string(fwd), "\n") {
+					if f := strings.Fields(l); len(f) > 2 && f[0] == "-A" && strings.HasSuffix(l, " -j CONSUL-OVERLAY") {
+						_ = exec.Command(bin, append([]string{"-w", "-D"}, f[1:]...)...).Run()
+					}
+				}
 				_ = exec.Command(bin, "-w", "-X", "CONSUL-OVERLAY").Run()
 			})
 		}
