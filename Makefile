@@ -170,7 +170,8 @@ endif
 # hand-built kernel VXLAN, a bridge network, raw Consul writes), each figure
 # with its ratio, recorded in BENCHMARKS.md (newest run first). About 12 min
 # on 2 cores; BENCH_QUICK=1 runs a smaller version in under 3. BENCH_ONLY=a,b
-# runs some: dataplane, jumbo, attach, docker, ipam, scale, swarm, encrypted.
+# runs some: dataplane, jumbo, attach, network, forward, docker, ipam, scale,
+# hosts, swarm, encrypted.
 bench: consul build
 	BENCH_QUICK='$(BENCH_QUICK)' BENCH_ONLY='$(BENCH_ONLY)' \
 		$(GO) run ./bench/cmd/overlaybench -plugin $(BIN)/consul-overlay -out BENCHMARKS.md

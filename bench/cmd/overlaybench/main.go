@@ -74,6 +74,7 @@ var benches = []bench{
 	{"jumbo", func(t *runner, cfg *config, rep *report) { benchDataplane(t, cfg, rep, 9000) }},
 	{"attach", benchAttach},
 	{"network", benchNetwork}, // fw_network.go
+	{"forward", benchForward},
 	{"docker", benchDocker},
 	{"swarm", benchSwarm},
 	{"ipam", benchIPAM},
