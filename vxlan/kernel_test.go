@@ -482,10 +482,13 @@ func TestReconcile(t *testing.T) {
 	mk(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "veth1234567"}, PeerName: "veth7654321"}, true)
 	vx := link(t, h0, "vx-000abc")
 	var ch0 Changes
-	if err := h0.m.setFDB(h0.m.host, vx, [6]byte{2, 0x42, 0xde, 0xad, 0xbe, 0xef}, addr("192.0.2.9"), &ch0); err != nil {
-		t.Fatal(err)
-	}
-	if err := h0.m.setNeigh(h0.m.host, vx, addr("10.40.0.99"), [6]byte{2, 0x42, 0xde, 0xad, 0xbe, 0xef}, &ch0); err != nil {
+	// setFDB and setNeigh expect their caller to hold m.mu, as the
+	// Manager's own callers do (a shared neighbour dump's expiry takes it).
+	h0.m.mu.Lock()
+	errFDB := h0.m.setFDB(h0.m.host, vx, [6]byte{2, 0x42, 0xde, 0xad, 0xbe, 0xef}, addr("192.0.2.9"), &ch0)
+	errNeigh := h0.m.setNeigh(h0.m.host, vx, addr("10.40.0.99"), [6]byte{2, 0x42, 0xde, 0xad, 0xbe, 0xef}, &ch0)
+	h0.m.mu.Unlock()
+	if err := errors.Join(errFDB, errNeigh); err != nil {
 		t.Fatal(err)
 	}
 	iptables(t, h0, "iptables", "-A", FirewallChain, "-o", "vxbr-00beef", "-j", "DROP")

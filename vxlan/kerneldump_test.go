@@ -1,6 +1,7 @@
 package vxlan
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -68,12 +69,19 @@ func testReconcileDumpSameAsPerDevice(t *testing.T, dp bool) {
 				t.Fatal(err)
 			}
 		}
-		must(h.m.setNeigh(vxNS, vx0, addr("10.71.0.99"), stray, &ch))                                   // stray neighbour
-		must(h.m.setNeigh(vxNS, vx0, addr("10.71.0.100"), stray, &ch))                                  // wrong MAC
-		must(h.m.setFDB(vxNS, vx0, stray, addr("198.51.100.9"), &ch))                                   // stray FDB entry
-		must(h.m.delFDB(vxNS, vx1, [6]byte(MACFromIP(addr("10.71.1.101"))), addr("198.51.100.2"), &ch)) // missing FDB entry
-		must(h.m.delFDB(vxNS, vx1, [6]byte{}, addr("198.51.100.1"), &ch))                               // missing flood entry
-		must(h.m.delNeigh(vxNS, vx1, addr("10.71.1.102"), &ch))                                         // missing neighbour
+		// The Manager's own callers hold m.mu for these writes (a shared
+		// neighbour dump's expiry takes it).
+		h.m.mu.Lock()
+		err := errors.Join(
+			h.m.setNeigh(vxNS, vx0, addr("10.71.0.99"), stray, &ch),                                   // stray neighbour
+			h.m.setNeigh(vxNS, vx0, addr("10.71.0.100"), stray, &ch),                                  // wrong MAC
+			h.m.setFDB(vxNS, vx0, stray, addr("198.51.100.9"), &ch),                                   // stray FDB entry
+			h.m.delFDB(vxNS, vx1, [6]byte(MACFromIP(addr("10.71.1.101"))), addr("198.51.100.2"), &ch), // missing FDB entry
+			h.m.delFDB(vxNS, vx1, [6]byte{}, addr("198.51.100.1"), &ch),                               // missing flood entry
+			h.m.delNeigh(vxNS, vx1, addr("10.71.1.102"), &ch),                                         // missing neighbour
+		)
+		h.m.mu.Unlock()
+		must(err)
 		br1 := link(t, h, gwName(0x7101))
 		must(hh.AddrDel(br1, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("10.71.1.1").To4(), Mask: net.CIDRMask(24, 32)}}))
 		must(hh.AddrAdd(br1, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("10.79.9.1").To4(), Mask: net.CIDRMask(24, 32)}}))
