@@ -187,16 +187,10 @@ const OptionEgressDefault = "egress_default"
 // host, or the default that host chose (OptionEgressDefault); "" for
 // neither (a network created before either).
 func (r Network) Egress() string {
-	return EgressOf(r.Options)
-}
-
-// EgressOf is Egress for a record's Options alone: OptionEgress, else
-// OptionEgressDefault.
-func EgressOf(options map[string]string) string {
-	if v, ok := options[OptionEgress]; ok {
+	if v, ok := r.Options[OptionEgress]; ok {
 		return v
 	}
-	return options[OptionEgressDefault]
+	return r.Options[OptionEgressDefault]
 }
 
 // EgressDefaulted says whether options' egress is the first host's

@@ -552,6 +552,18 @@ func ruleCounterIn(t *testing.T, h *testHost, cmd, rule string) int {
 	return 0
 }
 
+// planJumps is placeJumps' plan for FORWARD's jumps to our chain under
+// conds, given FORWARD's lines, one write a string.
+func planJumps(lines []string, conds [][]string) []string {
+	var b batch
+	placeJumps(&b, lines, "FORWARD", FirewallChain, conds)
+	var got []string
+	for _, w := range b {
+		got = append(got, strings.Join(w.args, " "))
+	}
+	return got
+}
+
 func TestPlaceJump(t *testing.T) {
 	const ours = "-A FORWARD -j CONSUL-OVERLAY"
 	for _, tt := range []struct {
@@ -575,13 +587,7 @@ func TestPlaceJump(t *testing.T) {
 			[]string{"-D FORWARD -j CONSUL-OVERLAY", "-D FORWARD -j CONSUL-OVERLAY", "-I FORWARD 2 -j CONSUL-OVERLAY"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			var b batch
-			placeJumps(&b, tt.lines, "FORWARD", FirewallChain, [][]string{nil})
-			var got []string
-			for _, w := range b {
-				got = append(got, strings.Join(w.args, " "))
-			}
-			if !slices.Equal(got, tt.want) {
+			if got := planJumps(tt.lines, [][]string{nil}); !slices.Equal(got, tt.want) {
 				t.Errorf("got %q, want %q", got, tt.want)
 			}
 		})
@@ -632,13 +638,7 @@ func TestPlaceForwardJumps(t *testing.T) {
 		{"ahead of DOCKER-USER", []string{inBr, outBr, inGw, outGw, user}, slices.Concat(deleteAll, insertAt(2))},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			var b batch
-			placeJumps(&b, tt.lines, "FORWARD", FirewallChain, forwardJumps())
-			var got []string
-			for _, w := range b {
-				got = append(got, strings.Join(w.args, " "))
-			}
-			if !slices.Equal(got, tt.want) {
+			if got := planJumps(tt.lines, forwardJumps()); !slices.Equal(got, tt.want) {
 				t.Errorf("got %q,\nwant %q", got, tt.want)
 			}
 		})

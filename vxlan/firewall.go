@@ -373,6 +373,12 @@ func forwardJumps() [][]string {
 	return [][]string{{"-i", wildcard}, {"-o", wildcard}, {"-i", gatewayWildcard}, {"-o", gatewayWildcard}}
 }
 
+// jumpLine is the jump from chain from to chain to under cond as
+// `iptables -S` lists it.
+func jumpLine(from, to string, cond []string) string {
+	return strings.Join(slices.Concat([]string{"-A", from}, cond, []string{"-j", to}), " ")
+}
+
 // placeJumps adds to b what makes the jumps `-A <from> <cond> -j <to>`,
 // one per cond of conds in that order, appear exactly once each in from
 // (listed as lines), together, right after dockerd's DOCKER-USER jump, or
@@ -387,9 +393,9 @@ func forwardJumps() [][]string {
 func placeJumps(b *batch, lines []string, from, to string, conds [][]string) {
 	want := make([]string, len(conds))
 	for i, c := range conds {
-		want[i] = strings.Join(slices.Concat([]string{"-A", from}, c, []string{"-j", to}), " ")
+		want[i] = jumpLine(from, to, c)
 	}
-	plain := "-A " + from + " -j " + to // the unconditional jump
+	plain := jumpLine(from, to, nil) // the unconditional jump
 	user := slices.Index(lines, "-A "+from+" -j DOCKER-USER")
 	var at []int // our jumps, wanted or not, in chain order
 	for i, l := range lines {

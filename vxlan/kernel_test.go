@@ -148,10 +148,9 @@ func iptables(t *testing.T, h *testHost, cmd string, args ...string) string {
 func ruleCounter(t *testing.T, h *testHost, cmd, rule string) int {
 	t.Helper()
 	out := iptables(t, h, cmd, "-S", FirewallChain, "-v")
-	counters := regexp.MustCompile(` -c (\d+) \d+`)
 	for _, l := range strings.Split(out, "\n") {
-		m := counters.FindStringSubmatch(l)
-		if m == nil || counters.ReplaceAllString(l, "") != rule {
+		m := countersRE.FindStringSubmatch(l)
+		if m == nil || countersRE.ReplaceAllString(l, "") != rule {
 			continue
 		}
 		n, _ := strconv.Atoi(m[1])
@@ -166,7 +165,7 @@ func ruleCounter(t *testing.T, h *testHost, cmd, rule string) int {
 func forwardJumpLines() []string {
 	var out []string
 	for _, c := range forwardJumps() {
-		out = append(out, strings.Join(slices.Concat([]string{"-A", "FORWARD"}, c, []string{"-j", FirewallChain}), " "))
+		out = append(out, jumpLine("FORWARD", FirewallChain, c))
 	}
 	return out
 }
@@ -186,11 +185,10 @@ func checkForwardJumps(t *testing.T, h *testHost, cmd string, at int, when strin
 // chain have sent there.
 func forwardJumpPackets(t *testing.T, h *testHost, cmd string) int {
 	t.Helper()
-	counters := regexp.MustCompile(` -c (\d+) \d+`)
 	sum := 0
 	for _, l := range strings.Split(iptables(t, h, cmd, "-S", "FORWARD", "-v"), "\n") {
-		m := counters.FindStringSubmatch(l)
-		if m == nil || !strings.HasPrefix(l, "-A FORWARD ") || !strings.HasSuffix(counters.ReplaceAllString(l, ""), " -j "+FirewallChain) {
+		m := countersRE.FindStringSubmatch(l)
+		if m == nil || !strings.HasPrefix(l, "-A FORWARD ") || !strings.HasSuffix(countersRE.ReplaceAllString(l, ""), " -j "+FirewallChain) {
 			continue
 		}
 		n, _ := strconv.Atoi(m[1])
